@@ -1,0 +1,54 @@
+// Merge a partial attention result into an fp32 accumulator using both log-sum-exps.
+//
+//   lse = log(exp(lse_acc) + exp(lse_blk))
+//   out = exp(lse_acc - lse) * out_acc + exp(lse_blk - lse) * out_blk
+//
+// This is the combine step of ring attention (and of any split-KV attention): each partial
+// output is already normalised by its own softmax denominator, so the weights are the
+// fraction of the total mass each part holds. All arithmetic is fp32. A row whose keys were
+// all masked has lse = -inf; merging two such rows keeps the accumulator untouched instead of
+// producing NaN from (-inf) - (-inf).
+#pragma once
+
+#include <cmath>
+
+#include "xdit_ops/common.cuh"
+#include "xdit_ops/merge_attention_states.h"
+
+namespace xdit_ops {
+
+// One warp per (b, s, h) row; the warp's lanes stride over head_dim so loads are coalesced.
+template <typename T>
+__global__ void merge_attention_states_kernel(MergeAttentionStatesParams p) {
+  const int64_t num_rows = p.batch * p.seq * p.heads;
+  const int lane = threadIdx.x & 31;
+  const int64_t warps_per_grid = (int64_t)gridDim.x * (blockDim.x >> 5);
+  for (int64_t row = (int64_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); row < num_rows;
+       row += warps_per_grid) {
+    const int64_t h = row % p.heads;
+    const int64_t s = (row / p.heads) % p.seq;
+    const int64_t b = row / (p.heads * p.seq);
+    float* lse_ptr = p.lse + b * p.lse_stride_b + h * p.lse_stride_h + s * p.lse_stride_s;
+    const float la = *lse_ptr;
+    const float lb = p.block_lse[b * p.blse_stride_b + h * p.blse_stride_h + s * p.blse_stride_s];
+    const float m = fmaxf(la, lb);
+    if (m == -INFINITY) continue;  // both empty: keep the accumulator (and its -inf)
+    const float ea = __expf(la - m);
+    const float eb = __expf(lb - m);
+    const float inv = 1.0f / (ea + eb);
+    const float wa = ea * inv;
+    const float wb = eb * inv;
+    float* o = p.out + b * p.out_stride_b + s * p.out_stride_s + h * p.out_stride_h;
+    const T* ob = static_cast<const T*>(p.block_out) + b * p.blk_stride_b + s * p.blk_stride_s +
+                  h * p.blk_stride_h;
+    for (int64_t d = lane; d < p.head_dim; d += 32) {
+      o[d] = wa * o[d] + wb * to_float<T>(ob[d]);
+    }
+    // All lanes read lse before lane 0 writes it: the read happens above, in every lane, and
+    // the write below depends on no other lane's read of the new value.
+    __syncwarp();
+    if (lane == 0) *lse_ptr = m + logf(ea + eb);
+  }
+}
+
+}  // namespace xdit_ops

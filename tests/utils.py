@@ -1,0 +1,165 @@
+"""The one tolerance policy of the test suite, and helpers shared by the tests.
+
+Attention-like kernels are judged the way flash-attention's tests judge them: against an fp64
+oracle, the kernel's error may be at most ``k`` times the error that PyTorch's own kernel makes
+in the same dtype on the same inputs (plus a small floor for exact-ish cases). Plain elementwise
+results use the dtype table (TransformerEngine-style).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import traceback
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+# rtol/atol per dtype for elementwise comparisons against a higher-precision oracle.
+DTYPE_TOLS: dict[torch.dtype, dict[str, float]] = {
+    torch.float64: {"rtol": 1e-7, "atol": 1e-9},
+    torch.float32: {"rtol": 1.3e-5, "atol": 1e-5},
+    torch.float16: {"rtol": 1e-3, "atol": 1e-3},
+    torch.bfloat16: {"rtol": 1.6e-2, "atol": 1e-2},
+}
+
+# Attention error multiplier against PyTorch's own kernel in the same dtype.
+ATTN_ERROR_FACTOR = 2.0
+# Floor for the allowed error, per dtype (PyTorch's own error can be ~0 for tiny problems).
+ATTN_ERROR_FLOOR = {torch.float64: 1e-10, torch.float32: 2e-6, torch.float16: 2e-4,
+                    torch.bfloat16: 2e-3}
+
+
+def dtype_tols(dtype: torch.dtype) -> dict[str, float]:
+    return DTYPE_TOLS[dtype]
+
+
+def max_abs_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b||, in fp64."""
+    a, b = a.double(), b.double()
+    den = b.norm().item()
+    return (a - b).norm().item() / (den if den > 0 else 1.0)
+
+
+def oracle_attention(q, k, v, scale=None, key_mask=None):
+    """fp64 attention oracle (out in fp64, LSE in fp64)."""
+    from xdit_ops.reference import attention_ref
+
+    return attention_ref(q.double(), k.double(), v.double(), scale=scale, key_mask=key_mask)
+
+
+def torch_attention(q, k, v, scale=None):
+    """PyTorch's own SDPA in the inputs' dtype (the error yardstick), BSHD in and out."""
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale
+    )
+    return out.transpose(1, 2)
+
+
+def assert_attention_close(out, ref, yardstick, *, factor=ATTN_ERROR_FACTOR, what="attention"):
+    """``out`` may be at most ``factor`` x as far from ``ref`` (fp64) as ``yardstick`` is."""
+    assert not torch.isnan(out).any(), f"{what}: NaN in the output"
+    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    err = max_abs_err(out, ref)
+    base = max_abs_err(yardstick, ref)
+    allowed = factor * base + ATTN_ERROR_FLOOR[out.dtype]
+    assert err <= allowed, (
+        f"{what}: max error {err:.3e} exceeds {factor} x PyTorch's {base:.3e} "
+        f"(+ floor {ATTN_ERROR_FLOOR[out.dtype]:.1e})"
+    )
+
+
+def assert_lse_close(lse, ref_lse, dtype, what="lse"):
+    """LSEs are fp32 regardless of input dtype; their error tracks the scores' dtype."""
+    assert lse.dtype == torch.float32, f"{what}: dtype {lse.dtype}, expected float32"
+    assert lse.shape == ref_lse.shape, f"{what}: shape {tuple(lse.shape)} != {tuple(ref_lse.shape)}"
+    atol = {torch.float64: 1e-6, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite), f"{what}: -inf pattern differs"
+    err = max_abs_err(lse[finite], ref_lse[finite])
+    assert err <= atol[dtype], f"{what}: max error {err:.3e} > {atol[dtype]:.1e}"
+
+
+def poison_(t: torch.Tensor) -> torch.Tensor:
+    """NaN-fill a buffer before a kernel writes it, so unwritten elements show."""
+    return t.fill_(float("nan"))
+
+
+def randn(*shape, dtype=torch.float32, device="cpu", seed=None, scale=1.0):
+    g = torch.Generator(device="cpu")
+    g.manual_seed(seed if seed is not None else torch.seed() % (2**31))
+    return (torch.randn(*shape, generator=g, dtype=torch.float32) * scale).to(dtype).to(device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Distributed test harness: spawn N CPU workers on gloo, assert every exit, time out, no hangs.
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple, errq) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+    )
+    torch.set_num_threads(1)
+    try:
+        fn(rank, world, *args)
+    except BaseException:  # report every failure, including assertion errors, to the parent
+        errq.put((rank, traceback.format_exc()))
+        sys.exit(1)
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_distributed(fn: Callable, world: int, *args, timeout: float = 240.0) -> None:
+    """Run ``fn(rank, world, *args)`` in ``world`` CPU processes; fail on any error or timeout.
+
+    ``fn`` must be a module-level function (it is pickled into spawned processes).
+    """
+    ctx = mp.get_context("spawn")
+    errq = ctx.SimpleQueue()
+    port = free_port()
+    procs = [
+        ctx.Process(target=_worker, args=(r, world, port, fn, args, errq), daemon=True)
+        for r in range(world)
+    ]
+    for p in procs:
+        p.start()
+    import time
+
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+    hung = [r for r, p in enumerate(procs) if p.is_alive()]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
+    errors = []
+    while not errq.empty():
+        errors.append(errq.get())
+    if errors:
+        msg = "\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(errors))
+        pytest.fail(f"distributed test failed on {len(errors)} rank(s):\n{msg}")
+    if hung:
+        pytest.fail(f"distributed test timed out after {timeout}s; ranks still running: {hung}")
+    codes = [p.exitcode for p in procs]
+    assert all(c == 0 for c in codes), f"worker exit codes {codes}"
