@@ -24,6 +24,13 @@ DIMS = ("data", "cfg", "pipefusion", "ring", "ulysses")
 class ParallelState:
     mesh: DeviceMesh
     degrees: dict[str, int]
+    # The flattened ring x ulysses group (None when its degree is 1): sequence sharding, the VAE's
+    # row bands and anything else that splits one sample across the sequence-parallel ranks.
+    sp_group_: dist.ProcessGroup | None = None
+
+    @property
+    def sp_group(self) -> dist.ProcessGroup | None:
+        return self.sp_group_
 
     def group(self, dim: str) -> dist.ProcessGroup:
         """The process group of one mesh dimension (``ulysses``, ``ring``, ...)."""
@@ -135,7 +142,7 @@ def init_parallel(
             raise ValueError(f"init_parallel: mesh dimensions {names} must follow the order {DIMS}")
         if len(names) != len(DIMS):
             mesh = _full_mesh(mesh, degrees)
-        _STATE = ParallelState(mesh=mesh, degrees=degrees)
+        _STATE = ParallelState(mesh=mesh, degrees=degrees, sp_group_=_sp_group(mesh, degrees))
         return _STATE
 
     device_type = device_type or _default_device_type()
@@ -152,8 +159,23 @@ def init_parallel(
         )
     shape = tuple(given[d] for d in DIMS)
     mesh = init_device_mesh(device_type, shape, mesh_dim_names=DIMS)
-    _STATE = ParallelState(mesh=mesh, degrees=given)
+    _STATE = ParallelState(mesh=mesh, degrees=given, sp_group_=_sp_group(mesh, given))
     return _STATE
+
+
+def _sp_group(mesh: DeviceMesh, degrees: dict[str, int]) -> dist.ProcessGroup | None:
+    """Create the ring x ulysses groups (every rank takes part in creating all of them)."""
+    sp = degrees["ring"] * degrees["ulysses"]
+    if sp == 1:
+        return None
+    ranks = mesh.mesh.reshape(-1, sp).tolist()  # ring and ulysses are the two innermost dims
+    mine = dist.get_rank()
+    group = None
+    for r in ranks:
+        g = dist.new_group(ranks=r)
+        if mine in r:
+            group = g
+    return group
 
 
 def _full_mesh(mesh: DeviceMesh, degrees: dict[str, int]) -> DeviceMesh:
