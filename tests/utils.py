@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import time
 import traceback
 from collections.abc import Callable
 
@@ -99,7 +100,16 @@ def randn(*shape, dtype=torch.float32, device="cpu", seed=None, scale=1.0):
 
 
 # ---------------------------------------------------------------------------------------------
-# Distributed test harness: spawn N CPU workers on gloo, assert every exit, time out, no hangs.
+# Distributed test harness: spawn N workers (gloo on CPU, or NCCL with one process per GPU),
+# assert every exit, time out instead of hanging.
+
+# NVLink multicast stays off on the shared GPU machines (GPU.md); every worker gets these.
+NO_MULTICAST_ENV = {
+    "NCCL_NVLS_ENABLE": "0",
+    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+    "NVSHMEM_DISABLE_NVLS": "1",
+}
+BACKENDS = ("gloo", "nccl")
 
 
 def free_port() -> int:
@@ -108,16 +118,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple, errq) -> None:
+def _worker(rank: int, world: int, port: int, backend: str, fn: Callable, args: tuple,
+            errq) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
         RANK=str(rank),
         WORLD_SIZE=str(world),
         LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
+        XDIT_TEST_BACKEND=backend,
+        **NO_MULTICAST_ENV,
     )
+    if backend == "gloo":
+        # CPU workers see no GPU, so code that picks "cuda when available" (init_parallel's
+        # default) runs the same CPU path here and on a GPU machine. Nothing has initialised
+        # CUDA in this fresh spawned process yet, so hiding the devices still takes effect.
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
     torch.set_num_threads(1)
     try:
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
         fn(rank, world, *args)
     except BaseException:  # report every failure, including assertion errors, to the parent
         errq.put((rank, traceback.format_exc()))
@@ -129,22 +150,37 @@ def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple, errq) -
             dist.destroy_process_group()
 
 
-def run_distributed(fn: Callable, world: int, *args, timeout: float = 240.0) -> None:
-    """Run ``fn(rank, world, *args)`` in ``world`` CPU processes; fail on any error or timeout.
+def run_distributed(
+    fn: Callable, world: int, *args, timeout: float = 240.0, backend: str = "gloo"
+) -> None:
+    """Run ``fn(rank, world, *args)`` in ``world`` processes; fail on any error or timeout.
 
-    ``fn`` must be a module-level function (it is pickled into spawned processes).
+    Parameters
+    ----------
+    fn : a module-level function (it is pickled into spawned processes). It initialises the
+        process group itself (e.g. ``xdit_ops.init_parallel``); ``RANK``, ``WORLD_SIZE``,
+        ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT`` and ``XDIT_TEST_BACKEND`` are set.
+    world : number of processes.
+    timeout : seconds for the whole group; ranks still running then are killed and the test fails.
+    backend : ``"gloo"`` (default): CPU workers with every GPU hidden. ``"nccl"``: one process
+        per GPU, rank ``r`` on ``cuda:r`` (``torch.cuda.set_device(r)`` before ``fn``); skips the
+        test when fewer than ``world`` GPUs are visible.
     """
+    if backend not in BACKENDS:
+        raise ValueError(f"run_distributed: unknown backend {backend!r}; choose one of {BACKENDS}")
+    if backend == "nccl":
+        have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if have < world:
+            pytest.skip(f"run_distributed: nccl with {world} ranks needs {world} GPUs, have {have}")
     ctx = mp.get_context("spawn")
     errq = ctx.SimpleQueue()
     port = free_port()
     procs = [
-        ctx.Process(target=_worker, args=(r, world, port, fn, args, errq), daemon=True)
+        ctx.Process(target=_worker, args=(r, world, port, backend, fn, args, errq), daemon=True)
         for r in range(world)
     ]
     for p in procs:
         p.start()
-    import time
-
     deadline = time.monotonic() + timeout
     for p in procs:
         p.join(max(0.0, deadline - time.monotonic()))
