@@ -67,18 +67,19 @@ def merge_attention_states_ref(
 
     out : [B, S, H, D] fp32 accumulator; lse : [B, H, S] fp32.
     block_out : [B, S, H, D] any float dtype; block_lse : [B, H, S] fp32.
-    Rows where both LSEs are -inf are left unchanged.
+    Rows where ``block_lse`` is -inf are left unchanged.
     """
+    # Rows where the block saw no key (block_lse = -inf) are left as they are; its output there
+    # may be NaN (a softmax over no keys), so it must not enter the arithmetic.
+    skip = block_lse == float("-inf")
     m = torch.maximum(lse, block_lse)
-    empty = m == float("-inf")
-    m_safe = torch.where(empty, torch.zeros_like(m), m)
-    ea = torch.exp(lse - m_safe)
-    eb = torch.exp(block_lse - m_safe)
-    denom = torch.where(empty, torch.ones_like(ea), ea + eb)
-    wa = torch.where(empty, torch.ones_like(ea), ea / denom)
-    wb = torch.where(empty, torch.zeros_like(eb), eb / denom)
-    # [B, H, S] -> [B, S, H, 1]
-    wa_b = wa.transpose(1, 2).unsqueeze(-1)
-    wb_b = wb.transpose(1, 2).unsqueeze(-1)
-    out.copy_(wa_b * out + wb_b * block_out.to(out.dtype))
-    lse.copy_(torch.where(empty, lse, m_safe + torch.log(denom)))
+    m_safe = torch.where(skip, torch.zeros_like(m), m)
+    ea = torch.where(skip, torch.ones_like(m), torch.exp(lse - m_safe))
+    eb = torch.where(skip, torch.zeros_like(m), torch.exp(block_lse - m_safe))
+    denom = ea + eb
+    wa = (ea / denom).transpose(1, 2).unsqueeze(-1)  # [B, H, S] -> [B, S, H, 1]
+    wb = (eb / denom).transpose(1, 2).unsqueeze(-1)
+    blk = torch.where(skip.transpose(1, 2).unsqueeze(-1), 0.0, block_out.to(out.dtype))
+    # An empty accumulator (wa == 0) may hold NaN: select, do not multiply by zero.
+    out.copy_(torch.where(wa == 0, 0.0, wa * out) + wb * blk)
+    lse.copy_(torch.where(skip, lse, m_safe + torch.log(denom)))

@@ -6,8 +6,8 @@
 // This is the combine step of ring attention (and of any split-KV attention): each partial
 // output is already normalised by its own softmax denominator, so the weights are the
 // fraction of the total mass each part holds. All arithmetic is fp32. A row whose keys were
-// all masked has lse = -inf; merging two such rows keeps the accumulator untouched instead of
-// producing NaN from (-inf) - (-inf).
+// all masked has lse = -inf: merging such a block row leaves the accumulator untouched (no NaN
+// from (-inf) - (-inf) or from the block's undefined output).
 #pragma once
 
 #include <cmath>
@@ -32,7 +32,9 @@ __global__ void merge_attention_states_kernel(MergeAttentionStatesParams p) {
     const float la = *lse_ptr;
     const float lb = p.block_lse[b * p.blse_stride_b + h * p.blse_stride_h + s * p.blse_stride_s];
     const float m = fmaxf(la, lb);
-    if (m == -INFINITY) continue;  // both empty: keep the accumulator (and its -inf)
+    // A block with no keys (lse_blk = -inf) adds nothing, and its output may be NaN (a softmax
+    // over no keys): skip it rather than multiply NaN by a zero weight.
+    if (lb == -INFINITY) continue;
     const float ea = __expf(la - m);
     const float eb = __expf(lb - m);
     const float inv = 1.0f / (ea + eb);
@@ -42,7 +44,10 @@ __global__ void merge_attention_states_kernel(MergeAttentionStatesParams p) {
     const T* ob = static_cast<const T*>(p.block_out) + b * p.blk_stride_b + s * p.blk_stride_s +
                   h * p.blk_stride_h;
     for (int64_t d = lane; d < p.head_dim; d += 32) {
-      o[d] = wa * o[d] + wb * to_float<T>(ob[d]);
+      // wa == 0 when the accumulator was empty (lse_acc = -inf): its contents are undefined
+      // then (possibly NaN), so select instead of multiplying by zero.
+      const float acc = wa == 0.0f ? 0.0f : wa * o[d];
+      o[d] = acc + wb * to_float<T>(ob[d]);
     }
     // All lanes read lse before lane 0 writes it: the read happens above, in every lane, and
     // the write below depends on no other lane's read of the new value.
