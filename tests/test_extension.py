@@ -43,8 +43,12 @@ NO_EXTENSION = textwrap.dedent(
 
 NO_GPU = textwrap.dedent(
     """
+    import glob, os
+    import xdit_ops  # first, before torch: the package must load its own dependencies
     import torch
-    import xdit_ops
+    from xdit_ops import _extension
+    built = glob.glob(os.path.join(os.path.dirname(xdit_ops.__file__), "_C.*.so"))
+    assert bool(built) == _extension.has("_C"), (built, _extension.reason("_C"))
     assert not torch.cuda.is_initialized(), "import xdit_ops initialised CUDA"
     out = xdit_ops.attention(*(torch.randn(1, 5, 2, 8) for _ in range(3)))
     assert out.shape == (1, 5, 2, 8)

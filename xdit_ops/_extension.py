@@ -9,6 +9,10 @@ from __future__ import annotations
 import importlib
 import os
 
+# The native modules link against libc10/libtorch; importing torch first loads those libraries
+# into the process (``import xdit_ops`` before ``import torch`` would otherwise fail to load _C).
+import torch  # noqa: F401
+
 _MODULES = ("_C", "_C_sm90")
 _loaded: dict[str, object] = {}
 _reasons: dict[str, str] = {}
