@@ -1,0 +1,354 @@
+"""The numerics of ``xdit_ops::fp8_attention``, emulated exactly on the CPU.
+
+This module is the CPU implementation of the op and the oracle of its GPU kernels. It is split
+the way the kernels are split, so a GPU test can feed one stage's GPU output to the next stage
+here:
+
+1. :func:`quantize_qkv_ref`: the quantization pass -> :class:`QuantizedQKV`.
+2. :func:`fp8_attention_quantized_ref`: the attention kernel on quantized inputs.
+
+The scheme (``SCHEME``, SageAttention2-grade; see docs/fp8_attention.md for why each piece):
+
+* head_dim is zero-padded to ``Dp`` = 64 or 128 (exact); the softmax scale uses the true D.
+* Q and K are rotated by the Sylvester-Hadamard matrix ``Hd`` (entries +-1, ``Hd Hd^T = Dp I``)
+  along head_dim; ``(q Hd) . (k Hd) = Dp (q . k)``, so the rotation is exact and the 1/Dp goes
+  into the scale. Products of a bf16/fp16 value with +-1 are exact, so the rotation costs no
+  precision before the fp32 sum.
+* K smoothing: the mean of (rotated) K over the keys of each (batch, head) is subtracted.
+  Softmax is invariant to it; the LSE gets ``scale * q . mean(k)`` added back.
+* Q and K: INT8, one scale per token (row of Q, key of K), symmetric,
+  ``x_q = round_half_away(x * (127 / amax))``. Q K^T is exact in int32; the two scales are
+  applied to the int32 tile as a row vector and a column vector (in the kernels the int32 ->
+  fp32 conversion is a magic-number add, exact because |Q K^T| < 2^22).
+* V: FP8 e4m3, one scale per channel over all keys (``amax_c / 448``); stored transposed,
+  ``[B, H, Dp, Sk_pad]``, keys contiguous, the K-major layout the FP8 P.V product needs.
+* Online softmax over key tiles of ``block_n`` = 128 keys in fp32, base 2. P is computed as
+  ``exp2(s - m_running + 8)`` (2^8-scaled, in (0, 256]) and cast to e4m3; its fp32 value goes
+  into the row sum (the 2^8 cancels in ``acc / l``).
+* P.V: each tile's product starts from zero (the FP8 tensor core's accumulator keeps only ~22
+  bits) and is added to an fp32 accumulator after rescaling by ``exp2(m_old - m_new)``
+  (two-level accumulation).
+* Epilogue: ``out = acc / l * v_scale`` in fp32, cast to the input dtype; LSE in natural log.
+
+The per-tensor FP8 baseline (what FlashAttention-3 ships: one scale per tensor, e4m3 Q/K/V,
+no smoothing, no rotation, single-level accumulation) is :func:`fp8_attention_naive_ref`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+INT8_MAX = 127.0
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@dataclass(frozen=True)
+class Fp8AttentionScheme:
+    """Knobs of the quantization scheme; ``SCHEME`` is the one the op uses.
+
+    qk_format : "int8" or "fp8" (e4m3) for Q and K.
+    q_block, k_block : tokens sharing one scale (1 = per token, 0 = one per tensor).
+    v_per_channel : one V scale per channel (else one per tensor).
+    hadamard : rotate Q and K by the Hadamard matrix along head_dim.
+    smooth_k : subtract the mean of K over keys.
+    block_n : keys per online-softmax tile (the kernel's BLOCK_N; P's rounding depends on it).
+    p_shift : P = exp2(s - m + p_shift) before the e4m3 cast.
+    two_level : each tile's P.V starts from zero and is added in fp32 (else accumulate in place).
+    pv_accum_bits : model the FP8 tensor core's accumulator: after every 32-key step the
+        accumulator is truncated to this many mantissa bits (None = exact fp32 sums).
+    """
+
+    qk_format: str = "int8"
+    q_block: int = 1
+    k_block: int = 1
+    v_per_channel: bool = True
+    hadamard: bool = True
+    smooth_k: bool = True
+    block_n: int = 128
+    p_shift: float = 8.0
+    two_level: bool = True
+    pv_accum_bits: int | None = None
+
+
+SCHEME = Fp8AttentionScheme()
+# FlashAttention-3's released FP8 path: per-tensor e4m3 scales and nothing else.
+NAIVE_SCHEME = Fp8AttentionScheme(
+    qk_format="fp8", q_block=0, k_block=0, v_per_channel=False, hadamard=False,
+    smooth_k=False, two_level=False,
+)
+
+
+@dataclass
+class QuantizedQKV:
+    """The quantization pass's output (the attention kernel's input), BHSD.
+
+    q : [B, H, Sq, Dp] int8 (or e4m3).
+    q_scale : [B, H, Sq] fp32, per row, dequant scale x softmax scale x log2(e) (x 1/Dp with
+        the rotation): ``s_log2 = ((q @ k^T) * k_scale[None, :]) * q_scale[:, None]``.
+    k : [B, H, Sk_pad, Dp] int8 (or e4m3), zero beyond Sk; Sk_pad = Sk rounded up to 128.
+    k_scale : [B, H, Sk_pad] fp32, per key (equal within a k_block), zero beyond Sk.
+    vt : [B, H, Dp, Sk_pad] e4m3, V^T, zero beyond Sk and beyond D.
+    v_scale : [B, H, Dp] fp32, per channel.
+    lse_corr : [B, H, Sq] fp32, ``scale * q . mean(k)`` (natural log units), added to the LSE.
+    seqlen_k : the true Sk.
+    head_dim : the true D.
+    """
+
+    q: torch.Tensor
+    q_scale: torch.Tensor
+    k: torch.Tensor
+    k_scale: torch.Tensor
+    vt: torch.Tensor
+    v_scale: torch.Tensor
+    lse_corr: torch.Tensor
+    seqlen_k: int
+    head_dim: int
+
+
+def padded_head_dim(head_dim: int) -> int:
+    """64 or 128: the head dim the kernels run at (smaller ones are zero-padded)."""
+    if head_dim <= 0 or head_dim > 128:
+        raise ValueError(f"fp8_attention: head_dim must be in [1, 128], got {head_dim}")
+    return 64 if head_dim <= 64 else 128
+
+
+def pad_to(n: int, multiple: int) -> int:
+    return (n + multiple - 1) // multiple * multiple
+
+
+def hadamard_matrix(n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Sylvester-Hadamard matrix of order n (a power of 2), entries +-1, unnormalised."""
+    if n < 1 or n & (n - 1):
+        raise ValueError(f"hadamard_matrix: order must be a power of 2, got {n}")
+    h = torch.ones(1, 1, dtype=dtype)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h
+
+
+def round_half_away(x: torch.Tensor) -> torch.Tensor:
+    """Round to nearest, ties away from zero, as ``trunc(x +- 0.5)`` in x's dtype.
+
+    Written the way the kernels do it (add 0.5 in fp32, truncate on the int cast) so the
+    emulation makes the same fp32 roundings.
+    """
+    return torch.where(x >= 0, x + 0.5, x - 0.5).trunc()
+
+
+def _group_amax(x: torch.Tensor, block: int) -> torch.Tensor:
+    """amax of |x| [B, H, S, D] over head_dim and groups of ``block`` tokens -> [B, H, S]."""
+    B, H, S, _ = x.shape
+    a = x.abs().amax(dim=-1)  # [B, H, S]
+    if block == 1:
+        return a
+    if block == 0:
+        return a.amax(dim=-1, keepdim=True).amax(dim=1, keepdim=True).amax(
+            dim=0, keepdim=True).expand(B, H, S).contiguous()
+    Sp = pad_to(S, block)
+    a = torch.nn.functional.pad(a, (0, Sp - S))
+    a = a.view(B, H, Sp // block, block).amax(dim=-1, keepdim=True).expand(-1, -1, -1, block)
+    return a.reshape(B, H, Sp)[:, :, :S].contiguous()
+
+
+def _quantize_rows(x: torch.Tensor, block: int, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric quantization of fp32 [B, H, S, D] with a scale per group of ``block`` tokens.
+
+    Returns (codes [B, H, S, D] int8 or e4m3, dequant scale [B, H, S] fp32).
+    """
+    amax = _group_amax(x, block)
+    amax = torch.where(amax > 0, amax, torch.ones_like(amax))
+    qmax = INT8_MAX if fmt == "int8" else FP8_MAX
+    inv = qmax / amax  # fp32, as the kernel computes it
+    y = x * inv[..., None]
+    if fmt == "int8":
+        codes = round_half_away(y).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+    elif fmt == "fp8":
+        codes = y.clamp_(-FP8_MAX, FP8_MAX).to(FP8)
+    else:
+        raise ValueError(f"fp8_attention: unknown qk_format {fmt!r}")
+    return codes, amax / qmax
+
+
+def quantize_qkv_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float | None = None,
+    scheme: Fp8AttentionScheme = SCHEME,
+) -> QuantizedQKV:
+    """The quantization pass of :data:`SCHEME` (or another scheme), on any device.
+
+    Parameters
+    ----------
+    q : [B, Sq, H, D] float16/bfloat16/float32.
+    k, v : [B, Sk, H, D], same dtype.
+    scale : softmax scale, default ``1/sqrt(D)`` of the true D.
+
+    Returns
+    -------
+    QuantizedQKV (BHSD, see its docstring).
+    """
+    B, Sq, H, D = q.shape
+    Sk = k.shape[1]
+    Dp = padded_head_dim(D)
+    if scale is None:
+        scale = 1.0 / math.sqrt(D)
+    Sk_pad = pad_to(max(Sk, 1), scheme.block_n)
+    qf = q.float().transpose(1, 2)  # [B, H, Sq, D]
+    kf = k.float().transpose(1, 2)
+    vf = v.float().transpose(1, 2)
+    if Dp != D:
+        qf = torch.nn.functional.pad(qf, (0, Dp - D))
+        kf = torch.nn.functional.pad(kf, (0, Dp - D))
+        vf = torch.nn.functional.pad(vf, (0, Dp - D))
+    score_scale = scale * LOG2E
+    if scheme.hadamard:
+        hd = hadamard_matrix(Dp).to(qf.device)
+        # +-1 times a 16-bit float is exact; the kernels sum in fp32 on the tensor cores.
+        qf = qf @ hd
+        kf = kf @ hd
+        score_scale /= Dp
+    if scheme.smooth_k and Sk > 0:
+        k_mean = kf.mean(dim=2, keepdim=True)  # [B, H, 1, Dp]
+        kf = kf - k_mean
+        # scale * q . mean(k) in natural-log units (the rotation's Dp divides out).
+        lse_corr = (qf * k_mean).sum(-1) * (scale / (Dp if scheme.hadamard else 1))
+    else:
+        lse_corr = qf.new_zeros(B, H, Sq)
+    q_codes, q_deq = _quantize_rows(qf, scheme.q_block, scheme.qk_format)
+    k_codes, k_deq = _quantize_rows(kf, scheme.k_block, scheme.qk_format)
+    k_codes = torch.nn.functional.pad(k_codes.view(torch.uint8), (0, 0, 0, Sk_pad - Sk)).view(
+        k_codes.dtype)
+    k_deq = torch.nn.functional.pad(k_deq, (0, Sk_pad - Sk))
+    if scheme.v_per_channel:
+        v_amax = vf.abs().amax(dim=2) if Sk > 0 else vf.new_zeros(B, H, Dp)  # [B, H, Dp]
+    else:
+        v_amax = vf.abs().amax().expand(B, H, Dp).contiguous() if Sk > 0 else vf.new_zeros(
+            B, H, Dp)
+    v_amax = torch.where(v_amax > 0, v_amax, torch.ones_like(v_amax))
+    v_codes = (vf * (FP8_MAX / v_amax)[:, :, None, :]).clamp_(-FP8_MAX, FP8_MAX).to(FP8)
+    vt = torch.zeros(B, H, Dp, Sk_pad, dtype=torch.uint8, device=q.device)
+    vt[:, :, :, :Sk] = v_codes.view(torch.uint8).transpose(-1, -2)
+    return QuantizedQKV(
+        q=q_codes.contiguous(),
+        q_scale=(q_deq * score_scale).contiguous(),
+        k=k_codes.contiguous(),
+        k_scale=(k_deq * 1.0).contiguous(),
+        vt=vt.view(FP8),
+        v_scale=(v_amax / FP8_MAX).contiguous(),
+        lse_corr=lse_corr.contiguous(),
+        seqlen_k=Sk,
+        head_dim=D,
+    )
+
+
+def _truncate_mantissa(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Keep ``bits`` mantissa bits (after the leading one) of fp32 x, rounding toward zero."""
+    m, e = torch.frexp(x)  # x = m * 2^e, 0.5 <= |m| < 1
+    step = float(2 ** (bits + 1))
+    return torch.ldexp(torch.trunc(m * step) / step, e)
+
+
+def _pv_product(p8: torch.Tensor, vt: torch.Tensor, acc: torch.Tensor | None,
+                bits: int | None) -> torch.Tensor:
+    """p8 [.., M, N] e4m3 @ vt^T [.., D, N] accumulated into ``acc`` (or zero) in fp32.
+
+    With ``bits``, the accumulator is truncated after every 32-key step, a model of the FP8
+    tensor core's limited-precision accumulator.
+    """
+    pf, vf = p8.float(), vt.float()
+    if bits is None:
+        prod = pf @ vf.transpose(-1, -2)
+        return prod if acc is None else acc + prod
+    out = torch.zeros_like(pf[..., :1].expand(*pf.shape[:-1], vf.shape[-2])) if acc is None \
+        else acc
+    for j in range(0, pf.shape[-1], 32):
+        out = _truncate_mantissa(out + pf[..., j:j + 32] @ vf[..., j:j + 32].transpose(-1, -2),
+                                 bits)
+    return out
+
+
+def fp8_attention_quantized_ref(
+    qq: QuantizedQKV,
+    out_dtype: torch.dtype,
+    scheme: Fp8AttentionScheme = SCHEME,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attention kernel on quantized inputs, emulated tile by tile.
+
+    Returns
+    -------
+    out : [B, Sq, H, D] ``out_dtype``.
+    lse : [B, H, Sq] fp32, natural log (``-inf`` where Sk == 0).
+    """
+    B, H, Sq, Dp = qq.q.shape
+    Sk, D = qq.seqlen_k, qq.head_dim
+    qf = qq.q.float()
+    kf = qq.k.float()
+    m = torch.full((B, H, Sq), float("-inf"), device=qf.device)
+    l_sum = torch.zeros(B, H, Sq, device=qf.device)
+    acc = torch.zeros(B, H, Sq, Dp, device=qf.device)
+    bn = scheme.block_n
+    for n0 in range(0, Sk, bn):
+        n1 = min(n0 + bn, Sk)
+        # int8 x int8 products summed over Dp <= 128 stay below 2^24: exact in fp32.
+        s = (qf @ kf[:, :, n0:n1].transpose(-1, -2)) * qq.k_scale[:, :, None, n0:n1]
+        s = s * qq.q_scale[..., None]
+        m_new = torch.maximum(m, s.amax(dim=-1))
+        alpha = torch.exp2(m - m_new)
+        p = torch.exp2(s - (m_new[..., None] - scheme.p_shift))
+        p8 = p.to(FP8)
+        l_sum = l_sum * alpha + p.sum(dim=-1)
+        vt = qq.vt[:, :, :, n0:n1]
+        if scheme.two_level:
+            acc = acc * alpha[..., None] + _pv_product(p8, vt, None, scheme.pv_accum_bits)
+        else:
+            acc = _pv_product(p8, vt, acc * alpha[..., None], scheme.pv_accum_bits)
+        m = m_new
+    if Sk == 0:
+        out = torch.zeros(B, H, Sq, Dp, device=qf.device)
+        lse = torch.full((B, H, Sq), float("-inf"), device=qf.device)
+    else:
+        out = acc / l_sum[..., None] * qq.v_scale[:, :, None, :]
+        lse = (m + torch.log2(l_sum) - scheme.p_shift) * LN2 + qq.lse_corr
+    out = out[..., :D].transpose(1, 2).to(out_dtype).contiguous()
+    return out, lse.float().contiguous()
+
+
+def fp8_attention_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float | None = None,
+    scheme: Fp8AttentionScheme = SCHEME,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """FP8 attention of ``scheme`` (default: the op's), BSHD in and out.
+
+    Parameters
+    ----------
+    q : [B, Sq, H, D] float16/bfloat16/float32, D <= 128.
+    k, v : [B, Sk, H, D].
+    scale : softmax scale, default ``1/sqrt(D)``.
+
+    Returns
+    -------
+    out : [B, Sq, H, D] in q's dtype; lse : [B, H, Sq] fp32 natural log.
+    """
+    return fp8_attention_quantized_ref(quantize_qkv_ref(q, k, v, scale, scheme), q.dtype, scheme)
+
+
+def fp8_attention_naive_ref(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-tensor FP8 attention (FlashAttention-3's released FP8 numerics), the baseline."""
+    return fp8_attention_ref(q, k, v, scale, NAIVE_SCHEME)
+
+
+def scheme_variant(**changes) -> Fp8AttentionScheme:
+    """``SCHEME`` with some fields changed (for ablations)."""
+    return replace(SCHEME, **changes)
