@@ -9,7 +9,7 @@ from xdit_ops import _extension
 
 _extension.load_all()
 
-from xdit_ops.ops import attention, merge_attention_states_  # noqa: E402
+from xdit_ops.ops import attention, merge_attention_states_, usp_attention  # noqa: E402
 from xdit_ops.ops.merge_attention_states import register_cuda_fallback as _merge_fallback  # noqa: E402
 from xdit_ops.parallel import (  # noqa: E402
     ParallelState,
@@ -17,6 +17,7 @@ from xdit_ops.parallel import (  # noqa: E402
     get_parallel_state,
     init_parallel,
 )
+from xdit_ops.parallel.sequence import gather_sequence, shard_sequence  # noqa: E402
 
 _merge_fallback()
 
@@ -28,5 +29,8 @@ __all__ = [
     "destroy_parallel",
     "get_parallel_state",
     "init_parallel",
+    "gather_sequence",
     "merge_attention_states_",
+    "shard_sequence",
+    "usp_attention",
 ]

@@ -1,0 +1,234 @@
+"""usp_attention against the single-device fp64 oracle, on gloo with 2, 3 and 4 ranks.
+
+Each spawned world runs every Ulysses x Ring factorisation of its size over a list of cases
+(awkward lengths, uneven heads, joint tokens front/back with and without per-sample lengths,
+fp32/bf16, LSE), so the process start-up is paid once per world size.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import xdit_ops
+from tests.utils import (
+    ATTN_ERROR_FLOOR,
+    max_abs_err,
+    oracle_attention,
+    randn,
+    run_distributed,
+)
+
+# (name, B, S, H, D, J, position, with_joint_lengths, dtype, return_lse)
+CASES = [
+    ("plain", 3, 37, 6, 8, 0, "front", False, torch.float32, False),
+    ("joint-front-lse", 1, 29, 5, 16, 7, "front", False, torch.float32, True),
+    ("joint-back-lengths", 2, 33, 6, 8, 5, "back", True, torch.float32, True),
+    ("joint-front-lengths", 3, 26, 4, 8, 6, "front", True, torch.float32, False),
+    ("bf16", 1, 40, 4, 16, 3, "back", False, torch.bfloat16, True),
+]
+# Issue-sized shapes (one per world): S=4097 / 4096+77 text tokens, 30 and 24 heads, D 64/72.
+BIG_CASES = [
+    ("S4097-h30-d64", 1, 4097, 6, 64, 0, "front", False, torch.float32, False),
+    ("S4096+77-h24-d72", 1, 1024, 24, 72, 77, "back", True, torch.float32, True),
+]
+
+
+def factorisations(world: int) -> list[tuple[int, int]]:
+    return [(u, world // u) for u in range(1, world + 1) if world % u == 0]
+
+
+def _full_inputs(case, seed):
+    _, B, S, H, D, J, _, with_len, dtype, _ = case
+    q = randn(B, S, H, D, seed=seed, dtype=dtype)
+    k = randn(B, S, H, D, seed=seed + 1, dtype=dtype)
+    v = randn(B, S, H, D, seed=seed + 2, dtype=dtype)
+    # Joint tokens carry an offset so that a text/image mix-up shows in the error.
+    qj = randn(B, J, H, D, seed=seed + 3, dtype=dtype)
+    kj = randn(B, J, H, D, seed=seed + 4, dtype=dtype, scale=1.5)
+    vj = (randn(B, J, H, D, seed=seed + 5) + 2.0).to(dtype)
+    lengths = None
+    if with_len:
+        lengths = torch.tensor([(J * (b + 1)) // B for b in range(B)], dtype=torch.int64)
+        lengths[0] = max(1, J // 3)
+    return q, k, v, qj, kj, vj, lengths
+
+
+def _oracle(q, k, v, qj, kj, vj, lengths):
+    """Full attention over [joint; seq] keys, fp64; returns (seq rows, joint rows, lse)."""
+    B, S = q.shape[:2]
+    J = qj.shape[1]
+    qa, ka, va = (torch.cat([a, b], 1) for a, b in ((qj, q), (kj, k), (vj, v)))
+    mask = torch.ones(B, J + S, dtype=torch.bool)
+    if lengths is not None:
+        mask[:, :J] = torch.arange(J)[None, :] < lengths[:, None]
+    out, lse = oracle_attention(qa, ka, va, key_mask=mask)
+    return out[:, J:], out[:, :J], lse[:, :, J:], lse[:, :, :J]
+
+
+def _tol(dtype, case_name):
+    if dtype == torch.float32:
+        return 2e-5
+    return 3e-2  # bf16 inputs and output: a few bf16 ulps at |out| ~ 1
+
+
+def _run_case(case, u, r, seed):
+    name, B, S, H, D, J, pos, _, dtype, return_lse = case
+    q, k, v, qj, kj, vj, lengths = _full_inputs(case, seed)
+    out_s, out_j, lse_s, lse_j = _oracle(q, k, v, qj, kj, vj, lengths)
+    parts = []
+    for t in (q, k, v):
+        shard, seq_len = xdit_ops.shard_sequence(t, dim=1)
+        parts.append(shard)
+    L = parts[0].shape[1]
+
+    def with_joint(shard, joint):
+        return torch.cat([joint, shard], 1) if pos == "front" else torch.cat([shard, joint], 1)
+
+    ql, kl, vl = (with_joint(s, j) for s, j in zip(parts, (qj, kj, vj)))
+    res = xdit_ops.usp_attention(ql, kl, vl, joint_tokens=J, joint_position=pos,
+                                 joint_lengths=lengths, seq_len=seq_len, return_lse=return_lse)
+    out = res[0] if return_lse else res
+    assert out.shape == ql.shape and out.dtype == dtype, (name, out.shape, out.dtype)
+    seq_rows = slice(J, J + L) if pos == "front" else slice(0, L)
+    joint_rows = slice(0, J) if pos == "front" else slice(L, L + J)
+    st = xdit_ops.get_parallel_state()
+    start = st.sp_rank * L
+    valid = max(0, min(L, S - start))
+    tol = _tol(dtype, name)
+    what = f"{name} U{u}R{r} rank{dist.get_rank()}"
+    err = max_abs_err(out[:, seq_rows][:, :valid], out_s[:, start:start + valid])
+    assert err <= tol, f"{what}: sequence rows error {err:.2e} > {tol:.1e}"
+    if J:
+        err = max_abs_err(out[:, joint_rows], out_j)
+        assert err <= tol, f"{what}: joint rows error {err:.2e} > {tol:.1e}"
+    assert not torch.isnan(out[:, seq_rows][:, :valid]).any(), what
+    # The full output gathered from the shards equals the oracle too.
+    full = xdit_ops.gather_sequence(out[:, seq_rows].contiguous(), seq_len, dim=1)
+    assert full.shape[1] == S
+    assert max_abs_err(full, out_s) <= tol, f"{what}: gathered output"
+    if return_lse:
+        lse = res[1]
+        assert lse.shape == (B, H, J + L) and lse.dtype == torch.float32, (what, lse.shape)
+        lt = 1e-4 if dtype == torch.float32 else 5e-2
+        e = max_abs_err(lse[:, :, seq_rows][:, :, :valid], lse_s[:, :, start:start + valid])
+        assert e <= lt, f"{what}: lse error {e:.2e}"
+        if J:
+            e = max_abs_err(lse[:, :, joint_rows], lse_j)
+            assert e <= lt, f"{what}: joint lse error {e:.2e}"
+
+
+def _worker_all(rank, world, big):
+    for u, r in factorisations(world):
+        xdit_ops.init_parallel(ulysses_degree=u, ring_degree=r, device_type="cpu")
+        for i, case in enumerate(CASES):
+            _run_case(case, u, r, seed=1000 * i + 17)
+        if big and (u, r) == factorisations(world)[-1 if world != 4 else 1]:
+            for i, case in enumerate(BIG_CASES):
+                _run_case(case, u, r, seed=99 + i)
+    xdit_ops.destroy_parallel()
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_usp_matches_single_device(world):
+    run_distributed(_worker_all, world, world != 3, timeout=600)
+
+
+def _worker_group_args(rank, world):
+    """Engines pass their own groups (ProcessGroup or name) instead of a mesh."""
+    st = xdit_ops.init_parallel(ulysses_degree=2, ring_degree=2, device_type="cpu")
+    ug, rg = st.group("ulysses"), st.group("ring")
+    q = randn(1, 24, 6, 8, seed=5)
+    k = randn(1, 24, 6, 8, seed=6)
+    v = randn(1, 24, 6, 8, seed=7)
+    ref, _ = oracle_attention(q, k, v)
+    shards = [xdit_ops.shard_sequence(t)[0] for t in (q, k, v)]
+    for groups in ((ug, rg), (ug.group_name, rg.group_name)):
+        out = xdit_ops.usp_attention(*shards, ulysses_group=groups[0], ring_group=groups[1])
+        full = xdit_ops.gather_sequence(out, 24)
+        assert max_abs_err(full, ref) < 2e-5
+    with pytest.raises(ValueError, match="either mesh or"):
+        xdit_ops.usp_attention(*shards, ulysses_group=ug, mesh=st.mesh)
+
+
+def test_usp_group_arguments():
+    run_distributed(_worker_group_args, 4)
+
+
+def _worker_bad_shape(rank, world, u, r):
+    xdit_ops.init_parallel(ulysses_degree=u, ring_degree=r, device_type="cpu")
+    L = 8 if rank != world - 1 else 9  # the last rank is given a wrong shape
+    q = randn(1, L, 4, 8, seed=rank)
+    with pytest.raises(ValueError, match="disagree"):
+        xdit_ops.usp_attention(q, q, q)
+    # The group is still usable afterwards.
+    q = randn(1, 8, 4, 8, seed=rank)
+    xdit_ops.usp_attention(q, q, q)
+
+
+@pytest.mark.parametrize("u,r", [(2, 1), (1, 2), (2, 2)])
+def test_usp_wrong_shape_fails_instead_of_hanging(u, r):
+    run_distributed(_worker_bad_shape, u * r, u, r, timeout=120)
+
+
+def _worker_compile(rank, world):
+    xdit_ops.init_parallel(ulysses_degree=world, device_type="cpu")
+    q = randn(2, 10, 4, 8, seed=1)
+    k = randn(2, 10, 4, 8, seed=2)
+    v = randn(2, 10, 4, 8, seed=3)
+
+    def block(q, k, v):
+        return xdit_ops.usp_attention(q * 0.5, k, v, joint_tokens=3) + 1.0
+
+    eager = block(q, k, v)
+    compiled = torch.compile(block, fullgraph=True)(q, k, v)
+    assert max_abs_err(compiled, eager) <= 1e-6
+
+
+def test_usp_compile_fullgraph():
+    run_distributed(_worker_compile, 2, timeout=400)
+
+
+def test_usp_single_device_is_attention():
+    """Without a mesh it is plain attention (joint tokens and padding still honoured)."""
+    q = randn(2, 19, 3, 16, seed=11)
+    k = randn(2, 19, 3, 16, seed=12)
+    v = randn(2, 19, 3, 16, seed=13)
+    out = xdit_ops.usp_attention(q, k, v, joint_tokens=4, joint_position="back")
+    ref, _ = oracle_attention(q, k, v)
+    assert max_abs_err(out, ref) <= ATTN_ERROR_FLOOR[torch.float32] * 10
+    lengths = torch.tensor([1, 4])
+    out = xdit_ops.usp_attention(q, k, v, joint_tokens=4, joint_position="back",
+                                 joint_lengths=lengths)
+    mask = torch.ones(2, 19, dtype=torch.bool)
+    mask[0, 16:] = False
+    ref, _ = oracle_attention(q, k, v, key_mask=mask)
+    assert max_abs_err(out, ref) <= 2e-5
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"joint_position": "middle"}, "joint_position"),
+        ({"joint_tokens": -1}, "joint_tokens"),
+        ({"joint_tokens": 40}, "joint_tokens=40"),
+        ({"backend": "nope"}, "unknown backend"),
+        ({"joint_lengths": torch.tensor([1, 2])}, "joint_tokens is 0"),
+        ({"scale": float("nan")}, "scale"),
+    ],
+)
+def test_usp_bad_arguments(kwargs, match):
+    q = randn(2, 19, 3, 16, seed=1)
+    with pytest.raises((ValueError, TypeError), match=match):
+        xdit_ops.usp_attention(q, q, q, **kwargs)
+
+
+def test_usp_opcheck():
+    q = randn(2, 9, 3, 8, seed=1)
+    k = randn(2, 9, 3, 8, seed=2)
+    v = randn(2, 9, 3, 8, seed=3)
+    torch.library.opcheck(
+        torch.ops.xdit_ops.usp_attention.default,
+        (q, k, v, None, 2, True, -1, None, "auto", "", "", True),
+    )

@@ -1,0 +1,522 @@
+"""``xdit_ops::usp_attention``: Ulysses x Ring sequence-parallel attention in one custom op.
+
+Each rank of the sequence-parallel group holds ``[B, J + L, H, D]``: ``J`` joint (text) tokens
+replicated on every rank, and its shard of ``L`` tokens of the long sequence (shard index =
+``ring_rank * U + ulysses_rank``). The result is attention over the whole gathered sequence
+(joint tokens included), returned in the same local layout.
+
+Per rank, in one op:
+
+1. Ulysses (degree U): one all-to-all moves Q, K and V together: every rank sends each peer its
+   L tokens for that peer's heads, and receives U*L tokens for its own heads. Heads that do not
+   divide U are split unevenly (the first ``H % U`` ranks take one more), never padded.
+2. Ring (degree R): the K/V block of U*L tokens travels around the ring on P2P sends posted
+   before each step's attention (double-buffered), so the transfer overlaps the compute;
+   partial results merge with their LSEs in fp32 (``merge_attention_states_``, a native kernel).
+3. The joint keys form their own partial when they must be counted once under a ring or masked
+   per sample (``joint_lengths``); otherwise they sit in front of the gathered keys.
+4. Padded keys (``seq_len`` < the padded length) are cut off by slicing each block to its
+   valid length: exact, and no masked work.
+5. One all-to-all moves the outputs back (and the joint rows' heads to every rank).
+
+The op takes process groups by name (str), like torch's functional collectives, so a block
+that calls it compiles with ``fullgraph=True``; nothing in it reads device values on the host.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
+
+from xdit_ops.ops._lib import lib
+from xdit_ops.ops.attention import BACKENDS, check_inputs
+from xdit_ops.reference.attention import attention_ref
+
+OP = "usp_attention"
+
+lib.define(
+    "usp_attention(Tensor q, Tensor k, Tensor v, Tensor? joint_lengths, int joint_tokens, "
+    "bool joint_front, int seq_len, float? scale, str backend, str ulysses_group, "
+    "str ring_group, bool return_lse) -> (Tensor, Tensor)"
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# groups
+
+
+def _resolve_group(name: str) -> dist.ProcessGroup | None:
+    if not name:
+        return None
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    return _resolve_process_group(name)
+
+
+def _group_size(g: dist.ProcessGroup | None) -> int:
+    return 1 if g is None else dist.get_world_size(g)
+
+
+def _group_rank(g: dist.ProcessGroup | None) -> int:
+    return 0 if g is None else dist.get_rank(g)
+
+
+def head_split(num_heads: int, ulysses: int) -> list[int]:
+    """Heads per Ulysses rank: as even as possible, the first ``H % U`` ranks one more."""
+    base, extra = divmod(num_heads, ulysses)
+    return [base + (1 if i < extra else 0) for i in range(ulysses)]
+
+
+# ---------------------------------------------------------------------------------------------
+# shape agreement: a rank with a different shape must fail with a message, not hang a collective
+
+_SHADOWS: dict[str, dist.ProcessGroup] = {}
+
+
+def _gloo_shadow(g: dist.ProcessGroup | None) -> dist.ProcessGroup | None:
+    """A gloo group over the same ranks as ``g``, for host-side metadata checks that must not
+    synchronise the GPU. Created once per group; every rank of the world takes part."""
+    if g is None or dist.get_backend(g) == "gloo":
+        return g
+    name = g.group_name
+    if name not in _SHADOWS:
+        lists: list = [None] * dist.get_world_size()
+        dist.all_gather_object(lists, dist.get_process_group_ranks(g))
+        me = dist.get_rank()
+        for ranks in sorted({tuple(sorted(x)) for x in lists}):
+            pg = dist.new_group(ranks=list(ranks), backend="gloo")
+            if me in ranks:
+                _SHADOWS[name] = pg
+    return _SHADOWS[name]
+
+
+def _check_agreement(meta: list[int], ug, rg) -> None:
+    """All ranks of the ulysses x ring grid agree on ``meta``, or all of them raise.
+
+    Two all-gathers (ulysses, then ring with the first one's verdict attached) reach every rank
+    of the grid, and each completes whatever the values are: nobody is left waiting.
+    """
+    rows: list[list[int]] = []
+    bad = 0
+    for g in (_gloo_shadow(ug), _gloo_shadow(rg)):
+        if g is None:
+            continue
+        t = torch.tensor(meta + [bad], dtype=torch.int64)
+        got = [torch.empty_like(t) for _ in range(dist.get_world_size(g))]
+        dist.all_gather(got, t, group=g)
+        part = [x.tolist() for x in got]
+        rows += [r[:-1] for r in part]
+        bad = int(any(r[:-1] != meta or r[-1] for r in part))
+    if bad:
+        names = ("(query shape, key shape, value shape, dtypes, joint_tokens, seq_len, "
+                 "joint_front, no joint_lengths)")
+        seen = sorted({tuple(r) for r in rows})
+        raise ValueError(
+            f"{OP}: the sequence-parallel ranks disagree on {names}: this rank (global "
+            f"{dist.get_rank()}) has {tuple(meta)}, peers have {seen}. Every rank must pass "
+            "the same shapes (shard with xdit_ops.shard_sequence)."
+        )
+
+
+def _checks_enabled() -> bool:
+    if os.environ.get("XDIT_OPS_USP_CHECK", "1") == "0":
+        return False
+    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
+_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+
+
+# ---------------------------------------------------------------------------------------------
+# local attention pieces
+
+
+def _local_attention(q, k, v, scale, backend):
+    """(out, lse) of one block; empty key blocks give lse = -inf."""
+    return torch.ops.xdit_ops.attention.default(q, k, v, scale, backend, True)
+
+
+def _masked_joint_attention(q, kj, vj, joint_lengths, scale, backend):
+    """Attention of q over the joint keys with keys >= joint_lengths[b] excluded (exactly)."""
+    B, Sq, h, _ = q.shape
+    J = kj.shape[1]
+    keep = torch.arange(J, device=q.device)[None, :] < joint_lengths.to(q.device)[:, None]
+    if q.device.type != "cuda" or backend == "math":
+        out, lse = attention_ref(q, kj, vj, scale=scale, key_mask=keep)
+        return out, lse.float()
+    # torch's memory-efficient kernel takes an additive bias; its last dim must be aligned, so
+    # pad the keys to a multiple of 16 with excluded (zero) keys.
+    Jp = -(-J // 16) * 16
+    if Jp != J:
+        kj = torch.cat([kj, kj.new_zeros(B, Jp - J, h, kj.shape[-1])], dim=1)
+        vj = torch.cat([vj, vj.new_zeros(B, Jp - J, h, vj.shape[-1])], dim=1)
+        keep = torch.cat([keep, keep.new_zeros(B, Jp - J)], dim=1)
+    bias = torch.zeros(B, 1, 1, Jp, device=q.device, dtype=q.dtype)
+    bias.masked_fill_(~keep[:, None, None, :], float("-inf"))
+    res = torch.ops.aten._scaled_dot_product_efficient_attention.default(
+        q.transpose(1, 2), kj.transpose(1, 2), vj.transpose(1, 2),
+        bias.expand(B, h, Sq, Jp), True, 0.0, False, scale=scale,
+    )
+    out = res[0].transpose(1, 2).contiguous()
+    lse = res[1][:, :, :Sq].float().contiguous()
+    # A sample with no valid joint key: its rows have no keys here (lse -inf, output ignored).
+    empty = ~keep.any(dim=1)
+    lse = lse.masked_fill(empty[:, None, None], float("-inf"))
+    return out, lse
+
+
+# ---------------------------------------------------------------------------------------------
+# Ulysses exchange
+
+
+def _ulysses_in(q_s, k_s, v_s, heads, u_rank, ug):
+    """All-to-all of Q, K, V together: [B, L, H, D] x3 -> [3, B, U*L, h_me, D]."""
+    B, L, H, D = q_s.shape
+    U = len(heads)
+    h_me = heads[u_rank]
+    starts = [sum(heads[:i]) for i in range(U)]
+    if all(h == heads[0] for h in heads):
+        h = heads[0]
+        # [U, 3, B, L, h, D] in one copy: each destination's chunk is contiguous.
+        send = torch.stack([t.reshape(B, L, U, h, D).permute(2, 0, 1, 3, 4)
+                            for t in (q_s, k_s, v_s)], dim=1)
+        in_splits = None
+    else:
+        send = q_s.new_empty(3 * B * L * H * D)
+        off = 0
+        for j in range(U):
+            n = 3 * B * L * heads[j] * D
+            view = send[off:off + n].view(3, B, L, heads[j], D)
+            for i, t in enumerate((q_s, k_s, v_s)):
+                view[i].copy_(t[:, :, starts[j]:starts[j] + heads[j]])
+            off += n
+        in_splits = [3 * B * L * hj * D for hj in heads]
+    recv = q_s.new_empty(U * 3 * B * L * h_me * D)
+    dist.all_to_all_single(
+        recv, send.reshape(-1), output_split_sizes=None if in_splits is None else
+        [3 * B * L * h_me * D] * U, input_split_sizes=in_splits, group=ug,
+    )
+    # [U(src), 3, B, L, h, D] -> [3, B, U, L, h, D]
+    return recv.view(U, 3, B, L, h_me, D).permute(1, 2, 0, 3, 4, 5)
+
+
+def _ulysses_out(o_h, J, L, heads, u_rank, ug, joint_front, H):
+    """All-to-all back: [B, J + U*L, h_me, D] (joint rows first) -> [B, J + L, H, D]."""
+    B, _, h_me, D = o_h.shape
+    U = len(heads)
+    # Send to each peer its L rows plus the joint rows (every rank needs all joint heads).
+    send = o_h.new_empty(U, B, J + L, h_me, D)
+    if J:
+        send[:, :, :J] = o_h[:, :J].unsqueeze(0)
+    send[:, :, J:] = o_h[:, J:].reshape(B, U, L, h_me, D).permute(1, 0, 2, 3, 4)
+    out_splits = [B * (J + L) * hj * D for hj in heads]
+    recv = o_h.new_empty(sum(out_splits))
+    even = all(h == heads[0] for h in heads)
+    dist.all_to_all_single(recv, send.reshape(-1), output_split_sizes=None if even else
+                           out_splits, input_split_sizes=None if even else
+                           [B * (J + L) * h_me * D] * U, group=ug)
+    out = o_h.new_empty(B, J + L, H, D)
+    rows_joint = slice(0, J) if joint_front else slice(L, L + J)
+    rows_seq = slice(J, J + L) if joint_front else slice(0, L)
+    if even:
+        h = heads[0]
+        src = recv.view(U, B, J + L, h, D).permute(1, 2, 0, 3, 4)  # [B, J+L, U, h, D]
+        dst = out.view(B, J + L, U, h, D)
+        if joint_front or not J:
+            dst.copy_(src)
+        else:
+            dst[:, rows_joint].copy_(src[:, :J])
+            dst[:, rows_seq].copy_(src[:, J:])
+        return out
+    off = 0
+    start = 0
+    for i, hi in enumerate(heads):
+        n = B * (J + L) * hi * D
+        piece = recv[off:off + n].view(B, J + L, hi, D)
+        if J:
+            out[:, rows_joint, start:start + hi] = piece[:, :J]
+        out[:, rows_seq, start:start + hi] = piece[:, J:]
+        off += n
+        start += hi
+    return out
+
+
+def _lse_out(lse_h, J, L, heads, u_rank, ug, joint_front, H):
+    """LSE back to the local layout: [B, h_me, J + U*L] -> [B, H, J + L]."""
+    B, h_me, _ = lse_h.shape
+    U = len(heads)
+    # Reuse the output exchange with a head_dim of 1: [B, rows, h, 1].
+    o = lse_h.transpose(1, 2).unsqueeze(-1).contiguous()
+    back = _ulysses_out(o, J, L, heads, u_rank, ug, joint_front, H)  # [B, J+L, H, 1]
+    del U
+    return back.squeeze(-1).transpose(1, 2).contiguous()
+
+
+# ---------------------------------------------------------------------------------------------
+# the op
+
+
+def _shape4(t: torch.Tensor) -> list[int]:
+    shape = list(t.shape)[:4]
+    return shape + [-1] * (4 - len(shape))
+
+
+def _usp_impl(q, k, v, joint_lengths, joint_tokens, joint_front, seq_len, scale, backend,
+              ulysses_group, ring_group, return_lse):
+    ug = _resolve_group(ulysses_group)
+    rg = _resolve_group(ring_group)
+    U, R = _group_size(ug), _group_size(rg)
+    u_rank, r_rank = _group_rank(ug), _group_rank(rg)
+    if (U > 1 or R > 1) and _checks_enabled():
+        # Before any check that could raise on one rank only: afterwards every rank validates
+        # the same arguments, so all raise or none does, and no collective is left hanging.
+        meta = (_shape4(q) + _shape4(k) + _shape4(v)
+                + [_DTYPE_CODES.get(t.dtype, 9) for t in (q, k, v)]
+                + [joint_tokens, seq_len, int(joint_front), int(joint_lengths is None)])
+        _check_agreement(meta, ug, rg)
+    check_inputs(q, k, v, OP)
+    B, T, H, D = q.shape
+    J = joint_tokens
+    L = T - J
+    if not 0 <= J <= T:
+        raise ValueError(f"{OP}: joint_tokens={J} is outside [0, {T}] (the local length)")
+    if k.shape[1] != T:
+        raise ValueError(f"{OP}: key has {k.shape[1]} tokens but query has {T}; self-attention "
+                         "over the same sharded sequence needs equal lengths")
+    total = L * U * R
+    if seq_len < 0:
+        seq_len = total
+    if not (total - L < seq_len <= total or (L == 0 and seq_len == 0)):
+        raise ValueError(
+            f"{OP}: seq_len={seq_len} does not match {U * R} shards of {L} tokens "
+            f"(expected {total - L + 1}..{total}; shard with xdit_ops.shard_sequence)"
+        )
+    if H < U:
+        raise ValueError(f"{OP}: {H} heads cannot be split over a Ulysses degree of {U}; "
+                         f"use a Ulysses degree <= {H} and a ring for the rest")
+    if backend not in BACKENDS:
+        raise ValueError(f"{OP}: unknown backend {backend!r}; choose one of {BACKENDS}")
+    if joint_lengths is not None and (joint_lengths.dim() != 1 or joint_lengths.shape[0] != B):
+        raise ValueError(f"{OP}: joint_lengths must be an int tensor [B={B}], got shape "
+                         f"{tuple(joint_lengths.shape)}")
+
+    heads = head_split(H, U)
+    h_me = heads[u_rank]
+    h0 = sum(heads[:u_rank])
+    UL = U * L
+    # The joint keys go in front of the gathered keys unless they must be their own partial:
+    # under a ring (counted once, not once per step) or with per-sample lengths (masked).
+    joint_inline = J > 0 and R == 1 and joint_lengths is None
+
+    if joint_front:
+        q_j, k_j, v_j = q[:, :J], k[:, :J], v[:, :J]
+        q_s, k_s, v_s = q[:, J:], k[:, J:], v[:, J:]
+    else:
+        q_j, k_j, v_j = q[:, L:], k[:, L:], v[:, L:]
+        q_s, k_s, v_s = q[:, :L], k[:, :L], v[:, :L]
+
+    # Queries [B, J + U*L, h, D] (joint rows first) and keys/values [2, B, Jk + U*L, h, D].
+    Jk = J if joint_inline else 0
+    if U > 1:
+        gathered = _ulysses_in(q_s, k_s, v_s, heads, u_rank, ug)  # [3, B, U, L, h, D]
+        qbuf = q.new_empty(B, J + UL, h_me, D)
+        qbuf[:, J:].view(B, U, L, h_me, D).copy_(gathered[0])
+        kv = q.new_empty(2, B, Jk + UL, h_me, D)
+        kv[:, :, Jk:].view(2, B, U, L, h_me, D).copy_(gathered[1:])
+        if J:
+            qbuf[:, :J] = q_j[:, :, h0:h0 + h_me]
+        if Jk:
+            kv[0, :, :Jk] = k_j[:, :, h0:h0 + h_me]
+            kv[1, :, :Jk] = v_j[:, :, h0:h0 + h_me]
+    else:
+        qbuf = q if (joint_front or J == 0) else torch.cat([q_j, q_s], dim=1)
+        if R > 1:
+            kv = torch.stack([k_s, v_s])  # contiguous: it is sent around the ring
+        elif Jk:
+            kv = torch.stack([torch.cat([k_j, k_s], 1), torch.cat([v_j, v_s], 1)]) \
+                if not joint_front else torch.stack([k, v])
+        else:
+            kv = None
+    kj_me = k_j[:, :, h0:h0 + h_me] if J and not joint_inline else None
+    vj_me = v_j[:, :, h0:h0 + h_me] if J and not joint_inline else None
+
+    def valid_keys(block_rank: int) -> int:
+        return max(0, min(UL, seq_len - block_rank * UL))
+
+    acc = acc_lse = None
+
+    def accumulate(o, lse):
+        nonlocal acc, acc_lse
+        if acc is None:
+            acc, acc_lse = o, lse
+        else:
+            if acc.dtype != torch.float32:
+                acc = acc.float()
+            torch.ops.xdit_ops.merge_attention_states_.default(acc, acc_lse, o, lse)
+
+    if R == 1:
+        n = Jk + valid_keys(0)
+        if kv is None:
+            kk, vv = (k_s, v_s) if n == L else (k_s[:, :n], v_s[:, :n])
+        else:
+            kk, vv = kv[0, :, :n], kv[1, :, :n]
+        accumulate(*_local_attention(qbuf, kk, vv, scale, backend))
+    else:
+        ring_ranks = dist.get_process_group_ranks(rg)
+        nxt = ring_ranks[(r_rank + 1) % R]
+        prv = ring_ranks[(r_rank - 1) % R]
+        cur = kv
+        for step in range(R):
+            reqs = []
+            if step + 1 < R:  # post the next block's transfer before this block's attention
+                nxt_buf = torch.empty_like(cur)
+                reqs = dist.batch_isend_irecv([
+                    dist.P2POp(dist.isend, cur, nxt, group=rg),
+                    dist.P2POp(dist.irecv, nxt_buf, prv, group=rg),
+                ])
+            src = (r_rank - step) % R
+            n = valid_keys(src)
+            if n > 0:
+                accumulate(*_local_attention(qbuf, cur[0, :, :n], cur[1, :, :n], scale, backend))
+            for r in reqs:
+                r.wait()
+            if step + 1 < R:
+                cur = nxt_buf
+    if kj_me is not None:
+        if joint_lengths is not None:
+            accumulate(*_masked_joint_attention(qbuf, kj_me, vj_me, joint_lengths, scale, backend))
+        else:
+            accumulate(*_local_attention(qbuf, kj_me, vj_me, scale, backend))
+    if acc is None:  # every key was padding: not reachable with a valid seq_len
+        raise ValueError(f"{OP}: no valid keys (seq_len={seq_len})")
+    out_h = acc.to(q.dtype)
+
+    if U > 1:
+        out = _ulysses_out(out_h, J, L, heads, u_rank, ug, joint_front, H)
+        lse = _lse_out(acc_lse, J, L, heads, u_rank, ug, joint_front, H) if return_lse else None
+    else:
+        if joint_front or J == 0:
+            out, lse = out_h, acc_lse
+        else:  # rows were [joint; seq]: put the joint rows back behind
+            out = torch.cat([out_h[:, J:], out_h[:, :J]], dim=1)
+            lse = torch.cat([acc_lse[:, :, J:], acc_lse[:, :, :J]], dim=2) if return_lse else None
+    if not return_lse:
+        return out.contiguous(), q.new_empty((0,), dtype=torch.float32)
+    return out.contiguous(), lse.float().contiguous()
+
+
+lib.impl(OP, _usp_impl, "CPU")
+lib.impl(OP, _usp_impl, "CUDA")
+
+
+@torch.library.register_fake("xdit_ops::usp_attention")
+def _usp_fake(q, k, v, joint_lengths, joint_tokens, joint_front, seq_len, scale, backend,
+              ulysses_group, ring_group, return_lse):
+    check_inputs(q, k, v, OP)
+    B, T, H, D = q.shape
+    out = q.new_empty((B, T, H, v.shape[-1]))
+    lse = q.new_empty((B, H, T), dtype=torch.float32) if return_lse else \
+        q.new_empty((0,), dtype=torch.float32)
+    return out, lse
+
+
+# ---------------------------------------------------------------------------------------------
+# public API
+
+
+def _group_name(g) -> str:
+    if g is None:
+        return ""
+    if isinstance(g, str):
+        return g
+    if isinstance(g, dist.ProcessGroup):
+        return "" if dist.get_world_size(g) == 1 else g.group_name
+    raise TypeError(f"{OP}: groups are ProcessGroup or group-name str, got {type(g).__name__}")
+
+
+def _groups_from(mesh: DeviceMesh | None) -> tuple[str, str]:
+    if mesh is None:
+        from xdit_ops.parallel.state import get_parallel_state
+
+        state = get_parallel_state(required=False)
+        if state is None:
+            return "", ""
+        mesh = state.mesh
+    names = mesh.mesh_dim_names or ()
+    if not names or not ({"ulysses", "ring"} & set(names)):
+        raise ValueError(f"{OP}: the mesh needs a 'ulysses' and/or 'ring' dimension, has {names}")
+    u = _group_name(mesh.get_group("ulysses")) if "ulysses" in names else ""
+    r = _group_name(mesh.get_group("ring")) if "ring" in names else ""
+    return u, r
+
+
+def usp_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    joint_tokens: int = 0,
+    joint_position: str = "front",
+    joint_lengths: torch.Tensor | None = None,
+    seq_len: int | None = None,
+    scale: float | None = None,
+    mesh: DeviceMesh | None = None,
+    backend: str = "auto",
+    return_lse: bool = False,
+    ulysses_group: dist.ProcessGroup | str | None = None,
+    ring_group: dist.ProcessGroup | str | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Sequence-parallel attention (Ulysses x Ring) equal to attention over the full sequence.
+
+    Parameters
+    ----------
+    query, key, value : [B, joint_tokens + S_local, H, D] on each rank of the sequence-parallel
+        group (BSHD, head_dim contiguous; float16/bfloat16/float32). ``S_local`` is this rank's
+        shard (``xdit_ops.shard_sequence``), equal on every rank.
+    joint_tokens : number of joint (text) tokens, replicated on every rank.
+    joint_position : ``"front"`` (before the shard: Flux) or ``"back"`` (after: SD3, HunyuanVideo).
+    joint_lengths : optional int tensor [B]: valid joint tokens per sample; the others are not
+        attended to (padded prompts). Their query rows are still computed.
+    seq_len : valid length of the full sharded sequence when ``shard_sequence`` padded it;
+        padded keys are excluded exactly. Default: no padding.
+    scale : softmax scale, default ``1/sqrt(D)``.
+    mesh : DeviceMesh with ``ulysses``/``ring`` dimensions; default the ``init_parallel`` mesh.
+        Without either, a single-device attention.
+    backend : local attention kernel (``xdit_ops.attention``'s backends).
+    return_lse : also return the fp32 natural-log LSE [B, H, joint_tokens + S_local].
+    ulysses_group, ring_group : ProcessGroup or group name, for engines that manage their own
+        groups (instead of ``mesh``). Shard ``i`` of the sequence must sit on the rank with
+        ``ring_rank * ulysses_size + ulysses_rank == i``.
+
+    Returns
+    -------
+    out : [B, joint_tokens + S_local, H, D] in the input dtype (same local layout as ``query``).
+    lse : [B, H, joint_tokens + S_local] float32, only with ``return_lse``.
+    """
+    if joint_position not in ("front", "back"):
+        raise ValueError(f"{OP}: joint_position must be 'front' or 'back', got {joint_position!r}")
+    if not isinstance(joint_tokens, int) or joint_tokens < 0:
+        raise ValueError(f"{OP}: joint_tokens must be a non-negative int, got {joint_tokens!r}")
+    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
+        raise ValueError(f"{OP}: scale must be a finite number, got {scale!r}")
+    if joint_lengths is not None:
+        if joint_tokens == 0:
+            raise ValueError(f"{OP}: joint_lengths given but joint_tokens is 0")
+        if joint_lengths.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"{OP}: joint_lengths must be int32/int64, got {joint_lengths.dtype}")
+    if ulysses_group is not None or ring_group is not None:
+        if mesh is not None:
+            raise ValueError(f"{OP}: pass either mesh or ulysses_group/ring_group, not both")
+        u, r = _group_name(ulysses_group), _group_name(ring_group)
+    else:
+        u, r = _groups_from(mesh)
+    out, lse = torch.ops.xdit_ops.usp_attention.default(
+        query, key, value, joint_lengths, joint_tokens, joint_position == "front",
+        -1 if seq_len is None else int(seq_len), None if scale is None else float(scale),
+        backend, u, r, return_lse,
+    )
+    return (out, lse) if return_lse else out
