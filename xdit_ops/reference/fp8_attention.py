@@ -352,3 +352,71 @@ def fp8_attention_naive_ref(
 def scheme_variant(**changes) -> Fp8AttentionScheme:
     """``SCHEME`` with some fields changed (for ablations)."""
     return replace(SCHEME, **changes)
+
+
+def dit_like_qkv(
+    batch: int,
+    seqlen: int,
+    heads: int,
+    head_dim: int,
+    *,
+    seed: int = 0,
+    dtype: torch.dtype = torch.bfloat16,
+    device: torch.device | str = "cpu",
+    score_std: float = 2.5,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Synthetic Q, K, V [B, S, H, D] with the statistics that break naive FP8 attention.
+
+    What video/image DiTs show (SageAttention papers) and plain Gaussians lack:
+
+    * Q heavy-tailed: Student-t with 4 degrees of freedom, channel scales log-normal.
+    * K with a large offset common to all tokens (2 sigma per channel) and ``max(2, D/32)``
+      outlier channels whose offset is 10-50x the other channels' spread (std 3).
+    * V with channel scales and a small common offset.
+    * Q is scaled so that the softmax-relevant (K-mean-free) scores ``q . (k - mean k) / sqrt(D)``
+      of the first 256 queries have standard deviation ``score_std`` (2.5: a median query spreads
+      its attention over ~10 % of 2k keys, 1 % of queries over fewer than 6 keys).
+
+    Deterministic for a given seed and device.
+    """
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+
+    def n(*shape):
+        return torch.randn(*shape, generator=g, device=device, dtype=torch.float32)
+
+    B, S, H, D = batch, seqlen, heads, head_dim
+    chi2 = n(B, S, H, D)
+    chi2 = chi2 * chi2
+    for _ in range(3):
+        x = n(B, S, H, D)
+        chi2 += x * x
+    q = n(B, S, H, D) / torch.sqrt(chi2 / 4) * torch.exp(0.5 * n(1, 1, H, D))
+    del chi2
+    k = n(B, S, H, D) * torch.exp(0.3 * n(1, 1, H, D)) + 2 * n(1, 1, H, D)
+    num_out = max(2, D // 32)
+    idx = torch.randperm(D, generator=g, device=device)[:num_out]
+    mag = 10 + 40 * torch.rand(num_out, generator=g, device=device)
+    k[..., idx] = 3 * n(B, S, H, num_out) + mag * torch.sign(n(1, 1, H, num_out))
+    v = n(B, S, H, D) * torch.exp(0.3 * n(1, 1, H, D)) + 0.5 * n(1, 1, H, D)
+    kt = k.transpose(1, 2)
+    s = q[:, :256].transpose(1, 2) @ (kt - kt.mean(2, keepdim=True)).transpose(-1, -2)
+    q = q * (score_std / (s / math.sqrt(D)).std())
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+def attention_error_metrics(out: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
+    """Accuracy metrics of an attention output [B, S, H, D] against a reference.
+
+    cos_mean / cos_min: cosine similarity per (batch, head) over (S, D), mean and worst;
+    rel_l1: sum|out - ref| / sum|ref|; rmse.
+    """
+    o = out.double().transpose(1, 2).flatten(2)
+    r = ref.double().transpose(1, 2).flatten(2)
+    cos = torch.nn.functional.cosine_similarity(o.flatten(0, 1), r.flatten(0, 1), dim=-1)
+    return {
+        "cos_mean": cos.mean().item(),
+        "cos_min": cos.min().item(),
+        "rel_l1": ((o - r).abs().sum() / r.abs().sum().clamp_min(1e-300)).item(),
+        "rmse": (o - r).pow(2).mean().sqrt().item(),
+    }
