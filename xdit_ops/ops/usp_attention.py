@@ -234,7 +234,7 @@ def _ulysses_out(o_h, J, L, heads, u_rank, ug, joint_front, H):
         return out
     off = 0
     start = 0
-    for i, hi in enumerate(heads):
+    for hi in heads:
         n = B * (J + L) * hi * D
         piece = recv[off:off + n].view(B, J + L, hi, D)
         if J:

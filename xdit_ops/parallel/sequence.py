@@ -13,7 +13,6 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
-
 _MESH_SP_GROUPS: dict[int, tuple[DeviceMesh, dist.ProcessGroup | None]] = {}
 
 

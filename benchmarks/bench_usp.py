@@ -1,0 +1,186 @@
+"""usp_attention on N GPUs against one GPU and against yunchang, in one torchrun job.
+
+# xdit-bench: torchrun
+
+For each (B, S, H, D): the single-GPU time T1 of torch's cuDNN SDPA on the whole sequence,
+then for Ulysses-N, Ring-N and the 2 x N/2 hybrid: xdit_ops.usp_attention (eager, and replayed
+from a CUDA graph) and yunchang 0.6.4's LongContextAttention with AttnType.TORCH_CUDNN, on the
+same shards. Reports ms (the slowest rank's median), parallel efficiency T1 / (N * TN), the
+relative error of the gathered output against an fp32 reference next to single-GPU cuDNN's,
+and the host time of one eager call.
+
+    torchrun --nproc-per-node=4 benchmarks/bench_usp.py [--quick] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import xdit_ops  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    add_common_args,
+    bench_interleaved,
+    iters_of,
+    parallel_efficiency,
+    print_table,
+    write_json,
+)
+from xdit_ops.reference import attention_ref  # noqa: E402
+
+SHAPES = [(1, 4608, 24, 128), (1, 16896, 24, 128), (1, 32760, 40, 128)]
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.float(), b.float()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def max_over_ranks(x: float) -> float:
+    t = torch.tensor([x], device="cuda", dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
+def host_time_us(fn, n: int = 30) -> float:
+    """Median host time of one call while the GPU is busy (the call never waits for it)."""
+    torch.cuda.synchronize()
+    dist.barrier()
+    torch.cuda._sleep(int(3e9))  # ~1.5 s of GPU work queued ahead of the calls
+    samples = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e6)
+    torch.cuda.synchronize()
+    samples.sort()
+    return samples[len(samples) // 2]
+
+
+def yunchang_fn(u: int, r: int, rank: int, world: int):
+    try:
+        from yunchang import LongContextAttention, set_seq_parallel_pg
+        from yunchang.kernels import AttnType
+    except ImportError as exc:
+        return None, f"yunchang not importable: {exc}"
+    set_seq_parallel_pg(u, r, rank, world)
+    layer = LongContextAttention(ring_impl_type="basic", attn_type=AttnType.TORCH_CUDNN)
+    return layer, ""
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_common_args(p)
+    p.add_argument("--no-yunchang", action="store_true")
+    p.add_argument("--shapes", default="all", help="'all' or indices, e.g. 0,2")
+    args = p.parse_args()
+    warmup, iters, rounds = iters_of(args)
+
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    torch.cuda.set_device(local)
+    dist.init_process_group("nccl", device_id=torch.device("cuda", local))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    shapes = SHAPES if args.shapes == "all" else [SHAPES[int(i)] for i in args.shapes.split(",")]
+    configs = [("ulysses", world, 1), ("ring", 1, world)]
+    if world >= 4 and world % 2 == 0:
+        configs.append(("hybrid", 2, world // 2))
+    dtype = torch.bfloat16
+    rows = []
+    for B, S, H, D in shapes:
+        g = torch.Generator(device="cuda")
+        g.manual_seed(1234)
+        q, k, v = (torch.randn(B, S, H, D, device="cuda", dtype=dtype, generator=g)
+                   for _ in range(3))
+        ref32 = attention_ref(q.float(), k.float(), v.float())[0]
+        qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+
+        def single(qt=qt, kt=kt, vt=vt):
+            with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.CUDNN_ATTENTION):
+                return F.scaled_dot_product_attention(qt, kt, vt)
+
+        t1 = bench_interleaved({"t1": single}, warmup=warmup, iters=iters, rounds=1)["t1"]
+        t1_ms = max_over_ranks(t1.median_ms)
+        err1 = rel_err(single().transpose(1, 2), ref32)
+        if rank == 0:
+            print(f"shape {(B, S, H, D)}: single-GPU cuDNN {t1_ms:.3f} ms, rel err {err1:.2e}",
+                  flush=True)
+        for name, u, r in configs:
+            xdit_ops.init_parallel(ulysses_degree=u, ring_degree=r)
+            shards = [xdit_ops.shard_sequence(t)[0] for t in (q, k, v)]
+            def ours(shards=shards, S=S):
+                return xdit_ops.usp_attention(*shards, seq_len=S)
+
+            fns = {"xdit_ops": ours}
+            note = ""
+            if not args.no_yunchang and S % world == 0 and H % u == 0:
+                layer, note = yunchang_fn(u, r, rank, world)
+                if layer is not None:
+                    fns["yunchang"] = lambda layer=layer, shards=shards: layer(*shards)
+            timings = bench_interleaved(fns, warmup=warmup, iters=iters, rounds=rounds)
+            graph_ms = None
+            graph_note = ""
+            try:
+                tg = bench_interleaved({"g": ours}, warmup=3, iters=iters, rounds=1,
+                                       cuda_graph=True)["g"]
+                graph_ms = max_over_ranks(tg.median_ms)
+            except Exception as exc:  # record why capture failed instead of dying
+                graph_note = f"cuda graph failed: {type(exc).__name__}: {exc}"[:300]
+                torch.cuda.synchronize()
+            host_check = host_time_us(ours)
+            os.environ["XDIT_OPS_USP_CHECK"] = "0"
+            host_nocheck = host_time_us(ours)
+            os.environ.pop("XDIT_OPS_USP_CHECK")
+            for impl, fn in fns.items():
+                out = fn()
+                full = xdit_ops.gather_sequence(out.contiguous(), S)
+                err = rel_err(full, ref32)
+                ms = max_over_ranks(timings[impl].median_ms)
+                row = {
+                    "shape": [B, S, H, D], "config": name, "ulysses": u, "ring": r,
+                    "impl": impl, "ms": ms, "t1_ms": t1_ms,
+                    "efficiency": parallel_efficiency(t1_ms, world, ms),
+                    "rel_err": err, "rel_err_single_cudnn": err1,
+                    "err_ratio": err / err1 if err1 else None,
+                    "timing": timings[impl],
+                }
+                if impl == "xdit_ops":
+                    row |= {
+                        "graph_ms": graph_ms,
+                        "graph_efficiency": None if graph_ms is None else
+                        parallel_efficiency(t1_ms, world, graph_ms),
+                        "host_us_check": max_over_ranks(host_check),
+                        "host_us_nocheck": max_over_ranks(host_nocheck),
+                        "note": graph_note,
+                    }
+                elif note:
+                    row["note"] = note
+                rows.append(row)
+                if rank == 0:
+                    print(f"  {name:8s} {impl:9s} {ms:8.3f} ms  eff {row['efficiency']:.3f}  "
+                          f"err {err:.2e} (x{row['err_ratio']:.2f})"
+                          + (f"  graph {graph_ms:.3f} ms" if impl == "xdit_ops" and graph_ms
+                             else "") + (f"  host {host_check:.0f}/{host_nocheck:.0f} us"
+                                         if impl == "xdit_ops" else ""), flush=True)
+        del q, k, v, ref32
+        torch.cuda.empty_cache()
+    if rank == 0:
+        path = write_json("bench_usp", rows, args.out, extra={"gpus_used": world})
+        print(f"wrote {path}")
+        print_table(rows, ["shape", "config", "impl", "ms", "t1_ms", "efficiency", "graph_ms",
+                           "graph_efficiency", "rel_err", "err_ratio", "host_us_check",
+                           "host_us_nocheck"])
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
