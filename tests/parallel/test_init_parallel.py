@@ -42,7 +42,7 @@ def _expected_coords(rank: int, degrees: dict[str, int]) -> dict[str, int]:
     return coords
 
 
-def _check_state(state, degrees: dict[str, int]) -> None:
+def _check_state(state, degrees: dict[str, int], device: str = "cpu") -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     mesh = state.mesh
     assert mesh.mesh_dim_names == DIMS, mesh.mesh_dim_names
@@ -66,7 +66,7 @@ def _check_state(state, degrees: dict[str, int]) -> None:
     base = rank - rank % sp
     assert sorted(dist.get_process_group_ranks(state.sp_group)) == list(range(base, base + sp))
     # Order: gathering along sp_group puts shard i at the rank whose sp_rank is i.
-    mine = torch.tensor([state.sp_rank, rank], dtype=torch.int64)
+    mine = torch.tensor([state.sp_rank, rank], dtype=torch.int64, device=device)
     got = [torch.empty_like(mine) for _ in range(sp)]
     dist.all_gather(got, mine, group=state.sp_group)
     assert [int(t[0]) for t in got] == list(range(sp)), got
@@ -127,6 +127,23 @@ def test_bad_degrees_before_any_process_group(kwargs, pattern):
     with pytest.raises(ValueError, match=pattern):
         xdit_ops.init_parallel(**kwargs, device_type="cpu")
     assert not dist.is_initialized()
+
+
+def _nccl_worker(rank: int, world: int) -> None:
+    assert torch.cuda.current_device() == rank
+    for degrees in ({"ulysses": world}, {"ring": world}, {"ring": 2, "ulysses": world // 2}):
+        full = dict.fromkeys(DIMS, 1) | degrees
+        state = xdit_ops.init_parallel(**{f"{d}_degree": n for d, n in degrees.items()})
+        assert state.mesh.device_type == "cuda" and dist.get_backend() == "nccl"
+        _check_state(state, full, device="cuda")
+    xdit_ops.destroy_parallel()
+
+
+@pytest.mark.multigpu(2)
+@pytest.mark.parametrize("world", [2, 4])
+def test_init_parallel_nccl(world):
+    # One process per GPU (run_distributed skips when fewer than `world` GPUs are visible).
+    run_distributed(_nccl_worker, world, timeout=300, backend="nccl")
 
 
 def test_world_of_one(monkeypatch):
