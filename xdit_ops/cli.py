@@ -11,7 +11,8 @@
     local device (the CPU and each GPU) against the fp32 reference and prints error and time.
     The exit code is non-zero when any check fails.
 
-Adding a job: write ``def my_job(args) -> list[Check]`` and decorate it with
+Adding a job: in this module (or in a module this one imports, so it is registered before the
+parser is built), write ``def my_job(args) -> list[Check]`` and decorate it with
 ``@register_job("name", "one line of help")``; its checks are printed in the common table and
 any failed one makes the command exit non-zero. Options shared by every job live in
 :func:`_run_parser`; a job that needs more adds them with ``register_job(..., add_args=fn)``.

@@ -204,12 +204,12 @@ if wants bench; then
       [ "$NGPU" -ge 4 ] && sizes+=("$NGPU")
       for n in "${sizes[@]}"; do
         if [ "$NGPU" -lt "$n" ]; then skip "$name x$n" "needs $n GPUs, have $NGPU"; continue; fi
-        step "$name x$n" 1200 30 "$PY" -m torch.distributed.run --standalone \
+        step "$name x$n" 1200 35 "$PY" -m torch.distributed.run --standalone \
           --nproc-per-node="$n" "$b" --out "$OUT_DIR/bench" "${QUICK_ARG[@]}"
       done
     else
       if [ "$NGPU" -lt 1 ]; then skip "$name" "no GPU"; continue; fi
-      step "$name" 1200 30 "$PY" "$b" --out "$OUT_DIR/bench" "${QUICK_ARG[@]}"
+      step "$name" 1200 35 "$PY" "$b" --out "$OUT_DIR/bench" "${QUICK_ARG[@]}"
     fi
   done
   [ $found -eq 1 ] || { note "no benchmark matched --bench $BENCHES"; FAILED=1; \
