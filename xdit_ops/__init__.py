@@ -10,6 +10,7 @@ from xdit_ops import _extension
 _extension.load_all()
 
 from xdit_ops.ops import attention, merge_attention_states_, usp_attention  # noqa: E402
+from xdit_ops.ops.fp8_attention import fp8_attention  # noqa: E402
 from xdit_ops.ops.merge_attention_states import register_cuda_fallback as _merge_fallback  # noqa: E402
 from xdit_ops.parallel import (  # noqa: E402
     ParallelState,
@@ -27,6 +28,7 @@ __all__ = [
     "ParallelState",
     "attention",
     "destroy_parallel",
+    "fp8_attention",
     "get_parallel_state",
     "init_parallel",
     "gather_sequence",

@@ -219,3 +219,265 @@ def test_quantized_stage_is_the_composition():
     a = fp8_attention_quantized_ref(qq, q.dtype)
     b = fp8_attention_ref(q, k, v)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# The op: xdit_ops.fp8_attention / attention(backend="fp8"), CPU kernel = the emulation.
+
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import textwrap  # noqa: E402
+
+import xdit_ops  # noqa: E402
+
+OP_SHAPES = [
+    # (B, Sq, Sk, H, D, dtype): awkward on purpose
+    (3, 77, 300, 2, 72, torch.bfloat16),
+    (1, 129, 257, 30, 64, torch.float16),
+    (2, 64, 64, 1, 128, torch.bfloat16),
+    (1, 33, 5, 3, 40, torch.float16),
+]
+
+
+@pytest.mark.parametrize("B,Sq,Sk,H,D,dtype", OP_SHAPES)
+def test_op_is_the_emulation(B, Sq, Sk, H, D, dtype):
+    q, k, v = dit_like_qkv(B, max(Sq, Sk), H, D, seed=B * Sq + Sk, dtype=dtype)
+    q, k, v = q[:, :Sq], k[:, :Sk], v[:, :Sk]  # non-contiguous views on purpose
+    out, lse = xdit_ops.fp8_attention(q, k, v, scale=0.11, return_lse=True)
+    ref_out, ref_lse = fp8_attention_ref(q, k, v, 0.11)
+    assert out.dtype == dtype and out.shape == (B, Sq, H, D) and out.is_contiguous()
+    assert lse.dtype == torch.float32 and lse.shape == (B, H, Sq)
+    assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
+    assert torch.equal(xdit_ops.fp8_attention(q, k, v, scale=0.11), out)
+    via_attention = xdit_ops.attention(q, k, v, scale=0.11, backend="fp8", return_lse=True)
+    assert torch.equal(via_attention[0], out) and torch.equal(via_attention[1], lse)
+
+
+def test_default_scale_uses_the_true_head_dim():
+    q, k, v = dit_like_qkv(1, 200, 2, 72, seed=4)
+    a = xdit_ops.fp8_attention(q, k, v)
+    b = xdit_ops.fp8_attention(q, k, v, scale=1 / math.sqrt(72))
+    assert torch.equal(a, b)
+    ref, _ = _oracle(q, k, v)
+    assert attention_error_metrics(a, ref)["cos_mean"] > COS_MEAN_MIN
+
+
+def test_auto_never_picks_fp8():
+    q, k, v = dit_like_qkv(1, 256, 2, 64, seed=6)
+    auto = xdit_ops.attention(q, k, v)
+    fp8 = xdit_ops.attention(q, k, v, backend="fp8")
+    ref, _ = _oracle(q, k, v)
+    assert attention_error_metrics(auto, ref)["rel_l1"] < 0.2 * attention_error_metrics(
+        fp8, ref)["rel_l1"]
+    from xdit_ops.ops.attention import select_backend
+
+    assert select_backend(torch.device("cpu"), torch.bfloat16, 128) != "fp8"
+
+
+def test_bad_inputs_name_the_op():
+    q, k, v = dit_like_qkv(1, 16, 2, 64, seed=0)
+    with pytest.raises(TypeError, match="fp8_attention: .*float32"):
+        xdit_ops.fp8_attention(q.float(), k.float(), v.float())
+    big = torch.randn(1, 16, 2, 256, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="fp8_attention: head_dim 256"):
+        xdit_ops.fp8_attention(big, big, big)
+    with pytest.raises(ValueError, match="fp8_attention: value head_dim 32"):
+        xdit_ops.fp8_attention(q, k, v[..., :32])
+    with pytest.raises(ValueError, match="fp8_attention: scale"):
+        xdit_ops.fp8_attention(q, k, v, scale=float("nan"))
+    with pytest.raises(ValueError, match="fp8_attention: .*4-D"):
+        xdit_ops.fp8_attention(q[0], k[0], v[0])
+    with pytest.raises(ValueError, match="backend 'fp8' cannot run here"):
+        xdit_ops.attention(q.float(), k.float(), v.float(), backend="fp8")
+
+
+def test_empty_sequences_through_the_op():
+    q, k, v = dit_like_qkv(2, 32, 2, 64, seed=0)
+    out, lse = xdit_ops.fp8_attention(q, k[:, :0], v[:, :0], return_lse=True)
+    assert not out.float().any() and torch.isneginf(lse).all()
+    out, lse = xdit_ops.fp8_attention(q[:, :0], k, v, return_lse=True)
+    assert out.shape == (2, 0, 2, 64) and lse.shape == (2, 2, 0)
+
+
+def test_opcheck_cpu():
+    q, k, v = dit_like_qkv(2, 40, 3, 64, seed=9)
+    for args in ((q, k, v, None, True), (q, k[:, :23], v[:, :23], 0.2, False)):
+        torch.library.opcheck(torch.ops.xdit_ops.fp8_attention.default, args)
+
+
+def _compiled_fn(q, k, v):
+    out, lse = xdit_ops.fp8_attention(q, k, v, return_lse=True)
+    return out.float() * 2.0 + 1.0, lse.exp().sum(-1)
+
+
+def test_compile_cpu():
+    q, k, v = dit_like_qkv(2, 50, 2, 72, seed=8)
+    torch._dynamo.reset()
+    eager = _compiled_fn(q, k, v)
+    compiled = torch.compile(_compiled_fn, fullgraph=True)(q, k, v)
+    for a, b in zip(eager, compiled, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# The Triton kernels in Triton's CPU interpreter (TRITON_INTERPRET=1, a subprocess: the switch
+# is read when triton is imported). The interpreter's fp32 -> e4m3 cast does not round like the
+# GPU's cvt.rn (it loses the carry into the exponent, e.g. 127.46 -> 64), so the emulation is
+# given the interpreter's own cast; its float arithmetic also differs from fp32 in places (a few
+# V codes one e4m3 step apart), hence tolerances instead of equality.
+
+_INTERPRETER_CHECK = textwrap.dedent("""
+    import numpy as np
+    import torch
+    import triton.language as tl
+    from triton._C.libtriton import ir
+    from triton.runtime.interpreter import _convert_float
+
+    from xdit_ops.reference.fp8_attention import (
+        attention_error_metrics, dit_like_qkv, fp8_attention_quantized_ref, quantize_qkv_ref)
+    from xdit_ops.triton.fp8_attention import (
+        INTERPRET, attention_quantized_triton, quantize_qkv_triton)
+
+    assert INTERPRET
+    torch.set_num_threads(1)
+
+    def icast(x):
+        c = _convert_float(x.float().contiguous().numpy(), tl.float32, tl.float8e4nv,
+                           ir.ROUNDING_MODE.RTNE)
+        return torch.from_numpy(c.astype(np.uint8)).view(torch.float8_e4m3fn)
+
+    for B, Sq, Sk, H, D, dtype in [(1, 80, 200, 2, 64, torch.bfloat16),
+                                   (2, 64, 130, 1, 96, torch.float16)]:
+        q, k, v = dit_like_qkv(B, max(Sq, Sk), H, D, seed=1, dtype=dtype)
+        q, k, v = q[:, :Sq], k[:, :Sk], v[:, :Sk]
+        got = quantize_qkv_triton(q, k, v)
+        want = quantize_qkv_ref(q, k, v, fp8_cast=icast)
+        for name in ("q", "k"):
+            a, b = getattr(got, name).int(), getattr(want, name).int()
+            assert (a - b).abs().max() <= 1 and (a != b).float().mean() < 1e-3, name
+        for name in ("q_scale", "k_scale", "v_scale", "lse_corr"):
+            a, b = getattr(got, name), getattr(want, name)
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-6 * b.abs().max()), name
+        a, b = got.vt.float(), want.vt.float()
+        assert (a != b).float().mean() < 5e-3
+        assert ((a - b).abs() <= b.abs() / 8 + 2.0 ** -9).all()
+        out, lse = attention_quantized_triton(want, dtype)
+        ref_out, ref_lse = fp8_attention_quantized_ref(want, dtype, fp8_cast=icast)
+        m = attention_error_metrics(out, ref_out)
+        assert m["cos_min"] > 0.9999 and m["rel_l1"] < 1e-2, m
+        assert (lse - ref_lse).abs().max() < 1e-4
+        out2, _ = attention_quantized_triton(got, dtype)
+        m2 = attention_error_metrics(out2, ref_out)
+        assert m2["cos_min"] > 0.9999 and m2["rel_l1"] < 1e-2, m2
+    print("interpreter ok")
+""")
+
+
+def test_triton_kernels_in_the_cpu_interpreter():
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    res = subprocess.run([sys.executable, "-c", _INTERPRETER_CHECK], env=env, capture_output=True,
+                         text=True, timeout=240)
+    assert res.returncode == 0 and "interpreter ok" in res.stdout, res.stdout + res.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: the Triton (and, opt-in, sm90) kernels against the emulation and the gate.
+
+
+def _gpu_impl_available(impl: str) -> str | None:
+    from xdit_ops.ops.fp8_attention import unusable_reason
+
+    old = os.environ.get("XDIT_OPS_FP8_IMPL")
+    os.environ["XDIT_OPS_FP8_IMPL"] = impl
+    try:
+        return unusable_reason(torch.device("cuda"), torch.bfloat16, 128)
+    finally:
+        if old is None:
+            del os.environ["XDIT_OPS_FP8_IMPL"]
+        else:
+            os.environ["XDIT_OPS_FP8_IMPL"] = old
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,Sq,Sk,H,D,dtype", [
+    (1, 4097, 4097, 2, 128, torch.bfloat16),
+    (2, 1000, 1531, 3, 64, torch.float16),
+    (3, 77, 300, 30, 72, torch.bfloat16),
+    (1, 640, 700, 4, 96, torch.bfloat16),
+])
+def test_triton_quantize_matches_emulation_gpu(B, Sq, Sk, H, D, dtype):
+    from xdit_ops.triton.fp8_attention import quantize_qkv_triton
+
+    q, k, v = dit_like_qkv(B, max(Sq, Sk), H, D, seed=Sk, dtype=dtype, device="cuda")
+    q, k, v = q[:, :Sq], k[:, :Sk], v[:, :Sk]
+    got = quantize_qkv_triton(q, k, v)
+    want = quantize_qkv_ref(q, k, v)  # the emulation, run with torch ops on the GPU
+    for name in ("q", "k"):
+        a, b = getattr(got, name).int(), getattr(want, name).int()
+        # Only the K mean's summation order differs: a code may move by one step, rarely.
+        assert (a - b).abs().max() <= 1 and (a != b).float().mean() < 1e-3, name
+    for name in ("q_scale", "k_scale", "v_scale", "lse_corr"):
+        a, b = getattr(got, name), getattr(want, name)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * b.abs().max().item())
+    assert torch.equal(got.vt.view(torch.uint8), want.vt.view(torch.uint8))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,Sq,Sk,H,D,dtype", [
+    (1, 4097, 4097, 2, 128, torch.bfloat16),
+    (2, 1000, 1531, 3, 64, torch.float16),
+    (3, 77, 300, 30, 72, torch.bfloat16),
+])
+def test_triton_attention_matches_emulation_gpu(B, Sq, Sk, H, D, dtype):
+    """Same quantized inputs: the kernel differs from the emulation only by exp2/FMA rounding
+    (rare one-step moves of an e4m3 P), far below the scheme's own error."""
+    from xdit_ops.triton.fp8_attention import attention_quantized_triton
+
+    q, k, v = dit_like_qkv(B, max(Sq, Sk), H, D, seed=Sq, dtype=dtype, device="cuda")
+    q, k, v = q[:, :Sq], k[:, :Sk], v[:, :Sk]
+    qq = quantize_qkv_ref(q, k, v)
+    out, lse = attention_quantized_triton(qq, dtype)
+    emu_out, emu_lse = fp8_attention_quantized_ref(qq, dtype)
+    ref, ref_lse = _oracle(q, k, v)
+    drift = attention_error_metrics(out, emu_out)
+    own = attention_error_metrics(emu_out, ref)
+    assert drift["rel_l1"] <= 0.1 * own["rel_l1"], (drift, own)
+    assert (lse - emu_lse).abs().max().item() < 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", ["triton", "sm90"])
+@pytest.mark.parametrize("B,S,H,D", [(1, 16384, 4, 128), (1, 32760, 2, 128), (2, 4250, 8, 64)])
+def test_gate_gpu(monkeypatch, impl, B, S, H, D):
+    why = _gpu_impl_available(impl)
+    if why is not None:
+        pytest.skip(why)
+    monkeypatch.setenv("XDIT_OPS_FP8_IMPL", impl)
+    q, k, v = dit_like_qkv(B, S, H, D, seed=S, device="cuda")
+    out, lse = xdit_ops.fp8_attention(q, k, v, return_lse=True)
+    ref, ref_lse = _oracle(q, k, v)
+    m = attention_error_metrics(out, ref)
+    lse_mean, lse_p99, _ = _lse_errors(lse, ref_lse)
+    naive = attention_error_metrics(fp8_attention_naive_ref(q, k, v)[0], ref)
+    assert m["cos_mean"] >= COS_MEAN_MIN and m["cos_min"] >= COS_WORST_MIN, m
+    assert m["rel_l1"] <= REL_L1_MAX and lse_mean <= LSE_MEAN_MAX and lse_p99 <= LSE_P99_MAX, m
+    assert naive["rel_l1"] >= 3 * m["rel_l1"], (m, naive)
+
+
+@pytest.mark.gpu
+def test_op_cuda_matches_emulation_and_compiles():
+    q, k, v = dit_like_qkv(2, 700, 4, 128, seed=1, device="cuda")
+    out, lse = xdit_ops.fp8_attention(q, k, v, return_lse=True)
+    emu_out, emu_lse = fp8_attention_ref(q, k, v)
+    ref, _ = _oracle(q, k, v)
+    drift = attention_error_metrics(out, emu_out)["rel_l1"]
+    assert drift <= 0.1 * attention_error_metrics(emu_out, ref)["rel_l1"]
+    assert (lse - emu_lse).abs().max().item() < 1e-3
+    torch.library.opcheck(torch.ops.xdit_ops.fp8_attention.default, (q, k, v, None, True))
+    torch._dynamo.reset()
+    eager = _compiled_fn(q, k, v)
+    compiled = torch.compile(_compiled_fn, fullgraph=True)(q, k, v)
+    for a, b in zip(eager, compiled, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)

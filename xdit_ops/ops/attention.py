@@ -6,7 +6,8 @@ Backends
 ``flash``      torch's FlashAttention-2 (``aten._scaled_dot_product_flash_attention``)
 ``efficient``  torch's memory-efficient kernel (``aten._scaled_dot_product_efficient_attention``)
 ``math``       the fp32 reference (:func:`xdit_ops.reference.attention_ref`); the CPU kernel
-``fp8``        FP8 attention (reserved for the FP8 issue; refused until it lands)
+``fp8``        INT8 Q K^T + FP8 P.V attention (:func:`xdit_ops.fp8_attention`); lossy, so
+               ``auto`` never picks it
 ``auto``       the fastest usable one for the device, dtype and head dim (:func:`select_backend`)
 
 The aten kernels take BHSD views of the BSHD inputs (a transpose, no copy) and write their
@@ -81,7 +82,9 @@ def backend_unusable_reason(
     if backend == "math":
         return None
     if backend == "fp8":
-        return "the fp8 backend is not implemented yet (see the FP8 attention issue)"
+        from xdit_ops.ops.fp8_attention import unusable_reason as fp8_unusable_reason
+
+        return fp8_unusable_reason(device, dtype, head_dim)
     if device.type != "cuda":
         return f"{backend} needs a CUDA tensor, got device {device}"
     if torch.version.hip is not None and backend == "cudnn":
@@ -150,6 +153,8 @@ def _empty_lse(q: torch.Tensor) -> torch.Tensor:
 def _attention_cuda(q, k, v, scale=None, backend="auto", return_lse=False):
     check_inputs(q, k, v)
     chosen = _resolve(backend, q)
+    if chosen == "fp8":
+        return _attention_fp8(q, k, v, scale, return_lse)
     B, Sq, H, _ = q.shape
     if chosen == "math" or Sq == 0 or k.shape[1] == 0:
         return _attention_math(q, k, v, scale, return_lse)
@@ -185,10 +190,17 @@ def _attention_math(q, k, v, scale, return_lse):
     return out, lse.float()
 
 
+def _attention_fp8(q, k, v, scale, return_lse):
+    out, lse = torch.ops.xdit_ops.fp8_attention.default(q, k, v, scale, return_lse)
+    return out, lse
+
+
 def _attention_cpu(q, k, v, scale=None, backend="auto", return_lse=False):
     check_inputs(q, k, v)
     if backend not in ("auto", "math"):
         _resolve(backend, q)  # raises with the reason
+    if backend == "fp8":
+        return _attention_fp8(q, k, v, scale, return_lse)
     return _attention_math(q, k, v, scale, return_lse)
 
 

@@ -37,6 +37,7 @@ no smoothing, no rotation, single-level accumulation) is :func:`fp8_attention_na
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -156,6 +157,11 @@ def _group_amax(x: torch.Tensor, block: int) -> torch.Tensor:
     return a.reshape(B, H, Sp)[:, :, :S].contiguous()
 
 
+def to_fp8(x: torch.Tensor) -> torch.Tensor:
+    """fp32 -> e4m3, round to nearest even (what the GPU's cvt.rn.satfinite does in range)."""
+    return x.to(FP8)
+
+
 def _quantize_rows(x: torch.Tensor, block: int, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric quantization of fp32 [B, H, S, D] with a scale per group of ``block`` tokens.
 
@@ -181,6 +187,7 @@ def quantize_qkv_ref(
     v: torch.Tensor,
     scale: float | None = None,
     scheme: Fp8AttentionScheme = SCHEME,
+    fp8_cast: Callable[[torch.Tensor], torch.Tensor] = to_fp8,
 ) -> QuantizedQKV:
     """The quantization pass of :data:`SCHEME` (or another scheme), on any device.
 
@@ -189,6 +196,8 @@ def quantize_qkv_ref(
     q : [B, Sq, H, D] float16/bfloat16/float32.
     k, v : [B, Sk, H, D], same dtype.
     scale : softmax scale, default ``1/sqrt(D)`` of the true D.
+    fp8_cast : the fp32 -> e4m3 conversion of V (to mirror a backend whose rounding differs,
+        e.g. Triton's CPU interpreter).
 
     Returns
     -------
@@ -232,7 +241,7 @@ def quantize_qkv_ref(
         v_amax = vf.abs().amax().expand(B, H, Dp).contiguous() if Sk > 0 else vf.new_zeros(
             B, H, Dp)
     v_amax = torch.where(v_amax > 0, v_amax, torch.ones_like(v_amax))
-    v_codes = (vf * (FP8_MAX / v_amax)[:, :, None, :]).clamp_(-FP8_MAX, FP8_MAX).to(FP8)
+    v_codes = fp8_cast((vf * (FP8_MAX / v_amax)[:, :, None, :]).clamp_(-FP8_MAX, FP8_MAX))
     vt = torch.zeros(B, H, Dp, Sk_pad, dtype=torch.uint8, device=q.device)
     vt[:, :, :, :Sk] = v_codes.view(torch.uint8).transpose(-1, -2)
     return QuantizedQKV(
@@ -278,8 +287,10 @@ def fp8_attention_quantized_ref(
     qq: QuantizedQKV,
     out_dtype: torch.dtype,
     scheme: Fp8AttentionScheme = SCHEME,
+    fp8_cast: Callable[[torch.Tensor], torch.Tensor] = to_fp8,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The attention kernel on quantized inputs, emulated tile by tile.
+    """The attention kernel on quantized inputs, emulated tile by tile (``fp8_cast``: P's
+    fp32 -> e4m3 conversion).
 
     Returns
     -------
@@ -302,7 +313,7 @@ def fp8_attention_quantized_ref(
         m_new = torch.maximum(m, s.amax(dim=-1))
         alpha = torch.exp2(m - m_new)
         p = torch.exp2(s - (m_new[..., None] - scheme.p_shift))
-        p8 = p.to(FP8)
+        p8 = fp8_cast(p)
         l_sum = l_sum * alpha + p.sum(dim=-1)
         vt = qq.vt[:, :, :, n0:n1]
         if scheme.two_level:

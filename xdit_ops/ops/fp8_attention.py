@@ -1,0 +1,177 @@
+"""``xdit_ops::fp8_attention``: FP8/INT8 attention at SageAttention2-grade accuracy, BSHD.
+
+The numerics (the quantization scheme) are defined once, in
+:mod:`xdit_ops.reference.fp8_attention`, whose exact CPU emulation is the CPU kernel and the
+oracle of the GPU kernels; docs/fp8_attention.md explains the scheme.
+
+CUDA implementations, chosen by ``XDIT_OPS_FP8_IMPL``:
+
+``triton`` (default)  the Triton quantization pass + attention kernel
+                      (:mod:`xdit_ops.triton.fp8_attention`).
+``sm90``              the native sm_90a kernel from ``xdit_ops._C_sm90`` (opt-in; an error
+                      where that module or its kernel is missing).
+``emulation``         the CPU emulation's torch ops run on the GPU (slow; for debugging).
+
+The op is lossy by design (INT8 Q K^T, FP8 P.V), so ``attention(..., backend="auto")`` never
+chooses it; ask for it with ``backend="fp8"`` or call :func:`fp8_attention`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from xdit_ops import _extension
+from xdit_ops.ops._lib import lib
+from xdit_ops.reference.fp8_attention import fp8_attention_ref, padded_head_dim
+
+OP = "fp8_attention"
+IMPLS = ("triton", "sm90", "emulation")
+DTYPES = (torch.float16, torch.bfloat16)
+MAX_HEAD_DIM = 128
+
+lib.define(
+    "fp8_attention(Tensor q, Tensor k, Tensor v, float? scale=None, bool return_lse=False) "
+    "-> (Tensor, Tensor)"
+)
+
+
+def unusable_reason(device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
+    """Why the FP8 attention cannot run on (device, dtype, head_dim); None when it can."""
+    if dtype not in DTYPES:
+        return f"fp8 attention takes float16/bfloat16, got {dtype}"
+    if head_dim < 1 or head_dim > MAX_HEAD_DIM:
+        return f"fp8 attention supports head_dim 1..{MAX_HEAD_DIM}, got {head_dim}"
+    if device.type == "cpu":
+        return None
+    if device.type != "cuda":
+        return f"fp8 attention runs on CPU or CUDA, got device {device}"
+    if torch.version.hip is not None:
+        return "fp8 attention's GPU kernels use OCP e4m3 (float8e4nv); ROCm is not supported"
+    impl = os.environ.get("XDIT_OPS_FP8_IMPL", "triton")
+    if impl not in IMPLS:
+        return f"XDIT_OPS_FP8_IMPL={impl!r} is not one of {IMPLS}"
+    if impl == "emulation":
+        return None
+    if torch.cuda.get_device_capability(device.index or 0) < (8, 9):
+        return "fp8 attention's kernels need FP8 tensor cores (sm_89 or newer)"
+    if impl == "sm90":
+        if torch.cuda.get_device_capability(device.index or 0) != (9, 0):
+            return "XDIT_OPS_FP8_IMPL=sm90 needs a Hopper (sm_90) GPU"
+        if not _extension.has("_C_sm90"):
+            return f"XDIT_OPS_FP8_IMPL=sm90 but xdit_ops._C_sm90 is not loaded: " \
+                   f"{_extension.reason('_C_sm90')}"
+        if not hasattr(torch.ops.xdit_ops, "fp8_attention_sm90"):
+            return "XDIT_OPS_FP8_IMPL=sm90 but xdit_ops._C_sm90 has no fp8_attention_sm90 kernel"
+        return None
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:
+        return f"fp8 attention's CUDA path needs Triton: {exc}"
+    return None
+
+
+def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    from xdit_ops.ops.attention import check_inputs as check_attention_inputs
+
+    check_attention_inputs(q, k, v, op=OP)
+    if q.dtype not in DTYPES:
+        raise TypeError(f"{OP}: takes float16/bfloat16 tensors, got {q.dtype}")
+    D = q.shape[-1]
+    if D > MAX_HEAD_DIM:
+        raise ValueError(f"{OP}: head_dim {D} is not supported (at most {MAX_HEAD_DIM})")
+    if v.shape[-1] != D:
+        raise ValueError(f"{OP}: value head_dim {v.shape[-1]} must equal query head_dim {D}")
+
+
+def _empty_lse(q: torch.Tensor) -> torch.Tensor:
+    return q.new_empty((0,), dtype=torch.float32)
+
+
+def _finish(q, out, lse, return_lse):
+    if not return_lse:
+        return out, _empty_lse(q)
+    return out, lse
+
+
+def _fp8_attention_cpu(q, k, v, scale=None, return_lse=False):
+    check_inputs(q, k, v)
+    out, lse = fp8_attention_ref(q, k, v, scale)
+    return _finish(q, out, lse, return_lse)
+
+
+def _fp8_attention_cuda(q, k, v, scale=None, return_lse=False):
+    check_inputs(q, k, v)
+    why = unusable_reason(q.device, q.dtype, q.shape[-1])
+    if why is not None:
+        raise RuntimeError(f"{OP}: cannot run here: {why}")
+    B, Sq, H, D = q.shape
+    Sk = k.shape[1]
+    if Sq == 0 or Sk == 0:
+        out = q.new_zeros(B, Sq, H, D)
+        lse = q.new_full((B, H, Sq), float("-inf"), dtype=torch.float32)
+        return _finish(q, out, lse, return_lse)
+    impl = os.environ.get("XDIT_OPS_FP8_IMPL", "triton")
+    if impl == "emulation":
+        out, lse = fp8_attention_ref(q, k, v, scale)
+        return _finish(q, out, lse, return_lse)
+    if impl == "sm90":
+        out, lse = torch.ops.xdit_ops.fp8_attention_sm90.default(q, k, v, scale, return_lse)
+        return _finish(q, out, lse, return_lse)
+    from xdit_ops.triton.fp8_attention import fp8_attention_triton
+
+    out, lse = fp8_attention_triton(q, k, v, scale, return_lse)
+    return _finish(q, out, lse, return_lse)
+
+
+lib.impl(OP, _fp8_attention_cpu, "CPU")
+lib.impl(OP, _fp8_attention_cuda, "CUDA")
+
+
+@torch.library.register_fake("xdit_ops::fp8_attention")
+def _fp8_attention_fake(q, k, v, scale=None, return_lse=False):
+    check_inputs(q, k, v)
+    B, Sq, H, D = q.shape
+    out = q.new_empty((B, Sq, H, D))
+    lse = q.new_empty((B, H, Sq), dtype=torch.float32) if return_lse else _empty_lse(q)
+    return out, lse
+
+
+def fp8_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float | None = None,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention with INT8 Q K^T and FP8 P.V (SageAttention2-grade accuracy), BSHD.
+
+    Q and K are Hadamard-rotated along head_dim, K is smoothed (its mean over keys removed,
+    exact for softmax; the LSE is corrected), both are INT8 per token; V is FP8 e4m3 per
+    channel; P is 2^8-scaled before its FP8 cast; P.V is accumulated in two levels of fp32.
+    Head dims 64 and 128 run natively, others up to 128 are zero-padded (exact).
+
+    Parameters
+    ----------
+    q : [B, Sq, H, D] float16/bfloat16, D <= 128, head_dim contiguous.
+    k, v : [B, Sk, H, D], same dtype and device as ``q``.
+    scale : softmax scale; default ``1/sqrt(D)`` (the true D, not the padded one).
+    return_lse : also return the natural-log LSE of each query row (for ring-attention merges).
+
+    Returns
+    -------
+    out : [B, Sq, H, D] in ``q.dtype``, contiguous.
+    lse : [B, H, Sq] float32, only when ``return_lse``.
+    """
+    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
+        raise ValueError(f"{OP}: scale must be a finite number, got {scale!r}")
+    out, lse = torch.ops.xdit_ops.fp8_attention.default(
+        q, k, v, None if scale is None else float(scale), return_lse
+    )
+    return (out, lse) if return_lse else out
+
+
+__all__ = ["fp8_attention", "padded_head_dim", "unusable_reason"]

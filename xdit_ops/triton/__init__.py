@@ -1,0 +1,1 @@
+"""Triton launchers (triton_op + wrap_triton); ``kernels/`` holds the @triton.jit code."""

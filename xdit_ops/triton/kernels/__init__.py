@@ -1,0 +1,1 @@
+"""@triton.jit kernels only; their launchers are one level up."""

@@ -1,0 +1,228 @@
+"""Triton kernels of ``xdit_ops::fp8_attention`` (``@triton.jit`` only; launchers live in
+``xdit_ops/triton/fp8_attention.py``).
+
+They implement :data:`xdit_ops.reference.fp8_attention.SCHEME` operation for operation, in
+the same fp32 order, so the CPU emulation is their oracle:
+
+* ``kv_stats_kernel``: partial sums over key chunks of the Hadamard-rotated K (for its mean)
+  and partial per-channel amax of V.
+* ``quantize_kernel``: the quantization pass, one launch for Q, K and V: rotates Q and K on
+  the tensor cores (+-1 matrix, 16-bit inputs: exact products, fp32 sums), subtracts the K
+  mean, INT8-quantizes Q and K per token, writes the LSE correction, FP8-quantizes V per
+  channel and writes it transposed (keys contiguous: the K-major B operand of the FP8 P.V).
+* ``attn_fwd_kernel``: INT8 Q K^T (exact int32), online softmax in fp32 base 2 over key
+  tiles of BLOCK_N = 128, P = exp2(s - m + 8) cast to e4m3, P.V on the FP8 tensor cores from a
+  zero accumulator per tile, added to the fp32 output accumulator (two-level accumulation).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# int32 -> fp32 without I2F (which runs at the exponential unit's rate on Hopper): adding the
+# bit pattern of 1.5 * 2^23 and subtracting it as a float is exact for |x| < 2^22, and
+# |INT8 Q K^T| <= 127 * 127 * 128 < 2^21.
+MAGIC_I: tl.constexpr = 0x4B400000
+MAGIC_F: tl.constexpr = 12582912.0
+P_SHIFT: tl.constexpr = 8.0
+LN2: tl.constexpr = 0.6931471805599453
+
+
+@triton.jit
+def _rotate(x, had, UPCAST: tl.constexpr):
+    """x @ had with fp32 sums: +-1 times a 16-bit float is exact, so the tensor cores' bf16/fp16
+    product is. UPCAST does it in fp32 (Triton's CPU interpreter multiplies bf16 wrongly)."""
+    if UPCAST:
+        return tl.dot(x.to(tl.float32), had.to(tl.float32), input_precision="ieee")
+    return tl.dot(x, had, out_dtype=tl.float32)
+
+
+@triton.jit
+def kv_stats_kernel(
+    K, V, HAD, KSUM, VMAX,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    H, Sk, tokens_per_chunk,
+    D: tl.constexpr, DP: tl.constexpr, BLOCK_S: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """Grid (B * H, NUM_CHUNKS). KSUM/VMAX: [B * H, NUM_CHUNKS, DP] fp32."""
+    bh = tl.program_id(0)
+    chunk = tl.program_id(1)
+    num_chunks = tl.num_programs(1)
+    b = bh // H
+    h = bh % H
+    offs_d = tl.arange(0, DP)
+    offs_s = tl.arange(0, BLOCK_S)
+    d_ok = offs_d < D
+    had = tl.load(HAD + offs_d[:, None] * DP + offs_d[None, :])
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    ksum = tl.zeros([DP], dtype=tl.float32)
+    vmax = tl.zeros([DP], dtype=tl.float32)
+    start = chunk * tokens_per_chunk
+    stop = tl.minimum(start + tokens_per_chunk, Sk)
+    for s0 in range(start, stop, BLOCK_S):
+        rows = s0 + offs_s
+        ok = (rows < stop)[:, None] & d_ok[None, :]
+        k = tl.load(k_base + rows[:, None] * stride_ks + offs_d[None, :], mask=ok, other=0.0)
+        kr = _rotate(k, had, UPCAST)
+        ksum += tl.sum(kr, axis=0)
+        v = tl.load(v_base + rows[:, None] * stride_vs + offs_d[None, :], mask=ok, other=0.0)
+        vmax = tl.maximum(vmax, tl.max(tl.abs(v.to(tl.float32)), axis=0))
+    out = (bh * num_chunks + chunk) * DP + offs_d
+    tl.store(KSUM + out, ksum)
+    tl.store(VMAX + out, vmax)
+
+
+@triton.jit
+def _round_int8(x):
+    """round-half-away(x) clamped to [-127, 127], as trunc(x +- 0.5) (the emulation's op)."""
+    y = tl.where(x >= 0, x + 0.5, x - 0.5)
+    y = tl.minimum(tl.maximum(y, -127.0), 127.0)
+    return y.to(tl.int8)  # fp32 -> int truncates toward zero
+
+
+@triton.jit
+def quantize_kernel(
+    Q, K, V, HAD, KSUM, VMAX,
+    Q8, QSCALE, K8, KSCALE, VT8, VSCALE, LSECORR,
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    H, Sq, Sk, Sk_pad, num_chunks,
+    score_scale, corr_scale,
+    D: tl.constexpr, DP: tl.constexpr, BLOCK_S: tl.constexpr, NUM_CHUNKS_P2: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """Grid (cdiv(max(Sq, Sk_pad), BLOCK_S), B * H).
+
+    Q8 [B, H, Sq, DP] int8, QSCALE/LSECORR [B, H, Sq] fp32, K8 [B, H, Sk_pad, DP] int8,
+    KSCALE [B, H, Sk_pad] fp32, VT8 [B, H, DP, Sk_pad] e4m3, VSCALE [B, H, DP] fp32.
+    """
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_d = tl.arange(0, DP)
+    rows = pid * BLOCK_S + tl.arange(0, BLOCK_S)
+    d_ok = offs_d < D
+    had = tl.load(HAD + offs_d[:, None] * DP + offs_d[None, :])
+
+    # The K mean and the V amax of this (batch, head), reduced from the stats partials.
+    offs_c = tl.arange(0, NUM_CHUNKS_P2)
+    c_ok = (offs_c < num_chunks)[:, None]
+    part = (bh * num_chunks + offs_c[:, None]) * DP + offs_d[None, :]
+    k_mean = tl.sum(tl.load(KSUM + part, mask=c_ok, other=0.0), axis=0) / Sk
+    v_amax = tl.max(tl.load(VMAX + part, mask=c_ok, other=0.0), axis=0)
+    v_amax = tl.where(v_amax > 0, v_amax, 1.0)
+
+    # Q: rotate, INT8 per row, LSE correction scale * q . mean(k).
+    if pid * BLOCK_S < Sq:
+        q_ok = rows < Sq
+        q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qs
+                    + offs_d[None, :], mask=q_ok[:, None] & d_ok[None, :], other=0.0)
+        qr = _rotate(q, had, UPCAST)
+        amax = tl.max(tl.abs(qr), axis=1)
+        amax = tl.where(amax > 0, amax, 1.0)
+        codes = _round_int8(qr * (127.0 / amax)[:, None])
+        row_out = bh * Sq + rows
+        tl.store(Q8 + row_out[:, None] * DP + offs_d[None, :], codes, mask=q_ok[:, None])
+        tl.store(QSCALE + row_out, amax / 127.0 * score_scale, mask=q_ok)
+        corr = tl.sum(qr * k_mean[None, :], axis=1) * corr_scale
+        tl.store(LSECORR + row_out, corr, mask=q_ok)
+
+    # K: rotate, subtract the mean, INT8 per key; zero codes and scales in the padding.
+    if pid * BLOCK_S < Sk_pad:
+        k_ok = rows < Sk
+        k = tl.load(K + b * stride_kb + h * stride_kh + rows[:, None] * stride_ks
+                    + offs_d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+        kr = _rotate(k, had, UPCAST) - k_mean[None, :]
+        kr = tl.where(k_ok[:, None], kr, 0.0)
+        amax = tl.max(tl.abs(kr), axis=1)
+        amax = tl.where(amax > 0, amax, 1.0)
+        codes = _round_int8(kr * (127.0 / amax)[:, None])
+        row_out = bh * Sk_pad + rows
+        tl.store(K8 + row_out[:, None] * DP + offs_d[None, :], codes)
+        tl.store(KSCALE + row_out, tl.where(k_ok, amax / 127.0, 0.0))
+
+        # V: FP8 per channel, stored transposed (keys contiguous).
+        v = tl.load(V + b * stride_vb + h * stride_vh + rows[:, None] * stride_vs
+                    + offs_d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+        vq = v.to(tl.float32) * (448.0 / v_amax)[None, :]
+        vq = tl.minimum(tl.maximum(vq, -448.0), 448.0)
+        vq = vq.to(tl.float8e4nv, fp_downcast_rounding="rtne")
+        tl.store(VT8 + (bh * DP + offs_d[None, :]) * Sk_pad + rows[:, None], vq)
+        if pid == 0:
+            tl.store(VSCALE + bh * DP + offs_d, v_amax / 448.0)
+
+
+@triton.jit
+def _attn_tile(
+    acc, l_i, m_i, q8, qs, k_ptrs, ks_ptrs, v_ptrs, start_n, Sk,
+    BLOCK_N: tl.constexpr, MASK: tl.constexpr,
+):
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    k8 = tl.load(k_ptrs)  # [DP, BLOCK_N] int8 (K^T view)
+    ks = tl.load(ks_ptrs)
+    s_i = tl.dot(q8, k8, out_dtype=tl.int32)
+    s = (s_i + MAGIC_I).to(tl.float32, bitcast=True) - MAGIC_F
+    s = s * ks[None, :]
+    s = s * qs[:, None]
+    if MASK:
+        s = tl.where((offs_n < Sk)[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - (m_new - P_SHIFT)[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    v8 = tl.load(v_ptrs)  # [BLOCK_N, DP] e4m3, keys contiguous
+    pv = tl.dot(p.to(tl.float8e4nv, fp_downcast_rounding="rtne"), v8, out_dtype=tl.float32)
+    acc = acc * alpha[:, None] + pv
+    return acc, l_i, m_new
+
+
+@triton.jit
+def attn_fwd_kernel(
+    Q8, QSCALE, K8, KSCALE, VT8, VSCALE, LSECORR, OUT, LSE,
+    stride_ob, stride_os, stride_oh,
+    H, Sq, Sk, Sk_pad,
+    D: tl.constexpr, DP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    RETURN_LSE: tl.constexpr,
+):
+    """Grid (cdiv(Sq, BLOCK_M), B * H). OUT: [B, Sq, H, D] (any strides), LSE: [B, H, Sq]."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, DP)
+    m_ok = offs_m < Sq
+    row = bh * Sq + offs_m
+    q8 = tl.load(Q8 + row[:, None] * DP + offs_d[None, :], mask=m_ok[:, None], other=0)
+    qs = tl.load(QSCALE + row, mask=m_ok, other=0.0)
+    k_ptrs = K8 + (bh * Sk_pad + offs_n[None, :]) * DP + offs_d[:, None]
+    ks_ptrs = KSCALE + bh * Sk_pad + offs_n
+    v_ptrs = VT8 + (bh * DP + offs_d[None, :]) * Sk_pad + offs_n[:, None]
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, DP], dtype=tl.float32)
+    n_full = (Sk // BLOCK_N) * BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):
+        acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q8, qs, k_ptrs + start_n * DP,
+                                   ks_ptrs + start_n, v_ptrs + start_n, start_n, Sk,
+                                   BLOCK_N, False)
+    if n_full < Sk:
+        acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q8, qs, k_ptrs + n_full * DP,
+                                   ks_ptrs + n_full, v_ptrs + n_full, n_full, Sk,
+                                   BLOCK_N, True)
+
+    vs = tl.load(VSCALE + bh * DP + offs_d)
+    out = acc / l_i[:, None] * vs[None, :]
+    o_ptrs = OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :]
+    tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=m_ok[:, None] & (offs_d < D)[None, :])
+    if RETURN_LSE:
+        corr = tl.load(LSECORR + row, mask=m_ok, other=0.0)
+        lse = (m_i + tl.log2(l_i) - P_SHIFT) * LN2 + corr
+        tl.store(LSE + row, lse, mask=m_ok)
