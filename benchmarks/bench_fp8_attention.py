@@ -1,0 +1,186 @@
+"""FP8 attention (``xdit_ops.fp8_attention``) vs cuDNN bf16 SDPA: speed and accuracy.
+
+For every (B, S, H, D) shape, on the same DiT-like bf16 BSHD tensors
+(:func:`xdit_ops.reference.fp8_attention.dit_like_qkv`: heavy-tailed Q, K with a large common
+offset and outlier channels), in one process, timed interleaved
+(:func:`common.bench_interleaved`):
+
+* ``cudnn_bf16``: ``F.scaled_dot_product_attention`` on BHSD views under the cuDNN backend,
+  the baseline;
+* per available implementation ``<impl>`` of the FP8 op (``triton``; ``sm90`` when
+  ``XDIT_OPS_FP8_IMPL=sm90`` can run): ``<impl>_total``, the op end to end (quantization
+  included), what a model pays; for Triton also ``triton_kernel``, the attention kernel alone on
+  pre-quantized inputs, and ``triton_quant``, the quantization pass alone.
+
+Reported per row: median ms, TFLOPS = 4*B*H*S^2*D / t (also for the quantization pass, so that
+``total`` and ``kernel`` compare), speed-up over cuDNN bf16, and for ``cudnn_bf16`` and
+``<impl>_total`` the accuracy against the fp32 reference on the GPU (cosine similarity mean and
+worst head, relative L1, RMSE, mean |LSE error|) and the ratio of rel L1 to cuDNN bf16's own.
+``naive_fp8`` rows give the accuracy of per-tensor FP8 (FlashAttention-3's released numerics,
+emulated) on the same inputs, for comparison; they are not timed.
+
+    python benchmarks/bench_fp8_attention.py [--out DIR] [--shapes 1,4608,24,128 ...] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+import xdit_ops  # noqa: E402
+from xdit_ops.ops.fp8_attention import unusable_reason  # noqa: E402
+from xdit_ops.reference.attention import attention_ref  # noqa: E402
+from xdit_ops.reference.fp8_attention import (  # noqa: E402
+    attention_error_metrics,
+    dit_like_qkv,
+    fp8_attention_naive_ref,
+)
+
+SHAPES = [(1, 4608, 24, 128), (1, 16896, 24, 128), (1, 32760, 40, 128), (2, 4250, 24, 64)]
+BASELINE = "cudnn_bf16"
+IMPLS = ("triton", "sm90")
+
+
+def _shape(text: str) -> tuple[int, int, int, int]:
+    parts = tuple(int(x) for x in text.split(","))
+    if len(parts) != 4:
+        raise argparse.ArgumentTypeError(f"shape must be B,S,H,D, got {text}")
+    return parts  # type: ignore[return-value]
+
+
+def _impl_reason(impl: str, dev: torch.device, dtype: torch.dtype, d: int) -> str | None:
+    old = os.environ.get("XDIT_OPS_FP8_IMPL")
+    os.environ["XDIT_OPS_FP8_IMPL"] = impl
+    try:
+        return unusable_reason(dev, dtype, d)
+    finally:
+        if old is None:
+            os.environ.pop("XDIT_OPS_FP8_IMPL", None)
+        else:
+            os.environ["XDIT_OPS_FP8_IMPL"] = old
+
+
+def _with_impl(impl: str, fn: Callable[[], object]) -> Callable[[], object]:
+    def call():
+        os.environ["XDIT_OPS_FP8_IMPL"] = impl
+        return fn()
+    return call
+
+
+def candidates(q, k, v, impls: list[str]) -> dict[str, Callable[[], object]]:
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    fns: dict[str, Callable[[], object]] = {BASELINE: lambda: F.scaled_dot_product_attention(
+        qt, kt, vt)}
+    for impl in impls:
+        if impl == "triton":
+            from xdit_ops.triton.fp8_attention import (
+                attention_quantized_triton,
+                quantize_qkv_triton,
+            )
+
+            qq = quantize_qkv_triton(q, k, v)
+            fns["triton_kernel"] = lambda qq=qq: attention_quantized_triton(qq, q.dtype, False)
+            fns["triton_quant"] = lambda: quantize_qkv_triton(q, k, v)
+        fns[f"{impl}_total"] = _with_impl(impl, lambda: xdit_ops.fp8_attention(q, k, v))
+    return fns
+
+
+def _accuracy(out, lse, ref, ref_lse) -> dict:
+    m = attention_error_metrics(out, ref)
+    if lse is not None:
+        m["lse_mean_abs_err"] = (lse.double() - ref_lse.double()).abs().mean().item()
+    return m
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    common.add_common_args(p)
+    p.add_argument("--shapes", type=_shape, nargs="+", default=SHAPES, help="B,S,H,D ...")
+    p.add_argument("--no-naive", action="store_true",
+                   help="skip the per-tensor FP8 accuracy rows (an emulation, slow at 32k)")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_fp8_attention: needs a CUDA GPU", file=sys.stderr)
+        return 2
+    warmup, iters, rounds = common.iters_of(args)
+    shapes = args.shapes[:2] if args.quick and args.shapes is SHAPES else args.shapes
+    dtype = torch.bfloat16
+    dev = torch.device("cuda")
+    skipped = {i: _impl_reason(i, dev, dtype, 128) for i in IMPLS}
+    impls = [i for i in IMPLS if skipped[i] is None]
+    rows = []
+    for B, S, H, D in shapes:
+        q, k, v = dit_like_qkv(B, S, H, D, seed=0, dtype=dtype, device=dev)
+        ref, ref_lse = attention_ref(q.float(), k.float(), v.float())
+        acc = {}
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            base = xdit_ops.attention(q, k, v, backend="cudnn", return_lse=True)
+            acc[BASELINE] = _accuracy(*base, ref, ref_lse)
+            del base
+            for impl in impls:
+                os.environ["XDIT_OPS_FP8_IMPL"] = impl
+                out, lse = xdit_ops.fp8_attention(q, k, v, return_lse=True)
+                acc[f"{impl}_total"] = _accuracy(out, lse, ref, ref_lse)
+                del out, lse
+            if not args.no_naive:
+                out, lse = fp8_attention_naive_ref(q, k, v)
+                acc["naive_fp8"] = _accuracy(out, lse, ref, ref_lse)
+                del out, lse
+            del ref, ref_lse
+            torch.cuda.empty_cache()
+            fns = candidates(q, k, v, impls)
+            timings = common.bench_interleaved(fns, warmup=warmup, iters=iters, rounds=rounds,
+                                               cold_l2=args.cold_l2, cuda_graph=args.cuda_graph,
+                                               device=dev)
+        base_ms = timings[BASELINE].median_ms
+        base_l1 = acc[BASELINE]["rel_l1"]
+        for name, t in timings.items():
+            row = {"B": B, "S": S, "H": H, "D": D, "dtype": "bfloat16", "candidate": name,
+                   "ms": t.median_ms, "tflops": common.attention_tflops(B, H, S, S, D,
+                                                                        t.median_ms),
+                   "speedup_vs_cudnn_bf16": base_ms / t.median_ms, "timing": t}
+            if name in acc:
+                row |= acc[name] | {"rel_l1_vs_cudnn_bf16": acc[name]["rel_l1"] / base_l1}
+            rows.append(row)
+        if "naive_fp8" in acc:
+            rows.append({"B": B, "S": S, "H": H, "D": D, "dtype": "bfloat16",
+                         "candidate": "naive_fp8"} | acc["naive_fp8"]
+                        | {"rel_l1_vs_cudnn_bf16": acc["naive_fp8"]["rel_l1"] / base_l1})
+        del q, k, v, fns
+        torch.cuda.empty_cache()
+    os.environ.pop("XDIT_OPS_FP8_IMPL", None)
+
+    targets = {}
+    for r in rows:
+        if r["candidate"].endswith("_total") and r["D"] == 128 and r["S"] >= 16000:
+            targets[f"{r['candidate']} {r['B']}x{r['S']}x{r['H']}x{r['D']} >= 900 TFLOPS"] = (
+                r["tflops"] >= 900)
+        if r["candidate"].endswith("_total") and r["D"] == 64:
+            targets[f"{r['candidate']} {r['B']}x{r['S']}x{r['H']}x{r['D']} >= 1.4x cuDNN"] = (
+                r["speedup_vs_cudnn_bf16"] >= 1.4)
+    path = common.write_json("bench_fp8_attention", rows, args.out, extra={
+        "targets": targets, "unusable_impls": {i: w for i, w in skipped.items() if w},
+        "warmup": warmup, "iters": iters, "rounds": rounds, "cold_l2": args.cold_l2,
+        "cuda_graph": args.cuda_graph, "inputs": "dit_like_qkv(seed=0)"})
+    common.print_table(
+        [r | {"shape": f"{r['B']}x{r['S']}x{r['H']}x{r['D']}"} for r in rows],
+        ["shape", "candidate", "ms", "tflops", "speedup_vs_cudnn_bf16", "cos_mean", "cos_min",
+         "rel_l1", "rel_l1_vs_cudnn_bf16", "lse_mean_abs_err"], floatfmt=".4g")
+    for what, ok in targets.items():
+        print(f"target {what}: {'PASS' if ok else 'MISS'}")
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
