@@ -70,7 +70,7 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, op: str = OP
         raise ValueError(f"{op}: head_dim must be the contiguous (last, stride-1) dimension")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _device_capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 

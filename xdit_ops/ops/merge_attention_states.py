@@ -29,7 +29,9 @@ def check_inputs(out, lse, block_out, block_lse) -> None:
             f"{tuple(block_out.shape)}"
         )
     if out.shape != block_out.shape:
-        raise ValueError(f"{OP}: out {tuple(out.shape)} and block_out {tuple(block_out.shape)} differ")
+        raise ValueError(
+            f"{OP}: out {tuple(out.shape)} and block_out {tuple(block_out.shape)} differ"
+        )
     B, S, H, _ = out.shape
     if tuple(lse.shape) != (B, H, S) or tuple(block_lse.shape) != (B, H, S):
         raise ValueError(
