@@ -1,0 +1,177 @@
+"""Patch-parallel VAE: a diffusers VAE decodes and encodes with its latent split into row bands.
+
+See :func:`parallelize_vae` and ``docs/vae.md``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+
+from xdit_ops.models.vae._band import OP, BandContext, activate
+from xdit_ops.models.vae._families import UnsupportedModule, family_of, walk_and_patch
+from xdit_ops.parallel.halo import BandLayout, all_gather_rows, balanced_sizes, gather_rows_to
+
+__all__ = ["UnsupportedModule", "parallelize_vae"]
+
+
+def _resolve_group(mesh: DeviceMesh | None, group) -> dist.ProcessGroup | None:
+    if group is not None:
+        if isinstance(group, str):
+            from torch.distributed.distributed_c10d import _resolve_process_group
+
+            return _resolve_process_group(group)
+        return group
+    from xdit_ops.parallel.state import get_parallel_state
+
+    if mesh is not None:
+        state = get_parallel_state(required=False)
+        if state is not None and state.mesh is mesh:
+            return state.sp_group
+        if mesh.ndim == 1:
+            return mesh.get_group(0)
+        raise ValueError(
+            f"{OP}: a mesh with dimensions {mesh.mesh_dim_names} is not the init_parallel mesh; "
+            f"pass a 1-D mesh or group= (the band group)"
+        )
+    return get_parallel_state().sp_group
+
+
+def _gather_output(out, layout_of, group, output: str):
+    """Replace the band tensor in a diffusers output (tensor, tuple or DecoderOutput)."""
+
+    def full(t: torch.Tensor) -> torch.Tensor:
+        layout = layout_of(t)
+        if output == "rank0":
+            return gather_rows_to(t, layout, group, 0)
+        return all_gather_rows(t, layout, group)
+
+    if isinstance(out, torch.Tensor):
+        return full(out)
+    if isinstance(out, tuple):
+        return (full(out[0]),) + tuple(out[1:])
+    if hasattr(out, "sample"):
+        out.sample = full(out.sample)
+        return out
+    raise TypeError(f"{OP}: cannot find the decoded tensor in a {type(out).__name__}")
+
+
+def parallelize_vae(
+    vae: nn.Module,
+    mesh: DeviceMesh | None = None,
+    *,
+    group: dist.ProcessGroup | str | None = None,
+    output: Literal["all", "rank0"] = "all",
+    conv_chunk_mb: int = 256,
+) -> nn.Module:
+    """Make ``vae.decode`` / ``vae.encode`` run on row bands across the ranks of a group.
+
+    The latent ``[B, C, H, W]`` (images) or ``[B, C, T, H, W]`` (videos) is split along H into
+    one contiguous band per rank (sizes differ by at most one row). Every convolution exchanges
+    only the boundary rows its kernel reads with the ranks that own them, every GroupNorm takes
+    its statistics from the whole tensor, and attention sees every band's keys, so the result
+    equals the serial decode up to floating-point reassociation while each rank holds about
+    1/N of the activations.
+
+    Parameters
+    ----------
+    vae : a diffusers VAE: ``AutoencoderKL``, ``AutoencoderKLWan``, ``AutoencoderKLQwenImage``.
+        Patched in place (module forwards and attention processors) and returned. Outside a
+        band decode the patched modules behave exactly as before.
+    mesh : the ``init_parallel`` mesh (its sequence-parallel group is used) or a 1-D mesh.
+    group : the band group directly (a ProcessGroup or its name); wins over ``mesh``. Default:
+        ``xdit_ops.get_parallel_state().sp_group``. A group of one rank leaves ``vae`` as it is.
+    output : ``"all"`` gives the decoded sample on every rank; ``"rank0"`` only on group rank 0
+        (the others get an empty ``[..., 0, W]`` tensor). ``encode`` always returns the full
+        latent distribution on every rank.
+    conv_chunk_mb : rows that need no halo are convolved in slabs of about this many MB of input
+        (bounds the temporary memory of one convolution).
+
+    Returns
+    -------
+    The same ``vae``.
+
+    Raises
+    ------
+    UnsupportedModule : naming the first module (path and class) that row bands cannot run
+        exactly; nothing is patched then.
+    ValueError : at decode time, for a latent with fewer rows than ranks, tiling switched on,
+        or an encode input whose height is not a multiple of the spatial compression.
+    """
+    if output not in ("all", "rank0"):
+        raise ValueError(f"{OP}: output must be 'all' or 'rank0', got {output!r}")
+    if getattr(vae, "_xdit_band_group", None) is not None:
+        raise ValueError(f"{OP}: this {type(vae).__name__} is already parallelised")
+    g = _resolve_group(mesh, group)
+    if g is None or dist.get_world_size(g) == 1:
+        return vae
+    fam = family_of(vae)
+    walk_and_patch(vae)
+    vae._xdit_band_group = g
+    chunk = int(conv_chunk_mb) << 20
+    world = dist.get_world_size(g)
+    rank = dist.get_rank(g)
+    name = type(vae).__name__
+
+    def check_tiling() -> None:
+        if getattr(vae, "use_tiling", False):
+            raise ValueError(
+                f"{OP}: {name} has tiling on; tiled decoding splits the image itself and is "
+                f"approximate. Call vae.disable_tiling() to decode in exact row bands"
+            )
+
+    def make_ctx(latent_rows: int, what: str) -> BandContext:
+        if latent_rows < world:
+            raise ValueError(
+                f"{OP}: {name}.{what}: a latent of {latent_rows} rows cannot give each of "
+                f"{world} ranks a band; use fewer ranks or a taller input"
+            )
+        return BandContext(g, balanced_sizes(latent_rows, world), chunk)
+
+    def band(x: torch.Tensor, ctx: BandContext, scale: int) -> torch.Tensor:
+        lo = ctx_start(ctx) * scale
+        return x.narrow(-2, lo, ctx.base[rank] * scale).contiguous()
+
+    def ctx_start(ctx: BandContext) -> int:
+        return sum(ctx.base[:rank])
+
+    decode = getattr(vae, fam.decode)
+
+    @functools.wraps(decode)
+    def banded_decode(z: torch.Tensor, *args, **kwargs):
+        check_tiling()
+        ctx = make_ctx(z.shape[-2], fam.decode)
+        with activate(ctx):
+            out = decode(band(z, ctx, 1), *args, **kwargs)
+            return _gather_output(out, lambda t: _layout(ctx, t, fam.decode), g, output)
+
+    setattr(vae, fam.decode, banded_decode)
+
+    if fam.encode is not None:
+        encode = getattr(vae, fam.encode)
+
+        @functools.wraps(encode)
+        def banded_encode(x: torch.Tensor, *args, **kwargs):
+            check_tiling()
+            ratio = fam.spatial_ratio(vae)
+            if x.shape[-2] % ratio:
+                raise ValueError(
+                    f"{OP}: {name}.{fam.encode}: input height {x.shape[-2]} is not a multiple "
+                    f"of the spatial compression {ratio}"
+                )
+            ctx = make_ctx(x.shape[-2] // ratio, fam.encode)
+            with activate(ctx):
+                out = encode(band(x, ctx, ratio), *args, **kwargs)
+                return _gather_output(out, lambda t: _layout(ctx, t, fam.encode), g, "all")
+
+        setattr(vae, fam.encode, banded_encode)
+    return vae
+
+
+def _layout(ctx: BandContext, t: torch.Tensor, what: str) -> BandLayout:
+    return ctx.layout(t.shape[-2], f"the output of {what}")

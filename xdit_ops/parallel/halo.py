@@ -1,0 +1,370 @@
+"""Row bands and exact halo-exchange convolutions along the height axis.
+
+A tensor ``[..., H, W]`` (height is always dim -2: ``[B, C, H, W]`` images, ``[B, C, T, H, W]``
+videos) is split into contiguous row bands, one per rank of a process group, in rank order.
+:class:`BandLayout` records every rank's band, so each rank can work out, without talking to
+anybody, which rows every other rank needs from it for a convolution of a given kernel, stride,
+dilation and padding along H.
+
+:func:`halo_conv` computes a convolution on the bands exactly as on the full tensor:
+
+* Output row ``o`` belongs to the rank that owns input row ``o * stride`` (its stride anchor),
+  so strided convolutions split their output on the stride grid.
+* Each rank receives only the rows of other ranks that its output rows read (normally
+  ``kernel // 2`` rows from each neighbour; more hops only when a band is thinner than the
+  halo), by point-to-point messages issued together with ``batch_isend_irecv`` (NCCL and gloo).
+* The global border padding (zeros, a constant, replicate, reflect, circular) is applied only
+  at the global top and bottom; interior band edges read real rows.
+* The rows that need nothing from other ranks are convolved while the halo is in flight, in
+  chunks of bounded size written into the output, so a rank holds about its band's input and
+  output plus one chunk: the full tensor is never gathered.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "BandLayout",
+    "ConvRows",
+    "HaloPlan",
+    "all_gather_rows",
+    "balanced_sizes",
+    "conv_rows",
+    "gather_rows_to",
+    "halo_conv",
+    "plan_halo",
+]
+
+PAD_MODES = ("zeros", "constant", "replicate", "reflect", "circular")
+
+
+def balanced_sizes(total: int, world: int) -> tuple[int, ...]:
+    """Split ``total`` rows into ``world`` bands whose sizes differ by at most one (first ranks
+    take the extra rows)."""
+    base, extra = divmod(total, world)
+    return tuple(base + (1 if r < extra else 0) for r in range(world))
+
+
+@dataclass(frozen=True)
+class BandLayout:
+    """Every rank's band of rows: rank ``r`` owns global rows ``[starts[r], starts[r + 1])``."""
+
+    sizes: tuple[int, ...]
+    starts: tuple[int, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        starts = [0]
+        for s in self.sizes:
+            if s < 0:
+                raise ValueError(f"BandLayout: negative band size in {self.sizes}")
+            starts.append(starts[-1] + s)
+        object.__setattr__(self, "starts", tuple(starts))
+
+    @property
+    def total(self) -> int:
+        return self.starts[-1]
+
+    @property
+    def world(self) -> int:
+        return len(self.sizes)
+
+    def owner(self, row: int) -> int:
+        for r in range(self.world):
+            if self.starts[r] <= row < self.starts[r + 1]:
+                return r
+        raise IndexError(f"BandLayout: row {row} outside [0, {self.total})")
+
+
+@dataclass(frozen=True)
+class ConvRows:
+    """A convolution's geometry along H: kernel, stride, dilation, global padding and its mode."""
+
+    kernel: int
+    stride: int = 1
+    dilation: int = 1
+    pad_top: int = 0
+    pad_bottom: int = 0
+    mode: str = "zeros"
+
+    def __post_init__(self) -> None:
+        if self.mode not in PAD_MODES:
+            raise ValueError(f"halo_conv: padding mode {self.mode!r} is not one of {PAD_MODES}")
+        if self.kernel < 1 or self.stride < 1 or self.dilation < 1:
+            raise ValueError(f"halo_conv: bad geometry {self}")
+
+    @property
+    def span(self) -> int:
+        """Rows one output row reads: dilation * (kernel - 1) + 1."""
+        return self.dilation * (self.kernel - 1) + 1
+
+    def out_rows(self, h: int) -> int:
+        return (h + self.pad_top + self.pad_bottom - self.span) // self.stride + 1
+
+    def window(self, o: int) -> tuple[int, int]:
+        """Global input rows [lo, hi) that output row ``o`` reads (may stick out of the tensor)."""
+        lo = o * self.stride - self.pad_top
+        return lo, lo + self.span
+
+
+def conv_rows(geom: ConvRows, layout: BandLayout) -> BandLayout:
+    """The output layout: row ``o`` goes to the rank owning input row ``o * stride``."""
+    h_out = geom.out_rows(layout.total)
+    if h_out < 1:
+        raise ValueError(f"halo_conv: {geom} on {layout.total} rows gives no output rows")
+    cuts = [min(h_out, -(-s // geom.stride)) for s in layout.starts[:-1]] + [h_out]
+    return BandLayout(tuple(cuts[r + 1] - cuts[r] for r in range(layout.world)))
+
+
+def _source_row(i: int, h: int, mode: str) -> int | None:
+    """The input row that padded index ``i`` reads, or None for a fill value."""
+    if 0 <= i < h:
+        return i
+    if mode in ("zeros", "constant"):
+        return None
+    if mode == "replicate":
+        return min(max(i, 0), h - 1)
+    if mode == "circular":
+        return i % h
+    # reflect (no edge repeat), as torch's reflection padding
+    if h == 1:
+        return 0
+    period = 2 * (h - 1)
+    i = i % period
+    return i if i < h else period - i
+
+
+@dataclass(frozen=True)
+class HaloPlan:
+    """What one rank does for one convolution on one layout (all of it derived locally)."""
+
+    out_layout: BandLayout
+    out_begin: int  # this rank's first output row (global)
+    out_end: int
+    interior: tuple[int, int]  # output rows computable from own rows only (global, may be empty)
+    recv_rows: dict[int, tuple[int, ...]]  # peer rank -> global rows received from it (sorted)
+    send_rows: dict[int, tuple[int, ...]]  # peer rank -> global rows sent to it (sorted)
+
+
+def _needed_rows(geom: ConvRows, layout: BandLayout, out: BandLayout, r: int) -> set[int]:
+    o0, o1 = out.starts[r], out.starts[r + 1]
+    if o0 == o1:
+        return set()
+    lo, _ = geom.window(o0)
+    _, hi = geom.window(o1 - 1)
+    rows = (_source_row(i, layout.total, geom.mode) for i in range(lo, hi))
+    return {i for i in rows if i is not None}
+
+
+@lru_cache(maxsize=4096)
+def plan_halo(geom: ConvRows, layout: BandLayout, rank: int) -> HaloPlan:
+    """The halo plan of ``rank`` for convolution ``geom`` on bands ``layout`` (cached)."""
+    out = conv_rows(geom, layout)
+    if geom.mode == "reflect" and max(geom.pad_top, geom.pad_bottom) >= layout.total:
+        raise ValueError(f"halo_conv: reflect padding {geom} needs more than {layout.total} rows")
+    starts = layout.starts
+
+    def split(rows: set[int], exclude: int) -> dict[int, tuple[int, ...]]:
+        by_rank: dict[int, tuple[int, ...]] = {}
+        for p in range(layout.world):
+            if p == exclude:
+                continue
+            mine = tuple(sorted(i for i in rows if starts[p] <= i < starts[p + 1]))
+            if mine:
+                by_rank[p] = mine
+        return by_rank
+
+    recv = split(_needed_rows(geom, layout, out, rank), rank)
+    send: dict[int, tuple[int, ...]] = {}
+    for q in range(layout.world):
+        if q == rank:
+            continue
+        theirs = _needed_rows(geom, layout, out, q)
+        mine = tuple(sorted(i for i in theirs if starts[rank] <= i < starts[rank + 1]))
+        if mine:
+            send[q] = mine
+    o0, o1 = out.starts[rank], out.starts[rank + 1]
+    a, b = starts[rank], starts[rank + 1]
+    inner = [o for o in range(o0, o1) if a <= geom.window(o)[0] and geom.window(o)[1] <= b]
+    interior = (inner[0], inner[-1] + 1) if inner else (o0, o0)
+    return HaloPlan(out, o0, o1, interior, recv, send)
+
+
+def _take_rows(x: torch.Tensor, rows: tuple[int, ...], first: int) -> torch.Tensor:
+    """Rows ``rows`` (global, sorted) of band ``x`` starting at global row ``first``, contiguous."""
+    lo, n = rows[0] - first, len(rows)
+    if rows[-1] - rows[0] + 1 == n:
+        return x.narrow(-2, lo, n).contiguous()
+    idx = torch.tensor([i - first for i in rows], device=x.device)
+    return x.index_select(-2, idx).contiguous()
+
+
+def _assemble(
+    x: torch.Tensor,
+    first: int,
+    lo: int,
+    hi: int,
+    h_total: int,
+    geom: ConvRows,
+    received: dict[int, tuple[tuple[int, ...], torch.Tensor]],
+    fill: float,
+) -> torch.Tensor:
+    """Input rows [lo, hi) (global, padded index space) from own rows, received rows and fill."""
+    last = first + x.shape[-2]
+    pieces: list[torch.Tensor] = []
+    run_kind, run_start, run_len, run_src = None, 0, 0, None
+
+    def flush() -> None:
+        if run_kind is None:
+            return
+        if run_kind == "fill":
+            shape = list(x.shape)
+            shape[-2] = run_len
+            pieces.append(x.new_full(shape, fill))
+        elif run_kind == "own":
+            pieces.append(x.narrow(-2, run_start - first, run_len))
+        else:
+            rows, buf = received[run_kind]
+            pieces.append(buf.narrow(-2, rows.index(run_start), run_len))
+
+    for i in range(lo, hi):
+        src = _source_row(i, h_total, geom.mode)
+        if src is None:
+            kind = "fill"
+        elif first <= src < last:
+            kind = "own"
+        else:
+            kind = next(p for p, (rows, _) in received.items() if src in rows)
+        contiguous = kind == run_kind and (kind == "fill" or src == run_src + 1)
+        if contiguous:
+            run_len += 1
+        else:
+            flush()
+            run_kind, run_start, run_len = kind, (src if src is not None else 0), 1
+        run_src = src
+    flush()
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-2)
+
+
+def halo_conv(
+    x: torch.Tensor,
+    layout: BandLayout,
+    geom: ConvRows,
+    conv_fn: Callable[[torch.Tensor], torch.Tensor],
+    group: dist.ProcessGroup,
+    *,
+    fill: float = 0.0,
+    chunk_bytes: int = 256 << 20,
+) -> tuple[torch.Tensor, BandLayout]:
+    """Convolve this rank's band exactly as the full tensor would be convolved along H.
+
+    Parameters
+    ----------
+    x : this rank's band, ``[..., h, W]`` with ``h == layout.sizes[rank]`` (any dtype/device).
+    layout : every rank's band of the input.
+    geom : kernel, stride, dilation, global top/bottom padding and mode along H.
+    conv_fn : computes the convolution of a slab of input rows that already holds every row its
+        outputs read (no padding along H; it pads the other axes itself).
+    group : the band group (rank ``r`` of the group owns band ``r``).
+    fill : the value of padded rows in ``constant`` mode (0 for ``zeros``).
+    chunk_bytes : the rows needing no halo are convolved in slabs of about this many input bytes.
+
+    Returns
+    -------
+    (y, out_layout) : this rank's output band ``[..., h_out, W_out]`` and every rank's output band.
+    """
+    rank = dist.get_rank(group)
+    plan = plan_halo(geom, layout, rank)
+    first = layout.starts[rank]
+    if x.shape[-2] != layout.sizes[rank]:
+        raise ValueError(
+            f"halo_conv: rank {rank} holds {x.shape[-2]} rows but its band has {layout.sizes[rank]}"
+        )
+    # 1. Post the halo messages first so they travel while the interior is computed.
+    ops, received = [], {}
+    for q, rows in plan.send_rows.items():
+        peer = dist.get_global_rank(group, q)
+        ops.append(dist.P2POp(dist.isend, _take_rows(x, rows, first), peer, group))
+    for p, rows in plan.recv_rows.items():
+        shape = list(x.shape)
+        shape[-2] = len(rows)
+        buf = x.new_empty(shape)
+        received[p] = (rows, buf)
+        ops.append(dist.P2POp(dist.irecv, buf, dist.get_global_rank(group, p), group))
+    works = dist.batch_isend_irecv(ops) if ops else []
+
+    out: torch.Tensor | None = None
+
+    def put(o_lo: int, y: torch.Tensor) -> None:
+        nonlocal out
+        if out is None:
+            shape = list(y.shape)
+            shape[-2] = plan.out_end - plan.out_begin
+            out = y.new_empty(shape)
+        out.narrow(-2, o_lo - plan.out_begin, y.shape[-2]).copy_(y)
+
+    # 2. Interior rows: slabs of own rows, no copy of the band.
+    i0, i1 = plan.interior
+    row_bytes = max(1, x.numel() // max(1, x.shape[-2]) * x.element_size())
+    step = max(1, (chunk_bytes // row_bytes) // geom.stride)
+    for o in range(i0, i1, step):
+        o_end = min(i1, o + step)
+        lo, _ = geom.window(o)
+        _, hi = geom.window(o_end - 1)
+        put(o, conv_fn(x.narrow(-2, lo - first, hi - lo)))
+    # 3. Boundary rows, once the halo has arrived.
+    for w in works:
+        w.wait()
+    edges = [(plan.out_begin, i0), (i1, plan.out_end)] if i1 > i0 else [(i0, plan.out_end)]
+    for b0, b1 in edges:
+        if b1 <= b0:
+            continue
+        lo, _ = geom.window(b0)
+        _, hi = geom.window(b1 - 1)
+        slab = _assemble(x, first, lo, hi, layout.total, geom, received, fill)
+        put(b0, conv_fn(slab))
+    if out is None:  # this rank owns no output rows: an empty band of the right shape
+        shape = list(x.shape)
+        shape[-2] = geom.span
+        out = conv_fn(x.new_zeros(shape)).narrow(-2, 0, 0)
+    return out, plan.out_layout
+
+
+def _padded_gather(x: torch.Tensor, layout: BandLayout, group: dist.ProcessGroup, dst: int | None):
+    rank = dist.get_rank(group)
+    world = layout.world
+    longest = max(layout.sizes)
+    shape = list(x.shape)
+    if x.shape[-2] < longest:
+        pad = list(shape)
+        pad[-2] = longest - x.shape[-2]
+        send = torch.cat([x, x.new_zeros(pad)], dim=-2)
+    else:
+        send = x.contiguous()
+    if dst is None:
+        bufs = [torch.empty_like(send) for _ in range(world)]
+        dist.all_gather(bufs, send, group=group)
+    else:
+        bufs = [torch.empty_like(send) for _ in range(world)] if rank == dst else None
+        dist.gather(send, bufs, dst=dist.get_global_rank(group, dst), group=group)
+        if rank != dst:
+            shape[-2] = 0
+            return x.new_empty(shape)
+    return torch.cat([b.narrow(-2, 0, layout.sizes[r]) for r, b in enumerate(bufs)], dim=-2)
+
+
+def all_gather_rows(x: torch.Tensor, layout: BandLayout, group: dist.ProcessGroup) -> torch.Tensor:
+    """The full ``[..., H, W]`` tensor on every rank from the bands (uneven bands allowed)."""
+    return _padded_gather(x, layout, group, None)
+
+
+def gather_rows_to(
+    x: torch.Tensor, layout: BandLayout, group: dist.ProcessGroup, dst: int = 0
+) -> torch.Tensor:
+    """The full tensor on group rank ``dst``; other ranks get an empty ``[..., 0, W]`` tensor."""
+    return _padded_gather(x, layout, group, dst)
