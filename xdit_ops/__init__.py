@@ -9,6 +9,7 @@ from xdit_ops import _extension
 
 _extension.load_all()
 
+from xdit_ops.models.vae import parallelize_vae  # noqa: E402
 from xdit_ops.ops import attention, merge_attention_states_, usp_attention  # noqa: E402
 from xdit_ops.ops.fp8_attention import fp8_attention  # noqa: E402
 from xdit_ops.ops.merge_attention_states import register_cuda_fallback as _merge_fallback  # noqa: E402
@@ -33,6 +34,7 @@ __all__ = [
     "init_parallel",
     "gather_sequence",
     "merge_attention_states_",
+    "parallelize_vae",
     "shard_sequence",
     "usp_attention",
 ]
