@@ -7,6 +7,8 @@ fp32/bf16, LSE), so the process start-up is paid once per world size.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -146,6 +148,15 @@ def _worker_all(rank, world, big):
         if big and (u, r) == factorisations(world)[-1 if world != 4 else 1]:
             for i, case in enumerate(BIG_CASES):
                 _run_case(case, u, r, seed=99 + i)
+    # The pipelined Ulysses exchange (head chunks; the GPU default for large shapes), with
+    # uneven heads per rank and per chunk.
+    xdit_ops.init_parallel(ulysses_degree=world, device_type="cpu")
+    os.environ["XDIT_OPS_USP_CHUNKS"] = "2"
+    try:
+        for i, case in enumerate(CASES[:4]):
+            _run_case(case, world, 1, seed=500 + i)
+    finally:
+        del os.environ["XDIT_OPS_USP_CHUNKS"]
     xdit_ops.destroy_parallel()
 
 
