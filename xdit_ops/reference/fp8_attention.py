@@ -22,7 +22,7 @@ The scheme (``SCHEME``, SageAttention2-grade; see docs/fp8_attention.md for why 
   fp32 conversion is a magic-number add, exact because |Q K^T| < 2^22).
 * V: FP8 e4m3, one scale per channel over all keys (``amax_c / 448``); stored transposed,
   ``[B, H, Dp, Sk_pad]``, keys contiguous, the K-major layout the FP8 P.V product needs.
-* Online softmax over key tiles of ``block_n`` = 128 keys in fp32, base 2. P is computed as
+* Online softmax over key tiles of ``block_n`` = 64 keys in fp32, base 2. P is computed as
   ``exp2(s - m_running + 8)`` (2^8-scaled, in (0, 256]) and cast to e4m3; its fp32 value goes
   into the row sum (the 2^8 cancels in ``acc / l``).
 * P.V: each tile's product starts from zero (the FP8 tensor core's accumulator keeps only ~22
@@ -71,7 +71,7 @@ class Fp8AttentionScheme:
     v_per_channel: bool = True
     hadamard: bool = True
     smooth_k: bool = True
-    block_n: int = 128
+    block_n: int = 64
     p_shift: float = 8.0
     two_level: bool = True
     pv_accum_bits: int | None = None
@@ -92,7 +92,7 @@ class QuantizedQKV:
     q : [B, H, Sq, Dp] int8 (or e4m3).
     q_scale : [B, H, Sq] fp32, per row, dequant scale x softmax scale x log2(e) (x 1/Dp with
         the rotation): ``s_log2 = ((q @ k^T) * k_scale[None, :]) * q_scale[:, None]``.
-    k : [B, H, Sk_pad, Dp] int8 (or e4m3), zero beyond Sk; Sk_pad = Sk rounded up to 128.
+    k : [B, H, Sk_pad, Dp] int8 (or e4m3), zero beyond Sk; Sk_pad = Sk rounded up to block_n.
     k_scale : [B, H, Sk_pad] fp32, per key (equal within a k_block), zero beyond Sk.
     vt : [B, H, Dp, Sk_pad] e4m3, V^T, zero beyond Sk and beyond D.
     v_scale : [B, H, Dp] fp32, per channel.

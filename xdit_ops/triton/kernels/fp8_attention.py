@@ -11,7 +11,7 @@ the same fp32 order, so the CPU emulation is their oracle:
   mean, INT8-quantizes Q and K per token, writes the LSE correction, FP8-quantizes V per
   channel and writes it transposed (keys contiguous: the K-major B operand of the FP8 P.V).
 * ``attn_fwd_kernel``: INT8 Q K^T (exact int32), online softmax in fp32 base 2 over key
-  tiles of BLOCK_N = 128, P = exp2(s - m + 8) cast to e4m3, P.V on the FP8 tensor cores from a
+  tiles of BLOCK_N = 64, P = exp2(s - m + 8) cast to e4m3, P.V on the FP8 tensor cores from a
   zero accumulator per tile, added to the fp32 output accumulator (two-level accumulation).
 """
 
@@ -23,10 +23,10 @@ import triton.language as tl
 # int32 -> fp32 without I2F (which runs at the exponential unit's rate on Hopper): adding the
 # bit pattern of 1.5 * 2^23 and subtracting it as a float is exact for |x| < 2^22, and
 # |INT8 Q K^T| <= 127 * 127 * 128 < 2^21.
-MAGIC_I: tl.constexpr = 0x4B400000
-MAGIC_F: tl.constexpr = 12582912.0
-P_SHIFT: tl.constexpr = 8.0
-LN2: tl.constexpr = 0.6931471805599453
+MAGIC_I = tl.constexpr(0x4B400000)
+MAGIC_F = tl.constexpr(12582912.0)
+P_SHIFT = tl.constexpr(8.0)
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
@@ -159,12 +159,15 @@ def quantize_kernel(
 
 @triton.jit
 def _attn_tile(
-    acc, l_i, m_i, q8, qs, k_ptrs, ks_ptrs, v_ptrs, start_n, Sk,
-    BLOCK_N: tl.constexpr, MASK: tl.constexpr,
+    acc, l_i, m_i, q8, qs, k_base, ks_base, vt_base, start_n, Sk, Sk_pad,
+    DP: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
 ):
+    # Addresses are rebuilt from scalar bases in every tile: loop-carried [DP, BLOCK_N] pointer
+    # tensors would hold two registers per element for the whole loop and spill.
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    k8 = tl.load(k_ptrs)  # [DP, BLOCK_N] int8 (K^T view)
-    ks = tl.load(ks_ptrs)
+    offs_d = tl.arange(0, DP)
+    k8 = tl.load(k_base + offs_n[None, :] * DP + offs_d[:, None])  # [DP, BLOCK_N]: K^T
+    ks = tl.load(ks_base + offs_n)
     s_i = tl.dot(q8, k8, out_dtype=tl.int32)
     s = (s_i + MAGIC_I).to(tl.float32, bitcast=True) - MAGIC_F
     s = s * ks[None, :]
@@ -175,7 +178,7 @@ def _attn_tile(
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - (m_new - P_SHIFT)[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    v8 = tl.load(v_ptrs)  # [BLOCK_N, DP] e4m3, keys contiguous
+    v8 = tl.load(vt_base + offs_d[None, :] * Sk_pad + offs_n[:, None])  # [BLOCK_N, DP]
     pv = tl.dot(p.to(tl.float8e4nv, fp_downcast_rounding="rtne"), v8, out_dtype=tl.float32)
     acc = acc * alpha[:, None] + pv
     return acc, l_i, m_new
@@ -195,28 +198,25 @@ def attn_fwd_kernel(
     b = bh // H
     h = bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, DP)
     m_ok = offs_m < Sq
     row = bh * Sq + offs_m
     q8 = tl.load(Q8 + row[:, None] * DP + offs_d[None, :], mask=m_ok[:, None], other=0)
     qs = tl.load(QSCALE + row, mask=m_ok, other=0.0)
-    k_ptrs = K8 + (bh * Sk_pad + offs_n[None, :]) * DP + offs_d[:, None]
-    ks_ptrs = KSCALE + bh * Sk_pad + offs_n
-    v_ptrs = VT8 + (bh * DP + offs_d[None, :]) * Sk_pad + offs_n[:, None]
+    k_base = K8 + bh.to(tl.int64) * Sk_pad * DP
+    ks_base = KSCALE + bh * Sk_pad
+    vt_base = VT8 + bh.to(tl.int64) * DP * Sk_pad
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, DP], dtype=tl.float32)
     n_full = (Sk // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
-        acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q8, qs, k_ptrs + start_n * DP,
-                                   ks_ptrs + start_n, v_ptrs + start_n, start_n, Sk,
-                                   BLOCK_N, False)
+        acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q8, qs, k_base, ks_base, vt_base, start_n, Sk,
+                                   Sk_pad, DP, BLOCK_N, False)
     if n_full < Sk:
-        acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q8, qs, k_ptrs + n_full * DP,
-                                   ks_ptrs + n_full, v_ptrs + n_full, n_full, Sk,
-                                   BLOCK_N, True)
+        acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q8, qs, k_base, ks_base, vt_base, n_full, Sk,
+                                   Sk_pad, DP, BLOCK_N, True)
 
     vs = tl.load(VSCALE + bh * DP + offs_d)
     out = acc / l_i[:, None] * vs[None, :]
