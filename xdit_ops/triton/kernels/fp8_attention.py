@@ -76,6 +76,13 @@ def kv_stats_kernel(
 
 
 @triton.jit
+def _div(a, b):
+    """IEEE fp32 division (Triton's ``/`` is div.full.f32, ~2 ulp): the scales must be the
+    emulation's, bit for bit, or codes near a rounding boundary move."""
+    return tl.math.div_rn(a, b)
+
+
+@triton.jit
 def _round_int8(x):
     """round-half-away(x) clamped to [-127, 127], as trunc(x +- 0.5) (the emulation's op)."""
     y = tl.where(x >= 0, x + 0.5, x - 0.5)
@@ -113,7 +120,7 @@ def quantize_kernel(
     offs_c = tl.arange(0, NUM_CHUNKS_P2)
     c_ok = (offs_c < num_chunks)[:, None]
     part = (bh * num_chunks + offs_c[:, None]) * DP + offs_d[None, :]
-    k_mean = tl.sum(tl.load(KSUM + part, mask=c_ok, other=0.0), axis=0) / Sk
+    k_mean = _div(tl.sum(tl.load(KSUM + part, mask=c_ok, other=0.0), axis=0), Sk.to(tl.float32))
     v_amax = tl.max(tl.load(VMAX + part, mask=c_ok, other=0.0), axis=0)
     v_amax = tl.where(v_amax > 0, v_amax, 1.0)
 
@@ -125,10 +132,10 @@ def quantize_kernel(
         qr = _rotate(q, had, UPCAST)
         amax = tl.max(tl.abs(qr), axis=1)
         amax = tl.where(amax > 0, amax, 1.0)
-        codes = _round_int8(qr * (127.0 / amax)[:, None])
+        codes = _round_int8(qr * _div(127.0, amax)[:, None])
         row_out = bh * Sq + rows
         tl.store(Q8 + row_out[:, None] * DP + offs_d[None, :], codes, mask=q_ok[:, None])
-        tl.store(QSCALE + row_out, amax / 127.0 * score_scale, mask=q_ok)
+        tl.store(QSCALE + row_out, _div(amax, 127.0) * score_scale, mask=q_ok)
         corr = tl.sum(qr * k_mean[None, :], axis=1) * corr_scale
         tl.store(LSECORR + row_out, corr, mask=q_ok)
 
@@ -141,20 +148,20 @@ def quantize_kernel(
         kr = tl.where(k_ok[:, None], kr, 0.0)
         amax = tl.max(tl.abs(kr), axis=1)
         amax = tl.where(amax > 0, amax, 1.0)
-        codes = _round_int8(kr * (127.0 / amax)[:, None])
+        codes = _round_int8(kr * _div(127.0, amax)[:, None])
         row_out = bh * Sk_pad + rows
         tl.store(K8 + row_out[:, None] * DP + offs_d[None, :], codes)
-        tl.store(KSCALE + row_out, tl.where(k_ok, amax / 127.0, 0.0))
+        tl.store(KSCALE + row_out, tl.where(k_ok, _div(amax, 127.0), 0.0))
 
         # V: FP8 per channel, stored transposed (keys contiguous).
         v = tl.load(V + b * stride_vb + h * stride_vh + rows[:, None] * stride_vs
                     + offs_d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-        vq = v.to(tl.float32) * (448.0 / v_amax)[None, :]
+        vq = v.to(tl.float32) * _div(448.0, v_amax)[None, :]
         vq = tl.minimum(tl.maximum(vq, -448.0), 448.0)
         vq = vq.to(tl.float8e4nv, fp_downcast_rounding="rtne")
         tl.store(VT8 + (bh * DP + offs_d[None, :]) * Sk_pad + rows[:, None], vq)
         if pid == 0:
-            tl.store(VSCALE + bh * DP + offs_d, v_amax / 448.0)
+            tl.store(VSCALE + bh * DP + offs_d, _div(v_amax, 448.0))
 
 
 @triton.jit
