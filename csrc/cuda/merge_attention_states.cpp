@@ -1,6 +1,7 @@
-// Torch-aware launcher for xdit_ops::merge_attention_states_ (schema in
-// xdit_ops/ops/merge_attention_states.py).
+// Torch-aware launchers for xdit_ops::merge_attention_states_ and ::merge_attention_partials
+// (schemas in xdit_ops/ops/merge_attention_states.py).
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -61,8 +62,53 @@ void merge_attention_states_cuda(at::Tensor& out, at::Tensor& lse, const at::Ten
                                          c10::cuda::getCurrentCUDAStream().stream()));
 }
 
+std::tuple<at::Tensor, at::Tensor> merge_attention_partials_cuda(
+    at::TensorList outs, at::TensorList lses, std::optional<at::ScalarType> out_dtype) {
+  constexpr const char* kOp = "merge_attention_partials";
+  XDIT_CHECK(!outs.empty() && outs.size() == lses.size(), kOp, ": got ", outs.size(),
+             " outputs and ", lses.size(), " LSEs (need the same number, at least 1)");
+  XDIT_CHECK(outs.size() <= static_cast<size_t>(kMaxPartials), kOp, ": at most ", kMaxPartials,
+             " partials, got ", outs.size());
+  const at::Tensor& o0 = outs[0];
+  XDIT_CHECK(o0.dim() == 4, kOp, ": outputs must be [B, S, H, D], got ", o0.sizes());
+  const int64_t B = o0.size(0), S = o0.size(1), H = o0.size(2), D = o0.size(3);
+  MergeAttentionPartialsParams p;
+  p.num_parts = static_cast<int>(outs.size());
+  for (size_t i = 0; i < outs.size(); ++i) {
+    XDIT_CHECK(outs[i].is_cuda() && lses[i].is_cuda() && outs[i].device() == o0.device() &&
+                   lses[i].device() == o0.device(),
+               kOp, ": partial ", i, " is not on ", o0.device());
+    XDIT_CHECK(outs[i].sizes() == o0.sizes() && outs[i].scalar_type() == o0.scalar_type() &&
+                   outs[i].is_contiguous(),
+               kOp, ": partial ", i, " must be a contiguous ", o0.sizes(), " ",
+               o0.scalar_type(), " tensor, got ", outs[i].sizes(), " ", outs[i].scalar_type());
+    XDIT_CHECK(lses[i].dim() == 3 && lses[i].size(0) == B && lses[i].size(1) == H &&
+                   lses[i].size(2) == S && lses[i].scalar_type() == at::kFloat &&
+                   lses[i].is_contiguous(),
+               kOp, ": lse ", i, " must be a contiguous float32 [", B, ", ", H, ", ", S,
+               "] tensor, got ", lses[i].sizes(), " ", lses[i].scalar_type());
+    p.parts[i] = outs[i].const_data_ptr();
+    p.part_lse[i] = lses[i].const_data_ptr<float>();
+  }
+  const at::ScalarType odt = out_dtype.value_or(o0.scalar_type());
+  const c10::cuda::CUDAGuard guard(o0.device());
+  at::Tensor out = at::empty({B, S, H, D}, o0.options().dtype(odt));
+  at::Tensor lse = at::empty({B, H, S}, o0.options().dtype(at::kFloat));
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  p.batch = B;
+  p.seq = S;
+  p.heads = H;
+  p.head_dim = D;
+  XDIT_CUDA_CHECK(merge_attention_partials(p, to_dtype(o0.scalar_type(), kOp), to_dtype(odt, kOp),
+                                           num_sms(o0.get_device()),
+                                           c10::cuda::getCurrentCUDAStream().stream()));
+  return {out, lse};
+}
+
 TORCH_LIBRARY_IMPL(xdit_ops, CUDA, m) {
   m.impl("merge_attention_states_", &merge_attention_states_cuda);
+  m.impl("merge_attention_partials", &merge_attention_partials_cuda);
 }
 
 }  // namespace xdit_ops

@@ -30,4 +30,48 @@ cudaError_t merge_attention_states(const MergeAttentionStatesParams& params, DTy
   return cudaGetLastError();
 }
 
+namespace {
+
+template <typename TIn>
+cudaError_t launch_partials(const MergeAttentionPartialsParams& p, DType out_dtype, int blocks,
+                            int threads, cudaStream_t stream) {
+  switch (out_dtype) {
+    case DType::kFloat32:
+      merge_attention_partials_kernel<TIn, float><<<blocks, threads, 0, stream>>>(p);
+      break;
+    case DType::kFloat16:
+      merge_attention_partials_kernel<TIn, __half><<<blocks, threads, 0, stream>>>(p);
+      break;
+    case DType::kBFloat16:
+      merge_attention_partials_kernel<TIn, __nv_bfloat16><<<blocks, threads, 0, stream>>>(p);
+      break;
+    default:
+      return cudaErrorInvalidValue;
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t merge_attention_partials(const MergeAttentionPartialsParams& params, DType in_dtype,
+                                     DType out_dtype, int num_sms, cudaStream_t stream) {
+  constexpr int kThreads = 256;
+  constexpr int kWarpsPerBlock = kThreads / 32;
+  if (params.num_parts < 1 || params.num_parts > kMaxPartials) return cudaErrorInvalidValue;
+  const int64_t num_rows = params.batch * params.seq * params.heads;
+  if (num_rows == 0) return cudaSuccess;
+  const int64_t wanted = (num_rows + kWarpsPerBlock - 1) / kWarpsPerBlock;
+  const int blocks = static_cast<int>(std::min<int64_t>(wanted, (int64_t)num_sms * 16));
+  switch (in_dtype) {
+    case DType::kFloat32:
+      return launch_partials<float>(params, out_dtype, blocks, kThreads, stream);
+    case DType::kFloat16:
+      return launch_partials<__half>(params, out_dtype, blocks, kThreads, stream);
+    case DType::kBFloat16:
+      return launch_partials<__nv_bfloat16>(params, out_dtype, blocks, kThreads, stream);
+    default:
+      return cudaErrorInvalidValue;
+  }
+}
+
 }  // namespace xdit_ops

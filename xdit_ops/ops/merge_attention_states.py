@@ -22,6 +22,13 @@ lib.define(
 )
 
 
+lib.define(
+    "merge_attention_partials(Tensor[] outs, Tensor[] lses, ScalarType? out_dtype=None) "
+    "-> (Tensor, Tensor)"
+)
+MAX_PARTIALS = 16
+
+
 def check_inputs(out, lse, block_out, block_lse) -> None:
     if out.dim() != 4 or block_out.dim() != 4:
         raise ValueError(
@@ -53,15 +60,78 @@ def _merge_cpu(out, lse, block_out, block_lse):
 lib.impl(OP, _merge_cpu, "CPU")
 
 
+def check_partials(outs, lses) -> None:
+    op = "merge_attention_partials"
+    if not outs or len(outs) != len(lses):
+        raise ValueError(f"{op}: got {len(outs)} outputs and {len(lses)} LSEs "
+                         "(need the same number, at least 1)")
+    if len(outs) > MAX_PARTIALS:
+        raise ValueError(f"{op}: at most {MAX_PARTIALS} partials, got {len(outs)}")
+    o0 = outs[0]
+    if o0.dim() != 4:
+        raise ValueError(f"{op}: outputs must be [B, S, H, D], got {tuple(o0.shape)}")
+    B, S, H, _ = o0.shape
+    for i, (o, lse) in enumerate(zip(outs, lses, strict=True)):
+        if o.shape != o0.shape or o.dtype != o0.dtype:
+            raise ValueError(f"{op}: partial {i} is {tuple(o.shape)} {o.dtype}, partial 0 is "
+                             f"{tuple(o0.shape)} {o0.dtype}")
+        if tuple(lse.shape) != (B, H, S) or lse.dtype != torch.float32:
+            raise ValueError(f"{op}: lse {i} must be float32 [B, H, S] = {(B, H, S)}, got "
+                             f"{tuple(lse.shape)} {lse.dtype}")
+
+
+def _partials_cpu(outs, lses, out_dtype=None):
+    check_partials(outs, lses)
+    acc = outs[0].float().clone()
+    lse = lses[0].clone()
+    for o, block_lse in zip(outs[1:], lses[1:], strict=True):
+        merge_attention_states_ref(acc, lse, o, block_lse)
+    # Rows no partial saw a key for hold undefined values: define them as 0.
+    acc = torch.where(torch.isinf(lse).transpose(1, 2).unsqueeze(-1), 0.0, acc)
+    return acc.to(out_dtype or outs[0].dtype).contiguous(), lse.contiguous()
+
+
+lib.impl("merge_attention_partials", _partials_cpu, "CPU")
+
+
+@torch.library.register_fake("xdit_ops::merge_attention_partials")
+def _partials_fake(outs, lses, out_dtype=None):
+    check_partials(outs, lses)
+    B, S, H, D = outs[0].shape
+    return (outs[0].new_empty((B, S, H, D), dtype=out_dtype or outs[0].dtype),
+            lses[0].new_empty((B, H, S)))
+
+
 def register_cuda_fallback() -> None:
     """Without the native module, CUDA tensors take the reference (still one kernel per key)."""
     if not _extension.has("_C"):
         lib.impl(OP, _merge_cpu, "CUDA")
+        lib.impl("merge_attention_partials", _partials_cpu, "CUDA")
 
 
 @torch.library.register_fake("xdit_ops::merge_attention_states_")
 def _merge_fake(out, lse, block_out, block_lse):
     check_inputs(out, lse, block_out, block_lse)
+
+
+def merge_attention_partials(
+    outs: list[torch.Tensor], lses: list[torch.Tensor], out_dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Combine N partial attentions (each over a disjoint set of keys) in one pass.
+
+    Parameters
+    ----------
+    outs : N (1..16) contiguous [B, S, H, D] tensors of one float dtype, each normalised by its
+        own softmax denominator.
+    lses : their natural-log LSEs, N contiguous float32 [B, H, S]; -inf where a partial saw no key.
+    out_dtype : dtype of the result (default: the partials' dtype).
+
+    Returns
+    -------
+    out : [B, S, H, D] in ``out_dtype``; rows that no partial saw a key for are 0.
+    lse : [B, H, S] float32, -inf for those rows.
+    """
+    return torch.ops.xdit_ops.merge_attention_partials.default(list(outs), list(lses), out_dtype)
 
 
 def merge_attention_states_(

@@ -34,6 +34,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from xdit_ops.ops._lib import lib
 from xdit_ops.ops.attention import BACKENDS, check_inputs
+from xdit_ops.ops.merge_attention_states import MAX_PARTIALS
 from xdit_ops.reference.attention import attention_ref
 
 OP = "usp_attention"
@@ -74,51 +75,59 @@ def head_split(num_heads: int, ulysses: int) -> list[int]:
 # ---------------------------------------------------------------------------------------------
 # shape agreement: a rank with a different shape must fail with a message, not hang a collective
 
-_SHADOWS: dict[str, dist.ProcessGroup] = {}
+_CHECK_GROUPS: dict[tuple[str, str], dist.ProcessGroup] = {}
 
 
-def _gloo_shadow(g: dist.ProcessGroup | None) -> dist.ProcessGroup | None:
-    """A gloo group over the same ranks as ``g``, for host-side metadata checks that must not
-    synchronise the GPU. Created once per group; every rank of the world takes part."""
-    if g is None or dist.get_backend(g) == "gloo":
-        return g
-    name = g.group_name
-    if name not in _SHADOWS:
-        lists: list = [None] * dist.get_world_size()
-        dist.all_gather_object(lists, dist.get_process_group_ranks(g))
-        me = dist.get_rank()
-        for ranks in sorted({tuple(sorted(x)) for x in lists}):
-            pg = dist.new_group(ranks=list(ranks), backend="gloo")
-            if me in ranks:
-                _SHADOWS[name] = pg
-    return _SHADOWS[name]
+def _check_group(ug: dist.ProcessGroup | None, rg: dist.ProcessGroup | None) -> dist.ProcessGroup:
+    """A gloo group over the whole ulysses x ring grid of this rank, for host-side metadata
+    checks that must not synchronise the GPU. Created once per pair of groups; every rank of
+    the world takes part (the first call is collective anyway)."""
+    key = (ug.group_name if ug is not None else "", rg.group_name if rg is not None else "")
+    if key not in _CHECK_GROUPS:
+        only = ug if rg is None else rg if ug is None else None
+        if only is not None and dist.get_backend(only) == "gloo":
+            _CHECK_GROUPS[key] = only
+        else:
+            me = dist.get_rank()
+            mine = {me}
+            for g in (ug, rg):
+                if g is not None:
+                    mine.update(dist.get_process_group_ranks(g))
+            lists: list = [None] * dist.get_world_size()
+            dist.all_gather_object(lists, sorted(mine))
+            grids: list[set[int]] = []  # union of the sets that share a rank: the sp grids
+            for ranks in lists:
+                grid = set(ranks)
+                for other in [x for x in grids if x & grid]:
+                    grid |= other
+                    grids.remove(other)
+                grids.append(grid)
+            for grid in sorted(grids, key=min):
+                pg = dist.new_group(ranks=sorted(grid), backend="gloo")
+                if me in grid:
+                    _CHECK_GROUPS[key] = pg
+    return _CHECK_GROUPS[key]
 
 
 def _check_agreement(meta: list[int], ug, rg) -> None:
     """All ranks of the ulysses x ring grid agree on ``meta``, or all of them raise.
 
-    Two all-gathers (ulysses, then ring with the first one's verdict attached) reach every rank
-    of the grid, and each completes whatever the values are: nobody is left waiting.
+    One all-gather on a CPU group: it completes whatever the values are, so nobody is left
+    waiting in a collective with mismatched sizes.
     """
-    rows: list[list[int]] = []
-    bad = 0
-    for g in (_gloo_shadow(ug), _gloo_shadow(rg)):
-        if g is None:
-            continue
-        t = torch.tensor(meta + [bad], dtype=torch.int64)
-        got = [torch.empty_like(t) for _ in range(dist.get_world_size(g))]
-        dist.all_gather(got, t, group=g)
-        part = [x.tolist() for x in got]
-        rows += [r[:-1] for r in part]
-        bad = int(any(r[:-1] != meta or r[-1] for r in part))
-    if bad:
+    g = _check_group(ug, rg)
+    t = torch.tensor(meta, dtype=torch.int64)
+    got = [torch.empty_like(t) for _ in range(dist.get_world_size(g))]
+    dist.all_gather(got, t, group=g)
+    rows = [x.tolist() for x in got]
+    if any(r != meta for r in rows):
         names = ("(query shape, key shape, value shape, dtypes, joint_tokens, seq_len, "
                  "joint_front, no joint_lengths)")
-        seen = sorted({tuple(r) for r in rows})
+        ranks = dist.get_process_group_ranks(g)
+        detail = "; ".join(f"rank {ranks[i]}: {tuple(r)}" for i, r in enumerate(rows))
         raise ValueError(
-            f"{OP}: the sequence-parallel ranks disagree on {names}: this rank (global "
-            f"{dist.get_rank()}) has {tuple(meta)}, peers have {seen}. Every rank must pass "
-            "the same shapes (shard with xdit_ops.shard_sequence)."
+            f"{OP}: the sequence-parallel ranks disagree on {names}: {detail}. Every rank "
+            "must pass the same shapes (shard with xdit_ops.shard_sequence)."
         )
 
 
@@ -467,17 +476,17 @@ def _usp_impl(q, k, v, joint_lengths, joint_tokens, joint_front, seq_len, scale,
         return max(0, min(UL, seq_len - block_rank * UL))
 
     def attend(qbuf, kv, kj, vj):
-        """Attention of qbuf over every key of the sequence (ring steps + joint partial)."""
-        acc = acc_lse = None
+        """Attention of qbuf over every key of the sequence (ring steps + joint partial).
+
+        Each block's partial result is kept and all are merged once, at the end, by one native
+        pass over them (instead of an fp32 read-modify-write of the accumulator per step).
+        """
+        parts: list[torch.Tensor] = []
+        part_lses: list[torch.Tensor] = []
 
         def accumulate(o, lse):
-            nonlocal acc, acc_lse
-            if acc is None:
-                acc, acc_lse = o, lse
-            else:
-                if acc.dtype != torch.float32:
-                    acc = acc.float()
-                torch.ops.xdit_ops.merge_attention_states_.default(acc, acc_lse, o, lse)
+            parts.append(o)
+            part_lses.append(lse)
 
         if R == 1:
             n = Jk + valid_keys(0)
@@ -508,9 +517,16 @@ def _usp_impl(q, k, v, joint_lengths, joint_tokens, joint_front, seq_len, scale,
                 accumulate(*_masked_joint_attention(qbuf, kj, vj, joint_lengths, scale, backend))
             else:
                 accumulate(*_local_attention(qbuf, kj, vj, scale, backend))
-        if acc is None:  # every key was padding: not reachable with a valid seq_len
+        if not parts:  # every key was padding: not reachable with a valid seq_len
             raise ValueError(f"{OP}: no valid keys (seq_len={seq_len})")
-        return acc.to(q.dtype), acc_lse
+        merge = torch.ops.xdit_ops.merge_attention_partials.default
+        while len(parts) > MAX_PARTIALS:  # rings longer than one merge pass takes
+            o, lse = merge(parts[:MAX_PARTIALS], part_lses[:MAX_PARTIALS], torch.float32)
+            parts = [o.to(parts[-1].dtype)] + parts[MAX_PARTIALS:]
+            part_lses = [lse] + part_lses[MAX_PARTIALS:]
+        if len(parts) == 1:
+            return parts[0], part_lses[0]
+        return merge(parts, part_lses, q.dtype)
 
     if U == 1:
         qbuf = q if (joint_front or J == 0) else torch.cat([q_j, q_s], dim=1)

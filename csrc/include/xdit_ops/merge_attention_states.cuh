@@ -56,4 +56,45 @@ __global__ void merge_attention_states_kernel(MergeAttentionStatesParams p) {
   }
 }
 
+// One warp per (b, s, h) row. Partials whose lse is -inf (no keys) get weight 0 and are never
+// read: their output may be NaN. A row with no keys at all is written as 0 with lse = -inf.
+template <typename TIn, typename TOut>
+__global__ void merge_attention_partials_kernel(MergeAttentionPartialsParams p) {
+  const int64_t num_rows = p.batch * p.seq * p.heads;
+  const int lane = threadIdx.x & 31;
+  const int64_t warps_per_grid = (int64_t)gridDim.x * (blockDim.x >> 5);
+  for (int64_t row = (int64_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); row < num_rows;
+       row += warps_per_grid) {
+    const int64_t h = row % p.heads;
+    const int64_t s = (row / p.heads) % p.seq;
+    const int64_t b = row / (p.heads * p.seq);
+    const int64_t lse_idx = (b * p.heads + h) * p.seq + s;
+    const int64_t out_idx = row * p.head_dim;  // [B, S, H, D] contiguous: row = (b*S + s)*H + h
+    float m = -INFINITY;
+    for (int i = 0; i < p.num_parts; ++i) m = fmaxf(m, p.part_lse[i][lse_idx]);
+    float w[kMaxPartials];
+    float total = 0.0f;
+#pragma unroll
+    for (int i = 0; i < kMaxPartials; ++i) {
+      w[i] = 0.0f;
+      if (i < p.num_parts && m != -INFINITY) {
+        const float l = p.part_lse[i][lse_idx];
+        w[i] = l == -INFINITY ? 0.0f : __expf(l - m);
+        total += w[i];
+      }
+    }
+    const float inv = total > 0.0f ? 1.0f / total : 0.0f;
+    TOut* o = static_cast<TOut*>(p.out) + out_idx;
+    for (int64_t d = lane; d < p.head_dim; d += 32) {
+      float acc = 0.0f;
+#pragma unroll
+      for (int i = 0; i < kMaxPartials; ++i) {
+        if (w[i] != 0.0f) acc += w[i] * to_float<TIn>(static_cast<const TIn*>(p.parts[i])[out_idx + d]);
+      }
+      o[d] = from_float<TOut>(acc * inv);
+    }
+    if (lane == 0) p.lse[lse_idx] = total > 0.0f ? m + logf(total) : -INFINITY;
+  }
+}
+
 }  // namespace xdit_ops

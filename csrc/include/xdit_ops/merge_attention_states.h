@@ -24,4 +24,22 @@ struct MergeAttentionStatesParams {
 cudaError_t merge_attention_states(const MergeAttentionStatesParams& params, DType block_dtype,
                                    int num_sms, cudaStream_t stream);
 
+// N-way merge: out = sum_i w_i * part_i with w_i = exp(lse_i - lse), lse = log(sum_i exp(lse_i)),
+// in one pass over the partials (ring attention's combine step, done once at the end).
+constexpr int kMaxPartials = 16;
+
+struct MergeAttentionPartialsParams {
+  // Partials, each contiguous: out [B, S, H, D] in T_in, lse [B, H, S] fp32.
+  const void* parts[kMaxPartials];
+  const float* part_lse[kMaxPartials];
+  int num_parts;
+  // Result, contiguous: out [B, S, H, D] in T_out, lse [B, H, S] fp32.
+  void* out;
+  float* lse;
+  int64_t batch, seq, heads, head_dim;
+};
+
+cudaError_t merge_attention_partials(const MergeAttentionPartialsParams& params, DType in_dtype,
+                                     DType out_dtype, int num_sms, cudaStream_t stream);
+
 }  // namespace xdit_ops
