@@ -261,6 +261,11 @@ def env_info() -> dict:
                          "l2_mib": round(p.L2_cache_size / 2**20, 1)})
     commit = _git("rev-parse", "HEAD")
     dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))
+    if not commit and os.environ.get("XDIT_OPS_GIT_COMMIT"):
+        # The GPU machine gets a copy of the working tree without .git: the caller names the
+        # commit (and whether the tree had changes on top of it).
+        commit = os.environ["XDIT_OPS_GIT_COMMIT"]
+        dirty = False
     return {
         "gpu": gpus[0]["name"] if gpus else None,
         "gpus": gpus,

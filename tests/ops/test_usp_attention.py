@@ -281,6 +281,13 @@ def _worker_gpu(rank, world):
         xdit_ops.init_parallel(ulysses_degree=u, ring_degree=r)
         for i, case in enumerate(GPU_CASES):
             _run_case(case, u, r, seed=31 * i + 5, device="cuda")
+        if r > 1:  # the copy-engine ring over symmetric memory, twice (buffers are reused)
+            os.environ["XDIT_OPS_USP_RING"] = "ce"
+            try:
+                for i, case in enumerate(GPU_CASES[:3] * 2):
+                    _run_case(case, u, r, seed=77 * i + 1, device="cuda")
+            finally:
+                del os.environ["XDIT_OPS_USP_RING"]
     xdit_ops.destroy_parallel()
 
 

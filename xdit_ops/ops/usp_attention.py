@@ -234,6 +234,50 @@ def _lse_out(lse_h, J, L, heads, u_rank, ug, joint_front, H):
     return back.squeeze(-1).transpose(1, 2).contiguous()
 
 
+def ring_transport(device: torch.device) -> str:
+    """How K/V blocks travel around the ring: ``nccl`` (P2P send/recv kernels, any topology) or
+    ``ce`` (the copy engines pull the previous rank's block straight out of its symmetric-memory
+    buffer over NVLink, so the transfer takes no SMs from the attention). ``XDIT_OPS_USP_RING``
+    chooses; the default is ``nccl`` (the measured comparison is in docs/usp_attention.md)."""
+    choice = os.environ.get("XDIT_OPS_USP_RING", "nccl")
+    if choice not in ("nccl", "ce"):
+        raise ValueError(f"{OP}: XDIT_OPS_USP_RING must be 'nccl' or 'ce', got {choice!r}")
+    return choice if device.type == "cuda" else "nccl"
+
+
+_RING_BUFFERS: dict[tuple, tuple[torch.Tensor, object]] = {}
+_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+def _ring_buffers(group: dist.ProcessGroup, shape: tuple, dtype: torch.dtype,
+                  device: torch.device):
+    """Two K/V block buffers in symmetric memory (peer-mapped), allocated once per shape.
+
+    The rendezvous is collective and host-blocking, so it happens on the first call with a
+    shape (all ranks agree on shapes: the metadata check runs first), never in a CUDA graph.
+    """
+    key = (group.group_name, shape, dtype, device)
+    if key not in _RING_BUFFERS:
+        import warnings
+
+        import torch.distributed._symmetric_memory as symm_mem
+
+        with warnings.catch_warnings():  # needed before torch 2.10, deprecated (a no-op) after
+            warnings.simplefilter("ignore", FutureWarning)
+            symm_mem.enable_symm_mem_for_group(group.group_name)
+        buf = symm_mem.empty((2, *shape), dtype=dtype, device=device)
+        handle = symm_mem.rendezvous(buf, group.group_name)
+        _RING_BUFFERS[key] = (buf, handle)
+    return _RING_BUFFERS[key]
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SIDE_STREAMS:
+        _SIDE_STREAMS[idx] = torch.cuda.Stream(device=idx)
+    return _SIDE_STREAMS[idx]
+
+
 def _num_chunks(device: torch.device, batch: int, seq: int, min_heads: int) -> int:
     """Head chunks for the pipelined Ulysses exchange (identical on every rank).
 
@@ -491,6 +535,36 @@ def _usp_impl(q, k, v, joint_lengths, joint_tokens, joint_front, seq_len, scale,
         if R == 1:
             n = Jk + valid_keys(0)
             accumulate(*_local_attention(qbuf, kv[0][:, :n], kv[1][:, :n], scale, backend))
+        elif ring_transport(q.device) == "ce":
+            # Pull model over symmetric memory: at step t every rank computes on its buffer
+            # t % 2 while its side stream copies the previous rank's buffer t % 2 into its own
+            # buffer (t + 1) % 2 (a device-to-device memcpy: the copy engine, over NVLink), then
+            # a barrier marks every copy of step t done. Hazards: a buffer is overwritten only
+            # after this rank's attention on it (side waits for the compute stream) and after
+            # the next rank has pulled it (the barrier of the step before).
+            bufs, handle = _ring_buffers(rg, tuple(kv.shape), kv.dtype, q.device)
+            bufs[0].copy_(kv)
+            side = _side_stream(q.device)
+            compute = torch.cuda.current_stream(q.device)
+            prev = (r_rank - 1) % R
+            numel = kv.numel()
+            for step in range(R):
+                if step + 1 < R:
+                    side.wait_stream(compute)
+                    with torch.cuda.stream(side):
+                        if step == 0:
+                            handle.barrier(channel=0)  # every rank's first block is in place
+                        src = handle.get_buffer(prev, tuple(kv.shape), kv.dtype,
+                                                (step % 2) * numel)
+                        bufs[(step + 1) % 2].copy_(src)
+                        handle.barrier(channel=0)
+                n = valid_keys((r_rank - step) % R)
+                if n > 0:
+                    cur = bufs[step % 2]
+                    accumulate(*_local_attention(qbuf, cur[0, :, :n], cur[1, :, :n], scale,
+                                                 backend))
+                if step + 1 < R:
+                    compute.wait_stream(side)
         else:
             ring_ranks = dist.get_process_group_ranks(rg)
             nxt = ring_ranks[(r_rank + 1) % R]
