@@ -30,7 +30,9 @@ def test_run_attention_cpu_and_exit_codes():
     assert res.returncode == 0, res.stdout + res.stderr
     assert "math      bf16 1x77x3x72" in res.stdout and "checks passed" in res.stdout
     lines = [ln for ln in res.stdout.splitlines() if ln.startswith("attention  cpu")]
-    assert len(lines) == 3 and all(ln.rstrip().endswith("ok") for ln in lines), res.stdout
+    # The math backend in each dtype at least (other CPU backends may join it).
+    assert sum(" math " in ln for ln in lines) == 3, res.stdout
+    assert all(ln.rstrip().endswith("ok") for ln in lines), res.stdout
     # A tolerance no rounded result can meet must fail the command (bf16/fp16 outputs carry
     # rounding error against the fp32 reference), and the failure must be named.
     res = _cli("run", "--device", "cpu", "--shape", "1,77,3,72", "--iters", "1",

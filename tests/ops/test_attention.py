@@ -101,7 +101,12 @@ def test_cpu_backends_resolve():
     for b in ("cudnn", "flash", "efficient"):
         why = backend_unusable_reason(b, dev, torch.bfloat16, 128)
         assert why is not None and "cpu" in why
-        q, k, v = make_qkv(1, 4, 4, 1, 8, torch.bfloat16)
+    # Any backend refused on the CPU raises with its reason instead of running something else.
+    q, k, v = make_qkv(1, 4, 4, 1, 8, torch.float32)
+    for b in ("cudnn", "flash", "efficient", "fp8"):
+        why = backend_unusable_reason(b, dev, torch.float32, 8)
+        if why is None:
+            continue
         with pytest.raises(ValueError, match=f"attention: backend '{b}' cannot run here"):
             xdit_ops.attention(q, k, v, backend=b)
 
@@ -146,11 +151,9 @@ def _bad(shape=(1, 4, 2, 8), dtype=torch.float32):
          r"attention: scale must be a finite number, got nan"),
         ((_bad((1, 4, 8, 2)).transpose(2, 3), _bad(), _bad()), {}, ValueError,
          r"attention: head_dim must be the contiguous"),
-        ((_bad(), _bad(), _bad()), {"backend": "fp8"}, ValueError,
-         r"attention: backend 'fp8' cannot run here"),
     ],
     ids=["3d", "dtype", "batch", "kv_len", "heads", "head_dim", "int", "backend", "scale",
-         "stride", "fp8_cpu"],
+         "stride"],
 )
 def test_bad_inputs(args, kwargs, exc, pattern):
     with pytest.raises(exc, match=pattern):
@@ -167,8 +170,10 @@ def test_opcheck_cpu():
 
 
 def _compiled_fn(q, k, v):
+    # One pointwise op after the custom op: the fake kernel's shapes/dtypes must flow into
+    # inductor's generated code (a single C++ kernel keeps the cold compile short on CI).
     out, lse = xdit_ops.attention(q, k, v, return_lse=True)
-    return out * 2.0 + 1.0, lse.exp().sum(-1)
+    return out * 2.0 + 1.0, lse
 
 
 def _check_compile(q, k, v):
