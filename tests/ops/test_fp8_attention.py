@@ -325,7 +325,7 @@ def test_compile_cpu():
 # is read when triton is imported). The interpreter's fp32 -> e4m3 cast does not round like the
 # GPU's cvt.rn (it loses the carry into the exponent, e.g. 127.46 -> 64), so the emulation is
 # given the interpreter's own cast; its float arithmetic also differs from fp32 in places (a few
-# V codes one e4m3 step apart), hence tolerances instead of equality.
+# V codes one e4m3 step apart, bf16 outputs truncated), hence tolerances instead of equality.
 
 _INTERPRETER_CHECK = textwrap.dedent("""
     import numpy as np
@@ -362,14 +362,17 @@ _INTERPRETER_CHECK = textwrap.dedent("""
         a, b = got.vt.float(), want.vt.float()
         assert (a != b).float().mean() < 5e-3
         assert ((a - b).abs() <= b.abs() / 8 + 2.0 ** -9).all()
+        # fp16 outputs match to rounding; the interpreter's fp32 -> bf16 cast truncates
+        # (the GPU's rounds to nearest), which costs ~3e-3 relative.
+        tol = 1e-4 if dtype == torch.float16 else 5e-3
         out, lse = attention_quantized_triton(want, dtype)
         ref_out, ref_lse = fp8_attention_quantized_ref(want, dtype, fp8_cast=icast)
         m = attention_error_metrics(out, ref_out)
-        assert m["cos_min"] > 0.9999 and m["rel_l1"] < 1e-2, m
+        assert m["rel_l1"] < tol, m
         assert (lse - ref_lse).abs().max() < 1e-4
         out2, _ = attention_quantized_triton(got, dtype)
         m2 = attention_error_metrics(out2, ref_out)
-        assert m2["cos_min"] > 0.9999 and m2["rel_l1"] < 1e-2, m2
+        assert m2["rel_l1"] < 3 * tol, m2
     print("interpreter ok")
 """)
 

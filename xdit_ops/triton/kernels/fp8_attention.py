@@ -47,7 +47,7 @@ def kv_stats_kernel(
     D: tl.constexpr, DP: tl.constexpr, BLOCK_S: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """Grid (B * H, NUM_CHUNKS). KSUM/VMAX: [B * H, NUM_CHUNKS, DP] fp32."""
-    bh = tl.program_id(0)
+    bh = tl.program_id(0).to(tl.int64)  # offsets below can pass 2^31 at long sequences
     chunk = tl.program_id(1)
     num_chunks = tl.num_programs(1)
     b = bh // H
@@ -108,7 +108,7 @@ def quantize_kernel(
     KSCALE [B, H, Sk_pad] fp32, VT8 [B, H, DP, Sk_pad] e4m3, VSCALE [B, H, DP] fp32.
     """
     pid = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(1).to(tl.int64)  # offsets below can pass 2^31 at long sequences
     b = bh // H
     h = bh % H
     offs_d = tl.arange(0, DP)
@@ -201,7 +201,7 @@ def attn_fwd_kernel(
 ):
     """Grid (cdiv(Sq, BLOCK_M), B * H). OUT: [B, Sq, H, D] (any strides), LSE: [B, H, Sq]."""
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(1).to(tl.int64)  # offsets below can pass 2^31 at long sequences
     b = bh // H
     h = bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -210,9 +210,9 @@ def attn_fwd_kernel(
     row = bh * Sq + offs_m
     q8 = tl.load(Q8 + row[:, None] * DP + offs_d[None, :], mask=m_ok[:, None], other=0)
     qs = tl.load(QSCALE + row, mask=m_ok, other=0.0)
-    k_base = K8 + bh.to(tl.int64) * Sk_pad * DP
+    k_base = K8 + bh * Sk_pad * DP
     ks_base = KSCALE + bh * Sk_pad
-    vt_base = VT8 + bh.to(tl.int64) * DP * Sk_pad
+    vt_base = VT8 + bh * DP * Sk_pad
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
