@@ -147,13 +147,13 @@ fi
 # ----------------------------------------------------------------------------------- cmake
 cmake_tests() {
   set -e
-  local bdir=/tmp/xdit_cmake
+  local bdir=build/cmake
   if command -v cmake > /dev/null && cmake -S . -B "$bdir" -DCMAKE_BUILD_TYPE=Release; then
     cmake --build "$bdir" -j "$MAX_JOBS"
     ctest --test-dir "$bdir" --output-on-failure
   else
-    echo "cmake missing or too old (CMakeLists.txt needs 3.24): compiling the kernel unit tests" \
-      "with nvcc directly"
+    echo "cmake missing, or configuring failed (CMakeLists.txt needs cmake >= 3.24): compiling" \
+      "the kernel unit tests with nvcc directly"
     local nvcc="${CUDA_HOME:-/usr/local/cuda}/bin/nvcc"
     command -v nvcc > /dev/null && nvcc=nvcc
     mkdir -p "$bdir"
@@ -161,7 +161,9 @@ cmake_tests() {
       local exe="$bdir/$(basename "${t%.cu}")"
       "$nvcc" -std=c++17 -O2 --use_fast_math -gencode=arch=compute_90a,code=sm_90a \
         -Icsrc/include "$t" csrc/kernels/*.cu -o "$exe"
-      "$exe"
+      local rc=0
+      "$exe" || rc=$?
+      if [ $rc -eq 77 ]; then echo "$exe: skipped (no GPU)"; elif [ $rc -ne 0 ]; then return $rc; fi
     done
   fi
 }
