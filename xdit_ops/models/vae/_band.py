@@ -224,13 +224,17 @@ def band_attention(
     v: torch.Tensor,
     ctx: BandContext,
     counts: tuple[int, ...],
+    attn_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of this rank's queries over every rank's keys: ``[B, S_local, heads, D]`` (BSHD).
 
-    ``counts`` gives every rank's number of tokens (uneven bands). This is the one call site of
-    attention inside the banded VAE; it gathers K and V (exact: no mask, key order irrelevant)
-    because ``usp_attention`` shards sequences evenly with padding only at the end, while VAE
-    bands hold uneven token counts.
+    ``counts`` gives every rank's number of tokens (uneven bands); the keys are ordered rank by
+    rank. ``attn_mask`` (bool, True = attend, broadcastable to ``[B, heads, S_local, S_total]``)
+    is for masks defined on token positions (HunyuanVideo's frame-causal mask).
+
+    This is the one call site of attention inside the banded VAE. It gathers K and V rather than
+    calling ``usp_attention``, whose shards are equal with padding only at the end of the
+    sequence, while VAE bands hold uneven token counts in the middle of it.
     """
     kv = torch.stack([k, v])  # [2, B, S_local, H, D]
     longest = max(counts)
@@ -243,6 +247,6 @@ def band_attention(
     full = torch.cat([buf[:, :, :n] for buf, n in zip(bufs, counts, strict=True)], dim=2)
     del bufs
     out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), full[0].transpose(1, 2), full[1].transpose(1, 2)
+        q.transpose(1, 2), full[0].transpose(1, 2), full[1].transpose(1, 2), attn_mask=attn_mask
     )
     return out.transpose(1, 2)

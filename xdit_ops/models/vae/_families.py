@@ -174,6 +174,28 @@ def _downsample_2d(walk: Walk, path: str, module: nn.Module) -> None:
     return apply
 
 
+def attention_tokens(attn, x, ctx, counts, attn_mask=None):
+    """A diffusers ``Attention`` (self-attention, AttnProcessor2_0 semantics) on this rank's
+    tokens ``x [B, S_local, C]`` with keys from every rank, up to the output projection (the
+    caller adds the residual and divides by ``rescale_output_factor``)."""
+    b = x.shape[0]
+    if attn.group_norm is not None:
+        x = attn.group_norm(x.transpose(1, 2)).transpose(1, 2)
+    if getattr(attn, "fused_projections", False):
+        q, k, v = attn.to_qkv(x).chunk(3, dim=-1)
+    else:
+        q, k, v = attn.to_q(x), attn.to_k(x), attn.to_v(x)
+    heads = attn.heads
+    hd = k.shape[-1] // heads
+    q, k, v = (t.view(b, -1, heads, hd) for t in (q, k, v))
+    if attn.norm_q is not None:
+        q = attn.norm_q(q.transpose(1, 2)).transpose(1, 2)
+    if attn.norm_k is not None:
+        k = attn.norm_k(k.transpose(1, 2)).transpose(1, 2)
+    o = band_attention(q, k, v, ctx, counts, attn_mask).reshape(b, -1, heads * hd).to(q.dtype)
+    return attn.to_out[1](attn.to_out[0](o))
+
+
 class BandAttnProcessor:
     """Self-attention of a diffusers ``Attention`` over the whole image, from row bands."""
 
@@ -191,29 +213,14 @@ class BandAttnProcessor:
             raise NotImplementedError(f"{OP}: {self.path}: cross-attention or masks in a VAE")
         if hidden_states.dim() != 4:
             raise NotImplementedError(f"{OP}: {self.path}: expected [B, C, H, W] hidden states")
-        residual = hidden_states
         b, c, h, w = hidden_states.shape
         layout = ctx.layout(h, self.path)
         x = hidden_states.view(b, c, h * w).transpose(1, 2)
-        if attn.group_norm is not None:
-            x = attn.group_norm(x.transpose(1, 2)).transpose(1, 2)
-        if getattr(attn, "fused_projections", False):
-            q, k, v = attn.to_qkv(x).chunk(3, dim=-1)
-        else:
-            q, k, v = attn.to_q(x), attn.to_k(x), attn.to_v(x)
-        heads = attn.heads
-        hd = k.shape[-1] // heads
-        q, k, v = (t.view(b, -1, heads, hd) for t in (q, k, v))
-        if attn.norm_q is not None:
-            q = attn.norm_q(q.transpose(1, 2)).transpose(1, 2)
-        if attn.norm_k is not None:
-            k = attn.norm_k(k.transpose(1, 2)).transpose(1, 2)
         counts = tuple(s * w for s in layout.sizes)
-        o = band_attention(q, k, v, ctx, counts).reshape(b, -1, heads * hd).to(q.dtype)
-        o = attn.to_out[1](attn.to_out[0](o))
+        o = attention_tokens(attn, x, ctx, counts)
         o = o.transpose(-1, -2).reshape(b, c, h, w)
         if attn.residual_connection:
-            o = o + residual
+            o = o + hidden_states
         return o / attn.rescale_output_factor
 
 
@@ -281,6 +288,121 @@ def _wan_attention(walk: Walk, path: str, module: nn.Module) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# HunyuanVideo (causal Conv3d with replicate padding, GroupNorm, frame-causal mid-block attention)
+
+
+def _causal_conv_hunyuan(walk: Walk, path: str, module: nn.Module) -> None:
+    """F.pad(replicate) on (W, H, time) then Conv3d: H replicate-padding only at the global
+    border, read from the halo elsewhere."""
+    pw, _, ph, _, pt, _ = module.time_causal_padding
+    conv = module.conv
+    if any(conv.padding) and module.pad_mode not in ("constant",):
+        raise unsupported(path, module, "convolution padding after replicate padding")
+    if conv.kernel_size[-2] == 1 and ph == 0 and conv.stride[-2] == 1:
+        return None
+    mode = "zeros" if module.pad_mode == "constant" else module.pad_mode
+
+    def fwd(self, ctx, x):
+        x = F.pad(x, (pw, pw, 0, 0, pt, 0), mode=self.pad_mode)
+        cp = self.conv.padding
+        return band_conv(self.conv, x, ctx, path, pad_h=(ph + cp[1], ph + cp[1]),
+                         pad_other=(cp[0], cp[2]), mode=mode)
+
+    return lambda: _patch(module, fwd)
+
+
+def _hunyuan_upsample(walk: Walk, path: str, module: nn.Module) -> None:
+    if float(module.upsample_factor[1]) != int(module.upsample_factor[1]):
+        raise unsupported(path, module, "non-integer height upsampling")
+    return None
+
+
+def _hunyuan_mid_block(walk: Walk, path: str, module: nn.Module) -> None:
+    """Resnets as usual; attention over all (frame, row, column) tokens with HunyuanVideo's
+    frame-causal mask (a key is visible when its frame is not after the query's)."""
+
+    def fwd(self, ctx, hidden_states):
+        hidden_states = self.resnets[0](hidden_states)
+        for attn, resnet in zip(self.attentions, self.resnets[1:], strict=True):
+            if attn is not None:
+                b, c, t, h, w = hidden_states.shape
+                layout = ctx.layout(h, path)
+                x = hidden_states.permute(0, 2, 3, 4, 1).flatten(1, 3)
+                frames = torch.arange(t, device=x.device)
+                q_frame = frames.repeat_interleave(h * w)
+                k_frame = torch.cat([frames.repeat_interleave(n * w) for n in layout.sizes])
+                mask = k_frame[None, :] <= q_frame[:, None]
+                counts = tuple(t * n * w for n in layout.sizes)
+                # keys arrive rank by rank, each rank's tokens in (frame, row, column) order
+                o = attention_tokens(attn, x, ctx, counts, mask)
+                if attn.residual_connection:
+                    o = o + x
+                o = o / attn.rescale_output_factor
+                hidden_states = o.unflatten(1, (t, h, w)).permute(0, 4, 1, 2, 3)
+            hidden_states = resnet(hidden_states)
+        return hidden_states
+
+    return lambda: _patch(module, fwd)
+
+
+# ---------------------------------------------------------------------------------------------
+# CogVideoX
+
+
+def _causal_conv_cog(walk: Walk, path: str, module: nn.Module) -> None:
+    if module.pad_mode != "replicate":  # time padding by cached frames; H padding in the conv
+        return None
+    pw, _, ph, _, pt, _ = module.time_causal_padding
+
+    def fwd(self, ctx, inputs, conv_cache=None):
+        x = F.pad(inputs, (pw, pw, 0, 0, pt, 0), mode="replicate")
+        return band_conv(self.conv, x, ctx, path, pad_h=(ph, ph), pad_other=(0, 0),
+                         mode="replicate"), None
+
+    return lambda: _patch(module, fwd)
+
+
+def _cog_downsample(walk: Walk, path: str, module: nn.Module) -> None:
+    """CogVideoXDownsample3D pads (0, 1, 0, 1) before a stride-2 Conv2d: the bottom row is
+    global border padding."""
+    def fwd(self, ctx, x):
+        if self.compress_time:  # average pairs of frames (after the first when odd): per pixel
+            b, c, t, h, w = x.shape
+            y = x.permute(0, 3, 4, 1, 2).reshape(b * h * w, c, t)
+            if t % 2 == 1:
+                first, rest = y[..., 0], y[..., 1:]
+                if rest.shape[-1] > 0:
+                    rest = F.avg_pool1d(rest, kernel_size=2, stride=2)
+                y = torch.cat([first[..., None], rest], dim=-1)
+            else:
+                y = F.avg_pool1d(y, kernel_size=2, stride=2)
+            x = y.reshape(b, h, w, c, y.shape[-1]).permute(0, 3, 4, 1, 2)
+        x = F.pad(x, (0, 1, 0, 0))
+        b, c, t, h, w = x.shape
+        x = x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)
+        x = band_conv(self.conv, x, ctx, path + ".conv", pad_h=(0, 1))
+        return x.reshape(b, t, x.shape[1], x.shape[2], x.shape[3]).permute(0, 2, 1, 3, 4)
+
+    if module.conv.padding[-2] != 0:
+        raise unsupported(path, module, "padded convolution after explicit padding")
+    return lambda: _patch(module, fwd)
+
+
+def _cog_upsample(walk: Walk, path: str, module: nn.Module) -> None:
+    return None  # nearest x2 interpolation (band-local) then a patched Conv2d
+
+
+# ---------------------------------------------------------------------------------------------
+# LTX-Video and LTX-2 (causal Conv3d whose H padding is the Conv3d's own: zeros or reflect)
+
+
+def _ltx_resnet(walk: Walk, path: str, module: nn.Module) -> None:
+    if module.per_channel_scale1 is not None or module.per_channel_scale2 is not None:
+        raise unsupported(path, module, "noise injection draws different noise per band")
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
 # Registry
 
 
@@ -327,6 +449,55 @@ _DIFFUSERS.update({
 })
 
 
+_HY = "diffusers.models.autoencoders.autoencoder_kl_hunyuan_video"
+_DIFFUSERS.update({
+    (_HY, "HunyuanVideoCausalConv3d"): _causal_conv_hunyuan,
+    (_HY, "HunyuanVideoUpsampleCausal3D"): _hunyuan_upsample,
+    (_HY, "HunyuanVideoDownsampleCausal3D"): _local,
+    (_HY, "HunyuanVideoResnetBlockCausal3D"): _local,
+    (_HY, "HunyuanVideoMidBlock3D"): _hunyuan_mid_block,
+    (_HY, "HunyuanVideoDownBlock3D"): _local,
+    (_HY, "HunyuanVideoUpBlock3D"): _local,
+    (_HY, "HunyuanVideoEncoder3D"): _local,
+    (_HY, "HunyuanVideoDecoder3D"): _local,
+})
+_COG = "diffusers.models.autoencoders.autoencoder_kl_cogvideox"
+_DIFFUSERS.update({
+    (_COG, "CogVideoXSafeConv3d"): _conv,
+    (_COG, "CogVideoXCausalConv3d"): _causal_conv_cog,
+    (_COG, "CogVideoXSpatialNorm3D"): _local,  # nearest resize of the latent band to the band
+    (_COG, "CogVideoXResnetBlock3D"): _local,
+    (_COG, "CogVideoXDownBlock3D"): _local,
+    (_COG, "CogVideoXMidBlock3D"): _local,
+    (_COG, "CogVideoXUpBlock3D"): _local,
+    (_COG, "CogVideoXEncoder3D"): _local,
+    (_COG, "CogVideoXDecoder3D"): _local,
+    ("diffusers.models.downsampling", "CogVideoXDownsample3D"): _cog_downsample,
+    ("diffusers.models.upsampling", "CogVideoXUpsample3D"): _cog_upsample,
+})
+for _mod, _pre in (("autoencoder_kl_ltx", "LTXVideo"), ("autoencoder_kl_ltx2", "LTX2Video")):
+    _m = f"diffusers.models.autoencoders.{_mod}"
+    _DIFFUSERS.update({
+        (_m, f"{_pre}CausalConv3d"): _local,  # time padding by frame repeats; H in its Conv3d
+        (_m, f"{_pre}ResnetBlock3d"): _ltx_resnet,
+        (_m, f"{_pre}Downsampler3d"): _local,  # space-to-depth reshapes keep rows in the band
+        (_m, f"{_pre}Upsampler3d"): _local,  # depth-to-space
+        (_m, f"{_pre}DownBlock3D"): _local,
+        (_m, f"{_pre}MidBlock3d"): _local,
+        (_m, f"{_pre}UpBlock3d"): _local,
+        (_m, f"{_pre}Encoder3d"): _local,
+        (_m, f"{_pre}Decoder3d"): _local,
+    })
+_LTX = "diffusers.models.autoencoders.autoencoder_kl_ltx"
+_DIFFUSERS.update({
+    (_LTX, "LTXVideo095DownBlock3D"): _local,
+    ("diffusers.models.autoencoders.autoencoder_kl_ltx2", "PerChannelRMSNorm"): _local,
+    ("diffusers.models.embeddings", "PixArtAlphaCombinedTimestepSizeEmbeddings"): _local,
+    ("diffusers.models.embeddings", "TimestepEmbedding"): _local,
+    ("diffusers.models.embeddings", "Timesteps"): _local,
+})
+
+
 def registry() -> dict[type, Handler]:
     """Handlers by exact class (classes missing from the installed diffusers are skipped)."""
     table: dict[type, Handler] = {cls: _local for cls in _LOCAL_TORCH}
@@ -362,7 +533,34 @@ def _qwen_ratio(vae: nn.Module) -> int:
     return 2 ** len(vae.temperal_downsample)
 
 
+def _ratio_attr(vae: nn.Module) -> int:
+    return int(vae.spatial_compression_ratio)
+
+
+def _ltx2_ratio(vae: nn.Module) -> int:
+    # the spatial_compression_ratio attribute counts "temporal"-only downsamplers as spatial too
+    cfg = vae.config
+    spatial = sum(
+        1 for kind, on in zip(cfg.downsample_type, _as_tuple(cfg.spatio_temporal_scaling,
+                                                            len(cfg.downsample_type)), strict=True)
+        if on and kind in ("conv", "spatial", "spatiotemporal")
+    )
+    return cfg.patch_size * 2**spatial
+
+
+def _as_tuple(v, n: int) -> tuple:
+    return tuple(v) if isinstance(v, (list, tuple)) else (v,) * n
+
+
 _FAMILIES: dict[tuple[str, str], Family] = {
+    ("diffusers.models.autoencoders.autoencoder_kl_hunyuan_video", "AutoencoderKLHunyuanVideo"):
+        Family(_ratio_attr),
+    ("diffusers.models.autoencoders.autoencoder_kl_cogvideox", "AutoencoderKLCogVideoX"):
+        Family(_kl_ratio),
+    ("diffusers.models.autoencoders.autoencoder_kl_ltx", "AutoencoderKLLTXVideo"):
+        Family(_ratio_attr),
+    ("diffusers.models.autoencoders.autoencoder_kl_ltx2", "AutoencoderKLLTX2Video"):
+        Family(_ltx2_ratio),
     ("diffusers.models.autoencoders.autoencoder_kl", "AutoencoderKL"): Family(_kl_ratio),
     ("diffusers.models.autoencoders.autoencoder_kl_wan", "AutoencoderKLWan"): Family(_wan_ratio),
     ("diffusers.models.autoencoders.autoencoder_kl_qwenimage", "AutoencoderKLQwenImage"):
