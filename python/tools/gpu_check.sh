@@ -63,6 +63,10 @@ export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0a}"
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 export PYTHONUNBUFFERED=1
 
+# The GPU machine may get a copy of the tree without .git: XDIT_OPS_GIT_COMMIT names the commit.
+COMMIT="$(git rev-parse --short HEAD 2> /dev/null || true)"
+COMMIT="${COMMIT:-${XDIT_OPS_GIT_COMMIT:-unknown}}"
+
 SUMMARY=()
 FAILED=0
 T_START=$(date +%s)
@@ -107,7 +111,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 NGPU=$("$PY" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
 HOPPER=$("$PY" -c "import torch; print(int(any(torch.cuda.get_device_capability(i) == (9, 0) \
   for i in range(torch.cuda.device_count()))))" 2>/dev/null || echo 0)
-note "gpu_check: $(date -u +%FT%TZ) commit $(git rev-parse --short HEAD 2>/dev/null) \
+note "gpu_check: $(date -u +%FT%TZ) commit $COMMIT \
 $NGPU GPU(s), hopper=$HOPPER, steps: $STEPS, out: $OUT_DIR"
 nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader >> "$LOG" 2>&1 || true
 
@@ -225,7 +229,7 @@ tar -czf "$OUT_DIR/artifacts.tar.gz" -C "$OUT_DIR" logs bench 2>> "$LOG" \
 {
   echo
   echo "gpu_check summary ($(date -u +%FT%TZ), $(( $(date +%s) - T_START ))s, $NGPU GPU(s), \
-commit $(git rev-parse --short HEAD 2>/dev/null))"
+commit $COMMIT)"
   printf '%-34s %-14s %7s\n' "step" "status" "time"
   for line in "${SUMMARY[@]}"; do echo "$line"; done
   echo "log: $LOG"
