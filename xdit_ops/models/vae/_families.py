@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -403,6 +404,88 @@ def _ltx_resnet(walk: Walk, path: str, module: nn.Module) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# SANA's AutoencoderDC (ReLU linear attention over all pixels, pixel (un)shuffle, RMS/batch norm)
+
+
+def _gather_last(t: torch.Tensor, counts: tuple[int, ...], ctx) -> torch.Tensor:
+    """Concatenate every rank's ``t [..., n_r]`` along the last axis (uneven n_r)."""
+    longest = max(counts)
+    if t.shape[-1] < longest:
+        t = F.pad(t, (0, longest - t.shape[-1]))
+    bufs = [torch.empty_like(t) for _ in range(ctx.world)]
+    dist.all_gather(bufs, t.contiguous(), group=ctx.group)
+    return torch.cat([b[..., :n] for b, n in zip(bufs, counts, strict=True)], dim=-1)
+
+
+def _sana_linear_attention(walk: Walk, path: str, module: nn.Module) -> None:
+    """SanaMultiscaleAttnProcessor2_0 on bands. Linear attention sums ``[v; 1] k^T`` over every
+    pixel: each rank sums its own pixels and one all-reduce adds the bands (fp32). The tiny-image
+    quadratic branch normalises over all keys, so it gathers K and V. The branch is chosen from
+    the whole image's pixel count, the same on every rank."""
+    from diffusers.models.attention_processor import SanaMultiscaleAttnProcessor2_0
+
+    if type(module.processor) is not SanaMultiscaleAttnProcessor2_0:
+        raise unsupported(path, module, f"processor {type(module.processor).__name__}")
+
+    def fwd(self, ctx, hidden_states):
+        b, _, h, w = hidden_states.shape
+        layout = ctx.layout(h, path)
+        linear = layout.total * w > self.attention_head_dim
+        residual, dtype = hidden_states, hidden_states.dtype
+        x = hidden_states.movedim(1, -1)
+        x = torch.cat([self.to_q(x), self.to_k(x), self.to_v(x)], dim=3).movedim(-1, 1)
+        x = torch.cat([x] + [blk(x) for blk in self.to_qkv_multiscale], dim=1)
+        if linear:
+            x = x.float()
+        x = x.reshape(b, -1, 3 * self.attention_head_dim, h * w)
+        q, k, v = x.chunk(3, dim=2)
+        q, k = self.nonlinearity(q), self.nonlinearity(k)
+        if linear:
+            v = F.pad(v, (0, 0, 0, 1), mode="constant", value=1)
+            scores = torch.matmul(v, k.transpose(-1, -2)).contiguous()
+            dist.all_reduce(scores, group=ctx.group)
+            o = torch.matmul(scores, q).float()
+            o = (o[:, :, :-1] / (o[:, :, -1:] + self.eps)).to(dtype)
+        else:
+            counts = tuple(n * w for n in layout.sizes)
+            k_all, v_all = _gather_last(k, counts, ctx), _gather_last(v, counts, ctx)
+            scores = torch.matmul(k_all.transpose(-1, -2), q).float()
+            scores = scores / (torch.sum(scores, dim=2, keepdim=True) + self.eps)
+            o = torch.matmul(v_all, scores.to(v_all.dtype))
+        o = torch.reshape(o, (b, -1, h, w))
+        o = self.to_out(o.movedim(1, -1)).movedim(-1, 1)
+        if self.norm_type == "rms_norm":
+            o = self.norm_out(o.movedim(1, -1)).movedim(-1, 1)
+        else:
+            o = self.norm_out(o)
+        if self.residual_connection:
+            o = o + residual
+        return o
+
+    return lambda: _patch(module, fwd)
+
+
+def _dc_up(walk: Walk, path: str, module: nn.Module) -> None:
+    if module.interpolate and module.interpolation_mode not in ("nearest", "nearest-exact"):
+        raise unsupported(path, module, f"{module.interpolation_mode} interpolation")
+    return None
+
+
+def _batch_norm(walk: Walk, path: str, module: nn.Module) -> None:
+    """Inference batch norm uses running statistics: per pixel."""
+    if not module.track_running_stats:
+        raise unsupported(path, module, "batch statistics")
+    original = module.forward
+
+    def fwd(self, ctx, x):
+        if self.training:
+            raise NotImplementedError(f"{OP}: {path}: batch norm in training mode")
+        return original(x)
+
+    return lambda: _patch(module, fwd)
+
+
+# ---------------------------------------------------------------------------------------------
 # Registry
 
 
@@ -498,11 +581,26 @@ _DIFFUSERS.update({
 })
 
 
+_DC = "diffusers.models.autoencoders.autoencoder_dc"
+_DIFFUSERS.update({
+    (_DC, "ResBlock"): _local,
+    (_DC, "EfficientViTBlock"): _local,
+    (_DC, "DCDownBlock2d"): _local,  # (strided) conv then pixel_unshuffle: rows stay in band
+    (_DC, "DCUpBlock2d"): _dc_up,
+    (_DC, "Encoder"): _local,
+    (_DC, "Decoder"): _local,
+    ("diffusers.models.transformers.sana_transformer", "GLUMBConv"): _local,
+    ("diffusers.models.attention_processor", "SanaMultiscaleLinearAttention"):
+        _sana_linear_attention,
+    ("diffusers.models.attention_processor", "SanaMultiscaleAttentionProjection"): _local,
+})
+
+
 def registry() -> dict[type, Handler]:
     """Handlers by exact class (classes missing from the installed diffusers are skipped)."""
     table: dict[type, Handler] = {cls: _local for cls in _LOCAL_TORCH}
     table.update({nn.Conv2d: _conv, nn.Conv3d: _conv, nn.GroupNorm: _group_norm,
-                  nn.ZeroPad2d: _zero_pad_2d})
+                  nn.ZeroPad2d: _zero_pad_2d, nn.BatchNorm2d: _batch_norm})
     for (mod, name), handler in _DIFFUSERS.items():
         try:
             cls = getattr(importlib.import_module(mod), name)
@@ -553,6 +651,7 @@ def _as_tuple(v, n: int) -> tuple:
 
 
 _FAMILIES: dict[tuple[str, str], Family] = {
+    ("diffusers.models.autoencoders.autoencoder_dc", "AutoencoderDC"): Family(_ratio_attr),
     ("diffusers.models.autoencoders.autoencoder_kl_hunyuan_video", "AutoencoderKLHunyuanVideo"):
         Family(_ratio_attr),
     ("diffusers.models.autoencoders.autoencoder_kl_cogvideox", "AutoencoderKLCogVideoX"):
