@@ -9,8 +9,9 @@ offset and outlier channels), in one process, timed interleaved
   the baseline;
 * per available implementation ``<impl>`` of the FP8 op (``triton``; ``sm90`` when
   ``XDIT_OPS_FP8_IMPL=sm90`` can run): ``<impl>_total``, the op end to end (quantization
-  included), what a model pays; for Triton also ``triton_kernel``, the attention kernel alone on
-  pre-quantized inputs, and ``triton_quant``, the quantization pass alone.
+  included), what a model pays, and ``<impl>_kernel``, the attention kernel alone on
+  pre-quantized inputs; ``triton_quant`` is the quantization pass alone (both implementations
+  use it).
 
 Reported per row: median ms, TFLOPS = 4*B*H*S^2*D / t (also for the quantization pass, so that
 ``total`` and ``kernel`` compare), speed-up over cuDNN bf16, and for ``cudnn_bf16`` and
@@ -91,6 +92,12 @@ def candidates(q, k, v, impls: list[str]) -> dict[str, Callable[[], object]]:
             qq = quantize_qkv_triton(q, k, v)
             fns["triton_kernel"] = lambda qq=qq: attention_quantized_triton(qq, q.dtype, False)
             fns["triton_quant"] = lambda: quantize_qkv_triton(q, k, v)
+        else:  # sm90: the native attention kernel after the (shared) Triton quantization pass
+            from xdit_ops.ops.fp8_attention import attention_quantized_sm90
+            from xdit_ops.triton.fp8_attention import quantize_qkv_triton
+
+            qq = quantize_qkv_triton(q, k, v)
+            fns["sm90_kernel"] = lambda qq=qq: attention_quantized_sm90(qq, q.dtype, False)
         fns[f"{impl}_total"] = _with_impl(impl, lambda: xdit_ops.fp8_attention(q, k, v))
     return fns
 

@@ -8,8 +8,9 @@ CUDA implementations, chosen by ``XDIT_OPS_FP8_IMPL``:
 
 ``triton`` (default)  the Triton quantization pass + attention kernel
                       (:mod:`xdit_ops.triton.fp8_attention`).
-``sm90``              the native sm_90a kernel from ``xdit_ops._C_sm90`` (opt-in; an error
-                      where that module or its kernel is missing).
+``sm90``              the Triton quantization pass + the native sm_90a attention kernel
+                      (``xdit_ops::fp8_attention_sm90_fwd`` from ``xdit_ops._C_sm90``; opt-in
+                      until its GPU test passes; an error where it cannot run).
 ``emulation``         the CPU emulation's torch ops run on the GPU (slow; for debugging).
 
 The op is lossy by design (INT8 Q K^T, FP8 P.V), so ``attention(..., backend="auto")`` never
@@ -36,6 +37,19 @@ lib.define(
     "fp8_attention(Tensor q, Tensor k, Tensor v, float? scale=None, bool return_lse=False) "
     "-> (Tensor, Tensor)"
 )
+# The sm_90a kernel on the quantization pass's output (QuantizedQKV); its CUDA kernel lives in
+# xdit_ops._C_sm90 (csrc/cuda/sm90/fp8_attention_sm90.cpp).
+lib.define(
+    "fp8_attention_sm90_fwd(Tensor q8, Tensor q_scale, Tensor k8, Tensor k_scale, Tensor vt8, "
+    "Tensor v_scale, Tensor lse_corr, int seqlen_k, int head_dim, Tensor out_like, "
+    "bool return_lse) -> (Tensor, Tensor)"
+)
+SM90_OP = "xdit_ops::fp8_attention_sm90_fwd"
+
+
+def sm90_kernel_loaded() -> bool:
+    """Whether xdit_ops._C_sm90 registered the CUDA kernel of ``fp8_attention_sm90_fwd``."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key(SM90_OP, "CUDA")
 
 
 def unusable_reason(device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
@@ -63,11 +77,10 @@ def unusable_reason(device: torch.device, dtype: torch.dtype, head_dim: int) -> 
         if not _extension.has("_C_sm90"):
             return f"XDIT_OPS_FP8_IMPL=sm90 but xdit_ops._C_sm90 is not loaded: " \
                    f"{_extension.reason('_C_sm90')}"
-        if not hasattr(torch.ops.xdit_ops, "fp8_attention_sm90"):
-            return "XDIT_OPS_FP8_IMPL=sm90 but xdit_ops._C_sm90 has no fp8_attention_sm90 kernel"
-        return None
+        if not sm90_kernel_loaded():
+            return "XDIT_OPS_FP8_IMPL=sm90: xdit_ops._C_sm90 has no fp8_attention_sm90_fwd kernel"
     try:
-        import triton  # noqa: F401
+        import triton  # noqa: F401  (the quantization pass is Triton for both implementations)
     except ImportError as exc:
         return f"fp8 attention's CUDA path needs Triton: {exc}"
     return None
@@ -117,13 +130,23 @@ def _fp8_attention_cuda(q, k, v, scale=None, return_lse=False):
     if impl == "emulation":
         out, lse = fp8_attention_ref(q, k, v, scale)
         return _finish(q, out, lse, return_lse)
-    if impl == "sm90":
-        out, lse = torch.ops.xdit_ops.fp8_attention_sm90.default(q, k, v, scale, return_lse)
-        return _finish(q, out, lse, return_lse)
-    from xdit_ops.triton.fp8_attention import fp8_attention_triton
+    from xdit_ops.triton.fp8_attention import fp8_attention_triton, quantize_qkv_triton
 
+    if impl == "sm90":
+        qq = quantize_qkv_triton(q, k, v, scale)
+        out, lse = attention_quantized_sm90(qq, q.dtype, return_lse)
+        return _finish(q, out, lse, return_lse)
     out, lse = fp8_attention_triton(q, k, v, scale, return_lse)
     return _finish(q, out, lse, return_lse)
+
+
+def attention_quantized_sm90(qq, out_dtype: torch.dtype, return_lse: bool = True):
+    """The sm_90a kernel on a :class:`~xdit_ops.reference.fp8_attention.QuantizedQKV`:
+    (out [B, Sq, H, D] ``out_dtype``, lse [B, H, Sq] fp32 or [B, H, 0])."""
+    like = qq.q_scale.new_empty(0, dtype=out_dtype)
+    return torch.ops.xdit_ops.fp8_attention_sm90_fwd.default(
+        qq.q, qq.q_scale, qq.k, qq.k_scale, qq.vt, qq.v_scale, qq.lse_corr, qq.seqlen_k,
+        qq.head_dim, like, return_lse)
 
 
 lib.impl(OP, _fp8_attention_cpu, "CPU")
@@ -136,6 +159,15 @@ def _fp8_attention_fake(q, k, v, scale=None, return_lse=False):
     B, Sq, H, D = q.shape
     out = q.new_empty((B, Sq, H, D))
     lse = q.new_empty((B, H, Sq), dtype=torch.float32) if return_lse else _empty_lse(q)
+    return out, lse
+
+
+@torch.library.register_fake(SM90_OP)
+def _fp8_attention_sm90_fwd_fake(q8, q_scale, k8, k_scale, vt8, v_scale, lse_corr, seqlen_k,
+                                 head_dim, out_like, return_lse):
+    B, H, Sq, _ = q8.shape
+    out = q8.new_empty((B, Sq, H, head_dim), dtype=out_like.dtype)
+    lse = q8.new_empty((B, H, Sq if return_lse else 0), dtype=torch.float32)
     return out, lse
 
 
@@ -174,4 +206,5 @@ def fp8_attention(
     return (out, lse) if return_lse else out
 
 
-__all__ = ["fp8_attention", "padded_head_dim", "unusable_reason"]
+__all__ = ["attention_quantized_sm90", "fp8_attention", "padded_head_dim", "sm90_kernel_loaded",
+           "unusable_reason"]

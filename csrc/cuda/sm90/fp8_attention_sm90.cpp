@@ -1,0 +1,90 @@
+// Torch-aware launcher of xdit_ops::fp8_attention_sm90_fwd (schema in
+// xdit_ops/ops/fp8_attention.py): the sm_90a FP8 attention kernel on the quantization pass's
+// output (QuantizedQKV layouts).
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "utils.h"
+#include "xdit_ops/fp8_attention_sm90.h"
+
+namespace xdit_ops {
+
+std::tuple<at::Tensor, at::Tensor> fp8_attention_sm90_fwd_cuda(
+    const at::Tensor& q8, const at::Tensor& q_scale, const at::Tensor& k8,
+    const at::Tensor& k_scale, const at::Tensor& vt8, const at::Tensor& v_scale,
+    const at::Tensor& lse_corr, int64_t seqlen_k, int64_t head_dim, const at::Tensor& out_like,
+    bool return_lse) {
+  constexpr const char* kOp = "fp8_attention_sm90_fwd";
+  XDIT_CHECK(q8.is_cuda(), kOp, ": tensors must be on a CUDA device, got ", q8.device());
+  for (const at::Tensor* t : {&q_scale, &k8, &k_scale, &vt8, &v_scale, &lse_corr}) {
+    XDIT_CHECK(t->device() == q8.device(), kOp, ": tensors are on different devices (",
+               q8.device(), ", ", t->device(), ")");
+    XDIT_CHECK(t->is_contiguous(), kOp, ": quantized inputs must be contiguous");
+  }
+  XDIT_CHECK(q8.is_contiguous(), kOp, ": quantized inputs must be contiguous");
+  XDIT_CHECK(q8.dim() == 4 && k8.dim() == 4 && vt8.dim() == 4, kOp,
+             ": q8/k8/vt8 must be 4-D, got ", q8.sizes(), ", ", k8.sizes(), ", ", vt8.sizes());
+  XDIT_CHECK(q8.scalar_type() == at::kChar && k8.scalar_type() == at::kChar, kOp,
+             ": q8 and k8 must be int8, got ", q8.scalar_type(), " and ", k8.scalar_type());
+  XDIT_CHECK(vt8.scalar_type() == at::kFloat8_e4m3fn, kOp, ": vt8 must be float8_e4m3fn, got ",
+             vt8.scalar_type());
+  for (const at::Tensor* t : {&q_scale, &k_scale, &v_scale, &lse_corr}) {
+    XDIT_CHECK(t->scalar_type() == at::kFloat, kOp, ": scales must be float32, got ",
+               t->scalar_type());
+  }
+  const int64_t B = q8.size(0), H = q8.size(1), Sq = q8.size(2), DP = q8.size(3);
+  const int64_t Skp = k8.size(2);
+  XDIT_CHECK(DP == 64 || DP == 128, kOp, ": padded head_dim must be 64 or 128, got ", DP);
+  XDIT_CHECK(head_dim >= 1 && head_dim <= DP, kOp, ": head_dim ", head_dim, " not in [1, ", DP,
+             "]");
+  XDIT_CHECK(k8.size(0) == B && k8.size(1) == H && k8.size(3) == DP, kOp, ": k8 ", k8.sizes(),
+             " does not match q8 ", q8.sizes());
+  XDIT_CHECK(Skp % 64 == 0 && seqlen_k >= 0 && seqlen_k <= Skp, kOp, ": seqlen_k ", seqlen_k,
+             " and padded key length ", Skp, " (must be a multiple of 64)");
+  XDIT_CHECK(vt8.size(0) == B && vt8.size(1) == H && vt8.size(2) == DP && vt8.size(3) == Skp,
+             kOp, ": vt8 must be [B, H, DP, Sk_pad] = [", B, ", ", H, ", ", DP, ", ", Skp,
+             "], got ", vt8.sizes());
+  XDIT_CHECK(q_scale.numel() == B * H * Sq && lse_corr.numel() == B * H * Sq &&
+                 k_scale.numel() == B * H * Skp && v_scale.numel() == B * H * DP,
+             kOp, ": scale sizes do not match the quantized tensors");
+  const at::ScalarType out_type = out_like.scalar_type();
+  XDIT_CHECK(out_type == at::kHalf || out_type == at::kBFloat16, kOp,
+             ": output dtype must be float16 or bfloat16, got ", out_type);
+
+  const c10::cuda::CUDAGuard guard(q8.device());
+  at::Tensor out = at::empty({B, Sq, H, head_dim}, q8.options().dtype(out_type));
+  at::Tensor lse = at::empty({B, H, return_lse ? Sq : 0}, q8.options().dtype(at::kFloat));
+  Fp8AttentionSm90Params p;
+  p.q8 = q8.const_data_ptr<int8_t>();
+  p.q_scale = q_scale.const_data_ptr<float>();
+  p.k8 = k8.const_data_ptr<int8_t>();
+  p.k_scale = k_scale.const_data_ptr<float>();
+  p.vt8 = static_cast<const uint8_t*>(vt8.const_data_ptr());
+  p.v_scale = v_scale.const_data_ptr<float>();
+  p.lse_corr = lse_corr.const_data_ptr<float>();
+  p.out = out.data_ptr();
+  p.lse = return_lse ? lse.data_ptr<float>() : nullptr;
+  p.out_stride_b = out.stride(0);
+  p.out_stride_s = out.stride(1);
+  p.out_stride_h = out.stride(2);
+  p.heads = static_cast<int>(H);
+  p.seq_q = static_cast<int>(Sq);
+  p.seq_k = static_cast<int>(seqlen_k);
+  p.seq_k_pad = static_cast<int>(Skp);
+  p.head_dim = static_cast<int>(head_dim);
+  XDIT_CUDA_CHECK(fp8_attention_sm90(p, static_cast<int>(B), static_cast<int>(DP),
+                                     to_dtype(out_type, kOp),
+                                     c10::cuda::getCurrentCUDAStream().stream()));
+  return {out, lse};
+}
+
+}  // namespace xdit_ops
+
+TORCH_LIBRARY_IMPL(xdit_ops, CUDA, m) {
+  m.impl("fp8_attention_sm90_fwd", &xdit_ops::fp8_attention_sm90_fwd_cuda);
+}
