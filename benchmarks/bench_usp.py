@@ -90,9 +90,9 @@ def main() -> None:
     dist.init_process_group("nccl", device_id=torch.device("cuda", local))
     rank, world = dist.get_rank(), dist.get_world_size()
     shapes = SHAPES if args.shapes == "all" else [SHAPES[int(i)] for i in args.shapes.split(",")]
-    configs = [("ulysses", world, 1), ("ring", 1, world), ("ring-ce", 1, world)]
+    configs = [("ulysses", world, 1), ("ring", 1, world), ("ring-nccl", 1, world)]
     if world >= 4 and world % 2 == 0:
-        configs += [("hybrid", 2, world // 2), ("hybrid-ce", 2, world // 2)]
+        configs += [("hybrid", 2, world // 2)]
     dtype = torch.bfloat16
     rows = []
     for B, S, H, D in shapes:
@@ -114,8 +114,8 @@ def main() -> None:
             print(f"shape {(B, S, H, D)}: single-GPU cuDNN {t1_ms:.3f} ms, rel err {err1:.2e}",
                   flush=True)
         for name, u, r in configs:
-            # "-ce": K/V travel the ring by copy engine over symmetric memory
-            os.environ["XDIT_OPS_USP_RING"] = "ce" if name.endswith("-ce") else "nccl"
+            # default ring transport: copy engine over symmetric memory; "-nccl": NCCL P2P
+            os.environ["XDIT_OPS_USP_RING"] = "nccl" if name.endswith("-nccl") else "ce"
             xdit_ops.init_parallel(ulysses_degree=u, ring_degree=r)
             shards = [xdit_ops.shard_sequence(t)[0] for t in (q, k, v)]
             def ours(shards=shards, S=S):
@@ -123,7 +123,7 @@ def main() -> None:
 
             fns = {"xdit_ops": ours}
             note = ""
-            if not args.no_yunchang and S % world == 0 and H % u == 0 and "-ce" not in name:
+            if not args.no_yunchang and S % world == 0 and H % u == 0 and "-nccl" not in name:
                 layer, note = yunchang_fn(u, r, rank, world)
                 if layer is not None:
                     fns["yunchang"] = lambda layer=layer, shards=shards: layer(*shards)

@@ -29,6 +29,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import shlex
 import statistics
 import subprocess
@@ -261,7 +262,7 @@ def env_info() -> dict:
                          "l2_mib": round(p.L2_cache_size / 2**20, 1)})
     commit = _git("rev-parse", "HEAD")
     dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))
-    if not commit and os.environ.get("XDIT_OPS_GIT_COMMIT"):
+    if not re.fullmatch(r"[0-9a-f]{7,40}", commit or "") and os.environ.get("XDIT_OPS_GIT_COMMIT"):
         # The GPU machine gets a copy of the working tree without .git: the caller names the
         # commit (and whether the tree had changes on top of it).
         commit = os.environ["XDIT_OPS_GIT_COMMIT"]

@@ -148,15 +148,6 @@ def _worker_all(rank, world, big):
         if big and (u, r) == factorisations(world)[-1 if world != 4 else 1]:
             for i, case in enumerate(BIG_CASES):
                 _run_case(case, u, r, seed=99 + i)
-    # The pipelined Ulysses exchange (head chunks; the GPU default for large shapes), with
-    # uneven heads per rank and per chunk.
-    xdit_ops.init_parallel(ulysses_degree=world, device_type="cpu")
-    os.environ["XDIT_OPS_USP_CHUNKS"] = "2"
-    try:
-        for i, case in enumerate(CASES[:4]):
-            _run_case(case, world, 1, seed=500 + i)
-    finally:
-        del os.environ["XDIT_OPS_USP_CHUNKS"]
     xdit_ops.destroy_parallel()
 
 
@@ -281,10 +272,10 @@ def _worker_gpu(rank, world):
         xdit_ops.init_parallel(ulysses_degree=u, ring_degree=r)
         for i, case in enumerate(GPU_CASES):
             _run_case(case, u, r, seed=31 * i + 5, device="cuda")
-        if r > 1:  # the copy-engine ring over symmetric memory, twice (buffers are reused)
-            os.environ["XDIT_OPS_USP_RING"] = "ce"
+        if r > 1:  # the NCCL ring too (the default is the copy-engine ring)
+            os.environ["XDIT_OPS_USP_RING"] = "nccl"
             try:
-                for i, case in enumerate(GPU_CASES[:3] * 2):
+                for i, case in enumerate(GPU_CASES[:3]):
                     _run_case(case, u, r, seed=77 * i + 1, device="cuda")
             finally:
                 del os.environ["XDIT_OPS_USP_RING"]

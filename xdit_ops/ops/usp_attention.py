@@ -182,6 +182,37 @@ def _masked_joint_attention(q, kj, vj, joint_lengths, scale, backend):
 # Ulysses exchange
 
 
+def _ulysses_in(q_s, k_s, v_s, heads, u_rank, ug):
+    """All-to-all of Q, K, V together: [B, L, H, D] x3 -> [3, B, U*L, h_me, D]."""
+    B, L, H, D = q_s.shape
+    U = len(heads)
+    h_me = heads[u_rank]
+    starts = [sum(heads[:i]) for i in range(U)]
+    if all(h == heads[0] for h in heads):
+        h = heads[0]
+        # [U, 3, B, L, h, D] in one copy: each destination's chunk is contiguous.
+        send = torch.stack([t.reshape(B, L, U, h, D).permute(2, 0, 1, 3, 4)
+                            for t in (q_s, k_s, v_s)], dim=1)
+        in_splits = None
+    else:
+        send = q_s.new_empty(3 * B * L * H * D)
+        off = 0
+        for j in range(U):
+            n = 3 * B * L * heads[j] * D
+            view = send[off:off + n].view(3, B, L, heads[j], D)
+            for i, t in enumerate((q_s, k_s, v_s)):
+                view[i].copy_(t[:, :, starts[j]:starts[j] + heads[j]])
+            off += n
+        in_splits = [3 * B * L * hj * D for hj in heads]
+    recv = q_s.new_empty(U * 3 * B * L * h_me * D)
+    dist.all_to_all_single(
+        recv, send.reshape(-1), output_split_sizes=None if in_splits is None else
+        [3 * B * L * h_me * D] * U, input_split_sizes=in_splits, group=ug,
+    )
+    # [U(src), 3, B, L, h, D] -> [3, B, U, L, h, D]
+    return recv.view(U, 3, B, L, h_me, D).permute(1, 2, 0, 3, 4, 5)
+
+
 def _ulysses_out(o_h, J, L, heads, u_rank, ug, joint_front, H):
     """All-to-all back: [B, J + U*L, h_me, D] (joint rows first) -> [B, J + L, H, D]."""
     B, _, h_me, D = o_h.shape
@@ -238,8 +269,9 @@ def ring_transport(device: torch.device) -> str:
     """How K/V blocks travel around the ring: ``nccl`` (P2P send/recv kernels, any topology) or
     ``ce`` (the copy engines pull the previous rank's block straight out of its symmetric-memory
     buffer over NVLink, so the transfer takes no SMs from the attention). ``XDIT_OPS_USP_RING``
-    chooses; the default is ``nccl`` (the measured comparison is in docs/usp_attention.md)."""
-    choice = os.environ.get("XDIT_OPS_USP_RING", "nccl")
+    chooses; the default is ``ce`` on CUDA: on 4 H100s it ran the (1, 16896, 24, 128) ring in
+    1.99 ms against NCCL's 2.61 (benchmarks/results/2026-11-26-run2, docs/usp_attention.md)."""
+    choice = os.environ.get("XDIT_OPS_USP_RING", "ce")
     if choice not in ("nccl", "ce"):
         raise ValueError(f"{OP}: XDIT_OPS_USP_RING must be 'nccl' or 'ce', got {choice!r}")
     return choice if device.type == "cuda" else "nccl"
@@ -276,181 +308,6 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
     if idx not in _SIDE_STREAMS:
         _SIDE_STREAMS[idx] = torch.cuda.Stream(device=idx)
     return _SIDE_STREAMS[idx]
-
-
-def _num_chunks(device: torch.device, batch: int, seq: int, min_heads: int) -> int:
-    """Head chunks for the pipelined Ulysses exchange (identical on every rank).
-
-    Chunk c's all-to-all runs while chunk c-1's attention computes, so only the first chunk's
-    input and the last chunk's output exchange are exposed. Each chunk's attention must still
-    fill the GPU: at least two waves of 128-query tiles over an H100's 132 SMs. The decision
-    uses shapes only, never the local GPU, so every rank makes the same one.
-    """
-    env = os.environ.get("XDIT_OPS_USP_CHUNKS")
-    if env:
-        return max(1, min(int(env), min_heads))
-    if device.type != "cuda":
-        return 1
-    tiles = batch * min_heads * -(-seq // 128)
-    return max(1, min(4, min_heads, tiles // (2 * 132)))
-
-
-class _UlyssesExchange:
-    """The Ulysses exchanges of one call, as grouped P2P sends/receives (one NCCL group each).
-
-    In: Q, K and V are packed once for every (chunk, destination) into one buffer (one copy
-    kernel when heads divide evenly), and each destination's pieces land directly in their final
-    place, the receiver's [B, J + U*L, h, D] query buffer and [2, B, Jk + U*L, h, D] K/V buffer:
-    no unpack copy. Out: each chunk's output rows go straight from the attention output to their
-    owner; one copy at the end interleaves the received heads into [B, J + L, H, D].
-    """
-
-    def __init__(self, q_s, k_s, v_s, heads, me, group, chunks, J, Jk):
-        self.q_s, self.k_s, self.v_s = q_s, k_s, v_s
-        B, L, H, D = q_s.shape
-        self.B, self.L, self.H, self.D = B, L, H, D
-        self.heads, self.me, self.group, self.chunks = heads, me, group, chunks
-        self.J, self.Jk = J, Jk
-        self.U = len(heads)
-        self.peers = [dist.get_global_rank(group, i) for i in range(self.U)]
-        # per (rank, chunk): (first head within the rank's heads, head count)
-        self.split = []
-        for h in heads:
-            sizes = head_split(h, chunks)
-            self.split.append([(sum(sizes[:c]), sizes[c]) for c in range(chunks)])
-        self.even = all(h == heads[0] for h in heads) and heads[0] % chunks == 0
-        self._pack()
-        self.bufs: list = [None] * chunks
-        self.works_in: list = [None] * chunks
-        self.works_out: list = []
-        # received output pieces: per (chunk, src) [B, J + L, hc, D], one flat buffer
-        self.out_off = {}
-        off = 0
-        for c in range(chunks):
-            for i in range(self.U):
-                self.out_off[(c, i)] = off
-                off += B * (J + L) * self.split[i][c][1] * D
-        self.staging = q_s.new_empty(off)
-
-    def chunk_range(self, rank: int, c: int) -> tuple[int, int]:
-        return self.split[rank][c]
-
-    def _pack(self):
-        """send[(c, i)] = [3, B, L, hc(i, c), D] of Q, K, V for destination i, chunk c."""
-        B, L, D, U, C = self.B, self.L, self.D, self.U, self.chunks
-        ts = (self.q_s, self.k_s, self.v_s)
-        self.send_off = {}
-        off = 0
-        for c in range(C):
-            for i in range(U):
-                self.send_off[(c, i)] = off
-                off += 3 * B * L * self.split[i][c][1] * D
-        if self.even:
-            hc = self.heads[0] // C
-            buf = torch.stack([t.reshape(B, L, U, C, hc, D).permute(3, 2, 0, 1, 4, 5)
-                               for t in ts], dim=2)  # [C, U, 3, B, L, hc, D]: one copy
-            self.send = buf.reshape(-1)
-            return
-        self.send = self.q_s.new_empty(off)
-        for c in range(C):
-            for i in range(U):
-                h0 = sum(self.heads[:i]) + self.split[i][c][0]
-                hc = self.split[i][c][1]
-                o = self.send_off[(c, i)]
-                view = self.send[o:o + 3 * B * L * hc * D].view(3, B, L, hc, D)
-                for j, t in enumerate(ts):
-                    view[j].copy_(t[:, :, h0:h0 + hc])
-
-    def _send_piece(self, c, i):
-        hc = self.split[i][c][1]
-        o = self.send_off[(c, i)]
-        B, L, D = self.B, self.L, self.D
-        return self.send[o:o + 3 * B * L * hc * D].view(3, B, L, hc, D)
-
-    def post_in(self, c):
-        B, L, D, J, Jk, U, me = self.B, self.L, self.D, self.J, self.Jk, self.U, self.me
-        hc = self.split[me][c][1]
-        qbuf = self.q_s.new_empty(B, J + U * L, hc, D)
-        kv = self.q_s.new_empty(2, B, Jk + U * L, hc, D)
-        self.bufs[c] = (qbuf, kv)
-        mine = self._send_piece(c, me)
-        qbuf[:, J + me * L:J + (me + 1) * L] = mine[0]
-        kv[:, :, Jk + me * L:Jk + (me + 1) * L] = mine[1:]
-        ops = []
-        for i in range(U):
-            if i == me:
-                continue
-            piece = self._send_piece(c, i)
-            rows_q = slice(J + i * L, J + (i + 1) * L)
-            rows_kv = slice(Jk + i * L, Jk + (i + 1) * L)
-            for b in range(B):
-                ops.append(dist.P2POp(dist.isend, piece[0, b], self.peers[i], self.group))
-                ops.append(dist.P2POp(dist.isend, piece[1, b], self.peers[i], self.group))
-                ops.append(dist.P2POp(dist.isend, piece[2, b], self.peers[i], self.group))
-                ops.append(dist.P2POp(dist.irecv, qbuf[b, rows_q], self.peers[i], self.group))
-                ops.append(dist.P2POp(dist.irecv, kv[0, b, rows_kv], self.peers[i], self.group))
-                ops.append(dist.P2POp(dist.irecv, kv[1, b, rows_kv], self.peers[i], self.group))
-        self.works_in[c] = dist.batch_isend_irecv(ops) if ops else []
-
-    def wait_in(self, c):
-        for w in self.works_in[c]:
-            w.wait()
-        return self.bufs[c]
-
-    def _stage(self, c, i):
-        hc = self.split[i][c][1]
-        o = self.out_off[(c, i)]
-        B, L, D, J = self.B, self.L, self.D, self.J
-        return self.staging[o:o + B * (J + L) * hc * D].view(B, J + L, hc, D)
-
-    def post_out(self, c, out_c):
-        """out_c: [B, J + U*L, hc, D] (joint rows first), this rank's heads of chunk c."""
-        B, L, J, U, me = self.B, self.L, self.J, self.U, self.me
-        mine = self._stage(c, me)
-        if J:
-            mine[:, :J] = out_c[:, :J]
-        mine[:, J:] = out_c[:, J + me * L:J + (me + 1) * L]
-        ops = []
-        for i in range(U):
-            if i == me:
-                continue
-            st = self._stage(c, i)
-            rows = slice(J + i * L, J + (i + 1) * L)
-            for b in range(B):
-                if J:
-                    ops.append(dist.P2POp(dist.isend, out_c[b, :J], self.peers[i], self.group))
-                    ops.append(dist.P2POp(dist.irecv, st[b, :J], self.peers[i], self.group))
-                ops.append(dist.P2POp(dist.isend, out_c[b, rows], self.peers[i], self.group))
-                ops.append(dist.P2POp(dist.irecv, st[b, J:], self.peers[i], self.group))
-        if ops:
-            self.works_out += dist.batch_isend_irecv(ops)
-
-    def finish_out(self, joint_front: bool, H: int) -> torch.Tensor:
-        for w in self.works_out:
-            w.wait()
-        B, L, D, J, U, C = self.B, self.L, self.D, self.J, self.U, self.chunks
-        out = self.staging.new_empty(B, J + L, H, D)
-        rows_joint = slice(0, J) if joint_front else slice(L, L + J)
-        rows_seq = slice(J, J + L) if joint_front else slice(0, L)
-        if self.even:
-            hc = self.heads[0] // C
-            src = self.staging.view(C, U, B, J + L, hc, D).permute(2, 3, 1, 0, 4, 5)
-            dst = out.view(B, J + L, U, C, hc, D)
-            if joint_front or not J:
-                dst.copy_(src)
-            else:
-                dst[:, rows_joint].copy_(src[:, :J])
-                dst[:, rows_seq].copy_(src[:, J:])
-            return out
-        for c in range(C):
-            for i in range(U):
-                h0 = sum(self.heads[:i]) + self.split[i][c][0]
-                hc = self.split[i][c][1]
-                st = self._stage(c, i)
-                if J:
-                    out[:, rows_joint, h0:h0 + hc] = st[:, :J]
-                out[:, rows_seq, h0:h0 + hc] = st[:, J:]
-        return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -618,30 +475,22 @@ def _usp_impl(q, k, v, joint_lengths, joint_tokens, joint_front, seq_len, scale,
             out = torch.cat([out_h[:, J:], out_h[:, :J]], dim=1)
             lse = torch.cat([lse_h[:, :, J:], lse_h[:, :, :J]], dim=2) if return_lse else None
     else:
-        chunks = _num_chunks(q.device, B, J + UL, min(heads)) if R == 1 else 1
-        ex = _UlyssesExchange(q_s, k_s, v_s, heads, u_rank, ug, chunks, J, Jk)
-        ex.post_in(0)
-        lses = []
-        for c in range(chunks):
-            qbuf, kv = ex.wait_in(c)
-            if c + 1 < chunks:  # the next chunk's exchange overlaps this chunk's attention
-                ex.post_in(c + 1)
-            c0, hc = ex.chunk_range(u_rank, c)
-            hs = slice(h0 + c0, h0 + c0 + hc)
-            if J:
-                qbuf[:, :J] = q_j[:, :, hs]
-            if Jk:
-                kv[0][:, :Jk] = k_j[:, :, hs]
-                kv[1][:, :Jk] = v_j[:, :, hs]
-            jk = (k_j[:, :, hs], v_j[:, :, hs]) if J and not joint_inline else (None, None)
-            out_c, lse_c = attend(qbuf, kv, *jk)
-            ex.post_out(c, out_c)
-            lses.append(lse_c)
-        out = ex.finish_out(joint_front, H)
-        lse = None
-        if return_lse:
-            lse_h = lses[0] if chunks == 1 else torch.cat(lses, dim=1)
-            lse = _lse_out(lse_h, J, L, heads, u_rank, ug, joint_front, H)
+        h_me = heads[u_rank]
+        gathered = _ulysses_in(q_s, k_s, v_s, heads, u_rank, ug)  # [3, B, U, L, h, D]
+        qbuf = q.new_empty(B, J + UL, h_me, D)
+        qbuf[:, J:].view(B, U, L, h_me, D).copy_(gathered[0])
+        kv = q.new_empty(2, B, Jk + UL, h_me, D)
+        kv[:, :, Jk:].view(2, B, U, L, h_me, D).copy_(gathered[1:])
+        hs = slice(h0, h0 + h_me)
+        if J:
+            qbuf[:, :J] = q_j[:, :, hs]
+        if Jk:
+            kv[0, :, :Jk] = k_j[:, :, hs]
+            kv[1, :, :Jk] = v_j[:, :, hs]
+        jk = (k_j[:, :, hs], v_j[:, :, hs]) if J and not joint_inline else (None, None)
+        out_h, lse_h = attend(qbuf, kv, *jk)
+        out = _ulysses_out(out_h, J, L, heads, u_rank, ug, joint_front, H)
+        lse = _lse_out(lse_h, J, L, heads, u_rank, ug, joint_front, H) if return_lse else None
     if not return_lse:
         return out.contiguous(), q.new_empty((0,), dtype=torch.float32)
     return out.contiguous(), lse.float().contiguous()
