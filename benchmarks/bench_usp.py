@@ -35,6 +35,7 @@ from benchmarks.common import (  # noqa: E402
     print_table,
     write_json,
 )
+from xdit_ops.ops.usp_attention import _pipelined_chunks  # noqa: E402
 from xdit_ops.reference import attention_ref  # noqa: E402
 
 SHAPES = [(1, 4608, 24, 128), (1, 16896, 24, 128), (1, 32760, 40, 128)]
@@ -90,7 +91,8 @@ def main() -> None:
     dist.init_process_group("nccl", device_id=torch.device("cuda", local))
     rank, world = dist.get_rank(), dist.get_world_size()
     shapes = SHAPES if args.shapes == "all" else [SHAPES[int(i)] for i in args.shapes.split(",")]
-    configs = [("ulysses", world, 1), ("ring", 1, world), ("ring-nccl", 1, world)]
+    configs = [("ulysses", world, 1), ("ulysses-c2", world, 1), ("ulysses-c3", world, 1),
+               ("ring", 1, world), ("ring-nccl", 1, world)]
     if world >= 4 and world % 2 == 0:
         configs += [("hybrid", 2, world // 2)]
     dtype = torch.bfloat16
@@ -116,6 +118,10 @@ def main() -> None:
         for name, u, r in configs:
             # default ring transport: copy engine over symmetric memory; "-nccl": NCCL P2P
             os.environ["XDIT_OPS_USP_RING"] = "nccl" if name.endswith("-nccl") else "ce"
+            # "-cN": pipelined Ulysses with N head chunks (falls back to 1 when heads don't split)
+            chunks = int(name.split("-c")[1]) if "-c" in name and name[-1].isdigit() else 1
+            os.environ["XDIT_OPS_USP_CHUNKS"] = str(chunks)
+            chunks_used = _pipelined_chunks(H, u, r)
             xdit_ops.init_parallel(ulysses_degree=u, ring_degree=r)
             shards = [xdit_ops.shard_sequence(t)[0] for t in (q, k, v)]
             def ours(shards=shards, S=S):
@@ -123,7 +129,8 @@ def main() -> None:
 
             fns = {"xdit_ops": ours}
             note = ""
-            if not args.no_yunchang and S % world == 0 and H % u == 0 and "-nccl" not in name:
+            if not args.no_yunchang and S % world == 0 and H % u == 0 and name in (
+                    "ulysses", "ring", "hybrid"):
                 layer, note = yunchang_fn(u, r, rank, world)
                 if layer is not None:
                     fns["yunchang"] = lambda layer=layer, shards=shards: layer(*shards)
@@ -148,6 +155,7 @@ def main() -> None:
                 ms = max_over_ranks(timings[impl].median_ms)
                 row = {
                     "shape": [B, S, H, D], "config": name, "ulysses": u, "ring": r,
+                    "chunks": chunks_used if impl == "xdit_ops" else None,
                     "impl": impl, "ms": ms, "t1_ms": t1_ms,
                     "efficiency": parallel_efficiency(t1_ms, world, ms),
                     "rel_err": err, "rel_err_single_cudnn": err1,

@@ -151,6 +151,26 @@ def _worker_all(rank, world, big):
     xdit_ops.destroy_parallel()
 
 
+CHUNK_CASES = [
+    ("chunks-front-lse", 1, 29, 8, 16, 7, "front", False, torch.float32, True),
+    ("chunks-back-lengths", 2, 33, 8, 8, 5, "back", True, torch.float32, True),
+    ("chunks-plain", 3, 37, 16, 8, 0, "front", False, torch.float32, False),
+]
+
+
+def _worker_chunks(rank, world):
+    """The pipelined Ulysses path (XDIT_OPS_USP_CHUNKS): head chunks exchanged asynchronously."""
+    xdit_ops.init_parallel(ulysses_degree=world, device_type="cpu")
+    os.environ["XDIT_OPS_USP_CHUNKS"] = "2"
+    for i, case in enumerate(CHUNK_CASES):
+        _run_case(case, world, 1, seed=500 + i)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_usp_pipelined_chunks(world):
+    run_distributed(_worker_chunks, world)
+
+
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_usp_matches_single_device(world):
     run_distributed(_worker_all, world, world != 3, timeout=600)

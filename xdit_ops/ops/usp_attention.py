@@ -213,6 +213,76 @@ def _ulysses_in(q_s, k_s, v_s, heads, u_rank, ug):
     return recv.view(U, 3, B, L, h_me, D).permute(1, 2, 0, 3, 4, 5)
 
 
+def _pipelined_chunks(H: int, U: int, R: int) -> int:
+    """Head chunks for the pipelined Ulysses path (``XDIT_OPS_USP_CHUNKS``, default 1).
+
+    With c > 1 chunks, chunk j's all-to-all runs on NCCL's stream while chunk j-1's attention
+    computes. Only heads that split evenly over U x c qualify, only without a ring; every rank
+    derives the same c from the shapes.
+    """
+    c = int(os.environ.get("XDIT_OPS_USP_CHUNKS", "1"))
+    if c <= 1 or R > 1 or H % (U * c) != 0:
+        return 1
+    return c
+
+
+def _ulysses_pipelined(q_s, k_s, v_s, q_j, k_j, v_j, J, Jk, joint_front, heads, u_rank, ug,
+                       chunks, attend):
+    """Ulysses with the exchange of head chunk j+1 overlapping chunk j's attention (even heads).
+
+    One copy packs Q, K, V for every (chunk, destination): [C, U, 3, B, L, hc, D]; each chunk's
+    slice is one all-to-all, issued asynchronously, and each chunk's output goes back the same
+    way while the next chunk computes.
+    """
+    B, L, H, D = q_s.shape
+    U, C = len(heads), chunks
+    h = heads[0]
+    hc = h // C
+    UL = U * L
+    send = torch.stack([t.reshape(B, L, U, C, hc, D).permute(3, 2, 0, 1, 4, 5)
+                        for t in (q_s, k_s, v_s)], dim=2)  # [C, U, 3, B, L, hc, D]
+    recv = torch.empty_like(send)  # [C, U(src), 3, B, L, hc, D]
+    works = [dist.all_to_all_single(recv[c], send[c], group=ug, async_op=True)
+             for c in range(C)]
+    out_send = q_s.new_empty(C, U, B, J + L, hc, D)
+    out_recv = torch.empty_like(out_send)
+    out_works = []
+    lses = []
+    h0 = u_rank * h
+    for c in range(C):
+        works[c].wait()
+        g = recv[c].permute(1, 2, 0, 3, 4, 5)  # [3, B, U, L, hc, D]
+        qbuf = q_s.new_empty(B, J + UL, hc, D)
+        qbuf[:, J:].view(B, U, L, hc, D).copy_(g[0])
+        kv = q_s.new_empty(2, B, Jk + UL, hc, D)
+        kv[:, :, Jk:].view(2, B, U, L, hc, D).copy_(g[1:])
+        hs = slice(h0 + c * hc, h0 + (c + 1) * hc)
+        if J:
+            qbuf[:, :J] = q_j[:, :, hs]
+        if Jk:
+            kv[0, :, :Jk] = k_j[:, :, hs]
+            kv[1, :, :Jk] = v_j[:, :, hs]
+        jk = (k_j[:, :, hs], v_j[:, :, hs]) if J and not Jk else (None, None)
+        o, lse = attend(qbuf, kv, *jk)
+        lses.append(lse)
+        if J:
+            out_send[c, :, :, :J] = o[:, :J].unsqueeze(0)
+        out_send[c, :, :, J:] = o[:, J:].reshape(B, U, L, hc, D).permute(1, 0, 2, 3, 4)
+        out_works.append(dist.all_to_all_single(out_recv[c], out_send[c], group=ug,
+                                                async_op=True))
+    for w in out_works:
+        w.wait()
+    out = q_s.new_empty(B, J + L, H, D)
+    src = out_recv.permute(2, 3, 1, 0, 4, 5)  # [B, J+L, U, C, hc, D]
+    dst = out.view(B, J + L, U, C, hc, D)
+    if joint_front or not J:
+        dst.copy_(src)
+    else:
+        dst[:, L:].copy_(src[:, :J])
+        dst[:, :L].copy_(src[:, J:])
+    return out, torch.cat(lses, dim=1) if C > 1 else lses[0]
+
+
 def _ulysses_out(o_h, J, L, heads, u_rank, ug, joint_front, H):
     """All-to-all back: [B, J + U*L, h_me, D] (joint rows first) -> [B, J + L, H, D]."""
     B, _, h_me, D = o_h.shape
@@ -474,6 +544,10 @@ def _usp_impl(q, k, v, joint_lengths, joint_tokens, joint_front, seq_len, scale,
         else:  # rows were [joint; seq]: put the joint rows back behind
             out = torch.cat([out_h[:, J:], out_h[:, :J]], dim=1)
             lse = torch.cat([lse_h[:, :, J:], lse_h[:, :, :J]], dim=2) if return_lse else None
+    elif (chunks := _pipelined_chunks(H, U, R)) > 1:
+        out, lse_h = _ulysses_pipelined(q_s, k_s, v_s, q_j, k_j, v_j, J, Jk, joint_front, heads,
+                                        u_rank, ug, chunks, attend)
+        lse = _lse_out(lse_h, J, L, heads, u_rank, ug, joint_front, H) if return_lse else None
     else:
         h_me = heads[u_rank]
         gathered = _ulysses_in(q_s, k_s, v_s, heads, u_rank, ug)  # [3, B, U, L, h, D]
