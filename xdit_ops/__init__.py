@@ -12,6 +12,7 @@ _extension.load_all()
 from xdit_ops.models.vae import parallelize_vae  # noqa: E402
 from xdit_ops.ops import attention, merge_attention_states_, usp_attention  # noqa: E402
 from xdit_ops.ops.fp8_attention import fp8_attention  # noqa: E402
+from xdit_ops.ops.merge_attention_states import merge_attention_partials  # noqa: E402
 from xdit_ops.ops.merge_attention_states import register_cuda_fallback as _merge_fallback  # noqa: E402
 from xdit_ops.parallel import (  # noqa: E402
     ParallelState,
@@ -33,6 +34,7 @@ __all__ = [
     "get_parallel_state",
     "init_parallel",
     "gather_sequence",
+    "merge_attention_partials",
     "merge_attention_states_",
     "parallelize_vae",
     "shard_sequence",
