@@ -3,9 +3,9 @@
 // One warpgroup (128 threads) per CTA owns 64 query rows of one (batch, head) and walks the
 // keys in 64-key tiles. All operands are in shared memory in the GMMA K-major swizzled layouts
 // (CuTe's ss_smem_selector); P goes through shared memory as e4m3 (an SS product, so no
-// register permutation to the FP8 A-operand layout is needed). Loads are synchronous 16-byte
-// copies: this is the simple, correct baseline; TMA, a producer warp and softmax/GEMM overlap
-// come on top of it.
+// register permutation to the FP8 A-operand layout is needed). K and V^T tiles are
+// double-buffered with cp.async (tile t + 1 in flight while tile t computes); Q is loaded once.
+// TMA, a producer warp and softmax/GEMM overlap are the next steps.
 //
 // Numerics: identical to xdit_ops/triton/kernels/fp8_attention.py (see that file and the
 // reference); the GPU test compares both with the CPU emulation.
@@ -49,8 +49,8 @@ struct SmemLayouts {
 template <int kDP>
 struct alignas(128) SharedStorage {
   alignas(128) int8_t q[kBlockM * kDP];
-  alignas(128) int8_t k[kBlockN * kDP];
-  alignas(128) cutlass::float_e4m3_t vt[kDP * kBlockN];
+  alignas(128) int8_t k[2][kBlockN * kDP];  // double-buffered: tile t+1 loads during tile t
+  alignas(128) cutlass::float_e4m3_t vt[2][kDP * kBlockN];
   alignas(128) cutlass::float_e4m3_t p[kBlockM * kBlockN];
 };
 
@@ -114,6 +114,27 @@ __device__ __forceinline__ void load_tile(SmemTensor& s, const uint8_t* g, int64
   }
 }
 
+// The same tile copy with cp.async (16 bytes, L2 only), every row valid; completes at the
+// matching cp.async.wait_group. Its writes reach wgmma (async proxy) only after
+// fence.proxy.async in each writing thread and a barrier.
+template <int kRows, int kCols, class SmemTensor>
+__device__ __forceinline__ void load_tile_async(SmemTensor& s, const uint8_t* g, int64_t ld) {
+  constexpr int kVecPerRow = kCols / 16;
+  for (int i = threadIdx.x; i < kRows * kVecPerRow; i += kThreads) {
+    const int r = i / kVecPerRow;
+    const int c = (i % kVecPerRow) * 16;
+    const uint32_t dst =
+        static_cast<uint32_t>(__cvta_generic_to_shared(raw_pointer_cast(&s(r, c))));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(g + r * ld + c));
+  }
+  asm volatile("cp.async.commit_group;\n" ::);
+}
+
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+}
+
 template <class TiledMma, class FragA, class FragB, class FragC>
 __device__ __forceinline__ void gemm_zero_init(TiledMma& mma, FragA const& a, FragB const& b,
                                                FragC& c) {
@@ -137,8 +158,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   auto& smem = *reinterpret_cast<SharedStorage<kDP>*>(smem_raw);
   using L = SmemLayouts<kDP>;
   Tensor sQ = make_tensor(make_smem_ptr(smem.q), typename L::Q{});
-  Tensor sK = make_tensor(make_smem_ptr(smem.k), typename L::K{});
-  Tensor sVt = make_tensor(make_smem_ptr(smem.vt), typename L::Vt{});
+  Tensor sK0 = make_tensor(make_smem_ptr(smem.k[0]), typename L::K{});
+  Tensor sK1 = make_tensor(make_smem_ptr(smem.k[1]), typename L::K{});
+  Tensor sVt0 = make_tensor(make_smem_ptr(smem.vt[0]), typename L::Vt{});
+  Tensor sVt1 = make_tensor(make_smem_ptr(smem.vt[1]), typename L::Vt{});
   Tensor sP = make_tensor(make_smem_ptr(smem.p), typename L::P{});
 
   const int m0 = blockIdx.x * kBlockM;
@@ -155,9 +178,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   auto thr_qk = mma_qk.get_thread_slice(tid);
   auto thr_pv = mma_pv.get_thread_slice(tid);
   Tensor tSrQ = thr_qk.partition_fragment_A(sQ);
-  Tensor tSrK = thr_qk.partition_fragment_B(sK);
+  Tensor tSrK0 = thr_qk.partition_fragment_B(sK0);
+  Tensor tSrK1 = thr_qk.partition_fragment_B(sK1);
   Tensor tOrP = thr_pv.partition_fragment_A(sP);
-  Tensor tOrV = thr_pv.partition_fragment_B(sVt);
+  Tensor tOrV0 = thr_pv.partition_fragment_B(sVt0);
+  Tensor tOrV1 = thr_pv.partition_fragment_B(sVt1);
   Tensor tSrS = partition_fragment_C(mma_qk, Shape<Int<kBlockM>, Int<kBlockN>>{});
   Tensor tOrPV = partition_fragment_C(mma_pv, Shape<Int<kBlockM>, Int<kDP>>{});
   Tensor tOrO = make_fragment_like(tOrPV);
@@ -182,15 +207,37 @@ __global__ void __launch_bounds__(kThreads, 1)
   const uint8_t* vt_base = p.vt8 + bh * kDP * p.seq_k_pad;
   const float* ks_base = p.k_scale + bh * p.seq_k_pad;
 
-  for (int n0 = 0; n0 < p.seq_k; n0 += kBlockN) {
-    __syncthreads();  // the previous tile's wgmma reads of sK / sVt / sP are complete
-    load_tile<kBlockN, kDP>(sK, k_base + static_cast<int64_t>(n0) * kDP, kDP, kBlockN);
-    load_tile<kDP, kBlockN>(sVt, vt_base + n0, p.seq_k_pad, kDP);
-    // Generic-proxy stores that the async proxy (wgmma) reads next need this fence.
+  // Tile 0 into buffer 0; tile t + 1 is copied into the other buffer while tile t computes.
+  if (p.seq_k > 0) {
+    load_tile_async<kBlockN, kDP>(sK0, k_base, kDP);
+    load_tile_async<kDP, kBlockN>(sVt0, vt_base, p.seq_k_pad);
+  }
+  for (int n0 = 0, t = 0; n0 < p.seq_k; n0 += kBlockN, ++t) {
+    // Every warp finished tile t - 1's wgmmas (which read the other buffer and sP).
+    __syncthreads();
+    const bool odd = t & 1;
+    if (n0 + kBlockN < p.seq_k) {
+      const int64_t n1 = n0 + kBlockN;
+      if (odd) {
+        load_tile_async<kBlockN, kDP>(sK0, k_base + n1 * kDP, kDP);
+        load_tile_async<kDP, kBlockN>(sVt0, vt_base + n1, p.seq_k_pad);
+      } else {
+        load_tile_async<kBlockN, kDP>(sK1, k_base + n1 * kDP, kDP);
+        load_tile_async<kDP, kBlockN>(sVt1, vt_base + n1, p.seq_k_pad);
+      }
+      cp_async_wait<2>();  // this tile's two groups have landed; the next tile's may not
+    } else {
+      cp_async_wait<0>();
+    }
+    // Generic-proxy writes that the async proxy (wgmma) reads next need this fence.
     cutlass::arch::fence_view_async_shared();
     __syncthreads();
 
-    gemm_zero_init(mma_qk, tSrQ, tSrK, tSrS);
+    if (odd) {
+      gemm_zero_init(mma_qk, tSrQ, tSrK1, tSrS);
+    } else {
+      gemm_zero_init(mma_qk, tSrQ, tSrK0, tSrS);
+    }
 
     float s[size(tSrS)];
     float tile_max[2] = {-INFINITY, -INFINITY};
@@ -224,7 +271,11 @@ __global__ void __launch_bounds__(kThreads, 1)
     cutlass::arch::fence_view_async_shared();
     __syncthreads();
 
-    gemm_zero_init(mma_pv, tOrP, tOrV, tOrPV);
+    if (odd) {
+      gemm_zero_init(mma_pv, tOrP, tOrV1, tOrPV);
+    } else {
+      gemm_zero_init(mma_pv, tOrP, tOrV0, tOrPV);
+    }
     CUTE_UNROLL
     for (int i = 0; i < size(tOrO); ++i) {
       const int row_j = (get<0>(tOcO(i)) - r0) >> 3;
