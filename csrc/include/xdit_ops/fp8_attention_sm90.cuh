@@ -46,12 +46,14 @@ struct SmemLayouts {
       GMMA::Layout_K_SW64_Atom<cutlass::float_e4m3_t>{}, Shape<Int<kBlockM>, Int<kBlockN>>{}));
 };
 
+// Swizzled GMMA operands start on 1 KB boundaries (the swizzle pattern's repeat), so the
+// hardware's address-based swizzle and CuTe's agree with a zero descriptor base offset.
 template <int kDP>
-struct alignas(128) SharedStorage {
-  alignas(128) int8_t q[kBlockM * kDP];
-  alignas(128) int8_t k[2][kBlockN * kDP];  // double-buffered: tile t+1 loads during tile t
-  alignas(128) cutlass::float_e4m3_t vt[2][kDP * kBlockN];
-  alignas(128) cutlass::float_e4m3_t p[kBlockM * kBlockN];
+struct alignas(1024) SharedStorage {
+  alignas(1024) int8_t q[kBlockM * kDP];
+  alignas(1024) int8_t k[2][kBlockN * kDP];  // double-buffered: tile t+1 loads during tile t
+  alignas(1024) cutlass::float_e4m3_t vt[2][kDP * kBlockN];
+  alignas(1024) cutlass::float_e4m3_t p[kBlockM * kBlockN];
 };
 
 template <int kDP>
@@ -154,7 +156,7 @@ __device__ __forceinline__ void gemm_zero_init(TiledMma& mma, FragA const& a, Fr
 template <int kDP, typename OutT>
 __global__ void __launch_bounds__(kThreads, 1)
     fp8_attention_kernel(const Fp8AttentionSm90Params p) {
-  extern __shared__ __align__(128) uint8_t smem_raw[];
+  extern __shared__ __align__(1024) uint8_t smem_raw[];
   auto& smem = *reinterpret_cast<SharedStorage<kDP>*>(smem_raw);
   using L = SmemLayouts<kDP>;
   Tensor sQ = make_tensor(make_smem_ptr(smem.q), typename L::Q{});
