@@ -261,7 +261,10 @@ def env_info() -> dict:
                          "memory_gib": round(p.total_memory / 2**30, 1),
                          "l2_mib": round(p.L2_cache_size / 2**20, 1)})
     commit = _git("rev-parse", "HEAD")
-    dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))
+    # Without a usable repository git may print "HEAD" or nothing: only a hash counts.
+    if not re.fullmatch(r"[0-9a-f]{40}", commit):
+        commit = ""
+    dirty = bool(commit) and bool(_git("status", "--porcelain", "--untracked-files=no"))
     if not re.fullmatch(r"[0-9a-f]{7,40}", commit or "") and os.environ.get("XDIT_OPS_GIT_COMMIT"):
         # The GPU machine gets a copy of the working tree without .git: the caller names the
         # commit (and whether the tree had changes on top of it).

@@ -65,6 +65,7 @@ export PYTHONUNBUFFERED=1
 
 # The GPU machine may get a copy of the tree without .git: XDIT_OPS_GIT_COMMIT names the commit.
 COMMIT="$(git rev-parse --short HEAD 2> /dev/null || true)"
+[[ "$COMMIT" =~ ^[0-9a-f]{7,40}$ ]] || COMMIT=""   # an empty repository prints "HEAD"
 COMMIT="${COMMIT:-${XDIT_OPS_GIT_COMMIT:-unknown}}"
 
 SUMMARY=()
