@@ -1,0 +1,391 @@
+"""parallelize_vae: banded decode/encode equals serial, for every supported diffusers VAE.
+
+Every VAE is a tiny real diffusers class with random weights. Inputs have a different mean and
+scale in every band (a ramp along H), so a GroupNorm that used band-local statistics would fail;
+one test shows that it does. Latent heights are odd so the bands are uneven.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from tests.utils import rel_err, run_distributed
+
+diffusers = pytest.importorskip("diffusers")
+
+# fp32 decode/encode vs serial: max |parallel - serial| / max |serial|.
+FP32_MAX_REL = 1e-5
+
+
+def _max_rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
+
+
+def _ramp(x: torch.Tensor, low: float = -3.0, high: float = 3.0) -> torch.Tensor:
+    """Give each row a different offset and scale: bands then have different statistics."""
+    h = x.shape[-2]
+    shape = [1] * (x.dim() - 2) + [h, 1]
+    offset = torch.linspace(low, high, h).view(shape)
+    scale = torch.linspace(0.5, 3.0, h).view(shape)
+    return x * scale + offset
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiny configurations: (constructor, latent shape, image shape for encode or None)
+
+
+def _kl():
+    return diffusers.AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(8, 16, 16), layers_per_block=1, latent_channels=4, norm_num_groups=4,
+    )
+
+
+def _wan():
+    return diffusers.AutoencoderKLWan(
+        base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+    )
+
+
+def _wan22():
+    return diffusers.AutoencoderKLWan(
+        base_dim=8, decoder_base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+        temperal_downsample=[False, True, True], is_residual=True, patch_size=2,
+        scale_factor_spatial=16, in_channels=12, out_channels=12,
+    )
+
+
+def _qwen():
+    return diffusers.AutoencoderKLQwenImage(
+        base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+    )
+
+
+def _hunyuan():
+    return diffusers.AutoencoderKLHunyuanVideo(
+        latent_channels=4, block_out_channels=(8, 8, 16, 16), layers_per_block=1,
+        norm_num_groups=4,
+    )
+
+
+def _cog():
+    return diffusers.AutoencoderKLCogVideoX(
+        latent_channels=4, block_out_channels=(8, 8, 16, 16), layers_per_block=1,
+        norm_num_groups=4,
+    )
+
+
+def _ltx():
+    vae = diffusers.AutoencoderKLLTXVideo(
+        latent_channels=8, block_out_channels=(8, 16, 16, 16),
+        decoder_block_out_channels=(8, 16, 16, 16), layers_per_block=(1, 1, 1, 1, 1),
+        decoder_layers_per_block=(1, 1, 1, 1, 1),
+    )
+    vae.use_framewise_decoding = False
+    return vae
+
+
+def _ltx2():
+    vae = diffusers.AutoencoderKLLTX2Video(
+        latent_channels=8, block_out_channels=(8, 16, 32, 64),
+        decoder_block_out_channels=(8, 16, 32), layers_per_block=(1, 1, 1, 1, 1),
+        decoder_layers_per_block=(1, 1, 1, 1),
+    )
+    vae.use_framewise_decoding = False
+    return vae
+
+
+def _dc(head_dim: int = 4):
+    return diffusers.AutoencoderDC(
+        latent_channels=4, attention_head_dim=head_dim,
+        encoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock"),
+        decoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock"),
+        encoder_block_out_channels=(8, 16, 16), decoder_block_out_channels=(8, 16, 16),
+        encoder_layers_per_block=(1, 1, 1), decoder_layers_per_block=(1, 1, 1),
+        encoder_qkv_multiscales=((), (), (5,)), decoder_qkv_multiscales=((), (), (5,)),
+    )
+
+
+def _dc_quadratic():  # head dim 16 > 4 x 3 latent pixels: the quadratic-attention branch
+    return _dc(head_dim=16)
+
+
+# name -> (constructor, latent shape, image shape to encode or None)
+CONFIGS = {
+    "kl": (_kl, (2, 4, 7, 5), (2, 3, 28, 12)),
+    "wan": (_wan, (2, 4, 2, 7, 5), (1, 3, 5, 40, 16)),
+    "wan22": (_wan22, (1, 4, 2, 7, 5), (1, 3, 5, 48, 32)),
+    "qwen": (_qwen, (1, 4, 2, 7, 5), (1, 3, 5, 24, 16)),
+    "hunyuan": (_hunyuan, (1, 4, 2, 7, 5), (1, 3, 5, 40, 16)),
+    "cog": (_cog, (1, 4, 2, 7, 5), (1, 3, 5, 24, 16)),
+    "ltx": (_ltx, (1, 8, 2, 5, 3), (1, 3, 9, 96, 32)),
+    "ltx2": (_ltx2, (1, 8, 2, 5, 3), (1, 3, 9, 96, 32)),
+    "dc": (_dc, (2, 4, 7, 5), (2, 3, 12, 8)),
+    "dc_quadratic": (_dc_quadratic, (1, 4, 4, 3), None),
+}
+
+
+def _build(name: str):
+    torch.manual_seed(0)  # the same weights on every rank
+    return CONFIGS[name][0]().eval()
+
+
+def _inputs(name: str):
+    _, zshape, xshape = CONFIGS[name]
+    g = torch.Generator().manual_seed(1)
+    z = _ramp(torch.randn(zshape, generator=g))
+    x = None if xshape is None else _ramp(torch.randn(xshape, generator=g), -1.0, 1.0)
+    return z, x
+
+
+def _encoded(vae, x: torch.Tensor) -> torch.Tensor:
+    out = vae.encode(x)
+    return out.latent if hasattr(out, "latent") else out.latent_dist.mean
+
+
+def _serial_on_rank0(rank: int, fn):
+    """``fn()`` computed once on rank 0 and sent to every rank (the CI machine has 2 cores)."""
+    box = [fn() if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _check_family(name: str, rank: int, world: int) -> None:
+    from xdit_ops import parallelize_vae
+
+    vae = _build(name)
+    z, x = _inputs(name)
+    with torch.no_grad():
+        ref = _serial_on_rank0(rank, lambda: vae.decode(z).sample)
+        ref_enc = None if x is None else _serial_on_rank0(rank, lambda: _encoded(vae, x))
+        parallelize_vae(vae, group=dist.group.WORLD)
+        out = vae.decode(z).sample
+        err = _max_rel(out, ref)
+        assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+        assert err <= FP32_MAX_REL, f"{name} on {world} ranks: decode max rel error {err:.2e}"
+        if x is not None:
+            enc = _encoded(vae, x)
+            e_err = _max_rel(enc, ref_enc)
+            assert e_err <= FP32_MAX_REL, f"{name} on {world} ranks: encode error {e_err:.2e}"
+    if rank == 0:
+        print(f"{name} world={world}: decode max rel err {err:.2e}")
+
+
+def _worker_families(rank: int, world: int, names: tuple[str, ...]) -> None:
+    dist.init_process_group("gloo")
+    for name in names:
+        _check_family(name, rank, world)
+
+
+@pytest.mark.parametrize(
+    "world,names",
+    [
+        (2, tuple(CONFIGS)),
+        (3, ("kl", "wan")),
+        (4, ("kl", "wan")),
+    ],
+    ids=["2-all", "3-kl-wan", "4-kl-wan"],
+)
+def test_vae_matches_serial(world: int, names: tuple[str, ...]) -> None:
+    run_distributed(_worker_families, world, names, timeout=300)
+
+
+# ---------------------------------------------------------------------------------------------
+# The GroupNorm test can fail: band-local statistics are visibly wrong on the ramp input.
+
+
+def _naive_group_norm(x, num_groups, weight, bias, eps, ctx):
+    return F.group_norm(x, num_groups, weight, bias, eps)
+
+
+def _worker_group_norm(rank: int, world: int) -> None:
+    from xdit_ops.models.vae import _band, _families
+    from xdit_ops.parallel.halo import balanced_sizes
+
+    dist.init_process_group("gloo")
+    g = torch.Generator().manual_seed(3)
+    x = _ramp(torch.randn(2, 8, 3, 11, 6, generator=g))  # [B, C, T, H, W], 11 rows: uneven bands
+    gn = torch.nn.GroupNorm(4, 8)
+    with torch.no_grad():
+        gn.weight.copy_(torch.randn(8, generator=g))
+        gn.bias.copy_(torch.randn(8, generator=g))
+        ref = gn(x)
+        sizes = balanced_sizes(11, world)
+        lo = sum(sizes[:rank])
+        band = x[..., lo:lo + sizes[rank], :]
+        ctx = _band.BandContext(dist.group.WORLD, sizes, 1 << 20)
+        got = _band.band_group_norm(band, 4, gn.weight, gn.bias, gn.eps, ctx)
+        want = ref[..., lo:lo + sizes[rank], :]
+        assert _max_rel(got, want) <= FP32_MAX_REL, _max_rel(got, want)
+        # half precision: statistics in fp32 from the bf16 band, output within bf16 rounding
+        got16 = _band.band_group_norm(band.bfloat16(), 4, gn.weight, gn.bias, gn.eps, ctx)
+        assert got16.dtype == torch.bfloat16
+        assert _max_rel(got16, want) <= 1e-2
+        naive = _naive_group_norm(band, 4, gn.weight, gn.bias, gn.eps, ctx)
+        assert _max_rel(naive, want) > 0.1, "band-local statistics should be wrong here"
+
+    # The same at the model level: a VAE decode with band-local GroupNorm misses by far.
+    vae = _build("kl")
+    z, _ = _inputs("kl")
+    with torch.no_grad():
+        ref = _serial_on_rank0(rank, lambda: vae.decode(z).sample)
+        from xdit_ops import parallelize_vae
+
+        parallelize_vae(vae, group=dist.group.WORLD)
+        good = _max_rel(vae.decode(z).sample, ref)
+        real = _families.band_group_norm
+        _families.band_group_norm = _naive_group_norm
+        try:
+            bad = _max_rel(vae.decode(z).sample, ref)
+        finally:
+            _families.band_group_norm = real
+    assert good <= FP32_MAX_REL, good
+    assert bad > 1e-2, f"a decode with band-local GroupNorm should fail the check, err {bad:.2e}"
+
+
+def test_group_norm_uses_whole_tensor_statistics() -> None:
+    run_distributed(_worker_group_norm, 3, timeout=180)
+
+
+# ---------------------------------------------------------------------------------------------
+# Halo-exchange convolution over every padding mode, stride, dilation and band layout
+
+
+def _worker_halo(rank: int, world: int) -> None:
+    from xdit_ops.parallel.halo import (
+        BandLayout,
+        ConvRows,
+        all_gather_rows,
+        gather_rows_to,
+        halo_conv,
+    )
+
+    dist.init_process_group("gloo")
+    group = dist.group.WORLD
+    layouts = [(3, 1, 3), (1, 1, 5), (2, 4, 1)]  # uneven, thinner than a halo, multi-hop
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 3, 7, 5, dtype=torch.float64, generator=g)
+    fills = {"zeros": 0.0, "constant": 0.5}
+    for sizes, (k, d), s, (pt, pb), mode in itertools.product(
+        layouts, ((1, 1), (3, 1), (3, 2), (5, 1)), (1, 2), ((0, 0), (1, 1), (2, 0), (0, 2)),
+        ("zeros", "constant", "replicate", "reflect", "circular"),
+    ):
+        layout = BandLayout(sizes)
+        geom = ConvRows(k, s, d, pt, pb, mode)
+        if geom.out_rows(7) < 1:
+            continue
+        w = torch.randn(4, 3, k, 3, dtype=torch.float64, generator=g)
+        fill = fills.get(mode, 0.0)
+        if mode in fills:
+            padded = F.pad(x, (0, 0, pt, pb), value=fill)
+        else:
+            padded = F.pad(x, (0, 0, pt, pb), mode=mode)
+        ref = F.conv2d(padded, w, None, (s, 1), (0, 1), (d, 1))
+        band = x[:, :, layout.starts[rank]:layout.starts[rank + 1]].contiguous()
+
+        def conv_fn(t, w=w, s=s, d=d):
+            return F.conv2d(t, w, None, (s, 1), (0, 1), (d, 1))
+
+        y, out_layout = halo_conv(band, layout, geom, conv_fn, group, fill=fill, chunk_bytes=64)
+        full = all_gather_rows(y, out_layout, group)
+        assert full.shape == ref.shape, (sizes, geom, full.shape, ref.shape)
+        err = (full - ref).abs().max().item()
+        assert err < 1e-12, (sizes, geom, err)
+    only0 = gather_rows_to(y, out_layout, group, 0)
+    assert only0.shape[-2] == (full.shape[-2] if rank == 0 else 0)
+
+
+def test_halo_conv_matches_full_convolution() -> None:
+    run_distributed(_worker_halo, 3, timeout=240)
+
+
+# ---------------------------------------------------------------------------------------------
+# API: output on rank 0 only, clear errors, no-op on one rank
+
+
+def _worker_api(rank: int, world: int) -> None:
+    from xdit_ops import parallelize_vae
+    from xdit_ops.models.vae import UnsupportedModule
+
+    dist.init_process_group("gloo")
+    z, _ = _inputs("kl")
+    vae = _build("kl")
+    with torch.no_grad():
+        ref = _serial_on_rank0(rank, lambda: vae.decode(z).sample)
+        parallelize_vae(vae, group=dist.group.WORLD, output="rank0")
+        out = vae.decode(z).sample
+    if rank == 0:
+        assert rel_err(out, ref) <= FP32_MAX_REL
+    else:
+        assert out.shape[-2] == 0
+    with pytest.raises(ValueError, match="already parallelised"):
+        parallelize_vae(vae, group=dist.group.WORLD)
+    vae.enable_tiling()
+    with pytest.raises(ValueError, match="tiling"), torch.no_grad():
+        vae.decode(z)
+    vae.disable_tiling()
+    with pytest.raises(ValueError, match="cannot give each"), torch.no_grad():
+        vae.decode(z[..., :1, :])
+
+    # An unsupported module is named, and nothing is patched.
+    bad = _build("kl")
+    bad.decoder.up_blocks[0].upsamplers[0].interpolate = False
+    with pytest.raises(UnsupportedModule, match=r"decoder\.up_blocks\.0\.upsamplers\.0 "
+                                                r"\(Upsample2D\)"):
+        parallelize_vae(bad, group=dist.group.WORLD)
+    assert "forward" not in bad.decoder.conv_in.__dict__
+    bad.decoder.conv_act = torch.nn.Hardswish()
+    bad.decoder.up_blocks[0].upsamplers[0].interpolate = True
+    with pytest.raises(UnsupportedModule, match=r"decoder\.conv_act \(Hardswish\)"):
+        parallelize_vae(bad, group=dist.group.WORLD)
+
+    # A group of one rank leaves the VAE alone.
+    singles = [dist.new_group([r]) for r in range(world)]
+    solo = _build("kl")
+    assert parallelize_vae(solo, group=singles[rank]) is solo
+    assert "forward" not in solo.decoder.conv_in.__dict__
+    assert "_decode" not in solo.__dict__
+
+
+def test_api_rank0_output_and_errors() -> None:
+    run_distributed(_worker_api, 2, timeout=180)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: NCCL, fp32 (TF32 off) and bf16 against serial on the same GPU
+
+
+def _worker_gpu(rank: int, world: int) -> None:
+    from xdit_ops import parallelize_vae
+
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    dist.init_process_group("nccl")
+    dev = torch.device("cuda", rank)
+    for name in ("kl", "wan", "hunyuan"):
+        z, _ = _inputs(name)
+        z = z.to(dev)
+        vae = _build(name).to(dev)
+        with torch.no_grad():
+            ref32 = vae.decode(z).sample
+            ref16 = vae.to(torch.bfloat16).decode(z.bfloat16()).sample.float()
+            vae.float()
+            parallelize_vae(vae, group=dist.group.WORLD)
+            out32 = vae.decode(z).sample
+            out16 = vae.to(torch.bfloat16).decode(z.bfloat16()).sample.float()
+        assert _max_rel(out32, ref32) <= FP32_MAX_REL, (name, _max_rel(out32, ref32))
+        noise = _max_rel(ref16, ref32)
+        assert _max_rel(out16, ref32) <= 2 * noise + 1e-3, (name, _max_rel(out16, ref32), noise)
+
+
+@pytest.mark.gpu
+@pytest.mark.multigpu(2)
+def test_vae_nccl_matches_serial() -> None:
+    run_distributed(_worker_gpu, 2, backend="nccl", timeout=600)
