@@ -15,7 +15,8 @@
 #   bench   every benchmarks/bench_*.py: with python, or, when its source has the line
 #           "# xdit-bench: torchrun", under torchrun with 2 GPUs and with all visible GPUs when
 #           there are >= 4 (skipped when fewer GPUs); JSON results into OUT/bench/
-# --only build,tests,...  run only these steps (build is added when the extension does not load)
+# --only build,tests,...  run only these steps (build is added for run/tests/bench when the
+#                         extension does not load)
 # --bench attention,usp   only these benchmarks (names with or without bench_ / .py)
 # --quick                 benchmarks pass --quick (fewer iterations)
 # --pytest "ARGS"         extra pytest arguments (e.g. "-k attention -x")
@@ -39,7 +40,7 @@ while [ $# -gt 0 ]; do
     --quick) QUICK=1; shift ;;
     --pytest) PYTEST_EXTRA="$2"; shift 2 ;;
     --pytest=*) PYTEST_EXTRA="${1#*=}"; shift ;;
-    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
     -*) echo "gpu_check: unknown option $1" >&2; exit 2 ;;
     *) OUT_DIR="$1"; shift ;;
   esac
@@ -102,16 +103,21 @@ wants() { case " $STEPS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 
 # ----------------------------------------------------------------------------- environment
 if compgen -G ".whl/*.whl" > /dev/null; then
-  step wheels 600 0 "$PY" -m pip install -q --no-index --no-deps --no-compile --upgrade \
-    --target /tmp/site .whl/*.whl
+  # Reinstall only when the set of wheels changed since the last install on this machine.
+  stamp="$(ls -l .whl/*.whl | md5sum | cut -c1-32)"
+  if [ "$(cat /tmp/site/.xdit_wheels 2> /dev/null)" != "$stamp" ]; then
+    step wheels 600 0 "$PY" -m pip install -q --no-index --no-deps --no-compile --upgrade \
+      --target /tmp/site .whl/*.whl && echo "$stamp" > /tmp/site/.xdit_wheels
+  fi
   export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 # The source tree is importable even when the editable install falls back to build_ext --inplace.
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
-NGPU=$("$PY" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
-HOPPER=$("$PY" -c "import torch; print(int(any(torch.cuda.get_device_capability(i) == (9, 0) \
-  for i in range(torch.cuda.device_count()))))" 2>/dev/null || echo 0)
+read -r NGPU HOPPER < <("$PY" -c "import torch; n = torch.cuda.device_count(); \
+print(n, int(any(torch.cuda.get_device_capability(i) == (9, 0) for i in range(n))))" \
+  2> /dev/null || echo 0 0)
+NGPU="${NGPU:-0}"; HOPPER="${HOPPER:-0}"
 note "gpu_check: $(date -u +%FT%TZ) commit $COMMIT \
 $NGPU GPU(s), hopper=$HOPPER, steps: $STEPS, out: $OUT_DIR"
 nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader >> "$LOG" 2>&1 || true
@@ -144,7 +150,7 @@ EOF
 }
 export -f build
 export PY
-if wants build || { ! ext_loads && { wants tests || wants bench || wants run || wants doctor; }; }
+if wants build || { { wants tests || wants bench || wants run; } && ! ext_loads; }
 then
   step build 1500 6 bash -c build
 fi
@@ -198,6 +204,13 @@ selected() {  # selected FILE: whether --bench names it (everything when --bench
   return 1
 }
 if wants bench; then
+  for n in ${BENCHES//,/ }; do  # a misspelt name is a failure, not a silent no-op
+    n="${n%.py}"; n="${n#bench_}"
+    if [ ! -e "benchmarks/bench_$n.py" ]; then
+      note "no benchmark benchmarks/bench_$n.py"; FAILED=1
+      SUMMARY+=("$(printf '%-34s %-14s' "bench_$n" "FAIL(no such)")")
+    fi
+  done
   QUICK_ARG=()
   [ $QUICK -eq 1 ] && QUICK_ARG=(--quick)
   found=0
@@ -219,8 +232,7 @@ if wants bench; then
       step "$name" 1200 35 "$PY" "$b" --out "$OUT_DIR/bench" "${QUICK_ARG[@]}"
     fi
   done
-  [ $found -eq 1 ] || { note "no benchmark matched --bench $BENCHES"; FAILED=1; \
-    SUMMARY+=("$(printf '%-34s %-14s' "bench" "FAIL(no match)")"); }
+  [ $found -eq 1 ] || [ -n "$BENCHES" ] || { note "no benchmarks/bench_*.py"; FAILED=1; }
 fi
 
 # --------------------------------------------------------------------------------- results
