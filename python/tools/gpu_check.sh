@@ -40,7 +40,7 @@ while [ $# -gt 0 ]; do
     --quick) QUICK=1; shift ;;
     --pytest) PYTEST_EXTRA="$2"; shift 2 ;;
     --pytest=*) PYTEST_EXTRA="${1#*=}"; shift ;;
-    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
     -*) echo "gpu_check: unknown option $1" >&2; exit 2 ;;
     *) OUT_DIR="$1"; shift ;;
   esac
