@@ -213,6 +213,25 @@ def _ulysses_in(q_s, k_s, v_s, heads, u_rank, ug):
     return recv.view(U, 3, B, L, h_me, D).permute(1, 2, 0, 3, 4, 5)
 
 
+def _place_gathered(g, q_j, k_j, v_j, hs, J, Jk):
+    """Received Q/K/V ``[3, B, U, L, h, D]`` plus this rank's joint heads ``hs`` -> the query
+    buffer ``[B, J + U*L, h, D]``, the K/V buffer ``[2, B, Jk + U*L, h, D]`` (joint tokens first:
+    key order does not matter, and query rows go back in place at the end) and the joint K/V
+    when they are a partial of their own (``Jk == 0 < J``), else ``(None, None)``."""
+    _, B, U, L, h, D = g.shape
+    qbuf = g.new_empty(B, J + U * L, h, D)
+    qbuf[:, J:].view(B, U, L, h, D).copy_(g[0])
+    kv = g.new_empty(2, B, Jk + U * L, h, D)
+    kv[:, :, Jk:].view(2, B, U, L, h, D).copy_(g[1:])
+    if J:
+        qbuf[:, :J] = q_j[:, :, hs]
+    if Jk:
+        kv[0, :, :Jk] = k_j[:, :, hs]
+        kv[1, :, :Jk] = v_j[:, :, hs]
+    joint_kv = (k_j[:, :, hs], v_j[:, :, hs]) if J and not Jk else (None, None)
+    return qbuf, kv, *joint_kv
+
+
 def _pipelined_chunks(H: int, U: int, R: int) -> int:
     """Head chunks for the pipelined Ulysses path (``XDIT_OPS_USP_CHUNKS``, default 1).
 
@@ -238,7 +257,6 @@ def _ulysses_pipelined(q_s, k_s, v_s, q_j, k_j, v_j, J, Jk, joint_front, heads, 
     U, C = len(heads), chunks
     h = heads[0]
     hc = h // C
-    UL = U * L
     send = torch.stack([t.reshape(B, L, U, C, hc, D).permute(3, 2, 0, 1, 4, 5)
                         for t in (q_s, k_s, v_s)], dim=2)  # [C, U, 3, B, L, hc, D]
     recv = torch.empty_like(send)  # [C, U(src), 3, B, L, hc, D]
@@ -252,18 +270,8 @@ def _ulysses_pipelined(q_s, k_s, v_s, q_j, k_j, v_j, J, Jk, joint_front, heads, 
     for c in range(C):
         works[c].wait()
         g = recv[c].permute(1, 2, 0, 3, 4, 5)  # [3, B, U, L, hc, D]
-        qbuf = q_s.new_empty(B, J + UL, hc, D)
-        qbuf[:, J:].view(B, U, L, hc, D).copy_(g[0])
-        kv = q_s.new_empty(2, B, Jk + UL, hc, D)
-        kv[:, :, Jk:].view(2, B, U, L, hc, D).copy_(g[1:])
         hs = slice(h0 + c * hc, h0 + (c + 1) * hc)
-        if J:
-            qbuf[:, :J] = q_j[:, :, hs]
-        if Jk:
-            kv[0, :, :Jk] = k_j[:, :, hs]
-            kv[1, :, :Jk] = v_j[:, :, hs]
-        jk = (k_j[:, :, hs], v_j[:, :, hs]) if J and not Jk else (None, None)
-        o, lse = attend(qbuf, kv, *jk)
+        o, lse = attend(*_place_gathered(g, q_j, k_j, v_j, hs, J, Jk))
         lses.append(lse)
         if J:
             out_send[c, :, :, :J] = o[:, :J].unsqueeze(0)
@@ -551,18 +559,8 @@ def _usp_impl(q, k, v, joint_lengths, joint_tokens, joint_front, seq_len, scale,
     else:
         h_me = heads[u_rank]
         gathered = _ulysses_in(q_s, k_s, v_s, heads, u_rank, ug)  # [3, B, U, L, h, D]
-        qbuf = q.new_empty(B, J + UL, h_me, D)
-        qbuf[:, J:].view(B, U, L, h_me, D).copy_(gathered[0])
-        kv = q.new_empty(2, B, Jk + UL, h_me, D)
-        kv[:, :, Jk:].view(2, B, U, L, h_me, D).copy_(gathered[1:])
         hs = slice(h0, h0 + h_me)
-        if J:
-            qbuf[:, :J] = q_j[:, :, hs]
-        if Jk:
-            kv[0, :, :Jk] = k_j[:, :, hs]
-            kv[1, :, :Jk] = v_j[:, :, hs]
-        jk = (k_j[:, :, hs], v_j[:, :, hs]) if J and not joint_inline else (None, None)
-        out_h, lse_h = attend(qbuf, kv, *jk)
+        out_h, lse_h = attend(*_place_gathered(gathered, q_j, k_j, v_j, hs, J, Jk))
         out = _ulysses_out(out_h, J, L, heads, u_rank, ug, joint_front, H)
         lse = _lse_out(lse_h, J, L, heads, u_rank, ug, joint_front, H) if return_lse else None
     if not return_lse:
