@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from xdit_ops.parallel.halo import BandLayout, ConvRows, halo_conv
 
 OP = "parallelize_vae"
+SCORE_BYTES = 1 << 30  # attention query chunks keep a [chunk, S] fp32 score matrix under this
 
 
 class BandContext:
@@ -246,7 +247,18 @@ def band_attention(
     dist.all_gather(bufs, kv.contiguous(), group=ctx.group)
     full = torch.cat([buf[:, :, :n] for buf, n in zip(bufs, counts, strict=True)], dim=2)
     del bufs
-    out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), full[0].transpose(1, 2), full[1].transpose(1, 2), attn_mask=attn_mask
-    )
+    qh, kh, vh = q.transpose(1, 2), full[0].transpose(1, 2), full[1].transpose(1, 2)
+    # Queries go in chunks whose fp32 score matrix stays under SCORE_BYTES: a VAE mid-block at
+    # 4096^2 has 262144 tokens of head dim 512, above what the flash kernels take, and a math
+    # fallback on the whole band would need tens of GB for the scores.
+    b, heads, s_q, _ = qh.shape
+    step = max(1, SCORE_BYTES // max(1, 4 * b * heads * kh.shape[2]))
+    if step >= s_q:
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=attn_mask)
+        return out.transpose(1, 2)
+    out = qh.new_empty(qh.shape[:-1] + (vh.shape[-1],))
+    for i in range(0, s_q, step):
+        m = None if attn_mask is None else attn_mask[..., i:i + step, :]
+        out[:, :, i:i + step] = F.scaled_dot_product_attention(
+            qh[:, :, i:i + step], kh, vh, attn_mask=m)
     return out.transpose(1, 2)
