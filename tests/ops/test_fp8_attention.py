@@ -373,6 +373,8 @@ _INTERPRETER_CHECK = textwrap.dedent("""
         out2, _ = attention_quantized_triton(got, dtype)
         m2 = attention_error_metrics(out2, ref_out)
         assert m2["rel_l1"] < 3 * tol, m2
+        out3, lse3 = attention_quantized_triton(want, dtype, False)
+        assert torch.equal(out3, out) and lse3.numel() == 0
     print("interpreter ok")
 """)
 

@@ -115,8 +115,10 @@ def _attention(q8, q_scale, k8, k_scale, vt8, v_scale, lse_corr, seqlen_k, head_
         def grid(meta):
             return (triton.cdiv(Sq, meta["BLOCK_M"]), B * H)
         extra = {}
+    # Without the LSE the kernel never touches its pointer; pass a live buffer all the same
+    # (Triton's launcher validates every pointer, and an empty tensor's may be null).
     _launch(_attn_kernel, grid,
-            q8, q_scale, k8, k_scale, vt8, v_scale, lse_corr, out, lse,
+            q8, q_scale, k8, k_scale, vt8, v_scale, lse_corr, out, lse if return_lse else q_scale,
             out.stride(0), out.stride(1), out.stride(2),
             H, Sq, seqlen_k, Sk_pad,
             D=head_dim, DP=DP, BLOCK_N=BLOCK_N, RETURN_LSE=return_lse, **extra)
