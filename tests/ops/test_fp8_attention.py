@@ -423,9 +423,12 @@ def test_triton_quantize_matches_emulation_gpu(B, Sq, Sk, H, D, dtype):
         a, b = getattr(got, name).int(), getattr(want, name).int()
         # Only the K mean's summation order differs: a code may move by one step, rarely.
         assert (a - b).abs().max() <= 1 and (a != b).float().mean() < 1e-3, name
-    for name in ("q_scale", "k_scale", "v_scale", "lse_corr"):
+    for name in ("q_scale", "k_scale", "v_scale"):
         a, b = getattr(got, name), getattr(want, name)
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * b.abs().max().item())
+    # A dot product with the K mean (summed in another order): natural-log units, vs the gate's
+    # 1e-2 on the LSE.
+    torch.testing.assert_close(got.lse_corr, want.lse_corr, rtol=1e-4, atol=1e-4)
     assert torch.equal(got.vt.view(torch.uint8), want.vt.view(torch.uint8))
 
 
