@@ -358,6 +358,19 @@ def _worker_api(rank: int, world: int) -> None:
     with pytest.raises(UnsupportedModule, match=r"decoder\.conv_act \(Hardswish\)"):
         parallelize_vae(bad, group=dist.group.WORLD)
 
+    # The default group is init_parallel's sequence-parallel group; mesh= resolves to it too.
+    import xdit_ops
+
+    state = xdit_ops.init_parallel(ulysses_degree=world, device_type="cpu")
+    for kwargs in ({}, {"mesh": state.mesh}):
+        default = _build("kl")
+        parallelize_vae(default, **kwargs)
+        assert default._xdit_band_group is state.sp_group
+        with torch.no_grad():
+            got = default.decode(z).sample
+        if rank == 0:
+            assert rel_err(got, ref) <= FP32_MAX_REL
+
     # A group of one rank leaves the VAE alone.
     singles = [dist.new_group([r]) for r in range(world)]
     solo = _build("kl")

@@ -80,9 +80,11 @@ def parallelize_vae(
 
     Parameters
     ----------
-    vae : a diffusers VAE: ``AutoencoderKL``, ``AutoencoderKLWan``, ``AutoencoderKLQwenImage``.
-        Patched in place (module forwards and attention processors) and returned. Outside a
-        band decode the patched modules behave exactly as before.
+    vae : a diffusers VAE: ``AutoencoderKL`` (Flux, SD3, PixArt, HunyuanDiT), ``AutoencoderKLWan``
+        (Wan 2.1 / 2.2), ``AutoencoderKLQwenImage``, ``AutoencoderKLHunyuanVideo``,
+        ``AutoencoderKLCogVideoX``, ``AutoencoderKLLTXVideo``, ``AutoencoderKLLTX2Video`` or
+        ``AutoencoderDC`` (SANA). Patched in place (module forwards and attention processors)
+        and returned. Outside a band decode the patched modules behave exactly as before.
     mesh : the ``init_parallel`` mesh (its sequence-parallel group is used) or a 1-D mesh.
     group : the band group directly (a ProcessGroup or its name); wins over ``mesh``. Default:
         ``xdit_ops.get_parallel_state().sp_group``. A group of one rank leaves ``vae`` as it is.
