@@ -10,7 +10,7 @@ layout is ``f`` times the latent split. Nothing about shapes is ever communicate
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from fractions import Fraction
 
 import torch
@@ -225,13 +225,14 @@ def band_attention(
     v: torch.Tensor,
     ctx: BandContext,
     counts: tuple[int, ...],
-    attn_mask: torch.Tensor | None = None,
+    mask_fn: Callable[[int, int], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Attention of this rank's queries over every rank's keys: ``[B, S_local, heads, D]`` (BSHD).
 
     ``counts`` gives every rank's number of tokens (uneven bands); the keys are ordered rank by
-    rank. ``attn_mask`` (bool, True = attend, broadcastable to ``[B, heads, S_local, S_total]``)
-    is for masks defined on token positions (HunyuanVideo's frame-causal mask).
+    rank. ``mask_fn(i0, i1)`` returns the boolean mask (True = attend) of local queries
+    ``[i0, i1)`` against all keys, broadcastable to ``[B, heads, i1 - i0, S_total]``: built per
+    query chunk, so a frame-causal mask (HunyuanVideo) never exists whole.
 
     This is the one call site of attention inside the banded VAE. It gathers K and V rather than
     calling ``usp_attention``, whose shards are equal with padding only at the end of the
@@ -254,11 +255,11 @@ def band_attention(
     b, heads, s_q, _ = qh.shape
     step = max(1, SCORE_BYTES // max(1, 4 * b * heads * kh.shape[2]))
     if step >= s_q:
-        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=attn_mask)
-        return out.transpose(1, 2)
+        m = None if mask_fn is None else mask_fn(0, s_q)
+        return F.scaled_dot_product_attention(qh, kh, vh, attn_mask=m).transpose(1, 2)
     out = qh.new_empty(qh.shape[:-1] + (vh.shape[-1],))
     for i in range(0, s_q, step):
-        m = None if attn_mask is None else attn_mask[..., i:i + step, :]
-        out[:, :, i:i + step] = F.scaled_dot_product_attention(
-            qh[:, :, i:i + step], kh, vh, attn_mask=m)
+        j = min(s_q, i + step)
+        m = None if mask_fn is None else mask_fn(i, j)
+        out[:, :, i:j] = F.scaled_dot_product_attention(qh[:, :, i:j], kh, vh, attn_mask=m)
     return out.transpose(1, 2)

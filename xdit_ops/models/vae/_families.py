@@ -175,7 +175,7 @@ def _downsample_2d(walk: Walk, path: str, module: nn.Module) -> None:
     return apply
 
 
-def attention_tokens(attn, x, ctx, counts, attn_mask=None):
+def attention_tokens(attn, x, ctx, counts, mask_fn=None):
     """A diffusers ``Attention`` (self-attention, AttnProcessor2_0 semantics) on this rank's
     tokens ``x [B, S_local, C]`` with keys from every rank, up to the output projection (the
     caller adds the residual and divides by ``rescale_output_factor``)."""
@@ -193,7 +193,7 @@ def attention_tokens(attn, x, ctx, counts, attn_mask=None):
         q = attn.norm_q(q.transpose(1, 2)).transpose(1, 2)
     if attn.norm_k is not None:
         k = attn.norm_k(k.transpose(1, 2)).transpose(1, 2)
-    o = band_attention(q, k, v, ctx, counts, attn_mask).reshape(b, -1, heads * hd).to(q.dtype)
+    o = band_attention(q, k, v, ctx, counts, mask_fn).reshape(b, -1, heads * hd).to(q.dtype)
     return attn.to_out[1](attn.to_out[0](o))
 
 
@@ -332,10 +332,13 @@ def _hunyuan_mid_block(walk: Walk, path: str, module: nn.Module) -> None:
                 frames = torch.arange(t, device=x.device)
                 q_frame = frames.repeat_interleave(h * w)
                 k_frame = torch.cat([frames.repeat_interleave(n * w) for n in layout.sizes])
-                mask = k_frame[None, :] <= q_frame[:, None]
                 counts = tuple(t * n * w for n in layout.sizes)
+
                 # keys arrive rank by rank, each rank's tokens in (frame, row, column) order
-                o = attention_tokens(attn, x, ctx, counts, mask)
+                def mask_fn(i0, i1, q_frame=q_frame, k_frame=k_frame):
+                    return k_frame[None, :] <= q_frame[i0:i1, None]
+
+                o = attention_tokens(attn, x, ctx, counts, mask_fn)
                 if attn.residual_connection:
                     o = o + x
                 o = o / attn.rescale_output_factor
