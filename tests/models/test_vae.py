@@ -299,8 +299,8 @@ def _worker_halo(rank: int, world: int) -> None:
         ref = F.conv2d(padded, w, None, (s, 1), (0, 1), (d, 1))
         band = x[:, :, layout.starts[rank]:layout.starts[rank + 1]].contiguous()
 
-        def conv_fn(t, w=w, s=s, d=d):
-            return F.conv2d(t, w, None, (s, 1), (0, 1), (d, 1))
+        def conv_fn(t, pad_h, w=w, s=s, d=d):
+            return F.conv2d(t, w, None, (s, 1), (pad_h, 1), (d, 1))
 
         y, out_layout = halo_conv(band, layout, geom, conv_fn, group, fill=fill, chunk_bytes=64)
         full = all_gather_rows(y, out_layout, group)

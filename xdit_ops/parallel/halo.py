@@ -255,7 +255,7 @@ def halo_conv(
     x: torch.Tensor,
     layout: BandLayout,
     geom: ConvRows,
-    conv_fn: Callable[[torch.Tensor], torch.Tensor],
+    conv_fn: Callable[[torch.Tensor, int], torch.Tensor],
     group: dist.ProcessGroup,
     *,
     fill: float = 0.0,
@@ -268,11 +268,22 @@ def halo_conv(
     x : this rank's band, ``[..., h, W]`` with ``h == layout.sizes[rank]`` (any dtype/device).
     layout : every rank's band of the input.
     geom : kernel, stride, dilation, global top/bottom padding and mode along H.
-    conv_fn : computes the convolution of a slab of input rows that already holds every row its
-        outputs read (no padding along H; it pads the other axes itself).
+    conv_fn : ``conv_fn(t, pad_h)`` convolves the rows ``t`` with ``pad_h`` rows of zeros on
+        each side along H (it pads the other axes itself). Called with ``pad_h = 0`` on slabs
+        that hold every row their outputs read, and on the whole band with the local halo width
+        (see below).
     group : the band group (rank ``r`` of the group owns band ``r``).
     fill : the value of padded rows in ``constant`` mode (0 for ``zeros``).
-    chunk_bytes : the rows needing no halo are convolved in slabs of about this many input bytes.
+    chunk_bytes : the rows needing no halo are convolved in slabs of about this many input bytes
+        when the band cannot be convolved whole (below).
+
+    Notes
+    -----
+    When this rank's halo is as wide above as below (stride-1 convolutions with symmetric
+    padding, the common case), the whole band is convolved at once with zero rows in place of
+    the halo: the result is this rank's output band, right everywhere but in the few rows that
+    read the halo, which are recomputed from the received rows and written over it. The band
+    is not copied and the output is not assembled: memory as in a serial convolution.
 
     Returns
     -------
@@ -308,15 +319,26 @@ def halo_conv(
             out = y.new_empty(shape)
         out.narrow(-2, o_lo - plan.out_begin, y.shape[-2]).copy_(y)
 
-    # 2. Interior rows: slabs of own rows, no copy of the band.
+    # 2. Interior rows, while the halo travels.
     i0, i1 = plan.interior
-    row_bytes = max(1, x.numel() // max(1, x.shape[-2]) * x.element_size())
-    step = max(1, (chunk_bytes // row_bytes) // geom.stride)
-    for o in range(i0, i1, step):
-        o_end = min(i1, o + step)
-        lo, _ = geom.window(o)
-        _, hi = geom.window(o_end - 1)
-        put(o, conv_fn(x.narrow(-2, lo - first, hi - lo)))
+    n_out = plan.out_end - plan.out_begin
+    whole = None
+    if n_out > 0:
+        top = first - geom.window(plan.out_begin)[0]
+        bottom = geom.window(plan.out_end - 1)[1] - (first + x.shape[-2])
+        if top == bottom >= 0 and geom.out_rows(x.shape[-2] + 2 * top - geom.pad_top
+                                                - geom.pad_bottom) == n_out:
+            whole = top
+    if whole is not None:  # the band at once, zeros standing in for the halo
+        out = conv_fn(x, whole)
+    else:  # slabs of own rows (views of the band), written into the output
+        row_bytes = max(1, x.numel() // max(1, x.shape[-2]) * x.element_size())
+        step = max(1, (chunk_bytes // row_bytes) // geom.stride)
+        for o in range(i0, i1, step):
+            o_end = min(i1, o + step)
+            lo, _ = geom.window(o)
+            _, hi = geom.window(o_end - 1)
+            put(o, conv_fn(x.narrow(-2, lo - first, hi - lo), 0))
     # 3. Boundary rows, once the halo has arrived.
     for w in works:
         w.wait()
@@ -327,11 +349,11 @@ def halo_conv(
         lo, _ = geom.window(b0)
         _, hi = geom.window(b1 - 1)
         slab = _assemble(x, first, lo, hi, layout.total, geom, received, fill)
-        put(b0, conv_fn(slab))
+        put(b0, conv_fn(slab, 0))
     if out is None:  # this rank owns no output rows: an empty band of the right shape
         shape = list(x.shape)
         shape[-2] = geom.span
-        out = conv_fn(x.new_zeros(shape)).narrow(-2, 0, 0)
+        out = conv_fn(x.new_zeros(shape), 0).narrow(-2, 0, 0)
     return out, plan.out_layout
 
 

@@ -129,20 +129,21 @@ def band_conv(
     stride, dilation, groups = module.stride, module.dilation, module.groups
     conv = F.conv2d if x.dim() == 4 else F.conv3d
     if mode == "zeros":
-        conv_pad = pad_other[:-1] + (0, pad_other[-1])
 
-        def conv_fn(t: torch.Tensor) -> torch.Tensor:
-            return conv(t, weight, bias, stride, conv_pad, dilation, groups)
+        def conv_fn(t: torch.Tensor, pad_h: int) -> torch.Tensor:
+            return conv(t, weight, bias, stride, pad_other[:-1] + (pad_h, pad_other[-1]),
+                        dilation, groups)
     else:
-        # F.pad lists the last axis first: (w, w, h, h[, t, t]); H is padded by the halo.
+        # F.pad lists the last axis first: (w, w, h, h[, t, t]); H comes from the halo, and the
+        # zero rows conv_fn may add stand in for rows that halo_conv recomputes.
         torch_pad = (pad_other[-1], pad_other[-1], 0, 0)
         if len(pad_other) == 2:
             torch_pad += (pad_other[0], pad_other[0])
-        zero = (0,) * len(stride)
+        zero = (0,) * (len(stride) - 2)
 
-        def conv_fn(t: torch.Tensor) -> torch.Tensor:
-            return conv(F.pad(t, torch_pad, mode=mode), weight, bias, stride, zero, dilation,
-                        groups)
+        def conv_fn(t: torch.Tensor, pad_h: int) -> torch.Tensor:
+            return conv(F.pad(t, torch_pad, mode=mode), weight, bias, stride,
+                        zero + (pad_h, 0), dilation, groups)
 
     geom = ConvRows(module.kernel_size[-2], stride[-2], dilation[-2], pad_h[0], pad_h[1], mode)
     layout = ctx.layout(x.shape[-2], where)
