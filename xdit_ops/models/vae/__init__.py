@@ -127,7 +127,14 @@ def parallelize_vae(
                 f"approximate. Call vae.disable_tiling() to decode in exact row bands"
             )
 
-    def make_ctx(latent_rows: int, what: str) -> BandContext:
+    warm = [False]
+
+    def make_ctx(latent_rows: int, what: str, device: torch.device) -> BandContext:
+        if not warm[0]:
+            # NCCL: the first batch_isend_irecv of a group must involve every rank; a collective
+            # first creates the group's communicator whatever the first halo looks like.
+            dist.all_reduce(torch.zeros(1, device=device), group=g)
+            warm[0] = True
         if latent_rows < world:
             raise ValueError(
                 f"{OP}: {name}.{what}: a latent of {latent_rows} rows cannot give each of "
@@ -147,7 +154,7 @@ def parallelize_vae(
     @functools.wraps(decode)
     def banded_decode(z: torch.Tensor, *args, **kwargs):
         check_tiling()
-        ctx = make_ctx(z.shape[-2], fam.decode)
+        ctx = make_ctx(z.shape[-2], fam.decode, z.device)
         with activate(ctx):
             out = decode(band(z, ctx, 1), *args, **kwargs)
             return _gather_output(out, lambda t: _layout(ctx, t, fam.decode), g, output)
@@ -166,7 +173,7 @@ def parallelize_vae(
                     f"{OP}: {name}.{fam.encode}: input height {x.shape[-2]} is not a multiple "
                     f"of the spatial compression {ratio}"
                 )
-            ctx = make_ctx(x.shape[-2] // ratio, fam.encode)
+            ctx = make_ctx(x.shape[-2] // ratio, fam.encode, x.device)
             with activate(ctx):
                 out = encode(band(x, ctx, ratio), *args, **kwargs)
                 return _gather_output(out, lambda t: _layout(ctx, t, fam.encode), g, "all")
