@@ -41,3 +41,12 @@ def test_run_attention_cpu_and_exit_codes():
     assert "FAIL" in res.stdout and "FAILED: cpu math" in res.stdout
     res = _cli("run", "--job", "nope")
     assert res.returncode == 2 and "unknown job" in res.stderr
+
+
+def test_run_usp_job_cpu():
+    """The usp job spawns 2 gloo ranks and checks Ulysses and ring against one device."""
+    res = _cli("run", "--job", "usp", "--device", "cpu", "--iters", "1")
+    assert res.returncode == 0, res.stdout + res.stderr
+    for cfg in ("U2xR1", "U1xR2"):
+        line = [ln for ln in res.stdout.splitlines() if cfg in ln]
+        assert line and line[0].rstrip().endswith("ok"), res.stdout

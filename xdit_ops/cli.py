@@ -8,8 +8,10 @@
 ``xdit-ops run [--job NAME[,NAME...]]``
     The main job on an embedded default (nothing is downloaded). Jobs register themselves with
     :func:`register_job`; ``attention`` runs every usable ``xdit_ops.attention`` backend on every
-    local device (the CPU and each GPU) against the fp32 reference and prints error and time.
-    The exit code is non-zero when any check fails.
+    local device (the CPU and each GPU) against the fp32 reference and prints error and time;
+    ``usp`` runs ``usp_attention`` (Ulysses, ring, hybrid) over 2 gloo processes on the CPU and
+    over every GPU with NCCL against attention over the whole sequence. The exit code is
+    non-zero when any check fails.
 
 Adding a job: in this module (or in a module this one imports, so it is registered before the
 parser is built), write ``def my_job(args) -> list[Check]`` and decorate it with
@@ -303,6 +305,142 @@ def _selected_devices(args: argparse.Namespace) -> list[torch.device]:
         raise SystemExit(f"xdit-ops run: device {args.device!r} is not present; have "
                          f"{', '.join(str(d) for d in devs)}")
     return [want]
+
+
+# ------------------------------------------------------------------------------- job: usp
+
+
+USP_SHAPE_CPU = (1, 256, 8, 64)
+USP_SHAPE_GPU = (1, 4608, 24, 128)
+USP_JOINT = 77
+
+
+def _usp_configs(world: int) -> list[tuple[int, int]]:
+    configs = [(world, 1), (1, world)]
+    if world >= 4 and world % 2 == 0:
+        configs.append((2, world // 2))
+    return configs
+
+
+def _usp_worker(rank: int, world: int, port: int, device_type: str, shape, iters: int,
+                queue) -> None:
+    """One rank of the usp job: usp_attention on its shard vs attention over everything."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    for var, val in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"),
+                     ("NVSHMEM_DISABLE_NVLS", "1")):
+        os.environ.setdefault(var, val)
+    import xdit_ops
+    from xdit_ops.reference import attention_ref
+
+    results = []
+    try:
+        torch.set_num_threads(1)
+        dev = torch.device("cuda", rank) if device_type == "cuda" else torch.device("cpu")
+        dtype = torch.bfloat16 if device_type == "cuda" else torch.float32
+        B, S, H, D = shape
+        gen = torch.Generator().manual_seed(0)
+        full = [torch.randn(B, USP_JOINT + S, H, D, generator=gen) for _ in range(3)]
+        ref, _ = attention_ref(*(t.to(dev) for t in full))  # fp32 over joint + sequence
+        for u, r in _usp_configs(world):
+            xdit_ops.init_parallel(ulysses_degree=u, ring_degree=r, device_type=device_type)
+            local = []
+            for t in full:
+                shard, seq_len = xdit_ops.shard_sequence(t[:, USP_JOINT:].to(dev, dtype))
+                local.append(torch.cat([t[:, :USP_JOINT].to(dev, dtype), shard], dim=1))
+
+            def call(local=local, seq_len=seq_len):
+                return xdit_ops.usp_attention(*local, joint_tokens=USP_JOINT, seq_len=seq_len)
+
+            ms = time_ms(call, dev, warmup=2, iters=iters)
+            out = call()
+            seq = xdit_ops.gather_sequence(out[:, USP_JOINT:].contiguous(), seq_len)
+            got = torch.cat([out[:, :USP_JOINT], seq], dim=1).float()
+            err = ((got - ref).norm() / ref.norm()).item()
+            results.append((u, r, err, ms))
+        if rank == 0:
+            queue.put(("ok", results))
+    except Exception as exc:  # reported as a failed check, not a hang
+        queue.put(("error", f"rank {rank}: {type(exc).__name__}: {exc}"))
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _usp_spawn(device_type: str, world: int, shape, iters: int, timeout: float):
+    import torch.multiprocessing as mp
+
+    from xdit_ops.parallel.state import _free_port
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    port = _free_port()
+    procs = [ctx.Process(target=_usp_worker, args=(r, world, port, device_type, shape, iters,
+                                                   queue), daemon=True) for r in range(world)]
+    env_cvd = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if device_type == "cpu":  # gloo workers must not touch the GPUs
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    try:
+        for p in procs:
+            p.start()
+    finally:
+        if device_type == "cpu":
+            if env_cvd is None:
+                os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+            else:
+                os.environ["CUDA_VISIBLE_DEVICES"] = env_cvd
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+    hung = any(p.is_alive() for p in procs)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    msgs = []
+    while not queue.empty():
+        msgs.append(queue.get())
+    errors = [m for kind, m in msgs if kind == "error"]
+    if errors or hung:
+        return None, "; ".join(errors) or f"timed out after {timeout:.0f} s"
+    oks = [m for kind, m in msgs if kind == "ok"]
+    return (oks[0], "") if oks else (None, "no result from rank 0")
+
+
+def _usp_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("job usp")
+    g.add_argument("--usp-timeout", type=float, default=300.0,
+                   help="seconds before a usp world is declared hung (default 300)")
+
+
+@register_job("usp", "usp_attention (Ulysses, ring, hybrid) over processes vs attention over the "
+              "whole sequence: 2 gloo ranks on the CPU, NCCL over every GPU",
+              add_args=_usp_args)
+def usp_job(args: argparse.Namespace) -> list[Check]:
+    devs = _selected_devices(args)
+    worlds = []
+    if any(d.type == "cpu" for d in devs):
+        worlds.append(("cpu", 2, USP_SHAPE_CPU, torch.float32))
+    n_gpu = sum(d.type == "cuda" for d in devs)
+    if n_gpu >= 2:
+        worlds.append(("cuda", n_gpu, USP_SHAPE_GPU, torch.bfloat16))
+    checks = []
+    for device_type, world, shape, dtype in worlds:
+        tol = REL_TOL[dtype]
+        label = f"{device_type} x{world}"
+        what = f"{_short(dtype)} {'x'.join(map(str, shape))}+{USP_JOINT}"
+        results, why = _usp_spawn(device_type, world, shape, args.iters, args.usp_timeout)
+        if results is None:
+            checks.append(Check("usp", label, what, ok=False, note=why[:200]))
+            continue
+        for u, r, err, ms in results:
+            checks.append(Check("usp", label, f"U{u}xR{r} {what}", error=err, tolerance=tol,
+                                time_ms=ms, ok=err <= tol))
+    if not worlds:
+        checks.append(Check("usp", "-", "no CPU and fewer than 2 GPUs selected", ok=True,
+                            note="skipped"))
+    return checks
 
 
 def _print_table(checks: list[Check]) -> None:
