@@ -183,7 +183,8 @@ def _masked_joint_attention(q, kj, vj, joint_lengths, scale, backend):
 
 
 def _ulysses_in(q_s, k_s, v_s, heads, u_rank, ug):
-    """All-to-all of Q, K, V together: [B, L, H, D] x3 -> [3, B, U*L, h_me, D]."""
+    """All-to-all of Q, K, V together: [B, L, H, D] x3 -> a [3, B, U, L, h_me, D] view of what
+    arrived (source rank U-major: the gathered sequence in shard order)."""
     B, L, H, D = q_s.shape
     U = len(heads)
     h_me = heads[u_rank]
@@ -334,12 +335,9 @@ def _ulysses_out(o_h, J, L, heads, u_rank, ug, joint_front, H):
 
 def _lse_out(lse_h, J, L, heads, u_rank, ug, joint_front, H):
     """LSE back to the local layout: [B, h_me, J + U*L] -> [B, H, J + L]."""
-    B, h_me, _ = lse_h.shape
-    U = len(heads)
     # Reuse the output exchange with a head_dim of 1: [B, rows, h, 1].
     o = lse_h.transpose(1, 2).unsqueeze(-1).contiguous()
     back = _ulysses_out(o, J, L, heads, u_rank, ug, joint_front, H)  # [B, J+L, H, 1]
-    del U
     return back.squeeze(-1).transpose(1, 2).contiguous()
 
 
