@@ -132,14 +132,11 @@ def _fp8_attention_cuda(q, k, v, scale=None, return_lse=False):
         return _finish(q, out, lse, return_lse)
     from xdit_ops.triton.fp8_attention import fp8_attention_triton, quantize_qkv_triton
 
-    # Triton launches on the current device, not the tensors' (measured: on cuda:1..3 with the
-    # current device cuda:0 the launch failed with "Pointer argument ... cannot be accessed").
-    with torch.cuda.device(q.device):
-        if impl == "sm90":
-            qq = quantize_qkv_triton(q, k, v, scale)
-            out, lse = attention_quantized_sm90(qq, q.dtype, return_lse)
-        else:
-            out, lse = fp8_attention_triton(q, k, v, scale, return_lse)
+    if impl == "sm90":
+        qq = quantize_qkv_triton(q, k, v, scale)
+        out, lse = attention_quantized_sm90(qq, q.dtype, return_lse)
+    else:
+        out, lse = fp8_attention_triton(q, k, v, scale, return_lse)
     return _finish(q, out, lse, return_lse)
 
 

@@ -14,6 +14,7 @@ interpreter (:func:`quantize_qkv_triton`, :func:`attention_quantized_triton` wit
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -146,6 +147,13 @@ def fp8_attention_fwd_triton(
                       out_dtype_like, return_lse)
 
 
+def _on_device(device: torch.device):
+    """Triton launches on the current CUDA device, not the tensors' (seen on 4 H100s: with the
+    current device cuda:0, tensors on cuda:1..3 failed with "Pointer argument ... cannot be
+    accessed"). Every launch goes through the two public wrappers below, which enter this."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 _HAD: dict[tuple, torch.Tensor] = {}
 
 
@@ -163,7 +171,8 @@ def quantize_qkv_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     had = _hadamard(padded_head_dim(D), q.dtype, q.device)
     fn = _quantize if INTERPRET else fp8_quantize_triton
-    t = fn(q, k, v, had, scale)
+    with _on_device(q.device):
+        t = fn(q, k, v, had, scale)
     return QuantizedQKV(*t, seqlen_k=k.shape[1], head_dim=D)
 
 
@@ -172,8 +181,9 @@ def attention_quantized_triton(qq: QuantizedQKV, out_dtype: torch.dtype,
     """The attention kernel in Triton on :class:`QuantizedQKV`: (out BSHD, lse [B, H, Sq])."""
     like = qq.q_scale.new_empty(0, dtype=out_dtype)
     fn = _attention if INTERPRET else fp8_attention_fwd_triton
-    return fn(qq.q, qq.q_scale, qq.k, qq.k_scale, qq.vt, qq.v_scale, qq.lse_corr, qq.seqlen_k,
-              qq.head_dim, like, return_lse)
+    with _on_device(qq.q.device):
+        return fn(qq.q, qq.q_scale, qq.k, qq.k_scale, qq.vt, qq.v_scale, qq.lse_corr,
+                  qq.seqlen_k, qq.head_dim, like, return_lse)
 
 
 def fp8_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
