@@ -5,15 +5,23 @@
 
 namespace xdit_ops {
 
+namespace {
+
+constexpr int kThreads = 256;  // 8 warps, one (b, s, h) row each
+
+// Enough blocks to fill every SM several times; the kernels grid-stride over the rest.
+int row_blocks(int64_t num_rows, int num_sms) {
+  const int64_t wanted = (num_rows + kThreads / 32 - 1) / (kThreads / 32);
+  return static_cast<int>(std::min<int64_t>(wanted, (int64_t)num_sms * 16));
+}
+
+}  // namespace
+
 cudaError_t merge_attention_states(const MergeAttentionStatesParams& params, DType block_dtype,
                                    int num_sms, cudaStream_t stream) {
-  constexpr int kThreads = 256;
-  constexpr int kWarpsPerBlock = kThreads / 32;
   const int64_t num_rows = params.batch * params.seq * params.heads;
   if (num_rows == 0) return cudaSuccess;
-  // Enough blocks to fill every SM several times; the kernel grid-strides over the rest.
-  const int64_t wanted = (num_rows + kWarpsPerBlock - 1) / kWarpsPerBlock;
-  const int blocks = static_cast<int>(std::min<int64_t>(wanted, (int64_t)num_sms * 16));
+  const int blocks = row_blocks(num_rows, num_sms);
   switch (block_dtype) {
     case DType::kFloat32:
       merge_attention_states_kernel<float><<<blocks, kThreads, 0, stream>>>(params);
@@ -55,13 +63,10 @@ cudaError_t launch_partials(const MergeAttentionPartialsParams& p, DType out_dty
 
 cudaError_t merge_attention_partials(const MergeAttentionPartialsParams& params, DType in_dtype,
                                      DType out_dtype, int num_sms, cudaStream_t stream) {
-  constexpr int kThreads = 256;
-  constexpr int kWarpsPerBlock = kThreads / 32;
   if (params.num_parts < 1 || params.num_parts > kMaxPartials) return cudaErrorInvalidValue;
   const int64_t num_rows = params.batch * params.seq * params.heads;
   if (num_rows == 0) return cudaSuccess;
-  const int64_t wanted = (num_rows + kWarpsPerBlock - 1) / kWarpsPerBlock;
-  const int blocks = static_cast<int>(std::min<int64_t>(wanted, (int64_t)num_sms * 16));
+  const int blocks = row_blocks(num_rows, num_sms);
   switch (in_dtype) {
     case DType::kFloat32:
       return launch_partials<float>(params, out_dtype, blocks, kThreads, stream);

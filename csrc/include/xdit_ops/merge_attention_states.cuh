@@ -17,6 +17,15 @@
 
 namespace xdit_ops {
 
+// Both kernels give one warp a (b, s, h) row of [B, S, H, D], row = (b * S + s) * H + h.
+struct RowIndex {
+  int64_t b, s, h;
+};
+
+__device__ __forceinline__ RowIndex split_row(int64_t row, int64_t seq, int64_t heads) {
+  return {row / (heads * seq), (row / heads) % seq, row % heads};
+}
+
 // One warp per (b, s, h) row; the warp's lanes stride over head_dim so loads are coalesced.
 template <typename T>
 __global__ void merge_attention_states_kernel(MergeAttentionStatesParams p) {
@@ -25,9 +34,8 @@ __global__ void merge_attention_states_kernel(MergeAttentionStatesParams p) {
   const int64_t warps_per_grid = (int64_t)gridDim.x * (blockDim.x >> 5);
   for (int64_t row = (int64_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); row < num_rows;
        row += warps_per_grid) {
-    const int64_t h = row % p.heads;
-    const int64_t s = (row / p.heads) % p.seq;
-    const int64_t b = row / (p.heads * p.seq);
+    const RowIndex r = split_row(row, p.seq, p.heads);
+    const int64_t b = r.b, s = r.s, h = r.h;
     float* lse_ptr = p.lse + b * p.lse_stride_b + h * p.lse_stride_h + s * p.lse_stride_s;
     const float la = *lse_ptr;
     const float lb = p.block_lse[b * p.blse_stride_b + h * p.blse_stride_h + s * p.blse_stride_s];
@@ -65,9 +73,8 @@ __global__ void merge_attention_partials_kernel(MergeAttentionPartialsParams p) 
   const int64_t warps_per_grid = (int64_t)gridDim.x * (blockDim.x >> 5);
   for (int64_t row = (int64_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); row < num_rows;
        row += warps_per_grid) {
-    const int64_t h = row % p.heads;
-    const int64_t s = (row / p.heads) % p.seq;
-    const int64_t b = row / (p.heads * p.seq);
+    const RowIndex r = split_row(row, p.seq, p.heads);
+    const int64_t b = r.b, s = r.s, h = r.h;
     const int64_t lse_idx = (b * p.heads + h) * p.seq + s;
     const int64_t out_idx = row * p.head_dim;  // [B, S, H, D] contiguous: row = (b*S + s)*H + h
     float m = -INFINITY;
