@@ -176,6 +176,54 @@ def test_usp_matches_single_device(world):
     run_distributed(_worker_all, world, world != 3, timeout=600)
 
 
+def _run_shard_lengths(u, r, seed, device="cpu", dtype=torch.float32, L=9, J=4, D=8):
+    """Uneven shards, each padded at its own end (VAE row bands): every grid, a zero-length
+    shard, padding between the shards of one Ulysses block, and joint tokens in front."""
+    world = u * r
+    lens = [(L - (i * 3) % L) if i != 1 else 0 for i in range(world)]
+    lens[-1] = max(lens[-1], 1)
+    B, H = 2, 5
+    q, k, v = (randn(B, sum(lens), H, D, seed=seed + i, dtype=dtype).to(device)
+               for i in range(3))
+    qj, kj, vj = (randn(B, J, H, D, seed=seed + 10 + i, dtype=dtype).to(device)
+                  for i in range(3))
+    out_s, out_j, lse_s, _ = _oracle(q, k, v, qj, kj, vj, None)
+    me = xdit_ops.get_parallel_state().sp_rank
+    start = sum(lens[:me])
+
+    def local(t, joint):
+        shard = t[:, start:start + lens[me]]
+        pad = t.new_zeros(B, L - lens[me], H, D)
+        return torch.cat([joint, shard, pad], 1)
+
+    ql, kl, vl = local(q, qj), local(k, kj), local(v, vj)
+    out, lse = xdit_ops.usp_attention(ql, kl, vl, joint_tokens=J, shard_lengths=lens,
+                                      return_lse=True)
+    tol = 2e-5 if dtype == torch.float32 else 2e-2
+    what = f"shard_lengths {lens} U{u}R{r} rank{me}"
+    assert max_abs_err(out[:, J:J + lens[me]], out_s[:, start:start + lens[me]]) <= tol, what
+    assert max_abs_err(out[:, :J], out_j) <= tol, what
+    e = max_abs_err(lse[:, :, J:J + lens[me]], lse_s[:, :, start:start + lens[me]])
+    assert e <= (1e-4 if dtype == torch.float32 else 5e-2), what
+
+
+def _worker_shard_lengths(rank, world):
+    for u, r in factorisations(world):
+        xdit_ops.init_parallel(ulysses_degree=u, ring_degree=r, device_type="cpu")
+        _run_shard_lengths(u, r, seed=7 * u + r)
+        with pytest.raises(ValueError, match="shard_lengths"):
+            q = randn(1, 6, 4, 8, seed=3)
+            xdit_ops.usp_attention(q, q, q, shard_lengths=[7] * world)
+        with pytest.raises(ValueError, match="not both"):
+            xdit_ops.usp_attention(q, q, q, shard_lengths=[6] * world, seq_len=6 * world)
+    xdit_ops.destroy_parallel()
+
+
+@pytest.mark.parametrize("world", [3, 4])
+def test_usp_shard_lengths(world):
+    run_distributed(_worker_shard_lengths, world, timeout=300)
+
+
 def _worker_group_args(rank, world):
     """Engines pass their own groups (ProcessGroup or name) instead of a mesh."""
     st = xdit_ops.init_parallel(ulysses_degree=2, ring_degree=2, device_type="cpu")
@@ -295,6 +343,8 @@ def _worker_gpu(rank, world):
         xdit_ops.init_parallel(ulysses_degree=u, ring_degree=r)
         for i, case in enumerate(GPU_CASES):
             _run_case(case, u, r, seed=31 * i + 5, device="cuda")
+        _run_shard_lengths(u, r, seed=3 * u + r, device="cuda", dtype=torch.bfloat16, L=300,
+                           J=77, D=128)
         if r > 1:  # the NCCL ring too (the default is the copy-engine ring)
             os.environ["XDIT_OPS_USP_RING"] = "nccl"
             try:

@@ -15,8 +15,9 @@ Per rank, in one op:
    partial results merge with their LSEs in fp32 (``merge_attention_states_``, a native kernel).
 3. The joint keys form their own partial when they must be counted once under a ring or masked
    per sample (``joint_lengths``); otherwise they sit in front of the gathered keys.
-4. Padded keys (``seq_len`` < the padded length) are cut off by slicing each block to its
-   valid length: exact, and no masked work.
+4. Padded keys (``seq_len`` < the padded length, or per-shard ``shard_lengths``) are cut off by
+   slicing each block to its valid length: exact, and no masked work. Padding in the middle of
+   a Ulysses block (uneven shards) is squeezed out of the gathered K/V with one copy first.
 5. One all-to-all moves the outputs back (and the joint rows' heads to every rank).
 
 The op takes process groups by name (str), like torch's functional collectives, so a block
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
@@ -42,7 +44,7 @@ OP = "usp_attention"
 lib.define(
     "usp_attention(Tensor q, Tensor k, Tensor v, Tensor? joint_lengths, int joint_tokens, "
     "bool joint_front, int seq_len, float? scale, str backend, str ulysses_group, "
-    "str ring_group, bool return_lse) -> (Tensor, Tensor)"
+    "str ring_group, bool return_lse, int[]? shard_lengths=None) -> (Tensor, Tensor)"
 )
 
 
@@ -122,7 +124,7 @@ def _check_agreement(meta: list[int], ug, rg) -> None:
     rows = [x.tolist() for x in got]
     if any(r != meta for r in rows):
         names = ("(query shape, key shape, value shape, dtypes, joint_tokens, seq_len, "
-                 "joint_front, no joint_lengths)")
+                 "joint_front, no joint_lengths, shard_lengths count/sum/weighted sum)")
         ranks = dist.get_process_group_ranks(g)
         detail = "; ".join(f"rank {ranks[i]}: {tuple(r)}" for i, r in enumerate(rows))
         raise ValueError(
@@ -395,8 +397,15 @@ def _shape4(t: torch.Tensor) -> list[int]:
     return shape + [-1] * (4 - len(shape))
 
 
+def _lengths_digest(shard_lengths) -> list[int]:
+    if shard_lengths is None:
+        return [-1, 0, 0]
+    return [len(shard_lengths), sum(shard_lengths),
+            sum((i + 1) * n for i, n in enumerate(shard_lengths))]
+
+
 def _usp_impl(q, k, v, joint_lengths, joint_tokens, joint_front, seq_len, scale, backend,
-              ulysses_group, ring_group, return_lse):
+              ulysses_group, ring_group, return_lse, shard_lengths=None):
     ug = _resolve_group(ulysses_group)
     rg = _resolve_group(ring_group)
     U, R = _group_size(ug), _group_size(rg)
@@ -406,7 +415,8 @@ def _usp_impl(q, k, v, joint_lengths, joint_tokens, joint_front, seq_len, scale,
         # the same arguments, so all raise or none does, and no collective is left hanging.
         meta = (_shape4(q) + _shape4(k) + _shape4(v)
                 + [_DTYPE_CODES.get(t.dtype, 9) for t in (q, k, v)]
-                + [joint_tokens, seq_len, int(joint_front), int(joint_lengths is None)])
+                + [joint_tokens, seq_len, int(joint_front), int(joint_lengths is None)]
+                + _lengths_digest(shard_lengths))
         _check_agreement(meta, ug, rg)
     check_inputs(q, k, v, OP)
     B, T, H, D = q.shape
@@ -418,13 +428,24 @@ def _usp_impl(q, k, v, joint_lengths, joint_tokens, joint_front, seq_len, scale,
         raise ValueError(f"{OP}: key has {k.shape[1]} tokens but query has {T}; self-attention "
                          "over the same sharded sequence needs equal lengths")
     total = L * U * R
-    if seq_len < 0:
-        seq_len = total
-    if not (total - L < seq_len <= total or (L == 0 and seq_len == 0)):
-        raise ValueError(
-            f"{OP}: seq_len={seq_len} does not match {U * R} shards of {L} tokens "
-            f"(expected {total - L + 1}..{total}; shard with xdit_ops.shard_sequence)"
-        )
+    if shard_lengths is not None:
+        lens = [int(n) for n in shard_lengths]
+        if seq_len >= 0:
+            raise ValueError(f"{OP}: pass seq_len or shard_lengths, not both")
+        if len(lens) != U * R or any(not 0 <= n <= L for n in lens) or sum(lens) == 0:
+            raise ValueError(
+                f"{OP}: shard_lengths={lens} must give each of the {U * R} shards (in shard "
+                f"order) between 0 and its {L} tokens, with at least one valid token"
+            )
+    else:
+        if seq_len < 0:
+            seq_len = total
+        if not (total - L < seq_len <= total or (L == 0 and seq_len == 0)):
+            raise ValueError(
+                f"{OP}: seq_len={seq_len} does not match {U * R} shards of {L} tokens "
+                f"(expected {total - L + 1}..{total}; shard with xdit_ops.shard_sequence)"
+            )
+        lens = [max(0, min(L, seq_len - i * L)) for i in range(U * R)]
     if H < U:
         raise ValueError(f"{OP}: {H} heads cannot be split over a Ulysses degree of {U}; "
                          f"use a Ulysses degree <= {H} and a ring for the rest")
@@ -436,7 +457,6 @@ def _usp_impl(q, k, v, joint_lengths, joint_tokens, joint_front, seq_len, scale,
 
     heads = head_split(H, U)
     h0 = sum(heads[:u_rank])
-    UL = U * L
     # The joint keys go in front of the gathered keys unless they must be their own partial:
     # under a ring (counted once, not once per step) or with per-sample lengths (masked).
     joint_inline = J > 0 and R == 1 and joint_lengths is None
@@ -449,8 +469,22 @@ def _usp_impl(q, k, v, joint_lengths, joint_tokens, joint_front, seq_len, scale,
         q_j, k_j, v_j = q[:, L:], k[:, L:], v[:, L:]
         q_s, k_s, v_s = q[:, :L], k[:, :L], v[:, :L]
 
+    # Valid keys of each ring block (U shards each). Within a block they are made a prefix:
+    # padding that sits between shards of one block is squeezed out after the gather.
+    block_valid = [sum(lens[r * U:(r + 1) * U]) for r in range(R)]
+    mine = lens[r_rank * U:(r_rank + 1) * U]
+    squeeze = any(n < L and any(mine[j + 1:]) for j, n in enumerate(mine))
+
     def valid_keys(block_rank: int) -> int:
-        return max(0, min(UL, seq_len - block_rank * UL))
+        return block_valid[block_rank]
+
+    def squeezed(kv: torch.Tensor) -> torch.Tensor:
+        """[2, B, Jk + U*L, h, D] with this block's valid keys moved to the front of the U*L."""
+        pieces = [kv[:, :, :Jk]] + [kv[:, :, Jk + j * L:Jk + j * L + n]
+                                    for j, n in enumerate(mine) if n]
+        pad = list(kv.shape)
+        pad[2] = U * L - sum(mine)
+        return torch.cat(pieces + [kv.new_zeros(pad)], dim=2)
 
     def attend(qbuf, kv, kj, vj):
         """Attention of qbuf over every key of the sequence (ring steps + joint partial).
@@ -550,7 +584,7 @@ def _usp_impl(q, k, v, joint_lengths, joint_tokens, joint_front, seq_len, scale,
         else:  # rows were [joint; seq]: put the joint rows back behind
             out = torch.cat([out_h[:, J:], out_h[:, :J]], dim=1)
             lse = torch.cat([lse_h[:, :, J:], lse_h[:, :, :J]], dim=2) if return_lse else None
-    elif (chunks := _pipelined_chunks(H, U, R)) > 1:
+    elif not squeeze and (chunks := _pipelined_chunks(H, U, R)) > 1:
         out, lse_h = _ulysses_pipelined(q_s, k_s, v_s, q_j, k_j, v_j, J, Jk, joint_front, heads,
                                         u_rank, ug, chunks, attend)
         lse = _lse_out(lse_h, J, L, heads, u_rank, ug, joint_front, H) if return_lse else None
@@ -558,7 +592,10 @@ def _usp_impl(q, k, v, joint_lengths, joint_tokens, joint_front, seq_len, scale,
         h_me = heads[u_rank]
         gathered = _ulysses_in(q_s, k_s, v_s, heads, u_rank, ug)  # [3, B, U, L, h, D]
         hs = slice(h0, h0 + h_me)
-        out_h, lse_h = attend(*_place_gathered(gathered, q_j, k_j, v_j, hs, J, Jk))
+        qbuf, kv, kj, vj = _place_gathered(gathered, q_j, k_j, v_j, hs, J, Jk)
+        if squeeze:
+            kv = squeezed(kv)
+        out_h, lse_h = attend(qbuf, kv, kj, vj)
         out = _ulysses_out(out_h, J, L, heads, u_rank, ug, joint_front, H)
         lse = _lse_out(lse_h, J, L, heads, u_rank, ug, joint_front, H) if return_lse else None
     if not return_lse:
@@ -572,7 +609,7 @@ lib.impl(OP, _usp_impl, "CUDA")
 
 @torch.library.register_fake("xdit_ops::usp_attention")
 def _usp_fake(q, k, v, joint_lengths, joint_tokens, joint_front, seq_len, scale, backend,
-              ulysses_group, ring_group, return_lse):
+              ulysses_group, ring_group, return_lse, shard_lengths=None):
     check_inputs(q, k, v, OP)
     B, T, H, D = q.shape
     out = q.new_empty((B, T, H, v.shape[-1]))
@@ -626,6 +663,7 @@ def usp_attention(
     return_lse: bool = False,
     ulysses_group: dist.ProcessGroup | str | None = None,
     ring_group: dist.ProcessGroup | str | None = None,
+    shard_lengths: Sequence[int] | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Sequence-parallel attention (Ulysses x Ring) equal to attention over the full sequence.
 
@@ -640,6 +678,10 @@ def usp_attention(
         attended to (padded prompts). Their query rows are still computed.
     seq_len : valid length of the full sharded sequence when ``shard_sequence`` padded it;
         padded keys are excluded exactly. Default: no padding.
+    shard_lengths : instead of ``seq_len``, the valid tokens of every shard in shard order
+        (``ring_rank * U + ulysses_rank``), for shards padded unevenly (e.g. the row bands of a
+        VAE image: padding at the end of each shard, not only of the sequence). Padded keys are
+        excluded exactly; padded query rows give rows to ignore.
     scale : softmax scale, default ``1/sqrt(D)``.
     mesh : DeviceMesh with ``ulysses``/``ring`` dimensions; default the ``init_parallel`` mesh.
         Without either, a single-device attention.
@@ -675,5 +717,6 @@ def usp_attention(
         query, key, value, joint_lengths, joint_tokens, joint_position == "front",
         -1 if seq_len is None else int(seq_len), None if scale is None else float(scale),
         backend, u, r, return_lse,
+        None if shard_lengths is None else [int(n) for n in shard_lengths],
     )
     return (out, lse) if return_lse else out

@@ -235,10 +235,26 @@ def band_attention(
     ``[i0, i1)`` against all keys, broadcastable to ``[B, heads, i1 - i0, S_total]``: built per
     query chunk, so a frame-causal mask (HunyuanVideo) never exists whole.
 
-    This is the one call site of attention inside the banded VAE. It gathers K and V rather than
-    calling ``usp_attention``, whose shards are equal with padding only at the end of the
-    sequence, while VAE bands hold uneven token counts in the middle of it.
+    This is the one call site of attention inside the banded VAE. Without a mask it is
+    ``usp_attention`` as a ring over the band group: each band, padded at its end to the
+    longest, is one shard of ``shard_lengths=counts``, so padded keys are cut off exactly, the
+    K/V blocks travel around the ring while the current block is attended, and no rank holds
+    more than two blocks of keys. With a mask (frame-causal HunyuanVideo) it gathers K and V
+    and attends in query chunks, since ``usp_attention`` takes no mask.
     """
+    if mask_fn is None:
+        from xdit_ops.ops.usp_attention import usp_attention
+
+        n = q.shape[1]
+        longest = max(counts)
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+        if n < longest:
+            def padded(t: torch.Tensor) -> torch.Tensor:
+                return torch.cat([t, t.new_zeros(t.shape[0], longest - n, *t.shape[2:])], 1)
+
+            q, k, v = padded(q), padded(k), padded(v)
+        out = usp_attention(q, k, v, ring_group=ctx.group, shard_lengths=counts)
+        return out[:, :n]
     kv = torch.stack([k, v])  # [2, B, S_local, H, D]
     longest = max(counts)
     if kv.shape[2] < longest:
