@@ -1,0 +1,111 @@
+// Torch-aware launchers for xdit_ops::ulysses_pack_qkv and ::ulysses_unpack_out (schemas in
+// xdit_ops/ops/ulysses_pack.py).
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "utils.h"
+#include "xdit_ops/ulysses_pack.h"
+
+namespace xdit_ops {
+
+namespace {
+
+// Fills head_start from the per-rank counts; checks them against H.
+void fill_head_start(int* head_start, at::IntArrayRef heads, int64_t H, const char* op) {
+  XDIT_CHECK(!heads.empty() && heads.size() <= static_cast<size_t>(kMaxUlyssesRanks), op,
+             ": heads must list 1..", kMaxUlyssesRanks, " per-rank counts, got ", heads.size());
+  int64_t start = 0;
+  head_start[0] = 0;
+  for (size_t j = 0; j < heads.size(); ++j) {
+    XDIT_CHECK(heads[j] >= 0, op, ": heads[", j, "] = ", heads[j], " is negative");
+    start += heads[j];
+    head_start[j + 1] = static_cast<int>(start);
+  }
+  XDIT_CHECK(start == H, op, ": sum(heads) = ", start, " != H = ", H, " (heads ", heads, ")");
+}
+
+}  // namespace
+
+at::Tensor ulysses_pack_qkv_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 at::IntArrayRef heads) {
+  constexpr const char* kOp = "ulysses_pack_qkv";
+  XDIT_CHECK(q.dim() == 4, kOp, ": q must be [B, L, H, D], got ", q.sizes());
+  XDIT_CHECK(k.sizes() == q.sizes() && v.sizes() == q.sizes(), kOp, ": q ", q.sizes(), ", k ",
+             k.sizes(), " and v ", v.sizes(), " must have one shape");
+  XDIT_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), kOp,
+             ": q, k, v dtypes differ: ", q.scalar_type(), ", ", k.scalar_type(), ", ",
+             v.scalar_type());
+  XDIT_CHECK(q.is_cuda() && k.device() == q.device() && v.device() == q.device(), kOp,
+             ": q, k, v must be on one CUDA device, got ", q.device(), ", ", k.device(), ", ",
+             v.device());
+  const int64_t B = q.size(0), L = q.size(1), H = q.size(2), D = q.size(3);
+  for (const at::Tensor* t : {&q, &k, &v}) {
+    XDIT_CHECK(D <= 1 || t->stride(3) == 1, kOp, ": head_dim must be the contiguous dimension, ",
+               "got strides ", t->strides());
+  }
+  UlyssesPackParams p;
+  fill_head_start(p.head_start, heads, H, kOp);
+  p.num_ranks = static_cast<int>(heads.size());
+  const c10::cuda::CUDAGuard guard(q.device());
+  at::Tensor out = at::empty({3 * B * L * H * D}, q.options());
+  const at::Tensor* qkv[3] = {&q, &k, &v};
+  for (int t = 0; t < 3; ++t) {
+    p.src[t] = qkv[t]->const_data_ptr();
+    p.src_stride_b[t] = qkv[t]->stride(0);
+    p.src_stride_s[t] = qkv[t]->stride(1);
+    p.src_stride_h[t] = qkv[t]->stride(2);
+  }
+  p.out = out.data_ptr();
+  p.batch = B;
+  p.seq = L;
+  p.heads = H;
+  p.head_dim = D;
+  XDIT_CUDA_CHECK(ulysses_pack_qkv(p, static_cast<int>(q.element_size()),
+                                   num_sms(q.get_device()),
+                                   c10::cuda::getCurrentCUDAStream().stream()));
+  return out;
+}
+
+at::Tensor ulysses_unpack_out_cuda(const at::Tensor& recv, at::IntArrayRef heads, int64_t B,
+                                   int64_t J, int64_t L, bool joint_front) {
+  constexpr const char* kOp = "ulysses_unpack_out";
+  XDIT_CHECK(recv.is_cuda(), kOp, ": recv must be on a CUDA device, got ", recv.device());
+  XDIT_CHECK(recv.dim() == 1 && recv.is_contiguous(), kOp,
+             ": recv must be a flat contiguous buffer, got sizes ", recv.sizes(), " strides ",
+             recv.strides());
+  XDIT_CHECK(B >= 0 && J >= 0 && L >= 0, kOp, ": B, J, L must be >= 0, got ", B, ", ", J, ", ",
+             L);
+  int64_t H = 0;
+  for (int64_t h : heads) H += h;
+  UlyssesUnpackParams p;
+  fill_head_start(p.head_start, heads, H, kOp);
+  const int64_t row = B * (J + L) * H;
+  XDIT_CHECK(row > 0 && recv.numel() % row == 0, kOp, ": recv has ", recv.numel(),
+             " elements, not a multiple of B * (J + L) * H = ", row);
+  const int64_t D = recv.numel() / row;
+  p.num_ranks = static_cast<int>(heads.size());
+  const c10::cuda::CUDAGuard guard(recv.device());
+  at::Tensor out = at::empty({B, J + L, H, D}, recv.options());
+  p.recv = recv.const_data_ptr();
+  p.out = out.data_ptr();
+  p.batch = B;
+  p.joint = J;
+  p.seq = L;
+  p.heads = H;
+  p.head_dim = D;
+  p.joint_front = joint_front;
+  XDIT_CUDA_CHECK(ulysses_unpack_out(p, static_cast<int>(recv.element_size()),
+                                     num_sms(recv.get_device()),
+                                     c10::cuda::getCurrentCUDAStream().stream()));
+  return out;
+}
+
+TORCH_LIBRARY_IMPL(xdit_ops, CUDA, m) {
+  m.impl("ulysses_pack_qkv", &ulysses_pack_qkv_cuda);
+  m.impl("ulysses_unpack_out", &ulysses_unpack_out_cuda);
+}
+
+}  // namespace xdit_ops

@@ -1,0 +1,125 @@
+// Ulysses all-to-all pack/unpack kernels: copies between BSHD tensors and the rank-major
+// buffers that one all-to-all moves.
+//
+//   pack:   q, k, v [B, L, H, D] (strided) -> for rank j: [3, B, L, heads_j, D], rank-major
+//   unpack: for rank j: [B, J + L, heads_j, D], rank-major -> [B, J + L, H, D] contiguous
+//
+// Both iterate over "rows" (pack: (t, b, l) with t in q/k/v; unpack: output rows (b, r)) and,
+// within a row, over (head g, vector c). A row of the BSHD side is H * D contiguous-ish
+// elements; in the rank-major buffer the heads of rank j sit at
+//     base_g + row * row_stride_g,   base_g = rows_per_block * D * head_start_j + (g - start_j) * D,
+//                                    row_stride_g = heads_j * D,
+// so each block builds that per-head table in shared memory once and every copy is two loads
+// of it and a multiply-add. Units below are vectors of the width the launcher chose; a vector
+// never straddles a head because D (in bytes) is a multiple of the width.
+#pragma once
+
+#include <cstdint>
+
+#include "xdit_ops/common.cuh"
+#include "xdit_ops/ulysses_pack.h"
+
+namespace xdit_ops {
+
+// Per-rank head split plus the thread mapping, shared by both kernels (all in vector units).
+struct HeadSplit {
+  int64_t heads, dv;       // heads per row; vectors per head (D * elem_size / width)
+  int64_t block_rows;      // rows in one rank's block: 3*B*L (pack) or B*(J+L) (unpack)
+  int64_t num_rows;        // rows to copy
+  int span;                // threads per row: a power of two, 32..blockDim
+  int num_ranks;
+  int head_start[kMaxUlyssesRanks + 1];
+};
+
+struct UlyssesPackArgs {
+  const void* src[3];
+  int64_t stride_b[3], stride_s[3], stride_h[3];  // vectors
+  void* out;
+  int64_t batch, seq;
+  HeadSplit split;
+};
+
+struct UlyssesUnpackArgs {
+  const void* recv;
+  void* out;
+  int64_t joint, seq;  // J, L
+  bool joint_front;
+  HeadSplit split;
+};
+
+// table[2g] = base_g, table[2g + 1] = row_stride_g (see the header comment).
+__device__ __forceinline__ void build_head_table(int64_t* table, const HeadSplit& s) {
+  for (int g = threadIdx.x; g < s.heads; g += blockDim.x) {
+    int j = 0;
+    while (g >= s.head_start[j + 1]) ++j;  // num_ranks <= 64, once per head per block
+    const int64_t start = s.head_start[j];
+    const int64_t count = s.head_start[j + 1] - start;
+    table[2 * g] = s.block_rows * s.dv * start + (g - start) * s.dv;
+    table[2 * g + 1] = count * s.dv;
+  }
+}
+
+// Selecting with ternaries keeps the three-way choice in registers: indexing the kernel
+// parameter arrays with a runtime index would copy them to local memory.
+template <typename T>
+__device__ __forceinline__ T pick3(int t, T a, T b, T c) {
+  return t == 0 ? a : (t == 1 ? b : c);
+}
+
+// Block: blockDim / span rows at a time; a row's span threads stride over its heads * dv
+// vectors, so a warp reads and writes consecutive vectors of one head run.
+template <typename Vec>
+__global__ void ulysses_pack_kernel(UlyssesPackArgs a) {
+  extern __shared__ int64_t table[];
+  const HeadSplit& s = a.split;
+  build_head_table(table, s);
+  __syncthreads();
+  const int rows_per_step = blockDim.x / s.span;
+  const int lane = threadIdx.x % s.span;
+  // A row is heads * dv < 2^31 vectors (the launcher checks): 32-bit index arithmetic.
+  const int per_row = static_cast<int>(s.heads * s.dv), dv = static_cast<int>(s.dv);
+  const int64_t bl = a.batch * a.seq;
+  Vec* out = static_cast<Vec*>(a.out);
+  for (int64_t row = (int64_t)blockIdx.x * rows_per_step + threadIdx.x / s.span; row < s.num_rows;
+       row += (int64_t)gridDim.x * rows_per_step) {
+    const int t = static_cast<int>(row / bl);
+    const int64_t rem = row - t * bl;
+    const int64_t b = rem / a.seq, l = rem - b * a.seq;
+    const Vec* src = static_cast<const Vec*>(pick3(t, a.src[0], a.src[1], a.src[2])) +
+                     b * pick3(t, a.stride_b[0], a.stride_b[1], a.stride_b[2]) +
+                     l * pick3(t, a.stride_s[0], a.stride_s[1], a.stride_s[2]);
+    const int64_t sh = pick3(t, a.stride_h[0], a.stride_h[1], a.stride_h[2]);
+    for (int i = lane; i < per_row; i += s.span) {
+      const int g = i / dv, c = i - g * dv;
+      out[table[2 * g] + row * table[2 * g + 1] + c] = src[g * sh + c];
+    }
+  }
+}
+
+// Output row (b, r) of [B, J + L, H, D]: with the joint rows behind, r < L takes received row
+// J + r and r >= L takes r - L (every rank sends its J joint rows first).
+template <typename Vec>
+__global__ void ulysses_unpack_kernel(UlyssesUnpackArgs a) {
+  extern __shared__ int64_t table[];
+  const HeadSplit& s = a.split;
+  build_head_table(table, s);
+  __syncthreads();
+  const int rows_per_step = blockDim.x / s.span;
+  const int lane = threadIdx.x % s.span;
+  const int per_row = static_cast<int>(s.heads * s.dv), dv = static_cast<int>(s.dv);
+  const int64_t rows_per_b = a.joint + a.seq;
+  const Vec* recv = static_cast<const Vec*>(a.recv);
+  for (int64_t row = (int64_t)blockIdx.x * rows_per_step + threadIdx.x / s.span; row < s.num_rows;
+       row += (int64_t)gridDim.x * rows_per_step) {
+    const int64_t b = row / rows_per_b, r = row - b * rows_per_b;
+    const int64_t rr = a.joint_front ? r : (r < a.seq ? a.joint + r : r - a.seq);
+    const int64_t src_row = b * rows_per_b + rr;
+    Vec* dst = static_cast<Vec*>(a.out) + row * per_row;
+    for (int i = lane; i < per_row; i += s.span) {
+      const int g = i / dv, c = i - g * dv;
+      dst[i] = recv[table[2 * g] + src_row * table[2 * g + 1] + c];
+    }
+  }
+}
+
+}  // namespace xdit_ops

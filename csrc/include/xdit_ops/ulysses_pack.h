@@ -1,0 +1,45 @@
+// Ulysses all-to-all pack/unpack (host interface). The kernels are in ulysses_pack.cuh.
+//
+// Both ops are pure copies between a BSHD tensor and the destination-major buffer an
+// all-to-all moves, with per-rank head counts that may be uneven (30 heads over 4 ranks:
+// 8, 8, 7, 7). Sizes and strides are in elements; the launcher picks the widest vector
+// (16, 8, 4, 2 or 1 bytes) that every pointer, stride and row length allows.
+#pragma once
+
+#include "xdit_ops/common.h"
+
+namespace xdit_ops {
+
+// Upper bound on the Ulysses degree (ranks a head dimension is split over).
+constexpr int kMaxUlyssesRanks = 64;
+
+struct UlyssesPackParams {
+  // q, k, v: [B, L, H, D], any strides with the head_dim stride 1.
+  const void* src[3];
+  int64_t src_stride_b[3], src_stride_s[3], src_stride_h[3];
+  // Result, contiguous: for rank j a block [3, B, L, heads_j, D], blocks in rank order.
+  void* out;
+  int64_t batch, seq, heads, head_dim;
+  int num_ranks;
+  // head_start[j] = heads_0 + ... + heads_{j-1}; head_start[num_ranks] = heads.
+  int head_start[kMaxUlyssesRanks + 1];
+};
+
+struct UlyssesUnpackParams {
+  // Received: for source rank j a contiguous block [B, J + L, heads_j, D], blocks in rank order.
+  const void* recv;
+  // Result, contiguous [B, J + L, H, D]; joint rows first (joint_front) or behind the L rows.
+  void* out;
+  int64_t batch, joint, seq, heads, head_dim;
+  bool joint_front;
+  int num_ranks;
+  int head_start[kMaxUlyssesRanks + 1];
+};
+
+// Launch on `stream`; return the launch error (never synchronise). elem_size: bytes per element.
+cudaError_t ulysses_pack_qkv(const UlyssesPackParams& params, int elem_size, int num_sms,
+                             cudaStream_t stream);
+cudaError_t ulysses_unpack_out(const UlyssesUnpackParams& params, int elem_size, int num_sms,
+                               cudaStream_t stream);
+
+}  // namespace xdit_ops

@@ -1,0 +1,139 @@
+// Instantiations of the Ulysses pack/unpack copies. No torch headers here.
+#include <algorithm>
+#include <cstdint>
+#include <initializer_list>
+
+#include "xdit_ops/ulysses_pack.cuh"
+
+namespace xdit_ops {
+
+namespace {
+
+constexpr int kThreads = 256;
+// A copy needs many bytes in flight per SM to reach HBM bandwidth: 8 resident blocks of 256
+// threads fill an SM (2048 threads); the kernels grid-stride over whatever is left.
+constexpr int kBlocksPerSm = 8;
+// The per-head table lives in shared memory (16 bytes a head) under the 48 KiB default.
+constexpr int64_t kMaxHeads = 3072;
+
+// Widest copy unit (16, 8, 4, 2 or 1 bytes) that divides every byte address and byte stride.
+int vector_width(std::initializer_list<uint64_t> byte_quantities) {
+  uint64_t all = 0;
+  for (uint64_t q : byte_quantities) all |= q;
+  for (int w : {16, 8, 4, 2}) {
+    if (all % w == 0) return w;
+  }
+  return 1;
+}
+
+int round_up_pow2(int64_t n) {
+  int p = 32;
+  while (p < n && p < kThreads) p *= 2;
+  return p;
+}
+
+bool fill_split(HeadSplit& s, int64_t heads, int64_t dv, int64_t block_rows, int64_t num_rows,
+                int num_ranks, const int* head_start) {
+  if (num_ranks < 1 || num_ranks > kMaxUlyssesRanks || heads > kMaxHeads ||
+      heads * dv > INT32_MAX) {
+    return false;
+  }
+  s.heads = heads;
+  s.dv = dv;
+  s.block_rows = block_rows;
+  s.num_rows = num_rows;
+  s.span = round_up_pow2(heads * dv);
+  s.num_ranks = num_ranks;
+  for (int j = 0; j <= num_ranks; ++j) s.head_start[j] = head_start[j];
+  return head_start[0] == 0 && head_start[num_ranks] == heads;
+}
+
+int grid_size(const HeadSplit& s, int num_sms) {
+  const int64_t rows_per_step = kThreads / s.span;
+  const int64_t wanted = (s.num_rows + rows_per_step - 1) / rows_per_step;
+  return static_cast<int>(std::min<int64_t>(wanted, (int64_t)num_sms * kBlocksPerSm));
+}
+
+template <typename Kernel, typename Args>
+cudaError_t launch(Kernel kernel, const Args& args, int num_sms, cudaStream_t stream) {
+  const size_t smem = 2 * sizeof(int64_t) * args.split.heads;
+  kernel<<<grid_size(args.split, num_sms), kThreads, smem, stream>>>(args);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t ulysses_pack_qkv(const UlyssesPackParams& p, int elem_size, int num_sms,
+                             cudaStream_t stream) {
+  const int64_t num_rows = 3 * p.batch * p.seq;
+  if (num_rows == 0 || p.heads == 0 || p.head_dim == 0) return cudaSuccess;
+  const uint64_t es = elem_size;
+  const int w = vector_width({reinterpret_cast<uint64_t>(p.src[0]),
+                              reinterpret_cast<uint64_t>(p.src[1]),
+                              reinterpret_cast<uint64_t>(p.src[2]),
+                              reinterpret_cast<uint64_t>(p.out), p.head_dim * es,
+                              p.src_stride_b[0] * es, p.src_stride_s[0] * es,
+                              p.src_stride_h[0] * es, p.src_stride_b[1] * es,
+                              p.src_stride_s[1] * es, p.src_stride_h[1] * es,
+                              p.src_stride_b[2] * es, p.src_stride_s[2] * es,
+                              p.src_stride_h[2] * es});
+  UlyssesPackArgs a;
+  for (int t = 0; t < 3; ++t) {
+    a.src[t] = p.src[t];
+    a.stride_b[t] = p.src_stride_b[t] * elem_size / w;
+    a.stride_s[t] = p.src_stride_s[t] * elem_size / w;
+    a.stride_h[t] = p.src_stride_h[t] * elem_size / w;
+  }
+  a.out = p.out;
+  a.batch = p.batch;
+  a.seq = p.seq;
+  if (!fill_split(a.split, p.heads, p.head_dim * elem_size / w, num_rows, num_rows, p.num_ranks,
+                  p.head_start)) {
+    return cudaErrorInvalidValue;
+  }
+  switch (w) {
+    case 16:
+      return launch(ulysses_pack_kernel<uint4>, a, num_sms, stream);
+    case 8:
+      return launch(ulysses_pack_kernel<uint2>, a, num_sms, stream);
+    case 4:
+      return launch(ulysses_pack_kernel<uint32_t>, a, num_sms, stream);
+    case 2:
+      return launch(ulysses_pack_kernel<uint16_t>, a, num_sms, stream);
+    default:
+      return launch(ulysses_pack_kernel<uint8_t>, a, num_sms, stream);
+  }
+}
+
+cudaError_t ulysses_unpack_out(const UlyssesUnpackParams& p, int elem_size, int num_sms,
+                               cudaStream_t stream) {
+  const int64_t num_rows = p.batch * (p.joint + p.seq);
+  if (num_rows == 0 || p.heads == 0 || p.head_dim == 0) return cudaSuccess;
+  const int w = vector_width({reinterpret_cast<uint64_t>(p.recv),
+                              reinterpret_cast<uint64_t>(p.out),
+                              static_cast<uint64_t>(p.head_dim) * elem_size});
+  UlyssesUnpackArgs a;
+  a.recv = p.recv;
+  a.out = p.out;
+  a.joint = p.joint;
+  a.seq = p.seq;
+  a.joint_front = p.joint_front;
+  if (!fill_split(a.split, p.heads, p.head_dim * elem_size / w, num_rows, num_rows, p.num_ranks,
+                  p.head_start)) {
+    return cudaErrorInvalidValue;
+  }
+  switch (w) {
+    case 16:
+      return launch(ulysses_unpack_kernel<uint4>, a, num_sms, stream);
+    case 8:
+      return launch(ulysses_unpack_kernel<uint2>, a, num_sms, stream);
+    case 4:
+      return launch(ulysses_unpack_kernel<uint32_t>, a, num_sms, stream);
+    case 2:
+      return launch(ulysses_unpack_kernel<uint16_t>, a, num_sms, stream);
+    default:
+      return launch(ulysses_unpack_kernel<uint8_t>, a, num_sms, stream);
+  }
+}
+
+}  // namespace xdit_ops

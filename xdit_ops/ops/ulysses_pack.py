@@ -1,0 +1,163 @@
+"""``xdit_ops::ulysses_pack_qkv``, ``::ulysses_unpack_out``: copies around Ulysses all-to-alls.
+
+Ulysses attention trades a sequence shard of every head for the whole sequence of a few heads:
+Q, K, V go out in one all-to-all (``heads[j]`` heads to rank ``j``, possibly uneven: 30 heads over
+4 ranks are 8, 8, 7, 7) and the attention output comes back in another. These two ops are the
+single-kernel copies on either side of that exchange:
+
+* :func:`ulysses_pack_qkv`: ``q, k, v`` ``[B, L, H, D]`` (any strides with ``D`` contiguous, e.g.
+  slices of a fused QKV projection) -> the flat send buffer, rank-major, rank ``j``'s block
+  ``[3, B, L, heads[j], D]`` holding heads ``[start_j, start_j + heads[j])`` of q, k and v.
+* :func:`ulysses_unpack_out`: the flat receive buffer of the output exchange, source-rank-major,
+  rank ``j``'s block ``[B, J + L, heads[j], D]`` (its J joint rows first) -> ``[B, J + L, H, D]``
+  with the joint rows in front or behind.
+
+CUDA runs the native kernels (``csrc/include/xdit_ops/ulysses_pack.cuh``: one launch, vectorised
+up to 16 bytes); CPU runs the torch references below. Both are exact copies, any dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from xdit_ops.ops._lib import lib
+
+PACK = "ulysses_pack_qkv"
+UNPACK = "ulysses_unpack_out"
+
+lib.define(f"{PACK}(Tensor q, Tensor k, Tensor v, int[] heads) -> Tensor")
+lib.define(
+    f"{UNPACK}(Tensor recv, int[] heads, int B, int J, int L, bool joint_front) -> Tensor"
+)
+
+
+def _check_heads(op: str, heads: Sequence[int], H: int | None) -> int:
+    if len(heads) == 0:
+        raise ValueError(f"{op}: heads must list at least one per-rank count, got {list(heads)}")
+    if any(h < 0 for h in heads):
+        raise ValueError(f"{op}: heads {list(heads)} has a negative count")
+    total = sum(heads)
+    if H is not None and total != H:
+        raise ValueError(f"{op}: sum(heads) = {total} != H = {H} (heads {list(heads)})")
+    return total
+
+
+def check_pack(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: Sequence[int]) -> None:
+    if q.dim() != 4:
+        raise ValueError(f"{PACK}: q must be [B, L, H, D], got {tuple(q.shape)}")
+    if k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"{PACK}: q {tuple(q.shape)}, k {tuple(k.shape)} and v "
+                         f"{tuple(v.shape)} must have one shape")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"{PACK}: q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"{PACK}: q, k, v are on {q.device}, {k.device}, {v.device}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.shape[-1] > 1 and t.stride(-1) != 1:
+            raise ValueError(f"{PACK}: head_dim of {name} must be contiguous, got strides "
+                             f"{tuple(t.stride())}")
+    _check_heads(PACK, heads, q.shape[2])
+
+
+def check_unpack(recv: torch.Tensor, heads: Sequence[int], B: int, J: int, L: int) -> int:
+    """Checks the arguments; returns D."""
+    if recv.dim() != 1:
+        raise ValueError(f"{UNPACK}: recv must be a flat buffer, got shape {tuple(recv.shape)}")
+    if B < 0 or J < 0 or L < 0:
+        raise ValueError(f"{UNPACK}: B, J, L must be >= 0, got {B}, {J}, {L}")
+    H = _check_heads(UNPACK, heads, None)
+    row = B * (J + L) * H
+    if row == 0 or recv.numel() % row != 0:
+        raise ValueError(f"{UNPACK}: recv has {recv.numel()} elements, not a multiple of "
+                         f"B * (J + L) * H = {B} * {J + L} * {H} = {row}")
+    return recv.numel() // row
+
+
+def _pack_cpu(q, k, v, heads):
+    """Reference: each rank's block is the stack of its head slice of q, k, v (``_ulysses_in``)."""
+    check_pack(q, k, v, heads)
+    blocks = []
+    start = 0
+    for h in heads:
+        blocks.append(torch.stack([t[:, :, start:start + h] for t in (q, k, v)]).reshape(-1))
+        start += h
+    return torch.cat(blocks)
+
+
+def _unpack_cpu(recv, heads, B, J, L, joint_front):
+    """Reference: concatenate the received head blocks, then move the joint rows behind."""
+    D = check_unpack(recv, heads, B, J, L)
+    pieces = recv.split([B * (J + L) * h * D for h in heads])
+    full = torch.cat([p.view(B, J + L, h, D) for p, h in zip(pieces, heads, strict=True)], dim=2)
+    if J and not joint_front:
+        full = torch.cat([full[:, J:], full[:, :J]], dim=1)
+    return full.contiguous()
+
+
+lib.impl(PACK, _pack_cpu, "CPU")
+lib.impl(UNPACK, _unpack_cpu, "CPU")
+
+
+@torch.library.register_fake(f"xdit_ops::{PACK}")
+def _pack_fake(q, k, v, heads):
+    check_pack(q, k, v, heads)
+    return q.new_empty((3 * q.numel(),))
+
+
+@torch.library.register_fake(f"xdit_ops::{UNPACK}")
+def _unpack_fake(recv, heads, B, J, L, joint_front):
+    D = check_unpack(recv, heads, B, J, L)
+    return recv.new_empty((B, J + L, sum(heads), D))
+
+
+def _register_cuda_fallback() -> None:
+    """Without the native kernels (module absent, disabled, or built before these sources),
+    CUDA tensors take the references: the same copies as several torch kernels."""
+    for op, fn in ((PACK, _pack_cpu), (UNPACK, _unpack_cpu)):
+        if not torch._C._dispatch_has_kernel_for_dispatch_key(f"xdit_ops::{op}", "CUDA"):
+            lib.impl(op, fn, "CUDA")
+
+
+_register_cuda_fallback()
+
+
+def ulysses_pack_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     heads: Sequence[int]) -> torch.Tensor:
+    """Pack Q, K, V into the send buffer of one Ulysses all-to-all, in one kernel.
+
+    Parameters
+    ----------
+    q, k, v : [B, L, H, D], BSHD, one shape, dtype and device; ``D`` contiguous, other strides
+        free (e.g. ``qkv[:, :, i]`` of a fused projection output ``[B, L, 3, H, D]``).
+    heads : per-destination head counts, ``sum(heads) == H``; may be uneven.
+
+    Returns
+    -------
+    Flat contiguous ``[3 * B * L * H * D]`` tensor of q's dtype: for destination ``j`` a block
+    ``[3, B, L, heads[j], D]`` (q, k, v) holding heads ``[start_j, start_j + heads[j])``, blocks
+    in ``j`` order. Pass it to ``all_to_all_single`` with
+    ``input_split_sizes=[3 * B * L * h * D for h in heads]``.
+    """
+    return torch.ops.xdit_ops.ulysses_pack_qkv.default(q, k, v, list(heads))
+
+
+def ulysses_unpack_out(recv: torch.Tensor, heads: Sequence[int], B: int, J: int, L: int,
+                       joint_front: bool) -> torch.Tensor:
+    """Unpack the receive buffer of the Ulysses output all-to-all, in one kernel.
+
+    Parameters
+    ----------
+    recv : flat contiguous buffer; for source rank ``j`` a block ``[B, J + L, heads[j], D]`` (the
+        J joint rows first, then its L sequence rows), blocks in ``j`` order.
+        ``D = recv.numel() / (B * (J + L) * sum(heads))``.
+    heads : per-rank head counts (rank ``j`` computed heads ``[start_j, start_j + heads[j])``).
+    B, J, L : batch, joint (text) rows, local sequence rows.
+    joint_front : the joint rows go first (``[J; L]``, the received order) or behind (``[L; J]``).
+
+    Returns
+    -------
+    Contiguous ``[B, J + L, H, D]`` of recv's dtype, ``H = sum(heads)``.
+    """
+    return torch.ops.xdit_ops.ulysses_unpack_out.default(recv, list(heads), B, J, L, joint_front)
