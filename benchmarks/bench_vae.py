@@ -137,6 +137,11 @@ def main() -> None:
     p.add_argument("--case", action="append", help="only these case names")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     p.add_argument("--tiny", action="store_true", help="tiny VAEs (smoke run, CPU works)")
+    p.add_argument("--fp32-ref", action="store_true",
+                   help="also decode serially in fp32 on rank 0 (slow) and report the serial "
+                        "and parallel bf16 errors against it: the bf16-noise yardstick")
+    p.add_argument("--profile", action="store_true",
+                   help="print rank 0's top CUDA-time ops of one parallel decode")
     args = p.parse_args()
     iters = 2
 
@@ -158,6 +163,8 @@ def main() -> None:
             continue
         torch.manual_seed(0)
         vae = make().to(dev, dtype).eval()
+        unpatched_state = {k: v.detach().cpu() for k, v in vae.state_dict().items()} \
+            if args.fp32_ref else None
         g = torch.Generator(device="cpu").manual_seed(1)
         z = torch.randn(zshape, generator=g).to(dev, dtype)
         dec = functools.partial(_decode, vae, z)
@@ -191,6 +198,16 @@ def main() -> None:
                 row["parallel_act_gib_per_rank"] = [x[1] for x in peaks]
                 if any(x[2] for x in peaks):
                     row["note"] += "; parallel decode ran out of memory on some rank"
+                if args.profile and out is not None:
+                    from torch.profiler import ProfilerActivity, profile
+
+                    dist.barrier(group=group)
+                    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                        dec()
+                        _sync(dev)
+                    if rank == 0:
+                        print(f"--- profile of one parallel decode, {name}, rank 0 ---")
+                        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25))
                 if rank == 0 and out is not None:
                     row["out_shape"] = list(out.shape)
                     if serial is not None:
@@ -205,6 +222,23 @@ def main() -> None:
                             row["speedup"] = row["serial_ms"] / row["parallel_ms"]
                             row["parallel_efficiency"] = parallel_efficiency(
                                 row["serial_ms"], world, row["parallel_ms"])
+                if args.fp32_ref and rank == 0 and out is not None and serial is not None:
+                    # The yardstick of "within bf16 noise": how far serial bf16 is from fp32.
+                    try:
+                        vae32 = make().to(dev, torch.float32).eval()
+                        vae32.load_state_dict(
+                            {k: v.float() for k, v in unpatched_state.items()})
+                        ref32 = _decode(vae32, z.float()).float()
+                        del vae32
+                        for key, t in (("serial", serial), ("parallel", out)):
+                            d = t.float() - ref32
+                            row[f"{key}_rel_l2_vs_fp32"] = (d.norm() / ref32.norm()).item()
+                            row[f"{key}_max_rel_vs_fp32"] = (d.abs().max()
+                                                             / ref32.abs().max()).item()
+                        del ref32
+                    except torch.OutOfMemoryError:
+                        row["note"] += "; fp32 reference ran out of memory"
+                        torch.cuda.empty_cache()
                 del out
         del serial, vae, z, dec
         if dev.type == "cuda":
