@@ -54,9 +54,11 @@ at::Tensor ulysses_pack_qkv_cuda(const at::Tensor& q, const at::Tensor& k, const
   const at::Tensor* qkv[3] = {&q, &k, &v};
   for (int t = 0; t < 3; ++t) {
     p.src[t] = qkv[t]->const_data_ptr();
-    p.src_stride_b[t] = qkv[t]->stride(0);
-    p.src_stride_s[t] = qkv[t]->stride(1);
-    p.src_stride_h[t] = qkv[t]->stride(2);
+    // A size-1 dimension's stride is never used: zero it so an odd value there (views made
+    // by unsqueeze or slicing) does not force a narrower copy unit.
+    p.src_stride_b[t] = B == 1 ? 0 : qkv[t]->stride(0);
+    p.src_stride_s[t] = L == 1 ? 0 : qkv[t]->stride(1);
+    p.src_stride_h[t] = H == 1 ? 0 : qkv[t]->stride(2);
   }
   p.out = out.data_ptr();
   p.batch = B;

@@ -63,8 +63,9 @@ def check_pack(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: Sequenc
 
 def check_unpack(recv: torch.Tensor, heads: Sequence[int], B: int, J: int, L: int) -> int:
     """Checks the arguments; returns D."""
-    if recv.dim() != 1:
-        raise ValueError(f"{UNPACK}: recv must be a flat buffer, got shape {tuple(recv.shape)}")
+    if recv.dim() != 1 or not recv.is_contiguous():
+        raise ValueError(f"{UNPACK}: recv must be a flat contiguous buffer, got shape "
+                         f"{tuple(recv.shape)}, strides {tuple(recv.stride())}")
     if B < 0 or J < 0 or L < 0:
         raise ValueError(f"{UNPACK}: B, J, L must be >= 0, got {B}, {J}, {L}")
     H = _check_heads(UNPACK, heads, None)

@@ -1,0 +1,311 @@
+"""ulysses_pack_qkv / ulysses_unpack_out: exact copies of the usp_attention exchange layouts.
+
+The oracles ``_ulysses_in_send`` and ``_ulysses_out_place`` are the torch code of
+``xdit_ops.ops.usp_attention._ulysses_in`` (send buffer) and ``_ulysses_out`` (placement of what
+was received), both branches, written out here as they stand there.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.utils import randn
+from xdit_ops.ops.ulysses_pack import ulysses_pack_qkv, ulysses_unpack_out
+
+HEADS = {"even": [2, 2, 2], "uneven": [8, 8, 7, 7]}
+
+
+def _ulysses_in_send(q_s, k_s, v_s, heads):
+    """The send buffer of ``_ulysses_in`` (flat)."""
+    B, L, H, D = q_s.shape
+    U = len(heads)
+    starts = [sum(heads[:i]) for i in range(U)]
+    if all(h == heads[0] for h in heads):
+        h = heads[0]
+        send = torch.stack([t.reshape(B, L, U, h, D).permute(2, 0, 1, 3, 4)
+                            for t in (q_s, k_s, v_s)], dim=1)
+    else:
+        send = q_s.new_empty(3 * B * L * H * D)
+        off = 0
+        for j in range(U):
+            n = 3 * B * L * heads[j] * D
+            view = send[off:off + n].view(3, B, L, heads[j], D)
+            for i, t in enumerate((q_s, k_s, v_s)):
+                view[i].copy_(t[:, :, starts[j]:starts[j] + heads[j]])
+            off += n
+    return send.reshape(-1)
+
+
+def _ulysses_out_place(recv, heads, B, J, L, joint_front):
+    """What ``_ulysses_out`` builds from the received buffer."""
+    U = len(heads)
+    H = sum(heads)
+    D = recv.numel() // (B * (J + L) * H)
+    even = all(h == heads[0] for h in heads)
+    out = recv.new_empty(B, J + L, H, D)
+    rows_joint = slice(0, J) if joint_front else slice(L, L + J)
+    rows_seq = slice(J, J + L) if joint_front else slice(0, L)
+    if even:
+        h = heads[0]
+        src = recv.view(U, B, J + L, h, D).permute(1, 2, 0, 3, 4)  # [B, J+L, U, h, D]
+        dst = out.view(B, J + L, U, h, D)
+        if joint_front or not J:
+            dst.copy_(src)
+        else:
+            dst[:, rows_joint].copy_(src[:, :J])
+            dst[:, rows_seq].copy_(src[:, J:])
+        return out
+    off = 0
+    start = 0
+    for hi in heads:
+        n = B * (J + L) * hi * D
+        piece = recv[off:off + n].view(B, J + L, hi, D)
+        if J:
+            out[:, rows_joint, start:start + hi] = piece[:, :J]
+        out[:, rows_seq, start:start + hi] = piece[:, J:]
+        off += n
+        start += hi
+    return out
+
+
+def _fused_qkv(B, L, H, D, dtype=torch.float32, device="cpu", seed=0):
+    """q, k, v as slices of a fused projection output [B, L, 3, H, D] (not contiguous)."""
+    qkv = randn(B, L, 3, H, D, dtype=dtype, device=device, seed=seed)
+    q, k, v = qkv.unbind(2)
+    assert not q.is_contiguous()
+    return q, k, v
+
+
+@pytest.mark.parametrize("D", [64, 72, 128])
+@pytest.mark.parametrize("B", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("split", list(HEADS))
+def test_cpu_pack_matches_ulysses_in(split, dtype, B, D):
+    heads = HEADS[split]
+    q, k, v = _fused_qkv(B, 13, sum(heads), D, dtype, seed=B * D)
+    send = ulysses_pack_qkv(q, k, v, heads)
+    assert send.shape == (3 * q.numel(),) and send.dtype == dtype and send.is_contiguous()
+    assert torch.equal(send, _ulysses_in_send(q, k, v, heads))
+
+
+def test_cpu_pack_contiguous_and_transposed_inputs():
+    heads = [3, 2]
+    q = randn(2, 9, 5, 8, seed=1)
+    k = randn(2, 5, 9, 8, seed=2).transpose(1, 2)  # [B, L, H, D] with L, H strides swapped
+    v = randn(9, 2, 5, 8, seed=3).transpose(0, 1)
+    assert torch.equal(ulysses_pack_qkv(q, k, v, heads), _ulysses_in_send(q, k, v, heads))
+
+
+@pytest.mark.parametrize("joint_front", [True, False], ids=["front", "back"])
+@pytest.mark.parametrize("J", [0, 77])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("split", list(HEADS))
+def test_cpu_unpack_matches_ulysses_out(split, dtype, J, joint_front):
+    heads = HEADS[split]
+    B, L, D = 3, 11, 72
+    recv = randn(B * (J + L) * sum(heads) * D, dtype=dtype, seed=J + 7 * joint_front)
+    out = ulysses_unpack_out(recv, heads, B, J, L, joint_front)
+    assert out.shape == (B, J + L, sum(heads), D) and out.is_contiguous()
+    assert torch.equal(out, _ulysses_out_place(recv, heads, B, J, L, joint_front))
+
+
+def test_cpu_unpack_lse_layout():
+    """``_lse_out`` reuses the output exchange with head_dim 1 and float32."""
+    heads, B, J, L = [3, 3, 2], 2, 5, 7
+    recv = randn(B * (J + L) * sum(heads), seed=3)
+    out = ulysses_unpack_out(recv, heads, B, J, L, False)
+    assert out.shape == (B, J + L, 8, 1)
+    assert torch.equal(out, _ulysses_out_place(recv, heads, B, J, L, False))
+
+
+def _all_to_all(sends, in_splits):
+    """What all_to_all_single delivers: rank r receives chunk r of every rank's send, in order."""
+    chunks = [s.split(sp) for s, sp in zip(sends, in_splits, strict=True)]
+    return [torch.cat([c[r] for c in chunks]) for r in range(len(sends))]
+
+
+@pytest.mark.parametrize("joint_front", [True, False], ids=["front", "back"])
+@pytest.mark.parametrize("split", list(HEADS))
+def test_cpu_exchange_round_trip(split, joint_front):
+    """Pack -> exchange -> each rank holds whole-sequence Q, K, V of its heads; their output
+    (joint rows first) -> exchange -> unpack gives every rank back its rows of all heads."""
+    heads = HEADS[split]
+    U, H, B, L, J, D = len(heads), sum(heads), 2, 5, 3, 8
+    starts = [sum(heads[:i]) for i in range(U)]
+    full = [randn(B, U * L, H, D, seed=s) for s in range(3)]  # q, k, v over the whole sequence
+    joint = randn(B, J, H, D, seed=9)  # the joint rows' "attention output", all heads
+    shards = [[t[:, r * L:(r + 1) * L] for t in full] for r in range(U)]
+    sends = [ulysses_pack_qkv(*s, heads) for s in shards]
+    recvs = _all_to_all(sends, [[3 * B * L * h * D for h in heads]] * U)
+    out_sends = []
+    for r, h in enumerate(heads):
+        got = recvs[r].view(U, 3, B, L, h, D).permute(1, 2, 0, 3, 4, 5).reshape(3, B, U * L, h, D)
+        for t in range(3):
+            assert torch.equal(got[t], full[t][:, :, starts[r]:starts[r] + h])
+        # This rank's output: joint rows then the gathered sequence, its heads only.
+        o_h = torch.cat([joint[:, :, starts[r]:starts[r] + h], got[0]], dim=1)
+        send = o_h.new_empty(U, B, J + L, h, D)
+        send[:, :, :J] = o_h[:, :J].unsqueeze(0)
+        send[:, :, J:] = o_h[:, J:].reshape(B, U, L, h, D).permute(1, 0, 2, 3, 4)
+        out_sends.append(send.reshape(-1))
+    back = _all_to_all(out_sends, [[B * (J + L) * h * D] * U for h in heads])
+    for r in range(U):
+        out = ulysses_unpack_out(back[r], heads, B, J, L, joint_front)
+        mine = full[0][:, r * L:(r + 1) * L]
+        want = torch.cat([joint, mine] if joint_front else [mine, joint], dim=1)
+        assert torch.equal(out, want)
+
+
+def test_bad_arguments():
+    q = randn(2, 4, 6, 8, seed=1)
+    with pytest.raises(ValueError, match=r"ulysses_pack_qkv: sum\(heads\) = 5 != H = 6"):
+        ulysses_pack_qkv(q, q, q, [3, 2])
+    with pytest.raises(ValueError, match="ulysses_pack_qkv: q .* must have one shape"):
+        ulysses_pack_qkv(q, q[:, :3], q, [3, 3])
+    with pytest.raises(ValueError, match="ulysses_pack_qkv: head_dim of k must be contiguous"):
+        ulysses_pack_qkv(q, randn(2, 4, 8, 6, seed=2).transpose(2, 3), q, [3, 3])
+    with pytest.raises(TypeError, match="ulysses_pack_qkv: q, k, v dtypes differ"):
+        ulysses_pack_qkv(q, q.double(), q, [3, 3])
+    with pytest.raises(ValueError, match="ulysses_pack_qkv: heads .* negative"):
+        ulysses_pack_qkv(q, q, q, [7, -1])
+    with pytest.raises(ValueError, match="ulysses_pack_qkv: q must be"):
+        ulysses_pack_qkv(q[0], q[0], q[0], [6])
+    recv = randn(2 * 5 * 6 * 8, seed=3)
+    with pytest.raises(ValueError, match="ulysses_unpack_out: recv has 480 elements, not a "
+                                         "multiple of B \\* \\(J \\+ L\\) \\* H = 2 \\* 6 \\* 6"):
+        ulysses_unpack_out(recv, [3, 3], 2, 1, 5, True)
+    with pytest.raises(ValueError, match="ulysses_unpack_out: recv must be a flat contiguous"):
+        ulysses_unpack_out(recv.view(2, -1), [3, 3], 2, 0, 5, True)
+    with pytest.raises(ValueError, match="ulysses_unpack_out: recv must be a flat contiguous"):
+        ulysses_unpack_out(recv[::2], [3, 3], 2, 0, 2, True)
+    with pytest.raises(ValueError, match="ulysses_unpack_out: B, J, L must be >= 0"):
+        ulysses_unpack_out(recv, [3, 3], 2, -1, 5, True)
+
+
+def test_opcheck():
+    q, k, v = _fused_qkv(2, 5, 7, 8, seed=4)
+    torch.library.opcheck(torch.ops.xdit_ops.ulysses_pack_qkv.default, (q, k, v, [2, 2, 2, 1]))
+    recv = randn(2 * (3 + 5) * 7 * 8, seed=5)
+    for front in (True, False):
+        torch.library.opcheck(torch.ops.xdit_ops.ulysses_unpack_out.default,
+                              (recv, [2, 2, 2, 1], 2, 3, 5, front))
+
+
+def test_compile_fullgraph_matches_eager():
+    heads = [3, 2]
+
+    def f(qkv):
+        q, k, v = qkv.unbind(2)
+        send = ulysses_pack_qkv(q, k, v, heads)
+        return ulysses_unpack_out(send, heads, qkv.shape[0], 0, 3 * qkv.shape[1], False)
+
+    qkv = randn(2, 6, 3, 5, 8, seed=6)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(qkv), f(qkv))
+
+
+# ------------------------------------------------------------------------------------- GPU
+
+
+def _poisoned_alloc(n: int, dtype: torch.dtype) -> None:
+    """Leave a NaN-filled block in the caching allocator so an unwritten output would show."""
+    torch.full((n,), float("nan"), dtype=dtype, device="cuda")
+
+
+def _native():
+    import xdit_ops._extension as ext
+
+    assert ext.has("_C"), ext.reason("_C")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("D", [64, 72, 36, 128, 1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("heads", [[6, 6, 6, 6], [8, 8, 7, 7]], ids=["even", "uneven"])
+def test_gpu_pack_equals_cpu(heads, dtype, D):
+    _native()
+    B, L = 3, 1031
+    q, k, v = _fused_qkv(B, L, sum(heads), D, dtype, device="cuda", seed=D)
+    _poisoned_alloc(3 * q.numel(), dtype)
+    got = ulysses_pack_qkv(q, k, v, heads)
+    assert torch.equal(got.cpu(), ulysses_pack_qkv(q.cpu(), k.cpu(), v.cpu(), heads))
+    assert torch.equal(got, _ulysses_in_send(q, k, v, heads))
+
+
+@pytest.mark.gpu
+def test_gpu_pack_unaligned_and_mixed_strides():
+    """A base pointer off 16-byte alignment (storage offset) forces a narrower copy unit; q, k
+    and v with three different stride patterns share one launch."""
+    _native()
+    heads, B, L, D = [5, 5, 4], 2, 33, 64
+    H = sum(heads)
+    base = randn(B * L * H * D + 1, dtype=torch.bfloat16, device="cuda", seed=1)
+    q = base[1:].view(B, L, H, D)  # 2-byte aligned only
+    k = randn(B, H, L, D, dtype=torch.bfloat16, device="cuda", seed=2).transpose(1, 2)
+    v = randn(B, L, 3, H, D, dtype=torch.bfloat16, device="cuda", seed=3)[:, :, 1]
+    want = ulysses_pack_qkv(q.cpu(), k.cpu(), v.cpu(), heads)
+    assert torch.equal(ulysses_pack_qkv(q, k, v, heads).cpu(), want)
+    q = base[8:].view(B, L, H, D)  # 16-byte aligned again
+    assert torch.equal(ulysses_pack_qkv(q, k, v, heads).cpu(),
+                       ulysses_pack_qkv(q.cpu(), k.cpu(), v.cpu(), heads))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("joint_front", [True, False], ids=["front", "back"])
+@pytest.mark.parametrize("J", [0, 77])
+@pytest.mark.parametrize("D", [128, 72, 36, 1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads", [[6, 6, 6, 6], [8, 8, 7, 7]], ids=["even", "uneven"])
+def test_gpu_unpack_equals_cpu(heads, dtype, D, J, joint_front):
+    _native()
+    B, L = 2, 1031
+    recv = randn(B * (J + L) * sum(heads) * D, dtype=dtype, device="cuda", seed=D + J)
+    _poisoned_alloc(recv.numel(), dtype)
+    got = ulysses_unpack_out(recv, heads, B, J, L, joint_front)
+    assert torch.equal(got.cpu(), ulysses_unpack_out(recv.cpu(), heads, B, J, L, joint_front))
+    assert torch.equal(got, _ulysses_out_place(recv, heads, B, J, L, joint_front))
+
+
+@pytest.mark.gpu
+def test_gpu_unpack_unaligned_recv():
+    _native()
+    heads, B, J, L, D = [3, 2], 2, 5, 40, 64
+    n = B * (J + L) * 5 * D
+    recv = randn(n + 3, dtype=torch.float16, device="cuda", seed=4)[3:]
+    want = ulysses_unpack_out(recv.cpu(), heads, B, J, L, False)
+    assert torch.equal(ulysses_unpack_out(recv, heads, B, J, L, False).cpu(), want)
+
+
+@pytest.mark.gpu
+def test_gpu_empty_inputs():
+    _native()
+    q = torch.empty(2, 0, 4, 64, device="cuda", dtype=torch.bfloat16)
+    assert ulysses_pack_qkv(q, q, q, [2, 2]).numel() == 0
+    recv = torch.empty(0, device="cuda")
+    assert ulysses_unpack_out(recv, [2, 2], 2, 3, 5, True).shape == (2, 8, 4, 0)
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_capture():
+    _native()
+    heads, B, L, J, D = [8, 8, 7, 7], 2, 257, 77, 128
+    q, k, v = _fused_qkv(B, L, sum(heads), D, torch.bfloat16, device="cuda", seed=7)
+    recv = randn(B * (J + L) * sum(heads) * D, dtype=torch.bfloat16, device="cuda", seed=8)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside capture
+        ulysses_pack_qkv(q, k, v, heads)
+        ulysses_unpack_out(recv, heads, B, J, L, False)
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        send = ulysses_pack_qkv(q, k, v, heads)
+        out = ulysses_unpack_out(recv, heads, B, J, L, False)
+    # New inputs in the captured buffers, then replay: the graph reads them.
+    q.copy_(randn(*q.shape, dtype=q.dtype, device="cuda", seed=9))
+    recv.copy_(randn(recv.numel(), dtype=recv.dtype, device="cuda", seed=10))
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(send.cpu(), ulysses_pack_qkv(q.cpu(), k.cpu(), v.cpu(), heads))
+    assert torch.equal(out.cpu(), ulysses_unpack_out(recv.cpu(), heads, B, J, L, False))
