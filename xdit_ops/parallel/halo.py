@@ -15,6 +15,9 @@ dilation and padding along H.
   halo), by point-to-point messages issued together with ``batch_isend_irecv`` (NCCL and gloo).
 * The global border padding (zeros, a constant, replicate, reflect, circular) is applied only
   at the global top and bottom; interior band edges read real rows.
+* Rows move by ``xdit_ops::gather_rows`` (one kernel launch on CUDA): each send buffer is one
+  gather from the band, and each boundary slab one gather from the band, the received buffers
+  and fill rows. The gather indices are derived from the plan once and cached per device.
 * The rows that need nothing from other ranks are convolved while the halo is in flight, in
   chunks of bounded size written into the output, so a rank holds about its band's input and
   output plus one chunk: the full tensor is never gathered.
@@ -28,6 +31,8 @@ from functools import lru_cache
 
 import torch
 import torch.distributed as dist
+
+from xdit_ops.ops.gather_rows import MAX_SOURCES, gather_rows
 
 __all__ = [
     "BandLayout",
@@ -195,13 +200,64 @@ def plan_halo(geom: ConvRows, layout: BandLayout, rank: int) -> HaloPlan:
     return HaloPlan(out, o0, o1, interior, recv, send)
 
 
+@lru_cache(maxsize=4096)
+def _device_index(pairs: tuple[tuple[int, int], ...], device: torch.device) -> torch.Tensor:
+    """``gather_rows``'s ``[n, 2]`` int32 index on ``device``, built once per (pairs, device):
+    steady-state calls copy nothing from the host (and can be captured in a CUDA graph)."""
+    # A blocking copy (.to() synchronises its stream): the index is complete before any stream
+    # reads it.
+    return torch.tensor(pairs, dtype=torch.int32).reshape(-1, 2).to(device)
+
+
 def _take_rows(x: torch.Tensor, rows: tuple[int, ...], first: int) -> torch.Tensor:
-    """Rows ``rows`` (global, sorted) of band ``x`` starting at global row ``first``, contiguous."""
-    lo, n = rows[0] - first, len(rows)
-    if rows[-1] - rows[0] + 1 == n:
-        return x.narrow(-2, lo, n).contiguous()
-    idx = torch.tensor([i - first for i in rows], device=x.device)
-    return x.index_select(-2, idx).contiguous()
+    """Rows ``rows`` (global, sorted) of band ``x`` starting at global row ``first``, contiguous:
+    one ``gather_rows`` launch (the send buffer of one peer)."""
+    return gather_rows([x], _device_index(tuple((0, i - first) for i in rows), x.device))
+
+
+@dataclass(frozen=True)
+class _SlabPlan:
+    """Where each row of a boundary slab comes from (see ``_slab_plan``)."""
+
+    peers: tuple[int, ...]  # received buffers the slab reads, in source order (sources 1, 2, ..)
+    merged: bool  # too many peers for one gather: their buffers are concatenated into source 1
+    pairs: tuple[tuple[int, int], ...]  # (source, row) per slab row; source -1: a fill row
+
+
+@lru_cache(maxsize=4096)
+def _slab_plan(
+    first: int,
+    n_own: int,
+    lo: int,
+    hi: int,
+    h_total: int,
+    mode: str,
+    received: tuple[tuple[int, tuple[int, ...]], ...],
+) -> _SlabPlan:
+    """The gather of input rows [lo, hi) (global, padded index space) from own rows (source 0),
+    the received rows of each peer (``received``: peer rank -> its global rows) and fill rows."""
+    rows_of = dict(received)
+    where: list[tuple[int | None, int]] = []  # (peer or None for own, row); fill as (-1, 0)
+    for i in range(lo, hi):
+        src = _source_row(i, h_total, mode)
+        if src is None:
+            where.append((-1, 0))
+        elif first <= src < first + n_own:
+            where.append((None, src - first))
+        else:
+            p = next(p for p, rows in received if src in rows)
+            where.append((p, rows_of[p].index(src)))
+    peers = tuple(p for p, _ in received if any(w[0] == p for w in where))
+    merged = 1 + len(peers) > MAX_SOURCES
+    offset, source = {}, {}
+    for k, p in enumerate(peers):
+        source[p] = 1 if merged else 1 + k
+        offset[p] = sum(len(rows_of[q]) for q in peers[:k]) if merged else 0
+    pairs = tuple(
+        (0, r) if p is None else (-1, 0) if p == -1 else (source[p], offset[p] + r)
+        for p, r in where
+    )
+    return _SlabPlan(peers, merged, pairs)
 
 
 def _assemble(
@@ -214,41 +270,14 @@ def _assemble(
     received: dict[int, tuple[tuple[int, ...], torch.Tensor]],
     fill: float,
 ) -> torch.Tensor:
-    """Input rows [lo, hi) (global, padded index space) from own rows, received rows and fill."""
-    last = first + x.shape[-2]
-    pieces: list[torch.Tensor] = []
-    run_kind, run_start, run_len, run_src = None, 0, 0, None
-
-    def flush() -> None:
-        if run_kind is None:
-            return
-        if run_kind == "fill":
-            shape = list(x.shape)
-            shape[-2] = run_len
-            pieces.append(x.new_full(shape, fill))
-        elif run_kind == "own":
-            pieces.append(x.narrow(-2, run_start - first, run_len))
-        else:
-            rows, buf = received[run_kind]
-            pieces.append(buf.narrow(-2, rows.index(run_start), run_len))
-
-    for i in range(lo, hi):
-        src = _source_row(i, h_total, geom.mode)
-        if src is None:
-            kind = "fill"
-        elif first <= src < last:
-            kind = "own"
-        else:
-            kind = next(p for p, (rows, _) in received.items() if src in rows)
-        contiguous = kind == run_kind and (kind == "fill" or src == run_src + 1)
-        if contiguous:
-            run_len += 1
-        else:
-            flush()
-            run_kind, run_start, run_len = kind, (src if src is not None else 0), 1
-        run_src = src
-    flush()
-    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-2)
+    """Input rows [lo, hi) (global, padded index space) from own rows, received rows and fill,
+    contiguous: one ``gather_rows`` launch."""
+    plan = _slab_plan(first, x.shape[-2], lo, hi, h_total, geom.mode,
+                      tuple((p, rows) for p, (rows, _) in received.items()))
+    bufs = [received[p][1] for p in plan.peers]
+    if plan.merged:
+        bufs = [torch.cat(bufs, dim=-2)]
+    return gather_rows([x, *bufs], _device_index(plan.pairs, x.device), fill)
 
 
 def halo_conv(
@@ -265,7 +294,8 @@ def halo_conv(
 
     Parameters
     ----------
-    x : this rank's band, ``[..., h, W]`` with ``h == layout.sizes[rank]`` (any dtype/device).
+    x : this rank's band, ``[..., h, W]`` with ``h == layout.sizes[rank]``: float64, float32,
+        float16 or bfloat16 (``gather_rows``'s dtypes), any device.
     layout : every rank's band of the input.
     geom : kernel, stride, dilation, global top/bottom padding and mode along H.
     conv_fn : ``conv_fn(t, pad_h)`` convolves the rows ``t`` with ``pad_h`` rows of zeros on
