@@ -8,6 +8,7 @@ results use the dtype table (TransformerEngine-style).
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import socket
 import sys
@@ -119,7 +120,10 @@ def free_port() -> int:
 
 
 def _worker(rank: int, world: int, port: int, backend: str, fn: Callable, args: tuple,
-            errq) -> None:
+            errq, timeout: float) -> None:
+    # A hung rank prints every thread's stack shortly before the parent kills it, so a hang
+    # names the line it waits on (seen in the test report's captured stderr).
+    faulthandler.dump_traceback_later(max(1.0, timeout - 10.0), exit=False)
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -186,7 +190,8 @@ def run_distributed(
     errq = ctx.SimpleQueue()
     port = free_port()
     procs = [
-        ctx.Process(target=_worker, args=(r, world, port, backend, fn, args, errq), daemon=True)
+        ctx.Process(target=_worker, args=(r, world, port, backend, fn, args, errq, timeout),
+                    daemon=True)
         for r in range(world)
     ]
     for p in procs:

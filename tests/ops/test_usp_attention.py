@@ -358,7 +358,7 @@ def _worker_gpu(rank, world):
 @pytest.mark.multigpu(2)
 @pytest.mark.parametrize("world", [2, 4])
 def test_usp_gpu_matches_single_device(world):
-    run_distributed(_worker_gpu, world, timeout=900, backend="nccl")
+    run_distributed(_worker_gpu, world, timeout=200, backend="nccl")
 
 
 def _worker_gpu_graph(rank, world):
