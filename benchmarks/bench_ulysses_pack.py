@@ -6,6 +6,9 @@ For each per-rank shape (local sequence L, heads split over U ranks, J joint row
   heads: one ``copy_`` per rank and tensor), exactly the send buffer ``_ulysses_in`` builds,
   against ``xdit_ops::ulysses_pack_qkv``. q, k, v are views of a fused projection output
   ``[B, L, 3, H, D]`` (strided), as a fused QKV linear leaves them.
+* place: ``_place_gathered`` (the received ``[U, 3, B, L, h, D]`` plus rank 0's joint heads into
+  the query buffer and the K/V buffer, joint K/V inline) against
+  ``xdit_ops::ulysses_place_gathered``.
 * unpack: the placement ``_ulysses_out`` does after its exchange (``torch_permute`` for even
   heads, ``torch_loop`` for uneven) against ``xdit_ops::ulysses_unpack_out``, joint rows behind
   (the harder case) when J > 0.
@@ -30,7 +33,11 @@ import common  # noqa: E402
 
 import xdit_ops  # noqa: E402, F401  (registers the ops)
 from xdit_ops import _extension  # noqa: E402
-from xdit_ops.ops.ulysses_pack import ulysses_pack_qkv, ulysses_unpack_out  # noqa: E402
+from xdit_ops.ops.ulysses_pack import (  # noqa: E402
+    ulysses_pack_qkv,
+    ulysses_place_gathered,
+    ulysses_unpack_out,
+)
 
 # (name, B, L per rank, heads per rank, D, J): Flux (24 heads, 512 text tokens) over 2 and 4
 # ranks, Wan 2.1 14B (40 heads, no joint rows) over 4 and 8, 30 heads over 4 (uneven), and
@@ -65,6 +72,22 @@ def torch_pack(q, k, v, heads):
     return send
 
 
+def torch_place(recv_in, U, B, L, h, q_j, k_j, v_j, J):
+    """``usp_attention._place_gathered`` for rank 0 (heads [0, h)), joint K/V inline."""
+    D = recv_in.numel() // (U * 3 * B * L * h)
+    g = recv_in.view(U, 3, B, L, h, D).permute(1, 2, 0, 3, 4, 5)
+    hs = slice(0, h)
+    qbuf = g.new_empty(B, J + U * L, h, D)
+    qbuf[:, J:].view(B, U, L, h, D).copy_(g[0])
+    kv = g.new_empty(2, B, J + U * L, h, D)
+    kv[:, :, J:].view(2, B, U, L, h, D).copy_(g[1:])
+    if J:
+        qbuf[:, :J] = q_j[:, :, hs]
+        kv[0, :, :J] = k_j[:, :, hs]
+        kv[1, :, :J] = v_j[:, :, hs]
+    return qbuf, kv
+
+
 def torch_unpack(recv, heads, B, J, L, joint_front):
     """The placement ``usp_attention._ulysses_out`` does with what it received."""
     U, H = len(heads), sum(heads)
@@ -94,15 +117,23 @@ def torch_unpack(recv, heads, B, J, L, joint_front):
     return out
 
 
-def candidates(q, k, v, recv, heads, B, J, L, es) -> dict[str, tuple[dict, int]]:
-    """{"pack" | "unpack": ({impl: call}, bytes read + written)}; the torch path first."""
+def candidates(q, k, v, recv, recv_in, heads, B, J, L, es) -> dict[str, tuple[dict, int]]:
+    """{"pack" | "place" | "unpack": ({impl: call}, bytes read + written)}; torch path first.
+
+    The joint rows for "place" are the first J rows of q, k, v (any [B, J, H, D] views do)."""
     H, D = q.shape[2], q.shape[3]
-    tag = "torch_stack" if all(h == heads[0] for h in heads) else "torch_loop"
+    U, h = len(heads), heads[0]
+    joint = (q[:, :J], k[:, :J], v[:, :J]) if J else (None, None, None)
+    tag = "torch_stack" if all(x == heads[0] for x in heads) else "torch_loop"
     utag = "torch_permute" if tag == "torch_stack" else "torch_loop"
     return {
         "pack": ({tag: lambda: torch_pack(q, k, v, heads),
                   "xdit_op": lambda: ulysses_pack_qkv(q, k, v, heads)},
                  2 * 3 * q.shape[0] * q.shape[1] * H * D * es),
+        "place": ({"torch_copies": lambda: torch_place(recv_in, U, B, L, h, *joint, J),
+                   "xdit_op": lambda: ulysses_place_gathered(recv_in, U, B, L, h, *joint, 0,
+                                                             True)},
+                  2 * 3 * B * (J + U * L) * h * D * es),
         "unpack": ({utag: lambda: torch_unpack(recv, heads, B, J, L, False),
                     "xdit_op": lambda: ulysses_unpack_out(recv, heads, B, J, L, False)},
                    2 * B * (J + L) * H * D * es),
@@ -136,10 +167,17 @@ def main(argv: list[str] | None = None) -> int:
         qkv = torch.randn(B, L, 3, H, D, device=dev, dtype=dtype, generator=gen)
         q, k, v = qkv.unbind(2)
         recv = torch.randn(B * (J + L) * H * D, device=dev, dtype=dtype, generator=gen)
-        groups = candidates(q, k, v, recv, heads, B, J, L, es)
+        recv_in = torch.randn(len(heads) * 3 * B * L * heads[0] * D, device=dev, dtype=dtype,
+                              generator=gen)
+        groups = candidates(q, k, v, recv, recv_in, heads, B, J, L, es)
         for kind, (fns, nbytes) in groups.items():
             base_name = next(n for n in fns if n != "xdit_op")
-            exact = bool(torch.equal(fns["xdit_op"](), fns[base_name]()))
+            got, want = fns["xdit_op"](), fns[base_name]()
+            if isinstance(got, tuple):
+                exact = all(bool(torch.equal(a, b)) for a, b in zip(got, want, strict=True))
+            else:
+                exact = bool(torch.equal(got, want))
+            del got, want
             timings = common.bench_interleaved(fns, warmup=warmup, iters=iters, rounds=rounds,
                                                cold_l2=args.cold_l2, cuda_graph=args.cuda_graph,
                                                device=dev)
@@ -152,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
                     "speedup_vs_torch": base_ms / t.median_ms,
                     "bit_exact_vs_torch": exact, "timing": t,
                 })
-        del qkv, q, k, v, recv
+        del qkv, q, k, v, recv, recv_in, groups
         torch.cuda.empty_cache()
     path = common.write_json("bench_ulysses_pack", rows, args.out, extra={
         "warmup": warmup, "iters": iters, "rounds": rounds, "cold_l2": args.cold_l2,

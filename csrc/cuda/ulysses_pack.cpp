@@ -1,5 +1,8 @@
-// Torch-aware launchers for xdit_ops::ulysses_pack_qkv and ::ulysses_unpack_out (schemas in
-// xdit_ops/ops/ulysses_pack.py).
+// Torch-aware launchers for xdit_ops::ulysses_pack_qkv, ::ulysses_unpack_out and
+// ::ulysses_place_gathered (schemas in xdit_ops/ops/ulysses_pack.py).
+#include <optional>
+#include <tuple>
+
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -105,7 +108,72 @@ at::Tensor ulysses_unpack_out_cuda(const at::Tensor& recv, at::IntArrayRef heads
   return out;
 }
 
+std::tuple<at::Tensor, at::Tensor> ulysses_place_gathered_cuda(
+    const at::Tensor& recv, int64_t U, int64_t B, int64_t L, int64_t h,
+    const std::optional<at::Tensor>& q_j, const std::optional<at::Tensor>& k_j,
+    const std::optional<at::Tensor>& v_j, int64_t head_start, bool joint_kv) {
+  constexpr const char* kOp = "ulysses_place_gathered";
+  XDIT_CHECK(recv.is_cuda(), kOp, ": recv must be on a CUDA device, got ", recv.device());
+  XDIT_CHECK(recv.dim() == 1 && recv.is_contiguous(), kOp,
+             ": recv must be a flat contiguous buffer, got sizes ", recv.sizes(), " strides ",
+             recv.strides());
+  XDIT_CHECK(U >= 1 && B >= 0 && L >= 0 && h >= 1, kOp, ": need U >= 1, B >= 0, L >= 0, h >= 1, ",
+             "got U=", U, " B=", B, " L=", L, " h=", h);
+  const int64_t row = U * 3 * B * L * h;
+  XDIT_CHECK(row > 0 && recv.numel() % row == 0, kOp, ": recv has ", recv.numel(),
+             " elements, not a multiple of U * 3 * B * L * h = ", row);
+  const int64_t D = recv.numel() / row;
+  const bool has_joint = q_j.has_value();
+  XDIT_CHECK(has_joint == k_j.has_value() && has_joint == v_j.has_value(), kOp,
+             ": pass all of q_j, k_j, v_j or none");
+  UlyssesPlaceParams p{};
+  int64_t J = 0;
+  if (has_joint) {
+    const at::Tensor* joint[3] = {&*q_j, &*k_j, &*v_j};
+    const at::Tensor& j0 = *joint[0];
+    XDIT_CHECK(j0.dim() == 4 && j0.size(0) == B && j0.size(3) == D, kOp,
+               ": q_j must be [B, J, H, D] = [", B, ", J, H, ", D, "], got ", j0.sizes());
+    J = j0.size(1);
+    XDIT_CHECK(head_start >= 0 && head_start + h <= j0.size(2), kOp, ": heads [", head_start,
+               ", ", head_start + h, ") are outside the ", j0.size(2), " joint heads");
+    for (int t = 0; t < 3; ++t) {
+      const at::Tensor& x = *joint[t];
+      XDIT_CHECK(x.sizes() == j0.sizes() && x.scalar_type() == recv.scalar_type() &&
+                     x.device() == recv.device(),
+                 kOp, ": joint tensor ", t, " is ", x.sizes(), " ", x.scalar_type(), " on ",
+                 x.device(), "; need ", j0.sizes(), " ", recv.scalar_type(), " on ",
+                 recv.device());
+      XDIT_CHECK(D <= 1 || x.stride(3) == 1, kOp, ": head_dim of joint tensor ", t,
+                 " must be contiguous, got strides ", x.strides());
+      p.joint_src[t] = x.const_data_ptr();
+      p.joint_stride_b[t] = B == 1 ? 0 : x.stride(0);
+      p.joint_stride_s[t] = J == 1 ? 0 : x.stride(1);
+      p.joint_stride_h[t] = x.stride(2);
+    }
+  }
+  const int64_t Jk = joint_kv ? J : 0;
+  const c10::cuda::CUDAGuard guard(recv.device());
+  at::Tensor qbuf = at::empty({B, J + U * L, h, D}, recv.options());
+  at::Tensor kv = at::empty({2, B, Jk + U * L, h, D}, recv.options());
+  p.recv = recv.const_data_ptr();
+  p.joint_head_start = head_start;
+  p.qbuf = qbuf.data_ptr();
+  p.kv = kv.data_ptr();
+  p.ranks = U;
+  p.batch = B;
+  p.seq = L;
+  p.heads = h;
+  p.head_dim = D;
+  p.joint = J;
+  p.joint_kv = Jk;
+  XDIT_CUDA_CHECK(ulysses_place_gathered(p, static_cast<int>(recv.element_size()),
+                                         num_sms(recv.get_device()),
+                                         c10::cuda::getCurrentCUDAStream().stream()));
+  return {qbuf, kv};
+}
+
 TORCH_LIBRARY_IMPL(xdit_ops, CUDA, m) {
+  m.impl("ulysses_place_gathered", &ulysses_place_gathered_cuda);
   m.impl("ulysses_pack_qkv", &ulysses_pack_qkv_cuda);
   m.impl("ulysses_unpack_out", &ulysses_unpack_out_cuda);
 }

@@ -136,4 +136,64 @@ cudaError_t ulysses_unpack_out(const UlyssesUnpackParams& p, int elem_size, int 
   }
 }
 
+cudaError_t ulysses_place_gathered(const UlyssesPlaceParams& p, int elem_size, int num_sms,
+                                   cudaStream_t stream) {
+  const int64_t gathered = p.ranks * p.seq;
+  const int64_t num_rows = p.batch * (p.joint + gathered) + 2 * p.batch * (p.joint_kv + gathered);
+  if (num_rows == 0 || p.heads == 0 || p.head_dim == 0) return cudaSuccess;
+  if (p.joint_kv != 0 && p.joint_kv != p.joint) return cudaErrorInvalidValue;
+  const uint64_t es = elem_size;
+  uint64_t joint_bits = 0;  // the joint tensors matter for the width only when they are read
+  if (p.joint > 0) {
+    for (int t = 0; t < 3; ++t) {
+      joint_bits |= reinterpret_cast<uint64_t>(p.joint_src[t]) | p.joint_stride_b[t] * es |
+                    p.joint_stride_s[t] * es | p.joint_stride_h[t] * es;
+    }
+  }
+  const int w = vector_width({reinterpret_cast<uint64_t>(p.recv),
+                              reinterpret_cast<uint64_t>(p.qbuf),
+                              reinterpret_cast<uint64_t>(p.kv), p.head_dim * es, joint_bits});
+  const int64_t dv = p.head_dim * elem_size / w;
+  if (p.heads * dv > INT32_MAX) return cudaErrorInvalidValue;
+  UlyssesPlaceArgs a;
+  a.recv = p.recv;
+  for (int t = 0; t < 3; ++t) {
+    a.joint_src[t] = p.joint_src[t];
+    a.stride_b[t] = p.joint_stride_b[t] * elem_size / w;
+    a.stride_s[t] = p.joint_stride_s[t] * elem_size / w;
+    a.stride_h[t] = p.joint_stride_h[t] * elem_size / w;
+  }
+  a.joint_head_start = p.joint_head_start;
+  a.qbuf = p.qbuf;
+  a.kv = p.kv;
+  a.ranks = p.ranks;
+  a.batch = p.batch;
+  a.seq = p.seq;
+  a.heads = p.heads;
+  a.dv = dv;
+  a.joint = p.joint;
+  a.joint_kv = p.joint_kv;
+  a.span = round_up_pow2(p.heads * dv);
+  const int64_t rows_per_step = kThreads / a.span;
+  const int blocks = static_cast<int>(std::min<int64_t>(
+      (num_rows + rows_per_step - 1) / rows_per_step, (int64_t)num_sms * kBlocksPerSm));
+  switch (w) {
+    case 16:
+      ulysses_place_kernel<uint4><<<blocks, kThreads, 0, stream>>>(a);
+      break;
+    case 8:
+      ulysses_place_kernel<uint2><<<blocks, kThreads, 0, stream>>>(a);
+      break;
+    case 4:
+      ulysses_place_kernel<uint32_t><<<blocks, kThreads, 0, stream>>>(a);
+      break;
+    case 2:
+      ulysses_place_kernel<uint16_t><<<blocks, kThreads, 0, stream>>>(a);
+      break;
+    default:
+      ulysses_place_kernel<uint8_t><<<blocks, kThreads, 0, stream>>>(a);
+  }
+  return cudaGetLastError();
+}
+
 }  // namespace xdit_ops

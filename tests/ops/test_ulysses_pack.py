@@ -1,8 +1,9 @@
 """ulysses_pack_qkv / ulysses_unpack_out: exact copies of the usp_attention exchange layouts.
 
-The oracles ``_ulysses_in_send`` and ``_ulysses_out_place`` are the torch code of
-``xdit_ops.ops.usp_attention._ulysses_in`` (send buffer) and ``_ulysses_out`` (placement of what
-was received), both branches, written out here as they stand there.
+The oracles ``_ulysses_in_send``, ``_place_gathered`` and ``_ulysses_out_place`` are the torch
+code of ``xdit_ops.ops.usp_attention._ulysses_in`` (send buffer), ``_place_gathered`` and
+``_ulysses_out`` (placement of what was received), all branches, written out here as they stand
+there.
 """
 
 from __future__ import annotations
@@ -11,7 +12,11 @@ import pytest
 import torch
 
 from tests.utils import randn
-from xdit_ops.ops.ulysses_pack import ulysses_pack_qkv, ulysses_unpack_out
+from xdit_ops.ops.ulysses_pack import (
+    ulysses_pack_qkv,
+    ulysses_place_gathered,
+    ulysses_unpack_out,
+)
 
 HEADS = {"even": [2, 2, 2], "uneven": [8, 8, 7, 7]}
 
@@ -35,6 +40,30 @@ def _ulysses_in_send(q_s, k_s, v_s, heads):
                 view[i].copy_(t[:, :, starts[j]:starts[j] + heads[j]])
             off += n
     return send.reshape(-1)
+
+
+def _place_gathered(g, q_j, k_j, v_j, hs, J, Jk):
+    """``usp_attention._place_gathered`` without its third output (the joint K/V views)."""
+    _, B, U, L, h, D = g.shape
+    qbuf = g.new_empty(B, J + U * L, h, D)
+    qbuf[:, J:].view(B, U, L, h, D).copy_(g[0])
+    kv = g.new_empty(2, B, Jk + U * L, h, D)
+    kv[:, :, Jk:].view(2, B, U, L, h, D).copy_(g[1:])
+    if J:
+        qbuf[:, :J] = q_j[:, :, hs]
+    if Jk:
+        kv[0, :, :Jk] = k_j[:, :, hs]
+        kv[1, :, :Jk] = v_j[:, :, hs]
+    return qbuf, kv
+
+
+def _place_case(U, B, L, h, H, D, J, dtype=torch.float32, device="cpu", seed=0):
+    """A received buffer and joint q/k/v as strided views of a fused [B, J, 3, H, D] tensor."""
+    recv = randn(U * 3 * B * L * h * D, dtype=dtype, device=device, seed=seed)
+    if not J:
+        return recv, (None, None, None)
+    joint = randn(B, J, 3, H, D, dtype=dtype, device=device, seed=seed + 1).unbind(2)
+    return recv, joint
 
 
 def _ulysses_out_place(recv, heads, B, J, L, joint_front):
@@ -119,6 +148,22 @@ def test_cpu_unpack_lse_layout():
     assert torch.equal(out, _ulysses_out_place(recv, heads, B, J, L, False))
 
 
+@pytest.mark.parametrize("joint_kv", [True, False], ids=["joint_kv", "no_joint_kv"])
+@pytest.mark.parametrize("J", [0, 77])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("U,h,head_start", [(2, 3, 3), (4, 7, 23)])
+def test_cpu_place_matches_place_gathered(U, h, head_start, dtype, J, joint_kv):
+    B, L, H, D = 3, 9, 30, 72
+    recv, (q_j, k_j, v_j) = _place_case(U, B, L, h, H, D, J, dtype, seed=U + J)
+    qbuf, kv = ulysses_place_gathered(recv, U, B, L, h, q_j, k_j, v_j, head_start, joint_kv)
+    g = recv.view(U, 3, B, L, h, D).permute(1, 2, 0, 3, 4, 5)
+    Jk = J if joint_kv else 0
+    want_q, want_kv = _place_gathered(g, q_j, k_j, v_j, slice(head_start, head_start + h), J, Jk)
+    assert qbuf.shape == (B, J + U * L, h, D) and kv.shape == (2, B, Jk + U * L, h, D)
+    assert qbuf.is_contiguous() and kv.is_contiguous()
+    assert torch.equal(qbuf, want_q) and torch.equal(kv, want_kv)
+
+
 def _all_to_all(sends, in_splits):
     """What all_to_all_single delivers: rank r receives chunk r of every rank's send, in order."""
     chunks = [s.split(sp) for s, sp in zip(sends, in_splits, strict=True)]
@@ -128,7 +173,8 @@ def _all_to_all(sends, in_splits):
 @pytest.mark.parametrize("joint_front", [True, False], ids=["front", "back"])
 @pytest.mark.parametrize("split", list(HEADS))
 def test_cpu_exchange_round_trip(split, joint_front):
-    """Pack -> exchange -> each rank holds whole-sequence Q, K, V of its heads; their output
+    """Pack -> exchange -> each rank holds whole-sequence Q, K, V of its heads (and places them
+    behind its joint heads); their output
     (joint rows first) -> exchange -> unpack gives every rank back its rows of all heads."""
     heads = HEADS[split]
     U, H, B, L, J, D = len(heads), sum(heads), 2, 5, 3, 8
@@ -143,6 +189,12 @@ def test_cpu_exchange_round_trip(split, joint_front):
         got = recvs[r].view(U, 3, B, L, h, D).permute(1, 2, 0, 3, 4, 5).reshape(3, B, U * L, h, D)
         for t in range(3):
             assert torch.equal(got[t], full[t][:, :, starts[r]:starts[r] + h])
+        hs = slice(starts[r], starts[r] + h)
+        qbuf, kv = ulysses_place_gathered(recvs[r], U, B, L, h, joint, joint * 2, joint * 3,
+                                          starts[r], True)
+        assert torch.equal(qbuf, torch.cat([joint[:, :, hs], full[0][:, :, hs]], dim=1))
+        assert torch.equal(kv[0], torch.cat([2 * joint[:, :, hs], full[1][:, :, hs]], dim=1))
+        assert torch.equal(kv[1], torch.cat([3 * joint[:, :, hs], full[2][:, :, hs]], dim=1))
         # This rank's output: joint rows then the gathered sequence, its heads only.
         o_h = torch.cat([joint[:, :, starts[r]:starts[r] + h], got[0]], dim=1)
         send = o_h.new_empty(U, B, J + L, h, D)
@@ -181,15 +233,29 @@ def test_bad_arguments():
         ulysses_unpack_out(recv[::2], [3, 3], 2, 0, 2, True)
     with pytest.raises(ValueError, match="ulysses_unpack_out: B, J, L must be >= 0"):
         ulysses_unpack_out(recv, [3, 3], 2, -1, 5, True)
+    with pytest.raises(ValueError, match="ulysses_place_gathered: recv has 480 elements, not a "
+                                         "multiple of U \\* 3 \\* B \\* L \\* h = 144"):
+        ulysses_place_gathered(recv, 2, 2, 3, 4, None, None, None, 0, False)
+    recv, joint = _place_case(2, 1, 4, 3, 6, 8, 5, seed=4)
+    with pytest.raises(ValueError, match="ulysses_place_gathered: pass all of q_j, k_j, v_j"):
+        ulysses_place_gathered(recv, 2, 1, 4, 3, joint[0], None, joint[2], 0, True)
+    with pytest.raises(ValueError, match=r"ulysses_place_gathered: heads \[4, 7\) are outside"):
+        ulysses_place_gathered(recv, 2, 1, 4, 3, *joint, 4, True)
+    with pytest.raises(ValueError, match="ulysses_place_gathered: q_j must be"):
+        ulysses_place_gathered(recv, 2, 1, 4, 3, *(t[..., :4] for t in joint), 0, True)
+    with pytest.raises(ValueError, match="ulysses_place_gathered: joint tensor 2 is"):
+        ulysses_place_gathered(recv, 2, 1, 4, 3, joint[0], joint[1], joint[2].double(), 0, True)
 
 
 def test_opcheck():
     q, k, v = _fused_qkv(2, 5, 7, 8, seed=4)
     torch.library.opcheck(torch.ops.xdit_ops.ulysses_pack_qkv.default, (q, k, v, [2, 2, 2, 1]))
     recv = randn(2 * (3 + 5) * 7 * 8, seed=5)
-    for front in (True, False):
-        torch.library.opcheck(torch.ops.xdit_ops.ulysses_unpack_out.default,
-                              (recv, [2, 2, 2, 1], 2, 3, 5, front))
+    torch.library.opcheck(torch.ops.xdit_ops.ulysses_unpack_out.default,
+                          (recv, [2, 2, 2, 1], 2, 3, 5, False))
+    recv, joint = _place_case(3, 2, 4, 2, 7, 8, 5, seed=6)
+    torch.library.opcheck(torch.ops.xdit_ops.ulysses_place_gathered.default,
+                          (recv, 3, 2, 4, 2, *joint, 5, False))
 
 
 def test_compile_fullgraph_matches_eager():
@@ -278,6 +344,37 @@ def test_gpu_unpack_unaligned_recv():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("joint_kv", [True, False], ids=["joint_kv", "no_joint_kv"])
+@pytest.mark.parametrize("J", [0, 77])
+@pytest.mark.parametrize("D", [128, 72, 36])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_place_equals_cpu(dtype, D, J, joint_kv):
+    _native()
+    U, B, L, h, H, head_start = 4, 2, 1031, 7, 30, 16
+    recv, joint = _place_case(U, B, L, h, H, D, J, dtype, device="cuda", seed=D + J)
+    _poisoned_alloc(recv.numel(), dtype)
+    qbuf, kv = ulysses_place_gathered(recv, U, B, L, h, *joint, head_start, joint_kv)
+    want_q, want_kv = ulysses_place_gathered(
+        recv.cpu(), U, B, L, h, *(None if t is None else t.cpu() for t in joint), head_start,
+        joint_kv)
+    assert torch.equal(qbuf.cpu(), want_q) and torch.equal(kv.cpu(), want_kv)
+
+
+@pytest.mark.gpu
+def test_gpu_place_unaligned_joint():
+    """Joint rows at a 2-byte-aligned address force a narrower copy unit for the whole launch."""
+    _native()
+    U, B, L, h, H, D, J = 2, 1, 300, 12, 24, 128, 77
+    recv = randn(U * 3 * B * L * h * D, dtype=torch.bfloat16, device="cuda", seed=11)
+    base = randn(B * J * 3 * H * D + 1, dtype=torch.bfloat16, device="cuda", seed=12)
+    joint = base[1:].view(B, J, 3, H, D).unbind(2)
+    qbuf, kv = ulysses_place_gathered(recv, U, B, L, h, *joint, 12, True)
+    want_q, want_kv = ulysses_place_gathered(recv.cpu(), U, B, L, h, *(t.cpu() for t in joint),
+                                             12, True)
+    assert torch.equal(qbuf.cpu(), want_q) and torch.equal(kv.cpu(), want_kv)
+
+
+@pytest.mark.gpu
 def test_gpu_empty_inputs():
     _native()
     q = torch.empty(2, 0, 4, 64, device="cuda", dtype=torch.bfloat16)
@@ -292,20 +389,30 @@ def test_gpu_cuda_graph_capture():
     heads, B, L, J, D = [8, 8, 7, 7], 2, 257, 77, 128
     q, k, v = _fused_qkv(B, L, sum(heads), D, torch.bfloat16, device="cuda", seed=7)
     recv = randn(B * (J + L) * sum(heads) * D, dtype=torch.bfloat16, device="cuda", seed=8)
+    U, h = len(heads), heads[2]
+    recv_in = randn(U * 3 * B * L * h * D, dtype=torch.bfloat16, device="cuda", seed=11)
+    qkv_j = (q[:, :J], k[:, :J], v[:, :J])  # any [B, J, H, D] views serve as joint rows
+
+    def calls():
+        return (ulysses_pack_qkv(q, k, v, heads), ulysses_unpack_out(recv, heads, B, J, L, False),
+                *ulysses_place_gathered(recv_in, U, B, L, h, *qkv_j, 16, True))
+
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up outside capture
-        ulysses_pack_qkv(q, k, v, heads)
-        ulysses_unpack_out(recv, heads, B, J, L, False)
+        calls()
     torch.cuda.current_stream().wait_stream(side)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        send = ulysses_pack_qkv(q, k, v, heads)
-        out = ulysses_unpack_out(recv, heads, B, J, L, False)
+        send, out, qbuf, kv = calls()
     # New inputs in the captured buffers, then replay: the graph reads them.
     q.copy_(randn(*q.shape, dtype=q.dtype, device="cuda", seed=9))
     recv.copy_(randn(recv.numel(), dtype=recv.dtype, device="cuda", seed=10))
+    recv_in.copy_(randn(recv_in.numel(), dtype=recv.dtype, device="cuda", seed=12))
     g.replay()
     torch.cuda.synchronize()
     assert torch.equal(send.cpu(), ulysses_pack_qkv(q.cpu(), k.cpu(), v.cpu(), heads))
     assert torch.equal(out.cpu(), ulysses_unpack_out(recv.cpu(), heads, B, J, L, False))
+    want_q, want_kv = ulysses_place_gathered(recv_in.cpu(), U, B, L, h,
+                                             *(t.cpu() for t in qkv_j), 16, True)
+    assert torch.equal(qbuf.cpu(), want_q) and torch.equal(kv.cpu(), want_kv)

@@ -8,6 +8,9 @@ single-kernel copies on either side of that exchange:
 * :func:`ulysses_pack_qkv`: ``q, k, v`` ``[B, L, H, D]`` (any strides with ``D`` contiguous, e.g.
   slices of a fused QKV projection) -> the flat send buffer, rank-major, rank ``j``'s block
   ``[3, B, L, heads[j], D]`` holding heads ``[start_j, start_j + heads[j])`` of q, k and v.
+* :func:`ulysses_place_gathered`: what the input exchange delivered, ``[U, 3, B, L, h, D]``, plus
+  this rank's heads of the joint (text) rows -> the query buffer ``[B, J + U*L, h, D]`` and the
+  K/V buffer ``[2, B, Jk + U*L, h, D]`` attention reads (joint rows first).
 * :func:`ulysses_unpack_out`: the flat receive buffer of the output exchange, source-rank-major,
   rank ``j``'s block ``[B, J + L, heads[j], D]`` (its J joint rows first) -> ``[B, J + L, H, D]``
   with the joint rows in front or behind.
@@ -26,10 +29,15 @@ from xdit_ops.ops._lib import lib
 
 PACK = "ulysses_pack_qkv"
 UNPACK = "ulysses_unpack_out"
+PLACE = "ulysses_place_gathered"
 
 lib.define(f"{PACK}(Tensor q, Tensor k, Tensor v, int[] heads) -> Tensor")
 lib.define(
     f"{UNPACK}(Tensor recv, int[] heads, int B, int J, int L, bool joint_front) -> Tensor"
+)
+lib.define(
+    f"{PLACE}(Tensor recv, int U, int B, int L, int h, Tensor? q_j, Tensor? k_j, Tensor? v_j, "
+    "int head_start, bool joint_kv) -> (Tensor, Tensor)"
 )
 
 
@@ -76,6 +84,40 @@ def check_unpack(recv: torch.Tensor, heads: Sequence[int], B: int, J: int, L: in
     return recv.numel() // row
 
 
+def check_place(recv, U, B, L, h, q_j, k_j, v_j, head_start) -> tuple[int, int]:
+    """Checks the arguments; returns (D, J)."""
+    if recv.dim() != 1 or not recv.is_contiguous():
+        raise ValueError(f"{PLACE}: recv must be a flat contiguous buffer, got shape "
+                         f"{tuple(recv.shape)}, strides {tuple(recv.stride())}")
+    if U < 1 or B < 0 or L < 0 or h < 1:
+        raise ValueError(f"{PLACE}: need U >= 1, B >= 0, L >= 0, h >= 1, got U={U} B={B} L={L} "
+                         f"h={h}")
+    row = U * 3 * B * L * h
+    if row == 0 or recv.numel() % row != 0:
+        raise ValueError(f"{PLACE}: recv has {recv.numel()} elements, not a multiple of "
+                         f"U * 3 * B * L * h = {row}")
+    D = recv.numel() // row
+    joint = (q_j, k_j, v_j)
+    if any(t is None for t in joint):
+        if any(t is not None for t in joint):
+            raise ValueError(f"{PLACE}: pass all of q_j, k_j, v_j or none")
+        return D, 0
+    if q_j.dim() != 4 or q_j.shape[0] != B or q_j.shape[3] != D:
+        raise ValueError(f"{PLACE}: q_j must be [B, J, H, D] = [{B}, J, H, {D}], got "
+                         f"{tuple(q_j.shape)}")
+    if head_start < 0 or head_start + h > q_j.shape[2]:
+        raise ValueError(f"{PLACE}: heads [{head_start}, {head_start + h}) are outside the "
+                         f"{q_j.shape[2]} joint heads")
+    for i, t in enumerate(joint):
+        if t.shape != q_j.shape or t.dtype != recv.dtype or t.device != recv.device:
+            raise ValueError(f"{PLACE}: joint tensor {i} is {tuple(t.shape)} {t.dtype} on "
+                             f"{t.device}; need {tuple(q_j.shape)} {recv.dtype} on {recv.device}")
+        if D > 1 and t.stride(-1) != 1:
+            raise ValueError(f"{PLACE}: head_dim of joint tensor {i} must be contiguous, got "
+                             f"strides {tuple(t.stride())}")
+    return D, q_j.shape[1]
+
+
 def _pack_cpu(q, k, v, heads):
     """Reference: each rank's block is the stack of its head slice of q, k, v (``_ulysses_in``)."""
     check_pack(q, k, v, heads)
@@ -97,7 +139,26 @@ def _unpack_cpu(recv, heads, B, J, L, joint_front):
     return full.contiguous()
 
 
+def _place_cpu(recv, U, B, L, h, q_j, k_j, v_j, head_start, joint_kv):
+    """Reference: the copies of ``usp_attention._place_gathered``."""
+    D, J = check_place(recv, U, B, L, h, q_j, k_j, v_j, head_start)
+    Jk = J if joint_kv else 0
+    hs = slice(head_start, head_start + h)
+    g = recv.view(U, 3, B, L, h, D).permute(1, 2, 0, 3, 4, 5)  # [3, B, U, L, h, D]
+    qbuf = recv.new_empty(B, J + U * L, h, D)
+    qbuf[:, J:].view(B, U, L, h, D).copy_(g[0])
+    kv = recv.new_empty(2, B, Jk + U * L, h, D)
+    kv[:, :, Jk:].view(2, B, U, L, h, D).copy_(g[1:])
+    if J:
+        qbuf[:, :J] = q_j[:, :, hs]
+    if Jk:
+        kv[0, :, :Jk] = k_j[:, :, hs]
+        kv[1, :, :Jk] = v_j[:, :, hs]
+    return qbuf, kv
+
+
 lib.impl(PACK, _pack_cpu, "CPU")
+lib.impl(PLACE, _place_cpu, "CPU")
 lib.impl(UNPACK, _unpack_cpu, "CPU")
 
 
@@ -113,10 +174,17 @@ def _unpack_fake(recv, heads, B, J, L, joint_front):
     return recv.new_empty((B, J + L, sum(heads), D))
 
 
+@torch.library.register_fake(f"xdit_ops::{PLACE}")
+def _place_fake(recv, U, B, L, h, q_j, k_j, v_j, head_start, joint_kv):
+    D, J = check_place(recv, U, B, L, h, q_j, k_j, v_j, head_start)
+    Jk = J if joint_kv else 0
+    return recv.new_empty((B, J + U * L, h, D)), recv.new_empty((2, B, Jk + U * L, h, D))
+
+
 def _register_cuda_fallback() -> None:
     """Without the native kernels (module absent, disabled, or built before these sources),
     CUDA tensors take the references: the same copies as several torch kernels."""
-    for op, fn in ((PACK, _pack_cpu), (UNPACK, _unpack_cpu)):
+    for op, fn in ((PACK, _pack_cpu), (UNPACK, _unpack_cpu), (PLACE, _place_cpu)):
         if not torch._C._dispatch_has_kernel_for_dispatch_key(f"xdit_ops::{op}", "CUDA"):
             lib.impl(op, fn, "CUDA")
 
@@ -162,3 +230,30 @@ def ulysses_unpack_out(recv: torch.Tensor, heads: Sequence[int], B: int, J: int,
     Contiguous ``[B, J + L, H, D]`` of recv's dtype, ``H = sum(heads)``.
     """
     return torch.ops.xdit_ops.ulysses_unpack_out.default(recv, list(heads), B, J, L, joint_front)
+
+
+def ulysses_place_gathered(
+    recv: torch.Tensor, U: int, B: int, L: int, h: int, q_j: torch.Tensor | None,
+    k_j: torch.Tensor | None, v_j: torch.Tensor | None, head_start: int, joint_kv: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Build attention's query and K/V buffers from the received Q/K/V, in one kernel.
+
+    Parameters
+    ----------
+    recv : flat contiguous buffer of the input exchange, ``[U, 3, B, L, h, D]`` (source rank
+        major: the gathered sequence in shard order; q, k, v), ``D = recv.numel() / (3*U*B*L*h)``.
+    U, B, L, h : Ulysses ranks, batch, local sequence rows, this rank's head count.
+    q_j, k_j, v_j : the joint (text) rows ``[B, J, H, D]`` of every head (any strides, ``D``
+        contiguous), or all None when there are none (J = 0).
+    head_start : this rank's first head: it takes heads ``[head_start, head_start + h)`` of the
+        joint rows.
+    joint_kv : the joint K/V rows go in front of the K/V buffer (``Jk = J``); False leaves them
+        out (``Jk = 0``) for a caller that attends to them as a partial of their own.
+
+    Returns
+    -------
+    qbuf : ``[B, J + U*L, h, D]``, joint rows first, then the gathered sequence.
+    kv : ``[2, B, Jk + U*L, h, D]`` (K, V), joint rows first when ``joint_kv``.
+    """
+    return torch.ops.xdit_ops.ulysses_place_gathered.default(
+        recv, U, B, L, h, q_j, k_j, v_j, head_start, joint_kv)

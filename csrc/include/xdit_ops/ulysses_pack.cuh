@@ -3,6 +3,7 @@
 //
 //   pack:   q, k, v [B, L, H, D] (strided) -> for rank j: [3, B, L, heads_j, D], rank-major
 //   unpack: for rank j: [B, J + L, heads_j, D], rank-major -> [B, J + L, H, D] contiguous
+//   place:  received [U, 3, B, L, h, D] + joint rows -> q [B, J + U*L, h, D], kv [2, B, ...]
 //
 // Both iterate over "rows" (pack: (t, b, l) with t in q/k/v; unpack: output rows (b, r)) and,
 // within a row, over (head g, vector c). A row of the BSHD side is H * D contiguous-ish
@@ -45,6 +46,17 @@ struct UlyssesUnpackArgs {
   int64_t joint, seq;  // J, L
   bool joint_front;
   HeadSplit split;
+};
+
+struct UlyssesPlaceArgs {
+  const void* recv;
+  const void* joint_src[3];
+  int64_t stride_b[3], stride_s[3], stride_h[3];  // vectors
+  int64_t joint_head_start;
+  void* qbuf;
+  void* kv;
+  int64_t ranks, batch, seq, heads, dv, joint, joint_kv;
+  int span;
 };
 
 // table[2g] = base_g, table[2g + 1] = row_stride_g (see the header comment).
@@ -118,6 +130,53 @@ __global__ void ulysses_unpack_kernel(UlyssesUnpackArgs a) {
     for (int i = lane; i < per_row; i += s.span) {
       const int g = i / dv, c = i - g * dv;
       dst[i] = recv[table[2 * g] + src_row * table[2 * g + 1] + c];
+    }
+  }
+}
+
+// Rows of the two outputs in order: qbuf's B * (J + U*L), then kv's 2 * B * (Jk + U*L). A row
+// is the h heads of one token; its source is either one joint row of q/k/v (strided, heads from
+// joint_head_start) or one received row, [u, t, b, l] of recv, whose h * D elements are
+// contiguous.
+template <typename Vec>
+__global__ void ulysses_place_kernel(UlyssesPlaceArgs a) {
+  const int rows_per_step = blockDim.x / a.span;
+  const int lane = threadIdx.x % a.span;
+  const int per_row = static_cast<int>(a.heads * a.dv), dv = static_cast<int>(a.dv);
+  const int64_t gathered = a.ranks * a.seq;
+  const int64_t q_rows = a.batch * (a.joint + gathered);
+  const int64_t kv_rows = a.batch * (a.joint_kv + gathered);  // per tensor
+  const int64_t num_rows = q_rows + 2 * kv_rows;
+  const Vec* recv = static_cast<const Vec*>(a.recv);
+  for (int64_t row = (int64_t)blockIdx.x * rows_per_step + threadIdx.x / a.span; row < num_rows;
+       row += (int64_t)gridDim.x * rows_per_step) {
+    int t = 0;
+    int64_t rem = row, joint = a.joint;
+    Vec* dst = static_cast<Vec*>(a.qbuf) + row * per_row;
+    if (row >= q_rows) {
+      rem = row - q_rows;
+      dst = static_cast<Vec*>(a.kv) + rem * per_row;
+      t = rem < kv_rows ? 1 : 2;
+      rem -= (t - 1) * kv_rows;
+      joint = a.joint_kv;
+    }
+    const int64_t rows_per_b = joint + gathered;
+    const int64_t b = rem / rows_per_b, r = rem - b * rows_per_b;
+    const Vec* src;
+    int64_t sh;
+    if (r < joint) {
+      sh = pick3(t, a.stride_h[0], a.stride_h[1], a.stride_h[2]);
+      src = static_cast<const Vec*>(pick3(t, a.joint_src[0], a.joint_src[1], a.joint_src[2])) +
+            b * pick3(t, a.stride_b[0], a.stride_b[1], a.stride_b[2]) +
+            r * pick3(t, a.stride_s[0], a.stride_s[1], a.stride_s[2]) + a.joint_head_start * sh;
+    } else {
+      const int64_t u = (r - joint) / a.seq, l = r - joint - u * a.seq;
+      sh = dv;
+      src = recv + (((u * 3 + t) * a.batch + b) * a.seq + l) * per_row;
+    }
+    for (int i = lane; i < per_row; i += a.span) {
+      const int g = i / dv, c = i - g * dv;
+      dst[i] = src[g * sh + c];
     }
   }
 }

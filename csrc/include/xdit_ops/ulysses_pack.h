@@ -36,10 +36,27 @@ struct UlyssesUnpackParams {
   int head_start[kMaxUlyssesRanks + 1];
 };
 
+struct UlyssesPlaceParams {
+  // Received Q/K/V of the input exchange: contiguous [U, 3, B, L, h, D] (source rank major).
+  const void* recv;
+  // Joint rows of q, k, v: [B, J, H_all, D], any strides with the head_dim stride 1; this
+  // rank's h heads start at joint_head_start. Not read when joint == 0.
+  const void* joint_src[3];
+  int64_t joint_stride_b[3], joint_stride_s[3], joint_stride_h[3];
+  int64_t joint_head_start;
+  // Results, contiguous: qbuf [B, J + U*L, h, D] and kv [2, B, Jk + U*L, h, D], joint rows
+  // first (Jk is J or 0: joint K/V inline or handled apart).
+  void* qbuf;
+  void* kv;
+  int64_t ranks, batch, seq, heads, head_dim, joint, joint_kv;  // U, B, L, h, D, J, Jk
+};
+
 // Launch on `stream`; return the launch error (never synchronise). elem_size: bytes per element.
 cudaError_t ulysses_pack_qkv(const UlyssesPackParams& params, int elem_size, int num_sms,
                              cudaStream_t stream);
 cudaError_t ulysses_unpack_out(const UlyssesUnpackParams& params, int elem_size, int num_sms,
                                cudaStream_t stream);
+cudaError_t ulysses_place_gathered(const UlyssesPlaceParams& params, int elem_size, int num_sms,
+                                   cudaStream_t stream);
 
 }  // namespace xdit_ops
