@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -35,7 +36,7 @@ from benchmarks.common import (  # noqa: E402
     print_table,
     write_json,
 )
-from xdit_ops.ops.usp_attention import _pipelined_chunks  # noqa: E402
+from xdit_ops.ops.usp_attention import _ce_chunks, _pipelined_chunks  # noqa: E402
 from xdit_ops.reference import attention_ref  # noqa: E402
 
 SHAPES = [(1, 4608, 24, 128), (1, 16896, 24, 128), (1, 32760, 40, 128)]
@@ -83,6 +84,10 @@ def main() -> None:
     add_common_args(p)
     p.add_argument("--no-yunchang", action="store_true")
     p.add_argument("--shapes", default="all", help="'all' or indices, e.g. 0,2")
+    p.add_argument("--configs", default="all",
+                   help="'all' or names: ulysses, ulysses-c2, ulysses-c3 (NCCL all-to-all, "
+                        "pipelined over N head chunks), ulysses-ce[-cN] (copy engines over "
+                        "symmetric memory), ring, ring-nccl, hybrid")
     args = p.parse_args()
     warmup, iters, rounds = iters_of(args)
 
@@ -92,9 +97,13 @@ def main() -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     shapes = SHAPES if args.shapes == "all" else [SHAPES[int(i)] for i in args.shapes.split(",")]
     configs = [("ulysses", world, 1), ("ulysses-c2", world, 1), ("ulysses-c3", world, 1),
+               ("ulysses-ce", world, 1), ("ulysses-ce-c1", world, 1), ("ulysses-ce-c2", world, 1),
                ("ring", 1, world), ("ring-nccl", 1, world)]
     if world >= 4 and world % 2 == 0:
         configs += [("hybrid", 2, world // 2)]
+    if args.configs != "all":
+        want = args.configs.split(",")
+        configs = [c for c in configs if c[0] in want]
     dtype = torch.bfloat16
     rows = []
     for B, S, H, D in shapes:
@@ -118,10 +127,14 @@ def main() -> None:
         for name, u, r in configs:
             # default ring transport: copy engine over symmetric memory; "-nccl": NCCL P2P
             os.environ["XDIT_OPS_USP_RING"] = "nccl" if name.endswith("-nccl") else "ce"
-            # "-cN": pipelined Ulysses with N head chunks (falls back to 1 when heads don't split)
-            chunks = int(name.split("-c")[1]) if "-c" in name and name[-1].isdigit() else 1
+            # "-ce": the Ulysses exchange over the copy engines (default: its own chunking);
+            # "-cN": N head chunks (falls back to 1 when heads don't split)
+            ce = "-ce" in name
+            os.environ["XDIT_OPS_USP_ULYSSES"] = "ce" if ce else "nccl"
+            m = re.search(r"-c(\d+)$", name)
+            chunks = int(m.group(1)) if m else (0 if ce else 1)
             os.environ["XDIT_OPS_USP_CHUNKS"] = str(chunks)
-            chunks_used = _pipelined_chunks(H, u, r)
+            chunks_used = _ce_chunks(H // u) if ce else _pipelined_chunks(H, u, r)
             xdit_ops.init_parallel(ulysses_degree=u, ring_degree=r)
             shards = [xdit_ops.shard_sequence(t)[0] for t in (q, k, v)]
             def ours(shards=shards, S=S):

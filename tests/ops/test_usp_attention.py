@@ -345,6 +345,13 @@ def _worker_gpu(rank, world):
             _run_case(case, u, r, seed=31 * i + 5, device="cuda")
         _run_shard_lengths(u, r, seed=3 * u + r, device="cuda", dtype=torch.bfloat16, L=300,
                            J=77, D=128)
+        if r == 1:  # the copy-engine Ulysses exchange too (the default is NCCL's all-to-all)
+            os.environ["XDIT_OPS_USP_ULYSSES"] = "ce"
+            try:
+                for i, case in enumerate(GPU_CASES):
+                    _run_case(case, u, r, seed=41 * i + 3, device="cuda")
+            finally:
+                del os.environ["XDIT_OPS_USP_ULYSSES"]
         if r > 1:  # the NCCL ring too (the default is the copy-engine ring)
             os.environ["XDIT_OPS_USP_RING"] = "nccl"
             try:
@@ -361,9 +368,11 @@ def test_usp_gpu_matches_single_device(world):
     run_distributed(_worker_gpu, world, timeout=200, backend="nccl")
 
 
-def _worker_gpu_graph(rank, world):
+def _worker_gpu_graph(rank, world, ulysses_ce=False):
     """CUDA-graph capture and replay of the op gives the eager result."""
-    u = 2 if world % 2 == 0 else 1
+    u = world if ulysses_ce else 2 if world % 2 == 0 else 1
+    if ulysses_ce:
+        os.environ["XDIT_OPS_USP_ULYSSES"] = "ce"
     xdit_ops.init_parallel(ulysses_degree=u, ring_degree=world // u)
     q, k, v = (randn(1, 1024, 8, 64, seed=s, dtype=torch.bfloat16, device="cuda")
                for s in (1, 2, 3))
@@ -383,5 +392,6 @@ def _worker_gpu_graph(rank, world):
 
 
 @pytest.mark.multigpu(4)
-def test_usp_gpu_cuda_graph():
-    run_distributed(_worker_gpu_graph, 4, timeout=300, backend="nccl")
+@pytest.mark.parametrize("ulysses_ce", [False, True])
+def test_usp_gpu_cuda_graph(ulysses_ce):
+    run_distributed(_worker_gpu_graph, 4, ulysses_ce, timeout=150, backend="nccl")

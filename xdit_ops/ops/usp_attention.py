@@ -381,11 +381,137 @@ def _ring_buffers(group: dist.ProcessGroup, shape: tuple, dtype: torch.dtype,
     return _RING_BUFFERS[key]
 
 
-def _side_stream(device: torch.device) -> torch.cuda.Stream:
+def _side_stream(device: torch.device, which: int = 0) -> torch.cuda.Stream:
     idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SIDE_STREAMS:
-        _SIDE_STREAMS[idx] = torch.cuda.Stream(device=idx)
-    return _SIDE_STREAMS[idx]
+    if (idx, which) not in _SIDE_STREAMS:
+        _SIDE_STREAMS[(idx, which)] = torch.cuda.Stream(device=idx)
+    return _SIDE_STREAMS[(idx, which)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Ulysses over the copy engines (XDIT_OPS_USP_ULYSSES=ce)
+
+_SYMM: dict[tuple, tuple[torch.Tensor, object]] = {}
+
+
+def ulysses_transport(device: torch.device) -> str:
+    """How the Ulysses exchange moves: ``nccl`` (all-to-all kernels; default) or ``ce`` (every
+    rank pulls its pieces from the peers' symmetric-memory buffers with device-to-device copies
+    on the copy engines, per head chunk, overlapped with the attention of the chunk before)."""
+    choice = os.environ.get("XDIT_OPS_USP_ULYSSES", "nccl")
+    if choice not in ("nccl", "ce"):
+        raise ValueError(f"{OP}: XDIT_OPS_USP_ULYSSES must be 'nccl' or 'ce', got {choice!r}")
+    return choice if device.type == "cuda" else "nccl"
+
+
+def _symm_buffer(group: dist.ProcessGroup, tag: str, shape: tuple, dtype: torch.dtype,
+                 device: torch.device):
+    """A symmetric-memory buffer (peer-mapped on every rank of ``group``), one per key; the
+    rendezvous is collective, so it happens on the first call with a shape, never in a graph."""
+    key = (group.group_name, tag, shape, dtype, device)
+    if key not in _SYMM:
+        import warnings
+
+        import torch.distributed._symmetric_memory as symm_mem
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            symm_mem.enable_symm_mem_for_group(group.group_name)
+        buf = symm_mem.empty(shape, dtype=dtype, device=device)
+        _SYMM[key] = (buf, symm_mem.rendezvous(buf, group.group_name))
+    return _SYMM[key]
+
+
+def _ce_chunks(h: int) -> int:
+    c = int(os.environ.get("XDIT_OPS_USP_CHUNKS", "0"))
+    if c <= 0:  # default: 3 or 2 head chunks when they divide, so two thirds / half is hidden
+        c = 3 if h % 3 == 0 else 2 if h % 2 == 0 else 1
+    return c if h % c == 0 else 1
+
+
+def _ulysses_ce(q_s, k_s, v_s, q_j, k_j, v_j, J, Jk, joint_front, heads, u_rank, ug, attend):
+    """Ulysses with the copy engines: [B, L, H, D] x3 -> ([B, J + L, H, D], lse [B, h, J + U*L]).
+
+    Every rank packs Q, K, V once into its symmetric send buffer ``[C, U(dst), 3, B, L, hc, D]``
+    (C head chunks of hc heads); after a device barrier, one side stream per peer pulls chunk
+    by chunk what that peer packed for this rank, while the compute stream attends the chunks
+    already here. Each chunk's output is written into the symmetric output buffer
+    ``[C, U(dst), B, J + L, hc, D]`` (joint rows to every rank); after a barrier per chunk the
+    peers pull their rows. A last barrier, which the compute stream waits for, marks both
+    buffers free for the next call. No SM does any of the moving.
+    """
+    B, L, H, D = q_s.shape
+    U = len(heads)
+    h = heads[0]
+    C = _ce_chunks(h)
+    hc = h // C
+    dev = q_s.device
+    dt = q_s.dtype
+    send, hin = _symm_buffer(ug, "ulysses_in", (C, U, 3, B, L, hc, D), dt, dev)
+    osym, hout = _symm_buffer(ug, "ulysses_out", (C, U, B, J + L, hc, D), dt, dev)
+    compute = torch.cuda.current_stream(dev)
+    peers = [p for p in range(U) if p != u_rank]
+    sides = [_side_stream(dev, 1 + i) for i in range(len(peers))]
+    s0 = sides[0]
+    # Pack: [B, L, (U, C, hc), D] -> [C, U, B, L, hc, D] for q, k and v.
+    for i, t in enumerate((q_s, k_s, v_s)):
+        send[:, :, i].copy_(t.reshape(B, L, U, C, hc, D).permute(3, 2, 0, 1, 4, 5))
+    s0.wait_stream(compute)
+    with torch.cuda.stream(s0):
+        hin.barrier(channel=0)  # every rank's pack is in place
+    recv = q_s.new_empty(C, U, 3, B, L, hc, D)
+    chunk_in = 3 * B * L * hc * D
+    arrived = []
+    for s in sides[1:]:
+        s.wait_stream(s0)
+    for c in range(C):
+        evs = []
+        for p, s in zip(peers, sides, strict=True):
+            with torch.cuda.stream(s):
+                src = hin.get_buffer(p, (3, B, L, hc, D), dt, (c * U + u_rank) * chunk_in)
+                recv[c, p].copy_(src)
+                evs.append(torch.cuda.Event())
+                evs[-1].record(s)
+        arrived.append(evs)
+    recv[:, u_rank].copy_(send[:, u_rank])
+    chunk_out = B * (J + L) * hc * D
+    out_recv = q_s.new_empty(C, U, B, J + L, hc, D)
+    h0 = u_rank * h
+    lses = []
+    for c in range(C):
+        for ev in arrived[c]:
+            compute.wait_event(ev)
+        g = recv[c].permute(1, 2, 0, 3, 4, 5)  # [3, B, U, L, hc, D]
+        hs = slice(h0 + c * hc, h0 + (c + 1) * hc)
+        o, lse = attend(*_place_gathered(g, q_j, k_j, v_j, hs, J, Jk))
+        lses.append(lse)
+        if J:
+            osym[c, :, :, :J] = o[:, :J].unsqueeze(0)
+        osym[c, :, :, J:] = o[:, J:].reshape(B, U, L, hc, D).permute(1, 0, 2, 3, 4)
+        s0.wait_stream(compute)
+        with torch.cuda.stream(s0):
+            hout.barrier(channel=0)  # chunk c's output is in every rank's buffer
+        for p, s in zip(peers, sides, strict=True):
+            if s is not s0:
+                s.wait_stream(s0)
+            with torch.cuda.stream(s):
+                src = hout.get_buffer(p, (B, J + L, hc, D), dt, (c * U + u_rank) * chunk_out)
+                out_recv[c, p].copy_(src)
+    out_recv[:, u_rank].copy_(osym[:, u_rank])
+    for s in sides[1:]:
+        s0.wait_stream(s)
+    with torch.cuda.stream(s0):
+        hin.barrier(channel=0)  # every pull of this call is done: the buffers are free
+    compute.wait_stream(s0)
+    out = q_s.new_empty(B, J + L, H, D)
+    src = out_recv.permute(2, 3, 1, 0, 4, 5)  # [B, J+L, U, C, hc, D]
+    dst = out.view(B, J + L, U, C, hc, D)
+    if joint_front or not J:
+        dst.copy_(src)
+    else:
+        dst[:, L:].copy_(src[:, :J])
+        dst[:, :L].copy_(src[:, J:])
+    return out, torch.cat(lses, dim=1) if C > 1 else lses[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -584,6 +710,11 @@ def _usp_impl(q, k, v, joint_lengths, joint_tokens, joint_front, seq_len, scale,
         else:  # rows were [joint; seq]: put the joint rows back behind
             out = torch.cat([out_h[:, J:], out_h[:, :J]], dim=1)
             lse = torch.cat([lse_h[:, :, J:], lse_h[:, :, :J]], dim=2) if return_lse else None
+    elif (not squeeze and R == 1 and ulysses_transport(q.device) == "ce"
+          and all(x == heads[0] for x in heads)):
+        out, lse_h = _ulysses_ce(q_s, k_s, v_s, q_j, k_j, v_j, J, Jk, joint_front, heads, u_rank,
+                                 ug, attend)
+        lse = _lse_out(lse_h, J, L, heads, u_rank, ug, joint_front, H) if return_lse else None
     elif not squeeze and (chunks := _pipelined_chunks(H, U, R)) > 1:
         out, lse_h = _ulysses_pipelined(q_s, k_s, v_s, q_j, k_j, v_j, J, Jk, joint_front, heads,
                                         u_rank, ug, chunks, attend)
