@@ -143,7 +143,8 @@ void test_unpack(int64_t B, int64_t J, int64_t L, int64_t D, const std::vector<i
         const int64_t r = joint_front ? rr : (rr < J ? L + rr : rr - J);
         for (int64_t g = 0; g < hj; ++g)
           for (int64_t d = 0; d < D; ++d)
-            want[((b * R + r) * H + st[j] + g) * D + d] = recv[off + ((b * R + rr) * hj + g) * D + d];
+            want[((b * R + r) * H + st[j] + g) * D + d] =
+                recv[off + ((b * R + rr) * hj + g) * D + d];
       }
   }
   expect_equal(to_host(static_cast<const T*>(a_out), want.size()), want, "unpack");

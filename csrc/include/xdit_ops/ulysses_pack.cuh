@@ -6,10 +6,10 @@
 //   place:  received [U, 3, B, L, h, D] + joint rows -> q [B, J + U*L, h, D], kv [2, B, ...]
 //
 // Both iterate over "rows" (pack: (t, b, l) with t in q/k/v; unpack: output rows (b, r)) and,
-// within a row, over (head g, vector c). A row of the BSHD side is H * D contiguous-ish
-// elements; in the rank-major buffer the heads of rank j sit at
-//     base_g + row * row_stride_g,   base_g = rows_per_block * D * head_start_j + (g - start_j) * D,
-//                                    row_stride_g = heads_j * D,
+// within a row, over (head g, vector c). A row of the BSHD side is H runs of D elements; in the
+// rank-major buffer head g of rank j (heads [start_j, start_j + heads_j)) sits at
+//     base_g + row * row_stride_g,  base_g = rows_per_block * D * start_j + (g - start_j) * D,
+//                                   row_stride_g = heads_j * D,
 // so each block builds that per-head table in shared memory once and every copy is two loads
 // of it and a multiply-add. Units below are vectors of the width the launcher chose; a vector
 // never straddles a head because D (in bytes) is a multiple of the width.
