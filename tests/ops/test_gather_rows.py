@@ -175,16 +175,21 @@ def _check_cuda_equals_cpu(sources, index, fill, *, device_index=True):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize(
-    ("width", "narrow_at"),
-    # row bytes (fp32): 256 -> 16-byte vectors; 37 columns -> 4/2/8-byte elements; a narrow at
-    # an odd row of a 24-column bf16 tensor leaves 16-byte rows on an 8-byte-aligned start.
-    [(64, 2), (37, 2), (24, 1), (1, 3), (520, 0)],
+    ("width", "col_offset", "row_offset"),
+    # Sources are views [..., row_offset:row_offset + h, col_offset:col_offset + width] of
+    # contiguous tensors (read in place). 64 columns: 16-byte accesses; 37: odd rows (2/4/8-byte
+    # elements); 32 columns 4 in: rows of 64+ bytes on a start and stride that are only 8 (bf16,
+    # fp16) or 16 bytes aligned; 1 column; 520 columns: many vectors per row.
+    [(64, 0, 2), (37, 0, 1), (32, 4, 3), (1, 0, 3), (520, 0, 0)],
 )
-def test_gpu_matches_cpu_exactly(dtype, width, narrow_at):
+def test_gpu_matches_cpu_exactly(dtype, width, col_offset, row_offset):
     _native()
-    bases = [randn(2, 3, h + 4, width, dtype=dtype, device="cuda", seed=h) for h in (5, 9, 2)]
-    sources = [b.narrow(-2, narrow_at, b.shape[-2] - 4) for b in bases]
-    index = random_index((5, 9, 2), 40, seed=width)
+    heights = (5, 9, 2)
+    bases = [randn(2, 3, h + 4, width + col_offset, dtype=dtype, device="cuda", seed=h)
+             for h in heights]
+    sources = [b[..., row_offset:row_offset + h, col_offset:] for b, h in zip(bases, heights,
+                                                                           strict=True)]
+    index = random_index(heights, 40, seed=width)
     _check_cuda_equals_cpu(sources, index, -1.25)
     _check_cuda_equals_cpu(sources, index.long(), 0.5, device_index=False)
 
