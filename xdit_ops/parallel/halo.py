@@ -289,6 +289,7 @@ def halo_conv(
     *,
     fill: float = 0.0,
     chunk_bytes: int = 256 << 20,
+    assemble_bytes: int = 0,
 ) -> tuple[torch.Tensor, BandLayout]:
     """Convolve this rank's band exactly as the full tensor would be convolved along H.
 
@@ -306,6 +307,10 @@ def halo_conv(
     fill : the value of padded rows in ``constant`` mode (0 for ``zeros``).
     chunk_bytes : the rows needing no halo are convolved in slabs of about this many input bytes
         when the band cannot be convolved whole (below).
+    assemble_bytes : a band of at most this many bytes is convolved in one call on the slab
+        ``[halo above; band; halo below]``, built by one ``gather_rows`` once the halo is here
+        (one copy of the band, no boundary recompute: the fewest launches, for small bands whose
+        convolutions are launch-bound). Default 0: never.
 
     Notes
     -----
@@ -349,9 +354,16 @@ def halo_conv(
             out = y.new_empty(shape)
         out.narrow(-2, o_lo - plan.out_begin, y.shape[-2]).copy_(y)
 
+    n_out = plan.out_end - plan.out_begin
+    if n_out > 0 and x.numel() * x.element_size() <= assemble_bytes:
+        for w in works:
+            w.wait()
+        lo, _ = geom.window(plan.out_begin)
+        _, hi = geom.window(plan.out_end - 1)
+        return conv_fn(_assemble(x, first, lo, hi, layout.total, geom, received, fill),
+                       0), plan.out_layout
     # 2. Interior rows, while the halo travels.
     i0, i1 = plan.interior
-    n_out = plan.out_end - plan.out_begin
     whole = None
     if n_out > 0:
         top = first - geom.window(plan.out_begin)[0]

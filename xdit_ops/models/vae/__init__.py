@@ -68,6 +68,7 @@ def parallelize_vae(
     group: dist.ProcessGroup | str | None = None,
     output: Literal["all", "rank0"] = "all",
     conv_chunk_mb: int = 256,
+    halo_assemble_mb: int = 64,
 ) -> nn.Module:
     """Make ``vae.decode`` / ``vae.encode`` run on row bands across the ranks of a group.
 
@@ -93,6 +94,12 @@ def parallelize_vae(
         latent distribution on every rank.
     conv_chunk_mb : rows that need no halo are convolved in slabs of about this many MB of input
         (bounds the temporary memory of one convolution).
+    halo_assemble_mb : a band of input up to this many MB is convolved in one call on
+        ``[halo; band; halo]`` gathered by one native kernel once the halo has arrived (one copy
+        of the band: the fewest kernel launches, for the many small convolutions of a video
+        VAE that are launch-bound). Larger bands are convolved in place while the halo travels,
+        with zeros standing in for it, and only the boundary rows are recomputed (no copy).
+        0: always the latter.
 
     Returns
     -------
@@ -116,6 +123,7 @@ def parallelize_vae(
     walk_and_patch(vae)
     vae._xdit_band_group = g
     chunk = int(conv_chunk_mb) << 20
+    assemble = int(halo_assemble_mb) << 20
     world = dist.get_world_size(g)
     rank = dist.get_rank(g)
     name = type(vae).__name__
@@ -140,7 +148,7 @@ def parallelize_vae(
                 f"{OP}: {name}.{what}: a latent of {latent_rows} rows cannot give each of "
                 f"{world} ranks a band; use fewer ranks or a taller input"
             )
-        return BandContext(g, balanced_sizes(latent_rows, world), chunk)
+        return BandContext(g, balanced_sizes(latent_rows, world), chunk, assemble)
 
     def band(x: torch.Tensor, ctx: BandContext, scale: int) -> torch.Tensor:
         lo = ctx_start(ctx) * scale

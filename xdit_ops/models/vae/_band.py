@@ -26,7 +26,8 @@ SCORE_BYTES = 1 << 30  # attention query chunks keep a [chunk, S] fp32 score mat
 class BandContext:
     """The band group and the latent split of one decode/encode call."""
 
-    def __init__(self, group: dist.ProcessGroup, base: tuple[int, ...], chunk_bytes: int):
+    def __init__(self, group: dist.ProcessGroup, base: tuple[int, ...], chunk_bytes: int,
+                 assemble_bytes: int = 0):
         self.group = group
         self.rank = dist.get_rank(group)
         self.world = dist.get_world_size(group)
@@ -35,6 +36,7 @@ class BandContext:
         self.base = base
         self.base_total = sum(base)
         self.chunk_bytes = chunk_bytes
+        self.assemble_bytes = assemble_bytes
         self._layouts: dict[int, BandLayout] = {}
 
     def layout(self, h: int, where: str) -> BandLayout:
@@ -147,7 +149,8 @@ def band_conv(
 
     geom = ConvRows(module.kernel_size[-2], stride[-2], dilation[-2], pad_h[0], pad_h[1], mode)
     layout = ctx.layout(x.shape[-2], where)
-    y, out_layout = halo_conv(x, layout, geom, conv_fn, ctx.group, chunk_bytes=ctx.chunk_bytes)
+    y, out_layout = halo_conv(x, layout, geom, conv_fn, ctx.group, chunk_bytes=ctx.chunk_bytes,
+                              assemble_bytes=ctx.assemble_bytes)
     ctx.check_proportional(out_layout, where)
     return y
 
