@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
+from xdit_ops.ops import ulysses_pack as _ulysses_pack  # noqa: F401  (registers the pack ops)
 from xdit_ops.ops._lib import lib
 from xdit_ops.ops.attention import BACKENDS, check_inputs
 from xdit_ops.ops.merge_attention_states import MAX_PARTIALS
@@ -185,35 +186,22 @@ def _masked_joint_attention(q, kj, vj, joint_lengths, scale, backend):
 
 
 def _ulysses_in(q_s, k_s, v_s, heads, u_rank, ug):
-    """All-to-all of Q, K, V together: [B, L, H, D] x3 -> a [3, B, U, L, h_me, D] view of what
-    arrived (source rank U-major: the gathered sequence in shard order)."""
+    """All-to-all of Q, K, V together: [B, L, H, D] x3 -> the flat receive buffer
+    ``[U(src), 3, B, L, h_me, D]`` (the gathered sequence in shard order).
+
+    The send buffer is packed by one native kernel (``ulysses_pack_qkv``: any input strides,
+    uneven heads) and one ``all_to_all_single`` moves all three tensors."""
     B, L, H, D = q_s.shape
     U = len(heads)
     h_me = heads[u_rank]
-    starts = [sum(heads[:i]) for i in range(U)]
-    if all(h == heads[0] for h in heads):
-        h = heads[0]
-        # [U, 3, B, L, h, D] in one copy: each destination's chunk is contiguous.
-        send = torch.stack([t.reshape(B, L, U, h, D).permute(2, 0, 1, 3, 4)
-                            for t in (q_s, k_s, v_s)], dim=1)
-        in_splits = None
-    else:
-        send = q_s.new_empty(3 * B * L * H * D)
-        off = 0
-        for j in range(U):
-            n = 3 * B * L * heads[j] * D
-            view = send[off:off + n].view(3, B, L, heads[j], D)
-            for i, t in enumerate((q_s, k_s, v_s)):
-                view[i].copy_(t[:, :, starts[j]:starts[j] + heads[j]])
-            off += n
-        in_splits = [3 * B * L * hj * D for hj in heads]
+    send = torch.ops.xdit_ops.ulysses_pack_qkv.default(q_s, k_s, v_s, list(heads))
+    even = all(h == heads[0] for h in heads)
     recv = q_s.new_empty(U * 3 * B * L * h_me * D)
     dist.all_to_all_single(
-        recv, send.reshape(-1), output_split_sizes=None if in_splits is None else
-        [3 * B * L * h_me * D] * U, input_split_sizes=in_splits, group=ug,
+        recv, send, output_split_sizes=None if even else [3 * B * L * h_me * D] * U,
+        input_split_sizes=None if even else [3 * B * L * hj * D for hj in heads], group=ug,
     )
-    # [U(src), 3, B, L, h, D] -> [3, B, U, L, h, D]
-    return recv.view(U, 3, B, L, h_me, D).permute(1, 2, 0, 3, 4, 5)
+    return recv
 
 
 def _place_gathered(g, q_j, k_j, v_j, hs, J, Jk):
@@ -299,40 +287,21 @@ def _ulysses_out(o_h, J, L, heads, u_rank, ug, joint_front, H):
     B, _, h_me, D = o_h.shape
     U = len(heads)
     # Send to each peer its L rows plus the joint rows (every rank needs all joint heads).
-    send = o_h.new_empty(U, B, J + L, h_me, D)
-    if J:
-        send[:, :, :J] = o_h[:, :J].unsqueeze(0)
-    send[:, :, J:] = o_h[:, J:].reshape(B, U, L, h_me, D).permute(1, 0, 2, 3, 4)
+    if J == 0 and B == 1 and o_h.is_contiguous():
+        send = o_h  # [1, U*L, h, D] is already [U, 1, L, h, D]: no copy
+    else:
+        send = o_h.new_empty(U, B, J + L, h_me, D)
+        if J:
+            send[:, :, :J] = o_h[:, :J].unsqueeze(0)
+        send[:, :, J:] = o_h[:, J:].reshape(B, U, L, h_me, D).permute(1, 0, 2, 3, 4)
     out_splits = [B * (J + L) * hj * D for hj in heads]
     recv = o_h.new_empty(sum(out_splits))
     even = all(h == heads[0] for h in heads)
     dist.all_to_all_single(recv, send.reshape(-1), output_split_sizes=None if even else
                            out_splits, input_split_sizes=None if even else
                            [B * (J + L) * h_me * D] * U, group=ug)
-    out = o_h.new_empty(B, J + L, H, D)
-    rows_joint = slice(0, J) if joint_front else slice(L, L + J)
-    rows_seq = slice(J, J + L) if joint_front else slice(0, L)
-    if even:
-        h = heads[0]
-        src = recv.view(U, B, J + L, h, D).permute(1, 2, 0, 3, 4)  # [B, J+L, U, h, D]
-        dst = out.view(B, J + L, U, h, D)
-        if joint_front or not J:
-            dst.copy_(src)
-        else:
-            dst[:, rows_joint].copy_(src[:, :J])
-            dst[:, rows_seq].copy_(src[:, J:])
-        return out
-    off = 0
-    start = 0
-    for hi in heads:
-        n = B * (J + L) * hi * D
-        piece = recv[off:off + n].view(B, J + L, hi, D)
-        if J:
-            out[:, rows_joint, start:start + hi] = piece[:, :J]
-        out[:, rows_seq, start:start + hi] = piece[:, J:]
-        off += n
-        start += hi
-    return out
+    # One kernel (a torch reference on CPU): heads interleaved back, joint rows front or back.
+    return torch.ops.xdit_ops.ulysses_unpack_out.default(recv, list(heads), B, J, L, joint_front)
 
 
 def _lse_out(lse_h, J, L, heads, u_rank, ug, joint_front, H):
@@ -721,9 +690,12 @@ def _usp_impl(q, k, v, joint_lengths, joint_tokens, joint_front, seq_len, scale,
         lse = _lse_out(lse_h, J, L, heads, u_rank, ug, joint_front, H) if return_lse else None
     else:
         h_me = heads[u_rank]
-        gathered = _ulysses_in(q_s, k_s, v_s, heads, u_rank, ug)  # [3, B, U, L, h, D]
+        recv = _ulysses_in(q_s, k_s, v_s, heads, u_rank, ug)  # [U, 3, B, L, h, D], flat
         hs = slice(h0, h0 + h_me)
-        qbuf, kv, kj, vj = _place_gathered(gathered, q_j, k_j, v_j, hs, J, Jk)
+        qbuf, kv = torch.ops.xdit_ops.ulysses_place_gathered.default(
+            recv, U, B, L, h_me, q_j if J else None, k_j if J else None, v_j if J else None,
+            h0, Jk > 0)
+        kj, vj = (k_j[:, :, hs], v_j[:, :, hs]) if J and not Jk else (None, None)
         if squeeze:
             kv = squeezed(kv)
         out_h, lse_h = attend(qbuf, kv, kj, vj)
