@@ -586,12 +586,13 @@ def test_triton_attention_kernel_compiles_for_sm90a(DP, tmp_path):
 
     names = ["Q8", "QSCALE", "K8", "KSCALE", "VT8", "VSCALE", "LSECORR", "OUT", "LSE",
              "stride_ob", "stride_os", "stride_oh", "H", "Sq", "Sk", "Sk_pad",
-             "D", "DP", "BLOCK_M", "BLOCK_N", "RETURN_LSE"]
+             "D", "DP", "BLOCK_M", "BLOCK_N", "RETURN_LSE", "TWO_LEVEL", "FOLD_SCALES"]
     types = ["*i8", "*fp32", "*i8", "*fp32", "*fp8e4nv", "*fp32", "*fp32", "*bf16", "*fp32"] + \
-        ["i32"] * 7 + ["constexpr"] * 5
+        ["i32"] * 7 + ["constexpr"] * 7
     k = _compile_sm90(kernels.attn_fwd_kernel, dict(zip(names, types, strict=True)),
                       {"D": DP, "DP": DP, "BLOCK_M": 128, "BLOCK_N": SCHEME.block_n,
-                       "RETURN_LSE": True}, num_warps=8)
+                       "RETURN_LSE": True, "TWO_LEVEL": True, "FOLD_SCALES": False},
+                      num_warps=8)
     ptx = k.asm["ptx"]
     assert "wgmma.mma_async.sync.aligned.m64n64k32.s32.s8.s8" in ptx or \
         "wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8" in ptx
@@ -617,3 +618,98 @@ def test_triton_quantize_kernel_compiles_for_sm90a(tmp_path):
                       num_warps=8)
     assert "wgmma.mma_async" in k.asm["ptx"] and "cvt.rn.satfinite.e4m3x2.f32" in k.asm["ptx"]
     assert _ptxas_spills(k.asm["ptx"], tmp_path) == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch configurations of the Triton attention kernel (xdit_ops.triton.fp8_attention.AttnConfig,
+# XDIT_OPS_FP8_TRITON_CONFIG): a non-default config in the interpreter against the emulation of
+# its own scheme, 128-key tiles whose last one reaches past the 64-padded buffers (Sk = 130,
+# 300) and in-place accumulation; the environment override takes the same path.
+
+_CONFIG_CHECK = textwrap.dedent("""
+    import os
+
+    import numpy as np
+    import torch
+    import triton.language as tl
+    from triton._C.libtriton import ir
+    from triton.runtime.interpreter import _convert_float
+
+    from xdit_ops.reference.fp8_attention import (
+        attention_error_metrics, dit_like_qkv, fp8_attention_quantized_ref, quantize_qkv_ref)
+    from xdit_ops.triton.fp8_attention import (
+        CONFIG_ENV, INTERPRET, AttnConfig, attention_quantized_triton, config_scheme)
+
+    assert INTERPRET
+    torch.set_num_threads(1)
+
+    def icast(x):
+        c = _convert_float(x.float().contiguous().numpy(), tl.float32, tl.float8e4nv,
+                           ir.ROUNDING_MODE.RTNE)
+        return torch.from_numpy(c.astype(np.uint8)).view(torch.float8_e4m3fn)
+
+    cases = [((1, 80, 130, 2, 64), AttnConfig(64, 128, 4, 1)),
+             ((1, 50, 300, 1, 128), AttnConfig(32, 128, 4, 1, two_level=False)),
+             ((1, 40, 200, 1, 64), AttnConfig(32, 64, 4, 1, fold_scales=True))]
+    for (B, Sq, Sk, H, D), cfg in cases:
+        q, k, v = dit_like_qkv(B, max(Sq, Sk), H, D, seed=Sk, dtype=torch.float16)
+        qq = quantize_qkv_ref(q[:, :Sq], k[:, :Sk], v[:, :Sk], fp8_cast=icast)
+        out, lse = attention_quantized_triton(qq, torch.float16, config=cfg)
+        assert out.shape == (B, Sq, H, D) and torch.isfinite(out).all()
+        ref_out, ref_lse = fp8_attention_quantized_ref(qq, torch.float16, config_scheme(cfg),
+                                                       fp8_cast=icast)
+        m = attention_error_metrics(out, ref_out)
+        # fold_scales rounds the scores differently (a P code may move one e4m3 step).
+        assert m["rel_l1"] < (2e-3 if cfg.fold_scales else 1e-4), (cfg, m)
+        assert (lse - ref_lse).abs().max() < (1e-3 if cfg.fold_scales else 1e-4), cfg
+        os.environ[CONFIG_ENV] = str(cfg)
+        out2, lse2 = attention_quantized_triton(qq, torch.float16)
+        del os.environ[CONFIG_ENV]
+        assert torch.equal(out2, out) and torch.equal(lse2, lse), cfg
+    print("configs ok")
+""")
+
+
+def test_triton_attention_configs_in_the_cpu_interpreter():
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    env.pop("XDIT_OPS_FP8_TRITON_CONFIG", None)
+    res = subprocess.run([sys.executable, "-c", _CONFIG_CHECK], env=env, capture_output=True,
+                         text=True, timeout=240)
+    assert res.returncode == 0 and "configs ok" in res.stdout, res.stdout + res.stderr
+
+
+def test_triton_config_table_and_env(monkeypatch):
+    pytest.importorskip("triton")
+    from xdit_ops.triton.fp8_attention import (
+        CONFIG_ENV,
+        DEFAULT_CONFIGS,
+        INTERPRET,
+        INTERPRET_CONFIG,
+        AttnConfig,
+        attn_config,
+        config_scheme,
+        parse_config,
+    )
+
+    monkeypatch.delenv(CONFIG_ENV, raising=False)
+    assert set(DEFAULT_CONFIGS) == {64, 128}
+    assert attn_config(128) == (INTERPRET_CONFIG if INTERPRET else DEFAULT_CONFIGS[128])
+    # The defaults compute the op's scheme (the CPU kernel's emulation).
+    assert all(config_scheme(c) == SCHEME for c in DEFAULT_CONFIGS.values())
+    assert parse_config("128,64,8,3") == AttnConfig(128, 64, 8, 3, True, False)
+    assert parse_config(" 128, 128,8,2,0") == AttnConfig(128, 128, 8, 2, False, False)
+    assert parse_config("128,64,8,3,1,1") == AttnConfig(128, 64, 8, 3, True, True)
+    assert str(parse_config("64,128,4,3,0")) == "64,128,4,3,0,0"
+    assert config_scheme(AttnConfig(128, 128, 8, 2, False)) == scheme_variant(
+        block_n=128, two_level=False)
+    monkeypatch.setenv(CONFIG_ENV, "64,128,4,2")
+    assert attn_config(64) == attn_config(128) == AttnConfig(64, 128, 4, 2, True)
+    for bad, what in [("128,64,8", "must be BLOCK_M"), ("128,x,8,3", "must be BLOCK_M"),
+                      ("128,48,8,3", "bad BLOCK_N"), ("96,64,8,3", "bad BLOCK_M"),
+                      ("128,64,6,3", "bad num_warps"), ("128,64,8,0", "bad num_stages"),
+                      ("128,64,8,3,2", "bad two_level"), ("128,64,8,3,1,5", "bad fold_scales"),
+                      ("128,64,8,3,1,0,1", "must be BLOCK_M")]:
+        monkeypatch.setenv(CONFIG_ENV, bad)
+        with pytest.raises(ValueError, match=f"fp8_attention: {CONFIG_ENV}=.*{what}"):
+            attn_config(128)

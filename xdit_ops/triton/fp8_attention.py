@@ -17,6 +17,8 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+from dataclasses import replace
+from typing import NamedTuple
 
 import torch
 import triton
@@ -26,6 +28,7 @@ from xdit_ops.reference.fp8_attention import (
     FP8,
     LOG2E,
     SCHEME,
+    Fp8AttentionScheme,
     QuantizedQKV,
     hadamard_matrix,
     pad_to,
@@ -33,25 +36,101 @@ from xdit_ops.reference.fp8_attention import (
 )
 from xdit_ops.triton.kernels import fp8_attention as kernels
 
-BLOCK_N = SCHEME.block_n  # the numerics depend on it: the emulation uses the same tile
 QUANT_BLOCK_S = 64
 STATS_BLOCK_S = 64
 STATS_TARGET_CHUNKS = 32
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+CONFIG_ENV = "XDIT_OPS_FP8_TRITON_CONFIG"
 
-# Attention tile configs tried by the autotuner (BLOCK_N is fixed by the numerics). Read off
-# ptxas -v for sm_90a (Triton 3.8): BLOCK_N = 128 spills 0.7-1 KB per thread at head dim 128,
-# BLOCK_N = 64 with BLOCK_M = 128 over 8 warps spills 4 bytes (128) and none (64).
-_ATTN_CONFIGS = [
-    triton.Config({"BLOCK_M": 128}, num_warps=8, num_stages=2),
-    triton.Config({"BLOCK_M": 128}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 128}, num_warps=8, num_stages=4),
-    triton.Config({"BLOCK_M": 64}, num_warps=4, num_stages=3),
-]
-_attn_kernel = (
-    kernels.attn_fwd_kernel if INTERPRET
-    else triton.autotune(_ATTN_CONFIGS, key=["DP", "RETURN_LSE"])(kernels.attn_fwd_kernel)
-)
+
+class AttnConfig(NamedTuple):
+    """Launch configuration of ``attn_fwd_kernel``.
+
+    block_m : query rows per program (64 per warpgroup is what one wgmma covers).
+    block_n : keys per tile. Part of the numerics: P is rounded relative to the running max of
+        the tiles, so the kernel matches the emulation run with ``block_n`` (see
+        :func:`config_scheme`); the op's scheme uses 64.
+    num_warps, num_stages : Triton launch options (num_stages software-pipelines the key loop).
+    two_level : flush each tile's P.V into the fp32 accumulator (the scheme); False accumulates
+        in place in the tensor core (the scheme with ``two_level=False``).
+    fold_scales : fewer fp32 operations per score (the K scale in one FMA with the int32 ->
+        fp32 conversion, the Q scale in the exponent's FMA); rounds differently from the
+        emulation (a small drift, measured by benchmarks/tune_fp8_attention.py).
+    """
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    two_level: bool = True
+    fold_scales: bool = False
+
+    def __str__(self) -> str:
+        return (f"{self.block_m},{self.block_n},{self.num_warps},{self.num_stages},"
+                f"{int(self.two_level)},{int(self.fold_scales)}")
+
+    def as_list(self) -> list[int]:
+        return [self.block_m, self.block_n, self.num_warps, self.num_stages,
+                int(self.two_level), int(self.fold_scales)]
+
+
+# The attention kernel's configuration per padded head dim (64, 128), used unless
+# XDIT_OPS_FP8_TRITON_CONFIG overrides it. Update from benchmarks/tune_fp8_attention.py.
+# Measured so far (H100, run 4): an autotuner over 128x64 tiles (8 warps, 2-4 stages) and
+# 64x64 (4 warps) gave 456-459 TFLOPS at head dim 128; which config it chose was not recorded.
+DEFAULT_CONFIGS: dict[int, AttnConfig] = {
+    64: AttnConfig(128, 64, 8, 3),
+    128: AttnConfig(128, 64, 8, 3),
+}
+# Triton's CPU interpreter: smaller tiles run faster there (CI).
+INTERPRET_CONFIG = AttnConfig(64, 64, 4, 1)
+
+
+def parse_config(text: str) -> AttnConfig:
+    """``"BLOCK_M,BLOCK_N,num_warps,num_stages[,two_level[,fold_scales]]"`` (e.g.
+    ``"128,64,8,3"``; the flags 0 or 1, default 1 and 0) -> :class:`AttnConfig`, validated."""
+    try:
+        vals = [int(x) for x in text.split(",")]
+    except ValueError:
+        vals = []
+    if len(vals) not in (4, 5, 6):
+        raise ValueError(f"fp8_attention: {CONFIG_ENV}={text!r} must be BLOCK_M,BLOCK_N,"
+                         "num_warps,num_stages[,two_level[,fold_scales]] (integers)")
+    flags = vals[4:] + [1, 0][len(vals) - 4:]
+    cfg = AttnConfig(*vals[:4], two_level=bool(flags[0]), fold_scales=bool(flags[1]))
+
+    def pow2(n: int) -> bool:
+        return n > 0 and n & (n - 1) == 0
+
+    # 16 rows is the smallest tl.dot tile; FP8/INT8 tensor-core products step over 32 keys.
+    bad = [name for name, ok in [
+        ("BLOCK_M", pow2(cfg.block_m) and 16 <= cfg.block_m <= 256),
+        ("BLOCK_N", pow2(cfg.block_n) and 32 <= cfg.block_n <= 256),
+        ("num_warps", pow2(cfg.num_warps) and cfg.num_warps <= 16),
+        ("num_stages", 1 <= cfg.num_stages <= 8),
+        ("two_level", flags[0] in (0, 1)),
+        ("fold_scales", flags[1] in (0, 1)),
+    ] if not ok]
+    if bad:
+        raise ValueError(f"fp8_attention: {CONFIG_ENV}={text!r}: bad {', '.join(bad)} "
+                         "(BLOCK_M 16-256 and BLOCK_N 32-256 powers of two, num_warps a power "
+                         "of two <= 16, num_stages 1-8, flags 0 or 1)")
+    return cfg
+
+
+def attn_config(dp: int) -> AttnConfig:
+    """The attention kernel's configuration at padded head dim ``dp``: the environment's
+    :data:`CONFIG_ENV` (read per call), else the interpreter's or :data:`DEFAULT_CONFIGS`."""
+    text = os.environ.get(CONFIG_ENV)
+    if text:
+        return parse_config(text)
+    return INTERPRET_CONFIG if INTERPRET else DEFAULT_CONFIGS[dp]
+
+
+def config_scheme(cfg: AttnConfig) -> Fp8AttentionScheme:
+    """The scheme whose emulation (``fp8_attention_quantized_ref``) a config computes (up to
+    the rounding of ``fold_scales``)."""
+    return replace(SCHEME, block_n=cfg.block_n, two_level=cfg.two_level)
 
 
 def _launch(kernel, grid, *args, **kwargs) -> None:
@@ -66,7 +145,7 @@ def _quantize(q, k, v, had, scale):
     B, Sq, H, D = q.shape
     Sk = k.shape[1]
     DP = had.shape[0]
-    Sk_pad = pad_to(max(Sk, 1), BLOCK_N)
+    Sk_pad = pad_to(max(Sk, 1), SCHEME.block_n)  # the QuantizedQKV layout
     dev = q.device
     tokens_per_chunk = max(STATS_BLOCK_S,
                            pad_to(triton.cdiv(max(Sk, 1), STATS_TARGET_CHUNKS), STATS_BLOCK_S))
@@ -104,25 +183,21 @@ def _quantize(q, k, v, had, scale):
 
 
 def _attention(q8, q_scale, k8, k_scale, vt8, v_scale, lse_corr, seqlen_k, head_dim,
-               out_dtype_like, return_lse):
+               out_dtype_like, return_lse, config):
     B, H, Sq, DP = q8.shape
     Sk_pad = k8.shape[2]
+    cfg = AttnConfig(*config[:4], two_level=bool(config[4]), fold_scales=bool(config[5]))
     out = torch.empty(B, Sq, H, head_dim, device=q8.device, dtype=out_dtype_like.dtype)
     lse = torch.empty(B, H, Sq if return_lse else 0, device=q8.device, dtype=torch.float32)
-    if INTERPRET:
-        grid = (triton.cdiv(Sq, 64), B * H)
-        extra = {"BLOCK_M": 64, "num_warps": 4}
-    else:
-        def grid(meta):
-            return (triton.cdiv(Sq, meta["BLOCK_M"]), B * H)
-        extra = {}
     # Without the LSE the kernel never touches its pointer; pass a live buffer all the same
     # (Triton's launcher validates every pointer, and an empty tensor's may be null).
-    _launch(_attn_kernel, grid,
+    _launch(kernels.attn_fwd_kernel, (triton.cdiv(Sq, cfg.block_m), B * H),
             q8, q_scale, k8, k_scale, vt8, v_scale, lse_corr, out, lse if return_lse else q_scale,
             out.stride(0), out.stride(1), out.stride(2),
             H, Sq, seqlen_k, Sk_pad,
-            D=head_dim, DP=DP, BLOCK_N=BLOCK_N, RETURN_LSE=return_lse, **extra)
+            D=head_dim, DP=DP, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            RETURN_LSE=return_lse, TWO_LEVEL=cfg.two_level, FOLD_SCALES=cfg.fold_scales,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out, lse
 
 
@@ -139,12 +214,13 @@ def fp8_quantize_triton(
 def fp8_attention_fwd_triton(
     q8: torch.Tensor, q_scale: torch.Tensor, k8: torch.Tensor, k_scale: torch.Tensor,
     vt8: torch.Tensor, v_scale: torch.Tensor, lse_corr: torch.Tensor, seqlen_k: int,
-    head_dim: int, out_dtype_like: torch.Tensor, return_lse: bool,
+    head_dim: int, out_dtype_like: torch.Tensor, return_lse: bool, config: list[int],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The attention kernel on quantized inputs; out [B, Sq, H, head_dim] in
-    ``out_dtype_like.dtype``, lse [B, H, Sq] fp32 (empty [B, H, 0] unless ``return_lse``)."""
+    ``out_dtype_like.dtype``, lse [B, H, Sq] fp32 (empty [B, H, 0] unless ``return_lse``).
+    ``config``: :meth:`AttnConfig.as_list`."""
     return _attention(q8, q_scale, k8, k_scale, vt8, v_scale, lse_corr, seqlen_k, head_dim,
-                      out_dtype_like, return_lse)
+                      out_dtype_like, return_lse, config)
 
 
 def _on_device(device: torch.device):
@@ -177,13 +253,19 @@ def quantize_qkv_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 def attention_quantized_triton(qq: QuantizedQKV, out_dtype: torch.dtype,
-                               return_lse: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """The attention kernel in Triton on :class:`QuantizedQKV`: (out BSHD, lse [B, H, Sq])."""
+                               return_lse: bool = True, config: AttnConfig | None = None
+                               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attention kernel in Triton on :class:`QuantizedQKV`: (out BSHD, lse [B, H, Sq]).
+
+    ``config`` defaults to :func:`attn_config` of the padded head dim; the result is the
+    emulation of :func:`config_scheme` (config) (the op's scheme for the default table).
+    """
+    cfg = attn_config(qq.q.shape[-1]) if config is None else config
     like = qq.q_scale.new_empty(0, dtype=out_dtype)
     fn = _attention if INTERPRET else fp8_attention_fwd_triton
     with _on_device(qq.q.device):
         return fn(qq.q, qq.q_scale, qq.k, qq.k_scale, qq.vt, qq.v_scale, qq.lse_corr,
-                  qq.seqlen_k, qq.head_dim, like, return_lse)
+                  qq.seqlen_k, qq.head_dim, like, return_lse, cfg.as_list())
 
 
 def fp8_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -11,8 +11,10 @@ the same fp32 order, so the CPU emulation is their oracle:
   mean, INT8-quantizes Q and K per token, writes the LSE correction, FP8-quantizes V per
   channel and writes it transposed (keys contiguous: the K-major B operand of the FP8 P.V).
 * ``attn_fwd_kernel``: INT8 Q K^T (exact int32), online softmax in fp32 base 2 over key
-  tiles of BLOCK_N = 64, P = exp2(s - m + 8) cast to e4m3, P.V on the FP8 tensor cores from a
-  zero accumulator per tile, added to the fp32 output accumulator (two-level accumulation).
+  tiles of BLOCK_N keys (the scheme's ``block_n``, 64, unless a config says otherwise), P =
+  exp2(s - m + 8) cast to e4m3, P.V on the FP8 tensor cores from a zero accumulator per tile,
+  added to the fp32 output accumulator (two-level accumulation; ``TWO_LEVEL=False``
+  accumulates in place instead, the scheme with ``two_level=False``).
 """
 
 from __future__ import annotations
@@ -167,27 +169,66 @@ def quantize_kernel(
 @triton.jit
 def _attn_tile(
     acc, l_i, m_i, q8, qs, k_base, ks_base, vt_base, start_n, Sk, Sk_pad,
-    DP: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
+    DP: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr, TWO_LEVEL: tl.constexpr,
+    FOLD_SCALES: tl.constexpr,
 ):
     # Addresses are rebuilt from scalar bases in every tile: loop-carried [DP, BLOCK_N] pointer
     # tensors would hold two registers per element for the whole loop and spill.
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, DP)
-    k8 = tl.load(k_base + offs_n[None, :] * DP + offs_d[:, None])  # [DP, BLOCK_N]: K^T
-    ks = tl.load(ks_base + offs_n)
-    s_i = tl.dot(q8, k8, out_dtype=tl.int32)
-    s = (s_i + MAGIC_I).to(tl.float32, bitcast=True) - MAGIC_F
-    s = s * ks[None, :]
-    s = s * qs[:, None]
     if MASK:
-        s = tl.where((offs_n < Sk)[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - (m_new - P_SHIFT)[:, None])
+        # The last tile: Sk_pad is a multiple of the scheme's 64-key tile, not of BLOCK_N, so
+        # a 128-key tile may reach past the buffers; masked keys load zero codes and scales.
+        n_ok = offs_n < Sk
+        k8 = tl.load(k_base + offs_n[None, :] * DP + offs_d[:, None], mask=n_ok[None, :],
+                     other=0)
+        ks = tl.load(ks_base + offs_n, mask=n_ok, other=0.0)
+    else:
+        k8 = tl.load(k_base + offs_n[None, :] * DP + offs_d[:, None])  # [DP, BLOCK_N]: K^T
+        ks = tl.load(ks_base + offs_n)
+    s_i = tl.dot(q8, k8, out_dtype=tl.int32)
+    bits = (s_i + MAGIC_I).to(tl.float32, bitcast=True)  # 1.5 * 2^23 + s_i, exact
+    if FOLD_SCALES:
+        # Fewer fp32 operations per score (the softmax, not the tensor cores, bounds this
+        # kernel): t = s_i * ks as one FMA with the per-key constant -1.5 * 2^23 * ks (rounded:
+        # ~0.5 ks absolute, next to |s_i| up to 2^21), the row max taken on t and qs applied
+        # inside the exponent's FMA. Not the emulation's rounding order: drift is measured.
+        t = tl.fma(bits, ks[None, :], -(ks * MAGIC_F)[None, :])
+        if MASK:
+            t_max = tl.max(tl.where(n_ok[None, :], t, float("-inf")), axis=1)
+            t_min = tl.min(tl.where(n_ok[None, :], t, float("inf")), axis=1)
+        else:
+            t_max = tl.max(t, axis=1)
+            t_min = tl.min(t, axis=1)
+        # qs < 0 only for a negative softmax scale; then the row max of t * qs is qs * min(t).
+        m_new = tl.maximum(m_i, tl.where(qs >= 0, qs * t_max, qs * t_min))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(tl.fma(t, qs[:, None], -(m_new - P_SHIFT)[:, None]))
+        if MASK:
+            p = tl.where(n_ok[None, :], p, 0.0)
+    else:
+        s = (bits - MAGIC_F) * ks[None, :]
+        s = s * qs[:, None]
+        if MASK:
+            s = tl.where(n_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - (m_new - P_SHIFT)[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    v8 = tl.load(vt_base + offs_d[None, :] * Sk_pad + offs_n[:, None])  # [BLOCK_N, DP]
-    pv = tl.dot(p.to(tl.float8e4nv, fp_downcast_rounding="rtne"), v8, out_dtype=tl.float32)
-    acc = acc * alpha[:, None] + pv
+    if MASK:
+        v8 = tl.load(vt_base + offs_d[None, :] * Sk_pad + offs_n[:, None], mask=n_ok[:, None],
+                     other=0.0)
+    else:
+        v8 = tl.load(vt_base + offs_d[None, :] * Sk_pad + offs_n[:, None])  # [BLOCK_N, DP]
+    p8 = p.to(tl.float8e4nv, fp_downcast_rounding="rtne")
+    if TWO_LEVEL:
+        # The tile's products start from zero in the tensor core's accumulator (fewer bits
+        # than fp32 for FP8 inputs) and reach the fp32 accumulator after <= BLOCK_N of them.
+        acc = acc * alpha[:, None] + tl.dot(p8, v8, out_dtype=tl.float32)
+    else:
+        # In place: no second [BLOCK_M, DP] fp32 tile live (64 registers a thread at head dim
+        # 128 over 8 warps), at the price of accumulating every key in the tensor core.
+        acc = tl.dot(p8, v8, acc * alpha[:, None], out_dtype=tl.float32)
     return acc, l_i, m_new
 
 
@@ -197,9 +238,14 @@ def attn_fwd_kernel(
     stride_ob, stride_os, stride_oh,
     H, Sq, Sk, Sk_pad,
     D: tl.constexpr, DP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    RETURN_LSE: tl.constexpr,
+    RETURN_LSE: tl.constexpr, TWO_LEVEL: tl.constexpr = True,
+    FOLD_SCALES: tl.constexpr = False,
 ):
-    """Grid (cdiv(Sq, BLOCK_M), B * H). OUT: [B, Sq, H, D] (any strides), LSE: [B, H, Sq]."""
+    """Grid (cdiv(Sq, BLOCK_M), B * H). OUT: [B, Sq, H, D] (any strides), LSE: [B, H, Sq].
+
+    BLOCK_N is part of the numerics (see module docstring); any power of two >= 32 works with
+    Sk_pad a multiple of 64. The key loop is software-pipelined over the launch's num_stages.
+    """
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)  # offsets below can pass 2^31 at long sequences
     b = bh // H
@@ -218,12 +264,12 @@ def attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, DP], dtype=tl.float32)
     n_full = (Sk // BLOCK_N) * BLOCK_N
-    for start_n in range(0, n_full, BLOCK_N):
+    for start_n in tl.range(0, n_full, BLOCK_N):
         acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q8, qs, k_base, ks_base, vt_base, start_n, Sk,
-                                   Sk_pad, DP, BLOCK_N, False)
+                                   Sk_pad, DP, BLOCK_N, False, TWO_LEVEL, FOLD_SCALES)
     if n_full < Sk:
         acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q8, qs, k_base, ks_base, vt_base, n_full, Sk,
-                                   Sk_pad, DP, BLOCK_N, True)
+                                   Sk_pad, DP, BLOCK_N, True, TWO_LEVEL, FOLD_SCALES)
 
     vs = tl.load(VSCALE + bh * DP + offs_d)
     out = acc / l_i[:, None] * vs[None, :]
