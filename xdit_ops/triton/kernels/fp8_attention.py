@@ -14,7 +14,9 @@ the same fp32 order, so the CPU emulation is their oracle:
   tiles of BLOCK_N keys (the scheme's ``block_n``, 64, unless a config says otherwise), P =
   exp2(s - m + 8) cast to e4m3, P.V on the FP8 tensor cores from a zero accumulator per tile,
   added to the fp32 output accumulator (two-level accumulation; ``TWO_LEVEL=False``
-  accumulates in place instead, the scheme with ``two_level=False``).
+  accumulates in place instead, the scheme with ``two_level=False``). ``FOLD_SCALES=True``
+  applies the K and Q scales inside FMAs (fewer fp32 operations, another rounding order than
+  the emulation's). Launch configurations: ``AttnConfig`` in the launcher module.
 """
 
 from __future__ import annotations
