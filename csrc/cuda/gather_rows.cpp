@@ -1,5 +1,7 @@
 // Torch-aware launcher of xdit_ops::gather_rows (schema in xdit_ops/ops/gather_rows.py).
-// Errors raise the Python exception types of the CPU reference: ValueError for shapes and
+// Errors here are RuntimeErrors naming the op and the value (the typed TORCH_CHECK_INDEX/TYPE/
+// VALUE variants crashed the process on the GPU machine, torch 2.11); the Python wrapper checks
+// first and raises the CPU reference's types: ValueError for shapes and
 // devices, TypeError for dtypes, IndexError for out-of-range host-side index entries.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -50,7 +52,7 @@ void encode_fill(double fill, at::ScalarType dtype, uint32_t pattern[4]) {
       break;
     }
     default:
-      TORCH_CHECK_TYPE(false, kOp, ": unsupported dtype ", dtype,
+      TORCH_CHECK(false, kOp, ": unsupported dtype ", dtype,
                        " (float64, float32, float16, bfloat16 only)");
   }
   std::memcpy(pattern, bytes, sizeof(bytes));
@@ -64,10 +66,10 @@ void check_host_index(const at::Tensor& index, at::TensorList sources) {
   for (int64_t i = 0; i < n; ++i) {
     const int64_t s = idx[2 * i], r = idx[2 * i + 1];
     if (s < 0) continue;
-    TORCH_CHECK_INDEX(s < static_cast<int64_t>(sources.size()), kOp, ": index row ", i,
+    TORCH_CHECK(s < static_cast<int64_t>(sources.size()), kOp, ": index row ", i,
                       " names source ", s, " but there are ", sources.size(), " sources");
     const int64_t h = sources[s].size(-2);
-    TORCH_CHECK_INDEX(r >= 0 && r < h, kOp, ": index row ", i, " reads row ", r, " of source ",
+    TORCH_CHECK(r >= 0 && r < h, kOp, ": index row ", i, " reads row ", r, " of source ",
                       s, ", which has ", h, " rows");
   }
 }
@@ -75,30 +77,30 @@ void check_host_index(const at::Tensor& index, at::TensorList sources) {
 }  // namespace
 
 at::Tensor gather_rows_cuda(at::TensorList sources, const at::Tensor& index, double fill) {
-  TORCH_CHECK_VALUE(!sources.empty(), kOp, ": needs at least one source");
-  TORCH_CHECK_VALUE(sources.size() <= static_cast<size_t>(kGatherRowsMaxSources), kOp,
+  TORCH_CHECK(!sources.empty(), kOp, ": needs at least one source");
+  TORCH_CHECK(sources.size() <= static_cast<size_t>(kGatherRowsMaxSources), kOp,
                     ": at most ", kGatherRowsMaxSources, " sources, got ", sources.size());
   const at::Tensor& s0 = sources[0];
-  TORCH_CHECK_VALUE(s0.dim() >= 2, kOp, ": sources must be [..., h, W], got ", s0.sizes());
-  TORCH_CHECK_VALUE(s0.is_cuda(), kOp, ": source 0 is on ", s0.device(), ", not a CUDA device");
+  TORCH_CHECK(s0.dim() >= 2, kOp, ": sources must be [..., h, W], got ", s0.sizes());
+  TORCH_CHECK(s0.is_cuda(), kOp, ": source 0 is on ", s0.device(), ", not a CUDA device");
   const at::IntArrayRef lead = s0.sizes().slice(0, s0.dim() - 2);
   const int64_t width = s0.size(-1);
   for (size_t k = 0; k < sources.size(); ++k) {
     const at::Tensor& s = sources[k];
-    TORCH_CHECK_VALUE(s.device() == s0.device(), kOp, ": source ", k, " is on ", s.device(),
+    TORCH_CHECK(s.device() == s0.device(), kOp, ": source ", k, " is on ", s.device(),
                       ", source 0 on ", s0.device());
-    TORCH_CHECK_TYPE(s.scalar_type() == s0.scalar_type(), kOp, ": source ", k, " is ",
+    TORCH_CHECK(s.scalar_type() == s0.scalar_type(), kOp, ": source ", k, " is ",
                      s.scalar_type(), ", source 0 is ", s0.scalar_type());
-    TORCH_CHECK_VALUE(
+    TORCH_CHECK(
         s.dim() == s0.dim() && s.sizes().slice(0, s.dim() - 2) == lead && s.size(-1) == width,
         kOp, ": source ", k, " ", s.sizes(), " does not match source 0 ", s0.sizes(),
         " outside dim -2");
   }
-  TORCH_CHECK_VALUE(index.dim() == 2 && index.size(1) == 2, kOp, ": index must be [n, 2], got ",
+  TORCH_CHECK(index.dim() == 2 && index.size(1) == 2, kOp, ": index must be [n, 2], got ",
                     index.sizes());
-  TORCH_CHECK_TYPE(index.scalar_type() == at::kInt || index.scalar_type() == at::kLong, kOp,
+  TORCH_CHECK(index.scalar_type() == at::kInt || index.scalar_type() == at::kLong, kOp,
                    ": index must be int32 or int64, got ", index.scalar_type());
-  TORCH_CHECK_VALUE(index.is_cpu() || index.device() == s0.device(), kOp, ": index is on ",
+  TORCH_CHECK(index.is_cpu() || index.device() == s0.device(), kOp, ": index is on ",
                     index.device(), ", sources on ", s0.device());
 
   GatherRowsParams p{};

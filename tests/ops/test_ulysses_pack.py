@@ -306,8 +306,8 @@ def test_gpu_pack_unaligned_and_mixed_strides():
     _native()
     heads, B, L, D = [5, 5, 4], 2, 33, 64
     H = sum(heads)
-    base = randn(B * L * H * D + 1, dtype=torch.bfloat16, device="cuda", seed=1)
-    q = base[1:].view(B, L, H, D)  # 2-byte aligned only
+    base = randn(B * L * H * D + 8, dtype=torch.bfloat16, device="cuda", seed=1)
+    q = base[1:1 + B * L * H * D].view(B, L, H, D)  # 2-byte aligned only
     k = randn(B, H, L, D, dtype=torch.bfloat16, device="cuda", seed=2).transpose(1, 2)
     v = randn(B, L, 3, H, D, dtype=torch.bfloat16, device="cuda", seed=3)[:, :, 1]
     want = ulysses_pack_qkv(q.cpu(), k.cpu(), v.cpu(), heads)

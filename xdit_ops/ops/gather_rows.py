@@ -134,4 +134,10 @@ def gather_rows(
     -------
     out : ``[..., n, W]``, contiguous, the sources' dtype and device.
     """
-    return torch.ops.xdit_ops.gather_rows.default(list(sources), index, fill)
+    sources = list(sources)
+    # Checked here for every device, so a bad call raises the reference's exception types
+    # before any native code runs (a device index's values are trusted, see above).
+    check_inputs(sources, index)
+    if index.device.type == "cpu":
+        check_index(sources, index)
+    return torch.ops.xdit_ops.gather_rows.default(sources, index, fill)

@@ -313,12 +313,14 @@ def _lse_out(lse_h, J, L, heads, u_rank, ug, joint_front, H):
 
 
 def ring_transport(device: torch.device) -> str:
-    """How K/V blocks travel around the ring: ``nccl`` (P2P send/recv kernels, any topology) or
-    ``ce`` (the copy engines pull the previous rank's block straight out of its symmetric-memory
-    buffer over NVLink, so the transfer takes no SMs from the attention). ``XDIT_OPS_USP_RING``
-    chooses; the default is ``ce`` on CUDA: on 4 H100s it ran the (1, 16896, 24, 128) ring in
-    1.99 ms against NCCL's 2.61 (benchmarks/results/2026-11-26-run2, docs/usp_attention.md)."""
-    choice = os.environ.get("XDIT_OPS_USP_RING", "ce")
+    """How K/V blocks travel around the ring: ``nccl`` (P2P send/recv kernels, any topology;
+    the default) or ``ce`` (opt-in: the copy engines pull the previous rank's block straight out
+    of its symmetric-memory buffer over NVLink, taking no SMs from the attention; on 4 H100s it
+    ran the (1, 16896, 24, 128) ring in 1.99 ms against NCCL's 2.61, run 2). ``ce`` is not the
+    default because the NCCL GPU test, which calls the op with several shapes in a row (a
+    symmetric buffer per shape), deadlocked with it on 2 GPUs (one rank's device-side barrier
+    never completed; runs 5-7), while the benchmarks completed. ``XDIT_OPS_USP_RING`` chooses."""
+    choice = os.environ.get("XDIT_OPS_USP_RING", "nccl")
     if choice not in ("nccl", "ce"):
         raise ValueError(f"{OP}: XDIT_OPS_USP_RING must be 'nccl' or 'ce', got {choice!r}")
     return choice if device.type == "cuda" else "nccl"
