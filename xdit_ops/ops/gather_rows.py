@@ -70,8 +70,8 @@ def gather_rows_ref(sources, index: torch.Tensor, fill: float = 0.0) -> torch.Te
     Works on any device (it is also the CUDA kernel when the native module is absent).
     """
     check_inputs(sources, index)
-    if index.device.type == "cpu":
-        check_index(sources, index)
+    if index.device.type == "cpu" and not torch.compiler.is_compiling():
+        check_index(sources, index)  # (traced: the kernels check a host index at run time)
     s0 = sources[0]
     out = s0.new_empty((*s0.shape[:-2], index.shape[0], s0.shape[-1]))
     idx = index.to(device=s0.device, dtype=torch.long)
@@ -138,6 +138,6 @@ def gather_rows(
     # Checked here for every device, so a bad call raises the reference's exception types
     # before any native code runs (a device index's values are trusted, see above).
     check_inputs(sources, index)
-    if index.device.type == "cpu":
-        check_index(sources, index)
+    if index.device.type == "cpu" and not torch.compiler.is_compiling():
+        check_index(sources, index)  # (traced: the kernels check a host index at run time)
     return torch.ops.xdit_ops.gather_rows.default(sources, index, fill)
