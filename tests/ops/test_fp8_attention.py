@@ -702,7 +702,13 @@ def test_triton_config_table_and_env(monkeypatch):
     assert set(DEFAULT_CONFIGS) == {64, 128}
     assert attn_config(128) == (INTERPRET_CONFIG if INTERPRET else DEFAULT_CONFIGS[128])
     # The defaults compute the op's scheme (the CPU kernel's emulation).
-    assert all(config_scheme(c) == SCHEME for c in DEFAULT_CONFIGS.values())
+    # The defaults compute the op's scheme up to the key-tile width (128-key tiles at head dim
+    # 128 since the run-7 sweep: P rounds against the running max per tile; the sweep checked
+    # that config against the op tests' bars and the gate on the GPU).
+    from dataclasses import replace as _replace
+
+    assert all(_replace(config_scheme(c), block_n=SCHEME.block_n) == SCHEME
+               for c in DEFAULT_CONFIGS.values())
     assert parse_config("128,64,8,3") == AttnConfig(128, 64, 8, 3, True, False)
     assert parse_config(" 128, 128,8,2,0") == AttnConfig(128, 128, 8, 2, False, False)
     assert parse_config("128,64,8,3,1,1") == AttnConfig(128, 64, 8, 3, True, True)
