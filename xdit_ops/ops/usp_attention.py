@@ -204,23 +204,33 @@ def _ulysses_in(q_s, k_s, v_s, heads, u_rank, ug):
     return recv
 
 
-def _place_gathered(g, q_j, k_j, v_j, hs, J, Jk):
-    """Received Q/K/V ``[3, B, U, L, h, D]`` plus this rank's joint heads ``hs`` -> the query
-    buffer ``[B, J + U*L, h, D]``, the K/V buffer ``[2, B, Jk + U*L, h, D]`` (joint tokens first:
-    key order does not matter, and query rows go back in place at the end) and the joint K/V
-    when they are a partial of their own (``Jk == 0 < J``), else ``(None, None)``."""
-    _, B, U, L, h, D = g.shape
-    qbuf = g.new_empty(B, J + U * L, h, D)
-    qbuf[:, J:].view(B, U, L, h, D).copy_(g[0])
-    kv = g.new_empty(2, B, Jk + U * L, h, D)
-    kv[:, :, Jk:].view(2, B, U, L, h, D).copy_(g[1:])
-    if J:
-        qbuf[:, :J] = q_j[:, :, hs]
-    if Jk:
-        kv[0, :, :Jk] = k_j[:, :, hs]
-        kv[1, :, :Jk] = v_j[:, :, hs]
+def _place(recv, U, B, L, h, q_j, k_j, v_j, h0, J, Jk):
+    """The received Q/K/V (flat ``[U, 3, B, L, h, D]``) plus this rank's heads ``[h0, h0 + h)``
+    of the joint rows -> the query buffer ``[B, J + U*L, h, D]`` and the K/V buffer
+    ``[2, B, Jk + U*L, h, D]`` (joint tokens first: key order does not matter, and query rows go
+    back in place at the end), built by one native kernel (``ulysses_place_gathered``); plus the
+    joint K/V when they are a partial of their own (``Jk == 0 < J``), else ``(None, None)``."""
+    qbuf, kv = torch.ops.xdit_ops.ulysses_place_gathered.default(
+        recv, U, B, L, h, q_j if J else None, k_j if J else None, v_j if J else None, h0,
+        Jk > 0)
+    hs = slice(h0, h0 + h)
     joint_kv = (k_j[:, :, hs], v_j[:, :, hs]) if J and not Jk else (None, None)
     return qbuf, kv, *joint_kv
+
+
+def _chunked_out(out_recv, B, J, L, H, joint_front):
+    """Outputs received per head chunk, ``[C, U(src), B, J + L, hc, D]`` -> ``[B, J + L, H, D]``
+    (head ``(u * C + c) * hc + i``; joint rows in front or behind)."""
+    C, U, _, _, hc, D = out_recv.shape
+    out = out_recv.new_empty(B, J + L, H, D)
+    src = out_recv.permute(2, 3, 1, 0, 4, 5)  # [B, J+L, U, C, hc, D]
+    dst = out.view(B, J + L, U, C, hc, D)
+    if joint_front or not J:
+        dst.copy_(src)
+    else:
+        dst[:, L:].copy_(src[:, :J])
+        dst[:, :L].copy_(src[:, J:])
+    return out
 
 
 def _pipelined_chunks(H: int, U: int, R: int) -> int:
@@ -260,9 +270,8 @@ def _ulysses_pipelined(q_s, k_s, v_s, q_j, k_j, v_j, J, Jk, joint_front, heads, 
     h0 = u_rank * h
     for c in range(C):
         works[c].wait()
-        g = recv[c].permute(1, 2, 0, 3, 4, 5)  # [3, B, U, L, hc, D]
-        hs = slice(h0 + c * hc, h0 + (c + 1) * hc)
-        o, lse = attend(*_place_gathered(g, q_j, k_j, v_j, hs, J, Jk))
+        o, lse = attend(*_place(recv[c].reshape(-1), U, B, L, hc, q_j, k_j, v_j, h0 + c * hc,
+                                J, Jk))
         lses.append(lse)
         if J:
             out_send[c, :, :, :J] = o[:, :J].unsqueeze(0)
@@ -271,14 +280,7 @@ def _ulysses_pipelined(q_s, k_s, v_s, q_j, k_j, v_j, J, Jk, joint_front, heads, 
                                                 async_op=True))
     for w in out_works:
         w.wait()
-    out = q_s.new_empty(B, J + L, H, D)
-    src = out_recv.permute(2, 3, 1, 0, 4, 5)  # [B, J+L, U, C, hc, D]
-    dst = out.view(B, J + L, U, C, hc, D)
-    if joint_front or not J:
-        dst.copy_(src)
-    else:
-        dst[:, L:].copy_(src[:, :J])
-        dst[:, :L].copy_(src[:, J:])
+    out = _chunked_out(out_recv, B, J, L, H, joint_front)
     return out, torch.cat(lses, dim=1) if C > 1 else lses[0]
 
 
@@ -452,9 +454,8 @@ def _ulysses_ce(q_s, k_s, v_s, q_j, k_j, v_j, J, Jk, joint_front, heads, u_rank,
     for c in range(C):
         for ev in arrived[c]:
             compute.wait_event(ev)
-        g = recv[c].permute(1, 2, 0, 3, 4, 5)  # [3, B, U, L, hc, D]
-        hs = slice(h0 + c * hc, h0 + (c + 1) * hc)
-        o, lse = attend(*_place_gathered(g, q_j, k_j, v_j, hs, J, Jk))
+        o, lse = attend(*_place(recv[c].reshape(-1), U, B, L, hc, q_j, k_j, v_j, h0 + c * hc,
+                                J, Jk))
         lses.append(lse)
         if J:
             osym[c, :, :, :J] = o[:, :J].unsqueeze(0)
@@ -474,14 +475,7 @@ def _ulysses_ce(q_s, k_s, v_s, q_j, k_j, v_j, J, Jk, joint_front, heads, u_rank,
     with torch.cuda.stream(s0):
         hin.barrier(channel=0)  # every pull of this call is done: the buffers are free
     compute.wait_stream(s0)
-    out = q_s.new_empty(B, J + L, H, D)
-    src = out_recv.permute(2, 3, 1, 0, 4, 5)  # [B, J+L, U, C, hc, D]
-    dst = out.view(B, J + L, U, C, hc, D)
-    if joint_front or not J:
-        dst.copy_(src)
-    else:
-        dst[:, L:].copy_(src[:, :J])
-        dst[:, :L].copy_(src[:, J:])
+    out = _chunked_out(out_recv, B, J, L, H, joint_front)
     return out, torch.cat(lses, dim=1) if C > 1 else lses[0]
 
 
@@ -693,11 +687,7 @@ def _usp_impl(q, k, v, joint_lengths, joint_tokens, joint_front, seq_len, scale,
     else:
         h_me = heads[u_rank]
         recv = _ulysses_in(q_s, k_s, v_s, heads, u_rank, ug)  # [U, 3, B, L, h, D], flat
-        hs = slice(h0, h0 + h_me)
-        qbuf, kv = torch.ops.xdit_ops.ulysses_place_gathered.default(
-            recv, U, B, L, h_me, q_j if J else None, k_j if J else None, v_j if J else None,
-            h0, Jk > 0)
-        kj, vj = (k_j[:, :, hs], v_j[:, :, hs]) if J and not Jk else (None, None)
+        qbuf, kv, kj, vj = _place(recv, U, B, L, h_me, q_j, k_j, v_j, h0, J, Jk)
         if squeeze:
             kv = squeezed(kv)
         out_h, lse_h = attend(qbuf, kv, kj, vj)
