@@ -135,9 +135,10 @@ def gather_rows(
     out : ``[..., n, W]``, contiguous, the sources' dtype and device.
     """
     sources = list(sources)
-    # Checked here for every device, so a bad call raises the reference's exception types
-    # before any native code runs (a device index's values are trusted, see above).
-    check_inputs(sources, index)
-    if index.device.type == "cpu" and not torch.compiler.is_compiling():
-        check_index(sources, index)  # (traced: the kernels check a host index at run time)
+    if not sources or sources[0].device.type != "cpu":
+        # Before the native kernel, so a bad call raises the reference's exception types (the
+        # CPU kernel is the reference and checks for itself; a device index is trusted).
+        check_inputs(sources, index)
+        if index.device.type == "cpu" and not torch.compiler.is_compiling():
+            check_index(sources, index)  # (traced: the kernel checks a host index at run time)
     return torch.ops.xdit_ops.gather_rows.default(sources, index, fill)

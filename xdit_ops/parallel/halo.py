@@ -206,17 +206,24 @@ def plan_halo(geom: ConvRows, layout: BandLayout, rank: int) -> HaloPlan:
 
 @lru_cache(maxsize=4096)
 def _device_index(pairs: tuple[tuple[int, int], ...], device: torch.device) -> torch.Tensor:
-    """``gather_rows``'s ``[n, 2]`` int32 index on ``device``, built once per (pairs, device):
-    steady-state calls copy nothing from the host (and can be captured in a CUDA graph)."""
+    """``gather_rows``'s ``[n, 2]`` int32 index on ``device``, one tensor per (pairs, device):
+    steady-state calls copy nothing from the host and can be captured in a CUDA graph. The per-
+    call paths reach it through caches keyed on the small plan inputs (``_send_index``,
+    ``_slab``), so ``pairs``, a pair per slab row, is neither built nor hashed per call."""
     # A blocking copy (.to() synchronises its stream): the index is complete before any stream
     # reads it.
     return torch.tensor(pairs, dtype=torch.int32).reshape(-1, 2).to(device)
 
 
+@lru_cache(maxsize=4096)
+def _send_index(rows: tuple[int, ...], first: int, device: torch.device) -> torch.Tensor:
+    return _device_index(tuple((0, i - first) for i in rows), device)
+
+
 def _take_rows(x: torch.Tensor, rows: tuple[int, ...], first: int) -> torch.Tensor:
     """Rows ``rows`` (global, sorted) of band ``x`` starting at global row ``first``, contiguous:
     one ``gather_rows`` launch (the send buffer of one peer)."""
-    return _gather_rows([x], _device_index(tuple((0, i - first) for i in rows), x.device), 0.0)
+    return _gather_rows([x], _send_index(rows, first, x.device), 0.0)
 
 
 @dataclass(frozen=True)
@@ -228,7 +235,6 @@ class _SlabPlan:
     pairs: tuple[tuple[int, int], ...]  # (source, row) per slab row; source -1: a fill row
 
 
-@lru_cache(maxsize=4096)
 def _slab_plan(
     first: int,
     n_own: int,
@@ -264,6 +270,15 @@ def _slab_plan(
     return _SlabPlan(peers, merged, pairs)
 
 
+@lru_cache(maxsize=4096)
+def _slab(first: int, n_own: int, lo: int, hi: int, h_total: int, mode: str,
+          received: tuple[tuple[int, tuple[int, ...]], ...],
+          device: torch.device) -> tuple[_SlabPlan, torch.Tensor]:
+    """``_slab_plan`` and its device index, built once per slab geometry and device."""
+    plan = _slab_plan(first, n_own, lo, hi, h_total, mode, received)
+    return plan, _device_index(plan.pairs, device)
+
+
 def _assemble(
     x: torch.Tensor,
     first: int,
@@ -276,12 +291,12 @@ def _assemble(
 ) -> torch.Tensor:
     """Input rows [lo, hi) (global, padded index space) from own rows, received rows and fill,
     contiguous: one ``gather_rows`` launch."""
-    plan = _slab_plan(first, x.shape[-2], lo, hi, h_total, geom.mode,
-                      tuple((p, rows) for p, (rows, _) in received.items()))
+    plan, index = _slab(first, x.shape[-2], lo, hi, h_total, geom.mode,
+                        tuple((p, rows) for p, (rows, _) in received.items()), x.device)
     bufs = [received[p][1] for p in plan.peers]
     if plan.merged:
         bufs = [torch.cat(bufs, dim=-2)]
-    return _gather_rows([x, *bufs], _device_index(plan.pairs, x.device), float(fill))
+    return _gather_rows([x, *bufs], index, float(fill))
 
 
 def halo_conv(
