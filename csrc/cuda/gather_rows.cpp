@@ -3,15 +3,16 @@
 // VALUE variants crashed the process on the GPU machine, torch 2.11); the Python wrapper checks
 // first and raises the CPU reference's types: ValueError for shapes and
 // devices, TypeError for dtypes, IndexError for out-of-range host-side index entries.
+#include <ATen/core/DimVector.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/core/Scalar.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <c10/util/SmallVector.h>
 #include <torch/library.h>
 
 #include <cstring>
-#include <vector>
 
 #include "xdit_ops/gather_rows.h"
 #include "utils.h"
@@ -53,7 +54,7 @@ void encode_fill(double fill, at::ScalarType dtype, uint32_t pattern[4]) {
     }
     default:
       TORCH_CHECK(false, kOp, ": unsupported dtype ", dtype,
-                       " (float64, float32, float16, bfloat16 only)");
+                  " (float64, float32, float16, bfloat16 only)");
   }
   std::memcpy(pattern, bytes, sizeof(bytes));
 }
@@ -67,10 +68,10 @@ void check_host_index(const at::Tensor& index, at::TensorList sources) {
     const int64_t s = idx[2 * i], r = idx[2 * i + 1];
     if (s < 0) continue;
     TORCH_CHECK(s < static_cast<int64_t>(sources.size()), kOp, ": index row ", i,
-                      " names source ", s, " but there are ", sources.size(), " sources");
+                " names source ", s, " but there are ", sources.size(), " sources");
     const int64_t h = sources[s].size(-2);
     TORCH_CHECK(r >= 0 && r < h, kOp, ": index row ", i, " reads row ", r, " of source ",
-                      s, ", which has ", h, " rows");
+                s, ", which has ", h, " rows");
   }
 }
 
@@ -79,7 +80,7 @@ void check_host_index(const at::Tensor& index, at::TensorList sources) {
 at::Tensor gather_rows_cuda(at::TensorList sources, const at::Tensor& index, double fill) {
   TORCH_CHECK(!sources.empty(), kOp, ": needs at least one source");
   TORCH_CHECK(sources.size() <= static_cast<size_t>(kGatherRowsMaxSources), kOp,
-                    ": at most ", kGatherRowsMaxSources, " sources, got ", sources.size());
+              ": at most ", kGatherRowsMaxSources, " sources, got ", sources.size());
   const at::Tensor& s0 = sources[0];
   TORCH_CHECK(s0.dim() >= 2, kOp, ": sources must be [..., h, W], got ", s0.sizes());
   TORCH_CHECK(s0.is_cuda(), kOp, ": source 0 is on ", s0.device(), ", not a CUDA device");
@@ -88,20 +89,20 @@ at::Tensor gather_rows_cuda(at::TensorList sources, const at::Tensor& index, dou
   for (size_t k = 0; k < sources.size(); ++k) {
     const at::Tensor& s = sources[k];
     TORCH_CHECK(s.device() == s0.device(), kOp, ": source ", k, " is on ", s.device(),
-                      ", source 0 on ", s0.device());
+                ", source 0 on ", s0.device());
     TORCH_CHECK(s.scalar_type() == s0.scalar_type(), kOp, ": source ", k, " is ",
-                     s.scalar_type(), ", source 0 is ", s0.scalar_type());
+                s.scalar_type(), ", source 0 is ", s0.scalar_type());
     TORCH_CHECK(
         s.dim() == s0.dim() && s.sizes().slice(0, s.dim() - 2) == lead && s.size(-1) == width,
         kOp, ": source ", k, " ", s.sizes(), " does not match source 0 ", s0.sizes(),
         " outside dim -2");
   }
   TORCH_CHECK(index.dim() == 2 && index.size(1) == 2, kOp, ": index must be [n, 2], got ",
-                    index.sizes());
+              index.sizes());
   TORCH_CHECK(index.scalar_type() == at::kInt || index.scalar_type() == at::kLong, kOp,
-                   ": index must be int32 or int64, got ", index.scalar_type());
+              ": index must be int32 or int64, got ", index.scalar_type());
   TORCH_CHECK(index.is_cpu() || index.device() == s0.device(), kOp, ": index is on ",
-                    index.device(), ", sources on ", s0.device());
+              index.device(), ", sources on ", s0.device());
 
   GatherRowsParams p{};
   encode_fill(fill, s0.scalar_type(), p.fill_pattern);
@@ -117,7 +118,7 @@ at::Tensor gather_rows_cuda(at::TensorList sources, const at::Tensor& index, dou
     idx = idx.to(s0.device());
   }
   const int64_t n = idx.size(0);
-  std::vector<int64_t> out_shape(lead.begin(), lead.end());
+  at::DimVector out_shape(lead.begin(), lead.end());
   out_shape.push_back(n);
   out_shape.push_back(width);
   at::Tensor out = at::empty(out_shape, s0.options());
@@ -128,14 +129,13 @@ at::Tensor gather_rows_cuda(at::TensorList sources, const at::Tensor& index, dou
   const int64_t elem = s0.element_size();
   // [outer, h, W] views: no copy for bands and their narrow() views along dim -2; a source whose
   // leading dims cannot be flattened, or whose rows are not contiguous, is copied first.
-  std::vector<at::Tensor> views;
-  views.reserve(sources.size());
+  c10::SmallVector<at::Tensor, kGatherRowsMaxSources> views;
   for (size_t k = 0; k < sources.size(); ++k) {
     at::Tensor v = sources[k].reshape({outer, sources[k].size(-2), width});
     if (width > 1 && v.stride(2) != 1) v = v.contiguous();
     p.src[k] = v.const_data_ptr();
-    p.src_outer_stride[k] = outer > 1 ? v.stride(0) * elem : 0;
-    p.src_row_stride[k] = v.size(1) > 1 ? v.stride(1) * elem : 0;
+    p.src_outer_stride[k] = applied_stride(v, 0) * elem;
+    p.src_row_stride[k] = applied_stride(v, 1) * elem;
     // Held until the launch is queued; after that the caching allocator hands a copy's memory
     // only to later work on this stream.
     views.push_back(std::move(v));

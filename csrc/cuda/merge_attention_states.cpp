@@ -16,8 +16,9 @@ void merge_attention_states_cuda(at::Tensor& out, at::Tensor& lse, const at::Ten
   constexpr const char* kOp = "merge_attention_states_";
   XDIT_CHECK(out.is_cuda() && lse.is_cuda() && block_out.is_cuda() && block_lse.is_cuda(), kOp,
              ": all tensors must be on a CUDA device");
-  XDIT_CHECK(out.dim() == 4 && block_out.dim() == 4, kOp, ": out and block_out must be [B, S, H, D], got ",
-             out.sizes(), " and ", block_out.sizes());
+  XDIT_CHECK(out.dim() == 4 && block_out.dim() == 4, kOp,
+             ": out and block_out must be [B, S, H, D], got ", out.sizes(), " and ",
+             block_out.sizes());
   XDIT_CHECK(out.sizes() == block_out.sizes(), kOp, ": out ", out.sizes(), " and block_out ",
              block_out.sizes(), " differ");
   const int64_t B = out.size(0), S = out.size(1), H = out.size(2), D = out.size(3);

@@ -30,6 +30,22 @@ void fill_head_start(int* head_start, at::IntArrayRef heads, int64_t H, const ch
   XDIT_CHECK(start == H, op, ": sum(heads) = ", start, " != H = ", H, " (heads ", heads, ")");
 }
 
+// recv of unpack and place: the flat buffer an all-to-all filled.
+void check_recv(const at::Tensor& recv, const char* op) {
+  XDIT_CHECK(recv.is_cuda(), op, ": recv must be on a CUDA device, got ", recv.device());
+  XDIT_CHECK(recv.dim() == 1 && recv.is_contiguous(), op,
+             ": recv must be a flat contiguous buffer, got sizes ", recv.sizes(), " strides ",
+             recv.strides());
+}
+
+// head_dim D of a recv holding `row` * D elements (row: the product named by `row_expr`).
+int64_t recv_head_dim(const at::Tensor& recv, int64_t row, const char* row_expr,
+                      const char* op) {
+  XDIT_CHECK(row > 0 && recv.numel() % row == 0, op, ": recv has ", recv.numel(),
+             " elements, not a multiple of ", row_expr, " = ", row);
+  return recv.numel() / row;
+}
+
 }  // namespace
 
 at::Tensor ulysses_pack_qkv_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -57,11 +73,9 @@ at::Tensor ulysses_pack_qkv_cuda(const at::Tensor& q, const at::Tensor& k, const
   const at::Tensor* qkv[3] = {&q, &k, &v};
   for (int t = 0; t < 3; ++t) {
     p.src[t] = qkv[t]->const_data_ptr();
-    // A size-1 dimension's stride is never used: zero it so an odd value there (views made
-    // by unsqueeze or slicing) does not force a narrower copy unit.
-    p.src_stride_b[t] = B == 1 ? 0 : qkv[t]->stride(0);
-    p.src_stride_s[t] = L == 1 ? 0 : qkv[t]->stride(1);
-    p.src_stride_h[t] = H == 1 ? 0 : qkv[t]->stride(2);
+    p.src_stride_b[t] = applied_stride(*qkv[t], 0);
+    p.src_stride_s[t] = applied_stride(*qkv[t], 1);
+    p.src_stride_h[t] = applied_stride(*qkv[t], 2);
   }
   p.out = out.data_ptr();
   p.batch = B;
@@ -77,20 +91,14 @@ at::Tensor ulysses_pack_qkv_cuda(const at::Tensor& q, const at::Tensor& k, const
 at::Tensor ulysses_unpack_out_cuda(const at::Tensor& recv, at::IntArrayRef heads, int64_t B,
                                    int64_t J, int64_t L, bool joint_front) {
   constexpr const char* kOp = "ulysses_unpack_out";
-  XDIT_CHECK(recv.is_cuda(), kOp, ": recv must be on a CUDA device, got ", recv.device());
-  XDIT_CHECK(recv.dim() == 1 && recv.is_contiguous(), kOp,
-             ": recv must be a flat contiguous buffer, got sizes ", recv.sizes(), " strides ",
-             recv.strides());
+  check_recv(recv, kOp);
   XDIT_CHECK(B >= 0 && J >= 0 && L >= 0, kOp, ": B, J, L must be >= 0, got ", B, ", ", J, ", ",
              L);
   int64_t H = 0;
   for (int64_t h : heads) H += h;
   UlyssesUnpackParams p;
   fill_head_start(p.head_start, heads, H, kOp);
-  const int64_t row = B * (J + L) * H;
-  XDIT_CHECK(row > 0 && recv.numel() % row == 0, kOp, ": recv has ", recv.numel(),
-             " elements, not a multiple of B * (J + L) * H = ", row);
-  const int64_t D = recv.numel() / row;
+  const int64_t D = recv_head_dim(recv, B * (J + L) * H, "B * (J + L) * H", kOp);
   p.num_ranks = static_cast<int>(heads.size());
   const c10::cuda::CUDAGuard guard(recv.device());
   at::Tensor out = at::empty({B, J + L, H, D}, recv.options());
@@ -113,16 +121,10 @@ std::tuple<at::Tensor, at::Tensor> ulysses_place_gathered_cuda(
     const std::optional<at::Tensor>& q_j, const std::optional<at::Tensor>& k_j,
     const std::optional<at::Tensor>& v_j, int64_t head_start, bool joint_kv) {
   constexpr const char* kOp = "ulysses_place_gathered";
-  XDIT_CHECK(recv.is_cuda(), kOp, ": recv must be on a CUDA device, got ", recv.device());
-  XDIT_CHECK(recv.dim() == 1 && recv.is_contiguous(), kOp,
-             ": recv must be a flat contiguous buffer, got sizes ", recv.sizes(), " strides ",
-             recv.strides());
+  check_recv(recv, kOp);
   XDIT_CHECK(U >= 1 && B >= 0 && L >= 0 && h >= 1, kOp, ": need U >= 1, B >= 0, L >= 0, h >= 1, ",
              "got U=", U, " B=", B, " L=", L, " h=", h);
-  const int64_t row = U * 3 * B * L * h;
-  XDIT_CHECK(row > 0 && recv.numel() % row == 0, kOp, ": recv has ", recv.numel(),
-             " elements, not a multiple of U * 3 * B * L * h = ", row);
-  const int64_t D = recv.numel() / row;
+  const int64_t D = recv_head_dim(recv, U * 3 * B * L * h, "U * 3 * B * L * h", kOp);
   const bool has_joint = q_j.has_value();
   XDIT_CHECK(has_joint == k_j.has_value() && has_joint == v_j.has_value(), kOp,
              ": pass all of q_j, k_j, v_j or none");
@@ -146,8 +148,8 @@ std::tuple<at::Tensor, at::Tensor> ulysses_place_gathered_cuda(
       XDIT_CHECK(D <= 1 || x.stride(3) == 1, kOp, ": head_dim of joint tensor ", t,
                  " must be contiguous, got strides ", x.strides());
       p.joint_src[t] = x.const_data_ptr();
-      p.joint_stride_b[t] = B == 1 ? 0 : x.stride(0);
-      p.joint_stride_s[t] = J == 1 ? 0 : x.stride(1);
+      p.joint_stride_b[t] = applied_stride(x, 0);
+      p.joint_stride_s[t] = applied_stride(x, 1);
       p.joint_stride_h[t] = x.stride(2);
     }
   }

@@ -1,6 +1,7 @@
 // Small helpers shared by the torch-aware launchers.
 #pragma once
 
+#include <ATen/core/Tensor.h>
 #include <c10/core/ScalarType.h>
 #include <c10/util/Exception.h>
 #include <cuda_runtime.h>
@@ -29,6 +30,13 @@ inline DType to_dtype(c10::ScalarType t, const char* op) {
     default:
       TORCH_CHECK(false, op, ": unsupported dtype ", t, " (float32, float16, bfloat16 only)");
   }
+}
+
+// Stride of dimension d for a copy unit's alignment test: 0 when the dimension has at most one
+// index. Such a stride is never applied, and an odd value there (views made by unsqueeze or
+// slicing) would only force a narrower copy unit.
+inline int64_t applied_stride(const at::Tensor& t, int64_t d) {
+  return t.size(d) > 1 ? t.stride(d) : 0;
 }
 
 // Multiprocessor count, cached per device: querying attributes on every call costs microseconds.

@@ -1,6 +1,7 @@
 // Instantiations and launch configuration of the row gather. No torch headers here.
 #include <algorithm>
 
+#include "xdit_ops/copy_width.h"
 #include "xdit_ops/gather_rows.cuh"
 
 namespace xdit_ops {
@@ -49,18 +50,9 @@ cudaError_t launch(const GatherRowsParams& p, int num_sms, cudaStream_t stream) 
 template <typename IndexT>
 cudaError_t launch_width(const GatherRowsParams& p, int vector_bytes, int num_sms,
                          cudaStream_t stream) {
-  switch (vector_bytes) {
-    case 16:
-      return launch<uint4, IndexT>(p, num_sms, stream);
-    case 8:
-      return launch<uint2, IndexT>(p, num_sms, stream);
-    case 4:
-      return launch<unsigned int, IndexT>(p, num_sms, stream);
-    case 2:
-      return launch<unsigned short, IndexT>(p, num_sms, stream);
-    default:
-      return launch<unsigned char, IndexT>(p, num_sms, stream);
-  }
+  return dispatch_copy_width(vector_bytes, [&](auto vec) {
+    return launch<decltype(vec), IndexT>(p, num_sms, stream);
+  });
 }
 
 }  // namespace
@@ -72,10 +64,7 @@ int gather_rows_vector_bytes(const GatherRowsParams& p) {
     bits |= static_cast<uint64_t>(p.src_outer_stride[s]);
     bits |= static_cast<uint64_t>(p.src_row_stride[s]);
   }
-  for (int v = 16; v > 1; v >>= 1) {
-    if ((bits & static_cast<uint64_t>(v - 1)) == 0) return v;
-  }
-  return 1;
+  return copy_width(bits);
 }
 
 cudaError_t gather_rows(const GatherRowsParams& params, int num_sms, cudaStream_t stream) {

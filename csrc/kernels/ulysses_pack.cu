@@ -1,8 +1,8 @@
 // Instantiations of the Ulysses pack/unpack copies. No torch headers here.
 #include <algorithm>
 #include <cstdint>
-#include <initializer_list>
 
+#include "xdit_ops/copy_width.h"
 #include "xdit_ops/ulysses_pack.cuh"
 
 namespace xdit_ops {
@@ -15,16 +15,6 @@ constexpr int kThreads = 256;
 constexpr int kBlocksPerSm = 8;
 // The per-head table lives in shared memory (16 bytes a head) under the 48 KiB default.
 constexpr int64_t kMaxHeads = 3072;
-
-// Widest copy unit (16, 8, 4, 2 or 1 bytes) that divides every byte address and byte stride.
-int vector_width(std::initializer_list<uint64_t> byte_quantities) {
-  uint64_t all = 0;
-  for (uint64_t q : byte_quantities) all |= q;
-  for (int w : {16, 8, 4, 2}) {
-    if (all % w == 0) return w;
-  }
-  return 1;
-}
 
 int round_up_pow2(int64_t n) {
   int p = 32;
@@ -48,16 +38,18 @@ bool fill_split(HeadSplit& s, int64_t heads, int64_t dv, int64_t block_rows, int
   return head_start[0] == 0 && head_start[num_ranks] == heads;
 }
 
-int grid_size(const HeadSplit& s, int num_sms) {
-  const int64_t rows_per_step = kThreads / s.span;
-  const int64_t wanted = (s.num_rows + rows_per_step - 1) / rows_per_step;
+// Blocks for num_rows rows, kThreads / span at a time, capped at kBlocksPerSm per SM.
+int grid_size(int64_t num_rows, int span, int num_sms) {
+  const int64_t rows_per_step = kThreads / span;
+  const int64_t wanted = (num_rows + rows_per_step - 1) / rows_per_step;
   return static_cast<int>(std::min<int64_t>(wanted, (int64_t)num_sms * kBlocksPerSm));
 }
 
 template <typename Kernel, typename Args>
 cudaError_t launch(Kernel kernel, const Args& args, int num_sms, cudaStream_t stream) {
   const size_t smem = 2 * sizeof(int64_t) * args.split.heads;
-  kernel<<<grid_size(args.split, num_sms), kThreads, smem, stream>>>(args);
+  kernel<<<grid_size(args.split.num_rows, args.split.span, num_sms), kThreads, smem, stream>>>(
+      args);
   return cudaGetLastError();
 }
 
@@ -68,15 +60,15 @@ cudaError_t ulysses_pack_qkv(const UlyssesPackParams& p, int elem_size, int num_
   const int64_t num_rows = 3 * p.batch * p.seq;
   if (num_rows == 0 || p.heads == 0 || p.head_dim == 0) return cudaSuccess;
   const uint64_t es = elem_size;
-  const int w = vector_width({reinterpret_cast<uint64_t>(p.src[0]),
-                              reinterpret_cast<uint64_t>(p.src[1]),
-                              reinterpret_cast<uint64_t>(p.src[2]),
-                              reinterpret_cast<uint64_t>(p.out), p.head_dim * es,
-                              p.src_stride_b[0] * es, p.src_stride_s[0] * es,
-                              p.src_stride_h[0] * es, p.src_stride_b[1] * es,
-                              p.src_stride_s[1] * es, p.src_stride_h[1] * es,
-                              p.src_stride_b[2] * es, p.src_stride_s[2] * es,
-                              p.src_stride_h[2] * es});
+  const int w = copy_width({reinterpret_cast<uint64_t>(p.src[0]),
+                            reinterpret_cast<uint64_t>(p.src[1]),
+                            reinterpret_cast<uint64_t>(p.src[2]),
+                            reinterpret_cast<uint64_t>(p.out), p.head_dim * es,
+                            p.src_stride_b[0] * es, p.src_stride_s[0] * es,
+                            p.src_stride_h[0] * es, p.src_stride_b[1] * es,
+                            p.src_stride_s[1] * es, p.src_stride_h[1] * es,
+                            p.src_stride_b[2] * es, p.src_stride_s[2] * es,
+                            p.src_stride_h[2] * es});
   UlyssesPackArgs a;
   for (int t = 0; t < 3; ++t) {
     a.src[t] = p.src[t];
@@ -91,27 +83,18 @@ cudaError_t ulysses_pack_qkv(const UlyssesPackParams& p, int elem_size, int num_
                   p.head_start)) {
     return cudaErrorInvalidValue;
   }
-  switch (w) {
-    case 16:
-      return launch(ulysses_pack_kernel<uint4>, a, num_sms, stream);
-    case 8:
-      return launch(ulysses_pack_kernel<uint2>, a, num_sms, stream);
-    case 4:
-      return launch(ulysses_pack_kernel<uint32_t>, a, num_sms, stream);
-    case 2:
-      return launch(ulysses_pack_kernel<uint16_t>, a, num_sms, stream);
-    default:
-      return launch(ulysses_pack_kernel<uint8_t>, a, num_sms, stream);
-  }
+  return dispatch_copy_width(w, [&](auto vec) {
+    return launch(ulysses_pack_kernel<decltype(vec)>, a, num_sms, stream);
+  });
 }
 
 cudaError_t ulysses_unpack_out(const UlyssesUnpackParams& p, int elem_size, int num_sms,
                                cudaStream_t stream) {
   const int64_t num_rows = p.batch * (p.joint + p.seq);
   if (num_rows == 0 || p.heads == 0 || p.head_dim == 0) return cudaSuccess;
-  const int w = vector_width({reinterpret_cast<uint64_t>(p.recv),
-                              reinterpret_cast<uint64_t>(p.out),
-                              static_cast<uint64_t>(p.head_dim) * elem_size});
+  const int w = copy_width({reinterpret_cast<uint64_t>(p.recv),
+                            reinterpret_cast<uint64_t>(p.out),
+                            static_cast<uint64_t>(p.head_dim) * elem_size});
   UlyssesUnpackArgs a;
   a.recv = p.recv;
   a.out = p.out;
@@ -122,18 +105,9 @@ cudaError_t ulysses_unpack_out(const UlyssesUnpackParams& p, int elem_size, int 
                   p.head_start)) {
     return cudaErrorInvalidValue;
   }
-  switch (w) {
-    case 16:
-      return launch(ulysses_unpack_kernel<uint4>, a, num_sms, stream);
-    case 8:
-      return launch(ulysses_unpack_kernel<uint2>, a, num_sms, stream);
-    case 4:
-      return launch(ulysses_unpack_kernel<uint32_t>, a, num_sms, stream);
-    case 2:
-      return launch(ulysses_unpack_kernel<uint16_t>, a, num_sms, stream);
-    default:
-      return launch(ulysses_unpack_kernel<uint8_t>, a, num_sms, stream);
-  }
+  return dispatch_copy_width(w, [&](auto vec) {
+    return launch(ulysses_unpack_kernel<decltype(vec)>, a, num_sms, stream);
+  });
 }
 
 cudaError_t ulysses_place_gathered(const UlyssesPlaceParams& p, int elem_size, int num_sms,
@@ -150,9 +124,9 @@ cudaError_t ulysses_place_gathered(const UlyssesPlaceParams& p, int elem_size, i
                     p.joint_stride_s[t] * es | p.joint_stride_h[t] * es;
     }
   }
-  const int w = vector_width({reinterpret_cast<uint64_t>(p.recv),
-                              reinterpret_cast<uint64_t>(p.qbuf),
-                              reinterpret_cast<uint64_t>(p.kv), p.head_dim * es, joint_bits});
+  const int w = copy_width({reinterpret_cast<uint64_t>(p.recv),
+                            reinterpret_cast<uint64_t>(p.qbuf),
+                            reinterpret_cast<uint64_t>(p.kv), p.head_dim * es, joint_bits});
   const int64_t dv = p.head_dim * elem_size / w;
   if (p.heads * dv > INT32_MAX) return cudaErrorInvalidValue;
   UlyssesPlaceArgs a;
@@ -174,26 +148,11 @@ cudaError_t ulysses_place_gathered(const UlyssesPlaceParams& p, int elem_size, i
   a.joint = p.joint;
   a.joint_kv = p.joint_kv;
   a.span = round_up_pow2(p.heads * dv);
-  const int64_t rows_per_step = kThreads / a.span;
-  const int blocks = static_cast<int>(std::min<int64_t>(
-      (num_rows + rows_per_step - 1) / rows_per_step, (int64_t)num_sms * kBlocksPerSm));
-  switch (w) {
-    case 16:
-      ulysses_place_kernel<uint4><<<blocks, kThreads, 0, stream>>>(a);
-      break;
-    case 8:
-      ulysses_place_kernel<uint2><<<blocks, kThreads, 0, stream>>>(a);
-      break;
-    case 4:
-      ulysses_place_kernel<uint32_t><<<blocks, kThreads, 0, stream>>>(a);
-      break;
-    case 2:
-      ulysses_place_kernel<uint16_t><<<blocks, kThreads, 0, stream>>>(a);
-      break;
-    default:
-      ulysses_place_kernel<uint8_t><<<blocks, kThreads, 0, stream>>>(a);
-  }
-  return cudaGetLastError();
+  const int blocks = grid_size(num_rows, a.span, num_sms);
+  return dispatch_copy_width(w, [&](auto vec) {
+    ulysses_place_kernel<decltype(vec)><<<blocks, kThreads, 0, stream>>>(a);
+    return cudaGetLastError();
+  });
 }
 
 }  // namespace xdit_ops

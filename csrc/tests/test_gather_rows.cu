@@ -1,16 +1,14 @@
 // Standalone unit test of the row gather (no torch): the kernel against a host loop, byte for
 // byte, over every access width (16, 8, 4, 2, 1 bytes), strided sources (row and outer strides
 // wider than the row, a start offset), fill rows, int32 and int64 indices, and a one-SM grid.
-// Exit code: 0 pass, 1 mismatch or CUDA error, 77 no GPU (ctest reports a skip).
-#include <cuda_runtime.h>
-
+// Exit code: see test_common.h.
 #include <cstdint>
 #include <cstdio>
-#include <cstdlib>
 #include <cstring>
 #include <random>
 #include <vector>
 
+#include "test_common.h"
 #include "xdit_ops/gather_rows.h"
 
 namespace {
@@ -18,16 +16,8 @@ namespace {
 using xdit_ops::GatherRowsParams;
 using xdit_ops::gather_rows;
 using xdit_ops::gather_rows_vector_bytes;
-
-#define CHECK_CUDA(expr)                                                        \
-  do {                                                                          \
-    const cudaError_t err_ = (expr);                                            \
-    if (err_ != cudaSuccess) {                                                  \
-      std::fprintf(stderr, "%s:%d: %s failed: %s\n", __FILE__, __LINE__, #expr, \
-                   cudaGetErrorString(err_));                                   \
-      std::exit(1);                                                             \
-    }                                                                           \
-  } while (0)
+using xdit_test::to_device;
+using xdit_test::to_host;
 
 struct Case {
   const char* name;
@@ -64,28 +54,21 @@ int run_case(const Case& c) {
     outer_stride[s] = heights[s] * row_stride[s] + c.pad_outer;
     host[s].resize(c.offset + c.outer * outer_stride[s]);
     for (auto& b : host[s]) b = static_cast<unsigned char>(rng());
-    CHECK_CUDA(cudaMalloc(&dev[s], host[s].size()));
-    CHECK_CUDA(cudaMemcpy(dev[s], host[s].data(), host[s].size(), cudaMemcpyHostToDevice));
+    dev[s] = to_device(host[s]);
     p.src[s] = dev[s] + c.offset;
     p.src_outer_stride[s] = c.outer > 1 ? outer_stride[s] : 0;
     p.src_row_stride[s] = heights[s] > 1 ? row_stride[s] : 0;
   }
   std::vector<int32_t> idx32;
   std::vector<int64_t> idx64;
-  const void* idx_host;
-  size_t idx_bytes;
+  void* idx_dev;
   if (c.int64_index) {
     idx64 = make_index<int64_t>(c, heights, rng);
-    idx_host = idx64.data();
-    idx_bytes = idx64.size() * sizeof(int64_t);
+    idx_dev = to_device(idx64);
   } else {
     idx32 = make_index<int32_t>(c, heights, rng);
-    idx_host = idx32.data();
-    idx_bytes = idx32.size() * sizeof(int32_t);
+    idx_dev = to_device(idx32);
   }
-  void* idx_dev = nullptr;
-  CHECK_CUDA(cudaMalloc(&idx_dev, idx_bytes));
-  CHECK_CUDA(cudaMemcpy(idx_dev, idx_host, idx_bytes, cudaMemcpyHostToDevice));
   const int64_t out_bytes = c.outer * c.num_rows * c.row_bytes;
   unsigned char* out = nullptr;
   CHECK_CUDA(cudaMalloc(&out, out_bytes));
@@ -104,9 +87,7 @@ int run_case(const Case& c) {
   p.row_bytes = c.row_bytes;
   const int vec = gather_rows_vector_bytes(p);
   CHECK_CUDA(gather_rows(p, c.num_sms, nullptr));
-  CHECK_CUDA(cudaDeviceSynchronize());
-  std::vector<unsigned char> got(out_bytes);
-  CHECK_CUDA(cudaMemcpy(got.data(), out, out_bytes, cudaMemcpyDeviceToHost));
+  const std::vector<unsigned char> got = to_host(out, out_bytes);
 
   int64_t bad = 0;
   for (int64_t o = 0; o < c.outer; ++o) {
@@ -133,13 +114,8 @@ int run_case(const Case& c) {
 }  // namespace
 
 int main() {
-  int count = 0;
-  if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) {
-    std::printf("no CUDA device: skipping\n");
-    return 77;
-  }
-  int num_sms = 0;
-  CHECK_CUDA(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, 0));
+  const int num_sms = xdit_test::device_sm_count("test_gather_rows");
+  if (num_sms == 0) return xdit_test::kSkipped;
   const Case cases[] = {
       // name, outer, row bytes, rows, sources, pad row/outer, offset, elem, int64, sms
       {"aligned16", 96, 8192, 7, 3, 0, 0, 0, 2, false, num_sms},
@@ -154,6 +130,5 @@ int main() {
   };
   int failures = 0;
   for (const Case& c : cases) failures += run_case(c);
-  std::printf("%s\n", failures ? "FAILED" : "all passed");
-  return failures ? 1 : 0;
+  return xdit_test::finish("test_gather_rows", failures);
 }

@@ -1,9 +1,8 @@
 // Standalone unit test of the merge kernel (no torch): the kernel against a host loop in double
 // precision, for fp32/fp16/bf16 blocks, strided (non-contiguous) tensors and -inf rows.
-// Exit code: 0 pass, 1 mismatch or CUDA error, 77 no GPU (ctest reports a skip).
+// Exit code: see test_common.h.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <cuda_runtime.h>
 
 #include <cmath>
 #include <cstdint>
@@ -11,19 +10,13 @@
 #include <random>
 #include <vector>
 
+#include "test_common.h"
 #include "xdit_ops/merge_attention_states.h"
 
 namespace {
 
-#define CHECK_CUDA(expr)                                                                 \
-  do {                                                                                   \
-    const cudaError_t err_ = (expr);                                                     \
-    if (err_ != cudaSuccess) {                                                           \
-      std::fprintf(stderr, "%s:%d: %s failed: %s\n", __FILE__, __LINE__, #expr,          \
-                   cudaGetErrorString(err_));                                            \
-      std::exit(1);                                                                      \
-    }                                                                                    \
-  } while (0)
+using xdit_test::to_device;
+using xdit_test::to_host;
 
 template <typename T>
 T from_f(float x);
@@ -53,14 +46,6 @@ template <>
 struct DTypeOf<__nv_bfloat16> {
   static constexpr xdit_ops::DType kValue = xdit_ops::DType::kBFloat16;
 };
-
-template <typename T>
-T* to_device(const std::vector<T>& h) {
-  T* d = nullptr;
-  CHECK_CUDA(cudaMalloc(&d, h.size() * sizeof(T)));
-  CHECK_CUDA(cudaMemcpy(d, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice));
-  return d;
-}
 
 // One case: B x S x H x D with padded strides everywhere, so a kernel that assumed contiguous
 // tensors would read and write the wrong elements (and the padding checks catch stray writes).
@@ -137,9 +122,8 @@ int run_case(int64_t B, int64_t S, int64_t H, int64_t D, const char* name, int n
   p.blse_stride_h = bl_sh;
   p.blse_stride_s = bl_ss;
   CHECK_CUDA(xdit_ops::merge_attention_states(p, DTypeOf<T>::kValue, num_sms, nullptr));
-  CHECK_CUDA(cudaDeviceSynchronize());
-  CHECK_CUDA(cudaMemcpy(out.data(), d_out, out.size() * 4, cudaMemcpyDeviceToHost));
-  CHECK_CUDA(cudaMemcpy(lse.data(), d_lse, lse.size() * 4, cudaMemcpyDeviceToHost));
+  out = to_host(d_out, out.size());
+  lse = to_host(d_lse, lse.size());
   CHECK_CUDA(cudaFree(d_out));
   CHECK_CUDA(cudaFree(d_lse));
   CHECK_CUDA(cudaFree(d_blse));
@@ -157,7 +141,8 @@ int run_case(int64_t B, int64_t S, int64_t H, int64_t D, const char* name, int n
   for (size_t i = 0; i < lse.size(); ++i) {
     const bool both_inf = ref_lse[i] == -INFINITY;
     const bool ok = both_inf ? lse[i] == -INFINITY
-                             : std::fabs(lse[i] - ref_lse[i]) <= 1e-5 + 1e-5 * std::fabs(ref_lse[i]);
+                             : std::fabs(lse[i] - ref_lse[i]) <=
+                                   1e-5 + 1e-5 * std::fabs(ref_lse[i]);
     if (!ok) ++bad;
   }
   std::printf("%-8s B=%lld S=%lld H=%lld D=%lld: max |err| %.3g, %lld mismatches -> %s\n", name,
@@ -169,13 +154,8 @@ int run_case(int64_t B, int64_t S, int64_t H, int64_t D, const char* name, int n
 }  // namespace
 
 int main() {
-  int count = 0;
-  if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) {
-    std::printf("no CUDA device: skipping\n");
-    return 77;
-  }
-  int num_sms = 0;
-  CHECK_CUDA(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, 0));
+  const int num_sms = xdit_test::device_sm_count("test_merge_attention_states");
+  if (num_sms == 0) return xdit_test::kSkipped;
   int failures = 0;
   const int64_t shapes[][4] = {{1, 4097, 24, 128}, {3, 77, 30, 72}, {2, 33, 5, 40}, {1, 1, 1, 1}};
   for (const auto& s : shapes) {
@@ -185,6 +165,5 @@ int main() {
   }
   // A grid smaller than the rows: the kernel's grid-stride loop must cover the rest.
   failures += run_case<float>(2, 300, 7, 64, "fp32/1sm", 1);
-  std::printf("%s\n", failures ? "FAILED" : "all passed");
-  return failures ? 1 : 0;
+  return xdit_test::finish("test_merge_attention_states", failures);
 }

@@ -3,28 +3,19 @@
 // 4-byte elements, q/k/v as strided views of a fused [B, L, 3, H, D] buffer, uneven heads,
 // joint rows in front and behind, and base pointers off 16-byte alignment (narrower copy unit).
 // The kernels only copy, so every comparison is exact.
-// Exit code: 0 pass, 1 mismatch or CUDA error, 77 no GPU (ctest reports a skip).
-#include <cuda_runtime.h>
-
+// Exit code: see test_common.h.
 #include <cstdint>
 #include <cstdio>
-#include <cstdlib>
 #include <random>
 #include <vector>
 
+#include "test_common.h"
 #include "xdit_ops/ulysses_pack.h"
 
 namespace {
 
-#define CHECK_CUDA(expr)                                                                 \
-  do {                                                                                   \
-    const cudaError_t err_ = (expr);                                                     \
-    if (err_ != cudaSuccess) {                                                           \
-      std::fprintf(stderr, "%s:%d: %s failed: %s\n", __FILE__, __LINE__, #expr,          \
-                   cudaGetErrorString(err_));                                            \
-      std::exit(1);                                                                      \
-    }                                                                                    \
-  } while (0)
+using xdit_test::to_device;
+using xdit_test::to_host;
 
 int g_failures = 0;
 int g_num_sms = 0;
@@ -35,23 +26,6 @@ std::vector<T> random_vec(size_t n, uint32_t seed) {
   std::vector<T> v(n);
   for (auto& x : v) x = static_cast<T>(gen());
   return v;
-}
-
-// Device copy of `h` placed `offset` elements past a fresh (256-byte aligned) allocation.
-template <typename T>
-T* to_device(const std::vector<T>& h, size_t offset, void** alloc) {
-  CHECK_CUDA(cudaMalloc(alloc, (h.size() + offset) * sizeof(T)));
-  T* d = static_cast<T*>(*alloc) + offset;
-  CHECK_CUDA(cudaMemcpy(d, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice));
-  return d;
-}
-
-template <typename T>
-std::vector<T> to_host(const T* d, size_t n) {
-  std::vector<T> h(n);
-  CHECK_CUDA(cudaDeviceSynchronize());
-  CHECK_CUDA(cudaMemcpy(h.data(), d, n * sizeof(T), cudaMemcpyDeviceToHost));
-  return h;
 }
 
 template <typename T>
@@ -228,19 +202,10 @@ void run_all(size_t misalign) {
 }  // namespace
 
 int main() {
-  int count = 0;
-  if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) {
-    std::printf("test_ulysses_pack: no CUDA device, skipped\n");
-    return 77;
-  }
-  CHECK_CUDA(cudaDeviceGetAttribute(&g_num_sms, cudaDevAttrMultiProcessorCount, 0));
+  g_num_sms = xdit_test::device_sm_count("test_ulysses_pack");
+  if (g_num_sms == 0) return xdit_test::kSkipped;
   run_all<uint8_t>(1);
   run_all<uint16_t>(1);
   run_all<uint32_t>(2);
-  if (g_failures) {
-    std::printf("test_ulysses_pack: %d failure(s)\n", g_failures);
-    return 1;
-  }
-  std::printf("test_ulysses_pack: all passed\n");
-  return 0;
+  return xdit_test::finish("test_ulysses_pack", g_failures);
 }
