@@ -45,6 +45,18 @@ std::vector<int> starts_of(const std::vector<int>& heads) {
   return s;
 }
 
+// q, k, v as strided views of a fused [B, rows, 3, H, D] buffer (view t starts t * H * D in).
+template <typename T>
+void fused_qkv_views(const T* fused, int64_t rows, int64_t H, int64_t D, const void* src[3],
+                     int64_t stride_b[3], int64_t stride_s[3], int64_t stride_h[3]) {
+  for (int t = 0; t < 3; ++t) {
+    src[t] = fused + t * H * D;
+    stride_b[t] = rows * 3 * H * D;
+    stride_s[t] = 3 * H * D;
+    stride_h[t] = D;
+  }
+}
+
 template <typename T>
 void test_pack(int64_t B, int64_t L, int64_t D, const std::vector<int>& heads, size_t offset) {
   const std::vector<int> st = starts_of(heads);
@@ -56,12 +68,7 @@ void test_pack(int64_t B, int64_t L, int64_t D, const std::vector<int>& heads, s
   CHECK_CUDA(cudaMalloc(&a_out, 3 * B * L * H * D * sizeof(T)));
   CHECK_CUDA(cudaMemset(a_out, 0xFF, 3 * B * L * H * D * sizeof(T)));
   xdit_ops::UlyssesPackParams p{};
-  for (int t = 0; t < 3; ++t) {
-    p.src[t] = d_in + t * H * D;
-    p.src_stride_b[t] = L * 3 * H * D;
-    p.src_stride_s[t] = 3 * H * D;
-    p.src_stride_h[t] = D;
-  }
+  fused_qkv_views(d_in, L, H, D, p.src, p.src_stride_b, p.src_stride_s, p.src_stride_h);
   p.out = a_out;
   p.batch = B;
   p.seq = L;
@@ -142,12 +149,8 @@ void test_place(int64_t U, int64_t B, int64_t L, int64_t h, int64_t H, int64_t D
   CHECK_CUDA(cudaMalloc(&a_kv, 2 * B * (Jk + G) * h * D * sizeof(T)));
   xdit_ops::UlyssesPlaceParams p{};
   p.recv = d_recv;
-  for (int t = 0; t < 3; ++t) {
-    p.joint_src[t] = d_joint + t * H * D;
-    p.joint_stride_b[t] = J * 3 * H * D;
-    p.joint_stride_s[t] = 3 * H * D;
-    p.joint_stride_h[t] = D;
-  }
+  fused_qkv_views(d_joint, J, H, D, p.joint_src, p.joint_stride_b, p.joint_stride_s,
+                  p.joint_stride_h);
   p.joint_head_start = head_start;
   p.qbuf = a_q;
   p.kv = a_kv;
