@@ -13,9 +13,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from xdit_ops.models.vae._band import OP, BandContext, activate
-from xdit_ops.models.vae._families import UnsupportedModule, family_of, walk_and_patch
-from xdit_ops.parallel.halo import BandLayout, all_gather_rows, balanced_sizes, gather_rows_to
+from xdit_ops.models.vae._band import OP, BandContext, UnsupportedModule, activate
+from xdit_ops.models.vae._families import family_of, walk_and_patch
+from xdit_ops.parallel.halo import all_gather_rows, balanced_sizes, gather_rows_to
 
 __all__ = ["UnsupportedModule", "parallelize_vae"]
 
@@ -135,37 +135,37 @@ def parallelize_vae(
                 f"approximate. Call vae.disable_tiling() to decode in exact row bands"
             )
 
-    warm = [False]
+    warm = False
 
-    def make_ctx(latent_rows: int, what: str, device: torch.device) -> BandContext:
-        if not warm[0]:
+    def run_banded(fn, what: str, x: torch.Tensor, scale: int, out_mode: str, args, kwargs):
+        """``fn`` on this rank's band of ``x`` (``scale`` rows per latent row), its output
+        gathered whole."""
+        nonlocal warm
+        if not warm:
             # NCCL: the first batch_isend_irecv of a group must involve every rank; a collective
             # first creates the group's communicator whatever the first halo looks like.
-            dist.all_reduce(torch.zeros(1, device=device), group=g)
-            warm[0] = True
+            dist.all_reduce(torch.zeros(1, device=x.device), group=g)
+            warm = True
+        latent_rows = x.shape[-2] // scale
         if latent_rows < world:
             raise ValueError(
                 f"{OP}: {name}.{what}: a latent of {latent_rows} rows cannot give each of "
                 f"{world} ranks a band; use fewer ranks or a taller input"
             )
-        return BandContext(g, balanced_sizes(latent_rows, world), chunk, assemble)
-
-    def band(x: torch.Tensor, ctx: BandContext, scale: int) -> torch.Tensor:
-        lo = ctx_start(ctx) * scale
-        return x.narrow(-2, lo, ctx.base[rank] * scale).contiguous()
-
-    def ctx_start(ctx: BandContext) -> int:
-        return sum(ctx.base[:rank])
+        sizes = balanced_sizes(latent_rows, world)
+        ctx = BandContext(g, sizes, chunk, assemble)
+        band = x.narrow(-2, sum(sizes[:rank]) * scale, sizes[rank] * scale).contiguous()
+        with activate(ctx):
+            out = fn(band, *args, **kwargs)
+            where = f"the output of {what}"
+            return _gather_output(out, lambda t: ctx.layout(t.shape[-2], where), g, out_mode)
 
     decode = getattr(vae, fam.decode)
 
     @functools.wraps(decode)
     def banded_decode(z: torch.Tensor, *args, **kwargs):
         check_tiling()
-        ctx = make_ctx(z.shape[-2], fam.decode, z.device)
-        with activate(ctx):
-            out = decode(band(z, ctx, 1), *args, **kwargs)
-            return _gather_output(out, lambda t: _layout(ctx, t, fam.decode), g, output)
+        return run_banded(decode, fam.decode, z, 1, output, args, kwargs)
 
     setattr(vae, fam.decode, banded_decode)
 
@@ -181,14 +181,7 @@ def parallelize_vae(
                     f"{OP}: {name}.{fam.encode}: input height {x.shape[-2]} is not a multiple "
                     f"of the spatial compression {ratio}"
                 )
-            ctx = make_ctx(x.shape[-2] // ratio, fam.encode, x.device)
-            with activate(ctx):
-                out = encode(band(x, ctx, ratio), *args, **kwargs)
-                return _gather_output(out, lambda t: _layout(ctx, t, fam.encode), g, "all")
+            return run_banded(encode, fam.encode, x, ratio, "all", args, kwargs)
 
         setattr(vae, fam.encode, banded_encode)
     return vae
-
-
-def _layout(ctx: BandContext, t: torch.Tensor, what: str) -> BandLayout:
-    return ctx.layout(t.shape[-2], f"the output of {what}")

@@ -16,11 +16,26 @@ from fractions import Fraction
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
 
-from xdit_ops.parallel.halo import BandLayout, ConvRows, halo_conv
+from xdit_ops.ops.usp_attention import usp_attention
+from xdit_ops.parallel.halo import BandLayout, ConvRows, all_gather_rows, halo_conv
 
 OP = "parallelize_vae"
-SCORE_BYTES = 1 << 30  # attention query chunks keep a [chunk, S] fp32 score matrix under this
+# masked attention: query chunks keep their [chunk, S] fp32 score matrix under this many bytes
+SCORE_BYTES = 1 << 30
+
+
+class UnsupportedModule(NotImplementedError):
+    """A module that row bands cannot run exactly (named by path and class)."""
+
+
+def unsupported(path: str, module: nn.Module, why: str = "") -> UnsupportedModule:
+    """The error for module ``path``: ``parallelize_vae: module <path> (<class>) is not supported``
+    followed by ``why``."""
+    tail = f": {why}" if why else ""
+    cls = type(module).__name__
+    return UnsupportedModule(f"{OP}: module {path} ({cls}) is not supported{tail}")
 
 
 class BandContext:
@@ -90,69 +105,79 @@ def activate(ctx: BandContext) -> Iterator[BandContext]:
 # Convolution
 
 
-def _pair_pad(module: torch.nn.Module, where: str) -> tuple[int, ...]:
-    pad = module.padding
-    if isinstance(pad, str):
-        raise NotImplementedError(f"{OP}: module {where} ({type(module).__name__}) uses "
-                                  f"padding={pad!r}; only explicit padding is supported")
-    return tuple(pad)
+class BandConv:
+    """A convolution module run on bands: its geometry along H and its ``conv_fn`` for
+    :func:`~xdit_ops.parallel.halo.halo_conv`, fixed once when the module is patched (the
+    weights are read at call time, so casting or reloading the module later is seen).
 
-
-def conv_needs_halo(module: torch.nn.Conv2d | torch.nn.Conv3d, extra: tuple[int, int]) -> bool:
-    """False when the convolution reads exactly its own row (kernel, stride 1 along H, no pad)."""
-    pad = module.padding if not isinstance(module.padding, str) else (1, 1, 1)
-    return (module.kernel_size[-2], module.stride[-2], pad[-2], extra) != (1, 1, 0, (0, 0))
-
-
-def band_conv(
-    module: torch.nn.Conv2d | torch.nn.Conv3d,
-    x: torch.Tensor,
-    ctx: BandContext,
-    where: str,
-    *,
-    pad_h: tuple[int, int] | None = None,
-    pad_other: tuple[int, ...] | None = None,
-    mode: str | None = None,
-) -> torch.Tensor:
-    """``module``'s convolution of band ``x`` (``[B, C, H, W]`` or ``[B, C, T, H, W]``).
-
+    Parameters
+    ----------
+    module : the ``nn.Conv2d`` / ``nn.Conv3d`` whose weights convolve bands ``[B, C, H, W]`` /
+        ``[B, C, T, H, W]``.
+    where : the module path, for error messages.
     pad_h : global (top, bottom) padding along H; default the module's own.
     pad_other : padding of the other spatial axes in ``module.padding`` order with H left out
         (``(pw,)`` for 2-D, ``(pt, pw)`` for 3-D); default the module's own.
     mode : the padding mode; default the module's ``padding_mode``.
     """
-    pads = _pair_pad(module, where)
-    if pad_h is None:
-        pad_h = (pads[-2], pads[-2])
-    if pad_other is None:
-        pad_other = pads[:-2] + pads[-1:]
-    mode = mode or module.padding_mode
-    weight, bias = module.weight, module.bias
-    stride, dilation, groups = module.stride, module.dilation, module.groups
-    conv = F.conv2d if x.dim() == 4 else F.conv3d
-    if mode == "zeros":
 
-        def conv_fn(t: torch.Tensor, pad_h: int) -> torch.Tensor:
-            return conv(t, weight, bias, stride, pad_other[:-1] + (pad_h, pad_other[-1]),
-                        dilation, groups)
-    else:
-        # F.pad lists the last axis first: (w, w, h, h[, t, t]); H comes from the halo, and the
-        # zero rows conv_fn may add stand in for rows that halo_conv recomputes.
-        torch_pad = (pad_other[-1], pad_other[-1], 0, 0)
-        if len(pad_other) == 2:
-            torch_pad += (pad_other[0], pad_other[0])
-        zero = (0,) * (len(stride) - 2)
+    def __init__(
+        self,
+        module: nn.Conv2d | nn.Conv3d,
+        where: str,
+        *,
+        pad_h: tuple[int, int] | None = None,
+        pad_other: tuple[int, ...] | None = None,
+        mode: str | None = None,
+    ):
+        if isinstance(module.padding, str):
+            raise unsupported(where, module, f"padding={module.padding!r} (only explicit "
+                                             f"padding)")
+        pads = tuple(module.padding)
+        if pad_h is None:
+            pad_h = (pads[-2], pads[-2])
+        if pad_other is None:
+            pad_other = pads[:-2] + pads[-1:]
+        mode = mode or module.padding_mode
+        stride, dilation, groups = module.stride, module.dilation, module.groups
+        conv = F.conv3d if len(module.kernel_size) == 3 else F.conv2d
+        if mode == "zeros":
+            before, after = pad_other[:-1], pad_other[-1:]  # the axes before and after H
 
-        def conv_fn(t: torch.Tensor, pad_h: int) -> torch.Tensor:
-            return conv(F.pad(t, torch_pad, mode=mode), weight, bias, stride,
-                        zero + (pad_h, 0), dilation, groups)
+            def conv_fn(t: torch.Tensor, pad_h: int) -> torch.Tensor:
+                return conv(t, module.weight, module.bias, stride, before + (pad_h,) + after,
+                            dilation, groups)
+        else:
+            # F.pad lists the last axis first: (w, w, h, h[, t, t]); H comes from the halo, and
+            # the zero rows conv_fn may add stand in for rows that halo_conv recomputes.
+            torch_pad = (pad_other[-1], pad_other[-1], 0, 0)
+            if len(pad_other) == 2:
+                torch_pad += (pad_other[0], pad_other[0])
+            zero = (0,) * (len(stride) - 2)
 
-    geom = ConvRows(module.kernel_size[-2], stride[-2], dilation[-2], pad_h[0], pad_h[1], mode)
-    layout = ctx.layout(x.shape[-2], where)
-    y, out_layout = halo_conv(x, layout, geom, conv_fn, ctx.group, chunk_bytes=ctx.chunk_bytes,
-                              assemble_bytes=ctx.assemble_bytes)
-    ctx.check_proportional(out_layout, where)
-    return y
+            def conv_fn(t: torch.Tensor, pad_h: int) -> torch.Tensor:
+                return conv(F.pad(t, torch_pad, mode=mode), module.weight, module.bias, stride,
+                            zero + (pad_h, 0), dilation, groups)
+
+        self.where = where
+        self.conv_fn = conv_fn
+        self.geom = ConvRows(module.kernel_size[-2], stride[-2], dilation[-2], pad_h[0], pad_h[1],
+                             mode)
+
+    @property
+    def local(self) -> bool:
+        """True when each output row reads only its own input row (a 1-row kernel, stride 1, no
+        padding along H): the module's own forward is then exact on a band."""
+        g = self.geom
+        return (g.kernel, g.stride, g.pad_top, g.pad_bottom) == (1, 1, 0, 0)
+
+    def __call__(self, x: torch.Tensor, ctx: BandContext) -> torch.Tensor:
+        """The convolution of band ``x``: this rank's band of the full output."""
+        layout = ctx.layout(x.shape[-2], self.where)
+        y, out_layout = halo_conv(x, layout, self.geom, self.conv_fn, ctx.group,
+                                  chunk_bytes=ctx.chunk_bytes, assemble_bytes=ctx.assemble_bytes)
+        ctx.check_proportional(out_layout, self.where)
+        return y
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,13 +223,11 @@ def band_group_norm(
     """
     b, c = x.shape[0], x.shape[1]
     xg = x.reshape(b * num_groups, -1)
-    count = xg.shape[1]
     mean, m2 = _local_moments(xg)
-    stats = torch.stack([torch.full_like(mean, float(count)), mean, m2])
-    gathered = [torch.empty_like(stats) for _ in range(ctx.world)]
-    dist.all_gather(gathered, stats, group=ctx.group)
-    allst = torch.stack(gathered).double()  # [world, 3, B*G]
-    n_i, mean_i, m2_i = allst[:, 0], allst[:, 1], allst[:, 2]
+    stats = torch.stack([torch.full_like(mean, float(xg.shape[1])), mean, m2])
+    allst = stats.new_empty(ctx.world * 3, stats.shape[1])
+    dist.all_gather_into_tensor(allst, stats, group=ctx.group)
+    n_i, mean_i, m2_i = allst.view(ctx.world, 3, -1).double().unbind(1)  # [world, B*G] each
     n = n_i.sum(0)
     g_mean = (n_i * mean_i).sum(0) / n
     g_m2 = (m2_i + n_i * (mean_i - g_mean).square()).sum(0)
@@ -213,10 +236,17 @@ def band_group_norm(
     stat_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     mean_c = g_mean.to(stat_dtype).repeat_interleave(per)
     var_c = g_var.to(stat_dtype).repeat_interleave(per)
-    w = None if weight is None else weight.to(stat_dtype).repeat(b)
-    bb = None if bias is None else bias.to(stat_dtype).repeat(b)
+    w, bb = _per_sample(weight, stat_dtype, b), _per_sample(bias, stat_dtype, b)
     y = F.batch_norm(x.reshape(1, b * c, -1), mean_c, var_c, w, bb, False, 0.0, eps)
     return y.reshape(x.shape)
+
+
+def _per_sample(p: torch.Tensor | None, dtype: torch.dtype, b: int) -> torch.Tensor | None:
+    """A per-channel affine parameter as batch_norm's per-(sample, channel) one: ``[b * C]``."""
+    if p is None:
+        return None
+    p = p.to(dtype)  # no copy when it already is
+    return p if b == 1 else p.repeat(b)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,40 +276,26 @@ def band_attention(
     and attends in query chunks, since ``usp_attention`` takes no mask.
     """
     if mask_fn is None:
-        from xdit_ops.ops.usp_attention import usp_attention
-
-        n = q.shape[1]
-        longest = max(counts)
+        n, longest = q.shape[1], max(counts)
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-        if n < longest:
-            def padded(t: torch.Tensor) -> torch.Tensor:
-                return torch.cat([t, t.new_zeros(t.shape[0], longest - n, *t.shape[2:])], 1)
-
-            q, k, v = padded(q), padded(k), padded(v)
-        out = usp_attention(q, k, v, ring_group=ctx.group, shard_lengths=counts)
-        return out[:, :n]
-    kv = torch.stack([k, v])  # [2, B, S_local, H, D]
-    longest = max(counts)
-    if kv.shape[2] < longest:
-        pad = list(kv.shape)
-        pad[2] = longest - kv.shape[2]
-        kv = torch.cat([kv, kv.new_zeros(pad)], dim=2)
-    bufs = [torch.empty_like(kv) for _ in range(ctx.world)]
-    dist.all_gather(bufs, kv.contiguous(), group=ctx.group)
-    full = torch.cat([buf[:, :, :n] for buf, n in zip(bufs, counts, strict=True)], dim=2)
-    del bufs
-    qh, kh, vh = q.transpose(1, 2), full[0].transpose(1, 2), full[1].transpose(1, 2)
+        if n < longest:  # each band padded at its end to the longest: one shard each
+            q, k, v = (F.pad(t, (0, 0, 0, 0, 0, longest - n)) for t in (q, k, v))
+        return usp_attention(q, k, v, ring_group=ctx.group, shard_lengths=counts)[:, :n]
+    # K and V of every band, gathered as the rows of [2, B, S, heads * D]
+    heads = k.shape[2]
+    kv = all_gather_rows(torch.stack([k, v]).flatten(-2), BandLayout(counts), ctx.group)
+    kh, vh = kv.unflatten(-1, (heads, -1)).transpose(2, 3).unbind(0)  # [B, heads, S_total, D]
+    qh = q.transpose(1, 2)
     # Queries go in chunks whose fp32 score matrix stays under SCORE_BYTES: a VAE mid-block at
     # 4096^2 has 262144 tokens of head dim 512, above what the flash kernels take, and a math
     # fallback on the whole band would need tens of GB for the scores.
-    b, heads, s_q, _ = qh.shape
+    b, _, s_q, _ = qh.shape
     step = max(1, SCORE_BYTES // max(1, 4 * b * heads * kh.shape[2]))
     if step >= s_q:
-        m = None if mask_fn is None else mask_fn(0, s_q)
-        return F.scaled_dot_product_attention(qh, kh, vh, attn_mask=m).transpose(1, 2)
+        return F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask_fn(0, s_q)).transpose(1, 2)
     out = qh.new_empty(qh.shape[:-1] + (vh.shape[-1],))
     for i in range(0, s_q, step):
         j = min(s_q, i + step)
-        m = None if mask_fn is None else mask_fn(i, j)
-        out[:, :, i:j] = F.scaled_dot_product_attention(qh[:, :, i:j], kh, vh, attn_mask=m)
+        out[:, :, i:j] = F.scaled_dot_product_attention(qh[:, :, i:j], kh, vh,
+                                                        attn_mask=mask_fn(i, j))
     return out.transpose(1, 2)

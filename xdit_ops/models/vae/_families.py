@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib
 import types
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -23,30 +23,28 @@ from torch import nn
 
 from xdit_ops.models.vae._band import (
     OP,
+    BandConv,
+    UnsupportedModule,
     active,
     band_attention,
-    band_conv,
     band_group_norm,
-    conv_needs_halo,
+    unsupported,
 )
+from xdit_ops.parallel.halo import BandLayout, all_gather_rows
 
-
-class UnsupportedModule(NotImplementedError):
-    """A module that row bands cannot run exactly (named by path and class)."""
-
-
-def unsupported(path: str, module: nn.Module, why: str = "") -> UnsupportedModule:
-    tail = f": {why}" if why else ""
-    cls = type(module).__name__
-    return UnsupportedModule(f"{OP}: module {path} ({cls}) is not supported{tail}")
+__all__ = ["UnsupportedModule", "family_of", "walk_and_patch"]
 
 
 @dataclass
 class Walk:
-    """What the walk over one VAE needs: paths and parents of every module."""
+    """What the walk over one VAE needs: paths and parents of every module, and what the checks
+    found for the patches (all handlers run before any patch is applied)."""
 
     root: nn.Module
     modules: dict[str, nn.Module]
+    # convolution -> (top, bottom) rows of an explicit pad before it (ZeroPad2d, Downsample2D's
+    # F.pad) that become the convolution's global border padding
+    extra_pad_h: dict[nn.Module, tuple[int, int]] = field(default_factory=dict)
 
     def parent(self, path: str) -> tuple[nn.Module, str]:
         head, _, name = path.rpartition(".")
@@ -82,17 +80,16 @@ def _local(walk: Walk, path: str, module: nn.Module) -> None:
 
 def _conv(walk: Walk, path: str, module: nn.Module) -> None:
     if isinstance(module.padding, str):
-        raise unsupported(path, module, f"padding={module.padding!r}")
-    original = module.forward
+        raise unsupported(path, module, f"padding={module.padding!r} (only explicit padding)")
 
-    def fwd(self, ctx, x):
-        e = getattr(self, "_xdit_extra_pad_h", (0, 0))
-        if not conv_needs_halo(self, e):  # 1-row kernels (1x1 projections) are band-local
-            return original(x)
-        pad = self.padding[-2]
-        return band_conv(self, x, ctx, path, pad_h=(pad + e[0], pad + e[1]))
+    def apply() -> None:
+        top, bottom = walk.extra_pad_h.get(module, (0, 0))
+        pad = module.padding[-2]
+        conv = BandConv(module, path, pad_h=(pad + top, pad + bottom))
+        if not conv.local:  # 1-row kernels (1x1 projections) run their own forward on a band
+            _patch(module, lambda self, ctx, x: conv(x, ctx))
 
-    return lambda: _patch(module, fwd)
+    return apply
 
 
 def _zero_pad_2d(walk: Walk, path: str, module: nn.Module) -> None:
@@ -107,15 +104,12 @@ def _zero_pad_2d(walk: Walk, path: str, module: nn.Module) -> None:
     if not isinstance(conv, nn.Conv2d):
         raise unsupported(path, module, "a ZeroPad2d must feed a Conv2d in the same Sequential")
     left, right, top, bottom = module.padding
+    walk.extra_pad_h[conv] = (top, bottom)
 
     def fwd(self, ctx, x):
         return F.pad(x, (left, right, 0, 0), value=self.value)
 
-    def apply() -> None:
-        conv._xdit_extra_pad_h = (top, bottom)
-        _patch(module, fwd)
-
-    return apply
+    return lambda: _patch(module, fwd)
 
 
 def _group_norm(walk: Walk, path: str, module: nn.Module) -> None:
@@ -161,6 +155,7 @@ def _downsample_2d(walk: Walk, path: str, module: nn.Module) -> None:
         return None
     # diffusers pads (0, 1, 0, 1) before the stride-2 convolution: the extra bottom row is
     # padding of the whole image, so it moves into the convolution's global border padding.
+    walk.extra_pad_h[module.conv] = (0, 1)
 
     def fwd(self, ctx, hidden_states, *args, **kwargs):
         if self.norm is not None:
@@ -168,17 +163,14 @@ def _downsample_2d(walk: Walk, path: str, module: nn.Module) -> None:
         hidden_states = F.pad(hidden_states, (0, 1, 0, 0), mode="constant", value=0)
         return self.conv(hidden_states)
 
-    def apply() -> None:
-        module.conv._xdit_extra_pad_h = (0, 1)
-        _patch(module, fwd)
-
-    return apply
+    return lambda: _patch(module, fwd)
 
 
 def attention_tokens(attn, x, ctx, counts, mask_fn=None):
     """A diffusers ``Attention`` (self-attention, AttnProcessor2_0 semantics) on this rank's
-    tokens ``x [B, S_local, C]`` with keys from every rank, up to the output projection (the
-    caller adds the residual and divides by ``rescale_output_factor``)."""
+    tokens ``x [B, S_local, C]`` with keys from every rank: ``[B, S_local, C]``, the residual
+    added and divided by ``rescale_output_factor`` as the processor does."""
+    residual = x
     b = x.shape[0]
     if attn.group_norm is not None:
         x = attn.group_norm(x.transpose(1, 2)).transpose(1, 2)
@@ -194,7 +186,10 @@ def attention_tokens(attn, x, ctx, counts, mask_fn=None):
     if attn.norm_k is not None:
         k = attn.norm_k(k.transpose(1, 2)).transpose(1, 2)
     o = band_attention(q, k, v, ctx, counts, mask_fn).reshape(b, -1, heads * hd).to(q.dtype)
-    return attn.to_out[1](attn.to_out[0](o))
+    o = attn.to_out[1](attn.to_out[0](o))
+    if attn.residual_connection:
+        o = o + residual
+    return o / attn.rescale_output_factor
 
 
 class BandAttnProcessor:
@@ -211,18 +206,14 @@ class BandAttnProcessor:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask,
                                  temb, *args, **kwargs)
         if encoder_hidden_states is not None or attention_mask is not None:
-            raise NotImplementedError(f"{OP}: {self.path}: cross-attention or masks in a VAE")
+            raise unsupported(self.path, attn, "cross-attention or an attention mask")
         if hidden_states.dim() != 4:
-            raise NotImplementedError(f"{OP}: {self.path}: expected [B, C, H, W] hidden states")
+            raise unsupported(self.path, attn, f"hidden states of shape "
+                                               f"{tuple(hidden_states.shape)}, not [B, C, H, W]")
         b, c, h, w = hidden_states.shape
-        layout = ctx.layout(h, self.path)
-        x = hidden_states.view(b, c, h * w).transpose(1, 2)
-        counts = tuple(s * w for s in layout.sizes)
-        o = attention_tokens(attn, x, ctx, counts)
-        o = o.transpose(-1, -2).reshape(b, c, h, w)
-        if attn.residual_connection:
-            o = o + hidden_states
-        return o / attn.rescale_output_factor
+        counts = tuple(s * w for s in ctx.layout(h, self.path).sizes)
+        o = attention_tokens(attn, hidden_states.view(b, c, h * w).transpose(1, 2), ctx, counts)
+        return o.transpose(-1, -2).reshape(b, c, h, w)
 
 
 def _attention(walk: Walk, path: str, module: nn.Module) -> None:
@@ -252,17 +243,16 @@ def _causal_conv_wan(walk: Walk, path: str, module: nn.Module) -> None:
     padding. In bands: time padding and cached frames are concatenated as in the original (the
     cache holds this rank's rows only), H is padded by the halo and the global border."""
     pw, _, ph, _, pt, _ = module._padding
-    if module.kernel_size[-2] == 1 and ph == 0 and module.stride[-2] == 1:
+    conv = BandConv(module, path, pad_h=(ph, ph), pad_other=(0, 0), mode="zeros")
+    if conv.local:
         return None
 
     def fwd(self, ctx, x, cache_x=None):
-        padding = list(self._padding)
-        if cache_x is not None and self._padding[4] > 0:
+        front = pt
+        if cache_x is not None and pt > 0:
             x = torch.cat([cache_x.to(x.device), x], dim=2)
-            padding[4] -= cache_x.shape[2]
-        padding[2] = padding[3] = 0
-        x = F.pad(x, padding)
-        return band_conv(self, x, ctx, path, pad_h=(ph, ph), pad_other=(0, 0), mode="zeros")
+            front -= cache_x.shape[2]
+        return conv(F.pad(x, (pw, pw, 0, 0, front, 0)), ctx)
 
     return lambda: _patch(module, fwd)
 
@@ -296,18 +286,17 @@ def _causal_conv_hunyuan(walk: Walk, path: str, module: nn.Module) -> None:
     """F.pad(replicate) on (W, H, time) then Conv3d: H replicate-padding only at the global
     border, read from the halo elsewhere."""
     pw, _, ph, _, pt, _ = module.time_causal_padding
-    conv = module.conv
-    if any(conv.padding) and module.pad_mode not in ("constant",):
+    cp = module.conv.padding
+    if any(cp) and module.pad_mode not in ("constant",):
         raise unsupported(path, module, "convolution padding after replicate padding")
-    if conv.kernel_size[-2] == 1 and ph == 0 and conv.stride[-2] == 1:
+    conv = BandConv(module.conv, f"{path}.conv", pad_h=(ph + cp[1], ph + cp[1]),
+                    pad_other=(cp[0], cp[2]),
+                    mode="zeros" if module.pad_mode == "constant" else module.pad_mode)
+    if conv.local:
         return None
-    mode = "zeros" if module.pad_mode == "constant" else module.pad_mode
 
     def fwd(self, ctx, x):
-        x = F.pad(x, (pw, pw, 0, 0, pt, 0), mode=self.pad_mode)
-        cp = self.conv.padding
-        return band_conv(self.conv, x, ctx, path, pad_h=(ph + cp[1], ph + cp[1]),
-                         pad_other=(cp[0], cp[2]), mode=mode)
+        return conv(F.pad(x, (pw, pw, 0, 0, pt, 0), mode=self.pad_mode), ctx)
 
     return lambda: _patch(module, fwd)
 
@@ -339,9 +328,6 @@ def _hunyuan_mid_block(walk: Walk, path: str, module: nn.Module) -> None:
                     return k_frame[None, :] <= q_frame[i0:i1, None]
 
                 o = attention_tokens(attn, x, ctx, counts, mask_fn)
-                if attn.residual_connection:
-                    o = o + x
-                o = o / attn.rescale_output_factor
                 hidden_states = o.unflatten(1, (t, h, w)).permute(0, 4, 1, 2, 3)
             hidden_states = resnet(hidden_states)
         return hidden_states
@@ -357,11 +343,13 @@ def _causal_conv_cog(walk: Walk, path: str, module: nn.Module) -> None:
     if module.pad_mode != "replicate":  # time padding by cached frames; H padding in the conv
         return None
     pw, _, ph, _, pt, _ = module.time_causal_padding
+    conv = BandConv(module.conv, f"{path}.conv", pad_h=(ph, ph), pad_other=(0, 0),
+                    mode="replicate")
+    if conv.local:
+        return None
 
     def fwd(self, ctx, inputs, conv_cache=None):
-        x = F.pad(inputs, (pw, pw, 0, 0, pt, 0), mode="replicate")
-        return band_conv(self.conv, x, ctx, path, pad_h=(ph, ph), pad_other=(0, 0),
-                         mode="replicate"), None
+        return conv(F.pad(inputs, (pw, pw, 0, 0, pt, 0), mode="replicate"), ctx), None
 
     return lambda: _patch(module, fwd)
 
@@ -369,6 +357,10 @@ def _causal_conv_cog(walk: Walk, path: str, module: nn.Module) -> None:
 def _cog_downsample(walk: Walk, path: str, module: nn.Module) -> None:
     """CogVideoXDownsample3D pads (0, 1, 0, 1) before a stride-2 Conv2d: the bottom row is
     global border padding."""
+    if module.conv.padding[-2] != 0:
+        raise unsupported(path, module, "padded convolution after explicit padding")
+    conv = BandConv(module.conv, f"{path}.conv", pad_h=(0, 1))
+
     def fwd(self, ctx, x):
         if self.compress_time:  # average pairs of frames (after the first when odd): per pixel
             b, c, t, h, w = x.shape
@@ -384,16 +376,10 @@ def _cog_downsample(walk: Walk, path: str, module: nn.Module) -> None:
         x = F.pad(x, (0, 1, 0, 0))
         b, c, t, h, w = x.shape
         x = x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)
-        x = band_conv(self.conv, x, ctx, path + ".conv", pad_h=(0, 1))
+        x = conv(x, ctx)
         return x.reshape(b, t, x.shape[1], x.shape[2], x.shape[3]).permute(0, 2, 1, 3, 4)
 
-    if module.conv.padding[-2] != 0:
-        raise unsupported(path, module, "padded convolution after explicit padding")
     return lambda: _patch(module, fwd)
-
-
-def _cog_upsample(walk: Walk, path: str, module: nn.Module) -> None:
-    return None  # nearest x2 interpolation (band-local) then a patched Conv2d
 
 
 # ---------------------------------------------------------------------------------------------
@@ -408,16 +394,6 @@ def _ltx_resnet(walk: Walk, path: str, module: nn.Module) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # SANA's AutoencoderDC (ReLU linear attention over all pixels, pixel (un)shuffle, RMS/batch norm)
-
-
-def _gather_last(t: torch.Tensor, counts: tuple[int, ...], ctx) -> torch.Tensor:
-    """Concatenate every rank's ``t [..., n_r]`` along the last axis (uneven n_r)."""
-    longest = max(counts)
-    if t.shape[-1] < longest:
-        t = F.pad(t, (0, longest - t.shape[-1]))
-    bufs = [torch.empty_like(t) for _ in range(ctx.world)]
-    dist.all_gather(bufs, t.contiguous(), group=ctx.group)
-    return torch.cat([b[..., :n] for b, n in zip(bufs, counts, strict=True)], dim=-1)
 
 
 def _sana_linear_attention(walk: Walk, path: str, module: nn.Module) -> None:
@@ -450,11 +426,12 @@ def _sana_linear_attention(walk: Walk, path: str, module: nn.Module) -> None:
             o = torch.matmul(scores, q).float()
             o = (o[:, :, :-1] / (o[:, :, -1:] + self.eps)).to(dtype)
         else:
-            counts = tuple(n * w for n in layout.sizes)
-            k_all, v_all = _gather_last(k, counts, ctx), _gather_last(v, counts, ctx)
-            scores = torch.matmul(k_all.transpose(-1, -2), q).float()
+            # every band's pixels as the rows of [2, B, heads, N, head_dim]
+            counts = BandLayout(tuple(n * w for n in layout.sizes))
+            kv = all_gather_rows(torch.stack([k, v]).transpose(-1, -2), counts, ctx.group)
+            scores = torch.matmul(kv[0], q).float()
             scores = scores / (torch.sum(scores, dim=2, keepdim=True) + self.eps)
-            o = torch.matmul(v_all, scores.to(v_all.dtype))
+            o = torch.matmul(kv[1].transpose(-1, -2), scores.to(kv.dtype))
         o = torch.reshape(o, (b, -1, h, w))
         o = self.to_out(o.movedim(1, -1)).movedim(-1, 1)
         if self.norm_type == "rms_norm":
@@ -482,7 +459,7 @@ def _batch_norm(walk: Walk, path: str, module: nn.Module) -> None:
 
     def fwd(self, ctx, x):
         if self.training:
-            raise NotImplementedError(f"{OP}: {path}: batch norm in training mode")
+            raise unsupported(path, self, "batch norm in training mode (batch statistics)")
         return original(x)
 
     return lambda: _patch(module, fwd)
@@ -497,106 +474,103 @@ _LOCAL_TORCH = (
     nn.ModuleList, nn.Sequential, nn.LayerNorm,
 )
 
-# (module, class name) -> handler. Containers marked _local were read: their forwards only
-# chain listed modules, per-pixel ops, nearest upsampling, and reshapes that keep rows local.
+_AE = "diffusers.models.autoencoders"
+_WAN = f"{_AE}.autoencoder_kl_wan"
+_QWEN = f"{_AE}.autoencoder_kl_qwenimage"
+_HY = f"{_AE}.autoencoder_kl_hunyuan_video"
+_COG = f"{_AE}.autoencoder_kl_cogvideox"
+_LTX = f"{_AE}.autoencoder_kl_ltx"
+_LTX2 = f"{_AE}.autoencoder_kl_ltx2"
+_DC = f"{_AE}.autoencoder_dc"
+_AP = "diffusers.models.attention_processor"
+
+# diffusers classes that need nothing in bands: per-pixel modules and containers whose forwards
+# were read and found to chain only listed modules, per-pixel ops, nearest upsampling and
+# reshapes that keep rows in the band.
+_LOCAL_DIFFUSERS: dict[str, tuple[str, ...]] = {
+    "diffusers.models.activations": ("FP32SiLU",),
+    "diffusers.models.normalization": ("RMSNorm",),
+    "diffusers.models.embeddings": (
+        "PixArtAlphaCombinedTimestepSizeEmbeddings", "TimestepEmbedding", "Timesteps",
+    ),
+    f"{_AE}.vae": ("Encoder", "Decoder"),
+    "diffusers.models.unets.unet_2d_blocks": (
+        "UNetMidBlock2D", "UpDecoderBlock2D", "DownEncoderBlock2D",
+    ),
+    "diffusers.models.upsampling": ("CogVideoXUpsample3D",),  # nearest x2, then a Conv2d
+    _WAN: (
+        "WanRMS_norm", "WanResample", "WanResidualBlock", "WanMidBlock", "WanEncoder3d",
+        "WanDecoder3d", "WanUpBlock", "WanResidualUpBlock", "WanResidualDownBlock", "AvgDown3D",
+        "DupUp3D",
+    ),
+    _QWEN: (
+        "QwenImageRMS_norm", "QwenImageResample", "QwenImageResidualBlock", "QwenImageMidBlock",
+        "QwenImageEncoder3d", "QwenImageDecoder3d", "QwenImageUpBlock",
+    ),
+    _HY: (
+        "HunyuanVideoDownsampleCausal3D", "HunyuanVideoResnetBlockCausal3D",
+        "HunyuanVideoDownBlock3D", "HunyuanVideoUpBlock3D", "HunyuanVideoEncoder3D",
+        "HunyuanVideoDecoder3D",
+    ),
+    _COG: (
+        "CogVideoXSpatialNorm3D",  # nearest resize of the latent band to the band
+        "CogVideoXResnetBlock3D", "CogVideoXDownBlock3D", "CogVideoXMidBlock3D",
+        "CogVideoXUpBlock3D", "CogVideoXEncoder3D", "CogVideoXDecoder3D",
+    ),
+    # LTX CausalConv3d: time padding by frame repeats, H padding in its Conv3d; Downsampler3d /
+    # Upsampler3d: space-to-depth / depth-to-space reshapes that keep rows in the band.
+    _LTX: (
+        "LTXVideoCausalConv3d", "LTXVideoDownsampler3d", "LTXVideoUpsampler3d",
+        "LTXVideoDownBlock3D", "LTXVideo095DownBlock3D", "LTXVideoMidBlock3d",
+        "LTXVideoUpBlock3d", "LTXVideoEncoder3d", "LTXVideoDecoder3d",
+    ),
+    _LTX2: (
+        "LTX2VideoCausalConv3d", "LTX2VideoDownsampler3d", "LTX2VideoUpsampler3d",
+        "LTX2VideoDownBlock3D", "LTX2VideoMidBlock3d", "LTX2VideoUpBlock3d",
+        "LTX2VideoEncoder3d", "LTX2VideoDecoder3d", "PerChannelRMSNorm",
+    ),
+    _DC: (
+        "ResBlock", "EfficientViTBlock", "Encoder", "Decoder",
+        "DCDownBlock2d",  # (strided) conv then pixel_unshuffle: rows stay in the band
+    ),
+    "diffusers.models.transformers.sana_transformer": ("GLUMBConv",),
+    _AP: ("SanaMultiscaleAttentionProjection",),
+}
+
+# (module, class name) -> handler: the diffusers classes that are checked or patched.
 _DIFFUSERS: dict[tuple[str, str], Handler] = {
-    ("diffusers.models.activations", "FP32SiLU"): _local,
-    ("diffusers.models.normalization", "RMSNorm"): _local,
-    ("diffusers.models.autoencoders.vae", "Encoder"): _local,
-    ("diffusers.models.autoencoders.vae", "Decoder"): _local,
-    ("diffusers.models.unets.unet_2d_blocks", "UNetMidBlock2D"): _local,
-    ("diffusers.models.unets.unet_2d_blocks", "UpDecoderBlock2D"): _local,
-    ("diffusers.models.unets.unet_2d_blocks", "DownEncoderBlock2D"): _local,
     ("diffusers.models.resnet", "ResnetBlock2D"): _resnet_2d,
     ("diffusers.models.upsampling", "Upsample2D"): _upsample_2d,
     ("diffusers.models.downsampling", "Downsample2D"): _downsample_2d,
-    ("diffusers.models.attention_processor", "Attention"): _attention,
-}
-for _fam, _mod in (("Wan", "autoencoder_kl_wan"), ("QwenImage", "autoencoder_kl_qwenimage")):
-    _m = f"diffusers.models.autoencoders.{_mod}"
-    _DIFFUSERS.update({
-        (_m, f"{_fam}CausalConv3d"): _causal_conv_wan,
-        (_m, f"{_fam}RMS_norm"): _local,
-        (_m, f"{_fam}Upsample"): _nearest_upsample,
-        (_m, f"{_fam}Resample"): _local,
-        (_m, f"{_fam}ResidualBlock"): _local,
-        (_m, f"{_fam}AttentionBlock"): _wan_attention,
-        (_m, f"{_fam}MidBlock"): _local,
-        (_m, f"{_fam}Encoder3d"): _local,
-        (_m, f"{_fam}Decoder3d"): _local,
-        (_m, f"{_fam}UpBlock"): _local,
-    })
-_WAN = "diffusers.models.autoencoders.autoencoder_kl_wan"
-_DIFFUSERS.update({
-    (_WAN, "WanResidualUpBlock"): _local,
-    (_WAN, "WanResidualDownBlock"): _local,
-    (_WAN, "AvgDown3D"): _local,
-    (_WAN, "DupUp3D"): _local,
-})
-
-
-_HY = "diffusers.models.autoencoders.autoencoder_kl_hunyuan_video"
-_DIFFUSERS.update({
+    (_AP, "Attention"): _attention,
+    (_WAN, "WanCausalConv3d"): _causal_conv_wan,
+    (_WAN, "WanUpsample"): _nearest_upsample,
+    (_WAN, "WanAttentionBlock"): _wan_attention,
+    (_QWEN, "QwenImageCausalConv3d"): _causal_conv_wan,
+    (_QWEN, "QwenImageUpsample"): _nearest_upsample,
+    (_QWEN, "QwenImageAttentionBlock"): _wan_attention,
     (_HY, "HunyuanVideoCausalConv3d"): _causal_conv_hunyuan,
     (_HY, "HunyuanVideoUpsampleCausal3D"): _hunyuan_upsample,
-    (_HY, "HunyuanVideoDownsampleCausal3D"): _local,
-    (_HY, "HunyuanVideoResnetBlockCausal3D"): _local,
     (_HY, "HunyuanVideoMidBlock3D"): _hunyuan_mid_block,
-    (_HY, "HunyuanVideoDownBlock3D"): _local,
-    (_HY, "HunyuanVideoUpBlock3D"): _local,
-    (_HY, "HunyuanVideoEncoder3D"): _local,
-    (_HY, "HunyuanVideoDecoder3D"): _local,
-})
-_COG = "diffusers.models.autoencoders.autoencoder_kl_cogvideox"
-_DIFFUSERS.update({
     (_COG, "CogVideoXSafeConv3d"): _conv,
     (_COG, "CogVideoXCausalConv3d"): _causal_conv_cog,
-    (_COG, "CogVideoXSpatialNorm3D"): _local,  # nearest resize of the latent band to the band
-    (_COG, "CogVideoXResnetBlock3D"): _local,
-    (_COG, "CogVideoXDownBlock3D"): _local,
-    (_COG, "CogVideoXMidBlock3D"): _local,
-    (_COG, "CogVideoXUpBlock3D"): _local,
-    (_COG, "CogVideoXEncoder3D"): _local,
-    (_COG, "CogVideoXDecoder3D"): _local,
     ("diffusers.models.downsampling", "CogVideoXDownsample3D"): _cog_downsample,
-    ("diffusers.models.upsampling", "CogVideoXUpsample3D"): _cog_upsample,
-})
-for _mod, _pre in (("autoencoder_kl_ltx", "LTXVideo"), ("autoencoder_kl_ltx2", "LTX2Video")):
-    _m = f"diffusers.models.autoencoders.{_mod}"
-    _DIFFUSERS.update({
-        (_m, f"{_pre}CausalConv3d"): _local,  # time padding by frame repeats; H in its Conv3d
-        (_m, f"{_pre}ResnetBlock3d"): _ltx_resnet,
-        (_m, f"{_pre}Downsampler3d"): _local,  # space-to-depth reshapes keep rows in the band
-        (_m, f"{_pre}Upsampler3d"): _local,  # depth-to-space
-        (_m, f"{_pre}DownBlock3D"): _local,
-        (_m, f"{_pre}MidBlock3d"): _local,
-        (_m, f"{_pre}UpBlock3d"): _local,
-        (_m, f"{_pre}Encoder3d"): _local,
-        (_m, f"{_pre}Decoder3d"): _local,
-    })
-_LTX = "diffusers.models.autoencoders.autoencoder_kl_ltx"
-_DIFFUSERS.update({
-    (_LTX, "LTXVideo095DownBlock3D"): _local,
-    ("diffusers.models.autoencoders.autoencoder_kl_ltx2", "PerChannelRMSNorm"): _local,
-    ("diffusers.models.embeddings", "PixArtAlphaCombinedTimestepSizeEmbeddings"): _local,
-    ("diffusers.models.embeddings", "TimestepEmbedding"): _local,
-    ("diffusers.models.embeddings", "Timesteps"): _local,
-})
-
-
-_DC = "diffusers.models.autoencoders.autoencoder_dc"
-_DIFFUSERS.update({
-    (_DC, "ResBlock"): _local,
-    (_DC, "EfficientViTBlock"): _local,
-    (_DC, "DCDownBlock2d"): _local,  # (strided) conv then pixel_unshuffle: rows stay in band
+    (_LTX, "LTXVideoResnetBlock3d"): _ltx_resnet,
+    (_LTX2, "LTX2VideoResnetBlock3d"): _ltx_resnet,
     (_DC, "DCUpBlock2d"): _dc_up,
-    (_DC, "Encoder"): _local,
-    (_DC, "Decoder"): _local,
-    ("diffusers.models.transformers.sana_transformer", "GLUMBConv"): _local,
-    ("diffusers.models.attention_processor", "SanaMultiscaleLinearAttention"):
-        _sana_linear_attention,
-    ("diffusers.models.attention_processor", "SanaMultiscaleAttentionProjection"): _local,
-})
+    (_AP, "SanaMultiscaleLinearAttention"): _sana_linear_attention,
+}
+_DIFFUSERS.update(
+    {(module, name): _local for module, names in _LOCAL_DIFFUSERS.items() for name in names}
+)
+
+
+def _class(module: str, name: str) -> type | None:
+    """``module.name`` from the installed diffusers, or None where that version lacks it."""
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return None
 
 
 def registry() -> dict[type, Handler]:
@@ -604,12 +578,10 @@ def registry() -> dict[type, Handler]:
     table: dict[type, Handler] = {cls: _local for cls in _LOCAL_TORCH}
     table.update({nn.Conv2d: _conv, nn.Conv3d: _conv, nn.GroupNorm: _group_norm,
                   nn.ZeroPad2d: _zero_pad_2d, nn.BatchNorm2d: _batch_norm})
-    for (mod, name), handler in _DIFFUSERS.items():
-        try:
-            cls = getattr(importlib.import_module(mod), name)
-        except (ImportError, AttributeError):
-            continue
-        table[cls] = handler
+    for (module, name), handler in _DIFFUSERS.items():
+        cls = _class(module, name)
+        if cls is not None:
+            table[cls] = handler
     return table
 
 
@@ -654,29 +626,20 @@ def _as_tuple(v, n: int) -> tuple:
 
 
 _FAMILIES: dict[tuple[str, str], Family] = {
-    ("diffusers.models.autoencoders.autoencoder_dc", "AutoencoderDC"): Family(_ratio_attr),
-    ("diffusers.models.autoencoders.autoencoder_kl_hunyuan_video", "AutoencoderKLHunyuanVideo"):
-        Family(_ratio_attr),
-    ("diffusers.models.autoencoders.autoencoder_kl_cogvideox", "AutoencoderKLCogVideoX"):
-        Family(_kl_ratio),
-    ("diffusers.models.autoencoders.autoencoder_kl_ltx", "AutoencoderKLLTXVideo"):
-        Family(_ratio_attr),
-    ("diffusers.models.autoencoders.autoencoder_kl_ltx2", "AutoencoderKLLTX2Video"):
-        Family(_ltx2_ratio),
-    ("diffusers.models.autoencoders.autoencoder_kl", "AutoencoderKL"): Family(_kl_ratio),
-    ("diffusers.models.autoencoders.autoencoder_kl_wan", "AutoencoderKLWan"): Family(_wan_ratio),
-    ("diffusers.models.autoencoders.autoencoder_kl_qwenimage", "AutoencoderKLQwenImage"):
-        Family(_qwen_ratio),
+    (_DC, "AutoencoderDC"): Family(_ratio_attr),
+    (_HY, "AutoencoderKLHunyuanVideo"): Family(_ratio_attr),
+    (_COG, "AutoencoderKLCogVideoX"): Family(_kl_ratio),
+    (_LTX, "AutoencoderKLLTXVideo"): Family(_ratio_attr),
+    (_LTX2, "AutoencoderKLLTX2Video"): Family(_ltx2_ratio),
+    (f"{_AE}.autoencoder_kl", "AutoencoderKL"): Family(_kl_ratio),
+    (_WAN, "AutoencoderKLWan"): Family(_wan_ratio),
+    (_QWEN, "AutoencoderKLQwenImage"): Family(_qwen_ratio),
 }
 
 
 def family_of(vae: nn.Module) -> Family:
-    for (mod, name), fam in _FAMILIES.items():
-        try:
-            cls = getattr(importlib.import_module(mod), name)
-        except (ImportError, AttributeError):
-            continue
-        if type(vae) is cls:
+    for (module, name), fam in _FAMILIES.items():
+        if type(vae) is _class(module, name):
             return fam
     known = ", ".join(name for _, name in _FAMILIES)
     raise UnsupportedModule(f"{OP}: VAE class {type(vae).__name__} is not supported (supported: "
