@@ -233,6 +233,15 @@ def _chunked_out(out_recv, B, J, L, H, joint_front):
     return out
 
 
+def _rows_per_destination(dst, o, J, L):
+    """``dst [U, B, J + L, h, D]`` <- this rank's output ``o [B, J + U*L, h, D]`` (joint rows
+    first): destination ``u`` gets every joint row and its own ``L`` sequence rows."""
+    U, B = dst.shape[:2]
+    if J:
+        dst[:, :, :J] = o[:, :J].unsqueeze(0)
+    dst[:, :, J:] = o[:, J:].reshape(B, U, L, *o.shape[2:]).permute(1, 0, 2, 3, 4)
+
+
 def _pipelined_chunks(H: int, U: int, R: int) -> int:
     """Head chunks for the pipelined Ulysses path (``XDIT_OPS_USP_CHUNKS``, default 1).
 
@@ -273,9 +282,7 @@ def _ulysses_pipelined(q_s, k_s, v_s, q_j, k_j, v_j, J, Jk, joint_front, heads, 
         o, lse = attend(*_place(recv[c].reshape(-1), U, B, L, hc, q_j, k_j, v_j, h0 + c * hc,
                                 J, Jk))
         lses.append(lse)
-        if J:
-            out_send[c, :, :, :J] = o[:, :J].unsqueeze(0)
-        out_send[c, :, :, J:] = o[:, J:].reshape(B, U, L, hc, D).permute(1, 0, 2, 3, 4)
+        _rows_per_destination(out_send[c], o, J, L)
         out_works.append(dist.all_to_all_single(out_recv[c], out_send[c], group=ug,
                                                 async_op=True))
     for w in out_works:
@@ -284,7 +291,7 @@ def _ulysses_pipelined(q_s, k_s, v_s, q_j, k_j, v_j, J, Jk, joint_front, heads, 
     return out, torch.cat(lses, dim=1) if C > 1 else lses[0]
 
 
-def _ulysses_out(o_h, J, L, heads, u_rank, ug, joint_front, H):
+def _ulysses_out(o_h, J, L, heads, ug, joint_front):
     """All-to-all back: [B, J + U*L, h_me, D] (joint rows first) -> [B, J + L, H, D]."""
     B, _, h_me, D = o_h.shape
     U = len(heads)
@@ -293,9 +300,7 @@ def _ulysses_out(o_h, J, L, heads, u_rank, ug, joint_front, H):
         send = o_h  # [1, U*L, h, D] is already [U, 1, L, h, D]: no copy
     else:
         send = o_h.new_empty(U, B, J + L, h_me, D)
-        if J:
-            send[:, :, :J] = o_h[:, :J].unsqueeze(0)
-        send[:, :, J:] = o_h[:, J:].reshape(B, U, L, h_me, D).permute(1, 0, 2, 3, 4)
+        _rows_per_destination(send, o_h, J, L)
     out_splits = [B * (J + L) * hj * D for hj in heads]
     recv = o_h.new_empty(sum(out_splits))
     even = all(h == heads[0] for h in heads)
@@ -306,11 +311,11 @@ def _ulysses_out(o_h, J, L, heads, u_rank, ug, joint_front, H):
     return torch.ops.xdit_ops.ulysses_unpack_out.default(recv, list(heads), B, J, L, joint_front)
 
 
-def _lse_out(lse_h, J, L, heads, u_rank, ug, joint_front, H):
+def _lse_out(lse_h, J, L, heads, ug, joint_front):
     """LSE back to the local layout: [B, h_me, J + U*L] -> [B, H, J + L]."""
     # Reuse the output exchange with a head_dim of 1: [B, rows, h, 1].
     o = lse_h.transpose(1, 2).unsqueeze(-1).contiguous()
-    back = _ulysses_out(o, J, L, heads, u_rank, ug, joint_front, H)  # [B, J+L, H, 1]
+    back = _ulysses_out(o, J, L, heads, ug, joint_front)  # [B, J+L, H, 1]
     return back.squeeze(-1).transpose(1, 2).contiguous()
 
 
@@ -328,30 +333,13 @@ def ring_transport(device: torch.device) -> str:
     return choice if device.type == "cuda" else "nccl"
 
 
-_RING_BUFFERS: dict[tuple, tuple[torch.Tensor, object]] = {}
-_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
+_SIDE_STREAMS: dict[tuple[int, int], torch.cuda.Stream] = {}
 
 
 def _ring_buffers(group: dist.ProcessGroup, shape: tuple, dtype: torch.dtype,
                   device: torch.device):
-    """Two K/V block buffers in symmetric memory (peer-mapped), allocated once per shape.
-
-    The rendezvous is collective and host-blocking, so it happens on the first call with a
-    shape (all ranks agree on shapes: the metadata check runs first), never in a CUDA graph.
-    """
-    key = (group.group_name, shape, dtype, device)
-    if key not in _RING_BUFFERS:
-        import warnings
-
-        import torch.distributed._symmetric_memory as symm_mem
-
-        with warnings.catch_warnings():  # needed before torch 2.10, deprecated (a no-op) after
-            warnings.simplefilter("ignore", FutureWarning)
-            symm_mem.enable_symm_mem_for_group(group.group_name)
-        buf = symm_mem.empty((2, *shape), dtype=dtype, device=device)
-        handle = symm_mem.rendezvous(buf, group.group_name)
-        _RING_BUFFERS[key] = (buf, handle)
-    return _RING_BUFFERS[key]
+    """Two K/V block buffers in symmetric memory (peer-mapped), allocated once per shape."""
+    return _symm_buffer(group, "ring", (2, *shape), dtype, device)
 
 
 def _side_stream(device: torch.device, which: int = 0) -> torch.cuda.Stream:
@@ -457,9 +445,7 @@ def _ulysses_ce(q_s, k_s, v_s, q_j, k_j, v_j, J, Jk, joint_front, heads, u_rank,
         o, lse = attend(*_place(recv[c].reshape(-1), U, B, L, hc, q_j, k_j, v_j, h0 + c * hc,
                                 J, Jk))
         lses.append(lse)
-        if J:
-            osym[c, :, :, :J] = o[:, :J].unsqueeze(0)
-        osym[c, :, :, J:] = o[:, J:].reshape(B, U, L, hc, D).permute(1, 0, 2, 3, 4)
+        _rows_per_destination(osym[c], o, J, L)
         s0.wait_stream(compute)
         with torch.cuda.stream(s0):
             hout.barrier(channel=0)  # chunk c's output is in every rank's buffer
@@ -679,11 +665,11 @@ def _usp_impl(q, k, v, joint_lengths, joint_tokens, joint_front, seq_len, scale,
           and all(x == heads[0] for x in heads)):
         out, lse_h = _ulysses_ce(q_s, k_s, v_s, q_j, k_j, v_j, J, Jk, joint_front, heads, u_rank,
                                  ug, attend)
-        lse = _lse_out(lse_h, J, L, heads, u_rank, ug, joint_front, H) if return_lse else None
+        lse = _lse_out(lse_h, J, L, heads, ug, joint_front) if return_lse else None
     elif not squeeze and (chunks := _pipelined_chunks(H, U, R)) > 1:
         out, lse_h = _ulysses_pipelined(q_s, k_s, v_s, q_j, k_j, v_j, J, Jk, joint_front, heads,
                                         u_rank, ug, chunks, attend)
-        lse = _lse_out(lse_h, J, L, heads, u_rank, ug, joint_front, H) if return_lse else None
+        lse = _lse_out(lse_h, J, L, heads, ug, joint_front) if return_lse else None
     else:
         h_me = heads[u_rank]
         recv = _ulysses_in(q_s, k_s, v_s, heads, u_rank, ug)  # [U, 3, B, L, h, D], flat
@@ -691,8 +677,8 @@ def _usp_impl(q, k, v, joint_lengths, joint_tokens, joint_front, seq_len, scale,
         if squeeze:
             kv = squeezed(kv)
         out_h, lse_h = attend(qbuf, kv, kj, vj)
-        out = _ulysses_out(out_h, J, L, heads, u_rank, ug, joint_front, H)
-        lse = _lse_out(lse_h, J, L, heads, u_rank, ug, joint_front, H) if return_lse else None
+        out = _ulysses_out(out_h, J, L, heads, ug, joint_front)
+        lse = _lse_out(lse_h, J, L, heads, ug, joint_front) if return_lse else None
     if not return_lse:
         return out.contiguous(), q.new_empty((0,), dtype=torch.float32)
     return out.contiguous(), lse.float().contiguous()
