@@ -34,6 +34,7 @@ import common  # noqa: E402
 import xdit_ops  # noqa: E402, F401  (registers the ops)
 from xdit_ops import _extension  # noqa: E402
 from xdit_ops.ops.ulysses_pack import (  # noqa: E402
+    _place_cpu,  # the op's torch reference: the copies usp_attention made before the kernel
     ulysses_pack_qkv,
     ulysses_place_gathered,
     ulysses_unpack_out,
@@ -70,22 +71,6 @@ def torch_pack(q, k, v, heads):
         off += n
         start += hj
     return send
-
-
-def torch_place(recv_in, U, B, L, h, q_j, k_j, v_j, J):
-    """``usp_attention._place_gathered`` for rank 0 (heads [0, h)), joint K/V inline."""
-    D = recv_in.numel() // (U * 3 * B * L * h)
-    g = recv_in.view(U, 3, B, L, h, D).permute(1, 2, 0, 3, 4, 5)
-    hs = slice(0, h)
-    qbuf = g.new_empty(B, J + U * L, h, D)
-    qbuf[:, J:].view(B, U, L, h, D).copy_(g[0])
-    kv = g.new_empty(2, B, J + U * L, h, D)
-    kv[:, :, J:].view(2, B, U, L, h, D).copy_(g[1:])
-    if J:
-        qbuf[:, :J] = q_j[:, :, hs]
-        kv[0, :, :J] = k_j[:, :, hs]
-        kv[1, :, :J] = v_j[:, :, hs]
-    return qbuf, kv
 
 
 def torch_unpack(recv, heads, B, J, L, joint_front):
@@ -130,7 +115,7 @@ def candidates(q, k, v, recv, recv_in, heads, B, J, L, es) -> dict[str, tuple[di
         "pack": ({tag: lambda: torch_pack(q, k, v, heads),
                   "xdit_op": lambda: ulysses_pack_qkv(q, k, v, heads)},
                  2 * 3 * q.shape[0] * q.shape[1] * H * D * es),
-        "place": ({"torch_copies": lambda: torch_place(recv_in, U, B, L, h, *joint, J),
+        "place": ({"torch_copies": lambda: _place_cpu(recv_in, U, B, L, h, *joint, 0, True),
                    "xdit_op": lambda: ulysses_place_gathered(recv_in, U, B, L, h, *joint, 0,
                                                              True)},
                   2 * 3 * B * (J + U * L) * h * D * es),
