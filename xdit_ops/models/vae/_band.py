@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from fractions import Fraction
 
 import torch
 import torch.distributed as dist
@@ -59,18 +58,18 @@ class BandContext:
         got = self._layouts.get(h)
         if got is not None:
             return got
-        f = Fraction(h, self.base[self.rank])
+        mine = self.base[self.rank]
         sizes = []
         for c in self.base:
-            v = f * c
-            if v.denominator != 1:
+            v, rem = divmod(h * c, mine)  # the band of c latent rows times h / mine
+            if rem:
                 raise ValueError(
                     f"{OP}: {where}: an activation of {h} rows on rank {self.rank} is not the "
                     f"latent band ({self.base[self.rank]} of {self.base} rows) times a factor "
                     f"that keeps every band whole; this VAE changes height in a way row bands "
                     f"cannot follow"
                 )
-            sizes.append(int(v))
+            sizes.append(v)
         got = BandLayout(tuple(sizes))
         self._layouts[h] = got
         return got
