@@ -337,18 +337,13 @@ def _worker_api(rank: int, world: int) -> None:
         assert rel_err(out, ref) <= FP32_MAX_REL
     else:
         assert out.shape[-2] == 0
-    # attention in query chunks (the path that keeps 4096^2 mid-block scores bounded)
-    from xdit_ops.models.vae import _band
-
-    budget = _band.SCORE_BYTES
-    _band.SCORE_BYTES = 256
-    try:
-        with torch.no_grad():
-            chunked = vae.decode(z).sample
-    finally:
-        _band.SCORE_BYTES = budget
+    # A second decode of the same patched VAE gives the same result (cached plans, symmetric
+    # state). (Query chunking of the masked attention is covered by the HunyuanVideo case of
+    # test_vae_matches_serial: this KL VAE's attention runs through usp_attention's ring.)
+    with torch.no_grad():
+        again = vae.decode(z).sample
     if rank == 0:
-        assert rel_err(chunked, ref) <= FP32_MAX_REL
+        assert rel_err(again, ref) <= FP32_MAX_REL
     with pytest.raises(ValueError, match="already parallelised"):
         parallelize_vae(vae, group=dist.group.WORLD)
     vae.enable_tiling()
