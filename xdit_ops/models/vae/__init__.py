@@ -15,6 +15,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from xdit_ops.models.vae._band import OP, BandContext, UnsupportedModule, activate
 from xdit_ops.models.vae._families import family_of, walk_and_patch
+from xdit_ops.models.vae._frames import FrameGraphs, frame_graphs_enabled
 from xdit_ops.parallel.halo import all_gather_rows, balanced_sizes, gather_rows_to
 
 __all__ = ["UnsupportedModule", "parallelize_vae"]
@@ -69,6 +70,7 @@ def parallelize_vae(
     output: Literal["all", "rank0"] = "all",
     conv_chunk_mb: int = 256,
     halo_assemble_mb: int = 64,
+    frame_graphs: bool | None = None,
 ) -> nn.Module:
     """Make ``vae.decode`` / ``vae.encode`` run on row bands across the ranks of a group.
 
@@ -100,6 +102,14 @@ def parallelize_vae(
         VAE that are launch-bound). Larger bands are convolved in place while the halo travels,
         with zeros standing in for it, and only the boundary rows are recomputed (no copy).
         0: always the latter.
+    frame_graphs : for VAEs that decode frame by frame (Wan 2.1/2.2, Qwen-Image), on CUDA:
+        capture the per-frame decoder step in a CUDA graph once its shapes settle (from the
+        third or fourth frame) and replay it for the remaining frames, halo exchanges and
+        attention included (one launch per frame instead of thousands; the banded step is
+        host-bound otherwise). The graphs and their memory pool are kept between decodes for
+        the same shapes and weights (``vae._xdit_frame_graphs.release()`` frees them;
+        ``vae._xdit_frame_graphs.enabled = False`` decodes eagerly).
+        Default None: on unless the environment sets ``XDIT_OPS_VAE_GRAPHS=0``.
 
     Returns
     -------
@@ -127,6 +137,10 @@ def parallelize_vae(
     world = dist.get_world_size(g)
     rank = dist.get_rank(g)
     name = type(vae).__name__
+    graphs = frame_graphs_enabled(frame_graphs) and fam.frame_decoder
+    if graphs:
+        vae._xdit_frame_graphs = FrameGraphs(vae.decoder, vae.decoder.forward)
+        vae.decoder.forward = vae._xdit_frame_graphs
 
     def check_tiling() -> None:
         if getattr(vae, "use_tiling", False):

@@ -243,7 +243,9 @@ def _causal_conv_wan(walk: Walk, path: str, module: nn.Module) -> None:
     padding. In bands: time padding and cached frames are concatenated as in the original (the
     cache holds this rank's rows only), H is padded by the halo and the global border."""
     pw, _, ph, _, pt, _ = module._padding
-    conv = BandConv(module, path, pad_h=(ph, ph), pad_other=(0, 0), mode="zeros")
+    # W's zero padding is the convolution's own (no padded copy of the input); time is padded
+    # in front only, and only until the cache holds the frames it needs (the first frames).
+    conv = BandConv(module, path, pad_h=(ph, ph), pad_other=(0, pw), mode="zeros")
     if conv.local:
         return None
 
@@ -252,7 +254,9 @@ def _causal_conv_wan(walk: Walk, path: str, module: nn.Module) -> None:
         if cache_x is not None and pt > 0:
             x = torch.cat([cache_x.to(x.device), x], dim=2)
             front -= cache_x.shape[2]
-        return conv(F.pad(x, (pw, pw, 0, 0, front, 0)), ctx)
+        if front > 0:
+            x = F.pad(x, (0, 0, 0, 0, front, 0))
+        return conv(x, ctx)
 
     return lambda: _patch(module, fwd)
 
@@ -592,6 +596,8 @@ class Family:
     spatial_ratio: Callable[[nn.Module], int]
     decode: str = "_decode"
     encode: str | None = "_encode"
+    # decodes frame by frame through ``decoder(x, feat_cache=, feat_idx=)``: per-frame graphs
+    frame_decoder: bool = False
 
 
 def _kl_ratio(vae: nn.Module) -> int:
@@ -632,8 +638,8 @@ _FAMILIES: dict[tuple[str, str], Family] = {
     (_LTX, "AutoencoderKLLTXVideo"): Family(_ratio_attr),
     (_LTX2, "AutoencoderKLLTX2Video"): Family(_ltx2_ratio),
     (f"{_AE}.autoencoder_kl", "AutoencoderKL"): Family(_kl_ratio),
-    (_WAN, "AutoencoderKLWan"): Family(_wan_ratio),
-    (_QWEN, "AutoencoderKLQwenImage"): Family(_qwen_ratio),
+    (_WAN, "AutoencoderKLWan"): Family(_wan_ratio, frame_decoder=True),
+    (_QWEN, "AutoencoderKLQwenImage"): Family(_qwen_ratio, frame_decoder=True),
 }
 
 

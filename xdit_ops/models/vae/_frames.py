@@ -1,0 +1,149 @@
+"""CUDA graphs of a causal video decoder's per-frame step (Wan 2.1/2.2, Qwen-Image).
+
+These VAEs decode a video one latent frame at a time: ``decoder(x[:, :, i:i+1], feat_cache=...,
+feat_idx=...)`` runs every layer on one frame and leaves, in ``feat_cache``, the last input
+frames of each causal convolution for the next call. On row bands a frame step is a few
+thousand small kernels (convolutions, halo packs, NCCL sends and receives) whose launch costs
+more host time than the GPU spends on them: the banded decode is host-bound.
+
+After the first frames the step is a fixed point of shapes: the same input shape and the same
+cache shapes before and after the call. :class:`FrameGraphs` notices that (a call whose cache
+signature is unchanged by the call), captures the next call with that signature into a CUDA
+graph whose inputs are static buffers (the frame and one buffer per cache entry) and which ends
+by copying the new cache entries into the input buffers, and from then on replays it: one
+launch per frame. The halo exchanges (NCCL point-to-point) and the mid-block attention
+(``usp_attention`` over NCCL) are captured with the rest; every rank captures at the same frame,
+because the signature depends on the frame count only.
+
+A graph is keyed on everything its pointers and shapes depend on: the frame's shape, dtype and
+device, the cache signature, the band split, and the address of every decoder parameter (moving
+or casting the VAE gives new addresses: a new graph). Only the newest ``max_graphs`` graphs are
+kept; ``release()`` frees them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from xdit_ops.models.vae._band import active
+
+__all__ = ["FrameGraphs", "frame_graphs_enabled"]
+
+
+def frame_graphs_enabled(option: bool | None) -> bool:
+    """The ``frame_graphs`` option of ``parallelize_vae``: None reads ``XDIT_OPS_VAE_GRAPHS``
+    (default on)."""
+    if option is not None:
+        return bool(option)
+    return os.environ.get("XDIT_OPS_VAE_GRAPHS", "1") != "0"
+
+
+def _cache_signature(cache: list) -> tuple | None:
+    """Shapes and dtypes of the cache entries, or None while any entry is not a tensor (the
+    first frames: None, or a marker string of the temporal upsampler)."""
+    sig = []
+    for t in cache:
+        if not isinstance(t, torch.Tensor):
+            return None
+        sig.append((tuple(t.shape), t.dtype))
+    return tuple(sig)
+
+
+class _Graph:
+    __slots__ = ("graph", "x", "cache", "out", "idx_after")
+
+    def __init__(self, graph, x, cache, out, idx_after):
+        self.graph = graph
+        self.x = x
+        self.cache = cache
+        self.out = out
+        self.idx_after = idx_after
+
+
+class FrameGraphs:
+    """The replacement of ``decoder.forward``: eager outside a band decode, on the CPU, on the
+    first chunk and until the step's shapes settle; a CUDA graph replay after that.
+
+    Parameters
+    ----------
+    decoder : the VAE's decoder module (its parameters key the graphs).
+    forward : the decoder's original bound ``forward``.
+    max_graphs : graphs kept (least recently used dropped).
+    """
+
+    def __init__(self, decoder: nn.Module, forward: Callable, max_graphs: int = 2):
+        self.decoder = decoder
+        self.forward = forward
+        self.max_graphs = max_graphs
+        self.graphs: OrderedDict[tuple, _Graph] = OrderedDict()
+        self.steady: set[tuple] = set()
+        self.pool = None
+        self.enabled = True
+        self.captures = 0  # graphs captured so far (tests and benchmarks read it)
+        self.replays = 0
+
+    def release(self) -> None:
+        """Drop every graph and its memory pool."""
+        self.graphs.clear()
+        self.steady.clear()
+        self.pool = None
+
+    def __call__(self, x, *args, **kwargs):
+        ctx = active()
+        feat_cache = kwargs.get("feat_cache")
+        feat_idx = kwargs.get("feat_idx")
+        eager = (ctx is None or not self.enabled or not x.is_cuda or args
+                 or feat_cache is None or feat_idx is None or kwargs.get("first_chunk")
+                 or set(kwargs) - {"feat_cache", "feat_idx", "first_chunk"}
+                 or torch.cuda.is_current_stream_capturing())
+        sig = None if eager else _cache_signature(feat_cache)
+        if sig is None:
+            return self.forward(x, *args, **kwargs)
+        key = (tuple(x.shape), x.dtype, x.device, feat_idx[0], sig, id(ctx.group), ctx.base,
+               tuple(p.data_ptr() for p in self.decoder.parameters()))
+        entry = self.graphs.get(key)
+        if entry is None and key in self.steady:
+            entry = self._capture(key, x, feat_cache, feat_idx)
+        if entry is None:
+            idx0 = feat_idx[0]
+            out = self.forward(x, feat_cache=feat_cache, feat_idx=feat_idx)
+            if _cache_signature(feat_cache) == sig and feat_idx[0] > idx0:
+                self.steady.add(key)  # the next call with this key is captured
+            return out
+        self.graphs.move_to_end(key)
+        return self._replay(entry, x, feat_cache, feat_idx)
+
+    def _capture(self, key, x, feat_cache, feat_idx) -> _Graph:
+        static_x = x.clone()
+        cache = [t.clone() for t in feat_cache]
+        work = list(cache)
+        idx = [feat_idx[0]]
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = self.forward(static_x, feat_cache=work, feat_idx=idx)
+            for buf, new in zip(cache, work, strict=True):
+                if new is not buf:
+                    buf.copy_(new)  # the step's new cache becomes the next step's input
+        self.pool = graph.pool()
+        self.captures += 1
+        entry = _Graph(graph, static_x, cache, out, idx[0])
+        self.graphs[key] = entry
+        while len(self.graphs) > self.max_graphs:
+            self.graphs.popitem(last=False)
+        return entry
+
+    def _replay(self, e: _Graph, x, feat_cache, feat_idx) -> torch.Tensor:
+        e.x.copy_(x)
+        for i, (buf, cur) in enumerate(zip(e.cache, feat_cache, strict=True)):
+            if cur is not buf:
+                buf.copy_(cur)
+                feat_cache[i] = buf
+        e.graph.replay()
+        self.replays += 1
+        feat_idx[0] = e.idx_after
+        return e.out.clone()
