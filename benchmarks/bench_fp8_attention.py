@@ -7,11 +7,11 @@ offset and outlier channels), in one process, timed interleaved
 
 * ``cudnn_bf16``: ``F.scaled_dot_product_attention`` on BHSD views under the cuDNN backend,
   the baseline;
-* per available implementation ``<impl>`` of the FP8 op (``triton``; ``sm90`` when
-  ``XDIT_OPS_FP8_IMPL=sm90`` can run): ``<impl>_total``, the op end to end (quantization
-  included), what a model pays, and ``<impl>_kernel``, the attention kernel alone on
-  pre-quantized inputs; ``triton_quant`` is the quantization pass alone (both implementations
-  use it).
+* per available implementation ``<impl>`` of the FP8 op (``triton``; ``sm90`` and ``sm90ws``
+  when ``XDIT_OPS_FP8_IMPL=sm90`` / ``sm90ws`` can run): ``<impl>_total``, the op end to end
+  (quantization included), what a model pays, and ``<impl>_kernel``, the attention kernel
+  alone on pre-quantized inputs; ``triton_quant`` is the quantization pass alone (every
+  implementation uses it).
 
 Reported per row: median ms, TFLOPS = 4*B*H*S^2*D / t (also for the quantization pass, so that
 ``total`` and ``kernel`` compare), speed-up over cuDNN bf16, and for ``cudnn_bf16`` and
@@ -49,7 +49,7 @@ from xdit_ops.reference.fp8_attention import (  # noqa: E402
 
 SHAPES = [(1, 4608, 24, 128), (1, 16896, 24, 128), (1, 32760, 40, 128), (2, 4250, 24, 64)]
 BASELINE = "cudnn_bf16"
-IMPLS = ("triton", "sm90")
+IMPLS = ("triton", "sm90", "sm90ws")
 
 
 def _shape(text: str) -> tuple[int, int, int, int]:
@@ -92,12 +92,13 @@ def candidates(q, k, v, impls: list[str]) -> dict[str, Callable[[], object]]:
             qq = quantize_qkv_triton(q, k, v)
             fns["triton_kernel"] = lambda qq=qq: attention_quantized_triton(qq, q.dtype, False)
             fns["triton_quant"] = lambda: quantize_qkv_triton(q, k, v)
-        else:  # sm90: the native attention kernel after the (shared) Triton quantization pass
+        else:  # sm90, sm90ws: a native kernel after the (shared) Triton quantization pass
             from xdit_ops.ops.fp8_attention import attention_quantized_sm90
             from xdit_ops.triton.fp8_attention import quantize_qkv_triton
 
             qq = quantize_qkv_triton(q, k, v)
-            fns["sm90_kernel"] = lambda qq=qq: attention_quantized_sm90(qq, q.dtype, False)
+            fns[f"{impl}_kernel"] = lambda qq=qq, impl=impl: attention_quantized_sm90(
+                qq, q.dtype, False, impl)
         fns[f"{impl}_total"] = _with_impl(impl, lambda: xdit_ops.fp8_attention(q, k, v))
     return fns
 

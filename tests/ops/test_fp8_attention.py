@@ -306,6 +306,33 @@ def test_opcheck_cpu():
         torch.library.opcheck(torch.ops.xdit_ops.fp8_attention.default, args)
 
 
+def test_sm90_ops_fake_and_schemes():
+    """The native kernels' ops exist on a CPU-only install (schema + fake), and each names the
+    scheme it computes; an unknown kernel name is an error that names the op."""
+    from xdit_ops.ops.fp8_attention import (
+        IMPLS,
+        SM90_IMPLS,
+        attention_quantized_sm90,
+        sm90_scheme,
+    )
+
+    assert set(SM90_IMPLS) <= set(IMPLS)
+    qq = quantize_qkv_ref(*dit_like_qkv(2, 40, 3, 72, seed=4))
+    meta = {f: getattr(qq, f).to("meta") for f in ("q", "q_scale", "k", "k_scale", "vt",
+                                                   "v_scale", "lse_corr")}
+    like = torch.empty(0, dtype=torch.float16, device="meta")
+    for name in SM90_IMPLS.values():
+        op = getattr(torch.ops.xdit_ops, name).default
+        out, lse = op(meta["q"], meta["q_scale"], meta["k"], meta["k_scale"], meta["vt"],
+                      meta["v_scale"], meta["lse_corr"], qq.seqlen_k, qq.head_dim, like, True)
+        assert out.shape == (2, 40, 3, 72) and out.dtype == torch.float16
+        assert lse.shape == (2, 3, 40) and lse.dtype == torch.float32
+    # Both kernels walk 64-key tiles: the op's scheme (and the quantization pass's padding).
+    assert sm90_scheme("sm90") == SCHEME and sm90_scheme("sm90ws") == SCHEME
+    with pytest.raises(ValueError, match="fp8_attention: unknown sm90 kernel 'sm91'"):
+        attention_quantized_sm90(qq, torch.float16, impl="sm91")
+
+
 def _compiled_fn(q, k, v):
     out, lse = xdit_ops.fp8_attention(q, k, v, return_lse=True)
     return out.float() * 2.0 + 1.0, lse.exp().sum(-1)
@@ -472,35 +499,54 @@ def test_triton_attention_matches_emulation_gpu(B, Sq, Sk, H, D, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.sm90
+@pytest.mark.parametrize("impl", ["sm90", "sm90ws"])
 @pytest.mark.parametrize("B,Sq,Sk,H,D,dtype", [
     (1, 4097, 4097, 2, 128, torch.bfloat16),
     (2, 1000, 1531, 3, 64, torch.float16),
     (3, 77, 300, 30, 72, torch.bfloat16),
     (1, 33, 5, 2, 128, torch.float16),
+    # 128 query rows per CTA in sm90ws: a second consumer past the last row, and 64-key tiles
+    # that wrap the 4-stage ring several times.
+    (2, 190, 640, 2, 128, torch.bfloat16),
 ])
-def test_sm90_attention_matches_emulation(B, Sq, Sk, H, D, dtype):
-    """The native kernel on the emulation's quantized inputs; same bar as the Triton kernel."""
-    from xdit_ops.ops.fp8_attention import attention_quantized_sm90, sm90_kernel_loaded
+def test_sm90_attention_matches_emulation(impl, B, Sq, Sk, H, D, dtype):
+    """A native kernel on the emulation's quantized inputs, against the emulation of the scheme
+    it computes (sm90_scheme: 64-key tiles); same bar as the Triton kernel."""
+    from xdit_ops.ops.fp8_attention import attention_quantized_sm90, sm90_kernel_loaded, sm90_scheme
 
-    if not sm90_kernel_loaded():
-        pytest.skip("xdit_ops._C_sm90 has no fp8_attention_sm90_fwd kernel")
+    if not sm90_kernel_loaded(impl):
+        pytest.skip(f"xdit_ops._C_sm90 has no {impl} kernel")
     q, k, v = dit_like_qkv(B, max(Sq, Sk), H, D, seed=Sq, dtype=dtype, device="cuda")
     q, k, v = q[:, :Sq], k[:, :Sk], v[:, :Sk]
     qq = quantize_qkv_ref(q, k, v)
-    out, lse = attention_quantized_sm90(qq, dtype)
+    out, lse = attention_quantized_sm90(qq, dtype, impl=impl)
     assert out.shape == (B, Sq, H, D) and out.dtype == dtype and lse.shape == (B, H, Sq)
-    emu_out, emu_lse = fp8_attention_quantized_ref(qq, dtype)
+    emu_out, emu_lse = fp8_attention_quantized_ref(qq, dtype, sm90_scheme(impl))
     ref, _ = _oracle(q, k, v)
     drift = attention_error_metrics(out, emu_out)
     own = attention_error_metrics(emu_out, ref)
     assert drift["rel_l1"] <= 0.1 * own["rel_l1"], (drift, own)
     assert (lse - emu_lse).abs().max().item() < 1e-3
-    out2, lse2 = attention_quantized_sm90(qq, dtype, return_lse=False)
+    out2, lse2 = attention_quantized_sm90(qq, dtype, return_lse=False, impl=impl)
     assert torch.equal(out2, out) and lse2.numel() == 0
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("impl", ["triton", "sm90"])
+@pytest.mark.sm90
+def test_sm90ws_without_keys_is_the_emulation():
+    from xdit_ops.ops.fp8_attention import attention_quantized_sm90, sm90_kernel_loaded
+
+    if not sm90_kernel_loaded("sm90ws"):
+        pytest.skip("xdit_ops._C_sm90 has no sm90ws kernel")
+    q, k, v = dit_like_qkv(1, 70, 2, 128, seed=3, device="cuda")
+    qq = quantize_qkv_ref(q, k[:, :0], v[:, :0])
+    out, lse = attention_quantized_sm90(qq, q.dtype, impl="sm90ws")
+    emu_out, emu_lse = fp8_attention_quantized_ref(qq, q.dtype)
+    assert torch.equal(out, emu_out) and torch.equal(lse, emu_lse)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", ["triton", "sm90", "sm90ws"])
 @pytest.mark.parametrize("B,S,H,D", [(1, 16384, 4, 128), (1, 32760, 2, 128), (2, 4250, 8, 64)])
 def test_gate_gpu(monkeypatch, impl, B, S, H, D):
     why = _gpu_impl_available(impl)

@@ -11,6 +11,9 @@ CUDA implementations, chosen by ``XDIT_OPS_FP8_IMPL``:
 ``sm90``              the Triton quantization pass + the native sm_90a attention kernel
                       (``xdit_ops::fp8_attention_sm90_fwd`` from ``xdit_ops._C_sm90``; opt-in
                       until its GPU test passes; an error where it cannot run).
+``sm90ws``            the Triton quantization pass + the warp-specialised sm_90a kernel
+                      (``xdit_ops::fp8_attention_sm90ws_fwd``: TMA producer warp, two consumer
+                      warpgroups in ping-pong; opt-in, an error where it cannot run).
 ``emulation``         the CPU emulation's torch ops run on the GPU (slow; for debugging).
 
 The op is lossy by design (INT8 Q K^T, FP8 P.V), so ``attention(..., backend="auto")`` never
@@ -21,15 +24,23 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import replace
 
 import torch
 
 from xdit_ops import _extension
 from xdit_ops.ops._lib import lib
-from xdit_ops.reference.fp8_attention import fp8_attention_ref, padded_head_dim
+from xdit_ops.reference.fp8_attention import (
+    SCHEME,
+    Fp8AttentionScheme,
+    fp8_attention_ref,
+    padded_head_dim,
+)
 
 OP = "fp8_attention"
-IMPLS = ("triton", "sm90", "emulation")
+IMPLS = ("triton", "sm90", "sm90ws", "emulation")
+# The native kernels and the xdit_ops::<op> each runs (same schema, same inputs).
+SM90_IMPLS = {"sm90": "fp8_attention_sm90_fwd", "sm90ws": "fp8_attention_sm90ws_fwd"}
 DTYPES = (torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 128
 
@@ -39,17 +50,30 @@ lib.define(
 )
 # The sm_90a kernel on the quantization pass's output (QuantizedQKV); its CUDA kernel lives in
 # xdit_ops._C_sm90 (csrc/cuda/sm90/fp8_attention_sm90.cpp).
-lib.define(
-    "fp8_attention_sm90_fwd(Tensor q8, Tensor q_scale, Tensor k8, Tensor k_scale, Tensor vt8, "
-    "Tensor v_scale, Tensor lse_corr, int seqlen_k, int head_dim, Tensor out_like, "
-    "bool return_lse) -> (Tensor, Tensor)"
-)
+# fp8_attention_sm90ws_fwd: the warp-specialised kernel (csrc/include/xdit_ops/
+# fp8_attention_sm90_ws.cuh), same inputs and outputs.
+for _name in SM90_IMPLS.values():
+    lib.define(
+        f"{_name}(Tensor q8, Tensor q_scale, Tensor k8, Tensor k_scale, Tensor vt8, "
+        "Tensor v_scale, Tensor lse_corr, int seqlen_k, int head_dim, Tensor out_like, "
+        "bool return_lse) -> (Tensor, Tensor)"
+    )
 SM90_OP = "xdit_ops::fp8_attention_sm90_fwd"
+SM90WS_OP = "xdit_ops::fp8_attention_sm90ws_fwd"
 
 
-def sm90_kernel_loaded() -> bool:
-    """Whether xdit_ops._C_sm90 registered the CUDA kernel of ``fp8_attention_sm90_fwd``."""
-    return torch._C._dispatch_has_kernel_for_dispatch_key(SM90_OP, "CUDA")
+def sm90_kernel_loaded(impl: str = "sm90") -> bool:
+    """Whether xdit_ops._C_sm90 registered the CUDA kernel of ``impl``'s op (``sm90``:
+    ``fp8_attention_sm90_fwd``, ``sm90ws``: ``fp8_attention_sm90ws_fwd``)."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"xdit_ops::{SM90_IMPLS[impl]}", "CUDA")
+
+
+def sm90_scheme(impl: str = "sm90") -> Fp8AttentionScheme:
+    """The scheme whose emulation (``fp8_attention_quantized_ref``) the native kernel ``impl``
+    computes: both walk the keys in 64-key tiles (their kBlockN), i.e. the op's ``SCHEME``."""
+    if impl not in SM90_IMPLS:
+        raise ValueError(f"{OP}: unknown sm90 kernel {impl!r}; one of {tuple(SM90_IMPLS)}")
+    return replace(SCHEME, block_n=64)
 
 
 def unusable_reason(device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
@@ -71,14 +95,14 @@ def unusable_reason(device: torch.device, dtype: torch.dtype, head_dim: int) -> 
         return None
     if torch.cuda.get_device_capability(device.index or 0) < (8, 9):
         return "fp8 attention's kernels need FP8 tensor cores (sm_89 or newer)"
-    if impl == "sm90":
+    if impl in SM90_IMPLS:
         if torch.cuda.get_device_capability(device.index or 0) != (9, 0):
-            return "XDIT_OPS_FP8_IMPL=sm90 needs a Hopper (sm_90) GPU"
+            return f"XDIT_OPS_FP8_IMPL={impl} needs a Hopper (sm_90) GPU"
         if not _extension.has("_C_sm90"):
-            return f"XDIT_OPS_FP8_IMPL=sm90 but xdit_ops._C_sm90 is not loaded: " \
+            return f"XDIT_OPS_FP8_IMPL={impl} but xdit_ops._C_sm90 is not loaded: " \
                    f"{_extension.reason('_C_sm90')}"
-        if not sm90_kernel_loaded():
-            return "XDIT_OPS_FP8_IMPL=sm90: xdit_ops._C_sm90 has no fp8_attention_sm90_fwd kernel"
+        if not sm90_kernel_loaded(impl):
+            return f"XDIT_OPS_FP8_IMPL={impl}: xdit_ops._C_sm90 has no {SM90_IMPLS[impl]} kernel"
     try:
         import triton  # noqa: F401  (the quantization pass is Triton for both implementations)
     except ImportError as exc:
@@ -132,21 +156,28 @@ def _fp8_attention_cuda(q, k, v, scale=None, return_lse=False):
         return _finish(q, out, lse, return_lse)
     from xdit_ops.triton.fp8_attention import fp8_attention_triton, quantize_qkv_triton
 
-    if impl == "sm90":
+    if impl in SM90_IMPLS:
         qq = quantize_qkv_triton(q, k, v, scale)
-        out, lse = attention_quantized_sm90(qq, q.dtype, return_lse)
+        out, lse = attention_quantized_sm90(qq, q.dtype, return_lse, impl)
     else:
         out, lse = fp8_attention_triton(q, k, v, scale, return_lse)
     return _finish(q, out, lse, return_lse)
 
 
-def attention_quantized_sm90(qq, out_dtype: torch.dtype, return_lse: bool = True):
-    """The sm_90a kernel on a :class:`~xdit_ops.reference.fp8_attention.QuantizedQKV`:
-    (out [B, Sq, H, D] ``out_dtype``, lse [B, H, Sq] fp32 or [B, H, 0])."""
+def attention_quantized_sm90(qq, out_dtype: torch.dtype, return_lse: bool = True,
+                             impl: str = "sm90"):
+    """A native sm_90a kernel on a :class:`~xdit_ops.reference.fp8_attention.QuantizedQKV`:
+    (out [B, Sq, H, D] ``out_dtype``, lse [B, H, Sq] fp32 or [B, H, 0]).
+
+    ``impl``: ``"sm90"`` (one warpgroup per 64 query rows) or ``"sm90ws"`` (warp-specialised:
+    TMA producer, two consumer warpgroups per 128 rows). Both compute the emulation of
+    :func:`sm90_scheme` (impl)."""
+    if impl not in SM90_IMPLS:
+        raise ValueError(f"{OP}: unknown sm90 kernel {impl!r}; one of {tuple(SM90_IMPLS)}")
     like = qq.q_scale.new_empty(0, dtype=out_dtype)
-    return torch.ops.xdit_ops.fp8_attention_sm90_fwd.default(
-        qq.q, qq.q_scale, qq.k, qq.k_scale, qq.vt, qq.v_scale, qq.lse_corr, qq.seqlen_k,
-        qq.head_dim, like, return_lse)
+    op = getattr(torch.ops.xdit_ops, SM90_IMPLS[impl]).default
+    return op(qq.q, qq.q_scale, qq.k, qq.k_scale, qq.vt, qq.v_scale, qq.lse_corr, qq.seqlen_k,
+              qq.head_dim, like, return_lse)
 
 
 lib.impl(OP, _fp8_attention_cpu, "CPU")
@@ -162,13 +193,16 @@ def _fp8_attention_fake(q, k, v, scale=None, return_lse=False):
     return out, lse
 
 
-@torch.library.register_fake(SM90_OP)
 def _fp8_attention_sm90_fwd_fake(q8, q_scale, k8, k_scale, vt8, v_scale, lse_corr, seqlen_k,
                                  head_dim, out_like, return_lse):
     B, H, Sq, _ = q8.shape
     out = q8.new_empty((B, Sq, H, head_dim), dtype=out_like.dtype)
     lse = q8.new_empty((B, H, Sq if return_lse else 0), dtype=torch.float32)
     return out, lse
+
+
+for _op in (SM90_OP, SM90WS_OP):
+    torch.library.register_fake(_op)(_fp8_attention_sm90_fwd_fake)
 
 
 def fp8_attention(
@@ -207,4 +241,4 @@ def fp8_attention(
 
 
 __all__ = ["attention_quantized_sm90", "fp8_attention", "padded_head_dim", "sm90_kernel_loaded",
-           "unusable_reason"]
+           "sm90_scheme", "unusable_reason"]

@@ -1,25 +1,32 @@
-// Torch-aware launcher of xdit_ops::fp8_attention_sm90_fwd (schema in
-// xdit_ops/ops/fp8_attention.py): the sm_90a FP8 attention kernel on the quantization pass's
-// output (QuantizedQKV layouts).
+// Torch-aware launchers of xdit_ops::fp8_attention_sm90_fwd and
+// xdit_ops::fp8_attention_sm90ws_fwd (schemas in xdit_ops/ops/fp8_attention.py): the sm_90a FP8
+// attention kernels (one warpgroup with cp.async; warp-specialised with TMA) on the
+// quantization pass's output (QuantizedQKV layouts). Both take the same inputs and checks.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cstdint>
+#include <limits>
 #include <tuple>
 
 #include "utils.h"
 #include "xdit_ops/fp8_attention_sm90.h"
+#include "xdit_ops/fp8_attention_sm90_ws.h"
 
 namespace xdit_ops {
 
-std::tuple<at::Tensor, at::Tensor> fp8_attention_sm90_fwd_cuda(
-    const at::Tensor& q8, const at::Tensor& q_scale, const at::Tensor& k8,
-    const at::Tensor& k_scale, const at::Tensor& vt8, const at::Tensor& v_scale,
-    const at::Tensor& lse_corr, int64_t seqlen_k, int64_t head_dim, const at::Tensor& out_like,
-    bool return_lse) {
-  constexpr const char* kOp = "fp8_attention_sm90_fwd";
+namespace {
+
+enum class Sm90Kernel { kOneWarpgroup, kWarpSpecialized };
+
+std::tuple<at::Tensor, at::Tensor> run_fp8_attention_sm90(
+    const char* kOp, Sm90Kernel kernel, const at::Tensor& q8, const at::Tensor& q_scale,
+    const at::Tensor& k8, const at::Tensor& k_scale, const at::Tensor& vt8,
+    const at::Tensor& v_scale, const at::Tensor& lse_corr, int64_t seqlen_k, int64_t head_dim,
+    const at::Tensor& out_like, bool return_lse) {
   XDIT_CHECK(q8.is_cuda(), kOp, ": tensors must be on a CUDA device, got ", q8.device());
   for (const at::Tensor* t : {&q_scale, &k8, &k_scale, &vt8, &v_scale, &lse_corr}) {
     XDIT_CHECK(t->device() == q8.device(), kOp, ": tensors are on different devices (",
@@ -56,9 +63,23 @@ std::tuple<at::Tensor, at::Tensor> fp8_attention_sm90_fwd_cuda(
   XDIT_CHECK(out_type == at::kHalf || out_type == at::kBFloat16, kOp,
              ": output dtype must be float16 or bfloat16, got ", out_type);
 
+  if (kernel == Sm90Kernel::kWarpSpecialized) {
+    // TMA reads from 16-byte aligned global addresses (row strides are DP and Sk_pad bytes).
+    for (const at::Tensor* t : {&q8, &k8, &vt8}) {
+      XDIT_CHECK(reinterpret_cast<std::uintptr_t>(t->const_data_ptr()) % 16 == 0, kOp,
+                 ": quantized inputs must start 16-byte aligned");
+    }
+  }
+
   const c10::cuda::CUDAGuard guard(q8.device());
   at::Tensor out = at::empty({B, Sq, H, head_dim}, q8.options().dtype(out_type));
   at::Tensor lse = at::empty({B, H, return_lse ? Sq : 0}, q8.options().dtype(at::kFloat));
+  if (kernel == Sm90Kernel::kWarpSpecialized && seqlen_k == 0) {
+    // No keys: what the emulation returns (the kernel needs at least one key tile).
+    out.zero_();
+    lse.fill_(-std::numeric_limits<float>::infinity());
+    return {out, lse};
+  }
   Fp8AttentionSm90Params p;
   p.q8 = q8.const_data_ptr<int8_t>();
   p.q_scale = q_scale.const_data_ptr<float>();
@@ -77,14 +98,42 @@ std::tuple<at::Tensor, at::Tensor> fp8_attention_sm90_fwd_cuda(
   p.seq_k = static_cast<int>(seqlen_k);
   p.seq_k_pad = static_cast<int>(Skp);
   p.head_dim = static_cast<int>(head_dim);
-  XDIT_CUDA_CHECK(fp8_attention_sm90(p, static_cast<int>(B), static_cast<int>(DP),
-                                     to_dtype(out_type, kOp),
-                                     c10::cuda::getCurrentCUDAStream().stream()));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  if (kernel == Sm90Kernel::kWarpSpecialized) {
+    XDIT_CUDA_CHECK(fp8_attention_sm90_ws(p, static_cast<int>(B), static_cast<int>(DP),
+                                          to_dtype(out_type, kOp), stream));
+  } else {
+    XDIT_CUDA_CHECK(fp8_attention_sm90(p, static_cast<int>(B), static_cast<int>(DP),
+                                       to_dtype(out_type, kOp), stream));
+  }
   return {out, lse};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> fp8_attention_sm90_fwd_cuda(
+    const at::Tensor& q8, const at::Tensor& q_scale, const at::Tensor& k8,
+    const at::Tensor& k_scale, const at::Tensor& vt8, const at::Tensor& v_scale,
+    const at::Tensor& lse_corr, int64_t seqlen_k, int64_t head_dim, const at::Tensor& out_like,
+    bool return_lse) {
+  return run_fp8_attention_sm90("fp8_attention_sm90_fwd", Sm90Kernel::kOneWarpgroup, q8,
+                                q_scale, k8, k_scale, vt8, v_scale, lse_corr, seqlen_k,
+                                head_dim, out_like, return_lse);
+}
+
+std::tuple<at::Tensor, at::Tensor> fp8_attention_sm90ws_fwd_cuda(
+    const at::Tensor& q8, const at::Tensor& q_scale, const at::Tensor& k8,
+    const at::Tensor& k_scale, const at::Tensor& vt8, const at::Tensor& v_scale,
+    const at::Tensor& lse_corr, int64_t seqlen_k, int64_t head_dim, const at::Tensor& out_like,
+    bool return_lse) {
+  return run_fp8_attention_sm90("fp8_attention_sm90ws_fwd", Sm90Kernel::kWarpSpecialized, q8,
+                                q_scale, k8, k_scale, vt8, v_scale, lse_corr, seqlen_k,
+                                head_dim, out_like, return_lse);
 }
 
 }  // namespace xdit_ops
 
 TORCH_LIBRARY_IMPL(xdit_ops, CUDA, m) {
   m.impl("fp8_attention_sm90_fwd", &xdit_ops::fp8_attention_sm90_fwd_cuda);
+  m.impl("fp8_attention_sm90ws_fwd", &xdit_ops::fp8_attention_sm90ws_fwd_cuda);
 }

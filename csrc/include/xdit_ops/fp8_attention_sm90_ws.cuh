@@ -1,0 +1,441 @@
+// Warp-specialised sm_90a FP8 attention kernel (torch-free): TMA producer, two consumer
+// warpgroups that take turns on the tensor cores. Numerics: the reference SCHEME (64-key tiles),
+// the same as fp8_attention_sm90.cuh; see fp8_attention_sm90_ws.h.
+//
+// CTA = 3 warpgroups (384 threads) for 128 query rows of one (batch, head):
+//
+// * warpgroup 0, the producer, gives registers back (setmaxnreg.dec to 40); one thread issues
+//   TMA loads (descriptors built on the host, CuTe make_tma_copy): Q once (two 64-row boxes),
+//   then K [64 keys, Dp] and V^T [Dp, 64 keys] tiles into a kStages-deep ring. Each stage has a
+//   "full" mbarrier per operand (transaction bytes) and an "empty" one that the 256 consumer
+//   threads arrive on when the wgmmas that read the stage have completed; K and V have their
+//   own barriers, so a K slot is refilled as soon as both Q K^T products used it.
+// * warpgroups 1 and 2, the consumers (setmaxnreg.inc to 232), own 64 query rows each and walk
+//   every key tile. Per "slot" a consumer issues, as one wgmma batch, Q K^T of tile t (s32
+//   accumulators) and P.V of tile t - 1 (e4m3 P from shared memory, fp32 accumulator from zero),
+//   waits, adds P.V to the fp32 output accumulator (two-level accumulation) and runs the softmax
+//   of tile t, which writes P as e4m3 to its shared-memory P buffer. The two consumers take
+//   turns issuing their batch (two named barriers: a consumer issues after the other has issued
+//   its own), so one consumer's softmax overlaps the other's GEMMs (FlashAttention-3's
+//   "ping-pong" schedule).
+//
+// Operands sit in shared memory in the GMMA K-major swizzled layouts that TMA writes
+// (128-byte swizzle for 128-byte Q/K rows, 64-byte otherwise); both products are SS wgmmas.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
+#include <cuda_runtime.h>
+
+#include <cute/tensor.hpp>  // first: the atom headers below expect it
+#include <cute/atom/copy_traits_sm90_tma.hpp>
+#include <cute/atom/mma_traits_sm90_gmma.hpp>
+#include <cutlass/arch/barrier.h>
+#include <cutlass/arch/reg_reconfig.h>
+
+#include "xdit_ops/fp8_attention_sm90.cuh"
+#include "xdit_ops/fp8_attention_sm90_ws.h"
+
+namespace xdit_ops {
+namespace fp8_sm90_ws {
+
+using namespace cute;
+using cutlass::arch::ClusterBarrier;
+using cutlass::arch::ClusterTransactionBarrier;
+using fp8_sm90::from_float;
+using fp8_sm90::int_to_float_exact;
+using fp8_sm90::kLn2;
+using fp8_sm90::kPShift;
+using fp8_sm90::quad_max;
+using fp8_sm90::quad_sum;
+
+constexpr int kBlockM = 64;  // query rows per consumer warpgroup
+constexpr int kConsumers = 2;
+constexpr int kBlockN = kFp8AttentionSm90WsBlockN;  // the scheme's block_n
+constexpr int kStages = 4;
+constexpr int kThreads = 128 * (1 + kConsumers);
+// 40 * 128 + 232 * 256 = 64512 <= 65536 registers; launch_bounds(384, 1) gives 168 each first.
+constexpr int kProducerRegs = 40;
+constexpr int kConsumerRegs = 232;
+// Named barriers (0 is __syncthreads): 1 + w = "consumer w may issue its GEMMs" (256 threads:
+// its own 128 sync, the other consumer's 128 arrive); 3 + w = consumer w's P is in shared
+// memory (its 128 threads).
+constexpr int kSchedBarrier = 1;
+constexpr int kPBarrier = 3;
+
+static_assert(kBlockN == 64, "the P/V^T shared layouts below assume 64-byte rows of 64 keys");
+
+template <int kDP>
+struct Cfg {
+  using AtomQK = std::conditional_t<kDP == 128, GMMA::Layout_K_SW128_Atom<int8_t>,
+                                    GMMA::Layout_K_SW64_Atom<int8_t>>;
+  using AtomF8 = GMMA::Layout_K_SW64_Atom<cutlass::float_e4m3_t>;
+  using SmemQ = decltype(tile_to_shape(AtomQK{}, Shape<Int<kBlockM>, Int<kDP>>{}));
+  using SmemQAll =
+      decltype(tile_to_shape(AtomQK{}, Shape<Int<kBlockM>, Int<kDP>, Int<kConsumers>>{}));
+  using SmemK = decltype(tile_to_shape(AtomQK{}, Shape<Int<kBlockN>, Int<kDP>>{}));
+  using SmemKAll =
+      decltype(tile_to_shape(AtomQK{}, Shape<Int<kBlockN>, Int<kDP>, Int<kStages>>{}));
+  using SmemVt = decltype(tile_to_shape(AtomF8{}, Shape<Int<kDP>, Int<kBlockN>>{}));
+  using SmemVtAll =
+      decltype(tile_to_shape(AtomF8{}, Shape<Int<kDP>, Int<kBlockN>, Int<kStages>>{}));
+  using SmemPAll =
+      decltype(tile_to_shape(AtomF8{}, Shape<Int<kBlockM>, Int<kBlockN>, Int<kConsumers>>{}));
+  using MmaQK = decltype(make_tiled_mma(SM90::GMMA::MMA_64x64x32_S32S8S8_SS_TN{}));
+  using MmaPV = typename fp8_sm90::MmaPVSel<kDP>::type;
+  static constexpr uint32_t kQBytes = kBlockM * kDP;
+  static constexpr uint32_t kKBytes = kBlockN * kDP;
+  static constexpr uint32_t kVBytes = kDP * kBlockN;
+};
+
+// Every operand buffer starts on a 1 KB boundary (the swizzle pattern's repeat), each stage
+// and each consumer's slice is a multiple of 1 KB.
+template <int kDP>
+struct alignas(1024) Storage {
+  alignas(1024) int8_t q[kConsumers * kBlockM * kDP];
+  alignas(1024) int8_t k[kStages * kBlockN * kDP];
+  alignas(1024) cutlass::float_e4m3_t vt[kStages * kDP * kBlockN];
+  alignas(1024) cutlass::float_e4m3_t p[kConsumers * kBlockM * kBlockN];
+  uint64_t q_full;
+  uint64_t k_full[kStages];
+  uint64_t v_full[kStages];
+  uint64_t k_empty[kStages];
+  uint64_t v_empty[kStages];
+};
+
+// TMA descriptors over the QuantizedQKV buffers, as 3-D tensors (rows, Dp or keys, batch*head)
+// so that a box never reaches into the next head: rows past the end read as zeros.
+template <int kDP>
+auto make_tma_q(const int8_t* q8, int seq_q, int bh) {
+  Tensor g = make_tensor(make_gmem_ptr(q8), make_shape(seq_q, Int<kDP>{}, bh),
+                         make_stride(int64_t(kDP), _1{}, int64_t(seq_q) * kDP));
+  return make_tma_copy(SM90_TMA_LOAD{}, g, typename Cfg<kDP>::SmemQ{});
+}
+
+template <int kDP>
+auto make_tma_k(const int8_t* k8, int seq_k_pad, int bh) {
+  Tensor g = make_tensor(make_gmem_ptr(k8), make_shape(seq_k_pad, Int<kDP>{}, bh),
+                         make_stride(int64_t(kDP), _1{}, int64_t(seq_k_pad) * kDP));
+  return make_tma_copy(SM90_TMA_LOAD{}, g, typename Cfg<kDP>::SmemK{});
+}
+
+template <int kDP>
+auto make_tma_vt(const uint8_t* vt8, int seq_k_pad, int bh) {
+  Tensor g = make_tensor(make_gmem_ptr(reinterpret_cast<const cutlass::float_e4m3_t*>(vt8)),
+                         make_shape(Int<kDP>{}, seq_k_pad, bh),
+                         make_stride(int64_t(seq_k_pad), _1{}, int64_t(seq_k_pad) * kDP));
+  return make_tma_copy(SM90_TMA_LOAD{}, g, typename Cfg<kDP>::SmemVt{});
+}
+
+template <int kDP>
+struct KernelParams {
+  using TmaQ = decltype(make_tma_q<kDP>(nullptr, 1, 1));
+  using TmaK = decltype(make_tma_k<kDP>(nullptr, 64, 1));
+  using TmaVt = decltype(make_tma_vt<kDP>(nullptr, 64, 1));
+  TmaQ tma_q;
+  TmaK tma_k;
+  TmaVt tma_vt;
+  Fp8AttentionSm90Params p;
+  int bh_count;
+};
+
+__device__ __forceinline__ void named_barrier_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
+__device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
+// The producer: one thread issues every TMA load of the CTA.
+template <int kDP>
+__device__ __forceinline__ void produce(const KernelParams<kDP>& kp, Storage<kDP>& s,
+                                        int n_tiles) {
+  using C = Cfg<kDP>;
+  const Fp8AttentionSm90Params& p = kp.p;
+  const int bh = blockIdx.y;
+  prefetch_tma_descriptor(kp.tma_q.get_tma_descriptor());
+  prefetch_tma_descriptor(kp.tma_k.get_tma_descriptor());
+  prefetch_tma_descriptor(kp.tma_vt.get_tma_descriptor());
+
+  Tensor mQ = kp.tma_q.get_tma_tensor(make_shape(p.seq_q, Int<kDP>{}, kp.bh_count));
+  Tensor gQ = local_tile(mQ(_, _, bh), Shape<Int<kBlockM>, Int<kDP>>{}, make_coord(_, 0));
+  Tensor sQ = make_tensor(make_smem_ptr(s.q), typename C::SmemQAll{});
+  auto [tQg, tQs] = tma_partition(kp.tma_q, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sQ),
+                                  group_modes<0, 2>(gQ));
+  ClusterTransactionBarrier::arrive_and_expect_tx(&s.q_full, kConsumers * C::kQBytes);
+  CUTE_UNROLL
+  for (int w = 0; w < kConsumers; ++w) {
+    // A box past the last row (seq_q <= 64 * (2 * blockIdx.x + 1)) reads zeros, full bytes.
+    copy(kp.tma_q.with(s.q_full), tQg(_, kConsumers * blockIdx.x + w), tQs(_, w));
+  }
+
+  Tensor mK = kp.tma_k.get_tma_tensor(make_shape(p.seq_k_pad, Int<kDP>{}, kp.bh_count));
+  Tensor gK = local_tile(mK(_, _, bh), Shape<Int<kBlockN>, Int<kDP>>{}, make_coord(_, 0));
+  Tensor sK = make_tensor(make_smem_ptr(s.k), typename C::SmemKAll{});
+  auto [tKg, tKs] = tma_partition(kp.tma_k, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sK),
+                                  group_modes<0, 2>(gK));
+  Tensor mV = kp.tma_vt.get_tma_tensor(make_shape(Int<kDP>{}, p.seq_k_pad, kp.bh_count));
+  Tensor gV = local_tile(mV(_, _, bh), Shape<Int<kDP>, Int<kBlockN>>{}, make_coord(0, _));
+  Tensor sV = make_tensor(make_smem_ptr(s.vt), typename C::SmemVtAll{});
+  auto [tVg, tVs] = tma_partition(kp.tma_vt, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sV),
+                                  group_modes<0, 2>(gV));
+
+  for (int t = 0; t < n_tiles; ++t) {
+    const int st = t % kStages;
+    // Parity of the stage's previous use; on the first pass (phase 1 of a fresh barrier) the
+    // wait returns at once.
+    const uint32_t empty_phase = ((t / kStages) & 1) ^ 1;
+    ClusterBarrier::wait(&s.k_empty[st], empty_phase);
+    ClusterTransactionBarrier::arrive_and_expect_tx(&s.k_full[st], C::kKBytes);
+    copy(kp.tma_k.with(s.k_full[st]), tKg(_, t), tKs(_, st));
+    ClusterBarrier::wait(&s.v_empty[st], empty_phase);
+    ClusterTransactionBarrier::arrive_and_expect_tx(&s.v_full[st], C::kVBytes);
+    copy(kp.tma_vt.with(s.v_full[st]), tVg(_, t), tVs(_, st));
+  }
+}
+
+// A consumer warpgroup: 64 query rows, every key tile (see the file comment for the schedule).
+template <int kDP, typename OutT>
+__device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP>& s,
+                                        int n_tiles, int w) {
+  using C = Cfg<kDP>;
+  const Fp8AttentionSm90Params& p = kp.p;
+  const int tid = threadIdx.x % 128;
+  const int64_t bh = blockIdx.y;
+  const int b = static_cast<int>(bh / p.heads);
+  const int h = static_cast<int>(bh % p.heads);
+  const int m0 = (kConsumers * blockIdx.x + w) * kBlockM;
+
+  Tensor sQ = make_tensor(make_smem_ptr(s.q), typename C::SmemQAll{});
+  Tensor sK = make_tensor(make_smem_ptr(s.k), typename C::SmemKAll{});
+  Tensor sV = make_tensor(make_smem_ptr(s.vt), typename C::SmemVtAll{});
+  Tensor sPAll = make_tensor(make_smem_ptr(s.p), typename C::SmemPAll{});
+  Tensor sP = sPAll(_, _, w);
+  const uint32_t p_smem = cast_smem_ptr_to_uint(s.p);
+
+  typename C::MmaQK mma_qk;
+  typename C::MmaPV mma_pv;
+  auto thr_qk = mma_qk.get_thread_slice(tid);
+  auto thr_pv = mma_pv.get_thread_slice(tid);
+  Tensor tSrQ = thr_qk.partition_fragment_A(sQ(_, _, w));  // (MMA, 1, kDP / 32)
+  Tensor tSrK = thr_qk.partition_fragment_B(sK);           // (MMA, 1, kDP / 32, stages)
+  Tensor tOrP = thr_pv.partition_fragment_A(sP);           // (MMA, 1, 2)
+  Tensor tOrV = thr_pv.partition_fragment_B(sV);           // (MMA, 1, 2, stages)
+  Tensor tSrS = partition_fragment_C(mma_qk, Shape<Int<kBlockM>, Int<kBlockN>>{});
+  Tensor tOrPV = partition_fragment_C(mma_pv, Shape<Int<kBlockM>, Int<kDP>>{});
+  Tensor tOrO = make_fragment_like(tOrPV);
+  clear(tOrO);
+  static_assert(size(tSrS) == kBlockN / 2 && size(tOrO) == kDP / 2, "64xN wgmma C fragments");
+
+  // The wgmma C layout (CLayout_64xN): thread (warp wp, lane) holds rows r0 = 16 wp + lane / 4
+  // and r0 + 8, columns c0 + 8 j + {0, 1} with c0 = 2 (lane % 4); fragment element i is row
+  // r0 + 8 ((i >> 1) & 1), column c0 + (i & 1) + 8 (i >> 2). The four lanes of a quad share rows.
+  const int r0 = 16 * (tid / 32) + (tid % 32) / 4;
+  const int c0 = 2 * (tid % 4);
+  float q_scale[2], m_i[2], l_i[2], alpha[2];
+  CUTE_UNROLL
+  for (int j = 0; j < 2; ++j) {
+    const int row = m0 + r0 + 8 * j;
+    q_scale[j] = row < p.seq_q ? p.q_scale[bh * p.seq_q + row] : 0.f;
+    m_i[j] = -INFINITY;
+    l_i[j] = 0.f;
+    alpha[j] = 0.f;
+  }
+  const float* ks_base = p.k_scale + bh * p.seq_k_pad;
+
+  auto sched_wait = [&] { named_barrier_sync(kSchedBarrier + w, 2 * 128); };
+  auto sched_signal = [&] { named_barrier_arrive(kSchedBarrier + (1 - w), 2 * 128); };
+  auto issue_qk = [&](int st) {
+    mma_qk.accumulate_ = GMMA::ScaleOut::Zero;
+    CUTE_UNROLL
+    for (int kb = 0; kb < size<2>(tSrQ); ++kb) {
+      cute::gemm(mma_qk, tSrQ(_, _, kb), tSrK(_, _, kb, st), tSrS);
+      mma_qk.accumulate_ = GMMA::ScaleOut::One;
+    }
+  };
+  auto issue_pv = [&](int st) {
+    mma_pv.accumulate_ = GMMA::ScaleOut::Zero;
+    CUTE_UNROLL
+    for (int kb = 0; kb < size<2>(tOrP); ++kb) {
+      cute::gemm(mma_pv, tOrP(_, _, kb), tOrV(_, _, kb, st), tOrPV);
+      mma_pv.accumulate_ = GMMA::ScaleOut::One;
+    }
+  };
+  // acc = acc * exp2(m_old - m_new) + P.V of the previous tile (alpha of that tile).
+  auto accumulate_pv = [&] {
+    CUTE_UNROLL
+    for (int i = 0; i < size(tOrO); ++i) tOrO(i) = tOrO(i) * alpha[(i >> 1) & 1] + tOrPV(i);
+  };
+  // Scores of tile t from the s32 accumulators -> online softmax -> P (e4m3) into sP.
+  auto softmax = [&](int t, const float2 (&ks)[kBlockN / 8]) {
+    const int n0 = t * kBlockN;
+    float sc[size(tSrS)];
+    float tile_max[2] = {-INFINITY, -INFINITY};
+    const bool partial = n0 + kBlockN > p.seq_k;
+    CUTE_UNROLL
+    for (int i = 0; i < size(tSrS); ++i) {
+      const int rj = (i >> 1) & 1;
+      const float2 k2 = ks[i >> 2];
+      float v = int_to_float_exact(tSrS(i)) * ((i & 1) ? k2.y : k2.x);
+      v = v * q_scale[rj];
+      if (partial && n0 + c0 + (i & 1) + 8 * (i >> 2) >= p.seq_k) v = -INFINITY;
+      sc[i] = v;
+      tile_max[rj] = fmaxf(tile_max[rj], v);
+    }
+    float m_shift[2], tile_sum[2] = {0.f, 0.f};
+    CUTE_UNROLL
+    for (int j = 0; j < 2; ++j) {
+      const float m_new = fmaxf(m_i[j], quad_max(tile_max[j]));
+      alpha[j] = exp2f(m_i[j] - m_new);
+      m_shift[j] = m_new - kPShift;
+      m_i[j] = m_new;
+    }
+    CUTE_UNROLL
+    for (int i = 0; i < size(tSrS); i += 2) {
+      const int rj = (i >> 1) & 1;
+      const float p0 = exp2f(sc[i] - m_shift[rj]);
+      const float p1 = exp2f(sc[i + 1] - m_shift[rj]);
+      tile_sum[rj] += p0;
+      tile_sum[rj] += p1;
+      // Two adjacent keys of one row: two adjacent bytes (the swizzle moves 16-byte chunks),
+      // stored with st.shared at the swizzled layout's offset.
+      const __nv_fp8x2_storage_t pk =
+          __nv_cvt_float2_to_fp8x2(make_float2(p0, p1), __NV_SATFINITE, __NV_E4M3);
+      const uint32_t off = sPAll.layout()(r0 + 8 * rj, c0 + 8 * (i >> 2), w);
+      asm volatile("st.shared.u16 [%0], %1;\n" ::"r"(p_smem + off), "h"(pk) : "memory");
+    }
+    CUTE_UNROLL
+    for (int j = 0; j < 2; ++j) l_i[j] = l_i[j] * alpha[j] + quad_sum(tile_sum[j]);
+    // P's generic-proxy stores must be visible to the async proxy (wgmma) of every warp.
+    cutlass::arch::fence_view_async_shared();
+    named_barrier_sync(kPBarrier + w, 128);
+  };
+  auto load_ks = [&](int t, float2 (&ks)[kBlockN / 8]) {
+    const float* base = ks_base + t * kBlockN + c0;
+    CUTE_UNROLL
+    for (int j = 0; j < kBlockN / 8; ++j) ks[j] = *reinterpret_cast<const float2*>(base + 8 * j);
+  };
+
+  // One slot: Q K^T of tile t (kQK) and P.V of tile t - 1 (kPV) as one wgmma batch, issued in
+  // this consumer's turn; then the P.V add and the softmax of tile t. The slot kinds are
+  // compile-time so that no wgmma sits on a divergent path (ptxas would serialise them).
+  float2 ks[kBlockN / 8];
+  auto slot = [&](int t, auto qk, auto pv) {
+    constexpr bool kQK = decltype(qk)::value;
+    constexpr bool kPV = decltype(pv)::value;
+    const int st = t % kStages;
+    const int sv = (t + kStages - 1) % kStages;
+    if constexpr (kQK) ClusterBarrier::wait(&s.k_full[st], (t / kStages) & 1);
+    if constexpr (kPV) ClusterBarrier::wait(&s.v_full[sv], ((t - 1) / kStages) & 1);
+    sched_wait();
+    if constexpr (kQK) warpgroup_fence_operand(tSrS);
+    if constexpr (kPV) warpgroup_fence_operand(tOrPV);
+    warpgroup_arrive();
+    if constexpr (kQK) issue_qk(st);
+    if constexpr (kPV) issue_pv(sv);
+    warpgroup_commit_batch();
+    // Consumer 1's last slot (the only one without Q K^T) does not signal: every arrival on a
+    // scheduling barrier is then matched by one sync.
+    if (kQK || w == 0) sched_signal();
+    warpgroup_wait<0>();
+    if constexpr (kQK) warpgroup_fence_operand(tSrS);
+    if constexpr (kPV) warpgroup_fence_operand(tOrPV);
+    if constexpr (kQK) ClusterBarrier::arrive(&s.k_empty[st]);
+    if constexpr (kPV) {
+      ClusterBarrier::arrive(&s.v_empty[sv]);
+      accumulate_pv();
+    }
+    if constexpr (kQK) {
+      // The key scales are read here, not before the wgmmas: the accumulators of both
+      // products plus the output's leave no registers to hold them across the batch.
+      load_ks(t, ks);
+      softmax(t, ks);
+    }
+  };
+
+  // Consumer 0 issues first: consumer 1 lets it through once. Both then run n_tiles + 1 slots.
+  if (w == 1) sched_signal();
+  ClusterBarrier::wait(&s.q_full, 0);
+  slot(0, cute::true_type{}, cute::false_type{});
+  for (int t = 1; t < n_tiles; ++t) slot(t, cute::true_type{}, cute::true_type{});
+  slot(n_tiles, cute::false_type{}, cute::true_type{});
+
+  // Epilogue: out = acc / l * v_scale in the output dtype; LSE in natural log.
+  const float* vs = p.v_scale + bh * kDP;
+  OutT* out = reinterpret_cast<OutT*>(p.out);
+  CUTE_UNROLL
+  for (int j = 0; j < 2; ++j) {
+    const int row = m0 + r0 + 8 * j;
+    if (row >= p.seq_q) continue;
+    OutT* orow = out + b * p.out_stride_b + static_cast<int64_t>(row) * p.out_stride_s +
+                 h * p.out_stride_h;
+    CUTE_UNROLL
+    for (int i = 0; i < size(tOrO); ++i) {
+      if (((i >> 1) & 1) != j) continue;
+      const int c = c0 + (i & 1) + 8 * (i >> 2);
+      if (c < p.head_dim) orow[c] = from_float<OutT>(tOrO(i) / l_i[j] * vs[c]);
+    }
+  }
+  if (p.lse != nullptr && (tid & 3) == 0) {
+    CUTE_UNROLL
+    for (int j = 0; j < 2; ++j) {
+      const int row = m0 + r0 + 8 * j;
+      if (row < p.seq_q) {
+        p.lse[bh * p.seq_q + row] = (m_i[j] + log2f(l_i[j]) - kPShift) * kLn2 +
+                                    p.lse_corr[bh * p.seq_q + row];
+      }
+    }
+  }
+}
+
+template <int kDP, typename OutT>
+__global__ void __launch_bounds__(kThreads, 1)
+    fp8_attention_ws_kernel(const __grid_constant__ KernelParams<kDP> kp) {
+  extern __shared__ __align__(1024) uint8_t smem_raw[];
+  auto& s = *reinterpret_cast<Storage<kDP>*>(smem_raw);
+  const int n_tiles = (kp.p.seq_k + kBlockN - 1) / kBlockN;  // >= 1 (the host checks)
+  const int warp_group = threadIdx.x / 128;
+  if (threadIdx.x == 0) {
+    ClusterBarrier::init(&s.q_full, 1);
+    CUTE_UNROLL
+    for (int st = 0; st < kStages; ++st) {
+      ClusterBarrier::init(&s.k_full[st], 1);
+      ClusterBarrier::init(&s.v_full[st], 1);
+      ClusterBarrier::init(&s.k_empty[st], kConsumers * 128);
+      ClusterBarrier::init(&s.v_empty[st], kConsumers * 128);
+    }
+    cutlass::arch::fence_barrier_init();
+  }
+  __syncthreads();
+  if (warp_group == 0) {
+    cutlass::arch::warpgroup_reg_dealloc<kProducerRegs>();
+    if (threadIdx.x == 0) produce<kDP>(kp, s, n_tiles);
+  } else {
+    cutlass::arch::warpgroup_reg_alloc<kConsumerRegs>();
+    consume<kDP, OutT>(kp, s, n_tiles, warp_group - 1);
+  }
+}
+
+template <int kDP, typename OutT>
+cudaError_t launch(const Fp8AttentionSm90Params& p, int batch, cudaStream_t stream) {
+  if (p.seq_k <= 0 || p.seq_k_pad % kBlockN != 0 || p.seq_k > p.seq_k_pad) {
+    return cudaErrorInvalidValue;
+  }
+  const int bh = batch * p.heads;
+  KernelParams<kDP> kp{make_tma_q<kDP>(p.q8, p.seq_q, bh),
+                       make_tma_k<kDP>(p.k8, p.seq_k_pad, bh),
+                       make_tma_vt<kDP>(p.vt8, p.seq_k_pad, bh), p, bh};
+  const int smem = static_cast<int>(sizeof(Storage<kDP>));
+  auto kernel = fp8_attention_ws_kernel<kDP, OutT>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err != cudaSuccess) return err;
+  const int rows_per_cta = kConsumers * kBlockM;
+  const dim3 grid((p.seq_q + rows_per_cta - 1) / rows_per_cta, bh);
+  kernel<<<grid, kThreads, smem, stream>>>(kp);
+  return cudaGetLastError();
+}
+
+}  // namespace fp8_sm90_ws
+}  // namespace xdit_ops
