@@ -148,7 +148,8 @@ def main() -> None:
     p.add_argument("--profile", action="store_true",
                    help="print rank 0's top CUDA-time ops of one parallel decode")
     args = p.parse_args()
-    iters = 2
+    # decodes take 0.1-15 s: a few timed calls each (--iters caps the common default of 100)
+    iters = 2 if args.quick else max(1, min(args.iters, 5))
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:

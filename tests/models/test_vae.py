@@ -210,6 +210,56 @@ def test_vae_matches_serial(world: int, names: tuple[str, ...]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Per-frame graphs of the frame-by-frame decoders, on gloo: the recorder re-runs the step at each
+# replay (CPU has no CUDA graphs), so everything but the capture itself is checked here: when a
+# step is recorded, the static frame and cache buffers, the cache hand-over between replays, the
+# reuse of a kept graph by a second decode and a new graph for new weights.
+
+
+def _rerun_recorder(step, pool):
+    box: list[torch.Tensor] = []
+
+    def replay() -> None:
+        box[:] = [step()]
+
+    return replay, lambda: box[0], pool
+
+
+def _worker_frame_graphs(rank: int, world: int) -> None:
+    from xdit_ops import parallelize_vae
+
+    dist.init_process_group("gloo")
+    for name in ("wan", "qwen"):
+        vae = _build(name)
+        z = _ramp(torch.randn((1, 4, 6, 7, 5), generator=torch.Generator().manual_seed(2)))
+        with torch.no_grad():
+            ref = _serial_on_rank0(rank, lambda vae=vae, z=z: vae.decode(z).sample)
+            parallelize_vae(vae, group=dist.group.WORLD, frame_graphs=True)
+            graphs = vae._xdit_frame_graphs
+            graphs.recorder, graphs.device_types = _rerun_recorder, ("cpu",)
+            out = vae.decode(z).sample
+            assert graphs.captures == 1 and graphs.replays >= 3, (name, graphs.captures,
+                                                                   graphs.replays)
+            replays = graphs.replays
+            again = vae.decode(z).sample  # the kept graph, from its first steady frame
+            assert graphs.captures == 1 and graphs.replays > replays
+            graphs.enabled = False
+            eager = vae.decode(z).sample
+            graphs.enabled = True
+            for p in vae.decoder.parameters():  # new weights (same values): a new graph
+                p.data = p.data.clone()
+            fresh = vae.decode(z).sample
+            assert graphs.captures == 2
+        for what, t in (("first", out), ("second", again), ("eager", eager), ("new", fresh)):
+            err = _max_rel(t, ref)
+            assert err <= FP32_MAX_REL, f"{name} frame graphs, {what} decode: {err:.2e}"
+
+
+def test_frame_graphs_match_serial() -> None:
+    run_distributed(_worker_frame_graphs, 2, timeout=300)
+
+
+# ---------------------------------------------------------------------------------------------
 # The GroupNorm test can fail: band-local statistics are visibly wrong on the ramp input.
 
 

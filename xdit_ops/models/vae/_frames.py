@@ -43,26 +43,37 @@ def frame_graphs_enabled(option: bool | None) -> bool:
     return os.environ.get("XDIT_OPS_VAE_GRAPHS", "1") != "0"
 
 
-def _cache_signature(cache: list) -> tuple | None:
-    """Shapes and dtypes of the cache entries, or None while any entry is not a tensor (the
-    first frames: None, or a marker string of the temporal upsampler)."""
-    sig = []
-    for t in cache:
-        if not isinstance(t, torch.Tensor):
-            return None
-        sig.append((tuple(t.shape), t.dtype))
-    return tuple(sig)
+def _cache_signature(cache: list) -> tuple:
+    """Shapes and dtypes of the tensor entries of the cache; other entries (None for slots the
+    decoder never fills, the temporal upsampler's marker string on the first frames) by value."""
+    return tuple((tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else ("value", t)
+                 for t in cache)
+
+
+Recorder = Callable[[Callable[[], torch.Tensor], object],
+                   tuple[Callable[[], None], Callable[[], torch.Tensor], object]]
+
+
+def cuda_graph_recorder(step: Callable[[], torch.Tensor], pool) -> tuple:
+    """Capture ``step()`` in a CUDA graph sharing memory pool ``pool`` (None: a new one).
+
+    Returns ``(replay, output, pool)``: ``replay()`` runs the graph, ``output()`` is the tensor
+    the step returned (static: each replay rewrites it), ``pool`` the graph's pool."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = step()
+    return graph.replay, lambda: out, graph.pool()
 
 
 class _Graph:
-    __slots__ = ("graph", "x", "cache", "out", "idx_after")
+    __slots__ = ("replay", "output", "x", "cache", "idx")
 
-    def __init__(self, graph, x, cache, out, idx_after):
-        self.graph = graph
+    def __init__(self, replay, output, x, cache, idx):
+        self.replay = replay
+        self.output = output
         self.x = x
         self.cache = cache
-        self.out = out
-        self.idx_after = idx_after
+        self.idx = idx
 
 
 class FrameGraphs:
@@ -74,10 +85,18 @@ class FrameGraphs:
     decoder : the VAE's decoder module (its parameters key the graphs).
     forward : the decoder's original bound ``forward``.
     max_graphs : graphs kept (least recently used dropped).
+    recorder : how a step is recorded (default :func:`cuda_graph_recorder`). The CPU tests pass
+        one that re-runs the step at every replay, which checks everything here but the capture
+        itself (static buffers, the cache hand-over, when a step is recorded) on gloo.
+    device_types : the device types whose decodes are recorded.
     """
 
-    def __init__(self, decoder: nn.Module, forward: Callable, max_graphs: int = 2):
+    def __init__(self, decoder: nn.Module, forward: Callable, max_graphs: int = 2,
+                 recorder: Recorder = cuda_graph_recorder,
+                 device_types: tuple[str, ...] = ("cuda",)):
         self.decoder = decoder
+        self.recorder = recorder
+        self.device_types = device_types
         self.forward = forward
         self.max_graphs = max_graphs
         self.graphs: OrderedDict[tuple, _Graph] = OrderedDict()
@@ -97,13 +116,13 @@ class FrameGraphs:
         ctx = active()
         feat_cache = kwargs.get("feat_cache")
         feat_idx = kwargs.get("feat_idx")
-        eager = (ctx is None or not self.enabled or not x.is_cuda or args
+        eager = (ctx is None or not self.enabled or x.device.type not in self.device_types or args
                  or feat_cache is None or feat_idx is None or kwargs.get("first_chunk")
                  or set(kwargs) - {"feat_cache", "feat_idx", "first_chunk"}
-                 or torch.cuda.is_current_stream_capturing())
-        sig = None if eager else _cache_signature(feat_cache)
-        if sig is None:
+                 or (x.is_cuda and torch.cuda.is_current_stream_capturing()))
+        if eager:
             return self.forward(x, *args, **kwargs)
+        sig = _cache_signature(feat_cache)
         key = (tuple(x.shape), x.dtype, x.device, feat_idx[0], sig, id(ctx.group), ctx.base,
                tuple(p.data_ptr() for p in self.decoder.parameters()))
         entry = self.graphs.get(key)
@@ -120,18 +139,22 @@ class FrameGraphs:
 
     def _capture(self, key, x, feat_cache, feat_idx) -> _Graph:
         static_x = x.clone()
-        cache = [t.clone() for t in feat_cache]
-        work = list(cache)
-        idx = [feat_idx[0]]
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        cache = [t.clone() if isinstance(t, torch.Tensor) else t for t in feat_cache]
+        idx0 = feat_idx[0]
+        idx = [idx0]
+
+        def step() -> torch.Tensor:
+            work = list(cache)
+            idx[0] = idx0
             out = self.forward(static_x, feat_cache=work, feat_idx=idx)
             for buf, new in zip(cache, work, strict=True):
-                if new is not buf:
+                if isinstance(buf, torch.Tensor) and new is not buf:
                     buf.copy_(new)  # the step's new cache becomes the next step's input
-        self.pool = graph.pool()
+            return out
+
+        replay, output, self.pool = self.recorder(step, self.pool)
         self.captures += 1
-        entry = _Graph(graph, static_x, cache, out, idx[0])
+        entry = _Graph(replay, output, static_x, cache, idx)
         self.graphs[key] = entry
         while len(self.graphs) > self.max_graphs:
             self.graphs.popitem(last=False)
@@ -140,10 +163,10 @@ class FrameGraphs:
     def _replay(self, e: _Graph, x, feat_cache, feat_idx) -> torch.Tensor:
         e.x.copy_(x)
         for i, (buf, cur) in enumerate(zip(e.cache, feat_cache, strict=True)):
-            if cur is not buf:
+            if isinstance(buf, torch.Tensor) and cur is not buf:
                 buf.copy_(cur)
                 feat_cache[i] = buf
-        e.graph.replay()
+        e.replay()
         self.replays += 1
-        feat_idx[0] = e.idx_after
-        return e.out.clone()
+        feat_idx[0] = e.idx[0]
+        return e.output().clone()
