@@ -327,8 +327,9 @@ def test_sm90_ops_fake_and_schemes():
                       meta["v_scale"], meta["lse_corr"], qq.seqlen_k, qq.head_dim, like, True)
         assert out.shape == (2, 40, 3, 72) and out.dtype == torch.float16
         assert lse.shape == (2, 3, 40) and lse.dtype == torch.float32
-    # Both kernels walk 64-key tiles: the op's scheme (and the quantization pass's padding).
-    assert sm90_scheme("sm90") == SCHEME and sm90_scheme("sm90ws") == SCHEME
+    # sm90 walks the op's 64-key tiles, sm90ws 128-key tiles (the key-tile width only).
+    assert sm90_scheme("sm90") == SCHEME
+    assert sm90_scheme("sm90ws") == scheme_variant(block_n=128)
     with pytest.raises(ValueError, match="fp8_attention: unknown sm90 kernel 'sm91'"):
         attention_quantized_sm90(qq, torch.float16, impl="sm91")
 
@@ -505,13 +506,15 @@ def test_triton_attention_matches_emulation_gpu(B, Sq, Sk, H, D, dtype):
     (2, 1000, 1531, 3, 64, torch.float16),
     (3, 77, 300, 30, 72, torch.bfloat16),
     (1, 33, 5, 2, 128, torch.float16),
-    # 128 query rows per CTA in sm90ws: a second consumer past the last row, and 64-key tiles
-    # that wrap the 4-stage ring several times.
+    # 128 query rows per CTA in sm90ws: a second consumer past the last row; 5 key tiles wrap
+    # its 4-stage ring.
     (2, 190, 640, 2, 128, torch.bfloat16),
 ])
 def test_sm90_attention_matches_emulation(impl, B, Sq, Sk, H, D, dtype):
     """A native kernel on the emulation's quantized inputs, against the emulation of the scheme
-    it computes (sm90_scheme: 64-key tiles); same bar as the Triton kernel."""
+    it computes (sm90_scheme: its key-tile width); same bar as the Triton kernel. The shapes'
+    Sk_pad (a multiple of 64) is often not a multiple of sm90ws' 128-key tile: its last tile
+    reads past the buffers (TMA zero fill)."""
     from xdit_ops.ops.fp8_attention import attention_quantized_sm90, sm90_kernel_loaded, sm90_scheme
 
     if not sm90_kernel_loaded(impl):

@@ -13,7 +13,9 @@ CUDA implementations, chosen by ``XDIT_OPS_FP8_IMPL``:
                       until its GPU test passes; an error where it cannot run).
 ``sm90ws``            the Triton quantization pass + the warp-specialised sm_90a kernel
                       (``xdit_ops::fp8_attention_sm90ws_fwd``: TMA producer warp, two consumer
-                      warpgroups in ping-pong; opt-in, an error where it cannot run).
+                      warpgroups in ping-pong, 128-key tiles; opt-in, an error where it cannot
+                      run). Its numerics are the scheme with ``block_n=128``
+                      (:func:`sm90_scheme`), as the Triton kernel's at head dim 128.
 ``emulation``         the CPU emulation's torch ops run on the GPU (slow; for debugging).
 
 The op is lossy by design (INT8 Q K^T, FP8 P.V), so ``attention(..., backend="auto")`` never
@@ -68,12 +70,19 @@ def sm90_kernel_loaded(impl: str = "sm90") -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"xdit_ops::{SM90_IMPLS[impl]}", "CUDA")
 
 
+# Keys per online-softmax tile (the kernels' kBlockN): part of the numerics (P is rounded
+# relative to the running max of the tiles). sm90ws uses 128 at both head dims, like the Triton
+# kernel's default at head dim 128 (csrc/include/xdit_ops/fp8_attention_sm90_ws.h).
+SM90_BLOCK_N = {"sm90": 64, "sm90ws": 128}
+
+
 def sm90_scheme(impl: str = "sm90") -> Fp8AttentionScheme:
     """The scheme whose emulation (``fp8_attention_quantized_ref``) the native kernel ``impl``
-    computes: both walk the keys in 64-key tiles (their kBlockN), i.e. the op's ``SCHEME``."""
+    computes: the op's ``SCHEME`` with the kernel's key-tile width (``sm90``: 64, the op's own;
+    ``sm90ws``: 128)."""
     if impl not in SM90_IMPLS:
         raise ValueError(f"{OP}: unknown sm90 kernel {impl!r}; one of {tuple(SM90_IMPLS)}")
-    return replace(SCHEME, block_n=64)
+    return replace(SCHEME, block_n=SM90_BLOCK_N[impl])
 
 
 def unusable_reason(device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
@@ -169,9 +178,9 @@ def attention_quantized_sm90(qq, out_dtype: torch.dtype, return_lse: bool = True
     """A native sm_90a kernel on a :class:`~xdit_ops.reference.fp8_attention.QuantizedQKV`:
     (out [B, Sq, H, D] ``out_dtype``, lse [B, H, Sq] fp32 or [B, H, 0]).
 
-    ``impl``: ``"sm90"`` (one warpgroup per 64 query rows) or ``"sm90ws"`` (warp-specialised:
-    TMA producer, two consumer warpgroups per 128 rows). Both compute the emulation of
-    :func:`sm90_scheme` (impl)."""
+    ``impl``: ``"sm90"`` (one warpgroup per 64 query rows, 64-key tiles) or ``"sm90ws"``
+    (warp-specialised: TMA producer, two consumer warpgroups per 128 rows, 128-key tiles). Each
+    computes the emulation of :func:`sm90_scheme` (impl)."""
     if impl not in SM90_IMPLS:
         raise ValueError(f"{OP}: unknown sm90 kernel {impl!r}; one of {tuple(SM90_IMPLS)}")
     like = qq.q_scale.new_empty(0, dtype=out_dtype)

@@ -1,26 +1,29 @@
 // Warp-specialised sm_90a FP8 attention kernel (torch-free): TMA producer, two consumer
-// warpgroups that take turns on the tensor cores. Numerics: the reference SCHEME (64-key tiles),
-// the same as fp8_attention_sm90.cuh; see fp8_attention_sm90_ws.h.
+// warpgroups that take turns on the tensor cores. Numerics: the reference SCHEME with 128-key
+// tiles (block_n = 128); see fp8_attention_sm90_ws.h.
 //
 // CTA = 3 warpgroups (384 threads) for 128 query rows of one (batch, head):
 //
-// * warpgroup 0, the producer, gives registers back (setmaxnreg.dec to 40); one thread issues
+// * warpgroup 0, the producer, gives registers back (setmaxnreg.dec to 24); one thread issues
 //   TMA loads (descriptors built on the host, CuTe make_tma_copy): Q once (two 64-row boxes),
-//   then K [64 keys, Dp] and V^T [Dp, 64 keys] tiles into a kStages-deep ring. Each stage has a
-//   "full" mbarrier per operand (transaction bytes) and an "empty" one that the 256 consumer
+//   then K [128 keys, Dp] and V^T [Dp, 128 keys] tiles into a kStages-deep ring. Each stage has
+//   a "full" mbarrier per operand (transaction bytes) and an "empty" one that the 256 consumer
 //   threads arrive on when the wgmmas that read the stage have completed; K and V have their
-//   own barriers, so a K slot is refilled as soon as both Q K^T products used it.
-// * warpgroups 1 and 2, the consumers (setmaxnreg.inc to 232), own 64 query rows each and walk
-//   every key tile. Per "slot" a consumer issues, as one wgmma batch, Q K^T of tile t (s32
-//   accumulators) and P.V of tile t - 1 (e4m3 P from shared memory, fp32 accumulator from zero),
-//   waits, adds P.V to the fp32 output accumulator (two-level accumulation) and runs the softmax
-//   of tile t, which writes P as e4m3 to its shared-memory P buffer. The two consumers take
-//   turns issuing their batch (two named barriers: a consumer issues after the other has issued
-//   its own), so one consumer's softmax overlaps the other's GEMMs (FlashAttention-3's
+//   own barriers, so a K slot is refilled as soon as both Q K^T products used it. Keys past
+//   Sk_pad (a multiple of 64) in the last tile read as zeros (TMA bounds).
+// * warpgroups 1 and 2, the consumers (setmaxnreg.inc to 240), own 64 query rows each and walk
+//   every key tile. Per "slot" a consumer issues, as one wgmma batch, Q K^T of tile t (64x128
+//   s32 accumulators) and P.V of tile t - 1 (e4m3 P from shared memory, fp32 accumulator from
+//   zero), waits, adds P.V to the fp32 output accumulator (two-level accumulation) and runs the
+//   softmax of tile t, which writes P as e4m3 to its shared-memory P buffer. The two consumers
+//   take turns issuing their batch (two named barriers: a consumer issues after the other has
+//   issued its own), so one consumer's softmax overlaps the other's GEMMs (FlashAttention-3's
 //   "ping-pong" schedule).
 //
-// Operands sit in shared memory in the GMMA K-major swizzled layouts that TMA writes
-// (128-byte swizzle for 128-byte Q/K rows, 64-byte otherwise); both products are SS wgmmas.
+// Operands sit in shared memory in the GMMA K-major swizzled layouts that TMA writes (128-byte
+// swizzle for 128-byte rows: Q/K at Dp = 128, V^T and P; 64-byte for Q/K at Dp = 64); both
+// products are SS wgmmas. ptxas (nvcc 13.0, sm_90a): 168 registers at launch, no spills; the
+// consumers' code stays within 240 registers and the producer's within 24.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -55,22 +58,24 @@ constexpr int kConsumers = 2;
 constexpr int kBlockN = kFp8AttentionSm90WsBlockN;  // the scheme's block_n
 constexpr int kStages = 4;
 constexpr int kThreads = 128 * (1 + kConsumers);
-// 40 * 128 + 232 * 256 = 64512 <= 65536 registers; launch_bounds(384, 1) gives 168 each first.
-constexpr int kProducerRegs = 40;
-constexpr int kConsumerRegs = 232;
+// 24 * 128 + 240 * 256 = 64512 <= 65536 registers; launch_bounds(384, 1) gives 168 each first.
+// At Dp = 128 a consumer holds 3 x 64 fp32/s32 accumulators (S, P.V, O) across a slot's wgmmas:
+// with 232 registers ptxas spilled, with 240 it does not.
+constexpr int kProducerRegs = 24;
+constexpr int kConsumerRegs = 240;
 // Named barriers (0 is __syncthreads): 1 + w = "consumer w may issue its GEMMs" (256 threads:
 // its own 128 sync, the other consumer's 128 arrive); 3 + w = consumer w's P is in shared
 // memory (its 128 threads).
 constexpr int kSchedBarrier = 1;
 constexpr int kPBarrier = 3;
 
-static_assert(kBlockN == 64, "the P/V^T shared layouts below assume 64-byte rows of 64 keys");
+static_assert(kBlockN == 128, "the P/V^T shared layouts below assume 128-byte rows of keys");
 
 template <int kDP>
 struct Cfg {
   using AtomQK = std::conditional_t<kDP == 128, GMMA::Layout_K_SW128_Atom<int8_t>,
                                     GMMA::Layout_K_SW64_Atom<int8_t>>;
-  using AtomF8 = GMMA::Layout_K_SW64_Atom<cutlass::float_e4m3_t>;
+  using AtomF8 = GMMA::Layout_K_SW128_Atom<cutlass::float_e4m3_t>;
   using SmemQ = decltype(tile_to_shape(AtomQK{}, Shape<Int<kBlockM>, Int<kDP>>{}));
   using SmemQAll =
       decltype(tile_to_shape(AtomQK{}, Shape<Int<kBlockM>, Int<kDP>, Int<kConsumers>>{}));
@@ -82,7 +87,7 @@ struct Cfg {
       decltype(tile_to_shape(AtomF8{}, Shape<Int<kDP>, Int<kBlockN>, Int<kStages>>{}));
   using SmemPAll =
       decltype(tile_to_shape(AtomF8{}, Shape<Int<kBlockM>, Int<kBlockN>, Int<kConsumers>>{}));
-  using MmaQK = decltype(make_tiled_mma(SM90::GMMA::MMA_64x64x32_S32S8S8_SS_TN{}));
+  using MmaQK = decltype(make_tiled_mma(SM90::GMMA::MMA_64x128x32_S32S8S8_SS_TN{}));
   using MmaPV = typename fp8_sm90::MmaPVSel<kDP>::type;
   static constexpr uint32_t kQBytes = kBlockM * kDP;
   static constexpr uint32_t kKBytes = kBlockN * kDP;
@@ -269,25 +274,31 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
     for (int i = 0; i < size(tOrO); ++i) tOrO(i) = tOrO(i) * alpha[(i >> 1) & 1] + tOrPV(i);
   };
   // Scores of tile t from the s32 accumulators -> online softmax -> P (e4m3) into sP.
-  auto softmax = [&](int t, const float2 (&ks)[kBlockN / 8]) {
+  // kMask: the tile may hold keys >= seq_k (only the last one does), which score -inf.
+  auto softmax = [&](int t, const float2 (&ks)[kBlockN / 8], auto mask) {
+    constexpr bool kMask = decltype(mask)::value;
     const int n0 = t * kBlockN;
     float sc[size(tSrS)];
-    float tile_max[2] = {-INFINITY, -INFINITY};
-    const bool partial = n0 + kBlockN > p.seq_k;
+    // Four partial maxima per row (max is exact in any order): short dependency chains.
+    float part_max[2][4];
+    CUTE_UNROLL
+    for (int j = 0; j < 8; ++j) part_max[j / 4][j % 4] = -INFINITY;
     CUTE_UNROLL
     for (int i = 0; i < size(tSrS); ++i) {
       const int rj = (i >> 1) & 1;
       const float2 k2 = ks[i >> 2];
       float v = int_to_float_exact(tSrS(i)) * ((i & 1) ? k2.y : k2.x);
       v = v * q_scale[rj];
-      if (partial && n0 + c0 + (i & 1) + 8 * (i >> 2) >= p.seq_k) v = -INFINITY;
+      if (kMask && n0 + c0 + (i & 1) + 8 * (i >> 2) >= p.seq_k) v = -INFINITY;
       sc[i] = v;
-      tile_max[rj] = fmaxf(tile_max[rj], v);
+      part_max[rj][(i >> 2) & 3] = fmaxf(part_max[rj][(i >> 2) & 3], v);
     }
     float m_shift[2], tile_sum[2] = {0.f, 0.f};
     CUTE_UNROLL
     for (int j = 0; j < 2; ++j) {
-      const float m_new = fmaxf(m_i[j], quad_max(tile_max[j]));
+      const float tile_max = fmaxf(fmaxf(part_max[j][0], part_max[j][1]),
+                                   fmaxf(part_max[j][2], part_max[j][3]));
+      const float m_new = fmaxf(m_i[j], quad_max(tile_max));
       alpha[j] = exp2f(m_i[j] - m_new);
       m_shift[j] = m_new - kPShift;
       m_i[j] = m_new;
@@ -312,17 +323,23 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
     cutlass::arch::fence_view_async_shared();
     named_barrier_sync(kPBarrier + w, 128);
   };
-  auto load_ks = [&](int t, float2 (&ks)[kBlockN / 8]) {
-    const float* base = ks_base + t * kBlockN + c0;
+  // The key scales of this thread's columns of tile t; the last tile may reach past Sk_pad (a
+  // multiple of 64, not of 128), where the scale reads as 0 (those keys score -inf anyway).
+  auto load_ks = [&](int t, float2 (&ks)[kBlockN / 8], auto mask) {
+    constexpr bool kMask = decltype(mask)::value;
+    const int col0 = t * kBlockN + c0;
     CUTE_UNROLL
-    for (int j = 0; j < kBlockN / 8; ++j) ks[j] = *reinterpret_cast<const float2*>(base + 8 * j);
+    for (int j = 0; j < kBlockN / 8; ++j) {
+      const bool in = !kMask || col0 + 8 * j < p.seq_k_pad;
+      ks[j] = in ? *reinterpret_cast<const float2*>(ks_base + col0 + 8 * j) : make_float2(0.f, 0.f);
+    }
   };
 
   // One slot: Q K^T of tile t (kQK) and P.V of tile t - 1 (kPV) as one wgmma batch, issued in
   // this consumer's turn; then the P.V add and the softmax of tile t. The slot kinds are
   // compile-time so that no wgmma sits on a divergent path (ptxas would serialise them).
   float2 ks[kBlockN / 8];
-  auto slot = [&](int t, auto qk, auto pv) {
+  auto slot = [&](int t, auto qk, auto pv, auto mask) {
     constexpr bool kQK = decltype(qk)::value;
     constexpr bool kPV = decltype(pv)::value;
     const int st = t % kStages;
@@ -350,17 +367,22 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
     if constexpr (kQK) {
       // The key scales are read here, not before the wgmmas: the accumulators of both
       // products plus the output's leave no registers to hold them across the batch.
-      load_ks(t, ks);
-      softmax(t, ks);
+      load_ks(t, ks, mask);
+      softmax(t, ks, mask);
     }
   };
 
   // Consumer 0 issues first: consumer 1 lets it through once. Both then run n_tiles + 1 slots.
   if (w == 1) sched_signal();
   ClusterBarrier::wait(&s.q_full, 0);
-  slot(0, cute::true_type{}, cute::false_type{});
-  for (int t = 1; t < n_tiles; ++t) slot(t, cute::true_type{}, cute::true_type{});
-  slot(n_tiles, cute::false_type{}, cute::true_type{});
+  // The first and the last key tile are masked (either may hold keys past seq_k); the steady
+  // state is not.
+  using cute::false_type;
+  using cute::true_type;
+  slot(0, true_type{}, false_type{}, true_type{});
+  for (int t = 1; t < n_tiles - 1; ++t) slot(t, true_type{}, true_type{}, false_type{});
+  if (n_tiles > 1) slot(n_tiles - 1, true_type{}, true_type{}, true_type{});
+  slot(n_tiles, false_type{}, true_type{}, false_type{});
 
   // Epilogue: out = acc / l * v_scale in the output dtype; LSE in natural log.
   const float* vs = p.v_scale + bh * kDP;
@@ -420,7 +442,9 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 template <int kDP, typename OutT>
 cudaError_t launch(const Fp8AttentionSm90Params& p, int batch, cudaStream_t stream) {
-  if (p.seq_k <= 0 || p.seq_k_pad % kBlockN != 0 || p.seq_k > p.seq_k_pad) {
+  // Sk_pad is the quantization pass's (a multiple of 64); TMA reads the last tile's keys past
+  // it as zeros.
+  if (p.seq_k <= 0 || p.seq_k_pad % 64 != 0 || p.seq_k > p.seq_k_pad) {
     return cudaErrorInvalidValue;
   }
   const int bh = batch * p.heads;

@@ -1,8 +1,9 @@
 // Host interface of the warp-specialised sm_90a FP8 attention kernel (torch-free).
 //
 // Same inputs (Fp8AttentionSm90Params, the quantization pass's QuantizedQKV layouts) and the
-// same numerics as fp8_attention_sm90: INT8 Q K^T on wgmma (s32), per-row and per-key scales,
-// online softmax over 64-key tiles in fp32 base 2 (the reference SCHEME, block_n = 64),
+// same numerics as fp8_attention_sm90 except for the key-tile width: INT8 Q K^T on wgmma (s32),
+// per-row and per-key scales, online softmax over 128-key tiles in fp32 base 2 (the reference
+// SCHEME with block_n = 128, as the Triton kernel's default at head dim 128),
 // P = exp2(s - m + 8) cast to e4m3, P.V on wgmma (e4m3, fp32 accumulator from zero per tile)
 // added to an fp32 output accumulator (two-level accumulation).
 //
@@ -20,10 +21,11 @@
 namespace xdit_ops {
 
 // The key-tile width of the online softmax: the emulation scheme's block_n this kernel computes.
-constexpr int kFp8AttentionSm90WsBlockN = 64;
+constexpr int kFp8AttentionSm90WsBlockN = 128;
 
-// head_dim_padded: 64 or 128; out_dtype: kFloat16 or kBFloat16. p.seq_k_pad must be a multiple
-// of 64 and the q8/k8/vt8 rows 16-byte aligned (TMA); the launcher checks both.
+// head_dim_padded: 64 or 128; out_dtype: kFloat16 or kBFloat16. p.seq_k >= 1, p.seq_k_pad a
+// multiple of 64 (cudaErrorInvalidValue otherwise) and q8/k8/vt8 16-byte aligned (TMA; the
+// torch launcher checks it).
 cudaError_t fp8_attention_sm90_ws(const Fp8AttentionSm90Params& p, int batch,
                                   int head_dim_padded, DType out_dtype, cudaStream_t stream);
 
