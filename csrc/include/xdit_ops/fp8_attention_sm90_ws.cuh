@@ -169,11 +169,13 @@ __device__ __forceinline__ void produce(const KernelParams<kDP>& kp, Storage<kDP
   Tensor sQ = make_tensor(make_smem_ptr(s.q), typename C::SmemQAll{});
   auto [tQg, tQs] = tma_partition(kp.tma_q, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sQ),
                                   group_modes<0, 2>(gQ));
-  ClusterTransactionBarrier::arrive_and_expect_tx(&s.q_full, kConsumers * C::kQBytes);
-  CUTE_UNROLL
-  for (int w = 0; w < kConsumers; ++w) {
-    // A box past the last row (seq_q <= 64 * (2 * blockIdx.x + 1)) reads zeros, full bytes.
-    copy(kp.tma_q.with(s.q_full), tQg(_, kConsumers * blockIdx.x + w), tQs(_, w));
+  // A consumer whose 64 rows all lie past seq_q gets no Q box: it computes on whatever its Q
+  // slice holds (finite int8 codes; its q_scale is 0) and writes nothing.
+  const int q_tile0 = kConsumers * blockIdx.x;
+  const int q_boxes = min(kConsumers, (p.seq_q + kBlockM - 1) / kBlockM - q_tile0);
+  ClusterTransactionBarrier::arrive_and_expect_tx(&s.q_full, q_boxes * C::kQBytes);
+  for (int w = 0; w < q_boxes; ++w) {
+    copy(kp.tma_q.with(s.q_full), tQg(_, q_tile0 + w), tQs(_, w));
   }
 
   Tensor mK = kp.tma_k.get_tma_tensor(make_shape(p.seq_k_pad, Int<kDP>{}, kp.bh_count));
