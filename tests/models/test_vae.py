@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import os
 
 import pytest
 import torch
@@ -460,6 +461,7 @@ def _worker_gpu(rank: int, world: int) -> None:
                                   generator=torch.Generator().manual_seed(2)))
         z = z.to(dev)
         vae = _build(name).to(dev)
+        print(f"rank {rank}: {name} {tuple(z.shape)}", flush=True)  # names the case of a hang
         with torch.no_grad():
             ref32 = vae.decode(z).sample
             # A bf16 copy: casting the model itself to bf16 and back would round its weights
@@ -485,4 +487,5 @@ def _worker_gpu(rank: int, world: int) -> None:
 @pytest.mark.gpu
 @pytest.mark.multigpu(2)
 def test_vae_nccl_matches_serial() -> None:
-    run_distributed(_worker_gpu, 2, backend="nccl", timeout=600)
+    run_distributed(_worker_gpu, 2, backend="nccl",
+                    timeout=float(os.environ.get("XDIT_OPS_TEST_TIMEOUT", "600")))

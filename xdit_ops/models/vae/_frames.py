@@ -139,7 +139,18 @@ class FrameGraphs:
 
     def _capture(self, key, x, feat_cache, feat_idx) -> _Graph:
         static_x = x.clone()
-        cache = [t.clone() if isinstance(t, torch.Tensor) else t for t in feat_cache]
+        # The cache tensors of the last eager step become the graph's input buffers (no copy:
+        # a video VAE's cache is hundreds of MB per rank); one that shares memory with another
+        # entry or is a view is copied, so every buffer is the graph's own.
+        seen: set[int] = set()
+        cache = []
+        for t in feat_cache:
+            if isinstance(t, torch.Tensor):
+                ptr = t.untyped_storage().data_ptr()
+                if t._base is not None or ptr in seen or not t.is_contiguous():
+                    t = t.clone()
+                seen.add(t.untyped_storage().data_ptr())
+            cache.append(t)
         idx0 = feat_idx[0]
         idx = [idx0]
 
