@@ -189,7 +189,8 @@ def main() -> None:
                     torch.cuda.empty_cache()
             if world > 1:
                 dist.barrier()
-                xdit_ops.parallelize_vae(vae, group=group)
+                # per-frame CUDA graphs on (opt-in): timed below with and without them
+                xdit_ops.parallelize_vae(vae, group=group, frame_graphs=True)
                 try:
                     out, peak, act = peak_of(dec, dev)
                     _, row["parallel_ms"], row["parallel_samples_ms"] = timed(

@@ -265,9 +265,10 @@ def env_info() -> dict:
     if not re.fullmatch(r"[0-9a-f]{40}", commit):
         commit = ""
     dirty = bool(commit) and bool(_git("status", "--porcelain", "--untracked-files=no"))
-    if not re.fullmatch(r"[0-9a-f]{7,40}", commit or "") and os.environ.get("XDIT_OPS_GIT_COMMIT"):
-        # The GPU machine gets a copy of the working tree without .git: the caller names the
-        # commit (and whether the tree had changes on top of it).
+    if os.environ.get("XDIT_OPS_GIT_COMMIT"):
+        # The GPU machine gets a copy of the working tree whose .git (if any) may be a stale
+        # snapshot (seen: HEAD of an earlier session, the new work as changes on top): the caller
+        # names the commit it copied, and that wins.
         commit = os.environ["XDIT_OPS_GIT_COMMIT"]
         dirty = False
     return {

@@ -228,6 +228,7 @@ def _rerun_recorder(step, pool):
 
 def _worker_frame_graphs(rank: int, world: int) -> None:
     from xdit_ops import parallelize_vae
+    from xdit_ops.models.vae import release_frame_graphs
 
     dist.init_process_group("gloo")
     for name in ("wan", "qwen"):
@@ -251,7 +252,15 @@ def _worker_frame_graphs(rank: int, world: int) -> None:
                 p.data = p.data.clone()
             fresh = vae.decode(z).sample
             assert graphs.captures == 2
-        for what, t in (("first", out), ("second", again), ("eager", eager), ("new", fresh)):
+            # teardown: destroy_process_group now drops every graph first (a live graph with
+            # NCCL kernels kept it from returning on GPUs)
+            assert getattr(dist.destroy_process_group, "__wrapped__", None) is not None
+            release_frame_graphs()
+            assert not graphs.graphs and not graphs.steady
+            after = vae.decode(z).sample
+            assert graphs.captures == 3
+        for what, t in (("first", out), ("second", again), ("eager", eager), ("new", fresh),
+                        ("released", after)):
             err = _max_rel(t, ref)
             assert err <= FP32_MAX_REL, f"{name} frame graphs, {what} decode: {err:.2e}"
 
@@ -467,7 +476,7 @@ def _worker_gpu(rank: int, world: int) -> None:
             # A bf16 copy: casting the model itself to bf16 and back would round its weights
             # (that made the fp32 comparison below fail by 5.9e-3 on the first GPU run).
             ref16 = copy.deepcopy(vae).to(torch.bfloat16).decode(z.bfloat16()).sample.float()
-            parallelize_vae(vae, group=dist.group.WORLD)
+            parallelize_vae(vae, group=dist.group.WORLD, frame_graphs=True)
             out32 = vae.decode(z).sample
             again32 = vae.decode(z).sample  # a second decode replays the kept graphs
             out16 = vae.to(torch.bfloat16).decode(z.bfloat16()).sample.float()

@@ -196,5 +196,8 @@ def destroy_parallel() -> None:
     """Forget the mesh and tear down the default process group if we own it."""
     global _STATE
     _STATE = None
+    from xdit_ops.models.vae._frames import release_frame_graphs
+
+    release_frame_graphs()  # graphs holding NCCL kernels would keep the communicators busy
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -23,24 +23,66 @@ kept; ``release()`` frees them.
 
 from __future__ import annotations
 
+import atexit
+import functools
 import os
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
 from torch import nn
 
 from xdit_ops.models.vae._band import active
 
-__all__ = ["FrameGraphs", "frame_graphs_enabled"]
+__all__ = ["FrameGraphs", "frame_graphs_enabled", "release_frame_graphs"]
 
 
 def frame_graphs_enabled(option: bool | None) -> bool:
     """The ``frame_graphs`` option of ``parallelize_vae``: None reads ``XDIT_OPS_VAE_GRAPHS``
-    (default on)."""
+    (default off until the teardown guard below has run on GPUs; see ``docs/vae.md``)."""
     if option is not None:
         return bool(option)
-    return os.environ.get("XDIT_OPS_VAE_GRAPHS", "1") != "0"
+    return os.environ.get("XDIT_OPS_VAE_GRAPHS", "0") == "1"
+
+
+# Teardown. A live CUDA graph that holds NCCL kernels keeps its communicator busy: on 2 H200s,
+# destroy_process_group() never returned while a decoded VAE's graphs were alive (both ranks
+# had passed every check; run 11). So every FrameGraphs is registered here, and its graphs are
+# dropped before a process group is destroyed (destroy_process_group is wrapped once, at the
+# first capture), by xdit_ops.destroy_parallel, and at interpreter exit.
+_LIVE: weakref.WeakSet = weakref.WeakSet()
+_GUARDED = False
+
+
+def release_frame_graphs() -> None:
+    """Drop the per-frame CUDA graphs of every parallelised VAE (they are captured again on the
+    next decode). Call it before tearing down the band group's communicator yourself."""
+    had = False
+    for fg in list(_LIVE):
+        had = had or bool(fg.graphs)
+        fg.release()
+    if had and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()  # the graphs' last replays are done before any teardown
+
+
+def _guard_teardown() -> None:
+    global _GUARDED
+    if _GUARDED:
+        return
+    _GUARDED = True
+    original = c10d.destroy_process_group
+
+    @functools.wraps(original)
+    def destroy_process_group(*args, **kwargs):
+        release_frame_graphs()
+        return original(*args, **kwargs)
+
+    c10d.destroy_process_group = destroy_process_group
+    dist.destroy_process_group = destroy_process_group
+    atexit.register(release_frame_graphs)
 
 
 def _cache_signature(cache: list) -> tuple:
@@ -105,6 +147,7 @@ class FrameGraphs:
         self.enabled = True
         self.captures = 0  # graphs captured so far (tests and benchmarks read it)
         self.replays = 0
+        _LIVE.add(self)
 
     def release(self) -> None:
         """Drop every graph and its memory pool."""
@@ -163,6 +206,7 @@ class FrameGraphs:
                     buf.copy_(new)  # the step's new cache becomes the next step's input
             return out
 
+        _guard_teardown()
         replay, output, self.pool = self.recorder(step, self.pool)
         self.captures += 1
         entry = _Graph(replay, output, static_x, cache, idx)
