@@ -153,6 +153,25 @@ __device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
   asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 
+// mbarrier wait with a watchdog: a wait that has not completed after about 8 x 2^31 SM cycles
+// (~9 s at 1.98 GHz; a schedule or transaction-count bug: the kernel would hang) traps, so the
+// launch fails with an error ("unspecified launch failure") instead of hanging the process.
+// Used by the producer only: its empty-slot waits stall as soon as any consumer does, and after
+// its last load it waits for the release of the last tiles, so it watches the consumers until
+// their last P.V; a trap ends the whole grid. In the consumers the watchdog's state made ptxas
+// spill (hundreds of bytes at Dp 128 in the key loop, 24 at the Q wait).
+__device__ __forceinline__ void wait_barrier(const uint64_t* bar, uint32_t phase) {
+  uint32_t start = static_cast<uint32_t>(clock());
+  int periods = 0;
+  while (!ClusterBarrier::try_wait(bar, phase)) {
+    const uint32_t now = static_cast<uint32_t>(clock());
+    if (now - start >= (1u << 31)) {
+      start = now;
+      if (++periods == 8) __trap();
+    }
+  }
+}
+
 // The producer: one thread issues every TMA load of the CTA.
 template <int kDP>
 __device__ __forceinline__ void produce(const KernelParams<kDP>& kp, Storage<kDP>& s,
@@ -194,12 +213,18 @@ __device__ __forceinline__ void produce(const KernelParams<kDP>& kp, Storage<kDP
     // Parity of the stage's previous use; on the first pass (phase 1 of a fresh barrier) the
     // wait returns at once.
     const uint32_t empty_phase = ((t / kStages) & 1) ^ 1;
-    ClusterBarrier::wait(&s.k_empty[st], empty_phase);
+    wait_barrier(&s.k_empty[st], empty_phase);
     ClusterTransactionBarrier::arrive_and_expect_tx(&s.k_full[st], C::kKBytes);
     copy(kp.tma_k.with(s.k_full[st]), tKg(_, t), tKs(_, st));
-    ClusterBarrier::wait(&s.v_empty[st], empty_phase);
+    wait_barrier(&s.v_empty[st], empty_phase);
     ClusterTransactionBarrier::arrive_and_expect_tx(&s.v_full[st], C::kVBytes);
     copy(kp.tma_vt.with(s.v_full[st]), tVg(_, t), tVs(_, st));
+  }
+  // Stay as the watchdog until both consumers have released the last tiles (tile t's release
+  // completes phase t / kStages of its stage's empty barriers).
+  for (int t = max(0, n_tiles - kStages); t < n_tiles; ++t) {
+    wait_barrier(&s.k_empty[t % kStages], (t / kStages) & 1);
+    wait_barrier(&s.v_empty[t % kStages], (t / kStages) & 1);
   }
 }
 
@@ -211,8 +236,6 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
   const Fp8AttentionSm90Params& p = kp.p;
   const int tid = threadIdx.x % 128;
   const int64_t bh = blockIdx.y;
-  const int b = static_cast<int>(bh / p.heads);
-  const int h = static_cast<int>(bh % p.heads);
   const int m0 = (kConsumers * blockIdx.x + w) * kBlockM;
 
   Tensor sQ = make_tensor(make_smem_ptr(s.q), typename C::SmemQAll{});
@@ -386,7 +409,10 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
   if (n_tiles > 1) slot(n_tiles - 1, true_type{}, true_type{}, true_type{});
   slot(n_tiles, false_type{}, true_type{}, false_type{});
 
-  // Epilogue: out = acc / l * v_scale in the output dtype; LSE in natural log.
+  // Epilogue: out = acc / l * v_scale in the output dtype; LSE in natural log. (b, h computed
+  // here, not kept live across the key loop.)
+  const int b = static_cast<int>(bh / p.heads);
+  const int h = static_cast<int>(bh % p.heads);
   const float* vs = p.v_scale + bh * kDP;
   OutT* out = reinterpret_cast<OutT*>(p.out);
   CUTE_UNROLL
