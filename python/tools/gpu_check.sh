@@ -64,10 +64,12 @@ export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0a}"
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 export PYTHONUNBUFFERED=1
 
-# The GPU machine may get a copy of the tree without .git: XDIT_OPS_GIT_COMMIT names the commit.
+# The GPU machine gets a copy of the tree whose .git may be missing or a stale snapshot (seen: an
+# earlier session's HEAD with the new work as changes on top): XDIT_OPS_GIT_COMMIT, when set,
+# names the commit and wins.
 COMMIT="$(git rev-parse --short HEAD 2> /dev/null || true)"
 [[ "$COMMIT" =~ ^[0-9a-f]{7,40}$ ]] || COMMIT=""   # an empty repository prints "HEAD"
-COMMIT="${COMMIT:-${XDIT_OPS_GIT_COMMIT:-unknown}}"
+COMMIT="${XDIT_OPS_GIT_COMMIT:-${COMMIT:-unknown}}"
 
 SUMMARY=()
 FAILED=0
