@@ -64,10 +64,11 @@ std::tuple<at::Tensor, at::Tensor> run_fp8_attention_sm90(
              ": output dtype must be float16 or bfloat16, got ", out_type);
 
   if (kernel == Sm90Kernel::kWarpSpecialized) {
-    // TMA reads from 16-byte aligned global addresses (row strides are DP and Sk_pad bytes).
-    for (const at::Tensor* t : {&q8, &k8, &vt8}) {
+    // TMA and bulk copies read from 16-byte aligned global addresses (row strides are DP and
+    // Sk_pad bytes, Sk_pad floats for k_scale).
+    for (const at::Tensor* t : {&q8, &k8, &vt8, &k_scale}) {
       XDIT_CHECK(reinterpret_cast<std::uintptr_t>(t->const_data_ptr()) % 16 == 0, kOp,
-                 ": quantized inputs must start 16-byte aligned");
+                 ": q8, k8, vt8 and k_scale must start 16-byte aligned");
     }
   }
 

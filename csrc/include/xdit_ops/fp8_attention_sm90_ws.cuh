@@ -6,11 +6,13 @@
 //
 // * warpgroup 0, the producer, gives registers back (setmaxnreg.dec to 24); one thread issues
 //   TMA loads (descriptors built on the host, CuTe make_tma_copy): Q once (two 64-row boxes),
-//   then K [128 keys, Dp] and V^T [Dp, 128 keys] tiles into a kStages-deep ring. Each stage has
-//   a "full" mbarrier per operand (transaction bytes) and an "empty" one that the 256 consumer
-//   threads arrive on when the wgmmas that read the stage have completed; K and V have their
-//   own barriers, so a K slot is refilled as soon as both Q K^T products used it. Keys past
-//   Sk_pad (a multiple of 64) in the last tile read as zeros (TMA bounds).
+//   then K [128 keys, Dp] (with its 128 key scales, a bulk copy on the same mbarrier) and
+//   V^T [Dp, 128 keys] tiles into a kStages-deep ring. Each stage has a "full" mbarrier per
+//   operand (transaction bytes) and an "empty" one that the 256 consumer threads arrive on
+//   when they are done with the stage (the wgmmas that read it have completed; for K, the key
+//   scales are read too); K and V have their own barriers, so a K slot is refilled as soon as
+//   both consumers' Q K^T used it. Keys past Sk_pad (a multiple of 64) in the last tile read
+//   as zeros (TMA bounds).
 // * warpgroups 1 and 2, the consumers (setmaxnreg.inc to 240), own 64 query rows each and walk
 //   every key tile. Per "slot" a consumer issues, as one wgmma batch, Q K^T of tile t (64x128
 //   s32 accumulators) and P.V of tile t - 1 (e4m3 P from shared memory, fp32 accumulator from
@@ -102,6 +104,7 @@ struct alignas(1024) Storage {
   alignas(1024) int8_t k[kStages * kBlockN * kDP];
   alignas(1024) cutlass::float_e4m3_t vt[kStages * kDP * kBlockN];
   alignas(1024) cutlass::float_e4m3_t p[kConsumers * kBlockM * kBlockN];
+  alignas(128) float ks[kStages][kBlockN];  // the K tile's key scales (bulk copy, with K)
   uint64_t q_full;
   uint64_t k_full[kStages];
   uint64_t v_full[kStages];
@@ -214,8 +217,13 @@ __device__ __forceinline__ void produce(const KernelParams<kDP>& kp, Storage<kDP
     // wait returns at once.
     const uint32_t empty_phase = ((t / kStages) & 1) ^ 1;
     wait_barrier(&s.k_empty[st], empty_phase);
-    ClusterTransactionBarrier::arrive_and_expect_tx(&s.k_full[st], C::kKBytes);
+    // The key scales of the tile ride on K's barrier; only those inside Sk_pad are read (the
+    // last tile may reach past it: those keys are masked, their scales never used).
+    const int ks_bytes = min(kBlockN, p.seq_k_pad - t * kBlockN) * int(sizeof(float));
+    ClusterTransactionBarrier::arrive_and_expect_tx(&s.k_full[st], C::kKBytes + ks_bytes);
     copy(kp.tma_k.with(s.k_full[st]), tKg(_, t), tKs(_, st));
+    SM90_BULK_COPY_G2S::copy(p.k_scale + int64_t(bh) * p.seq_k_pad + t * kBlockN, &s.k_full[st],
+                             s.ks[st], ks_bytes);
     wait_barrier(&s.v_empty[st], empty_phase);
     ClusterTransactionBarrier::arrive_and_expect_tx(&s.v_full[st], C::kVBytes);
     copy(kp.tma_vt.with(s.v_full[st]), tVg(_, t), tVs(_, st));
@@ -273,7 +281,6 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
     l_i[j] = 0.f;
     alpha[j] = 0.f;
   }
-  const float* ks_base = p.k_scale + bh * p.seq_k_pad;
 
   auto sched_wait = [&] { named_barrier_sync(kSchedBarrier + w, 2 * 128); };
   auto sched_signal = [&] { named_barrier_arrive(kSchedBarrier + (1 - w), 2 * 128); };
@@ -348,15 +355,13 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
     cutlass::arch::fence_view_async_shared();
     named_barrier_sync(kPBarrier + w, 128);
   };
-  // The key scales of this thread's columns of tile t; the last tile may reach past Sk_pad (a
-  // multiple of 64, not of 128), where the scale reads as 0 (those keys score -inf anyway).
-  auto load_ks = [&](int t, float2 (&ks)[kBlockN / 8], auto mask) {
-    constexpr bool kMask = decltype(mask)::value;
-    const int col0 = t * kBlockN + c0;
+  // The key scales of this thread's columns of tile t, from the stage's shared copy. Past
+  // Sk_pad (the last tile may reach past it) the copy holds stale values: those keys are
+  // masked to -inf after the multiply.
+  auto load_ks = [&](int st, float2 (&ks)[kBlockN / 8]) {
     CUTE_UNROLL
     for (int j = 0; j < kBlockN / 8; ++j) {
-      const bool in = !kMask || col0 + 8 * j < p.seq_k_pad;
-      ks[j] = in ? *reinterpret_cast<const float2*>(ks_base + col0 + 8 * j) : make_float2(0.f, 0.f);
+      ks[j] = *reinterpret_cast<const float2*>(&s.ks[st][c0 + 8 * j]);
     }
   };
 
@@ -384,15 +389,16 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
     warpgroup_wait<0>();
     if constexpr (kQK) warpgroup_fence_operand(tSrS);
     if constexpr (kPV) warpgroup_fence_operand(tOrPV);
-    if constexpr (kQK) ClusterBarrier::arrive(&s.k_empty[st]);
     if constexpr (kPV) {
       ClusterBarrier::arrive(&s.v_empty[sv]);
       accumulate_pv();
     }
     if constexpr (kQK) {
       // The key scales are read here, not before the wgmmas: the accumulators of both
-      // products plus the output's leave no registers to hold them across the batch.
-      load_ks(t, ks, mask);
+      // products plus the output's leave no registers to hold them across the batch. The
+      // release of the K stage (mbarrier.arrive: release semantics) follows the reads.
+      load_ks(st, ks);
+      ClusterBarrier::arrive(&s.k_empty[st]);
       softmax(t, ks, mask);
     }
   };

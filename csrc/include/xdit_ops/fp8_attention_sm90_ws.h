@@ -24,8 +24,8 @@ namespace xdit_ops {
 constexpr int kFp8AttentionSm90WsBlockN = 128;
 
 // head_dim_padded: 64 or 128; out_dtype: kFloat16 or kBFloat16. p.seq_k >= 1, p.seq_k_pad a
-// multiple of 64 (cudaErrorInvalidValue otherwise) and q8/k8/vt8 16-byte aligned (TMA; the
-// torch launcher checks it).
+// multiple of 64 (cudaErrorInvalidValue otherwise) and q8/k8/vt8/k_scale 16-byte aligned (TMA
+// and bulk copies; the torch launcher checks it).
 cudaError_t fp8_attention_sm90_ws(const Fp8AttentionSm90Params& p, int batch,
                                   int head_dim_padded, DType out_dtype, cudaStream_t stream);
 
