@@ -306,7 +306,10 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
     for (int i = 0; i < size(tOrO); ++i) tOrO(i) = tOrO(i) * alpha[(i >> 1) & 1] + tOrPV(i);
   };
   // Scores of tile t from the s32 accumulators -> online softmax -> P (e4m3) into sP.
-  // kMask: the tile may hold keys >= seq_k (only the last one does), which score -inf.
+  // kMask: the tile may hold keys >= seq_k (the first or the last tile), which score -inf.
+  // P's buffer is rewritten right after this warp's wgmma wait, with no warpgroup barrier: the
+  // previous P.V read rows 16 wp .. 16 wp + 15 of P for warp wp's accumulator rows, the rows
+  // this warp writes, and its own wait covers its part of the wgmma.
   auto softmax = [&](int t, const float2 (&ks)[kBlockN / 8], auto mask) {
     constexpr bool kMask = decltype(mask)::value;
     const int n0 = t * kBlockN;
