@@ -21,6 +21,7 @@ worst head, relative L1, RMSE, mean |LSE error|) and the ratio of rel L1 to cuDN
 emulated) on the same inputs, for comparison; they are not timed.
 
     python benchmarks/bench_fp8_attention.py [--out DIR] [--shapes 1,4608,24,128 ...] [--quick]
+        [--impls triton sm90 sm90ws]
 """
 
 from __future__ import annotations
@@ -114,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     common.add_common_args(p)
     p.add_argument("--shapes", type=_shape, nargs="+", default=SHAPES, help="B,S,H,D ...")
+    p.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS),
+                   help="FP8 implementations to try (those that cannot run are skipped)")
     p.add_argument("--no-naive", action="store_true",
                    help="skip the per-tensor FP8 accuracy rows (an emulation, slow at 32k)")
     args = p.parse_args(argv)
@@ -124,8 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     shapes = args.shapes[:2] if args.quick and args.shapes is SHAPES else args.shapes
     dtype = torch.bfloat16
     dev = torch.device("cuda")
-    skipped = {i: _impl_reason(i, dev, dtype, 128) for i in IMPLS}
-    impls = [i for i in IMPLS if skipped[i] is None]
+    skipped = {i: _impl_reason(i, dev, dtype, 128) for i in args.impls}
+    impls = [i for i in args.impls if skipped[i] is None]
     rows = []
     for B, S, H, D in shapes:
         q, k, v = dit_like_qkv(B, S, H, D, seed=0, dtype=dtype, device=dev)
