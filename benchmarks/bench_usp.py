@@ -7,7 +7,17 @@ then for Ulysses-N, Ring-N and the 2 x N/2 hybrid: xdit_ops.usp_attention (eager
 from a CUDA graph) and yunchang 0.6.4's LongContextAttention with AttnType.TORCH_CUDNN, on the
 same shards. Reports ms (the slowest rank's median), parallel efficiency T1 / (N * TN), the
 relative error of the gathered output against an fp32 reference next to single-GPU cuDNN's,
-and the host time of one eager call.
+and the host time of one eager call (default cross-rank check: the first call of a shape;
+without it; and checked on every call, the behaviour before the check was cached).
+
+Host floors, measured in the same run on the same ranks: the host time of the calls a
+Python-composed usp_attention cannot avoid, each alone: one cuDNN SDPA call
+(``aten._scaled_dot_product_cudnn_attention`` with LSE) at this rank's attention shape, one
+``dist.all_to_all_single`` of the Ulysses Q/K/V buffer (U > 1), one ``batch_isend_irecv`` pair
+(+ waits) of a ring K/V block (R > 1); ``host_floor_sum_us`` adds them the way the op calls them
+(R attention calls, two all-to-alls, R - 1 ring pairs; the merge and the pack/unpack kernels not
+counted). ``host_us_xdit_attention`` is the local attention op the op calls (its Python
+included), at the same shape.
 
     torchrun --nproc-per-node=4 benchmarks/bench_usp.py [--quick] [--out DIR]
 """
@@ -36,7 +46,11 @@ from benchmarks.common import (  # noqa: E402
     print_table,
     write_json,
 )
-from xdit_ops.ops.usp_attention import _ce_chunks, _pipelined_chunks  # noqa: E402
+from xdit_ops.ops.usp_attention import (  # noqa: E402
+    _ce_chunks,
+    _pipelined_chunks,
+    head_split,
+)
 from xdit_ops.reference import attention_ref  # noqa: E402
 
 SHAPES = [(1, 4608, 24, 128), (1, 16896, 24, 128), (1, 32760, 40, 128)]
@@ -53,11 +67,11 @@ def max_over_ranks(x: float) -> float:
     return t.item()
 
 
-def host_time_us(fn, n: int = 30) -> float:
+def host_time_us(fn, n: int = 30, sleep_cycles: int = int(3e9)) -> float:
     """Median host time of one call while the GPU is busy (the call never waits for it)."""
     torch.cuda.synchronize()
     dist.barrier()
-    torch.cuda._sleep(int(3e9))  # ~1.5 s of GPU work queued ahead of the calls
+    torch.cuda._sleep(sleep_cycles)  # GPU work queued ahead of the calls (3e9: ~1.5 s)
     samples = []
     for _ in range(n):
         t0 = time.perf_counter()
@@ -66,6 +80,53 @@ def host_time_us(fn, n: int = 30) -> float:
     torch.cuda.synchronize()
     samples.sort()
     return samples[len(samples) // 2]
+
+
+def host_floors(B: int, L: int, H: int, D: int, u: int, r: int, dtype) -> dict:
+    """Host time (us, slowest rank) of the calls usp_attention composes, each alone, at this
+    rank's sizes for a U x R grid with ``L`` tokens per shard (see the module docstring)."""
+    st = xdit_ops.get_parallel_state()
+    ug, rg = st.group("ulysses"), st.group("ring")
+    h = head_split(H, u)[dist.get_rank(ug) if u > 1 else 0]
+    rows = u * L  # query rows and keys per ring block after the Ulysses gather
+    q, k, v = (torch.randn(B, rows, h, D, device="cuda", dtype=dtype) for _ in range(3))
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+    sdpa = torch.ops.aten._scaled_dot_product_cudnn_attention.default
+
+    def one_sdpa():
+        return sdpa(qt, kt, vt, None, True, 0.0, False, False)
+
+    def one_xdit_attention():
+        return torch.ops.xdit_ops.attention.default(q, k, v, None, "auto", True)
+
+    res = {"host_floor_sdpa_us": one_sdpa, "host_us_xdit_attention": one_xdit_attention}
+    if u > 1:
+        send = torch.empty(u * 3 * B * L * h * D, device="cuda", dtype=dtype)
+        recv = torch.empty_like(send)
+        res["host_floor_a2a_us"] = lambda: dist.all_to_all_single(recv, send, group=ug)
+    if r > 1:
+        ranks = dist.get_process_group_ranks(rg)
+        me = dist.get_rank(rg)
+        nxt, prv = ranks[(me + 1) % r], ranks[(me - 1) % r]
+        block = torch.empty(2, B, rows, h, D, device="cuda", dtype=dtype)
+        into = torch.empty_like(block)
+
+        def one_pair():
+            for w in dist.batch_isend_irecv([dist.P2POp(dist.isend, block, nxt, group=rg),
+                                             dist.P2POp(dist.irecv, into, prv, group=rg)]):
+                w.wait()
+
+        res["host_floor_p2p_us"] = one_pair
+    out = {}
+    for name, fn in res.items():
+        fn()  # first call: cuDNN plan, NCCL P2P communicator
+        torch.cuda.synchronize()
+        # 30 calls of at most ~0.1 ms host each: ~0.1 s of queued GPU sleep covers them
+        out[name] = max_over_ranks(host_time_us(fn, sleep_cycles=int(2e8)))
+    out["host_floor_sum_us"] = (r * out["host_floor_sdpa_us"]
+                                + 2 * out.get("host_floor_a2a_us", 0.0)
+                                + (r - 1) * out.get("host_floor_p2p_us", 0.0))
+    return out
 
 
 def yunchang_fn(u: int, r: int, rank: int, world: int):
@@ -124,6 +185,7 @@ def main() -> None:
         if rank == 0:
             print(f"shape {(B, S, H, D)}: single-GPU cuDNN {t1_ms:.3f} ms, rel err {err1:.2e}",
                   flush=True)
+        floors_of: dict[tuple[int, int], dict] = {}
         for name, u, r in configs:
             # default ring transport: copy engine over symmetric memory; "-nccl": NCCL P2P
             os.environ["XDIT_OPS_USP_RING"] = "nccl" if name.endswith("-nccl") else "ce"
@@ -157,10 +219,17 @@ def main() -> None:
             except Exception as exc:  # record why capture failed instead of dying
                 graph_note = f"cuda graph failed: {type(exc).__name__}: {exc}"[:300]
                 torch.cuda.synchronize()
-            host_check = host_time_us(ours)
+            host_default = host_time_us(ours)  # the shape was checked on its first call
             os.environ["XDIT_OPS_USP_CHECK"] = "0"
+            ours()  # a new plan key (the switch is part of it): planned outside the timing
             host_nocheck = host_time_us(ours)
+            os.environ["XDIT_OPS_USP_CHECK"] = "always"
+            ours()
+            host_always = host_time_us(ours)
             os.environ.pop("XDIT_OPS_USP_CHECK")
+            if (u, r) not in floors_of:  # the floors do not depend on the transport switches
+                floors_of[(u, r)] = host_floors(B, shards[0].shape[1], H, D, u, r, dtype)
+            floors = floors_of[(u, r)]
             for impl, fn in fns.items():
                 out = fn()
                 full = xdit_ops.gather_sequence(out.contiguous(), S)
@@ -180,8 +249,10 @@ def main() -> None:
                         "graph_ms": graph_ms,
                         "graph_efficiency": None if graph_ms is None else
                         parallel_efficiency(t1_ms, world, graph_ms),
-                        "host_us_check": max_over_ranks(host_check),
+                        "host_us": max_over_ranks(host_default),
                         "host_us_nocheck": max_over_ranks(host_nocheck),
+                        "host_us_check_every_call": max_over_ranks(host_always),
+                        **floors,
                         "note": graph_note,
                     }
                 elif note:
@@ -191,7 +262,8 @@ def main() -> None:
                     print(f"  {name:8s} {impl:9s} {ms:8.3f} ms  eff {row['efficiency']:.3f}  "
                           f"err {err:.2e} (x{row['err_ratio']:.2f})"
                           + (f"  graph {graph_ms:.3f} ms" if impl == "xdit_ops" and graph_ms
-                             else "") + (f"  host {host_check:.0f}/{host_nocheck:.0f} us"
+                             else "") + (f"  host {row['host_us']:.0f} us (floor "
+                                         f"{row['host_floor_sum_us']:.0f})"
                                          if impl == "xdit_ops" else ""), flush=True)
         del q, k, v, ref32
         torch.cuda.empty_cache()
@@ -199,8 +271,12 @@ def main() -> None:
         path = write_json("bench_usp", rows, args.out, extra={"gpus_used": world})
         print(f"wrote {path}")
         print_table(rows, ["shape", "config", "impl", "ms", "t1_ms", "efficiency", "graph_ms",
-                           "graph_efficiency", "rel_err", "err_ratio", "host_us_check",
-                           "host_us_nocheck"])
+                           "graph_efficiency", "rel_err", "err_ratio"])
+        print("\nhost time of one eager call (us, slowest rank) and its floors")
+        print_table([r for r in rows if r["impl"] == "xdit_ops"],
+                    ["shape", "config", "host_us", "host_us_nocheck", "host_us_check_every_call",
+                     "host_floor_sum_us", "host_floor_sdpa_us", "host_us_xdit_attention",
+                     "host_floor_a2a_us", "host_floor_p2p_us"], floatfmt=".1f")
     dist.barrier()
     dist.destroy_process_group()
 

@@ -7,6 +7,7 @@ fp32/bf16, LSE), so the process start-up is paid once per world size.
 
 from __future__ import annotations
 
+import importlib
 import os
 
 import pytest
@@ -270,18 +271,115 @@ def test_usp_group_arguments():
 
 def _worker_bad_shape(rank, world, u, r):
     xdit_ops.init_parallel(ulysses_degree=u, ring_degree=r, device_type="cpu")
-    L = 8 if rank != world - 1 else 9  # the last rank is given a wrong shape
+    last = rank == world - 1
+    L = 8 if not last else 9  # the last rank is given a wrong shape
     q = randn(1, L, 4, 8, seed=rank)
     with pytest.raises(ValueError, match="disagree"):
         xdit_ops.usp_attention(q, q, q)
     # The group is still usable afterwards.
     q = randn(1, 8, 4, 8, seed=rank)
     xdit_ops.usp_attention(q, q, q)
+    # Agreement is remembered per shape, not for the group: a later mismatch on shapes new to
+    # every rank still makes every rank raise (plans of agreed shapes exist by now).
+    q = randn(1, 6 if not last else 5, 4, 8, seed=rank)
+    with pytest.raises(ValueError, match="disagree"):
+        xdit_ops.usp_attention(q, q, q)
+    q6 = randn(1, 6, 4, 8, seed=rank)
+    xdit_ops.usp_attention(q6, q6, q6)
+    # XDIT_OPS_USP_CHECK=always checks every call: one rank going back to an agreed shape while
+    # the others pass another agreed shape (both planned already) raises on every rank.
+    q8 = randn(1, 8, 4, 8, seed=rank)
+    os.environ["XDIT_OPS_USP_CHECK"] = "always"
+    try:
+        xdit_ops.usp_attention(q6, q6, q6)
+        xdit_ops.usp_attention(q8, q8, q8)
+        with pytest.raises(ValueError, match="disagree"):
+            xdit_ops.usp_attention(*((q8,) * 3 if not last else (q6,) * 3))
+    finally:
+        del os.environ["XDIT_OPS_USP_CHECK"]
+    xdit_ops.usp_attention(q8, q8, q8)
 
 
 @pytest.mark.parametrize("u,r", [(2, 1), (1, 2), (2, 2)])
 def test_usp_wrong_shape_fails_instead_of_hanging(u, r):
     run_distributed(_worker_bad_shape, u * r, u, r, timeout=120)
+
+
+# Every case has a local length of 10 on 2 ranks; each differs from the one before it in one
+# field of the plan key (joint tokens, their position, joint_lengths, return_lse, seq_len, dtype),
+# so a stale plan would give a wrong result against the oracle.
+PLAN_KEY_CASES = [
+    ("key-a", 2, 20, 4, 8, 0, "front", False, torch.float32, False),
+    ("key-joint", 2, 14, 4, 8, 3, "front", False, torch.float32, False),
+    ("key-back", 2, 14, 4, 8, 3, "back", False, torch.float32, False),
+    ("key-lengths", 2, 14, 4, 8, 3, "back", True, torch.float32, False),
+    ("key-lse", 2, 14, 4, 8, 3, "back", True, torch.float32, True),
+    ("key-seq-len", 2, 19, 4, 8, 0, "front", False, torch.float32, False),
+    ("key-dtype", 2, 20, 4, 8, 0, "front", False, torch.bfloat16, False),
+    ("key-a-again", 2, 20, 4, 8, 0, "front", False, torch.float32, False),
+]
+
+
+def _worker_plan_cache(rank, world):
+    """The plan cache: a repeated call equals the first, every key field is picked up, the
+    agreement all-gather runs once per shape, and a new mesh gets new plans."""
+    usp = importlib.import_module("xdit_ops.ops.usp_attention")
+    for u, r in factorisations(world):
+        xdit_ops.init_parallel(ulysses_degree=u, ring_degree=r, device_type="cpu")
+        for i, case in enumerate(PLAN_KEY_CASES):
+            _run_case(case, u, r, seed=300 + i)
+        q, k, v = (randn(2, 10, 4, 8, seed=40 + i + rank) for i in range(3))
+        usp._PLANS.clear()
+        first = xdit_ops.usp_attention(q, k, v, joint_tokens=3, return_lse=True)
+        planned = dict(usp._PLANS)
+        assert len(planned) == 1, len(planned)
+        again = xdit_ops.usp_attention(q, k, v, joint_tokens=3, return_lse=True)
+        assert usp._PLANS == planned  # the same plan object served the second call
+        assert torch.equal(again[0], first[0]) and torch.equal(again[1], first[1])
+        # Views of a fused projection (other strides, head_dim still contiguous) share the plan.
+        qkv = torch.stack([q, k, v], dim=2)  # [B, T, 3, H, D]
+        strided = xdit_ops.usp_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2],
+                                         joint_tokens=3, return_lse=True)
+        assert usp._PLANS == planned
+        assert max_abs_err(strided[0], first[0]) <= 1e-6
+        assert max_abs_err(strided[1], first[1]) <= 1e-6
+        # The agreement all-gather runs on the first call with new shapes only (the one above
+        # was agreed on its first call), whatever else of the key changes.
+        gathers = []
+        check = usp._check_agreement
+        def counted(meta, ug, rg, gathers=gathers, check=check):
+            gathers.append(meta)
+            return check(meta, ug, rg)
+
+        usp._check_agreement = counted
+        try:
+            xdit_ops.usp_attention(q, k, v, joint_tokens=3, return_lse=False)
+            assert gathers == []
+            q2 = randn(2, 12, 4, 8, seed=rank)
+            xdit_ops.usp_attention(q2, q2, q2, joint_tokens=4)
+            xdit_ops.usp_attention(q2, q2, q2, joint_tokens=4)
+            assert len(gathers) == 1, gathers
+        finally:
+            usp._check_agreement = check
+    # A new mesh plans anew: the same shapes on the other grid still match the oracle.
+    for u, r in factorisations(world)[::-1]:
+        xdit_ops.init_parallel(ulysses_degree=u, ring_degree=r, device_type="cpu")
+        _run_case(PLAN_KEY_CASES[1], u, r, seed=77)
+    # An environment switch changed between calls is picked up (XDIT_OPS_USP_CHUNKS).
+    xdit_ops.init_parallel(ulysses_degree=world, device_type="cpu")
+    _run_case(CHUNK_CASES[0], world, 1, seed=5)
+    assert not any(p.path == "pipelined" for p in usp._PLANS.values())
+    os.environ["XDIT_OPS_USP_CHUNKS"] = "2"
+    try:
+        _run_case(CHUNK_CASES[0], world, 1, seed=6)
+        assert any(p.path == "pipelined" for p in usp._PLANS.values())
+    finally:
+        del os.environ["XDIT_OPS_USP_CHUNKS"]
+    xdit_ops.destroy_parallel()
+
+
+def test_usp_plan_cache():
+    run_distributed(_worker_plan_cache, 2, timeout=300)
 
 
 def _worker_compile(rank, world):
@@ -313,6 +411,9 @@ def test_usp_single_device_is_attention():
     out = xdit_ops.usp_attention(q, k, v, joint_tokens=4, joint_position="back")
     ref, _ = oracle_attention(q, k, v)
     assert max_abs_err(out, ref) <= ATTN_ERROR_FLOOR[torch.float32] * 10
+    # The second call runs the cached plan: the same result.
+    assert torch.equal(xdit_ops.usp_attention(q, k, v, joint_tokens=4, joint_position="back"),
+                       out)
     lengths = torch.tensor([1, 4])
     out = xdit_ops.usp_attention(q, k, v, joint_tokens=4, joint_position="back",
                                  joint_lengths=lengths)
@@ -335,8 +436,10 @@ def test_usp_single_device_is_attention():
 )
 def test_usp_bad_arguments(kwargs, match):
     q = randn(2, 19, 3, 16, seed=1)
-    with pytest.raises((ValueError, TypeError), match=match):
-        xdit_ops.usp_attention(q, q, q, **kwargs)
+    xdit_ops.usp_attention(q, q, q)  # the shapes are planned: bad arguments still raise
+    for _ in range(2):  # and a failed call leaves no plan behind
+        with pytest.raises((ValueError, TypeError), match=match):
+            xdit_ops.usp_attention(q, q, q, **kwargs)
 
 
 def test_usp_opcheck():

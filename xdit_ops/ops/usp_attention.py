@@ -33,11 +33,13 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.distributed_c10d import _resolve_process_group
 
 from xdit_ops.ops import ulysses_pack as _ulysses_pack  # noqa: F401  (registers the pack ops)
 from xdit_ops.ops._lib import lib
 from xdit_ops.ops.attention import BACKENDS, check_inputs
 from xdit_ops.ops.merge_attention_states import MAX_PARTIALS
+from xdit_ops.parallel.state import get_parallel_state
 from xdit_ops.reference.attention import attention_ref
 
 OP = "usp_attention"
@@ -54,11 +56,7 @@ lib.define(
 
 
 def _resolve_group(name: str) -> dist.ProcessGroup | None:
-    if not name:
-        return None
-    from torch.distributed.distributed_c10d import _resolve_process_group
-
-    return _resolve_process_group(name)
+    return _resolve_process_group(name) if name else None
 
 
 def _group_size(g: dist.ProcessGroup | None) -> int:
@@ -78,14 +76,15 @@ def head_split(num_heads: int, ulysses: int) -> list[int]:
 # ---------------------------------------------------------------------------------------------
 # shape agreement: a rank with a different shape must fail with a message, not hang a collective
 
-_CHECK_GROUPS: dict[tuple[str, str], dist.ProcessGroup] = {}
+_CHECK_GROUPS: dict[tuple, dist.ProcessGroup] = {}
 
 
 def _check_group(ug: dist.ProcessGroup | None, rg: dist.ProcessGroup | None) -> dist.ProcessGroup:
     """A gloo group over the whole ulysses x ring grid of this rank, for host-side metadata
-    checks that must not synchronise the GPU. Created once per pair of groups; every rank of
-    the world takes part (the first call is collective anyway)."""
-    key = (ug.group_name if ug is not None else "", rg.group_name if rg is not None else "")
+    checks that must not synchronise the GPU. Created once per pair of groups (keyed by the
+    group objects: torch hands out the same names again after destroy_process_group); every
+    rank of the world takes part (the first call is collective anyway)."""
+    key = (ug, rg)
     if key not in _CHECK_GROUPS:
         only = ug if rg is None else rg if ug is None else None
         if only is not None and dist.get_backend(only) == "gloo":
@@ -134,12 +133,6 @@ def _check_agreement(meta: list[int], ug, rg) -> None:
         )
 
 
-def _checks_enabled() -> bool:
-    if os.environ.get("XDIT_OPS_USP_CHECK", "1") == "0":
-        return False
-    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
-
-
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 
 
@@ -185,22 +178,16 @@ def _masked_joint_attention(q, kj, vj, joint_lengths, scale, backend):
 # Ulysses exchange
 
 
-def _ulysses_in(q_s, k_s, v_s, heads, u_rank, ug):
+def _ulysses_in(q_s, k_s, v_s, p: _Plan):
     """All-to-all of Q, K, V together: [B, L, H, D] x3 -> the flat receive buffer
     ``[U(src), 3, B, L, h_me, D]`` (the gathered sequence in shard order).
 
     The send buffer is packed by one native kernel (``ulysses_pack_qkv``: any input strides,
     uneven heads) and one ``all_to_all_single`` moves all three tensors."""
-    B, L, H, D = q_s.shape
-    U = len(heads)
-    h_me = heads[u_rank]
-    send = torch.ops.xdit_ops.ulysses_pack_qkv.default(q_s, k_s, v_s, list(heads))
-    even = all(h == heads[0] for h in heads)
-    recv = q_s.new_empty(U * 3 * B * L * h_me * D)
-    dist.all_to_all_single(
-        recv, send, output_split_sizes=None if even else [3 * B * L * h_me * D] * U,
-        input_split_sizes=None if even else [3 * B * L * hj * D for hj in heads], group=ug,
-    )
+    send = torch.ops.xdit_ops.ulysses_pack_qkv.default(q_s, k_s, v_s, p.heads)
+    recv = q_s.new_empty(p.in_numel)
+    dist.all_to_all_single(recv, send, output_split_sizes=p.in_out_splits,
+                           input_split_sizes=p.in_in_splits, group=p.ug)
     return recv
 
 
@@ -291,8 +278,9 @@ def _ulysses_pipelined(q_s, k_s, v_s, q_j, k_j, v_j, J, Jk, joint_front, heads, 
     return out, torch.cat(lses, dim=1) if C > 1 else lses[0]
 
 
-def _ulysses_out(o_h, J, L, heads, ug, joint_front):
-    """All-to-all back: [B, J + U*L, h_me, D] (joint rows first) -> [B, J + L, H, D]."""
+def _ulysses_out(o_h, J, L, heads, ug, joint_front, splits):
+    """All-to-all back: [B, J + U*L, h_me, D] (joint rows first) -> [B, J + L, H, D].
+    ``splits``: ``_exchange_splits`` of these sizes (the plan's ``out_splits``/``lse_splits``)."""
     B, _, h_me, D = o_h.shape
     U = len(heads)
     # Send to each peer its L rows plus the joint rows (every rank needs all joint heads).
@@ -301,21 +289,19 @@ def _ulysses_out(o_h, J, L, heads, ug, joint_front):
     else:
         send = o_h.new_empty(U, B, J + L, h_me, D)
         _rows_per_destination(send, o_h, J, L)
-    out_splits = [B * (J + L) * hj * D for hj in heads]
-    recv = o_h.new_empty(sum(out_splits))
-    even = all(h == heads[0] for h in heads)
-    dist.all_to_all_single(recv, send.reshape(-1), output_split_sizes=None if even else
-                           out_splits, input_split_sizes=None if even else
-                           [B * (J + L) * h_me * D] * U, group=ug)
+    out_splits, in_splits, total = splits
+    recv = o_h.new_empty(total)
+    dist.all_to_all_single(recv, send.reshape(-1), output_split_sizes=out_splits,
+                           input_split_sizes=in_splits, group=ug)
     # One kernel (a torch reference on CPU): heads interleaved back, joint rows front or back.
-    return torch.ops.xdit_ops.ulysses_unpack_out.default(recv, list(heads), B, J, L, joint_front)
+    return torch.ops.xdit_ops.ulysses_unpack_out.default(recv, heads, B, J, L, joint_front)
 
 
-def _lse_out(lse_h, J, L, heads, ug, joint_front):
+def _lse_out(lse_h, J, L, heads, ug, joint_front, splits):
     """LSE back to the local layout: [B, h_me, J + U*L] -> [B, H, J + L]."""
     # Reuse the output exchange with a head_dim of 1: [B, rows, h, 1].
     o = lse_h.transpose(1, 2).unsqueeze(-1).contiguous()
-    back = _ulysses_out(o, J, L, heads, ug, joint_front)  # [B, J+L, H, 1]
+    back = _ulysses_out(o, J, L, heads, ug, joint_front, splits)  # [B, J+L, H, 1]
     return back.squeeze(-1).transpose(1, 2).contiguous()
 
 
@@ -466,7 +452,14 @@ def _ulysses_ce(q_s, k_s, v_s, q_j, k_j, v_j, J, Jk, joint_front, heads, u_rank,
 
 
 # ---------------------------------------------------------------------------------------------
-# the op
+# the op: one plan per call signature
+#
+# Everything the op derives from its arguments' shapes and options (validation, the cross-rank
+# agreement, the head split, the valid keys of each block, the path, the exchange sizes, the
+# ring's peers) depends only on the plan key that _usp_impl builds. It is worked out by the
+# first call with a key and kept in _PLANS; a later call with the same key resolves its group
+# names, finds the plan and moves data. benchmarks/bench_usp.py reports the host time of a call
+# next to the host time of the data-movement and attention calls it is made of (its floor).
 
 
 def _shape4(t: torch.Tensor) -> list[int]:
@@ -481,20 +474,100 @@ def _lengths_digest(shard_lengths) -> list[int]:
             sum((i + 1) * n for i, n in enumerate(shard_lengths))]
 
 
-def _usp_impl(q, k, v, joint_lengths, joint_tokens, joint_front, seq_len, scale, backend,
-              ulysses_group, ring_group, return_lse, shard_lengths=None):
-    ug = _resolve_group(ulysses_group)
-    rg = _resolve_group(ring_group)
+_SWITCH_NAMES = ("XDIT_OPS_USP_CHECK", "XDIT_OPS_USP_CHUNKS", "XDIT_OPS_USP_RING",
+                 "XDIT_OPS_USP_ULYSSES")
+try:
+    _ENV_KEYS: tuple | None = tuple(os.environ.encodekey(n) for n in _SWITCH_NAMES)
+except AttributeError:  # an os.environ without the encoder (not CPython's mapping)
+    _ENV_KEYS = None
+
+
+def _switches() -> tuple:
+    """The raw values of the op's environment switches (None where unset): part of the plan
+    key, so a switch changed between calls takes effect on the next call.
+
+    Read from the dict that ``os.environ`` keeps its values in (setting ``os.environ[...]``
+    updates it): ``os.environ.get`` encodes the name and decodes the value, about 1 us a name
+    on a slow host, and the op reads four of them per call."""
+    d = getattr(os.environ, "_data", None)
+    if _ENV_KEYS is None or type(d) is not dict:
+        return tuple(os.environ.get(n) for n in _SWITCH_NAMES)
+    k0, k1, k2, k3 = _ENV_KEYS
+    return d.get(k0), d.get(k1), d.get(k2), d.get(k3)
+
+
+def _check_mode() -> str:
+    """``XDIT_OPS_USP_CHECK``: ``0`` never checks; ``always`` checks every call; anything else
+    (default ``1``) checks the first call of each (groups, checked values): see _usp_impl."""
+    value = os.environ.get("XDIT_OPS_USP_CHECK", "1")
+    return "off" if value == "0" else "always" if value == "always" else "first"
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+# (ulysses group, ring group, checked values) that every rank of the grid has agreed on. Only
+# ever added to, and always by every rank of the grid at the same call (after one all-gather
+# that all of them passed), so the ranks' "already agreed?" answers stay the same: never
+# cleared, since a rank that forgot an entry alone would start a collective the others skip.
+_AGREED: set[tuple] = set()
+_PLANS: dict[tuple, _Plan] = {}
+_MAX_PLANS = 1024  # more distinct signatures than this: start over (a rebuild is local)
+_CHECK_NONE, _CHECK_ALWAYS, _CHECK_PENDING = 0, 1, 2
+
+
+class _Plan:
+    """What a call with one plan key does: every shape-derived value, precomputed."""
+
+    __slots__ = (
+        "ug", "rg", "U", "R", "u_rank", "r_rank", "B", "H", "J", "L", "joint_front", "split",
+        "heads", "h0", "h_me", "Jk", "joint_inline", "block_valid", "ring_n", "n0", "cut0",
+        "mine", "squeeze", "path", "chunks", "ring", "nxt", "prv", "in_numel",
+        "in_out_splits", "in_in_splits", "out_splits", "lse_splits", "seq_len", "check",
+        "agree_key",
+    )
+
+
+def _agree(meta: list[int], ug, rg, agree_key: tuple) -> None:
+    _check_agreement(meta, ug, rg)
+    _AGREED.add(agree_key)
+
+
+def _exchange_splits(B: int, rows: int, heads: list[int], h_me: int, D: int):
+    """Sizes of the output all-to-all (``_ulysses_out``) for ``rows = J + L`` rows of head dim
+    ``D``: (output splits or None when the heads are even, input splits or None, total)."""
+    out_splits = [B * rows * hj * D for hj in heads]
+    even = all(h == heads[0] for h in heads)
+    return (None if even else out_splits,
+            None if even else [B * rows * h_me * D] * len(heads), sum(out_splits))
+
+
+def _build_plan(q, k, v, joint_lengths, joint_tokens, joint_front, seq_len, backend, ug, rg,
+                return_lse, shard_lengths) -> _Plan:
+    """Validate a call signature (after the cross-rank agreement) and plan it."""
     U, R = _group_size(ug), _group_size(rg)
     u_rank, r_rank = _group_rank(ug), _group_rank(rg)
-    if (U > 1 or R > 1) and _checks_enabled():
-        # Before any check that could raise on one rank only: afterwards every rank validates
-        # the same arguments, so all raise or none does, and no collective is left hanging.
-        meta = (_shape4(q) + _shape4(k) + _shape4(v)
-                + [_DTYPE_CODES.get(t.dtype, 9) for t in (q, k, v)]
-                + [joint_tokens, seq_len, int(joint_front), int(joint_lengths is None)]
-                + _lengths_digest(shard_lengths))
-        _check_agreement(meta, ug, rg)
+    check = _CHECK_NONE
+    agree_key = None
+    if U > 1 or R > 1:
+        mode = _check_mode()
+        if mode != "off":
+            # Before any check that could raise on one rank only: afterwards every rank
+            # validates the same arguments, so all raise or none does, and no collective is
+            # left hanging.
+            meta = (_shape4(q) + _shape4(k) + _shape4(v)
+                    + [_DTYPE_CODES.get(t.dtype, 9) for t in (q, k, v)]
+                    + [joint_tokens, seq_len, int(joint_front), int(joint_lengths is None)]
+                    + _lengths_digest(shard_lengths))
+            agree_key = (ug, rg, tuple(meta))
+            due = mode == "always" or agree_key not in _AGREED
+            if _capturing():  # no host collective inside a CUDA graph: the next eager call
+                check = _CHECK_PENDING if due else _CHECK_NONE
+            else:
+                if due:
+                    _agree(meta, ug, rg, agree_key)
+                check = _CHECK_ALWAYS if mode == "always" else _CHECK_NONE
     check_inputs(q, k, v, OP)
     B, T, H, D = q.shape
     J = joint_tokens
@@ -532,153 +605,251 @@ def _usp_impl(q, k, v, joint_lengths, joint_tokens, joint_front, seq_len, scale,
         raise ValueError(f"{OP}: joint_lengths must be an int tensor [B={B}], got shape "
                          f"{tuple(joint_lengths.shape)}")
 
+    p = _Plan()
+    p.ug, p.rg, p.U, p.R, p.u_rank, p.r_rank = ug, rg, U, R, u_rank, r_rank
+    p.B, p.H, p.J, p.L, p.joint_front, p.seq_len = B, H, J, L, joint_front, seq_len
+    p.split = [J, L] if joint_front else [L, J]
+    p.check, p.agree_key = check, agree_key
     heads = head_split(H, U)
-    h0 = sum(heads[:u_rank])
+    p.heads = heads
+    p.h0 = sum(heads[:u_rank])
+    p.h_me = heads[u_rank]
     # The joint keys go in front of the gathered keys unless they must be their own partial:
     # under a ring (counted once, not once per step) or with per-sample lengths (masked).
-    joint_inline = J > 0 and R == 1 and joint_lengths is None
-    Jk = J if joint_inline else 0
-
-    if joint_front:
-        q_j, k_j, v_j = q[:, :J], k[:, :J], v[:, :J]
-        q_s, k_s, v_s = q[:, J:], k[:, J:], v[:, J:]
-    else:
-        q_j, k_j, v_j = q[:, L:], k[:, L:], v[:, L:]
-        q_s, k_s, v_s = q[:, :L], k[:, :L], v[:, :L]
-
+    p.joint_inline = J > 0 and R == 1 and joint_lengths is None
+    p.Jk = Jk = J if p.joint_inline else 0
     # Valid keys of each ring block (U shards each). Within a block they are made a prefix:
     # padding that sits between shards of one block is squeezed out after the gather.
-    block_valid = [sum(lens[r * U:(r + 1) * U]) for r in range(R)]
-    mine = lens[r_rank * U:(r_rank + 1) * U]
-    squeeze = any(n < L and any(mine[j + 1:]) for j, n in enumerate(mine))
+    p.block_valid = [sum(lens[r * U:(r + 1) * U]) for r in range(R)]
+    p.ring_n = [p.block_valid[(r_rank - step) % R] for step in range(R)]
+    p.n0 = Jk + p.block_valid[0]
+    p.cut0 = p.n0 < Jk + U * L  # the R == 1 block has padded keys to cut off
+    p.mine = mine = lens[r_rank * U:(r_rank + 1) * U]
+    p.squeeze = any(n < L and any(mine[j + 1:]) for j, n in enumerate(mine))
+    p.ring = ring_transport(q.device) if R > 1 else "nccl"
+    p.nxt = p.prv = -1
+    if R > 1 and p.ring == "nccl":
+        ring_ranks = dist.get_process_group_ranks(rg)
+        p.nxt = ring_ranks[(r_rank + 1) % R]
+        p.prv = ring_ranks[(r_rank - 1) % R]
+    p.chunks = 1
+    if U == 1:
+        p.path = "local"
+    elif (not p.squeeze and R == 1 and ulysses_transport(q.device) == "ce"
+          and all(x == heads[0] for x in heads)):
+        p.path = "ce"
+    elif not p.squeeze and (chunks := _pipelined_chunks(H, U, R)) > 1:
+        p.path, p.chunks = "pipelined", chunks
+    else:
+        p.path = "nccl"
+    even = all(h == heads[0] for h in heads)
+    p.in_numel = U * 3 * B * L * p.h_me * D
+    p.in_out_splits = None if even else [3 * B * L * p.h_me * D] * U
+    p.in_in_splits = None if even else [3 * B * L * hj * D for hj in heads]
+    p.out_splits = _exchange_splits(B, J + L, heads, p.h_me, v.shape[3])
+    p.lse_splits = _exchange_splits(B, J + L, heads, p.h_me, 1)
+    return p
 
-    def valid_keys(block_rank: int) -> int:
-        return block_valid[block_rank]
 
-    def squeezed(kv: torch.Tensor) -> torch.Tensor:
-        """[2, B, Jk + U*L, h, D] with this block's valid keys moved to the front of the U*L."""
-        pieces = [kv[:, :, :Jk]] + [kv[:, :, Jk + j * L:Jk + j * L + n]
-                                    for j, n in enumerate(mine) if n]
-        pad = list(kv.shape)
-        pad[2] = U * L - sum(mine)
-        return torch.cat(pieces + [kv.new_zeros(pad)], dim=2)
+def _usp_impl(q, k, v, joint_lengths, joint_tokens, joint_front, seq_len, scale, backend,
+              ulysses_group, ring_group, return_lse, shard_lengths=None):
+    """The op's body (CPU and CUDA): look up or build the plan, then run it.
+
+    The plan key is everything the validation and the plan read: the three tensors' shapes,
+    dtypes, devices and last strides, the joint arguments (``joint_lengths`` by its shape: its
+    values are only read on the device), ``seq_len``, ``shard_lengths``, the backend, the
+    resolved groups (objects, not names: torch reuses group names after a re-initialisation),
+    ``return_lse`` and the environment switches.
+
+    Cross-rank agreement (``XDIT_OPS_USP_CHECK``, default on): every rank of the ulysses x ring
+    grid all-gathers the checked values (shapes, dtypes, joint arguments, ``seq_len``, a digest
+    of ``shard_lengths``) before it validates, so a rank with a different shape makes every
+    rank raise the same error instead of leaving the others waiting in a collective. Agreement
+    is remembered per (groups, checked values), so only the first call with them pays the
+    all-gather (about 0.5-1 ms); the checked values are a function of the plan key, so a rank
+    cannot reach a remembered agreement with other values than those agreed. What this cannot
+    catch, unlike a check on every call: after the ranks agreed on values A and later on B, one
+    rank passing A while the others pass B (each rank's values were agreed once, so none
+    checks, and the collectives disagree). A rank whose values are new to it still checks; if
+    the others do not (their values are remembered), that check waits for them until the
+    group's timeout. ``XDIT_OPS_USP_CHECK=always`` restores the check on every call for
+    debugging such a case; ``0`` turns it off. No check runs under CUDA-graph capture (a host
+    collective cannot be captured): a plan first built there is checked on its next eager call.
+    """
+    ug = _resolve_group(ulysses_group)
+    rg = _resolve_group(ring_group)
+    key = (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device,
+           q.stride(-1), k.stride(-1), v.stride(-1),
+           None if joint_lengths is None else joint_lengths.shape, joint_tokens, joint_front,
+           seq_len, backend, ug, rg, return_lse,
+           None if shard_lengths is None else tuple(shard_lengths), _switches())
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _build_plan(q, k, v, joint_lengths, joint_tokens, joint_front, seq_len, backend,
+                           ug, rg, return_lse, shard_lengths)
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.clear()
+        _PLANS[key] = plan
+    elif plan.check != _CHECK_NONE and not _capturing():
+        if plan.check == _CHECK_ALWAYS or plan.agree_key not in _AGREED:
+            _agree(list(plan.agree_key[2]), ug, rg, plan.agree_key)
+        if plan.check == _CHECK_PENDING:
+            plan.check = _CHECK_NONE
+    return _run(plan, q, k, v, joint_lengths, scale, backend, return_lse)
+
+
+def _squeezed(p: _Plan, kv: torch.Tensor) -> torch.Tensor:
+    """[2, B, Jk + U*L, h, D] with this block's valid keys moved to the front of the U*L."""
+    Jk, L = p.Jk, p.L
+    pieces = [kv[:, :, :Jk]] + [kv[:, :, Jk + j * L:Jk + j * L + n]
+                                for j, n in enumerate(p.mine) if n]
+    pad = list(kv.shape)
+    pad[2] = p.U * L - sum(p.mine)
+    return torch.cat(pieces + [kv.new_zeros(pad)], dim=2)
+
+
+def _attend(p: _Plan, qbuf, kv, kj, vj, joint_lengths, scale, backend, dtype):
+    """Attention of qbuf over every key of the sequence (ring steps + joint partial).
+
+    Each block's partial result is kept and all are merged once, at the end, by one native
+    pass over them (instead of an fp32 read-modify-write of the accumulator per step).
+    """
+    parts: list[torch.Tensor] = []
+    part_lses: list[torch.Tensor] = []
+    R, r_rank = p.R, p.r_rank
+    if R == 1:
+        kk, vv = kv.unbind(0) if isinstance(kv, torch.Tensor) else kv
+        if p.cut0:
+            kk, vv = kk[:, :p.n0], vv[:, :p.n0]
+        o, lse = _local_attention(qbuf, kk, vv, scale, backend)
+        parts.append(o)
+        part_lses.append(lse)
+    elif p.ring == "ce":
+        # Pull model over symmetric memory: at step t every rank computes on its buffer
+        # t % 2 while its side stream copies the previous rank's buffer t % 2 into its own
+        # buffer (t + 1) % 2 (a device-to-device memcpy: the copy engine, over NVLink), then
+        # a barrier marks every copy of step t done. Hazards: a buffer is overwritten only
+        # after this rank's attention on it (side waits for the compute stream) and after
+        # the next rank has pulled it (the barrier of the step before).
+        device = qbuf.device
+        bufs, handle = _ring_buffers(p.rg, tuple(kv.shape), kv.dtype, device)
+        bufs[0].copy_(kv)
+        side = _side_stream(device)
+        compute = torch.cuda.current_stream(device)
+        prev = (r_rank - 1) % R
+        numel = kv.numel()
+        for step in range(R):
+            if step + 1 < R:
+                side.wait_stream(compute)
+                with torch.cuda.stream(side):
+                    if step == 0:
+                        handle.barrier(channel=0)  # every rank's first block is in place
+                    src = handle.get_buffer(prev, tuple(kv.shape), kv.dtype,
+                                            (step % 2) * numel)
+                    bufs[(step + 1) % 2].copy_(src)
+                    handle.barrier(channel=0)
+            n = p.ring_n[step]
+            if n > 0:
+                cur = bufs[step % 2]
+                o, lse = _local_attention(qbuf, cur[0, :, :n], cur[1, :, :n], scale, backend)
+                parts.append(o)
+                part_lses.append(lse)
+            if step + 1 < R:
+                compute.wait_stream(side)
+    else:
+        rg, nxt, prv = p.rg, p.nxt, p.prv
+        cur = kv
+        for step in range(R):
+            reqs = []
+            if step + 1 < R:  # post the next block's transfer before this block's attention
+                nxt_buf = torch.empty_like(cur)
+                reqs = dist.batch_isend_irecv([
+                    dist.P2POp(dist.isend, cur, nxt, group=rg),
+                    dist.P2POp(dist.irecv, nxt_buf, prv, group=rg),
+                ])
+            n = p.ring_n[step]
+            if n > 0:
+                o, lse = _local_attention(qbuf, cur[0, :, :n], cur[1, :, :n], scale, backend)
+                parts.append(o)
+                part_lses.append(lse)
+            for r in reqs:
+                r.wait()
+            if step + 1 < R:
+                cur = nxt_buf
+    if kj is not None:
+        if joint_lengths is not None:
+            o, lse = _masked_joint_attention(qbuf, kj, vj, joint_lengths, scale, backend)
+        else:
+            o, lse = _local_attention(qbuf, kj, vj, scale, backend)
+        parts.append(o)
+        part_lses.append(lse)
+    if not parts:  # every key was padding: not reachable with a valid seq_len
+        raise ValueError(f"{OP}: no valid keys (seq_len={p.seq_len})")
+    if len(parts) == 1:
+        return parts[0], part_lses[0]
+    merge = torch.ops.xdit_ops.merge_attention_partials.default
+    while len(parts) > MAX_PARTIALS:  # rings longer than one merge pass takes
+        o, lse = merge(parts[:MAX_PARTIALS], part_lses[:MAX_PARTIALS], torch.float32)
+        parts = [o.to(parts[-1].dtype)] + parts[MAX_PARTIALS:]
+        part_lses = [lse] + part_lses[MAX_PARTIALS:]
+    if len(parts) == 1:
+        return parts[0], part_lses[0]
+    return merge(parts, part_lses, dtype)
+
+
+def _run(p: _Plan, q, k, v, joint_lengths, scale, backend, return_lse):
+    """The data movement and attention of one call with plan ``p``."""
+    J, L, joint_front = p.J, p.L, p.joint_front
+    if J:
+        qa, qb = q.split_with_sizes(p.split, 1)
+        ka, kb = k.split_with_sizes(p.split, 1)
+        va, vb = v.split_with_sizes(p.split, 1)
+        if joint_front:
+            q_j, k_j, v_j, q_s, k_s, v_s = qa, ka, va, qb, kb, vb
+        else:
+            q_s, k_s, v_s, q_j, k_j, v_j = qa, ka, va, qb, kb, vb
+    else:
+        q_s, k_s, v_s = q, k, v
+        q_j = k_j = v_j = None
+    dtype = q.dtype
 
     def attend(qbuf, kv, kj, vj):
-        """Attention of qbuf over every key of the sequence (ring steps + joint partial).
+        return _attend(p, qbuf, kv, kj, vj, joint_lengths, scale, backend, dtype)
 
-        Each block's partial result is kept and all are merged once, at the end, by one native
-        pass over them (instead of an fp32 read-modify-write of the accumulator per step).
-        """
-        parts: list[torch.Tensor] = []
-        part_lses: list[torch.Tensor] = []
-
-        def accumulate(o, lse):
-            parts.append(o)
-            part_lses.append(lse)
-
-        if R == 1:
-            n = Jk + valid_keys(0)
-            accumulate(*_local_attention(qbuf, kv[0][:, :n], kv[1][:, :n], scale, backend))
-        elif ring_transport(q.device) == "ce":
-            # Pull model over symmetric memory: at step t every rank computes on its buffer
-            # t % 2 while its side stream copies the previous rank's buffer t % 2 into its own
-            # buffer (t + 1) % 2 (a device-to-device memcpy: the copy engine, over NVLink), then
-            # a barrier marks every copy of step t done. Hazards: a buffer is overwritten only
-            # after this rank's attention on it (side waits for the compute stream) and after
-            # the next rank has pulled it (the barrier of the step before).
-            bufs, handle = _ring_buffers(rg, tuple(kv.shape), kv.dtype, q.device)
-            bufs[0].copy_(kv)
-            side = _side_stream(q.device)
-            compute = torch.cuda.current_stream(q.device)
-            prev = (r_rank - 1) % R
-            numel = kv.numel()
-            for step in range(R):
-                if step + 1 < R:
-                    side.wait_stream(compute)
-                    with torch.cuda.stream(side):
-                        if step == 0:
-                            handle.barrier(channel=0)  # every rank's first block is in place
-                        src = handle.get_buffer(prev, tuple(kv.shape), kv.dtype,
-                                                (step % 2) * numel)
-                        bufs[(step + 1) % 2].copy_(src)
-                        handle.barrier(channel=0)
-                n = valid_keys((r_rank - step) % R)
-                if n > 0:
-                    cur = bufs[step % 2]
-                    accumulate(*_local_attention(qbuf, cur[0, :, :n], cur[1, :, :n], scale,
-                                                 backend))
-                if step + 1 < R:
-                    compute.wait_stream(side)
-        else:
-            ring_ranks = dist.get_process_group_ranks(rg)
-            nxt = ring_ranks[(r_rank + 1) % R]
-            prv = ring_ranks[(r_rank - 1) % R]
-            cur = kv
-            for step in range(R):
-                reqs = []
-                if step + 1 < R:  # post the next block's transfer before this block's attention
-                    nxt_buf = torch.empty_like(cur)
-                    reqs = dist.batch_isend_irecv([
-                        dist.P2POp(dist.isend, cur, nxt, group=rg),
-                        dist.P2POp(dist.irecv, nxt_buf, prv, group=rg),
-                    ])
-                n = valid_keys((r_rank - step) % R)
-                if n > 0:
-                    accumulate(*_local_attention(qbuf, cur[0, :, :n], cur[1, :, :n], scale,
-                                                 backend))
-                for r in reqs:
-                    r.wait()
-                if step + 1 < R:
-                    cur = nxt_buf
-        if kj is not None:
-            if joint_lengths is not None:
-                accumulate(*_masked_joint_attention(qbuf, kj, vj, joint_lengths, scale, backend))
-            else:
-                accumulate(*_local_attention(qbuf, kj, vj, scale, backend))
-        if not parts:  # every key was padding: not reachable with a valid seq_len
-            raise ValueError(f"{OP}: no valid keys (seq_len={seq_len})")
-        merge = torch.ops.xdit_ops.merge_attention_partials.default
-        while len(parts) > MAX_PARTIALS:  # rings longer than one merge pass takes
-            o, lse = merge(parts[:MAX_PARTIALS], part_lses[:MAX_PARTIALS], torch.float32)
-            parts = [o.to(parts[-1].dtype)] + parts[MAX_PARTIALS:]
-            part_lses = [lse] + part_lses[MAX_PARTIALS:]
-        if len(parts) == 1:
-            return parts[0], part_lses[0]
-        return merge(parts, part_lses, q.dtype)
-
-    if U == 1:
+    if p.path == "local":
         qbuf = q if (joint_front or J == 0) else torch.cat([q_j, q_s], dim=1)
-        if R > 1:
+        if p.R > 1:
             kv = torch.stack([k_s, v_s])  # contiguous: it is sent around the ring
-        elif Jk:
+        elif p.Jk:
             kv = (k, v) if joint_front else (torch.cat([k_j, k_s], 1), torch.cat([v_j, v_s], 1))
         else:
             kv = (k_s, v_s)
-        jk = (k_j, v_j) if J and not joint_inline else (None, None)
+        jk = (k_j, v_j) if J and not p.joint_inline else (None, None)
         out_h, lse_h = attend(qbuf, kv, *jk)
         if joint_front or J == 0:
             out, lse = out_h, lse_h
         else:  # rows were [joint; seq]: put the joint rows back behind
             out = torch.cat([out_h[:, J:], out_h[:, :J]], dim=1)
             lse = torch.cat([lse_h[:, :, J:], lse_h[:, :, :J]], dim=2) if return_lse else None
-    elif (not squeeze and R == 1 and ulysses_transport(q.device) == "ce"
-          and all(x == heads[0] for x in heads)):
-        out, lse_h = _ulysses_ce(q_s, k_s, v_s, q_j, k_j, v_j, J, Jk, joint_front, heads, u_rank,
-                                 ug, attend)
-        lse = _lse_out(lse_h, J, L, heads, ug, joint_front) if return_lse else None
-    elif not squeeze and (chunks := _pipelined_chunks(H, U, R)) > 1:
-        out, lse_h = _ulysses_pipelined(q_s, k_s, v_s, q_j, k_j, v_j, J, Jk, joint_front, heads,
-                                        u_rank, ug, chunks, attend)
-        lse = _lse_out(lse_h, J, L, heads, ug, joint_front) if return_lse else None
+    elif p.path == "ce":
+        out, lse_h = _ulysses_ce(q_s, k_s, v_s, q_j, k_j, v_j, J, p.Jk, joint_front, p.heads,
+                                 p.u_rank, p.ug, attend)
+        lse = _lse_out(lse_h, J, L, p.heads, p.ug, joint_front, p.lse_splits) \
+            if return_lse else None
+    elif p.path == "pipelined":
+        out, lse_h = _ulysses_pipelined(q_s, k_s, v_s, q_j, k_j, v_j, J, p.Jk, joint_front,
+                                        p.heads, p.u_rank, p.ug, p.chunks, attend)
+        lse = _lse_out(lse_h, J, L, p.heads, p.ug, joint_front, p.lse_splits) \
+            if return_lse else None
     else:
-        h_me = heads[u_rank]
-        recv = _ulysses_in(q_s, k_s, v_s, heads, u_rank, ug)  # [U, 3, B, L, h, D], flat
-        qbuf, kv, kj, vj = _place(recv, U, B, L, h_me, q_j, k_j, v_j, h0, J, Jk)
-        if squeeze:
-            kv = squeezed(kv)
+        recv = _ulysses_in(q_s, k_s, v_s, p)  # [U, 3, B, L, h, D], flat
+        qbuf, kv, kj, vj = _place(recv, p.U, p.B, L, p.h_me, q_j, k_j, v_j, p.h0, J, p.Jk)
+        if p.squeeze:
+            kv = _squeezed(p, kv)
         out_h, lse_h = attend(qbuf, kv, kj, vj)
-        out = _ulysses_out(out_h, J, L, heads, ug, joint_front)
-        lse = _lse_out(lse_h, J, L, heads, ug, joint_front) if return_lse else None
+        out = _ulysses_out(out_h, J, L, p.heads, p.ug, joint_front, p.out_splits)
+        lse = _lse_out(lse_h, J, L, p.heads, p.ug, joint_front, p.lse_splits) \
+            if return_lse else None
     if not return_lse:
         return out.contiguous(), q.new_empty((0,), dtype=torch.float32)
     return out.contiguous(), lse.float().contiguous()
@@ -702,6 +873,8 @@ def _usp_fake(q, k, v, joint_lengths, joint_tokens, joint_front, seq_len, scale,
 # ---------------------------------------------------------------------------------------------
 # public API
 
+_USP_OP = torch.ops.xdit_ops.usp_attention.default
+
 
 def _group_name(g) -> str:
     if g is None:
@@ -713,19 +886,26 @@ def _group_name(g) -> str:
     raise TypeError(f"{OP}: groups are ProcessGroup or group-name str, got {type(g).__name__}")
 
 
-def _groups_from(mesh: DeviceMesh | None) -> tuple[str, str]:
-    if mesh is None:
-        from xdit_ops.parallel.state import get_parallel_state
+_MESH_GROUPS: list = [None, ("", "")]  # the last mesh asked about and its group names
 
+
+def _groups_from(mesh: DeviceMesh | None) -> tuple[str, str]:
+    """The (ulysses, ring) group names of ``mesh`` (default: the ``init_parallel`` mesh),
+    remembered for the last mesh object: a mesh's groups never change, and a new
+    ``init_parallel`` makes a new mesh object (the cached one is held, so its id is not reused)."""
+    if mesh is None:
         state = get_parallel_state(required=False)
         if state is None:
             return "", ""
         mesh = state.mesh
+    if _MESH_GROUPS[0] is mesh:
+        return _MESH_GROUPS[1]
     names = mesh.mesh_dim_names or ()
     if not names or not ({"ulysses", "ring"} & set(names)):
         raise ValueError(f"{OP}: the mesh needs a 'ulysses' and/or 'ring' dimension, has {names}")
     u = _group_name(mesh.get_group("ulysses")) if "ulysses" in names else ""
     r = _group_name(mesh.get_group("ring")) if "ring" in names else ""
+    _MESH_GROUPS[:] = [mesh, (u, r)]
     return u, r
 
 
@@ -794,7 +974,7 @@ def usp_attention(
         u, r = _group_name(ulysses_group), _group_name(ring_group)
     else:
         u, r = _groups_from(mesh)
-    out, lse = torch.ops.xdit_ops.usp_attention.default(
+    out, lse = _USP_OP(
         query, key, value, joint_lengths, joint_tokens, joint_position == "front",
         -1 if seq_len is None else int(seq_len), None if scale is None else float(scale),
         backend, u, r, return_lse,
