@@ -401,6 +401,8 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
       // products plus the output's leave no registers to hold them across the batch. The
       // release of the K stage (mbarrier.arrive: release semantics) follows the reads.
       load_ks(st, ks);
+      // ClusterBarrier::arrive's asm has no memory clobber: keep the loads above it.
+      asm volatile("" ::: "memory");
       ClusterBarrier::arrive(&s.k_empty[st]);
       softmax(t, ks, mask);
     }
