@@ -956,6 +956,15 @@ def usp_attention(
     -------
     out : [B, joint_tokens + S_local, H, D] in the input dtype (same local layout as ``query``).
     lse : [B, H, joint_tokens + S_local] float32, only with ``return_lse``.
+
+    Notes
+    -----
+    The first call with a new combination of shapes and options plans the call (validation,
+    the head split, the exchange sizes) and, on a group, checks that every rank passes the same
+    shapes (a CPU all-gather, ~1 ms): a rank with another shape makes every rank raise instead
+    of hanging. Later calls with the same combination reuse the plan and skip the check, so
+    they are host-cheap; ``XDIT_OPS_USP_CHECK=always`` checks every call, ``0`` never (the op
+    body's docstring, ``_usp_impl``, says what the remembered check cannot catch).
     """
     if joint_position not in ("front", "back"):
         raise ValueError(f"{OP}: joint_position must be 'front' or 'back', got {joint_position!r}")
