@@ -87,7 +87,8 @@ def host_floors(B: int, L: int, H: int, D: int, u: int, r: int, dtype) -> dict:
     rank's sizes for a U x R grid with ``L`` tokens per shard (see the module docstring)."""
     st = xdit_ops.get_parallel_state()
     ug, rg = st.group("ulysses"), st.group("ring")
-    h = head_split(H, u)[dist.get_rank(ug) if u > 1 else 0]
+    heads = head_split(H, u)
+    h = heads[dist.get_rank(ug) if u > 1 else 0]
     rows = u * L  # query rows and keys per ring block after the Ulysses gather
     q, k, v = (torch.randn(B, rows, h, D, device="cuda", dtype=dtype) for _ in range(3))
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
@@ -100,10 +101,14 @@ def host_floors(B: int, L: int, H: int, D: int, u: int, r: int, dtype) -> dict:
         return torch.ops.xdit_ops.attention.default(q, k, v, None, "auto", True)
 
     res = {"host_floor_sdpa_us": one_sdpa, "host_us_xdit_attention": one_xdit_attention}
-    if u > 1:
-        send = torch.empty(u * 3 * B * L * h * D, device="cuda", dtype=dtype)
-        recv = torch.empty_like(send)
-        res["host_floor_a2a_us"] = lambda: dist.all_to_all_single(recv, send, group=ug)
+    if u > 1:  # the op's Q/K/V exchange: each peer's heads out, this rank's heads in
+        even = all(x == heads[0] for x in heads)
+        in_splits = None if even else [3 * B * L * x * D for x in heads]
+        out_splits = None if even else [3 * B * L * h * D] * u
+        send = torch.empty(3 * B * L * H * D, device="cuda", dtype=dtype)
+        recv = torch.empty(u * 3 * B * L * h * D, device="cuda", dtype=dtype)
+        res["host_floor_a2a_us"] = lambda: dist.all_to_all_single(
+            recv, send, output_split_sizes=out_splits, input_split_sizes=in_splits, group=ug)
     if r > 1:
         ranks = dist.get_process_group_ranks(rg)
         me = dist.get_rank(rg)
