@@ -338,6 +338,18 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
       m_shift[j] = m_new - kPShift;
       m_i[j] = m_new;
     }
+    // P's shared address of (row, column c0) of this thread's two rows, through the swizzled
+    // layout (C::SmemPAll, a ComposedLayout: not sPAll.layout(), which make_tensor stripped of
+    // the swizzle when it moved it into sPAll's pointer; the GPU run at 031996e stored P there,
+    // unswizzled, so the P.V wgmma read the 16-key chunks of rows r % 8 != 0 permuted).
+    // Swizzle<3,4,3> XORs byte-offset bits 4-6 (the 16-byte chunk) with bits 7-9 (r % 8), and
+    // s.p is 1024-byte aligned: column c0 + 8 k of row r0 is at p_row ^ 8 k (k < 16; c0 < 8
+    // stays in bits 1-2), and row r0 + 8 lies 1024 bytes further (same r % 8).
+    // (An opaque copy: ptxas would otherwise hoist the 16 XORed addresses out of the key loop
+    // and spill.)
+    const uint32_t p_row_at = p_smem + typename C::SmemPAll{}(r0, c0, w);
+    uint32_t p_row;
+    asm volatile("mov.b32 %0, %1;\n" : "=r"(p_row) : "r"(p_row_at));
     CUTE_UNROLL
     for (int i = 0; i < size(tSrS); i += 2) {
       const int rj = (i >> 1) & 1;
@@ -345,12 +357,11 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
       const float p1 = exp2f(sc[i + 1] - m_shift[rj]);
       tile_sum[rj] += p0;
       tile_sum[rj] += p1;
-      // Two adjacent keys of one row: two adjacent bytes (the swizzle moves 16-byte chunks),
-      // stored with st.shared at the swizzled layout's offset.
+      // Two adjacent keys of one row: two adjacent bytes (the swizzle moves 16-byte chunks).
       const __nv_fp8x2_storage_t pk =
           __nv_cvt_float2_to_fp8x2(make_float2(p0, p1), __NV_SATFINITE, __NV_E4M3);
-      const uint32_t off = sPAll.layout()(r0 + 8 * rj, c0 + 8 * (i >> 2), w);
-      asm volatile("st.shared.u16 [%0], %1;\n" ::"r"(p_smem + off), "h"(pk) : "memory");
+      const uint32_t addr = (p_row ^ static_cast<uint32_t>(8 * (i >> 2))) + 1024 * rj;
+      asm volatile("st.shared.u16 [%0], %1;\n" ::"r"(addr), "h"(pk) : "memory");
     }
     CUTE_UNROLL
     for (int j = 0; j < 2; ++j) l_i[j] = l_i[j] * alpha[j] + quad_sum(tile_sum[j]);
