@@ -338,7 +338,13 @@ def _side_stream(device: torch.device, which: int = 0) -> torch.cuda.Stream:
 # ---------------------------------------------------------------------------------------------
 # Ulysses over the copy engines (XDIT_OPS_USP_ULYSSES=ce)
 
-_SYMM: dict[tuple, tuple[torch.Tensor, object]] = {}
+_SYMM: dict[tuple, tuple[torch.Tensor, object, dist.ProcessGroup]] = {}
+
+
+def release_symmetric_buffers() -> None:
+    """Forget the copy-engine paths' symmetric-memory buffers (``destroy_parallel`` calls it
+    before the groups they were rendezvoused with are destroyed)."""
+    _SYMM.clear()
 
 
 def ulysses_transport(device: torch.device) -> str:
@@ -355,7 +361,12 @@ def _symm_buffer(group: dist.ProcessGroup, tag: str, shape: tuple, dtype: torch.
                  device: torch.device):
     """A symmetric-memory buffer (peer-mapped on every rank of ``group``), one per key; the
     rendezvous is collective, so it happens on the first call with a shape, never in a graph."""
-    key = (group.group_name, tag, shape, dtype, device)
+    # Keyed by the group object (kept alive in the value, so its id is not reused), not its
+    # name: torch reuses group names after destroy_process_group, and a buffer rendezvoused
+    # with an old group's ranks would be signalled by the wrong peers.
+    key = (id(group), tag, shape, dtype, device)
+    if key in _SYMM and _SYMM[key][2] is not group:
+        del _SYMM[key]
     if key not in _SYMM:
         import warnings
 
@@ -365,8 +376,8 @@ def _symm_buffer(group: dist.ProcessGroup, tag: str, shape: tuple, dtype: torch.
             warnings.simplefilter("ignore", FutureWarning)
             symm_mem.enable_symm_mem_for_group(group.group_name)
         buf = symm_mem.empty(shape, dtype=dtype, device=device)
-        _SYMM[key] = (buf, symm_mem.rendezvous(buf, group.group_name))
-    return _SYMM[key]
+        _SYMM[key] = (buf, symm_mem.rendezvous(buf, group.group_name), group)
+    return _SYMM[key][:2]
 
 
 def _ce_chunks(h: int) -> int:

@@ -199,5 +199,8 @@ def destroy_parallel() -> None:
     from xdit_ops.models.vae._frames import release_frame_graphs
 
     release_frame_graphs()  # graphs holding NCCL kernels would keep the communicators busy
+    from xdit_ops.ops.usp_attention import release_symmetric_buffers
+
+    release_symmetric_buffers()
     if dist.is_initialized():
         dist.destroy_process_group()
