@@ -259,8 +259,8 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
   auto thr_pv = mma_pv.get_thread_slice(tid);
   Tensor tSrQ = thr_qk.partition_fragment_A(sQ(_, _, w));  // (MMA, 1, kDP / 32)
   Tensor tSrK = thr_qk.partition_fragment_B(sK);           // (MMA, 1, kDP / 32, stages)
-  Tensor tOrP = thr_pv.partition_fragment_A(sP);           // (MMA, 1, 2)
-  Tensor tOrV = thr_pv.partition_fragment_B(sV);           // (MMA, 1, 2, stages)
+  Tensor tOrP = thr_pv.partition_fragment_A(sP);           // (MMA, 1, kBlockN / 32)
+  Tensor tOrV = thr_pv.partition_fragment_B(sV);           // (MMA, 1, kBlockN / 32, stages)
   Tensor tSrS = partition_fragment_C(mma_qk, Shape<Int<kBlockM>, Int<kBlockN>>{});
   Tensor tOrPV = partition_fragment_C(mma_pv, Shape<Int<kBlockM>, Int<kDP>>{});
   Tensor tOrO = make_fragment_like(tOrPV);
