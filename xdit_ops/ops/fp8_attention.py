@@ -85,6 +85,21 @@ def sm90_scheme(impl: str = "sm90") -> Fp8AttentionScheme:
     return replace(SCHEME, block_n=SM90_BLOCK_N[impl])
 
 
+def cuda_scheme(head_dim: int) -> Fp8AttentionScheme:
+    """The scheme whose emulation the CUDA op computes at ``head_dim`` under the current
+    ``XDIT_OPS_FP8_IMPL``: the kernels' key-tile width sets the softmax block (``block_n``), so
+    it can differ from the CPU op's ``SCHEME`` (the Triton kernel's 128-key tiles at head dim
+    128, the sm90ws kernel's)."""
+    impl = os.environ.get("XDIT_OPS_FP8_IMPL", "triton")
+    if impl == "emulation":
+        return SCHEME
+    if impl in SM90_IMPLS:
+        return sm90_scheme(impl)
+    from xdit_ops.triton.fp8_attention import attn_config, config_scheme
+
+    return config_scheme(attn_config(padded_head_dim(head_dim)))
+
+
 def unusable_reason(device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
     """Why the FP8 attention cannot run on (device, dtype, head_dim); None when it can."""
     if dtype not in DTYPES:
@@ -249,5 +264,5 @@ def fp8_attention(
     return (out, lse) if return_lse else out
 
 
-__all__ = ["attention_quantized_sm90", "fp8_attention", "padded_head_dim", "sm90_kernel_loaded",
-           "sm90_scheme", "unusable_reason"]
+__all__ = ["attention_quantized_sm90", "cuda_scheme", "fp8_attention", "padded_head_dim",
+           "sm90_kernel_loaded", "sm90_scheme", "unusable_reason"]
