@@ -1,9 +1,11 @@
-"""ulysses_pack_qkv / ulysses_unpack_out: exact copies of the usp_attention exchange layouts.
+"""ulysses_pack_qkv / ulysses_place_gathered / ulysses_unpack_out: exact copies of the
+usp_attention exchange layouts.
 
-The oracles ``_ulysses_in_send``, ``_place_gathered`` and ``_ulysses_out_place`` are the torch
-code of ``xdit_ops.ops.usp_attention._ulysses_in`` (send buffer), ``_place_gathered`` and
-``_ulysses_out`` (placement of what was received), all branches, written out here as they stand
-there.
+The oracles are independent of the ops' torch references in ``xdit_ops.ops.ulysses_pack``:
+``_ulysses_in_send`` and ``_ulysses_out_place`` are the torch copies ``usp_attention._ulysses_in``
+(send buffer) and ``_ulysses_out`` (placement of what was received) made before these ops, all
+branches; ``_place_oracle`` builds the query and K/V buffers by concatenation, written from the
+layout rather than copied from ``_place_cpu`` (a copy would test that reference against itself).
 """
 
 from __future__ import annotations
@@ -42,19 +44,18 @@ def _ulysses_in_send(q_s, k_s, v_s, heads):
     return send.reshape(-1)
 
 
-def _place_gathered(g, q_j, k_j, v_j, hs, J, Jk):
-    """``usp_attention._place_gathered`` without its third output (the joint K/V views)."""
-    _, B, U, L, h, D = g.shape
-    qbuf = g.new_empty(B, J + U * L, h, D)
-    qbuf[:, J:].view(B, U, L, h, D).copy_(g[0])
-    kv = g.new_empty(2, B, Jk + U * L, h, D)
-    kv[:, :, Jk:].view(2, B, U, L, h, D).copy_(g[1:])
-    if J:
-        qbuf[:, :J] = q_j[:, :, hs]
-    if Jk:
-        kv[0, :, :Jk] = k_j[:, :, hs]
-        kv[1, :, :Jk] = v_j[:, :, hs]
-    return qbuf, kv
+def _place_oracle(recv, U, B, L, h, q_j, k_j, v_j, head_start, J, Jk):
+    """Per tensor: this rank's heads of the joint rows (when any), then the U received shards'
+    L rows in rank order; K and V stacked."""
+    D = recv.numel() // (U * 3 * B * L * h)
+    g = recv.view(U, 3, B, L, h, D)
+    hs = slice(head_start, head_start + h)
+
+    def rows(t, joint, n):
+        seq = torch.cat([g[u, t] for u in range(U)], dim=1)  # [B, U*L, h, D]
+        return torch.cat([joint[:, :, hs], seq], dim=1) if n else seq
+
+    return rows(0, q_j, J), torch.stack([rows(1, k_j, Jk), rows(2, v_j, Jk)])
 
 
 def _place_case(U, B, L, h, H, D, J, dtype=torch.float32, device="cpu", seed=0):
@@ -156,9 +157,8 @@ def test_cpu_place_matches_place_gathered(U, h, head_start, dtype, J, joint_kv):
     B, L, H, D = 3, 9, 30, 72
     recv, (q_j, k_j, v_j) = _place_case(U, B, L, h, H, D, J, dtype, seed=U + J)
     qbuf, kv = ulysses_place_gathered(recv, U, B, L, h, q_j, k_j, v_j, head_start, joint_kv)
-    g = recv.view(U, 3, B, L, h, D).permute(1, 2, 0, 3, 4, 5)
     Jk = J if joint_kv else 0
-    want_q, want_kv = _place_gathered(g, q_j, k_j, v_j, slice(head_start, head_start + h), J, Jk)
+    want_q, want_kv = _place_oracle(recv, U, B, L, h, q_j, k_j, v_j, head_start, J, Jk)
     assert qbuf.shape == (B, J + U * L, h, D) and kv.shape == (2, B, Jk + U * L, h, D)
     assert qbuf.is_contiguous() and kv.is_contiguous()
     assert torch.equal(qbuf, want_q) and torch.equal(kv, want_kv)
