@@ -30,7 +30,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 import xdit_ops  # noqa: E402, F401  (registers the ops)
-from xdit_ops import _extension  # noqa: E402
 from xdit_ops.parallel.halo import ConvRows, _assemble, _slab_plan, _take_rows  # noqa: E402
 
 # Nominal HBM bandwidth (GB/s) by device name prefix, for the fraction-of-peak column.
@@ -118,12 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     common.add_common_args(p)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench_gather_rows: needs a CUDA GPU", file=sys.stderr)
-        return 2
-    if not _extension.has("_C"):
-        print(f"bench_gather_rows: xdit_ops._C is not loaded ({_extension.reason('_C')}): the "
-              "op would run its torch reference", file=sys.stderr)
+    missing = common.native_gpu_missing("bench_gather_rows")
+    if missing:
+        print(missing, file=sys.stderr)
         return 2
     warmup, iters, rounds = common.iters_of(args)
     dtype = getattr(torch, args.dtype)

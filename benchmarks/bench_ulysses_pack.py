@@ -32,7 +32,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 import xdit_ops  # noqa: E402, F401  (registers the ops)
-from xdit_ops import _extension  # noqa: E402
 from xdit_ops.ops.ulysses_pack import (  # noqa: E402
     _place_cpu,  # the op's torch reference: the copies usp_attention made before the kernel
     ulysses_pack_qkv,
@@ -132,12 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cases", nargs="+", default=[c[0] for c in CASES],
                    choices=[c[0] for c in CASES])
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench_ulysses_pack: needs a CUDA GPU", file=sys.stderr)
-        return 2
-    if not _extension.has("_C"):
-        print(f"bench_ulysses_pack: xdit_ops._C is not loaded ({_extension.reason('_C')}): the "
-              "op would run its torch reference", file=sys.stderr)
+    missing = common.native_gpu_missing("bench_ulysses_pack")
+    if missing:
+        print(missing, file=sys.stderr)
         return 2
     warmup, iters, rounds = common.iters_of(args)
     dtype = getattr(torch, args.dtype)

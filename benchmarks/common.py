@@ -345,6 +345,22 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="fewer iterations (smoke run)")
 
 
+def native_gpu_missing(name: str) -> str | None:
+    """Why benchmark ``name`` cannot time the native ops here, or None when it can.
+
+    Two reasons: no CUDA GPU, or ``xdit_ops._C`` not loaded (the ops would then run their torch
+    references, so the "op" rows would time torch). Print the message and exit 2.
+    """
+    if not torch.cuda.is_available():
+        return f"{name}: needs a CUDA GPU"
+    from xdit_ops import _extension
+
+    if not _extension.has("_C"):
+        return (f"{name}: xdit_ops._C is not loaded ({_extension.reason('_C')}): the op would run "
+                "its torch reference")
+    return None
+
+
 def iters_of(args: argparse.Namespace) -> tuple[int, int, int]:
     """(warmup, iters, rounds), reduced under --quick."""
     if args.quick:
