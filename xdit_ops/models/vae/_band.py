@@ -25,8 +25,10 @@ OP = "parallelize_vae"
 SCORE_BYTES = 1 << 30
 
 
-class UnsupportedModule(NotImplementedError):
-    """A module that row bands cannot run exactly (named by path and class)."""
+class UnsupportedModule(TypeError):
+    """A VAE (or one of its modules) of a type that row bands cannot run exactly; the message
+    names the module by path and class. A ``TypeError``: the feature is complete, the module's
+    type is outside it."""
 
 
 def unsupported(path: str, module: nn.Module, why: str = "") -> UnsupportedModule:
@@ -52,6 +54,7 @@ class BandContext:
         self.chunk_bytes = chunk_bytes
         self.assemble_bytes = assemble_bytes
         self._layouts: dict[int, BandLayout] = {}
+        self._proportional: set[BandLayout] = set()
 
     def layout(self, h: int, where: str) -> BandLayout:
         """The layout of an activation whose band on this rank has ``h`` rows."""
@@ -75,12 +78,15 @@ class BandContext:
         return got
 
     def check_proportional(self, layout: BandLayout, where: str) -> None:
+        if layout in self._proportional:  # every convolution of a decode asks: once per layout
+            return
         pairs = zip(layout.sizes, self.base, strict=True)
         if any(s * self.base_total != layout.total * c for s, c in pairs):
             raise ValueError(
                 f"{OP}: {where}: its output bands {layout.sizes} are not proportional to the "
                 f"latent bands {self.base}; use a latent height the strides divide evenly"
             )
+        self._proportional.add(layout)
 
 
 _ACTIVE: list[BandContext] = []
