@@ -7,15 +7,9 @@ namespace xdit_ops {
 cudaError_t fp8_attention_sm90(const Fp8AttentionSm90Params& p, int batch, int head_dim_padded,
                                DType out_dtype, cudaStream_t stream) {
   if (p.seq_q == 0 || batch == 0 || p.heads == 0) return cudaSuccess;
-  using fp8_sm90::launch;
-  if (head_dim_padded == 64) {
-    if (out_dtype == DType::kBFloat16) return launch<64, __nv_bfloat16>(p, batch, stream);
-    if (out_dtype == DType::kFloat16) return launch<64, __half>(p, batch, stream);
-  } else if (head_dim_padded == 128) {
-    if (out_dtype == DType::kBFloat16) return launch<128, __nv_bfloat16>(p, batch, stream);
-    if (out_dtype == DType::kFloat16) return launch<128, __half>(p, batch, stream);
-  }
-  return cudaErrorInvalidValue;
+  return fp8_sm90_common::dispatch(head_dim_padded, out_dtype, [&](auto dp, auto out) {
+    return fp8_sm90::launch<decltype(dp)::value, typename decltype(out)::type>(p, batch, stream);
+  });
 }
 
 }  // namespace xdit_ops

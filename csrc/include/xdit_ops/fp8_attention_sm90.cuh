@@ -5,7 +5,7 @@
 // (CuTe's ss_smem_selector); P goes through shared memory as e4m3 (an SS product, so no
 // register permutation to the FP8 A-operand layout is needed). K and V^T tiles are
 // double-buffered with cp.async (tile t + 1 in flight while tile t computes); Q is loaded once.
-// TMA, a producer warp and softmax/GEMM overlap are the next steps.
+// TMA, a producer warp and softmax/GEMM overlap: the warp-specialised fp8_attention_sm90_ws.cuh.
 //
 // Numerics: identical to xdit_ops/triton/kernels/fp8_attention.py (see that file and the
 // reference); the GPU test compares both with the CPU emulation.
@@ -22,17 +22,22 @@
 #include <cutlass/arch/barrier.h>
 
 #include "xdit_ops/fp8_attention_sm90.h"
+#include "xdit_ops/fp8_attention_sm90_common.cuh"
 
 namespace xdit_ops {
 namespace fp8_sm90 {
 
 using namespace cute;
+using fp8_sm90_common::int_to_float_exact;
+using fp8_sm90_common::kPShift;
+using fp8_sm90_common::MmaPVSel;
+using fp8_sm90_common::quad_max;
+using fp8_sm90_common::quad_sum;
+using fp8_sm90_common::store_lse;
 
 constexpr int kBlockM = 64;
 constexpr int kBlockN = 64;  // must equal the reference SCHEME.block_n
 constexpr int kThreads = 128;
-constexpr float kPShift = 8.0f;
-constexpr float kLn2 = 0.6931471805599453f;
 
 template <int kDP>
 struct SmemLayouts {
@@ -58,47 +63,6 @@ struct alignas(1024) SharedStorage {
 
 template <int kDP>
 using MmaQK = decltype(make_tiled_mma(SM90::GMMA::MMA_64x64x32_S32S8S8_SS_TN{}));
-
-template <int kDP>
-struct MmaPVSel;
-template <>
-struct MmaPVSel<64> {
-  using type = decltype(make_tiled_mma(
-      SM90::GMMA::MMA_64x64x32_F32E4M3E4M3_SS_TN<GMMA::ScaleIn::One, GMMA::ScaleIn::One>{}));
-};
-template <>
-struct MmaPVSel<128> {
-  using type = decltype(make_tiled_mma(
-      SM90::GMMA::MMA_64x128x32_F32E4M3E4M3_SS_TN<GMMA::ScaleIn::One, GMMA::ScaleIn::One>{}));
-};
-
-// int32 -> fp32 without I2F (the exponential unit's rate on Hopper): exact for |x| < 2^22.
-__device__ __forceinline__ float int_to_float_exact(int x) {
-  return __int_as_float(x + 0x4B400000) - 12582912.0f;
-}
-
-// Torch builds define __CUDA_NO_HALF_CONVERSIONS__ / __CUDA_NO_BFLOAT16_CONVERSIONS__: convert
-// explicitly (round to nearest even, like torch's casts).
-template <typename OutT>
-__device__ __forceinline__ OutT from_float(float x);
-template <>
-__device__ __forceinline__ __half from_float<__half>(float x) {
-  return __float2half_rn(x);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
-}
-
-__device__ __forceinline__ float quad_max(float x) {
-  x = fmaxf(x, __shfl_xor_sync(0xffffffff, x, 1));
-  return fmaxf(x, __shfl_xor_sync(0xffffffff, x, 2));
-}
-
-__device__ __forceinline__ float quad_sum(float x) {
-  x += __shfl_xor_sync(0xffffffff, x, 1);
-  return x + __shfl_xor_sync(0xffffffff, x, 2);
-}
 
 // Copies a [rows, cols] tile of bytes from global (row stride ld, 16-byte aligned rows) into a
 // swizzled shared tensor with 16-byte vectors; rows >= valid_rows are zero-filled. The swizzle
@@ -300,16 +264,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           h * p.out_stride_h + c] = from_float<OutT>(v);
     }
   }
-  if (p.lse != nullptr && (tid & 3) == 0) {
-    CUTE_UNROLL
-    for (int j = 0; j < 2; ++j) {
-      const int row = m0 + r0 + 8 * j;
-      if (row < p.seq_q) {
-        p.lse[bh * p.seq_q + row] = (m_i[j] + log2f(l_i[j]) - kPShift) * kLn2 +
-                                    p.lse_corr[bh * p.seq_q + row];
-      }
-    }
-  }
+  if (p.lse != nullptr && (tid & 3) == 0) store_lse(p, bh, m0 + r0, m_i, l_i);
 }
 
 template <int kDP, typename OutT>

@@ -39,7 +39,7 @@
 #include <cutlass/arch/barrier.h>
 #include <cutlass/arch/reg_reconfig.h>
 
-#include "xdit_ops/fp8_attention_sm90.cuh"
+#include "xdit_ops/fp8_attention_sm90_common.cuh"
 #include "xdit_ops/fp8_attention_sm90_ws.h"
 
 namespace xdit_ops {
@@ -48,12 +48,11 @@ namespace fp8_sm90_ws {
 using namespace cute;
 using cutlass::arch::ClusterBarrier;
 using cutlass::arch::ClusterTransactionBarrier;
-using fp8_sm90::from_float;
-using fp8_sm90::int_to_float_exact;
-using fp8_sm90::kLn2;
-using fp8_sm90::kPShift;
-using fp8_sm90::quad_max;
-using fp8_sm90::quad_sum;
+using fp8_sm90_common::int_to_float_exact;
+using fp8_sm90_common::kPShift;
+using fp8_sm90_common::quad_max;
+using fp8_sm90_common::quad_sum;
+using fp8_sm90_common::store_lse;
 
 constexpr int kBlockM = 64;  // query rows per consumer warpgroup
 constexpr int kConsumers = 2;
@@ -90,7 +89,7 @@ struct Cfg {
   using SmemPAll =
       decltype(tile_to_shape(AtomF8{}, Shape<Int<kBlockM>, Int<kBlockN>, Int<kConsumers>>{}));
   using MmaQK = decltype(make_tiled_mma(SM90::GMMA::MMA_64x128x32_S32S8S8_SS_TN{}));
-  using MmaPV = typename fp8_sm90::MmaPVSel<kDP>::type;
+  using MmaPV = typename fp8_sm90_common::MmaPVSel<kDP>::type;
   static constexpr uint32_t kQBytes = kBlockM * kDP;
   static constexpr uint32_t kKBytes = kBlockN * kDP;
   static constexpr uint32_t kVBytes = kDP * kBlockN;
@@ -450,16 +449,7 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
       if (c < p.head_dim) orow[c] = from_float<OutT>(tOrO(i) / l_i[j] * vs[c]);
     }
   }
-  if (p.lse != nullptr && (tid & 3) == 0) {
-    CUTE_UNROLL
-    for (int j = 0; j < 2; ++j) {
-      const int row = m0 + r0 + 8 * j;
-      if (row < p.seq_q) {
-        p.lse[bh * p.seq_q + row] = (m_i[j] + log2f(l_i[j]) - kPShift) * kLn2 +
-                                    p.lse_corr[bh * p.seq_q + row];
-      }
-    }
-  }
+  if (p.lse != nullptr && (tid & 3) == 0) store_lse(p, bh, m0 + r0, m_i, l_i);
 }
 
 template <int kDP, typename OutT>
