@@ -60,18 +60,6 @@ def _shape(text: str) -> tuple[int, int, int, int]:
     return parts  # type: ignore[return-value]
 
 
-def _impl_reason(impl: str, dev: torch.device, dtype: torch.dtype, d: int) -> str | None:
-    old = os.environ.get("XDIT_OPS_FP8_IMPL")
-    os.environ["XDIT_OPS_FP8_IMPL"] = impl
-    try:
-        return unusable_reason(dev, dtype, d)
-    finally:
-        if old is None:
-            os.environ.pop("XDIT_OPS_FP8_IMPL", None)
-        else:
-            os.environ["XDIT_OPS_FP8_IMPL"] = old
-
-
 def _with_impl(impl: str, fn: Callable[[], object]) -> Callable[[], object]:
     def call():
         os.environ["XDIT_OPS_FP8_IMPL"] = impl
@@ -127,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     shapes = args.shapes[:2] if args.quick and args.shapes is SHAPES else args.shapes
     dtype = torch.bfloat16
     dev = torch.device("cuda")
-    skipped = {i: _impl_reason(i, dev, dtype, 128) for i in args.impls}
+    skipped = {i: unusable_reason(dev, dtype, 128, i) for i in args.impls}
     impls = [i for i in args.impls if skipped[i] is None]
     rows = []
     for B, S, H, D in shapes:

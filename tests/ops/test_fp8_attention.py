@@ -422,15 +422,7 @@ def test_triton_kernels_in_the_cpu_interpreter():
 def _gpu_impl_available(impl: str) -> str | None:
     from xdit_ops.ops.fp8_attention import unusable_reason
 
-    old = os.environ.get("XDIT_OPS_FP8_IMPL")
-    os.environ["XDIT_OPS_FP8_IMPL"] = impl
-    try:
-        return unusable_reason(torch.device("cuda"), torch.bfloat16, 128)
-    finally:
-        if old is None:
-            del os.environ["XDIT_OPS_FP8_IMPL"]
-        else:
-            os.environ["XDIT_OPS_FP8_IMPL"] = old
+    return unusable_reason(torch.device("cuda"), torch.bfloat16, 128, impl)
 
 
 @pytest.mark.gpu

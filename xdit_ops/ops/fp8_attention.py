@@ -60,14 +60,20 @@ for _name in SM90_IMPLS.values():
         "Tensor v_scale, Tensor lse_corr, int seqlen_k, int head_dim, Tensor out_like, "
         "bool return_lse) -> (Tensor, Tensor)"
     )
-SM90_OP = "xdit_ops::fp8_attention_sm90_fwd"
-SM90WS_OP = "xdit_ops::fp8_attention_sm90ws_fwd"
+
+
+def _sm90_op_name(impl: str) -> str:
+    """The xdit_ops op of the native kernel ``impl``; an error naming the op if there is none."""
+    if impl not in SM90_IMPLS:
+        raise ValueError(f"{OP}: unknown sm90 kernel {impl!r}; one of {tuple(SM90_IMPLS)}")
+    return SM90_IMPLS[impl]
 
 
 def sm90_kernel_loaded(impl: str = "sm90") -> bool:
     """Whether xdit_ops._C_sm90 registered the CUDA kernel of ``impl``'s op (``sm90``:
     ``fp8_attention_sm90_fwd``, ``sm90ws``: ``fp8_attention_sm90ws_fwd``)."""
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"xdit_ops::{SM90_IMPLS[impl]}", "CUDA")
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"xdit_ops::{_sm90_op_name(impl)}",
+                                                          "CUDA")
 
 
 # Keys per online-softmax tile (the kernels' kBlockN): part of the numerics (P is rounded
@@ -80,8 +86,7 @@ def sm90_scheme(impl: str = "sm90") -> Fp8AttentionScheme:
     """The scheme whose emulation (``fp8_attention_quantized_ref``) the native kernel ``impl``
     computes: the op's ``SCHEME`` with the kernel's key-tile width (``sm90``: 64, the op's own;
     ``sm90ws``: 128)."""
-    if impl not in SM90_IMPLS:
-        raise ValueError(f"{OP}: unknown sm90 kernel {impl!r}; one of {tuple(SM90_IMPLS)}")
+    _sm90_op_name(impl)
     return replace(SCHEME, block_n=SM90_BLOCK_N[impl])
 
 
@@ -90,7 +95,7 @@ def cuda_scheme(head_dim: int) -> Fp8AttentionScheme:
     ``XDIT_OPS_FP8_IMPL``: the kernels' key-tile width sets the softmax block (``block_n``), so
     it can differ from the CPU op's ``SCHEME`` (the Triton kernel's 128-key tiles at head dim
     128, the sm90ws kernel's)."""
-    impl = os.environ.get("XDIT_OPS_FP8_IMPL", "triton")
+    impl = _impl()
     if impl == "emulation":
         return SCHEME
     if impl in SM90_IMPLS:
@@ -100,8 +105,17 @@ def cuda_scheme(head_dim: int) -> Fp8AttentionScheme:
     return config_scheme(attn_config(padded_head_dim(head_dim)))
 
 
-def unusable_reason(device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
-    """Why the FP8 attention cannot run on (device, dtype, head_dim); None when it can."""
+def _impl() -> str:
+    """``XDIT_OPS_FP8_IMPL`` (read per call: tests and benchmarks switch it in one process)."""
+    return os.environ.get("XDIT_OPS_FP8_IMPL", "triton")
+
+
+def unusable_reason(device: torch.device, dtype: torch.dtype, head_dim: int,
+                    impl: str | None = None) -> str | None:
+    """Why the FP8 attention cannot run on (device, dtype, head_dim) with the CUDA
+    implementation ``impl`` (default: the current ``XDIT_OPS_FP8_IMPL``); None when it can."""
+    if impl is None:
+        impl = _impl()
     if dtype not in DTYPES:
         return f"fp8 attention takes float16/bfloat16, got {dtype}"
     if head_dim < 1 or head_dim > MAX_HEAD_DIM:
@@ -112,15 +126,15 @@ def unusable_reason(device: torch.device, dtype: torch.dtype, head_dim: int) -> 
         return f"fp8 attention runs on CPU or CUDA, got device {device}"
     if torch.version.hip is not None:
         return "fp8 attention's GPU kernels use OCP e4m3 (float8e4nv); ROCm is not supported"
-    impl = os.environ.get("XDIT_OPS_FP8_IMPL", "triton")
     if impl not in IMPLS:
         return f"XDIT_OPS_FP8_IMPL={impl!r} is not one of {IMPLS}"
     if impl == "emulation":
         return None
-    if torch.cuda.get_device_capability(device.index or 0) < (8, 9):
+    capability = torch.cuda.get_device_capability(device.index or 0)
+    if capability < (8, 9):
         return "fp8 attention's kernels need FP8 tensor cores (sm_89 or newer)"
     if impl in SM90_IMPLS:
-        if torch.cuda.get_device_capability(device.index or 0) != (9, 0):
+        if capability != (9, 0):
             return f"XDIT_OPS_FP8_IMPL={impl} needs a Hopper (sm_90) GPU"
         if not _extension.has("_C_sm90"):
             return f"XDIT_OPS_FP8_IMPL={impl} but xdit_ops._C_sm90 is not loaded: " \
@@ -165,7 +179,8 @@ def _fp8_attention_cpu(q, k, v, scale=None, return_lse=False):
 
 def _fp8_attention_cuda(q, k, v, scale=None, return_lse=False):
     check_inputs(q, k, v)
-    why = unusable_reason(q.device, q.dtype, q.shape[-1])
+    impl = _impl()  # once per call: the check and the dispatch below see the same value
+    why = unusable_reason(q.device, q.dtype, q.shape[-1], impl)
     if why is not None:
         raise RuntimeError(f"{OP}: cannot run here: {why}")
     B, Sq, H, D = q.shape
@@ -174,7 +189,6 @@ def _fp8_attention_cuda(q, k, v, scale=None, return_lse=False):
         out = q.new_zeros(B, Sq, H, D)
         lse = q.new_full((B, H, Sq), float("-inf"), dtype=torch.float32)
         return _finish(q, out, lse, return_lse)
-    impl = os.environ.get("XDIT_OPS_FP8_IMPL", "triton")
     if impl == "emulation":
         out, lse = fp8_attention_ref(q, k, v, scale)
         return _finish(q, out, lse, return_lse)
@@ -196,10 +210,8 @@ def attention_quantized_sm90(qq, out_dtype: torch.dtype, return_lse: bool = True
     ``impl``: ``"sm90"`` (one warpgroup per 64 query rows, 64-key tiles) or ``"sm90ws"``
     (warp-specialised: TMA producer, two consumer warpgroups per 128 rows, 128-key tiles). Each
     computes the emulation of :func:`sm90_scheme` (impl)."""
-    if impl not in SM90_IMPLS:
-        raise ValueError(f"{OP}: unknown sm90 kernel {impl!r}; one of {tuple(SM90_IMPLS)}")
+    op = getattr(torch.ops.xdit_ops, _sm90_op_name(impl)).default
     like = qq.q_scale.new_empty(0, dtype=out_dtype)
-    op = getattr(torch.ops.xdit_ops, SM90_IMPLS[impl]).default
     return op(qq.q, qq.q_scale, qq.k, qq.k_scale, qq.vt, qq.v_scale, qq.lse_corr, qq.seqlen_k,
               qq.head_dim, like, return_lse)
 
@@ -225,8 +237,8 @@ def _fp8_attention_sm90_fwd_fake(q8, q_scale, k8, k_scale, vt8, v_scale, lse_cor
     return out, lse
 
 
-for _op in (SM90_OP, SM90WS_OP):
-    torch.library.register_fake(_op)(_fp8_attention_sm90_fwd_fake)
+for _name in SM90_IMPLS.values():
+    torch.library.register_fake(f"xdit_ops::{_name}")(_fp8_attention_sm90_fwd_fake)
 
 
 def fp8_attention(
