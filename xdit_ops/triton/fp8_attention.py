@@ -15,6 +15,7 @@ interpreter (:func:`quantize_qkv_triton`, :func:`attention_quantized_triton` wit
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 from dataclasses import replace
@@ -90,9 +91,12 @@ DEFAULT_CONFIGS: dict[int, AttnConfig] = {
 INTERPRET_CONFIG = AttnConfig(64, 64, 4, 1)
 
 
+@functools.lru_cache(maxsize=16)
 def parse_config(text: str) -> AttnConfig:
     """``"BLOCK_M,BLOCK_N,num_warps,num_stages[,two_level[,fold_scales]]"`` (e.g.
-    ``"128,64,8,3"``; the flags 0 or 1, default 1 and 0) -> :class:`AttnConfig`, validated."""
+    ``"128,64,8,3"``; the flags 0 or 1, default 1 and 0) -> :class:`AttnConfig`, validated.
+    Cached per text (:func:`attn_config` reads the environment on every call; a bad text is not
+    cached and raises each time)."""
     try:
         vals = [int(x) for x in text.split(",")]
     except ValueError:
@@ -124,7 +128,8 @@ def parse_config(text: str) -> AttnConfig:
 
 def attn_config(dp: int) -> AttnConfig:
     """The attention kernel's configuration at padded head dim ``dp``: the environment's
-    :data:`CONFIG_ENV` (read per call), else the interpreter's or :data:`DEFAULT_CONFIGS`."""
+    :data:`CONFIG_ENV` (read per call, parsed once per text), else the interpreter's or
+    :data:`DEFAULT_CONFIGS`."""
     text = os.environ.get(CONFIG_ENV)
     if text:
         return parse_config(text)
