@@ -355,7 +355,8 @@ def test_compile_cpu():
 # given the interpreter's own cast; its float arithmetic also differs from fp32 in places (a few
 # V codes one e4m3 step apart, bf16 outputs truncated), hence tolerances instead of equality.
 
-_INTERPRETER_CHECK = textwrap.dedent("""
+# The start of every interpreter script: imports and the interpreter's own fp32 -> e4m3 cast.
+_INTERPRETER_PRELUDE = textwrap.dedent("""
     import numpy as np
     import torch
     import triton.language as tl
@@ -364,8 +365,7 @@ _INTERPRETER_CHECK = textwrap.dedent("""
 
     from xdit_ops.reference.fp8_attention import (
         attention_error_metrics, dit_like_qkv, fp8_attention_quantized_ref, quantize_qkv_ref)
-    from xdit_ops.triton.fp8_attention import (
-        INTERPRET, attention_quantized_triton, quantize_qkv_triton)
+    from xdit_ops.triton.fp8_attention import INTERPRET
 
     assert INTERPRET
     torch.set_num_threads(1)
@@ -374,6 +374,23 @@ _INTERPRETER_CHECK = textwrap.dedent("""
         c = _convert_float(x.float().contiguous().numpy(), tl.float32, tl.float8e4nv,
                            ir.ROUNDING_MODE.RTNE)
         return torch.from_numpy(c.astype(np.uint8)).view(torch.float8_e4m3fn)
+""")
+
+
+def _run_in_interpreter(script: str, done: str) -> None:
+    """Runs _INTERPRETER_PRELUDE + ``script`` under TRITON_INTERPRET=1 in a fresh process (the
+    interpreter is chosen at import) without XDIT_OPS_FP8_TRITON_CONFIG; it must print
+    ``done``."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    env.pop("XDIT_OPS_FP8_TRITON_CONFIG", None)
+    res = subprocess.run([sys.executable, "-c", _INTERPRETER_PRELUDE + script], env=env,
+                         capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0 and done in res.stdout, res.stdout + res.stderr
+
+
+_INTERPRETER_CHECK = textwrap.dedent("""
+    from xdit_ops.triton.fp8_attention import attention_quantized_triton, quantize_qkv_triton
 
     for B, Sq, Sk, H, D, dtype in [(1, 80, 200, 2, 64, torch.bfloat16),
                                    (2, 64, 130, 1, 96, torch.float16)]:
@@ -408,11 +425,7 @@ _INTERPRETER_CHECK = textwrap.dedent("""
 
 
 def test_triton_kernels_in_the_cpu_interpreter():
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    res = subprocess.run([sys.executable, "-c", _INTERPRETER_CHECK], env=env, capture_output=True,
-                         text=True, timeout=240)
-    assert res.returncode == 0 and "interpreter ok" in res.stdout, res.stdout + res.stderr
+    _run_in_interpreter(_INTERPRETER_CHECK, "interpreter ok")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -673,24 +686,8 @@ def test_triton_quantize_kernel_compiles_for_sm90a(tmp_path):
 _CONFIG_CHECK = textwrap.dedent("""
     import os
 
-    import numpy as np
-    import torch
-    import triton.language as tl
-    from triton._C.libtriton import ir
-    from triton.runtime.interpreter import _convert_float
-
-    from xdit_ops.reference.fp8_attention import (
-        attention_error_metrics, dit_like_qkv, fp8_attention_quantized_ref, quantize_qkv_ref)
     from xdit_ops.triton.fp8_attention import (
-        CONFIG_ENV, INTERPRET, AttnConfig, attention_quantized_triton, config_scheme)
-
-    assert INTERPRET
-    torch.set_num_threads(1)
-
-    def icast(x):
-        c = _convert_float(x.float().contiguous().numpy(), tl.float32, tl.float8e4nv,
-                           ir.ROUNDING_MODE.RTNE)
-        return torch.from_numpy(c.astype(np.uint8)).view(torch.float8_e4m3fn)
+        CONFIG_ENV, AttnConfig, attention_quantized_triton, config_scheme)
 
     cases = [((1, 80, 130, 2, 64), AttnConfig(64, 128, 4, 1)),
              ((1, 50, 300, 1, 128), AttnConfig(32, 128, 4, 1, two_level=False)),
@@ -715,12 +712,7 @@ _CONFIG_CHECK = textwrap.dedent("""
 
 
 def test_triton_attention_configs_in_the_cpu_interpreter():
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    env.pop("XDIT_OPS_FP8_TRITON_CONFIG", None)
-    res = subprocess.run([sys.executable, "-c", _CONFIG_CHECK], env=env, capture_output=True,
-                         text=True, timeout=240)
-    assert res.returncode == 0 and "configs ok" in res.stdout, res.stdout + res.stderr
+    _run_in_interpreter(_CONFIG_CHECK, "configs ok")
 
 
 def test_triton_config_table_and_env(monkeypatch):
@@ -739,7 +731,6 @@ def test_triton_config_table_and_env(monkeypatch):
     monkeypatch.delenv(CONFIG_ENV, raising=False)
     assert set(DEFAULT_CONFIGS) == {64, 128}
     assert attn_config(128) == (INTERPRET_CONFIG if INTERPRET else DEFAULT_CONFIGS[128])
-    # The defaults compute the op's scheme (the CPU kernel's emulation).
     # The defaults compute the op's scheme up to the key-tile width (128-key tiles at head dim
     # 128 since the run-7 sweep: P rounds against the running max per tile; the sweep checked
     # that config against the op tests' bars and the gate on the GPU).
