@@ -71,22 +71,20 @@ def candidates(q, k, v, impls: list[str]) -> dict[str, Callable[[], object]]:
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     fns: dict[str, Callable[[], object]] = {BASELINE: lambda: F.scaled_dot_product_attention(
         qt, kt, vt)}
+    if not impls:
+        return fns
+    from xdit_ops.ops.fp8_attention import attention_quantized_sm90
+    from xdit_ops.triton.fp8_attention import attention_quantized_triton, quantize_qkv_triton
+
+    # Every implementation's kernel runs after the same Triton quantization pass: quantize once
+    # and time the kernels on the same quantized inputs.
+    qq = quantize_qkv_triton(q, k, v)
+    fns["triton_quant"] = lambda: quantize_qkv_triton(q, k, v)
     for impl in impls:
         if impl == "triton":
-            from xdit_ops.triton.fp8_attention import (
-                attention_quantized_triton,
-                quantize_qkv_triton,
-            )
-
-            qq = quantize_qkv_triton(q, k, v)
-            fns["triton_kernel"] = lambda qq=qq: attention_quantized_triton(qq, q.dtype, False)
-            fns["triton_quant"] = lambda: quantize_qkv_triton(q, k, v)
-        else:  # sm90, sm90ws: a native kernel after the (shared) Triton quantization pass
-            from xdit_ops.ops.fp8_attention import attention_quantized_sm90
-            from xdit_ops.triton.fp8_attention import quantize_qkv_triton
-
-            qq = quantize_qkv_triton(q, k, v)
-            fns[f"{impl}_kernel"] = lambda qq=qq, impl=impl: attention_quantized_sm90(
+            fns["triton_kernel"] = lambda: attention_quantized_triton(qq, q.dtype, False)
+        else:  # sm90, sm90ws
+            fns[f"{impl}_kernel"] = lambda impl=impl: attention_quantized_sm90(
                 qq, q.dtype, False, impl)
         fns[f"{impl}_total"] = _with_impl(impl, lambda: xdit_ops.fp8_attention(q, k, v))
     return fns
