@@ -50,6 +50,7 @@ import common  # noqa: E402
 from xdit_ops.reference.attention import attention_ref  # noqa: E402
 from xdit_ops.reference.fp8_attention import (  # noqa: E402
     SCHEME,
+    Fp8AttentionScheme,
     QuantizedQKV,
     attention_error_metrics,
     dit_like_qkv,
@@ -141,16 +142,15 @@ def tune_shape(B, S, H, D, configs, budget_s, dev, out_rows: list[dict],
     sub = _sample(qq, heads, rows)
     ref, _ = attention_ref(q[:, rows][:, :, heads].float(), k[:, :, heads].float(),
                            v[:, :, heads].float())
-    emus: dict[tuple, tuple] = {}
+    emus: dict[Fp8AttentionScheme, tuple] = {}
 
-    def emulation(block_n, two_level):
-        key = (block_n, two_level)
-        if key not in emus:
-            scheme = config_scheme(AttnConfig(64, block_n, 4, 1, two_level))
-            emus[key] = fp8_attention_quantized_ref(sub, dtype, scheme)
-        return emus[key]
+    def emulation(scheme: Fp8AttentionScheme):
+        # One emulation per distinct scheme (configs differ in BLOCK_N and accumulation only).
+        if scheme not in emus:
+            emus[scheme] = fp8_attention_quantized_ref(sub, dtype, scheme)
+        return emus[scheme]
 
-    scheme_out, _ = emulation(SCHEME.block_n, SCHEME.two_level)
+    scheme_out, _ = emulation(SCHEME)
     own_l1 = attention_error_metrics(scheme_out, ref)["rel_l1"]
 
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -190,9 +190,9 @@ def tune_shape(B, S, H, D, configs, budget_s, dev, out_rows: list[dict],
         got_out = out[:, rows][:, :, heads]
         got_lse = lse[:, heads][:, :, rows]
         del out, lse
-        emu_out, emu_lse = emulation(cfg.block_n, cfg.two_level)
+        emu_out, emu_lse = emulation(config_scheme(cfg))
         own = _drift(got_out, got_lse, emu_out, emu_lse, own_l1, exact=not cfg.fold_scales)
-        sch_out, sch_lse = emulation(SCHEME.block_n, SCHEME.two_level)
+        sch_out, sch_lse = emulation(SCHEME)
         sch = _drift(got_out, got_lse, sch_out, sch_lse, own_l1)
         acc = attention_error_metrics(got_out, ref)
         ok_gate = acc["cos_mean"] >= 0.999 and acc["cos_min"] >= 0.995 and acc["rel_l1"] <= 0.03
