@@ -22,20 +22,23 @@ int round_up_pow2(int64_t n) {
   return p;
 }
 
-bool fill_split(HeadSplit& s, int64_t heads, int64_t dv, int64_t block_rows, int64_t num_rows,
-                int num_ranks, const int* head_start) {
+bool fill_split(HeadSplit& s, int64_t heads, int64_t dv, int64_t num_rows, int num_ranks,
+                const int* head_start) {
   if (num_ranks < 1 || num_ranks > kMaxUlyssesRanks || heads > kMaxHeads ||
       heads * dv > INT32_MAX) {
     return false;
   }
   s.heads = heads;
   s.dv = dv;
-  s.block_rows = block_rows;
   s.num_rows = num_rows;
   s.span = round_up_pow2(heads * dv);
-  s.num_ranks = num_ranks;
   for (int j = 0; j <= num_ranks; ++j) s.head_start[j] = head_start[j];
   return head_start[0] == 0 && head_start[num_ranks] == heads;
+}
+
+// Element strides of q, k, v (or their joint rows) in vectors of w bytes.
+void vector_strides(const int64_t (&elems)[3], int elem_size, int w, int64_t (&vecs)[3]) {
+  for (int t = 0; t < 3; ++t) vecs[t] = elems[t] * elem_size / w;
 }
 
 // Blocks for num_rows rows, kThreads / span at a time, capped at kBlocksPerSm per SM.
@@ -70,16 +73,14 @@ cudaError_t ulysses_pack_qkv(const UlyssesPackParams& p, int elem_size, int num_
                             p.src_stride_b[2] * es, p.src_stride_s[2] * es,
                             p.src_stride_h[2] * es});
   UlyssesPackArgs a;
-  for (int t = 0; t < 3; ++t) {
-    a.src[t] = p.src[t];
-    a.stride_b[t] = p.src_stride_b[t] * elem_size / w;
-    a.stride_s[t] = p.src_stride_s[t] * elem_size / w;
-    a.stride_h[t] = p.src_stride_h[t] * elem_size / w;
-  }
+  for (int t = 0; t < 3; ++t) a.src[t] = p.src[t];
+  vector_strides(p.src_stride_b, elem_size, w, a.stride_b);
+  vector_strides(p.src_stride_s, elem_size, w, a.stride_s);
+  vector_strides(p.src_stride_h, elem_size, w, a.stride_h);
   a.out = p.out;
   a.batch = p.batch;
   a.seq = p.seq;
-  if (!fill_split(a.split, p.heads, p.head_dim * elem_size / w, num_rows, num_rows, p.num_ranks,
+  if (!fill_split(a.split, p.heads, p.head_dim * elem_size / w, num_rows, p.num_ranks,
                   p.head_start)) {
     return cudaErrorInvalidValue;
   }
@@ -101,7 +102,7 @@ cudaError_t ulysses_unpack_out(const UlyssesUnpackParams& p, int elem_size, int 
   a.joint = p.joint;
   a.seq = p.seq;
   a.joint_front = p.joint_front;
-  if (!fill_split(a.split, p.heads, p.head_dim * elem_size / w, num_rows, num_rows, p.num_ranks,
+  if (!fill_split(a.split, p.heads, p.head_dim * elem_size / w, num_rows, p.num_ranks,
                   p.head_start)) {
     return cudaErrorInvalidValue;
   }
@@ -131,12 +132,10 @@ cudaError_t ulysses_place_gathered(const UlyssesPlaceParams& p, int elem_size, i
   if (p.heads * dv > INT32_MAX) return cudaErrorInvalidValue;
   UlyssesPlaceArgs a;
   a.recv = p.recv;
-  for (int t = 0; t < 3; ++t) {
-    a.joint_src[t] = p.joint_src[t];
-    a.stride_b[t] = p.joint_stride_b[t] * elem_size / w;
-    a.stride_s[t] = p.joint_stride_s[t] * elem_size / w;
-    a.stride_h[t] = p.joint_stride_h[t] * elem_size / w;
-  }
+  for (int t = 0; t < 3; ++t) a.joint_src[t] = p.joint_src[t];
+  vector_strides(p.joint_stride_b, elem_size, w, a.stride_b);
+  vector_strides(p.joint_stride_s, elem_size, w, a.stride_s);
+  vector_strides(p.joint_stride_h, elem_size, w, a.stride_h);
   a.joint_head_start = p.joint_head_start;
   a.qbuf = p.qbuf;
   a.kv = p.kv;

@@ -8,8 +8,9 @@
 // Both iterate over "rows" (pack: (t, b, l) with t in q/k/v; unpack: output rows (b, r)) and,
 // within a row, over (head g, vector c). A row of the BSHD side is H runs of D elements; in the
 // rank-major buffer head g of rank j (heads [start_j, start_j + heads_j)) sits at
-//     base_g + row * row_stride_g,  base_g = rows_per_block * D * start_j + (g - start_j) * D,
-//                                   row_stride_g = heads_j * D,
+//     base_g + row * row_stride_g,  base_g = num_rows * D * start_j + (g - start_j) * D,
+//                                   row_stride_g = heads_j * D
+// (every rank's block holds its heads of all num_rows rows),
 // so each block builds that per-head table in shared memory once and every copy is two loads
 // of it and a multiply-add. Units below are vectors of the width the launcher chose; a vector
 // never straddles a head because D (in bytes) is a multiple of the width.
@@ -24,11 +25,9 @@ namespace xdit_ops {
 
 // Per-rank head split plus the thread mapping, shared by both kernels (all in vector units).
 struct HeadSplit {
-  int64_t heads, dv;       // heads per row; vectors per head (D * elem_size / width)
-  int64_t block_rows;      // rows in one rank's block: 3*B*L (pack) or B*(J+L) (unpack)
-  int64_t num_rows;        // rows to copy
-  int span;                // threads per row: a power of two, 32..blockDim
-  int num_ranks;
+  int64_t heads, dv;  // heads per row; vectors per head (D * elem_size / width)
+  int64_t num_rows;   // rows to copy, also the rows of each rank's block: 3*B*L or B*(J+L)
+  int span;           // threads per row: a power of two, 32..blockDim
   int head_start[kMaxUlyssesRanks + 1];
 };
 
@@ -66,7 +65,7 @@ __device__ __forceinline__ void build_head_table(int64_t* table, const HeadSplit
     while (g >= s.head_start[j + 1]) ++j;  // num_ranks <= 64, once per head per block
     const int64_t start = s.head_start[j];
     const int64_t count = s.head_start[j + 1] - start;
-    table[2 * g] = s.block_rows * s.dv * start + (g - start) * s.dv;
+    table[2 * g] = s.num_rows * s.dv * start + (g - start) * s.dv;
     table[2 * g + 1] = count * s.dv;
   }
 }
