@@ -289,14 +289,24 @@ def _worker_bad_shape(rank, world, u, r):
     # XDIT_OPS_USP_CHECK=always checks every call: one rank going back to an agreed shape while
     # the others pass another agreed shape (both planned already) raises on every rank.
     q8 = randn(1, 8, 4, 8, seed=rank)
-    os.environ["XDIT_OPS_USP_CHECK"] = "always"
-    try:
+    usp = importlib.import_module("xdit_ops.ops.usp_attention")
+    eager = usp._capturing
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDIT_OPS_USP_CHECK", "always")
         xdit_ops.usp_attention(q6, q6, q6)
         xdit_ops.usp_attention(q8, q8, q8)
         with pytest.raises(ValueError, match="disagree"):
             xdit_ops.usp_attention(*((q8,) * 3 if not last else (q6,) * 3))
-    finally:
-        del os.environ["XDIT_OPS_USP_CHECK"]
+        # A plan first built under CUDA-graph capture (where no host collective runs) still
+        # checks every eager call after it: the capture is stood in for (no CUDA here) by
+        # _capturing answering True for the planning call.
+        q4 = randn(1, 4, 4, 8, seed=rank)
+        mp.setattr(usp, "_capturing", lambda: True)
+        xdit_ops.usp_attention(q4, q4, q4)
+        mp.setattr(usp, "_capturing", eager)
+        xdit_ops.usp_attention(q4, q4, q4)
+        with pytest.raises(ValueError, match="disagree"):
+            xdit_ops.usp_attention(*((q4,) * 3 if not last else (q8,) * 3))
     xdit_ops.usp_attention(q8, q8, q8)
 
 

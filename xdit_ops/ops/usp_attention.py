@@ -573,12 +573,13 @@ def _build_plan(q, k, v, joint_lengths, joint_tokens, joint_front, seq_len, back
                     + _lengths_digest(shard_lengths))
             agree_key = (ug, rg, tuple(meta))
             due = mode == "always" or agree_key not in _AGREED
-            if _capturing():  # no host collective inside a CUDA graph: the next eager call
-                check = _CHECK_PENDING if due else _CHECK_NONE
-            else:
-                if due:
-                    _agree(meta, ug, rg, agree_key)
-                check = _CHECK_ALWAYS if mode == "always" else _CHECK_NONE
+            capturing = _capturing()
+            if due and not capturing:  # no host collective inside a CUDA graph
+                _agree(meta, ug, rg, agree_key)
+            # "always" stays "always" even when first planned under capture; a check due
+            # under capture runs on the next eager call.
+            check = (_CHECK_ALWAYS if mode == "always" else
+                     _CHECK_PENDING if due and capturing else _CHECK_NONE)
     check_inputs(q, k, v, OP)
     B, T, H, D = q.shape
     J = joint_tokens
