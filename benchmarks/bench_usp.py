@@ -201,7 +201,8 @@ def main() -> None:
             m = re.search(r"-c(\d+)$", name)
             chunks = int(m.group(1)) if m else (0 if ce else 1)
             os.environ["XDIT_OPS_USP_CHUNKS"] = str(chunks)
-            chunks_used = _ce_chunks(H // u) if ce else _pipelined_chunks(H, u, r)
+            chunks_used = (_ce_chunks(H // u, str(chunks)) if ce else
+                           _pipelined_chunks(H, u, r, str(chunks)))
             xdit_ops.init_parallel(ulysses_degree=u, ring_degree=r)
             shards = [xdit_ops.shard_sequence(t)[0] for t in (q, k, v)]
             def ours(shards=shards, S=S):

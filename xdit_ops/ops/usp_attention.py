@@ -229,14 +229,15 @@ def _rows_per_destination(dst, o, J, L):
     dst[:, :, J:] = o[:, J:].reshape(B, U, L, *o.shape[2:]).permute(1, 0, 2, 3, 4)
 
 
-def _pipelined_chunks(H: int, U: int, R: int) -> int:
-    """Head chunks for the pipelined Ulysses path (``XDIT_OPS_USP_CHUNKS``, default 1).
+def _pipelined_chunks(H: int, U: int, R: int, switch: str | None) -> int:
+    """Head chunks for the pipelined Ulysses path (``switch``: the value of
+    ``XDIT_OPS_USP_CHUNKS``, default 1).
 
     With c > 1 chunks, chunk j's all-to-all runs on NCCL's stream while chunk j-1's attention
     computes. Only heads that split evenly over U x c qualify, only without a ring; every rank
     derives the same c from the shapes.
     """
-    c = int(os.environ.get("XDIT_OPS_USP_CHUNKS", "1"))
+    c = int(switch or "1")
     if c <= 1 or R > 1 or H % (U * c) != 0:
         return 1
     return c
@@ -305,15 +306,16 @@ def _lse_out(lse_h, J, L, heads, ug, joint_front, splits):
     return back.squeeze(-1).transpose(1, 2).contiguous()
 
 
-def ring_transport(device: torch.device) -> str:
+def ring_transport(device: torch.device, switch: str | None) -> str:
     """How K/V blocks travel around the ring: ``nccl`` (P2P send/recv kernels, any topology;
     the default) or ``ce`` (opt-in: the copy engines pull the previous rank's block straight out
     of its symmetric-memory buffer over NVLink, taking no SMs from the attention; on 4 H100s it
     ran the (1, 16896, 24, 128) ring in 1.99 ms against NCCL's 2.61, run 2). ``ce`` is not the
     default because the NCCL GPU test, which calls the op with several shapes in a row (a
     symmetric buffer per shape), deadlocked with it on 2 GPUs (one rank's device-side barrier
-    never completed; runs 5-7), while the benchmarks completed. ``XDIT_OPS_USP_RING`` chooses."""
-    choice = os.environ.get("XDIT_OPS_USP_RING", "nccl")
+    never completed; runs 5-7), while the benchmarks completed. ``switch``: the value of
+    ``XDIT_OPS_USP_RING``."""
+    choice = switch or "nccl"
     if choice not in ("nccl", "ce"):
         raise ValueError(f"{OP}: XDIT_OPS_USP_RING must be 'nccl' or 'ce', got {choice!r}")
     return choice if device.type == "cuda" else "nccl"
@@ -347,11 +349,12 @@ def release_symmetric_buffers() -> None:
     _SYMM.clear()
 
 
-def ulysses_transport(device: torch.device) -> str:
+def ulysses_transport(device: torch.device, switch: str | None) -> str:
     """How the Ulysses exchange moves: ``nccl`` (all-to-all kernels; default) or ``ce`` (every
     rank pulls its pieces from the peers' symmetric-memory buffers with device-to-device copies
-    on the copy engines, per head chunk, overlapped with the attention of the chunk before)."""
-    choice = os.environ.get("XDIT_OPS_USP_ULYSSES", "nccl")
+    on the copy engines, per head chunk, overlapped with the attention of the chunk before).
+    ``switch``: the value of ``XDIT_OPS_USP_ULYSSES``."""
+    choice = switch or "nccl"
     if choice not in ("nccl", "ce"):
         raise ValueError(f"{OP}: XDIT_OPS_USP_ULYSSES must be 'nccl' or 'ce', got {choice!r}")
     return choice if device.type == "cuda" else "nccl"
@@ -380,14 +383,16 @@ def _symm_buffer(group: dist.ProcessGroup, tag: str, shape: tuple, dtype: torch.
     return _SYMM[key][:2]
 
 
-def _ce_chunks(h: int) -> int:
-    c = int(os.environ.get("XDIT_OPS_USP_CHUNKS", "0"))
+def _ce_chunks(h: int, switch: str | None) -> int:
+    """Head chunks of the copy-engine Ulysses (``switch``: the value of ``XDIT_OPS_USP_CHUNKS``)."""
+    c = int(switch or "0")
     if c <= 0:  # default: 3 or 2 head chunks when they divide, so two thirds / half is hidden
         c = 3 if h % 3 == 0 else 2 if h % 2 == 0 else 1
     return c if h % c == 0 else 1
 
 
-def _ulysses_ce(q_s, k_s, v_s, q_j, k_j, v_j, J, Jk, joint_front, heads, u_rank, ug, attend):
+def _ulysses_ce(q_s, k_s, v_s, q_j, k_j, v_j, J, Jk, joint_front, heads, u_rank, ug, C,
+                attend):
     """Ulysses with the copy engines: [B, L, H, D] x3 -> ([B, J + L, H, D], lse [B, h, J + U*L]).
 
     Every rank packs Q, K, V once into its symmetric send buffer ``[C, U(dst), 3, B, L, hc, D]``
@@ -401,7 +406,6 @@ def _ulysses_ce(q_s, k_s, v_s, q_j, k_j, v_j, J, Jk, joint_front, heads, u_rank,
     B, L, H, D = q_s.shape
     U = len(heads)
     h = heads[0]
-    C = _ce_chunks(h)
     hc = h // C
     dev = q_s.device
     dt = q_s.dtype
@@ -485,33 +489,24 @@ def _lengths_digest(shard_lengths) -> list[int]:
             sum((i + 1) * n for i, n in enumerate(shard_lengths))]
 
 
-_SWITCH_NAMES = ("XDIT_OPS_USP_CHECK", "XDIT_OPS_USP_CHUNKS", "XDIT_OPS_USP_RING",
-                 "XDIT_OPS_USP_ULYSSES")
-try:
-    _ENV_KEYS: tuple | None = tuple(os.environ.encodekey(n) for n in _SWITCH_NAMES)
-except AttributeError:  # an os.environ without the encoder (not CPython's mapping)
-    _ENV_KEYS = None
+def _switches(grouped: bool) -> tuple:
+    """The raw values of the op's environment switches, (``XDIT_OPS_USP_CHECK``, ``_CHUNKS``,
+    ``_RING``, ``_ULYSSES``), None where unset: part of the plan key, so a switch changed
+    between calls takes effect on the next call, and what the plan is built from (the
+    environment is read once per call). A call without a group reads none: no switch applies
+    to a single device."""
+    if not grouped:
+        return ()
+    get = os.environ.get
+    return (get("XDIT_OPS_USP_CHECK"), get("XDIT_OPS_USP_CHUNKS"), get("XDIT_OPS_USP_RING"),
+            get("XDIT_OPS_USP_ULYSSES"))
 
 
-def _switches() -> tuple:
-    """The raw values of the op's environment switches (None where unset): part of the plan
-    key, so a switch changed between calls takes effect on the next call.
-
-    Read from the dict that ``os.environ`` keeps its values in (setting ``os.environ[...]``
-    updates it): ``os.environ.get`` encodes the name and decodes the value, about 1 us a name
-    on a slow host, and the op reads four of them per call."""
-    d = getattr(os.environ, "_data", None)
-    if _ENV_KEYS is None or type(d) is not dict:
-        return tuple(os.environ.get(n) for n in _SWITCH_NAMES)
-    k0, k1, k2, k3 = _ENV_KEYS
-    return d.get(k0), d.get(k1), d.get(k2), d.get(k3)
-
-
-def _check_mode() -> str:
-    """``XDIT_OPS_USP_CHECK``: ``0`` never checks; ``always`` checks every call; anything else
-    (default ``1``) checks the first call of each (groups, checked values): see _usp_impl."""
-    value = os.environ.get("XDIT_OPS_USP_CHECK", "1")
-    return "off" if value == "0" else "always" if value == "always" else "first"
+def _check_mode(switch: str | None) -> str:
+    """``XDIT_OPS_USP_CHECK`` (``switch``): ``0`` never checks; ``always`` checks every call;
+    anything else (default ``1``) checks the first call of each (groups, checked values): see
+    _usp_impl."""
+    return "off" if switch == "0" else "always" if switch == "always" else "first"
 
 
 def _capturing() -> bool:
@@ -555,14 +550,16 @@ def _exchange_splits(B: int, rows: int, heads: list[int], h_me: int, D: int):
 
 
 def _build_plan(q, k, v, joint_lengths, joint_tokens, joint_front, seq_len, backend, ug, rg,
-                return_lse, shard_lengths) -> _Plan:
-    """Validate a call signature (after the cross-rank agreement) and plan it."""
+                return_lse, shard_lengths, switches) -> _Plan:
+    """Validate a call signature (after the cross-rank agreement) and plan it; ``switches``:
+    ``_switches()`` of this call."""
+    check_sw, chunks_sw, ring_sw, ulysses_sw = switches or (None,) * 4
     U, R = _group_size(ug), _group_size(rg)
     u_rank, r_rank = _group_rank(ug), _group_rank(rg)
     check = _CHECK_NONE
     agree_key = None
     if U > 1 or R > 1:
-        mode = _check_mode()
+        mode = _check_mode(check_sw)
         if mode != "off":
             # Before any check that could raise on one rank only: afterwards every rank
             # validates the same arguments, so all raise or none does, and no collective is
@@ -638,7 +635,7 @@ def _build_plan(q, k, v, joint_lengths, joint_tokens, joint_front, seq_len, back
     p.cut0 = p.n0 < Jk + U * L  # the R == 1 block has padded keys to cut off
     p.mine = mine = lens[r_rank * U:(r_rank + 1) * U]
     p.squeeze = any(n < L and any(mine[j + 1:]) for j, n in enumerate(mine))
-    p.ring = ring_transport(q.device) if R > 1 else "nccl"
+    p.ring = ring_transport(q.device, ring_sw) if R > 1 else "nccl"
     p.nxt = p.prv = -1
     if R > 1 and p.ring == "nccl":
         ring_ranks = dist.get_process_group_ranks(rg)
@@ -647,10 +644,10 @@ def _build_plan(q, k, v, joint_lengths, joint_tokens, joint_front, seq_len, back
     p.chunks = 1
     if U == 1:
         p.path = "local"
-    elif (not p.squeeze and R == 1 and ulysses_transport(q.device) == "ce"
+    elif (not p.squeeze and R == 1 and ulysses_transport(q.device, ulysses_sw) == "ce"
           and all(x == heads[0] for x in heads)):
-        p.path = "ce"
-    elif not p.squeeze and (chunks := _pipelined_chunks(H, U, R)) > 1:
+        p.path, p.chunks = "ce", _ce_chunks(heads[0], chunks_sw)
+    elif not p.squeeze and (chunks := _pipelined_chunks(H, U, R, chunks_sw)) > 1:
         p.path, p.chunks = "pipelined", chunks
     else:
         p.path = "nccl"
@@ -690,15 +687,16 @@ def _usp_impl(q, k, v, joint_lengths, joint_tokens, joint_front, seq_len, scale,
     """
     ug = _resolve_group(ulysses_group)
     rg = _resolve_group(ring_group)
+    switches = _switches(ug is not None or rg is not None)
     key = (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device,
            q.stride(-1), k.stride(-1), v.stride(-1),
            None if joint_lengths is None else joint_lengths.shape, joint_tokens, joint_front,
            seq_len, backend, ug, rg, return_lse,
-           None if shard_lengths is None else tuple(shard_lengths), _switches())
+           None if shard_lengths is None else tuple(shard_lengths), switches)
     plan = _PLANS.get(key)
     if plan is None:
         plan = _build_plan(q, k, v, joint_lengths, joint_tokens, joint_front, seq_len, backend,
-                           ug, rg, return_lse, shard_lengths)
+                           ug, rg, return_lse, shard_lengths, switches)
         if len(_PLANS) >= _MAX_PLANS:
             _PLANS.clear()
         _PLANS[key] = plan
@@ -845,7 +843,7 @@ def _run(p: _Plan, q, k, v, joint_lengths, scale, backend, return_lse):
             lse = torch.cat([lse_h[:, :, J:], lse_h[:, :, :J]], dim=2) if return_lse else None
     elif p.path == "ce":
         out, lse_h = _ulysses_ce(q_s, k_s, v_s, q_j, k_j, v_j, J, p.Jk, joint_front, p.heads,
-                                 p.u_rank, p.ug, attend)
+                                 p.u_rank, p.ug, p.chunks, attend)
         lse = _lse_out(lse_h, J, L, p.heads, p.ug, joint_front, p.lse_splits) \
             if return_lse else None
     elif p.path == "pipelined":
