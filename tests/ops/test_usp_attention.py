@@ -316,8 +316,9 @@ def test_usp_wrong_shape_fails_instead_of_hanging(u, r):
 
 
 # Every case has a local length of 10 on 2 ranks; each differs from the one before it in one
-# field of the plan key (joint tokens, their position, joint_lengths, return_lse, seq_len, dtype),
-# so a stale plan would give a wrong result against the oracle.
+# argument (joint tokens, their position, joint_lengths, return_lse, seq_len, dtype): a field of
+# the plan key, or (return_lse) an argument one plan serves both ways, so a stale plan would give
+# a wrong result against the oracle.
 PLAN_KEY_CASES = [
     ("key-a", 2, 20, 4, 8, 0, "front", False, torch.float32, False),
     ("key-joint", 2, 14, 4, 8, 3, "front", False, torch.float32, False),

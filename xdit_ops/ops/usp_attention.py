@@ -527,8 +527,8 @@ class _Plan:
     """What a call with one plan key does: every shape-derived value, precomputed."""
 
     __slots__ = (
-        "ug", "rg", "U", "R", "u_rank", "r_rank", "B", "H", "J", "L", "joint_front", "split",
-        "heads", "h0", "h_me", "Jk", "joint_inline", "block_valid", "ring_n", "n0", "cut0",
+        "ug", "rg", "U", "R", "u_rank", "r_rank", "B", "J", "L", "joint_front", "split",
+        "heads", "h0", "h_me", "Jk", "joint_inline", "ring_n", "n0", "cut0",
         "mine", "squeeze", "path", "chunks", "ring", "nxt", "prv", "in_numel",
         "in_out_splits", "in_in_splits", "out_splits", "lse_splits", "seq_len", "check",
         "agree_key",
@@ -550,7 +550,7 @@ def _exchange_splits(B: int, rows: int, heads: list[int], h_me: int, D: int):
 
 
 def _build_plan(q, k, v, joint_lengths, joint_tokens, joint_front, seq_len, backend, ug, rg,
-                return_lse, shard_lengths, switches) -> _Plan:
+                shard_lengths, switches) -> _Plan:
     """Validate a call signature (after the cross-rank agreement) and plan it; ``switches``:
     ``_switches()`` of this call."""
     check_sw, chunks_sw, ring_sw, ulysses_sw = switches or (None,) * 4
@@ -616,7 +616,7 @@ def _build_plan(q, k, v, joint_lengths, joint_tokens, joint_front, seq_len, back
 
     p = _Plan()
     p.ug, p.rg, p.U, p.R, p.u_rank, p.r_rank = ug, rg, U, R, u_rank, r_rank
-    p.B, p.H, p.J, p.L, p.joint_front, p.seq_len = B, H, J, L, joint_front, seq_len
+    p.B, p.J, p.L, p.joint_front, p.seq_len = B, J, L, joint_front, seq_len
     p.split = [J, L] if joint_front else [L, J]
     p.check, p.agree_key = check, agree_key
     heads = head_split(H, U)
@@ -629,9 +629,9 @@ def _build_plan(q, k, v, joint_lengths, joint_tokens, joint_front, seq_len, back
     p.Jk = Jk = J if p.joint_inline else 0
     # Valid keys of each ring block (U shards each). Within a block they are made a prefix:
     # padding that sits between shards of one block is squeezed out after the gather.
-    p.block_valid = [sum(lens[r * U:(r + 1) * U]) for r in range(R)]
-    p.ring_n = [p.block_valid[(r_rank - step) % R] for step in range(R)]
-    p.n0 = Jk + p.block_valid[0]
+    block_valid = [sum(lens[r * U:(r + 1) * U]) for r in range(R)]
+    p.ring_n = [block_valid[(r_rank - step) % R] for step in range(R)]
+    p.n0 = Jk + block_valid[0]
     p.cut0 = p.n0 < Jk + U * L  # the R == 1 block has padded keys to cut off
     p.mine = mine = lens[r_rank * U:(r_rank + 1) * U]
     p.squeeze = any(n < L and any(mine[j + 1:]) for j, n in enumerate(mine))
@@ -667,8 +667,8 @@ def _usp_impl(q, k, v, joint_lengths, joint_tokens, joint_front, seq_len, scale,
     The plan key is everything the validation and the plan read: the three tensors' shapes,
     dtypes, devices and last strides, the joint arguments (``joint_lengths`` by its shape: its
     values are only read on the device), ``seq_len``, ``shard_lengths``, the backend, the
-    resolved groups (objects, not names: torch reuses group names after a re-initialisation),
-    ``return_lse`` and the environment switches.
+    resolved groups (objects, not names: torch reuses group names after a re-initialisation)
+    and the environment switches (``return_lse`` is not: the plan does not depend on it).
 
     Cross-rank agreement (``XDIT_OPS_USP_CHECK``, default on): every rank of the ulysses x ring
     grid all-gathers the checked values (shapes, dtypes, joint arguments, ``seq_len``, a digest
@@ -691,12 +691,12 @@ def _usp_impl(q, k, v, joint_lengths, joint_tokens, joint_front, seq_len, scale,
     key = (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device,
            q.stride(-1), k.stride(-1), v.stride(-1),
            None if joint_lengths is None else joint_lengths.shape, joint_tokens, joint_front,
-           seq_len, backend, ug, rg, return_lse,
+           seq_len, backend, ug, rg,
            None if shard_lengths is None else tuple(shard_lengths), switches)
     plan = _PLANS.get(key)
     if plan is None:
         plan = _build_plan(q, k, v, joint_lengths, joint_tokens, joint_front, seq_len, backend,
-                           ug, rg, return_lse, shard_lengths, switches)
+                           ug, rg, shard_lengths, switches)
         if len(_PLANS) >= _MAX_PLANS:
             _PLANS.clear()
         _PLANS[key] = plan
@@ -802,9 +802,7 @@ def _attend(p: _Plan, qbuf, kv, kj, vj, joint_lengths, scale, backend, dtype):
         o, lse = merge(parts[:MAX_PARTIALS], part_lses[:MAX_PARTIALS], torch.float32)
         parts = [o.to(parts[-1].dtype)] + parts[MAX_PARTIALS:]
         part_lses = [lse] + part_lses[MAX_PARTIALS:]
-    if len(parts) == 1:
-        return parts[0], part_lses[0]
-    return merge(parts, part_lses, dtype)
+    return merge(parts, part_lses, dtype)  # 2..MAX_PARTIALS partials left
 
 
 def _run(p: _Plan, q, k, v, joint_lengths, scale, backend, return_lse):
@@ -841,23 +839,21 @@ def _run(p: _Plan, q, k, v, joint_lengths, scale, backend, return_lse):
         else:  # rows were [joint; seq]: put the joint rows back behind
             out = torch.cat([out_h[:, J:], out_h[:, :J]], dim=1)
             lse = torch.cat([lse_h[:, :, J:], lse_h[:, :, :J]], dim=2) if return_lse else None
-    elif p.path == "ce":
-        out, lse_h = _ulysses_ce(q_s, k_s, v_s, q_j, k_j, v_j, J, p.Jk, joint_front, p.heads,
-                                 p.u_rank, p.ug, p.chunks, attend)
-        lse = _lse_out(lse_h, J, L, p.heads, p.ug, joint_front, p.lse_splits) \
-            if return_lse else None
-    elif p.path == "pipelined":
-        out, lse_h = _ulysses_pipelined(q_s, k_s, v_s, q_j, k_j, v_j, J, p.Jk, joint_front,
-                                        p.heads, p.u_rank, p.ug, p.chunks, attend)
-        lse = _lse_out(lse_h, J, L, p.heads, p.ug, joint_front, p.lse_splits) \
-            if return_lse else None
     else:
-        recv = _ulysses_in(q_s, k_s, v_s, p)  # [U, 3, B, L, h, D], flat
-        qbuf, kv, kj, vj = _place(recv, p.U, p.B, L, p.h_me, q_j, k_j, v_j, p.h0, J, p.Jk)
-        if p.squeeze:
-            kv = _squeezed(p, kv)
-        out_h, lse_h = attend(qbuf, kv, kj, vj)
-        out = _ulysses_out(out_h, J, L, p.heads, p.ug, joint_front, p.out_splits)
+        if p.path == "ce":
+            out, lse_h = _ulysses_ce(q_s, k_s, v_s, q_j, k_j, v_j, J, p.Jk, joint_front,
+                                     p.heads, p.u_rank, p.ug, p.chunks, attend)
+        elif p.path == "pipelined":
+            out, lse_h = _ulysses_pipelined(q_s, k_s, v_s, q_j, k_j, v_j, J, p.Jk, joint_front,
+                                            p.heads, p.u_rank, p.ug, p.chunks, attend)
+        else:
+            recv = _ulysses_in(q_s, k_s, v_s, p)  # [U, 3, B, L, h, D], flat
+            qbuf, kv, kj, vj = _place(recv, p.U, p.B, L, p.h_me, q_j, k_j, v_j, p.h0, J, p.Jk)
+            if p.squeeze:
+                kv = _squeezed(p, kv)
+            out_h, lse_h = attend(qbuf, kv, kj, vj)
+            out = _ulysses_out(out_h, J, L, p.heads, p.ug, joint_front, p.out_splits)
+        # The LSE goes back like the output (a head_dim of 1), whichever path computed it.
         lse = _lse_out(lse_h, J, L, p.heads, p.ug, joint_front, p.lse_splits) \
             if return_lse else None
     if not return_lse:
