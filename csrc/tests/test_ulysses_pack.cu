@@ -147,6 +147,9 @@ void test_place(int64_t U, int64_t B, int64_t L, int64_t h, int64_t H, int64_t D
   const T* d_joint = to_device(fused, offset, &a_joint);
   CHECK_CUDA(cudaMalloc(&a_q, B * (J + G) * h * D * sizeof(T)));
   CHECK_CUDA(cudaMalloc(&a_kv, 2 * B * (Jk + G) * h * D * sizeof(T)));
+  // Poisoned like pack's and unpack's outputs, so an element the kernel skips shows.
+  CHECK_CUDA(cudaMemset(a_q, 0xFF, B * (J + G) * h * D * sizeof(T)));
+  CHECK_CUDA(cudaMemset(a_kv, 0xFF, 2 * B * (Jk + G) * h * D * sizeof(T)));
   xdit_ops::UlyssesPlaceParams p{};
   p.recv = d_recv;
   fused_qkv_views(d_joint, J, H, D, p.joint_src, p.joint_stride_b, p.joint_stride_s,
