@@ -52,6 +52,21 @@ def _check_heads(op: str, heads: Sequence[int], H: int | None) -> int:
     return total
 
 
+def _check_recv(op: str, recv: torch.Tensor) -> None:
+    """recv of unpack and place: the flat buffer an all-to-all filled."""
+    if recv.dim() != 1 or not recv.is_contiguous():
+        raise ValueError(f"{op}: recv must be a flat contiguous buffer, got shape "
+                         f"{tuple(recv.shape)}, strides {tuple(recv.stride())}")
+
+
+def _recv_head_dim(op: str, recv: torch.Tensor, row: int, row_expr: str) -> int:
+    """head_dim D of a recv holding ``row * D`` elements (row: the product named row_expr)."""
+    if row == 0 or recv.numel() % row != 0:
+        raise ValueError(f"{op}: recv has {recv.numel()} elements, not a multiple of "
+                         f"{row_expr} = {row}")
+    return recv.numel() // row
+
+
 def check_pack(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: Sequence[int]) -> None:
     if q.dim() != 4:
         raise ValueError(f"{PACK}: q must be [B, L, H, D], got {tuple(q.shape)}")
@@ -71,32 +86,22 @@ def check_pack(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: Sequenc
 
 def check_unpack(recv: torch.Tensor, heads: Sequence[int], B: int, J: int, L: int) -> int:
     """Checks the arguments; returns D."""
-    if recv.dim() != 1 or not recv.is_contiguous():
-        raise ValueError(f"{UNPACK}: recv must be a flat contiguous buffer, got shape "
-                         f"{tuple(recv.shape)}, strides {tuple(recv.stride())}")
+    _check_recv(UNPACK, recv)
     if B < 0 or J < 0 or L < 0:
         raise ValueError(f"{UNPACK}: B, J, L must be >= 0, got {B}, {J}, {L}")
     H = _check_heads(UNPACK, heads, None)
-    row = B * (J + L) * H
-    if row == 0 or recv.numel() % row != 0:
-        raise ValueError(f"{UNPACK}: recv has {recv.numel()} elements, not a multiple of "
-                         f"B * (J + L) * H = {B} * {J + L} * {H} = {row}")
-    return recv.numel() // row
+    return _recv_head_dim(UNPACK, recv, B * (J + L) * H, f"B * (J + L) * H = {B} * {J + L} * {H}")
 
 
-def check_place(recv, U, B, L, h, q_j, k_j, v_j, head_start) -> tuple[int, int]:
+def check_place(recv: torch.Tensor, U: int, B: int, L: int, h: int, q_j: torch.Tensor | None,
+                k_j: torch.Tensor | None, v_j: torch.Tensor | None,
+                head_start: int) -> tuple[int, int]:
     """Checks the arguments; returns (D, J)."""
-    if recv.dim() != 1 or not recv.is_contiguous():
-        raise ValueError(f"{PLACE}: recv must be a flat contiguous buffer, got shape "
-                         f"{tuple(recv.shape)}, strides {tuple(recv.stride())}")
+    _check_recv(PLACE, recv)
     if U < 1 or B < 0 or L < 0 or h < 1:
         raise ValueError(f"{PLACE}: need U >= 1, B >= 0, L >= 0, h >= 1, got U={U} B={B} L={L} "
                          f"h={h}")
-    row = U * 3 * B * L * h
-    if row == 0 or recv.numel() % row != 0:
-        raise ValueError(f"{PLACE}: recv has {recv.numel()} elements, not a multiple of "
-                         f"U * 3 * B * L * h = {row}")
-    D = recv.numel() // row
+    D = _recv_head_dim(PLACE, recv, U * 3 * B * L * h, "U * 3 * B * L * h")
     joint = (q_j, k_j, v_j)
     if any(t is None for t in joint):
         if any(t is not None for t in joint):
@@ -140,7 +145,8 @@ def _unpack_cpu(recv, heads, B, J, L, joint_front):
 
 
 def _place_cpu(recv, U, B, L, h, q_j, k_j, v_j, head_start, joint_kv):
-    """Reference: the copies of ``usp_attention._place_gathered``."""
+    """Reference: the torch copies ``usp_attention`` made before this op (its former
+    ``_place_gathered``)."""
     D, J = check_place(recv, U, B, L, h, q_j, k_j, v_j, head_start)
     Jk = J if joint_kv else 0
     hs = slice(head_start, head_start + h)
