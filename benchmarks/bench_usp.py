@@ -48,6 +48,7 @@ from benchmarks.common import (  # noqa: E402
 )
 from xdit_ops.ops.usp_attention import (  # noqa: E402
     _ce_chunks,
+    _exchange_splits,
     _pipelined_chunks,
     head_split,
 )
@@ -101,12 +102,10 @@ def host_floors(B: int, L: int, H: int, D: int, u: int, r: int, dtype) -> dict:
         return torch.ops.xdit_ops.attention.default(q, k, v, None, "auto", True)
 
     res = {"host_floor_sdpa_us": one_sdpa, "host_us_xdit_attention": one_xdit_attention}
-    if u > 1:  # the op's Q/K/V exchange: each peer's heads out, this rank's heads in
-        even = all(x == heads[0] for x in heads)
-        in_splits = None if even else [3 * B * L * x * D for x in heads]
-        out_splits = None if even else [3 * B * L * h * D] * u
+    if u > 1:  # the op's Q/K/V exchange, with its split sizes
+        out_splits, in_splits, total = _exchange_splits(3 * B * L * D, heads, h, True)
         send = torch.empty(3 * B * L * H * D, device="cuda", dtype=dtype)
-        recv = torch.empty(u * 3 * B * L * h * D, device="cuda", dtype=dtype)
+        recv = torch.empty(total, device="cuda", dtype=dtype)
         res["host_floor_a2a_us"] = lambda: dist.all_to_all_single(
             recv, send, output_split_sizes=out_splits, input_split_sizes=in_splits, group=ug)
     if r > 1:

@@ -185,9 +185,10 @@ def _ulysses_in(q_s, k_s, v_s, p: _Plan):
     The send buffer is packed by one native kernel (``ulysses_pack_qkv``: any input strides,
     uneven heads) and one ``all_to_all_single`` moves all three tensors."""
     send = torch.ops.xdit_ops.ulysses_pack_qkv.default(q_s, k_s, v_s, p.heads)
-    recv = q_s.new_empty(p.in_numel)
-    dist.all_to_all_single(recv, send, output_split_sizes=p.in_out_splits,
-                           input_split_sizes=p.in_in_splits, group=p.ug)
+    out_splits, in_splits, total = p.in_splits
+    recv = q_s.new_empty(total)
+    dist.all_to_all_single(recv, send, output_split_sizes=out_splits,
+                           input_split_sizes=in_splits, group=p.ug)
     return recv
 
 
@@ -281,7 +282,7 @@ def _ulysses_pipelined(q_s, k_s, v_s, q_j, k_j, v_j, J, Jk, joint_front, heads, 
 
 def _ulysses_out(o_h, J, L, heads, ug, joint_front, splits):
     """All-to-all back: [B, J + U*L, h_me, D] (joint rows first) -> [B, J + L, H, D].
-    ``splits``: ``_exchange_splits`` of these sizes (the plan's ``out_splits``/``lse_splits``)."""
+    ``splits``: ``_exchange_splits`` of this exchange (the plan's ``out_splits``/``lse_splits``)."""
     B, _, h_me, D = o_h.shape
     U = len(heads)
     # Send to each peer its L rows plus the joint rows (every rank needs all joint heads).
@@ -529,8 +530,8 @@ class _Plan:
     __slots__ = (
         "ug", "rg", "U", "R", "u_rank", "r_rank", "B", "J", "L", "joint_front", "split",
         "heads", "h0", "h_me", "Jk", "joint_inline", "ring_n", "n0", "cut0",
-        "mine", "squeeze", "path", "chunks", "ring", "nxt", "prv", "in_numel",
-        "in_out_splits", "in_in_splits", "out_splits", "lse_splits", "seq_len", "check",
+        "mine", "squeeze", "path", "chunks", "ring", "nxt", "prv", "in_splits",
+        "out_splits", "lse_splits", "seq_len", "check",
         "agree_key",
     )
 
@@ -540,13 +541,18 @@ def _agree(meta: list[int], ug, rg, agree_key: tuple) -> None:
     _AGREED.add(agree_key)
 
 
-def _exchange_splits(B: int, rows: int, heads: list[int], h_me: int, D: int):
-    """Sizes of the output all-to-all (``_ulysses_out``) for ``rows = J + L`` rows of head dim
-    ``D``: (output splits or None when the heads are even, input splits or None, total)."""
-    out_splits = [B * rows * hj * D for hj in heads]
-    even = all(h == heads[0] for h in heads)
-    return (None if even else out_splits,
-            None if even else [B * rows * h_me * D] * len(heads), sum(out_splits))
+def _exchange_splits(per_head: int, heads: list[int], h_me: int, inbound: bool):
+    """``all_to_all_single`` sizes of a Ulysses exchange that moves ``per_head`` elements for
+    each head: (output split sizes, input split sizes, elements received), the splits None when
+    the heads are even. ``inbound`` (Q/K/V in, ``_ulysses_in``): every rank sends each peer
+    ``j`` its ``heads[j]`` heads and receives its own ``h_me`` from each; otherwise (outputs
+    back, ``_ulysses_out``) the reverse."""
+    mine = [per_head * h_me] * len(heads)
+    theirs = [per_head * hj for hj in heads]
+    recv, send = (mine, theirs) if inbound else (theirs, mine)
+    if all(h == heads[0] for h in heads):
+        return None, None, sum(recv)
+    return recv, send, sum(recv)
 
 
 def _build_plan(q, k, v, joint_lengths, joint_tokens, joint_front, seq_len, backend, ug, rg,
@@ -651,12 +657,9 @@ def _build_plan(q, k, v, joint_lengths, joint_tokens, joint_front, seq_len, back
         p.path, p.chunks = "pipelined", chunks
     else:
         p.path = "nccl"
-    even = all(h == heads[0] for h in heads)
-    p.in_numel = U * 3 * B * L * p.h_me * D
-    p.in_out_splits = None if even else [3 * B * L * p.h_me * D] * U
-    p.in_in_splits = None if even else [3 * B * L * hj * D for hj in heads]
-    p.out_splits = _exchange_splits(B, J + L, heads, p.h_me, v.shape[3])
-    p.lse_splits = _exchange_splits(B, J + L, heads, p.h_me, 1)
+    p.in_splits = _exchange_splits(3 * B * L * D, heads, p.h_me, True)  # [3, B, L, h, D]
+    p.out_splits = _exchange_splits(B * (J + L) * v.shape[3], heads, p.h_me, False)
+    p.lse_splits = _exchange_splits(B * (J + L), heads, p.h_me, False)
     return p
 
 
