@@ -191,7 +191,8 @@ def main() -> None:
                   flush=True)
         floors_of: dict[tuple[int, int], dict] = {}
         for name, u, r in configs:
-            # default ring transport: copy engine over symmetric memory; "-nccl": NCCL P2P
+            # the ring here: copy engine over symmetric memory (opt-in in the op); "-nccl":
+            # NCCL P2P (the op's default)
             os.environ["XDIT_OPS_USP_RING"] = "nccl" if name.endswith("-nccl") else "ce"
             # "-ce": the Ulysses exchange over the copy engines (default: its own chunking);
             # "-cN": N head chunks (falls back to 1 when heads don't split)
