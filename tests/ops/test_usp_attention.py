@@ -380,12 +380,10 @@ def _worker_plan_cache(rank, world):
     xdit_ops.init_parallel(ulysses_degree=world, device_type="cpu")
     _run_case(CHUNK_CASES[0], world, 1, seed=5)
     assert not any(p.path == "pipelined" for p in usp._PLANS.values())
-    os.environ["XDIT_OPS_USP_CHUNKS"] = "2"
-    try:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDIT_OPS_USP_CHUNKS", "2")
         _run_case(CHUNK_CASES[0], world, 1, seed=6)
         assert any(p.path == "pipelined" for p in usp._PLANS.values())
-    finally:
-        del os.environ["XDIT_OPS_USP_CHUNKS"]
     xdit_ops.destroy_parallel()
 
 
@@ -482,24 +480,16 @@ def _worker_gpu(rank, world):
             _run_case(case, u, r, seed=31 * i + 5, device="cuda")
         _run_shard_lengths(u, r, seed=3 * u + r, device="cuda", dtype=torch.bfloat16, L=300,
                            J=77, D=128)
-        if r == 1 and os.environ.get("XDIT_OPS_TEST_CE") == "1":
-            # The copy-engine Ulysses (opt-in transport, symmetric memory like the ce ring that
-            # deadlocked here): only when asked.
-            os.environ["XDIT_OPS_USP_ULYSSES"] = "ce"
-            try:
-                for i, case in enumerate(GPU_CASES):
-                    _run_case(case, u, r, seed=41 * i + 3, device="cuda")
-            finally:
-                del os.environ["XDIT_OPS_USP_ULYSSES"]
-        if r > 1 and os.environ.get("XDIT_OPS_TEST_CE") == "1":
-            # The copy-engine ring (opt-in transport): it deadlocked in this multi-shape test on
-            # 2 GPUs (runs 5-7), so it runs only when asked, e.g. to debug it.
-            os.environ["XDIT_OPS_USP_RING"] = "ce"
-            try:
-                for i, case in enumerate(GPU_CASES[:3]):
-                    _run_case(case, u, r, seed=77 * i + 1, device="cuda")
-            finally:
-                del os.environ["XDIT_OPS_USP_RING"]
+        if os.environ.get("XDIT_OPS_TEST_CE") == "1":
+            # The copy-engine transports (opt-in), only when asked: the Ulysses one without a
+            # ring, and the ring, which deadlocked in this multi-shape test on 2 GPUs (runs 5-7)
+            # (symmetric memory both).
+            switch, cases, seed = (("XDIT_OPS_USP_ULYSSES", GPU_CASES, (41, 3)) if r == 1 else
+                                   ("XDIT_OPS_USP_RING", GPU_CASES[:3], (77, 1)))
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setenv(switch, "ce")
+                for i, case in enumerate(cases):
+                    _run_case(case, u, r, seed=seed[0] * i + seed[1], device="cuda")
     xdit_ops.destroy_parallel()
 
 
