@@ -1,15 +1,15 @@
-"""Ulysses pack/unpack: the fused copy ops vs the torch copies of ``usp_attention`` today.
+"""Ulysses pack/unpack: the fused copy ops vs the torch copies ``usp_attention`` made before them.
 
 For each per-rank shape (local sequence L, heads split over U ranks, J joint rows), on one GPU:
 
 * pack: ``torch_stack`` (even heads: ``torch.stack`` of permuted views) or ``torch_loop`` (uneven
-  heads: one ``copy_`` per rank and tensor), exactly the send buffer ``_ulysses_in`` builds,
+  heads: one ``copy_`` per rank and tensor), exactly the send buffer ``_ulysses_in`` built,
   against ``xdit_ops::ulysses_pack_qkv``. q, k, v are views of a fused projection output
   ``[B, L, 3, H, D]`` (strided), as a fused QKV linear leaves them.
-* place: ``_place_gathered`` (the received ``[U, 3, B, L, h, D]`` plus rank 0's joint heads into
-  the query buffer and the K/V buffer, joint K/V inline) against
-  ``xdit_ops::ulysses_place_gathered``.
-* unpack: the placement ``_ulysses_out`` does after its exchange (``torch_permute`` for even
+* place: the former ``_place_gathered``, now the op's CPU reference ``_place_cpu`` (the received
+  ``[U, 3, B, L, h, D]`` plus rank 0's joint heads into the query buffer and the K/V buffer,
+  joint K/V inline) against ``xdit_ops::ulysses_place_gathered``.
+* unpack: the placement ``_ulysses_out`` did after its exchange (``torch_permute`` for even
   heads, ``torch_loop`` for uneven) against ``xdit_ops::ulysses_unpack_out``, joint rows behind
   (the harder case) when J > 0.
 
@@ -53,7 +53,7 @@ CASES = [
 
 
 def torch_pack(q, k, v, heads):
-    """The send buffer of ``usp_attention._ulysses_in`` (both branches)."""
+    """The send buffer ``usp_attention._ulysses_in`` built before the op (both branches)."""
     B, L, H, D = q.shape
     U = len(heads)
     if all(h == heads[0] for h in heads):
@@ -73,7 +73,7 @@ def torch_pack(q, k, v, heads):
 
 
 def torch_unpack(recv, heads, B, J, L, joint_front):
-    """The placement ``usp_attention._ulysses_out`` does with what it received."""
+    """The placement ``usp_attention._ulysses_out`` did with what it received before the op."""
     U, H = len(heads), sum(heads)
     D = recv.numel() // (B * (J + L) * H)
     out = recv.new_empty(B, J + L, H, D)
