@@ -279,6 +279,17 @@ def _slab(first: int, n_own: int, lo: int, hi: int, h_total: int, mode: str,
     return plan, _device_index(plan.pairs, device)
 
 
+def _gather_slab(x: torch.Tensor, slab: tuple[_SlabPlan, torch.Tensor],
+                 received: dict[int, torch.Tensor], fill: float) -> torch.Tensor:
+    """The slab ``slab`` (from ``_slab``) gathered from band ``x`` and the received buffers
+    (peer -> buffer): one ``gather_rows`` launch."""
+    plan, index = slab
+    bufs = [received[p] for p in plan.peers]
+    if plan.merged:
+        bufs = [torch.cat(bufs, dim=-2)]
+    return _gather_rows([x, *bufs], index, float(fill))
+
+
 def _assemble(
     x: torch.Tensor,
     first: int,
@@ -289,14 +300,66 @@ def _assemble(
     received: dict[int, tuple[tuple[int, ...], torch.Tensor]],
     fill: float,
 ) -> torch.Tensor:
-    """Input rows [lo, hi) (global, padded index space) from own rows, received rows and fill,
-    contiguous: one ``gather_rows`` launch."""
-    plan, index = _slab(first, x.shape[-2], lo, hi, h_total, geom.mode,
-                        tuple((p, rows) for p, (rows, _) in received.items()), x.device)
-    bufs = [received[p][1] for p in plan.peers]
-    if plan.merged:
-        bufs = [torch.cat(bufs, dim=-2)]
-    return _gather_rows([x, *bufs], index, float(fill))
+    """Input rows [lo, hi) (global, padded index space) from own rows, received rows (peer ->
+    (its global rows, buffer)) and fill, contiguous. ``halo_conv`` reaches the same gather
+    through its cached ``_Exchange``."""
+    slab = _slab(first, x.shape[-2], lo, hi, h_total, geom.mode,
+                 tuple((p, rows) for p, (rows, _) in received.items()), x.device)
+    return _gather_slab(x, slab, {p: buf for p, (_, buf) in received.items()}, fill)
+
+
+class _Exchange:
+    """Everything of one convolution's halo exchange that follows from (geometry, layout, group,
+    device) alone, worked out on its first call (``_exchange``) instead of on every one: the
+    plan, the peers' global ranks, the send indices, the boundary windows and their slab
+    gathers. A decode runs the same few geometries thousands of times."""
+
+    def __init__(self, geom: ConvRows, layout: BandLayout, group: dist.ProcessGroup,
+                 device: torch.device):
+        self.rank = rank = dist.get_rank(group)
+        self.plan = plan = plan_halo(geom, layout, rank)
+        self.first = first = layout.starts[rank]
+        self.n_own = n_own = layout.sizes[rank]
+        self.geom, self.h_total, self.device = geom, layout.total, device
+        self.sends = tuple((dist.get_global_rank(group, q), _send_index(rows, first, device))
+                           for q, rows in plan.send_rows.items())
+        self.recvs = tuple((p, dist.get_global_rank(group, p), len(rows))
+                           for p, rows in plan.recv_rows.items())
+        self._received = tuple(plan.recv_rows.items())
+        self._slabs: dict[tuple[int, int], tuple[_SlabPlan, torch.Tensor]] = {}
+        self.n_out = n_out = plan.out_end - plan.out_begin
+        # input rows [lo, hi) of the whole output band (the assembled path)
+        self.window = (geom.window(plan.out_begin)[0], geom.window(plan.out_end - 1)[1]) \
+            if n_out > 0 else (0, 0)
+        # zero rows standing in for the halo when it is as wide above as below: the band is
+        # convolved at once and only the boundary rows are recomputed
+        self.whole = None
+        if n_out > 0:
+            top = first - self.window[0]
+            bottom = self.window[1] - (first + n_own)
+            if top == bottom >= 0 and geom.out_rows(n_own + 2 * top - geom.pad_top
+                                                    - geom.pad_bottom) == n_out:
+                self.whole = top
+        i0, i1 = plan.interior
+        edges = [(plan.out_begin, i0), (i1, plan.out_end)] if i1 > i0 else [(i0, plan.out_end)]
+        self.edges = tuple((b0, geom.window(b0)[0], geom.window(b1 - 1)[1])
+                           for b0, b1 in edges if b1 > b0)
+
+    def assemble(self, x: torch.Tensor, lo: int, hi: int,
+                 received: dict[int, torch.Tensor], fill: float) -> torch.Tensor:
+        """Input rows [lo, hi) (global, padded index space) from own rows, received rows and
+        fill, contiguous: one ``gather_rows`` launch."""
+        got = self._slabs.get((lo, hi))
+        if got is None:
+            got = self._slabs[(lo, hi)] = _slab(self.first, self.n_own, lo, hi, self.h_total,
+                                                self.geom.mode, self._received, self.device)
+        return _gather_slab(x, got, received, fill)
+
+
+@lru_cache(maxsize=1024)
+def _exchange(geom: ConvRows, layout: BandLayout, group: dist.ProcessGroup,
+              device: torch.device) -> _Exchange:
+    return _Exchange(geom, layout, group, device)
 
 
 def halo_conv(
@@ -343,24 +406,21 @@ def halo_conv(
     -------
     (y, out_layout) : this rank's output band ``[..., h_out, W_out]`` and every rank's output band.
     """
-    rank = dist.get_rank(group)
-    plan = plan_halo(geom, layout, rank)
-    first = layout.starts[rank]
-    if x.shape[-2] != layout.sizes[rank]:
+    ex = _exchange(geom, layout, group, x.device)
+    plan = ex.plan
+    if x.shape[-2] != ex.n_own:
         raise ValueError(
-            f"halo_conv: rank {rank} holds {x.shape[-2]} rows but its band has {layout.sizes[rank]}"
+            f"halo_conv: rank {ex.rank} holds {x.shape[-2]} rows but its band has {ex.n_own}"
         )
     # 1. Post the halo messages first so they travel while the interior is computed.
     ops, received = [], {}
-    for q, rows in plan.send_rows.items():
-        peer = dist.get_global_rank(group, q)
-        ops.append(dist.P2POp(dist.isend, _take_rows(x, rows, first), peer, group))
-    for p, rows in plan.recv_rows.items():
-        shape = list(x.shape)
-        shape[-2] = len(rows)
-        buf = x.new_empty(shape)
-        received[p] = (rows, buf)
-        ops.append(dist.P2POp(dist.irecv, buf, dist.get_global_rank(group, p), group))
+    for peer, index in ex.sends:
+        ops.append(dist.P2POp(dist.isend, _gather_rows([x], index, 0.0), peer, group))
+    shape = list(x.shape)
+    for p, peer, n in ex.recvs:
+        shape[-2] = n
+        received[p] = buf = x.new_empty(shape)
+        ops.append(dist.P2POp(dist.irecv, buf, peer, group))
     works = dist.batch_isend_irecv(ops) if ops else []
 
     out: torch.Tensor | None = None
@@ -369,30 +429,20 @@ def halo_conv(
         nonlocal out
         if out is None:
             shape = list(y.shape)
-            shape[-2] = plan.out_end - plan.out_begin
+            shape[-2] = ex.n_out
             out = y.new_empty(shape)
         out.narrow(-2, o_lo - plan.out_begin, y.shape[-2]).copy_(y)
 
-    n_out = plan.out_end - plan.out_begin
-    if n_out > 0 and x.numel() * x.element_size() <= assemble_bytes:
+    if ex.n_out > 0 and x.numel() * x.element_size() <= assemble_bytes:
         for w in works:
             w.wait()
-        lo, _ = geom.window(plan.out_begin)
-        _, hi = geom.window(plan.out_end - 1)
-        return conv_fn(_assemble(x, first, lo, hi, layout.total, geom, received, fill),
-                       0), plan.out_layout
+        return conv_fn(ex.assemble(x, *ex.window, received, fill), 0), plan.out_layout
     # 2. Interior rows, while the halo travels.
-    i0, i1 = plan.interior
-    whole = None
-    if n_out > 0:
-        top = first - geom.window(plan.out_begin)[0]
-        bottom = geom.window(plan.out_end - 1)[1] - (first + x.shape[-2])
-        if top == bottom >= 0 and geom.out_rows(x.shape[-2] + 2 * top - geom.pad_top
-                                                - geom.pad_bottom) == n_out:
-            whole = top
-    if whole is not None:  # the band at once, zeros standing in for the halo
-        out = conv_fn(x, whole)
+    first = ex.first
+    if ex.whole is not None:  # the band at once, zeros standing in for the halo
+        out = conv_fn(x, ex.whole)
     else:  # slabs of own rows (views of the band), written into the output
+        i0, i1 = plan.interior
         row_bytes = max(1, x.numel() // max(1, x.shape[-2]) * x.element_size())
         step = max(1, (chunk_bytes // row_bytes) // geom.stride)
         for o in range(i0, i1, step):
@@ -403,14 +453,8 @@ def halo_conv(
     # 3. Boundary rows, once the halo has arrived.
     for w in works:
         w.wait()
-    edges = [(plan.out_begin, i0), (i1, plan.out_end)] if i1 > i0 else [(i0, plan.out_end)]
-    for b0, b1 in edges:
-        if b1 <= b0:
-            continue
-        lo, _ = geom.window(b0)
-        _, hi = geom.window(b1 - 1)
-        slab = _assemble(x, first, lo, hi, layout.total, geom, received, fill)
-        put(b0, conv_fn(slab, 0))
+    for b0, lo, hi in ex.edges:
+        put(b0, conv_fn(ex.assemble(x, lo, hi, received, fill), 0))
     if out is None:  # this rank owns no output rows: an empty band of the right shape
         shape = list(x.shape)
         shape[-2] = geom.span
