@@ -22,11 +22,16 @@ namespace {
 
 enum class Sm90Kernel { kOneWarpgroup, kWarpSpecialized };
 
-std::tuple<at::Tensor, at::Tensor> run_fp8_attention_sm90(
-    const char* kOp, Sm90Kernel kernel, const at::Tensor& q8, const at::Tensor& q_scale,
-    const at::Tensor& k8, const at::Tensor& k_scale, const at::Tensor& vt8,
-    const at::Tensor& v_scale, const at::Tensor& lse_corr, int64_t seqlen_k, int64_t head_dim,
-    const at::Tensor& out_like, bool return_lse) {
+// One launcher for both ops (same schema, inputs and checks); the kernel is a template argument
+// so that each op registers its own instantiation.
+template <Sm90Kernel kernel>
+std::tuple<at::Tensor, at::Tensor> fp8_attention_sm90_fwd_cuda(
+    const at::Tensor& q8, const at::Tensor& q_scale, const at::Tensor& k8,
+    const at::Tensor& k_scale, const at::Tensor& vt8, const at::Tensor& v_scale,
+    const at::Tensor& lse_corr, int64_t seqlen_k, int64_t head_dim, const at::Tensor& out_like,
+    bool return_lse) {
+  const char* kOp = kernel == Sm90Kernel::kWarpSpecialized ? "fp8_attention_sm90ws_fwd"
+                                                           : "fp8_attention_sm90_fwd";
   XDIT_CHECK(q8.is_cuda(), kOp, ": tensors must be on a CUDA device, got ", q8.device());
   for (const at::Tensor* t : {&q_scale, &k8, &k_scale, &vt8, &v_scale, &lse_corr}) {
     XDIT_CHECK(t->device() == q8.device(), kOp, ": tensors are on different devices (",
@@ -112,29 +117,12 @@ std::tuple<at::Tensor, at::Tensor> run_fp8_attention_sm90(
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> fp8_attention_sm90_fwd_cuda(
-    const at::Tensor& q8, const at::Tensor& q_scale, const at::Tensor& k8,
-    const at::Tensor& k_scale, const at::Tensor& vt8, const at::Tensor& v_scale,
-    const at::Tensor& lse_corr, int64_t seqlen_k, int64_t head_dim, const at::Tensor& out_like,
-    bool return_lse) {
-  return run_fp8_attention_sm90("fp8_attention_sm90_fwd", Sm90Kernel::kOneWarpgroup, q8,
-                                q_scale, k8, k_scale, vt8, v_scale, lse_corr, seqlen_k,
-                                head_dim, out_like, return_lse);
-}
-
-std::tuple<at::Tensor, at::Tensor> fp8_attention_sm90ws_fwd_cuda(
-    const at::Tensor& q8, const at::Tensor& q_scale, const at::Tensor& k8,
-    const at::Tensor& k_scale, const at::Tensor& vt8, const at::Tensor& v_scale,
-    const at::Tensor& lse_corr, int64_t seqlen_k, int64_t head_dim, const at::Tensor& out_like,
-    bool return_lse) {
-  return run_fp8_attention_sm90("fp8_attention_sm90ws_fwd", Sm90Kernel::kWarpSpecialized, q8,
-                                q_scale, k8, k_scale, vt8, v_scale, lse_corr, seqlen_k,
-                                head_dim, out_like, return_lse);
-}
-
 }  // namespace xdit_ops
 
 TORCH_LIBRARY_IMPL(xdit_ops, CUDA, m) {
-  m.impl("fp8_attention_sm90_fwd", &xdit_ops::fp8_attention_sm90_fwd_cuda);
-  m.impl("fp8_attention_sm90ws_fwd", &xdit_ops::fp8_attention_sm90ws_fwd_cuda);
+  using xdit_ops::Sm90Kernel;
+  m.impl("fp8_attention_sm90_fwd",
+         &xdit_ops::fp8_attention_sm90_fwd_cuda<Sm90Kernel::kOneWarpgroup>);
+  m.impl("fp8_attention_sm90ws_fwd",
+         &xdit_ops::fp8_attention_sm90_fwd_cuda<Sm90Kernel::kWarpSpecialized>);
 }
