@@ -16,18 +16,21 @@ namespace xdit_ops {
 
 namespace {
 
-// Fills head_start from the per-rank counts; checks them against H.
-void fill_head_start(int* head_start, at::IntArrayRef heads, int64_t H, const char* op) {
+// Fills num_ranks and head_start (of pack's or unpack's params) from the per-rank counts;
+// checks them against H.
+template <typename Params>
+void fill_head_start(Params& p, at::IntArrayRef heads, int64_t H, const char* op) {
   XDIT_CHECK(!heads.empty() && heads.size() <= static_cast<size_t>(kMaxUlyssesRanks), op,
              ": heads must list 1..", kMaxUlyssesRanks, " per-rank counts, got ", heads.size());
   int64_t start = 0;
-  head_start[0] = 0;
+  p.head_start[0] = 0;
   for (size_t j = 0; j < heads.size(); ++j) {
     XDIT_CHECK(heads[j] >= 0, op, ": heads[", j, "] = ", heads[j], " is negative");
     start += heads[j];
-    head_start[j + 1] = static_cast<int>(start);
+    p.head_start[j + 1] = static_cast<int>(start);
   }
   XDIT_CHECK(start == H, op, ": sum(heads) = ", start, " != H = ", H, " (heads ", heads, ")");
+  p.num_ranks = static_cast<int>(heads.size());
 }
 
 // recv of unpack and place: the flat buffer an all-to-all filled.
@@ -66,8 +69,7 @@ at::Tensor ulysses_pack_qkv_cuda(const at::Tensor& q, const at::Tensor& k, const
                "got strides ", t->strides());
   }
   UlyssesPackParams p;
-  fill_head_start(p.head_start, heads, H, kOp);
-  p.num_ranks = static_cast<int>(heads.size());
+  fill_head_start(p, heads, H, kOp);
   const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor out = at::empty({3 * B * L * H * D}, q.options());
   const at::Tensor* qkv[3] = {&q, &k, &v};
@@ -97,9 +99,8 @@ at::Tensor ulysses_unpack_out_cuda(const at::Tensor& recv, at::IntArrayRef heads
   int64_t H = 0;
   for (int64_t h : heads) H += h;
   UlyssesUnpackParams p;
-  fill_head_start(p.head_start, heads, H, kOp);
+  fill_head_start(p, heads, H, kOp);
   const int64_t D = recv_head_dim(recv, B * (J + L) * H, "B * (J + L) * H", kOp);
-  p.num_ranks = static_cast<int>(heads.size());
   const c10::cuda::CUDAGuard guard(recv.device());
   at::Tensor out = at::empty({B, J + L, H, D}, recv.options());
   p.recv = recv.const_data_ptr();

@@ -45,6 +45,13 @@ std::vector<int> starts_of(const std::vector<int>& heads) {
   return s;
 }
 
+// num_ranks and head_start of pack's or unpack's params from the starts (starts_of).
+template <typename Params>
+void set_head_starts(Params& p, const std::vector<int>& st) {
+  p.num_ranks = static_cast<int>(st.size()) - 1;
+  for (size_t j = 0; j < st.size(); ++j) p.head_start[j] = st[j];
+}
+
 // q, k, v as strided views of a fused [B, rows, 3, H, D] buffer (view t starts t * H * D in).
 template <typename T>
 void fused_qkv_views(const T* fused, int64_t rows, int64_t H, int64_t D, const void* src[3],
@@ -74,8 +81,7 @@ void test_pack(int64_t B, int64_t L, int64_t D, const std::vector<int>& heads, s
   p.seq = L;
   p.heads = H;
   p.head_dim = D;
-  p.num_ranks = static_cast<int>(heads.size());
-  for (size_t j = 0; j < st.size(); ++j) p.head_start[j] = st[j];
+  set_head_starts(p, st);
   CHECK_CUDA(xdit_ops::ulysses_pack_qkv(p, sizeof(T), g_num_sms, nullptr));
   std::vector<T> want(3 * B * L * H * D);
   for (size_t j = 0; j < heads.size(); ++j) {
@@ -113,8 +119,7 @@ void test_unpack(int64_t B, int64_t J, int64_t L, int64_t D, const std::vector<i
   p.heads = H;
   p.head_dim = D;
   p.joint_front = joint_front;
-  p.num_ranks = static_cast<int>(heads.size());
-  for (size_t j = 0; j < st.size(); ++j) p.head_start[j] = st[j];
+  set_head_starts(p, st);
   CHECK_CUDA(xdit_ops::ulysses_unpack_out(p, sizeof(T), g_num_sms, nullptr));
   std::vector<T> want(B * R * H * D);
   for (size_t j = 0; j < heads.size(); ++j) {
