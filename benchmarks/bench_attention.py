@@ -40,13 +40,6 @@ BASELINE = "sdpa_cudnn_direct"
 MAX_RATIO = 1.05
 
 
-def _shape(text: str) -> tuple[int, int, int, int]:
-    parts = tuple(int(x) for x in text.split(","))
-    if len(parts) != 4:
-        raise argparse.ArgumentTypeError(f"shape must be B,S,H,D, got {text}")
-    return parts  # type: ignore[return-value]
-
-
 def candidates(q, k, v) -> dict[str, Callable[[], object]]:
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
@@ -67,7 +60,8 @@ def candidates(q, k, v) -> dict[str, Callable[[], object]]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     common.add_common_args(p)
-    p.add_argument("--shapes", type=_shape, nargs="+", default=SHAPES, help="B,S,H,D ...")
+    p.add_argument("--shapes", type=common.bshd_shape, nargs="+", default=SHAPES,
+                   help="B,S,H,D ...")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     args = p.parse_args(argv)
     if not torch.cuda.is_available():

@@ -53,13 +53,6 @@ BASELINE = "cudnn_bf16"
 IMPLS = ("triton", "sm90", "sm90ws")
 
 
-def _shape(text: str) -> tuple[int, int, int, int]:
-    parts = tuple(int(x) for x in text.split(","))
-    if len(parts) != 4:
-        raise argparse.ArgumentTypeError(f"shape must be B,S,H,D, got {text}")
-    return parts  # type: ignore[return-value]
-
-
 def _with_impl(impl: str, fn: Callable[[], object]) -> Callable[[], object]:
     def call():
         os.environ["XDIT_OPS_FP8_IMPL"] = impl
@@ -100,7 +93,8 @@ def _accuracy(out, lse, ref, ref_lse) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     common.add_common_args(p)
-    p.add_argument("--shapes", type=_shape, nargs="+", default=SHAPES, help="B,S,H,D ...")
+    p.add_argument("--shapes", type=common.bshd_shape, nargs="+", default=SHAPES,
+                   help="B,S,H,D ...")
     p.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS),
                    help="FP8 implementations to try (those that cannot run are skipped)")
     p.add_argument("--no-naive", action="store_true",

@@ -333,6 +333,14 @@ def print_table(rows: list[dict], cols: Sequence[str], floatfmt: str = ".3g") ->
         print("  ".join(x.ljust(w) for x, w in zip(b, widths, strict=True)))
 
 
+def bshd_shape(text: str) -> tuple[int, int, int, int]:
+    """argparse ``type=`` for a ``B,S,H,D`` attention shape."""
+    parts = tuple(int(x) for x in text.split(","))
+    if len(parts) != 4:
+        raise argparse.ArgumentTypeError(f"shape must be B,S,H,D, got {text}")
+    return parts  # type: ignore[return-value]
+
+
 def add_common_args(p: argparse.ArgumentParser) -> None:
     """Options every benchmark script takes."""
     p.add_argument("--out", default=str(DEFAULT_OUT),

@@ -82,13 +82,6 @@ SAMPLE_ROWS = 384  # query rows checked per shape (against all keys), on SAMPLE_
 SAMPLE_HEADS = 3
 
 
-def _shape(text: str) -> tuple[int, int, int, int]:
-    parts = tuple(int(x) for x in text.split(","))
-    if len(parts) != 4:
-        raise argparse.ArgumentTypeError(f"shape must be B,S,H,D, got {text}")
-    return parts  # type: ignore[return-value]
-
-
 def _sample(qq: QuantizedQKV, heads: torch.Tensor, rows: torch.Tensor) -> QuantizedQKV:
     """The quantized inputs of some heads and query rows (all keys): the emulation's input."""
     def hq(t):
@@ -247,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=str(common.DEFAULT_OUT),
                    help="folder for the JSON result (default benchmarks/results/)")
-    p.add_argument("--shapes", type=_shape, nargs="+", default=SHAPES, help="B,S,H,D ...")
+    p.add_argument("--shapes", type=common.bshd_shape, nargs="+", default=SHAPES,
+                   help="B,S,H,D ...")
     p.add_argument("--configs", nargs="+", default=None,
                    help="BLOCK_M,BLOCK_N,num_warps,num_stages[,two_level[,fold_scales]] ... "
                         "(replaces the sweep lists for every head dim)")
