@@ -111,8 +111,8 @@ def parallelize_vae(
         ``xdit_ops.models.vae.release_frame_graphs()`` drops them, and so do
         ``destroy_process_group`` and ``xdit_ops.destroy_parallel`` (a live graph holding NCCL
         kernels kept ``destroy_process_group`` from returning). ``vae._xdit_frame_graphs.enabled
-        = False`` decodes eagerly. Default None: ``XDIT_OPS_VAE_GRAPHS=1`` turns it on; off
-        otherwise, until that teardown guard has run on GPUs.
+        = False`` decodes eagerly. Default None: on, unless ``XDIT_OPS_VAE_GRAPHS=0``. No
+        effect on the CPU or on the other VAEs.
 
     Returns
     -------

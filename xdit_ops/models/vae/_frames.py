@@ -42,15 +42,19 @@ __all__ = ["FrameGraphs", "frame_graphs_enabled", "release_frame_graphs"]
 
 def frame_graphs_enabled(option: bool | None) -> bool:
     """The ``frame_graphs`` option of ``parallelize_vae``: None reads ``XDIT_OPS_VAE_GRAPHS``
-    (default off until the teardown guard below has run on GPUs; see ``docs/vae.md``)."""
+    (on unless it is ``0``; see ``docs/vae.md``)."""
     if option is not None:
         return bool(option)
-    return os.environ.get("XDIT_OPS_VAE_GRAPHS", "0") == "1"
+    value = os.environ.get("XDIT_OPS_VAE_GRAPHS", "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"parallelize_vae: XDIT_OPS_VAE_GRAPHS must be 0 or 1, got {value!r}")
+    return value == "1"
 
 
 # Teardown. A live CUDA graph that holds NCCL kernels keeps its communicator busy: on 2 H200s,
 # destroy_process_group() never returned while a decoded VAE's graphs were alive (both ranks
-# had passed every check; run 11). So every FrameGraphs is registered here, and its graphs are
+# had passed every check; run 11). With the guard below, the same test returns (2 H100s, run
+# 12). So every FrameGraphs is registered here, and its graphs are
 # dropped before a process group is destroyed (destroy_process_group is wrapped once, at the
 # first capture), by xdit_ops.destroy_parallel, and at interpreter exit.
 _LIVE: weakref.WeakSet = weakref.WeakSet()
