@@ -361,6 +361,8 @@ def _worker_halo(rank: int, world: int) -> None:
             padded = F.pad(x, (0, 0, pt, pb), mode=mode)
         ref = F.conv2d(padded, w, None, (s, 1), (0, 1), (d, 1))
         band = x[:, :, layout.starts[rank]:layout.starts[rank + 1]].contiguous()
+        if mode == "reflect":  # a channels-last band (an attention block's output) is read too
+            band = band.to(memory_format=torch.channels_last)
 
         def conv_fn(t, pad_h, w=w, s=s, d=d):
             return F.conv2d(t, w, None, (s, 1), (pad_h, 1), (d, 1))

@@ -18,6 +18,7 @@ from xdit_ops.parallel.halo import (
     ConvRows,
     _assemble,
     _device_index,
+    _rows_in_place,
     _slab_plan,
     _take_rows,
     plan_halo,
@@ -72,6 +73,21 @@ def test_device_index_is_built_once():
     a = _device_index(pairs, torch.device("cpu"))
     b = _device_index(pairs, torch.device("cpu"))
     assert a is b and a.dtype == torch.int32 and a.tolist() == [[0, 1], [-1, 0], [1, 2]]
+
+
+def test_rows_in_place_is_whether_gather_rows_reads_without_a_copy():
+    # gather_rows views a source as [outer, h, W]; halo_conv makes a band contiguous first when
+    # that view would be a copy (channels-last bands: a copy per gather otherwise)
+    x = torch.zeros(2, 3, 4, 6, 5)
+    cases = [x[0], x[:, 1], x[..., 1:3, :], x.narrow(-2, 1, 2), x[:, :, :, :, 1:3], x[:, :2],
+             x[:, ::2], x[..., ::2], x.to(memory_format=torch.channels_last_3d),
+             x[0].to(memory_format=torch.channels_last), x[:1, :1], x.transpose(0, 1)]
+    for t in cases:
+        flat = t.reshape(-1, t.shape[-2], t.shape[-1])
+        in_place = flat.data_ptr() == t.data_ptr() and flat._base is not None and (
+            t.shape[-1] == 1 or t.stride(-1) == 1)
+        assert _rows_in_place(t) == in_place, (t.shape, t.stride())
+    assert not _rows_in_place(x.to(memory_format=torch.channels_last_3d))
 
 
 @pytest.mark.gpu

@@ -362,6 +362,16 @@ def _exchange(geom: ConvRows, layout: BandLayout, group: dist.ProcessGroup,
     return _Exchange(geom, layout, group, device)
 
 
+def _rows_in_place(x: torch.Tensor) -> bool:
+    """Whether ``gather_rows`` reads ``x [..., h, W]`` in place: unit stride along W and leading
+    dims that flatten into one (a contiguous tensor or its narrow along dim -2). Otherwise the
+    native kernel copies the whole tensor first."""
+    if x.dim() < 2 or (x.shape[-1] > 1 and x.stride(-1) != 1):
+        return False
+    lead = [(n, st) for n, st in zip(x.shape[:-2], x.stride()[:-2], strict=True) if n != 1]
+    return all(lead[i][1] == lead[i + 1][1] * lead[i + 1][0] for i in range(len(lead) - 1))
+
+
 def halo_conv(
     x: torch.Tensor,
     layout: BandLayout,
@@ -408,6 +418,11 @@ def halo_conv(
     """
     ex = _exchange(geom, layout, group, x.device)
     plan = ex.plan
+    if not _rows_in_place(x):
+        # A channels-last band (an attention block's output viewed back as [B, C, H, W]) would
+        # be copied by every gather_rows below, and cuDNN keeps that layout from convolution
+        # to convolution: one copy here puts the rest of the network back in row order.
+        x = x.contiguous()
     if x.shape[-2] != ex.n_own:
         raise ValueError(
             f"halo_conv: rank {ex.rank} holds {x.shape[-2]} rows but its band has {ex.n_own}"

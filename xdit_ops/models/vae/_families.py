@@ -213,7 +213,10 @@ class BandAttnProcessor:
         b, c, h, w = hidden_states.shape
         counts = tuple(s * w for s in ctx.layout(h, self.path).sizes)
         o = attention_tokens(attn, hidden_states.view(b, c, h * w).transpose(1, 2), ctx, counts)
-        return o.transpose(-1, -2).reshape(b, c, h, w)
+        # [B, S, C] memory viewed as [B, C, H, W] is channels-last; in that layout every later
+        # convolution on CUDA stays channels-last and every halo gather copies its whole band
+        # (Flux 4096^2 on 2 H100s: 2.2 s of copies in a 3.5 s decode). One copy here instead.
+        return o.transpose(-1, -2).reshape(b, c, h, w).contiguous()
 
 
 def _attention(walk: Walk, path: str, module: nn.Module) -> None:
