@@ -428,6 +428,50 @@ def test_triton_kernels_in_the_cpu_interpreter():
     _run_in_interpreter(_INTERPRETER_CHECK, "interpreter ok")
 
 
+# The tile-loop quantization kernels give the same bits however the tiles are dealt out: one
+# program per (batch, head), two, or one per tile (the grid of the one-tile-per-program
+# kernel they replaced), with the outputs poisoned first.
+_TILE_LOOP_CHECK = textwrap.dedent("""
+    import xdit_ops.triton.fp8_attention as launcher
+    from xdit_ops.reference.fp8_attention import hadamard_matrix, padded_head_dim
+
+    empty = torch.empty
+
+    def poisoned(*shape, dtype=torch.float32, **kw):
+        t = empty(*shape, dtype=dtype, **kw)
+        t.view(torch.uint8).fill_(0x7F)  # NaN for fp32 and e4m3, 127 for int8
+        return t
+
+    launcher.torch.empty = poisoned
+    for B, Sq, Sk, H, D, dtype in [(1, 130, 200, 1, 128, torch.bfloat16),
+                                   (2, 150, 77, 1, 40, torch.float16)]:
+        q, k, v = dit_like_qkv(B, max(Sq, Sk), H, D, seed=5, dtype=dtype)
+        q, k, v = q[:, :Sq], k[:, :Sk], v[:, :Sk]
+        had = hadamard_matrix(padded_head_dim(D)).to(dtype)
+        runs = []
+        for progs in (1, 2, None):  # None: one program per tile
+            launcher._programs_per_head = (
+                lambda n, tiles, per_sm, dev, p=progs: tiles if p is None else min(p, tiles))
+            runs.append(launcher._quantize(q, k, v, had, 0.125))
+        for outs in runs[1:]:
+            for a, b in zip(runs[0], outs, strict=True):
+                assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+        q8, q_scale, k8, k_scale, vt8, v_scale, lse_corr = runs[0]
+        want = quantize_qkv_ref(q, k, v, 0.125, fp8_cast=icast)
+        assert (q8.int() - want.q.int()).abs().max() <= 1
+        assert (k8.int() - want.k.int()).abs().max() <= 1
+        for got, ref in [(q_scale, want.q_scale), (k_scale, want.k_scale),
+                         (v_scale, want.v_scale), (lse_corr, want.lse_corr)]:
+            assert torch.allclose(got, ref, rtol=1e-5, atol=1e-6 * ref.abs().max())
+        assert torch.isfinite(vt8.float()).all()
+    print("tile loop ok")
+""")
+
+
+def test_triton_quantize_tile_loop_in_the_cpu_interpreter():
+    _run_in_interpreter(_TILE_LOOP_CHECK, "tile loop ok")
+
+
 # ---------------------------------------------------------------------------------------------
 # GPU: the Triton (and, opt-in, sm90) kernels against the emulation and the gate.
 
@@ -607,13 +651,18 @@ def test_op_cuda_matches_emulation_and_compiles():
 # (almost) no spills at the tile shapes the autotuner tries first.
 
 
-def _compile_sm90(fn, signature: dict, constexprs: dict, num_warps: int, num_stages: int = 2):
+def _compile_sm90(fn, signature: dict, constexprs: dict, num_warps: int, num_stages: int = 2,
+                  aligned: list[str] | tuple[str, ...] = ()):
+    """``aligned``: arguments to compile as Triton's launcher specializes them at run time
+    (pointers 16-byte aligned, integers divisible by 16)."""
     triton = pytest.importorskip("triton")
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
     try:
-        return triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+        return triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs,
+                                        attrs=attrs),
                               target=GPUTarget("cuda", 90, 32),
                               options={"num_warps": num_warps, "num_stages": num_stages})
     except RuntimeError as exc:  # no ptxas for the target in this Triton install
@@ -621,6 +670,11 @@ def _compile_sm90(fn, signature: dict, constexprs: dict, num_warps: int, num_sta
 
 
 def _ptxas_spills(ptx: str, tmp_path) -> int:
+    return _ptxas_usage(ptx, tmp_path)[1]
+
+
+def _ptxas_usage(ptx: str, tmp_path) -> tuple[int, int]:
+    """(registers a thread, spill store bytes) from ptxas -v for sm_90a."""
     import glob
     import re
 
@@ -634,7 +688,8 @@ def _ptxas_spills(ptx: str, tmp_path) -> int:
     src.write_text(ptx)
     res = subprocess.run([found[0], "-arch=sm_90a", "-v", str(src), "-o", str(tmp_path / "k.o")],
                          capture_output=True, text=True, check=True)
-    return int(re.search(r"(\d+) bytes spill stores", res.stderr).group(1))
+    return (int(re.search(r"Used (\d+) registers", res.stderr).group(1)),
+            int(re.search(r"(\d+) bytes spill stores", res.stderr).group(1)))
 
 
 @pytest.mark.parametrize("DP", [64, 128])
@@ -659,22 +714,65 @@ def test_triton_attention_kernel_compiles_for_sm90a(DP, tmp_path):
     assert _ptxas_spills(ptx, tmp_path) <= 16
 
 
-def test_triton_quantize_kernel_compiles_for_sm90a(tmp_path):
+# Argument names of the quantization kernels, their sm_90a signature types, and the ones
+# Triton's launcher specializes as 16-byte aligned / divisible by 16 at run time (pointers,
+# strides, and the sequence lengths of the shapes that matter).
+_QUANT_SIGNATURES = {
+    "kv_stats_kernel": (
+        ["K", "V", "HAD", "KSUM", "VMAX", "stride_kb", "stride_ks", "stride_kh", "stride_vb",
+         "stride_vs", "stride_vh", "H", "Sk", "tokens_per_chunk"],
+        ["*bf16"] * 3 + ["*fp32"] * 2 + ["i32"] * 9,
+        ["K", "V", "HAD", "KSUM", "VMAX", "stride_kb", "stride_ks", "stride_kh", "stride_vb",
+         "stride_vs", "stride_vh", "Sk", "tokens_per_chunk"]),
+    "quantize_q_kernel": (
+        ["Q", "HAD", "KSUM", "Q8", "QSCALE", "LSECORR", "stride_qb", "stride_qs", "stride_qh",
+         "H", "Sq", "Sk", "num_chunks", "score_scale", "corr_scale"],
+        ["*bf16", "*bf16", "*fp32", "*i8", "*fp32", "*fp32"] + ["i32"] * 7 + ["fp32"] * 2,
+        ["Q", "HAD", "KSUM", "Q8", "QSCALE", "LSECORR", "stride_qb", "stride_qs", "stride_qh",
+         "Sq", "Sk"]),
+    "quantize_kv_kernel": (
+        ["K", "V", "HAD", "KSUM", "VMAX", "K8", "KSCALE", "VT8", "VSCALE", "stride_kb",
+         "stride_ks", "stride_kh", "stride_vb", "stride_vs", "stride_vh", "H", "Sk", "Sk_pad",
+         "num_chunks"],
+        ["*bf16"] * 3 + ["*fp32", "*fp32", "*i8", "*fp32", "*fp8e4nv", "*fp32"] + ["i32"] * 10,
+        ["K", "V", "HAD", "KSUM", "VMAX", "K8", "KSCALE", "VT8", "VSCALE", "stride_kb",
+         "stride_ks", "stride_kh", "stride_vb", "stride_vs", "stride_vh", "Sk", "Sk_pad"]),
+}
+
+
+@pytest.mark.parametrize("D", [64, 72, 128])
+def test_triton_quantize_kernels_compile_for_sm90a(D, tmp_path):
+    """The three quantization kernels as the launcher runs them (its warps and stages, the
+    run-time alignment facts): wgmma for the rotation, the e4m3 conversion, no spills, and few
+    enough registers for the programs per SM that the tile-loop grids are sized for."""
+    from xdit_ops.reference.fp8_attention import padded_head_dim
+    from xdit_ops.triton import fp8_attention as launcher
     from xdit_ops.triton.kernels import fp8_attention as kernels
 
-    names = ["Q", "K", "V", "HAD", "KSUM", "VMAX", "Q8", "QSCALE", "K8", "KSCALE", "VT8",
-             "VSCALE", "LSECORR", "stride_qb", "stride_qs", "stride_qh", "stride_kb",
-             "stride_ks", "stride_kh", "stride_vb", "stride_vs", "stride_vh", "H", "Sq", "Sk",
-             "Sk_pad", "num_chunks", "score_scale", "corr_scale", "D", "DP", "BLOCK_S",
-             "NUM_CHUNKS_P2", "UPCAST"]
-    types = ["*bf16"] * 4 + ["*fp32", "*fp32", "*i8", "*fp32", "*i8", "*fp32", "*fp8e4nv",
-                             "*fp32", "*fp32"] + ["i32"] * 14 + ["fp32", "fp32"] + \
-        ["constexpr"] * 5
-    k = _compile_sm90(kernels.quantize_kernel, dict(zip(names, types, strict=True)),
-                      {"D": 72, "DP": 128, "BLOCK_S": 64, "NUM_CHUNKS_P2": 32, "UPCAST": False},
-                      num_warps=8)
-    assert "wgmma.mma_async" in k.asm["ptx"] and "cvt.rn.satfinite.e4m3x2.f32" in k.asm["ptx"]
-    assert _ptxas_spills(k.asm["ptx"], tmp_path) == 0
+    DP = padded_head_dim(D)
+    launch = launcher.QUANT_LAUNCH[DP]
+    consts = {"D": D, "DP": DP, "UPCAST": False}
+    for name, stages, extra in [
+        ("kv_stats_kernel", 3, {"BLOCK_S": launcher.STATS_BLOCK_S}),
+        ("quantize_q_kernel", launch.q_stages,
+         {"BLOCK_S": launcher.QUANT_BLOCK_S, "NUM_CHUNKS_P2": 32}),
+        ("quantize_kv_kernel", launch.kv_stages,
+         {"BLOCK_S": launcher.QUANT_BLOCK_S, "NUM_CHUNKS_P2": 32}),
+    ]:
+        names, types, aligned = _QUANT_SIGNATURES[name]
+        fn = getattr(kernels, name)
+        const = {**consts, **extra}
+        sig = dict(zip(names, types, strict=True)) | dict.fromkeys(const, "constexpr")
+        k = _compile_sm90(fn, sig, const, num_warps=launch.num_warps, num_stages=stages,
+                          aligned=aligned)
+        ptx = k.asm["ptx"]
+        assert "wgmma.mma_async" in ptx, name
+        if name == "quantize_kv_kernel":
+            assert "cvt.rn.satfinite.e4m3x2.f32" in ptx
+        regs, spills = _ptxas_usage(ptx, tmp_path)
+        assert spills == 0, (name, spills)
+        if name != "kv_stats_kernel":
+            assert regs * 32 * launch.num_warps * launch.programs_per_sm <= 65536, (name, regs)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -38,6 +38,34 @@ from xdit_ops.reference.fp8_attention import (
 from xdit_ops.triton.kernels import fp8_attention as kernels
 
 QUANT_BLOCK_S = 64
+
+
+class QuantLaunch(NamedTuple):
+    """Launch parameters of the quantization kernels at one padded head dim.
+
+    num_warps : of every quantization kernel.
+    programs_per_sm : the tile-loop kernels' grids are sized for this many resident programs
+        per SM (one wave, each program walking several tiles).
+    q_stages, kv_stages : software-pipelining depth of quantize_q_kernel's and
+        quantize_kv_kernel's tile loops.
+    """
+
+    num_warps: int
+    programs_per_sm: int
+    q_stages: int
+    kv_stages: int
+
+
+# From ptxas -v (sm_90a, run-time specialization: 16-byte aligned pointers and strides).
+# Head dim 128, 8 warps: quantize_q_kernel 108 registers a thread at 1-3 stages (88 KB of shared
+# memory at 3), quantize_kv_kernel 128 at 1 stage and 140-143 pipelined, so two programs per
+# SM only unpipelined: its K and V loads, issued together at the loop head, overlap with the
+# other program's work instead. Head dim 64, 4 warps: 110 and 117 registers at 3 stages (37
+# and 41 KB), four programs per SM.
+QUANT_LAUNCH: dict[int, QuantLaunch] = {
+    64: QuantLaunch(num_warps=4, programs_per_sm=4, q_stages=3, kv_stages=3),
+    128: QuantLaunch(num_warps=8, programs_per_sm=2, q_stages=3, kv_stages=1),
+}
 STATS_BLOCK_S = 64
 STATS_TARGET_CHUNKS = 32
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -150,6 +178,21 @@ def _launch(kernel, grid, *args, **kwargs) -> None:
         wrap_triton(kernel)[grid](*args, **kwargs)
 
 
+@functools.lru_cache(maxsize=8)
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _programs_per_head(num_heads: int, num_tiles: int, per_sm: int,
+                       device: torch.device) -> int:
+    """Programs per (batch, head) of a tile-loop quantization kernel: ``per_sm`` per SM in all
+    (one wave), each walking several tiles, never more programs than tiles."""
+    if device.type != "cuda":  # Triton's CPU interpreter: two programs, several tiles each
+        return max(1, min(num_tiles, 2))
+    want = triton.cdiv(per_sm * _num_sms(device), num_heads)
+    return max(1, min(num_tiles, want))
+
+
 def _quantize(q, k, v, had, scale):
     B, Sq, H, D = q.shape
     Sk = k.shape[1]
@@ -159,8 +202,7 @@ def _quantize(q, k, v, had, scale):
     tokens_per_chunk = max(STATS_BLOCK_S,
                            pad_to(triton.cdiv(max(Sk, 1), STATS_TARGET_CHUNKS), STATS_BLOCK_S))
     num_chunks = triton.cdiv(max(Sk, 1), tokens_per_chunk)
-    # ptxas -v (sm_90a): 4 warps need ~254 registers a thread at head dim 128, 8 warps 128-158.
-    quant_warps = 8 if DP == 128 else 4
+    launch = QUANT_LAUNCH[DP]
     ksum = torch.empty(B * H, num_chunks, DP, device=dev, dtype=torch.float32)
     vmax = torch.empty(B * H, num_chunks, DP, device=dev, dtype=torch.float32)
     _launch(kernels.kv_stats_kernel, (B * H, num_chunks),
@@ -168,7 +210,7 @@ def _quantize(q, k, v, had, scale):
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
             H, Sk, tokens_per_chunk,
-            D=D, DP=DP, BLOCK_S=STATS_BLOCK_S, UPCAST=INTERPRET, num_warps=quant_warps)
+            D=D, DP=DP, BLOCK_S=STATS_BLOCK_S, UPCAST=INTERPRET, num_warps=launch.num_warps)
     q8 = torch.empty(B, H, Sq, DP, device=dev, dtype=torch.int8)
     q_scale = torch.empty(B, H, Sq, device=dev, dtype=torch.float32)
     lse_corr = torch.empty(B, H, Sq, device=dev, dtype=torch.float32)
@@ -176,18 +218,25 @@ def _quantize(q, k, v, had, scale):
     k_scale = torch.empty(B, H, Sk_pad, device=dev, dtype=torch.float32)
     vt8 = torch.empty(B, H, DP, Sk_pad, device=dev, dtype=FP8)
     v_scale = torch.empty(B, H, DP, device=dev, dtype=torch.float32)
-    grid = (triton.cdiv(max(Sq, Sk_pad), QUANT_BLOCK_S), B * H)
-    _launch(kernels.quantize_kernel, grid,
-            q, k, v, had, ksum, vmax,
-            q8, q_scale, k8, k_scale, vt8, v_scale, lse_corr,
-            q.stride(0), q.stride(1), q.stride(2),
+    consts = dict(D=D, DP=DP, BLOCK_S=QUANT_BLOCK_S,
+                  NUM_CHUNKS_P2=triton.next_power_of_2(num_chunks), UPCAST=INTERPRET,
+                  num_warps=launch.num_warps)
+    if Sq > 0:
+        q_tiles = triton.cdiv(Sq, QUANT_BLOCK_S)
+        grid = (_programs_per_head(B * H, q_tiles, launch.programs_per_sm, dev), B * H)
+        _launch(kernels.quantize_q_kernel, grid,
+                q, had, ksum, q8, q_scale, lse_corr,
+                q.stride(0), q.stride(1), q.stride(2),
+                H, Sq, Sk, num_chunks, scale * LOG2E / DP, scale / DP,
+                num_stages=launch.q_stages, **consts)
+    kv_tiles = triton.cdiv(Sk_pad, QUANT_BLOCK_S)
+    grid = (_programs_per_head(B * H, kv_tiles, launch.programs_per_sm, dev), B * H)
+    _launch(kernels.quantize_kv_kernel, grid,
+            k, v, had, ksum, vmax, k8, k_scale, vt8, v_scale,
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
-            H, Sq, Sk, Sk_pad, num_chunks,
-            scale * LOG2E / DP, scale / DP,
-            D=D, DP=DP, BLOCK_S=QUANT_BLOCK_S,
-            NUM_CHUNKS_P2=triton.next_power_of_2(num_chunks), UPCAST=INTERPRET,
-            num_warps=quant_warps)
+            H, Sk, Sk_pad, num_chunks,
+            num_stages=launch.kv_stages, **consts)
     return q8, q_scale, k8, k_scale, vt8, v_scale, lse_corr
 
 

@@ -95,77 +95,126 @@ def _round_int8(x):
 
 
 @triton.jit
-def quantize_kernel(
-    Q, K, V, HAD, KSUM, VMAX,
-    Q8, QSCALE, K8, KSCALE, VT8, VSCALE, LSECORR,
+def _load_had_and_stats(HAD, KSUM, VMAX, bh, Sk, num_chunks, DP: tl.constexpr,
+                        NUM_CHUNKS_P2: tl.constexpr, WANT_VMAX: tl.constexpr):
+    """The Hadamard matrix and, for one (batch, head), the K mean and (WANT_VMAX) the V amax
+    reduced from the kv_stats partials."""
+    offs_d = tl.arange(0, DP)
+    had = tl.load(HAD + offs_d[:, None] * DP + offs_d[None, :])
+    offs_c = tl.arange(0, NUM_CHUNKS_P2)
+    c_ok = (offs_c < num_chunks)[:, None]
+    part = (bh * num_chunks + offs_c[:, None]) * DP + offs_d[None, :]
+    k_mean = _div(tl.sum(tl.load(KSUM + part, mask=c_ok, other=0.0), axis=0), Sk.to(tl.float32))
+    v_amax = k_mean
+    if WANT_VMAX:
+        v_amax = tl.max(tl.load(VMAX + part, mask=c_ok, other=0.0), axis=0)
+        v_amax = tl.where(v_amax > 0, v_amax, 1.0)
+    return had, k_mean, v_amax
+
+
+# The two quantization kernels below walk several BLOCK_S-row tiles per program (a grid
+# stride loop): the program's fixed cost (the Hadamard matrix, 32 KB at head dim 128, and the
+# stats partials, num_chunks x DP x 8 bytes, both from L2; more than half of what a one-tile
+# program read) is paid once, and Triton software-pipelines the next tiles' Q or K loads
+# (cp.async) under the current tile's work. Q and K/V are separate launches: in one program,
+# what the second loop needs stays live across the first (155 registers a thread at 8 warps:
+# one program per SM), and in one kernel with a branch per program the two loops' shared
+# memory adds up. Bases per (batch, head) are int64, offsets inside a head int32 (rows x
+# stride < 2^31) and rebuilt from each tile's rows: loop-invariant [BLOCK_S, DP] offset tensors
+# would stay live across the loop (32 registers a thread each). Each tile's operations are the
+# emulation's, in the same order, whatever the number of programs.
+
+
+@triton.jit
+def quantize_q_kernel(
+    Q, HAD, KSUM, Q8, QSCALE, LSECORR,
     stride_qb, stride_qs, stride_qh,
-    stride_kb, stride_ks, stride_kh,
-    stride_vb, stride_vs, stride_vh,
-    H, Sq, Sk, Sk_pad, num_chunks,
-    score_scale, corr_scale,
+    H, Sq, Sk, num_chunks, score_scale, corr_scale,
     D: tl.constexpr, DP: tl.constexpr, BLOCK_S: tl.constexpr, NUM_CHUNKS_P2: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    """Grid (cdiv(max(Sq, Sk_pad), BLOCK_S), B * H).
+    """Grid (P, B * H): program p quantizes the tiles p, p + P, ... of Q of one (batch, head):
+    rotate, INT8 per row, LSE correction scale * q . mean(k).
 
-    Q8 [B, H, Sq, DP] int8, QSCALE/LSECORR [B, H, Sq] fp32, K8 [B, H, Sk_pad, DP] int8,
-    KSCALE [B, H, Sk_pad] fp32, VT8 [B, H, DP, Sk_pad] e4m3, VSCALE [B, H, DP] fp32.
+    Q8 [B, H, Sq, DP] int8, QSCALE/LSECORR [B, H, Sq] fp32.
     """
     pid = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)  # offsets below can pass 2^31 at long sequences
     b = bh // H
     h = bh % H
     offs_d = tl.arange(0, DP)
-    rows = pid * BLOCK_S + tl.arange(0, BLOCK_S)
+    offs_s = tl.arange(0, BLOCK_S)
     d_ok = offs_d < D
-    had = tl.load(HAD + offs_d[:, None] * DP + offs_d[None, :])
-
-    # The K mean and the V amax of this (batch, head), reduced from the stats partials.
-    offs_c = tl.arange(0, NUM_CHUNKS_P2)
-    c_ok = (offs_c < num_chunks)[:, None]
-    part = (bh * num_chunks + offs_c[:, None]) * DP + offs_d[None, :]
-    k_mean = _div(tl.sum(tl.load(KSUM + part, mask=c_ok, other=0.0), axis=0), Sk.to(tl.float32))
-    v_amax = tl.max(tl.load(VMAX + part, mask=c_ok, other=0.0), axis=0)
-    v_amax = tl.where(v_amax > 0, v_amax, 1.0)
-
-    # Q: rotate, INT8 per row, LSE correction scale * q . mean(k).
-    if pid * BLOCK_S < Sq:
+    had, k_mean, _ = _load_had_and_stats(HAD, KSUM, KSUM, bh, Sk, num_chunks, DP, NUM_CHUNKS_P2,
+                                         False)
+    q_base = Q + b * stride_qb + h * stride_qh
+    q8_base = Q8 + bh * Sq * DP
+    row_base = bh * Sq
+    for t in tl.range(pid, tl.cdiv(Sq, BLOCK_S), tl.num_programs(0)):
+        rows = t * BLOCK_S + offs_s
         q_ok = rows < Sq
-        q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qs
-                    + offs_d[None, :], mask=q_ok[:, None] & d_ok[None, :], other=0.0)
+        q = tl.load(q_base + rows[:, None] * stride_qs + offs_d[None, :],
+                    mask=q_ok[:, None] & d_ok[None, :], other=0.0)
         qr = _rotate(q, had, UPCAST)
         amax = tl.max(tl.abs(qr), axis=1)
         amax = tl.where(amax > 0, amax, 1.0)
         codes = _round_int8(qr * _div(127.0, amax)[:, None])
-        row_out = bh * Sq + rows
-        tl.store(Q8 + row_out[:, None] * DP + offs_d[None, :], codes, mask=q_ok[:, None])
-        tl.store(QSCALE + row_out, _div(amax, 127.0) * score_scale, mask=q_ok)
+        tl.store(q8_base + rows[:, None] * DP + offs_d[None, :], codes, mask=q_ok[:, None])
+        tl.store(QSCALE + row_base + rows, _div(amax, 127.0) * score_scale, mask=q_ok)
         corr = tl.sum(qr * k_mean[None, :], axis=1) * corr_scale
-        tl.store(LSECORR + row_out, corr, mask=q_ok)
+        tl.store(LSECORR + row_base + rows, corr, mask=q_ok)
 
-    # K: rotate, subtract the mean, INT8 per key; zero codes and scales in the padding.
-    if pid * BLOCK_S < Sk_pad:
+
+@triton.jit
+def quantize_kv_kernel(
+    K, V, HAD, KSUM, VMAX, K8, KSCALE, VT8, VSCALE,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    H, Sk, Sk_pad, num_chunks,
+    D: tl.constexpr, DP: tl.constexpr, BLOCK_S: tl.constexpr, NUM_CHUNKS_P2: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """Grid (P, B * H): program p quantizes the key tiles p, p + P, ... of one (batch, head).
+    K: rotate, subtract the mean, INT8 per key, zero codes and scales in the padding; V: FP8
+    per channel, stored transposed (keys contiguous).
+
+    K8 [B, H, Sk_pad, DP] int8, KSCALE [B, H, Sk_pad] fp32, VT8 [B, H, DP, Sk_pad] e4m3,
+    VSCALE [B, H, DP] fp32.
+    """
+    pid = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)  # offsets below can pass 2^31 at long sequences
+    b = bh // H
+    h = bh % H
+    offs_d = tl.arange(0, DP)
+    offs_s = tl.arange(0, BLOCK_S)
+    d_ok = offs_d < D
+    had, k_mean, v_amax = _load_had_and_stats(HAD, KSUM, VMAX, bh, Sk, num_chunks, DP,
+                                              NUM_CHUNKS_P2, True)
+    v_mul = _div(448.0, v_amax)
+    if pid == 0:
+        tl.store(VSCALE + bh * DP + offs_d, _div(v_amax, 448.0))
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    k8_base = K8 + bh * Sk_pad * DP
+    vt_base = VT8 + bh * DP * Sk_pad
+    key_base = bh * Sk_pad
+    for t in tl.range(pid, tl.cdiv(Sk_pad, BLOCK_S), tl.num_programs(0)):
+        rows = t * BLOCK_S + offs_s
         k_ok = rows < Sk
-        k = tl.load(K + b * stride_kb + h * stride_kh + rows[:, None] * stride_ks
-                    + offs_d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+        ld_ok = k_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_base + rows[:, None] * stride_ks + offs_d[None, :], mask=ld_ok, other=0.0)
+        v = tl.load(v_base + rows[:, None] * stride_vs + offs_d[None, :], mask=ld_ok, other=0.0)
         kr = _rotate(k, had, UPCAST) - k_mean[None, :]
         kr = tl.where(k_ok[:, None], kr, 0.0)
         amax = tl.max(tl.abs(kr), axis=1)
         amax = tl.where(amax > 0, amax, 1.0)
         codes = _round_int8(kr * _div(127.0, amax)[:, None])
-        row_out = bh * Sk_pad + rows
-        tl.store(K8 + row_out[:, None] * DP + offs_d[None, :], codes)
-        tl.store(KSCALE + row_out, tl.where(k_ok, _div(amax, 127.0), 0.0))
-
-        # V: FP8 per channel, stored transposed (keys contiguous).
-        v = tl.load(V + b * stride_vb + h * stride_vh + rows[:, None] * stride_vs
-                    + offs_d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-        vq = v.to(tl.float32) * _div(448.0, v_amax)[None, :]
+        tl.store(k8_base + rows[:, None] * DP + offs_d[None, :], codes)
+        tl.store(KSCALE + key_base + rows, tl.where(k_ok, _div(amax, 127.0), 0.0))
+        vq = v.to(tl.float32) * v_mul[None, :]
         vq = tl.minimum(tl.maximum(vq, -448.0), 448.0)
         vq = vq.to(tl.float8e4nv, fp_downcast_rounding="rtne")
-        tl.store(VT8 + (bh * DP + offs_d[None, :]) * Sk_pad + rows[:, None], vq)
-        if pid == 0:
-            tl.store(VSCALE + bh * DP + offs_d, _div(v_amax, 448.0))
+        tl.store(vt_base + offs_d[None, :] * Sk_pad + rows[:, None], vq)
 
 
 @triton.jit
