@@ -135,15 +135,22 @@ def select_backend(device: torch.device, dtype: torch.dtype, head_dim: int) -> s
     return "math"
 
 
-def _resolve(backend: str, q: torch.Tensor) -> str:
+@functools.lru_cache(maxsize=256)
+def _resolved(backend: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"{OP}: unknown backend {backend!r}; choose one of {BACKENDS}")
     if backend == "auto":
-        return select_backend(q.device, q.dtype, q.shape[-1])
-    why = backend_unusable_reason(backend, q.device, q.dtype, q.shape[-1])
+        return select_backend(device, dtype, head_dim)
+    why = backend_unusable_reason(backend, device, dtype, head_dim)
     if why is not None:
         raise ValueError(f"{OP}: backend {backend!r} cannot run here: {why}")
     return backend
+
+
+def resolve_backend(backend: str, q: torch.Tensor) -> str:
+    """The backend that runs ``backend`` for ``q`` (remembered per device, dtype, head dim: the
+    capability and cuDNN-version queries behind it are host time on every call otherwise)."""
+    return _resolved(backend, q.device, q.dtype, q.shape[-1])
 
 
 def _empty_lse(q: torch.Tensor) -> torch.Tensor:
@@ -152,7 +159,13 @@ def _empty_lse(q: torch.Tensor) -> torch.Tensor:
 
 def _attention_cuda(q, k, v, scale=None, backend="auto", return_lse=False):
     check_inputs(q, k, v)
-    chosen = _resolve(backend, q)
+    return attention_cuda_resolved(q, k, v, scale, resolve_backend(backend, q), return_lse)
+
+
+def attention_cuda_resolved(q, k, v, scale, chosen: str, return_lse: bool):
+    """The CUDA kernel of the op for a backend already resolved by ``resolve_backend`` and inputs
+    already checked: what ``usp_attention`` calls per block, without another trip through the
+    dispatcher and the checks."""
     if chosen == "fp8":
         return _attention_fp8(q, k, v, scale, return_lse)
     B, Sq, H, _ = q.shape
@@ -198,7 +211,7 @@ def _attention_fp8(q, k, v, scale, return_lse):
 def _attention_cpu(q, k, v, scale=None, backend="auto", return_lse=False):
     check_inputs(q, k, v)
     if backend not in ("auto", "math"):
-        _resolve(backend, q)  # raises with the reason
+        resolve_backend(backend, q)  # raises with the reason
     if backend == "fp8":
         return _attention_fp8(q, k, v, scale, return_lse)
     return _attention_math(q, k, v, scale, return_lse)
