@@ -380,6 +380,39 @@ def test_halo_conv_matches_full_convolution() -> None:
     run_distributed(_worker_halo, 3, timeout=240)
 
 
+def _worker_row_order(rank: int, world: int) -> None:
+    """The bands of the halo convolutions stay in row order (what gather_rows reads in place).
+    The attention block's [B, S, C] output viewed as NCHW is channels-last; convolutions keep
+    that layout, and on CUDA every halo gather then copied its whole band (run 13: 2.2 s of a
+    3.5 s Flux 4096^2 decode). Checked with the real processor, and with its output forced
+    channels-last (halo_conv restores row order itself). In-place path: halo_assemble_mb=0."""
+    from xdit_ops import parallelize_vae
+    from xdit_ops.models.vae import _families
+
+    dist.init_process_group("gloo")
+    z, _ = _inputs("kl")
+    original = _families.BandAttnProcessor.__call__
+    for force_channels_last in (False, True):
+        if force_channels_last:
+            _families.BandAttnProcessor.__call__ = lambda self, *a, **k: original(
+                self, *a, **k).contiguous(memory_format=torch.channels_last)
+        vae = _build("kl")
+        parallelize_vae(vae, group=dist.group.WORLD, halo_assemble_mb=0)
+        layouts: list[bool] = []
+        for m in vae.decoder.modules():
+            if isinstance(m, torch.nn.Conv2d) and m.kernel_size[-2] > 1:
+                m.register_forward_hook(
+                    lambda mod, a, out, seen=layouts: seen.append(out.is_contiguous()))
+        with torch.no_grad():
+            vae.decode(z)
+        assert len(layouts) > 10 and all(layouts), (force_channels_last, layouts)
+    _families.BandAttnProcessor.__call__ = original
+
+
+def test_halo_convolutions_keep_row_order() -> None:
+    run_distributed(_worker_row_order, 2, timeout=120)
+
+
 # ---------------------------------------------------------------------------------------------
 # API: output on rank 0 only, clear errors, no-op on one rank
 
@@ -483,9 +516,23 @@ def _worker_gpu(rank: int, world: int) -> None:
             # (that made the fp32 comparison below fail by 5.9e-3 on the first GPU run).
             ref16 = copy.deepcopy(vae).to(torch.bfloat16).decode(z.bfloat16()).sample.float()
             parallelize_vae(vae, group=dist.group.WORLD, frame_graphs=True)
+            # The bands of the halo convolutions stay in row order: a channels-last band (an
+            # attention block's output viewed as NCHW) made cuDNN keep that layout and every
+            # halo gather copy its whole band (run 13). Recorded in the first decode.
+            layouts: list[tuple[str, bool]] = []
+
+            def record(mod, args, out, layouts=layouts):
+                layouts.append((type(mod).__name__, out.is_contiguous()))
+
+            hooks = [m.register_forward_hook(record) for m in vae.decoder.modules()
+                     if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d))
+                     and m.kernel_size[-2] > 1]
             out32 = vae.decode(z).sample
+            for h in hooks:
+                h.remove()
             again32 = vae.decode(z).sample  # a second decode replays the kept graphs
             out16 = vae.to(torch.bfloat16).decode(z.bfloat16()).sample.float()
+        assert layouts and all(c for _, c in layouts), (name, [x for x in layouts if not x[1]])
         assert _max_rel(out32, ref32) <= FP32_MAX_REL, (name, _max_rel(out32, ref32))
         assert _max_rel(again32, ref32) <= FP32_MAX_REL, (name, _max_rel(again32, ref32))
         noise = _max_rel(ref16, ref32)
