@@ -46,28 +46,36 @@ class QuantLaunch(NamedTuple):
     num_warps : of every quantization kernel.
     programs_per_sm : the tile-loop kernels' grids are sized for this many resident programs
         per SM (one wave, each program walking several tiles).
-    q_stages, kv_stages : software-pipelining depth of quantize_q_kernel's and
-        quantize_kv_kernel's tile loops.
+    stats_stages, q_stages, kv_stages : software-pipelining depth of the tile loops of
+        kv_stats_kernel, quantize_q_kernel and quantize_kv_kernel.
     """
 
     num_warps: int
     programs_per_sm: int
+    stats_stages: int
     q_stages: int
     kv_stages: int
 
 
 # From ptxas -v (sm_90a, run-time specialization: 16-byte aligned pointers and strides).
-# Head dim 128, 8 warps: quantize_q_kernel 108 registers a thread at 1-3 stages (88 KB of shared
-# memory at 3), quantize_kv_kernel 128 at 1 stage and 140-143 pipelined, so two programs per
-# SM only unpipelined: its K and V loads, issued together at the loop head, overlap with the
-# other program's work instead. Head dim 64, 4 warps: 110 and 117 registers at 3 stages (37
-# and 41 KB), four programs per SM.
+# Head dim 128, 8 warps: kv_stats_kernel 122 registers a thread at 2 stages (64 KB of shared
+# memory; 128 at 3-4 stages, at the two-program limit), quantize_q_kernel 108 at 1-3 stages
+# (88 KB at 3), quantize_kv_kernel 128 at 1 stage and 140-143 pipelined, so two programs per SM
+# only unpipelined: its K and V loads, issued together at the loop head, overlap with the other
+# program's work instead. Head dim 64, 4 warps: 121, 110 and 117 registers at 2, 3 and 3
+# stages (24, 37 and 41 KB), four programs per SM.
 QUANT_LAUNCH: dict[int, QuantLaunch] = {
-    64: QuantLaunch(num_warps=4, programs_per_sm=4, q_stages=3, kv_stages=3),
-    128: QuantLaunch(num_warps=8, programs_per_sm=2, q_stages=3, kv_stages=1),
+    64: QuantLaunch(num_warps=4, programs_per_sm=4, stats_stages=2, q_stages=3, kv_stages=3),
+    128: QuantLaunch(num_warps=8, programs_per_sm=2, stats_stages=2, q_stages=3, kv_stages=1),
 }
 STATS_BLOCK_S = 64
-STATS_TARGET_CHUNKS = 32
+# At most this many key chunks per (batch, head) in kv_stats_kernel: the quantization kernels
+# reduce the chunks' partials as one [next_pow2(chunks), DP] tensor.
+STATS_MAX_CHUNKS = 32
+# kv_stats_kernel's grid is sized for this many SMs (H100 and H200: 132), not the device's:
+# the chunking fixes the K sum's order, so this keeps the quantized K (its last bits) the same
+# on every GPU.
+STATS_GRID_SMS = 132
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 CONFIG_ENV = "XDIT_OPS_FP8_TRITON_CONFIG"
 
@@ -185,12 +193,22 @@ def _num_sms(device: torch.device) -> int:
 
 def _programs_per_head(num_heads: int, num_tiles: int, per_sm: int,
                        device: torch.device) -> int:
-    """Programs per (batch, head) of a tile-loop quantization kernel: ``per_sm`` per SM in all
-    (one wave), each walking several tiles, never more programs than tiles."""
+    """Programs per (batch, head) of a tile-loop quantization kernel: at most ``per_sm`` per
+    SM in all (one wave: rounding up would start a second wave for the few programs over),
+    each walking several tiles; at least one, never more than tiles."""
     if device.type != "cuda":  # Triton's CPU interpreter: two programs, several tiles each
         return max(1, min(num_tiles, 2))
-    want = triton.cdiv(per_sm * _num_sms(device), num_heads)
-    return max(1, min(num_tiles, want))
+    return max(1, min(num_tiles, per_sm * _num_sms(device) // num_heads))
+
+
+def _stats_tokens_per_chunk(num_heads: int, seqlen_k: int, per_sm: int) -> int:
+    """Keys per program of kv_stats_kernel (whole 64-key tiles): one wave of ``per_sm``
+    programs per SM on a STATS_GRID_SMS-SM GPU, at most STATS_MAX_CHUNKS chunks per (batch,
+    head); in the interpreter, two chunks (several tiles each where the keys allow)."""
+    tiles = triton.cdiv(max(seqlen_k, 1), STATS_BLOCK_S)
+    chunks = 2 if INTERPRET else per_sm * STATS_GRID_SMS // num_heads
+    chunks = max(1, min(STATS_MAX_CHUNKS, tiles, chunks))
+    return triton.cdiv(tiles, chunks) * STATS_BLOCK_S
 
 
 def _quantize(q, k, v, had, scale):
@@ -199,10 +217,9 @@ def _quantize(q, k, v, had, scale):
     DP = had.shape[0]
     Sk_pad = pad_to(max(Sk, 1), SCHEME.block_n)  # the QuantizedQKV layout
     dev = q.device
-    tokens_per_chunk = max(STATS_BLOCK_S,
-                           pad_to(triton.cdiv(max(Sk, 1), STATS_TARGET_CHUNKS), STATS_BLOCK_S))
-    num_chunks = triton.cdiv(max(Sk, 1), tokens_per_chunk)
     launch = QUANT_LAUNCH[DP]
+    tokens_per_chunk = _stats_tokens_per_chunk(B * H, Sk, launch.programs_per_sm)
+    num_chunks = triton.cdiv(max(Sk, 1), tokens_per_chunk)
     ksum = torch.empty(B * H, num_chunks, DP, device=dev, dtype=torch.float32)
     vmax = torch.empty(B * H, num_chunks, DP, device=dev, dtype=torch.float32)
     _launch(kernels.kv_stats_kernel, (B * H, num_chunks),
@@ -210,7 +227,8 @@ def _quantize(q, k, v, had, scale):
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
             H, Sk, tokens_per_chunk,
-            D=D, DP=DP, BLOCK_S=STATS_BLOCK_S, UPCAST=INTERPRET, num_warps=launch.num_warps)
+            D=D, DP=DP, BLOCK_S=STATS_BLOCK_S, UPCAST=INTERPRET, num_warps=launch.num_warps,
+            num_stages=launch.stats_stages)
     q8 = torch.empty(B, H, Sq, DP, device=dev, dtype=torch.int8)
     q_scale = torch.empty(B, H, Sq, device=dev, dtype=torch.float32)
     lse_corr = torch.empty(B, H, Sq, device=dev, dtype=torch.float32)

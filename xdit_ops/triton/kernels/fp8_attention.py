@@ -50,7 +50,17 @@ def kv_stats_kernel(
     H, Sk, tokens_per_chunk,
     D: tl.constexpr, DP: tl.constexpr, BLOCK_S: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """Grid (B * H, NUM_CHUNKS). KSUM/VMAX: [B * H, NUM_CHUNKS, DP] fp32."""
+    """Grid (B * H, NUM_CHUNKS). KSUM/VMAX: [B * H, NUM_CHUNKS, DP] fp32: per chunk of
+    tokens_per_chunk keys (a multiple of BLOCK_S), the sum of the rotated K over its keys and
+    the amax of |V| per channel.
+
+    Each thread accumulates its own elements of the [BLOCK_S, DP] tiles across the chunk (K in
+    fp32 in the rotation's tensor-core layout, V's amax in V's dtype: |v| and max are exact),
+    and the chunk's rows are reduced once at the end: a reduction over the tile's rows per tile
+    (shuffles and block-wide barriers, ~230 of a thread's ~470 instructions per tile at head
+    dim 128) is what bounded this kernel. The K sum's order is fixed by the chunking
+    (deterministic); it is not the emulation's order, which no GPU order is.
+    """
     bh = tl.program_id(0).to(tl.int64)  # offsets below can pass 2^31 at long sequences
     chunk = tl.program_id(1)
     num_chunks = tl.num_programs(1)
@@ -62,21 +72,24 @@ def kv_stats_kernel(
     had = tl.load(HAD + offs_d[:, None] * DP + offs_d[None, :])
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
-    ksum = tl.zeros([DP], dtype=tl.float32)
-    vmax = tl.zeros([DP], dtype=tl.float32)
+    kacc = tl.zeros([BLOCK_S, DP], dtype=tl.float32)
+    vacc = tl.zeros([BLOCK_S, DP], dtype=V.dtype.element_ty)
     start = chunk * tokens_per_chunk
     stop = tl.minimum(start + tokens_per_chunk, Sk)
     for s0 in range(start, stop, BLOCK_S):
         rows = s0 + offs_s
-        ok = (rows < stop)[:, None] & d_ok[None, :]
+        row_ok = (rows < stop)[:, None]
+        ok = row_ok & d_ok[None, :]
         k = tl.load(k_base + rows[:, None] * stride_ks + offs_d[None, :], mask=ok, other=0.0)
-        kr = _rotate(k, had, UPCAST)
-        ksum += tl.sum(kr, axis=0)
+        # The select (a no-op: masked rows rotate to zeros) keeps Triton from folding the add
+        # into the wgmma's accumulator: the sum stays an fp32 add, rounded to nearest, not the
+        # tensor core's accumulation.
+        kacc += tl.where(row_ok, _rotate(k, had, UPCAST), 0.0)
         v = tl.load(v_base + rows[:, None] * stride_vs + offs_d[None, :], mask=ok, other=0.0)
-        vmax = tl.maximum(vmax, tl.max(tl.abs(v.to(tl.float32)), axis=0))
+        vacc = tl.maximum(vacc, tl.abs(v)).to(V.dtype.element_ty)
     out = (bh * num_chunks + chunk) * DP + offs_d
-    tl.store(KSUM + out, ksum)
-    tl.store(VMAX + out, vmax)
+    tl.store(KSUM + out, tl.sum(kacc, axis=0))
+    tl.store(VMAX + out, tl.max(vacc, axis=0).to(tl.float32))
 
 
 @triton.jit
