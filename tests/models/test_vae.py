@@ -409,6 +409,19 @@ def _worker_row_order(rank: int, world: int) -> None:
     _families.BandAttnProcessor.__call__ = original
 
 
+def test_frame_graphs_switch(monkeypatch) -> None:
+    from xdit_ops.models.vae import frame_graphs_enabled
+
+    monkeypatch.delenv("XDIT_OPS_VAE_GRAPHS", raising=False)
+    assert frame_graphs_enabled(None)  # on by default since run 12 (teardown verified)
+    assert not frame_graphs_enabled(False) and frame_graphs_enabled(True)
+    monkeypatch.setenv("XDIT_OPS_VAE_GRAPHS", "0")
+    assert not frame_graphs_enabled(None) and frame_graphs_enabled(True)
+    monkeypatch.setenv("XDIT_OPS_VAE_GRAPHS", "yes")
+    with pytest.raises(ValueError, match="XDIT_OPS_VAE_GRAPHS must be 0 or 1, got 'yes'"):
+        frame_graphs_enabled(None)
+
+
 def test_halo_convolutions_keep_row_order() -> None:
     run_distributed(_worker_row_order, 2, timeout=120)
 
