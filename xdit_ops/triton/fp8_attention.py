@@ -63,7 +63,7 @@ class QuantLaunch(NamedTuple):
 # (88 KB at 3), quantize_kv_kernel 128 at 1 stage and 140-143 pipelined, so two programs per SM
 # only unpipelined: its K and V loads, issued together at the loop head, overlap with the other
 # program's work instead. Head dim 64, 4 warps: 121, 110 and 117 registers at 2, 3 and 3
-# stages (24, 37 and 41 KB), four programs per SM.
+# stages (24, 36 and 40 KB), four programs per SM.
 QUANT_LAUNCH: dict[int, QuantLaunch] = {
     64: QuantLaunch(num_warps=4, programs_per_sm=4, stats_stages=2, q_stages=3, kv_stages=3),
     128: QuantLaunch(num_warps=8, programs_per_sm=2, stats_stages=2, q_stages=3, kv_stages=1),

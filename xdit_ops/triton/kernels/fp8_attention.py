@@ -6,10 +6,10 @@ the same fp32 order, so the CPU emulation is their oracle:
 
 * ``kv_stats_kernel``: partial sums over key chunks of the Hadamard-rotated K (for its mean)
   and partial per-channel amax of V.
-* ``quantize_kernel``: the quantization pass, one launch for Q, K and V: rotates Q and K on
-  the tensor cores (+-1 matrix, 16-bit inputs: exact products, fp32 sums), subtracts the K
-  mean, INT8-quantizes Q and K per token, writes the LSE correction, FP8-quantizes V per
-  channel and writes it transposed (keys contiguous: the K-major B operand of the FP8 P.V).
+* ``quantize_q_kernel`` and ``quantize_kv_kernel``: the quantization pass: rotate Q and K on
+  the tensor cores (+-1 matrix, 16-bit inputs: exact products, fp32 sums), subtract the K
+  mean, INT8-quantize Q and K per token, write the LSE correction, FP8-quantize V per channel
+  and write it transposed (keys contiguous: the K-major B operand of the FP8 P.V).
 * ``attn_fwd_kernel``: INT8 Q K^T (exact int32), online softmax in fp32 base 2 over key
   tiles of BLOCK_N keys (the scheme's ``block_n``, 64, unless a config says otherwise), P =
   exp2(s - m + 8) cast to e4m3, P.V on the FP8 tensor cores from a zero accumulator per tile,
