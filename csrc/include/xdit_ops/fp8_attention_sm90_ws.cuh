@@ -14,13 +14,14 @@
 //   both consumers' Q K^T used it. Keys past Sk_pad (a multiple of 64) in the last tile read
 //   as zeros (TMA bounds).
 // * warpgroups 1 and 2, the consumers (setmaxnreg.inc to 240), own 64 query rows each and walk
-//   every key tile. Per "slot" a consumer issues, as one wgmma batch, Q K^T of tile t (64x128
-//   s32 accumulators) and P.V of tile t - 1 (e4m3 P from shared memory, fp32 accumulator from
-//   zero), waits, adds P.V to the fp32 output accumulator (two-level accumulation) and runs the
-//   softmax of tile t, which writes P as e4m3 to its shared-memory P buffer. The two consumers
-//   take turns issuing their batch (two named barriers: a consumer issues after the other has
-//   issued its own), so one consumer's softmax overlaps the other's GEMMs (FlashAttention-3's
-//   "ping-pong" schedule).
+//   every key tile. Per "slot" a consumer issues Q K^T of tile t (64x128 s32 accumulators) and
+//   then P.V of tile t - 1 (e4m3 P from shared memory, fp32 accumulator from zero) as two wgmma
+//   commit groups, waits for Q K^T alone and runs the softmax of tile t while P.V still runs
+//   (FlashAttention-3's intra-warpgroup overlap); then it waits for P.V, writes P of tile t as
+//   e4m3 to its shared-memory P buffer and adds P.V to the fp32 output accumulator (two-level
+//   accumulation). The two consumers take turns issuing (two named barriers: a consumer issues
+//   after the other has issued its own), so one consumer's softmax overlaps the other's GEMMs
+//   (FlashAttention-3's "ping-pong" schedule).
 //
 // Operands sit in shared memory in the GMMA K-major swizzled layouts that TMA writes (128-byte
 // swizzle for 128-byte rows: Q/K at Dp = 128, V^T and P; 64-byte for Q/K at Dp = 64); both
@@ -308,11 +309,10 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
     CUTE_UNROLL
     for (int i = 0; i < size(tOrO); ++i) tOrO(i) = tOrO(i) * alpha[(i >> 1) & 1] + tOrPV(i);
   };
-  // Scores of tile t from the s32 accumulators -> online softmax -> P (e4m3) into sP.
+  // Scores of tile t from the s32 accumulators -> online softmax -> P of tile t as e4m3 pairs
+  // in registers (pk; store_p writes them to sP once the previous P.V has completed) and the
+  // tile's alpha (alpha_t: the caller applies it to the output after adding the previous P.V).
   // kMask: the tile may hold keys >= seq_k (the first or the last tile), which score -inf.
-  // P's buffer is rewritten right after this warp's wgmma wait, with no warpgroup barrier: the
-  // previous P.V read rows 16 wp .. 16 wp + 15 of P for warp wp's accumulator rows, the rows
-  // this warp writes, and its own wait covers its part of the wgmma.
   //
   // Per score, the scheme computes s = (x * ks) * qs (x the s32 dot product, two fp32
   // roundings), m = max s and exp2(s - (m - 8)). Here t' = sign(qs) x * ks (the sign rides on
@@ -322,7 +322,9 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
   // single rounding where the scheme rounds s first: it differs from the emulation's by at most
   // an ulp (a CPU model of this arithmetic on the GPU tests' shapes moved 4e-7 of the P codes;
   // LSE within 8e-6 of the emulation's). One fp32 instruction fewer per score.
-  auto softmax = [&](int t, const float2 (&ks)[kBlockN / 8], auto mask) {
+  using PPairs = __nv_fp8x2_storage_t[kBlockN / 4];  // size(tSrS) / 2
+  auto softmax = [&](int t, const float2 (&ks)[kBlockN / 8], auto mask, float (&alpha_t)[2],
+                     PPairs& pk) {
     constexpr bool kMask = decltype(mask)::value;
     const int n0 = t * kBlockN;
     float sc[size(tSrS)];
@@ -346,22 +348,10 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
                                    fmaxf(part_max[j][2], part_max[j][3]));
       // Every tile holds a key < seq_k, so the max is finite (q_abs may be 0: rows past seq_q).
       const float m_new = fmaxf(m_i[j], quad_max(tile_max) * q_abs[j]);
-      alpha[j] = exp2f(m_i[j] - m_new);
+      alpha_t[j] = exp2f(m_i[j] - m_new);
       m_shift[j] = m_new - kPShift;
       m_i[j] = m_new;
     }
-    // P's shared address of (row, column c0) of this thread's two rows, through the swizzled
-    // layout (C::SmemPAll, a ComposedLayout: not sPAll.layout(), which make_tensor stripped of
-    // the swizzle when it moved it into sPAll's pointer; the GPU run at 031996e stored P there,
-    // unswizzled, so the P.V wgmma read the 16-key chunks of rows r % 8 != 0 permuted).
-    // Swizzle<3,4,3> XORs byte-offset bits 4-6 (the 16-byte chunk) with bits 7-9 (r % 8), and
-    // s.p is 1024-byte aligned: column c0 + 8 k of row r0 is at p_row ^ 8 k (k < 16; c0 < 8
-    // stays in bits 1-2), and row r0 + 8 lies 1024 bytes further (same r % 8).
-    // (An opaque copy: ptxas would otherwise hoist the 16 XORed addresses out of the key loop
-    // and spill.)
-    const uint32_t p_row_at = p_smem + typename C::SmemPAll{}(r0, c0, w);
-    uint32_t p_row;
-    asm volatile("mov.b32 %0, %1;\n" : "=r"(p_row) : "r"(p_row_at));
     CUTE_UNROLL
     for (int i = 0; i < size(tSrS); i += 2) {
       const int rj = (i >> 1) & 1;
@@ -376,17 +366,36 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
       const float p1 = exp2f(a1);
       tile_sum[rj] += p0;
       tile_sum[rj] += p1;
-      // Two adjacent keys of one row: two adjacent bytes (the swizzle moves 16-byte chunks).
-      const __nv_fp8x2_storage_t pk =
-          __nv_cvt_float2_to_fp8x2(make_float2(p0, p1), __NV_SATFINITE, __NV_E4M3);
-      const uint32_t addr = (p_row ^ static_cast<uint32_t>(8 * (i >> 2))) + 1024 * rj;
-      asm volatile("st.shared.u16 [%0], %1;\n" ::"r"(addr), "h"(pk) : "memory");
+      pk[i / 2] = __nv_cvt_float2_to_fp8x2(make_float2(p0, p1), __NV_SATFINITE, __NV_E4M3);
     }
     CUTE_UNROLL
-    for (int j = 0; j < 2; ++j) l_i[j] = l_i[j] * alpha[j] + quad_sum(tile_sum[j]);
+    for (int j = 0; j < 2; ++j) l_i[j] = l_i[j] * alpha_t[j] + quad_sum(tile_sum[j]);
+  };
+  // P of tile t into this consumer's P buffer. The previous P.V read that buffer: the caller
+  // stores after its own wait for that wgmma, with no warpgroup barrier before: P.V read rows
+  // 16 wp .. 16 wp + 15 of P for warp wp's accumulator rows, the rows this warp writes, and its
+  // own wait covers its part of the wgmma.
+  auto store_p = [&](const PPairs& pk) {
+    // P's shared address of (row, column c0) of this thread's two rows, through the swizzled
+    // layout (C::SmemPAll, a ComposedLayout: not sPAll.layout(), which make_tensor stripped of
+    // the swizzle when it moved it into sPAll's pointer; the GPU run at 031996e stored P there,
+    // unswizzled, so the P.V wgmma read the 16-key chunks of rows r % 8 != 0 permuted).
+    // Swizzle<3,4,3> XORs byte-offset bits 4-6 (the 16-byte chunk) with bits 7-9 (r % 8), and
+    // s.p is 1024-byte aligned: column c0 + 8 k of row r0 is at p_row ^ 8 k (k < 16; c0 < 8
+    // stays in bits 1-2), and row r0 + 8 lies 1024 bytes further (same r % 8).
+    // (An opaque copy: ptxas would otherwise hoist the 16 XORed addresses out of the key loop
+    // and spill.)
+    const uint32_t p_row_at = p_smem + typename C::SmemPAll{}(r0, c0, w);
+    uint32_t p_row;
+    asm volatile("mov.b32 %0, %1;\n" : "=r"(p_row) : "r"(p_row_at));
+    CUTE_UNROLL
+    for (int i = 0; i < size(tSrS); i += 2) {
+      // Two adjacent keys of one row: two adjacent bytes (the swizzle moves 16-byte chunks).
+      const uint32_t addr = (p_row ^ static_cast<uint32_t>(8 * (i >> 2))) + 1024 * ((i >> 1) & 1);
+      asm volatile("st.shared.u16 [%0], %1;\n" ::"r"(addr), "h"(pk[i / 2]) : "memory");
+    }
     // P's generic-proxy stores must be visible to the async proxy (wgmma) of every warp.
     cutlass::arch::fence_view_async_shared();
-    named_barrier_sync(kPBarrier + w, 128);
   };
   // The key scales of this thread's columns of tile t, from the stage's shared copy. Past
   // Sk_pad (the last tile may reach past it) the copy holds stale values: those keys are
@@ -398,9 +407,14 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
     }
   };
 
-  // One slot: Q K^T of tile t (kQK) and P.V of tile t - 1 (kPV) as one wgmma batch, issued in
-  // this consumer's turn; then the P.V add and the softmax of tile t. The slot kinds are
-  // compile-time so that no wgmma sits on a divergent path (ptxas would serialise them).
+  // One slot, in this consumer's turn: Q K^T of tile t (kQK) and then P.V of tile t - 1 (kPV),
+  // two wgmma commit groups. Groups complete in order: the softmax of tile t starts once Q K^T
+  // is done (wait for all but the last group) and runs while P.V still occupies the tensor
+  // cores (FlashAttention-3's intra-warpgroup overlap); P.V's accumulator registers stay
+  // untouched until the second wait. Then P of tile t goes to shared memory (P.V of tile t - 1,
+  // which read it, has completed) and P.V is added to the output with the alpha of tile t - 1.
+  // The slot kinds are compile-time so that no wgmma sits on a divergent path (ptxas would
+  // serialise them).
   float2 ks[kBlockN / 8];
   auto slot = [&](int t, auto qk, auto pv, auto mask) {
     constexpr bool kQK = decltype(qk)::value;
@@ -413,20 +427,22 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
     if constexpr (kQK) warpgroup_fence_operand(tSrS);
     if constexpr (kPV) warpgroup_fence_operand(tOrPV);
     warpgroup_arrive();
-    if constexpr (kQK) issue_qk(st);
-    if constexpr (kPV) issue_pv(sv);
-    warpgroup_commit_batch();
+    if constexpr (kQK) {
+      issue_qk(st);
+      warpgroup_commit_batch();
+    }
+    if constexpr (kPV) {
+      issue_pv(sv);
+      warpgroup_commit_batch();
+    }
     // Consumer 1's last slot (the only one without Q K^T) does not signal: every arrival on a
     // scheduling barrier is then matched by one sync.
     if (kQK || w == 0) sched_signal();
-    warpgroup_wait<0>();
-    if constexpr (kQK) warpgroup_fence_operand(tSrS);
-    if constexpr (kPV) warpgroup_fence_operand(tOrPV);
-    if constexpr (kPV) {
-      ClusterBarrier::arrive(&s.v_empty[sv]);
-      accumulate_pv();
-    }
+    PPairs pk;
+    float alpha_t[2];
     if constexpr (kQK) {
+      warpgroup_wait<kPV ? 1 : 0>();  // Q K^T of tile t (P.V of tile t - 1 may still run)
+      warpgroup_fence_operand(tSrS);
       // The key scales are read here, not before the wgmmas: the accumulators of both
       // products plus the output's leave no registers to hold them across the batch. The
       // release of the K stage (mbarrier.arrive: release semantics) follows the reads.
@@ -434,7 +450,20 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
       // ClusterBarrier::arrive's asm has no memory clobber: keep the loads above it.
       asm volatile("" ::: "memory");
       ClusterBarrier::arrive(&s.k_empty[st]);
-      softmax(t, ks, mask);
+      softmax(t, ks, mask, alpha_t, pk);
+    }
+    if constexpr (kPV) {
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(tOrPV);
+      ClusterBarrier::arrive(&s.v_empty[sv]);
+    }
+    if constexpr (kQK) store_p(pk);
+    if constexpr (kPV) accumulate_pv();
+    if constexpr (kQK) {
+      CUTE_UNROLL
+      for (int j = 0; j < 2; ++j) alpha[j] = alpha_t[j];
+      // Every warp's P of tile t is in shared memory before any issues P.V of tile t.
+      named_barrier_sync(kPBarrier + w, 128);
     }
   };
 
