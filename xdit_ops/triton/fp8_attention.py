@@ -59,14 +59,12 @@ class QuantLaunch(NamedTuple):
 
 # From ptxas -v (sm_90a, run-time specialization: 16-byte aligned pointers and strides).
 # Head dim 128, 8 warps: kv_stats_kernel 122 registers a thread at 2 stages (64 KB of shared
-# memory; 128 at 3-4 stages, at the two-program limit), quantize_q_kernel 108 at 1-3 stages
-# (88 KB at 3), quantize_kv_kernel 128 at 1 stage and 140-143 pipelined, so two programs per SM
-# only unpipelined: its K and V loads, issued together at the loop head, overlap with the other
-# program's work instead. Head dim 64, 4 warps: 121, 110 and 117 registers at 2, 3 and 3
-# stages (24, 36 and 40 KB), four programs per SM.
+# memory; 128 at 3-4 stages, at the two-program limit), quantize_q_kernel 108 at 3 stages
+# (88 KB), quantize_kv_kernel 97 at 3 stages (96 KB): two programs per SM. Head dim 64, 4 warps:
+# 121, 110 and 96 registers at 2, 3 and 3 stages (24, 36 and 40 KB): four programs per SM.
 QUANT_LAUNCH: dict[int, QuantLaunch] = {
     64: QuantLaunch(num_warps=4, programs_per_sm=4, stats_stages=2, q_stages=3, kv_stages=3),
-    128: QuantLaunch(num_warps=8, programs_per_sm=2, stats_stages=2, q_stages=3, kv_stages=1),
+    128: QuantLaunch(num_warps=8, programs_per_sm=2, stats_stages=2, q_stages=3, kv_stages=3),
 }
 STATS_BLOCK_S = 64
 # At most this many key chunks per (batch, head) in kv_stats_kernel: the quantization kernels
