@@ -66,9 +66,10 @@ constexpr int kThreads = 128 * (1 + kConsumers);
 constexpr int kProducerRegs = 24;
 constexpr int kConsumerRegs = 240;
 // Named barriers (0 is __syncthreads): 1 + w = "consumer w may issue its GEMMs" (256 threads:
-// its own 128 sync, the other consumer's 128 arrive). It also publishes each consumer's P to
-// its own next P.V (see the slot).
+// its own 128 sync, the other consumer's 128 arrive); 3 + w = consumer w's P is in shared
+// memory (its 128 threads).
 constexpr int kSchedBarrier = 1;
+constexpr int kPBarrier = 3;
 
 static_assert(kBlockN == 128, "the P/V^T shared layouts below assume 128-byte rows of keys");
 
@@ -449,10 +450,6 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
     } else {
       ClusterBarrier::wait(&s.v_full[sv], ((t - 1) / kStages) & 1);
     }
-    // The scheduling barrier also orders this consumer's own warps: it completes only when all
-    // four have reached it (the other consumer contributes exactly 128 arrivals per turn), so
-    // every warp's P of tile t - 1 (stored and fenced in the previous slot) is in shared memory
-    // before any of them issues P.V of tile t - 1 below.
     sched_wait();
     if constexpr (kQK) warpgroup_fence_operand(tSrS);
     if constexpr (kPV) warpgroup_fence_operand(tOrPV);
@@ -492,6 +489,8 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
     if constexpr (kQK) {
       CUTE_UNROLL
       for (int j = 0; j < 2; ++j) alpha[j] = alpha_t[j];
+      // Every warp's P of tile t is in shared memory before any issues P.V of tile t.
+      named_barrier_sync(kPBarrier + w, 128);
     }
   };
 
