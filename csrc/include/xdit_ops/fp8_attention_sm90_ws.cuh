@@ -175,28 +175,6 @@ __device__ __forceinline__ void wait_barrier(const uint64_t* bar, uint32_t phase
   }
 }
 
-// Waits for two mbarrier phases with both probes issued back to back, so that their latencies
-// overlap (at ac26e2a the consumers' two sequential waits for K and V held ~3% of their stall
-// samples, nearly all on the probe's result: the tiles are loaded well ahead). A phase that has
-// completed stays completed until this thread's own release of the stage lets the producer
-// re-arm the barrier, so probing both again until both report is exact.
-__device__ __forceinline__ void wait_both(const uint64_t* bar_a, uint32_t phase_a,
-                                          const uint64_t* bar_b, uint32_t phase_b) {
-  asm volatile(
-      "{\n\t"
-      ".reg .pred pa, pb;\n\t"
-      "WAIT_BOTH:\n\t"
-      "mbarrier.try_wait.parity.shared::cta.b64 pa, [%0], %1;\n\t"
-      "mbarrier.try_wait.parity.shared::cta.b64 pb, [%2], %3;\n\t"
-      "@!pa bra WAIT_BOTH;\n\t"
-      "@!pb bra WAIT_BOTH;\n\t"
-      "}\n"
-      :
-      : "r"(cast_smem_ptr_to_uint(bar_a)), "r"(phase_a), "r"(cast_smem_ptr_to_uint(bar_b)),
-        "r"(phase_b)
-      : "memory");
-}
-
 // The producer: one thread issues every TMA load of the CTA.
 template <int kDP>
 __device__ __forceinline__ void produce(const KernelParams<kDP>& kp, Storage<kDP>& s,
@@ -443,13 +421,8 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
     constexpr bool kPV = decltype(pv)::value;
     const int st = t % kStages;
     const int sv = (t + kStages - 1) % kStages;
-    if constexpr (kQK && kPV) {
-      wait_both(&s.k_full[st], (t / kStages) & 1, &s.v_full[sv], ((t - 1) / kStages) & 1);
-    } else if constexpr (kQK) {
-      ClusterBarrier::wait(&s.k_full[st], (t / kStages) & 1);
-    } else {
-      ClusterBarrier::wait(&s.v_full[sv], ((t - 1) / kStages) & 1);
-    }
+    if constexpr (kQK) ClusterBarrier::wait(&s.k_full[st], (t / kStages) & 1);
+    if constexpr (kPV) ClusterBarrier::wait(&s.v_full[sv], ((t - 1) / kStages) & 1);
     sched_wait();
     if constexpr (kQK) warpgroup_fence_operand(tSrS);
     if constexpr (kPV) warpgroup_fence_operand(tOrPV);
