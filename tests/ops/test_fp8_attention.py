@@ -472,20 +472,6 @@ def test_triton_quantize_tile_loop_in_the_cpu_interpreter():
     _run_in_interpreter(_TILE_LOOP_CHECK, "tile loop ok")
 
 
-def test_quantization_grid_split():
-    """Programs per (batch, head) of the quantization grids: whole waves of equal programs."""
-    pytest.importorskip("triton")
-    from xdit_ops.triton.fp8_attention import _parts_per_head
-
-    assert _parts_per_head(24, 264, 264, 264) == 11  # (1,16896,24,128) on 132 SMs: one wave
-    assert _parts_per_head(40, 512, 264, 512) == 13  # two waves of 40 tiles beat one of 86
-    assert _parts_per_head(24, 264, 264, 8) == 8  # the cap (kv_stats: 32 chunks)
-    assert _parts_per_head(300, 5, 264, 5) == 1  # more heads than slots
-    for heads, tiles, slots in [(1, 1, 264), (3, 7, 528), (90, 100, 264), (2, 513, 264)]:
-        parts = _parts_per_head(heads, tiles, slots, tiles)
-        assert 1 <= parts <= tiles
-
-
 # ---------------------------------------------------------------------------------------------
 # GPU: the Triton (and, opt-in, sm90) kernels against the emulation and the gate.
 

@@ -189,40 +189,23 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-@functools.lru_cache(maxsize=256)
-def _parts_per_head(num_heads: int, num_tiles: int, slots: int, max_parts: int) -> int:
-    """How many programs to split each (batch, head)'s ``num_tiles`` tiles over, given
-    ``slots`` resident programs on the GPU: the count that minimizes waves x (tiles per program
-    + 1, a program's fixed cost: the Hadamard matrix and the stats from L2), as programs of
-    equal length run in whole waves; the fewest on ties; in [1, min(num_tiles, max_parts)].
-    E.g. 24 heads of 264 tiles on 264 slots: 11 (one wave of 24 tiles each); 40 heads of 512
-    tiles: 13 (two waves of 40, against one wave of 86 for 6)."""
-    best_cost, best = None, 1
-    for parts in range(1, min(num_tiles, max_parts, triton.cdiv(8 * slots, num_heads)) + 1):
-        cost = triton.cdiv(num_heads * parts, slots) * (triton.cdiv(num_tiles, parts) + 1)
-        if best_cost is None or cost < best_cost:
-            best_cost, best = cost, parts
-    return best
-
-
 def _programs_per_head(num_heads: int, num_tiles: int, per_sm: int,
                        device: torch.device) -> int:
-    """Programs per (batch, head) of a tile-loop quantization kernel with ``per_sm`` resident
-    programs per SM (:func:`_parts_per_head`); in the interpreter two (several tiles each)."""
-    if device.type != "cuda":
+    """Programs per (batch, head) of a tile-loop quantization kernel: at most ``per_sm`` per
+    SM in all (one wave: rounding up would start a second wave for the few programs over),
+    each walking several tiles; at least one, never more than tiles."""
+    if device.type != "cuda":  # Triton's CPU interpreter: two programs, several tiles each
         return max(1, min(num_tiles, 2))
-    return _parts_per_head(num_heads, num_tiles, per_sm * _num_sms(device), num_tiles)
+    return max(1, min(num_tiles, per_sm * _num_sms(device) // num_heads))
 
 
 def _stats_tokens_per_chunk(num_heads: int, seqlen_k: int, per_sm: int) -> int:
-    """Keys per program of kv_stats_kernel (whole 64-key tiles), the chunking of
-    :func:`_parts_per_head` for ``per_sm`` programs per SM on a STATS_GRID_SMS-SM GPU, at most
-    STATS_MAX_CHUNKS chunks per (batch, head); in the interpreter two chunks."""
+    """Keys per program of kv_stats_kernel (whole 64-key tiles): one wave of ``per_sm``
+    programs per SM on a STATS_GRID_SMS-SM GPU, at most STATS_MAX_CHUNKS chunks per (batch,
+    head); in the interpreter, two chunks (several tiles each where the keys allow)."""
     tiles = triton.cdiv(max(seqlen_k, 1), STATS_BLOCK_S)
-    if INTERPRET:
-        chunks = max(1, min(tiles, 2))
-    else:
-        chunks = _parts_per_head(num_heads, tiles, per_sm * STATS_GRID_SMS, STATS_MAX_CHUNKS)
+    chunks = 2 if INTERPRET else per_sm * STATS_GRID_SMS // num_heads
+    chunks = max(1, min(STATS_MAX_CHUNKS, tiles, chunks))
     return triton.cdiv(tiles, chunks) * STATS_BLOCK_S
 
 
