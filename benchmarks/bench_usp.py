@@ -8,7 +8,8 @@ from a CUDA graph) and yunchang 0.6.4's LongContextAttention with AttnType.TORCH
 same shards. Reports ms (the slowest rank's median), parallel efficiency T1 / (N * TN), the
 relative error of the gathered output against an fp32 reference next to single-GPU cuDNN's,
 and the host time of one eager call (default cross-rank check: the first call of a shape;
-without it; and checked on every call, the behaviour before the check was cached).
+without it; and checked on every call, the behaviour before the check was cached), the three
+measured in interleaved rounds (medians of 3 x 20 calls each).
 
 Host floors, measured in the same run on the same ranks: the host time of the calls a
 Python-composed usp_attention cannot avoid, each alone: one cuDNN SDPA call
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -68,8 +70,9 @@ def max_over_ranks(x: float) -> float:
     return t.item()
 
 
-def host_time_us(fn, n: int = 30, sleep_cycles: int = int(3e9)) -> float:
-    """Median host time of one call while the GPU is busy (the call never waits for it)."""
+def host_samples_us(fn, n: int = 30, sleep_cycles: int = int(3e9)) -> list[float]:
+    """Host time (us) of each of ``n`` calls while the GPU is busy (the calls never wait for
+    it)."""
     torch.cuda.synchronize()
     dist.barrier()
     torch.cuda._sleep(sleep_cycles)  # GPU work queued ahead of the calls (3e9: ~1.5 s)
@@ -79,8 +82,30 @@ def host_time_us(fn, n: int = 30, sleep_cycles: int = int(3e9)) -> float:
         fn()
         samples.append((time.perf_counter() - t0) * 1e6)
     torch.cuda.synchronize()
-    samples.sort()
-    return samples[len(samples) // 2]
+    return samples
+
+
+def host_time_us(fn, n: int = 30, sleep_cycles: int = int(3e9)) -> float:
+    """Median host time of one call while the GPU is busy."""
+    return statistics.median(host_samples_us(fn, n, sleep_cycles))
+
+
+def host_modes_us(fn, modes: dict[str, str | None], rounds: int = 3, n: int = 20) -> dict:
+    """Median host time of one call of ``fn`` under each ``XDIT_OPS_USP_CHECK`` value of
+    ``modes`` (None: unset), measured in interleaved rounds: measured one mode after the other,
+    the first mode read up to 4x above the second in run 15 although both do the same work
+    after their first call."""
+    samples: dict[str, list[float]] = {m: [] for m in modes}
+    for _ in range(rounds):
+        for m, value in modes.items():
+            if value is None:
+                os.environ.pop("XDIT_OPS_USP_CHECK", None)
+            else:
+                os.environ["XDIT_OPS_USP_CHECK"] = value
+            fn()  # the mode's plan key (the switch is part of it) is planned outside the timing
+            samples[m] += host_samples_us(fn, n, sleep_cycles=int(5e8))
+    os.environ.pop("XDIT_OPS_USP_CHECK", None)
+    return {m: statistics.median(v) for m, v in samples.items()}
 
 
 def host_floors(B: int, L: int, H: int, D: int, u: int, r: int, dtype) -> dict:
@@ -225,14 +250,9 @@ def main() -> None:
             except Exception as exc:  # record why capture failed instead of dying
                 graph_note = f"cuda graph failed: {type(exc).__name__}: {exc}"[:300]
                 torch.cuda.synchronize()
-            host_default = host_time_us(ours)  # the shape was checked on its first call
-            os.environ["XDIT_OPS_USP_CHECK"] = "0"
-            ours()  # a new plan key (the switch is part of it): planned outside the timing
-            host_nocheck = host_time_us(ours)
-            os.environ["XDIT_OPS_USP_CHECK"] = "always"
-            ours()
-            host_always = host_time_us(ours)
-            os.environ.pop("XDIT_OPS_USP_CHECK")
+            host = host_modes_us(ours, {"default": None, "nocheck": "0", "always": "always"})
+            host_default, host_nocheck, host_always = (
+                host["default"], host["nocheck"], host["always"])
             if (u, r) not in floors_of:  # the floors do not depend on the transport switches
                 floors_of[(u, r)] = host_floors(B, shards[0].shape[1], H, D, u, r, dtype)
             floors = floors_of[(u, r)]
