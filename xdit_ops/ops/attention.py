@@ -135,22 +135,18 @@ def select_backend(device: torch.device, dtype: torch.dtype, head_dim: int) -> s
     return "math"
 
 
-@functools.lru_cache(maxsize=256)
-def _resolved(backend: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
+def resolve_backend(backend: str, q: torch.Tensor) -> str:
+    """The backend that runs ``backend`` for ``q``; a ValueError naming the reason when it
+    cannot run. Not cached: ``fp8``'s usability follows ``XDIT_OPS_FP8_IMPL`` at each call
+    (``usp_attention`` resolves once per plan instead)."""
     if backend not in BACKENDS:
         raise ValueError(f"{OP}: unknown backend {backend!r}; choose one of {BACKENDS}")
     if backend == "auto":
-        return select_backend(device, dtype, head_dim)
-    why = backend_unusable_reason(backend, device, dtype, head_dim)
+        return select_backend(q.device, q.dtype, q.shape[-1])
+    why = backend_unusable_reason(backend, q.device, q.dtype, q.shape[-1])
     if why is not None:
         raise ValueError(f"{OP}: backend {backend!r} cannot run here: {why}")
     return backend
-
-
-def resolve_backend(backend: str, q: torch.Tensor) -> str:
-    """The backend that runs ``backend`` for ``q`` (remembered per device, dtype, head dim: the
-    capability and cuDNN-version queries behind it are host time on every call otherwise)."""
-    return _resolved(backend, q.device, q.dtype, q.shape[-1])
 
 
 def _empty_lse(q: torch.Tensor) -> torch.Tensor:
