@@ -20,7 +20,14 @@ Python-composed usp_attention cannot avoid, each alone: one cuDNN SDPA call
 counted). ``host_us_xdit_attention`` is the local attention op the op calls (its Python
 included), at the same shape.
 
+``--backend fp8``: usp_attention's local kernel is the FP8 attention (``XDIT_OPS_FP8_IMPL``
+picks Triton or the sm_90a kernel); single-GPU ``xdit_ops.fp8_attention`` on the whole sequence
+is timed too (``t1_fp8_ms``), and each row has the efficiency against both T1s: ``efficiency``
+(against cuDNN bf16, the issue's definition) and ``efficiency_vs_fp8``, and the single-GPU FP8
+error next to the parallel one. ``--no-host`` skips the host-time modes and floors.
+
     torchrun --nproc-per-node=4 benchmarks/bench_usp.py [--quick] [--out DIR]
+        [--backend auto|fp8] [--no-host]
 """
 
 from __future__ import annotations
@@ -57,6 +64,10 @@ from xdit_ops.ops.usp_attention import (  # noqa: E402
 from xdit_ops.reference import attention_ref  # noqa: E402
 
 SHAPES = [(1, 4608, 24, 128), (1, 16896, 24, 128), (1, 32760, 40, 128)]
+
+
+def _max_or_none(x: float | None) -> float | None:
+    return None if x is None else max_over_ranks(x)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -178,6 +189,10 @@ def main() -> None:
                    help="'all' or names: ulysses, ulysses-c2, ulysses-c3 (NCCL all-to-all, "
                         "pipelined over N head chunks), ulysses-ce[-cN] (copy engines over "
                         "symmetric memory), ring, ring-nccl, hybrid")
+    p.add_argument("--backend", default="auto",
+                   help="usp_attention's local kernel (attention's backends, e.g. fp8)")
+    p.add_argument("--no-host", action="store_true",
+                   help="skip the host-time modes and floors")
     args = p.parse_args()
     warmup, iters, rounds = iters_of(args)
 
@@ -214,6 +229,17 @@ def main() -> None:
         if rank == 0:
             print(f"shape {(B, S, H, D)}: single-GPU cuDNN {t1_ms:.3f} ms, rel err {err1:.2e}",
                   flush=True)
+        t1_fp8_ms = err1_fp8 = None
+        if args.backend == "fp8":
+            def single_fp8(q=q, k=k, v=v):
+                return xdit_ops.fp8_attention(q, k, v)
+
+            tf = bench_interleaved({"f": single_fp8}, warmup=warmup, iters=iters, rounds=1)["f"]
+            t1_fp8_ms = max_over_ranks(tf.median_ms)
+            err1_fp8 = rel_err(single_fp8(), ref32)
+            if rank == 0:
+                print(f"  single-GPU fp8 ({os.environ.get('XDIT_OPS_FP8_IMPL', 'triton')}) "
+                      f"{t1_fp8_ms:.3f} ms, rel err {err1_fp8:.2e}", flush=True)
         floors_of: dict[tuple[int, int], dict] = {}
         for name, u, r in configs:
             # the ring here: copy engine over symmetric memory (opt-in in the op); "-nccl":
@@ -231,7 +257,7 @@ def main() -> None:
             xdit_ops.init_parallel(ulysses_degree=u, ring_degree=r)
             shards = [xdit_ops.shard_sequence(t)[0] for t in (q, k, v)]
             def ours(shards=shards, S=S):
-                return xdit_ops.usp_attention(*shards, seq_len=S)
+                return xdit_ops.usp_attention(*shards, seq_len=S, backend=args.backend)
 
             fns = {"xdit_ops": ours}
             note = ""
@@ -250,12 +276,16 @@ def main() -> None:
             except Exception as exc:  # record why capture failed instead of dying
                 graph_note = f"cuda graph failed: {type(exc).__name__}: {exc}"[:300]
                 torch.cuda.synchronize()
-            host = host_modes_us(ours, {"default": None, "nocheck": "0", "always": "always"})
+            if args.no_host:
+                host = {"default": None, "nocheck": None, "always": None}
+                floors = {}
+            else:
+                host = host_modes_us(ours, {"default": None, "nocheck": "0", "always": "always"})
+                if (u, r) not in floors_of:  # the floors do not depend on the transport switches
+                    floors_of[(u, r)] = host_floors(B, shards[0].shape[1], H, D, u, r, dtype)
+                floors = floors_of[(u, r)]
             host_default, host_nocheck, host_always = (
                 host["default"], host["nocheck"], host["always"])
-            if (u, r) not in floors_of:  # the floors do not depend on the transport switches
-                floors_of[(u, r)] = host_floors(B, shards[0].shape[1], H, D, u, r, dtype)
-            floors = floors_of[(u, r)]
             for impl, fn in fns.items():
                 out = fn()
                 full = xdit_ops.gather_sequence(out.contiguous(), S)
@@ -269,15 +299,21 @@ def main() -> None:
                     "rel_err": err, "rel_err_single_cudnn": err1,
                     "err_ratio": err / err1 if err1 else None,
                     "timing": timings[impl],
+                    "backend": args.backend if impl == "xdit_ops" else "cudnn",
                 }
+                if t1_fp8_ms is not None and impl == "xdit_ops":
+                    row |= {"fp8_impl": os.environ.get("XDIT_OPS_FP8_IMPL", "triton"),
+                            "t1_fp8_ms": t1_fp8_ms,
+                            "efficiency_vs_fp8": parallel_efficiency(t1_fp8_ms, world, ms),
+                            "rel_err_single_fp8": err1_fp8}
                 if impl == "xdit_ops":
                     row |= {
                         "graph_ms": graph_ms,
                         "graph_efficiency": None if graph_ms is None else
                         parallel_efficiency(t1_ms, world, graph_ms),
-                        "host_us": max_over_ranks(host_default),
-                        "host_us_nocheck": max_over_ranks(host_nocheck),
-                        "host_us_check_every_call": max_over_ranks(host_always),
+                        "host_us": _max_or_none(host_default),
+                        "host_us_nocheck": _max_or_none(host_nocheck),
+                        "host_us_check_every_call": _max_or_none(host_always),
                         **floors,
                         "note": graph_note,
                     }
@@ -290,7 +326,9 @@ def main() -> None:
                           + (f"  graph {graph_ms:.3f} ms" if impl == "xdit_ops" and graph_ms
                              else "") + (f"  host {row['host_us']:.0f} us (floor "
                                          f"{row['host_floor_sum_us']:.0f})"
-                                         if impl == "xdit_ops" else ""), flush=True)
+                                         if impl == "xdit_ops" and not args.no_host else "")
+                      + (f"  vs fp8 T1 eff {row['efficiency_vs_fp8']:.3f}"
+                         if "efficiency_vs_fp8" in row else ""), flush=True)
         del q, k, v, ref32
         torch.cuda.empty_cache()
     if rank == 0:
@@ -298,6 +336,11 @@ def main() -> None:
         print(f"wrote {path}")
         print_table(rows, ["shape", "config", "impl", "ms", "t1_ms", "efficiency", "graph_ms",
                            "graph_efficiency", "rel_err", "err_ratio"])
+        if args.backend == "fp8":
+            print_table([r for r in rows if r["impl"] == "xdit_ops"],
+                        ["shape", "config", "fp8_impl", "ms", "t1_fp8_ms", "efficiency_vs_fp8",
+                         "rel_err", "rel_err_single_fp8"])
+    if rank == 0 and not args.no_host:
         print("\nhost time of one eager call (us, slowest rank) and its floors")
         print_table([r for r in rows if r["impl"] == "xdit_ops"],
                     ["shape", "config", "host_us", "host_us_nocheck", "host_us_check_every_call",
