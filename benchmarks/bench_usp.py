@@ -20,11 +20,12 @@ Python-composed usp_attention cannot avoid, each alone: one cuDNN SDPA call
 counted). ``host_us_xdit_attention`` is the local attention op the op calls (its Python
 included), at the same shape.
 
-``--backend fp8``: usp_attention's local kernel is the FP8 attention (``XDIT_OPS_FP8_IMPL``
-picks Triton or the sm_90a kernel); single-GPU ``xdit_ops.fp8_attention`` on the whole sequence
-is timed too (``t1_fp8_ms``), and each row has the efficiency against both T1s: ``efficiency``
-(against cuDNN bf16, the issue's definition) and ``efficiency_vs_fp8``, and the single-GPU FP8
-error next to the parallel one. ``--no-host`` skips the host-time modes and floors.
+``--backend fp8``: usp_attention's local kernel is the FP8 attention (``XDIT_OPS_FP8_IMPL``,
+default ``auto``: the sm_90a kernel on an H100 at head dim 128, else Triton); single-GPU
+``xdit_ops.fp8_attention`` on the whole sequence is timed too (``t1_fp8_ms``), and each row has
+the efficiency against both T1s: ``efficiency`` (against cuDNN bf16, the issue's definition) and
+``efficiency_vs_fp8``, and the single-GPU FP8 error next to the parallel one.
+``--no-host`` skips the host-time modes and floors.
 
     torchrun --nproc-per-node=4 benchmarks/bench_usp.py [--quick] [--out DIR]
         [--backend auto|fp8] [--no-host]
@@ -55,6 +56,7 @@ from benchmarks.common import (  # noqa: E402
     print_table,
     write_json,
 )
+from xdit_ops.ops.fp8_attention import resolve_impl  # noqa: E402
 from xdit_ops.ops.usp_attention import (  # noqa: E402
     _ce_chunks,
     _exchange_splits,
@@ -238,7 +240,7 @@ def main() -> None:
             t1_fp8_ms = max_over_ranks(tf.median_ms)
             err1_fp8 = rel_err(single_fp8(), ref32)
             if rank == 0:
-                print(f"  single-GPU fp8 ({os.environ.get('XDIT_OPS_FP8_IMPL', 'triton')}) "
+                print(f"  single-GPU fp8 ({resolve_impl(q.device, D)}) "
                       f"{t1_fp8_ms:.3f} ms, rel err {err1_fp8:.2e}", flush=True)
         floors_of: dict[tuple[int, int], dict] = {}
         for name, u, r in configs:
@@ -302,7 +304,7 @@ def main() -> None:
                     "backend": args.backend if impl == "xdit_ops" else "cudnn",
                 }
                 if t1_fp8_ms is not None and impl == "xdit_ops":
-                    row |= {"fp8_impl": os.environ.get("XDIT_OPS_FP8_IMPL", "triton"),
+                    row |= {"fp8_impl": resolve_impl(q.device, D),
                             "t1_fp8_ms": t1_fp8_ms,
                             "efficiency_vs_fp8": parallel_efficiency(t1_fp8_ms, world, ms),
                             "rel_err_single_fp8": err1_fp8}

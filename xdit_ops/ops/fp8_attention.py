@@ -4,18 +4,21 @@ The numerics (the quantization scheme) are defined once, in
 :mod:`xdit_ops.reference.fp8_attention`, whose exact CPU emulation is the CPU kernel and the
 oracle of the GPU kernels; docs/fp8_attention.md explains the scheme.
 
-CUDA implementations, chosen by ``XDIT_OPS_FP8_IMPL``:
+CUDA implementations, chosen by ``XDIT_OPS_FP8_IMPL`` (read per call):
 
-``triton`` (default)  the Triton quantization pass + attention kernel
+``auto`` (default)    ``sm90ws`` where it can run and is the faster one: a Hopper (sm_90) GPU,
+                      ``xdit_ops._C_sm90`` loaded with its kernel, padded head dim 128 (at 64
+                      the Triton kernel is faster: run 16). ``triton`` otherwise.
+``triton``            the Triton quantization pass + attention kernel
                       (:mod:`xdit_ops.triton.fp8_attention`).
 ``sm90``              the Triton quantization pass + the native sm_90a attention kernel
-                      (``xdit_ops::fp8_attention_sm90_fwd`` from ``xdit_ops._C_sm90``; opt-in
-                      until its GPU test passes; an error where it cannot run).
+                      (``xdit_ops::fp8_attention_sm90_fwd`` from ``xdit_ops._C_sm90``; one
+                      warpgroup, 64-key tiles; an error where it cannot run).
 ``sm90ws``            the Triton quantization pass + the warp-specialised sm_90a kernel
                       (``xdit_ops::fp8_attention_sm90ws_fwd``: TMA producer warp, two consumer
-                      warpgroups in ping-pong, 128-key tiles; opt-in, an error where it cannot
-                      run). Its numerics are the scheme with ``block_n=128``
-                      (:func:`sm90_scheme`), as the Triton kernel's at head dim 128.
+                      warpgroups in ping-pong, 128-key tiles; an error where it cannot run).
+                      Its numerics are the scheme with ``block_n=128`` (:func:`sm90_scheme`),
+                      as the Triton kernel's at head dim 128.
 ``emulation``         the CPU emulation's torch ops run on the GPU (slow; for debugging).
 
 The op is lossy by design (INT8 Q K^T, FP8 P.V), so ``attention(..., backend="auto")`` never
@@ -24,6 +27,7 @@ chooses it; ask for it with ``backend="fp8"`` or call :func:`fp8_attention`.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import replace
@@ -40,7 +44,7 @@ from xdit_ops.reference.fp8_attention import (
 )
 
 OP = "fp8_attention"
-IMPLS = ("triton", "sm90", "sm90ws", "emulation")
+IMPLS = ("auto", "triton", "sm90", "sm90ws", "emulation")
 # The native kernels and the xdit_ops::<op> each runs (same schema, same inputs).
 SM90_IMPLS = {"sm90": "fp8_attention_sm90_fwd", "sm90ws": "fp8_attention_sm90ws_fwd"}
 DTYPES = (torch.float16, torch.bfloat16)
@@ -90,12 +94,12 @@ def sm90_scheme(impl: str = "sm90") -> Fp8AttentionScheme:
     return replace(SCHEME, block_n=SM90_BLOCK_N[impl])
 
 
-def cuda_scheme(head_dim: int) -> Fp8AttentionScheme:
-    """The scheme whose emulation the CUDA op computes at ``head_dim`` under the current
-    ``XDIT_OPS_FP8_IMPL``: the kernels' key-tile width sets the softmax block (``block_n``), so
-    it can differ from the CPU op's ``SCHEME`` (the Triton kernel's 128-key tiles at head dim
-    128, the sm90ws kernel's)."""
-    impl = _impl()
+def cuda_scheme(head_dim: int, device: torch.device | None = None) -> Fp8AttentionScheme:
+    """The scheme whose emulation the CUDA op computes at ``head_dim`` on ``device`` (default:
+    the current CUDA device) under the current ``XDIT_OPS_FP8_IMPL``: the kernels' key-tile
+    width sets the softmax block (``block_n``), so it can differ from the CPU op's ``SCHEME``
+    (the Triton kernel's 128-key tiles at head dim 128, the sm90ws kernel's)."""
+    impl = resolve_impl(device, head_dim)
     if impl == "emulation":
         return SCHEME
     if impl in SM90_IMPLS:
@@ -107,15 +111,48 @@ def cuda_scheme(head_dim: int) -> Fp8AttentionScheme:
 
 def _impl() -> str:
     """``XDIT_OPS_FP8_IMPL`` (read per call: tests and benchmarks switch it in one process)."""
-    return os.environ.get("XDIT_OPS_FP8_IMPL", "triton")
+    return os.environ.get("XDIT_OPS_FP8_IMPL", "auto")
+
+
+@functools.cache
+def _sm90ws_runs_on(device_index: int) -> bool:
+    """Whether the sm90ws kernel can run on CUDA device ``device_index`` (fixed per process)."""
+    return (torch.cuda.get_device_capability(device_index) == (9, 0)
+            and _extension.has("_C_sm90") and sm90_kernel_loaded("sm90ws"))
+
+
+def resolve_impl(device: torch.device | None, head_dim: int, setting: str | None = None) -> str:
+    """The CUDA implementation that runs for (``device``, ``head_dim``) under ``setting``
+    (default: the current ``XDIT_OPS_FP8_IMPL``; ``device`` None: the current CUDA device, if
+    there is one): ``auto`` becomes ``sm90ws`` on a Hopper
+    (sm_90) GPU whose ``xdit_ops._C_sm90`` has the kernel, at padded head dim 128, and
+    ``triton`` otherwise; any other setting is returned as it is (checked by
+    :func:`unusable_reason`)."""
+    if setting is None:
+        setting = _impl()
+    if setting != "auto":
+        return setting
+    if device is None:
+        if not torch.cuda.is_available():
+            return "triton"
+        device = torch.device("cuda", torch.cuda.current_device())
+    if (device.type == "cuda" and padded_head_dim(head_dim) == 128
+            and torch.version.hip is None
+            and _sm90ws_runs_on(torch.cuda.current_device() if device.index is None
+                                else device.index)):
+        return "sm90ws"
+    return "triton"
 
 
 def unusable_reason(device: torch.device, dtype: torch.dtype, head_dim: int,
                     impl: str | None = None) -> str | None:
     """Why the FP8 attention cannot run on (device, dtype, head_dim) with the CUDA
-    implementation ``impl`` (default: the current ``XDIT_OPS_FP8_IMPL``); None when it can."""
+    implementation ``impl`` (default: the current ``XDIT_OPS_FP8_IMPL``; ``auto`` is resolved
+    by :func:`resolve_impl`); None when it can."""
     if impl is None:
         impl = _impl()
+    if impl not in IMPLS:
+        return f"XDIT_OPS_FP8_IMPL={impl!r} is not one of {IMPLS}"
     if dtype not in DTYPES:
         return f"fp8 attention takes float16/bfloat16, got {dtype}"
     if head_dim < 1 or head_dim > MAX_HEAD_DIM:
@@ -126,8 +163,7 @@ def unusable_reason(device: torch.device, dtype: torch.dtype, head_dim: int,
         return f"fp8 attention runs on CPU or CUDA, got device {device}"
     if torch.version.hip is not None:
         return "fp8 attention's GPU kernels use OCP e4m3 (float8e4nv); ROCm is not supported"
-    if impl not in IMPLS:
-        return f"XDIT_OPS_FP8_IMPL={impl!r} is not one of {IMPLS}"
+    impl = resolve_impl(device, head_dim, impl)
     if impl == "emulation":
         return None
     capability = torch.cuda.get_device_capability(device.index or 0)
@@ -179,7 +215,8 @@ def _fp8_attention_cpu(q, k, v, scale=None, return_lse=False):
 
 def _fp8_attention_cuda(q, k, v, scale=None, return_lse=False):
     check_inputs(q, k, v)
-    impl = _impl()  # once per call: the check and the dispatch below see the same value
+    # once per call: the check and the dispatch below see the same value
+    impl = resolve_impl(q.device, q.shape[-1])
     why = unusable_reason(q.device, q.dtype, q.shape[-1], impl)
     if why is not None:
         raise RuntimeError(f"{OP}: cannot run here: {why}")
