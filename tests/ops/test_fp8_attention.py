@@ -178,6 +178,59 @@ def test_quantize_layout_and_rounding(D):
     assert torch.allclose(qq.lse_corr.double(), corr, rtol=1e-4, atol=1e-4)
 
 
+def _fma_f32(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """fp32 fma(a, b, c) with one rounding, for the operands below: a * b of two fp32 values is
+    exact in fp64 (48 significant bits), and so is the sum with c (a an integer < 2^24, c a
+    multiple of b's ulp below 2^50 of them), so rounding the fp64 result to fp32 is the fma's
+    single rounding."""
+    return (a.double() * b.double() + c.double()).float()
+
+
+def _fused_conversion(x: torch.Tensor, ks: torch.Tensor) -> torch.Tensor:
+    """What the sm90ws kernel computes per score: fma(bits(x + 0x4B400000), ks, -off) with the
+    offset off = fp32(1.5 * 2^23 * ks) (an FMUL per key)."""
+    bits = (x.int() + 0x4B400000).view(torch.float32)  # 1.5 * 2^23 + x, exact for |x| < 2^22
+    off = (ks.double() * 12582912.0).float()
+    return _fma_f32(bits, ks, -off)
+
+
+def test_k_scale_has_22_bits_so_the_fused_conversion_is_exact():
+    """The quantizer cuts every K scale to 22 significant bits (round_k_scale), which makes the
+    kernel's one-FMA int32 -> fp32 conversion with the K scale exact: fp32(x * ks) for every
+    |x| <= 127^2 * 128 (Q K^T at Dp = 128). With 23 or 24 bits the offset 1.5 * 2^23 * ks is
+    inexact for about a third or two thirds of the scales, and so is the FMA."""
+    from xdit_ops.reference.fp8_attention import round_k_scale
+
+    g = torch.Generator().manual_seed(0)
+    n = 1 << 18
+    xmax = 127 * 127 * 128
+    x = torch.randint(-xmax, xmax + 1, (n,), generator=g, dtype=torch.int32)
+    x[:4] = torch.tensor([xmax, -xmax, 0, 1], dtype=torch.int32)
+    # scales over 1e-12 .. 1e6, and the worst mantissas (all ones) at a few exponents
+    ks = torch.exp(torch.empty(n).uniform_(math.log(1e-12), math.log(1e6), generator=g))
+    ks[4:68] = torch.ldexp(torch.full((64,), 2.0 - 2.0**-23), torch.arange(-40, 24))
+    want_of = lambda s: (x.double() * s.double()).float()  # noqa: E731
+    ks22 = round_k_scale(ks)
+    assert not (ks22.view(torch.int32) & 3).any()
+    assert ((ks - ks22) / ks).max().item() < 2.0**-21 and (ks22 <= ks).all()
+    assert torch.equal(_fused_conversion(x, ks22), want_of(ks22))
+    assert torch.equal(round_k_scale(torch.zeros(3)), torch.zeros(3))
+    # The test can fail: with one bit fewer cleared (23 bits) or none, it does.
+    ks23 = (ks.view(torch.int32) & -2).view(torch.float32)
+    for s in (ks, ks23):
+        wrong = (_fused_conversion(x, s) != want_of(s)).float().mean().item()
+        assert wrong > 0.2, wrong
+    # The quantizer's K scales are cut, the codes are those of the unrounded 127 / amax.
+    q, k, v = dit_like_qkv(1, 200, 2, 128, seed=12)
+    qq = quantize_qkv_ref(q, k, v)
+    assert qq.k_scale[:, :, :200].gt(0).all() and not (qq.k_scale.view(torch.int32) & 3).any()
+    kr = (k.float().transpose(1, 2) @ hadamard_matrix(128))
+    kr = kr - kr.mean(2, keepdim=True)
+    amax = kr.abs().amax(-1)
+    assert torch.equal(qq.k_scale[:, :, :200], round_k_scale(amax / 127.0))
+    assert torch.equal(qq.k[:, :, :200].int().abs().amax(-1), torch.full_like(amax, 127).int())
+
+
 def test_k_offset_is_removed_exactly():
     """A key offset common to all tokens leaves the output alone and shifts the LSE by
     scale * q . offset, which the per-tensor baseline cannot say."""
@@ -457,6 +510,7 @@ _TILE_LOOP_CHECK = textwrap.dedent("""
             for a, b in zip(runs[0], outs, strict=True):
                 assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
         q8, q_scale, k8, k_scale, vt8, v_scale, lse_corr = runs[0]
+        assert not (k_scale.view(torch.int32) & 3).any()  # 22-bit K scales (round_k_scale)
         want = quantize_qkv_ref(q, k, v, 0.125, fp8_cast=icast)
         assert (q8.int() - want.q.int()).abs().max() <= 1
         assert (k8.int() - want.k.int()).abs().max() <= 1
@@ -503,6 +557,8 @@ def test_triton_quantize_matches_emulation_gpu(B, Sq, Sk, H, D, dtype):
     for name in ("q_scale", "k_scale", "v_scale"):
         a, b = getattr(got, name), getattr(want, name)
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * b.abs().max().item())
+    # 22-bit K scales: the sm90ws kernel's fused conversion is exact only with them.
+    assert not (got.k_scale.view(torch.int32) & 3).any()
     # A dot product with the K mean (summed in another order): natural-log units, vs the gate's
     # 1e-2 on the LSE.
     torch.testing.assert_close(got.lse_corr, want.lse_corr, rtol=1e-4, atol=1e-4)

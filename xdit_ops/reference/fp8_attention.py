@@ -19,7 +19,10 @@ The scheme (``SCHEME``, SageAttention2-grade; see docs/fp8_attention.md for why 
 * Q and K: INT8, one scale per token (row of Q, key of K), symmetric,
   ``x_q = round_half_away(x * (127 / amax))``. Q K^T is exact in int32; the two scales are
   applied to the int32 tile as a row vector and a column vector (in the kernels the int32 ->
-  fp32 conversion is a magic-number add, exact because |Q K^T| < 2^22).
+  fp32 conversion is a magic-number add, exact because |Q K^T| < 2^22). The K scale
+  ``amax / 127`` is cut to 22 significant bits (:func:`round_k_scale`) so that a kernel may
+  fuse that conversion with the K scale into one exact FMA; the codes use the unrounded
+  ``127 / amax``.
 * V: FP8 e4m3, one scale per channel over all keys (``amax_c / 448``); stored transposed,
   ``[B, H, Dp, Sk_pad]``, keys contiguous, the K-major layout the FP8 P.V product needs.
 * Online softmax over key tiles of ``block_n`` = 64 keys in fp32, base 2. P is computed as
@@ -162,6 +165,27 @@ def to_fp8(x: torch.Tensor) -> torch.Tensor:
     return x.to(FP8)
 
 
+# The K scales keep 22 significant bits (the two lowest of fp32's 23 stored mantissa bits are
+# cleared, rounding toward zero): then 1.5 * 2^23 * k_scale is exact in fp32, and the kernels may
+# fuse the int32 -> fp32 magic-number conversion with the K scale into one FMA,
+# fma(bits(x + 0x4B400000), ks, -1.5 * 2^23 * ks) = fp32(x * ks) exactly (docs/fp8_attention.md).
+K_SCALE_DROP_BITS = 2
+
+
+def round_k_scale(s: torch.Tensor) -> torch.Tensor:
+    """fp32 scales with their ``K_SCALE_DROP_BITS`` lowest mantissa bits cleared (toward zero).
+
+    Parameters
+    ----------
+    s : fp32 tensor (any shape), finite and >= 0 (zeros stay zero).
+
+    Returns
+    -------
+    fp32 tensor, same shape: ``s`` to 22 significant bits, at most 2^-21 relative below it.
+    """
+    return (s.contiguous().view(torch.int32) & -(1 << K_SCALE_DROP_BITS)).view(torch.float32)
+
+
 def _quantize_rows(x: torch.Tensor, block: int, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric quantization of fp32 [B, H, S, D] with a scale per group of ``block`` tokens.
 
@@ -232,6 +256,9 @@ def quantize_qkv_ref(
         lse_corr = qf.new_zeros(B, H, Sq)
     q_codes, q_deq = _quantize_rows(qf, scheme.q_block, scheme.qk_format)
     k_codes, k_deq = _quantize_rows(kf, scheme.k_block, scheme.qk_format)
+    # Codes from the unrounded 127 / amax, the scale to 22 bits (round_k_scale): <= 2^-21
+    # relative, far below the codes' own half-step error.
+    k_deq = round_k_scale(k_deq)
     k_codes = torch.nn.functional.pad(k_codes.view(torch.uint8), (0, 0, 0, Sk_pad - Sk)).view(
         k_codes.dtype)
     k_deq = torch.nn.functional.pad(k_deq, (0, Sk_pad - Sk))

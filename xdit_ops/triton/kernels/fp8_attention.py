@@ -108,6 +108,14 @@ def _round_int8(x):
 
 
 @triton.jit
+def _round_k_scale(s):
+    """The K scale to 22 significant bits, toward zero (the reference's ``round_k_scale``): the
+    two lowest mantissa bits cleared, so that 1.5 * 2^23 * s is exact in fp32 (an attention
+    kernel may then fuse the magic-number int32 -> fp32 conversion with the K scale)."""
+    return (s.to(tl.int32, bitcast=True) & -4).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _load_had_and_stats(HAD, KSUM, VMAX, bh, Sk, num_chunks, DP: tl.constexpr,
                         NUM_CHUNKS_P2: tl.constexpr, WANT_VMAX: tl.constexpr):
     """The Hadamard matrix and, for one (batch, head), the K mean and (WANT_VMAX) the V amax
@@ -189,7 +197,8 @@ def quantize_kv_kernel(
 ):
     """Grid (P, B * H): program p quantizes the key tiles p, p + P, ... of one (batch, head).
     V: FP8 per channel, stored transposed (keys contiguous); K: rotate, subtract the mean, INT8
-    per key, zero codes and scales in the padding.
+    per key (codes from 127 / amax, the scale amax / 127 cut to 22 significant bits), zero
+    codes and scales in the padding.
 
     K8 [B, H, Sk_pad, DP] int8, KSCALE [B, H, Sk_pad] fp32, VT8 [B, H, DP, Sk_pad] e4m3,
     VSCALE [B, H, DP] fp32.
@@ -230,7 +239,7 @@ def quantize_kv_kernel(
         amax = tl.where(amax > 0, amax, 1.0)
         codes = _round_int8(kr * _div(127.0, amax)[:, None])
         tl.store(k8_base + rows[:, None] * DP + offs_d[None, :], codes)
-        tl.store(KSCALE + key_base + rows, tl.where(k_ok, _div(amax, 127.0), 0.0))
+        tl.store(KSCALE + key_base + rows, tl.where(k_ok, _round_k_scale(_div(amax, 127.0)), 0.0))
 
 
 @triton.jit
