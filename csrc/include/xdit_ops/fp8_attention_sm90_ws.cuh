@@ -49,7 +49,6 @@ namespace fp8_sm90_ws {
 using namespace cute;
 using cutlass::arch::ClusterBarrier;
 using cutlass::arch::ClusterTransactionBarrier;
-using fp8_sm90_common::int_to_float_exact;
 using fp8_sm90_common::kPShift;
 using fp8_sm90_common::quad_max;
 using fp8_sm90_common::quad_sum;
@@ -72,6 +71,17 @@ constexpr int kSchedBarrier = 1;
 constexpr int kPBarrier = 3;
 
 static_assert(kBlockN == 128, "the P/V^T shared layouts below assume 128-byte rows of keys");
+
+// The int32 -> fp32 conversion fused with the key scale: bits(x + kMagicI) is the fp32 value
+// kMagicF + x (exact for |x| < 2^22; |Q K^T| <= 127^2 * 128 < 2^21), so
+//   fma(bits(x + kMagicI), ks, -(kMagicF * ks)) = kMagicF ks + x ks - kMagicF ks, rounded once,
+// is fp32(x * ks), bit for bit the scheme's first product, provided kMagicF * ks is exact: ks
+// with at most 22 significant bits (3 * ks then fits fp32's 24). The quantization pass cuts
+// every K scale to 22 bits for this (reference round_k_scale; docs/fp8_attention.md); K scales
+// with more bits would make the scores inexact (off by up to half an ulp of kMagicF * ks).
+// Saves the conversion's FADD per score for an FMUL per key.
+constexpr int kMagicI = 0x4B400000;
+constexpr float kMagicF = 12582912.0f;  // 1.5 * 2^23
 
 template <int kDP>
 struct Cfg {
@@ -316,7 +326,8 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
   //
   // Per score, the scheme computes s = (x * ks) * qs (x the s32 dot product, two fp32
   // roundings), m = max s and exp2(s - (m - 8)). Here t' = sign(qs) x * ks (the sign rides on
-  // the int -> fp32 conversion's integer add, so t' = sign(qs) round(x ks) exactly), the row
+  // the int -> fp32 conversion's integer add, so t' = sign(qs) round(x ks) exactly; the
+  // conversion and the K scale are one FMA, exact with the quantizer's 22-bit K scales), the row
   // max is taken over t' and scaled once: round(max t' |qs|) = max round(t' |qs|) = max s
   // (rounding is monotonic), bit for bit. The exponent is one FFMA, t' |qs| - (m - 8), with a
   // single rounding where the scheme rounds s first: it differs from the emulation's by at most
@@ -336,7 +347,10 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
     for (int i = 0; i < size(tSrS); ++i) {
       const int rj = (i >> 1) & 1;
       const float2 k2 = ks[i >> 2];
-      float v = int_to_float_exact(tSrS(i) * q_sign[rj]) * ((i & 1) ? k2.y : k2.x);
+      const float k = (i & 1) ? k2.y : k2.x;
+      // t' = fp32(sign(qs) x k), exactly, in one FMA (see kMagicF); the offset's FMUL is per
+      // key, shared by the thread's two rows.
+      float v = fmaf(__int_as_float(tSrS(i) * q_sign[rj] + kMagicI), k, -(k * kMagicF));
       if (kMask && n0 + c0 + (i & 1) + 8 * (i >> 2) >= p.seq_k) v = -INFINITY;
       sc[i] = v;
       part_max[rj][(i >> 2) & 3] = fmaxf(part_max[rj][(i >> 2) & 3], v);
@@ -370,6 +384,9 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
     }
     CUTE_UNROLL
     for (int j = 0; j < 2; ++j) l_i[j] = l_i[j] * alpha_t[j] + quad_sum(tile_sum[j]);
+    // 0, computed from the exponentials (see the K-stage release in slot): the sign bits of
+    // sums of exp2 values (>= +0; a NaN from the MUFU or FADD is the canonical 0x7fffffff).
+    return (__float_as_uint(tile_sum[0]) | __float_as_uint(tile_sum[1])) >> 31;
   };
   // P of tile t into this consumer's P buffer. The previous P.V read that buffer: the caller
   // stores after its own wait for that wgmma, with no warpgroup barrier before: P.V read rows
@@ -449,8 +466,15 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
       load_ks(st, ks);
       // ClusterBarrier::arrive's asm has no memory clobber: keep the loads above it.
       asm volatile("" ::: "memory");
-      ClusterBarrier::arrive(&s.k_empty[st]);
-      softmax(t, ks, mask, alpha_t, pk);
+      const uint32_t zero = softmax(t, ks, mask, alpha_t, pk);
+      // The K stage's release, after the softmax: its address depends on the exponentials
+      // (through `zero`, always 0). ptxas (nvcc 13.0) hoists the wait for P.V (below) to right
+      // after this arrive, above any arithmetic. Released before the softmax (as it was), the
+      // arrive followed the last key-scale load and the wait followed it: at Dp = 128 after
+      // the conversions and the row max but before all 66 MUFU.EX2 of the steady loop, and
+      // with the fused conversion (loads moved up) before the conversions too, so most of the
+      // softmax ran after P.V had completed instead of under it. Now all 66 come before it.
+      ClusterBarrier::arrive(&s.k_empty[st] + zero);
     }
     if constexpr (kPV) {
       warpgroup_wait<0>();
