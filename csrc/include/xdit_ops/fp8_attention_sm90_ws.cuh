@@ -531,7 +531,12 @@ __global__ void __launch_bounds__(kThreads, 1)
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   auto& s = *reinterpret_cast<Storage<kDP>*>(smem_raw);
   const int n_tiles = (kp.p.seq_k + kBlockN - 1) / kBlockN;  // >= 1 (the host checks)
-  const int warp_group = threadIdx.x / 128;
+  // Broadcast from lane 0 (the value is the same on every lane): ptxas then knows it is
+  // warp-uniform and keeps what derives from it (the consumer's Q and P slices, hence their
+  // wgmma descriptors) in uniform registers. From threadIdx.x / 128 directly the descriptors
+  // lived in vector registers and each of the 8 wgmmas per tile paid two R2UR, plus UMOVs to
+  // rebuild the constant halves: 31 of the steady loop's 724 instructions at Dp = 128 (SASS).
+  const int warp_group = __shfl_sync(0xffffffff, threadIdx.x / 128, 0);
   if (threadIdx.x == 0) {
     ClusterBarrier::init(&s.q_full, 1);
     CUTE_UNROLL
