@@ -399,8 +399,10 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
     // unswizzled, so the P.V wgmma read the 16-key chunks of rows r % 8 != 0 permuted).
     // Swizzle<3,4,3> XORs byte-offset bits 4-6 (the 16-byte chunk) with bits 7-9 (r % 8), and
     // s.p is 1024-byte aligned: column c0 + 8 k of row r0 is at p_row ^ 8 k (k < 16; c0 < 8
-    // stays in bits 1-2), and row r0 + 8 lies 1024 bytes further (same r % 8).
-    // (An opaque copy: ptxas would otherwise hoist the 16 XORed addresses out of the key loop
+    // stays in bits 1-2), and row r0 + 8 lies 1024 bytes further (same r % 8). Bit 3 of p_row
+    // is 0 (c0 even, < 8), so p_row ^ 8 k = (p_row ^ 16 (k >> 1)) + 8 (k & 1): 7 XORs per tile
+    // (k >> 1 = 1..7) and the + 8 and + 1024 as the stores' immediate offsets, not 15 XORs.
+    // (An opaque copy: ptxas would otherwise hoist the XORed addresses out of the key loop
     // and spill.)
     const uint32_t p_row_at = p_smem + typename C::SmemPAll{}(r0, c0, w);
     uint32_t p_row;
@@ -408,7 +410,9 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
     CUTE_UNROLL
     for (int i = 0; i < size(tSrS); i += 2) {
       // Two adjacent keys of one row: two adjacent bytes (the swizzle moves 16-byte chunks).
-      const uint32_t addr = (p_row ^ static_cast<uint32_t>(8 * (i >> 2))) + 1024 * ((i >> 1) & 1);
+      const int k = i >> 2;
+      const uint32_t addr =
+          (p_row ^ static_cast<uint32_t>(16 * (k >> 1))) + 8 * (k & 1) + 1024 * ((i >> 1) & 1);
       asm volatile("st.shared.u16 [%0], %1;\n" ::"r"(addr), "h"(pk[i / 2]) : "memory");
     }
     // P's generic-proxy stores must be visible to the async proxy (wgmma) of every warp.
