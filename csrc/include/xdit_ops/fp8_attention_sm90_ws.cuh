@@ -12,7 +12,8 @@
 //   when they are done with the stage (the wgmmas that read it have completed; for K, the key
 //   scales are read too); K and V have their own barriers, so a K slot is refilled as soon as
 //   both consumers' Q K^T used it. Keys past Sk_pad (a multiple of 64) in the last tile read
-//   as zeros (TMA bounds).
+//   as zeros (TMA bounds). Two more of its warps (key_offsets) turn each K tile's scales into
+//   (scale, 1.5 * 2^23 * scale) pairs for the consumers' one-FMA score conversion.
 // * warpgroups 1 and 2, the consumers (setmaxnreg.inc to 240), own 64 query rows each and walk
 //   every key tile. Per "slot" a consumer issues Q K^T of tile t (64x128 s32 accumulators) and
 //   then P.V of tile t - 1 (e4m3 P from shared memory, fp32 accumulator from zero) as two wgmma
@@ -79,7 +80,8 @@ static_assert(kBlockN == 128, "the P/V^T shared layouts below assume 128-byte ro
 // with at most 22 significant bits (3 * ks then fits fp32's 24). The quantization pass cuts
 // every K scale to 22 bits for this (reference round_k_scale; docs/fp8_attention.md); K scales
 // with more bits would make the scores inexact (off by up to half an ulp of kMagicF * ks).
-// Saves the conversion's FADD per score for an FMUL per key.
+// Saves the conversion's FADD per score; the offsets kMagicF * ks come precomputed from the
+// key-offset warps (key_offsets), loaded with the scales.
 constexpr int kMagicI = 0x4B400000;
 constexpr float kMagicF = 12582912.0f;  // 1.5 * 2^23
 
@@ -115,10 +117,13 @@ struct alignas(1024) Storage {
   alignas(1024) cutlass::float_e4m3_t vt[kStages * kDP * kBlockN];
   alignas(1024) cutlass::float_e4m3_t p[kConsumers * kBlockM * kBlockN];
   alignas(128) float ks[kStages][kBlockN];  // the K tile's key scales (bulk copy, with K)
+  // Per pair of keys (2 i, 2 i + 1): (ks, ks, kMagicF ks, kMagicF ks), by the key-offset warps.
+  alignas(128) float4 kso[kStages][kBlockN / 2];
   uint64_t q_full;
   uint64_t k_full[kStages];
   uint64_t v_full[kStages];
   uint64_t k_empty[kStages];
+  uint64_t kso_full[kStages];
   uint64_t v_empty[kStages];
 };
 
@@ -246,6 +251,30 @@ __device__ __forceinline__ void produce(const KernelParams<kDP>& kp, Storage<kDP
   }
 }
 
+// The key-offset warps (warps 1 and 2 of the producer warpgroup, otherwise idle): per K tile,
+// once its key scales have landed, the pairs (ks, kMagicF ks) of the 128 keys into s.kso, one
+// pair of keys per thread, then an arrival on the stage's kso_full barrier. The consumers read
+// a key pair's scales and offsets with one 16-byte load; computed there, the offsets cost each
+// consumer thread an FMUL per key of its 32 (both consumer warpgroups, every warp: the same
+// products 16 times over). Ordering: a stage's kso is rewritten for tile t + kStages only after
+// K of that tile landed, which the producer loaded after the consumers released tile t (their
+// release follows their kso reads), so no consumer still reads the old values.
+constexpr int kOffsetThreads = kBlockN / 2;
+
+template <int kDP>
+__device__ __forceinline__ void key_offsets(Storage<kDP>& s, int n_tiles, int i) {
+  for (int t = 0; t < n_tiles; ++t) {
+    const int st = t % kStages;
+    wait_barrier(&s.k_full[st], (t / kStages) & 1);
+    asm volatile("" ::: "memory");  // the try_wait asm has no memory clobber
+    // Past Sk_pad (the last tile) the scales are stale: those keys are masked by the consumers.
+    const float2 k2 = *reinterpret_cast<const float2*>(&s.ks[st][2 * i]);
+    s.kso[st][i] = make_float4(k2.x, k2.y, k2.x * kMagicF, k2.y * kMagicF);
+    asm volatile("" ::: "memory");  // nor has the arrive's
+    ClusterBarrier::arrive(&s.kso_full[st]);
+  }
+}
+
 // A consumer warpgroup: 64 query rows, every key tile (see the file comment for the schedule).
 template <int kDP, typename OutT>
 __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP>& s,
@@ -334,7 +363,7 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
   // an ulp (a CPU model of this arithmetic on the GPU tests' shapes moved 4e-7 of the P codes;
   // LSE within 8e-6 of the emulation's). One fp32 instruction fewer per score.
   using PPairs = __nv_fp8x2_storage_t[kBlockN / 4];  // size(tSrS) / 2
-  auto softmax = [&](int t, const float2 (&ks)[kBlockN / 8], auto mask, float (&alpha_t)[2],
+  auto softmax = [&](int t, const float4 (&ks)[kBlockN / 8], auto mask, float (&alpha_t)[2],
                      PPairs& pk) {
     constexpr bool kMask = decltype(mask)::value;
     const int n0 = t * kBlockN;
@@ -346,11 +375,11 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
     CUTE_UNROLL
     for (int i = 0; i < size(tSrS); ++i) {
       const int rj = (i >> 1) & 1;
-      const float2 k2 = ks[i >> 2];
-      const float k = (i & 1) ? k2.y : k2.x;
-      // t' = fp32(sign(qs) x k), exactly, in one FMA (see kMagicF); the offset's FMUL is per
-      // key, shared by the thread's two rows.
-      float v = fmaf(__int_as_float(tSrS(i) * q_sign[rj] + kMagicI), k, -(k * kMagicF));
+      const float4 k4 = ks[i >> 2];
+      const float k = (i & 1) ? k4.y : k4.x;
+      const float off = (i & 1) ? k4.w : k4.z;  // kMagicF * k (key_offsets)
+      // t' = fp32(sign(qs) x k), exactly, in one FMA (see kMagicF).
+      float v = fmaf(__int_as_float(tSrS(i) * q_sign[rj] + kMagicI), k, -off);
       if (kMask && n0 + c0 + (i & 1) + 8 * (i >> 2) >= p.seq_k) v = -INFINITY;
       sc[i] = v;
       part_max[rj][(i >> 2) & 3] = fmaxf(part_max[rj][(i >> 2) & 3], v);
@@ -421,11 +450,9 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
   // The key scales of this thread's columns of tile t, from the stage's shared copy. Past
   // Sk_pad (the last tile may reach past it) the copy holds stale values: those keys are
   // masked to -inf after the multiply.
-  auto load_ks = [&](int st, float2 (&ks)[kBlockN / 8]) {
+  auto load_ks = [&](int st, float4 (&ks)[kBlockN / 8]) {
     CUTE_UNROLL
-    for (int j = 0; j < kBlockN / 8; ++j) {
-      ks[j] = *reinterpret_cast<const float2*>(&s.ks[st][c0 + 8 * j]);
-    }
+    for (int j = 0; j < kBlockN / 8; ++j) ks[j] = s.kso[st][c0 / 2 + 4 * j];
   };
 
   // One slot, in this consumer's turn: Q K^T of tile t (kQK) and then P.V of tile t - 1 (kPV),
@@ -436,7 +463,7 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
   // which read it, has completed) and P.V is added to the output with the alpha of tile t - 1.
   // The slot kinds are compile-time so that no wgmma sits on a divergent path (ptxas would
   // serialise them).
-  float2 ks[kBlockN / 8];
+  float4 ks[kBlockN / 8];
   auto slot = [&](int t, auto qk, auto pv, auto mask) {
     constexpr bool kQK = decltype(qk)::value;
     constexpr bool kPV = decltype(pv)::value;
@@ -467,6 +494,8 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
       // The key scales are read here, not before the wgmmas: the accumulators of both
       // products plus the output's leave no registers to hold them across the batch. The
       // release of the K stage (mbarrier.arrive: release semantics) follows the reads.
+      ClusterBarrier::wait(&s.kso_full[st], (t / kStages) & 1);
+      asm volatile("" ::: "memory");  // the wait's asm has no memory clobber
       load_ks(st, ks);
       // ClusterBarrier::arrive's asm has no memory clobber: keep the loads above it.
       asm volatile("" ::: "memory");
@@ -548,6 +577,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       ClusterBarrier::init(&s.k_full[st], 1);
       ClusterBarrier::init(&s.v_full[st], 1);
       ClusterBarrier::init(&s.k_empty[st], kConsumers * 128);
+      ClusterBarrier::init(&s.kso_full[st], kOffsetThreads);
       ClusterBarrier::init(&s.v_empty[st], kConsumers * 128);
     }
     cutlass::arch::fence_barrier_init();
@@ -555,7 +585,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   __syncthreads();
   if (warp_group == 0) {
     cutlass::arch::warpgroup_reg_dealloc<kProducerRegs>();
-    if (threadIdx.x == 0) produce<kDP>(kp, s, n_tiles);
+    if (threadIdx.x == 0) {
+      produce<kDP>(kp, s, n_tiles);
+    } else if (threadIdx.x >= 32 && threadIdx.x < 32 + kOffsetThreads) {
+      key_offsets<kDP>(s, n_tiles, threadIdx.x - 32);
+    }
   } else {
     cutlass::arch::warpgroup_reg_alloc<kConsumerRegs>();
     consume<kDP, OutT>(kp, s, n_tiles, warp_group - 1);
