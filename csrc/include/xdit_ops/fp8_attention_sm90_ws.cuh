@@ -467,10 +467,13 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
   auto slot = [&](int t, auto qk, auto pv, auto mask) {
     constexpr bool kQK = decltype(qk)::value;
     constexpr bool kPV = decltype(pv)::value;
-    const int st = t % kStages;
-    const int sv = (t + kStages - 1) % kStages;
-    if constexpr (kQK) ClusterBarrier::wait(&s.k_full[st], (t / kStages) & 1);
-    if constexpr (kPV) ClusterBarrier::wait(&s.v_full[sv], ((t - 1) / kStages) & 1);
+    // Unsigned: t >= 0, and t >= 1 where P.V runs (signed / and % cost sign fix-ups).
+    const uint32_t tu = static_cast<uint32_t>(t);
+    const int st = static_cast<int>(tu % kStages);
+    const int sv = static_cast<int>((tu + kStages - 1) % kStages);
+    const uint32_t k_phase = (tu / kStages) & 1;
+    if constexpr (kQK) ClusterBarrier::wait(&s.k_full[st], k_phase);
+    if constexpr (kPV) ClusterBarrier::wait(&s.v_full[sv], ((tu - 1) / kStages) & 1);
     sched_wait();
     if constexpr (kQK) warpgroup_fence_operand(tSrS);
     if constexpr (kPV) warpgroup_fence_operand(tOrPV);
@@ -494,7 +497,7 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
       // The key scales are read here, not before the wgmmas: the accumulators of both
       // products plus the output's leave no registers to hold them across the batch. The
       // release of the K stage (mbarrier.arrive: release semantics) follows the reads.
-      ClusterBarrier::wait(&s.kso_full[st], (t / kStages) & 1);
+      ClusterBarrier::wait(&s.kso_full[st], k_phase);
       asm volatile("" ::: "memory");  // the wait's asm has no memory clobber
       load_ks(st, ks);
       // ClusterBarrier::arrive's asm has no memory clobber: keep the loads above it.
