@@ -509,8 +509,10 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
       // arrive followed the last key-scale load and the wait followed it: at Dp = 128 after
       // the conversions and the row max but before all 66 MUFU.EX2 of the steady loop, and
       // with the fused conversion (loads moved up) before the conversions too, so most of the
-      // softmax ran after P.V had completed instead of under it. Now all 66 come before it.
-      ClusterBarrier::arrive(&s.k_empty[st] + zero);
+      // softmax ran after P.V had completed instead of under it. Now the 64 exponentials of P
+      // come before it (the two of alpha may follow). A byte offset: one LEA.HI adds it.
+      ClusterBarrier::arrive(reinterpret_cast<const uint64_t*>(
+          reinterpret_cast<const char*>(&s.k_empty[st]) + zero));
     }
     if constexpr (kPV) {
       warpgroup_wait<0>();
