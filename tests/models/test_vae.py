@@ -24,6 +24,15 @@ diffusers = pytest.importorskip("diffusers")
 FP32_MAX_REL = 1e-5
 
 
+def _layout_of(t: torch.Tensor) -> str:
+    """``row`` (contiguous), ``channels_last`` (4-D, not also contiguous) or ``other``."""
+    if t.is_contiguous():
+        return "row"
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
+        return "channels_last"
+    return "other"
+
+
 def _max_rel(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
 
@@ -331,6 +340,7 @@ def test_group_norm_uses_whole_tensor_statistics() -> None:
 
 
 def _worker_halo(rank: int, world: int) -> None:
+    from xdit_ops.parallel import halo
     from xdit_ops.parallel.halo import (
         BandLayout,
         ConvRows,
@@ -367,7 +377,12 @@ def _worker_halo(rank: int, world: int) -> None:
         def conv_fn(t, pad_h, w=w, s=s, d=d):
             return F.conv2d(t, w, None, (s, 1), (pad_h, 1), (d, 1))
 
+        copies = halo.BAND_COPIES[0]
         y, out_layout = halo_conv(band, layout, geom, conv_fn, group, fill=fill, chunk_bytes=64)
+        # a channels-last band is read in place (its [B, h, W * C] rows) and stays channels-last
+        assert halo.BAND_COPIES[0] == copies, (sizes, geom)
+        if mode == "reflect" and y.shape[-2] > 1:
+            assert y.is_contiguous(memory_format=torch.channels_last), (sizes, geom, y.stride())
         full = all_gather_rows(y, out_layout, group)
         assert full.shape == ref.shape, (sizes, geom, full.shape, ref.shape)
         err = (full - ref).abs().max().item()
@@ -381,32 +396,49 @@ def test_halo_conv_matches_full_convolution() -> None:
 
 
 def _worker_row_order(rank: int, world: int) -> None:
-    """The bands of the halo convolutions stay in row order (what gather_rows reads in place).
-    The attention block's [B, S, C] output viewed as NCHW is channels-last; convolutions keep
-    that layout, and on CUDA every halo gather then copied its whole band (run 13: 2.2 s of a
-    3.5 s Flux 4096^2 decode). Checked with the real processor, and with its output forced
-    channels-last (halo_conv restores row order itself). In-place path: halo_assemble_mb=0."""
+    """No halo convolution copies its band: every band reaches halo_conv in a layout gather_rows
+    reads in place (row order, or channels-last through its [B, h, W * C] rows). The KL
+    decoders run channels-last (cuDNN's half-precision layout: an NCHW convolution transposes
+    through a workspace of twice its input, the peak of a Flux 4096^2 decode in run 18); the
+    attention block's [B, S, C] output viewed as NCHW is channels-last too. Before the
+    channels-last rows, every halo gather of such a band copied it whole (run 13: 2.2 s of a
+    3.5 s Flux 4096^2 decode). Checked with the real processor and with its output forced
+    channels-last and forced row order; the decode matches serial in each. In-place path:
+    halo_assemble_mb=0."""
     from xdit_ops import parallelize_vae
     from xdit_ops.models.vae import _families
+    from xdit_ops.parallel import halo
 
     dist.init_process_group("gloo")
     z, _ = _inputs("kl")
     original = _families.BandAttnProcessor.__call__
-    for force_channels_last in (False, True):
-        if force_channels_last:
-            _families.BandAttnProcessor.__call__ = lambda self, *a, **k: original(
-                self, *a, **k).contiguous(memory_format=torch.channels_last)
-        vae = _build("kl")
-        parallelize_vae(vae, group=dist.group.WORLD, halo_assemble_mb=0)
-        layouts: list[bool] = []
-        for m in vae.decoder.modules():
-            if isinstance(m, torch.nn.Conv2d) and m.kernel_size[-2] > 1:
-                m.register_forward_hook(
-                    lambda mod, a, out, seen=layouts: seen.append(out.is_contiguous()))
-        with torch.no_grad():
-            vae.decode(z)
-        assert len(layouts) > 10 and all(layouts), (force_channels_last, layouts)
-    _families.BandAttnProcessor.__call__ = original
+    forced = {
+        "real": None,
+        "channels_last": lambda t: t.contiguous(memory_format=torch.channels_last),
+        "row_order": lambda t: t.contiguous(),
+    }
+    try:
+        for name, force in forced.items():
+            _families.BandAttnProcessor.__call__ = original if force is None else (
+                lambda self, *a, _f=force, **k: _f(original(self, *a, **k)))
+            ref_vae = _build("kl")
+            with torch.no_grad():
+                ref = ref_vae.decode(z).sample
+            vae = _build("kl")
+            parallelize_vae(vae, group=dist.group.WORLD, halo_assemble_mb=0)
+            convs = [0]
+            for m in vae.decoder.modules():
+                if isinstance(m, torch.nn.Conv2d) and m.kernel_size[-2] > 1:
+                    m.register_forward_hook(lambda mod, a, out, n=convs: n.__setitem__(0, n[0] + 1))
+            copies = halo.BAND_COPIES[0]
+            with torch.no_grad():
+                out = vae.decode(z).sample
+            assert convs[0] > 10, (name, convs)
+            assert halo.BAND_COPIES[0] == copies, (name, halo.BAND_COPIES[0] - copies)
+            err = ((out - ref).abs().max() / ref.abs().max()).item()
+            assert err <= 1e-5, (name, err)
+    finally:
+        _families.BandAttnProcessor.__call__ = original
 
 
 def test_frame_graphs_switch(monkeypatch) -> None:
@@ -504,6 +536,7 @@ def test_api_rank0_output_and_errors() -> None:
 
 def _worker_gpu(rank: int, world: int) -> None:
     from xdit_ops import parallelize_vae
+    from xdit_ops.parallel import halo
 
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -529,23 +562,29 @@ def _worker_gpu(rank: int, world: int) -> None:
             # (that made the fp32 comparison below fail by 5.9e-3 on the first GPU run).
             ref16 = copy.deepcopy(vae).to(torch.bfloat16).decode(z.bfloat16()).sample.float()
             parallelize_vae(vae, group=dist.group.WORLD, frame_graphs=True)
-            # The bands of the halo convolutions stay in row order: a channels-last band (an
-            # attention block's output viewed as NCHW) made cuDNN keep that layout and every
-            # halo gather copy its whole band (run 13). Recorded in the first decode.
-            layouts: list[tuple[str, bool]] = []
+            # No halo convolution copies its band, and the layout holds from convolution to
+            # convolution: channels-last for AutoencoderKL (run 18: an NCHW decode's peak was
+            # cuDNN's transpose workspace), row order for the video VAEs. Before, a channels-
+            # last band made every halo gather copy it whole (run 13). Recorded in the first
+            # decode.
+            layouts: list[tuple[str, str]] = []
 
             def record(mod, args, out, layouts=layouts):
-                layouts.append((type(mod).__name__, out.is_contiguous()))
+                layouts.append((type(mod).__name__, _layout_of(out)))
 
             hooks = [m.register_forward_hook(record) for m in vae.decoder.modules()
                      if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d))
                      and m.kernel_size[-2] > 1]
+            copies = halo.BAND_COPIES[0]
             out32 = vae.decode(z).sample
             for h in hooks:
                 h.remove()
             again32 = vae.decode(z).sample  # a second decode replays the kept graphs
             out16 = vae.to(torch.bfloat16).decode(z.bfloat16()).sample.float()
-        assert layouts and all(c for _, c in layouts), (name, [x for x in layouts if not x[1]])
+        want = "channels_last" if name == "kl" else "row"
+        assert layouts and all(lay == want for _, lay in layouts), (
+            name, [x for x in layouts if x[1] != want])
+        assert halo.BAND_COPIES[0] == copies, (name, halo.BAND_COPIES[0] - copies)
         assert _max_rel(out32, ref32) <= FP32_MAX_REL, (name, _max_rel(out32, ref32))
         assert _max_rel(again32, ref32) <= FP32_MAX_REL, (name, _max_rel(again32, ref32))
         noise = _max_rel(ref16, ref32)

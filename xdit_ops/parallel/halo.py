@@ -372,6 +372,27 @@ def _rows_in_place(x: torch.Tensor) -> bool:
     return all(lead[i][1] == lead[i + 1][1] * lead[i + 1][0] for i in range(len(lead) - 1))
 
 
+def _channels_last(x: torch.Tensor) -> bool:
+    """Whether ``x [B, C, h, W]`` is a channels-last band that is not also in row order: its
+    rows are then the rows of the contiguous ``[B, h, W * C]`` view (``_as_rows``)."""
+    return (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+            and not x.is_contiguous())
+
+
+def _as_rows(x: torch.Tensor) -> torch.Tensor:
+    """A channels-last ``[B, C, h, W]`` band as the row-order ``[B, h, W * C]`` view (no copy)."""
+    return x.permute(0, 2, 3, 1).flatten(2)
+
+
+def _from_rows(r: torch.Tensor, channels: int) -> torch.Tensor:
+    """Rows ``[B, h, W * C]`` (from ``gather_rows``) as the channels-last ``[B, C, h, W]`` view."""
+    return r.unflatten(2, (-1, channels)).permute(0, 3, 1, 2)
+
+
+# Bands halo_conv had to copy into row order (a test counts them: a decode should need none).
+BAND_COPIES = [0]
+
+
 def halo_conv(
     x: torch.Tensor,
     layout: BandLayout,
@@ -418,11 +439,21 @@ def halo_conv(
     """
     ex = _exchange(geom, layout, group, x.device)
     plan = ex.plan
-    if not _rows_in_place(x):
-        # A channels-last band (an attention block's output viewed back as [B, C, H, W]) would
-        # be copied by every gather_rows below, and cuDNN keeps that layout from convolution
-        # to convolution: one copy here puts the rest of the network back in row order.
+    # The rows gather_rows moves: the band itself in row order, or the [B, h, W * C] view of a
+    # channels-last band (cuDNN's preferred layout for half-precision convolutions: an NCHW
+    # convolution transposes through a workspace of twice its input, which set the peak of a
+    # Flux 4096^2 decode in run 18). Received rows and slabs are built in the same form.
+    cl = _channels_last(x)
+    if not cl and not _rows_in_place(x):
+        # Any other layout would be copied by every gather_rows below: once here instead.
+        BAND_COPIES[0] += 1
         x = x.contiguous()
+    xr = _as_rows(x) if cl else x
+    channels = x.shape[1]
+
+    def slab(t: torch.Tensor) -> torch.Tensor:
+        return _from_rows(t, channels) if cl else t
+
     if x.shape[-2] != ex.n_own:
         raise ValueError(
             f"halo_conv: rank {ex.rank} holds {x.shape[-2]} rows but its band has {ex.n_own}"
@@ -430,11 +461,11 @@ def halo_conv(
     # 1. Post the halo messages first so they travel while the interior is computed.
     ops, received = [], {}
     for peer, index in ex.sends:
-        ops.append(dist.P2POp(dist.isend, _gather_rows([x], index, 0.0), peer, group))
-    shape = list(x.shape)
+        ops.append(dist.P2POp(dist.isend, _gather_rows([xr], index, 0.0), peer, group))
+    shape = list(xr.shape)
     for p, peer, n in ex.recvs:
         shape[-2] = n
-        received[p] = buf = x.new_empty(shape)
+        received[p] = buf = xr.new_empty(shape)
         ops.append(dist.P2POp(dist.irecv, buf, peer, group))
     works = dist.batch_isend_irecv(ops) if ops else []
 
@@ -445,13 +476,15 @@ def halo_conv(
         if out is None:
             shape = list(y.shape)
             shape[-2] = ex.n_out
-            out = y.new_empty(shape)
+            out = torch.empty(shape, dtype=y.dtype, device=y.device,
+                              memory_format=torch.channels_last if cl else
+                              torch.contiguous_format)
         out.narrow(-2, o_lo - plan.out_begin, y.shape[-2]).copy_(y)
 
     if ex.n_out > 0 and x.numel() * x.element_size() <= assemble_bytes:
         for w in works:
             w.wait()
-        return conv_fn(ex.assemble(x, *ex.window, received, fill), 0), plan.out_layout
+        return conv_fn(slab(ex.assemble(xr, *ex.window, received, fill)), 0), plan.out_layout
     # 2. Interior rows, while the halo travels.
     first = ex.first
     if ex.whole is not None:  # the band at once, zeros standing in for the halo
@@ -469,7 +502,7 @@ def halo_conv(
     for w in works:
         w.wait()
     for b0, lo, hi in ex.edges:
-        put(b0, conv_fn(ex.assemble(x, lo, hi, received, fill), 0))
+        put(b0, conv_fn(slab(ex.assemble(xr, lo, hi, received, fill)), 0))
     if out is None:  # this rank owns no output rows: an empty band of the right shape
         shape = list(x.shape)
         shape[-2] = geom.span

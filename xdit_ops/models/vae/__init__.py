@@ -171,7 +171,9 @@ def parallelize_vae(
             )
         sizes = balanced_sizes(latent_rows, world)
         ctx = BandContext(g, sizes, chunk, assemble)
-        band = x.narrow(-2, sum(sizes[:rank]) * scale, sizes[rank] * scale).contiguous()
+        band = x.narrow(-2, sum(sizes[:rank]) * scale, sizes[rank] * scale)
+        band = band.contiguous(memory_format=torch.channels_last if fam.channels_last
+                               and band.dim() == 4 else torch.contiguous_format)
         with activate(ctx):
             out = fn(band, *args, **kwargs)
             where = f"the output of {what}"

@@ -211,6 +211,31 @@ def _local_moments(xg: torch.Tensor, chunk_elems: int = 1 << 24) -> tuple[torch.
     return mean, m2
 
 
+def _local_moments_nhwc(xr: torch.Tensor, chunk_elems: int = 1 << 24
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_local_moments`` of a channels-last band seen as ``xr [B, N, G, C / G]`` (N = H * W):
+    per (sample, group) over N and C / G, flattened to ``[B * G]`` like the row-order path, in
+    chunks of rows, so the band is never copied to fp32 whole."""
+    b, n_rows, groups, per = xr.shape
+    step = max(1, chunk_elems // max(1, b * groups * per))
+    mean = m2 = None
+    n = 0
+    for s in range(0, n_rows, step):
+        piece = xr[:, s:s + step].float()
+        var_p, mean_p = torch.var_mean(piece, dim=(1, 3), correction=0)
+        var_p, mean_p = var_p.flatten(), mean_p.flatten()
+        k = piece.shape[1] * per
+        if mean is None:
+            mean, m2, n = mean_p, var_p * k, k
+            continue
+        delta = mean_p - mean
+        tot = n + k
+        mean = mean + delta * (k / tot)
+        m2 = m2 + var_p * k + delta.square() * (n * k / tot)
+        n = tot
+    return mean, m2
+
+
 def band_group_norm(
     x: torch.Tensor,
     num_groups: int,
@@ -227,9 +252,19 @@ def band_group_norm(
     kernel with the merged statistics per (sample, channel)), computed in fp32 inside the kernel.
     """
     b, c = x.shape[0], x.shape[1]
-    xg = x.reshape(b * num_groups, -1)
-    mean, m2 = _local_moments(xg)
-    stats = torch.stack([torch.full_like(mean, float(xg.shape[1])), mean, m2])
+    # A channels-last band (the layout the KL decoders run in) is read in place: its groups are
+    # [B, H * W, G, C / G] slices of the [B, H, W, C] memory, and it stays channels-last.
+    nhwc = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not (
+        x.is_contiguous())
+    if nhwc:
+        xr = x.permute(0, 2, 3, 1).reshape(b, -1, num_groups, c // num_groups)
+        mean, m2 = _local_moments_nhwc(xr)
+        count = float(xr.shape[1] * xr.shape[3])
+    else:
+        xg = x.reshape(b * num_groups, -1)
+        mean, m2 = _local_moments(xg)
+        count = float(xg.shape[1])
+    stats = torch.stack([torch.full_like(mean, count), mean, m2])
     allst = stats.new_empty(ctx.world * 3, stats.shape[1])
     dist.all_gather_into_tensor(allst, stats, group=ctx.group)
     n_i, mean_i, m2_i = allst.view(ctx.world, 3, -1).double().unbind(1)  # [world, B*G] each
@@ -241,6 +276,15 @@ def band_group_norm(
     stat_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     mean_c = g_mean.to(stat_dtype).repeat_interleave(per)
     var_c = g_var.to(stat_dtype).repeat_interleave(per)
+    if nhwc:  # batch_norm reads and writes a channels-last sample as it is
+        w, bb = _per_sample(weight, stat_dtype, 1), _per_sample(bias, stat_dtype, 1)
+        if b == 1:
+            return F.batch_norm(x, mean_c, var_c, w, bb, False, 0.0, eps)
+        y = torch.empty_like(x)  # channels-last too
+        for i in range(b):
+            y[i:i + 1] = F.batch_norm(x[i:i + 1], mean_c[i * c:(i + 1) * c],
+                                      var_c[i * c:(i + 1) * c], w, bb, False, 0.0, eps)
+        return y
     w, bb = _per_sample(weight, stat_dtype, b), _per_sample(bias, stat_dtype, b)
     y = F.batch_norm(x.reshape(1, b * c, -1), mean_c, var_c, w, bb, False, 0.0, eps)
     return y.reshape(x.shape)

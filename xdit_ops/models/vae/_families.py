@@ -212,11 +212,15 @@ class BandAttnProcessor:
                                                f"{tuple(hidden_states.shape)}, not [B, C, H, W]")
         b, c, h, w = hidden_states.shape
         counts = tuple(s * w for s in ctx.layout(h, self.path).sizes)
-        o = attention_tokens(attn, hidden_states.view(b, c, h * w).transpose(1, 2), ctx, counts)
-        # [B, S, C] memory viewed as [B, C, H, W] is channels-last; in that layout every later
-        # convolution on CUDA stays channels-last and every halo gather copies its whole band
-        # (Flux 4096^2 on 2 H100s: 2.2 s of copies in a 3.5 s decode). One copy here instead.
-        return o.transpose(-1, -2).reshape(b, c, h, w).contiguous()
+        # Tokens [B, S, C]: a view of a channels-last band, a copy of a row-order one.
+        o = attention_tokens(attn, hidden_states.flatten(2).transpose(1, 2), ctx, counts)
+        # [B, S, C] memory viewed as [B, C, H, W] is channels-last. A channels-last decode
+        # (AutoencoderKL's, see run_banded) keeps that view; a row-order one gets its rows back
+        # in row order with one copy, so that its later convolutions stay in row order.
+        o = o.transpose(-1, -2).reshape(b, c, h, w)
+        if hidden_states.is_contiguous(memory_format=torch.channels_last):
+            return o
+        return o.contiguous()
 
 
 def _attention(walk: Walk, path: str, module: nn.Module) -> None:
@@ -601,6 +605,9 @@ class Family:
     encode: str | None = "_encode"
     # decodes frame by frame through ``decoder(x, feat_cache=, feat_idx=)``: per-frame graphs
     frame_decoder: bool = False
+    # 4-D bands run channels-last (cuDNN's layout for half-precision convolutions: no transpose
+    # workspace; the halo exchange and the group norm read such bands in place)
+    channels_last: bool = False
 
 
 def _kl_ratio(vae: nn.Module) -> int:
@@ -640,7 +647,7 @@ _FAMILIES: dict[tuple[str, str], Family] = {
     (_COG, "AutoencoderKLCogVideoX"): Family(_kl_ratio),
     (_LTX, "AutoencoderKLLTXVideo"): Family(_ratio_attr),
     (_LTX2, "AutoencoderKLLTX2Video"): Family(_ltx2_ratio),
-    (f"{_AE}.autoencoder_kl", "AutoencoderKL"): Family(_kl_ratio),
+    (f"{_AE}.autoencoder_kl", "AutoencoderKL"): Family(_kl_ratio, channels_last=True),
     (_WAN, "AutoencoderKLWan"): Family(_wan_ratio, frame_decoder=True),
     (_QWEN, "AutoencoderKLQwenImage"): Family(_qwen_ratio, frame_decoder=True),
 }
