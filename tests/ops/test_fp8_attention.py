@@ -367,6 +367,12 @@ def test_sm90_ops_fake_and_schemes():
     # sm90 walks the op's 64-key tiles, sm90ws 128-key tiles (the key-tile width only).
     assert sm90_scheme("sm90") == SCHEME
     assert sm90_scheme("sm90ws") == scheme_variant(block_n=128)
+    # sm90ws takes V^T in the P.V key order, sm90 in key order; the other layout is refused
+    # before any kernel runs.
+    with pytest.raises(ValueError, match="sm90ws kernel takes V.T in the P.V key order"):
+        attention_quantized_sm90(qq, torch.float16, impl="sm90ws")
+    with pytest.raises(ValueError, match="sm90 kernel takes V.T in key order"):
+        attention_quantized_sm90(in_pv_order(qq), torch.float16, impl="sm90")
     with pytest.raises(ValueError, match="fp8_attention: unknown sm90 kernel 'sm91'"):
         attention_quantized_sm90(qq, torch.float16, impl="sm91")
 
@@ -622,13 +628,20 @@ def test_sm90_attention_matches_emulation(impl, B, Sq, Sk, H, D, dtype):
     it computes (sm90_scheme: its key-tile width); same bar as the Triton kernel. The shapes'
     Sk_pad (a multiple of 64) is often not a multiple of sm90ws' 128-key tile: its last tile
     reads past the buffers (TMA zero fill)."""
-    from xdit_ops.ops.fp8_attention import attention_quantized_sm90, sm90_kernel_loaded, sm90_scheme
+    from xdit_ops.ops.fp8_attention import (
+        SM90_VT_PV_ORDER,
+        attention_quantized_sm90,
+        sm90_kernel_loaded,
+        sm90_scheme,
+    )
 
     if not sm90_kernel_loaded(impl):
         pytest.skip(f"xdit_ops._C_sm90 has no {impl} kernel")
     q, k, v = dit_like_qkv(B, max(Sq, Sk), H, D, seed=Sq, dtype=dtype, device="cuda")
     q, k, v = q[:, :Sq], k[:, :Sk], v[:, :Sk]
     qq = quantize_qkv_ref(q, k, v)
+    if SM90_VT_PV_ORDER[impl]:  # sm90ws: V^T in the P.V key order (an exact reordering)
+        qq = in_pv_order(qq)
     out, lse = attention_quantized_sm90(qq, dtype, impl=impl)
     assert out.shape == (B, Sq, H, D) and out.dtype == dtype and lse.shape == (B, H, Sq)
     emu_out, emu_lse = fp8_attention_quantized_ref(qq, dtype, sm90_scheme(impl))
@@ -649,7 +662,7 @@ def test_sm90ws_without_keys_is_the_emulation():
     if not sm90_kernel_loaded("sm90ws"):
         pytest.skip("xdit_ops._C_sm90 has no sm90ws kernel")
     q, k, v = dit_like_qkv(1, 70, 2, 128, seed=3, device="cuda")
-    qq = quantize_qkv_ref(q, k[:, :0], v[:, :0])
+    qq = in_pv_order(quantize_qkv_ref(q, k[:, :0], v[:, :0]))
     out, lse = attention_quantized_sm90(qq, q.dtype, impl="sm90ws")
     emu_out, emu_lse = fp8_attention_quantized_ref(qq, q.dtype)
     assert torch.equal(out, emu_out) and torch.equal(lse, emu_lse)
