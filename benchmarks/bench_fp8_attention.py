@@ -66,19 +66,22 @@ def candidates(q, k, v, impls: list[str]) -> dict[str, Callable[[], object]]:
         qt, kt, vt)}
     if not impls:
         return fns
-    from xdit_ops.ops.fp8_attention import attention_quantized_sm90
+    from xdit_ops.ops.fp8_attention import SM90_VT_PV_ORDER, attention_quantized_sm90
+    from xdit_ops.reference.fp8_attention import in_pv_order
     from xdit_ops.triton.fp8_attention import attention_quantized_triton, quantize_qkv_triton
 
     # Every implementation's kernel runs after the same Triton quantization pass: quantize once
-    # and time the kernels on the same quantized inputs.
+    # and time the kernels on the same quantized inputs (sm90ws: V^T's keys in its P.V key
+    # order, the same bytes permuted).
     qq = quantize_qkv_triton(q, k, v)
+    qq_pv = in_pv_order(qq)
     fns["triton_quant"] = lambda: quantize_qkv_triton(q, k, v)
     for impl in impls:
         if impl == "triton":
             fns["triton_kernel"] = lambda: attention_quantized_triton(qq, q.dtype, False)
         else:  # sm90, sm90ws
             fns[f"{impl}_kernel"] = lambda impl=impl: attention_quantized_sm90(
-                qq, q.dtype, False, impl)
+                qq_pv if SM90_VT_PV_ORDER[impl] else qq, q.dtype, False, impl)
         fns[f"{impl}_total"] = _with_impl(impl, lambda: xdit_ops.fp8_attention(q, k, v))
     return fns
 

@@ -15,6 +15,7 @@ from xdit_ops.reference.attention import attention_ref
 from xdit_ops.reference.fp8_attention import (
     FP8,
     NAIVE_SCHEME,
+    PV_KEY_ORDER,
     SCHEME,
     attention_error_metrics,
     dit_like_qkv,
@@ -22,8 +23,12 @@ from xdit_ops.reference.fp8_attention import (
     fp8_attention_quantized_ref,
     fp8_attention_ref,
     hadamard_matrix,
+    in_key_order,
+    in_pv_order,
     quantize_qkv_ref,
     scheme_variant,
+    vt_from_pv_order,
+    vt_to_pv_order,
 )
 
 # The gate (issue 4), against an fp64 oracle on DiT-like inputs.
@@ -231,6 +236,38 @@ def test_k_scale_has_22_bits_so_the_fused_conversion_is_exact():
     assert torch.equal(qq.k[:, :, :200].int().abs().amax(-1), torch.full_like(amax, 127).int())
 
 
+def test_vt_pv_key_order():
+    """The sm90ws kernel's V^T layout: inside every 32-key block, key 8 jj + 2 ln + b at column
+    4 ln + 16 (jj >> 1) + 2 (jj & 1) + b (ln = lane % 4; written out here, not taken from the
+    module's table); the round trip gives the plain layout back; the padding stays zero; the
+    emulation reads either."""
+    want = [4 * ln + 16 * (jj >> 1) + 2 * (jj & 1) + b
+            for jj in range(4) for ln in range(4) for b in range(2)]  # key 8 jj + 2 ln + b
+    assert list(PV_KEY_ORDER) == want and sorted(want) == list(range(32))
+    q, k, v = dit_like_qkv(2, 100, 3, 72, seed=6)
+    qq = quantize_qkv_ref(q, k, v)  # Sk_pad 128: 4 blocks, the last 28 keys padding
+    pv = in_pv_order(qq)
+    assert pv.vt_pv_order and not qq.vt_pv_order and in_pv_order(pv) is pv
+    assert pv.vt.dtype == FP8 and pv.vt.shape == qq.vt.shape and pv.vt.is_contiguous()
+    plain, perm = qq.vt.view(torch.uint8), pv.vt.view(torch.uint8)
+    for key in (0, 1, 2, 9, 31, 32, 45, 99, 100, 127):
+        col = 32 * (key // 32) + PV_KEY_ORDER[key % 32]
+        assert torch.equal(perm[..., col], plain[..., key]), key
+    assert torch.equal(in_key_order(pv).vt.view(torch.uint8), plain)
+    assert torch.equal(vt_from_pv_order(vt_to_pv_order(qq.vt)).view(torch.uint8), plain)
+    assert in_key_order(pv).vt_pv_order is False and in_key_order(qq) is qq
+    # Padding keys (>= 100) are zero wherever the permutation puts them.
+    cols = [32 * (key // 32) + PV_KEY_ORDER[key % 32] for key in range(100, 128)]
+    assert not perm[..., cols].any()
+    # Other fields are shared, not copied.
+    assert pv.q is qq.q and pv.k_scale is qq.k_scale and pv.seqlen_k == qq.seqlen_k
+    for a, b in zip(fp8_attention_quantized_ref(pv, q.dtype), fp8_attention_quantized_ref(
+            qq, q.dtype), strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="multiple of 32 keys, got 40"):
+        vt_to_pv_order(qq.vt[..., :40])
+
+
 def test_k_offset_is_removed_exactly():
     """A key offset common to all tokens leaves the output alone and shifts the LSE by
     scale * q . offset, which the per-tensor baseline cannot say."""
@@ -383,6 +420,12 @@ def test_sm90_ops_fake_and_schemes():
     # sm90 walks the op's 64-key tiles, sm90ws 128-key tiles (the key-tile width only).
     assert sm90_scheme("sm90") == SCHEME
     assert sm90_scheme("sm90ws") == scheme_variant(block_n=128)
+    # sm90ws takes V^T in the P.V key order, sm90 in key order; the other layout is refused
+    # before any kernel runs.
+    with pytest.raises(ValueError, match="sm90ws kernel takes V.T in the P.V key order"):
+        attention_quantized_sm90(qq, torch.float16, impl="sm90ws")
+    with pytest.raises(ValueError, match="sm90 kernel takes V.T in key order"):
+        attention_quantized_sm90(in_pv_order(qq), torch.float16, impl="sm90")
     with pytest.raises(ValueError, match="fp8_attention: unknown sm90 kernel 'sm91'"):
         attention_quantized_sm90(qq, torch.float16, impl="sm91")
 
@@ -417,7 +460,8 @@ _INTERPRETER_PRELUDE = textwrap.dedent("""
     from triton.runtime.interpreter import _convert_float
 
     from xdit_ops.reference.fp8_attention import (
-        attention_error_metrics, dit_like_qkv, fp8_attention_quantized_ref, quantize_qkv_ref)
+        attention_error_metrics, dit_like_qkv, fp8_attention_quantized_ref, in_key_order,
+        in_pv_order, quantize_qkv_ref)
     from xdit_ops.triton.fp8_attention import INTERPRET
 
     assert INTERPRET
@@ -451,6 +495,19 @@ _INTERPRETER_CHECK = textwrap.dedent("""
         q, k, v = q[:, :Sq], k[:, :Sk], v[:, :Sk]
         got = quantize_qkv_triton(q, k, v)
         want = quantize_qkv_ref(q, k, v, fp8_cast=icast)
+        # V^T in the sm90ws kernel's P.V key order: the plain pass's bytes, permuted exactly as
+        # the reference permutes them; every other output the same bits.
+        got_pv = quantize_qkv_triton(q, k, v, vt_pv_order=True)
+        assert got_pv.vt_pv_order and not got.vt_pv_order
+        assert torch.equal(got_pv.vt.view(torch.uint8), in_pv_order(got).vt.view(torch.uint8))
+        assert torch.equal(in_key_order(got_pv).vt.view(torch.uint8), got.vt.view(torch.uint8))
+        for name in ("q", "q_scale", "k", "k_scale", "v_scale", "lse_corr"):
+            assert torch.equal(getattr(got_pv, name), getattr(got, name)), name
+        try:
+            attention_quantized_triton(got_pv, dtype)
+            raise AssertionError("the Triton kernel took V^T in the P.V key order")
+        except ValueError as exc:
+            assert "P.V key order" in str(exc)
         for name in ("q", "k"):
             a, b = getattr(got, name).int(), getattr(want, name).int()
             assert (a - b).abs().max() <= 1 and (a != b).float().mean() < 1e-3, name
@@ -575,6 +632,11 @@ def test_triton_quantize_matches_emulation_gpu(B, Sq, Sk, H, D, dtype):
               f"{float(big[moved].min()) if moved.any() else 0.0:.3g}")
     assert bool((diff <= step).all()), report
     assert moved.float().mean().item() < 1e-3, report
+    # The sm90ws kernel's layout: the same bytes, keys permuted as the reference permutes them.
+    got_pv = quantize_qkv_triton(q, k, v, vt_pv_order=True)
+    assert torch.equal(got_pv.vt.view(torch.uint8), in_pv_order(got).vt.view(torch.uint8))
+    for name in ("q", "q_scale", "k", "k_scale", "v_scale", "lse_corr"):
+        assert torch.equal(getattr(got_pv, name), getattr(got, name)), name
 
 
 @pytest.mark.gpu
@@ -622,13 +684,20 @@ def test_sm90_attention_matches_emulation(impl, B, Sq, Sk, H, D, dtype):
     it computes (sm90_scheme: its key-tile width); same bar as the Triton kernel. The shapes'
     Sk_pad (a multiple of 64) is often not a multiple of sm90ws' 128-key tile: its last tile
     reads past the buffers (TMA zero fill)."""
-    from xdit_ops.ops.fp8_attention import attention_quantized_sm90, sm90_kernel_loaded, sm90_scheme
+    from xdit_ops.ops.fp8_attention import (
+        SM90_VT_PV_ORDER,
+        attention_quantized_sm90,
+        sm90_kernel_loaded,
+        sm90_scheme,
+    )
 
     if not sm90_kernel_loaded(impl):
         pytest.skip(f"xdit_ops._C_sm90 has no {impl} kernel")
     q, k, v = dit_like_qkv(B, max(Sq, Sk), H, D, seed=Sq, dtype=dtype, device="cuda")
     q, k, v = q[:, :Sq], k[:, :Sk], v[:, :Sk]
     qq = quantize_qkv_ref(q, k, v)
+    if SM90_VT_PV_ORDER[impl]:  # sm90ws: V^T in the P.V key order (an exact reordering)
+        qq = in_pv_order(qq)
     out, lse = attention_quantized_sm90(qq, dtype, impl=impl)
     assert out.shape == (B, Sq, H, D) and out.dtype == dtype and lse.shape == (B, H, Sq)
     emu_out, emu_lse = fp8_attention_quantized_ref(qq, dtype, sm90_scheme(impl))
@@ -649,7 +718,7 @@ def test_sm90ws_without_keys_is_the_emulation():
     if not sm90_kernel_loaded("sm90ws"):
         pytest.skip("xdit_ops._C_sm90 has no sm90ws kernel")
     q, k, v = dit_like_qkv(1, 70, 2, 128, seed=3, device="cuda")
-    qq = quantize_qkv_ref(q, k[:, :0], v[:, :0])
+    qq = in_pv_order(quantize_qkv_ref(q, k[:, :0], v[:, :0]))
     out, lse = attention_quantized_sm90(qq, q.dtype, impl="sm90ws")
     emu_out, emu_lse = fp8_attention_quantized_ref(qq, q.dtype)
     assert torch.equal(out, emu_out) and torch.equal(lse, emu_lse)
@@ -800,7 +869,11 @@ _QUANT_SIGNATURES = {
 def test_triton_quantize_kernels_compile_for_sm90a(D, tmp_path):
     """The three quantization kernels as the launcher runs them (its warps and stages, the
     run-time alignment facts): wgmma for the rotation, the e4m3 conversion, no spills, and few
-    enough registers for the programs per SM that the grids are sized for."""
+    enough registers for the programs per SM that the grids are sized for. The K/V kernel also
+    with V^T in the sm90ws kernel's P.V key order (at the two padded head dims): its V^T stores
+    stay 16-byte vectors (the keys are permuted in registers)."""
+    import re
+
     from xdit_ops.reference.fp8_attention import padded_head_dim
     from xdit_ops.triton import fp8_attention as launcher
     from xdit_ops.triton.kernels import fp8_attention as kernels
@@ -808,13 +881,15 @@ def test_triton_quantize_kernels_compile_for_sm90a(D, tmp_path):
     DP = padded_head_dim(D)
     launch = launcher.QUANT_LAUNCH[DP]
     consts = {"D": D, "DP": DP, "UPCAST": False}
+    kv = {"BLOCK_S": launcher.QUANT_BLOCK_S, "NUM_CHUNKS_P2": 32}
+    stores = {}
     for name, stages, extra in [
         ("kv_stats_kernel", launch.stats_stages, {"BLOCK_S": launcher.STATS_BLOCK_S}),
         ("quantize_q_kernel", launch.q_stages,
          {"BLOCK_S": launcher.QUANT_BLOCK_S, "NUM_CHUNKS_P2": 32}),
-        ("quantize_kv_kernel", launch.kv_stages,
-         {"BLOCK_S": launcher.QUANT_BLOCK_S, "NUM_CHUNKS_P2": 32}),
-    ]:
+        ("quantize_kv_kernel", launch.kv_stages, kv | {"VT_PV_ORDER": False}),
+    ] + ([("quantize_kv_kernel", launch.kv_stages, kv | {"VT_PV_ORDER": True})]
+         if D == DP else []):
         names, types, aligned = _QUANT_SIGNATURES[name]
         fn = getattr(kernels, name)
         const = {**consts, **extra}
@@ -825,9 +900,13 @@ def test_triton_quantize_kernels_compile_for_sm90a(D, tmp_path):
         assert "wgmma.mma_async" in ptx, name
         if name == "quantize_kv_kernel":
             assert "cvt.rn.satfinite.e4m3x2.f32" in ptx
+            stores[extra["VT_PV_ORDER"]] = sorted(re.findall(r"st\.global[.\w]*", ptx))
         regs, spills = _ptxas_usage(ptx, tmp_path)
         assert spills == 0, (name, spills)
         assert regs * 32 * launch.num_warps * launch.programs_per_sm <= 65536, (name, regs)
+    if True in stores:
+        assert stores[True] == stores[False], stores
+        assert "st.global.v4.b32" in stores[True], stores
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,7 +18,9 @@ CUDA implementations, chosen by ``XDIT_OPS_FP8_IMPL`` (read per call):
                       (``xdit_ops::fp8_attention_sm90ws_fwd``: TMA producer warp, two consumer
                       warpgroups in ping-pong, 128-key tiles; an error where it cannot run).
                       Its numerics are the scheme with ``block_n=128`` (:func:`sm90_scheme`),
-                      as the Triton kernel's at head dim 128.
+                      as the Triton kernel's at head dim 128. It takes V^T with its keys in
+                      the P.V key order (P.V reads P from registers), which the quantization
+                      pass writes for it (``vt_pv_order=True``).
 ``emulation``         the CPU emulation's torch ops run on the GPU (slow; for debugging).
 
 The op is lossy by design (INT8 Q K^T, FP8 P.V), so ``attention(..., backend="auto")`` never
@@ -57,7 +59,8 @@ lib.define(
 # The sm_90a kernel on the quantization pass's output (QuantizedQKV); its CUDA kernel lives in
 # xdit_ops._C_sm90 (csrc/cuda/sm90/fp8_attention_sm90.cpp).
 # fp8_attention_sm90ws_fwd: the warp-specialised kernel (csrc/include/xdit_ops/
-# fp8_attention_sm90_ws.cuh), same inputs and outputs.
+# fp8_attention_sm90_ws.cuh), same inputs and outputs, except that vt8 holds V^T in the P.V key
+# order (xdit_ops.reference.fp8_attention.vt_to_pv_order).
 for _name in SM90_IMPLS.values():
     lib.define(
         f"{_name}(Tensor q8, Tensor q_scale, Tensor k8, Tensor k_scale, Tensor vt8, "
@@ -79,6 +82,9 @@ def sm90_kernel_loaded(impl: str = "sm90") -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"xdit_ops::{_sm90_op_name(impl)}",
                                                           "CUDA")
 
+
+# Whether the native kernel takes V^T in the P.V key order (QuantizedQKV.vt_pv_order).
+SM90_VT_PV_ORDER = {"sm90": False, "sm90ws": True}
 
 # Keys per online-softmax tile (the kernels' kBlockN): part of the numerics (P is rounded
 # relative to the running max of the tiles). sm90ws uses 128 at both head dims, like the Triton
@@ -232,7 +238,7 @@ def _fp8_attention_cuda(q, k, v, scale=None, return_lse=False):
     from xdit_ops.triton.fp8_attention import fp8_attention_triton, quantize_qkv_triton
 
     if impl in SM90_IMPLS:
-        qq = quantize_qkv_triton(q, k, v, scale)
+        qq = quantize_qkv_triton(q, k, v, scale, vt_pv_order=SM90_VT_PV_ORDER[impl])
         out, lse = attention_quantized_sm90(qq, q.dtype, return_lse, impl)
     else:
         out, lse = fp8_attention_triton(q, k, v, scale, return_lse)
@@ -246,8 +252,15 @@ def attention_quantized_sm90(qq, out_dtype: torch.dtype, return_lse: bool = True
 
     ``impl``: ``"sm90"`` (one warpgroup per 64 query rows, 64-key tiles) or ``"sm90ws"``
     (warp-specialised: TMA producer, two consumer warpgroups per 128 rows, 128-key tiles). Each
-    computes the emulation of :func:`sm90_scheme` (impl)."""
+    computes the emulation of :func:`sm90_scheme` (impl). ``sm90ws`` takes ``qq.vt`` in the P.V
+    key order (``qq.vt_pv_order``: :func:`~xdit_ops.reference.fp8_attention.in_pv_order`),
+    ``sm90`` in key order; the other layout is an error."""
     op = getattr(torch.ops.xdit_ops, _sm90_op_name(impl)).default
+    if qq.vt_pv_order != SM90_VT_PV_ORDER[impl]:
+        want, got = ("the P.V key order", "key order") if SM90_VT_PV_ORDER[impl] else (
+            "key order", "the P.V key order")
+        raise ValueError(f"{OP}: the {impl} kernel takes V^T in {want}, got one in {got} "
+                         f"(QuantizedQKV.vt_pv_order={qq.vt_pv_order})")
     like = qq.q_scale.new_empty(0, dtype=out_dtype)
     return op(qq.q, qq.q_scale, qq.k, qq.k_scale, qq.vt, qq.v_scale, qq.lse_corr, qq.seqlen_k,
               qq.head_dim, like, return_lse)

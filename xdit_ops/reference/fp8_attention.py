@@ -24,7 +24,9 @@ The scheme (``SCHEME``, SageAttention2-grade; see docs/fp8_attention.md for why 
   fuse that conversion with the K scale into one exact FMA; the codes use the unrounded
   ``127 / amax``.
 * V: FP8 e4m3, one scale per channel over all keys (``amax_c / 448``); stored transposed,
-  ``[B, H, Dp, Sk_pad]``, keys contiguous, the K-major layout the FP8 P.V product needs.
+  ``[B, H, Dp, Sk_pad]``, keys contiguous, the K-major layout the FP8 P.V product needs. The
+  warp-specialised sm_90a kernel takes it with the keys of every 32-key block permuted (the
+  "P.V key order", :func:`vt_to_pv_order`): a layout, not a change of numerics.
 * Online softmax over key tiles of ``block_n`` = 64 keys in fp32, base 2. P is computed as
   ``exp2(s - m_running + 8)`` (2^8-scaled, in (0, 256]) and cast to e4m3; its fp32 value goes
   into the row sum (the 2^8 cancels in ``acc / l``).
@@ -102,6 +104,8 @@ class QuantizedQKV:
     lse_corr : [B, H, Sq] fp32, ``scale * q . mean(k)`` (natural log units), added to the LSE.
     seqlen_k : the true Sk.
     head_dim : the true D.
+    vt_pv_order : ``vt``'s keys are in the P.V key order (:func:`vt_to_pv_order`; the sm90ws
+        kernel's input), not in key order.
     """
 
     q: torch.Tensor
@@ -113,6 +117,62 @@ class QuantizedQKV:
     lse_corr: torch.Tensor
     seqlen_k: int
     head_dim: int
+    vt_pv_order: bool = False
+
+
+# The P.V key order of V^T (the warp-specialised sm_90a kernel's layout, which takes P.V's A
+# operand from the registers that hold the softmax's S accumulator). Inside every block of
+# PV_KEY_BLOCK keys, key k = 8 jj + 2 l + b (jj, l < 4, b < 2) sits at column
+# PV_KEY_ORDER[k] = 4 l + 16 (jj >> 1) + 2 (jj & 1) + b: the wgmma accumulator gives a thread
+# the keys 8 jj + 2 l + b of its rows, the 8-bit A operand the columns 4 l + 16 h + a, and this
+# maps each thread's own keys onto its own A slots (csrc/include/xdit_ops/fp8_attention_sm90_ws.cuh,
+# pv_a_register). P.V sums over keys, so the same permutation of P's and V's keys is exact up
+# to the tensor core's summation order.
+PV_KEY_BLOCK = 32
+PV_KEY_ORDER = tuple(4 * ((k >> 1) & 3) + 16 * (k >> 4) + 2 * ((k >> 3) & 1) + (k & 1)
+                     for k in range(PV_KEY_BLOCK))
+
+
+def _pv_gather_index(n: int, inverse: bool, device: torch.device) -> torch.Tensor:
+    """Column index ``idx`` [n] such that ``out = x[..., idx]`` permutes the keys of every
+    32-key block into the P.V key order (``inverse``: back into key order)."""
+    if n % PV_KEY_BLOCK:
+        raise ValueError(f"fp8_attention: the P.V key order needs a multiple of {PV_KEY_BLOCK} "
+                         f"keys, got {n}")
+    order = torch.tensor(PV_KEY_ORDER, dtype=torch.long)
+    # out[pi(k)] = x[k] -> out = x[pi^-1]; back: x[k] = out[pi(k)] -> x = out[pi]
+    within = order if inverse else torch.argsort(order)
+    idx = (torch.arange(0, n, PV_KEY_BLOCK)[:, None] + within[None, :]).flatten()
+    return idx.to(device)
+
+
+def vt_to_pv_order(vt: torch.Tensor) -> torch.Tensor:
+    """V^T [..., Dp, Sk_pad] (keys in order, Sk_pad a multiple of 32) -> the same with the keys
+    of every 32-key block in the P.V key order: column ``32 i + PV_KEY_ORDER[k]`` holds key
+    ``32 i + k``. Any dtype (e4m3 is gathered as bytes)."""
+    idx = _pv_gather_index(vt.shape[-1], False, vt.device)
+    return vt.view(torch.uint8)[..., idx].view(vt.dtype)
+
+
+def vt_from_pv_order(vt: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`vt_to_pv_order`."""
+    idx = _pv_gather_index(vt.shape[-1], True, vt.device)
+    return vt.view(torch.uint8)[..., idx].view(vt.dtype)
+
+
+def in_pv_order(qq: QuantizedQKV) -> QuantizedQKV:
+    """``qq`` with ``vt`` in the P.V key order (the sm90ws kernel's input); ``qq`` itself if
+    it already is."""
+    if qq.vt_pv_order:
+        return qq
+    return replace(qq, vt=vt_to_pv_order(qq.vt).contiguous(), vt_pv_order=True)
+
+
+def in_key_order(qq: QuantizedQKV) -> QuantizedQKV:
+    """``qq`` with ``vt`` in key order (the plain layout); ``qq`` itself if it already is."""
+    if not qq.vt_pv_order:
+        return qq
+    return replace(qq, vt=vt_from_pv_order(qq.vt).contiguous(), vt_pv_order=False)
 
 
 def padded_head_dim(head_dim: int) -> int:
@@ -317,13 +377,14 @@ def fp8_attention_quantized_ref(
     fp8_cast: Callable[[torch.Tensor], torch.Tensor] = to_fp8,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The attention kernel on quantized inputs, emulated tile by tile (``fp8_cast``: P's
-    fp32 -> e4m3 conversion).
+    fp32 -> e4m3 conversion). ``qq.vt`` may be in either key order (``qq.vt_pv_order``).
 
     Returns
     -------
     out : [B, Sq, H, D] ``out_dtype``.
     lse : [B, H, Sq] fp32, natural log (``-inf`` where Sk == 0).
     """
+    qq = in_key_order(qq)
     B, H, Sq, Dp = qq.q.shape
     Sk, D = qq.seqlen_k, qq.head_dim
     qf = qq.q.float()

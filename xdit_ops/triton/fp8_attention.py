@@ -2,8 +2,9 @@
 
 Two ``torch.library.triton_op`` ops (visible to torch.compile down to the kernels):
 
-* ``xdit_ops::fp8_quantize_triton(q, k, v, had, scale)`` -> the tensors of
-  :class:`xdit_ops.reference.fp8_attention.QuantizedQKV`, same layouts.
+* ``xdit_ops::fp8_quantize_triton(q, k, v, had, scale, vt_pv_order=False)`` -> the tensors of
+  :class:`xdit_ops.reference.fp8_attention.QuantizedQKV`, same layouts (``vt_pv_order``: V^T's
+  keys in the sm90ws kernel's P.V key order).
 * ``xdit_ops::fp8_attention_fwd_triton(q8, q_scale, k8, k_scale, vt8, v_scale, lse_corr,
   seqlen_k, head_dim, out_dtype_like, return_lse)`` -> (out [B, Sq, H, D], lse [B, H, Sq]).
 
@@ -209,7 +210,7 @@ def _stats_tokens_per_chunk(num_heads: int, seqlen_k: int, per_sm: int) -> int:
     return triton.cdiv(tiles, chunks) * STATS_BLOCK_S
 
 
-def _quantize(q, k, v, had, scale):
+def _quantize(q, k, v, had, scale, vt_pv_order=False):
     B, Sq, H, D = q.shape
     Sk = k.shape[1]
     DP = had.shape[0]
@@ -252,7 +253,7 @@ def _quantize(q, k, v, had, scale):
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
             H, Sk, Sk_pad, num_chunks,
-            num_stages=launch.kv_stages, **consts)
+            VT_PV_ORDER=vt_pv_order, num_stages=launch.kv_stages, **consts)
     return q8, q_scale, k8, k_scale, vt8, v_scale, lse_corr
 
 
@@ -277,11 +278,13 @@ def _attention(q8, q_scale, k8, k_scale, vt8, v_scale, lse_corr, seqlen_k, head_
 
 @triton_op("xdit_ops::fp8_quantize_triton", mutates_args=())
 def fp8_quantize_triton(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, had: torch.Tensor, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, had: torch.Tensor, scale: float,
+    vt_pv_order: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
            torch.Tensor]:
-    """The quantization pass (see :class:`QuantizedQKV` for the outputs' layouts)."""
-    return _quantize(q, k, v, had, scale)
+    """The quantization pass (see :class:`QuantizedQKV` for the outputs' layouts;
+    ``vt_pv_order``: V^T in the P.V key order)."""
+    return _quantize(q, k, v, had, scale, vt_pv_order)
 
 
 @triton_op("xdit_ops::fp8_attention_fwd_triton", mutates_args=())
@@ -315,15 +318,20 @@ def _hadamard(dp: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor
 
 
 def quantize_qkv_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                        scale: float | None = None) -> QuantizedQKV:
-    """The quantization pass in Triton, returning :class:`QuantizedQKV` (BSHD inputs)."""
+                        scale: float | None = None, vt_pv_order: bool = False) -> QuantizedQKV:
+    """The quantization pass in Triton, returning :class:`QuantizedQKV` (BSHD inputs).
+
+    ``vt_pv_order``: write V^T with its keys in the P.V key order (the sm90ws kernel's input,
+    :func:`xdit_ops.reference.fp8_attention.vt_to_pv_order`); the Triton attention kernel and
+    the sm90 kernel take the plain layout.
+    """
     D = q.shape[-1]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     had = _hadamard(padded_head_dim(D), q.dtype, q.device)
     fn = _quantize if INTERPRET else fp8_quantize_triton
     with _on_device(q.device):
-        t = fn(q, k, v, had, scale)
-    return QuantizedQKV(*t, seqlen_k=k.shape[1], head_dim=D)
+        t = fn(q, k, v, had, scale, vt_pv_order)
+    return QuantizedQKV(*t, seqlen_k=k.shape[1], head_dim=D, vt_pv_order=vt_pv_order)
 
 
 def attention_quantized_triton(qq: QuantizedQKV, out_dtype: torch.dtype,
@@ -333,7 +341,11 @@ def attention_quantized_triton(qq: QuantizedQKV, out_dtype: torch.dtype,
 
     ``config`` defaults to :func:`attn_config` of the padded head dim; the result is the
     emulation of :func:`config_scheme` (config) (the op's scheme for the default table).
+    ``qq.vt`` must be in key order (``qq.vt_pv_order`` False).
     """
+    if qq.vt_pv_order:
+        raise ValueError("fp8_attention: the Triton attention kernel takes V^T in key order; "
+                         "got one in the sm90ws kernel's P.V key order (vt_pv_order=True)")
     cfg = attn_config(qq.q.shape[-1]) if config is None else config
     like = qq.q_scale.new_empty(0, dtype=out_dtype)
     fn = _attention if INTERPRET else fp8_attention_fwd_triton

@@ -16,17 +16,20 @@
 //   (scale, 1.5 * 2^23 * scale) pairs for the consumers' one-FMA score conversion.
 // * warpgroups 1 and 2, the consumers (setmaxnreg.inc to 240), own 64 query rows each and walk
 //   every key tile. Per "slot" a consumer issues Q K^T of tile t (64x128 s32 accumulators) and
-//   then P.V of tile t - 1 (e4m3 P from shared memory, fp32 accumulator from zero) as two wgmma
-//   commit groups, waits for Q K^T alone and runs the softmax of tile t while P.V still runs
-//   (FlashAttention-3's intra-warpgroup overlap); then it waits for P.V, writes P of tile t as
-//   e4m3 to its shared-memory P buffer and adds P.V to the fp32 output accumulator (two-level
-//   accumulation). The two consumers take turns issuing (two named barriers: a consumer issues
-//   after the other has issued its own), so one consumer's softmax overlaps the other's GEMMs
-//   (FlashAttention-3's "ping-pong" schedule).
+//   then P.V of tile t - 1 (e4m3 P from registers, RS wgmma; fp32 accumulator from zero) as
+//   two wgmma commit groups, waits for Q K^T alone and runs the softmax of tile t while P.V
+//   still runs (FlashAttention-3's intra-warpgroup overlap); then it waits for P.V, puts P of
+//   tile t as e4m3 into the A-operand registers and adds P.V to the fp32 output accumulator
+//   (two-level accumulation). The two consumers take turns issuing (two named barriers: a
+//   consumer issues after the other has issued its own), so one consumer's softmax overlaps
+//   the other's GEMMs (FlashAttention-3's "ping-pong" schedule).
 //
-// Operands sit in shared memory in the GMMA K-major swizzled layouts that TMA writes (128-byte
-// swizzle for 128-byte rows: Q/K at Dp = 128, V^T and P; 64-byte for Q/K at Dp = 64); both
-// products are SS wgmmas. ptxas (nvcc 13.0, sm_90a): 168 registers at launch, no spills; the
+// Q, K and V^T sit in shared memory in the GMMA K-major swizzled layouts that TMA writes
+// (128-byte swizzle for 128-byte rows: Q/K at Dp = 128 and V^T; 64-byte for Q/K at Dp = 64);
+// Q K^T is an SS wgmma, P.V an RS one (P never leaves registers). That needs V^T's keys in the
+// P.V key order (see pv_a_register; the host interface's vt8): inside every 32-key block, V^T
+// column pi(k) holds key k, so that each thread's own S accumulator values land in its own
+// A-operand slots. ptxas (nvcc 13.0, sm_90a): 168 registers at launch, no spills; the
 // consumers' code stays within 240 registers and the producer's within 24.
 #pragma once
 
@@ -66,12 +69,43 @@ constexpr int kThreads = 128 * (1 + kConsumers);
 constexpr int kProducerRegs = 24;
 constexpr int kConsumerRegs = 240;
 // Named barriers (0 is __syncthreads): 1 + w = "consumer w may issue its GEMMs" (256 threads:
-// its own 128 sync, the other consumer's 128 arrive); 3 + w = consumer w's P is in shared
-// memory (its 128 threads).
+// its own 128 sync, the other consumer's 128 arrive).
 constexpr int kSchedBarrier = 1;
-constexpr int kPBarrier = 3;
 
-static_assert(kBlockN == 128, "the P/V^T shared layouts below assume 128-byte rows of keys");
+static_assert(kBlockN == 128, "the V^T shared layout below assumes 128-byte rows of keys");
+
+// P.V with P from registers: e4m3 x e4m3 -> fp32, 64 query rows by the padded head dim, A (P)
+// in registers, B (V^T) in shared memory.
+template <int kDP>
+struct MmaPVRS;
+template <>
+struct MmaPVRS<64> {
+  using type = decltype(make_tiled_mma(
+      SM90::GMMA::MMA_64x64x32_F32E4M3E4M3_RS_TN<GMMA::ScaleIn::One, GMMA::ScaleIn::One>{}));
+};
+template <>
+struct MmaPVRS<128> {
+  using type = decltype(make_tiled_mma(
+      SM90::GMMA::MMA_64x128x32_F32E4M3E4M3_RS_TN<GMMA::ScaleIn::One, GMMA::ScaleIn::One>{}));
+};
+
+// The A-operand register of P (8-bit RS wgmma m64nNk32, CuTe's ALayout_64x32) and the key order
+// of V^T that makes it thread-local. The S accumulator (CLayout_64xN) gives thread (warp wp,
+// lane) rows g = 16 wp + lane / 4 and g + 8 (r = 0, 1) and, inside the 32-key block kb, keys
+// 8 jj + 2 l + b (l = lane % 4, jj < 4, b < 2); as P, e4m3 pair r + 2 (4 kb + jj) (key b in
+// byte b). The A fragment gives the same thread, per block kb, four 32-bit registers
+// 4 kb + r + 2 h holding row g + 8 r, A columns 4 l + 16 h + a in byte a (a < 4). With
+// pi(8 jj + 2 l + b) = 4 l + 16 (jj >> 1) + 2 (jj & 1) + b, key 8 jj + 2 l + b of the thread's
+// own S goes to register 4 kb + r + 2 (jj >> 1), byte 2 (jj & 1) + b, which is A column
+// pi(key): so V^T column pi(k) must hold key k (the quantization pass's P.V key order). P.V
+// sums over keys; the same permutation on both sides changes only the tensor core's summation
+// order inside a 32-key step. (Checked on the host with CuTe's ALayout_64x32 and
+// CLayout_64x128, the fragment type below and set_p's indexing: every one of the 64 x 128 A
+// slots of every thread gets the S value of its row and of key pi^-1(column).)
+__device__ __forceinline__ uint32_t pv_a_register(__nv_fp8x2_storage_t lo,
+                                                  __nv_fp8x2_storage_t hi) {
+  return static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
+}
 
 // The int32 -> fp32 conversion fused with the key scale: bits(x + kMagicI) is the fp32 value
 // kMagicF + x (exact for |x| < 2^22; |Q K^T| <= 127^2 * 128 < 2^21), so
@@ -99,10 +133,8 @@ struct Cfg {
   using SmemVt = decltype(tile_to_shape(AtomF8{}, Shape<Int<kDP>, Int<kBlockN>>{}));
   using SmemVtAll =
       decltype(tile_to_shape(AtomF8{}, Shape<Int<kDP>, Int<kBlockN>, Int<kStages>>{}));
-  using SmemPAll =
-      decltype(tile_to_shape(AtomF8{}, Shape<Int<kBlockM>, Int<kBlockN>, Int<kConsumers>>{}));
   using MmaQK = decltype(make_tiled_mma(SM90::GMMA::MMA_64x128x32_S32S8S8_SS_TN{}));
-  using MmaPV = typename fp8_sm90_common::MmaPVSel<kDP>::type;
+  using MmaPV = typename MmaPVRS<kDP>::type;
   static constexpr uint32_t kQBytes = kBlockM * kDP;
   static constexpr uint32_t kKBytes = kBlockN * kDP;
   static constexpr uint32_t kVBytes = kDP * kBlockN;
@@ -115,7 +147,6 @@ struct alignas(1024) Storage {
   alignas(1024) int8_t q[kConsumers * kBlockM * kDP];
   alignas(1024) int8_t k[kStages * kBlockN * kDP];
   alignas(1024) cutlass::float_e4m3_t vt[kStages * kDP * kBlockN];
-  alignas(1024) cutlass::float_e4m3_t p[kConsumers * kBlockM * kBlockN];
   alignas(128) float ks[kStages][kBlockN];  // the K tile's key scales (bulk copy, with K)
   // Per pair of keys (2 i, 2 i + 1): (ks, ks, kMagicF ks, kMagicF ks), by the key-offset warps.
   alignas(128) float4 kso[kStages][kBlockN / 2];
@@ -288,9 +319,6 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
   Tensor sQ = make_tensor(make_smem_ptr(s.q), typename C::SmemQAll{});
   Tensor sK = make_tensor(make_smem_ptr(s.k), typename C::SmemKAll{});
   Tensor sV = make_tensor(make_smem_ptr(s.vt), typename C::SmemVtAll{});
-  Tensor sPAll = make_tensor(make_smem_ptr(s.p), typename C::SmemPAll{});
-  Tensor sP = sPAll(_, _, w);
-  const uint32_t p_smem = cast_smem_ptr_to_uint(s.p);
 
   typename C::MmaQK mma_qk;
   typename C::MmaPV mma_pv;
@@ -298,7 +326,12 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
   auto thr_pv = mma_pv.get_thread_slice(tid);
   Tensor tSrQ = thr_qk.partition_fragment_A(sQ(_, _, w));  // (MMA, 1, kDP / 32)
   Tensor tSrK = thr_qk.partition_fragment_B(sK);           // (MMA, 1, kDP / 32, stages)
-  Tensor tOrP = thr_pv.partition_fragment_A(sP);           // (MMA, 1, kBlockN / 32)
+  // P of the previous tile as P.V's A operand: per 32-key block, the 16 e4m3 values of the
+  // A layout (4 bytes, 2 rows, 2 halves) in four 32-bit registers (see pv_a_register).
+  Tensor tOrP = make_tensor<cutlass::float_e4m3_t>(
+      Shape<Shape<_4, _2, _2>, _1, Int<kBlockN / 32>>{});  // (MMA, 1, kBlockN / 32)
+  Tensor tOrPu = recast<uint32_t>(tOrP);
+  static_assert(size(tOrPu) == kBlockN / 8, "four A registers per 32-key block");
   Tensor tOrV = thr_pv.partition_fragment_B(sV);           // (MMA, 1, kBlockN / 32, stages)
   Tensor tSrS = partition_fragment_C(mma_qk, Shape<Int<kBlockM>, Int<kBlockN>>{});
   Tensor tOrPV = partition_fragment_C(mma_pv, Shape<Int<kBlockM>, Int<kDP>>{});
@@ -349,8 +382,9 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
     for (int i = 0; i < size(tOrO); ++i) tOrO(i) = tOrO(i) * alpha[(i >> 1) & 1] + tOrPV(i);
   };
   // Scores of tile t from the s32 accumulators -> online softmax -> P of tile t as e4m3 pairs
-  // in registers (pk; store_p writes them to sP once the previous P.V has completed) and the
-  // tile's alpha (alpha_t: the caller applies it to the output after adding the previous P.V).
+  // in the accumulator's order (pk; set_p puts them into tOrP once the previous P.V, which
+  // reads tOrP, has completed) and the tile's alpha (alpha_t: the caller applies it to the
+  // output after adding the previous P.V).
   // kMask: the tile may hold keys >= seq_k (the first or the last tile), which score -inf.
   //
   // Per score, the scheme computes s = (x * ks) * qs (x the s32 dot product, two fp32
@@ -417,35 +451,19 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
     // sums of exp2 values (>= +0; a NaN from the MUFU or FADD is the canonical 0x7fffffff).
     return (__float_as_uint(tile_sum[0]) | __float_as_uint(tile_sum[1])) >> 31;
   };
-  // P of tile t into this consumer's P buffer. The previous P.V read that buffer: the caller
-  // stores after its own wait for that wgmma, with no warpgroup barrier before: P.V read rows
-  // 16 wp .. 16 wp + 15 of P for warp wp's accumulator rows, the rows this warp writes, and its
-  // own wait covers its part of the wgmma.
-  auto store_p = [&](const PPairs& pk) {
-    // P's shared address of (row, column c0) of this thread's two rows, through the swizzled
-    // layout (C::SmemPAll, a ComposedLayout: not sPAll.layout(), which make_tensor stripped of
-    // the swizzle when it moved it into sPAll's pointer; the GPU run at 031996e stored P there,
-    // unswizzled, so the P.V wgmma read the 16-key chunks of rows r % 8 != 0 permuted).
-    // Swizzle<3,4,3> XORs byte-offset bits 4-6 (the 16-byte chunk) with bits 7-9 (r % 8), and
-    // s.p is 1024-byte aligned: column c0 + 8 k of row r0 is at p_row ^ 8 k (k < 16; c0 < 8
-    // stays in bits 1-2), and row r0 + 8 lies 1024 bytes further (same r % 8). Bit 3 of p_row
-    // is 0 (c0 even, < 8), so p_row ^ 8 k = (p_row ^ 16 (k >> 1)) + 8 (k & 1): 7 XORs per tile
-    // (k >> 1 = 1..7) and the + 8 and + 1024 as the stores' immediate offsets, not 15 XORs.
-    // (An opaque copy: ptxas would otherwise hoist the XORed addresses out of the key loop
-    // and spill.)
-    const uint32_t p_row_at = p_smem + typename C::SmemPAll{}(r0, c0, w);
-    uint32_t p_row;
-    asm volatile("mov.b32 %0, %1;\n" : "=r"(p_row) : "r"(p_row_at));
+  // P of tile t into P.V's A registers: register 4 kb + r + 2 h holds row r's column groups
+  // j = 4 kb + 2 h (bytes 0, 1) and j + 1 (bytes 2, 3) (see pv_a_register). Called after the
+  // wait for the P.V that read tOrP. (ptxas moves the e4m3 conversions here, as F2FP.MERGE_C
+  // writing the A registers. Packing the registers inside the softmax and copying them here
+  // instead, ptxas merged the copies away, so the softmax wrote the A registers while P.V still
+  // read them, and it serialized every wgmma of the kernel: C7513.)
+  auto set_p = [&](const PPairs& pk) {
     CUTE_UNROLL
-    for (int i = 0; i < size(tSrS); i += 2) {
-      // Two adjacent keys of one row: two adjacent bytes (the swizzle moves 16-byte chunks).
-      const int k = i >> 2;
-      const uint32_t addr =
-          (p_row ^ static_cast<uint32_t>(16 * (k >> 1))) + 8 * (k & 1) + 1024 * ((i >> 1) & 1);
-      asm volatile("st.shared.u16 [%0], %1;\n" ::"r"(addr), "h"(pk[i / 2]) : "memory");
+    for (int q = 0; q < size(tOrPu); ++q) {
+      const int kb = q / 4, r = q % 2, h = (q / 2) % 2;
+      const int j = 4 * kb + 2 * h;
+      tOrPu(q) = pv_a_register(pk[r + 2 * j], pk[r + 2 * (j + 1)]);
     }
-    // P's generic-proxy stores must be visible to the async proxy (wgmma) of every warp.
-    cutlass::arch::fence_view_async_shared();
   };
   // The key scales of this thread's columns of tile t, from the stage's shared copy. Past
   // Sk_pad (the last tile may reach past it) the copy holds stale values: those keys are
@@ -458,9 +476,10 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
   // One slot, in this consumer's turn: Q K^T of tile t (kQK) and then P.V of tile t - 1 (kPV),
   // two wgmma commit groups. Groups complete in order: the softmax of tile t starts once Q K^T
   // is done (wait for all but the last group) and runs while P.V still occupies the tensor
-  // cores (FlashAttention-3's intra-warpgroup overlap); P.V's accumulator registers stay
-  // untouched until the second wait. Then P of tile t goes to shared memory (P.V of tile t - 1,
-  // which read it, has completed) and P.V is added to the output with the alpha of tile t - 1.
+  // cores (FlashAttention-3's intra-warpgroup overlap); P.V's accumulator and A registers stay
+  // untouched until the second wait. Then P of tile t moves into the A registers (P.V of tile
+  // t - 1, which read them, has completed) and P.V is added to the output with the alpha of
+  // tile t - 1.
   // The slot kinds are compile-time so that no wgmma sits on a divergent path (ptxas would
   // serialise them).
   float4 ks[kBlockN / 8];
@@ -476,7 +495,10 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
     if constexpr (kPV) ClusterBarrier::wait(&s.v_full[sv], ((tu - 1) / kStages) & 1);
     sched_wait();
     if constexpr (kQK) warpgroup_fence_operand(tSrS);
-    if constexpr (kPV) warpgroup_fence_operand(tOrPV);
+    if constexpr (kPV) {
+      warpgroup_fence_operand(tOrP);
+      warpgroup_fence_operand(tOrPV);
+    }
     warpgroup_arrive();
     if constexpr (kQK) {
       issue_qk(st);
@@ -517,15 +539,14 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
     if constexpr (kPV) {
       warpgroup_wait<0>();
       warpgroup_fence_operand(tOrPV);
+      warpgroup_fence_operand(tOrP);
       ClusterBarrier::arrive(&s.v_empty[sv]);
     }
-    if constexpr (kQK) store_p(pk);
+    if constexpr (kQK) set_p(pk);
     if constexpr (kPV) accumulate_pv();
     if constexpr (kQK) {
       CUTE_UNROLL
       for (int j = 0; j < 2; ++j) alpha[j] = alpha_t[j];
-      // Every warp's P of tile t is in shared memory before any issues P.V of tile t.
-      named_barrier_sync(kPBarrier + w, 128);
     }
   };
 
@@ -574,7 +595,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   // wgmma descriptors) in uniform registers. From threadIdx.x / 128 directly the descriptors
   // lived in vector registers and each of the 8 wgmmas per tile paid two R2UR, plus UMOVs to
   // rebuild the constant halves: 31 of the steady loop's 724 instructions at Dp = 128 (SASS).
-  const int warp_group = __shfl_sync(0xffffffff, threadIdx.x / 128, 0);
+  const int warp_group = __shfl_sync(0xffffffff, static_cast<int>(threadIdx.x) / 128, 0);
   if (threadIdx.x == 0) {
     ClusterBarrier::init(&s.q_full, 1);
     CUTE_UNROLL

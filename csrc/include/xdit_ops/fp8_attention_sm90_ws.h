@@ -4,8 +4,8 @@
 // same numerics as fp8_attention_sm90 except for the key-tile width: INT8 Q K^T on wgmma (s32),
 // per-row and per-key scales, online softmax over 128-key tiles in fp32 base 2 (the reference
 // SCHEME with block_n = 128, as the Triton kernel's default at head dim 128),
-// P = exp2(s - m + 8) cast to e4m3, P.V on wgmma (e4m3, fp32 accumulator from zero per tile)
-// added to an fp32 output accumulator (two-level accumulation).
+// P = exp2(s - m + 8) cast to e4m3, P.V on wgmma (e4m3, P from registers, fp32 accumulator
+// from zero per tile) added to an fp32 output accumulator (two-level accumulation).
 //
 // What differs is the schedule: a producer warp loads Q, K and V^T with TMA into a 4-stage
 // shared-memory ring (mbarriers); two consumer warpgroups of 64 query rows each share every
@@ -26,6 +26,12 @@ constexpr int kFp8AttentionSm90WsBlockN = 128;
 // head_dim_padded: 64 or 128; out_dtype: kFloat16 or kBFloat16. p.seq_k >= 1, p.seq_k_pad a
 // multiple of 64 (cudaErrorInvalidValue otherwise) and q8/k8/vt8/k_scale 16-byte aligned (TMA
 // and bulk copies; the torch launcher checks it).
+//
+// p.vt8 must hold V^T with its keys in the P.V key order (P.V takes P from registers; see
+// pv_a_register in fp8_attention_sm90_ws.cuh): inside every 32-key block, column pi(k) holds
+// key k, pi(8 jj + 2 l + b) = 4 l + 16 (jj >> 1) + 2 (jj & 1) + b (jj, l < 4, b < 2). The
+// quantization pass writes it with vt_pv_order=True (xdit_ops.reference.fp8_attention); with
+// the plain layout the kernel computes garbage, which it cannot detect.
 cudaError_t fp8_attention_sm90_ws(const Fp8AttentionSm90Params& p, int batch,
                                   int head_dim_padded, DType out_dtype, cudaStream_t stream);
 

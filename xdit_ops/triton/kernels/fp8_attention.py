@@ -193,7 +193,7 @@ def quantize_kv_kernel(
     stride_vb, stride_vs, stride_vh,
     H, Sk, Sk_pad, num_chunks,
     D: tl.constexpr, DP: tl.constexpr, BLOCK_S: tl.constexpr, NUM_CHUNKS_P2: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, VT_PV_ORDER: tl.constexpr = False,
 ):
     """Grid (P, B * H): program p quantizes the key tiles p, p + P, ... of one (batch, head).
     V: FP8 per channel, stored transposed (keys contiguous); K: rotate, subtract the mean, INT8
@@ -201,7 +201,9 @@ def quantize_kv_kernel(
     codes and scales in the padding.
 
     K8 [B, H, Sk_pad, DP] int8, KSCALE [B, H, Sk_pad] fp32, VT8 [B, H, DP, Sk_pad] e4m3,
-    VSCALE [B, H, DP] fp32.
+    VSCALE [B, H, DP] fp32. VT_PV_ORDER: V^T's keys in the P.V key order of the sm90ws kernel
+    (``xdit_ops.reference.fp8_attention.PV_KEY_ORDER``: inside every 32-key block, key k at
+    column 4 l + 16 (jj >> 1) + 2 (jj & 1) + b for k = 8 jj + 2 l + b); BLOCK_S a multiple of 32.
     """
     pid = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)  # offsets below can pass 2^31 at long sequences
@@ -232,6 +234,11 @@ def quantize_kv_kernel(
         vq = v.to(tl.float32) * v_mul[None, :]
         vq = tl.minimum(tl.maximum(vq, -448.0), 448.0)
         vq = vq.to(tl.float8e4nv, fp_downcast_rounding="rtne")
+        if VT_PV_ORDER:
+            # Row (key) bits (b4 b3 b2 b1 b0) = (jj1 jj0 l1 l0 b) -> (jj1 l1 l0 jj0 b): the tile's
+            # rows permuted in registers, so the store stays contiguous along keys.
+            vq = tl.reshape(vq, [BLOCK_S // 32, 2, 2, 4, 2, DP])
+            vq = tl.reshape(tl.permute(vq, [0, 1, 3, 2, 4, 5]), [BLOCK_S, DP])
         tl.store(vt_base + offs_d[None, :] * Sk_pad + rows[:, None], vq)
         kr = _rotate(k, had, UPCAST) - k_mean[None, :]
         kr = tl.where(k_ok[:, None], kr, 0.0)
