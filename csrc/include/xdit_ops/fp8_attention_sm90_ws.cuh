@@ -12,8 +12,7 @@
 //   when they are done with the stage (the wgmmas that read it have completed; for K, the key
 //   scales are read too); K and V have their own barriers, so a K slot is refilled as soon as
 //   both consumers' Q K^T used it. Keys past Sk_pad (a multiple of 64) in the last tile read
-//   as zeros (TMA bounds). Two more of its warps (key_offsets) turn each K tile's scales into
-//   (scale, 1.5 * 2^23 * scale) pairs for the consumers' one-FMA score conversion.
+//   as zeros (TMA bounds).
 // * warpgroups 1 and 2, the consumers (setmaxnreg.inc to 240), own 64 query rows each and walk
 //   every key tile. Per "slot" a consumer issues Q K^T of tile t (64x128 s32 accumulators) and
 //   then P.V of tile t - 1 (e4m3 P from registers, RS wgmma; fp32 accumulator from zero) as
@@ -53,6 +52,7 @@ namespace fp8_sm90_ws {
 using namespace cute;
 using cutlass::arch::ClusterBarrier;
 using cutlass::arch::ClusterTransactionBarrier;
+using fp8_sm90_common::int_to_float_exact;
 using fp8_sm90_common::kPShift;
 using fp8_sm90_common::quad_max;
 using fp8_sm90_common::quad_sum;
@@ -107,18 +107,6 @@ __device__ __forceinline__ uint32_t pv_a_register(__nv_fp8x2_storage_t lo,
   return static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
 }
 
-// The int32 -> fp32 conversion fused with the key scale: bits(x + kMagicI) is the fp32 value
-// kMagicF + x (exact for |x| < 2^22; |Q K^T| <= 127^2 * 128 < 2^21), so
-//   fma(bits(x + kMagicI), ks, -(kMagicF * ks)) = kMagicF ks + x ks - kMagicF ks, rounded once,
-// is fp32(x * ks), bit for bit the scheme's first product, provided kMagicF * ks is exact: ks
-// with at most 22 significant bits (3 * ks then fits fp32's 24). The quantization pass cuts
-// every K scale to 22 bits for this (reference round_k_scale; docs/fp8_attention.md); K scales
-// with more bits would make the scores inexact (off by up to half an ulp of kMagicF * ks).
-// Saves the conversion's FADD per score; the offsets kMagicF * ks come precomputed from the
-// key-offset warps (key_offsets), loaded with the scales.
-constexpr int kMagicI = 0x4B400000;
-constexpr float kMagicF = 12582912.0f;  // 1.5 * 2^23
-
 template <int kDP>
 struct Cfg {
   using AtomQK = std::conditional_t<kDP == 128, GMMA::Layout_K_SW128_Atom<int8_t>,
@@ -148,13 +136,10 @@ struct alignas(1024) Storage {
   alignas(1024) int8_t k[kStages * kBlockN * kDP];
   alignas(1024) cutlass::float_e4m3_t vt[kStages * kDP * kBlockN];
   alignas(128) float ks[kStages][kBlockN];  // the K tile's key scales (bulk copy, with K)
-  // Per pair of keys (2 i, 2 i + 1): (ks, ks, kMagicF ks, kMagicF ks), by the key-offset warps.
-  alignas(128) float4 kso[kStages][kBlockN / 2];
   uint64_t q_full;
   uint64_t k_full[kStages];
   uint64_t v_full[kStages];
   uint64_t k_empty[kStages];
-  uint64_t kso_full[kStages];
   uint64_t v_empty[kStages];
 };
 
@@ -282,30 +267,6 @@ __device__ __forceinline__ void produce(const KernelParams<kDP>& kp, Storage<kDP
   }
 }
 
-// The key-offset warps (warps 1 and 2 of the producer warpgroup, otherwise idle): per K tile,
-// once its key scales have landed, the pairs (ks, kMagicF ks) of the 128 keys into s.kso, one
-// pair of keys per thread, then an arrival on the stage's kso_full barrier. The consumers read
-// a key pair's scales and offsets with one 16-byte load; computed there, the offsets cost each
-// consumer thread an FMUL per key of its 32 (both consumer warpgroups, every warp: the same
-// products 16 times over). Ordering: a stage's kso is rewritten for tile t + kStages only after
-// K of that tile landed, which the producer loaded after the consumers released tile t (their
-// release follows their kso reads), so no consumer still reads the old values.
-constexpr int kOffsetThreads = kBlockN / 2;
-
-template <int kDP>
-__device__ __forceinline__ void key_offsets(Storage<kDP>& s, int n_tiles, int i) {
-  for (int t = 0; t < n_tiles; ++t) {
-    const int st = t % kStages;
-    wait_barrier(&s.k_full[st], (t / kStages) & 1);
-    asm volatile("" ::: "memory");  // the try_wait asm has no memory clobber
-    // Past Sk_pad (the last tile) the scales are stale: those keys are masked by the consumers.
-    const float2 k2 = *reinterpret_cast<const float2*>(&s.ks[st][2 * i]);
-    s.kso[st][i] = make_float4(k2.x, k2.y, k2.x * kMagicF, k2.y * kMagicF);
-    asm volatile("" ::: "memory");  // nor has the arrive's
-    ClusterBarrier::arrive(&s.kso_full[st]);
-  }
-}
-
 // A consumer warpgroup: 64 query rows, every key tile (see the file comment for the schedule).
 template <int kDP, typename OutT>
 __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP>& s,
@@ -389,15 +350,14 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
   //
   // Per score, the scheme computes s = (x * ks) * qs (x the s32 dot product, two fp32
   // roundings), m = max s and exp2(s - (m - 8)). Here t' = sign(qs) x * ks (the sign rides on
-  // the int -> fp32 conversion's integer add, so t' = sign(qs) round(x ks) exactly; the
-  // conversion and the K scale are one FMA, exact with the quantizer's 22-bit K scales), the row
+  // the int -> fp32 conversion's integer add, so t' = sign(qs) round(x ks) exactly), the row
   // max is taken over t' and scaled once: round(max t' |qs|) = max round(t' |qs|) = max s
   // (rounding is monotonic), bit for bit. The exponent is one FFMA, t' |qs| - (m - 8), with a
   // single rounding where the scheme rounds s first: it differs from the emulation's by at most
   // an ulp (a CPU model of this arithmetic on the GPU tests' shapes moved 4e-7 of the P codes;
   // LSE within 8e-6 of the emulation's). One fp32 instruction fewer per score.
   using PPairs = __nv_fp8x2_storage_t[kBlockN / 4];  // size(tSrS) / 2
-  auto softmax = [&](int t, const float4 (&ks)[kBlockN / 8], auto mask, float (&alpha_t)[2],
+  auto softmax = [&](int t, const float2 (&ks)[kBlockN / 8], auto mask, float (&alpha_t)[2],
                      PPairs& pk) {
     constexpr bool kMask = decltype(mask)::value;
     const int n0 = t * kBlockN;
@@ -409,11 +369,8 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
     CUTE_UNROLL
     for (int i = 0; i < size(tSrS); ++i) {
       const int rj = (i >> 1) & 1;
-      const float4 k4 = ks[i >> 2];
-      const float k = (i & 1) ? k4.y : k4.x;
-      const float off = (i & 1) ? k4.w : k4.z;  // kMagicF * k (key_offsets)
-      // t' = fp32(sign(qs) x k), exactly, in one FMA (see kMagicF).
-      float v = fmaf(__int_as_float(tSrS(i) * q_sign[rj] + kMagicI), k, -off);
+      const float2 k2 = ks[i >> 2];
+      float v = int_to_float_exact(tSrS(i) * q_sign[rj]) * ((i & 1) ? k2.y : k2.x);
       if (kMask && n0 + c0 + (i & 1) + 8 * (i >> 2) >= p.seq_k) v = -INFINITY;
       sc[i] = v;
       part_max[rj][(i >> 2) & 3] = fmaxf(part_max[rj][(i >> 2) & 3], v);
@@ -447,9 +404,6 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
     }
     CUTE_UNROLL
     for (int j = 0; j < 2; ++j) l_i[j] = l_i[j] * alpha_t[j] + quad_sum(tile_sum[j]);
-    // 0, computed from the exponentials (see the K-stage release in slot): the sign bits of
-    // sums of exp2 values (>= +0; a NaN from the MUFU or FADD is the canonical 0x7fffffff).
-    return (__float_as_uint(tile_sum[0]) | __float_as_uint(tile_sum[1])) >> 31;
   };
   // P of tile t into P.V's A registers: register 4 kb + r + 2 h holds row r's column groups
   // j = 4 kb + 2 h (bytes 0, 1) and j + 1 (bytes 2, 3) (see pv_a_register). Called after the
@@ -468,9 +422,11 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
   // The key scales of this thread's columns of tile t, from the stage's shared copy. Past
   // Sk_pad (the last tile may reach past it) the copy holds stale values: those keys are
   // masked to -inf after the multiply.
-  auto load_ks = [&](int st, float4 (&ks)[kBlockN / 8]) {
+  auto load_ks = [&](int st, float2 (&ks)[kBlockN / 8]) {
     CUTE_UNROLL
-    for (int j = 0; j < kBlockN / 8; ++j) ks[j] = s.kso[st][c0 / 2 + 4 * j];
+    for (int j = 0; j < kBlockN / 8; ++j) {
+      ks[j] = *reinterpret_cast<const float2*>(&s.ks[st][c0 + 8 * j]);
+    }
   };
 
   // One slot, in this consumer's turn: Q K^T of tile t (kQK) and then P.V of tile t - 1 (kPV),
@@ -482,17 +438,14 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
   // tile t - 1.
   // The slot kinds are compile-time so that no wgmma sits on a divergent path (ptxas would
   // serialise them).
-  float4 ks[kBlockN / 8];
+  float2 ks[kBlockN / 8];
   auto slot = [&](int t, auto qk, auto pv, auto mask) {
     constexpr bool kQK = decltype(qk)::value;
     constexpr bool kPV = decltype(pv)::value;
-    // Unsigned: t >= 0, and t >= 1 where P.V runs (signed / and % cost sign fix-ups).
-    const uint32_t tu = static_cast<uint32_t>(t);
-    const int st = static_cast<int>(tu % kStages);
-    const int sv = static_cast<int>((tu + kStages - 1) % kStages);
-    const uint32_t k_phase = (tu / kStages) & 1;
-    if constexpr (kQK) ClusterBarrier::wait(&s.k_full[st], k_phase);
-    if constexpr (kPV) ClusterBarrier::wait(&s.v_full[sv], ((tu - 1) / kStages) & 1);
+    const int st = t % kStages;
+    const int sv = (t + kStages - 1) % kStages;
+    if constexpr (kQK) ClusterBarrier::wait(&s.k_full[st], (t / kStages) & 1);
+    if constexpr (kPV) ClusterBarrier::wait(&s.v_full[sv], ((t - 1) / kStages) & 1);
     sched_wait();
     if constexpr (kQK) warpgroup_fence_operand(tSrS);
     if constexpr (kPV) {
@@ -519,22 +472,11 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
       // The key scales are read here, not before the wgmmas: the accumulators of both
       // products plus the output's leave no registers to hold them across the batch. The
       // release of the K stage (mbarrier.arrive: release semantics) follows the reads.
-      ClusterBarrier::wait(&s.kso_full[st], k_phase);
-      asm volatile("" ::: "memory");  // the wait's asm has no memory clobber
       load_ks(st, ks);
       // ClusterBarrier::arrive's asm has no memory clobber: keep the loads above it.
       asm volatile("" ::: "memory");
-      const uint32_t zero = softmax(t, ks, mask, alpha_t, pk);
-      // The K stage's release, after the softmax: its address depends on the exponentials
-      // (through `zero`, always 0). ptxas (nvcc 13.0) hoists the wait for P.V (below) to right
-      // after this arrive, above any arithmetic. Released before the softmax (as it was), the
-      // arrive followed the last key-scale load and the wait followed it: at Dp = 128 after
-      // the conversions and the row max but before all 66 MUFU.EX2 of the steady loop, and
-      // with the fused conversion (loads moved up) before the conversions too, so most of the
-      // softmax ran after P.V had completed instead of under it. Now the 64 exponentials of P
-      // come before it (the two of alpha may follow). A byte offset: one LEA.HI adds it.
-      ClusterBarrier::arrive(reinterpret_cast<const uint64_t*>(
-          reinterpret_cast<const char*>(&s.k_empty[st]) + zero));
+      ClusterBarrier::arrive(&s.k_empty[st]);
+      softmax(t, ks, mask, alpha_t, pk);
     }
     if constexpr (kPV) {
       warpgroup_wait<0>();
@@ -590,11 +532,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   auto& s = *reinterpret_cast<Storage<kDP>*>(smem_raw);
   const int n_tiles = (kp.p.seq_k + kBlockN - 1) / kBlockN;  // >= 1 (the host checks)
-  // Broadcast from lane 0 (the value is the same on every lane): ptxas then knows it is
-  // warp-uniform and keeps what derives from it (the consumer's Q and P slices, hence their
-  // wgmma descriptors) in uniform registers. From threadIdx.x / 128 directly the descriptors
-  // lived in vector registers and each of the 8 wgmmas per tile paid two R2UR, plus UMOVs to
-  // rebuild the constant halves: 31 of the steady loop's 724 instructions at Dp = 128 (SASS).
+  // Warp-uniform for ptxas (a shuffle from lane 0): what derives from it (named barrier ids,
+  // the consumer's shared-memory slices) can live in uniform registers. With P in registers
+  // the consumers spilled 28 bytes at Dp = 128 without it, none with it.
   const int warp_group = __shfl_sync(0xffffffff, static_cast<int>(threadIdx.x) / 128, 0);
   if (threadIdx.x == 0) {
     ClusterBarrier::init(&s.q_full, 1);
@@ -603,7 +543,6 @@ __global__ void __launch_bounds__(kThreads, 1)
       ClusterBarrier::init(&s.k_full[st], 1);
       ClusterBarrier::init(&s.v_full[st], 1);
       ClusterBarrier::init(&s.k_empty[st], kConsumers * 128);
-      ClusterBarrier::init(&s.kso_full[st], kOffsetThreads);
       ClusterBarrier::init(&s.v_empty[st], kConsumers * 128);
     }
     cutlass::arch::fence_barrier_init();
@@ -611,11 +550,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   __syncthreads();
   if (warp_group == 0) {
     cutlass::arch::warpgroup_reg_dealloc<kProducerRegs>();
-    if (threadIdx.x == 0) {
-      produce<kDP>(kp, s, n_tiles);
-    } else if (threadIdx.x >= 32 && threadIdx.x < 32 + kOffsetThreads) {
-      key_offsets<kDP>(s, n_tiles, threadIdx.x - 32);
-    }
+    if (threadIdx.x == 0) produce<kDP>(kp, s, n_tiles);
   } else {
     cutlass::arch::warpgroup_reg_alloc<kConsumerRegs>();
     consume<kDP, OutT>(kp, s, n_tiles, warp_group - 1);
