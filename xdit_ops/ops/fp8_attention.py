@@ -130,10 +130,9 @@ def _sm90ws_runs_on(device_index: int) -> bool:
 def resolve_impl(device: torch.device | None, head_dim: int, setting: str | None = None) -> str:
     """The CUDA implementation that runs for (``device``, ``head_dim``) under ``setting``
     (default: the current ``XDIT_OPS_FP8_IMPL``; ``device`` None: the current CUDA device, if
-    there is one): ``auto`` becomes ``sm90ws`` on a Hopper
-    (sm_90) GPU whose ``xdit_ops._C_sm90`` has the kernel, at padded head dim 128, and
-    ``triton`` otherwise; any other setting is returned as it is (checked by
-    :func:`unusable_reason`)."""
+    there is one): ``auto`` becomes ``sm90ws`` on a Hopper (sm_90) GPU whose
+    ``xdit_ops._C_sm90`` has the kernel, at padded head dim 128, and ``triton`` otherwise; any
+    other setting is returned as it is (checked by :func:`unusable_reason`)."""
     if setting is None:
         setting = _impl()
     if setting != "auto":
@@ -141,13 +140,11 @@ def resolve_impl(device: torch.device | None, head_dim: int, setting: str | None
     if device is None:
         if not torch.cuda.is_available():
             return "triton"
-        device = torch.device("cuda", torch.cuda.current_device())
-    if (device.type == "cuda" and padded_head_dim(head_dim) == 128
-            and torch.version.hip is None
-            and _sm90ws_runs_on(torch.cuda.current_device() if device.index is None
-                                else device.index)):
-        return "sm90ws"
-    return "triton"
+        device = torch.device("cuda")
+    if device.type != "cuda" or torch.version.hip is not None or padded_head_dim(head_dim) != 128:
+        return "triton"
+    index = torch.cuda.current_device() if device.index is None else device.index
+    return "sm90ws" if _sm90ws_runs_on(index) else "triton"
 
 
 def unusable_reason(device: torch.device, dtype: torch.dtype, head_dim: int,

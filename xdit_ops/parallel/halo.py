@@ -44,6 +44,7 @@ __all__ = [
     "HaloPlan",
     "all_gather_rows",
     "balanced_sizes",
+    "channels_last_band",
     "conv_rows",
     "gather_rows_to",
     "halo_conv",
@@ -372,7 +373,7 @@ def _rows_in_place(x: torch.Tensor) -> bool:
     return all(lead[i][1] == lead[i + 1][1] * lead[i + 1][0] for i in range(len(lead) - 1))
 
 
-def _channels_last(x: torch.Tensor) -> bool:
+def channels_last_band(x: torch.Tensor) -> bool:
     """Whether ``x [B, C, h, W]`` is a channels-last band that is not also in row order: its
     rows are then the rows of the contiguous ``[B, h, W * C]`` view (``_as_rows``)."""
     return (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
@@ -443,7 +444,7 @@ def halo_conv(
     # channels-last band (cuDNN's preferred layout for half-precision convolutions: an NCHW
     # convolution transposes through a workspace of twice its input, which set the peak of a
     # Flux 4096^2 decode in run 18). Received rows and slabs are built in the same form.
-    cl = _channels_last(x)
+    cl = channels_last_band(x)
     if not cl and not _rows_in_place(x):
         # Any other layout would be copied by every gather_rows below: once here instead.
         BAND_COPIES[0] += 1

@@ -18,7 +18,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from xdit_ops.ops.usp_attention import usp_attention
-from xdit_ops.parallel.halo import BandLayout, ConvRows, all_gather_rows, halo_conv
+from xdit_ops.parallel.halo import (
+    BandLayout,
+    ConvRows,
+    all_gather_rows,
+    channels_last_band,
+    halo_conv,
+)
 
 OP = "parallelize_vae"
 # masked attention: query chunks keep their [chunk, S] fp32 score matrix under this many bytes
@@ -189,17 +195,13 @@ class BandConv:
 # Group normalisation with whole-tensor statistics
 
 
-def _local_moments(xg: torch.Tensor, chunk_elems: int = 1 << 24) -> tuple[torch.Tensor, ...]:
-    """fp32 mean and sum of squared deviations of ``xg [R, L]`` over L (Chan merge of chunks,
-    so a half-precision band is never copied to fp32 whole)."""
-    rows, length = xg.shape
-    step = max(1, chunk_elems // max(1, rows))
+def _chan_merge(chunks: Iterator[tuple[torch.Tensor, torch.Tensor, int]]
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and centred sum of squares over all chunks from each chunk's ``(mean, var, count)``
+    (Chan's parallel merge, fp32)."""
     mean = m2 = None
     n = 0
-    for s in range(0, length, step):
-        piece = xg[:, s:s + step].float()
-        var_p, mean_p = torch.var_mean(piece, dim=1, correction=0)
-        k = piece.shape[1]
+    for mean_p, var_p, k in chunks:
         if mean is None:
             mean, m2, n = mean_p, var_p * k, k
             continue
@@ -209,6 +211,21 @@ def _local_moments(xg: torch.Tensor, chunk_elems: int = 1 << 24) -> tuple[torch.
         m2 = m2 + var_p * k + delta.square() * (n * k / tot)
         n = tot
     return mean, m2
+
+
+def _local_moments(xg: torch.Tensor, chunk_elems: int = 1 << 24) -> tuple[torch.Tensor, ...]:
+    """fp32 mean and sum of squared deviations of ``xg [R, L]`` over L (Chan merge of chunks,
+    so a half-precision band is never copied to fp32 whole)."""
+    rows, length = xg.shape
+    step = max(1, chunk_elems // max(1, rows))
+
+    def chunks():
+        for s in range(0, length, step):
+            piece = xg[:, s:s + step].float()
+            var_p, mean_p = torch.var_mean(piece, dim=1, correction=0)
+            yield mean_p, var_p, piece.shape[1]
+
+    return _chan_merge(chunks())
 
 
 def _local_moments_nhwc(xr: torch.Tensor, chunk_elems: int = 1 << 24
@@ -218,22 +235,14 @@ def _local_moments_nhwc(xr: torch.Tensor, chunk_elems: int = 1 << 24
     chunks of rows, so the band is never copied to fp32 whole."""
     b, n_rows, groups, per = xr.shape
     step = max(1, chunk_elems // max(1, b * groups * per))
-    mean = m2 = None
-    n = 0
-    for s in range(0, n_rows, step):
-        piece = xr[:, s:s + step].float()
-        var_p, mean_p = torch.var_mean(piece, dim=(1, 3), correction=0)
-        var_p, mean_p = var_p.flatten(), mean_p.flatten()
-        k = piece.shape[1] * per
-        if mean is None:
-            mean, m2, n = mean_p, var_p * k, k
-            continue
-        delta = mean_p - mean
-        tot = n + k
-        mean = mean + delta * (k / tot)
-        m2 = m2 + var_p * k + delta.square() * (n * k / tot)
-        n = tot
-    return mean, m2
+
+    def chunks():
+        for s in range(0, n_rows, step):
+            piece = xr[:, s:s + step].float()
+            var_p, mean_p = torch.var_mean(piece, dim=(1, 3), correction=0)
+            yield mean_p.flatten(), var_p.flatten(), piece.shape[1] * per
+
+    return _chan_merge(chunks())
 
 
 def band_group_norm(
@@ -254,8 +263,7 @@ def band_group_norm(
     b, c = x.shape[0], x.shape[1]
     # A channels-last band (the layout the KL decoders run in) is read in place: its groups are
     # [B, H * W, G, C / G] slices of the [B, H, W, C] memory, and it stays channels-last.
-    nhwc = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not (
-        x.is_contiguous())
+    nhwc = channels_last_band(x)
     if nhwc:
         xr = x.permute(0, 2, 3, 1).reshape(b, -1, num_groups, c // num_groups)
         mean, m2 = _local_moments_nhwc(xr)

@@ -108,6 +108,23 @@ def _round_int8(x):
 
 
 @triton.jit
+def _int8_rows(x):
+    """Symmetric INT8 codes of each row of ``x`` (round half away of ``x * 127 / amax``) and the
+    row amax (1 for an all-zero row): the per-token quantization of Q and of K."""
+    amax = tl.max(tl.abs(x), axis=1)
+    amax = tl.where(amax > 0, amax, 1.0)
+    return _round_int8(x * _div(127.0, amax)[:, None]), amax
+
+
+@triton.jit
+def _this_head(H):
+    """(bh, b, h) of a program of grid (P, B * H); bh int64: offsets from it can pass 2^31 at
+    long sequences."""
+    bh = tl.program_id(1).to(tl.int64)
+    return bh, bh // H, bh % H
+
+
+@triton.jit
 def _round_k_scale(s):
     """The K scale to 22 significant bits, toward zero (the reference's ``round_k_scale``): the
     two lowest mantissa bits cleared, so that 1.5 * 2^23 * s is exact in fp32 (an attention
@@ -160,9 +177,7 @@ def quantize_q_kernel(
     Q8 [B, H, Sq, DP] int8, QSCALE/LSECORR [B, H, Sq] fp32.
     """
     pid = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)  # offsets below can pass 2^31 at long sequences
-    b = bh // H
-    h = bh % H
+    bh, b, h = _this_head(H)
     offs_d = tl.arange(0, DP)
     offs_s = tl.arange(0, BLOCK_S)
     d_ok = offs_d < D
@@ -177,9 +192,7 @@ def quantize_q_kernel(
         q = tl.load(q_base + rows[:, None] * stride_qs + offs_d[None, :],
                     mask=q_ok[:, None] & d_ok[None, :], other=0.0)
         qr = _rotate(q, had, UPCAST)
-        amax = tl.max(tl.abs(qr), axis=1)
-        amax = tl.where(amax > 0, amax, 1.0)
-        codes = _round_int8(qr * _div(127.0, amax)[:, None])
+        codes, amax = _int8_rows(qr)
         tl.store(q8_base + rows[:, None] * DP + offs_d[None, :], codes, mask=q_ok[:, None])
         tl.store(QSCALE + row_base + rows, _div(amax, 127.0) * score_scale, mask=q_ok)
         corr = tl.sum(qr * k_mean[None, :], axis=1) * corr_scale
@@ -206,9 +219,7 @@ def quantize_kv_kernel(
     column 4 l + 16 (jj >> 1) + 2 (jj & 1) + b for k = 8 jj + 2 l + b); BLOCK_S a multiple of 32.
     """
     pid = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)  # offsets below can pass 2^31 at long sequences
-    b = bh // H
-    h = bh % H
+    bh, b, h = _this_head(H)
     offs_d = tl.arange(0, DP)
     offs_s = tl.arange(0, BLOCK_S)
     d_ok = offs_d < D
@@ -242,9 +253,7 @@ def quantize_kv_kernel(
         tl.store(vt_base + offs_d[None, :] * Sk_pad + rows[:, None], vq)
         kr = _rotate(k, had, UPCAST) - k_mean[None, :]
         kr = tl.where(k_ok[:, None], kr, 0.0)
-        amax = tl.max(tl.abs(kr), axis=1)
-        amax = tl.where(amax > 0, amax, 1.0)
-        codes = _round_int8(kr * _div(127.0, amax)[:, None])
+        codes, amax = _int8_rows(kr)
         tl.store(k8_base + rows[:, None] * DP + offs_d[None, :], codes)
         tl.store(KSCALE + key_base + rows, tl.where(k_ok, _round_k_scale(_div(amax, 127.0)), 0.0))
 
@@ -330,9 +339,7 @@ def attn_fwd_kernel(
     Sk_pad a multiple of 64. The key loop is software-pipelined over the launch's num_stages.
     """
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)  # offsets below can pass 2^31 at long sequences
-    b = bh // H
-    h = bh % H
+    bh, b, h = _this_head(H)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, DP)
     m_ok = offs_m < Sq
