@@ -459,6 +459,85 @@ def test_halo_convolutions_keep_row_order() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Upsample2D past torch's NHWC nearest-kernel limit: diffusers makes such an input row-order
+# (Flux 8192^2 on 2 GPUs: the last upsampler's band, after which the decode ran NCHW and did not
+# fit); a channels-last band is upsampled in row chunks and stays channels-last.
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nearest_upsample_rows_matches_interpolate(dtype) -> None:
+    from xdit_ops.models.vae._band import nearest_upsample_rows
+
+    g = torch.Generator().manual_seed(7)
+    for shape in ((2, 3, 7, 5), (1, 4, 9, 3), (3, 2, 1, 4)):  # odd heights, one row
+        h, w = shape[-2:]
+        base = torch.randn(shape, generator=g).to(dtype)
+        for x in (base.contiguous(memory_format=torch.channels_last), base):
+            # x2; to (2H, 2W) given as a size; to other sizes, larger, smaller, odd
+            for size in (None, (2 * h, 2 * w), (17, 11), (5, 4), (3 * h, w), (2 * h + 1, 7)):
+                if size is None:
+                    ref = F.interpolate(x, scale_factor=2.0, mode="nearest")
+                else:
+                    ref = F.interpolate(x, size=size, mode="nearest")
+                # one row per chunk, a few rows with a shorter last chunk, one chunk
+                for limit in (1, 37, 150, 2**31):
+                    y = nearest_upsample_rows(x, size, limit)
+                    assert torch.equal(y, ref), (shape, x.stride(), size, limit)
+                    assert _layout_of(y) == "channels_last", (shape, size)
+
+
+def _worker_upsample_rows(rank: int, world: int) -> None:
+    from xdit_ops import parallelize_vae
+    from xdit_ops.models.vae import _band
+    from xdit_ops.parallel import halo
+
+    dist.init_process_group("gloo")
+    z, _ = _inputs("kl")
+    vae = _build("kl")
+    with torch.no_grad():
+        ref = _serial_on_rank0(rank, lambda: vae.decode(z).sample)
+    parallelize_vae(vae, group=dist.group.WORLD)
+    ups = [m for m in vae.decoder.modules() if type(m).__name__ == "Upsample2D"]
+    assert len(ups) == 2
+    seen: list[tuple[str, str]] = []
+    for m in ups:  # the upsampled band (the convolution's input) and the upsampler's output
+        m.conv.register_forward_pre_hook(lambda mod, a: seen.append(("up", _layout_of(a[0]))))
+        m.register_forward_hook(lambda mod, a, out: seen.append(("out", _layout_of(out))))
+    real, limit = _band.nearest_upsample_rows, _band.UPSAMPLE_NHWC_LIMIT
+    calls = [0]
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return real(*args, **kwargs)
+
+    # Chunked upsamplers per decode, by limit: none at the real limit (diffusers' forward); both
+    # at 1 (one input row per chunk); at 4000, on rank 0 only the second (its band 2 x 16 x 8 x
+    # 10 times 2 is 5120 elements: chunks of 3, 3 and 2 rows), rank 1's 2 x 16 x 6 x 10 staying
+    # under it.
+    expect = {limit: 0, 1: 2, 4000: 1 if rank == 0 else 0}
+    _band.nearest_upsample_rows = counted
+    try:
+        for forced, n_chunked in expect.items():
+            _band.UPSAMPLE_NHWC_LIMIT = forced
+            calls[0] = 0
+            seen.clear()
+            copies = halo.BAND_COPIES[0]
+            with torch.no_grad():
+                out = vae.decode(z).sample
+            assert calls[0] == n_chunked, (forced, calls[0])
+            assert len(seen) == 4 and all(lay == "channels_last" for _, lay in seen), seen
+            assert halo.BAND_COPIES[0] == copies, (forced, halo.BAND_COPIES[0] - copies)
+            err = _max_rel(out, ref)
+            assert err <= FP32_MAX_REL, (forced, err)
+    finally:
+        _band.nearest_upsample_rows, _band.UPSAMPLE_NHWC_LIMIT = real, limit
+
+
+def test_upsample_past_nhwc_limit_keeps_channels_last() -> None:
+    run_distributed(_worker_upsample_rows, 2, timeout=120)
+
+
+# ---------------------------------------------------------------------------------------------
 # API: output on rank 0 only, clear errors, no-op on one rank
 
 
@@ -577,6 +656,15 @@ def _worker_gpu(rank: int, world: int) -> None:
                      and m.kernel_size[-2] > 1]
             copies = halo.BAND_COPIES[0]
             out32 = vae.decode(z).sample
+            rows32 = None
+            if name == "kl":  # Upsample2D in row chunks, as past the NHWC limit (Flux 8192^2)
+                from xdit_ops.models.vae import _band
+
+                limit, _band.UPSAMPLE_NHWC_LIMIT = _band.UPSAMPLE_NHWC_LIMIT, 1
+                try:
+                    rows32 = vae.decode(z).sample
+                finally:
+                    _band.UPSAMPLE_NHWC_LIMIT = limit
             for h in hooks:
                 h.remove()
             again32 = vae.decode(z).sample  # a second decode replays the kept graphs
@@ -587,6 +675,8 @@ def _worker_gpu(rank: int, world: int) -> None:
         assert halo.BAND_COPIES[0] == copies, (name, halo.BAND_COPIES[0] - copies)
         assert _max_rel(out32, ref32) <= FP32_MAX_REL, (name, _max_rel(out32, ref32))
         assert _max_rel(again32, ref32) <= FP32_MAX_REL, (name, _max_rel(again32, ref32))
+        if rows32 is not None:
+            assert _max_rel(rows32, ref32) <= FP32_MAX_REL, (name, _max_rel(rows32, ref32))
         noise = _max_rel(ref16, ref32)
         assert _max_rel(out16, ref32) <= 2 * noise + 1e-3, (name, _max_rel(out16, ref32), noise)
         graphs = getattr(vae, "_xdit_frame_graphs", None)

@@ -29,6 +29,11 @@ from xdit_ops.parallel.halo import (
 OP = "parallelize_vae"
 # masked attention: query chunks keep their [chunk, S] fp32 score matrix under this many bytes
 SCORE_BYTES = 1 << 30
+# diffusers' Upsample2D makes a channels-last input row-order (a whole NCHW copy) when its
+# element count times the scale factor passes this (torch's NHWC nearest kernel failed beyond
+# it, pytorch issue 141831); a channels-last band is then upsampled by nearest_upsample_rows in
+# row chunks of fewer output elements, and stays channels-last. Tests lower it.
+UPSAMPLE_NHWC_LIMIT = 2**31
 
 
 class UnsupportedModule(TypeError):
@@ -356,3 +361,64 @@ def band_attention(
         out[:, :, i:j] = F.scaled_dot_product_attention(qh[:, :, i:j], kh, vh,
                                                         attn_mask=mask_fn(i, j))
     return out.transpose(1, 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Nearest upsampling of a channels-last band in row chunks
+
+
+def upsample_flips_layout(x: torch.Tensor, size: tuple[int, int] | None) -> bool:
+    """True when diffusers' ``Upsample2D`` would make the channels-last ``x [B, C, H, W]``
+    row-order before upsampling it by 2 (``size`` None) or to ``size``: its element count times
+    the scale factor (diffusers' ``max(size / (H, W))``) exceeds ``UPSAMPLE_NHWC_LIMIT``."""
+    if x.dim() != 4 or x.is_contiguous() or not x.is_contiguous(
+            memory_format=torch.channels_last):
+        return False
+    scale = 2 if size is None else max(f / s for f, s in zip(size, x.shape[-2:], strict=True))
+    return x.numel() * scale > UPSAMPLE_NHWC_LIMIT
+
+
+def nearest_upsample_rows(
+    x: torch.Tensor, size: tuple[int, int] | None = None, limit: int | None = None
+) -> torch.Tensor:
+    """``F.interpolate(x, scale_factor=2.0 | size=size, mode="nearest")`` into a channels-last
+    output, in chunks of output rows of fewer than ``limit`` elements each.
+
+    Parameters
+    ----------
+    x : ``[B, C, H, W]``, any dtype and layout (a channels-last band is read in place).
+    size : the output ``(H_out, W_out)``; None: ``(2 H, 2 W)``.
+    limit : elements per chunk of output; default ``UPSAMPLE_NHWC_LIMIT``.
+
+    Returns
+    -------
+    ``[B, C, H_out, W_out]``, channels-last, equal to ``F.interpolate``'s (nearest copies
+    values). By 2, output rows ``2i`` and ``2i + 1`` and columns ``2j`` and ``2j + 1`` are input
+    pixel ``(i, j)``: each chunk is one copy of the input rows broadcast into the output's
+    ``[B, rows, 2, W, 2, C]`` view, with no temporary. To another size, the source row of every
+    output row comes from torch's own kernel (a nearest resize of ``arange(H)``, on ``x``'s
+    device); each chunk gathers its source rows and resizes only their width, the same way.
+    """
+    b, c, h, w = x.shape
+    ho, wo = (2 * h, 2 * w) if size is None else (int(size[0]), int(size[1]))
+    out = torch.empty((b, c, ho, wo), dtype=x.dtype, device=x.device,
+                      memory_format=torch.channels_last)
+    if out.numel() == 0:
+        return out
+    limit = UPSAMPLE_NHWC_LIMIT if limit is None else limit
+    step = max(1, (limit - 1) // (b * c * wo))  # output rows per chunk
+    if (ho, wo) == (2 * h, 2 * w):
+        src = x.permute(0, 2, 3, 1)  # [B, H, W, C]
+        dst = out.permute(0, 2, 3, 1).view(b, h, 2, w, 2, c)
+        rows = max(1, step // 2)  # input rows per chunk
+        for i in range(0, h, rows):
+            piece = src[:, i:i + rows, None, :, None, :]
+            dst[:, i:i + rows].copy_(piece.expand(-1, -1, 2, -1, 2, -1))
+        return out
+    index = torch.arange(h, dtype=torch.float32, device=x.device).view(1, 1, h, 1)
+    index = F.interpolate(index, size=(ho, 1), mode="nearest").view(ho).long()
+    for j in range(0, ho, step):
+        k = min(ho, j + step)
+        piece = x.index_select(2, index[j:k])
+        out[:, :, j:k].copy_(F.interpolate(piece, size=(k - j, wo), mode="nearest"))
+    return out

@@ -21,6 +21,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from xdit_ops.models.vae import _band
 from xdit_ops.models.vae._band import (
     OP,
     BandConv,
@@ -143,9 +144,29 @@ def _resnet_2d(walk: Walk, path: str, module: nn.Module) -> None:
 
 
 def _upsample_2d(walk: Walk, path: str, module: nn.Module) -> None:
+    """Nearest x2 (or to ``output_size``), then the convolution if any. diffusers' forward
+    makes a channels-last input row-order when the output would pass torch's NHWC kernel limit
+    (Flux 8192^2 on 2 GPUs: the last upsampler's band); the rest of the decode then ran NCHW,
+    with cuDNN's transpose workspace, and did not fit. Such a band is upsampled in row chunks
+    into a channels-last output instead; every other input goes through diffusers' forward."""
     if module.use_conv_transpose or not module.interpolate:
         raise unsupported(path, module, "transposed-convolution or non-interpolating upsampling")
-    return None
+    original = module.forward
+
+    def fwd(self, ctx, hidden_states, output_size=None, *args, **kwargs):
+        if args or kwargs.get("scale") is not None or not _band.upsample_flips_layout(
+                hidden_states, output_size):
+            return original(hidden_states, output_size, *args, **kwargs)
+        assert hidden_states.shape[1] == self.channels
+        x = hidden_states
+        if self.norm is not None:  # LayerNorm / RMSNorm over channels: per pixel
+            x = self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        x = _band.nearest_upsample_rows(x, output_size)
+        if self.use_conv:
+            x = (self.conv if self.name == "conv" else self.Conv2d_0)(x)
+        return x
+
+    return lambda: _patch(module, fwd)
 
 
 def _downsample_2d(walk: Walk, path: str, module: nn.Module) -> None:
