@@ -203,7 +203,8 @@ def main() -> None:
     dist.init_process_group("nccl", device_id=torch.device("cuda", local))
     rank, world = dist.get_rank(), dist.get_world_size()
     shapes = SHAPES if args.shapes == "all" else [SHAPES[int(i)] for i in args.shapes.split(",")]
-    configs = [("ulysses", world, 1), ("ulysses-c2", world, 1), ("ulysses-c3", world, 1),
+    configs = [("ulysses", world, 1), ("ulysses-push", world, 1), ("ulysses-c2", world, 1),
+               ("ulysses-c3", world, 1),
                ("ulysses-ce", world, 1), ("ulysses-ce-c1", world, 1), ("ulysses-ce-c2", world, 1),
                ("ring", 1, world), ("ring-nccl", 1, world)]
     if world >= 4 and world % 2 == 0:
@@ -250,7 +251,9 @@ def main() -> None:
             # "-ce": the Ulysses exchange over the copy engines (default: its own chunking);
             # "-cN": N head chunks (falls back to 1 when heads don't split)
             ce = "-ce" in name
-            os.environ["XDIT_OPS_USP_ULYSSES"] = "ce" if ce else "nccl"
+            # "-push": the Ulysses exchange by peer stores into symmetric memory
+            os.environ["XDIT_OPS_USP_ULYSSES"] = ("ce" if ce else
+                                                  "push" if name.endswith("-push") else "nccl")
             m = re.search(r"-c(\d+)$", name)
             chunks = int(m.group(1)) if m else (0 if ce else 1)
             os.environ["XDIT_OPS_USP_CHUNKS"] = str(chunks)

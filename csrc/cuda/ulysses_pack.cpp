@@ -175,10 +175,126 @@ std::tuple<at::Tensor, at::Tensor> ulysses_place_gathered_cuda(
   return {qbuf, kv};
 }
 
+namespace {
+
+// dst of the push ops: one flat buffer per rank of `heads`, on q's device (peer memory mapped
+// into this process shows as a tensor of the local device), q's dtype, each at least
+// need(j) elements.
+template <typename Need>
+void check_push_dst(at::TensorList dst, at::IntArrayRef heads, const at::Tensor& like,
+                    Need need, const char* op) {
+  XDIT_CHECK(dst.size() == heads.size(), op, ": dst has ", dst.size(), " buffers for ",
+             heads.size(), " ranks (heads ", heads, ")");
+  for (size_t j = 0; j < dst.size(); ++j) {
+    const at::Tensor& d = dst[j];
+    XDIT_CHECK(d.device() == like.device() && d.scalar_type() == like.scalar_type(), op,
+               ": dst[", j, "] is ", d.scalar_type(), " on ", d.device(), "; need ",
+               like.scalar_type(), " on ", like.device());
+    XDIT_CHECK(d.dim() == 1 && d.is_contiguous(), op, ": dst[", j,
+               "] must be a flat contiguous buffer, got sizes ", d.sizes());
+    XDIT_CHECK(d.numel() >= need(j), op, ": dst[", j, "] has ", d.numel(),
+               " elements, the push needs ", need(j));
+  }
+}
+
+}  // namespace
+
+void ulysses_push_qkv_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                           at::IntArrayRef heads, at::TensorList dst, int64_t rank, int64_t J,
+                           int64_t Jk) {
+  constexpr const char* kOp = "ulysses_push_qkv";
+  XDIT_CHECK(q.dim() == 4, kOp, ": q must be [B, L, H, D], got ", q.sizes());
+  XDIT_CHECK(k.sizes() == q.sizes() && v.sizes() == q.sizes(), kOp, ": q ", q.sizes(), ", k ",
+             k.sizes(), " and v ", v.sizes(), " must have one shape");
+  XDIT_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), kOp,
+             ": q, k, v dtypes differ: ", q.scalar_type(), ", ", k.scalar_type(), ", ",
+             v.scalar_type());
+  XDIT_CHECK(q.is_cuda() && k.device() == q.device() && v.device() == q.device(), kOp,
+             ": q, k, v must be on one CUDA device, got ", q.device(), ", ", k.device(), ", ",
+             v.device());
+  const int64_t B = q.size(0), L = q.size(1), H = q.size(2), D = q.size(3);
+  for (const at::Tensor* t : {&q, &k, &v}) {
+    XDIT_CHECK(D <= 1 || t->stride(3) == 1, kOp, ": head_dim must be the contiguous dimension, ",
+               "got strides ", t->strides());
+  }
+  UlyssesPushParams p{};
+  fill_head_start(p, heads, H, kOp);
+  const int64_t U = p.num_ranks;
+  XDIT_CHECK(rank >= 0 && rank < U, kOp, ": rank ", rank, " is outside [0, ", U, ")");
+  XDIT_CHECK(J >= 0 && (Jk == 0 || Jk == J), kOp, ": need J >= 0 and Jk in {0, J}, got J=", J,
+             " Jk=", Jk);
+  check_push_dst(dst, heads, q, [&](size_t j) {
+    return B * (J + U * L) * heads[j] * D + 2 * B * (Jk + U * L) * heads[j] * D;
+  }, kOp);
+  const at::Tensor* qkv[3] = {&q, &k, &v};
+  for (int t = 0; t < 3; ++t) {
+    p.src[t] = qkv[t]->const_data_ptr();
+    p.src_stride_b[t] = applied_stride(*qkv[t], 0);
+    p.src_stride_s[t] = applied_stride(*qkv[t], 1);
+    p.src_stride_h[t] = applied_stride(*qkv[t], 2);
+  }
+  for (int64_t j = 0; j < U; ++j) p.dst[j] = dst[j].data_ptr();
+  p.batch = B;
+  p.seq = L;
+  p.heads = H;
+  p.head_dim = D;
+  p.joint = J;
+  p.joint_kv = Jk;
+  p.rank = static_cast<int>(rank);
+  const c10::cuda::CUDAGuard guard(q.device());
+  XDIT_CUDA_CHECK(ulysses_push_qkv(p, static_cast<int>(q.element_size()),
+                                   num_sms(q.get_device()),
+                                   c10::cuda::getCurrentCUDAStream().stream()));
+}
+
+void ulysses_push_out_cuda(const at::Tensor& o, at::IntArrayRef heads, at::TensorList dst,
+                           int64_t rank, int64_t L, bool joint_front) {
+  constexpr const char* kOp = "ulysses_push_out";
+  XDIT_CHECK(o.is_cuda(), kOp, ": o must be on a CUDA device, got ", o.device());
+  XDIT_CHECK(!heads.empty() && heads.size() <= static_cast<size_t>(kMaxUlyssesRanks), kOp,
+             ": heads must list 1..", kMaxUlyssesRanks, " per-rank counts, got ", heads.size());
+  const int64_t U = static_cast<int64_t>(heads.size());
+  XDIT_CHECK(rank >= 0 && rank < U, kOp, ": rank ", rank, " is outside [0, ", U, ")");
+  int64_t H = 0, h0 = 0;
+  for (int64_t j = 0; j < U; ++j) {
+    XDIT_CHECK(heads[j] >= 0, kOp, ": heads[", j, "] = ", heads[j], " is negative");
+    if (j < rank) h0 += heads[j];
+    H += heads[j];
+  }
+  XDIT_CHECK(o.dim() == 4 && o.size(2) == heads[rank] && L >= 0 && o.size(1) >= U * L, kOp,
+             ": o must be [B, J + U*L, h, D] with U=", U, " L=", L, " h=heads[", rank, "]=",
+             heads[rank], ", got ", o.sizes());
+  const int64_t B = o.size(0), J = o.size(1) - U * L, D = o.size(3);
+  XDIT_CHECK(D <= 1 || o.stride(3) == 1, kOp, ": head_dim of o must be contiguous, got strides ",
+             o.strides());
+  check_push_dst(dst, heads, o, [&](size_t) { return B * (J + L) * H * D; }, kOp);
+  UlyssesPushOutParams p{};
+  p.src = o.const_data_ptr();
+  p.src_stride_b = applied_stride(o, 0);
+  p.src_stride_s = applied_stride(o, 1);
+  p.src_stride_h = applied_stride(o, 2);
+  for (int64_t j = 0; j < U; ++j) p.dst[j] = dst[j].data_ptr();
+  p.batch = B;
+  p.joint = J;
+  p.seq = L;
+  p.heads_total = H;
+  p.head_start = h0;
+  p.heads = heads[rank];
+  p.head_dim = D;
+  p.joint_front = joint_front;
+  p.num_ranks = static_cast<int>(U);
+  const c10::cuda::CUDAGuard guard(o.device());
+  XDIT_CUDA_CHECK(ulysses_push_out(p, static_cast<int>(o.element_size()),
+                                   num_sms(o.get_device()),
+                                   c10::cuda::getCurrentCUDAStream().stream()));
+}
+
 TORCH_LIBRARY_IMPL(xdit_ops, CUDA, m) {
   m.impl("ulysses_place_gathered", &ulysses_place_gathered_cuda);
   m.impl("ulysses_pack_qkv", &ulysses_pack_qkv_cuda);
   m.impl("ulysses_unpack_out", &ulysses_unpack_out_cuda);
+  m.impl("ulysses_push_qkv", &ulysses_push_qkv_cuda);
+  m.impl("ulysses_push_out", &ulysses_push_out_cuda);
 }
 
 }  // namespace xdit_ops

@@ -154,4 +154,90 @@ cudaError_t ulysses_place_gathered(const UlyssesPlaceParams& p, int elem_size, i
   });
 }
 
+// The push kernel's per-head table (32 bytes a head) under the 48 KiB default.
+constexpr int64_t kMaxPushHeads = 1024;
+
+cudaError_t ulysses_push_qkv(const UlyssesPushParams& p, int elem_size, int num_sms,
+                             cudaStream_t stream) {
+  const int64_t num_rows = 3 * p.batch * p.seq;
+  if (num_rows == 0 || p.heads == 0 || p.head_dim == 0) return cudaSuccess;
+  if (p.num_ranks < 1 || p.num_ranks > kMaxUlyssesRanks || p.rank < 0 ||
+      p.rank >= p.num_ranks || p.heads > kMaxPushHeads || p.head_start[0] != 0 ||
+      p.head_start[p.num_ranks] != p.heads || (p.joint_kv != 0 && p.joint_kv != p.joint)) {
+    return cudaErrorInvalidValue;
+  }
+  const uint64_t es = elem_size;
+  uint64_t bits = p.head_dim * es;
+  for (int t = 0; t < 3; ++t) {
+    bits |= reinterpret_cast<uint64_t>(p.src[t]) | p.src_stride_b[t] * es |
+            p.src_stride_s[t] * es | p.src_stride_h[t] * es;
+  }
+  for (int j = 0; j < p.num_ranks; ++j) bits |= reinterpret_cast<uint64_t>(p.dst[j]);
+  const int w = copy_width(bits);
+  const int64_t dv = p.head_dim * elem_size / w;
+  if (p.heads * dv > INT32_MAX) return cudaErrorInvalidValue;
+  UlyssesPushArgs a;
+  for (int t = 0; t < 3; ++t) a.src[t] = p.src[t];
+  vector_strides(p.src_stride_b, elem_size, w, a.stride_b);
+  vector_strides(p.src_stride_s, elem_size, w, a.stride_s);
+  vector_strides(p.src_stride_h, elem_size, w, a.stride_h);
+  for (int j = 0; j < kMaxUlyssesRanks; ++j) a.dst[j] = j < p.num_ranks ? p.dst[j] : nullptr;
+  for (int j = 0; j <= kMaxUlyssesRanks; ++j) {
+    a.head_start[j] = j <= p.num_ranks ? p.head_start[j] : p.heads;
+  }
+  a.batch = p.batch;
+  a.seq = p.seq;
+  a.ranks = p.num_ranks;
+  a.rank = p.rank;
+  a.joint = p.joint;
+  a.joint_kv = p.joint_kv;
+  a.dv = dv;
+  a.heads = p.heads;
+  a.span = round_up_pow2(p.heads * dv);
+  const int blocks = grid_size(num_rows, a.span, num_sms);
+  return dispatch_copy_width(w, [&](auto vec) {
+    using Vec = decltype(vec);
+    ulysses_push_kernel<Vec><<<blocks, kThreads, sizeof(PushHead<Vec>) * p.heads, stream>>>(a);
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t ulysses_push_out(const UlyssesPushOutParams& p, int elem_size, int num_sms,
+                             cudaStream_t stream) {
+  const int64_t num_rows = p.batch * (p.joint + p.num_ranks * p.seq);
+  if (num_rows == 0 || p.heads == 0 || p.head_dim == 0) return cudaSuccess;
+  if (p.num_ranks < 1 || p.num_ranks > kMaxUlyssesRanks || p.head_start < 0 ||
+      p.head_start + p.heads > p.heads_total) {
+    return cudaErrorInvalidValue;
+  }
+  const uint64_t es = elem_size;
+  uint64_t bits = p.head_dim * es | reinterpret_cast<uint64_t>(p.src) | p.src_stride_b * es |
+                  p.src_stride_s * es | p.src_stride_h * es;
+  for (int j = 0; j < p.num_ranks; ++j) bits |= reinterpret_cast<uint64_t>(p.dst[j]);
+  const int w = copy_width(bits);
+  const int64_t dv = p.head_dim * elem_size / w;
+  if (p.heads * dv > INT32_MAX) return cudaErrorInvalidValue;
+  UlyssesPushOutArgs a;
+  a.src = p.src;
+  a.stride_b = p.src_stride_b * elem_size / w;
+  a.stride_s = p.src_stride_s * elem_size / w;
+  a.stride_h = p.src_stride_h * elem_size / w;
+  for (int j = 0; j < kMaxUlyssesRanks; ++j) a.dst[j] = j < p.num_ranks ? p.dst[j] : nullptr;
+  a.batch = p.batch;
+  a.joint = p.joint;
+  a.seq = p.seq;
+  a.heads_total = p.heads_total;
+  a.head_start = p.head_start;
+  a.heads = p.heads;
+  a.dv = dv;
+  a.ranks = p.num_ranks;
+  a.joint_front = p.joint_front;
+  a.span = round_up_pow2(p.heads * dv);
+  const int blocks = grid_size(num_rows, a.span, num_sms);
+  return dispatch_copy_width(w, [&](auto vec) {
+    ulysses_push_out_kernel<decltype(vec)><<<blocks, kThreads, 0, stream>>>(a);
+    return cudaGetLastError();
+  });
+}
+
 }  // namespace xdit_ops

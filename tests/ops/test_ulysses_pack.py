@@ -17,6 +17,8 @@ from tests.utils import randn
 from xdit_ops.ops.ulysses_pack import (
     ulysses_pack_qkv,
     ulysses_place_gathered,
+    ulysses_push_out,
+    ulysses_push_qkv,
     ulysses_unpack_out,
 )
 
@@ -209,6 +211,106 @@ def test_cpu_exchange_round_trip(split, joint_front):
         assert torch.equal(out, want)
 
 
+# Push variants: every rank of a simulated Ulysses group pushes into all ranks' buffers (plain
+# tensors of this process standing in for the peers' symmetric memory); the oracle is the
+# layout written from the whole-sequence tensors.
+
+_SLACK = 5  # elements past what a push needs: must stay untouched
+
+
+def _nan(n, dtype, device):
+    return torch.full((n,), float("nan"), dtype=dtype, device=device)
+
+
+def _untouched(x):
+    return bool(torch.isnan(x).all())
+
+
+def _check_push_in(heads, B, L, J, Jk, D, dtype, device):
+    U, H = len(heads), sum(heads)
+    starts = [sum(heads[:i]) for i in range(U)]
+    full = _fused_qkv(B, U * L, H, D, dtype, device, seed=7 * D + J)  # strided q, k, v
+    need = [B * (J + U * L) * h * D + 2 * B * (Jk + U * L) * h * D for h in heads]
+    dst = [_nan(n + _SLACK, dtype, device) for n in need]
+    for r in range(U):
+        ulysses_push_qkv(*(t[:, r * L:(r + 1) * L] for t in full), heads, dst, r, J, Jk)
+    for j, h in enumerate(heads):
+        hs = slice(starts[j], starts[j] + h)
+        nq = B * (J + U * L) * h * D
+        qbuf = dst[j][:nq].view(B, J + U * L, h, D)
+        kv = dst[j][nq:need[j]].view(2, B, Jk + U * L, h, D)
+        assert torch.equal(qbuf[:, J:], full[0][:, :, hs])
+        assert torch.equal(kv[0, :, Jk:], full[1][:, :, hs])
+        assert torch.equal(kv[1, :, Jk:], full[2][:, :, hs])
+        # the joint rows are the owner's; nothing past the buffers is written
+        assert _untouched(qbuf[:, :J]) and _untouched(kv[:, :, :Jk])
+        assert _untouched(dst[j][need[j]:])
+
+
+def _check_push_out(heads, B, L, J, D, joint_front, dtype, device):
+    U, H = len(heads), sum(heads)
+    starts = [sum(heads[:i]) for i in range(U)]
+    out_full = randn(B, U * L, H, D, dtype=dtype, device=device, seed=D + J)
+    joint = randn(B, J, H, D, dtype=dtype, device=device, seed=D + J + 1)
+    n = B * (J + L) * H * D
+    dst = [_nan(n + _SLACK, dtype, device) for _ in range(U)]
+    for r, h in enumerate(heads):
+        hs = slice(starts[r], starts[r] + h)
+        # attention's output layout: [B, h, J + U*L, D] transposed (not contiguous)
+        o = torch.cat([joint[:, :, hs], out_full[:, :, hs]], dim=1).transpose(1, 2)
+        o = o.contiguous().transpose(1, 2)
+        ulysses_push_out(o, heads, dst, r, L, joint_front)
+    for u in range(U):
+        mine = out_full[:, u * L:(u + 1) * L]
+        want = torch.cat([joint, mine] if joint_front else [mine, joint], dim=1)
+        assert torch.equal(dst[u][:n].view(B, J + L, H, D), want)
+        assert _untouched(dst[u][n:])
+
+
+@pytest.mark.parametrize("J,Jk", [(0, 0), (3, 3), (3, 0)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("split", list(HEADS))
+def test_cpu_push_qkv_places_every_rank(split, dtype, J, Jk):
+    _check_push_in(HEADS[split], 2, 5, J, Jk, 8, dtype, "cpu")
+
+
+@pytest.mark.parametrize("joint_front", [True, False], ids=["front", "back"])
+@pytest.mark.parametrize("J", [0, 3])
+@pytest.mark.parametrize("split", list(HEADS))
+def test_cpu_push_out_returns_every_row(split, J, joint_front):
+    _check_push_out(HEADS[split], 2, 5, J, 8, joint_front, torch.float32, "cpu")
+
+
+def test_push_bad_arguments():
+    q = randn(2, 4, 6, 8, seed=1)
+    heads = [3, 3]
+    need = 2 * (1 + 8) * 3 * 8 + 2 * 2 * (1 + 8) * 3 * 8
+    dst = [q.new_zeros(need), q.new_zeros(need)]
+    ulysses_push_qkv(q, q, q, heads, dst, 1, 1, 1)  # fits exactly
+    with pytest.raises(ValueError, match="ulysses_push_qkv: dst has 1 buffers for 2 ranks"):
+        ulysses_push_qkv(q, q, q, heads, dst[:1], 0, 1, 1)
+    with pytest.raises(ValueError, match=f"ulysses_push_qkv: dst\\[1\\] has {need - 1} "
+                                         f"elements, the push needs {need}"):
+        ulysses_push_qkv(q, q, q, heads, [dst[0], dst[1][1:]], 0, 1, 1)
+    with pytest.raises(ValueError, match=r"ulysses_push_qkv: rank 2 is outside \[0, 2\)"):
+        ulysses_push_qkv(q, q, q, heads, dst, 2, 1, 1)
+    with pytest.raises(ValueError, match="ulysses_push_qkv: need J >= 0 and Jk in"):
+        ulysses_push_qkv(q, q, q, heads, dst, 0, 2, 1)
+    with pytest.raises(ValueError, match="ulysses_push_qkv: dst\\[0\\] must be a flat"):
+        ulysses_push_qkv(q, q, q, heads, [dst[0].view(2, -1), dst[1]], 0, 1, 1)
+    with pytest.raises(ValueError, match="ulysses_push_qkv: dst\\[1\\] is torch.float64"):
+        ulysses_push_qkv(q, q, q, heads, [dst[0], dst[1].double()], 0, 1, 1)
+    o = randn(2, 1 + 2 * 4, 3, 8, seed=2)
+    out = [q.new_zeros(2 * 5 * 6 * 8) for _ in heads]
+    ulysses_push_out(o, heads, out, 0, 4, True)
+    with pytest.raises(ValueError, match="ulysses_push_out: o must be"):
+        ulysses_push_out(o, [2, 4], out, 0, 4, True)
+    with pytest.raises(ValueError, match="ulysses_push_out: o must be"):
+        ulysses_push_out(o, heads, out, 0, 5, True)
+    with pytest.raises(ValueError, match="ulysses_push_out: dst\\[0\\] has"):
+        ulysses_push_out(o, heads, [out[0][:-1], out[1]], 1, 4, False)
+
+
 def test_bad_arguments():
     q = randn(2, 4, 6, 8, seed=1)
     with pytest.raises(ValueError, match=r"ulysses_pack_qkv: sum\(heads\) = 5 != H = 6"):
@@ -256,6 +358,14 @@ def test_opcheck():
     recv, joint = _place_case(3, 2, 4, 2, 7, 8, 5, seed=6)
     torch.library.opcheck(torch.ops.xdit_ops.ulysses_place_gathered.default,
                           (recv, 3, 2, 4, 2, *joint, 5, False))
+    heads = [2, 2, 2, 1]
+    dst = [torch.zeros(2 * (3 + 4 * 5) * h * 8 * 3) for h in heads]
+    torch.library.opcheck(torch.ops.xdit_ops.ulysses_push_qkv.default,
+                          (q, k, v, heads, dst, 1, 3, 3))
+    o = randn(2, 3 + 4 * 5, 2, 8, seed=7)
+    out = [torch.zeros(2 * (3 + 5) * 7 * 8) for _ in heads]
+    torch.library.opcheck(torch.ops.xdit_ops.ulysses_push_out.default,
+                          (o, heads, out, 2, 5, False))
 
 
 def test_compile_fullgraph_matches_eager():
@@ -416,3 +526,26 @@ def test_gpu_cuda_graph_capture():
     want_q, want_kv = ulysses_place_gathered(recv_in.cpu(), U, B, L, h,
                                              *(t.cpu() for t in qkv_j), 16, True)
     assert torch.equal(qbuf.cpu(), want_q) and torch.equal(kv.cpu(), want_kv)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("J,Jk", [(0, 0), (77, 77), (77, 0)])
+@pytest.mark.parametrize("D", [128, 72, 36, 1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads", [[6, 6, 6, 6], [8, 8, 7, 7]], ids=["even", "uneven"])
+def test_gpu_push_qkv_places_every_rank(heads, dtype, D, J, Jk):
+    """The push kernel with every destination a buffer of this GPU (the kernel only sees
+    pointers: peer-mapped memory is the same to it)."""
+    _native()
+    _check_push_in(heads, 3, 1031, J, Jk, D, dtype, "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("joint_front", [True, False], ids=["front", "back"])
+@pytest.mark.parametrize("J", [0, 77])
+@pytest.mark.parametrize("D", [128, 72, 1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads", [[6, 6, 6, 6], [8, 8, 7, 7]], ids=["even", "uneven"])
+def test_gpu_push_out_returns_every_row(heads, dtype, D, J, joint_front):
+    _native()
+    _check_push_out(heads, 2, 1031, J, D, joint_front, dtype, "cuda")

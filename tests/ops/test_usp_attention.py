@@ -480,6 +480,15 @@ def _worker_gpu(rank, world):
             _run_case(case, u, r, seed=31 * i + 5, device="cuda")
         _run_shard_lengths(u, r, seed=3 * u + r, device="cuda", dtype=torch.bfloat16, L=300,
                            J=77, D=128)
+        if r == 1:
+            # Ulysses by peer stores into symmetric memory: every case, the shapes in a row
+            # (a buffer per shape), then the padded-shard case (squeezed keys).
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setenv("XDIT_OPS_USP_ULYSSES", "push")
+                for i, case in enumerate(GPU_CASES):
+                    _run_case(case, u, r, seed=53 * i + 7, device="cuda")
+                _run_shard_lengths(u, r, seed=5 * u + 1, device="cuda", dtype=torch.bfloat16,
+                                   L=300, J=77, D=128)
         if os.environ.get("XDIT_OPS_TEST_CE") == "1":
             # The copy-engine transports (opt-in), only when asked: the Ulysses one without a
             # ring, and the ring, which deadlocked in this multi-shape test on 2 GPUs (runs 5-7)
@@ -499,11 +508,13 @@ def test_usp_gpu_matches_single_device(world):
     run_distributed(_worker_gpu, world, timeout=200, backend="nccl")
 
 
-def _worker_gpu_graph(rank, world, ulysses_ce=False):
+def _worker_gpu_graph(rank, world, ulysses_ce=False, transport=None):
     """CUDA-graph capture and replay of the op gives the eager result."""
-    u = world if ulysses_ce else 2 if world % 2 == 0 else 1
     if ulysses_ce:
-        os.environ["XDIT_OPS_USP_ULYSSES"] = "ce"
+        transport = "ce"
+    u = world if transport else 2 if world % 2 == 0 else 1
+    if transport:
+        os.environ["XDIT_OPS_USP_ULYSSES"] = transport
     xdit_ops.init_parallel(ulysses_degree=u, ring_degree=world // u)
     q, k, v = (randn(1, 1024, 8, 64, seed=s, dtype=torch.bfloat16, device="cuda")
                for s in (1, 2, 3))
@@ -526,3 +537,23 @@ def _worker_gpu_graph(rank, world, ulysses_ce=False):
 @pytest.mark.parametrize("ulysses_ce", [False, True])
 def test_usp_gpu_cuda_graph(ulysses_ce):
     run_distributed(_worker_gpu_graph, 4, ulysses_ce, timeout=150, backend="nccl")
+
+
+@pytest.mark.multigpu(2)
+def test_usp_gpu_cuda_graph_push():
+    """The push transport (symmetric-memory stores and device barriers) captured and replayed
+    on 2 GPUs."""
+    run_distributed(_worker_gpu_graph, 2, False, "push", timeout=150, backend="nccl")
+
+
+def test_ulysses_transport_switch():
+    from xdit_ops.ops.usp_attention import ulysses_transport
+
+    cuda = torch.device("cuda", 0)  # a device object only: nothing runs on it
+    assert [ulysses_transport(cuda, s) for s in (None, "nccl", "ce", "push")] == \
+        ["nccl", "nccl", "ce", "push"]
+    # off CUDA every transport is NCCL's (gloo on CPU)
+    assert ulysses_transport(torch.device("cpu"), "push") == "nccl"
+    with pytest.raises(ValueError, match="usp_attention: XDIT_OPS_USP_ULYSSES must be one of "
+                                         r"\('nccl', 'ce', 'push'\), got 'nvlink'"):
+        ulysses_transport(cuda, "nvlink")

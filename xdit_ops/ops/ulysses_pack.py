@@ -15,6 +15,20 @@ single-kernel copies on either side of that exchange:
   rank ``j``'s block ``[B, J + L, heads[j], D]`` (its J joint rows first) -> ``[B, J + L, H, D]``
   with the joint rows in front or behind.
 
+The push variants do the pack and the exchange in one pass, for ranks whose buffers are mapped
+into this process (symmetric memory over NVLink: ``usp_attention``'s ``XDIT_OPS_USP_ULYSSES=push``).
+``dst`` lists one flat buffer per rank of the Ulysses group (this rank's own included):
+
+* :func:`ulysses_push_qkv`: this rank's ``q, k, v`` ``[B, L, H, D]`` shard -> rank ``j``'s query
+  buffer ``[B, J + U*L, heads[j], D]`` and K/V buffer ``[2, B, Jk + U*L, heads[j], D]``, stored
+  one after the other at the start of ``dst[j]``: rows ``J + rank*L ..`` and ``Jk + rank*L ..``
+  (the joint rows are left to their owner). Afterwards, once every rank has pushed, each
+  rank's buffer holds what ``ulysses_place_gathered`` builds from the all-to-all.
+* :func:`ulysses_push_out`: this rank's attention output ``o`` ``[B, J + U*L, h, D]`` (its heads
+  ``[h0, h0 + h)``, joint rows first) -> every rank's output ``[B, J + L, H, D]`` at the start of
+  ``dst[u]``: rank ``u`` gets its ``L`` rows and the joint rows (front or behind), i.e. what
+  ``ulysses_unpack_out`` builds after the output all-to-all.
+
 CUDA runs the native kernels (``csrc/include/xdit_ops/ulysses_pack.cuh``: one launch, vectorised
 up to 16 bytes); CPU runs the torch references below. Both are exact copies, any dtype.
 """
@@ -30,6 +44,8 @@ from xdit_ops.ops._lib import lib
 PACK = "ulysses_pack_qkv"
 UNPACK = "ulysses_unpack_out"
 PLACE = "ulysses_place_gathered"
+PUSH = "ulysses_push_qkv"
+PUSH_OUT = "ulysses_push_out"
 
 lib.define(f"{PACK}(Tensor q, Tensor k, Tensor v, int[] heads) -> Tensor")
 lib.define(
@@ -38,6 +54,14 @@ lib.define(
 lib.define(
     f"{PLACE}(Tensor recv, int U, int B, int L, int h, Tensor? q_j, Tensor? k_j, Tensor? v_j, "
     "int head_start, bool joint_kv) -> (Tensor, Tensor)"
+)
+lib.define(
+    f"{PUSH}(Tensor q, Tensor k, Tensor v, int[] heads, Tensor(a!)[] dst, int rank, int J, "
+    "int Jk) -> ()"
+)
+lib.define(
+    f"{PUSH_OUT}(Tensor o, int[] heads, Tensor(a!)[] dst, int rank, int L, bool joint_front) "
+    "-> ()"
 )
 
 
@@ -163,9 +187,95 @@ def _place_cpu(recv, U, B, L, h, q_j, k_j, v_j, head_start, joint_kv):
     return qbuf, kv
 
 
+def check_push(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: Sequence[int],
+               dst: Sequence[torch.Tensor], rank: int, J: int, Jk: int) -> list[int]:
+    """Checks the arguments; returns the elements each dst[j] needs."""
+    check_pack(q, k, v, heads)
+    U = len(heads)
+    if not 0 <= rank < U:
+        raise ValueError(f"{PUSH}: rank {rank} is outside [0, {U})")
+    if J < 0 or Jk not in (0, J):
+        raise ValueError(f"{PUSH}: need J >= 0 and Jk in {{0, J}}, got J={J} Jk={Jk}")
+    B, L, _, D = q.shape
+    need = [B * (J + U * L) * h * D + 2 * B * (Jk + U * L) * h * D for h in heads]
+    _check_push_dst(PUSH, dst, q, need)
+    return need
+
+
+def check_push_out(o: torch.Tensor, heads: Sequence[int], dst: Sequence[torch.Tensor],
+                   rank: int, L: int) -> tuple[int, int, int]:
+    """Checks the arguments; returns (J, H, h0)."""
+    H = _check_heads(PUSH_OUT, heads, None)
+    U = len(heads)
+    if not 0 <= rank < U:
+        raise ValueError(f"{PUSH_OUT}: rank {rank} is outside [0, {U})")
+    if o.dim() != 4 or o.shape[2] != heads[rank] or L < 0 or o.shape[1] < U * L:
+        raise ValueError(f"{PUSH_OUT}: o must be [B, J + U*L, h, D] with U={U} L={L} "
+                         f"h=heads[{rank}]={heads[rank]}, got {tuple(o.shape)}")
+    if o.shape[-1] > 1 and o.stride(-1) != 1:
+        raise ValueError(f"{PUSH_OUT}: head_dim of o must be contiguous, got strides "
+                         f"{tuple(o.stride())}")
+    B, T, _, D = o.shape
+    J = T - U * L
+    _check_push_dst(PUSH_OUT, dst, o, [B * (J + L) * H * D] * U)
+    return J, H, sum(heads[:rank])
+
+
+def _check_push_dst(op: str, dst: Sequence[torch.Tensor], like: torch.Tensor,
+                    need: list[int]) -> None:
+    if len(dst) != len(need):
+        raise ValueError(f"{op}: dst has {len(dst)} buffers for {len(need)} ranks")
+    for j, (d, n) in enumerate(zip(dst, need, strict=True)):
+        if d.device != like.device or d.dtype != like.dtype:
+            raise ValueError(f"{op}: dst[{j}] is {d.dtype} on {d.device}; need {like.dtype} on "
+                             f"{like.device}")
+        if d.dim() != 1 or not d.is_contiguous():
+            raise ValueError(f"{op}: dst[{j}] must be a flat contiguous buffer, got shape "
+                             f"{tuple(d.shape)}")
+        if d.numel() < n:
+            raise ValueError(f"{op}: dst[{j}] has {d.numel()} elements, the push needs {n}")
+
+
+def _push_cpu(q, k, v, heads, dst, rank, J, Jk):
+    """Reference: rank j's query and K/V buffers, viewed in dst[j], get this rank's rows."""
+    check_push(q, k, v, heads, dst, rank, J, Jk)
+    B, L, _, D = q.shape
+    U = len(heads)
+    rows = slice(rank * L, (rank + 1) * L)
+    start = 0
+    for d, h in zip(dst, heads, strict=True):
+        nq = B * (J + U * L) * h * D
+        qbuf = d[:nq].view(B, J + U * L, h, D)
+        kv = d[nq:nq + 2 * B * (Jk + U * L) * h * D].view(2, B, Jk + U * L, h, D)
+        hs = slice(start, start + h)
+        qbuf[:, J:][:, rows] = q[:, :, hs]
+        kv[0, :, Jk:][:, rows] = k[:, :, hs]
+        kv[1, :, Jk:][:, rows] = v[:, :, hs]
+        start += h
+
+
+def _push_out_cpu(o, heads, dst, rank, L, joint_front):
+    """Reference: every rank's [B, J + L, H, D] output, viewed in dst[u], gets this rank's
+    heads of its rows."""
+    J, H, h0 = check_push_out(o, heads, dst, rank, L)
+    B, _, h, D = o.shape
+    hs = slice(h0, h0 + h)
+    for u, d in enumerate(dst):
+        out = d[:B * (J + L) * H * D].view(B, J + L, H, D)
+        seq = o[:, J + u * L:J + (u + 1) * L]
+        if joint_front:
+            out[:, :J, hs] = o[:, :J]
+            out[:, J:, hs] = seq
+        else:
+            out[:, :L, hs] = seq
+            out[:, L:, hs] = o[:, :J]
+
+
 lib.impl(PACK, _pack_cpu, "CPU")
 lib.impl(PLACE, _place_cpu, "CPU")
 lib.impl(UNPACK, _unpack_cpu, "CPU")
+lib.impl(PUSH, _push_cpu, "CPU")
+lib.impl(PUSH_OUT, _push_out_cpu, "CPU")
 
 
 @torch.library.register_fake(f"xdit_ops::{PACK}")
@@ -187,10 +297,21 @@ def _place_fake(recv, U, B, L, h, q_j, k_j, v_j, head_start, joint_kv):
     return recv.new_empty((B, J + U * L, h, D)), recv.new_empty((2, B, Jk + U * L, h, D))
 
 
+@torch.library.register_fake(f"xdit_ops::{PUSH}")
+def _push_fake(q, k, v, heads, dst, rank, J, Jk):
+    check_push(q, k, v, heads, dst, rank, J, Jk)
+
+
+@torch.library.register_fake(f"xdit_ops::{PUSH_OUT}")
+def _push_out_fake(o, heads, dst, rank, L, joint_front):
+    check_push_out(o, heads, dst, rank, L)
+
+
 def _register_cuda_fallback() -> None:
     """Without the native kernels (module absent, disabled, or built before these sources),
     CUDA tensors take the references: the same copies as several torch kernels."""
-    for op, fn in ((PACK, _pack_cpu), (UNPACK, _unpack_cpu), (PLACE, _place_cpu)):
+    for op, fn in ((PACK, _pack_cpu), (UNPACK, _unpack_cpu), (PLACE, _place_cpu),
+                   (PUSH, _push_cpu), (PUSH_OUT, _push_out_cpu)):
         if not torch._C._dispatch_has_kernel_for_dispatch_key(f"xdit_ops::{op}", "CUDA"):
             lib.impl(op, fn, "CUDA")
 
@@ -263,3 +384,49 @@ def ulysses_place_gathered(
     """
     return torch.ops.xdit_ops.ulysses_place_gathered.default(
         recv, U, B, L, h, q_j, k_j, v_j, head_start, joint_kv)
+
+
+def ulysses_push_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: Sequence[int],
+                     dst: Sequence[torch.Tensor], rank: int, J: int, Jk: int) -> None:
+    """Pack and send Q, K, V in one pass: store this rank's rows straight into every rank's
+    query and K/V buffers (one kernel on CUDA; ``dst`` are usually symmetric-memory buffers of
+    the peers, mapped into this process).
+
+    Parameters
+    ----------
+    q, k, v : this rank's shard ``[B, L, H, D]``, as for :func:`ulysses_pack_qkv`.
+    heads : per-rank head counts of the Ulysses group (``sum(heads) == H``; may be uneven).
+    dst : one flat buffer per rank (this rank's own included), of q's dtype and device. Rank
+        ``j``'s query buffer ``[B, J + U*L, heads[j], D]`` starts at ``dst[j][0]``, its K/V buffer
+        ``[2, B, Jk + U*L, heads[j], D]`` right after it.
+    rank : this rank's index in ``heads``.
+    J, Jk : joint rows in front of the query buffer and of the K/V buffer (``Jk`` is ``J`` or
+        0); they are not written here (the owner places its joint rows itself).
+
+    Afterwards (once every rank has pushed and synchronised), rank ``j``'s buffers equal
+    :func:`ulysses_place_gathered` of the all-to-all that :func:`ulysses_pack_qkv` feeds,
+    outside the joint rows.
+    """
+    torch.ops.xdit_ops.ulysses_push_qkv.default(q, k, v, list(heads), list(dst), rank, J, Jk)
+
+
+def ulysses_push_out(o: torch.Tensor, heads: Sequence[int], dst: Sequence[torch.Tensor],
+                     rank: int, L: int, joint_front: bool) -> None:
+    """Send this rank's attention output back in one pass: store its heads of every row straight
+    into every rank's ``[B, J + L, H, D]`` output (one kernel on CUDA).
+
+    Parameters
+    ----------
+    o : ``[B, J + U*L, h, D]``: the J joint rows, then the gathered sequence (shard ``u`` at rows
+        ``J + u*L ..``), for this rank's heads ``[h0, h0 + h)``, ``h = heads[rank]``,
+        ``h0 = sum(heads[:rank])``; any strides with ``D`` contiguous.
+    heads, rank : as for :func:`ulysses_push_qkv`.
+    dst : one flat buffer per rank of o's dtype and device; rank ``u``'s output
+        ``[B, J + L, H, D]`` starts at ``dst[u][0]``.
+    L : local sequence rows; ``J = o.shape[1] - U*L``.
+    joint_front : the joint rows go first in the output, or behind the L rows.
+
+    Rank ``u`` gets its L sequence rows and every joint row, for this rank's heads: once every
+    rank has pushed, each output equals :func:`ulysses_unpack_out` after the output all-to-all.
+    """
+    torch.ops.xdit_ops.ulysses_push_out.default(o, list(heads), list(dst), rank, L, joint_front)

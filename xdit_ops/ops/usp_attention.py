@@ -371,19 +371,27 @@ _SYMM: dict[tuple, tuple[torch.Tensor, object, dist.ProcessGroup]] = {}
 
 
 def release_symmetric_buffers() -> None:
-    """Forget the copy-engine paths' symmetric-memory buffers (``destroy_parallel`` calls it
-    before the groups they were rendezvoused with are destroyed)."""
+    """Forget the symmetric-memory buffers of the copy-engine and push paths
+    (``destroy_parallel`` calls it before the groups they were rendezvoused with are
+    destroyed)."""
     _SYMM.clear()
+    _PUSH.clear()
+
+
+ULYSSES_TRANSPORTS = ("nccl", "ce", "push")
 
 
 def ulysses_transport(device: torch.device, switch: str | None) -> str:
-    """How the Ulysses exchange moves: ``nccl`` (all-to-all kernels; default) or ``ce`` (every
+    """How the Ulysses exchange moves: ``nccl`` (all-to-all kernels; default), ``ce`` (every
     rank pulls its pieces from the peers' symmetric-memory buffers with device-to-device copies
-    on the copy engines, per head chunk, overlapped with the attention of the chunk before).
-    ``switch``: the value of ``XDIT_OPS_USP_ULYSSES``."""
+    on the copy engines, per head chunk, overlapped with the attention of the chunk before) or
+    ``push`` (one kernel packs Q, K, V and stores them straight into the peers' symmetric-memory
+    buffers, in the layout attention reads; the output goes back the same way).
+    ``switch``: the value of ``XDIT_OPS_USP_ULYSSES``. Off CUDA every choice is ``nccl``."""
     choice = switch or "nccl"
-    if choice not in ("nccl", "ce"):
-        raise ValueError(f"{OP}: XDIT_OPS_USP_ULYSSES must be 'nccl' or 'ce', got {choice!r}")
+    if choice not in ULYSSES_TRANSPORTS:
+        raise ValueError(f"{OP}: XDIT_OPS_USP_ULYSSES must be one of {ULYSSES_TRANSPORTS}, got "
+                         f"{choice!r}")
     return choice if device.type == "cuda" else "nccl"
 
 
@@ -491,6 +499,72 @@ def _ulysses_ce(q_s, k_s, v_s, q_j, k_j, v_j, J, Jk, joint_front, heads, u_rank,
     compute.wait_stream(s0)
     out = _chunked_out(out_recv, B, J, L, H, joint_front)
     return out, torch.cat(lses, dim=1) if C > 1 else lses[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Ulysses by peer stores (XDIT_OPS_USP_ULYSSES=push)
+
+# (group, shape key) -> own query buffer, own K/V buffer, own output, every rank's input and
+# output regions (peer-mapped views), the symmetric-memory handle
+_PUSH: dict[tuple, tuple] = {}
+
+
+def _push_buffers(p: _Plan, D: int, dtype: torch.dtype, device: torch.device):
+    """One symmetric-memory buffer per (group, shapes): every rank's input region (its query
+    buffer then its K/V buffer, sized for the largest head share) and output region; the
+    views of all ranks' regions are made once."""
+    B, J, Jk, L, U = p.B, p.J, p.Jk, p.L, p.U
+    H, hmax = sum(p.heads), max(p.heads)
+    n_in = B * (J + U * L) * hmax * D + 2 * B * (Jk + U * L) * hmax * D
+    n_out = B * (J + L) * H * D
+    key = (id(p.ug), B, J, Jk, L, D, tuple(p.heads), dtype, device)
+    buf, handle = _symm_buffer(p.ug, "ulysses_push", (n_in + n_out,), dtype, device)
+    hit = _PUSH.get(key)
+    if hit is None or hit[-1] is not handle:
+        h = p.h_me
+        nq = B * (J + U * L) * h * D
+        own = buf[:n_in]
+        ins = [handle.get_buffer(j, (n_in,), dtype, 0) for j in range(U)]
+        outs = [handle.get_buffer(j, (n_out,), dtype, n_in) for j in range(U)]
+        hit = (own[:nq].view(B, J + U * L, h, D),
+               own[nq:nq + 2 * B * (Jk + U * L) * h * D].view(2, B, Jk + U * L, h, D),
+               buf[n_in:].view(B, J + L, H, D), ins, outs, handle)
+        _PUSH[key] = hit
+    return hit
+
+
+def _ulysses_push(q_s, k_s, v_s, q_j, k_j, v_j, p: _Plan, attend):
+    """Ulysses by peer stores: [B, L, H, D] x3 -> ([B, J + L, H, D], lse [B, h, J + U*L]).
+
+    One kernel (``ulysses_push_qkv``) stores this rank's rows of every destination's heads
+    straight into that rank's symmetric-memory query and K/V buffers, in the layout attention
+    reads (no send buffer, no receive buffer, no placing copy); each rank places its own heads
+    of the joint rows. After a device barrier attention runs on the local buffers, and
+    ``ulysses_push_out`` stores each output row into its owner's ``[B, J + L, H, D]`` output;
+    after a second barrier each rank copies its output out of the buffer (the buffer is
+    written again by the next call).
+
+    Why two barriers suffice across calls: a rank pushes the next call's inputs only after the
+    output barrier of this call, which every rank passes after its attention on its input
+    buffer; and it pushes the next outputs only after the next input barrier, which every
+    rank passes after copying this call's output out.
+    """
+    qbuf, kv, outbuf, ins, outs, handle = _push_buffers(p, q_s.shape[-1], q_s.dtype,
+                                                        q_s.device)
+    J, Jk, L = p.J, p.Jk, p.L
+    torch.ops.xdit_ops.ulysses_push_qkv.default(q_s, k_s, v_s, p.heads, ins, p.u_rank, J, Jk)
+    hs = slice(p.h0, p.h0 + p.h_me)
+    if J:
+        qbuf[:, :J].copy_(q_j[:, :, hs])
+    if Jk:
+        kv[0, :, :Jk].copy_(k_j[:, :, hs])
+        kv[1, :, :Jk].copy_(v_j[:, :, hs])
+    handle.barrier(channel=0)  # every rank's rows are in every buffer
+    kj, vj = (k_j[:, :, hs], v_j[:, :, hs]) if J and not Jk else (None, None)
+    o, lse = attend(qbuf, _squeezed(p, kv) if p.squeeze else kv, kj, vj)
+    torch.ops.xdit_ops.ulysses_push_out.default(o, p.heads, outs, p.u_rank, L, p.joint_front)
+    handle.barrier(channel=0)  # every output row is home
+    return outbuf.clone(), lse
 
 
 # ---------------------------------------------------------------------------------------------
@@ -677,9 +751,12 @@ def _build_plan(q, k, v, joint_lengths, joint_tokens, joint_front, seq_len, back
         p.nxt = ring_ranks[(r_rank + 1) % R]
         p.prv = ring_ranks[(r_rank - 1) % R]
     p.chunks = 1
+    transport = ulysses_transport(q.device, ulysses_sw) if U > 1 else "nccl"
     if U == 1:
         p.path = "local"
-    elif (not p.squeeze and R == 1 and ulysses_transport(q.device, ulysses_sw) == "ce"
+    elif R == 1 and transport == "push":
+        p.path = "push"
+    elif (not p.squeeze and R == 1 and transport == "ce"
           and all(x == heads[0] for x in heads)):
         p.path, p.chunks = "ce", _ce_chunks(heads[0], chunks_sw)
     elif not p.squeeze and (chunks := _pipelined_chunks(H, U, R, chunks_sw)) > 1:
@@ -877,6 +954,8 @@ def _run(p: _Plan, q, k, v, joint_lengths, scale, backend, return_lse):
         if p.path == "ce":
             out, lse_h = _ulysses_ce(q_s, k_s, v_s, q_j, k_j, v_j, J, p.Jk, joint_front,
                                      p.heads, p.u_rank, p.ug, p.chunks, attend)
+        elif p.path == "push":
+            out, lse_h = _ulysses_push(q_s, k_s, v_s, q_j, k_j, v_j, p, attend)
         elif p.path == "pipelined":
             out, lse_h = _ulysses_pipelined(q_s, k_s, v_s, q_j, k_j, v_j, J, p.Jk, joint_front,
                                             p.heads, p.u_rank, p.ug, p.chunks, attend)

@@ -180,4 +180,113 @@ __global__ void ulysses_place_kernel(UlyssesPlaceArgs a) {
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Push variants (see ulysses_pack.h): stores go straight into the destination ranks' buffers.
+
+struct UlyssesPushArgs {
+  const void* src[3];
+  int64_t stride_b[3], stride_s[3], stride_h[3];  // vectors
+  void* dst[kMaxUlyssesRanks];
+  int64_t batch, seq, ranks, rank, joint, joint_kv, dv;  // B, L, U, me, J, Jk; vectors per head
+  int64_t heads;
+  int span;
+  int head_start[kMaxUlyssesRanks + 1];
+};
+
+// Where head g goes: its destination's query and K/V buffers, the destination's row length
+// (heads_j * dv) and the head's place in that row ((g - start_j) * dv).
+template <typename Vec>
+struct PushHead {
+  Vec* q;
+  Vec* kv;
+  int64_t row, at;
+};
+
+// Rows (t, b, l) of q, k, v in order, as in the pack; a row's span threads stride over its
+// heads * dv vectors, so consecutive lanes store consecutive vectors of one destination's head.
+template <typename Vec>
+__global__ void ulysses_push_kernel(UlyssesPushArgs a) {
+  extern __shared__ int64_t smem[];
+  PushHead<Vec>* table = reinterpret_cast<PushHead<Vec>*>(smem);
+  const int64_t gathered = a.ranks * a.seq;
+  for (int g = threadIdx.x; g < a.heads; g += blockDim.x) {
+    int j = 0;
+    while (g >= a.head_start[j + 1]) ++j;
+    const int64_t count = a.head_start[j + 1] - a.head_start[j];
+    Vec* base = static_cast<Vec*>(a.dst[j]);
+    table[g] = PushHead<Vec>{base, base + a.batch * (a.joint + gathered) * count * a.dv,
+                             count * a.dv, (g - a.head_start[j]) * a.dv};
+  }
+  __syncthreads();
+  const int rows_per_step = blockDim.x / a.span;
+  const int lane = threadIdx.x % a.span;
+  const int per_row = static_cast<int>(a.heads * a.dv), dv = static_cast<int>(a.dv);
+  const int64_t bl = a.batch * a.seq, num_rows = 3 * bl;
+  for (int64_t row = (int64_t)blockIdx.x * rows_per_step + threadIdx.x / a.span; row < num_rows;
+       row += (int64_t)gridDim.x * rows_per_step) {
+    const int t = static_cast<int>(row / bl);
+    const int64_t rem = row - t * bl;
+    const int64_t b = rem / a.seq, l = rem - b * a.seq;
+    const Vec* src = static_cast<const Vec*>(pick3(t, a.src[0], a.src[1], a.src[2])) +
+                     b * pick3(t, a.stride_b[0], a.stride_b[1], a.stride_b[2]) +
+                     l * pick3(t, a.stride_s[0], a.stride_s[1], a.stride_s[2]);
+    const int64_t sh = pick3(t, a.stride_h[0], a.stride_h[1], a.stride_h[2]);
+    // The row's index in the destination's query buffer, or in its K/V buffer (t = 1, 2).
+    const int64_t at = a.rank * a.seq + l;
+    const int64_t drow = t == 0 ? b * (a.joint + gathered) + a.joint + at
+                                : ((t - 1) * a.batch + b) * (a.joint_kv + gathered) + a.joint_kv + at;
+    for (int i = lane; i < per_row; i += a.span) {
+      const int g = i / dv, c = i - g * dv;
+      const PushHead<Vec> e = table[g];
+      (t == 0 ? e.q : e.kv)[drow * e.row + e.at + c] = src[g * sh + c];
+    }
+  }
+}
+
+struct UlyssesPushOutArgs {
+  const void* src;
+  int64_t stride_b, stride_s, stride_h;  // vectors
+  void* dst[kMaxUlyssesRanks];
+  int64_t batch, joint, seq, heads_total, head_start, heads, dv, ranks;
+  bool joint_front;
+  int span;
+};
+
+// Rows (b, r) of o: a sequence row goes to one rank, a joint row to every rank; the h heads of
+// a row are one contiguous run of h * dv vectors in the destination row.
+template <typename Vec>
+__global__ void ulysses_push_out_kernel(UlyssesPushOutArgs a) {
+  __shared__ Vec* dst[kMaxUlyssesRanks];
+  for (int u = threadIdx.x; u < a.ranks; u += blockDim.x) dst[u] = static_cast<Vec*>(a.dst[u]);
+  __syncthreads();
+  const int rows_per_step = blockDim.x / a.span;
+  const int lane = threadIdx.x % a.span;
+  const int per_row = static_cast<int>(a.heads * a.dv), dv = static_cast<int>(a.dv);
+  const int64_t rows_per_b = a.joint + a.ranks * a.seq, num_rows = a.batch * rows_per_b;
+  const int64_t out_rows = a.joint + a.seq, out_row = a.heads_total * a.dv;
+  const Vec* src_all = static_cast<const Vec*>(a.src);
+  for (int64_t row = (int64_t)blockIdx.x * rows_per_step + threadIdx.x / a.span; row < num_rows;
+       row += (int64_t)gridDim.x * rows_per_step) {
+    const int64_t b = row / rows_per_b, r = row - b * rows_per_b;
+    const Vec* src = src_all + b * a.stride_b + r * a.stride_s;
+    int64_t u0, u1, pos;  // destinations [u0, u1) and the row there
+    if (r < a.joint) {
+      u0 = 0;
+      u1 = a.ranks;
+      pos = a.joint_front ? r : a.seq + r;
+    } else {
+      u0 = (r - a.joint) / a.seq;
+      u1 = u0 + 1;
+      const int64_t l = r - a.joint - u0 * a.seq;
+      pos = a.joint_front ? a.joint + l : l;
+    }
+    const int64_t off = (b * out_rows + pos) * out_row + a.head_start * a.dv;
+    for (int i = lane; i < per_row; i += a.span) {
+      const int g = i / dv, c = i - g * dv;
+      const Vec x = src[g * a.stride_h + c];
+      for (int64_t u = u0; u < u1; ++u) dst[u][off + i] = x;
+    }
+  }
+}
+
 }  // namespace xdit_ops

@@ -51,6 +51,36 @@ struct UlyssesPlaceParams {
   int64_t ranks, batch, seq, heads, head_dim, joint, joint_kv;  // U, B, L, h, D, J, Jk
 };
 
+// Push variants: the pack and the exchange in one pass. Every rank's destination buffer is
+// mapped into this process (symmetric memory over NVLink); the kernels store straight into it,
+// in the layout the destination reads, so nothing is copied after the exchange.
+//
+// Input push: rank j's buffer dst[j] holds its query buffer [B, J + U*L, heads_j, D] followed
+// by its K/V buffer [2, B, Jk + U*L, heads_j, D] (joint rows first, left to their owner); this
+// rank writes its L rows of heads [start_j, start_j + heads_j) of q, k, v at rows
+// J + rank*L .. (query) and Jk + rank*L .. (keys, values).
+struct UlyssesPushParams {
+  const void* src[3];
+  int64_t src_stride_b[3], src_stride_s[3], src_stride_h[3];
+  void* dst[kMaxUlyssesRanks];
+  int64_t batch, seq, heads, head_dim, joint, joint_kv;  // B, L, H, D, J, Jk
+  int num_ranks, rank;
+  int head_start[kMaxUlyssesRanks + 1];
+};
+
+// Output push: this rank's attention output o [B, J + U*L, h, D] (joint rows first, any
+// strides with D contiguous) for heads [head_start, head_start + h) -> every rank's output
+// buffer dst[u], [B, J + L, H, D] with the joint rows in front or behind: rank u gets its L
+// sequence rows (rows J + u*L ..) and every rank gets the J joint rows.
+struct UlyssesPushOutParams {
+  const void* src;
+  int64_t src_stride_b, src_stride_s, src_stride_h;
+  void* dst[kMaxUlyssesRanks];
+  int64_t batch, joint, seq, heads_total, head_start, heads, head_dim;  // B, J, L, H, h0, h, D
+  bool joint_front;
+  int num_ranks;
+};
+
 // Launch on `stream`; return the launch error (never synchronise). elem_size: bytes per element.
 cudaError_t ulysses_pack_qkv(const UlyssesPackParams& params, int elem_size, int num_sms,
                              cudaStream_t stream);
@@ -58,5 +88,9 @@ cudaError_t ulysses_unpack_out(const UlyssesUnpackParams& params, int elem_size,
                                cudaStream_t stream);
 cudaError_t ulysses_place_gathered(const UlyssesPlaceParams& params, int elem_size, int num_sms,
                                    cudaStream_t stream);
+cudaError_t ulysses_push_qkv(const UlyssesPushParams& params, int elem_size, int num_sms,
+                             cudaStream_t stream);
+cudaError_t ulysses_push_out(const UlyssesPushOutParams& params, int elem_size, int num_sms,
+                             cudaStream_t stream);
 
 }  // namespace xdit_ops
