@@ -217,6 +217,8 @@ void ulysses_push_qkv_cuda(const at::Tensor& q, const at::Tensor& k, const at::T
     XDIT_CHECK(D <= 1 || t->stride(3) == 1, kOp, ": head_dim must be the contiguous dimension, ",
                "got strides ", t->strides());
   }
+  // The kernel keeps a per-head table in shared memory (kernels/ulysses_pack.cu).
+  XDIT_CHECK(H <= 1024, kOp, ": at most 1024 heads, got H = ", H);
   UlyssesPushParams p{};
   fill_head_start(p, heads, H, kOp);
   const int64_t U = p.num_ranks;
