@@ -414,12 +414,12 @@ def _symm_buffer(group: dist.ProcessGroup, tag: str, shape: tuple, dtype: torch.
             warnings.simplefilter("ignore", FutureWarning)
             symm_mem.enable_symm_mem_for_group(group.group_name)
         buf = symm_mem.empty(shape, dtype=dtype, device=device)
-        # Older torch zeroes a new block (its signal pad included) with an asynchronous
-        # cudaMemset queued behind everything on the device (current torch synchronises inside
-        # its allocator; which torch the GPU machine's 2.11 matches was not checked), and the
-        # rendezvous below is what lets the peers signal into the pad: a peer whose GPU got
-        # ahead could signal before the zeroing lands, the signal is wiped and both ranks wait
-        # in the next barrier for ever. Finish the zeroing before any peer can see the buffer.
+        # torch 2.11 zeroes a new block (its signal pad included) with a plain cudaMemset on
+        # the legacy stream: asynchronous to the host and queued behind everything on the
+        # device. The rendezvous below is what lets the peers signal into the pad, so a peer
+        # whose GPU got ahead could signal before the zeroing lands: the signal is wiped and
+        # both ranks wait in the next barrier for ever. Finish the zeroing before any peer can
+        # see the buffer (what pytorch/pytorch#192308 later did inside the allocator).
         torch.cuda.synchronize(device)
         _SYMM[key] = (buf, symm_mem.rendezvous(buf, group.group_name), group)
     return _SYMM[key][:2]
