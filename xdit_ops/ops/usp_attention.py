@@ -406,6 +406,11 @@ def _symm_buffer(group: dist.ProcessGroup, tag: str, shape: tuple, dtype: torch.
     if key in _SYMM and _SYMM[key][2] is not group:
         del _SYMM[key]
     if key not in _SYMM:
+        if _capturing():
+            raise RuntimeError(
+                f"{OP}: the {tag} buffer of shape {shape} ({dtype}) is made on the first call with "
+                "these shapes, which must be eager (its rendezvous is a host collective): call "
+                "the op once outside the CUDA graph (a warm-up call) before capturing")
         import warnings
 
         import torch.distributed._symmetric_memory as symm_mem
@@ -523,7 +528,7 @@ def _push_buffers(p: _Plan, D: int, dtype: torch.dtype, device: torch.device):
     B, J, Jk, L, U = p.B, p.J, p.Jk, p.L, p.U
     H, hmax = sum(p.heads), max(p.heads)
     n_in = B * (J + U * L) * hmax * D + 2 * B * (Jk + U * L) * hmax * D
-    n_out = B * (J + L) * H * D
+    n_out = max(1, B * (J + L) * H * D)  # never an empty allocation
     key = (id(p.ug), B, J, Jk, L, D, tuple(p.heads), dtype, device)
     buf, handle = _symm_buffer(p.ug, "ulysses_push", (n_in + n_out,), dtype, device)
     hit = _PUSH.get(key)
@@ -535,7 +540,7 @@ def _push_buffers(p: _Plan, D: int, dtype: torch.dtype, device: torch.device):
         outs = [handle.get_buffer(j, (n_out,), dtype, n_in) for j in range(U)]
         hit = (own[:nq].view(B, J + U * L, h, D),
                own[nq:nq + 2 * B * (Jk + U * L) * h * D].view(2, B, Jk + U * L, h, D),
-               buf[n_in:].view(B, J + L, H, D), ins, outs, handle)
+               buf[n_in:n_in + B * (J + L) * H * D].view(B, J + L, H, D), ins, outs, handle)
         _PUSH[key] = hit
     return hit
 
