@@ -1,3 +1,4 @@
+# ruff: noqa: B023, E501  (kept as run in run 25: each closure is used inside its loop iteration)
 """GPU-side breakdown of one eager Ulysses usp_attention call on 2 GPUs (run 25), and what
 an SM-driven push into a peer's symmetric-memory buffer costs next to NCCL's all-to-all at the
 same sizes. Usage: torchrun --nproc-per-node=2 prof_uly_gpu.py"""

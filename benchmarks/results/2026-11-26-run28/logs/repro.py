@@ -1,3 +1,4 @@
+# ruff: noqa: E501  (kept as run in call 7)
 """Run 27: does a push call whose LSE exchange is the group's first NCCL use hang?
 torchrun --nproc-per-node=2 repro.py fix|nofix"""
 import faulthandler
