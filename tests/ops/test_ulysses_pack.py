@@ -287,6 +287,11 @@ def test_push_bad_arguments():
     need = 2 * (1 + 8) * 3 * 8 + 2 * 2 * (1 + 8) * 3 * 8
     dst = [q.new_zeros(need), q.new_zeros(need)]
     ulysses_push_qkv(q, q, q, heads, dst, 1, 1, 1)  # fits exactly
+    with pytest.raises(ValueError, match=r"ulysses_push_qkv: sum\(heads\) = 5 != H = 6"):
+        ulysses_push_qkv(q, q, q, [3, 2], dst, 0, 1, 1)
+    with pytest.raises(ValueError, match="ulysses_push_qkv: at most 1024 heads, got H = 1025"):
+        big = randn(1, 1, 1025, 1, seed=3)
+        ulysses_push_qkv(big, big, big, [1025], [big.new_zeros(3 * 1025)], 0, 0, 0)
     with pytest.raises(ValueError, match="ulysses_push_qkv: dst has 1 buffers for 2 ranks"):
         ulysses_push_qkv(q, q, q, heads, dst[:1], 0, 1, 1)
     with pytest.raises(ValueError, match=f"ulysses_push_qkv: dst\\[1\\] has {need - 1} "

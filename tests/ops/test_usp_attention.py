@@ -8,6 +8,7 @@ fp32/bf16, LSE), so the process start-up is paid once per world size.
 from __future__ import annotations
 
 import importlib
+import math
 import os
 
 import pytest
@@ -308,6 +309,13 @@ def _worker_bad_shape(rank, world, u, r):
         with pytest.raises(ValueError, match="disagree"):
             xdit_ops.usp_attention(*((q4,) * 3 if not last else (q8,) * 3))
     xdit_ops.usp_attention(q8, q8, q8)
+    # Ranks set to move data differently (on CUDA: one pushing into symmetric memory, the
+    # others in an all-to-all) disagree by name instead of hanging.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDIT_OPS_USP_ULYSSES", "push" if last else "nccl")
+        with pytest.raises(ValueError, match="disagree .*XDIT_OPS_USP_CHUNKS/_RING/_ULYSSES"):
+            xdit_ops.usp_attention(q8, q8, q8)
+    xdit_ops.usp_attention(q8, q8, q8)
 
 
 @pytest.mark.parametrize("u,r", [(2, 1), (1, 2), (2, 2)])
@@ -531,6 +539,15 @@ def _worker_gpu_graph(rank, world, ulysses_ce=False, transport=None):
     g.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, eager), max_abs_err(out, eager)
+    # New inputs in place: the replay must compute them (a transport whose buffers still held
+    # the last eager result would pass the check above without moving anything).
+    for t, seed in zip((q, k, v), (4, 5, 6), strict=True):
+        t.copy_(randn(*t.shape, seed=seed, dtype=t.dtype, device="cuda"))
+    g.replay()
+    torch.cuda.synchronize()
+    fresh = xdit_ops.usp_attention(q, k, v, joint_tokens=16)
+    assert not torch.equal(fresh, eager)
+    assert torch.equal(out, fresh), max_abs_err(out, fresh)
 
 
 @pytest.mark.multigpu(4)
@@ -557,3 +574,113 @@ def test_ulysses_transport_switch():
     with pytest.raises(ValueError, match="usp_attention: XDIT_OPS_USP_ULYSSES must be one of "
                                          r"\('nccl', 'ce', 'push'\), got 'nvlink'"):
         ulysses_transport(cuda, "nvlink")
+
+
+# ---------------------------------------------------------------------------------------------
+# The push transport's Python on CPU: symmetric memory is CUDA-only, so U ranks run in threads
+# of this process, plain tensors stand in for the peer-mapped buffers and a threading barrier
+# for the device barrier. The kernels' layouts are tested in test_ulysses_pack.py; this checks
+# the wiring around them (buffer views, joint rows, the separate joint partial, squeezed keys,
+# buffer reuse across calls).
+
+
+class _StubGroup:
+    def __init__(self, rank, size):
+        self.rank, self.size = rank, size
+
+
+class _StubHandle:
+    def __init__(self, bufs, barrier):
+        self.bufs, self.barrier_ = bufs, barrier
+
+    def get_buffer(self, rank, sizes, dtype, storage_offset=0):
+        n = math.prod(sizes)
+        return self.bufs[rank][storage_offset:storage_offset + n].view(sizes)
+
+    def barrier(self, channel=0):
+        self.barrier_.wait(timeout=60)
+
+
+def _push_cases():
+    # (heads, B, L, J, joint_front, with lengths, shard_lengths or None)
+    return [
+        ([3, 2], 2, 6, 3, True, False, None),
+        ([3, 2], 2, 6, 3, False, True, None),  # joint keys masked: a partial of their own
+        ([2, 2, 1], 1, 5, 0, True, False, [5, 2, 4]),  # padding inside the block: squeezed
+    ]
+
+
+@pytest.mark.parametrize("case", range(3))
+def test_push_path_wiring_in_threads(case, monkeypatch):
+    import threading
+
+    heads, B, L, J, front, with_len, shard_lengths = _push_cases()[case]
+    U, H, D = len(heads), sum(heads), 8
+    lens = shard_lengths or [L] * U
+    seq = [randn(B, sum(lens), H, D, seed=10 * case + i) for i in range(3)]
+    joint = [randn(B, J, H, D, seed=10 * case + 5 + i) for i in range(3)]
+    lengths = torch.tensor([max(1, J // 2), J])[:B] if with_len else None
+    # two calls: the second (queries halved) reuses the buffers, and must not change the
+    # first call's result (it is the caller's, not a view of the buffer)
+    refs = [_oracle(seq[0] * f, *seq[1:], joint[0] * f, *joint[1:], lengths)[:2]
+            for f in (1.0, 0.5)]
+    starts = [sum(lens[:r]) for r in range(U)]
+
+    def shard(t, r):  # rank r's rows, padded at its own end to L
+        mine = t[:, starts[r]:starts[r] + lens[r]]
+        return torch.cat([mine, mine.new_zeros(B, L - lens[r], H, D)], 1)
+
+    bufs: dict = {}
+    lock = threading.Lock()
+    barrier = threading.Barrier(U)
+
+    def symm_buffer(group, tag, shape, dtype, device):
+        with lock:
+            if (tag, shape) not in bufs:  # NaN: an unwritten element would show
+                bufs[(tag, shape)] = [torch.full(shape, float("nan"), dtype=dtype)
+                                      for _ in range(U)]
+        ranks = bufs[(tag, shape)]
+        return ranks[group.rank], _StubHandle(ranks, barrier)
+
+    usp = importlib.import_module("xdit_ops.ops.usp_attention")
+    monkeypatch.setattr(usp, "_group_size", lambda g: 1 if g is None else g.size)
+    monkeypatch.setattr(usp, "_group_rank", lambda g: 0 if g is None else g.rank)
+    monkeypatch.setattr(usp, "ulysses_transport", lambda device, switch: "push")
+    monkeypatch.setattr(usp, "_symm_buffer", symm_buffer)
+    switches = ("0", None, None, "push")  # no cross-rank check: no process group here
+    results, errors = {}, []
+
+    def rank_main(r):
+        try:
+            g = _StubGroup(r, U)
+            inputs = []
+            for t, tj in zip(seq, joint, strict=True):
+                parts = [tj, shard(t, r)] if front else [shard(t, r), tj]
+                inputs.append(torch.cat(parts, 1))
+            q, k, v = inputs
+            seq_len = -1 if shard_lengths else U * L
+            outs = []
+            for f in (1.0, 0.5):
+                plan = usp._build_plan(q * f, k, v, lengths, J, front, seq_len, "auto", g,
+                                       None, shard_lengths, switches)
+                assert plan.path == "push", plan.path
+                outs.append(usp._run(plan, q * f, k, v, lengths, None, "auto", False)[0])
+            results[r] = outs
+        except BaseException as exc:  # reported below with the rank
+            barrier.abort()
+            errors.append((r, exc))
+
+    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(U)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    for r in range(U):
+        rows_s = slice(J, J + lens[r]) if front else slice(0, lens[r])
+        rows_j = slice(0, J) if front else slice(L, L + J)
+        for out, (out_s, out_j) in zip(results[r], refs, strict=True):
+            want = out_s[:, starts[r]:starts[r] + lens[r]]
+            assert max_abs_err(out[:, rows_s], want) < 2e-5, r
+            if J:
+                assert max_abs_err(out[:, rows_j], out_j) < 2e-5, r

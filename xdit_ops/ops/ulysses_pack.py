@@ -46,6 +46,7 @@ UNPACK = "ulysses_unpack_out"
 PLACE = "ulysses_place_gathered"
 PUSH = "ulysses_push_qkv"
 PUSH_OUT = "ulysses_push_out"
+MAX_PUSH_HEADS = 1024  # the CUDA kernel's per-head table in shared memory
 
 lib.define(f"{PACK}(Tensor q, Tensor k, Tensor v, int[] heads) -> Tensor")
 lib.define(
@@ -91,21 +92,23 @@ def _recv_head_dim(op: str, recv: torch.Tensor, row: int, row_expr: str) -> int:
     return recv.numel() // row
 
 
-def check_pack(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: Sequence[int]) -> None:
+def check_pack(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: Sequence[int],
+               op: str = PACK) -> None:
+    """Checks q, k, v and heads of the pack (or of ``op``, which takes the same inputs)."""
     if q.dim() != 4:
-        raise ValueError(f"{PACK}: q must be [B, L, H, D], got {tuple(q.shape)}")
+        raise ValueError(f"{op}: q must be [B, L, H, D], got {tuple(q.shape)}")
     if k.shape != q.shape or v.shape != q.shape:
-        raise ValueError(f"{PACK}: q {tuple(q.shape)}, k {tuple(k.shape)} and v "
+        raise ValueError(f"{op}: q {tuple(q.shape)}, k {tuple(k.shape)} and v "
                          f"{tuple(v.shape)} must have one shape")
     if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise TypeError(f"{PACK}: q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+        raise TypeError(f"{op}: q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
     if k.device != q.device or v.device != q.device:
-        raise ValueError(f"{PACK}: q, k, v are on {q.device}, {k.device}, {v.device}")
+        raise ValueError(f"{op}: q, k, v are on {q.device}, {k.device}, {v.device}")
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.shape[-1] > 1 and t.stride(-1) != 1:
-            raise ValueError(f"{PACK}: head_dim of {name} must be contiguous, got strides "
+            raise ValueError(f"{op}: head_dim of {name} must be contiguous, got strides "
                              f"{tuple(t.stride())}")
-    _check_heads(PACK, heads, q.shape[2])
+    _check_heads(op, heads, q.shape[2])
 
 
 def check_unpack(recv: torch.Tensor, heads: Sequence[int], B: int, J: int, L: int) -> int:
@@ -190,7 +193,9 @@ def _place_cpu(recv, U, B, L, h, q_j, k_j, v_j, head_start, joint_kv):
 def check_push(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: Sequence[int],
                dst: Sequence[torch.Tensor], rank: int, J: int, Jk: int) -> list[int]:
     """Checks the arguments; returns the elements each dst[j] needs."""
-    check_pack(q, k, v, heads)
+    check_pack(q, k, v, heads, PUSH)
+    if q.shape[2] > MAX_PUSH_HEADS:
+        raise ValueError(f"{PUSH}: at most {MAX_PUSH_HEADS} heads, got H = {q.shape[2]}")
     U = len(heads)
     if not 0 <= rank < U:
         raise ValueError(f"{PUSH}: rank {rank} is outside [0, {U})")

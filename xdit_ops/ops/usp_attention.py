@@ -129,7 +129,8 @@ def _check_agreement(meta: list[int], ug, rg) -> None:
     rows = [x.tolist() for x in got]
     if any(r != meta for r in rows):
         names = ("(query shape, key shape, value shape, dtypes, joint_tokens, seq_len, "
-                 "joint_front, no joint_lengths, shard_lengths count/sum/weighted sum)")
+                 "joint_front, no joint_lengths, shard_lengths count/sum/weighted sum, "
+                 "XDIT_OPS_USP_CHUNKS/_RING/_ULYSSES)")
         ranks = dist.get_process_group_ranks(g)
         detail = "; ".join(f"rank {ranks[i]}: {tuple(r)}" for i, r in enumerate(rows))
         raise ValueError(
@@ -521,16 +522,29 @@ def _ulysses_ce(q_s, k_s, v_s, q_j, k_j, v_j, J, Jk, joint_front, heads, u_rank,
 _PUSH: dict[tuple, tuple] = {}
 
 
+def _size_class(n: int) -> int:
+    """``n`` rounded up to a step of 1/16 to 1/8 of its power of two, so that the push's
+    buffers are shared by nearby sizes (at most 12.5% larger than asked) instead of one
+    symmetric-memory allocation per distinct size."""
+    step = 1 << max(0, n.bit_length() - 4)
+    return -(-n // step) * step
+
+
 def _push_buffers(p: _Plan, D: int, dtype: torch.dtype, device: torch.device):
-    """One symmetric-memory buffer per (group, shapes): every rank's input region (its query
-    buffer then its K/V buffer, sized for the largest head share) and output region; the
-    views of all ranks' regions are made once."""
+    """The push's symmetric-memory buffer for these shapes: every rank's input region (its query
+    buffer then its K/V buffer, sized for the largest head share) and output region, and the
+    views of all ranks' regions (made once per shapes).
+
+    One allocation per (group, input size class, output size class): shapes share a buffer
+    only when both regions start where they did, so a rank's pushes of the next call never
+    land in a region whose owner may still be reading the last call's data there (the
+    two-barrier argument of ``_ulysses_push`` holds for every region separately)."""
     B, J, Jk, L, U = p.B, p.J, p.Jk, p.L, p.U
     H, hmax = sum(p.heads), max(p.heads)
-    n_in = B * (J + U * L) * hmax * D + 2 * B * (Jk + U * L) * hmax * D
-    n_out = max(1, B * (J + L) * H * D)  # never an empty allocation
+    n_in = _size_class(B * (J + U * L) * hmax * D + 2 * B * (Jk + U * L) * hmax * D)
+    n_out = _size_class(max(1, B * (J + L) * H * D))  # never an empty allocation
     key = (id(p.ug), B, J, Jk, L, D, tuple(p.heads), dtype, device)
-    buf, handle = _symm_buffer(p.ug, "ulysses_push", (n_in + n_out,), dtype, device)
+    buf, handle = _symm_buffer(p.ug, f"ulysses_push:{n_in}", (n_in + n_out,), dtype, device)
     hit = _PUSH.get(key)
     if hit is None or hit[-1] is not handle:
         h = p.h_me
@@ -559,7 +573,10 @@ def _ulysses_push(q_s, k_s, v_s, q_j, k_j, v_j, p: _Plan, attend):
     Why two barriers suffice across calls: a rank pushes the next call's inputs only after the
     output barrier of this call, which every rank passes after its attention on its input
     buffer; and it pushes the next outputs only after the next input barrier, which every
-    rank passes after copying this call's output out.
+    rank passes after copying this call's output out. This needs the calls of a rank in one
+    stream order (the same stream, or streams that wait for each other), as for NCCL's
+    collectives; two calls running at once on unsynchronised streams would race on the
+    buffers.
     """
     qbuf, kv, outbuf, ins, outs, handle = _push_buffers(p, q_s.shape[-1], q_s.dtype,
                                                         q_s.device)
@@ -613,6 +630,22 @@ def _switches(grouped: bool) -> tuple:
     get = os.environ.get
     return (get("XDIT_OPS_USP_CHECK"), get("XDIT_OPS_USP_CHUNKS"), get("XDIT_OPS_USP_RING"),
             get("XDIT_OPS_USP_ULYSSES"))
+
+
+def _switch_codes(chunks_sw: str | None, ring_sw: str | None,
+                  ulysses_sw: str | None) -> list[int]:
+    """The transport switches as ints for the cross-rank check: ranks that would move data
+    differently (one pushing into symmetric memory while another waits in an all-to-all)
+    disagree there, with a message, instead of hanging. -1: unset; 99: a value the op will
+    refuse (then every rank refuses it alike, or the check names the rank)."""
+    def code(value: str | None, choices: tuple[str, ...]) -> int:
+        return -1 if value is None else choices.index(value) if value in choices else 99
+
+    try:
+        chunks = int(chunks_sw) if chunks_sw is not None else -1
+    except ValueError:
+        chunks = 99
+    return [chunks, code(ring_sw, ("nccl", "ce")), code(ulysses_sw, ULYSSES_TRANSPORTS)]
 
 
 def _check_mode(switch: str | None) -> str:
@@ -685,7 +718,8 @@ def _build_plan(q, k, v, joint_lengths, joint_tokens, joint_front, seq_len, back
             meta = (_shape4(q) + _shape4(k) + _shape4(v)
                     + [_DTYPE_CODES.get(t.dtype, 9) for t in (q, k, v)]
                     + [joint_tokens, seq_len, int(joint_front), int(joint_lengths is None)]
-                    + _lengths_digest(shard_lengths))
+                    + _lengths_digest(shard_lengths)
+                    + _switch_codes(chunks_sw, ring_sw, ulysses_sw))
             agree_key = (ug, rg, tuple(meta))
             due = mode == "always" or agree_key not in _AGREED
             capturing = _capturing()

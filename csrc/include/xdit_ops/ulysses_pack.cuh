@@ -204,6 +204,8 @@ struct PushHead {
 
 // Rows (t, b, l) of q, k, v in order, as in the pack; a row's span threads stride over its
 // heads * dv vectors, so consecutive lanes store consecutive vectors of one destination's head.
+// The table build indexes the parameter arrays (head_start, dst) with a runtime index; that
+// happens once per head per block, outside the copy loop, which reads only the table.
 template <typename Vec>
 __global__ void ulysses_push_kernel(UlyssesPushArgs a) {
   extern __shared__ int64_t smem[];
