@@ -647,6 +647,8 @@ def test_push_path_wiring_in_threads(case, monkeypatch):
     monkeypatch.setattr(usp, "_group_rank", lambda g: 0 if g is None else g.rank)
     monkeypatch.setattr(usp, "ulysses_transport", lambda device, switch: "push")
     monkeypatch.setattr(usp, "_symm_buffer", symm_buffer)
+    for cache in ("_PLANS", "_PUSH"):  # this test's plans and views stay out of the others'
+        monkeypatch.setattr(usp, cache, {})
     switches = ("0", None, None, "push")  # no cross-rank check: no process group here
     results, errors = {}, []
 
