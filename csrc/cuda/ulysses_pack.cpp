@@ -33,6 +33,25 @@ void fill_head_start(Params& p, at::IntArrayRef heads, int64_t H, const char* op
   p.num_ranks = static_cast<int>(heads.size());
 }
 
+// q, k, v of the pack and the push: [B, L, H, D] each, one shape, dtype and CUDA device, the
+// head dim contiguous (other strides free).
+void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const char* op) {
+  XDIT_CHECK(q.dim() == 4, op, ": q must be [B, L, H, D], got ", q.sizes());
+  XDIT_CHECK(k.sizes() == q.sizes() && v.sizes() == q.sizes(), op, ": q ", q.sizes(), ", k ",
+             k.sizes(), " and v ", v.sizes(), " must have one shape");
+  XDIT_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), op,
+             ": q, k, v dtypes differ: ", q.scalar_type(), ", ", k.scalar_type(), ", ",
+             v.scalar_type());
+  XDIT_CHECK(q.is_cuda() && k.device() == q.device() && v.device() == q.device(), op,
+             ": q, k, v must be on one CUDA device, got ", q.device(), ", ", k.device(), ", ",
+             v.device());
+  const int64_t D = q.size(3);
+  for (const at::Tensor* t : {&q, &k, &v}) {
+    XDIT_CHECK(D <= 1 || t->stride(3) == 1, op, ": head_dim must be the contiguous dimension, ",
+               "got strides ", t->strides());
+  }
+}
+
 // recv of unpack and place: the flat buffer an all-to-all filled.
 void check_recv(const at::Tensor& recv, const char* op) {
   XDIT_CHECK(recv.is_cuda(), op, ": recv must be on a CUDA device, got ", recv.device());
@@ -54,20 +73,8 @@ int64_t recv_head_dim(const at::Tensor& recv, int64_t row, const char* row_expr,
 at::Tensor ulysses_pack_qkv_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                  at::IntArrayRef heads) {
   constexpr const char* kOp = "ulysses_pack_qkv";
-  XDIT_CHECK(q.dim() == 4, kOp, ": q must be [B, L, H, D], got ", q.sizes());
-  XDIT_CHECK(k.sizes() == q.sizes() && v.sizes() == q.sizes(), kOp, ": q ", q.sizes(), ", k ",
-             k.sizes(), " and v ", v.sizes(), " must have one shape");
-  XDIT_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), kOp,
-             ": q, k, v dtypes differ: ", q.scalar_type(), ", ", k.scalar_type(), ", ",
-             v.scalar_type());
-  XDIT_CHECK(q.is_cuda() && k.device() == q.device() && v.device() == q.device(), kOp,
-             ": q, k, v must be on one CUDA device, got ", q.device(), ", ", k.device(), ", ",
-             v.device());
+  check_qkv(q, k, v, kOp);
   const int64_t B = q.size(0), L = q.size(1), H = q.size(2), D = q.size(3);
-  for (const at::Tensor* t : {&q, &k, &v}) {
-    XDIT_CHECK(D <= 1 || t->stride(3) == 1, kOp, ": head_dim must be the contiguous dimension, ",
-               "got strides ", t->strides());
-  }
   UlyssesPackParams p;
   fill_head_start(p, heads, H, kOp);
   const c10::cuda::CUDAGuard guard(q.device());
@@ -203,20 +210,8 @@ void ulysses_push_qkv_cuda(const at::Tensor& q, const at::Tensor& k, const at::T
                            at::IntArrayRef heads, at::TensorList dst, int64_t rank, int64_t J,
                            int64_t Jk) {
   constexpr const char* kOp = "ulysses_push_qkv";
-  XDIT_CHECK(q.dim() == 4, kOp, ": q must be [B, L, H, D], got ", q.sizes());
-  XDIT_CHECK(k.sizes() == q.sizes() && v.sizes() == q.sizes(), kOp, ": q ", q.sizes(), ", k ",
-             k.sizes(), " and v ", v.sizes(), " must have one shape");
-  XDIT_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), kOp,
-             ": q, k, v dtypes differ: ", q.scalar_type(), ", ", k.scalar_type(), ", ",
-             v.scalar_type());
-  XDIT_CHECK(q.is_cuda() && k.device() == q.device() && v.device() == q.device(), kOp,
-             ": q, k, v must be on one CUDA device, got ", q.device(), ", ", k.device(), ", ",
-             v.device());
+  check_qkv(q, k, v, kOp);
   const int64_t B = q.size(0), L = q.size(1), H = q.size(2), D = q.size(3);
-  for (const at::Tensor* t : {&q, &k, &v}) {
-    XDIT_CHECK(D <= 1 || t->stride(3) == 1, kOp, ": head_dim must be the contiguous dimension, ",
-               "got strides ", t->strides());
-  }
   // The kernel keeps a per-head table in shared memory (kernels/ulysses_pack.cu).
   XDIT_CHECK(H <= 1024, kOp, ": at most 1024 heads, got H = ", H);
   UlyssesPushParams p{};

@@ -77,6 +77,21 @@ __device__ __forceinline__ T pick3(int t, T a, T b, T c) {
   return t == 0 ? a : (t == 1 ? b : c);
 }
 
+// Row `row` of the pack's and the push's order (q's B * L rows (b, l), then k's, then v's):
+// its tensor t, batch b, position l, the first vector of its head 0 and the head stride.
+template <typename Vec, typename Args>
+__device__ __forceinline__ const Vec* qkv_row(const Args& a, int64_t row, int64_t bl, int& t,
+                                              int64_t& b, int64_t& l, int64_t& sh) {
+  t = static_cast<int>(row / bl);
+  const int64_t rem = row - t * bl;
+  b = rem / a.seq;
+  l = rem - b * a.seq;
+  sh = pick3(t, a.stride_h[0], a.stride_h[1], a.stride_h[2]);
+  return static_cast<const Vec*>(pick3(t, a.src[0], a.src[1], a.src[2])) +
+         b * pick3(t, a.stride_b[0], a.stride_b[1], a.stride_b[2]) +
+         l * pick3(t, a.stride_s[0], a.stride_s[1], a.stride_s[2]);
+}
+
 // Block: blockDim / span rows at a time; a row's span threads stride over its heads * dv
 // vectors, so a warp reads and writes consecutive vectors of one head run.
 template <typename Vec>
@@ -93,13 +108,9 @@ __global__ void ulysses_pack_kernel(UlyssesPackArgs a) {
   Vec* out = static_cast<Vec*>(a.out);
   for (int64_t row = (int64_t)blockIdx.x * rows_per_step + threadIdx.x / s.span; row < s.num_rows;
        row += (int64_t)gridDim.x * rows_per_step) {
-    const int t = static_cast<int>(row / bl);
-    const int64_t rem = row - t * bl;
-    const int64_t b = rem / a.seq, l = rem - b * a.seq;
-    const Vec* src = static_cast<const Vec*>(pick3(t, a.src[0], a.src[1], a.src[2])) +
-                     b * pick3(t, a.stride_b[0], a.stride_b[1], a.stride_b[2]) +
-                     l * pick3(t, a.stride_s[0], a.stride_s[1], a.stride_s[2]);
-    const int64_t sh = pick3(t, a.stride_h[0], a.stride_h[1], a.stride_h[2]);
+    int t;
+    int64_t b, l, sh;
+    const Vec* src = qkv_row<Vec>(a, row, bl, t, b, l, sh);
     for (int i = lane; i < per_row; i += s.span) {
       const int g = i / dv, c = i - g * dv;
       out[table[2 * g] + row * table[2 * g + 1] + c] = src[g * sh + c];
@@ -226,13 +237,9 @@ __global__ void ulysses_push_kernel(UlyssesPushArgs a) {
   const int64_t bl = a.batch * a.seq, num_rows = 3 * bl;
   for (int64_t row = (int64_t)blockIdx.x * rows_per_step + threadIdx.x / a.span; row < num_rows;
        row += (int64_t)gridDim.x * rows_per_step) {
-    const int t = static_cast<int>(row / bl);
-    const int64_t rem = row - t * bl;
-    const int64_t b = rem / a.seq, l = rem - b * a.seq;
-    const Vec* src = static_cast<const Vec*>(pick3(t, a.src[0], a.src[1], a.src[2])) +
-                     b * pick3(t, a.stride_b[0], a.stride_b[1], a.stride_b[2]) +
-                     l * pick3(t, a.stride_s[0], a.stride_s[1], a.stride_s[2]);
-    const int64_t sh = pick3(t, a.stride_h[0], a.stride_h[1], a.stride_h[2]);
+    int t;
+    int64_t b, l, sh;
+    const Vec* src = qkv_row<Vec>(a, row, bl, t, b, l, sh);
     // The row's index in the destination's query buffer, or in its K/V buffer (t = 1, 2).
     const int64_t at = a.rank * a.seq + l;
     const int64_t drow = t == 0 ? b * (a.joint + gathered) + a.joint + at
