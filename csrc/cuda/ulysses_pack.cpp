@@ -212,8 +212,7 @@ void ulysses_push_qkv_cuda(const at::Tensor& q, const at::Tensor& k, const at::T
   constexpr const char* kOp = "ulysses_push_qkv";
   check_qkv(q, k, v, kOp);
   const int64_t B = q.size(0), L = q.size(1), H = q.size(2), D = q.size(3);
-  // The kernel keeps a per-head table in shared memory (kernels/ulysses_pack.cu).
-  XDIT_CHECK(H <= 1024, kOp, ": at most 1024 heads, got H = ", H);
+  XDIT_CHECK(H <= kMaxPushHeads, kOp, ": at most ", kMaxPushHeads, " heads, got H = ", H);
   UlyssesPushParams p{};
   fill_head_start(p, heads, H, kOp);
   const int64_t U = p.num_ranks;

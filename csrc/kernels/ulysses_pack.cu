@@ -154,9 +154,6 @@ cudaError_t ulysses_place_gathered(const UlyssesPlaceParams& p, int elem_size, i
   });
 }
 
-// The push kernel's per-head table (32 bytes a head) under the 48 KiB default.
-constexpr int64_t kMaxPushHeads = 1024;
-
 cudaError_t ulysses_push_qkv(const UlyssesPushParams& p, int elem_size, int num_sms,
                              cudaStream_t stream) {
   const int64_t num_rows = 3 * p.batch * p.seq;

@@ -46,7 +46,7 @@ UNPACK = "ulysses_unpack_out"
 PLACE = "ulysses_place_gathered"
 PUSH = "ulysses_push_qkv"
 PUSH_OUT = "ulysses_push_out"
-MAX_PUSH_HEADS = 1024  # the CUDA kernel's per-head table in shared memory
+MAX_PUSH_HEADS = 1024  # kMaxPushHeads in csrc/include/xdit_ops/ulysses_pack.h
 
 lib.define(f"{PACK}(Tensor q, Tensor k, Tensor v, int[] heads) -> Tensor")
 lib.define(
@@ -190,6 +190,21 @@ def _place_cpu(recv, U, B, L, h, q_j, k_j, v_j, head_start, joint_kv):
     return qbuf, kv
 
 
+def push_region_size(B: int, L: int, U: int, J: int, Jk: int, h: int, D: int) -> int:
+    """Elements of a push destination's input region: its query buffer
+    ``[B, J + U*L, h, D]`` then its K/V buffer ``[2, B, Jk + U*L, h, D]``."""
+    return B * (J + U * L) * h * D + 2 * B * (Jk + U * L) * h * D
+
+
+def push_regions(d: torch.Tensor, B: int, L: int, U: int, J: int, Jk: int, h: int,
+                 D: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The query buffer and the K/V buffer of a push destination, as views at the start of its
+    flat buffer ``d`` (the layout ``ulysses_push_qkv`` writes)."""
+    nq = B * (J + U * L) * h * D
+    return (d[:nq].view(B, J + U * L, h, D),
+            d[nq:push_region_size(B, L, U, J, Jk, h, D)].view(2, B, Jk + U * L, h, D))
+
+
 def check_push(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: Sequence[int],
                dst: Sequence[torch.Tensor], rank: int, J: int, Jk: int) -> list[int]:
     """Checks the arguments; returns the elements each dst[j] needs."""
@@ -202,7 +217,7 @@ def check_push(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: Sequenc
     if J < 0 or Jk not in (0, J):
         raise ValueError(f"{PUSH}: need J >= 0 and Jk in {{0, J}}, got J={J} Jk={Jk}")
     B, L, _, D = q.shape
-    need = [B * (J + U * L) * h * D + 2 * B * (Jk + U * L) * h * D for h in heads]
+    need = [push_region_size(B, L, U, J, Jk, h, D) for h in heads]
     _check_push_dst(PUSH, dst, q, need)
     return need
 
@@ -249,9 +264,7 @@ def _push_cpu(q, k, v, heads, dst, rank, J, Jk):
     rows = slice(rank * L, (rank + 1) * L)
     start = 0
     for d, h in zip(dst, heads, strict=True):
-        nq = B * (J + U * L) * h * D
-        qbuf = d[:nq].view(B, J + U * L, h, D)
-        kv = d[nq:nq + 2 * B * (Jk + U * L) * h * D].view(2, B, Jk + U * L, h, D)
+        qbuf, kv = push_regions(d, B, L, U, J, Jk, h, D)
         hs = slice(start, start + h)
         qbuf[:, J:][:, rows] = q[:, :, hs]
         kv[0, :, Jk:][:, rows] = k[:, :, hs]

@@ -35,7 +35,6 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.distributed_c10d import _resolve_process_group
 
-from xdit_ops.ops import ulysses_pack as _ulysses_pack  # noqa: F401  (registers the pack ops)
 from xdit_ops.ops._lib import lib
 from xdit_ops.ops.attention import (
     BACKENDS,
@@ -44,6 +43,7 @@ from xdit_ops.ops.attention import (
     resolve_backend,
 )
 from xdit_ops.ops.merge_attention_states import MAX_PARTIALS
+from xdit_ops.ops.ulysses_pack import push_region_size, push_regions  # (registers the pack ops)
 from xdit_ops.parallel.state import get_parallel_state
 from xdit_ops.reference.attention import attention_ref
 
@@ -334,6 +334,9 @@ def _lse_out(lse_h, J, L, heads, ug, joint_front, splits):
     return back.squeeze(-1).transpose(1, 2).contiguous()
 
 
+RING_TRANSPORTS = ("nccl", "ce")
+
+
 def ring_transport(device: torch.device, switch: str | None) -> str:
     """How K/V blocks travel around the ring: ``nccl`` (P2P send/recv kernels, any topology;
     the default) or ``ce`` (opt-in: the copy engines pull the previous rank's block straight out
@@ -344,7 +347,7 @@ def ring_transport(device: torch.device, switch: str | None) -> str:
     never completed; runs 5-7), while the benchmarks completed. ``switch``: the value of
     ``XDIT_OPS_USP_RING``."""
     choice = switch or "nccl"
-    if choice not in ("nccl", "ce"):
+    if choice not in RING_TRANSPORTS:
         raise ValueError(f"{OP}: XDIT_OPS_USP_RING must be 'nccl' or 'ce', got {choice!r}")
     return choice if device.type == "cuda" else "nccl"
 
@@ -530,32 +533,32 @@ def _size_class(n: int) -> int:
     return -(-n // step) * step
 
 
-def _push_buffers(p: _Plan, D: int, dtype: torch.dtype, device: torch.device):
-    """The push's symmetric-memory buffer for these shapes: every rank's input region (its query
+def _push_buffers(p: _Plan, dtype: torch.dtype, device: torch.device):
+    """The push's symmetric-memory buffer for plan ``p``: every rank's input region (its query
     buffer then its K/V buffer, sized for the largest head share) and output region, and the
-    views of all ranks' regions (made once per shapes).
+    views of all ranks' regions, made on the plan's first call and then looked up by
+    ``p.push_key``.
 
     One allocation per (group, input size class, output size class): shapes share a buffer
     only when both regions start where they did, so a rank's pushes of the next call never
     land in a region whose owner may still be reading the last call's data there (the
     two-barrier argument of ``_ulysses_push`` holds for every region separately)."""
+    hit = _PUSH.get(p.push_key)
+    if hit is not None:
+        return hit
     B, J, Jk, L, U = p.B, p.J, p.Jk, p.L, p.U
-    H, hmax = sum(p.heads), max(p.heads)
-    n_in = _size_class(B * (J + U * L) * hmax * D + 2 * B * (Jk + U * L) * hmax * D)
+    D = p.push_key[-1]  # the head dim
+    H = sum(p.heads)
+    n_in = _size_class(push_region_size(B, L, U, J, Jk, max(p.heads), D))
     n_out = _size_class(max(1, B * (J + L) * H * D))  # never an empty allocation
-    key = (id(p.ug), B, J, Jk, L, D, tuple(p.heads), dtype, device)
     buf, handle = _symm_buffer(p.ug, f"ulysses_push:{n_in}", (n_in + n_out,), dtype, device)
-    hit = _PUSH.get(key)
-    if hit is None or hit[-1] is not handle:
-        h = p.h_me
-        nq = B * (J + U * L) * h * D
-        own = buf[:n_in]
-        ins = [handle.get_buffer(j, (n_in,), dtype, 0) for j in range(U)]
-        outs = [handle.get_buffer(j, (n_out,), dtype, n_in) for j in range(U)]
-        hit = (own[:nq].view(B, J + U * L, h, D),
-               own[nq:nq + 2 * B * (Jk + U * L) * h * D].view(2, B, Jk + U * L, h, D),
-               buf[n_in:n_in + B * (J + L) * H * D].view(B, J + L, H, D), ins, outs, handle)
-        _PUSH[key] = hit
+    ins = [handle.get_buffer(j, (n_in,), dtype, 0) for j in range(U)]
+    outs = [handle.get_buffer(j, (n_out,), dtype, n_in) for j in range(U)]
+    # (_SYMM keeps the group alive and is cleared with _PUSH: a key's group id is not reused
+    # while its entry is here)
+    hit = (*push_regions(buf, B, L, U, J, Jk, p.h_me, D),
+           buf[n_in:n_in + B * (J + L) * H * D].view(B, J + L, H, D), ins, outs, handle)
+    _PUSH[p.push_key] = hit
     return hit
 
 
@@ -578,8 +581,7 @@ def _ulysses_push(q_s, k_s, v_s, q_j, k_j, v_j, p: _Plan, attend):
     collectives; two calls running at once on unsynchronised streams would race on the
     buffers.
     """
-    qbuf, kv, outbuf, ins, outs, handle = _push_buffers(p, q_s.shape[-1], q_s.dtype,
-                                                        q_s.device)
+    qbuf, kv, outbuf, ins, outs, handle = _push_buffers(p, q_s.dtype, q_s.device)
     J, Jk, L = p.J, p.Jk, p.L
     torch.ops.xdit_ops.ulysses_push_qkv.default(q_s, k_s, v_s, p.heads, ins, p.u_rank, J, Jk)
     hs = slice(p.h0, p.h0 + p.h_me)
@@ -645,7 +647,7 @@ def _switch_codes(chunks_sw: str | None, ring_sw: str | None,
         chunks = int(chunks_sw) if chunks_sw is not None else -1
     except ValueError:
         chunks = 99
-    return [chunks, code(ring_sw, ("nccl", "ce")), code(ulysses_sw, ULYSSES_TRANSPORTS)]
+    return [chunks, code(ring_sw, RING_TRANSPORTS), code(ulysses_sw, ULYSSES_TRANSPORTS)]
 
 
 def _check_mode(switch: str | None) -> str:
@@ -677,7 +679,7 @@ class _Plan:
         "heads", "h0", "h_me", "Jk", "joint_inline", "ring_n", "n0", "cut0",
         "mine", "squeeze", "path", "chunks", "ring", "nxt", "prv", "in_splits",
         "out_splits", "lse_splits", "seq_len", "check",
-        "agree_key", "attn_backend",
+        "agree_key", "attn_backend", "push_key",
     )
 
 
@@ -802,6 +804,8 @@ def _build_plan(q, k, v, joint_lengths, joint_tokens, joint_front, seq_len, back
         p.path = "local"
     elif R == 1 and transport == "push":
         p.path = "push"
+        # what _push_buffers looks its buffers up by (dtype and device are in the plan's key)
+        p.push_key = (id(ug), B, J, p.Jk, L, tuple(heads), q.dtype, q.device, D)
     elif (not p.squeeze and R == 1 and transport == "ce"
           and all(x == heads[0] for x in heads)):
         p.path, p.chunks = "ce", _ce_chunks(heads[0], chunks_sw)

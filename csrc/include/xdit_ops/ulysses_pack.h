@@ -12,6 +12,9 @@ namespace xdit_ops {
 
 // Upper bound on the Ulysses degree (ranks a head dimension is split over).
 constexpr int kMaxUlyssesRanks = 64;
+// Upper bound on the heads of one ulysses_push_qkv (its kernel keeps a 32-byte table entry per
+// head in shared memory, under the 48 KiB default).
+constexpr int64_t kMaxPushHeads = 1024;
 
 struct UlyssesPackParams {
   // q, k, v: [B, L, H, D], any strides with the head_dim stride 1.

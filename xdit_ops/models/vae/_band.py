@@ -371,8 +371,7 @@ def upsample_flips_layout(x: torch.Tensor, size: tuple[int, int] | None) -> bool
     """True when diffusers' ``Upsample2D`` would make the channels-last ``x [B, C, H, W]``
     row-order before upsampling it by 2 (``size`` None) or to ``size``: its element count times
     the scale factor (diffusers' ``max(size / (H, W))``) exceeds ``UPSAMPLE_NHWC_LIMIT``."""
-    if x.dim() != 4 or x.is_contiguous() or not x.is_contiguous(
-            memory_format=torch.channels_last):
+    if not channels_last_band(x):
         return False
     scale = 2 if size is None else max(f / s for f, s in zip(size, x.shape[-2:], strict=True))
     return x.numel() * scale > UPSAMPLE_NHWC_LIMIT
