@@ -3,9 +3,10 @@
 # xdit-bench: torchrun
 
 For each (B, S, H, D): the single-GPU time T1 of torch's cuDNN SDPA on the whole sequence,
-then for Ulysses-N, Ring-N and the 2 x N/2 hybrid: xdit_ops.usp_attention (eager, and replayed
-from a CUDA graph) and yunchang 0.6.4's LongContextAttention with AttnType.TORCH_CUDNN, on the
-same shards. Reports ms (the slowest rank's median), parallel efficiency T1 / (N * TN), the
+then for Ulysses-N (the op's default transport, and NCCL's all-to-all and the push by name),
+Ring-N and the 2 x N/2 hybrid: xdit_ops.usp_attention (eager, and replayed from a CUDA graph)
+and yunchang 0.6.4's LongContextAttention with AttnType.TORCH_CUDNN, on the same shards.
+Reports ms (the slowest rank's median), parallel efficiency T1 / (N * TN), the
 relative error of the gathered output against an fp32 reference next to single-GPU cuDNN's,
 and the host time of one eager call (default cross-rank check: the first call of a shape;
 without it; and checked on every call, the behaviour before the check was cached), the three
@@ -188,7 +189,9 @@ def main() -> None:
     p.add_argument("--no-yunchang", action="store_true")
     p.add_argument("--shapes", default="all", help="'all' or indices, e.g. 0,2")
     p.add_argument("--configs", default="all",
-                   help="'all' or names: ulysses, ulysses-c2, ulysses-c3 (NCCL all-to-all, "
+                   help="'all' or names: ulysses (the op's default transport: auto), "
+                        "ulysses-nccl (NCCL all-to-all), ulysses-push (peer stores into "
+                        "symmetric memory), ulysses-c2, ulysses-c3 (NCCL all-to-all "
                         "pipelined over N head chunks), ulysses-ce[-cN] (copy engines over "
                         "symmetric memory), ring, ring-nccl, hybrid")
     p.add_argument("--backend", default="auto",
@@ -203,8 +206,8 @@ def main() -> None:
     dist.init_process_group("nccl", device_id=torch.device("cuda", local))
     rank, world = dist.get_rank(), dist.get_world_size()
     shapes = SHAPES if args.shapes == "all" else [SHAPES[int(i)] for i in args.shapes.split(",")]
-    configs = [("ulysses", world, 1), ("ulysses-push", world, 1), ("ulysses-c2", world, 1),
-               ("ulysses-c3", world, 1),
+    configs = [("ulysses", world, 1), ("ulysses-nccl", world, 1), ("ulysses-push", world, 1),
+               ("ulysses-c2", world, 1), ("ulysses-c3", world, 1),
                ("ulysses-ce", world, 1), ("ulysses-ce-c1", world, 1), ("ulysses-ce-c2", world, 1),
                ("ring", 1, world), ("ring-nccl", 1, world)]
     if world >= 4 and world % 2 == 0:
@@ -251,9 +254,12 @@ def main() -> None:
             # "-ce": the Ulysses exchange over the copy engines (default: its own chunking);
             # "-cN": N head chunks (falls back to 1 when heads don't split)
             ce = "-ce" in name
-            # "-push": the Ulysses exchange by peer stores into symmetric memory
-            os.environ["XDIT_OPS_USP_ULYSSES"] = ("ce" if ce else
-                                                  "push" if name.endswith("-push") else "nccl")
+            # "ulysses": the op's default transport (auto: the push where peers map each
+            # other's memory); "-push" / "-nccl": that transport by name
+            transport = ("ce" if ce else "push" if name.endswith("-push") else
+                         "nccl" if name.endswith("-nccl") or name.startswith("ulysses-c")
+                         else "auto")
+            os.environ["XDIT_OPS_USP_ULYSSES"] = transport
             m = re.search(r"-c(\d+)$", name)
             chunks = int(m.group(1)) if m else (0 if ce else 1)
             os.environ["XDIT_OPS_USP_CHUNKS"] = str(chunks)
@@ -306,6 +312,8 @@ def main() -> None:
                     "timing": timings[impl],
                     "backend": args.backend if impl == "xdit_ops" else "cudnn",
                 }
+                if impl == "xdit_ops" and u > 1 and r == 1:
+                    row["ulysses_transport"] = transport
                 if t1_fp8_ms is not None and impl == "xdit_ops":
                     row |= {"fp8_impl": resolve_impl(q.device, D),
                             "t1_fp8_ms": t1_fp8_ms,

@@ -26,6 +26,8 @@ from tests.utils import (
     run_distributed,
 )
 
+_usp = importlib.import_module("xdit_ops.ops.usp_attention")
+
 # (name, B, S, H, D, J, position, with_joint_lengths, dtype, return_lse)
 CASES = [
     ("plain", 3, 37, 6, 8, 0, "front", False, torch.float32, False),
@@ -484,11 +486,12 @@ GPU_CASES = [
 def _worker_gpu(rank, world):
     for u, r in factorisations(world):
         xdit_ops.init_parallel(ulysses_degree=u, ring_degree=r)
-        # Without a ring, the Ulysses exchange by peer stores into symmetric memory first
-        # (every case, the shapes in a row: a buffer per shape; then the padded-shard case,
-        # squeezed keys), then the default NCCL all-to-all. Push first is the order that hung
-        # in runs 27-28, before _symm_buffer synchronised ahead of its rendezvous.
-        for transport in (["push", None] if r == 1 else [None]):
+        # Without a ring, first the default transport, which on one host with peer access is
+        # the push (symmetric-memory stores): every case, the shapes in a row (a buffer per
+        # shape), then the padded-shard case (squeezed keys); then NCCL's all-to-all by name.
+        # Push first is the order that hung in runs 27-28, before _symm_buffer synchronised
+        # ahead of its rendezvous.
+        for transport in ([None, "nccl"] if r == 1 else [None]):
             with pytest.MonkeyPatch.context() as mp:
                 if transport:
                     mp.setenv("XDIT_OPS_USP_ULYSSES", transport)
@@ -497,6 +500,9 @@ def _worker_gpu(rank, world):
                               device="cuda")
                 _run_shard_lengths(u, r, seed=3 * u + r, device="cuda", dtype=torch.bfloat16,
                                    L=300, J=77, D=128)
+            if r == 1 and transport is None:
+                paths = {p.path for p in _usp._PLANS.values() if p.U == u and p.R == 1}
+                assert paths == {"push"}, paths
         if os.environ.get("XDIT_OPS_TEST_CE") == "1":
             # The copy-engine transports (opt-in), only when asked: the Ulysses one without a
             # ring, and the ring, which deadlocked in this multi-shape test on 2 GPUs (runs 5-7)
@@ -548,6 +554,8 @@ def _worker_gpu_graph(rank, world, ulysses_ce=False, transport=None):
     fresh = xdit_ops.usp_attention(q, k, v, joint_tokens=16)
     assert not torch.equal(fresh, eager)
     assert torch.equal(out, fresh), max_abs_err(out, fresh)
+    if transport:
+        assert {p.path for p in _usp._PLANS.values()} == {transport}
 
 
 @pytest.mark.multigpu(4)
@@ -567,12 +575,12 @@ def test_ulysses_transport_switch():
     from xdit_ops.ops.usp_attention import ulysses_transport
 
     cuda = torch.device("cuda", 0)  # a device object only: nothing runs on it
-    assert [ulysses_transport(cuda, s) for s in (None, "nccl", "ce", "push")] == \
-        ["nccl", "nccl", "ce", "push"]
+    assert [ulysses_transport(cuda, s) for s in (None, "auto", "nccl", "ce", "push")] == \
+        ["auto", "auto", "nccl", "ce", "push"]
     # off CUDA every transport is NCCL's (gloo on CPU)
     assert ulysses_transport(torch.device("cpu"), "push") == "nccl"
     with pytest.raises(ValueError, match="usp_attention: XDIT_OPS_USP_ULYSSES must be one of "
-                                         r"\('nccl', 'ce', 'push'\), got 'nvlink'"):
+                                         r"\('auto', 'nccl', 'ce', 'push'\), got 'nvlink'"):
         ulysses_transport(cuda, "nvlink")
 
 

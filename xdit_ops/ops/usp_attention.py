@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 from collections.abc import Sequence
 
 import torch
@@ -380,23 +381,55 @@ def release_symmetric_buffers() -> None:
     destroyed)."""
     _SYMM.clear()
     _PUSH.clear()
+    _PEER_MAPPED.clear()
 
 
-ULYSSES_TRANSPORTS = ("nccl", "ce", "push")
+ULYSSES_TRANSPORTS = ("auto", "nccl", "ce", "push")
 
 
 def ulysses_transport(device: torch.device, switch: str | None) -> str:
-    """How the Ulysses exchange moves: ``nccl`` (all-to-all kernels; default), ``ce`` (every
-    rank pulls its pieces from the peers' symmetric-memory buffers with device-to-device copies
-    on the copy engines, per head chunk, overlapped with the attention of the chunk before) or
-    ``push`` (one kernel packs Q, K, V and stores them straight into the peers' symmetric-memory
-    buffers, in the layout attention reads; the output goes back the same way).
-    ``switch``: the value of ``XDIT_OPS_USP_ULYSSES``. Off CUDA every choice is ``nccl``."""
-    choice = switch or "nccl"
+    """How the Ulysses exchange moves, as asked (``switch``: the value of
+    ``XDIT_OPS_USP_ULYSSES``):
+
+    - ``auto`` (default): ``push`` where it works, else ``nccl``; the plan decides, once per
+      group (``_peer_mapped``);
+    - ``nccl``: NCCL all-to-all kernels (any topology);
+    - ``ce``: every rank pulls its pieces from the peers' symmetric-memory buffers with
+      device-to-device copies on the copy engines, per head chunk, overlapped with the
+      attention of the chunk before;
+    - ``push``: one kernel packs Q, K, V and stores them straight into the peers'
+      symmetric-memory buffers, in the layout attention reads; the output goes back the same
+      way.
+
+    Off CUDA every choice is ``nccl`` (gloo on CPU)."""
+    choice = switch or "auto"
     if choice not in ULYSSES_TRANSPORTS:
         raise ValueError(f"{OP}: XDIT_OPS_USP_ULYSSES must be one of {ULYSSES_TRANSPORTS}, got "
                          f"{choice!r}")
     return choice if device.type == "cuda" else "nccl"
+
+
+_PEER_MAPPED: dict[tuple, bool] = {}
+
+
+def _peer_mapped(ug: dist.ProcessGroup, rg: dist.ProcessGroup | None) -> bool:
+    """Whether every rank of the Ulysses group ``ug`` can map the others' memory: all on one
+    host, each seeing more than one GPU with peer access to every other GPU it sees. Decided
+    once per group pair from one all-gather on the grid's CPU group, so every rank decides
+    alike (a rank that went its own way would leave the others in a collective)."""
+    key = (ug, rg)
+    if key not in _PEER_MAPPED:
+        dev = torch.cuda.current_device()
+        n = torch.cuda.device_count()
+        peer_ok = n > 1 and all(torch.cuda.can_device_access_peer(dev, e)
+                                for e in range(n) if e != dev)
+        g = _check_group(ug, rg)
+        info: list = [None] * dist.get_world_size(g)
+        dist.all_gather_object(info, (dist.get_rank(), socket.gethostname(), peer_ok), group=g)
+        members = set(dist.get_process_group_ranks(ug))
+        mine = [(host, ok) for rank, host, ok in info if rank in members]
+        _PEER_MAPPED[key] = all(ok for _, ok in mine) and len({h for h, _ in mine}) == 1
+    return _PEER_MAPPED[key]
 
 
 def _symm_buffer(group: dist.ProcessGroup, tag: str, shape: tuple, dtype: torch.dtype,
@@ -800,6 +833,8 @@ def _build_plan(q, k, v, joint_lengths, joint_tokens, joint_front, seq_len, back
         p.prv = ring_ranks[(r_rank - 1) % R]
     p.chunks = 1
     transport = ulysses_transport(q.device, ulysses_sw) if U > 1 else "nccl"
+    if transport == "auto":
+        transport = "push" if R == 1 and _peer_mapped(ug, rg) else "nccl"
     if U == 1:
         p.path = "local"
     elif R == 1 and transport == "push":
