@@ -191,12 +191,24 @@ def test_gpu_merge_halves_equals_full_attention():
 
 @pytest.mark.gpu
 def test_gpu_bad_dtype_and_device():
+    """The public functions check in Python ahead of the native launchers (a failing TORCH_CHECK
+    there crashed the process on the GPU machine in run 31): the reference's exception types."""
     _require_native()
     out, lse, blk, blk_lse = _merge_args(1, 4, 2, 8, torch.float32, "cuda")
-    with pytest.raises((RuntimeError, TypeError), match="merge_attention_states_"):
+    with pytest.raises(TypeError, match="merge_attention_states_: out, lse and block_lse"):
         xdit_ops.merge_attention_states_(out.half(), lse, blk, blk_lse)
-    with pytest.raises((RuntimeError, ValueError), match="merge_attention_states_"):
+    with pytest.raises(ValueError, match="merge_attention_states_: tensors are on different"):
         xdit_ops.merge_attention_states_(out, lse, blk.cpu(), blk_lse)
+    strided = torch.zeros(1, 4, 8, 2, device="cuda").transpose(2, 3)
+    with pytest.raises(ValueError, match="merge_attention_states_: head_dim must be the"):
+        xdit_ops.merge_attention_states_(out, lse, strided, blk_lse)
+    outs, lses = [blk, blk], [blk_lse, blk_lse]
+    with pytest.raises(ValueError, match="merge_attention_partials: partial 1 is not on"):
+        xdit_ops.merge_attention_partials(outs, [blk_lse, blk_lse.cpu()])
+    with pytest.raises(ValueError, match="merge_attention_partials: partial 1 and its lse must"):
+        xdit_ops.merge_attention_partials([blk, strided], lses)
+    with pytest.raises(ValueError, match="merge_attention_partials: lse 1 must be float32"):
+        xdit_ops.merge_attention_partials(outs, [blk_lse, blk_lse.half()])
 
 
 @pytest.mark.gpu

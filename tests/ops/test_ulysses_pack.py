@@ -281,8 +281,8 @@ def test_cpu_push_out_returns_every_row(split, J, joint_front):
     _check_push_out(HEADS[split], 2, 5, J, 8, joint_front, torch.float32, "cpu")
 
 
-def test_push_bad_arguments():
-    q = randn(2, 4, 6, 8, seed=1)
+def _push_bad_arguments(device):
+    q = randn(2, 4, 6, 8, seed=1, device=device)
     heads = [3, 3]
     need = 2 * (1 + 8) * 3 * 8 + 2 * 2 * (1 + 8) * 3 * 8
     dst = [q.new_zeros(need), q.new_zeros(need)]
@@ -290,7 +290,7 @@ def test_push_bad_arguments():
     with pytest.raises(ValueError, match=r"ulysses_push_qkv: sum\(heads\) = 5 != H = 6"):
         ulysses_push_qkv(q, q, q, [3, 2], dst, 0, 1, 1)
     with pytest.raises(ValueError, match="ulysses_push_qkv: at most 1024 heads, got H = 1025"):
-        big = randn(1, 1, 1025, 1, seed=3)
+        big = randn(1, 1, 1025, 1, seed=3, device=device)
         ulysses_push_qkv(big, big, big, [1025], [big.new_zeros(3 * 1025)], 0, 0, 0)
     with pytest.raises(ValueError, match="ulysses_push_qkv: dst has 1 buffers for 2 ranks"):
         ulysses_push_qkv(q, q, q, heads, dst[:1], 0, 1, 1)
@@ -305,7 +305,7 @@ def test_push_bad_arguments():
         ulysses_push_qkv(q, q, q, heads, [dst[0].view(2, -1), dst[1]], 0, 1, 1)
     with pytest.raises(ValueError, match="ulysses_push_qkv: dst\\[1\\] is torch.float64"):
         ulysses_push_qkv(q, q, q, heads, [dst[0], dst[1].double()], 0, 1, 1)
-    o = randn(2, 1 + 2 * 4, 3, 8, seed=2)
+    o = randn(2, 1 + 2 * 4, 3, 8, seed=2, device=device)
     out = [q.new_zeros(2 * 5 * 6 * 8) for _ in heads]
     ulysses_push_out(o, heads, out, 0, 4, True)
     with pytest.raises(ValueError, match="ulysses_push_out: o must be"):
@@ -316,21 +316,24 @@ def test_push_bad_arguments():
         ulysses_push_out(o, heads, [out[0][:-1], out[1]], 1, 4, False)
 
 
-def test_bad_arguments():
-    q = randn(2, 4, 6, 8, seed=1)
+def _bad_arguments(device):
+    q = randn(2, 4, 6, 8, seed=1, device=device)
     with pytest.raises(ValueError, match=r"ulysses_pack_qkv: sum\(heads\) = 5 != H = 6"):
         ulysses_pack_qkv(q, q, q, [3, 2])
     with pytest.raises(ValueError, match="ulysses_pack_qkv: q .* must have one shape"):
         ulysses_pack_qkv(q, q[:, :3], q, [3, 3])
     with pytest.raises(ValueError, match="ulysses_pack_qkv: head_dim of k must be contiguous"):
-        ulysses_pack_qkv(q, randn(2, 4, 8, 6, seed=2).transpose(2, 3), q, [3, 3])
+        ulysses_pack_qkv(q, randn(2, 4, 8, 6, seed=2, device=device).transpose(2, 3), q, [3, 3])
     with pytest.raises(TypeError, match="ulysses_pack_qkv: q, k, v dtypes differ"):
         ulysses_pack_qkv(q, q.double(), q, [3, 3])
     with pytest.raises(ValueError, match="ulysses_pack_qkv: heads .* negative"):
         ulysses_pack_qkv(q, q, q, [7, -1])
+    with pytest.raises(ValueError, match=r"ulysses_pack_qkv: heads must list 1\.\.64 per-rank "
+                                         "counts, got 65"):
+        ulysses_pack_qkv(q, q, q, [0] * 59 + [1] * 6)
     with pytest.raises(ValueError, match="ulysses_pack_qkv: q must be"):
         ulysses_pack_qkv(q[0], q[0], q[0], [6])
-    recv = randn(2 * 5 * 6 * 8, seed=3)
+    recv = randn(2 * 5 * 6 * 8, seed=3, device=device)
     with pytest.raises(ValueError, match="ulysses_unpack_out: recv has 480 elements, not a "
                                          "multiple of B \\* \\(J \\+ L\\) \\* H = 2 \\* 6 \\* 6"):
         ulysses_unpack_out(recv, [3, 3], 2, 1, 5, True)
@@ -343,7 +346,7 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="ulysses_place_gathered: recv has 480 elements, not a "
                                          "multiple of U \\* 3 \\* B \\* L \\* h = 144"):
         ulysses_place_gathered(recv, 2, 2, 3, 4, None, None, None, 0, False)
-    recv, joint = _place_case(2, 1, 4, 3, 6, 8, 5, seed=4)
+    recv, joint = _place_case(2, 1, 4, 3, 6, 8, 5, device=device, seed=4)
     with pytest.raises(ValueError, match="ulysses_place_gathered: pass all of q_j, k_j, v_j"):
         ulysses_place_gathered(recv, 2, 1, 4, 3, joint[0], None, joint[2], 0, True)
     with pytest.raises(ValueError, match=r"ulysses_place_gathered: heads \[4, 7\) are outside"):
@@ -352,6 +355,19 @@ def test_bad_arguments():
         ulysses_place_gathered(recv, 2, 1, 4, 3, *(t[..., :4] for t in joint), 0, True)
     with pytest.raises(ValueError, match="ulysses_place_gathered: joint tensor 2 is"):
         ulysses_place_gathered(recv, 2, 1, 4, 3, joint[0], joint[1], joint[2].double(), 0, True)
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_push_bad_arguments(device):
+    """CPU: the references' checks; meta: the public functions' checks ahead of a non-CPU
+    kernel and the fakes' (what torch.compile traces) behind them. Whether CUDA raises instead
+    of reaching the native launchers' checks is test_gpu_bad_arguments_raise."""
+    _push_bad_arguments(device)
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_bad_arguments(device):
+    _bad_arguments(device)
 
 
 def test_opcheck():
@@ -398,6 +414,16 @@ def _native():
     import xdit_ops._extension as ext
 
     assert ext.has("_C"), ext.reason("_C")
+
+
+@pytest.mark.gpu
+def test_gpu_bad_arguments_raise():
+    """Bad arguments on CUDA raise the CPU reference's exceptions, from the Python checks ahead
+    of the native launchers (whose failing TORCH_CHECKs crashed the process on the GPU machine
+    in run 31), instead of killing the process."""
+    _native()
+    _bad_arguments("cuda")
+    _push_bad_arguments("cuda")
 
 
 @pytest.mark.gpu

@@ -109,6 +109,30 @@ def register_cuda_fallback() -> None:
         lib.impl("merge_attention_partials", _partials_cpu, "CUDA")
 
 
+# The public functions check in Python before a native call what the kernel's launcher checks,
+# with the reference's exceptions: on the GPU machine a failing TORCH_CHECK in a launcher killed
+# the process with SIGSEGV instead of raising (benchmarks/results/2026-11-26-run31). The ring
+# inside usp_attention calls the ops with tensors it made itself.
+def _check_native_inputs(out, lse, block_out, block_lse) -> None:
+    check_inputs(out, lse, block_out, block_lse)
+    devices = {t.device for t in (out, lse, block_out, block_lse)}
+    if len(devices) > 1:
+        raise ValueError(f"{OP}: tensors are on different devices: {sorted(map(str, devices))}")
+    if out.stride(-1) != 1 or block_out.stride(-1) != 1:
+        raise ValueError(f"{OP}: head_dim must be the contiguous dimension of out and block_out, "
+                         f"got strides {tuple(out.stride())} and {tuple(block_out.stride())}")
+
+
+def _check_native_partials(outs, lses) -> None:
+    op = "merge_attention_partials"
+    check_partials(outs, lses)
+    for i, (o, lse) in enumerate(zip(outs, lses, strict=True)):
+        if o.device != outs[0].device or lse.device != outs[0].device:
+            raise ValueError(f"{op}: partial {i} is not on {outs[0].device}")
+        if not (o.is_contiguous() and lse.is_contiguous()):
+            raise ValueError(f"{op}: partial {i} and its lse must be contiguous")
+
+
 @torch.library.register_fake("xdit_ops::merge_attention_states_")
 def _merge_fake(out, lse, block_out, block_lse):
     check_inputs(out, lse, block_out, block_lse)
@@ -131,6 +155,8 @@ def merge_attention_partials(
     out : [B, S, H, D] in ``out_dtype``; rows that no partial saw a key for are 0.
     lse : [B, H, S] float32, -inf for those rows.
     """
+    if outs and outs[0].device.type != "cpu":
+        _check_native_partials(outs, lses)
     return torch.ops.xdit_ops.merge_attention_partials.default(list(outs), list(lses), out_dtype)
 
 
@@ -146,4 +172,6 @@ def merge_attention_states_(
     block_out : [B, S, H, D] float32/float16/bfloat16, the partial attention to fold in.
     block_lse : [B, H, S] float32, its LSE.
     """
+    if out.device.type != "cpu":
+        _check_native_inputs(out, lse, block_out, block_lse)
     torch.ops.xdit_ops.merge_attention_states_.default(out, lse, block_out, block_lse)

@@ -31,6 +31,12 @@ into this process (symmetric memory over NVLink: ``usp_attention``'s ``XDIT_OPS_
 
 CUDA runs the native kernels (``csrc/include/xdit_ops/ulysses_pack.cuh``: one launch, vectorised
 up to 16 bytes); CPU runs the torch references below. Both are exact copies, any dtype.
+
+The public functions check their arguments in Python before a native call (the CPU references
+check for themselves), with the exceptions the references raise: on the GPU machine a failing
+``TORCH_CHECK`` in the launchers killed the process with SIGSEGV instead of raising
+(``benchmarks/results/2026-11-26-run31``). The launchers keep their checks for direct
+``torch.ops`` callers; ``usp_attention`` calls the ops with arguments its plan has checked.
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ PLACE = "ulysses_place_gathered"
 PUSH = "ulysses_push_qkv"
 PUSH_OUT = "ulysses_push_out"
 MAX_PUSH_HEADS = 1024  # kMaxPushHeads in csrc/include/xdit_ops/ulysses_pack.h
+MAX_RANKS = 64  # kMaxUlyssesRanks, ibid.
 
 lib.define(f"{PACK}(Tensor q, Tensor k, Tensor v, int[] heads) -> Tensor")
 lib.define(
@@ -67,8 +74,9 @@ lib.define(
 
 
 def _check_heads(op: str, heads: Sequence[int], H: int | None) -> int:
-    if len(heads) == 0:
-        raise ValueError(f"{op}: heads must list at least one per-rank count, got {list(heads)}")
+    if not 1 <= len(heads) <= MAX_RANKS:
+        raise ValueError(f"{op}: heads must list 1..{MAX_RANKS} per-rank counts, got "
+                         f"{len(heads)}")
     if any(h < 0 for h in heads):
         raise ValueError(f"{op}: heads {list(heads)} has a negative count")
     total = sum(heads)
@@ -354,6 +362,8 @@ def ulysses_pack_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     in ``j`` order. Pass it to ``all_to_all_single`` with
     ``input_split_sizes=[3 * B * L * h * D for h in heads]``.
     """
+    if q.device.type != "cpu":  # before the native kernel (see the module docstring)
+        check_pack(q, k, v, heads)
     return torch.ops.xdit_ops.ulysses_pack_qkv.default(q, k, v, list(heads))
 
 
@@ -374,6 +384,8 @@ def ulysses_unpack_out(recv: torch.Tensor, heads: Sequence[int], B: int, J: int,
     -------
     Contiguous ``[B, J + L, H, D]`` of recv's dtype, ``H = sum(heads)``.
     """
+    if recv.device.type != "cpu":
+        check_unpack(recv, heads, B, J, L)
     return torch.ops.xdit_ops.ulysses_unpack_out.default(recv, list(heads), B, J, L, joint_front)
 
 
@@ -400,6 +412,8 @@ def ulysses_place_gathered(
     qbuf : ``[B, J + U*L, h, D]``, joint rows first, then the gathered sequence.
     kv : ``[2, B, Jk + U*L, h, D]`` (K, V), joint rows first when ``joint_kv``.
     """
+    if recv.device.type != "cpu":
+        check_place(recv, U, B, L, h, q_j, k_j, v_j, head_start)
     return torch.ops.xdit_ops.ulysses_place_gathered.default(
         recv, U, B, L, h, q_j, k_j, v_j, head_start, joint_kv)
 
@@ -425,6 +439,8 @@ def ulysses_push_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: S
     :func:`ulysses_place_gathered` of the all-to-all that :func:`ulysses_pack_qkv` feeds,
     outside the joint rows.
     """
+    if q.device.type != "cpu":
+        check_push(q, k, v, heads, dst, rank, J, Jk)
     torch.ops.xdit_ops.ulysses_push_qkv.default(q, k, v, list(heads), list(dst), rank, J, Jk)
 
 
@@ -447,4 +463,6 @@ def ulysses_push_out(o: torch.Tensor, heads: Sequence[int], dst: Sequence[torch.
     Rank ``u`` gets its L sequence rows and every joint row, for this rank's heads: once every
     rank has pushed, each output equals :func:`ulysses_unpack_out` after the output all-to-all.
     """
+    if o.device.type != "cpu":
+        check_push_out(o, heads, dst, rank, L)
     torch.ops.xdit_ops.ulysses_push_out.default(o, list(heads), list(dst), rank, L, joint_front)
