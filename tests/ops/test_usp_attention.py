@@ -486,40 +486,39 @@ GPU_CASES = [
 def _worker_gpu(rank, world):
     for u, r in factorisations(world):
         xdit_ops.init_parallel(ulysses_degree=u, ring_degree=r)
-        # Without a ring, first the default transport, which on one host with peer access is
-        # the push (symmetric-memory stores): every case, the shapes in a row (a buffer per
-        # shape), then the padded-shard case (squeezed keys); then NCCL's all-to-all by name.
-        # Push first is the order that hung in runs 27-28, before _symm_buffer synchronised
-        # ahead of its rendezvous.
-        for transport in ([None, "nccl"] if r == 1 else [None]):
+        # First the default transport, which on one host with peer access is the push
+        # (symmetric-memory stores) without a ring, and the copy-engine ring (symmetric-memory
+        # pulls) with one: every case, the shapes in a row (a buffer per shape), then the
+        # padded-shard case (squeezed keys); then NCCL's by name. The push first is the order
+        # that hung in runs 27-28, and the copy-engine ring deadlocked here in runs 5-7, before
+        # _symm_buffer synchronised ahead of its rendezvous.
+        switch = "XDIT_OPS_USP_ULYSSES" if r == 1 else "XDIT_OPS_USP_RING"
+        for transport in (None, "nccl"):
             with pytest.MonkeyPatch.context() as mp:
                 if transport:
-                    mp.setenv("XDIT_OPS_USP_ULYSSES", transport)
+                    mp.setenv(switch, transport)
                 for i, case in enumerate(GPU_CASES):
                     _run_case(case, u, r, seed=31 * i + 5 + (transport is not None),
                               device="cuda")
                 _run_shard_lengths(u, r, seed=3 * u + r, device="cuda", dtype=torch.bfloat16,
                                    L=300, J=77, D=128)
-            if r == 1 and transport is None:
-                paths = {p.path for p in _usp._PLANS.values() if p.U == u and p.R == 1}
-                assert paths == {"push"}, paths
-        if os.environ.get("XDIT_OPS_TEST_CE") == "1":
-            # The copy-engine transports (opt-in), only when asked: the Ulysses one without a
-            # ring, and the ring, which deadlocked in this multi-shape test on 2 GPUs (runs 5-7)
-            # (symmetric memory both).
-            switch, cases, seed = (("XDIT_OPS_USP_ULYSSES", GPU_CASES, (41, 3)) if r == 1 else
-                                   ("XDIT_OPS_USP_RING", GPU_CASES[:3], (77, 1)))
+            if transport is None:
+                plans = [p for p in _usp._PLANS.values() if p.U == u and p.R == r]
+                used = {p.path for p in plans} if r == 1 else {p.ring for p in plans}
+                assert used == ({"push"} if r == 1 else {"ce"}), (u, r, used)
+        if os.environ.get("XDIT_OPS_TEST_CE") == "1" and r == 1:
+            # The copy-engine Ulysses exchange (opt-in; the push replaced it), only when asked.
             with pytest.MonkeyPatch.context() as mp:
-                mp.setenv(switch, "ce")
-                for i, case in enumerate(cases):
-                    _run_case(case, u, r, seed=seed[0] * i + seed[1], device="cuda")
+                mp.setenv("XDIT_OPS_USP_ULYSSES", "ce")
+                for i, case in enumerate(GPU_CASES):
+                    _run_case(case, u, r, seed=41 * i + 3, device="cuda")
     xdit_ops.destroy_parallel()
 
 
 @pytest.mark.multigpu(2)
 @pytest.mark.parametrize("world", [2, 4])
 def test_usp_gpu_matches_single_device(world):
-    run_distributed(_worker_gpu, world, timeout=200, backend="nccl")
+    run_distributed(_worker_gpu, world, timeout=300, backend="nccl")
 
 
 def _worker_gpu_graph(rank, world, ulysses_ce=False, transport=None):
@@ -582,6 +581,18 @@ def test_ulysses_transport_switch():
     with pytest.raises(ValueError, match="usp_attention: XDIT_OPS_USP_ULYSSES must be one of "
                                          r"\('auto', 'nccl', 'ce', 'push'\), got 'nvlink'"):
         ulysses_transport(cuda, "nvlink")
+
+
+def test_ring_transport_switch():
+    from xdit_ops.ops.usp_attention import ring_transport
+
+    cuda = torch.device("cuda", 0)  # a device object only: nothing runs on it
+    assert [ring_transport(cuda, s) for s in (None, "auto", "nccl", "ce")] == \
+        ["auto", "auto", "nccl", "ce"]
+    assert ring_transport(torch.device("cpu"), "ce") == "nccl"
+    with pytest.raises(ValueError, match="usp_attention: XDIT_OPS_USP_RING must be one of "
+                                         r"\('auto', 'nccl', 'ce'\), got 'p2p'"):
+        ring_transport(cuda, "p2p")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -335,21 +335,31 @@ def _lse_out(lse_h, J, L, heads, ug, joint_front, splits):
     return back.squeeze(-1).transpose(1, 2).contiguous()
 
 
-RING_TRANSPORTS = ("nccl", "ce")
+RING_TRANSPORTS = ("auto", "nccl", "ce")
 
 
 def ring_transport(device: torch.device, switch: str | None) -> str:
-    """How K/V blocks travel around the ring: ``nccl`` (P2P send/recv kernels, any topology;
-    the default) or ``ce`` (opt-in: the copy engines pull the previous rank's block straight out
-    of its symmetric-memory buffer over NVLink, taking no SMs from the attention; on 4 H100s it
-    ran the (1, 16896, 24, 128) ring in 1.99 ms against NCCL's 2.61, run 2). ``ce`` is not the
-    default because the NCCL GPU test, which calls the op with several shapes in a row (a
-    symmetric buffer per shape), deadlocked with it on 2 GPUs (one rank's device-side barrier
-    never completed; runs 5-7), while the benchmarks completed. ``switch``: the value of
-    ``XDIT_OPS_USP_RING``."""
-    choice = switch or "nccl"
+    """How K/V blocks travel around the ring, as asked (``switch``: the value of
+    ``XDIT_OPS_USP_RING``):
+
+    - ``auto`` (default): ``ce`` where every rank of the ring group can map the others' memory
+      (one host, peer access), else ``nccl``; the plan decides, once per group
+      (``_peer_mapped``);
+    - ``nccl``: NCCL P2P send/recv kernels (any topology);
+    - ``ce``: the copy engines pull the previous rank's block straight out of its
+      symmetric-memory buffer over NVLink, taking no SMs from the attention (4 H200s, run 29:
+      the (1, 16896, 24, 128) ring at 0.861 of linear against NCCL's 0.554).
+
+    ``ce`` was opt-in until run 31: the NCCL GPU test, which calls the op with several shapes in
+    a row (a symmetric buffer per shape), deadlocked with it on 2 GPUs in runs 5-7. The likely
+    cause was torch 2.11 zeroing a new symmetric block (signal pad included) asynchronously
+    behind pending work, so a fast peer's signal could be wiped; ``_symm_buffer`` synchronises
+    before the rendezvous since then, and the same test passed with the ``ce`` ring on 2 and 4
+    GPUs and the 2 x 2 hybrid (run 31). Off CUDA every choice is ``nccl`` (gloo on CPU)."""
+    choice = switch or "auto"
     if choice not in RING_TRANSPORTS:
-        raise ValueError(f"{OP}: XDIT_OPS_USP_RING must be 'nccl' or 'ce', got {choice!r}")
+        raise ValueError(f"{OP}: XDIT_OPS_USP_RING must be one of {RING_TRANSPORTS}, got "
+                         f"{choice!r}")
     return choice if device.type == "cuda" else "nccl"
 
 
@@ -412,12 +422,14 @@ def ulysses_transport(device: torch.device, switch: str | None) -> str:
 _PEER_MAPPED: dict[tuple, bool] = {}
 
 
-def _peer_mapped(ug: dist.ProcessGroup, rg: dist.ProcessGroup | None) -> bool:
-    """Whether every rank of the Ulysses group ``ug`` can map the others' memory: all on one
-    host, each seeing more than one GPU with peer access to every other GPU it sees. Decided
-    once per group pair from one all-gather on the grid's CPU group, so every rank decides
-    alike (a rank that went its own way would leave the others in a collective)."""
-    key = (ug, rg)
+def _peer_mapped(ug: dist.ProcessGroup | None, rg: dist.ProcessGroup | None,
+                 which: str = "ulysses") -> bool:
+    """Whether every rank of the Ulysses group ``ug`` (``which="ring"``: of the ring group
+    ``rg``) can map the others' memory: all on one host, each seeing more than one GPU with
+    peer access to every other GPU it sees. Decided once per group pair from one all-gather on
+    the grid's CPU group, so every rank decides alike (a rank that went its own way would leave
+    the others in a collective)."""
+    key = (ug, rg, which)
     if key not in _PEER_MAPPED:
         dev = torch.cuda.current_device()
         n = torch.cuda.device_count()
@@ -426,7 +438,7 @@ def _peer_mapped(ug: dist.ProcessGroup, rg: dist.ProcessGroup | None) -> bool:
         g = _check_group(ug, rg)
         info: list = [None] * dist.get_world_size(g)
         dist.all_gather_object(info, (dist.get_rank(), socket.gethostname(), peer_ok), group=g)
-        members = set(dist.get_process_group_ranks(ug))
+        members = set(dist.get_process_group_ranks(ug if which == "ulysses" else rg))
         mine = [(host, ok) for rank, host, ok in info if rank in members]
         _PEER_MAPPED[key] = all(ok for _, ok in mine) and len({h for h, _ in mine}) == 1
     return _PEER_MAPPED[key]
@@ -826,6 +838,8 @@ def _build_plan(q, k, v, joint_lengths, joint_tokens, joint_front, seq_len, back
     p.mine = mine = lens[r_rank * U:(r_rank + 1) * U]
     p.squeeze = any(n < L and any(mine[j + 1:]) for j, n in enumerate(mine))
     p.ring = ring_transport(q.device, ring_sw) if R > 1 else "nccl"
+    if p.ring == "auto":
+        p.ring = "ce" if _peer_mapped(ug, rg, "ring") else "nccl"
     p.nxt = p.prv = -1
     if R > 1 and p.ring == "nccl":
         ring_ranks = dist.get_process_group_ranks(rg)
