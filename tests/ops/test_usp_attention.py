@@ -486,14 +486,15 @@ GPU_CASES = [
 def _worker_gpu(rank, world):
     for u, r in factorisations(world):
         xdit_ops.init_parallel(ulysses_degree=u, ring_degree=r)
-        # First the default transport, which on one host with peer access is the push
-        # (symmetric-memory stores) without a ring, and the copy-engine ring (symmetric-memory
-        # pulls) with one: every case, the shapes in a row (a buffer per shape), then the
-        # padded-shard case (squeezed keys); then NCCL's by name. The push first is the order
-        # that hung in runs 27-28, and the copy-engine ring deadlocked here in runs 5-7, before
-        # _symm_buffer synchronised ahead of its rendezvous.
+        # First the transport of one host with peer access: without a ring the push
+        # (symmetric-memory stores, the default), with one the copy-engine ring (symmetric-memory
+        # pulls: XDIT_OPS_USP_RING=auto): every case, the shapes in a row (a buffer per shape),
+        # then the padded-shard case (squeezed keys); then NCCL's by name. The push first is the
+        # order that hung in runs 27-28, and the copy-engine ring deadlocked here in runs 5-7,
+        # before _symm_buffer synchronised ahead of its rendezvous.
         switch = "XDIT_OPS_USP_ULYSSES" if r == 1 else "XDIT_OPS_USP_RING"
-        for transport in (None, "nccl"):
+        first = None if r == 1 else "auto"
+        for transport in (first, "nccl"):
             with pytest.MonkeyPatch.context() as mp:
                 if transport:
                     mp.setenv(switch, transport)
@@ -502,7 +503,7 @@ def _worker_gpu(rank, world):
                               device="cuda")
                 _run_shard_lengths(u, r, seed=3 * u + r, device="cuda", dtype=torch.bfloat16,
                                    L=300, J=77, D=128)
-            if transport is None:
+            if transport == first:
                 plans = [p for p in _usp._PLANS.values() if p.U == u and p.R == r]
                 used = {p.path for p in plans} if r == 1 else {p.ring for p in plans}
                 assert used == ({"push"} if r == 1 else {"ce"}), (u, r, used)
@@ -588,7 +589,7 @@ def test_ring_transport_switch():
 
     cuda = torch.device("cuda", 0)  # a device object only: nothing runs on it
     assert [ring_transport(cuda, s) for s in (None, "auto", "nccl", "ce")] == \
-        ["auto", "auto", "nccl", "ce"]
+        ["nccl", "auto", "nccl", "ce"]
     assert ring_transport(torch.device("cpu"), "ce") == "nccl"
     with pytest.raises(ValueError, match="usp_attention: XDIT_OPS_USP_RING must be one of "
                                          r"\('auto', 'nccl', 'ce'\), got 'p2p'"):
