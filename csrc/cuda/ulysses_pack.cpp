@@ -16,21 +16,32 @@ namespace xdit_ops {
 
 namespace {
 
-// Fills num_ranks and head_start (of pack's or unpack's params) from the per-rank counts;
-// checks them against H.
-template <typename Params>
-void fill_head_start(Params& p, at::IntArrayRef heads, int64_t H, const char* op) {
+// Checks the per-rank head counts (1..kMaxUlyssesRanks of them, none negative); returns their
+// sum.
+int64_t check_heads(at::IntArrayRef heads, const char* op) {
   XDIT_CHECK(!heads.empty() && heads.size() <= static_cast<size_t>(kMaxUlyssesRanks), op,
              ": heads must list 1..", kMaxUlyssesRanks, " per-rank counts, got ", heads.size());
-  int64_t start = 0;
-  p.head_start[0] = 0;
+  int64_t total = 0;
   for (size_t j = 0; j < heads.size(); ++j) {
     XDIT_CHECK(heads[j] >= 0, op, ": heads[", j, "] = ", heads[j], " is negative");
-    start += heads[j];
-    p.head_start[j + 1] = static_cast<int>(start);
+    total += heads[j];
   }
-  XDIT_CHECK(start == H, op, ": sum(heads) = ", start, " != H = ", H, " (heads ", heads, ")");
+  return total;
+}
+
+// Fills num_ranks and head_start (of pack's, unpack's or push's params) from the per-rank
+// counts, checked (against H unless H < 0); returns their sum.
+template <typename Params>
+int64_t fill_head_start(Params& p, at::IntArrayRef heads, int64_t H, const char* op) {
+  const int64_t total = check_heads(heads, op);
+  XDIT_CHECK(H < 0 || total == H, op, ": sum(heads) = ", total, " != H = ", H, " (heads ",
+             heads, ")");
+  p.head_start[0] = 0;
+  for (size_t j = 0; j < heads.size(); ++j) {
+    p.head_start[j + 1] = static_cast<int>(p.head_start[j] + heads[j]);
+  }
   p.num_ranks = static_cast<int>(heads.size());
+  return total;
 }
 
 // q, k, v of the pack and the push: [B, L, H, D] each, one shape, dtype and CUDA device, the
@@ -49,6 +60,18 @@ void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, co
   for (const at::Tensor* t : {&q, &k, &v}) {
     XDIT_CHECK(D <= 1 || t->stride(3) == 1, op, ": head_dim must be the contiguous dimension, ",
                "got strides ", t->strides());
+  }
+}
+
+// The pointers and applied strides of q, k, v (checked by check_qkv) in pack's or push's params.
+template <typename Params>
+void set_qkv_sources(Params& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  const at::Tensor* qkv[3] = {&q, &k, &v};
+  for (int t = 0; t < 3; ++t) {
+    p.src[t] = qkv[t]->const_data_ptr();
+    p.src_stride_b[t] = applied_stride(*qkv[t], 0);
+    p.src_stride_s[t] = applied_stride(*qkv[t], 1);
+    p.src_stride_h[t] = applied_stride(*qkv[t], 2);
   }
 }
 
@@ -79,13 +102,7 @@ at::Tensor ulysses_pack_qkv_cuda(const at::Tensor& q, const at::Tensor& k, const
   fill_head_start(p, heads, H, kOp);
   const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor out = at::empty({3 * B * L * H * D}, q.options());
-  const at::Tensor* qkv[3] = {&q, &k, &v};
-  for (int t = 0; t < 3; ++t) {
-    p.src[t] = qkv[t]->const_data_ptr();
-    p.src_stride_b[t] = applied_stride(*qkv[t], 0);
-    p.src_stride_s[t] = applied_stride(*qkv[t], 1);
-    p.src_stride_h[t] = applied_stride(*qkv[t], 2);
-  }
+  set_qkv_sources(p, q, k, v);
   p.out = out.data_ptr();
   p.batch = B;
   p.seq = L;
@@ -103,10 +120,8 @@ at::Tensor ulysses_unpack_out_cuda(const at::Tensor& recv, at::IntArrayRef heads
   check_recv(recv, kOp);
   XDIT_CHECK(B >= 0 && J >= 0 && L >= 0, kOp, ": B, J, L must be >= 0, got ", B, ", ", J, ", ",
              L);
-  int64_t H = 0;
-  for (int64_t h : heads) H += h;
   UlyssesUnpackParams p;
-  fill_head_start(p, heads, H, kOp);
+  const int64_t H = fill_head_start(p, heads, -1, kOp);
   const int64_t D = recv_head_dim(recv, B * (J + L) * H, "B * (J + L) * H", kOp);
   const c10::cuda::CUDAGuard guard(recv.device());
   at::Tensor out = at::empty({B, J + L, H, D}, recv.options());
@@ -222,13 +237,7 @@ void ulysses_push_qkv_cuda(const at::Tensor& q, const at::Tensor& k, const at::T
   check_push_dst(dst, heads, q, [&](size_t j) {
     return B * (J + U * L) * heads[j] * D + 2 * B * (Jk + U * L) * heads[j] * D;
   }, kOp);
-  const at::Tensor* qkv[3] = {&q, &k, &v};
-  for (int t = 0; t < 3; ++t) {
-    p.src[t] = qkv[t]->const_data_ptr();
-    p.src_stride_b[t] = applied_stride(*qkv[t], 0);
-    p.src_stride_s[t] = applied_stride(*qkv[t], 1);
-    p.src_stride_h[t] = applied_stride(*qkv[t], 2);
-  }
+  set_qkv_sources(p, q, k, v);
   for (int64_t j = 0; j < U; ++j) p.dst[j] = dst[j].data_ptr();
   p.batch = B;
   p.seq = L;
@@ -247,16 +256,11 @@ void ulysses_push_out_cuda(const at::Tensor& o, at::IntArrayRef heads, at::Tenso
                            int64_t rank, int64_t L, bool joint_front) {
   constexpr const char* kOp = "ulysses_push_out";
   XDIT_CHECK(o.is_cuda(), kOp, ": o must be on a CUDA device, got ", o.device());
-  XDIT_CHECK(!heads.empty() && heads.size() <= static_cast<size_t>(kMaxUlyssesRanks), kOp,
-             ": heads must list 1..", kMaxUlyssesRanks, " per-rank counts, got ", heads.size());
+  const int64_t H = check_heads(heads, kOp);
   const int64_t U = static_cast<int64_t>(heads.size());
   XDIT_CHECK(rank >= 0 && rank < U, kOp, ": rank ", rank, " is outside [0, ", U, ")");
-  int64_t H = 0, h0 = 0;
-  for (int64_t j = 0; j < U; ++j) {
-    XDIT_CHECK(heads[j] >= 0, kOp, ": heads[", j, "] = ", heads[j], " is negative");
-    if (j < rank) h0 += heads[j];
-    H += heads[j];
-  }
+  int64_t h0 = 0;
+  for (int64_t j = 0; j < rank; ++j) h0 += heads[j];
   XDIT_CHECK(o.dim() == 4 && o.size(2) == heads[rank] && L >= 0 && o.size(1) >= U * L, kOp,
              ": o must be [B, J + U*L, h, D] with U=", U, " L=", L, " h=heads[", rank, "]=",
              heads[rank], ", got ", o.sizes());

@@ -41,6 +41,26 @@ void vector_strides(const int64_t (&elems)[3], int elem_size, int w, int64_t (&v
   for (int t = 0; t < 3; ++t) vecs[t] = elems[t] * elem_size / w;
 }
 
+// OR of the byte addresses and byte strides of three strided sources (q, k, v or their joint
+// rows): what limits their common copy width.
+uint64_t source_bits(const void* const (&src)[3], const int64_t (&stride_b)[3],
+                     const int64_t (&stride_s)[3], const int64_t (&stride_h)[3],
+                     uint64_t elem_size) {
+  uint64_t bits = 0;
+  for (int t = 0; t < 3; ++t) {
+    bits |= reinterpret_cast<uint64_t>(src[t]) | stride_b[t] * elem_size |
+            stride_s[t] * elem_size | stride_h[t] * elem_size;
+  }
+  return bits;
+}
+
+// OR of the destination addresses of the push kernels.
+uint64_t dst_bits(void* const* dst, int num_ranks) {
+  uint64_t bits = 0;
+  for (int j = 0; j < num_ranks; ++j) bits |= reinterpret_cast<uint64_t>(dst[j]);
+  return bits;
+}
+
 // Blocks for num_rows rows, kThreads / span at a time, capped at kBlocksPerSm per SM.
 int grid_size(int64_t num_rows, int span, int num_sms) {
   const int64_t rows_per_step = kThreads / span;
@@ -63,15 +83,9 @@ cudaError_t ulysses_pack_qkv(const UlyssesPackParams& p, int elem_size, int num_
   const int64_t num_rows = 3 * p.batch * p.seq;
   if (num_rows == 0 || p.heads == 0 || p.head_dim == 0) return cudaSuccess;
   const uint64_t es = elem_size;
-  const int w = copy_width({reinterpret_cast<uint64_t>(p.src[0]),
-                            reinterpret_cast<uint64_t>(p.src[1]),
-                            reinterpret_cast<uint64_t>(p.src[2]),
-                            reinterpret_cast<uint64_t>(p.out), p.head_dim * es,
-                            p.src_stride_b[0] * es, p.src_stride_s[0] * es,
-                            p.src_stride_h[0] * es, p.src_stride_b[1] * es,
-                            p.src_stride_s[1] * es, p.src_stride_h[1] * es,
-                            p.src_stride_b[2] * es, p.src_stride_s[2] * es,
-                            p.src_stride_h[2] * es});
+  const int w = copy_width({reinterpret_cast<uint64_t>(p.out), p.head_dim * es,
+                            source_bits(p.src, p.src_stride_b, p.src_stride_s, p.src_stride_h,
+                                        es)});
   UlyssesPackArgs a;
   for (int t = 0; t < 3; ++t) a.src[t] = p.src[t];
   vector_strides(p.src_stride_b, elem_size, w, a.stride_b);
@@ -118,13 +132,10 @@ cudaError_t ulysses_place_gathered(const UlyssesPlaceParams& p, int elem_size, i
   if (num_rows == 0 || p.heads == 0 || p.head_dim == 0) return cudaSuccess;
   if (p.joint_kv != 0 && p.joint_kv != p.joint) return cudaErrorInvalidValue;
   const uint64_t es = elem_size;
-  uint64_t joint_bits = 0;  // the joint tensors matter for the width only when they are read
-  if (p.joint > 0) {
-    for (int t = 0; t < 3; ++t) {
-      joint_bits |= reinterpret_cast<uint64_t>(p.joint_src[t]) | p.joint_stride_b[t] * es |
-                    p.joint_stride_s[t] * es | p.joint_stride_h[t] * es;
-    }
-  }
+  // the joint tensors matter for the width only when they are read
+  const uint64_t joint_bits = p.joint > 0 ? source_bits(p.joint_src, p.joint_stride_b,
+                                                        p.joint_stride_s, p.joint_stride_h, es)
+                                          : 0;
   const int w = copy_width({reinterpret_cast<uint64_t>(p.recv),
                             reinterpret_cast<uint64_t>(p.qbuf),
                             reinterpret_cast<uint64_t>(p.kv), p.head_dim * es, joint_bits});
@@ -164,13 +175,9 @@ cudaError_t ulysses_push_qkv(const UlyssesPushParams& p, int elem_size, int num_
     return cudaErrorInvalidValue;
   }
   const uint64_t es = elem_size;
-  uint64_t bits = p.head_dim * es;
-  for (int t = 0; t < 3; ++t) {
-    bits |= reinterpret_cast<uint64_t>(p.src[t]) | p.src_stride_b[t] * es |
-            p.src_stride_s[t] * es | p.src_stride_h[t] * es;
-  }
-  for (int j = 0; j < p.num_ranks; ++j) bits |= reinterpret_cast<uint64_t>(p.dst[j]);
-  const int w = copy_width(bits);
+  const int w = copy_width({p.head_dim * es, dst_bits(p.dst, p.num_ranks),
+                            source_bits(p.src, p.src_stride_b, p.src_stride_s, p.src_stride_h,
+                                        es)});
   const int64_t dv = p.head_dim * elem_size / w;
   if (p.heads * dv > INT32_MAX) return cudaErrorInvalidValue;
   UlyssesPushArgs a;
@@ -208,10 +215,9 @@ cudaError_t ulysses_push_out(const UlyssesPushOutParams& p, int elem_size, int n
     return cudaErrorInvalidValue;
   }
   const uint64_t es = elem_size;
-  uint64_t bits = p.head_dim * es | reinterpret_cast<uint64_t>(p.src) | p.src_stride_b * es |
-                  p.src_stride_s * es | p.src_stride_h * es;
-  for (int j = 0; j < p.num_ranks; ++j) bits |= reinterpret_cast<uint64_t>(p.dst[j]);
-  const int w = copy_width(bits);
+  const int w = copy_width({p.head_dim * es, dst_bits(p.dst, p.num_ranks),
+                            reinterpret_cast<uint64_t>(p.src), p.src_stride_b * es,
+                            p.src_stride_s * es, p.src_stride_h * es});
   const int64_t dv = p.head_dim * elem_size / w;
   if (p.heads * dv > INT32_MAX) return cudaErrorInvalidValue;
   UlyssesPushOutArgs a;

@@ -214,8 +214,8 @@ def push_regions(d: torch.Tensor, B: int, L: int, U: int, J: int, Jk: int, h: in
 
 
 def check_push(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: Sequence[int],
-               dst: Sequence[torch.Tensor], rank: int, J: int, Jk: int) -> list[int]:
-    """Checks the arguments; returns the elements each dst[j] needs."""
+               dst: Sequence[torch.Tensor], rank: int, J: int, Jk: int) -> None:
+    """Checks the arguments of the input push."""
     check_pack(q, k, v, heads, PUSH)
     if q.shape[2] > MAX_PUSH_HEADS:
         raise ValueError(f"{PUSH}: at most {MAX_PUSH_HEADS} heads, got H = {q.shape[2]}")
@@ -225,9 +225,7 @@ def check_push(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: Sequenc
     if J < 0 or Jk not in (0, J):
         raise ValueError(f"{PUSH}: need J >= 0 and Jk in {{0, J}}, got J={J} Jk={Jk}")
     B, L, _, D = q.shape
-    need = [push_region_size(B, L, U, J, Jk, h, D) for h in heads]
-    _check_push_dst(PUSH, dst, q, need)
-    return need
+    _check_push_dst(PUSH, dst, q, [push_region_size(B, L, U, J, Jk, h, D) for h in heads])
 
 
 def check_push_out(o: torch.Tensor, heads: Sequence[int], dst: Sequence[torch.Tensor],
