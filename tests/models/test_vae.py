@@ -33,6 +33,15 @@ def _layout_of(t: torch.Tensor) -> str:
     return "other"
 
 
+def _halo_conv(m: torch.nn.Module) -> bool:
+    """A convolution that reads rows across a band edge (kernel height > 1): a Conv2d/Conv3d,
+    or a wrapper holding one as ``.conv`` (HunyuanVideoCausalConv3d). parallelize_vae patches
+    the wrapper's forward, which calls the inner convolution's weights without its module
+    call, so only the wrapper's hooks see the band's output."""
+    c = m.conv if isinstance(getattr(m, "conv", None), torch.nn.Conv3d) else m
+    return isinstance(c, (torch.nn.Conv2d, torch.nn.Conv3d)) and c.kernel_size[-2] > 1
+
+
 def _max_rel(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
 
@@ -652,8 +661,7 @@ def _worker_gpu(rank: int, world: int) -> None:
                 layouts.append((type(mod).__name__, _layout_of(out)))
 
             hooks = [m.register_forward_hook(record) for m in vae.decoder.modules()
-                     if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d))
-                     and m.kernel_size[-2] > 1]
+                     if _halo_conv(m)]
             copies = halo.BAND_COPIES[0]
             out32 = vae.decode(z).sample
             rows32 = None
