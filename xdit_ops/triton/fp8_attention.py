@@ -359,3 +359,93 @@ def fp8_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantization pass + attention kernel: out [B, Sq, H, D] in q.dtype, lse [B, H, Sq]."""
     return attention_quantized_triton(quantize_qkv_triton(q, k, v, scale), q.dtype, return_lse)
+
+
+# ---------------------------------------------------------------------------------------------
+# usp_attention's FP8 wire (xdit_ops/ops/usp_fp8_wire.py): the statistics of a rank's tokens,
+# and the quantization of tokens given the statistics of the whole sequence
+
+
+def kv_stats_triton(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of the Hadamard-rotated K over the tokens of ``k`` and amax of |V| per channel, by
+    ``kv_stats_kernel`` (the quantization pass's own statistics kernel), its chunks reduced.
+
+    Parameters
+    ----------
+    k, v : [B, S, H, D] float16/bfloat16 (any strides with head_dim contiguous), S > 0.
+
+    Returns
+    -------
+    ksum, vmax : [B, H, DP] fp32 (vmax zero past D).
+    """
+    B, S, H, D = k.shape
+    DP = padded_head_dim(D)
+    had = _hadamard(DP, k.dtype, k.device)
+    launch = QUANT_LAUNCH[DP]
+    tokens_per_chunk = _stats_tokens_per_chunk(B * H, S, launch.programs_per_sm)
+    num_chunks = triton.cdiv(max(S, 1), tokens_per_chunk)
+    ksum = torch.empty(B * H, num_chunks, DP, device=k.device, dtype=torch.float32)
+    vmax = torch.empty(B * H, num_chunks, DP, device=k.device, dtype=torch.float32)
+    with _on_device(k.device):
+        _launch(kernels.kv_stats_kernel, (B * H, num_chunks),
+                k, v, had, ksum, vmax,
+                k.stride(0), k.stride(1), k.stride(2),
+                v.stride(0), v.stride(1), v.stride(2),
+                H, S, tokens_per_chunk,
+                D=D, DP=DP, BLOCK_S=STATS_BLOCK_S, UPCAST=INTERPRET,
+                num_warps=launch.num_warps, num_stages=launch.stats_stages)
+    return ksum.sum(dim=1).view(B, H, DP), vmax.amax(dim=1).view(B, H, DP)
+
+
+def quantize_tokens_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           k_mean: torch.Tensor, v_amax: torch.Tensor, scale: float
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The quantization of some tokens given the K mean and V amax of the whole sequence
+    (``xdit_ops.ops.usp_fp8_wire.quantize_tokens_ref`` on the GPU): Q by ``quantize_q_kernel``
+    (the K mean passed as the sum of one chunk of one key), K and V by
+    ``wire_quantize_kv_kernel``.
+
+    Parameters
+    ----------
+    q, k, v : [B, S, H, D] float16/bfloat16, head_dim contiguous, S > 0.
+    k_mean, v_amax : [B, H, DP] fp32 (v_amax without zeros).
+    scale : softmax scale.
+
+    Returns
+    -------
+    q8 [B, H, S, DP] int8, k8 [B, H, S, DP] int8, vt8 [B, H, DV, S] uint8 (e4m3 bits, DV = D
+    rounded up to 4), scales [3, B, H, S] fp32 (q_scale, lse_corr, k_scale).
+    """
+    from xdit_ops.triton.kernels.fp8_wire import wire_quantize_kv_kernel
+
+    B, S, H, D = q.shape
+    DP = padded_head_dim(D)
+    DV = pad_to(D, 4)
+    dev = q.device
+    had = _hadamard(DP, q.dtype, dev)
+    launch = QUANT_LAUNCH[DP]
+    k_mean = k_mean.contiguous()
+    v_amax = v_amax.contiguous()
+    q8 = torch.empty(B, H, S, DP, device=dev, dtype=torch.int8)
+    k8 = torch.empty(B, H, S, DP, device=dev, dtype=torch.int8)
+    vt8 = torch.empty(B, H, DV, S, device=dev, dtype=FP8)
+    scales = torch.empty(3, B, H, S, device=dev, dtype=torch.float32)
+    tiles = triton.cdiv(S, QUANT_BLOCK_S)
+    grid = (_programs_per_head(B * H, tiles, launch.programs_per_sm, dev), B * H)
+    with _on_device(dev):
+        # The K mean as the kv_stats partial of one chunk over two keys: div_rn(2 m, 2) = m
+        # exactly (a key count of 1 would be specialised by Triton into a constexpr).
+        _launch(kernels.quantize_q_kernel, grid,
+                q, had, k_mean * 2.0, q8, scales[0], scales[1],
+                q.stride(0), q.stride(1), q.stride(2),
+                H, S, 2, 1, scale * LOG2E / DP, scale / DP,
+                D=D, DP=DP, BLOCK_S=QUANT_BLOCK_S, NUM_CHUNKS_P2=1, UPCAST=INTERPRET,
+                num_warps=launch.num_warps, num_stages=launch.q_stages)
+        _launch(wire_quantize_kv_kernel, grid,
+                k, v, had, k_mean, v_amax, k8, scales[2], vt8,
+                k.stride(0), k.stride(1), k.stride(2),
+                v.stride(0), v.stride(1), v.stride(2),
+                H, S,
+                D=D, DP=DP, DV=DV, BLOCK_S=QUANT_BLOCK_S, UPCAST=INTERPRET,
+                num_warps=launch.num_warps, num_stages=launch.kv_stages)
+    return q8, k8, vt8.view(torch.uint8), scales
