@@ -45,6 +45,7 @@ from xdit_ops.ops.attention import (
 )
 from xdit_ops.ops.merge_attention_states import MAX_PARTIALS
 from xdit_ops.ops.ulysses_pack import push_region_size, push_regions  # (registers the pack ops)
+from xdit_ops.ops.usp_fp8_wire import WIRE_ENV, make_wire_plan, ulysses_fp8_wire, wire_applies
 from xdit_ops.parallel.state import get_parallel_state
 from xdit_ops.reference.attention import attention_ref
 
@@ -131,7 +132,7 @@ def _check_agreement(meta: list[int], ug, rg) -> None:
     if any(r != meta for r in rows):
         names = ("(query shape, key shape, value shape, dtypes, joint_tokens, seq_len, "
                  "joint_front, no joint_lengths, shard_lengths count/sum/weighted sum, "
-                 "XDIT_OPS_USP_CHUNKS/_RING/_ULYSSES)")
+                 "XDIT_OPS_USP_CHUNKS/_RING/_ULYSSES/_FP8_WIRE)")
         ranks = dist.get_process_group_ranks(g)
         detail = "; ".join(f"rank {ranks[i]}: {tuple(r)}" for i, r in enumerate(rows))
         raise ValueError(
@@ -669,19 +670,19 @@ def _lengths_digest(shard_lengths) -> list[int]:
 
 def _switches(grouped: bool) -> tuple:
     """The raw values of the op's environment switches, (``XDIT_OPS_USP_CHECK``, ``_CHUNKS``,
-    ``_RING``, ``_ULYSSES``), None where unset: part of the plan key, so a switch changed
-    between calls takes effect on the next call, and what the plan is built from (the
-    environment is read once per call). A call without a group reads none: no switch applies
-    to a single device."""
+    ``_RING``, ``_ULYSSES``, ``_FP8_WIRE``), None where unset: part of the plan key, so a
+    switch changed between calls takes effect on the next call, and what the plan is built
+    from (the environment is read once per call). A call without a group reads none: no
+    switch applies to a single device."""
     if not grouped:
         return ()
     get = os.environ.get
     return (get("XDIT_OPS_USP_CHECK"), get("XDIT_OPS_USP_CHUNKS"), get("XDIT_OPS_USP_RING"),
-            get("XDIT_OPS_USP_ULYSSES"))
+            get("XDIT_OPS_USP_ULYSSES"), get(WIRE_ENV))
 
 
 def _switch_codes(chunks_sw: str | None, ring_sw: str | None,
-                  ulysses_sw: str | None) -> list[int]:
+                  ulysses_sw: str | None, wire_sw: str | None = None) -> list[int]:
     """The transport switches as ints for the cross-rank check: ranks that would move data
     differently (one pushing into symmetric memory while another waits in an all-to-all)
     disagree there, with a message, instead of hanging. -1: unset; 99: a value the op will
@@ -693,7 +694,8 @@ def _switch_codes(chunks_sw: str | None, ring_sw: str | None,
         chunks = int(chunks_sw) if chunks_sw is not None else -1
     except ValueError:
         chunks = 99
-    return [chunks, code(ring_sw, RING_TRANSPORTS), code(ulysses_sw, ULYSSES_TRANSPORTS)]
+    return [chunks, code(ring_sw, RING_TRANSPORTS), code(ulysses_sw, ULYSSES_TRANSPORTS),
+            code(wire_sw, ("0", "1"))]
 
 
 def _check_mode(switch: str | None) -> str:
@@ -725,7 +727,7 @@ class _Plan:
         "heads", "h0", "h_me", "Jk", "joint_inline", "ring_n", "n0", "cut0",
         "mine", "squeeze", "path", "chunks", "ring", "nxt", "prv", "in_splits",
         "out_splits", "lse_splits", "seq_len", "check",
-        "agree_key", "attn_backend", "push_key",
+        "agree_key", "attn_backend", "push_key", "wire",
     )
 
 
@@ -752,7 +754,8 @@ def _build_plan(q, k, v, joint_lengths, joint_tokens, joint_front, seq_len, back
                 shard_lengths, switches) -> _Plan:
     """Validate a call signature (after the cross-rank agreement) and plan it; ``switches``:
     ``_switches()`` of this call."""
-    check_sw, chunks_sw, ring_sw, ulysses_sw = switches or (None,) * 4
+    check_sw, chunks_sw, ring_sw, ulysses_sw, *more = switches or (None,) * 4
+    wire_sw = more[0] if more else None  # XDIT_OPS_USP_FP8_WIRE
     U, R = _group_size(ug), _group_size(rg)
     u_rank, r_rank = _group_rank(ug), _group_rank(rg)
     check = _CHECK_NONE
@@ -767,7 +770,7 @@ def _build_plan(q, k, v, joint_lengths, joint_tokens, joint_front, seq_len, back
                     + [_DTYPE_CODES.get(t.dtype, 9) for t in (q, k, v)]
                     + [joint_tokens, seq_len, int(joint_front), int(joint_lengths is None)]
                     + _lengths_digest(shard_lengths)
-                    + _switch_codes(chunks_sw, ring_sw, ulysses_sw))
+                    + _switch_codes(chunks_sw, ring_sw, ulysses_sw, wire_sw))
             agree_key = (ug, rg, tuple(meta))
             due = mode == "always" or agree_key not in _AGREED
             capturing = _capturing()
@@ -863,6 +866,11 @@ def _build_plan(q, k, v, joint_lengths, joint_tokens, joint_front, seq_len, back
         p.path, p.chunks = "pipelined", chunks
     else:
         p.path = "nccl"
+    p.wire = None
+    if U > 1 and wire_applies(wire_sw, backend, U, R, L, joint_lengths is not None, q.dtype, D):
+        # FP8 on the wire (usp_fp8_wire): quantized before an all-to-all of 1-byte codes
+        p.path = "fp8wire"
+        p.wire = make_wire_plan(B, L, D, heads, p.h_me, mine)
     p.in_splits = _exchange_splits(3 * B * L * D, heads, p.h_me, True)  # [3, B, L, h, D]
     p.out_splits = _exchange_splits(B * (J + L) * v.shape[3], heads, p.h_me, False)
     p.lse_splits = _exchange_splits(B * (J + L), heads, p.h_me, False)
@@ -1056,6 +1064,10 @@ def _run(p: _Plan, q, k, v, joint_lengths, scale, backend, return_lse):
                                      p.heads, p.u_rank, p.ug, p.chunks, attend)
         elif p.path == "push":
             out, lse_h = _ulysses_push(q_s, k_s, v_s, q_j, k_j, v_j, p, attend)
+        elif p.path == "fp8wire":
+            out_h, lse_h = ulysses_fp8_wire(q_s, k_s, v_s, q_j, k_j, v_j, p.heads, p.u_rank,
+                                            p.ug, p.wire, scale)
+            out = _ulysses_out(out_h, J, L, p.heads, p.ug, joint_front, p.out_splits)
         elif p.path == "pipelined":
             out, lse_h = _ulysses_pipelined(q_s, k_s, v_s, q_j, k_j, v_j, J, p.Jk, joint_front,
                                             p.heads, p.u_rank, p.ug, p.chunks, attend)
