@@ -493,7 +493,7 @@ def _worker_gpu(rank, world):
         # order that hung in runs 27-28, and the copy-engine ring deadlocked here in runs 5-7,
         # before _symm_buffer synchronised ahead of its rendezvous.
         switch = "XDIT_OPS_USP_ULYSSES" if r == 1 else "XDIT_OPS_USP_RING"
-        first = None if r == 1 else "auto"
+        first = None  # the default: the push without a ring, the copy-engine ring with one
         for transport in (first, "nccl"):
             with pytest.MonkeyPatch.context() as mp:
                 if transport:
@@ -589,7 +589,7 @@ def test_ring_transport_switch():
 
     cuda = torch.device("cuda", 0)  # a device object only: nothing runs on it
     assert [ring_transport(cuda, s) for s in (None, "auto", "nccl", "ce")] == \
-        ["nccl", "auto", "nccl", "ce"]
+        ["auto", "auto", "nccl", "ce"]
     assert ring_transport(torch.device("cpu"), "ce") == "nccl"
     with pytest.raises(ValueError, match="usp_attention: XDIT_OPS_USP_RING must be one of "
                                          r"\('auto', 'nccl', 'ce'\), got 'p2p'"):

@@ -343,22 +343,21 @@ def ring_transport(device: torch.device, switch: str | None) -> str:
     """How K/V blocks travel around the ring, as asked (``switch``: the value of
     ``XDIT_OPS_USP_RING``):
 
-    - ``nccl`` (default): NCCL P2P send/recv kernels (any topology);
+    - ``nccl``: NCCL P2P send/recv kernels (any topology);
     - ``ce``: the copy engines pull the previous rank's block straight out of its
       symmetric-memory buffer over NVLink, taking no SMs from the attention (4 H200s, run 29:
       the (1, 16896, 24, 128) ring at 0.861 of linear against NCCL's 0.554);
-    - ``auto``: ``ce`` where every rank of the ring group can map the others' memory (one host,
-      peer access), else ``nccl``; the plan decides, once per group (``_peer_mapped``).
+    - ``auto`` (default): ``ce`` where every rank of the ring group can map the others' memory
+      (one host, peer access), else ``nccl``; the plan decides, once per group
+      (``_peer_mapped``).
 
     The NCCL GPU test, which calls the op with several shapes in a row (a symmetric buffer per
     shape), deadlocked with ``ce`` on 2 GPUs in runs 5-7. The likely cause was torch 2.11
     zeroing a new symmetric block (signal pad included) asynchronously behind pending work, so a
     fast peer's signal could be wiped; ``_symm_buffer`` synchronises before the rendezvous since
     then, and the same test passed with the ``ce`` ring on 2 and 4 GPUs and the 2 x 2 hybrid
-    (run 31). ``auto`` becomes the default once the CUDA-graph test and the VAE's frame graphs
-    have run with it on GPUs (branch ``auto-ce-ring``). Off CUDA every choice is ``nccl`` (gloo
-    on CPU)."""
-    choice = switch or "nccl"
+    (run 31). Off CUDA every choice is ``nccl`` (gloo on CPU)."""
+    choice = switch or "auto"
     if choice not in RING_TRANSPORTS:
         raise ValueError(f"{OP}: XDIT_OPS_USP_RING must be one of {RING_TRANSPORTS}, got "
                          f"{choice!r}")
