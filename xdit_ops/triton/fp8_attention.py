@@ -414,7 +414,8 @@ def quantize_tokens_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     Returns
     -------
     q8 [B, H, S, DP] int8, k8 [B, H, S, DP] int8, vt8 [B, H, DV, S] uint8 (e4m3 bits, DV = D
-    rounded up to 4), scales [3, B, H, S] fp32 (q_scale, lse_corr, k_scale).
+    rounded up to 4), scales [3, B, H, S] fp32 (q_scale, lse_corr, k_scale); k8 and vt8 are
+    views into buffers padded to whole 64-token tiles.
     """
     from xdit_ops.triton.kernels.fp8_wire import wire_quantize_kv_kernel
 
@@ -426,10 +427,12 @@ def quantize_tokens_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     launch = QUANT_LAUNCH[DP]
     k_mean = k_mean.contiguous()
     v_amax = v_amax.contiguous()
+    S_pad = pad_to(S, QUANT_BLOCK_S)  # K/V outputs in whole tiles (unmasked stores)
     q8 = torch.empty(B, H, S, DP, device=dev, dtype=torch.int8)
-    k8 = torch.empty(B, H, S, DP, device=dev, dtype=torch.int8)
-    vt8 = torch.empty(B, H, DV, S, device=dev, dtype=FP8)
+    k8 = torch.empty(B, H, S_pad, DP, device=dev, dtype=torch.int8)
+    vt8 = torch.empty(B, H, DP, S_pad, device=dev, dtype=FP8)
     scales = torch.empty(3, B, H, S, device=dev, dtype=torch.float32)
+    k_scale = torch.empty(B, H, S_pad, device=dev, dtype=torch.float32)
     tiles = triton.cdiv(S, QUANT_BLOCK_S)
     grid = (_programs_per_head(B * H, tiles, launch.programs_per_sm, dev), B * H)
     with _on_device(dev):
@@ -442,10 +445,11 @@ def quantize_tokens_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 D=D, DP=DP, BLOCK_S=QUANT_BLOCK_S, NUM_CHUNKS_P2=1, UPCAST=INTERPRET,
                 num_warps=launch.num_warps, num_stages=launch.q_stages)
         _launch(wire_quantize_kv_kernel, grid,
-                k, v, had, k_mean, v_amax, k8, scales[2], vt8,
+                k, v, had, k_mean, v_amax, k8, k_scale, vt8,
                 k.stride(0), k.stride(1), k.stride(2),
                 v.stride(0), v.stride(1), v.stride(2),
-                H, S,
-                D=D, DP=DP, DV=DV, BLOCK_S=QUANT_BLOCK_S, UPCAST=INTERPRET,
+                H, S, S_pad,
+                D=D, DP=DP, BLOCK_S=QUANT_BLOCK_S, UPCAST=INTERPRET,
                 num_warps=launch.num_warps, num_stages=launch.kv_stages)
-    return q8, k8, vt8.view(torch.uint8), scales
+    scales[2] = k_scale[:, :, :S]
+    return q8, k8[:, :, :S], vt8.view(torch.uint8)[:, :, :DV, :S], scales
