@@ -149,9 +149,12 @@ GPU_CASES = [
 ]
 
 
+_REAL_ALL_TO_ALL = wire._all_to_all
+
+
 def _spy_all_to_all(sent: list):
     """Record what the wire's all-to-all is given, then do it (the real exchange)."""
-    real = wire._all_to_all
+    real = _REAL_ALL_TO_ALL
 
     def spy(recv, send, out_splits, in_splits, group):
         sent.append((send.dtype, send.numel(), recv.dtype))
@@ -246,10 +249,44 @@ def test_usp_fp8_wire_matches_single_device(world):
     run_distributed(_worker, world, timeout=240)
 
 
+def _graph_check(rank):
+    """CUDA-graph capture and replay of the wire path equals its eager result, also on new
+    inputs copied in place."""
+    q, k, v = (t.to("cuda").contiguous() for t in dit_like_qkv(1, 1040, 8, 128, seed=rank))
+
+    def call():
+        return xdit_ops.usp_attention(q, k, v, joint_tokens=16, backend="fp8")
+
+    eager = call()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        call()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = call()
+    out.fill_(float("nan"))
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager)
+    for t, x in zip((q, k, v), dit_like_qkv(1, 1040, 8, 128, seed=rank + 10), strict=True):
+        t.copy_(x)
+    g.replay()
+    fresh = call()
+    torch.cuda.synchronize()
+    assert not torch.equal(fresh, eager) and torch.equal(out, fresh)
+    assert {p.path for p in _usp._PLANS.values() if p.U > 1} == {"fp8wire"}
+
+
 def _worker_gpu(rank, world):
     for impl in ("auto", "triton"):
         os.environ["XDIT_OPS_FP8_IMPL"] = impl
         _worker(rank, world, "cuda", GPU_CASES)
+        os.environ["XDIT_OPS_USP_FP8_WIRE"] = "1"
+        xdit_ops.init_parallel(ulysses_degree=world)
+        _graph_check(rank)
+        xdit_ops.destroy_parallel()
 
 
 @pytest.mark.multigpu(2)

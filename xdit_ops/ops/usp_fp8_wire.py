@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -48,10 +48,10 @@ from xdit_ops.reference.fp8_attention import (
     FP8_MAX,
     LOG2E,
     QuantizedQKV,
+    _pv_gather_index,
     _quantize_rows,
     fp8_attention_quantized_ref,
     hadamard_matrix,
-    in_pv_order,
     pad_to,
     padded_head_dim,
     round_k_scale,
@@ -395,6 +395,20 @@ def assemble(recv: torch.Tensor, joint: WireFields | None, v_amax: torch.Tensor,
                         seqlen_k=Sk, head_dim=D)
 
 
+_PV_INDEX: dict[tuple, torch.Tensor] = {}
+
+
+def _in_pv_order(qq: QuantizedQKV) -> QuantizedQKV:
+    """``in_pv_order`` with its key index kept per (keys, device): made on the first (eager)
+    call of a shape, so a CUDA-graph capture of a later call copies nothing from the host."""
+    n = qq.vt.shape[-1]
+    key = (n, qq.vt.device)
+    if key not in _PV_INDEX:
+        _PV_INDEX[key] = _pv_gather_index(n, False, qq.vt.device)
+    vt = qq.vt.view(torch.uint8)[..., _PV_INDEX[key]].view(FP8)
+    return replace(qq, vt=vt, vt_pv_order=True)
+
+
 def attend_quantized(qq: QuantizedQKV, out_dtype: torch.dtype
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """The quantized attention kernel that ``backend="fp8"`` runs on this device (CPU: the
@@ -415,7 +429,7 @@ def attend_quantized(qq: QuantizedQKV, out_dtype: torch.dtype
         return fp8_attention_quantized_ref(qq, out_dtype)
     if impl in SM90_IMPLS:
         if SM90_VT_PV_ORDER[impl]:
-            qq = in_pv_order(qq)
+            qq = _in_pv_order(qq)
         return attention_quantized_sm90(qq, out_dtype, True, impl)
     from xdit_ops.triton.fp8_attention import attention_quantized_triton
 
