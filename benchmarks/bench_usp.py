@@ -25,7 +25,10 @@ included), at the same shape.
 default ``auto``: the sm_90a kernel on an H100 at head dim 128, else Triton); single-GPU
 ``xdit_ops.fp8_attention`` on the whole sequence is timed too (``t1_fp8_ms``), and each row has
 the efficiency against both T1s: ``efficiency`` (against cuDNN bf16, the issue's definition) and
-``efficiency_vs_fp8``, and the single-GPU FP8 error next to the parallel one.
+``efficiency_vs_fp8``, and the single-GPU FP8 error next to the parallel one. With
+``--backend fp8`` the config ``ulysses-fp8wire`` is added: the NCCL Ulysses exchange with
+``XDIT_OPS_USP_FP8_WIRE=1`` (quantized before the all-to-all, 1-byte codes on the wire; its
+rows have ``fp8_wire`` true and ``usp_paths`` the paths the op planned).
 ``--no-host`` skips the host-time modes and floors.
 
     torchrun --nproc-per-node=4 benchmarks/bench_usp.py [--quick] [--out DIR]
@@ -57,6 +60,7 @@ from benchmarks.common import (  # noqa: E402
     print_table,
     write_json,
 )
+from xdit_ops.ops import usp_attention as _usp  # noqa: E402
 from xdit_ops.ops.fp8_attention import resolve_impl  # noqa: E402
 from xdit_ops.ops.usp_attention import (  # noqa: E402
     _ce_chunks,
@@ -193,7 +197,9 @@ def main() -> None:
                         "ulysses-nccl (NCCL all-to-all), ulysses-push (peer stores into "
                         "symmetric memory), ulysses-c2, ulysses-c3 (NCCL all-to-all "
                         "pipelined over N head chunks), ulysses-ce[-cN] (copy engines over "
-                        "symmetric memory), ring, ring-nccl, hybrid")
+                        "symmetric memory), ring, ring-nccl, hybrid; with --backend fp8 also "
+                        "ulysses-fp8wire (NCCL all-to-all of FP8 codes: "
+                        "XDIT_OPS_USP_FP8_WIRE=1)")
     p.add_argument("--backend", default="auto",
                    help="usp_attention's local kernel (attention's backends, e.g. fp8)")
     p.add_argument("--no-host", action="store_true",
@@ -212,6 +218,8 @@ def main() -> None:
                ("ring", 1, world), ("ring-nccl", 1, world)]
     if world >= 4 and world % 2 == 0:
         configs += [("hybrid", 2, world // 2)]
+    if args.backend == "fp8":
+        configs += [("ulysses-fp8wire", world, 1)]
     if args.configs != "all":
         want = args.configs.split(",")
         configs = [c for c in configs if c[0] in want]
@@ -256,8 +264,11 @@ def main() -> None:
             ce = "-ce" in name
             # "ulysses": the op's default transport (auto: the push where peers map each
             # other's memory); "-push" / "-nccl": that transport by name
+            # "-fp8wire": quantize before the exchange, NCCL all-to-all of the FP8 codes
+            wire = name.endswith("-fp8wire")
+            os.environ["XDIT_OPS_USP_FP8_WIRE"] = "1" if wire else "0"
             transport = ("ce" if ce else "push" if name.endswith("-push") else
-                         "nccl" if name.endswith("-nccl") or name.startswith("ulysses-c")
+                         "nccl" if name.endswith("-nccl") or name.startswith("ulysses-c") or wire
                          else "auto")
             os.environ["XDIT_OPS_USP_ULYSSES"] = transport
             m = re.search(r"-c(\d+)$", name)
@@ -315,7 +326,10 @@ def main() -> None:
                 if impl == "xdit_ops" and u > 1 and r == 1:
                     row["ulysses_transport"] = transport
                 if t1_fp8_ms is not None and impl == "xdit_ops":
-                    row |= {"fp8_impl": resolve_impl(q.device, D),
+                    row |= {"fp8_wire": wire,
+                            "usp_paths": sorted({pl.path for pl in _usp._PLANS.values()
+                                                 if pl.U == u and pl.R == r}),
+                            "fp8_impl": resolve_impl(q.device, D),
                             "t1_fp8_ms": t1_fp8_ms,
                             "efficiency_vs_fp8": parallel_efficiency(t1_fp8_ms, world, ms),
                             "rel_err_single_fp8": err1_fp8}
