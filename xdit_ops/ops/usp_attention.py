@@ -1065,7 +1065,7 @@ def _run(p: _Plan, q, k, v, joint_lengths, scale, backend, return_lse):
             out, lse_h = _ulysses_push(q_s, k_s, v_s, q_j, k_j, v_j, p, attend)
         elif p.path == "fp8wire":
             out_h, lse_h = ulysses_fp8_wire(q_s, k_s, v_s, q_j, k_j, v_j, p.heads, p.u_rank,
-                                            p.ug, p.wire, scale)
+                                            p.ug, p.wire, scale, return_lse)
             out = _ulysses_out(out_h, J, L, p.heads, p.ug, joint_front, p.out_splits)
         elif p.path == "pipelined":
             out, lse_h = _ulysses_pipelined(q_s, k_s, v_s, q_j, k_j, v_j, J, p.Jk, joint_front,

@@ -361,15 +361,18 @@ def assemble(recv: torch.Tensor, joint: WireFields | None, v_amax: torch.Tensor,
     rs = per[:, os_:os_ + ns].view(torch.float32).view(U, SCALES, B, h, L)
 
     q8 = torch.empty(B, h, T, Dp, dtype=torch.int8, device=dev)
-    qs = torch.empty(2, B, h, T, dtype=torch.float32, device=dev)  # q_scale, lse_corr
+    # q_scale, lse_corr: allocations of their own (aligned base pointers for the kernels)
+    qs = [torch.empty(B, h, T, dtype=torch.float32, device=dev) for _ in range(2)]
     q8[:, :, J:].view(B, h, U, L, Dp).copy_(rq.permute(1, 2, 0, 3, 4))
-    qs[:, :, :, J:].view(2, B, h, U, L).copy_(rs[:, :2].permute(1, 2, 3, 0, 4))
+    for i in range(2):
+        qs[i][:, :, J:].view(B, h, U, L).copy_(rs[:, i].permute(1, 2, 0, 3))
     k8 = torch.empty(B, h, Sk_pad, Dp, dtype=torch.int8, device=dev)
     ks = torch.empty(B, h, Sk_pad, dtype=torch.float32, device=dev)
     vt = torch.empty(B, h, Dp, Sk_pad, dtype=torch.uint8, device=dev)
     if J:
         q8[:, :, :J] = joint.q8
-        qs[:, :, :, :J] = joint.scales[:2]
+        qs[0][:, :, :J] = joint.scales[0]
+        qs[1][:, :, :J] = joint.scales[1]
         k8[:, :, :J] = joint.k8
         ks[:, :, :J] = joint.scales[2]
         vt[:, :, :D, :J] = joint.vt8[:, :, :D]
@@ -409,11 +412,11 @@ def _in_pv_order(qq: QuantizedQKV) -> QuantizedQKV:
     return replace(qq, vt=vt, vt_pv_order=True)
 
 
-def attend_quantized(qq: QuantizedQKV, out_dtype: torch.dtype
+def attend_quantized(qq: QuantizedQKV, out_dtype: torch.dtype, return_lse: bool = True
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """The quantized attention kernel that ``backend="fp8"`` runs on this device (CPU: the
     emulation; CUDA: ``XDIT_OPS_FP8_IMPL`` resolved as the op does): (out [B, T, h, D], lse
-    [B, h, T] fp32)."""
+    [B, h, T] fp32; without ``return_lse`` the CUDA kernels return it empty)."""
     dev = qq.q.device
     if dev.type != "cuda":
         return fp8_attention_quantized_ref(qq, out_dtype)
@@ -430,15 +433,15 @@ def attend_quantized(qq: QuantizedQKV, out_dtype: torch.dtype
     if impl in SM90_IMPLS:
         if SM90_VT_PV_ORDER[impl]:
             qq = _in_pv_order(qq)
-        return attention_quantized_sm90(qq, out_dtype, True, impl)
+        return attention_quantized_sm90(qq, out_dtype, return_lse, impl)
     from xdit_ops.triton.fp8_attention import attention_quantized_triton
 
-    return attention_quantized_triton(qq, out_dtype, True)
+    return attention_quantized_triton(qq, out_dtype, return_lse)
 
 
 def ulysses_fp8_wire(q_s, k_s, v_s, q_j, k_j, v_j, heads: list[int], u_rank: int,
-                     group: dist.ProcessGroup, wp: WirePlan, scale: float | None
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+                     group: dist.ProcessGroup, wp: WirePlan, scale: float | None,
+                     return_lse: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """The FP8-wire Ulysses exchange and attention of one rank.
 
     Parameters
@@ -447,6 +450,7 @@ def ulysses_fp8_wire(q_s, k_s, v_s, q_j, k_j, v_j, heads: list[int], u_rank: int
     q_j, k_j, v_j : [B, J, H, D] the joint tokens (the same on every rank), or None.
     heads : heads per Ulysses rank; ``u_rank``: this rank's index; ``group``: the Ulysses group.
     wp : the plan's :class:`WirePlan`. scale : softmax scale (None: ``1/sqrt(D)``).
+    return_lse : compute the LSE (else the CUDA kernels skip it and ``lse`` may be empty).
 
     Returns
     -------
@@ -474,7 +478,7 @@ def ulysses_fp8_wire(q_s, k_s, v_s, q_j, k_j, v_j, heads: list[int], u_rank: int
         joint = quantize_tokens(q_j[:, :, hs], k_j[:, :, hs], v_j[:, :, hs],
                                 k_mean[:, hs].contiguous(), v_amax[:, hs].contiguous(), scale)
     qq = assemble(recv, joint, v_amax[:, hs], U, B, L, h, D, wp.mine)
-    return attend_quantized(qq, q_s.dtype)
+    return attend_quantized(qq, q_s.dtype, return_lse)
 
 
 __all__ = ["WIRE_ENV", "WireFields", "WirePlan", "assemble", "attend_quantized",
