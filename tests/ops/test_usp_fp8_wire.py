@@ -307,7 +307,8 @@ _INTERPRETER_SCRIPT = textwrap.dedent("""
     from triton._C.libtriton import ir
     from triton.runtime.interpreter import _convert_float
 
-    from xdit_ops.ops.usp_fp8_wire import quantize_tokens_ref, token_stats_ref
+    from xdit_ops.ops.usp_fp8_wire import (
+        WireFields, pack_send, quantize_tokens_ref, token_stats_ref)
     from xdit_ops.reference.fp8_attention import dit_like_qkv
     from xdit_ops.triton.fp8_attention import (
         INTERPRET, kv_stats_triton, quantize_tokens_triton)
@@ -341,6 +342,12 @@ _INTERPRETER_SCRIPT = textwrap.dedent("""
         # the interpreter's float arithmetic puts a few V codes one e4m3 step apart
         assert (a != b).float().mean() < 5e-3
         assert ((a - b).abs() <= b.abs() / 8 + 2.0 ** -9).all()
+        # the launcher's outputs (k8, vt8: views into tile-padded buffers) pack like the
+        # reference's, over two destinations (uneven heads at H = 3)
+        heads = [H - H // 2, H // 2]
+        got = pack_send(WireFields(q8, k8, vt8, scales), heads)
+        ref = pack_send(WireFields(want.q8, want.k8, vt8, scales), heads)
+        assert torch.equal(got, ref)
     print("interpreter ok")
 """)
 
