@@ -38,6 +38,7 @@ rows have ``fp8_wire`` true and ``usp_paths`` the paths the op planned).
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import re
 import statistics
@@ -60,7 +61,6 @@ from benchmarks.common import (  # noqa: E402
     print_table,
     write_json,
 )
-from xdit_ops.ops import usp_attention as _usp  # noqa: E402
 from xdit_ops.ops.fp8_attention import resolve_impl  # noqa: E402
 from xdit_ops.ops.usp_attention import (  # noqa: E402
     _ce_chunks,
@@ -69,6 +69,9 @@ from xdit_ops.ops.usp_attention import (  # noqa: E402
     head_split,
 )
 from xdit_ops.reference import attention_ref  # noqa: E402
+
+# the module (xdit_ops.ops.usp_attention, the name, is the function)
+_usp = importlib.import_module("xdit_ops.ops.usp_attention")
 
 SHAPES = [(1, 4608, 24, 128), (1, 16896, 24, 128), (1, 32760, 40, 128)]
 
