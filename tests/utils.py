@@ -11,7 +11,9 @@ from __future__ import annotations
 import faulthandler
 import os
 import socket
+import subprocess
 import sys
+import textwrap
 import time
 import traceback
 from collections.abc import Callable
@@ -239,3 +241,43 @@ def run_distributed(
         pytest.fail(f"distributed test timed out after {timeout}s; ranks still running: {hung}")
     codes = [p.exitcode for p in procs]
     assert all(c == 0 for c in codes), f"worker exit codes {codes}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton's CPU interpreter (TRITON_INTERPRET=1 is read when triton is imported: a subprocess)
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# What every interpreter script starts with: torch, the interpreter's own fp32 -> e4m3 cast
+# (``icast``: it rounds unlike the GPU's cvt.rn, so emulations compared with the interpreter
+# take it) and the check that the interpreter is on.
+TRITON_INTERPRETER_PRELUDE = textwrap.dedent("""
+    import numpy as np
+    import torch
+    import triton.language as tl
+    from triton._C.libtriton import ir
+    from triton.runtime.interpreter import _convert_float
+
+    from xdit_ops.triton.fp8_attention import INTERPRET
+
+    assert INTERPRET
+    torch.set_num_threads(1)
+
+    def icast(x):
+        c = _convert_float(x.float().contiguous().numpy(), tl.float32, tl.float8e4nv,
+                           ir.ROUNDING_MODE.RTNE)
+        return torch.from_numpy(c.astype(np.uint8)).view(torch.float8_e4m3fn)
+""")
+
+
+def run_in_triton_interpreter(script: str, done: str) -> str:
+    """Runs TRITON_INTERPRETER_PRELUDE + ``script`` under TRITON_INTERPRET=1 in a fresh process
+    from the repository root (scripts may import ``tests``), without
+    XDIT_OPS_FP8_TRITON_CONFIG; it must exit 0 and print ``done``. Returns its stdout."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    env.pop("XDIT_OPS_FP8_TRITON_CONFIG", None)
+    res = subprocess.run([sys.executable, "-c", TRITON_INTERPRETER_PRELUDE + script], env=env,
+                         capture_output=True, text=True, timeout=240, cwd=REPO_ROOT)
+    assert res.returncode == 0 and done in res.stdout, res.stdout + res.stderr
+    return res.stdout

@@ -316,10 +316,10 @@ def test_quantized_stage_is_the_composition():
 
 import os  # noqa: E402
 import subprocess  # noqa: E402
-import sys  # noqa: E402
 import textwrap  # noqa: E402
 
 import xdit_ops  # noqa: E402
+from tests.utils import run_in_triton_interpreter  # noqa: E402
 
 OP_SHAPES = [
     # (B, Sq, Sk, H, D, dtype): awkward on purpose
@@ -452,38 +452,17 @@ def test_compile_cpu():
 # V codes one e4m3 step apart, bf16 outputs truncated), hence tolerances instead of equality.
 
 # The start of every interpreter script: imports and the interpreter's own fp32 -> e4m3 cast.
-_INTERPRETER_PRELUDE = textwrap.dedent("""
-    import numpy as np
-    import torch
-    import triton.language as tl
-    from triton._C.libtriton import ir
-    from triton.runtime.interpreter import _convert_float
-
+# Interpreter scripts: the prelude's imports plus the reference's pieces they use.
+_INTERPRETER_IMPORTS = textwrap.dedent("""
     from xdit_ops.reference.fp8_attention import (
         attention_error_metrics, dit_like_qkv, fp8_attention_quantized_ref, in_key_order,
         in_pv_order, quantize_qkv_ref)
-    from xdit_ops.triton.fp8_attention import INTERPRET
-
-    assert INTERPRET
-    torch.set_num_threads(1)
-
-    def icast(x):
-        c = _convert_float(x.float().contiguous().numpy(), tl.float32, tl.float8e4nv,
-                           ir.ROUNDING_MODE.RTNE)
-        return torch.from_numpy(c.astype(np.uint8)).view(torch.float8_e4m3fn)
 """)
 
 
 def _run_in_interpreter(script: str, done: str) -> None:
-    """Runs _INTERPRETER_PRELUDE + ``script`` under TRITON_INTERPRET=1 in a fresh process (the
-    interpreter is chosen at import) without XDIT_OPS_FP8_TRITON_CONFIG; it must print
-    ``done``."""
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    env.pop("XDIT_OPS_FP8_TRITON_CONFIG", None)
-    res = subprocess.run([sys.executable, "-c", _INTERPRETER_PRELUDE + script], env=env,
-                         capture_output=True, text=True, timeout=240)
-    assert res.returncode == 0 and done in res.stdout, res.stdout + res.stderr
+    """``script`` after the shared prelude and the reference imports, in the interpreter."""
+    run_in_triton_interpreter(_INTERPRETER_IMPORTS + script, done)
 
 
 _INTERPRETER_CHECK = textwrap.dedent("""

@@ -669,7 +669,7 @@ def test_push_path_wiring_in_threads(case, monkeypatch):
     monkeypatch.setattr(usp, "_symm_buffer", symm_buffer)
     for cache in ("_PLANS", "_PUSH"):  # this test's plans and views stay out of the others'
         monkeypatch.setattr(usp, cache, {})
-    switches = ("0", None, None, "push")  # no cross-rank check: no process group here
+    switches = ("0", None, None, "push", None)  # no cross-rank check: no process group here
     results, errors = {}, []
 
     def rank_main(r):

@@ -16,15 +16,13 @@ from __future__ import annotations
 import importlib
 import math
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 
 import xdit_ops
-from tests.utils import run_distributed
+from tests.utils import run_distributed, run_in_triton_interpreter
 from xdit_ops.ops import usp_fp8_wire as wire
 from xdit_ops.reference.attention import attention_ref
 from xdit_ops.reference.fp8_attention import (
@@ -385,25 +383,10 @@ def test_usp_fp8_wire_gpu(world):
 # emulation is given the interpreter's own cast (as test_fp8_attention does).
 
 _INTERPRETER_SCRIPT = textwrap.dedent("""
-    import numpy as np
-    import torch
-    import triton.language as tl
-    from triton._C.libtriton import ir
-    from triton.runtime.interpreter import _convert_float
-
     from xdit_ops.ops.usp_fp8_wire import (
         WireFields, pack_send, quantize_tokens_ref, token_stats_ref)
     from xdit_ops.reference.fp8_attention import dit_like_qkv
-    from xdit_ops.triton.fp8_attention import (
-        INTERPRET, kv_stats_triton, quantize_tokens_triton)
-
-    assert INTERPRET
-    torch.set_num_threads(1)
-
-    def icast(x):
-        c = _convert_float(x.float().contiguous().numpy(), tl.float32, tl.float8e4nv,
-                           ir.ROUNDING_MODE.RTNE)
-        return torch.from_numpy(c.astype(np.uint8)).view(torch.float8_e4m3fn)
+    from xdit_ops.triton.fp8_attention import kv_stats_triton, quantize_tokens_triton
 
     for B, S, H, D in [(1, 70, 2, 64), (2, 45, 3, 72), (1, 130, 2, 128)]:
         q, k, v = dit_like_qkv(B, S + 5, H, D, seed=S)
@@ -437,11 +420,7 @@ _INTERPRETER_SCRIPT = textwrap.dedent("""
 
 
 def test_triton_wire_launchers_in_the_cpu_interpreter():
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    res = subprocess.run([sys.executable, "-c", _INTERPRETER_SCRIPT], env=env,
-                         capture_output=True, text=True, timeout=240)
-    assert res.returncode == 0 and "interpreter ok" in res.stdout, res.stdout + res.stderr
+    run_in_triton_interpreter(_INTERPRETER_SCRIPT, "interpreter ok")
 
 
 # The wire's CUDA path end to end in the interpreter, ranks simulated in one process: Triton
@@ -454,16 +433,12 @@ def test_triton_wire_launchers_in_the_cpu_interpreter():
 # lse_corr and q_scale in place); given its own, only the mean's last bits differ.
 _INTERPRETER_WIRE_SCRIPT = textwrap.dedent("""
     import importlib
-    import torch
     from tests.ops.test_usp_fp8_wire import _exchange_by_hand
     from xdit_ops.ops import usp_fp8_wire as wire
     from xdit_ops.reference.fp8_attention import dit_like_qkv
     from xdit_ops.triton.fp8_attention import (
-        INTERPRET, attention_quantized_triton, kv_stats_triton, quantize_qkv_triton,
+        attention_quantized_triton, kv_stats_triton, quantize_qkv_triton,
         quantize_tokens_triton)
-
-    assert INTERPRET
-    torch.set_num_threads(1)
     usp = importlib.import_module("xdit_ops.ops.usp_attention")
 
     def run(B, S, H, D, J, U):
@@ -532,13 +507,7 @@ _INTERPRETER_WIRE_SCRIPT = textwrap.dedent("""
 
 
 def test_triton_wire_path_in_the_cpu_interpreter_is_the_single_device():
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    res = subprocess.run([sys.executable, "-c", _INTERPRETER_WIRE_SCRIPT], env=env,
-                         capture_output=True, text=True, timeout=240,
-                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
-    assert res.returncode == 0 and "interpreter wire ok" in res.stdout, res.stdout + res.stderr
-    print(res.stdout)
+    print(run_in_triton_interpreter(_INTERPRETER_WIRE_SCRIPT, "interpreter wire ok"))
 
 
 @pytest.mark.gpu

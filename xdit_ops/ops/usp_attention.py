@@ -681,7 +681,7 @@ def _switches(grouped: bool) -> tuple:
 
 
 def _switch_codes(chunks_sw: str | None, ring_sw: str | None,
-                  ulysses_sw: str | None, wire_sw: str | None = None) -> list[int]:
+                  ulysses_sw: str | None, wire_sw: str | None) -> list[int]:
     """The transport switches as ints for the cross-rank check: ranks that would move data
     differently (one pushing into symmetric memory while another waits in an all-to-all)
     disagree there, with a message, instead of hanging. -1: unset; 99: a value the op will
@@ -753,8 +753,7 @@ def _build_plan(q, k, v, joint_lengths, joint_tokens, joint_front, seq_len, back
                 shard_lengths, switches) -> _Plan:
     """Validate a call signature (after the cross-rank agreement) and plan it; ``switches``:
     ``_switches()`` of this call."""
-    check_sw, chunks_sw, ring_sw, ulysses_sw, *more = switches or (None,) * 4
-    wire_sw = more[0] if more else None  # XDIT_OPS_USP_FP8_WIRE
+    check_sw, chunks_sw, ring_sw, ulysses_sw, wire_sw = switches or (None,) * 5
     U, R = _group_size(ug), _group_size(rg)
     u_rank, r_rank = _group_rank(ug), _group_rank(rg)
     check = _CHECK_NONE

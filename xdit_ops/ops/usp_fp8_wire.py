@@ -291,7 +291,7 @@ def global_stats(ksum: torch.Tensor, vmax: torch.Tensor, joint: tuple | None, co
     everyone = mine.new_empty(U * mine.numel())
     _all_gather(everyone, mine.reshape(-1), group)
     everyone = everyone.view(U, *mine.shape)
-    total, amax = everyone[0, 0], everyone[0, 1]
+    total = everyone[0, 0]
     for i in range(1, U):
         total = total + everyone[i, 0]
     amax = everyone[:, 1].amax(dim=0)

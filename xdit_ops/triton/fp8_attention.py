@@ -210,6 +210,28 @@ def _stats_tokens_per_chunk(num_heads: int, seqlen_k: int, per_sm: int) -> int:
     return triton.cdiv(tiles, chunks) * STATS_BLOCK_S
 
 
+def _kv_stats_partials(k: torch.Tensor, v: torch.Tensor, had: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``kv_stats_kernel`` over the tokens of ``k``, ``v`` [B, S, H, D]: per-chunk partial sums
+    of the rotated K and amaxes of |V|, each [B * H, num_chunks, DP] fp32 (the quantization
+    kernels reduce the chunks)."""
+    B, S, H, D = k.shape
+    DP = had.shape[0]
+    launch = QUANT_LAUNCH[DP]
+    tokens_per_chunk = _stats_tokens_per_chunk(B * H, S, launch.programs_per_sm)
+    num_chunks = triton.cdiv(max(S, 1), tokens_per_chunk)
+    ksum = torch.empty(B * H, num_chunks, DP, device=k.device, dtype=torch.float32)
+    vmax = torch.empty(B * H, num_chunks, DP, device=k.device, dtype=torch.float32)
+    _launch(kernels.kv_stats_kernel, (B * H, num_chunks),
+            k, v, had, ksum, vmax,
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            H, S, tokens_per_chunk,
+            D=D, DP=DP, BLOCK_S=STATS_BLOCK_S, UPCAST=INTERPRET, num_warps=launch.num_warps,
+            num_stages=launch.stats_stages)
+    return ksum, vmax
+
+
 def _quantize(q, k, v, had, scale, vt_pv_order=False):
     B, Sq, H, D = q.shape
     Sk = k.shape[1]
@@ -217,17 +239,8 @@ def _quantize(q, k, v, had, scale, vt_pv_order=False):
     Sk_pad = pad_to(max(Sk, 1), SCHEME.block_n)  # the QuantizedQKV layout
     dev = q.device
     launch = QUANT_LAUNCH[DP]
-    tokens_per_chunk = _stats_tokens_per_chunk(B * H, Sk, launch.programs_per_sm)
-    num_chunks = triton.cdiv(max(Sk, 1), tokens_per_chunk)
-    ksum = torch.empty(B * H, num_chunks, DP, device=dev, dtype=torch.float32)
-    vmax = torch.empty(B * H, num_chunks, DP, device=dev, dtype=torch.float32)
-    _launch(kernels.kv_stats_kernel, (B * H, num_chunks),
-            k, v, had, ksum, vmax,
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            H, Sk, tokens_per_chunk,
-            D=D, DP=DP, BLOCK_S=STATS_BLOCK_S, UPCAST=INTERPRET, num_warps=launch.num_warps,
-            num_stages=launch.stats_stages)
+    ksum, vmax = _kv_stats_partials(k, v, had)
+    num_chunks = ksum.shape[1]
     q8 = torch.empty(B, H, Sq, DP, device=dev, dtype=torch.int8)
     q_scale = torch.empty(B, H, Sq, device=dev, dtype=torch.float32)
     lse_corr = torch.empty(B, H, Sq, device=dev, dtype=torch.float32)
@@ -380,20 +393,8 @@ def kv_stats_triton(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, tor
     """
     B, S, H, D = k.shape
     DP = padded_head_dim(D)
-    had = _hadamard(DP, k.dtype, k.device)
-    launch = QUANT_LAUNCH[DP]
-    tokens_per_chunk = _stats_tokens_per_chunk(B * H, S, launch.programs_per_sm)
-    num_chunks = triton.cdiv(max(S, 1), tokens_per_chunk)
-    ksum = torch.empty(B * H, num_chunks, DP, device=k.device, dtype=torch.float32)
-    vmax = torch.empty(B * H, num_chunks, DP, device=k.device, dtype=torch.float32)
     with _on_device(k.device):
-        _launch(kernels.kv_stats_kernel, (B * H, num_chunks),
-                k, v, had, ksum, vmax,
-                k.stride(0), k.stride(1), k.stride(2),
-                v.stride(0), v.stride(1), v.stride(2),
-                H, S, tokens_per_chunk,
-                D=D, DP=DP, BLOCK_S=STATS_BLOCK_S, UPCAST=INTERPRET,
-                num_warps=launch.num_warps, num_stages=launch.stats_stages)
+        ksum, vmax = _kv_stats_partials(k, v, _hadamard(DP, k.dtype, k.device))
     return ksum.sum(dim=1).view(B, H, DP), vmax.amax(dim=1).view(B, H, DP)
 
 
