@@ -314,8 +314,8 @@ __global__ void __launch_bounds__(merge_detail::kThreads)
       const RowIndex r = split_row(row, p.seq, p.heads);
       lse_ptr = p.lse + r.b * p.lse_stride_b + r.h * p.lse_stride_h + r.s * p.lse_stride_s;
       const float la = *lse_ptr;
-      const float lb =
-          __ldg(p.block_lse + r.b * p.blse_stride_b + r.h * p.blse_stride_h + r.s * p.blse_stride_s);
+      const float lb = __ldg(p.block_lse + r.b * p.blse_stride_b + r.h * p.blse_stride_h +
+                             r.s * p.blse_stride_s);
       // A block with no keys adds nothing (its output may be NaN): the row stays as it is.
       if (lb != -INFINITY) {
         const float m = fmaxf(la, lb);
