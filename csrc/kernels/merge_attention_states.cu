@@ -47,6 +47,20 @@ uint64_t stride_bytes(int64_t size, int64_t stride, int elem) {
   return size > 1 ? static_cast<uint64_t>(stride) * elem : 0;
 }
 
+// The vector kernels index in 32 bits (merge_detail::FastDiv): every index below 2^31.
+constexpr int64_t kMaxVecIndex = int64_t{1} << 31;
+
+merge_detail::VecIndex vec_index(int64_t batch, int64_t seq, int64_t heads, int64_t num_chunks,
+                                 int64_t chunks_per_row) {
+  merge_detail::VecIndex ix;
+  ix.num_chunks = static_cast<uint32_t>(num_chunks);
+  ix.num_rows = static_cast<uint32_t>(batch * seq * heads);
+  ix.chunks_per_row = merge_detail::FastDiv(static_cast<uint32_t>(chunks_per_row));
+  ix.heads = merge_detail::FastDiv(static_cast<uint32_t>(heads));
+  ix.seq = merge_detail::FastDiv(static_cast<uint32_t>(seq));
+  return ix;
+}
+
 // Whether merge_attention_states_ can run its vector kernel: 16-byte accesses to every row of
 // the block and 16-byte accesses to the fp32 accumulator, at most one block of threads a row.
 bool states_vectorizable(const MergeAttentionStatesParams& p, DType block_dtype) {
@@ -55,6 +69,7 @@ bool states_vectorizable(const MergeAttentionStatesParams& p, DType block_dtype)
   if (p.head_dim == 0 || p.head_dim % elems != 0 || p.head_dim / elems > kVecThreads) {
     return false;
   }
+  if (p.batch * p.seq * p.heads >= kMaxVecIndex) return false;
   const int block_align = copy_width(
       {reinterpret_cast<uint64_t>(p.block_out), stride_bytes(p.batch, p.blk_stride_b, eb),
        stride_bytes(p.seq, p.blk_stride_s, eb), stride_bytes(p.heads, p.blk_stride_h, eb)});
@@ -68,7 +83,9 @@ bool states_vectorizable(const MergeAttentionStatesParams& p, DType block_dtype)
 // launcher's contract) whose rows are whole 16-byte chunks from 16-byte aligned starts.
 bool partials_vectorizable(const MergeAttentionPartialsParams& p, DType in_dtype) {
   // head_dim 0 stays scalar: the vector kernel has no chunk to write the row's LSE from.
-  if (p.head_dim == 0 || (p.head_dim * dtype_bytes(in_dtype)) % 16 != 0) return false;
+  const int eb = dtype_bytes(in_dtype);
+  if (p.head_dim == 0 || (p.head_dim * eb) % 16 != 0) return false;
+  if (p.batch * p.seq * p.heads * (p.head_dim * eb / 16) >= kMaxVecIndex) return false;
   uint64_t bits = reinterpret_cast<uint64_t>(p.out);
   for (int i = 0; i < p.num_parts; ++i) bits |= reinterpret_cast<uint64_t>(p.parts[i]);
   return copy_width(bits) == 16;
@@ -79,12 +96,14 @@ cudaError_t launch_states(const MergeAttentionStatesParams& p, bool vec, int num
                           cudaStream_t stream) {
   const int64_t num_rows = p.batch * p.seq * p.heads;
   if (vec) {
-    const int64_t rows_per_block = kVecThreads / (p.head_dim / merge_detail::Chunk<T>::kElems);
+    const int64_t chunks_per_row = p.head_dim / merge_detail::Chunk<T>::kElems;
+    const int64_t rows_per_block = kVecThreads / chunks_per_row;
     int blocks = 0;
     const cudaError_t err = one_wave<merge_attention_states_vec_kernel<T>>(
         (num_rows + rows_per_block - 1) / rows_per_block, num_sms, &blocks);
     if (err != cudaSuccess) return err;
-    merge_attention_states_vec_kernel<T><<<blocks, kVecThreads, 0, stream>>>(p);
+    merge_attention_states_vec_kernel<T><<<blocks, kVecThreads, 0, stream>>>(
+        p, vec_index(p.batch, p.seq, p.heads, num_rows * chunks_per_row, chunks_per_row));
   } else {
     merge_attention_states_kernel<T>
         <<<row_blocks(num_rows, num_sms), kScalarThreads, 0, stream>>>(p);
@@ -92,21 +111,32 @@ cudaError_t launch_states(const MergeAttentionStatesParams& p, bool vec, int num
   return cudaGetLastError();
 }
 
+// kParts: the partial slots the vector kernel unrolls (num_parts rounded up to 4, 8 or 16).
+template <typename TIn, typename TOut, int kParts>
+cudaError_t launch_partials_vec(const MergeAttentionPartialsParams& p, int num_sms,
+                                cudaStream_t stream) {
+  const int64_t chunks_per_row = p.head_dim / merge_detail::Chunk<TIn>::kElems;
+  const int64_t num_chunks = p.batch * p.seq * p.heads * chunks_per_row;
+  int blocks = 0;
+  const cudaError_t err = one_wave<merge_attention_partials_vec_kernel<TIn, TOut, kParts>>(
+      (num_chunks + kVecThreads - 1) / kVecThreads, num_sms, &blocks);
+  if (err != cudaSuccess) return err;
+  merge_attention_partials_vec_kernel<TIn, TOut, kParts><<<blocks, kVecThreads, 0, stream>>>(
+      p, vec_index(p.batch, p.seq, p.heads, num_chunks, chunks_per_row));
+  return cudaGetLastError();
+}
+
 template <typename TIn, typename TOut>
 cudaError_t launch_partials_as(const MergeAttentionPartialsParams& p, bool vec, int num_sms,
                                cudaStream_t stream) {
-  const int64_t num_rows = p.batch * p.seq * p.heads;
   if (vec) {
-    const int64_t num_chunks = num_rows * (p.head_dim / merge_detail::Chunk<TIn>::kElems);
-    int blocks = 0;
-    const cudaError_t err = one_wave<merge_attention_partials_vec_kernel<TIn, TOut>>(
-        (num_chunks + kVecThreads - 1) / kVecThreads, num_sms, &blocks);
-    if (err != cudaSuccess) return err;
-    merge_attention_partials_vec_kernel<TIn, TOut><<<blocks, kVecThreads, 0, stream>>>(p);
-  } else {
-    merge_attention_partials_kernel<TIn, TOut>
-        <<<row_blocks(num_rows, num_sms), kScalarThreads, 0, stream>>>(p);
+    if (p.num_parts <= 4) return launch_partials_vec<TIn, TOut, 4>(p, num_sms, stream);
+    if (p.num_parts <= 8) return launch_partials_vec<TIn, TOut, 8>(p, num_sms, stream);
+    return launch_partials_vec<TIn, TOut, kMaxPartials>(p, num_sms, stream);
   }
+  const int64_t num_rows = p.batch * p.seq * p.heads;
+  merge_attention_partials_kernel<TIn, TOut>
+      <<<row_blocks(num_rows, num_sms), kScalarThreads, 0, stream>>>(p);
   return cudaGetLastError();
 }
 

@@ -204,6 +204,46 @@ __device__ __forceinline__ void store_chunk(T* dst, const float* f) {
   }
 }
 
+// Division by a runtime divisor d >= 1 as a multiply-high and a shift, exact for dividends
+// below 2^31 (Granlund & Montgomery; m = ceil(2^(31 + l) / d) with l = ceil(log2 d) fits 32
+// bits). The vector kernels split every index into (b, s, h, chunk): a 32-bit division is a
+// sequence of ~20 instructions, and three per 16-byte chunk cost issue slots the loads need.
+struct FastDiv {
+  uint32_t d, m, s;
+
+  FastDiv() = default;
+  // d <= 2^31 (the host checks that every index stays below 2^31).
+  __host__ explicit FastDiv(uint32_t divisor) : d(divisor), m(0), s(0) {
+    if (d > 1) {
+      uint32_t l = 1;
+      while ((uint64_t{1} << l) < d) ++l;
+      m = static_cast<uint32_t>(((uint64_t{1} << (31 + l)) + d - 1) / d);
+      s = l - 1;
+    }
+  }
+  __device__ __forceinline__ uint32_t div(uint32_t n) const {
+    return d == 1 ? n : __umulhi(n, m) >> s;
+  }
+};
+
+// The vector kernels' index arithmetic: divisors of the flat index, all below 2^31.
+struct VecIndex {
+  uint32_t num_chunks;  // merge_attention_partials: rows x chunks per row
+  uint32_t num_rows;    // B * S * H
+  FastDiv chunks_per_row, heads, seq;
+};
+
+// (b, s, h) of row (b * S + s) * H + h, and (b * H + h) * S + s, its index in a contiguous
+// [B, H, S] LSE.
+struct Row32 {
+  uint32_t b, s, h;
+};
+__device__ __forceinline__ Row32 split_row32(uint32_t row, const VecIndex& ix) {
+  const uint32_t bs = ix.heads.div(row);
+  const uint32_t b = ix.seq.div(bs);
+  return {b, bs - b * ix.seq.d, row - bs * ix.heads.d};
+}
+
 // Partial i's data and LSE pointers by a compile-time i (the callers' loops are unrolled):
 // indexing the kernel-parameter arrays with a register would copy them to local memory.
 __device__ __forceinline__ const uint4* part_data(const MergeAttentionPartialsParams& p, int i) {
@@ -216,31 +256,32 @@ __device__ __forceinline__ const uint4* part_data(const MergeAttentionPartialsPa
 // the flat element index row * D + d addresses all of them alike: thread t takes chunk t (16
 // bytes of every partial, elements [t * E, t * E + E) with E = 16 / sizeof(TIn)) and the grid
 // strides over the chunks. The host guarantees that D is a multiple of E (no chunk spans two
-// rows) and that every partial is 16-byte aligned. Each thread computes its row's weights from
-// the N LSEs; the thread holding a row's first chunk writes the row's LSE.
-template <typename TIn, typename TOut>
+// rows), that every partial is 16-byte aligned, that num_parts <= kParts (4, 8 or 16: the
+// unrolled slots) and that there are fewer than 2^31 chunks. Each thread computes its row's
+// weights from the N LSEs; the thread holding a row's first chunk writes the row's LSE.
+template <typename TIn, typename TOut, int kParts>
 __global__ void __launch_bounds__(merge_detail::kThreads)
-    merge_attention_partials_vec_kernel(const MergeAttentionPartialsParams p) {
+    merge_attention_partials_vec_kernel(const MergeAttentionPartialsParams p,
+                                        const merge_detail::VecIndex ix) {
   using namespace merge_detail;
+  static_assert(kParts % kPartGroup == 0 && kParts <= kMaxPartials, "whole groups of partials");
   constexpr int kE = Chunk<TIn>::kElems;
-  const int64_t chunks_per_row = p.head_dim / kE;
-  const int64_t num_chunks = p.batch * p.seq * p.heads * chunks_per_row;
   const int num_parts = p.num_parts;
-  for (int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; c < num_chunks;
-       c += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t row = c / chunks_per_row;
-    const RowIndex r = split_row(row, p.seq, p.heads);
-    const int64_t lse_idx = (r.b * p.heads + r.h) * p.seq + r.s;
+  for (uint32_t c = blockIdx.x * blockDim.x + threadIdx.x; c < ix.num_chunks;
+       c += gridDim.x * blockDim.x) {
+    const uint32_t row = ix.chunks_per_row.div(c);
+    const Row32 r = split_row32(row, ix);
+    const uint32_t lse_idx = (r.b * ix.heads.d + r.h) * ix.seq.d + r.s;
     // All N LSE loads at once (the threads sharing a row share them through L1), kept for the
     // weights below.
-    float l[kMaxPartials];
+    float l[kParts];
 #pragma unroll
-    for (int i = 0; i < kMaxPartials; ++i) {
+    for (int i = 0; i < kParts; ++i) {
       l[i] = i < num_parts ? __ldg(p.part_lse[i] + lse_idx) : -INFINITY;
     }
     float m = -INFINITY;
 #pragma unroll
-    for (int i = 0; i < kMaxPartials; ++i) m = fmaxf(m, l[i]);
+    for (int i = 0; i < kParts; ++i) m = fmaxf(m, l[i]);
     float acc[kE];
 #pragma unroll
     for (int k = 0; k < kE; ++k) acc[k] = 0.0f;
@@ -248,7 +289,7 @@ __global__ void __launch_bounds__(merge_detail::kThreads)
     // m = -inf: no partial has a key for this row; nothing is read, the row is 0.
     if (m != -INFINITY) {
 #pragma unroll
-      for (int g = 0; g < kMaxPartials; g += kPartGroup) {
+      for (int g = 0; g < kParts; g += kPartGroup) {
         if (g < num_parts) {
           float w[kPartGroup];
           uint4 v[kPartGroup];
@@ -279,8 +320,8 @@ __global__ void __launch_bounds__(merge_detail::kThreads)
     const float inv = total > 0.0f ? 1.0f / total : 0.0f;
 #pragma unroll
     for (int k = 0; k < kE; ++k) acc[k] *= inv;
-    store_chunk<TOut, kE>(static_cast<TOut*>(p.out) + c * kE, acc);
-    if (c - row * chunks_per_row == 0) {
+    store_chunk<TOut, kE>(static_cast<TOut*>(p.out) + static_cast<size_t>(c) * kE, acc);
+    if (c == row * ix.chunks_per_row.d) {
       p.lse[lse_idx] = total > 0.0f ? m + logf(total) : -INFINITY;
     }
   }
@@ -294,51 +335,52 @@ __global__ void __launch_bounds__(merge_detail::kThreads)
 // barrier orders (a row's threads may span warps).
 template <typename T>
 __global__ void __launch_bounds__(merge_detail::kThreads)
-    merge_attention_states_vec_kernel(const MergeAttentionStatesParams p) {
+    merge_attention_states_vec_kernel(const MergeAttentionStatesParams p,
+                                      const merge_detail::VecIndex ix) {
   using namespace merge_detail;
   constexpr int kE = Chunk<T>::kElems;
-  const int threads_per_row = static_cast<int>(p.head_dim / kE);
-  const int rows_per_block = kThreads / threads_per_row;
-  const int row_in_block = threadIdx.x / threads_per_row;
-  const int d0 = (threadIdx.x - row_in_block * threads_per_row) * kE;
-  const int64_t num_rows = p.batch * p.seq * p.heads;
+  const uint32_t threads_per_row = static_cast<uint32_t>(p.head_dim / kE);
+  const uint32_t rows_per_block = kThreads / threads_per_row;
+  const uint32_t row_in_block = threadIdx.x / threads_per_row;
+  const int d0 = static_cast<int>(threadIdx.x - row_in_block * threads_per_row) * kE;
   // The loop bounds are uniform over the block: every thread reaches every barrier.
-  for (int64_t row0 = static_cast<int64_t>(blockIdx.x) * rows_per_block; row0 < num_rows;
-       row0 += static_cast<int64_t>(gridDim.x) * rows_per_block) {
-    const int64_t row = row0 + row_in_block;
-    const bool live = row_in_block < rows_per_block && row < num_rows;
+  for (uint32_t row0 = blockIdx.x * rows_per_block; row0 < ix.num_rows;
+       row0 += gridDim.x * rows_per_block) {
+    const uint32_t row = row0 + row_in_block;
+    const bool live = row_in_block < rows_per_block && row < ix.num_rows;
     float* lse_ptr = nullptr;
     float new_lse = 0.0f;
     bool write_lse = false;
     if (live) {
-      const RowIndex r = split_row(row, p.seq, p.heads);
+      const Row32 r = split_row32(row, ix);
       lse_ptr = p.lse + r.b * p.lse_stride_b + r.h * p.lse_stride_h + r.s * p.lse_stride_s;
+      float4* o = reinterpret_cast<float4*>(p.out + r.b * p.out_stride_b + r.s * p.out_stride_s +
+                                            r.h * p.out_stride_h + d0);
+      // The accumulator's loads go out with the LSE loads, before anything depends on them
+      // (a dependent chain of loads per row would leave HBM idle): it is read in place, and
+      // what an empty accumulator holds is discarded below, not multiplied.
+      float4 a[kE / 4];
+#pragma unroll
+      for (int q = 0; q < kE / 4; ++q) a[q] = o[q];
       const float la = *lse_ptr;
       const float lb = __ldg(p.block_lse + r.b * p.blse_stride_b + r.h * p.blse_stride_h +
                              r.s * p.blse_stride_s);
-      // A block with no keys adds nothing (its output may be NaN): the row stays as it is.
+      // A block with no keys adds nothing and is not read (its output may be NaN): the row
+      // stays as it is.
       if (lb != -INFINITY) {
+        const uint4 braw = __ldcs(reinterpret_cast<const uint4*>(
+            static_cast<const T*>(p.block_out) + r.b * p.blk_stride_b + r.s * p.blk_stride_s +
+            r.h * p.blk_stride_h + d0));
         const float m = fmaxf(la, lb);
         const float ea = __expf(la - m);
         const float eb = __expf(lb - m);
         const float inv = 1.0f / (ea + eb);
         const float wa = ea * inv;
         const float wb = eb * inv;
-        float4* o = reinterpret_cast<float4*>(p.out + r.b * p.out_stride_b +
-                                              r.s * p.out_stride_s + r.h * p.out_stride_h + d0);
-        const uint4* ob = reinterpret_cast<const uint4*>(
-            static_cast<const T*>(p.block_out) + r.b * p.blk_stride_b + r.s * p.blk_stride_s +
-            r.h * p.blk_stride_h + d0);
-        // wa == 0 when the accumulator was empty (lse_acc = -inf): its contents are undefined
-        // then (possibly NaN) and are not read.
-        float4 a[kE / 4];
-#pragma unroll
-        for (int q = 0; q < kE / 4; ++q) {
-          a[q] = wa != 0.0f ? o[q] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-        }
-        const uint4 braw = __ldcs(ob);
         float x[kE];
         Chunk<T>::widen(braw, x);
+        // wa == 0 when the accumulator was empty (lse_acc = -inf): its contents are undefined
+        // then (possibly NaN), so select instead of multiplying by zero.
 #pragma unroll
         for (int q = 0; q < kE / 4; ++q) {
           const float acc0 = wa == 0.0f ? 0.0f : wa * a[q].x;
