@@ -69,7 +69,7 @@ bool states_vectorizable(const MergeAttentionStatesParams& p, DType block_dtype)
   if (p.head_dim == 0 || p.head_dim % elems != 0 || p.head_dim / elems > kVecThreads) {
     return false;
   }
-  if (p.batch * p.seq * p.heads >= kMaxVecIndex) return false;
+  if (p.batch * p.seq * p.heads * (p.head_dim / elems) >= kMaxVecIndex) return false;
   const int block_align = copy_width(
       {reinterpret_cast<uint64_t>(p.block_out), stride_bytes(p.batch, p.blk_stride_b, eb),
        stride_bytes(p.seq, p.blk_stride_s, eb), stride_bytes(p.heads, p.blk_stride_h, eb)});
