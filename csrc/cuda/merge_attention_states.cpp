@@ -6,10 +6,27 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <cstring>
+
 #include "xdit_ops/merge_attention_states.h"
 #include "utils.h"
 
 namespace xdit_ops {
+
+namespace {
+
+// XDIT_OPS_MERGE_IMPL=auto (default) | scalar, read on every call (one getenv) so that a
+// benchmark can time both kernels in one process.
+MergeImpl merge_impl(const char* op) {
+  const char* v = std::getenv("XDIT_OPS_MERGE_IMPL");
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "auto") == 0) return MergeImpl::kAuto;
+  XDIT_CHECK(std::strcmp(v, "scalar") == 0, op, ": XDIT_OPS_MERGE_IMPL=", v,
+             " is not auto or scalar");
+  return MergeImpl::kScalar;
+}
+
+}  // namespace
 
 void merge_attention_states_cuda(at::Tensor& out, at::Tensor& lse, const at::Tensor& block_out,
                                  const at::Tensor& block_lse) {
@@ -59,7 +76,7 @@ void merge_attention_states_cuda(at::Tensor& out, at::Tensor& lse, const at::Ten
   p.blse_stride_h = block_lse.stride(1);
   p.blse_stride_s = block_lse.stride(2);
   XDIT_CUDA_CHECK(merge_attention_states(p, to_dtype(block_out.scalar_type(), kOp),
-                                         num_sms(out.get_device()),
+                                         merge_impl(kOp), num_sms(out.get_device()),
                                          c10::cuda::getCurrentCUDAStream().stream()));
 }
 
@@ -102,7 +119,7 @@ std::tuple<at::Tensor, at::Tensor> merge_attention_partials_cuda(
   p.heads = H;
   p.head_dim = D;
   XDIT_CUDA_CHECK(merge_attention_partials(p, to_dtype(o0.scalar_type(), kOp), to_dtype(odt, kOp),
-                                           num_sms(o0.get_device()),
+                                           merge_impl(kOp), num_sms(o0.get_device()),
                                            c10::cuda::getCurrentCUDAStream().stream()));
   return {out, lse};
 }

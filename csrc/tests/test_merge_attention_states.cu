@@ -1,5 +1,7 @@
-// Standalone unit test of the merge kernel (no torch): the kernel against a host loop in double
-// precision, for fp32/fp16/bf16 blocks, strided (non-contiguous) tensors and -inf rows.
+// Standalone unit test of the merge kernels (no torch): each against a host loop in double
+// precision, for fp32/fp16/bf16 blocks, strided (non-contiguous) tensors and -inf rows, with
+// MergeImpl::kAuto (the vector kernel wherever the padded strides allow 16-byte accesses, e.g.
+// head_dim 128, 72, 40) and MergeImpl::kScalar.
 // Exit code: see test_common.h.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -50,7 +52,8 @@ struct DTypeOf<__nv_bfloat16> {
 // One case: B x S x H x D with padded strides everywhere, so a kernel that assumed contiguous
 // tensors would read and write the wrong elements (and the padding checks catch stray writes).
 template <typename T>
-int run_case(int64_t B, int64_t S, int64_t H, int64_t D, const char* name, int num_sms) {
+int run_case(int64_t B, int64_t S, int64_t H, int64_t D, const char* name, int num_sms,
+             xdit_ops::MergeImpl impl) {
   std::mt19937 rng(1234 + B * 7 + S * 13 + H * 17 + D);
   std::normal_distribution<float> normal(0.f, 1.f);
   const float kNegInf = -INFINITY;
@@ -121,7 +124,7 @@ int run_case(int64_t B, int64_t S, int64_t H, int64_t D, const char* name, int n
   p.blse_stride_b = bl_sb;
   p.blse_stride_h = bl_sh;
   p.blse_stride_s = bl_ss;
-  CHECK_CUDA(xdit_ops::merge_attention_states(p, DTypeOf<T>::kValue, num_sms, nullptr));
+  CHECK_CUDA(xdit_ops::merge_attention_states(p, DTypeOf<T>::kValue, impl, num_sms, nullptr));
   out = to_host(d_out, out.size());
   lse = to_host(d_lse, lse.size());
   CHECK_CUDA(cudaFree(d_out));
@@ -145,8 +148,9 @@ int run_case(int64_t B, int64_t S, int64_t H, int64_t D, const char* name, int n
                                    1e-5 + 1e-5 * std::fabs(ref_lse[i]);
     if (!ok) ++bad;
   }
-  std::printf("%-8s B=%lld S=%lld H=%lld D=%lld: max |err| %.3g, %lld mismatches -> %s\n", name,
-              (long long)B, (long long)S, (long long)H, (long long)D, worst, (long long)bad,
+  std::printf("%-8s %-6s B=%lld S=%lld H=%lld D=%lld: max |err| %.3g, %lld mismatches -> %s\n",
+              name, impl == xdit_ops::MergeImpl::kScalar ? "scalar" : "auto", (long long)B,
+              (long long)S, (long long)H, (long long)D, worst, (long long)bad,
               bad ? "FAIL" : "ok");
   return bad ? 1 : 0;
 }
@@ -158,12 +162,15 @@ int main() {
   if (num_sms == 0) return xdit_test::kSkipped;
   int failures = 0;
   const int64_t shapes[][4] = {{1, 4097, 24, 128}, {3, 77, 30, 72}, {2, 33, 5, 40}, {1, 1, 1, 1}};
-  for (const auto& s : shapes) {
-    failures += run_case<float>(s[0], s[1], s[2], s[3], "fp32", num_sms);
-    failures += run_case<__half>(s[0], s[1], s[2], s[3], "fp16", num_sms);
-    failures += run_case<__nv_bfloat16>(s[0], s[1], s[2], s[3], "bf16", num_sms);
+  for (const auto impl : {xdit_ops::MergeImpl::kAuto, xdit_ops::MergeImpl::kScalar}) {
+    for (const auto& s : shapes) {
+      failures += run_case<float>(s[0], s[1], s[2], s[3], "fp32", num_sms, impl);
+      failures += run_case<__half>(s[0], s[1], s[2], s[3], "fp16", num_sms, impl);
+      failures += run_case<__nv_bfloat16>(s[0], s[1], s[2], s[3], "bf16", num_sms, impl);
+    }
+    // A grid smaller than the rows: the kernels' grid-stride loops must cover the rest.
+    failures += run_case<float>(2, 300, 7, 64, "fp32/1sm", 1, impl);
+    failures += run_case<__nv_bfloat16>(2, 300, 7, 80, "bf16/1sm", 1, impl);
   }
-  // A grid smaller than the rows: the kernel's grid-stride loop must cover the rest.
-  failures += run_case<float>(2, 300, 7, 64, "fp32/1sm", 1);
   return xdit_test::finish("test_merge_attention_states", failures);
 }

@@ -216,3 +216,102 @@ def test_opcheck_gpu():
     _require_native()
     torch.library.opcheck(torch.ops.xdit_ops.merge_attention_states_.default,
                           _merge_args(2, 65, 3, 64, torch.bfloat16, "cuda"))
+
+
+# --------------------------------------------------- GPU: the vector and the scalar kernels
+#
+# The native op takes a vector kernel (16-byte accesses) where head_dim, addresses and strides
+# allow it and the scalar kernel elsewhere; XDIT_OPS_MERGE_IMPL=scalar forces the scalar one.
+# Both must match the reference, and each other bit for bit.
+
+
+def _masked_merge_args(B, S, H, D, block_dtype, seed):
+    """Merge arguments with every -inf case: an empty accumulator (NaN in it), an empty block
+    (NaN in it) and rows where both are empty."""
+    out, lse, blk, blk_lse = _merge_args(B, S, H, D, block_dtype, "cuda", seed=seed)
+    lse[:, :, ::5] = NEG_INF
+    out[:, ::5] = float("nan")
+    blk_lse[:, :, ::7] = NEG_INF
+    blk[:, ::7] = float("nan")
+    return out, lse, blk, blk_lse
+
+
+def _check_impls(make_acc, blk, blk_lse, monkeypatch):
+    """Both kernels against the reference and each other. ``make_acc()`` returns a fresh
+    accumulator ``(out, lse)``, the same values in the same layout at every call."""
+    ref_out, ref_lse = make_acc()
+    ref_out, ref_lse = ref_out.clone(), ref_lse.clone()
+    empty_acc = torch.isneginf(ref_lse)
+    merge_attention_states_ref(ref_out, ref_lse, blk, blk_lse)
+    got = {}
+    for impl in ("auto", "scalar"):
+        monkeypatch.setenv("XDIT_OPS_MERGE_IMPL", impl)
+        out, lse = make_acc()
+        xdit_ops.merge_attention_states_(out, lse, blk, blk_lse)
+        torch.cuda.synchronize()
+        got[impl] = out, lse
+    out, lse = got["auto"]
+    # NaN survives only where accumulator and block are both empty (the row is left as it was).
+    if torch.isnan(make_acc()[0]).any():
+        both_empty = (empty_acc & torch.isneginf(blk_lse)).transpose(1, 2)
+        assert torch.equal(torch.isnan(out).any(-1), both_empty)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5, equal_nan=True)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, got["scalar"][0], rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(lse, got["scalar"][1])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("block_dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("D", [64, 72, 80, 128, 256])
+def test_gpu_head_dims_vector_and_scalar(D, block_dtype, monkeypatch):
+    """B = 3, odd S: each head dim here takes the vector kernel (D / 8 or D / 4 threads a row:
+    9 or 10 at 72 and 80, rows spanning warps)."""
+    _require_native()
+    out, lse, blk, blk_lse = _masked_merge_args(3, 77, 5, D, block_dtype, seed=D)
+    _check_impls(lambda: (out.clone(), lse.clone()), blk, blk_lse, monkeypatch)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("block_dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("offset", [16, 1], ids=["aligned", "misaligned"])
+def test_gpu_strided_views_vector_and_scalar(block_dtype, offset, monkeypatch):
+    """Non-contiguous views: at a 16-element offset (64 bytes of fp32, strides multiples of 16
+    bytes: the vector kernel) and at a 1-element offset (the scalar kernel)."""
+    _require_native()
+    B, S, H, D = 3, 101, 6, 128
+    dev = "cuda"
+    # out: a slice of a wider head_dim buffer; lse: a [B, S, H] buffer viewed as [B, H, S];
+    # block_out: a slice of one third of a packed [B, S, 3, H, D + 8] tensor; block_lse: a
+    # strided slice.
+    out_buf = randn(B, S, H, D + 32, device=dev, seed=1)
+    lse_buf = randn(B, S, H, device=dev, seed=2, scale=3.0)
+    lse_buf.transpose(1, 2)[:, :, ::5] = NEG_INF
+    blk_buf = randn(B, S, 3, H, D + 8, dtype=block_dtype, device=dev, seed=3)
+    blk = blk_buf[:, :, 1, :, offset % 8 : offset % 8 + D]
+    blk_lse = randn(B, H, 2 * S, device=dev, seed=4, scale=3.0)[:, :, ::2]
+    blk_lse[:, :, ::7] = NEG_INF
+    bufs = []
+
+    def make_acc():
+        bufs.append(out_buf.clone())
+        return bufs[-1][..., offset : offset + D], lse_buf.clone().transpose(1, 2)
+
+    out, lse = make_acc()
+    assert not (out.is_contiguous() or lse.is_contiguous() or blk.is_contiguous()
+                or blk_lse.is_contiguous())
+    assert (out.data_ptr() % 16 == 0) == (offset == 16)
+    assert (blk.data_ptr() % 16 == 0) == (offset == 16)
+    _check_impls(make_acc, blk, blk_lse, monkeypatch)
+    # Nothing outside the views was written (by either kernel).
+    for buf in bufs:
+        assert torch.equal(buf[..., :offset], out_buf[..., :offset])
+        assert torch.equal(buf[..., offset + D :], out_buf[..., offset + D :])
+
+
+@pytest.mark.gpu
+def test_gpu_unknown_merge_impl_is_refused(monkeypatch):
+    _require_native()
+    monkeypatch.setenv("XDIT_OPS_MERGE_IMPL", "vector")
+    with pytest.raises(ValueError, match="XDIT_OPS_MERGE_IMPL=vector is not auto or scalar"):
+        xdit_ops.merge_attention_states_(*_merge_args(1, 4, 2, 8, torch.float32, "cuda"))

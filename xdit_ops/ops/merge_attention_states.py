@@ -2,11 +2,21 @@
 
 The combine step of ring attention: ``out``/``lse`` hold the attention over the keys seen so
 far, ``block_out``/``block_lse`` the attention over one more block of keys; afterwards
-``out``/``lse`` hold the attention over both. CUDA runs the native kernel
+``out``/``lse`` hold the attention over both. ``xdit_ops::merge_attention_partials`` merges N
+partials in one pass. CUDA runs the native kernels
 (``csrc/include/xdit_ops/merge_attention_states.cuh``); CPU runs the reference.
+
+On CUDA each op has two kernels with bit-identical results: a vector kernel (16-byte accesses,
+taken where head_dim and every address allow them, e.g. bf16 partials with head_dim a multiple
+of 8 at 16-byte aligned addresses) and a scalar one (one warp per row: any head_dim, stride or
+alignment). ``XDIT_OPS_MERGE_IMPL=scalar`` forces the scalar kernels (the baseline of
+``benchmarks/bench_merge.py``); the default ``auto`` picks per call. The launcher reads the
+variable on every call.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -113,8 +123,18 @@ def register_cuda_fallback() -> None:
 # with the reference's exceptions: on the GPU machine a failing TORCH_CHECK in a launcher killed
 # the process with SIGSEGV instead of raising (benchmarks/results/2026-11-26-run31). The ring
 # inside usp_attention calls the ops with tensors it made itself.
+MERGE_IMPLS = ("auto", "scalar")
+
+
+def _check_merge_impl(op: str) -> None:
+    impl = os.environ.get("XDIT_OPS_MERGE_IMPL", "auto") or "auto"
+    if impl not in MERGE_IMPLS:
+        raise ValueError(f"{op}: XDIT_OPS_MERGE_IMPL={impl} is not auto or scalar")
+
+
 def _check_native_inputs(out, lse, block_out, block_lse) -> None:
     check_inputs(out, lse, block_out, block_lse)
+    _check_merge_impl(OP)
     devices = {t.device for t in (out, lse, block_out, block_lse)}
     if len(devices) > 1:
         raise ValueError(f"{OP}: tensors are on different devices: {sorted(map(str, devices))}")
@@ -126,6 +146,7 @@ def _check_native_inputs(out, lse, block_out, block_lse) -> None:
 def _check_native_partials(outs, lses) -> None:
     op = "merge_attention_partials"
     check_partials(outs, lses)
+    _check_merge_impl(op)
     for i, (o, lse) in enumerate(zip(outs, lses, strict=True)):
         if o.device != outs[0].device or lse.device != outs[0].device:
             raise ValueError(f"{op}: partial {i} is not on {outs[0].device}")

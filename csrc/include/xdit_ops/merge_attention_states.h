@@ -5,6 +5,12 @@
 
 namespace xdit_ops {
 
+// Which kernels the merges run (the launcher reads XDIT_OPS_MERGE_IMPL): kAuto takes the
+// vector kernels wherever head_dim and the addresses allow 16-byte accesses and the scalar
+// ones elsewhere; kScalar always takes the scalar (warp-per-row) kernels, the baseline of an
+// A/B measurement. Both give bit-identical results.
+enum class MergeImpl : int { kAuto = 0, kScalar = 1 };
+
 struct MergeAttentionStatesParams {
   // Accumulator, updated in place: out [B, S, H, D] fp32, lse [B, H, S] fp32.
   float* out;
@@ -22,7 +28,7 @@ struct MergeAttentionStatesParams {
 
 // Launches on `stream`; returns the launch error (never synchronises).
 cudaError_t merge_attention_states(const MergeAttentionStatesParams& params, DType block_dtype,
-                                   int num_sms, cudaStream_t stream);
+                                   MergeImpl impl, int num_sms, cudaStream_t stream);
 
 // N-way merge: out = sum_i w_i * part_i with w_i = exp(lse_i - lse), lse = log(sum_i exp(lse_i)),
 // in one pass over the partials (ring attention's combine step, done once at the end).
@@ -40,6 +46,7 @@ struct MergeAttentionPartialsParams {
 };
 
 cudaError_t merge_attention_partials(const MergeAttentionPartialsParams& params, DType in_dtype,
-                                     DType out_dtype, int num_sms, cudaStream_t stream);
+                                     DType out_dtype, MergeImpl impl, int num_sms,
+                                     cudaStream_t stream);
 
 }  // namespace xdit_ops
