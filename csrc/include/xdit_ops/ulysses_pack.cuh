@@ -298,7 +298,6 @@ __global__ void ulysses_push_out_kernel(UlyssesPushOutArgs a) {
   }
 }
 
-
 // ---------------------------------------------------------------------------------------------
 // Push kernels, version 2 (the default; XDIT_OPS_PUSH_KERNEL=v1 selects the ones above).
 //
@@ -306,16 +305,17 @@ __global__ void ulysses_push_out_kernel(UlyssesPushOutArgs a) {
 // two 64-bit divisions, and its 256 lanes cover a row of heads * dv vectors (384 at 24 heads of
 // 128 bf16) with half the lanes idle on the second pass; each vector costs a 32-bit division,
 // a 32-byte table read and a pointer select, and since a store may alias the next load the
-// compiler keeps one 16-byte load in flight per thread (load, store, load, store). At 48
-// registers 5 blocks fit an SM, so the grid of 8 per SM runs in 1.6 waves.
+// compiler keeps one 16-byte load in flight per thread (load, store, load, store: the SASS).
+// At 48 registers (ptxas, sm_90a) 5 blocks fit an SM, so at (1,4608,24,128) over 4 ranks its
+// grid of 8 blocks per SM runs in 1.6 waves.
 //
 // v2 copies "segments": a run of n_rows rows of one source block whose row is R = heads * dv
 // vectors (heads of one destination), stored to rows of the destination. Every row of a
 // segment is one run in the destination, so segment vector i is (row, rem) = divmod(i, R) and
-// rem = (head, c) = divmod(rem, dv) on the source side. A block copies one tile of kTileVecs
-// consecutive vectors of one segment: the tile's segment and bases are worked out once per
-// block from blockIdx, the per-vector divisions are multiply-high by host-computed constants,
-// and each thread loads all its kUnroll vectors before it stores any. Blocks of neighbouring
+// rem = (head, c) = divmod(rem, dv) on the source side. A block copies one tile of
+// kPushTileVecs consecutive vectors of one segment: the tile's segment and bases are worked out
+// once per block from blockIdx, the per-vector divisions are multiply-high by host-computed
+// constants, and each thread loads all its kPushUnroll vectors before it stores any. Blocks of neighbouring
 // indices go to different destinations (every destination is written all the time, each rank
 // starting with its next peer), one tile per block, so the hardware's block scheduler does the
 // load balancing and the last wave is short.
@@ -376,7 +376,7 @@ __host__ __device__ __forceinline__ void push_copy_tile(const Vec* src, int64_t 
                                                         const FastDiv& dv_div, uint32_t i0,
                                                         int tid) {
   Vec v[kPushUnroll];
-  // all loads first: kPushUnroll independent 16-byte loads in flight per thread
+  // all loads first: kPushUnroll independent loads in flight per thread
 #ifdef __CUDA_ARCH__
 #pragma unroll
 #endif
