@@ -1,5 +1,7 @@
 // Torch-aware launchers for xdit_ops::ulysses_pack_qkv, ::ulysses_unpack_out and
 // ::ulysses_place_gathered (schemas in xdit_ops/ops/ulysses_pack.py).
+#include <cstdlib>
+#include <cstring>
 #include <optional>
 #include <tuple>
 
@@ -219,6 +221,18 @@ void check_push_dst(at::TensorList dst, at::IntArrayRef heads, const at::Tensor&
   }
 }
 
+// XDIT_OPS_PUSH_KERNEL: v2 (default, also when unset or empty) or v1, the push kernels'
+// first version, kept selectable for one release to compare with. Read on every call, so a
+// process can time both (benchmarks/bench_ulysses_push.py); a CUDA graph keeps the kernel it
+// captured.
+int push_kernel_version(const char* op) {
+  const char* env = std::getenv("XDIT_OPS_PUSH_KERNEL");
+  if (env == nullptr || env[0] == '\0' || std::strcmp(env, "v2") == 0) return 2;
+  XDIT_CHECK(std::strcmp(env, "v1") == 0, op, ": XDIT_OPS_PUSH_KERNEL must be v1 or v2, got '",
+             env, "'");
+  return 1;
+}
+
 }  // namespace
 
 void ulysses_push_qkv_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -246,6 +260,7 @@ void ulysses_push_qkv_cuda(const at::Tensor& q, const at::Tensor& k, const at::T
   p.joint = J;
   p.joint_kv = Jk;
   p.rank = static_cast<int>(rank);
+  p.kernel_version = push_kernel_version(kOp);
   const c10::cuda::CUDAGuard guard(q.device());
   XDIT_CUDA_CHECK(ulysses_push_qkv(p, static_cast<int>(q.element_size()),
                                    num_sms(q.get_device()),
@@ -283,6 +298,8 @@ void ulysses_push_out_cuda(const at::Tensor& o, at::IntArrayRef heads, at::Tenso
   p.head_dim = D;
   p.joint_front = joint_front;
   p.num_ranks = static_cast<int>(U);
+  p.rank = static_cast<int>(rank);
+  p.kernel_version = push_kernel_version(kOp);
   const c10::cuda::CUDAGuard guard(o.device());
   XDIT_CUDA_CHECK(ulysses_push_out(p, static_cast<int>(o.element_size()),
                                    num_sms(o.get_device()),

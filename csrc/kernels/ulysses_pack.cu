@@ -165,22 +165,31 @@ cudaError_t ulysses_place_gathered(const UlyssesPlaceParams& p, int elem_size, i
   });
 }
 
-cudaError_t ulysses_push_qkv(const UlyssesPushParams& p, int elem_size, int num_sms,
-                             cudaStream_t stream) {
+namespace {
+
+// Tiles of kPushTileVecs covering n vectors, or -1 when a tile's vector index would leave the
+// 31 bits the v2 kernels' index arithmetic (FastDiv) works in.
+int64_t push_tiles(int64_t n) {
+  const int64_t tiles = (n + kPushTileVecs - 1) / kPushTileVecs;
+  return tiles * kPushTileVecs <= (int64_t{1} << 31) ? tiles : -1;
+}
+
+// The v1 arguments of the input push and the vector width w (bytes); cudaErrorNotReady when
+// there is nothing to copy.
+cudaError_t push_args(const UlyssesPushParams& p, int elem_size, UlyssesPushArgs& a, int& w) {
   const int64_t num_rows = 3 * p.batch * p.seq;
-  if (num_rows == 0 || p.heads == 0 || p.head_dim == 0) return cudaSuccess;
+  if (num_rows == 0 || p.heads == 0 || p.head_dim == 0) return cudaErrorNotReady;
   if (p.num_ranks < 1 || p.num_ranks > kMaxUlyssesRanks || p.rank < 0 ||
       p.rank >= p.num_ranks || p.heads > kMaxPushHeads || p.head_start[0] != 0 ||
-      p.head_start[p.num_ranks] != p.heads || (p.joint_kv != 0 && p.joint_kv != p.joint)) {
+      p.head_start[p.num_ranks] != p.heads || (p.joint_kv != 0 && p.joint_kv != p.joint) ||
+      (p.kernel_version != 1 && p.kernel_version != 2)) {
     return cudaErrorInvalidValue;
   }
   const uint64_t es = elem_size;
-  const int w = copy_width({p.head_dim * es, dst_bits(p.dst, p.num_ranks),
-                            source_bits(p.src, p.src_stride_b, p.src_stride_s, p.src_stride_h,
-                                        es)});
+  w = copy_width({p.head_dim * es, dst_bits(p.dst, p.num_ranks),
+                  source_bits(p.src, p.src_stride_b, p.src_stride_s, p.src_stride_h, es)});
   const int64_t dv = p.head_dim * elem_size / w;
   if (p.heads * dv > INT32_MAX) return cudaErrorInvalidValue;
-  UlyssesPushArgs a;
   for (int t = 0; t < 3; ++t) a.src[t] = p.src[t];
   vector_strides(p.src_stride_b, elem_size, w, a.stride_b);
   vector_strides(p.src_stride_s, elem_size, w, a.stride_s);
@@ -198,29 +207,58 @@ cudaError_t ulysses_push_qkv(const UlyssesPushParams& p, int elem_size, int num_
   a.dv = dv;
   a.heads = p.heads;
   a.span = round_up_pow2(p.heads * dv);
-  const int blocks = grid_size(num_rows, a.span, num_sms);
-  return dispatch_copy_width(w, [&](auto vec) {
-    using Vec = decltype(vec);
-    ulysses_push_kernel<Vec><<<blocks, kThreads, sizeof(PushHead<Vec>) * p.heads, stream>>>(a);
-    return cudaGetLastError();
-  });
+  return cudaSuccess;
 }
 
-cudaError_t ulysses_push_out(const UlyssesPushOutParams& p, int elem_size, int num_sms,
-                             cudaStream_t stream) {
+// The v2 arguments and grid from the v1 ones (vector width w bytes); false when the tile
+// indices do not fit (the launcher then runs v1).
+bool push_v2_args(const UlyssesPushArgs& v1, int w, UlyssesPushV2Args& a, int64_t& blocks) {
+  a = UlyssesPushV2Args{};
+  for (int t = 0; t < 3; ++t) {
+    a.src[t] = v1.src[t];
+    a.stride_b[t] = v1.stride_b[t];
+    a.stride_s[t] = v1.stride_s[t];
+    a.stride_h[t] = v1.stride_h[t];
+  }
+  a.batch = v1.batch;
+  a.seq = v1.seq;
+  a.joint = v1.joint;
+  a.joint_kv = v1.joint_kv;
+  a.ranks = static_cast<int>(v1.ranks);
+  a.rank = static_cast<int>(v1.rank);
+  a.dv = make_fast_div(static_cast<uint32_t>(v1.dv));
+  int64_t max_tiles = 0;
+  for (int j = 0; j < a.ranks; ++j) {
+    const int64_t row = (v1.head_start[j + 1] - v1.head_start[j]) * v1.dv;
+    const int64_t tiles = push_tiles(v1.seq * row);
+    if (tiles < 0) return false;
+    // rank j's query buffer [B, J + U*L, heads_j, D], its K/V buffer right after it
+    char* q = static_cast<char*>(v1.dst[j]);
+    a.dest[j] = PushDestV2{q, q + v1.batch * (v1.joint + v1.ranks * v1.seq) * row * w,
+                           v1.head_start[j], static_cast<int>(tiles),
+                           make_fast_div(static_cast<uint32_t>(row > 0 ? row : 1))};
+    max_tiles = std::max(max_tiles, 3 * v1.batch * tiles);
+  }
+  blocks = max_tiles * a.ranks;
+  return blocks <= INT32_MAX;
+}
+
+// The v1 arguments of the output push and the vector width w.
+cudaError_t push_out_args(const UlyssesPushOutParams& p, int elem_size, UlyssesPushOutArgs& a,
+                          int& w) {
   const int64_t num_rows = p.batch * (p.joint + p.num_ranks * p.seq);
-  if (num_rows == 0 || p.heads == 0 || p.head_dim == 0) return cudaSuccess;
+  if (num_rows == 0 || p.heads == 0 || p.head_dim == 0) return cudaErrorNotReady;
   if (p.num_ranks < 1 || p.num_ranks > kMaxUlyssesRanks || p.head_start < 0 ||
-      p.head_start + p.heads > p.heads_total) {
+      p.head_start + p.heads > p.heads_total || p.rank < 0 || p.rank >= p.num_ranks ||
+      (p.kernel_version != 1 && p.kernel_version != 2)) {
     return cudaErrorInvalidValue;
   }
   const uint64_t es = elem_size;
-  const int w = copy_width({p.head_dim * es, dst_bits(p.dst, p.num_ranks),
-                            reinterpret_cast<uint64_t>(p.src), p.src_stride_b * es,
-                            p.src_stride_s * es, p.src_stride_h * es});
+  w = copy_width({p.head_dim * es, dst_bits(p.dst, p.num_ranks),
+                  reinterpret_cast<uint64_t>(p.src), p.src_stride_b * es, p.src_stride_s * es,
+                  p.src_stride_h * es});
   const int64_t dv = p.head_dim * elem_size / w;
   if (p.heads * dv > INT32_MAX) return cudaErrorInvalidValue;
-  UlyssesPushOutArgs a;
   a.src = p.src;
   a.stride_b = p.src_stride_b * elem_size / w;
   a.stride_s = p.src_stride_s * elem_size / w;
@@ -236,9 +274,81 @@ cudaError_t ulysses_push_out(const UlyssesPushOutParams& p, int elem_size, int n
   a.ranks = p.num_ranks;
   a.joint_front = p.joint_front;
   a.span = round_up_pow2(p.heads * dv);
-  const int blocks = grid_size(num_rows, a.span, num_sms);
+  return cudaSuccess;
+}
+
+// v2 of the output push: U * B sequence segments of L rows, B joint segments of J rows, rows of
+// h * dv vectors; false when the tile indices do not fit.
+bool push_out_v2_args(const UlyssesPushOutArgs& v1, int rank, UlyssesPushOutV2Args& v,
+                      int64_t& blocks) {
+  v = UlyssesPushOutV2Args{};
+  v.src = v1.src;
+  v.stride_b = v1.stride_b;
+  v.stride_s = v1.stride_s;
+  v.stride_h = v1.stride_h;
+  for (int j = 0; j < kMaxUlyssesRanks; ++j) v.dst[j] = v1.dst[j];
+  v.batch = v1.batch;
+  v.joint = v1.joint;
+  v.seq = v1.seq;
+  v.out_row = v1.heads_total * v1.dv;
+  v.head_off = v1.head_start * v1.dv;
+  v.ranks = static_cast<int>(v1.ranks);
+  v.rank = rank;
+  v.joint_front = v1.joint_front;
+  const int64_t row = v1.heads * v1.dv;
+  const int64_t tiles_seq = push_tiles(v1.seq * row), tiles_joint = push_tiles(v1.joint * row);
+  if (tiles_seq < 0 || tiles_joint < 0) return false;
+  blocks = v1.batch * (v1.ranks * tiles_seq + tiles_joint);
+  v.tiles_seq = static_cast<int>(tiles_seq);
+  v.tiles_joint = static_cast<int>(tiles_joint);
+  v.row = make_fast_div(static_cast<uint32_t>(row));
+  v.dv = make_fast_div(static_cast<uint32_t>(v1.dv));
+  return blocks <= INT32_MAX;
+}
+
+}  // namespace
+
+cudaError_t ulysses_push_qkv(const UlyssesPushParams& p, int elem_size, int num_sms,
+                             cudaStream_t stream) {
+  UlyssesPushArgs a;
+  int w = 1;
+  const cudaError_t err = push_args(p, elem_size, a, w);
+  if (err != cudaSuccess) return err == cudaErrorNotReady ? cudaSuccess : err;
+  UlyssesPushV2Args v;
+  int64_t blocks = 0;
+  const bool v2 = p.kernel_version == 2 && push_v2_args(a, w, v, blocks);
   return dispatch_copy_width(w, [&](auto vec) {
-    ulysses_push_out_kernel<decltype(vec)><<<blocks, kThreads, 0, stream>>>(a);
+    using Vec = decltype(vec);
+    if (v2) {
+      ulysses_push_v2_kernel<Vec><<<static_cast<unsigned>(blocks), kPushThreads, 0, stream>>>(v);
+    } else {
+      ulysses_push_kernel<Vec>
+          <<<grid_size(3 * p.batch * p.seq, a.span, num_sms), kThreads,
+             sizeof(PushHead<Vec>) * p.heads, stream>>>(a);
+    }
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t ulysses_push_out(const UlyssesPushOutParams& p, int elem_size, int num_sms,
+                             cudaStream_t stream) {
+  UlyssesPushOutArgs a;
+  int w = 1;
+  const cudaError_t err = push_out_args(p, elem_size, a, w);
+  if (err != cudaSuccess) return err == cudaErrorNotReady ? cudaSuccess : err;
+  UlyssesPushOutV2Args v;
+  int64_t blocks = 0;
+  const bool v2 = p.kernel_version == 2 && push_out_v2_args(a, p.rank, v, blocks);
+  return dispatch_copy_width(w, [&](auto vec) {
+    using Vec = decltype(vec);
+    if (v2) {
+      ulysses_push_out_v2_kernel<Vec>
+          <<<static_cast<unsigned>(blocks), kPushThreads, 0, stream>>>(v);
+    } else {
+      ulysses_push_out_kernel<Vec>
+          <<<grid_size(p.batch * (p.joint + p.num_ranks * p.seq), a.span, num_sms), kThreads, 0,
+             stream>>>(a);
+    }
     return cudaGetLastError();
   });
 }

@@ -365,6 +365,32 @@ def test_push_bad_arguments(device):
     _push_bad_arguments(device)
 
 
+@pytest.mark.parametrize("op", ["push", "push_out"])
+def test_push_kernel_switch(monkeypatch, op):
+    """XDIT_OPS_PUSH_KERNEL: v1, v2 or unset pass; another value raises, named after the op,
+    from the public function's checks ahead of a non-CPU kernel (meta here, CUDA alike)."""
+    q = torch.empty(1, 4, 2, 8, device="meta")
+    heads = [1, 1]
+
+    def call():
+        if op == "push":
+            dst = [torch.empty(1 * (2 * 4) * 1 * 8 * 3, device="meta") for _ in heads]
+            ulysses_push_qkv(q, q, q, heads, dst, 0, 0, 0)
+        else:
+            o = torch.empty(1, 2 * 2, 1, 8, device="meta")
+            out = [torch.empty(1 * 2 * 2 * 8, device="meta") for _ in heads]
+            ulysses_push_out(o, heads, out, 0, 2, True)
+
+    for value in ("v1", "v2", ""):
+        monkeypatch.setenv("XDIT_OPS_PUSH_KERNEL", value)
+        call()
+    monkeypatch.setenv("XDIT_OPS_PUSH_KERNEL", "v3")
+    name = "ulysses_push_qkv" if op == "push" else "ulysses_push_out"
+    with pytest.raises(ValueError, match=f"{name}: XDIT_OPS_PUSH_KERNEL must be one of "
+                                         r"\('v1', 'v2'\), got 'v3'"):
+        call()
+
+
 @pytest.mark.parametrize("device", ["cpu", "meta"])
 def test_bad_arguments(device):
     _bad_arguments(device)
@@ -560,23 +586,94 @@ def test_gpu_cuda_graph_capture():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["v1", "v2"])
 @pytest.mark.parametrize("J,Jk", [(0, 0), (77, 77), (77, 0)])
 @pytest.mark.parametrize("D", [128, 72, 36, 1])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("heads", [[6, 6, 6, 6], [8, 8, 7, 7]], ids=["even", "uneven"])
-def test_gpu_push_qkv_places_every_rank(heads, dtype, D, J, Jk):
-    """The push kernel with every destination a buffer of this GPU (the kernel only sees
-    pointers: peer-mapped memory is the same to it)."""
+def test_gpu_push_qkv_places_every_rank(monkeypatch, heads, dtype, D, J, Jk, kernel):
+    """The push kernel (both versions, XDIT_OPS_PUSH_KERNEL) with every destination a buffer of
+    this GPU (the kernel only sees pointers: peer-mapped memory is the same to it)."""
     _native()
+    monkeypatch.setenv("XDIT_OPS_PUSH_KERNEL", kernel)
     _check_push_in(heads, 3, 1031, J, Jk, D, dtype, "cuda")
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["v1", "v2"])
 @pytest.mark.parametrize("joint_front", [True, False], ids=["front", "back"])
 @pytest.mark.parametrize("J", [0, 77])
 @pytest.mark.parametrize("D", [128, 72, 1])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("heads", [[6, 6, 6, 6], [8, 8, 7, 7]], ids=["even", "uneven"])
-def test_gpu_push_out_returns_every_row(heads, dtype, D, J, joint_front):
+def test_gpu_push_out_returns_every_row(monkeypatch, heads, dtype, D, J, joint_front, kernel):
     _native()
+    monkeypatch.setenv("XDIT_OPS_PUSH_KERNEL", kernel)
     _check_push_out(heads, 2, 1031, J, D, joint_front, dtype, "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["v1", "v2"])
+def test_gpu_push_shapes_of_usp(monkeypatch, kernel):
+    """The pushes at a 4-rank Flux shard's size (1152 rows of 24 heads of 128, bf16: many tiles
+    per segment), a rank with no heads, and a contiguous source 2 bytes off 16-byte alignment
+    (narrower vectors)."""
+    _native()
+    monkeypatch.setenv("XDIT_OPS_PUSH_KERNEL", kernel)
+    _check_push_in([6, 6, 6, 6], 1, 1152, 0, 0, 128, torch.bfloat16, "cuda")
+    _check_push_out([6, 6, 6, 6], 1, 1152, 0, 128, True, torch.bfloat16, "cuda")
+    _check_push_in([5, 0, 3], 2, 333, 7, 7, 64, torch.bfloat16, "cuda")
+    _check_push_out([5, 0, 3], 2, 333, 7, 64, False, torch.bfloat16, "cuda")
+    # unaligned: q, k, v one element into a buffer (the copy width drops to 2 bytes)
+    heads, B, L, H, D = [4, 4], 1, 257, 8, 128
+    base = randn(3 * B * 2 * L * H * D + 1, dtype=torch.bfloat16, device="cuda", seed=3)
+    q, k, v = base[1:].view(3, B, 2 * L, H, D).unbind(0)
+    need = [B * (2 * L) * h * D * 3 for h in heads]
+    dst = [_nan(n + _SLACK, torch.bfloat16, "cuda") for n in need]
+    for r in range(2):
+        ulysses_push_qkv(*(t[:, r * L:(r + 1) * L] for t in (q, k, v)), heads, dst, r, 0, 0)
+    for j, h in enumerate(heads):
+        nq = B * 2 * L * h * D
+        hs = slice(4 * j, 4 * j + h)
+        assert torch.equal(dst[j][:nq].view(B, 2 * L, h, D), q[:, :, hs])
+        kv = dst[j][nq:need[j]].view(2, B, 2 * L, h, D)
+        assert torch.equal(kv[0], k[:, :, hs]) and torch.equal(kv[1], v[:, :, hs])
+        assert _untouched(dst[j][need[j]:])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["v1", "v2"])
+def test_gpu_push_cuda_graph(monkeypatch, kernel):
+    """Both pushes captured in a CUDA graph replay with new inputs."""
+    _native()
+    monkeypatch.setenv("XDIT_OPS_PUSH_KERNEL", kernel)
+    heads, B, L, J, D = [8, 8, 7, 7], 1, 300, 5, 128
+    U, H = len(heads), sum(heads)
+    q, k, v = _fused_qkv(B, L, H, D, torch.bfloat16, device="cuda", seed=21)
+    need = [B * (J + U * L) * h * D * 3 for h in heads]
+    dst = [torch.zeros(n, dtype=torch.bfloat16, device="cuda") for n in need]
+    o = randn(B, J + U * L, heads[1], D, dtype=torch.bfloat16, device="cuda", seed=22)
+    out = [torch.zeros(B * (J + L) * H * D, dtype=torch.bfloat16, device="cuda") for _ in heads]
+
+    def calls():
+        ulysses_push_qkv(q, k, v, heads, dst, 1, J, J)
+        ulysses_push_out(o, heads, out, 1, L, True)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        calls()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        calls()
+    q.copy_(randn(*q.shape, dtype=q.dtype, device="cuda", seed=23))
+    o.copy_(randn(*o.shape, dtype=o.dtype, device="cuda", seed=24))
+    g.replay()
+    torch.cuda.synchronize()
+    want = [torch.zeros(n, dtype=torch.bfloat16) for n in need]
+    want_out = [torch.zeros(x.numel(), dtype=torch.bfloat16) for x in out]
+    ulysses_push_qkv(q.cpu(), k.cpu(), v.cpu(), heads, want, 1, J, J)
+    ulysses_push_out(o.cpu(), heads, want_out, 1, L, True)
+    assert all(torch.equal(d.cpu(), w) for d, w in zip(dst, want, strict=True))
+    assert all(torch.equal(x.cpu(), w) for x, w in zip(out, want_out, strict=True))

@@ -31,6 +31,9 @@ into this process (symmetric memory over NVLink: ``usp_attention``'s ``XDIT_OPS_
 
 CUDA runs the native kernels (``csrc/include/xdit_ops/ulysses_pack.cuh``: one launch, vectorised
 up to 16 bytes); CPU runs the torch references below. Both are exact copies, any dtype.
+``XDIT_OPS_PUSH_KERNEL`` picks the push kernels: ``v2`` (default: one tile of one destination's
+rows per block, eight 16-byte loads in flight per thread) or ``v1`` (a row per block, the first
+version, kept for one release to compare with); read on every call, results identical.
 
 The public functions check their arguments in Python before a native call (the CPU references
 check for themselves), with the exceptions the references raise: on the GPU machine a failing
@@ -41,6 +44,7 @@ check for themselves), with the exceptions the references raise: on the GPU mach
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import torch
@@ -54,6 +58,8 @@ PUSH = "ulysses_push_qkv"
 PUSH_OUT = "ulysses_push_out"
 MAX_PUSH_HEADS = 1024  # kMaxPushHeads in csrc/include/xdit_ops/ulysses_pack.h
 MAX_RANKS = 64  # kMaxUlyssesRanks, ibid.
+PUSH_KERNEL_ENV = "XDIT_OPS_PUSH_KERNEL"
+PUSH_KERNELS = ("v1", "v2")
 
 lib.define(f"{PACK}(Tensor q, Tensor k, Tensor v, int[] heads) -> Tensor")
 lib.define(
@@ -245,6 +251,15 @@ def check_push_out(o: torch.Tensor, heads: Sequence[int], dst: Sequence[torch.Te
     J = T - U * L
     _check_push_dst(PUSH_OUT, dst, o, [B * (J + L) * H * D] * U)
     return J, H, sum(heads[:rank])
+
+
+def push_kernel(op: str = PUSH) -> str:
+    """The push kernel ``XDIT_OPS_PUSH_KERNEL`` selects for CUDA: ``"v2"`` (also when unset or
+    empty) or ``"v1"``; anything else raises (named after ``op``)."""
+    value = os.environ.get(PUSH_KERNEL_ENV) or "v2"
+    if value not in PUSH_KERNELS:
+        raise ValueError(f"{op}: {PUSH_KERNEL_ENV} must be one of {PUSH_KERNELS}, got {value!r}")
+    return value
 
 
 def _check_push_dst(op: str, dst: Sequence[torch.Tensor], like: torch.Tensor,
@@ -439,6 +454,7 @@ def ulysses_push_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: S
     """
     if q.device.type != "cpu":
         check_push(q, k, v, heads, dst, rank, J, Jk)
+        push_kernel(PUSH)
     torch.ops.xdit_ops.ulysses_push_qkv.default(q, k, v, list(heads), list(dst), rank, J, Jk)
 
 
@@ -463,4 +479,5 @@ def ulysses_push_out(o: torch.Tensor, heads: Sequence[int], dst: Sequence[torch.
     """
     if o.device.type != "cpu":
         check_push_out(o, heads, dst, rank, L)
+        push_kernel(PUSH_OUT)
     torch.ops.xdit_ops.ulysses_push_out.default(o, list(heads), list(dst), rank, L, joint_front)

@@ -73,7 +73,7 @@ __device__ __forceinline__ void build_head_table(int64_t* table, const HeadSplit
 // Selecting with ternaries keeps the three-way choice in registers: indexing the kernel
 // parameter arrays with a runtime index would copy them to local memory.
 template <typename T>
-__device__ __forceinline__ T pick3(int t, T a, T b, T c) {
+__host__ __device__ __forceinline__ T pick3(int t, T a, T b, T c) {
   return t == 0 ? a : (t == 1 ? b : c);
 }
 
@@ -296,6 +296,231 @@ __global__ void ulysses_push_out_kernel(UlyssesPushOutArgs a) {
       for (int64_t u = u0; u < u1; ++u) dst[u][off + i] = x;
     }
   }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Push kernels, version 2 (the default; XDIT_OPS_PUSH_KERNEL=v1 selects the ones above).
+//
+// Why v1 is slow at small sizes: a block walks rows (one token of one tensor), so every row pays
+// two 64-bit divisions, and its 256 lanes cover a row of heads * dv vectors (384 at 24 heads of
+// 128 bf16) with half the lanes idle on the second pass; each vector costs a 32-bit division,
+// a 32-byte table read and a pointer select, and since a store may alias the next load the
+// compiler keeps one 16-byte load in flight per thread (load, store, load, store: the SASS).
+// At 48 registers (ptxas, sm_90a) 5 blocks fit an SM, so at (1,4608,24,128) over 4 ranks its
+// grid of 8 blocks per SM runs in 1.6 waves.
+//
+// v2 copies "segments": a run of n_rows rows of one source block whose row is R = heads * dv
+// vectors (heads of one destination), stored to rows of the destination. Every row of a
+// segment is one run in the destination, so segment vector i is (row, rem) = divmod(i, R) and
+// rem = (head, c) = divmod(rem, dv) on the source side. A block copies one tile of
+// kPushTileVecs consecutive vectors of one segment: the tile's segment and bases are worked out
+// once per block from blockIdx, the per-vector divisions are multiply-high by host-computed
+// constants, and each thread loads all its kPushUnroll vectors before it stores any. Blocks of neighbouring
+// indices go to different destinations (every destination is written all the time, each rank
+// starting with its next peer), one tile per block, so the hardware's block scheduler does the
+// load balancing and the last wave is short.
+
+// n / d and n % d for 0 <= n < 2^31, 1 <= d < 2^31, by a multiply-high: with
+// s = ceil(log2 d) and m = floor(2^32 (2^s - d) / d) + 1, floor(n / d) = (mulhi(n, m) + n) >> s
+// (the 33-bit multiplier 2^32 + m split into its top bit and m; n < 2^31 keeps the sum in 32
+// bits).
+struct FastDiv {
+  uint32_t d, m;
+  int s;
+};
+
+inline FastDiv make_fast_div(uint32_t d) {
+  int s = 0;
+  while ((uint64_t{1} << s) < d) ++s;
+  const uint64_t m = ((((uint64_t{1} << s) - d) << 32) / d) + 1;
+  return FastDiv{d, static_cast<uint32_t>(m), s};
+}
+
+__host__ __device__ __forceinline__ uint32_t mulhi32(uint32_t a, uint32_t b) {
+#ifdef __CUDA_ARCH__
+  return __umulhi(a, b);
+#else
+  return static_cast<uint32_t>((static_cast<uint64_t>(a) * b) >> 32);
+#endif
+}
+
+__host__ __device__ __forceinline__ uint32_t fast_div(uint32_t n, const FastDiv& f) {
+  return (mulhi32(n, f.m) + n) >> f.s;
+}
+
+// A non-coherent (read-only path) load on the device; the sources are never written by the
+// kernel (the destinations are other allocations).
+template <typename Vec>
+__host__ __device__ __forceinline__ Vec load_ro(const Vec* p) {
+#ifdef __CUDA_ARCH__
+  return __ldg(p);
+#else
+  return *p;
+#endif
+}
+
+// Threads per block and vectors per thread of the v2 push kernels (one tile per block).
+constexpr int kPushThreads = 256;
+constexpr int kPushUnroll = 8;
+constexpr int kPushTileVecs = kPushThreads * kPushUnroll;
+
+// One tile: vectors [i0, i0 + kPushTileVecs) of a segment of n vectors (i0 + kPushTileVecs
+// < 2^31, checked by the launcher), thread `tid` taking i0 + tid + k * kPushThreads. Source
+// vector (row, g, c) at src + row * ss + g * sh + c; destination row `row` at
+// dst[u] + row * ds, its rem-th vector. The loaded vectors go to num_dst destinations (the
+// joint rows of the output push go to every rank). dst_of(u) returns the u-th base.
+template <typename Vec, typename DstOf>
+__host__ __device__ __forceinline__ void push_copy_tile(const Vec* src, int64_t ss, int64_t sh,
+                                                        DstOf dst_of, int num_dst, int64_t ds,
+                                                        uint32_t n, const FastDiv& row_div,
+                                                        const FastDiv& dv_div, uint32_t i0,
+                                                        int tid) {
+  Vec v[kPushUnroll];
+  // all loads first: kPushUnroll independent loads in flight per thread
+#ifdef __CUDA_ARCH__
+#pragma unroll
+#endif
+  for (int k = 0; k < kPushUnroll; ++k) {
+    const uint32_t i = i0 + tid + k * kPushThreads;
+    const uint32_t row = fast_div(i, row_div), rem = i - row * row_div.d;
+    const uint32_t g = fast_div(rem, dv_div), c = rem - g * dv_div.d;
+    if (i < n) v[k] = load_ro(src + row * ss + g * sh + c);
+  }
+  // then the stores; (row, rem) again rather than kept: two registers a vector saved for three
+  // instructions
+  for (int u = 0; u < num_dst; ++u) {
+    Vec* dst = dst_of(u);
+#ifdef __CUDA_ARCH__
+#pragma unroll
+#endif
+    for (int k = 0; k < kPushUnroll; ++k) {
+      const uint32_t i = i0 + tid + k * kPushThreads;
+      const uint32_t row = fast_div(i, row_div), rem = i - row * row_div.d;
+      if (i < n) dst[row * ds + rem] = v[k];
+    }
+  }
+}
+
+// Per destination rank j of the input push: its query and K/V buffers, its first head, the
+// divider by its row length R_j = heads_j * dv (vectors) and the tiles of one (t, b) segment
+// (L rows of R_j vectors).
+struct PushDestV2 {
+  void* q;
+  void* kv;
+  int head_start;
+  int tiles_per_seg;
+  FastDiv row;
+};
+
+struct UlyssesPushV2Args {
+  const void* src[3];
+  int64_t stride_b[3], stride_s[3], stride_h[3];  // vectors
+  int64_t batch, seq, joint, joint_kv;            // B, L, J, Jk
+  int ranks, rank;
+  FastDiv dv;  // vectors per head
+  PushDestV2 dest[kMaxUlyssesRanks];
+};
+
+// Block -> (slot = block % U, c = block / U); slot k serves rank (rank + 1 + k) % U, so
+// neighbouring blocks write to different ranks and every rank starts with its next peer. Rank
+// j's tiles c enumerate its 3 * B segments (t, b) of L rows (q's B, then k's, then v's), each
+// cut into tiles_per_seg tiles; blocks past a smaller share (uneven heads) exit at once.
+// Kernel parameters are __grid_constant__, so dest[j] with a runtime j reads the parameter
+// bank in place instead of copying the array to local memory.
+// (A host-and-device function of (block, thread), so that a host program can run the same
+// index arithmetic block by block.)
+template <typename Vec>
+__host__ __device__ __forceinline__ void push_v2_block(const UlyssesPushV2Args& a,
+                                                       unsigned block, int tid) {
+  const int slot = static_cast<int>(block % static_cast<unsigned>(a.ranks));
+  const int c = static_cast<int>(block / static_cast<unsigned>(a.ranks));
+  int j = a.rank + 1 + slot;
+  if (j >= a.ranks) j -= a.ranks;  // rank + 1 + slot < 2U
+  const PushDestV2& d = a.dest[j];
+  const int tps = d.tiles_per_seg;
+  if (tps == 0 || c >= 3 * static_cast<int>(a.batch) * tps) return;
+  const int seg = c / tps, chunk = c - seg * tps;
+  const int t = seg / static_cast<int>(a.batch);
+  const int64_t b = seg - t * a.batch;
+  const int64_t R = d.row.d, gathered = a.ranks * a.seq;
+  const int64_t at = a.rank * a.seq;  // this rank's first row among the gathered ones
+  // q: row b * (J + U*L) + J + at of [B, J + U*L, R]; k, v: row ((t-1) * B + b) * (Jk + U*L)
+  // + Jk + at of [2, B, Jk + U*L, R].
+  Vec* dst = t == 0 ? static_cast<Vec*>(d.q) + (b * (a.joint + gathered) + a.joint + at) * R
+                    : static_cast<Vec*>(d.kv) +
+                          (((t - 1) * a.batch + b) * (a.joint_kv + gathered) + a.joint_kv + at) *
+                              R;
+  const int64_t sh = pick3(t, a.stride_h[0], a.stride_h[1], a.stride_h[2]);
+  const Vec* src = static_cast<const Vec*>(pick3(t, a.src[0], a.src[1], a.src[2])) +
+                   b * pick3(t, a.stride_b[0], a.stride_b[1], a.stride_b[2]) + d.head_start * sh;
+  push_copy_tile<Vec>(src, pick3(t, a.stride_s[0], a.stride_s[1], a.stride_s[2]), sh,
+                      [dst](int) { return dst; }, 1, R, static_cast<uint32_t>(a.seq * R), d.row,
+                      a.dv, static_cast<uint32_t>(chunk) * kPushTileVecs, tid);
+}
+
+template <typename Vec>
+__global__ void __launch_bounds__(kPushThreads)
+    ulysses_push_v2_kernel(const __grid_constant__ UlyssesPushV2Args a) {
+  push_v2_block<Vec>(a, blockIdx.x, threadIdx.x);
+}
+
+struct UlyssesPushOutV2Args {
+  const void* src;
+  int64_t stride_b, stride_s, stride_h;  // vectors
+  void* dst[kMaxUlyssesRanks];
+  int64_t batch, joint, seq;   // B, J, L
+  int64_t out_row, head_off;   // H * dv: a destination row; h0 * dv: this rank's heads in it
+  int ranks, rank;
+  bool joint_front;
+  int tiles_seq, tiles_joint;  // tiles of one (b, u) segment (L rows), of one joint one (J rows)
+  FastDiv row, dv;             // R = h * dv; vectors per head
+};
+
+// Blocks [0, U * B * tiles_seq): sequence tiles, slot = block % U serving rank
+// (rank + 1 + slot) % U, c = block / U -> (b, tile) of that rank's L rows (source rows
+// J + u*L ..); then B * tiles_joint joint tiles, each loaded once and stored to every rank.
+template <typename Vec>
+__host__ __device__ __forceinline__ void push_out_v2_block(const UlyssesPushOutV2Args& a,
+                                                           unsigned block, int tid) {
+  const int64_t R = a.row.d, rows_out = a.joint + a.seq;
+  const unsigned num_seq = static_cast<unsigned>(a.ranks * a.batch * a.tiles_seq);
+  const Vec* src = static_cast<const Vec*>(a.src);
+  if (block < num_seq) {
+    const int slot = static_cast<int>(block % static_cast<unsigned>(a.ranks));
+    const int c = static_cast<int>(block / static_cast<unsigned>(a.ranks));
+    int u = a.rank + 1 + slot;
+    if (u >= a.ranks) u -= a.ranks;  // rank + 1 + slot < 2U
+    const int64_t b = c / a.tiles_seq;
+    const int chunk = c - static_cast<int>(b) * a.tiles_seq;
+    // rank u's L rows: rows J + u*L .. of o, rows (J or 0) .. of its output
+    Vec* dst = static_cast<Vec*>(a.dst[u]) +
+               (b * rows_out + (a.joint_front ? a.joint : 0)) * a.out_row + a.head_off;
+    push_copy_tile<Vec>(src + b * a.stride_b + (a.joint + u * a.seq) * a.stride_s, a.stride_s,
+                        a.stride_h, [dst](int) { return dst; }, 1, a.out_row,
+                        static_cast<uint32_t>(a.seq * R), a.row, a.dv,
+                        static_cast<uint32_t>(chunk) * kPushTileVecs, tid);
+  } else {
+    const int c = static_cast<int>(block - num_seq);
+    const int64_t b = c / a.tiles_joint;
+    const int chunk = c - static_cast<int>(b) * a.tiles_joint;
+    // the J joint rows, rows 0 .. of o, to rows (0 or L) .. of every rank's output
+    const int64_t off = (b * rows_out + (a.joint_front ? 0 : a.seq)) * a.out_row + a.head_off;
+    push_copy_tile<Vec>(
+        src + b * a.stride_b, a.stride_s, a.stride_h,
+        [&a, off](int k) {
+          int u = a.rank + 1 + k;
+          if (u >= a.ranks) u -= a.ranks;
+          return static_cast<Vec*>(a.dst[u]) + off;
+        },
+        a.ranks, a.out_row, static_cast<uint32_t>(a.joint * R), a.row, a.dv,
+        static_cast<uint32_t>(chunk) * kPushTileVecs, tid);
+  }
+}
+
+template <typename Vec>
+__global__ void __launch_bounds__(kPushThreads)
+    ulysses_push_out_v2_kernel(const __grid_constant__ UlyssesPushOutV2Args a) {
+  push_out_v2_block<Vec>(a, blockIdx.x, threadIdx.x);
 }
 
 }  // namespace xdit_ops

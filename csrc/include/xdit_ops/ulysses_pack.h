@@ -69,6 +69,11 @@ struct UlyssesPushParams {
   int64_t batch, seq, heads, head_dim, joint, joint_kv;  // B, L, H, D, J, Jk
   int num_ranks, rank;
   int head_start[kMaxUlyssesRanks + 1];
+  // Which kernel (XDIT_OPS_PUSH_KERNEL in the torch launcher): 2, tiles of one destination
+  // segment per block (the default), or 1, rows per block (the first version, kept for one
+  // release to compare with). Version 2 falls back to 1 past its 32-bit tile indices (a
+  // segment of 2^31 vectors).
+  int kernel_version = 2;
 };
 
 // Output push: this rank's attention output o [B, J + U*L, h, D] (joint rows first, any
@@ -82,6 +87,8 @@ struct UlyssesPushOutParams {
   int64_t batch, joint, seq, heads_total, head_start, heads, head_dim;  // B, J, L, H, h0, h, D
   bool joint_front;
   int num_ranks;
+  int rank = 0;            // this rank (version 2 starts with rank + 1's rows)
+  int kernel_version = 2;  // as in UlyssesPushParams
 };
 
 // Launch on `stream`; return the launch error (never synchronise). elem_size: bytes per element.
