@@ -431,7 +431,7 @@ def attend_quantized(qq: QuantizedQKV, out_dtype: torch.dtype, return_lse: bool 
     if impl == "emulation":
         return fp8_attention_quantized_ref(qq, out_dtype)
     if impl in SM90_IMPLS:
-        if SM90_VT_PV_ORDER[impl]:
+        if SM90_VT_PV_ORDER[impl] and not qq.vt_pv_order:
             qq = _in_pv_order(qq)
         return attention_quantized_sm90(qq, out_dtype, return_lse, impl)
     from xdit_ops.triton.fp8_attention import attention_quantized_triton
