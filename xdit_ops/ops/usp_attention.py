@@ -872,9 +872,15 @@ def _build_plan(q, k, v, joint_lengths, joint_tokens, joint_front, seq_len, back
         p.wire = make_wire_plan(B, L, D, heads, p.h_me, mine)
     p.fp8ring = None
     if R > 1 and ring_applies(wire_sw, backend, U, R, L, joint_lengths is not None, q.dtype, D):
-        # FP8 K/V around the ring (usp_fp8_ring): quantized once, blocks of 1-byte codes
-        p.path = "fp8ring"
-        p.fp8ring = make_ring_plan(q, L, mine[0], J + sum(lens))
+        # FP8 K/V around the ring (usp_fp8_ring): quantized once, blocks of 1-byte codes; on a
+        # hybrid grid the FP8 wire's exchange first, its assembled keys the ring's block
+        count = J + sum(lens)
+        if U == 1:
+            p.path = "fp8ring"
+            p.fp8ring = make_ring_plan(B, L, H, D, mine[0], count)
+        else:
+            p.path = "fp8hybrid"
+            p.fp8ring = make_ring_plan(B, L, H, D, sum(mine), count, heads, p.h_me, mine)
     p.in_splits = _exchange_splits(3 * B * L * D, heads, p.h_me, True)  # [3, B, L, h, D]
     p.out_splits = _exchange_splits(B * (J + L) * v.shape[3], heads, p.h_me, False)
     p.lse_splits = _exchange_splits(B * (J + L), heads, p.h_me, False)
@@ -1062,12 +1068,11 @@ def _attend(p: _Plan, qbuf, kv, kj, vj, joint_lengths, scale, backend, dtype):
     return _merge_parts(p, parts, part_lses, dtype)
 
 
-def _attend_fp8_ring(p: _Plan, q, k, v, scale, dtype):
-    """The FP8 ring (``usp_fp8_ring``): quantize the local tokens once with the statistics of
-    the whole sequence, pass the quantized K/V blocks (one byte buffer each) around the ring,
-    attend each with the quantized attention kernel, add the joint keys' partial, merge.
-    Returns (out [B, J + L, H, D], lse [B, H, J + L]) in the local row order."""
-    call = RingFp8Call(q, k, v, p.J, p.joint_front, p.fp8ring, p.rg, scale)
+def _attend_fp8_ring(p: _Plan, call: RingFp8Call, device: torch.device, dtype: torch.dtype):
+    """The FP8 ring (``usp_fp8_ring``) on ``call``'s quantized tokens (quantized once with the
+    statistics of the whole sequence): pass the quantized K/V blocks (one byte buffer each)
+    around the ring, attend each with the quantized attention kernel, add the joint keys'
+    partial, merge. Returns (out [B, rows, h, D], lse [B, h, rows]) in ``call``'s query rows."""
     parts: list[torch.Tensor] = []
     part_lses: list[torch.Tensor] = []
 
@@ -1076,10 +1081,10 @@ def _attend_fp8_ring(p: _Plan, q, k, v, scale, dtype):
 
     nbytes = p.fp8ring.nbytes
     if p.ring == "ce":
-        _ring_ce(p, (nbytes,), torch.uint8, q.device, call.pack, attend_block, parts,
+        _ring_ce(p, (nbytes,), torch.uint8, device, call.pack, attend_block, parts,
                  part_lses)
     else:
-        block = q.new_empty(nbytes, dtype=torch.uint8)
+        block = torch.empty(nbytes, dtype=torch.uint8, device=device)
         call.pack(block)
         _ring_nccl(p, block, attend_block, parts, part_lses)
     if call.joint is not None:
@@ -1109,7 +1114,8 @@ def _run(p: _Plan, q, k, v, joint_lengths, scale, backend, return_lse):
         return _attend(p, qbuf, kv, kj, vj, joint_lengths, scale, backend, dtype)
 
     if p.path == "fp8ring":
-        out, lse = _attend_fp8_ring(p, q, k, v, scale, dtype)  # local row order already
+        call = RingFp8Call.ring_only(q, k, v, J, joint_front, p.fp8ring, p.rg, scale)
+        out, lse = _attend_fp8_ring(p, call, q.device, dtype)  # local row order already
     elif p.path == "local":
         qbuf = q if (joint_front or J == 0) else torch.cat([q_j, q_s], dim=1)
         if p.R > 1:
@@ -1137,6 +1143,12 @@ def _run(p: _Plan, q, k, v, joint_lengths, scale, backend, return_lse):
         elif p.path == "fp8wire":
             out_h, lse_h = ulysses_fp8_wire(q_s, k_s, v_s, q_j, k_j, v_j, p.heads, p.u_rank,
                                             p.ug, p.wire, scale, return_lse)
+            out = _ulysses_out(out_h, J, L, p.heads, p.ug, joint_front, p.out_splits)
+        elif p.path == "fp8hybrid":
+            # the FP8 wire's exchange, then its assembled keys around the ring
+            call = RingFp8Call.hybrid(q_s, k_s, v_s, q_j, k_j, v_j, p.heads, p.u_rank, p.ug,
+                                      p.rg, p.fp8ring, scale)
+            out_h, lse_h = _attend_fp8_ring(p, call, q.device, dtype)
             out = _ulysses_out(out_h, J, L, p.heads, p.ug, joint_front, p.out_splits)
         elif p.path == "pipelined":
             out, lse_h = _ulysses_pipelined(q_s, k_s, v_s, q_j, k_j, v_j, J, p.Jk, joint_front,
