@@ -31,7 +31,8 @@ the efficiency against both T1s: ``efficiency`` (against cuDNN bf16, the issue's
 rows have ``fp8_wire`` true and ``usp_paths`` the paths the op planned), and the configs
 ``ring-fp8wire`` and ``ring-nccl-fp8wire``: the ring with the same switch (each rank quantizes
 once with the whole sequence's statistics, the ring passes 1-byte K/V blocks; the copy-engine
-ring and the NCCL P2P ring; ``usp_paths`` ``["fp8ring"]``).
+ring and the NCCL P2P ring; ``usp_paths`` ``["fp8ring"]``), and on 4+ GPUs ``hybrid-fp8wire``
+(2 x N/2: the FP8 wire, then FP8 blocks around the copy-engine ring; ``["fp8hybrid"]``).
 ``--no-host`` skips the host-time modes and floors.
 
     torchrun --nproc-per-node=4 benchmarks/bench_usp.py [--quick] [--out DIR]
@@ -206,7 +207,8 @@ def main() -> None:
                         "symmetric memory), ring, ring-nccl, hybrid; with --backend fp8 also "
                         "ulysses-fp8wire (NCCL all-to-all of FP8 codes: "
                         "XDIT_OPS_USP_FP8_WIRE=1), ring-fp8wire, ring-nccl-fp8wire (FP8 K/V "
-                        "blocks around the copy-engine / NCCL ring, the same switch)")
+                        "blocks around the copy-engine / NCCL ring, the same switch), "
+                        "hybrid-fp8wire (both, 2 x N/2)")
     p.add_argument("--backend", default="auto",
                    help="usp_attention's local kernel (attention's backends, e.g. fp8)")
     p.add_argument("--no-host", action="store_true",
@@ -228,6 +230,8 @@ def main() -> None:
     if args.backend == "fp8":
         configs += [("ulysses-fp8wire", world, 1), ("ring-fp8wire", 1, world),
                     ("ring-nccl-fp8wire", 1, world)]
+        if world >= 4 and world % 2 == 0:
+            configs += [("hybrid-fp8wire", 2, world // 2)]
     if args.configs != "all":
         want = args.configs.split(",")
         configs = [c for c in configs if c[0] in want]

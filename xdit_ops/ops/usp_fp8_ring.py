@@ -2,9 +2,10 @@
 
 ``usp_attention(..., backend="fp8")`` on a ring otherwise passes bf16/fp16 K/V blocks around
 the ring and quantizes every (query, block) pair separately: each block gets its own K mean
-and V scales, and the query is quantized once per step. With the switch on a ring-only grid
-(Ulysses degree 1, ring degree R > 1, no ``joint_lengths``), every rank quantizes once and the
-ring carries the 1-byte codes:
+and V scales, and the query is quantized once per step. With the switch on a grid with a ring
+(ring degree R > 1, no ``joint_lengths``), every rank quantizes once and the ring carries the
+1-byte codes (ring-only grid: :meth:`RingFp8Call.ring_only`; hybrid Ulysses x ring grid:
+:meth:`RingFp8Call.hybrid`, at the end):
 
 1. Statistics, as the Ulysses FP8 wire (:mod:`xdit_ops.ops.usp_fp8_wire`) computes them: each
    rank sums the rotated K of its valid shard keys and takes their V channel amax; one
@@ -29,7 +30,14 @@ ring carries the 1-byte codes:
 
 The quantized Q, its scales, the V scales and the K mean never travel: they are the same on
 every step. The result equals one device's FP8 attention of the gathered sequence given these
-statistics, up to the P rounding of the online softmax (its running max restarts per block).
+statistics, up to the P rounding of the online softmax (its running max restarts per block)
+and the rounding of each block's output to the input dtype before the merge.
+
+On a hybrid grid the statistics are reduced over the Ulysses group, then over the ring group;
+the FP8 wire's exchange (:mod:`xdit_ops.ops.usp_fp8_wire`) moves the codes of each rank's
+heads, its assembly gives the query rows ``[joint; U * L gathered]`` and the Ulysses group's
+valid keys, and those keys (``h`` heads, ``U * L`` keys padded to 64) are the ring block. The
+ring partners share a Ulysses rank, so their blocks have the same heads and size.
 """
 
 from __future__ import annotations
