@@ -13,6 +13,8 @@ Per rank, in one op:
 2. Ring (degree R): the K/V block of U*L tokens travels around the ring on P2P sends posted
    before each step's attention (double-buffered), so the transfer overlaps the compute;
    partial results merge with their LSEs in fp32 (``merge_attention_states_``, a native kernel).
+   With ``backend="fp8"`` and ``XDIT_OPS_USP_FP8_WIRE=1`` the blocks are FP8/INT8 codes,
+   quantized once with the whole sequence's statistics (``usp_fp8_ring``).
 3. The joint keys form their own partial when they must be counted once under a ring or masked
    per sample (``joint_lengths``); otherwise they sit in front of the gathered keys.
 4. Padded keys (``seq_len`` < the padded length, or per-shard ``shard_lengths``) are cut off by
