@@ -28,7 +28,11 @@ the efficiency against both T1s: ``efficiency`` (against cuDNN bf16, the issue's
 ``efficiency_vs_fp8``, and the single-GPU FP8 error next to the parallel one. With
 ``--backend fp8`` the config ``ulysses-fp8wire`` is added: the NCCL Ulysses exchange with
 ``XDIT_OPS_USP_FP8_WIRE=1`` (quantized before the all-to-all, 1-byte codes on the wire; its
-rows have ``fp8_wire`` true and ``usp_paths`` the paths the op planned).
+rows have ``fp8_wire`` true and ``usp_paths`` the paths the op planned), and the configs
+``ring-fp8wire`` and ``ring-nccl-fp8wire``: the ring with the same switch (each rank quantizes
+once with the whole sequence's statistics, the ring passes 1-byte K/V blocks; the copy-engine
+ring and the NCCL P2P ring; ``usp_paths`` ``["fp8ring"]``), and on 4+ GPUs ``hybrid-fp8wire``
+(2 x N/2: the FP8 wire, then FP8 blocks around the copy-engine ring; ``["fp8hybrid"]``).
 ``--no-host`` skips the host-time modes and floors.
 
     torchrun --nproc-per-node=4 benchmarks/bench_usp.py [--quick] [--out DIR]
@@ -202,7 +206,9 @@ def main() -> None:
                         "pipelined over N head chunks), ulysses-ce[-cN] (copy engines over "
                         "symmetric memory), ring, ring-nccl, hybrid; with --backend fp8 also "
                         "ulysses-fp8wire (NCCL all-to-all of FP8 codes: "
-                        "XDIT_OPS_USP_FP8_WIRE=1)")
+                        "XDIT_OPS_USP_FP8_WIRE=1), ring-fp8wire, ring-nccl-fp8wire (FP8 K/V "
+                        "blocks around the copy-engine / NCCL ring, the same switch), "
+                        "hybrid-fp8wire (both, 2 x N/2)")
     p.add_argument("--backend", default="auto",
                    help="usp_attention's local kernel (attention's backends, e.g. fp8)")
     p.add_argument("--no-host", action="store_true",
@@ -222,7 +228,10 @@ def main() -> None:
     if world >= 4 and world % 2 == 0:
         configs += [("hybrid", 2, world // 2)]
     if args.backend == "fp8":
-        configs += [("ulysses-fp8wire", world, 1)]
+        configs += [("ulysses-fp8wire", world, 1), ("ring-fp8wire", 1, world),
+                    ("ring-nccl-fp8wire", 1, world)]
+        if world >= 4 and world % 2 == 0:
+            configs += [("hybrid-fp8wire", 2, world // 2)]
     if args.configs != "all":
         want = args.configs.split(",")
         configs = [c for c in configs if c[0] in want]
@@ -261,13 +270,14 @@ def main() -> None:
         for name, u, r in configs:
             # the ring here: copy engine over symmetric memory (opt-in in the op); "-nccl":
             # NCCL P2P (the op's default)
-            os.environ["XDIT_OPS_USP_RING"] = "nccl" if name.endswith("-nccl") else "ce"
+            os.environ["XDIT_OPS_USP_RING"] = "nccl" if "-nccl" in name else "ce"
             # "-ce": the Ulysses exchange over the copy engines (default: its own chunking);
             # "-cN": N head chunks (falls back to 1 when heads don't split)
             ce = "-ce" in name
             # "ulysses": the op's default transport (auto: the push where peers map each
             # other's memory); "-push" / "-nccl": that transport by name
-            # "-fp8wire": quantize before the exchange, NCCL all-to-all of the FP8 codes
+            # "-fp8wire": quantize before the exchange, NCCL all-to-all of the FP8 codes (on a
+            # ring: quantize once, FP8 K/V blocks around the ring)
             wire = name.endswith("-fp8wire")
             os.environ["XDIT_OPS_USP_FP8_WIRE"] = "1" if wire else "0"
             transport = ("ce" if ce else "push" if name.endswith("-push") else
@@ -328,6 +338,8 @@ def main() -> None:
                 }
                 if impl == "xdit_ops" and u > 1 and r == 1:
                     row["ulysses_transport"] = transport
+                if impl == "xdit_ops" and r > 1:
+                    row["ring_transport"] = os.environ["XDIT_OPS_USP_RING"]
                 if t1_fp8_ms is not None and impl == "xdit_ops":
                     row |= {"fp8_wire": wire,
                             "usp_paths": sorted({pl.path for pl in _usp._PLANS.values()

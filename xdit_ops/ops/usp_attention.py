@@ -13,6 +13,8 @@ Per rank, in one op:
 2. Ring (degree R): the K/V block of U*L tokens travels around the ring on P2P sends posted
    before each step's attention (double-buffered), so the transfer overlaps the compute;
    partial results merge with their LSEs in fp32 (``merge_attention_states_``, a native kernel).
+   With ``backend="fp8"`` and ``XDIT_OPS_USP_FP8_WIRE=1`` the blocks are FP8/INT8 codes,
+   quantized once with the whole sequence's statistics (``usp_fp8_ring``).
 3. The joint keys form their own partial when they must be counted once under a ring or masked
    per sample (``joint_lengths``); otherwise they sit in front of the gathered keys.
 4. Padded keys (``seq_len`` < the padded length, or per-shard ``shard_lengths``) are cut off by
@@ -45,6 +47,7 @@ from xdit_ops.ops.attention import (
 )
 from xdit_ops.ops.merge_attention_states import MAX_PARTIALS
 from xdit_ops.ops.ulysses_pack import push_region_size, push_regions  # (registers the pack ops)
+from xdit_ops.ops.usp_fp8_ring import RingFp8Call, make_ring_plan, ring_applies
 from xdit_ops.ops.usp_fp8_wire import WIRE_ENV, make_wire_plan, ulysses_fp8_wire, wire_applies
 from xdit_ops.parallel.state import get_parallel_state
 from xdit_ops.reference.attention import attention_ref
@@ -726,7 +729,7 @@ class _Plan:
         "heads", "h0", "h_me", "Jk", "joint_inline", "ring_n", "n0", "cut0",
         "mine", "squeeze", "path", "chunks", "ring", "nxt", "prv", "in_splits",
         "out_splits", "lse_splits", "seq_len", "check",
-        "agree_key", "attn_backend", "push_key", "wire",
+        "agree_key", "attn_backend", "push_key", "wire", "fp8ring",
     )
 
 
@@ -869,6 +872,17 @@ def _build_plan(q, k, v, joint_lengths, joint_tokens, joint_front, seq_len, back
         # FP8 on the wire (usp_fp8_wire): quantized before an all-to-all of 1-byte codes
         p.path = "fp8wire"
         p.wire = make_wire_plan(B, L, D, heads, p.h_me, mine)
+    p.fp8ring = None
+    if R > 1 and ring_applies(wire_sw, backend, U, R, L, joint_lengths is not None, q.dtype, D):
+        # FP8 K/V around the ring (usp_fp8_ring): quantized once, blocks of 1-byte codes; on a
+        # hybrid grid the FP8 wire's exchange first, its assembled keys the ring's block
+        count = J + sum(lens)
+        if U == 1:
+            p.path = "fp8ring"
+            p.fp8ring = make_ring_plan(B, L, H, D, mine[0], count)
+        else:
+            p.path = "fp8hybrid"
+            p.fp8ring = make_ring_plan(B, L, H, D, sum(mine), count, heads, p.h_me, mine)
     p.in_splits = _exchange_splits(3 * B * L * D, heads, p.h_me, True)  # [3, B, L, h, D]
     p.out_splits = _exchange_splits(B * (J + L) * v.shape[3], heads, p.h_me, False)
     p.lse_splits = _exchange_splits(B * (J + L), heads, p.h_me, False)
@@ -933,91 +947,70 @@ def _squeezed(p: _Plan, kv: torch.Tensor) -> torch.Tensor:
     return torch.cat(pieces + [kv.new_zeros(pad)], dim=2)
 
 
-def _attend(p: _Plan, qbuf, kv, kj, vj, joint_lengths, scale, backend, dtype):
-    """Attention of qbuf over every key of the sequence (ring steps + joint partial).
+def _ring_ce(p: _Plan, shape: tuple, dtype: torch.dtype, device: torch.device, fill,
+             attend_block, parts: list, part_lses: list) -> None:
+    """The ring over the copy engines: this rank's block (``fill(buf)`` writes it into a
+    symmetric buffer of ``shape``/``dtype``) and every other rank's, each attended by
+    ``attend_block(block, n)`` -> (out, lse) over its ``n`` valid keys, appended to
+    ``parts``/``part_lses``.
 
-    Each block's partial result is kept and all are merged once, at the end, by one native
-    pass over them (instead of an fp32 read-modify-write of the accumulator per step).
-    """
-    parts: list[torch.Tensor] = []
-    part_lses: list[torch.Tensor] = []
+    Pull model over symmetric memory: at step t every rank computes on its buffer t % 2 while
+    its side stream copies the previous rank's buffer t % 2 into its own buffer (t + 1) % 2 (a
+    device-to-device memcpy: the copy engine, over NVLink), then a barrier marks every copy of
+    step t done. Hazards: a buffer is overwritten only after this rank's attention on it (side
+    waits for the compute stream) and after the next rank has pulled it (the barrier of the
+    step before)."""
     R, r_rank = p.R, p.r_rank
-    if R == 1:
-        kk, vv = kv.unbind(0) if isinstance(kv, torch.Tensor) else kv
-        if p.cut0:
-            kk, vv = kk[:, :p.n0], vv[:, :p.n0]
-        o, lse = _local_attention(qbuf, kk, vv, scale, backend, p.attn_backend)
-        parts.append(o)
-        part_lses.append(lse)
-    elif p.ring == "ce":
-        # Pull model over symmetric memory: at step t every rank computes on its buffer
-        # t % 2 while its side stream copies the previous rank's buffer t % 2 into its own
-        # buffer (t + 1) % 2 (a device-to-device memcpy: the copy engine, over NVLink), then
-        # a barrier marks every copy of step t done. Hazards: a buffer is overwritten only
-        # after this rank's attention on it (side waits for the compute stream) and after
-        # the next rank has pulled it (the barrier of the step before).
-        device = qbuf.device
-        # kv: this rank's block [2, B, n, h, D], or (k, v) each [B, n, h, D] (a ring-only grid:
-        # copied straight into the ring buffer, no stacked copy first)
-        stacked = isinstance(kv, torch.Tensor)
-        shape = tuple(kv.shape) if stacked else (2, *kv[0].shape)
-        kv_dtype = kv.dtype if stacked else kv[0].dtype
-        bufs, handle = _ring_buffers(p.rg, shape, kv_dtype, device)
-        if stacked:
-            bufs[0].copy_(kv)
-        else:
-            bufs[0][0].copy_(kv[0])
-            bufs[0][1].copy_(kv[1])
-        side = _side_stream(device)
-        compute = torch.cuda.current_stream(device)
-        prev = (r_rank - 1) % R
-        numel = math.prod(shape)
-        for step in range(R):
-            if step + 1 < R:
-                side.wait_stream(compute)
-                with torch.cuda.stream(side):
-                    if step == 0:
-                        handle.barrier(channel=0)  # every rank's first block is in place
-                    src = handle.get_buffer(prev, shape, kv_dtype, (step % 2) * numel)
-                    bufs[(step + 1) % 2].copy_(src)
-                    handle.barrier(channel=0)
-            n = p.ring_n[step]
-            if n > 0:
-                cur = bufs[step % 2]
-                o, lse = _local_attention(qbuf, cur[0, :, :n], cur[1, :, :n], scale, backend,
-                                          p.attn_backend)
-                parts.append(o)
-                part_lses.append(lse)
-            if step + 1 < R:
-                compute.wait_stream(side)
-    else:
-        rg, nxt, prv = p.rg, p.nxt, p.prv
-        cur = kv
-        for step in range(R):
-            reqs = []
-            if step + 1 < R:  # post the next block's transfer before this block's attention
-                nxt_buf = torch.empty_like(cur)
-                reqs = dist.batch_isend_irecv([
-                    dist.P2POp(dist.isend, cur, nxt, group=rg),
-                    dist.P2POp(dist.irecv, nxt_buf, prv, group=rg),
-                ])
-            n = p.ring_n[step]
-            if n > 0:
-                o, lse = _local_attention(qbuf, cur[0, :, :n], cur[1, :, :n], scale, backend,
-                                          p.attn_backend)
-                parts.append(o)
-                part_lses.append(lse)
-            for r in reqs:
-                r.wait()
-            if step + 1 < R:
-                cur = nxt_buf
-    if kj is not None:
-        if joint_lengths is not None:
-            o, lse = _masked_joint_attention(qbuf, kj, vj, joint_lengths, scale, backend)
-        else:
-            o, lse = _local_attention(qbuf, kj, vj, scale, backend, p.attn_backend)
-        parts.append(o)
-        part_lses.append(lse)
+    bufs, handle = _ring_buffers(p.rg, shape, dtype, device)
+    fill(bufs[0])
+    side = _side_stream(device)
+    compute = torch.cuda.current_stream(device)
+    prev = (r_rank - 1) % R
+    numel = math.prod(shape)
+    for step in range(R):
+        if step + 1 < R:
+            side.wait_stream(compute)
+            with torch.cuda.stream(side):
+                if step == 0:
+                    handle.barrier(channel=0)  # every rank's first block is in place
+                src = handle.get_buffer(prev, shape, dtype, (step % 2) * numel)
+                bufs[(step + 1) % 2].copy_(src)
+                handle.barrier(channel=0)
+        n = p.ring_n[step]
+        if n > 0:
+            o, lse = attend_block(bufs[step % 2], n)
+            parts.append(o)
+            part_lses.append(lse)
+        if step + 1 < R:
+            compute.wait_stream(side)
+
+
+def _ring_nccl(p: _Plan, cur: torch.Tensor, attend_block, parts: list, part_lses: list) -> None:
+    """The ring over NCCL P2P (gloo on CPU): this rank's contiguous block ``cur`` and every
+    other rank's, each attended by ``attend_block(block, n)`` -> (out, lse) over its ``n``
+    valid keys while the next block is in flight, appended to ``parts``/``part_lses``."""
+    R, rg, nxt, prv = p.R, p.rg, p.nxt, p.prv
+    for step in range(R):
+        reqs = []
+        if step + 1 < R:  # post the next block's transfer before this block's attention
+            nxt_buf = torch.empty_like(cur)
+            reqs = dist.batch_isend_irecv([
+                dist.P2POp(dist.isend, cur, nxt, group=rg),
+                dist.P2POp(dist.irecv, nxt_buf, prv, group=rg),
+            ])
+        n = p.ring_n[step]
+        if n > 0:
+            o, lse = attend_block(cur, n)
+            parts.append(o)
+            part_lses.append(lse)
+        for r in reqs:
+            r.wait()
+        if step + 1 < R:
+            cur = nxt_buf
+
+
+def _merge_parts(p: _Plan, parts: list, part_lses: list, dtype: torch.dtype):
+    """The partial results merged by their LSEs (one native pass per ``MAX_PARTIALS``)."""
     if not parts:  # every key was padding: not reachable with a valid seq_len
         raise ValueError(f"{OP}: no valid keys (seq_len={p.seq_len})")
     if len(parts) == 1:
@@ -1028,6 +1021,79 @@ def _attend(p: _Plan, qbuf, kv, kj, vj, joint_lengths, scale, backend, dtype):
         parts = [o.to(parts[-1].dtype)] + parts[MAX_PARTIALS:]
         part_lses = [lse] + part_lses[MAX_PARTIALS:]
     return merge(parts, part_lses, dtype)  # 2..MAX_PARTIALS partials left
+
+
+def _attend(p: _Plan, qbuf, kv, kj, vj, joint_lengths, scale, backend, dtype):
+    """Attention of qbuf over every key of the sequence (ring steps + joint partial).
+
+    Each block's partial result is kept and all are merged once, at the end, by one native
+    pass over them (instead of an fp32 read-modify-write of the accumulator per step).
+    """
+    parts: list[torch.Tensor] = []
+    part_lses: list[torch.Tensor] = []
+    if p.R == 1:
+        kk, vv = kv.unbind(0) if isinstance(kv, torch.Tensor) else kv
+        if p.cut0:
+            kk, vv = kk[:, :p.n0], vv[:, :p.n0]
+        o, lse = _local_attention(qbuf, kk, vv, scale, backend, p.attn_backend)
+        parts.append(o)
+        part_lses.append(lse)
+    else:
+        def attend_block(cur, n):
+            return _local_attention(qbuf, cur[0, :, :n], cur[1, :, :n], scale, backend,
+                                    p.attn_backend)
+
+        if p.ring == "ce":
+            # kv: this rank's block [2, B, n, h, D], or (k, v) each [B, n, h, D] (a ring-only
+            # grid: copied straight into the ring buffer, no stacked copy first)
+            stacked = isinstance(kv, torch.Tensor)
+            shape = tuple(kv.shape) if stacked else (2, *kv[0].shape)
+
+            def fill(buf):
+                if stacked:
+                    buf.copy_(kv)
+                else:
+                    buf[0].copy_(kv[0])
+                    buf[1].copy_(kv[1])
+
+            _ring_ce(p, shape, kv.dtype if stacked else kv[0].dtype, qbuf.device, fill,
+                     attend_block, parts, part_lses)
+        else:
+            _ring_nccl(p, kv, attend_block, parts, part_lses)
+    if kj is not None:
+        if joint_lengths is not None:
+            o, lse = _masked_joint_attention(qbuf, kj, vj, joint_lengths, scale, backend)
+        else:
+            o, lse = _local_attention(qbuf, kj, vj, scale, backend, p.attn_backend)
+        parts.append(o)
+        part_lses.append(lse)
+    return _merge_parts(p, parts, part_lses, dtype)
+
+
+def _attend_fp8_ring(p: _Plan, call: RingFp8Call, device: torch.device, dtype: torch.dtype):
+    """The FP8 ring (``usp_fp8_ring``) on ``call``'s quantized tokens (quantized once with the
+    statistics of the whole sequence): pass the quantized K/V blocks (one byte buffer each)
+    around the ring, attend each with the quantized attention kernel, add the joint keys'
+    partial, merge. Returns (out [B, rows, h, D], lse [B, h, rows]) in ``call``'s query rows."""
+    parts: list[torch.Tensor] = []
+    part_lses: list[torch.Tensor] = []
+
+    def attend_block(block, n):
+        return call.attend(block, n, dtype)
+
+    nbytes = p.fp8ring.nbytes
+    if p.ring == "ce":
+        _ring_ce(p, (nbytes,), torch.uint8, device, call.pack, attend_block, parts,
+                 part_lses)
+    else:
+        block = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        call.pack(block)
+        _ring_nccl(p, block, attend_block, parts, part_lses)
+    if call.joint is not None:
+        o, lse = call.attend(*call.joint, dtype)
+        parts.append(o)
+        part_lses.append(lse)
+    return _merge_parts(p, parts, part_lses, dtype)
 
 
 def _run(p: _Plan, q, k, v, joint_lengths, scale, backend, return_lse):
@@ -1049,7 +1115,10 @@ def _run(p: _Plan, q, k, v, joint_lengths, scale, backend, return_lse):
     def attend(qbuf, kv, kj, vj):
         return _attend(p, qbuf, kv, kj, vj, joint_lengths, scale, backend, dtype)
 
-    if p.path == "local":
+    if p.path == "fp8ring":
+        call = RingFp8Call.ring_only(q, k, v, J, joint_front, p.fp8ring, p.rg, scale)
+        out, lse = _attend_fp8_ring(p, call, q.device, dtype)  # local row order already
+    elif p.path == "local":
         qbuf = q if (joint_front or J == 0) else torch.cat([q_j, q_s], dim=1)
         if p.R > 1:
             # NCCL sends one contiguous block; the copy-engine ring copies K and V into its
@@ -1076,6 +1145,12 @@ def _run(p: _Plan, q, k, v, joint_lengths, scale, backend, return_lse):
         elif p.path == "fp8wire":
             out_h, lse_h = ulysses_fp8_wire(q_s, k_s, v_s, q_j, k_j, v_j, p.heads, p.u_rank,
                                             p.ug, p.wire, scale, return_lse)
+            out = _ulysses_out(out_h, J, L, p.heads, p.ug, joint_front, p.out_splits)
+        elif p.path == "fp8hybrid":
+            # the FP8 wire's exchange, then its assembled keys around the ring
+            call = RingFp8Call.hybrid(q_s, k_s, v_s, q_j, k_j, v_j, p.heads, p.u_rank, p.ug,
+                                      p.rg, p.fp8ring, scale)
+            out_h, lse_h = _attend_fp8_ring(p, call, q.device, dtype)
             out = _ulysses_out(out_h, J, L, p.heads, p.ug, joint_front, p.out_splits)
         elif p.path == "pipelined":
             out, lse_h = _ulysses_pipelined(q_s, k_s, v_s, q_j, k_j, v_j, J, p.Jk, joint_front,

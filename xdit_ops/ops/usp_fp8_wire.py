@@ -278,23 +278,28 @@ def _all_gather(out: torch.Tensor, inp: torch.Tensor, group: dist.ProcessGroup) 
 
 
 def global_stats(ksum: torch.Tensor, vmax: torch.Tensor, joint: tuple | None, count: int,
-                 group: dist.ProcessGroup) -> tuple[torch.Tensor, torch.Tensor]:
+                 group: dist.ProcessGroup | tuple[dist.ProcessGroup, ...]
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The K mean and V amax of the whole sequence from every rank's shard partials.
 
     ``ksum``/``vmax`` [B, H, Dp] fp32: this rank's; ``joint``: the joint tokens' (the same on
     every rank; None without joint tokens); ``count``: valid keys of the whole sequence. One
-    all-gather; the partials are added in rank order, so every rank gets the same bits.
-    Returns (k_mean, v_amax) [B, H, Dp] fp32, v_amax with zeros replaced by 1.
+    all-gather per group (``group``: one, or several to reduce over in turn, e.g. the Ulysses
+    then the ring group of a hybrid grid); the partials are added in rank order, so every rank
+    gets the same bits. Returns (k_mean, v_amax) [B, H, Dp] fp32, v_amax with zeros replaced
+    by 1.
     """
-    U = dist.get_world_size(group)
-    mine = torch.stack([ksum, vmax])
-    everyone = mine.new_empty(U * mine.numel())
-    _all_gather(everyone, mine.reshape(-1), group)
-    everyone = everyone.view(U, *mine.shape)
-    total = everyone[0, 0]
-    for i in range(1, U):
-        total = total + everyone[i, 0]
-    amax = everyone[:, 1].amax(dim=0)
+    total, amax = ksum, vmax
+    for g in group if isinstance(group, tuple) else (group,):
+        U = dist.get_world_size(g)
+        mine = torch.stack([total, amax])
+        everyone = mine.new_empty(U * mine.numel())
+        _all_gather(everyone, mine.reshape(-1), g)
+        everyone = everyone.view(U, *mine.shape)
+        total = everyone[0, 0]
+        for i in range(1, U):
+            total = total + everyone[i, 0]
+        amax = everyone[:, 1].amax(dim=0)
     if joint is not None:
         total = total + joint[0]
         amax = torch.maximum(amax, joint[1])
@@ -431,7 +436,7 @@ def attend_quantized(qq: QuantizedQKV, out_dtype: torch.dtype, return_lse: bool 
     if impl == "emulation":
         return fp8_attention_quantized_ref(qq, out_dtype)
     if impl in SM90_IMPLS:
-        if SM90_VT_PV_ORDER[impl]:
+        if SM90_VT_PV_ORDER[impl] and not qq.vt_pv_order:
             qq = _in_pv_order(qq)
         return attention_quantized_sm90(qq, out_dtype, return_lse, impl)
     from xdit_ops.triton.fp8_attention import attention_quantized_triton
