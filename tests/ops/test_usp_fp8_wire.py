@@ -323,7 +323,8 @@ def _worker(rank, world, device="cpu", cases=None):
         x = [t.contiguous() for t in dit_like_qkv(1, 64, 2, 64, seed=rank)]
         with pytest.raises(ValueError, match="disagree.*_FP8_WIRE"):
             xdit_ops.usp_attention(*x, backend="fp8")
-    xdit_ops.destroy_parallel()
+    if device == "cpu":
+        xdit_ops.destroy_parallel()
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])
@@ -362,13 +363,16 @@ def _graph_check(rank):
 
 
 def _worker_gpu(rank, world):
+    # One NCCL process group for every phase: a destroy_process_group then a new one in the
+    # same workers failed in runs 35-36 (the second rendezvous: rank 1's NCCL bootstrap found
+    # no listener on rank 0) before the CUDA-graph check could run.
     for impl in ("auto", "triton"):
         os.environ["XDIT_OPS_FP8_IMPL"] = impl
         _worker(rank, world, "cuda", GPU_CASES)
         os.environ["XDIT_OPS_USP_FP8_WIRE"] = "1"
         xdit_ops.init_parallel(ulysses_degree=world)
         _graph_check(rank)
-        xdit_ops.destroy_parallel()
+    xdit_ops.destroy_parallel()
 
 
 @pytest.mark.multigpu(2)
