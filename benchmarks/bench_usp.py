@@ -289,6 +289,9 @@ def main() -> None:
             os.environ["XDIT_OPS_USP_CHUNKS"] = str(chunks)
             chunks_used = (_ce_chunks(H // u, str(chunks)) if ce else
                            _pipelined_chunks(H, u, r, str(chunks)))
+            # a fresh plan cache per config, so that a row's usp_paths are the paths this
+            # config planned (run 36 reported the union over every earlier config)
+            _usp._PLANS.clear()
             xdit_ops.init_parallel(ulysses_degree=u, ring_degree=r)
             shards = [xdit_ops.shard_sequence(t)[0] for t in (q, k, v)]
             def ours(shards=shards, S=S):
