@@ -281,3 +281,32 @@ def run_in_triton_interpreter(script: str, done: str) -> str:
                          capture_output=True, text=True, timeout=240, cwd=REPO_ROOT)
     assert res.returncode == 0 and done in res.stdout, res.stdout + res.stderr
     return res.stdout
+
+
+def assert_cuda_graph_replays(call: Callable, inputs: tuple, fresh: tuple) -> None:
+    """CUDA-graph capture and replay of ``call()`` equals its eager result, also after new
+    values (``fresh``, one tensor per tensor of ``inputs``) are copied into ``inputs`` in place.
+
+    Warms up on a side stream as torch's capture rules ask, captures one call, poisons the
+    captured output with NaN, replays and compares bit for bit; then copies ``fresh`` in,
+    replays, and checks the replay equals a new eager call that differs from the first.
+    """
+    eager = call()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        call()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = call()
+    out.fill_(float("nan"))
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager)
+    for t, x in zip(inputs, fresh, strict=True):
+        t.copy_(x)
+    g.replay()
+    again = call()
+    torch.cuda.synchronize()
+    assert not torch.equal(again, eager) and torch.equal(out, again)

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import xdit_ops
-from tests.utils import run_distributed, run_in_triton_interpreter
+from tests.utils import assert_cuda_graph_replays, run_distributed, run_in_triton_interpreter
 from xdit_ops.ops import usp_fp8_wire as wire
 from xdit_ops.reference.attention import attention_ref
 from xdit_ops.reference.fp8_attention import (
@@ -340,25 +340,7 @@ def _graph_check(rank):
     def call():
         return xdit_ops.usp_attention(q, k, v, joint_tokens=16, backend="fp8")
 
-    eager = call()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        call()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        out = call()
-    out.fill_(float("nan"))
-    g.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(out, eager)
-    for t, x in zip((q, k, v), dit_like_qkv(1, 1040, 8, 128, seed=rank + 10), strict=True):
-        t.copy_(x)
-    g.replay()
-    fresh = call()
-    torch.cuda.synchronize()
-    assert not torch.equal(fresh, eager) and torch.equal(out, fresh)
+    assert_cuda_graph_replays(call, (q, k, v), dit_like_qkv(1, 1040, 8, 128, seed=rank + 10))
     assert {p.path for p in _usp._PLANS.values() if p.U > 1} == {"fp8wire"}
 
 

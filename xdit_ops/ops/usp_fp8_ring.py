@@ -52,11 +52,9 @@ from xdit_ops.ops import usp_fp8_wire as _wire
 from xdit_ops.ops.usp_fp8_wire import (
     KEY_BLOCK,
     WirePlan,
-    assemble,
     attend_quantized,
     global_stats,
     make_wire_plan,
-    pack_send,
     quantize_tokens,
     token_stats,
     wire_switch,
@@ -227,31 +225,13 @@ class RingFp8Call:
         and its assembly, whose keys (this Ulysses group's valid keys) become the ring block.
         q_s, k_s, v_s : [B, L, H, D] the shard; q_j, k_j, v_j : [B, J, H, D] or None. Query
         rows ``[joint; U * L gathered]`` of this rank's heads (``_ulysses_out``'s input)."""
-        B, L, H, D = q_s.shape
-        wp = rp.wire
-        U = len(heads)
-        h = heads[u_rank]
-        hs = slice(sum(heads[:u_rank]), sum(heads[:u_rank]) + h)
-        if scale is None:
-            scale = 1.0 / math.sqrt(D)
-        n_me = wp.mine[u_rank]
-        ksum, vmax = token_stats(k_s[:, :n_me], v_s[:, :n_me])
+        D = q_s.shape[3]
         J = 0 if q_j is None else q_j.shape[1]
-        joint_stats = token_stats(k_j, v_j) if J else None
-        k_mean, v_amax = global_stats(ksum, vmax, joint_stats, rp.count, (ug, rg))
-        send = pack_send(quantize_tokens(q_s, k_s, v_s, k_mean, v_amax, scale), heads)
-        out_splits, in_splits, total = wp.sizes
-        recv = send.new_empty(total)
-        _wire._all_to_all(recv, send, out_splits, in_splits, ug)
-        joint = None
-        if J:
-            joint = quantize_tokens(q_j[:, :, hs], k_j[:, :, hs], v_j[:, :, hs],
-                                    k_mean[:, hs].contiguous(), v_amax[:, hs].contiguous(),
-                                    scale)
-        qq = assemble(recv, joint, v_amax[:, hs], U, B, L, h, D, wp.mine)
+        qq, v_amax = _wire.exchange_assemble(q_s, k_s, v_s, q_j, k_j, v_j, heads, u_rank, ug,
+                                             rp.wire, scale, (ug, rg), rp.count)
         # keys [joint; this group's valid keys]: the block is the latter
         return cls(qq.q, qq.q_scale, qq.lse_corr, (qq.k, qq.k_scale, qq.vt.view(torch.uint8)),
-                   J, rp.n_me, 0, J, v_amax[:, hs], D, _wants_pv_order(q_s.device, D))
+                   J, rp.n_me, 0, J, v_amax, D, _wants_pv_order(q_s.device, D))
 
     def pack(self, dst: torch.Tensor) -> None:
         """This rank's block (its valid keys) into ``dst`` (flat uint8, the plan's nbytes)."""

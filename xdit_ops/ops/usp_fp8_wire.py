@@ -444,6 +444,47 @@ def attend_quantized(qq: QuantizedQKV, out_dtype: torch.dtype, return_lse: bool 
     return attention_quantized_triton(qq, out_dtype, return_lse)
 
 
+def exchange_assemble(q_s, k_s, v_s, q_j, k_j, v_j, heads: list[int], u_rank: int,
+                      group: dist.ProcessGroup, wp: WirePlan, scale: float | None,
+                      stats_groups: tuple[dist.ProcessGroup, ...] | None = None,
+                      count: int | None = None) -> tuple[QuantizedQKV, torch.Tensor]:
+    """The FP8 wire's statistics, quantization, exchange and assembly for one rank.
+
+    Parameters as :func:`ulysses_fp8_wire`; ``stats_groups``: the groups the statistics are
+    reduced over (default: ``group``; the FP8 ring's hybrid grid passes the Ulysses then the
+    ring group); ``count``: the valid keys of the whole sequence (default: the joint tokens
+    and every Ulysses shard's valid keys).
+
+    Returns
+    -------
+    qq : :class:`QuantizedQKV` of this rank's heads over the group's gathered sequence.
+    v_amax : [B, h, Dp] fp32, this rank's heads' V channel amax.
+    """
+    B, L, H, D = q_s.shape
+    U = len(heads)
+    h = heads[u_rank]
+    hs = slice(sum(heads[:u_rank]), sum(heads[:u_rank]) + h)
+    if scale is None:
+        scale = 1.0 / math.sqrt(D)
+    n_me = wp.mine[u_rank]
+    ksum, vmax = token_stats(k_s[:, :n_me], v_s[:, :n_me])
+    J = 0 if q_j is None else q_j.shape[1]
+    joint_stats = token_stats(k_j, v_j) if J else None
+    if count is None:
+        count = J + sum(wp.mine)
+    k_mean, v_amax = global_stats(ksum, vmax, joint_stats, count,
+                                  group if stats_groups is None else stats_groups)
+    send = pack_send(quantize_tokens(q_s, k_s, v_s, k_mean, v_amax, scale), heads)
+    out_splits, in_splits, total = wp.sizes
+    recv = send.new_empty(total)
+    _all_to_all(recv, send, out_splits, in_splits, group)
+    joint = None
+    if J:
+        joint = quantize_tokens(q_j[:, :, hs], k_j[:, :, hs], v_j[:, :, hs],
+                                k_mean[:, hs].contiguous(), v_amax[:, hs].contiguous(), scale)
+    return assemble(recv, joint, v_amax[:, hs], U, B, L, h, D, wp.mine), v_amax[:, hs]
+
+
 def ulysses_fp8_wire(q_s, k_s, v_s, q_j, k_j, v_j, heads: list[int], u_rank: int,
                      group: dist.ProcessGroup, wp: WirePlan, scale: float | None,
                      return_lse: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -462,31 +503,11 @@ def ulysses_fp8_wire(q_s, k_s, v_s, q_j, k_j, v_j, heads: list[int], u_rank: int
     out : [B, J + U*L, h, D] this rank's heads, joint rows first (what ``_ulysses_out`` takes).
     lse : [B, h, J + U*L] fp32.
     """
-    B, L, H, D = q_s.shape
-    U = len(heads)
-    h = heads[u_rank]
-    h0 = sum(heads[:u_rank])
-    if scale is None:
-        scale = 1.0 / math.sqrt(D)
-    n_me = wp.mine[u_rank]
-    ksum, vmax = token_stats(k_s[:, :n_me], v_s[:, :n_me])
-    J = 0 if q_j is None else q_j.shape[1]
-    joint_stats = token_stats(k_j, v_j) if J else None
-    k_mean, v_amax = global_stats(ksum, vmax, joint_stats, J + sum(wp.mine), group)
-    send = pack_send(quantize_tokens(q_s, k_s, v_s, k_mean, v_amax, scale), heads)
-    out_splits, in_splits, total = wp.sizes
-    recv = send.new_empty(total)
-    _all_to_all(recv, send, out_splits, in_splits, group)
-    hs = slice(h0, h0 + h)
-    joint = None
-    if J:
-        joint = quantize_tokens(q_j[:, :, hs], k_j[:, :, hs], v_j[:, :, hs],
-                                k_mean[:, hs].contiguous(), v_amax[:, hs].contiguous(), scale)
-    qq = assemble(recv, joint, v_amax[:, hs], U, B, L, h, D, wp.mine)
+    qq, _ = exchange_assemble(q_s, k_s, v_s, q_j, k_j, v_j, heads, u_rank, group, wp, scale)
     return attend_quantized(qq, q_s.dtype, return_lse)
 
 
 __all__ = ["WIRE_ENV", "WireFields", "WirePlan", "assemble", "attend_quantized",
-           "global_stats", "make_wire_plan", "pack_send", "quantize_tokens",
+           "exchange_assemble", "global_stats", "make_wire_plan", "pack_send", "quantize_tokens",
            "quantize_tokens_ref", "token_bytes", "token_stats", "token_stats_ref",
            "ulysses_fp8_wire", "wire_applies", "wire_switch"]
