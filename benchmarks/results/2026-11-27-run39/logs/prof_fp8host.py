@@ -1,5 +1,4 @@
 # ruff: noqa
-# ruff: noqa
 # Host time of one eager fp8_attention call at (1,4608,24,128) bf16, per impl, with cProfile.
 import cProfile, io, os, pstats, statistics, sys, time
 sys.path.insert(0, os.environ["SRC"])
