@@ -1050,10 +1050,10 @@ def test_fnuz_cast_is_round_to_nearest_even_and_nan_past_the_max():
     codes = torch.arange(127, dtype=torch.int32)
     tie = torch.where(codes % 2 == 0, codes, codes + 1)  # the even one of codes i, i + 1
     for sign in (1.0, -1.0):
-        def cast(x):
+        def cast(x, sign=sign):
             return (sign * x).float().to(FNUZ).view(torch.uint8).int()
 
-        def signed(c):
+        def signed(c, sign=sign):
             return torch.where((c != 0) & (sign < 0), c | 0x80, c)
 
         assert torch.equal(cast(mid), signed(tie))
@@ -1093,7 +1093,8 @@ def _adversarial_qkv():
 def _amax_scale_products_past_the_max(fmt) -> torch.Tensor:
     """fp32 amaxes a where fp32(a * fp32(max / a)) > max: V's largest value scales past the
     format's max unless clamped (found by search; nonempty for both formats)."""
-    a = torch.exp(torch.empty(1 << 16).uniform_(-20, 20, generator=torch.Generator().manual_seed(1)))
+    g = torch.Generator().manual_seed(1)
+    a = torch.exp(torch.empty(1 << 16).uniform_(-20, 20, generator=g))
     past = (a * (fmt.max / a)) > fmt.max
     return a[past]
 
@@ -1280,3 +1281,66 @@ _FNUZ_INTERPRETER_CHECK = textwrap.dedent("""
 
 def test_triton_kernels_fnuz_in_the_cpu_interpreter():
     _run_in_interpreter(_FNUZ_INTERPRETER_CHECK, "fnuz interpreter ok")
+
+
+def _compile_gfx942(fn, signature: dict, constexprs: dict, num_warps: int, num_stages: int,
+                    aligned: list[str] | tuple[str, ...] = ()):
+    """``fn`` compiled for AMD MI300 (gfx942, wave64) by Triton's AMD backend, which the
+    Triton wheel carries (LLVM's AMDGPU target and linker are in libtriton): (amdgcn text,
+    VGPRs, AGPRs, spilled VGPRs)."""
+    import re
+
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    try:
+        k = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs,
+                                     attrs=attrs),
+                           target=GPUTarget("hip", "gfx942", 64),
+                           options={"num_warps": num_warps, "num_stages": num_stages})
+    except (RuntimeError, ImportError, KeyError) as exc:  # no AMD backend in this Triton
+        pytest.skip(f"cannot compile for gfx942 here: {exc}")
+    asm = k.asm["amdgcn"]
+
+    def field(name):
+        return int(re.search(rf"\.{name}:\s*(\d+)", asm).group(1))
+
+    return asm, field("vgpr_count"), field("agpr_count"), field("vgpr_spill_count")
+
+
+@pytest.mark.parametrize("DP", [64, 128])
+def test_triton_kernels_compile_for_gfx942_with_fnuz(DP):
+    """The quantization K/V kernel and the attention kernel specialised for e4m3fnuz V^T,
+    compiled for MI300 (gfx942): V and P are converted by the hardware's fp32 -> fp8 (fnuz on
+    gfx942) instruction, Q K^T runs on the i8 MFMA and P.V on the fp8 MFMA, and the attention
+    kernel's ROCm launch config compiles without spills."""
+    import re
+
+    from xdit_ops.triton import fp8_attention as launcher
+    from xdit_ops.triton.kernels import fp8_attention as kernels
+
+    launch = launcher.QUANT_LAUNCH[DP]
+    names, types, aligned = _QUANT_SIGNATURES["quantize_kv_kernel"]
+    types = [t.replace("fp8e4nv", "fp8e4b8") for t in types]
+    const = {"D": DP, "DP": DP, "UPCAST": False, "BLOCK_S": launcher.QUANT_BLOCK_S,
+             "NUM_CHUNKS_P2": 32, "VT_PV_ORDER": False}
+    sig = dict(zip(names, types, strict=True)) | dict.fromkeys(const, "constexpr")
+    asm, *_ = _compile_gfx942(kernels.quantize_kv_kernel, sig, const, launch.num_warps,
+                              launch.kv_stages, aligned)
+    assert "v_cvt_pk_fp8_f32" in asm
+    cfg = launcher.ROCM_CONFIGS[DP]
+    names = ["Q8", "QSCALE", "K8", "KSCALE", "VT8", "VSCALE", "LSECORR", "OUT", "LSE",
+             "stride_ob", "stride_os", "stride_oh", "H", "Sq", "Sk", "Sk_pad"]
+    types = ["*i8", "*fp32", "*i8", "*fp32", "*fp8e4b8", "*fp32", "*fp32", "*bf16", "*fp32"] + \
+        ["i32"] * 7
+    const = {"D": DP, "DP": DP, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n,
+             "RETURN_LSE": True, "TWO_LEVEL": cfg.two_level, "FOLD_SCALES": cfg.fold_scales}
+    sig = dict(zip(names, types, strict=True)) | dict.fromkeys(const, "constexpr")
+    asm, vgprs, agprs, spills = _compile_gfx942(
+        kernels.attn_fwd_kernel, sig, const, cfg.num_warps, cfg.num_stages,
+        [n for n in names if n not in ("H",)])
+    assert "v_cvt_pk_fp8_f32" in asm
+    assert re.search(r"v_mfma_i32_\w+_i8", asm) and re.search(r"v_mfma_f32_\w+_fp8_fp8", asm)
+    assert spills == 0 and vgprs + agprs <= 512, (vgprs, agprs, spills)

@@ -135,6 +135,15 @@ DEFAULT_CONFIGS: dict[int, AttnConfig] = {
     64: AttnConfig(64, 64, 4, 3),
     128: AttnConfig(128, 128, 8, 3),
 }
+# On ROCm (AMD MI300, gfx942; wave64, 512 registers a lane counting the accumulation
+# registers): chosen by compiling for gfx942 (no MI300 has run them). The CUDA 128x128 tiles
+# over 8 warps spill there at head dim 128 (256 VGPRs, 150 spilled); 128x64 over 4 warps
+# compiles without spills (306 VGPRs + 50 AGPRs, 32 KB LDS), as the head-dim-64 CUDA config
+# does (233 VGPRs). Both 64-key tiles: the op's scheme (block_n 64).
+ROCM_CONFIGS: dict[int, AttnConfig] = {
+    64: AttnConfig(64, 64, 4, 3),
+    128: AttnConfig(128, 64, 4, 2),
+}
 # Triton's CPU interpreter: smaller tiles run faster there (CI).
 INTERPRET_CONFIG = AttnConfig(64, 64, 4, 1)
 
@@ -176,12 +185,14 @@ def parse_config(text: str) -> AttnConfig:
 
 def attn_config(dp: int) -> AttnConfig:
     """The attention kernel's configuration at padded head dim ``dp``: the environment's
-    :data:`CONFIG_ENV` (read per call, parsed once per text), else the interpreter's or
-    :data:`DEFAULT_CONFIGS`."""
+    :data:`CONFIG_ENV` (read per call, parsed once per text), else the interpreter's, or
+    :data:`ROCM_CONFIGS` on a ROCm build of torch, or :data:`DEFAULT_CONFIGS`."""
     text = os.environ.get(CONFIG_ENV)
     if text:
         return parse_config(text)
-    return INTERPRET_CONFIG if INTERPRET else DEFAULT_CONFIGS[dp]
+    if INTERPRET:
+        return INTERPRET_CONFIG
+    return (ROCM_CONFIGS if torch.version.hip is not None else DEFAULT_CONFIGS)[dp]
 
 
 def config_scheme(cfg: AttnConfig, fmt: Fp8Format = E4M3FN) -> Fp8AttentionScheme:
