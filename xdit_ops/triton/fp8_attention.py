@@ -137,7 +137,7 @@ DEFAULT_CONFIGS: dict[int, AttnConfig] = {
 }
 # On ROCm (AMD MI300, gfx942; wave64, 512 registers a lane counting the accumulation
 # registers): chosen by compiling for gfx942 (no MI300 has run them). The CUDA 128x128 tiles
-# over 8 warps spill there at head dim 128 (256 VGPRs, 150 spilled); 128x64 over 4 warps
+# over 8 warps spill there at head dim 128 (2 stages: 256 VGPRs, 150 spilled); 128x64 over 4 warps
 # compiles without spills (306 VGPRs + 50 AGPRs, 32 KB LDS), as the head-dim-64 CUDA config
 # does (233 VGPRs). Both 64-key tiles: the op's scheme (block_n 64).
 ROCM_CONFIGS: dict[int, AttnConfig] = {
