@@ -73,13 +73,19 @@ GATE_SHAPES = [
 
 @pytest.mark.parametrize("B,S,H,D,dtype", GATE_SHAPES)
 def test_gate_dit_like(B, S, H, D, dtype):
+    _check_gate(B, S, H, D, dtype, SCHEME, NAIVE_SCHEME)
+
+
+def _check_gate(B, S, H, D, dtype, scheme, naive_scheme):
+    """The gate for ``scheme`` on the DiT-like inputs of (B, S, H, D, dtype), and
+    ``naive_scheme`` (per tensor) failing it; returns ours' metrics."""
     q, k, v = dit_like_qkv(B, S, H, D, seed=S + D, dtype=dtype)
     ref, ref_lse = _oracle(q, k, v)
-    out, lse = fp8_attention_ref(q, k, v)
+    out, lse = fp8_attention_ref(q, k, v, scheme=scheme)
     assert out.dtype == dtype and out.shape == (B, S, H, D)
     ours = attention_error_metrics(out, ref)
     lse_mean, lse_p99, lse_max = _lse_errors(lse, ref_lse)
-    naive_out, naive_lse = fp8_attention_naive_ref(q, k, v)
+    naive_out, naive_lse = fp8_attention_ref(q, k, v, scheme=naive_scheme)
     naive = attention_error_metrics(naive_out, ref)
     naive_lse_mean = _lse_errors(naive_lse, ref_lse)[0]
     report = (
@@ -96,6 +102,7 @@ def test_gate_dit_like(B, S, H, D, dtype):
     assert naive["rel_l1"] >= 3 * ours["rel_l1"], report
     assert 1 - naive["cos_mean"] >= 10 * (1 - ours["cos_mean"]), report
     assert naive_lse_mean >= 10 * lse_mean, report
+    return ours | {"lse_mean": lse_mean}
 
 
 def test_each_piece_of_the_scheme_pays():
@@ -979,3 +986,361 @@ def test_cuda_scheme_follows_the_implementation(monkeypatch):
     monkeypatch.setenv("XDIT_OPS_FP8_IMPL", "triton")
     assert cuda_scheme(72) == config_scheme(attn_config(128))  # 72 is padded to 128
     assert cuda_scheme(64) == config_scheme(attn_config(64))
+
+
+# ---------------------------------------------------------------------------------------------
+# e4m3fnuz, AMD MI300's FP8 (max 240, exponent bias 8, no negative zero, NaN = 0x80, no
+# infinities): the scheme with V scaled to 240 and P by 2^7. There is no MI300 here: the
+# numerics are checked on the emulation, the Triton kernels in the CPU interpreter and by
+# compiling them for gfx942.
+
+from dataclasses import replace as _replace_scheme  # noqa: E402
+
+from xdit_ops.reference.fp8_attention import (  # noqa: E402
+    E4M3FN,
+    E4M3FNUZ,
+    FP8_FORMATS,
+    fp8_format_of,
+    with_format,
+)
+
+FNUZ = torch.float8_e4m3fnuz
+FNUZ_SCHEME = with_format(SCHEME, E4M3FNUZ)
+FNUZ_NAIVE_SCHEME = with_format(NAIVE_SCHEME, E4M3FNUZ)
+
+
+def test_fp8_format_records():
+    assert E4M3FNUZ.dtype == FNUZ and E4M3FNUZ.max == torch.finfo(FNUZ).max == 240.0
+    assert E4M3FN.dtype == FP8 and E4M3FN.max == torch.finfo(FP8).max == 448.0
+    for f in FP8_FORMATS.values():
+        assert fp8_format_of(f.dtype) is f
+        # P = exp2(s - m + p_shift) <= 2^p_shift: the largest power of two within the max.
+        assert 2.0 ** f.p_shift <= f.max < 2.0 ** (f.p_shift + 1)
+    assert with_format(SCHEME, E4M3FN) == SCHEME and with_format(SCHEME, "e4m3fnuz") == FNUZ_SCHEME
+    assert FNUZ_SCHEME.p_shift == 7.0 and FNUZ_SCHEME.fp8 is E4M3FNUZ
+    with pytest.raises(ValueError, match="p_shift 8.0 puts P up to .*256, past e4m3fnuz's max 240"):
+        _replace_scheme(FNUZ_SCHEME, p_shift=8.0)
+    with pytest.raises(ValueError, match="unknown FP8 format 'e5m2'"):
+        with_format(SCHEME, "e5m2")
+    with pytest.raises(ValueError, match="torch.float16 is not an FP8 format"):
+        fp8_format_of(torch.float16)
+    # The Triton kernels' own per-format constants and dtypes are the records'.
+    pytest.importorskip("triton")
+    import triton.language as tl
+
+    from xdit_ops.triton.kernels import fp8_attention as kernels
+
+    assert (kernels.E4M3FN_MAX, kernels.E4M3FN_P_SHIFT) == (E4M3FN.max, E4M3FN.p_shift)
+    assert (kernels.E4M3FNUZ_MAX, kernels.E4M3FNUZ_P_SHIFT) == (E4M3FNUZ.max, E4M3FNUZ.p_shift)
+    assert getattr(tl, E4M3FNUZ.triton_dtype) == tl.float8e4b8
+    assert getattr(tl, E4M3FN.triton_dtype) == tl.float8e4nv
+
+
+def test_fnuz_cast_is_round_to_nearest_even_and_nan_past_the_max():
+    """torch's fp32 -> e4m3fnuz cast (the emulation's) checked against the format's value table:
+    round to nearest, ties to the even code, at every midpoint of both signs; negative zero and
+    negative values that round to zero give 0x00 (there is no -0; 0x80 is the NaN); from 248
+    (the midpoint past 240) up, and inf/NaN, it gives NaN: no saturation, which is why the
+    scheme clamps to 240 before every cast. And e4m3fnuz is e4m3fn halved (bias one higher), so
+    P scaled by 2^7 gets e4m3fn's codes of P scaled by 2^8, byte for byte."""
+    vals = torch.arange(128, dtype=torch.uint8).view(FNUZ).double()  # codes 0x00..0x7f
+    assert vals[0] == 0 and vals[-1] == 240 and (vals[1:] > vals[:-1]).all()
+    lo, hi = vals[:-1], vals[1:]
+    mid = (lo + hi) / 2  # 5 significant bits: exact in fp32
+    codes = torch.arange(127, dtype=torch.int32)
+    tie = torch.where(codes % 2 == 0, codes, codes + 1)  # the even one of codes i, i + 1
+    for sign in (1.0, -1.0):
+        def cast(x, sign=sign):
+            return (sign * x).float().to(FNUZ).view(torch.uint8).int()
+
+        def signed(c, sign=sign):
+            return torch.where((c != 0) & (sign < 0), c | 0x80, c)
+
+        assert torch.equal(cast(mid), signed(tie))
+        assert torch.equal(cast(mid - (hi - lo) / 64), signed(codes))
+        assert torch.equal(cast(mid + (hi - lo) / 64), signed(codes + 1))
+        assert torch.equal(cast(vals), signed(torch.arange(128, dtype=torch.int32)))
+        assert torch.equal(cast(torch.tensor([240.0, 247.9])), signed(torch.tensor([0x7F] * 2)))
+    special = torch.tensor([248.0, 256.0, 1e6, float("inf"), -248.0, float("-inf"), float("nan")])
+    assert special.to(FNUZ).view(torch.uint8).eq(0x80).all()
+    tiny = torch.tensor([-0.0, -1e-30, -(2.0**-11), 2.0**-11, -(2.0**-10) * 0.49])
+    assert not tiny.to(FNUZ).view(torch.uint8).any()
+    # e4m3fnuz = e4m3fn / 2 below 240: the same bytes for P * 2^7 and P * 2^8.
+    p = torch.cat([torch.rand(1 << 16, generator=torch.Generator().manual_seed(0)),
+                   torch.exp2(-torch.linspace(0, 24, 4097)), torch.ones(1)])
+    assert torch.equal((p * 128).to(FNUZ).view(torch.uint8), (p * 256).to(FP8).view(torch.uint8))
+
+
+def _adversarial_qkv():
+    """bf16 Q, K, V [1, 256, 2, 64] that push the FP8 casts: a V channel of +-1e30,
+    channels where one huge key leaves the rest to underflow (negatives included), negative
+    zeros, all-zero channels, values exactly at their channel's amax; query rows whose scores
+    are all equal (P = 2^p_shift, its largest value, for every key) and rows of one dominant
+    key."""
+    q, k, v = dit_like_qkv(1, 256, 2, 64, seed=31, dtype=torch.float32)
+    v[..., 0] = torch.sign(v[..., 0]) * 1e30
+    v[..., 1] = -1e-3 * v[..., 1].abs()
+    v[:, 7, :, 1] = 5e4  # the other keys of channel 1 underflow (|v| * 240 / amax < 2^-11)
+    v[..., 2] = 0.0
+    v[..., 3] = -0.0
+    g = torch.Generator().manual_seed(5)
+    v[..., 4] = torch.randint(0, 2, v[..., 4].shape, generator=g).float() * 2 - 1  # +-amax
+    q[:, :8] = 0.0  # every score 0: P = 2^p_shift at every key
+    q[:, 8:16] = k[:, 100:108] * 50  # one key far above the rest
+    return q.bfloat16(), k.bfloat16(), v.bfloat16()
+
+
+def _amax_scale_products_past_the_max(fmt) -> torch.Tensor:
+    """fp32 amaxes a where fp32(a * fp32(max / a)) > max: V's largest value scales past the
+    format's max unless clamped (found by search; nonempty for both formats)."""
+    g = torch.Generator().manual_seed(1)
+    a = torch.exp(torch.empty(1 << 16).uniform_(-20, 20, generator=g))
+    past = (a * (fmt.max / a)) > fmt.max
+    return a[past]
+
+
+def test_fnuz_quantizer_never_makes_nan_or_values_past_240():
+    """The e4m3fnuz scheme on adversarial inputs: no V^T, P (or, per tensor, Q/K) code is 0x80
+    (NaN) or beyond 240; P reaches 2^7 = 128 and no more; the outputs are finite and accurate.
+    With e4m3fn's P shift (2^8 = 256 > 240) the scheme is refused, not left to make NaNs."""
+    past = _amax_scale_products_past_the_max(E4M3FNUZ)
+    assert past.numel() > 0  # the clamp before the cast is needed
+    q, k, v = _adversarial_qkv()
+    v[0, 9, 0, 5:5 + min(past.numel(), 59)] = past[:59].bfloat16()  # channel amaxes among them
+    for scheme in (FNUZ_SCHEME, FNUZ_NAIVE_SCHEME):
+        qq = quantize_qkv_ref(q, k, v, scheme=scheme)
+        assert qq.vt.dtype == FNUZ and qq.fp8_format is E4M3FNUZ
+        fields = [qq.vt] + ([qq.q, qq.k] if scheme is FNUZ_NAIVE_SCHEME else [])
+        for t in fields:
+            assert t.dtype == FNUZ
+            assert not t.view(torch.uint8).eq(0x80).any()
+            assert t.float().abs().max() <= 240
+        assert qq.vt.float().abs().amax().item() == 240  # the channel maxima map to 240
+        p_codes = []
+
+        def spy(x, codes=p_codes):
+            c = E4M3FNUZ.cast(x)
+            codes.append(c.view(torch.uint8).clone())
+            return c
+
+        out, lse = fp8_attention_quantized_ref(qq, torch.bfloat16, scheme, fp8_cast=spy)
+        p = torch.cat([c.flatten() for c in p_codes])
+        assert not p.eq(0x80).any()
+        assert p.view(FNUZ).float().max().item() == 128.0  # P = 2^7 at each row's max
+        assert torch.isfinite(out.float()).all() and torch.isfinite(lse).all()
+    # Against the fp64 oracle, on the channels past the adversarial ones, as accurate as
+    # e4m3fn. (Rows 8-16, one key ~10^3 above the rest, miss their LSE by ~2.7 in both
+    # formats: the INT8 Q K^T's relative error of such scores, not the FP8 format's.)
+    ref, ref_lse = _oracle(q, k, v)
+    err = {}
+    for name, scheme in (("fnuz", FNUZ_SCHEME), ("fn", SCHEME)):
+        out, lse = fp8_attention_ref(q, k, v, scheme=scheme)
+        e = (lse.double() - ref_lse).abs()
+        err[name] = attention_error_metrics(out[..., 5:], ref[..., 5:]) | {
+            "lse_rest": e[:, :, 16:].mean().item(), "lse_flat": e[:, :, :8].max().item()}
+    assert err["fnuz"]["cos_mean"] > 0.999 and err["fnuz"]["lse_rest"] < 1e-2, err
+    assert err["fnuz"]["lse_flat"] < 1e-6, err  # equal scores: LSE = log Sk exactly
+    assert err["fnuz"]["rel_l1"] <= 1.1 * err["fn"]["rel_l1"], err
+    with pytest.raises(ValueError, match="past e4m3fnuz's max 240"):
+        fp8_attention_quantized_ref(qq, torch.bfloat16, _replace_scheme(SCHEME, fp8=E4M3FNUZ))
+    # V^T in one format, the scheme in the other: an error, not a silent misread.
+    with pytest.raises(ValueError, match="V.T is torch.float8_e4m3fnuz but the scheme's FP8 "
+                                         "format is e4m3fn"):
+        fp8_attention_quantized_ref(quantize_qkv_ref(q, k, v, scheme=FNUZ_SCHEME),
+                                    torch.bfloat16, SCHEME)
+
+
+@pytest.mark.parametrize("B,S,H,D,dtype", GATE_SHAPES[:3])
+def test_gate_dit_like_e4m3fnuz(B, S, H, D, dtype):
+    """The e4m3fnuz scheme passes the same gate on the same inputs, the per-tensor e4m3fnuz
+    baseline fails it, and it is as accurate as e4m3fn (the formats differ by one binade at
+    each end; the measured rel L1 differ by a few percent)."""
+    fnuz = _check_gate(B, S, H, D, dtype, FNUZ_SCHEME, FNUZ_NAIVE_SCHEME)
+    q, k, v = dit_like_qkv(B, S, H, D, seed=S + D, dtype=dtype)
+    fn = attention_error_metrics(fp8_attention_ref(q, k, v)[0], _oracle(q, k, v)[0])
+    assert fnuz["rel_l1"] <= 1.1 * fn["rel_l1"], (fnuz, fn)
+    assert 1 - fnuz["cos_mean"] <= 1.25 * (1 - fn["cos_mean"]), (fnuz, fn)
+
+
+def test_op_follows_the_format_switch(monkeypatch):
+    """XDIT_OPS_FP8_FORMAT on the CPU op: unset or auto is e4m3fn (the CPU is no gfx94x), the
+    op bit for bit as before; e4m3fnuz gives the e4m3fnuz emulation; anything else is refused
+    with the variable's name."""
+    q, k, v = dit_like_qkv(2, 150, 2, 72, seed=13)
+    monkeypatch.delenv("XDIT_OPS_FP8_FORMAT", raising=False)
+    base = xdit_ops.fp8_attention(q, k, v, return_lse=True)
+    want_fn = fp8_attention_ref(q, k, v)
+    assert all(torch.equal(a, b) for a, b in zip(base, want_fn, strict=True))
+    monkeypatch.setenv("XDIT_OPS_FP8_FORMAT", "auto")
+    assert torch.equal(xdit_ops.fp8_attention(q, k, v), base[0])
+    monkeypatch.setenv("XDIT_OPS_FP8_FORMAT", "e4m3fnuz")
+    out, lse = xdit_ops.fp8_attention(q, k, v, return_lse=True)
+    want = fp8_attention_ref(q, k, v, scheme=FNUZ_SCHEME)
+    assert torch.equal(out, want[0]) and torch.equal(lse, want[1])
+    assert not torch.equal(out, base[0])
+    via = xdit_ops.attention(q, k, v, backend="fp8")
+    assert torch.equal(via, out)
+    monkeypatch.setenv("XDIT_OPS_FP8_FORMAT", "e5m2")
+    with pytest.raises(ValueError, match="XDIT_OPS_FP8_FORMAT='e5m2' is not one of"):
+        xdit_ops.fp8_attention(q, k, v)
+    with pytest.raises(ValueError, match="XDIT_OPS_FP8_FORMAT='e5m2' is not one of"):
+        xdit_ops.attention(q, k, v, backend="fp8")
+
+
+def test_sm90_kernels_refuse_fnuz():
+    from xdit_ops.ops.fp8_attention import attention_quantized_sm90
+
+    qq = quantize_qkv_ref(*dit_like_qkv(1, 40, 2, 64, seed=4), scheme=FNUZ_SCHEME)
+    for impl, qqi in (("sm90", qq), ("sm90ws", in_pv_order(qq))):
+        with pytest.raises(ValueError, match=f"fp8_attention: the {impl} kernel takes e4m3fn "
+                                             "V.T .*got torch.float8_e4m3fnuz"):
+            attention_quantized_sm90(qqi, torch.float16, impl=impl)
+
+
+# The Triton launchers with e4m3fnuz in the CPU interpreter, against the e4m3fnuz emulation
+# given the interpreter's own fp32 -> e4m3fnuz cast (like the e4m3fn tests: it rounds ties
+# away from zero, and it keeps the sign of a zero, which for e4m3fnuz is the NaN 0x80; the
+# quantizer makes values that round to zero +0 first, and so does the mirror below).
+_FNUZ_INTERPRETER_CHECK = textwrap.dedent("""
+    import os
+
+    from xdit_ops.reference.fp8_attention import E4M3FNUZ, SCHEME, with_format
+    from xdit_ops.triton.fp8_attention import (
+        attention_quantized_triton, attn_config, config_scheme, quantize_qkv_triton)
+
+    def icast_fnuz(x):
+        x = torch.where(x.abs() <= 2.0 ** -11, 0.0, x.float()).contiguous()
+        c = _convert_float(x.numpy(), tl.float32, tl.float8e4b8, ir.ROUNDING_MODE.RTNE)
+        return torch.from_numpy(c.astype(np.uint8)).view(torch.float8_e4m3fnuz)
+
+    # The interpreter's raw cast makes -0 the NaN: what the quantizer's +0 guards against.
+    raw = _convert_float(np.array([-0.0, -1e-6, -7e-4], np.float32), tl.float32, tl.float8e4b8,
+                         ir.ROUNDING_MODE.RTNE)
+    assert list(raw.astype(np.uint8)) == [0x80] * 3, raw
+    fnuz = with_format(SCHEME, E4M3FNUZ)
+    for B, Sq, Sk, H, D, dtype in [(1, 80, 200, 2, 64, torch.bfloat16),
+                                   (2, 64, 130, 1, 96, torch.float16)]:
+        q, k, v = dit_like_qkv(B, max(Sq, Sk), H, D, seed=2, dtype=dtype)
+        q, k, v = q[:, :Sq], k[:, :Sk].clone(), v[:, :Sk].clone()
+        v[:, :, 0, 1] = -1e-5 * v[:, :, 0, 1].abs()  # negatives that round to zero ...
+        v[:, 3, 0, 1] = 60.0  # ... under one large key
+        v[:, :, 0, 2] = -0.0
+        # The interpreter's cast also makes [2^-11, 2^-10) zero, not 2^-10 (its subnormal
+        # shift runs out), so a negative there becomes 0x80 where a GPU's round to nearest
+        # gives -2^-10: no V element scales into that band here.
+        scaled = v.float() * (240.0 / v.float().abs().amax(1, keepdim=True))
+        v = torch.where((scaled.abs() >= 2.0 ** -12) & (scaled.abs() < 2.0 ** -9), 0.0, v)
+        got = quantize_qkv_triton(q, k, v, fp8_format="e4m3fnuz")
+        assert got.vt.dtype == torch.float8_e4m3fnuz and got.fp8_format is E4M3FNUZ
+        assert not got.vt.view(torch.uint8).eq(0x80).any()
+        assert got.vt.float().abs().max() <= 240
+        want = quantize_qkv_ref(q, k, v, scheme=fnuz, fp8_cast=icast_fnuz)
+        assert torch.equal(got.v_scale, want.v_scale)  # amax / 240, div_rn
+        for name in ("q", "k"):
+            a, b = getattr(got, name).int(), getattr(want, name).int()
+            assert (a - b).abs().max() <= 1 and (a != b).float().mean() < 1e-3, name
+        for name in ("q_scale", "k_scale", "lse_corr"):
+            a, b = getattr(got, name), getattr(want, name)
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-6 * b.abs().max()), name
+        # A few V codes differ: the interpreter's float arithmetic is not quite fp32's (the
+        # kernel's 240 / amax), so a value next to a rounding boundary may land on the other
+        # side: one e4m3 step, or a factor of 2 where the boundary is a power of two (the
+        # interpreter's cast loses the carry into the exponent: 3.9999998 -> 2, not 4).
+        a, b = got.vt.float(), want.vt.float()
+        assert (a != b).float().mean() < 5e-3
+        step = (a - b).abs() <= b.abs() / 8 + 2.0 ** -10
+        carry = (a * b > 0) & (((a / b) == 2) | ((a / b) == 0.5))
+        assert (step | carry).all(), (a[~step], b[~step])
+        # The same V^T bytes in the P.V key order (the layout only).
+        got_pv = quantize_qkv_triton(q, k, v, vt_pv_order=True, fp8_format=E4M3FNUZ)
+        assert torch.equal(got_pv.vt.view(torch.uint8), in_pv_order(got).vt.view(torch.uint8))
+        # The switch reaches the launcher: XDIT_OPS_FP8_FORMAT=e4m3fnuz, no argument.
+        os.environ["XDIT_OPS_FP8_FORMAT"] = "e4m3fnuz"
+        env = quantize_qkv_triton(q, k, v)
+        del os.environ["XDIT_OPS_FP8_FORMAT"]
+        assert torch.equal(env.vt.view(torch.uint8), got.vt.view(torch.uint8))
+        tol = 1e-4 if dtype == torch.float16 else 5e-3
+        scheme = config_scheme(attn_config(want.q.shape[-1]), E4M3FNUZ)
+        out, lse = attention_quantized_triton(want, dtype)
+        ref_out, ref_lse = fp8_attention_quantized_ref(want, dtype, scheme, fp8_cast=icast_fnuz)
+        m = attention_error_metrics(out, ref_out)
+        assert m["rel_l1"] < tol, m
+        assert (lse - ref_lse).abs().max() < 1e-4
+        out2, _ = attention_quantized_triton(got, dtype)
+        assert attention_error_metrics(out2, ref_out)["rel_l1"] < 3 * tol
+        # The kernel reads V^T's format from its dtype: the e4m3fn pass gives another result,
+        # its own emulation's.
+        fn = quantize_qkv_ref(q, k, v, fp8_cast=icast)
+        out_fn, _ = attention_quantized_triton(fn, dtype)
+        ref_fn, _ = fp8_attention_quantized_ref(fn, dtype, fp8_cast=icast)
+        assert attention_error_metrics(out_fn, ref_fn)["rel_l1"] < tol
+        assert attention_error_metrics(out_fn, ref_out)["rel_l1"] > 10 * m["rel_l1"]
+    print("fnuz interpreter ok")
+""")
+
+
+def test_triton_kernels_fnuz_in_the_cpu_interpreter():
+    _run_in_interpreter(_FNUZ_INTERPRETER_CHECK, "fnuz interpreter ok")
+
+
+def _compile_gfx942(fn, signature: dict, constexprs: dict, num_warps: int, num_stages: int,
+                    aligned: list[str] | tuple[str, ...] = ()):
+    """``fn`` compiled for AMD MI300 (gfx942, wave64) by Triton's AMD backend, which the
+    Triton wheel carries (LLVM's AMDGPU target and linker are in libtriton): (amdgcn text,
+    VGPRs, AGPRs, spilled VGPRs)."""
+    import re
+
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    try:
+        k = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs,
+                                     attrs=attrs),
+                           target=GPUTarget("hip", "gfx942", 64),
+                           options={"num_warps": num_warps, "num_stages": num_stages})
+    except (RuntimeError, ImportError, KeyError) as exc:  # no AMD backend in this Triton
+        pytest.skip(f"cannot compile for gfx942 here: {exc}")
+    asm = k.asm["amdgcn"]
+
+    def field(name):
+        return int(re.search(rf"\.{name}:\s*(\d+)", asm).group(1))
+
+    return asm, field("vgpr_count"), field("agpr_count"), field("vgpr_spill_count")
+
+
+@pytest.mark.parametrize("DP", [64, 128])
+def test_triton_kernels_compile_for_gfx942_with_fnuz(DP):
+    """The quantization K/V kernel and the attention kernel specialised for e4m3fnuz V^T,
+    compiled for MI300 (gfx942): V and P are converted by the hardware's fp32 -> fp8 (fnuz on
+    gfx942) instruction, Q K^T runs on the i8 MFMA and P.V on the fp8 MFMA, and the attention
+    kernel's ROCm launch config compiles without spills."""
+    import re
+
+    from xdit_ops.triton import fp8_attention as launcher
+    from xdit_ops.triton.kernels import fp8_attention as kernels
+
+    launch = launcher.QUANT_LAUNCH[DP]
+    names, types, aligned = _QUANT_SIGNATURES["quantize_kv_kernel"]
+    types = [t.replace("fp8e4nv", "fp8e4b8") for t in types]
+    const = {"D": DP, "DP": DP, "UPCAST": False, "BLOCK_S": launcher.QUANT_BLOCK_S,
+             "NUM_CHUNKS_P2": 32, "VT_PV_ORDER": False}
+    sig = dict(zip(names, types, strict=True)) | dict.fromkeys(const, "constexpr")
+    asm, *_ = _compile_gfx942(kernels.quantize_kv_kernel, sig, const, launch.num_warps,
+                              launch.kv_stages, aligned)
+    assert "v_cvt_pk_fp8_f32" in asm
+    cfg = launcher.ROCM_CONFIGS[DP]
+    names = ["Q8", "QSCALE", "K8", "KSCALE", "VT8", "VSCALE", "LSECORR", "OUT", "LSE",
+             "stride_ob", "stride_os", "stride_oh", "H", "Sq", "Sk", "Sk_pad"]
+    types = ["*i8", "*fp32", "*i8", "*fp32", "*fp8e4b8", "*fp32", "*fp32", "*bf16", "*fp32"] + \
+        ["i32"] * 7
+    const = {"D": DP, "DP": DP, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n,
+             "RETURN_LSE": True, "TWO_LEVEL": cfg.two_level, "FOLD_SCALES": cfg.fold_scales}
+    sig = dict(zip(names, types, strict=True)) | dict.fromkeys(const, "constexpr")
+    asm, vgprs, agprs, spills = _compile_gfx942(
+        kernels.attn_fwd_kernel, sig, const, cfg.num_warps, cfg.num_stages,
+        [n for n in names if n not in ("H",)])
+    assert "v_cvt_pk_fp8_f32" in asm
+    assert re.search(r"v_mfma_i32_\w+_i8", asm) and re.search(r"v_mfma_f32_\w+_fp8_fp8", asm)
+    assert spills == 0 and vgprs + agprs <= 512, (vgprs, agprs, spills)

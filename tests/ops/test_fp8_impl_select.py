@@ -60,3 +60,90 @@ def test_auto_on_hopper(monkeypatch, D, expect):
     monkeypatch.setenv("XDIT_OPS_FP8_IMPL", expect)
     out_x, lse_x = xdit_ops.fp8_attention(q, k, v, return_lse=True)
     assert torch.equal(out, out_x) and torch.equal(lse, lse_x)
+
+
+# ---------------------------------------------------------------------------------------------
+# XDIT_OPS_FP8_FORMAT: e4m3fn (OCP) or e4m3fnuz (AMD MI300's FP8).
+
+
+def test_auto_format_is_fnuz_on_rocm_gfx94x_only():
+    from xdit_ops.ops.fp8_attention import auto_format
+    from xdit_ops.reference.fp8_attention import E4M3FN, E4M3FNUZ
+
+    for arch in ("gfx942", "gfx942:sramecc+:xnack-", "gfx940", "gfx941"):
+        assert auto_format(True, arch) is E4M3FNUZ, arch
+    for hip, arch in ((True, "gfx950"), (True, "gfx90a"), (True, "gfx1201"), (True, None),
+                      (False, None), (False, "gfx942")):
+        assert auto_format(hip, arch) is E4M3FN, (hip, arch)
+
+
+def test_format_setting(monkeypatch):
+    from xdit_ops.ops.fp8_attention import FORMAT_ENV, FORMAT_SETTINGS, resolve_format
+    from xdit_ops.reference.fp8_attention import E4M3FN, E4M3FNUZ
+
+    assert FORMAT_ENV == "XDIT_OPS_FP8_FORMAT"
+    assert FORMAT_SETTINGS == ("auto", "e4m3fn", "e4m3fnuz")
+    monkeypatch.delenv(FORMAT_ENV, raising=False)
+    cpu = torch.device("cpu")
+    assert resolve_format(cpu) is E4M3FN and resolve_format(cpu, "auto") is E4M3FN
+    if torch.version.hip is None:  # a CUDA (or CPU) build: auto is e4m3fn on any device
+        assert resolve_format(torch.device("cuda", 0)) is E4M3FN
+    assert resolve_format(cpu, "e4m3fnuz") is E4M3FNUZ
+    monkeypatch.setenv(FORMAT_ENV, "e4m3fnuz")
+    assert resolve_format(cpu) is E4M3FNUZ and resolve_format(None) is E4M3FNUZ
+    assert resolve_format(cpu, "e4m3fn") is E4M3FN
+    monkeypatch.setenv(FORMAT_ENV, "fp8")
+    with pytest.raises(ValueError, match="fp8_attention: XDIT_OPS_FP8_FORMAT='fp8' is not one"):
+        resolve_format(cpu)
+    why = unusable_reason(cpu, torch.bfloat16, 64, "auto")
+    assert why is not None and "XDIT_OPS_FP8_FORMAT='fp8'" in why and "e4m3fnuz" in why
+
+
+@pytest.mark.skipif(torch.version.hip is not None, reason="a ROCm build of torch")
+def test_fnuz_refused_by_the_nvidia_kernels(monkeypatch):
+    """On a CUDA build, forcing e4m3fnuz leaves only the emulation: the sm_90a kernels take
+    e4m3fn only and Triton's NVIDIA backend has no float8e4b8. Decided before any GPU query, so
+    it runs without a GPU."""
+    monkeypatch.setenv("XDIT_OPS_FP8_FORMAT", "e4m3fnuz")
+    dev = torch.device("cuda", 0)
+    for impl in ("sm90", "sm90ws"):
+        why = unusable_reason(dev, torch.bfloat16, 128, impl)
+        assert why is not None and f"XDIT_OPS_FP8_IMPL={impl}" in why and "e4m3fn only" in why
+        assert "XDIT_OPS_FP8_FORMAT='e4m3fnuz'" in why
+    why = unusable_reason(dev, torch.bfloat16, 128, "triton")
+    assert why is not None and "no e4m3fnuz (float8e4b8)" in why
+    assert unusable_reason(dev, torch.bfloat16, 128, "emulation") is None
+
+
+def test_cuda_scheme_follows_the_format(monkeypatch):
+    from xdit_ops.reference.fp8_attention import E4M3FNUZ, SCHEME, with_format
+    from xdit_ops.triton.fp8_attention import attn_config, config_scheme
+
+    monkeypatch.setenv("XDIT_OPS_FP8_FORMAT", "e4m3fnuz")
+    monkeypatch.setenv("XDIT_OPS_FP8_IMPL", "emulation")
+    assert cuda_scheme(128) == with_format(SCHEME, E4M3FNUZ)
+    monkeypatch.setenv("XDIT_OPS_FP8_IMPL", "triton")
+    scheme = cuda_scheme(72)
+    assert scheme == config_scheme(attn_config(128), E4M3FNUZ)
+    assert scheme.fp8 is E4M3FNUZ and scheme.p_shift == 7.0
+    monkeypatch.setenv("XDIT_OPS_FP8_IMPL", "sm90ws")
+    assert cuda_scheme(128) == sm90_scheme("sm90ws")  # e4m3fn: the kernel's only format
+
+
+def test_rocm_attention_configs():
+    """ROCm builds use their own attention launch table (chosen by compiling for gfx942):
+    64-key tiles, the op's scheme."""
+    pytest.importorskip("triton")
+    from xdit_ops.reference.fp8_attention import SCHEME
+    from xdit_ops.triton.fp8_attention import (
+        DEFAULT_CONFIGS,
+        INTERPRET,
+        ROCM_CONFIGS,
+        attn_config,
+        config_scheme,
+    )
+
+    assert set(ROCM_CONFIGS) == set(DEFAULT_CONFIGS) == {64, 128}
+    assert all(config_scheme(c) == SCHEME for c in ROCM_CONFIGS.values())
+    if not INTERPRET and torch.version.hip is not None:
+        assert attn_config(128) == ROCM_CONFIGS[128]

@@ -23,6 +23,13 @@ CUDA implementations, chosen by ``XDIT_OPS_FP8_IMPL`` (read per call):
                       pass writes for it (``vt_pv_order=True``).
 ``emulation``         the CPU emulation's torch ops run on the GPU (slow; for debugging).
 
+The FP8 format of V and P, chosen by ``XDIT_OPS_FP8_FORMAT`` (read per call,
+:func:`resolve_format`): ``auto`` (default) is e4m3fnuz (AMD MI300's ``float8_e4m3fnuz``, max
+240) on a ROCm gfx94x GPU and e4m3fn (OCP, max 448) everywhere else, the CPU included;
+``e4m3fn`` or ``e4m3fnuz`` force one. The CPU kernel and ``emulation`` compute the scheme in
+that format, the Triton kernels take it as a constexpr; the native sm_90a kernels take e4m3fn
+only (e4m3fnuz is refused there), and Triton's NVIDIA backend has no e4m3fnuz type.
+
 The op is lossy by design (INT8 Q K^T, FP8 P.V), so ``attention(..., backend="auto")`` never
 chooses it; ask for it with ``backend="fp8"`` or call :func:`fp8_attention`.
 """
@@ -39,10 +46,15 @@ import torch
 from xdit_ops import _extension
 from xdit_ops.ops._lib import lib
 from xdit_ops.reference.fp8_attention import (
+    E4M3FN,
+    E4M3FNUZ,
+    FP8_FORMATS,
     SCHEME,
     Fp8AttentionScheme,
+    Fp8Format,
     fp8_attention_ref,
     padded_head_dim,
+    with_format,
 )
 
 OP = "fp8_attention"
@@ -51,6 +63,8 @@ IMPLS = ("auto", "triton", "sm90", "sm90ws", "emulation")
 SM90_IMPLS = {"sm90": "fp8_attention_sm90_fwd", "sm90ws": "fp8_attention_sm90ws_fwd"}
 DTYPES = (torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 128
+FORMAT_ENV = "XDIT_OPS_FP8_FORMAT"
+FORMAT_SETTINGS = ("auto", *FP8_FORMATS)
 
 lib.define(
     "fp8_attention(Tensor q, Tensor k, Tensor v, float? scale=None, bool return_lse=False) "
@@ -102,17 +116,58 @@ def sm90_scheme(impl: str = "sm90") -> Fp8AttentionScheme:
 
 def cuda_scheme(head_dim: int, device: torch.device | None = None) -> Fp8AttentionScheme:
     """The scheme whose emulation the CUDA op computes at ``head_dim`` on ``device`` (default:
-    the current CUDA device) under the current ``XDIT_OPS_FP8_IMPL``: the kernels' key-tile
-    width sets the softmax block (``block_n``), so it can differ from the CPU op's ``SCHEME``
-    (the Triton kernel's 128-key tiles at head dim 128, the sm90ws kernel's)."""
+    the current CUDA device) under the current ``XDIT_OPS_FP8_IMPL`` and
+    ``XDIT_OPS_FP8_FORMAT``: the kernels' key-tile width sets the softmax block (``block_n``),
+    so it can differ from the CPU op's ``SCHEME`` (the Triton kernel's 128-key tiles at head
+    dim 128, the sm90ws kernel's), and the FP8 format its ``fp8`` and ``p_shift``."""
     impl = resolve_impl(device, head_dim)
+    fmt = resolve_format(device)
     if impl == "emulation":
-        return SCHEME
+        return with_format(SCHEME, fmt)
     if impl in SM90_IMPLS:
         return sm90_scheme(impl)
     from xdit_ops.triton.fp8_attention import attn_config, config_scheme
 
-    return config_scheme(attn_config(padded_head_dim(head_dim)))
+    return config_scheme(attn_config(padded_head_dim(head_dim)), fmt)
+
+
+def _format_setting() -> str:
+    """``XDIT_OPS_FP8_FORMAT`` (read per call, like ``XDIT_OPS_FP8_IMPL``)."""
+    return os.environ.get(FORMAT_ENV, "auto")
+
+
+def auto_format(hip: bool, arch: str | None) -> Fp8Format:
+    """``XDIT_OPS_FP8_FORMAT=auto``'s choice: e4m3fnuz on ROCm (``hip``) with a gfx94x GPU
+    (MI300: ``arch`` as torch's ``gcnArchName`` gives it, e.g. ``"gfx942:sramecc+:xnack-"``),
+    whose FP8 matrix cores take e4m3fnuz only; e4m3fn otherwise (NVIDIA, gfx950 and later,
+    CPU)."""
+    return E4M3FNUZ if hip and arch is not None and arch.startswith("gfx94") else E4M3FN
+
+
+def _rocm_arch(device: torch.device) -> str | None:
+    """``gcnArchName`` of a ROCm GPU ``device``; None on CUDA builds and CPU."""
+    if torch.version.hip is None or device.type != "cuda":
+        return None
+    index = torch.cuda.current_device() if device.index is None else device.index
+    return torch.cuda.get_device_properties(index).gcnArchName
+
+
+def resolve_format(device: torch.device | None = None, setting: str | None = None
+                   ) -> Fp8Format:
+    """The FP8 format (:class:`~xdit_ops.reference.fp8_attention.Fp8Format`) the op uses on
+    ``device`` (None: the current CUDA device if there is one, else the CPU) under ``setting``
+    (default: the current ``XDIT_OPS_FP8_FORMAT``): ``e4m3fn`` and ``e4m3fnuz`` as named,
+    ``auto`` by :func:`auto_format`. An unknown setting is an error naming the variable."""
+    if setting is None:
+        setting = _format_setting()
+    if setting not in FORMAT_SETTINGS:
+        raise ValueError(f"{OP}: {FORMAT_ENV}={setting!r} is not one of {FORMAT_SETTINGS}")
+    if setting != "auto":
+        return FP8_FORMATS[setting]
+    if device is None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    arch = _rocm_arch(device)
+    return auto_format(arch is not None, arch)
 
 
 def _impl() -> str:
@@ -156,6 +211,8 @@ def unusable_reason(device: torch.device, dtype: torch.dtype, head_dim: int,
         impl = _impl()
     if impl not in IMPLS:
         return f"XDIT_OPS_FP8_IMPL={impl!r} is not one of {IMPLS}"
+    if _format_setting() not in FORMAT_SETTINGS:
+        return f"{FORMAT_ENV}={_format_setting()!r} is not one of {FORMAT_SETTINGS}"
     if dtype not in DTYPES:
         return f"fp8 attention takes float16/bfloat16, got {dtype}"
     if head_dim < 1 or head_dim > MAX_HEAD_DIM:
@@ -164,14 +221,28 @@ def unusable_reason(device: torch.device, dtype: torch.dtype, head_dim: int,
         return None
     if device.type != "cuda":
         return f"fp8 attention runs on CPU or CUDA, got device {device}"
-    if torch.version.hip is not None:
-        return "fp8 attention's GPU kernels use OCP e4m3 (float8e4nv); ROCm is not supported"
     impl = resolve_impl(device, head_dim, impl)
     if impl == "emulation":
         return None
-    capability = torch.cuda.get_device_capability(device.index or 0)
-    if capability < (8, 9):
-        return "fp8 attention's kernels need FP8 tensor cores (sm_89 or newer)"
+    fmt = resolve_format(device)
+    if impl in SM90_IMPLS and fmt != E4M3FN:
+        return (f"XDIT_OPS_FP8_IMPL={impl}: the native sm_90a kernels take e4m3fn only, got "
+                f"{FORMAT_ENV}={_format_setting()!r} ({fmt.name})")
+    if torch.version.hip is not None:
+        arch = _rocm_arch(device)
+        if impl in SM90_IMPLS:
+            return f"XDIT_OPS_FP8_IMPL={impl} needs a Hopper (sm_90) GPU, got ROCm {arch}"
+        if not arch.startswith(("gfx94", "gfx95")):
+            return (f"fp8 attention's kernels need FP8 matrix cores (gfx94x MI300 or gfx950), "
+                    f"got {arch}")
+    else:
+        if fmt != E4M3FN:
+            return (f"{FORMAT_ENV}={_format_setting()!r}: Triton's NVIDIA backend has no "
+                    f"{fmt.name} ({fmt.triton_dtype}); use e4m3fn or auto, or "
+                    "XDIT_OPS_FP8_IMPL=emulation")
+        capability = torch.cuda.get_device_capability(device.index or 0)
+        if capability < (8, 9):
+            return "fp8 attention's kernels need FP8 tensor cores (sm_89 or newer)"
     if impl in SM90_IMPLS:
         if capability != (9, 0):
             return f"XDIT_OPS_FP8_IMPL={impl} needs a Hopper (sm_90) GPU"
@@ -212,7 +283,7 @@ def _finish(q, out, lse, return_lse):
 
 def _fp8_attention_cpu(q, k, v, scale=None, return_lse=False):
     check_inputs(q, k, v)
-    out, lse = fp8_attention_ref(q, k, v, scale)
+    out, lse = fp8_attention_ref(q, k, v, scale, with_format(SCHEME, resolve_format(q.device)))
     return _finish(q, out, lse, return_lse)
 
 
@@ -229,16 +300,18 @@ def _fp8_attention_cuda(q, k, v, scale=None, return_lse=False):
         out = q.new_zeros(B, Sq, H, D)
         lse = q.new_full((B, H, Sq), float("-inf"), dtype=torch.float32)
         return _finish(q, out, lse, return_lse)
+    fmt = resolve_format(q.device)
     if impl == "emulation":
-        out, lse = fp8_attention_ref(q, k, v, scale)
+        out, lse = fp8_attention_ref(q, k, v, scale, with_format(SCHEME, fmt))
         return _finish(q, out, lse, return_lse)
     from xdit_ops.triton.fp8_attention import fp8_attention_triton, quantize_qkv_triton
 
     if impl in SM90_IMPLS:
-        qq = quantize_qkv_triton(q, k, v, scale, vt_pv_order=SM90_VT_PV_ORDER[impl])
+        qq = quantize_qkv_triton(q, k, v, scale, vt_pv_order=SM90_VT_PV_ORDER[impl],
+                                 fp8_format=fmt)
         out, lse = attention_quantized_sm90(qq, q.dtype, return_lse, impl)
     else:
-        out, lse = fp8_attention_triton(q, k, v, scale, return_lse)
+        out, lse = fp8_attention_triton(q, k, v, scale, return_lse, fp8_format=fmt)
     return _finish(q, out, lse, return_lse)
 
 
@@ -251,8 +324,12 @@ def attention_quantized_sm90(qq, out_dtype: torch.dtype, return_lse: bool = True
     (warp-specialised: TMA producer, two consumer warpgroups per 128 rows, 128-key tiles). Each
     computes the emulation of :func:`sm90_scheme` (impl). ``sm90ws`` takes ``qq.vt`` in the P.V
     key order (``qq.vt_pv_order``: :func:`~xdit_ops.reference.fp8_attention.in_pv_order`),
-    ``sm90`` in key order; the other layout is an error."""
+    ``sm90`` in key order; the other layout is an error, and so is V^T in any FP8 format but
+    e4m3fn."""
     op = getattr(torch.ops.xdit_ops, _sm90_op_name(impl)).default
+    if qq.vt.dtype != E4M3FN.dtype:
+        raise ValueError(f"{OP}: the {impl} kernel takes e4m3fn V^T ({E4M3FN.dtype}), got "
+                         f"{qq.vt.dtype} (XDIT_OPS_FP8_FORMAT={_format_setting()!r})")
     if qq.vt_pv_order != SM90_VT_PV_ORDER[impl]:
         want, got = ("the P.V key order", "key order") if SM90_VT_PV_ORDER[impl] else (
             "key order", "the P.V key order")
@@ -301,6 +378,8 @@ def fp8_attention(
     Q and K are Hadamard-rotated along head_dim, K is smoothed (its mean over keys removed,
     exact for softmax; the LSE is corrected), both are INT8 per token; V is FP8 e4m3 per
     channel; P is 2^8-scaled before its FP8 cast; P.V is accumulated in two levels of fp32.
+    The FP8 format is e4m3fn, or e4m3fnuz (max 240, P 2^7-scaled) on AMD MI300 or where
+    ``XDIT_OPS_FP8_FORMAT`` says so (:func:`resolve_format`).
     Head dims 64 and 128 run natively, others up to 128 are zero-padded (exact).
 
     Parameters
@@ -323,5 +402,6 @@ def fp8_attention(
     return (out, lse) if return_lse else out
 
 
-__all__ = ["attention_quantized_sm90", "cuda_scheme", "fp8_attention", "padded_head_dim",
-           "sm90_kernel_loaded", "sm90_scheme", "unusable_reason"]
+__all__ = ["attention_quantized_sm90", "auto_format", "cuda_scheme", "fp8_attention",
+           "padded_head_dim", "resolve_format", "sm90_kernel_loaded", "sm90_scheme",
+           "unusable_reason"]

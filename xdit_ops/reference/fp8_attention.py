@@ -23,13 +23,15 @@ The scheme (``SCHEME``, SageAttention2-grade; see docs/fp8_attention.md for why 
   ``amax / 127`` is cut to 22 significant bits (:func:`round_k_scale`) so that a kernel may
   fuse that conversion with the K scale into one exact FMA; the codes use the unrounded
   ``127 / amax``.
-* V: FP8 e4m3, one scale per channel over all keys (``amax_c / 448``); stored transposed,
+* V: FP8 e4m3, one scale per channel over all keys (``amax_c / FP8_MAX``, 448 for e4m3fn; the
+  format is a parameter, :class:`Fp8Format`: e4m3fnuz, AMD MI300's, has max 240); stored transposed,
   ``[B, H, Dp, Sk_pad]``, keys contiguous, the K-major layout the FP8 P.V product needs. The
   warp-specialised sm_90a kernel takes it with the keys of every 32-key block permuted (the
   "P.V key order", :func:`vt_to_pv_order`): a layout, not a change of numerics.
 * Online softmax over key tiles of ``block_n`` = 64 keys in fp32, base 2. P is computed as
-  ``exp2(s - m_running + 8)`` (2^8-scaled, in (0, 256]) and cast to e4m3; its fp32 value goes
-  into the row sum (the 2^8 cancels in ``acc / l``).
+  ``exp2(s - m_running + p_shift)`` (p_shift 8 for e4m3fn: in (0, 256]; 7 for e4m3fnuz: in
+  (0, 128], the same codes halved) and cast to e4m3; its fp32 value goes into the row sum (the
+  2^p_shift cancels in ``acc / l``).
 * P.V: each tile's product starts from zero (the FP8 tensor core's accumulator keeps only ~22
   bits) and is added to an fp32 accumulator after rescaling by ``exp2(m_old - m_new)``
   (two-level accumulation).
@@ -47,11 +49,55 @@ from dataclasses import dataclass, replace
 
 import torch
 
-FP8 = torch.float8_e4m3fn
-FP8_MAX = 448.0
 INT8_MAX = 127.0
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
+
+
+@dataclass(frozen=True)
+class Fp8Format:
+    """The 8-bit float format of V and P (and of Q/K with ``qk_format="fp8"``).
+
+    name : ``"e4m3fn"`` (OCP: NVIDIA sm_89+, AMD gfx950) or ``"e4m3fnuz"`` (AMD MI300, gfx94x).
+    dtype : the torch dtype of the codes.
+    max : largest finite value (448, 240). Everything scaled into the format (V's per-channel
+        scale ``amax / max``, the clamps before a cast) uses it: torch's e4m3fnuz cast turns
+        values from 248 up into NaN (0x80), so nothing above ``max`` may reach a cast.
+    triton_dtype : the ``triton.language`` dtype's name (``float8e4nv``, ``float8e4b8``).
+    p_shift : the scheme's P scaling for this format, ``P = exp2(s - m + p_shift)`` in
+        (0, 2^p_shift], 2^p_shift <= max: 8 for e4m3fn (256), 7 for e4m3fnuz (128). e4m3fnuz
+        is e4m3fn with the exponent bias one higher (bias 8: one binade less at the top, one
+        more at the bottom), so e4m3fnuz(x / 2) = e4m3fn(x) / 2 wherever e4m3fn(x) <= 240:
+        with the shift one lower, P's codes are the e4m3fn ones halved, the same rounding.
+    """
+
+    name: str
+    dtype: torch.dtype
+    max: float
+    triton_dtype: str
+    p_shift: float
+
+    def cast(self, x: torch.Tensor) -> torch.Tensor:
+        """fp32 -> this format, round to nearest even (the hardware casts' rounding in range;
+        torch's casts of values past ``max`` differ by format: clamp first)."""
+        return x.to(self.dtype)
+
+
+E4M3FN = Fp8Format("e4m3fn", torch.float8_e4m3fn, 448.0, "float8e4nv", 8.0)
+E4M3FNUZ = Fp8Format("e4m3fnuz", torch.float8_e4m3fnuz, 240.0, "float8e4b8", 7.0)
+FP8_FORMATS: dict[str, Fp8Format] = {f.name: f for f in (E4M3FN, E4M3FNUZ)}
+# The default format's dtype and max (the names every e4m3fn-only caller uses).
+FP8 = E4M3FN.dtype
+FP8_MAX = E4M3FN.max
+
+
+def fp8_format_of(dtype: torch.dtype) -> Fp8Format:
+    """The :class:`Fp8Format` whose codes have ``dtype``; an error naming the dtype otherwise."""
+    for f in FP8_FORMATS.values():
+        if f.dtype == dtype:
+            return f
+    raise ValueError(f"fp8_attention: {dtype} is not an FP8 format of the scheme "
+                     f"({', '.join(f'{f.dtype}' for f in FP8_FORMATS.values())})")
 
 
 @dataclass(frozen=True)
@@ -68,6 +114,8 @@ class Fp8AttentionScheme:
     two_level : each tile's P.V starts from zero and is added in fp32 (else accumulate in place).
     pv_accum_bits : model the FP8 tensor core's accumulator: after every 32-key step the
         accumulator is truncated to this many mantissa bits (None = exact fp32 sums).
+    fp8 : the FP8 format (:class:`Fp8Format`); ``p_shift`` must keep P within its max
+        (:func:`with_format` sets both).
     """
 
     qk_format: str = "int8"
@@ -80,6 +128,13 @@ class Fp8AttentionScheme:
     p_shift: float = 8.0
     two_level: bool = True
     pv_accum_bits: int | None = None
+    fp8: Fp8Format = E4M3FN
+
+    def __post_init__(self) -> None:
+        if 2.0 ** self.p_shift > self.fp8.max:
+            raise ValueError(f"fp8_attention: p_shift {self.p_shift} puts P up to "
+                             f"2^{self.p_shift} = {2.0 ** self.p_shift:g}, past {self.fp8.name}'s "
+                             f"max {self.fp8.max:g} (use with_format)")
 
 
 SCHEME = Fp8AttentionScheme()
@@ -88,6 +143,17 @@ NAIVE_SCHEME = Fp8AttentionScheme(
     qk_format="fp8", q_block=0, k_block=0, v_per_channel=False, hadamard=False,
     smooth_k=False, two_level=False,
 )
+
+
+def with_format(scheme: Fp8AttentionScheme, fmt: Fp8Format | str) -> Fp8AttentionScheme:
+    """``scheme`` in the FP8 format ``fmt`` (an :class:`Fp8Format` or its name), with the
+    format's P shift. ``with_format(SCHEME, E4M3FN) == SCHEME``."""
+    if isinstance(fmt, str):
+        if fmt not in FP8_FORMATS:
+            raise ValueError(f"fp8_attention: unknown FP8 format {fmt!r}; one of "
+                             f"{tuple(FP8_FORMATS)}")
+        fmt = FP8_FORMATS[fmt]
+    return replace(scheme, fp8=fmt, p_shift=fmt.p_shift)
 
 
 @dataclass
@@ -99,7 +165,8 @@ class QuantizedQKV:
         the rotation): ``s_log2 = ((q @ k^T) * k_scale[None, :]) * q_scale[:, None]``.
     k : [B, H, Sk_pad, Dp] int8 (or e4m3), zero beyond Sk; Sk_pad = Sk rounded up to block_n.
     k_scale : [B, H, Sk_pad] fp32, per key (equal within a k_block), zero beyond Sk.
-    vt : [B, H, Dp, Sk_pad] e4m3, V^T, zero beyond Sk and beyond D.
+    vt : [B, H, Dp, Sk_pad] e4m3 (its dtype is the FP8 format: :attr:`fp8_format`), V^T,
+        zero beyond Sk and beyond D.
     v_scale : [B, H, Dp] fp32, per channel.
     lse_corr : [B, H, Sq] fp32, ``scale * q . mean(k)`` (natural log units), added to the LSE.
     seqlen_k : the true Sk.
@@ -118,6 +185,11 @@ class QuantizedQKV:
     seqlen_k: int
     head_dim: int
     vt_pv_order: bool = False
+
+    @property
+    def fp8_format(self) -> Fp8Format:
+        """The FP8 format of V (and of the P the attention kernel casts), from ``vt``'s dtype."""
+        return fp8_format_of(self.vt.dtype)
 
 
 # The P.V key order of V^T (the warp-specialised sm_90a kernel's layout, which takes P.V's A
@@ -221,7 +293,7 @@ def _group_amax(x: torch.Tensor, block: int) -> torch.Tensor:
 
 
 def to_fp8(x: torch.Tensor) -> torch.Tensor:
-    """fp32 -> e4m3, round to nearest even (what the GPU's cvt.rn.satfinite does in range)."""
+    """fp32 -> e4m3fn, round to nearest even (what the GPU's cvt.rn.satfinite does in range)."""
     return x.to(FP8)
 
 
@@ -246,20 +318,21 @@ def round_k_scale(s: torch.Tensor) -> torch.Tensor:
     return (s.contiguous().view(torch.int32) & -(1 << K_SCALE_DROP_BITS)).view(torch.float32)
 
 
-def _quantize_rows(x: torch.Tensor, block: int, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _quantize_rows(x: torch.Tensor, block: int, fmt: str, fp8: Fp8Format = E4M3FN
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric quantization of fp32 [B, H, S, D] with a scale per group of ``block`` tokens.
 
-    Returns (codes [B, H, S, D] int8 or e4m3, dequant scale [B, H, S] fp32).
+    Returns (codes [B, H, S, D] int8 or ``fp8``, dequant scale [B, H, S] fp32).
     """
     amax = _group_amax(x, block)
     amax = torch.where(amax > 0, amax, torch.ones_like(amax))
-    qmax = INT8_MAX if fmt == "int8" else FP8_MAX
+    qmax = INT8_MAX if fmt == "int8" else fp8.max
     inv = qmax / amax  # fp32, as the kernel computes it
     y = x * inv[..., None]
     if fmt == "int8":
         codes = round_half_away(y).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
     elif fmt == "fp8":
-        codes = y.clamp_(-FP8_MAX, FP8_MAX).to(FP8)
+        codes = fp8.cast(y.clamp_(-qmax, qmax))
     else:
         raise ValueError(f"fp8_attention: unknown qk_format {fmt!r}")
     return codes, amax / qmax
@@ -271,7 +344,7 @@ def quantize_qkv_ref(
     v: torch.Tensor,
     scale: float | None = None,
     scheme: Fp8AttentionScheme = SCHEME,
-    fp8_cast: Callable[[torch.Tensor], torch.Tensor] = to_fp8,
+    fp8_cast: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> QuantizedQKV:
     """The quantization pass of :data:`SCHEME` (or another scheme), on any device.
 
@@ -280,8 +353,10 @@ def quantize_qkv_ref(
     q : [B, Sq, H, D] float16/bfloat16/float32.
     k, v : [B, Sk, H, D], same dtype.
     scale : softmax scale, default ``1/sqrt(D)`` of the true D.
-    fp8_cast : the fp32 -> e4m3 conversion of V (to mirror a backend whose rounding differs,
-        e.g. Triton's CPU interpreter).
+    scheme : the scheme, its FP8 format included (``scheme.fp8``: V's codes and max).
+    fp8_cast : the fp32 -> FP8 conversion of V, default ``scheme.fp8.cast`` (another one to
+        mirror a backend whose rounding differs, e.g. Triton's CPU interpreter); it gets values
+        already clamped to the format's max.
 
     Returns
     -------
@@ -314,8 +389,11 @@ def quantize_qkv_ref(
         lse_corr = (qf * k_mean).sum(-1) * (scale / (Dp if scheme.hadamard else 1))
     else:
         lse_corr = qf.new_zeros(B, H, Sq)
-    q_codes, q_deq = _quantize_rows(qf, scheme.q_block, scheme.qk_format)
-    k_codes, k_deq = _quantize_rows(kf, scheme.k_block, scheme.qk_format)
+    fp8 = scheme.fp8
+    if fp8_cast is None:
+        fp8_cast = fp8.cast
+    q_codes, q_deq = _quantize_rows(qf, scheme.q_block, scheme.qk_format, fp8)
+    k_codes, k_deq = _quantize_rows(kf, scheme.k_block, scheme.qk_format, fp8)
     # Codes from the unrounded 127 / amax, the scale to 22 bits (round_k_scale): <= 2^-21
     # relative, far below the codes' own half-step error.
     k_deq = round_k_scale(k_deq)
@@ -328,7 +406,7 @@ def quantize_qkv_ref(
         v_amax = vf.abs().amax().expand(B, H, Dp).contiguous() if Sk > 0 else vf.new_zeros(
             B, H, Dp)
     v_amax = torch.where(v_amax > 0, v_amax, torch.ones_like(v_amax))
-    v_codes = fp8_cast((vf * (FP8_MAX / v_amax)[:, :, None, :]).clamp_(-FP8_MAX, FP8_MAX))
+    v_codes = fp8_cast((vf * (fp8.max / v_amax)[:, :, None, :]).clamp_(-fp8.max, fp8.max))
     vt = torch.zeros(B, H, Dp, Sk_pad, dtype=torch.uint8, device=q.device)
     vt[:, :, :, :Sk] = v_codes.view(torch.uint8).transpose(-1, -2)
     return QuantizedQKV(
@@ -336,8 +414,8 @@ def quantize_qkv_ref(
         q_scale=(q_deq * score_scale).contiguous(),
         k=k_codes.contiguous(),
         k_scale=(k_deq * 1.0).contiguous(),
-        vt=vt.view(FP8),
-        v_scale=(v_amax / FP8_MAX).contiguous(),
+        vt=vt.view(fp8.dtype),
+        v_scale=(v_amax / fp8.max).contiguous(),
         lse_corr=lse_corr.contiguous(),
         seqlen_k=Sk,
         head_dim=D,
@@ -373,17 +451,26 @@ def _pv_product(p8: torch.Tensor, vt: torch.Tensor, acc: torch.Tensor | None,
 def fp8_attention_quantized_ref(
     qq: QuantizedQKV,
     out_dtype: torch.dtype,
-    scheme: Fp8AttentionScheme = SCHEME,
-    fp8_cast: Callable[[torch.Tensor], torch.Tensor] = to_fp8,
+    scheme: Fp8AttentionScheme | None = None,
+    fp8_cast: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The attention kernel on quantized inputs, emulated tile by tile (``fp8_cast``: P's
-    fp32 -> e4m3 conversion). ``qq.vt`` may be in either key order (``qq.vt_pv_order``).
+    fp32 -> FP8 conversion, default the format's). ``qq.vt`` may be in either key order
+    (``qq.vt_pv_order``). ``scheme`` defaults to ``SCHEME`` in ``qq``'s FP8 format
+    (:attr:`QuantizedQKV.fp8_format`); a scheme of another format is an error.
 
     Returns
     -------
     out : [B, Sq, H, D] ``out_dtype``.
     lse : [B, H, Sq] fp32, natural log (``-inf`` where Sk == 0).
     """
+    if scheme is None:
+        scheme = with_format(SCHEME, qq.fp8_format)
+    elif qq.vt.dtype != scheme.fp8.dtype:
+        raise ValueError(f"fp8_attention: V^T is {qq.vt.dtype} but the scheme's FP8 format is "
+                         f"{scheme.fp8.name} ({scheme.fp8.dtype})")
+    if fp8_cast is None:
+        fp8_cast = scheme.fp8.cast
     qq = in_key_order(qq)
     B, H, Sq, Dp = qq.q.shape
     Sk, D = qq.seqlen_k, qq.head_dim

@@ -2,15 +2,23 @@
 
 Two ``torch.library.triton_op`` ops (visible to torch.compile down to the kernels):
 
-* ``xdit_ops::fp8_quantize_triton(q, k, v, had, scale, vt_pv_order=False)`` -> the tensors of
-  :class:`xdit_ops.reference.fp8_attention.QuantizedQKV`, same layouts (``vt_pv_order``: V^T's
-  keys in the sm90ws kernel's P.V key order).
+* ``xdit_ops::fp8_quantize_triton(q, k, v, had, scale, vt_pv_order=False, fp8_format="e4m3fn")``
+  -> the tensors of :class:`xdit_ops.reference.fp8_attention.QuantizedQKV`, same layouts
+  (``vt_pv_order``: V^T's keys in the sm90ws kernel's P.V key order; ``fp8_format``: V^T's FP8
+  format, e4m3fn or e4m3fnuz).
 * ``xdit_ops::fp8_attention_fwd_triton(q8, q_scale, k8, k_scale, vt8, v_scale, lse_corr,
   seqlen_k, head_dim, out_dtype_like, return_lse)`` -> (out [B, Sq, H, D], lse [B, H, Sq]).
 
 :func:`fp8_attention_triton` chains them (the CUDA kernel of ``xdit_ops::fp8_attention``).
 Under ``TRITON_INTERPRET=1`` the same launch code runs the kernels in Triton's CPU
 interpreter (:func:`quantize_qkv_triton`, :func:`attention_quantized_triton` with CPU tensors).
+
+The FP8 format (:class:`~xdit_ops.reference.fp8_attention.Fp8Format`) reaches the kernels as
+V^T's dtype, which Triton specialises them on (the kernels derive the cast dtype, the max and
+P's shift from it as constexprs): :func:`quantize_qkv_triton` takes it or resolves
+``XDIT_OPS_FP8_FORMAT`` for the tensors' device (``auto``: e4m3fnuz on a ROCm gfx94x GPU, MI300;
+e4m3fn otherwise: :func:`xdit_ops.ops.fp8_attention.resolve_format`); the attention kernel
+reads it from V^T's dtype.
 """
 
 from __future__ import annotations
@@ -27,14 +35,19 @@ import triton
 from torch.library import triton_op, wrap_triton
 
 from xdit_ops.reference.fp8_attention import (
+    E4M3FN,
     FP8,
+    FP8_FORMATS,
     LOG2E,
     SCHEME,
     Fp8AttentionScheme,
+    Fp8Format,
     QuantizedQKV,
+    fp8_format_of,
     hadamard_matrix,
     pad_to,
     padded_head_dim,
+    with_format,
 )
 from xdit_ops.triton.kernels import fp8_attention as kernels
 
@@ -122,6 +135,15 @@ DEFAULT_CONFIGS: dict[int, AttnConfig] = {
     64: AttnConfig(64, 64, 4, 3),
     128: AttnConfig(128, 128, 8, 3),
 }
+# On ROCm (AMD MI300, gfx942; wave64, 512 registers a lane counting the accumulation
+# registers): chosen by compiling for gfx942 (no MI300 has run them). The CUDA 128x128 tiles
+# over 8 warps spill there at head dim 128 (2 stages: 256 VGPRs, 150 spilled); 128x64 over 4 warps
+# compiles without spills (306 VGPRs + 50 AGPRs, 32 KB LDS), as the head-dim-64 CUDA config
+# does (233 VGPRs). Both 64-key tiles: the op's scheme (block_n 64).
+ROCM_CONFIGS: dict[int, AttnConfig] = {
+    64: AttnConfig(64, 64, 4, 3),
+    128: AttnConfig(128, 64, 4, 2),
+}
 # Triton's CPU interpreter: smaller tiles run faster there (CI).
 INTERPRET_CONFIG = AttnConfig(64, 64, 4, 1)
 
@@ -163,18 +185,21 @@ def parse_config(text: str) -> AttnConfig:
 
 def attn_config(dp: int) -> AttnConfig:
     """The attention kernel's configuration at padded head dim ``dp``: the environment's
-    :data:`CONFIG_ENV` (read per call, parsed once per text), else the interpreter's or
-    :data:`DEFAULT_CONFIGS`."""
+    :data:`CONFIG_ENV` (read per call, parsed once per text), else the interpreter's, or
+    :data:`ROCM_CONFIGS` on a ROCm build of torch, or :data:`DEFAULT_CONFIGS`."""
     text = os.environ.get(CONFIG_ENV)
     if text:
         return parse_config(text)
-    return INTERPRET_CONFIG if INTERPRET else DEFAULT_CONFIGS[dp]
+    if INTERPRET:
+        return INTERPRET_CONFIG
+    return (ROCM_CONFIGS if torch.version.hip is not None else DEFAULT_CONFIGS)[dp]
 
 
-def config_scheme(cfg: AttnConfig) -> Fp8AttentionScheme:
-    """The scheme whose emulation (``fp8_attention_quantized_ref``) a config computes (up to
-    the rounding of ``fold_scales``)."""
-    return replace(SCHEME, block_n=cfg.block_n, two_level=cfg.two_level)
+def config_scheme(cfg: AttnConfig, fmt: Fp8Format = E4M3FN) -> Fp8AttentionScheme:
+    """The scheme whose emulation (``fp8_attention_quantized_ref``) a config computes on V^T of
+    FP8 format ``fmt`` (up to the rounding of ``fold_scales``)."""
+    return replace(with_format(SCHEME, fmt), block_n=cfg.block_n, two_level=cfg.two_level)
+
 
 
 def _launch(kernel, grid, *args, **kwargs) -> None:
@@ -232,7 +257,7 @@ def _kv_stats_partials(k: torch.Tensor, v: torch.Tensor, had: torch.Tensor
     return ksum, vmax
 
 
-def _quantize(q, k, v, had, scale, vt_pv_order=False):
+def _quantize(q, k, v, had, scale, vt_pv_order=False, fp8_format="e4m3fn"):
     B, Sq, H, D = q.shape
     Sk = k.shape[1]
     DP = had.shape[0]
@@ -246,7 +271,8 @@ def _quantize(q, k, v, had, scale, vt_pv_order=False):
     lse_corr = torch.empty(B, H, Sq, device=dev, dtype=torch.float32)
     k8 = torch.empty(B, H, Sk_pad, DP, device=dev, dtype=torch.int8)
     k_scale = torch.empty(B, H, Sk_pad, device=dev, dtype=torch.float32)
-    vt8 = torch.empty(B, H, DP, Sk_pad, device=dev, dtype=FP8)
+    fmt = FP8_FORMATS[fp8_format]
+    vt8 = torch.empty(B, H, DP, Sk_pad, device=dev, dtype=fmt.dtype)
     v_scale = torch.empty(B, H, DP, device=dev, dtype=torch.float32)
     consts = dict(D=D, DP=DP, BLOCK_S=QUANT_BLOCK_S,
                   NUM_CHUNKS_P2=triton.next_power_of_2(num_chunks), UPCAST=INTERPRET,
@@ -275,6 +301,7 @@ def _attention(q8, q_scale, k8, k_scale, vt8, v_scale, lse_corr, seqlen_k, head_
     B, H, Sq, DP = q8.shape
     Sk_pad = k8.shape[2]
     cfg = AttnConfig(*config[:4], two_level=bool(config[4]), fold_scales=bool(config[5]))
+    fp8_format_of(vt8.dtype)  # e4m3fn or e4m3fnuz, an error otherwise: the kernel's format
     out = torch.empty(B, Sq, H, head_dim, device=q8.device, dtype=out_dtype_like.dtype)
     lse = torch.empty(B, H, Sq if return_lse else 0, device=q8.device, dtype=torch.float32)
     # Without the LSE the kernel never touches its pointer; pass a live buffer all the same
@@ -292,12 +319,12 @@ def _attention(q8, q_scale, k8, k_scale, vt8, v_scale, lse_corr, seqlen_k, head_
 @triton_op("xdit_ops::fp8_quantize_triton", mutates_args=())
 def fp8_quantize_triton(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, had: torch.Tensor, scale: float,
-    vt_pv_order: bool = False,
+    vt_pv_order: bool = False, fp8_format: str = "e4m3fn",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
            torch.Tensor]:
     """The quantization pass (see :class:`QuantizedQKV` for the outputs' layouts;
-    ``vt_pv_order``: V^T in the P.V key order)."""
-    return _quantize(q, k, v, had, scale, vt_pv_order)
+    ``vt_pv_order``: V^T in the P.V key order; ``fp8_format``: the name of V^T's format)."""
+    return _quantize(q, k, v, had, scale, vt_pv_order, fp8_format)
 
 
 @triton_op("xdit_ops::fp8_attention_fwd_triton", mutates_args=())
@@ -331,19 +358,30 @@ def _hadamard(dp: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor
 
 
 def quantize_qkv_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                        scale: float | None = None, vt_pv_order: bool = False) -> QuantizedQKV:
+                        scale: float | None = None, vt_pv_order: bool = False,
+                        fp8_format: Fp8Format | str | None = None) -> QuantizedQKV:
     """The quantization pass in Triton, returning :class:`QuantizedQKV` (BSHD inputs).
 
     ``vt_pv_order``: write V^T with its keys in the P.V key order (the sm90ws kernel's input,
     :func:`xdit_ops.reference.fp8_attention.vt_to_pv_order`); the Triton attention kernel and
-    the sm90 kernel take the plain layout.
+    the sm90 kernel take the plain layout. ``fp8_format``: V^T's FP8 format (a
+    :class:`~xdit_ops.reference.fp8_attention.Fp8Format` or its name); None resolves
+    ``XDIT_OPS_FP8_FORMAT`` for ``q``'s device (:func:`xdit_ops.ops.fp8_attention.resolve_format`).
     """
     D = q.shape[-1]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    if fp8_format is None:
+        from xdit_ops.ops.fp8_attention import resolve_format
+
+        fp8_format = resolve_format(q.device)
+    name = fp8_format.name if isinstance(fp8_format, Fp8Format) else fp8_format
+    if name not in FP8_FORMATS:
+        raise ValueError(f"fp8_attention: unknown FP8 format {name!r}; one of "
+                         f"{tuple(FP8_FORMATS)}")
     had = _hadamard(padded_head_dim(D), q.dtype, q.device)
     fn = _quantize if INTERPRET else fp8_quantize_triton
     with _on_device(q.device):
-        t = fn(q, k, v, had, scale, vt_pv_order)
+        t = fn(q, k, v, had, scale, vt_pv_order, name)
     return QuantizedQKV(*t, seqlen_k=k.shape[1], head_dim=D, vt_pv_order=vt_pv_order)
 
 
@@ -353,8 +391,9 @@ def attention_quantized_triton(qq: QuantizedQKV, out_dtype: torch.dtype,
     """The attention kernel in Triton on :class:`QuantizedQKV`: (out BSHD, lse [B, H, Sq]).
 
     ``config`` defaults to :func:`attn_config` of the padded head dim; the result is the
-    emulation of :func:`config_scheme` (config) (the op's scheme for the default table).
-    ``qq.vt`` must be in key order (``qq.vt_pv_order`` False).
+    emulation of :func:`config_scheme` (config, ``qq.fp8_format``) (the op's scheme for the
+    default table). ``qq.vt`` must be in key order (``qq.vt_pv_order`` False); its dtype is the
+    FP8 format the kernel reads V in and casts P to.
     """
     if qq.vt_pv_order:
         raise ValueError("fp8_attention: the Triton attention kernel takes V^T in key order; "
@@ -368,10 +407,13 @@ def attention_quantized_triton(qq: QuantizedQKV, out_dtype: torch.dtype,
 
 
 def fp8_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                         scale: float | None, return_lse: bool
+                         scale: float | None, return_lse: bool,
+                         fp8_format: Fp8Format | str | None = None
                          ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantization pass + attention kernel: out [B, Sq, H, D] in q.dtype, lse [B, H, Sq]."""
-    return attention_quantized_triton(quantize_qkv_triton(q, k, v, scale), q.dtype, return_lse)
+    """Quantization pass + attention kernel: out [B, Sq, H, D] in q.dtype, lse [B, H, Sq]
+    (``fp8_format`` as :func:`quantize_qkv_triton` takes it)."""
+    qq = quantize_qkv_triton(q, k, v, scale, fp8_format=fp8_format)
+    return attention_quantized_triton(qq, q.dtype, return_lse)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -412,9 +454,11 @@ def quantize_tokens_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     k_mean, v_amax : [B, H, DP] fp32 (v_amax without zeros).
     scale : softmax scale.
 
+    V is e4m3fn, whatever ``XDIT_OPS_FP8_FORMAT`` says (the FP8 wire is not format-aware).
+
     Returns
     -------
-    q8 [B, H, S, DP] int8, k8 [B, H, S, DP] int8, vt8 [B, H, DV, S] uint8 (e4m3 bits, DV = D
+    q8 [B, H, S, DP] int8, k8 [B, H, S, DP] int8, vt8 [B, H, DV, S] uint8 (e4m3fn bits, DV = D
     rounded up to 4), scales [3, B, H, S] fp32 (q_scale, lse_corr, k_scale); k8 and vt8 are
     views into buffers padded to whole 64-token tiles.
     """

@@ -12,11 +12,17 @@ the same fp32 order, so the CPU emulation is their oracle:
   and write it transposed (keys contiguous: the K-major B operand of the FP8 P.V).
 * ``attn_fwd_kernel``: INT8 Q K^T (exact int32), online softmax in fp32 base 2 over key
   tiles of BLOCK_N keys (the scheme's ``block_n``, 64, unless a config says otherwise), P =
-  exp2(s - m + 8) cast to e4m3, P.V on the FP8 tensor cores from a zero accumulator per tile,
+  exp2(s - m + P_SHIFT) cast to e4m3, P.V on the FP8 tensor cores from a zero accumulator per tile,
   added to the fp32 output accumulator (two-level accumulation; ``TWO_LEVEL=False``
   accumulates in place instead, the scheme with ``two_level=False``). ``FOLD_SCALES=True``
   applies the K and Q scales inside FMAs (fewer fp32 operations, another rounding order than
   the emulation's). Launch configurations: ``AttnConfig`` in the launcher module.
+
+The FP8 format is the element type of the V^T pointer (``VT8``): ``tl.float8e4nv`` (e4m3fn)
+or ``tl.float8e4b8`` (e4m3fnuz, AMD MI300's), a compile-time specialisation that the launchers
+choose with the dtype of the V^T buffer (``xdit_ops.reference.fp8_attention.Fp8Format``). From
+it the kernels derive, as constexprs, the cast target (``FP8_DTYPE``), the max V is scaled to
+(``FP8_MAX``: 448 or 240) and P's scaling (``P_SHIFT``: 8 or 7).
 """
 
 from __future__ import annotations
@@ -29,8 +35,15 @@ import triton.language as tl
 # |INT8 Q K^T| <= 127 * 127 * 128 < 2^21.
 MAGIC_I = tl.constexpr(0x4B400000)
 MAGIC_F = tl.constexpr(12582912.0)
-P_SHIFT = tl.constexpr(8.0)
 LN2 = tl.constexpr(0.6931471805599453)
+# Per FP8 format (Fp8Format.max and .p_shift in the reference; a test checks they agree).
+E4M3FN_MAX = tl.constexpr(448.0)
+E4M3FN_P_SHIFT = tl.constexpr(8.0)
+E4M3FNUZ_MAX = tl.constexpr(240.0)
+E4M3FNUZ_P_SHIFT = tl.constexpr(7.0)
+# Half the smallest e4m3fnuz subnormal (2^-10): a round-to-nearest-even cast makes |x| <= this
+# zero.
+FNUZ_HALF_MIN_SUBNORMAL = tl.constexpr(2.0**-11)
 
 
 @triton.jit
@@ -114,6 +127,21 @@ def _int8_rows(x):
     amax = tl.max(tl.abs(x), axis=1)
     amax = tl.where(amax > 0, amax, 1.0)
     return _round_int8(x * _div(127.0, amax)[:, None]), amax
+
+
+@triton.jit
+def _to_fp8(x, FP8_DTYPE: tl.constexpr, FP8_MAX: tl.constexpr):
+    """fp32 ``x`` clamped to [-FP8_MAX, FP8_MAX] and cast to FP8_DTYPE, round to nearest even.
+
+    e4m3fnuz has no negative zero: its code 0x80 is the NaN. A value that rounds to zero
+    (|x| <= 2^-11, half the smallest subnormal) is made +0 first, so the code is 0x00 whatever
+    the conversion does with the sign of a zero (Triton's CPU interpreter keeps it: 0x80). For
+    a conversion that drops it (round to nearest even, as torch's) this changes no code.
+    """
+    x = tl.minimum(tl.maximum(x, -FP8_MAX), FP8_MAX)
+    if FP8_DTYPE == tl.float8e4b8:
+        x = tl.where(tl.abs(x) <= FNUZ_HALF_MIN_SUBNORMAL, 0.0, x)
+    return x.to(FP8_DTYPE, fp_downcast_rounding="rtne")
 
 
 @triton.jit
@@ -209,15 +237,19 @@ def quantize_kv_kernel(
     UPCAST: tl.constexpr, VT_PV_ORDER: tl.constexpr = False,
 ):
     """Grid (P, B * H): program p quantizes the key tiles p, p + P, ... of one (batch, head).
-    V: FP8 per channel, stored transposed (keys contiguous); K: rotate, subtract the mean, INT8
+    V: FP8 (VT8's format, scaled to its max) per channel, stored transposed (keys contiguous); K:
+    rotate, subtract the mean, INT8
     per key (codes from 127 / amax, the scale amax / 127 cut to 22 significant bits), zero
     codes and scales in the padding.
 
-    K8 [B, H, Sk_pad, DP] int8, KSCALE [B, H, Sk_pad] fp32, VT8 [B, H, DP, Sk_pad] e4m3,
+    K8 [B, H, Sk_pad, DP] int8, KSCALE [B, H, Sk_pad] fp32, VT8 [B, H, DP, Sk_pad] e4m3fn or
+    e4m3fnuz,
     VSCALE [B, H, DP] fp32. VT_PV_ORDER: V^T's keys in the P.V key order of the sm90ws kernel
     (``xdit_ops.reference.fp8_attention.PV_KEY_ORDER``: inside every 32-key block, key k at
     column 4 l + 16 (jj >> 1) + 2 (jj & 1) + b for k = 8 jj + 2 l + b); BLOCK_S a multiple of 32.
     """
+    FP8_DTYPE: tl.constexpr = VT8.dtype.element_ty
+    FP8_MAX: tl.constexpr = E4M3FNUZ_MAX if FP8_DTYPE == tl.float8e4b8 else E4M3FN_MAX
     pid = tl.program_id(0)
     bh, b, h = _this_head(H)
     offs_d = tl.arange(0, DP)
@@ -225,9 +257,9 @@ def quantize_kv_kernel(
     d_ok = offs_d < D
     had, k_mean, v_amax = _load_had_and_stats(HAD, KSUM, VMAX, bh, Sk, num_chunks, DP,
                                               NUM_CHUNKS_P2, True)
-    v_mul = _div(448.0, v_amax)
+    v_mul = _div(FP8_MAX, v_amax)
     if pid == 0:
-        tl.store(VSCALE + bh * DP + offs_d, _div(v_amax, 448.0))
+        tl.store(VSCALE + bh * DP + offs_d, _div(v_amax, FP8_MAX))
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
     k8_base = K8 + bh * Sk_pad * DP
@@ -242,9 +274,7 @@ def quantize_kv_kernel(
         # V before K: V's tile is then dead during K's work (98 registers a thread at head
         # dim 128 and 8 warps, at any pipelining depth; K first: 128 unpipelined, 140-143
         # pipelined).
-        vq = v.to(tl.float32) * v_mul[None, :]
-        vq = tl.minimum(tl.maximum(vq, -448.0), 448.0)
-        vq = vq.to(tl.float8e4nv, fp_downcast_rounding="rtne")
+        vq = _to_fp8(v.to(tl.float32) * v_mul[None, :], FP8_DTYPE, FP8_MAX)
         if VT_PV_ORDER:
             # Row (key) bits (b4 b3 b2 b1 b0) = (jj1 jj0 l1 l0 b) -> (jj1 l1 l0 jj0 b): the tile's
             # rows permuted in registers, so the store stays contiguous along keys.
@@ -262,7 +292,7 @@ def quantize_kv_kernel(
 def _attn_tile(
     acc, l_i, m_i, q8, qs, k_base, ks_base, vt_base, start_n, Sk, Sk_pad,
     DP: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr, TWO_LEVEL: tl.constexpr,
-    FOLD_SCALES: tl.constexpr,
+    FOLD_SCALES: tl.constexpr, FP8_DTYPE: tl.constexpr, P_SHIFT: tl.constexpr,
 ):
     # Addresses are rebuilt from scalar bases in every tile: loop-carried [DP, BLOCK_N] pointer
     # tensors would hold two registers per element for the whole loop and spill.
@@ -312,7 +342,8 @@ def _attn_tile(
                      other=0.0)
     else:
         v8 = tl.load(vt_base + offs_d[None, :] * Sk_pad + offs_n[:, None])  # [BLOCK_N, DP]
-    p8 = p.to(tl.float8e4nv, fp_downcast_rounding="rtne")
+    # P in (0, 2^P_SHIFT], within the format's max (and positive: no clamp, no sign to fix).
+    p8 = p.to(FP8_DTYPE, fp_downcast_rounding="rtne")
     if TWO_LEVEL:
         # The tile's products start from zero in the tensor core's accumulator (fewer bits
         # than fp32 for FP8 inputs) and reach the fp32 accumulator after <= BLOCK_N of them.
@@ -336,8 +367,11 @@ def attn_fwd_kernel(
     """Grid (cdiv(Sq, BLOCK_M), B * H). OUT: [B, Sq, H, D] (any strides), LSE: [B, H, Sq].
 
     BLOCK_N is part of the numerics (see module docstring); any power of two >= 32 works with
-    Sk_pad a multiple of 64. The key loop is software-pipelined over the launch's num_stages.
+    Sk_pad a multiple of 64. VT8's FP8 format (e4m3fn or e4m3fnuz) is P's too, with P scaled
+    by 2^P_SHIFT (8 or 7). The key loop is software-pipelined over the launch's num_stages.
     """
+    FP8_DTYPE: tl.constexpr = VT8.dtype.element_ty
+    P_SHIFT: tl.constexpr = E4M3FNUZ_P_SHIFT if FP8_DTYPE == tl.float8e4b8 else E4M3FN_P_SHIFT
     pid_m = tl.program_id(0)
     bh, b, h = _this_head(H)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -356,10 +390,12 @@ def attn_fwd_kernel(
     n_full = (Sk // BLOCK_N) * BLOCK_N
     for start_n in tl.range(0, n_full, BLOCK_N):
         acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q8, qs, k_base, ks_base, vt_base, start_n, Sk,
-                                   Sk_pad, DP, BLOCK_N, False, TWO_LEVEL, FOLD_SCALES)
+                                   Sk_pad, DP, BLOCK_N, False, TWO_LEVEL, FOLD_SCALES,
+                                   FP8_DTYPE, P_SHIFT)
     if n_full < Sk:
         acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q8, qs, k_base, ks_base, vt_base, n_full, Sk,
-                                   Sk_pad, DP, BLOCK_N, True, TWO_LEVEL, FOLD_SCALES)
+                                   Sk_pad, DP, BLOCK_N, True, TWO_LEVEL, FOLD_SCALES,
+                                   FP8_DTYPE, P_SHIFT)
 
     vs = tl.load(VSCALE + bh * DP + offs_d)
     out = acc / l_i[:, None] * vs[None, :]
