@@ -1046,18 +1046,12 @@ def _attend(p: _Plan, qbuf, kv, kj, vj, joint_lengths, scale, backend, dtype):
         if p.ring == "ce":
             # kv: this rank's block [2, B, n, h, D], or (k, v) each [B, n, h, D] (a ring-only
             # grid: copied straight into the ring buffer, no stacked copy first)
-            stacked = isinstance(kv, torch.Tensor)
-            shape = tuple(kv.shape) if stacked else (2, *kv[0].shape)
-
             def fill(buf):
-                if stacked:
-                    buf.copy_(kv)
-                else:
-                    buf[0].copy_(kv[0])
-                    buf[1].copy_(kv[1])
+                for dst, src in zip(buf, kv, strict=True):
+                    dst.copy_(src)
 
-            _ring_ce(p, shape, kv.dtype if stacked else kv[0].dtype, qbuf.device, fill,
-                     attend_block, parts, part_lses)
+            _ring_ce(p, (2, *kv[0].shape), kv[0].dtype, qbuf.device, fill, attend_block,
+                     parts, part_lses)
         else:
             _ring_nccl(p, kv, attend_block, parts, part_lses)
     if kj is not None:

@@ -55,6 +55,7 @@ from xdit_ops.ops.usp_fp8_wire import (
     attend_quantized,
     global_stats,
     make_wire_plan,
+    pv_index,
     quantize_tokens,
     token_stats,
     wire_switch,
@@ -63,7 +64,6 @@ from xdit_ops.reference.fp8_attention import (
     FP8,
     FP8_MAX,
     QuantizedQKV,
-    _pv_gather_index,
     pad_to,
     padded_head_dim,
 )
@@ -103,18 +103,6 @@ def block_views(buf: torch.Tensor, B: int, H: int, Lp: int, Dp: int
             buf[2 * n:2 * n + 4 * B * H * Lp].view(torch.float32).view(B, H, Lp))
 
 
-_PV_INDEX: dict[tuple, torch.Tensor] = {}
-
-
-def _pv_index(n: int, device: torch.device) -> torch.Tensor:
-    """The P.V key-order gather index of ``n`` keys, kept per (n, device): made on the first
-    (eager) call of a shape, so a CUDA-graph capture copies nothing from the host."""
-    key = (n, device)
-    if key not in _PV_INDEX:
-        _PV_INDEX[key] = _pv_gather_index(n, False, device)
-    return _PV_INDEX[key]
-
-
 def pack_keys(dst: torch.Tensor, k8: torch.Tensor, k_scale: torch.Tensor, vt8: torch.Tensor,
               start: int, n: int, D: int, pv_order: bool) -> None:
     """Write keys ``[start, start + n)`` of quantized tokens into the block ``dst`` (flat
@@ -134,7 +122,7 @@ def pack_keys(dst: torch.Tensor, k8: torch.Tensor, k_scale: torch.Tensor, vt8: t
     if pv_order:
         v = vt.new_zeros(B, H, Dp, Lp)
         v[:, :, :D, :n] = vt8[:, :, :D, start:start + n]
-        torch.index_select(v, 3, _pv_index(Lp, v.device), out=vt)
+        torch.index_select(v, 3, pv_index(Lp, v.device), out=vt)
     else:
         vt[:, :, :D, :n] = vt8[:, :, :D, start:start + n]
         vt[:, :, D:].zero_()

@@ -406,14 +406,19 @@ def assemble(recv: torch.Tensor, joint: WireFields | None, v_amax: torch.Tensor,
 _PV_INDEX: dict[tuple, torch.Tensor] = {}
 
 
-def _in_pv_order(qq: QuantizedQKV) -> QuantizedQKV:
-    """``in_pv_order`` with its key index kept per (keys, device): made on the first (eager)
-    call of a shape, so a CUDA-graph capture of a later call copies nothing from the host."""
-    n = qq.vt.shape[-1]
-    key = (n, qq.vt.device)
+def pv_index(n: int, device: torch.device) -> torch.Tensor:
+    """The P.V key-order gather index of ``n`` keys, kept per (n, device): made on the first
+    (eager) call of a shape, so a CUDA-graph capture of a later call copies nothing from the
+    host. Used by the wire's receiver and the FP8 ring's packer."""
+    key = (n, device)
     if key not in _PV_INDEX:
-        _PV_INDEX[key] = _pv_gather_index(n, False, qq.vt.device)
-    vt = qq.vt.view(torch.uint8)[..., _PV_INDEX[key]].view(FP8)
+        _PV_INDEX[key] = _pv_gather_index(n, False, device)
+    return _PV_INDEX[key]
+
+
+def _in_pv_order(qq: QuantizedQKV) -> QuantizedQKV:
+    """``in_pv_order`` with the cached :func:`pv_index`."""
+    vt = qq.vt.view(torch.uint8)[..., pv_index(qq.vt.shape[-1], qq.vt.device)].view(FP8)
     return replace(qq, vt=vt, vt_pv_order=True)
 
 
@@ -508,6 +513,7 @@ def ulysses_fp8_wire(q_s, k_s, v_s, q_j, k_j, v_j, heads: list[int], u_rank: int
 
 
 __all__ = ["WIRE_ENV", "WireFields", "WirePlan", "assemble", "attend_quantized",
-           "exchange_assemble", "global_stats", "make_wire_plan", "pack_send", "quantize_tokens",
+           "exchange_assemble", "global_stats", "make_wire_plan", "pack_send", "pv_index",
+           "quantize_tokens",
            "quantize_tokens_ref", "token_bytes", "token_stats", "token_stats_ref",
            "ulysses_fp8_wire", "wire_applies", "wire_switch"]
