@@ -669,7 +669,8 @@ def test_push_path_wiring_in_threads(case, monkeypatch):
     monkeypatch.setattr(usp, "_symm_buffer", symm_buffer)
     for cache in ("_PLANS", "_PUSH"):  # this test's plans and views stay out of the others'
         monkeypatch.setattr(usp, cache, {})
-    switches = ("0", None, None, "push", None)  # no cross-rank check: no process group here
+    # _switches()' eight values; no cross-rank check: no process group here
+    switches = ("0", None, None, "push", None, None, None, None)
     results, errors = {}, []
 
     def rank_main(r):

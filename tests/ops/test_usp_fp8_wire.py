@@ -318,6 +318,15 @@ def _worker(rank, world, device="cpu", cases=None):
     for i, case in enumerate(cases or CASES[world]):
         _run_case(case, rank, world, device, seed=7 * i + world)
     if world == 2 and device == "cpu":
+        # the wire carries e4m3fn codes only: under e4m3fnuz the call takes the default path
+        os.environ["XDIT_OPS_FP8_FORMAT"] = "e4m3fnuz"
+        try:
+            x = [t.contiguous() for t in dit_like_qkv(1, 64, 2, 64, seed=rank)]
+            _usp._PLANS.clear()
+            xdit_ops.usp_attention(*x, backend="fp8")
+            assert {p.path for p in _usp._PLANS.values()} == {"nccl"}
+        finally:
+            del os.environ["XDIT_OPS_FP8_FORMAT"]
         # ranks that disagree on the switch raise together instead of hanging
         os.environ["XDIT_OPS_USP_FP8_WIRE"] = "0" if rank else "1"
         x = [t.contiguous() for t in dit_like_qkv(1, 64, 2, 64, seed=rank)]

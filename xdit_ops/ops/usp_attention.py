@@ -45,8 +45,14 @@ from xdit_ops.ops.attention import (
     check_inputs,
     resolve_backend,
 )
-from xdit_ops.ops.merge_attention_states import MAX_PARTIALS
-from xdit_ops.ops.ulysses_pack import push_region_size, push_regions  # (registers the pack ops)
+from xdit_ops.ops.fp8_attention import FORMAT_ENV, FORMAT_SETTINGS, resolve_format
+from xdit_ops.ops.merge_attention_states import MAX_PARTIALS, _check_merge_impl
+from xdit_ops.ops.ulysses_pack import (  # (registers the pack ops)
+    PUSH_KERNEL_ENV,
+    push_kernel,
+    push_region_size,
+    push_regions,
+)
 from xdit_ops.ops.usp_fp8_ring import RingFp8Call, make_ring_plan, ring_applies
 from xdit_ops.ops.usp_fp8_wire import WIRE_ENV, make_wire_plan, ulysses_fp8_wire, wire_applies
 from xdit_ops.parallel.state import get_parallel_state
@@ -672,19 +678,23 @@ def _lengths_digest(shard_lengths) -> list[int]:
 
 def _switches(grouped: bool) -> tuple:
     """The raw values of the op's environment switches, (``XDIT_OPS_USP_CHECK``, ``_CHUNKS``,
-    ``_RING``, ``_ULYSSES``, ``_FP8_WIRE``), None where unset: part of the plan key, so a
-    switch changed between calls takes effect on the next call, and what the plan is built
-    from (the environment is read once per call). A call without a group reads none: no
-    switch applies to a single device."""
+    ``_RING``, ``_ULYSSES``, ``_FP8_WIRE``, ``XDIT_OPS_FP8_FORMAT``, ``XDIT_OPS_PUSH_KERNEL``,
+    ``XDIT_OPS_MERGE_IMPL``), None where unset: part of the plan key, so a switch changed
+    between calls takes effect on the next call (and is validated by the new plan: the native
+    launchers that read the last two are called directly, past their Python checks), and what
+    the plan is built from (the environment is read once per call). A call without a group
+    reads none: no switch applies to a single device."""
     if not grouped:
         return ()
     get = os.environ.get
     return (get("XDIT_OPS_USP_CHECK"), get("XDIT_OPS_USP_CHUNKS"), get("XDIT_OPS_USP_RING"),
-            get("XDIT_OPS_USP_ULYSSES"), get(WIRE_ENV))
+            get("XDIT_OPS_USP_ULYSSES"), get(WIRE_ENV), get(FORMAT_ENV), get(PUSH_KERNEL_ENV),
+            get("XDIT_OPS_MERGE_IMPL"))
 
 
 def _switch_codes(chunks_sw: str | None, ring_sw: str | None,
-                  ulysses_sw: str | None, wire_sw: str | None) -> list[int]:
+                  ulysses_sw: str | None, wire_sw: str | None,
+                  format_sw: str | None) -> list[int]:
     """The transport switches as ints for the cross-rank check: ranks that would move data
     differently (one pushing into symmetric memory while another waits in an all-to-all)
     disagree there, with a message, instead of hanging. -1: unset; 99: a value the op will
@@ -697,7 +707,7 @@ def _switch_codes(chunks_sw: str | None, ring_sw: str | None,
     except ValueError:
         chunks = 99
     return [chunks, code(ring_sw, RING_TRANSPORTS), code(ulysses_sw, ULYSSES_TRANSPORTS),
-            code(wire_sw, ("0", "1"))]
+            code(wire_sw, ("0", "1")), code(format_sw, FORMAT_SETTINGS)]
 
 
 def _check_mode(switch: str | None) -> str:
@@ -756,7 +766,7 @@ def _build_plan(q, k, v, joint_lengths, joint_tokens, joint_front, seq_len, back
                 shard_lengths, switches) -> _Plan:
     """Validate a call signature (after the cross-rank agreement) and plan it; ``switches``:
     ``_switches()`` of this call."""
-    check_sw, chunks_sw, ring_sw, ulysses_sw, wire_sw = switches or (None,) * 5
+    check_sw, chunks_sw, ring_sw, ulysses_sw, wire_sw, format_sw, _, _ = switches or (None,) * 8
     U, R = _group_size(ug), _group_size(rg)
     u_rank, r_rank = _group_rank(ug), _group_rank(rg)
     check = _CHECK_NONE
@@ -771,7 +781,7 @@ def _build_plan(q, k, v, joint_lengths, joint_tokens, joint_front, seq_len, back
                     + [_DTYPE_CODES.get(t.dtype, 9) for t in (q, k, v)]
                     + [joint_tokens, seq_len, int(joint_front), int(joint_lengths is None)]
                     + _lengths_digest(shard_lengths)
-                    + _switch_codes(chunks_sw, ring_sw, ulysses_sw, wire_sw))
+                    + _switch_codes(chunks_sw, ring_sw, ulysses_sw, wire_sw, format_sw))
             agree_key = (ug, rg, tuple(meta))
             due = mode == "always" or agree_key not in _AGREED
             capturing = _capturing()
@@ -867,6 +877,16 @@ def _build_plan(q, k, v, joint_lengths, joint_tokens, joint_front, seq_len, back
         p.path, p.chunks = "pipelined", chunks
     else:
         p.path = "nccl"
+    if q.device.type == "cuda" and switches:
+        # the native push and merge launchers read these on every call; usp calls them past
+        # their Python checks, so a bad value is refused here, by name, not in C++
+        push_kernel(OP)
+        _check_merge_impl(OP)
+    if backend == "fp8" and wire_sw is not None and resolve_format(q.device, format_sw or "auto") \
+            .name != "e4m3fn":
+        # the FP8 wire and ring carry e4m3fn codes only: with e4m3fnuz (ROCm MI300) the calls
+        # take the default path, which quantizes in the device's format
+        wire_sw = None
     p.wire = None
     if U > 1 and wire_applies(wire_sw, backend, U, R, L, joint_lengths is not None, q.dtype, D):
         # FP8 on the wire (usp_fp8_wire): quantized before an all-to-all of 1-byte codes
