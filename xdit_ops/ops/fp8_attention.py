@@ -145,10 +145,15 @@ def auto_format(hip: bool, arch: str | None) -> Fp8Format:
 
 
 def _rocm_arch(device: torch.device) -> str | None:
-    """``gcnArchName`` of a ROCm GPU ``device``; None on CUDA builds and CPU."""
+    """``gcnArchName`` of a ROCm GPU ``device``; None on CUDA builds and CPU. Read once per
+    device index (it is asked on every call, some twice)."""
     if torch.version.hip is None or device.type != "cuda":
         return None
-    index = torch.cuda.current_device() if device.index is None else device.index
+    return _arch_of(torch.cuda.current_device() if device.index is None else device.index)
+
+
+@functools.cache
+def _arch_of(index: int) -> str:
     return torch.cuda.get_device_properties(index).gcnArchName
 
 
