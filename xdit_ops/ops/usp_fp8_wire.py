@@ -50,8 +50,8 @@ from xdit_ops.reference.fp8_attention import (
     QuantizedQKV,
     _pv_gather_index,
     _quantize_rows,
+    cached_hadamard,
     fp8_attention_quantized_ref,
-    hadamard_matrix,
     pad_to,
     padded_head_dim,
     round_k_scale,
@@ -177,22 +177,12 @@ def pack_send(f: WireFields, heads: list[int]) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # statistics and quantization (torch: the exact emulation on CPU)
 
-_HAD: dict[tuple, torch.Tensor] = {}
-
-
-def _hadamard(dp: int, device: torch.device) -> torch.Tensor:
-    key = (dp, device)
-    if key not in _HAD:
-        _HAD[key] = hadamard_matrix(dp).to(device)
-    return _HAD[key]
-
-
 def _rotated(x: torch.Tensor, Dp: int) -> torch.Tensor:
     """[B, S, H, D] -> the Hadamard-rotated fp32 [B, H, S, Dp] (the reference's operations)."""
     xf = x.float().transpose(1, 2)
     if Dp != x.shape[-1]:
         xf = torch.nn.functional.pad(xf, (0, Dp - x.shape[-1]))
-    return xf @ _hadamard(Dp, x.device)
+    return xf @ cached_hadamard(Dp, torch.float32, x.device)
 
 
 def token_stats_ref(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

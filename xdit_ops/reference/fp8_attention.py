@@ -43,6 +43,7 @@ no smoothing, no rotation, single-level accumulation) is :func:`fp8_attention_na
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -268,6 +269,14 @@ def hadamard_matrix(n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return h
 
 
+@functools.lru_cache(maxsize=32)
+def cached_hadamard(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """:func:`hadamard_matrix` of order ``n`` as a contiguous ``dtype`` tensor on ``device``,
+    made once per (n, dtype, device) and shared: the emulation, the Triton launchers and the
+    FP8 wire rotate by it on every call. Read-only."""
+    return hadamard_matrix(n).to(device=device, dtype=dtype).contiguous()
+
+
 def round_half_away(x: torch.Tensor) -> torch.Tensor:
     """Round to nearest, ties away from zero, as ``trunc(x +- 0.5)`` in x's dtype.
 
@@ -377,7 +386,7 @@ def quantize_qkv_ref(
         vf = torch.nn.functional.pad(vf, (0, Dp - D))
     score_scale = scale * LOG2E
     if scheme.hadamard:
-        hd = hadamard_matrix(Dp).to(qf.device)
+        hd = cached_hadamard(Dp, torch.float32, qf.device)
         # +-1 times a 16-bit float is exact; the kernels sum in fp32 on the tensor cores.
         qf = qf @ hd
         kf = kf @ hd
