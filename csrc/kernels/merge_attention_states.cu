@@ -47,7 +47,7 @@ uint64_t stride_bytes(int64_t size, int64_t stride, int elem) {
   return size > 1 ? static_cast<uint64_t>(stride) * elem : 0;
 }
 
-// The vector kernels index in 32 bits (merge_detail::FastDiv): every index below 2^31.
+// The vector kernels index in 32 bits (fast_div): every index below 2^31.
 constexpr int64_t kMaxVecIndex = int64_t{1} << 31;
 
 merge_detail::VecIndex vec_index(int64_t batch, int64_t seq, int64_t heads, int64_t num_chunks,
@@ -55,9 +55,9 @@ merge_detail::VecIndex vec_index(int64_t batch, int64_t seq, int64_t heads, int6
   merge_detail::VecIndex ix;
   ix.num_chunks = static_cast<uint32_t>(num_chunks);
   ix.num_rows = static_cast<uint32_t>(batch * seq * heads);
-  ix.chunks_per_row = merge_detail::FastDiv(static_cast<uint32_t>(chunks_per_row));
-  ix.heads = merge_detail::FastDiv(static_cast<uint32_t>(heads));
-  ix.seq = merge_detail::FastDiv(static_cast<uint32_t>(seq));
+  ix.chunks_per_row = make_fast_div(static_cast<uint32_t>(chunks_per_row));
+  ix.heads = make_fast_div(static_cast<uint32_t>(heads));
+  ix.seq = make_fast_div(static_cast<uint32_t>(seq));
   return ix;
 }
 

@@ -1,14 +1,18 @@
 // Pieces shared by the standalone kernel tests (no torch): the CUDA error check, the skip when
-// no GPU is visible, host <-> device copies and the final verdict.
+// no GPU is visible, host <-> device copies, element conversions and the final verdict.
 // Exit code of every test: 0 pass, 1 mismatch or CUDA error, 77 no GPU (ctest reports a skip).
 #pragma once
 
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstddef>
 #include <cstdio>
 #include <cstdlib>
 #include <vector>
+
+#include "xdit_ops/common.h"
 
 // Exits with 1 on a CUDA error, naming the call and where it was made.
 #define CHECK_CUDA(expr)                                                        \
@@ -58,6 +62,37 @@ std::vector<T> to_host(const T* d, size_t n) {
   CHECK_CUDA(cudaMemcpy(h.data(), d, n * sizeof(T), cudaMemcpyDeviceToHost));
   return h;
 }
+
+// Host conversions of the element types: float -> T (round to nearest) and T -> double.
+template <typename T>
+T from_f(float x);
+template <>
+inline float from_f<float>(float x) { return x; }
+template <>
+inline __half from_f<__half>(float x) { return __float2half_rn(x); }
+template <>
+inline __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+template <typename T>
+double to_d(T x);
+template <>
+inline double to_d<float>(float x) { return x; }
+template <>
+inline double to_d<__half>(__half x) { return __half2float(x); }
+template <>
+inline double to_d<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+// The xdit_ops::DType of an element type.
+template <typename T>
+struct DTypeOf;
+template <>
+struct DTypeOf<float> { static constexpr xdit_ops::DType kValue = xdit_ops::DType::kFloat32; };
+template <>
+struct DTypeOf<__half> { static constexpr xdit_ops::DType kValue = xdit_ops::DType::kFloat16; };
+template <>
+struct DTypeOf<__nv_bfloat16> {
+  static constexpr xdit_ops::DType kValue = xdit_ops::DType::kBFloat16;
+};
 
 // Prints the verdict; returns main's exit code (0 or 1).
 inline int finish(const char* test, int failures) {

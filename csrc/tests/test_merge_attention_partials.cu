@@ -22,35 +22,11 @@ namespace {
 
 using xdit_ops::DType;
 using xdit_ops::MergeImpl;
+using xdit_test::DTypeOf;
+using xdit_test::from_f;
+using xdit_test::to_d;
 using xdit_test::to_device;
 using xdit_test::to_host;
-
-template <typename T>
-T from_f(float x);
-template <>
-float from_f<float>(float x) { return x; }
-template <>
-__half from_f<__half>(float x) { return __float2half_rn(x); }
-template <>
-__nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
-
-template <typename T>
-double to_d(T x);
-template <>
-double to_d<float>(float x) { return x; }
-template <>
-double to_d<__half>(__half x) { return __half2float(x); }
-template <>
-double to_d<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T>
-struct DTypeOf;
-template <>
-struct DTypeOf<float> { static constexpr DType kValue = DType::kFloat32; };
-template <>
-struct DTypeOf<__half> { static constexpr DType kValue = DType::kFloat16; };
-template <>
-struct DTypeOf<__nv_bfloat16> { static constexpr DType kValue = DType::kBFloat16; };
 
 // |kernel - double reference| allowed for a result rounded to TOut (values of order 1).
 template <typename T>

@@ -204,29 +204,8 @@ __device__ __forceinline__ void store_chunk(T* dst, const float* f) {
   }
 }
 
-// Division by a runtime divisor d >= 1 as a multiply-high and a shift, exact for dividends
-// below 2^31 (Granlund & Montgomery; m = ceil(2^(31 + l) / d) with l = ceil(log2 d) fits 32
-// bits). The vector kernels split every index into (b, s, h, chunk): a 32-bit division is a
-// sequence of ~20 instructions, and three per 16-byte chunk cost issue slots the loads need.
-struct FastDiv {
-  uint32_t d, m, s;
-
-  FastDiv() = default;
-  // d <= 2^31 (the host checks that every index stays below 2^31).
-  __host__ explicit FastDiv(uint32_t divisor) : d(divisor), m(0), s(0) {
-    if (d > 1) {
-      uint32_t l = 1;
-      while ((uint64_t{1} << l) < d) ++l;
-      m = static_cast<uint32_t>(((uint64_t{1} << (31 + l)) + d - 1) / d);
-      s = l - 1;
-    }
-  }
-  __device__ __forceinline__ uint32_t div(uint32_t n) const {
-    return d == 1 ? n : __umulhi(n, m) >> s;
-  }
-};
-
-// The vector kernels' index arithmetic: divisors of the flat index, all below 2^31.
+// The vector kernels' index arithmetic (fast_div, common.cuh): divisors of the flat index, all
+// below 2^31.
 struct VecIndex {
   uint32_t num_chunks;  // merge_attention_partials: rows x chunks per row
   uint32_t num_rows;    // B * S * H
@@ -239,13 +218,13 @@ struct Row32 {
   uint32_t b, s, h;
 };
 __device__ __forceinline__ Row32 split_row32(uint32_t row, const VecIndex& ix) {
-  const uint32_t bs = ix.heads.div(row);
-  const uint32_t b = ix.seq.div(bs);
+  const uint32_t bs = fast_div(row, ix.heads);
+  const uint32_t b = fast_div(bs, ix.seq);
   return {b, bs - b * ix.seq.d, row - bs * ix.heads.d};
 }
 
-// Partial i's data and LSE pointers by a compile-time i (the callers' loops are unrolled):
-// indexing the kernel-parameter arrays with a register would copy them to local memory.
+// Partial i's data pointer by a compile-time i (the callers' loops are unrolled): indexing the
+// kernel-parameter array with a register would copy it to local memory.
 __device__ __forceinline__ const uint4* part_data(const MergeAttentionPartialsParams& p, int i) {
   return static_cast<const uint4*>(p.parts[i]);
 }
@@ -269,7 +248,7 @@ __global__ void __launch_bounds__(merge_detail::kThreads)
   const int num_parts = p.num_parts;
   for (uint32_t c = blockIdx.x * blockDim.x + threadIdx.x; c < ix.num_chunks;
        c += gridDim.x * blockDim.x) {
-    const uint32_t row = ix.chunks_per_row.div(c);
+    const uint32_t row = fast_div(c, ix.chunks_per_row);
     const Row32 r = split_row32(row, ix);
     const uint32_t lse_idx = (r.b * ix.heads.d + r.h) * ix.seq.d + r.s;
     // All N LSE loads at once (the threads sharing a row share them through L1), kept for the

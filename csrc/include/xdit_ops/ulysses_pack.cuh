@@ -320,34 +320,6 @@ __global__ void ulysses_push_out_kernel(UlyssesPushOutArgs a) {
 // starting with its next peer), one tile per block, so the hardware's block scheduler does the
 // load balancing and the last wave is short.
 
-// n / d and n % d for 0 <= n < 2^31, 1 <= d < 2^31, by a multiply-high: with
-// s = ceil(log2 d) and m = floor(2^32 (2^s - d) / d) + 1, floor(n / d) = (mulhi(n, m) + n) >> s
-// (the 33-bit multiplier 2^32 + m split into its top bit and m; n < 2^31 keeps the sum in 32
-// bits).
-struct FastDiv {
-  uint32_t d, m;
-  int s;
-};
-
-inline FastDiv make_fast_div(uint32_t d) {
-  int s = 0;
-  while ((uint64_t{1} << s) < d) ++s;
-  const uint64_t m = ((((uint64_t{1} << s) - d) << 32) / d) + 1;
-  return FastDiv{d, static_cast<uint32_t>(m), s};
-}
-
-__host__ __device__ __forceinline__ uint32_t mulhi32(uint32_t a, uint32_t b) {
-#ifdef __CUDA_ARCH__
-  return __umulhi(a, b);
-#else
-  return static_cast<uint32_t>((static_cast<uint64_t>(a) * b) >> 32);
-#endif
-}
-
-__host__ __device__ __forceinline__ uint32_t fast_div(uint32_t n, const FastDiv& f) {
-  return (mulhi32(n, f.m) + n) >> f.s;
-}
-
 // A non-coherent (read-only path) load on the device; the sources are never written by the
 // kernel (the destinations are other allocations).
 template <typename Vec>
@@ -421,6 +393,14 @@ struct UlyssesPushV2Args {
   PushDestV2 dest[kMaxUlyssesRanks];
 };
 
+// The rank that slot k (0 <= k < U) of rank `rank` (0 <= rank < U) serves: (rank + 1 + k) % U,
+// so every rank starts with its next peer. rank + 1 + k < 2U: one conditional subtraction.
+// Host and device, like the block functions that call it.
+__host__ __device__ __forceinline__ int push_peer(int rank, int k, int ranks) {
+  const int u = rank + 1 + k;
+  return u >= ranks ? u - ranks : u;
+}
+
 // Block -> (slot = block % U, c = block / U); slot k serves rank (rank + 1 + k) % U, so
 // neighbouring blocks write to different ranks and every rank starts with its next peer. Rank
 // j's tiles c enumerate its 3 * B segments (t, b) of L rows (q's B, then k's, then v's), each
@@ -434,9 +414,7 @@ __host__ __device__ __forceinline__ void push_v2_block(const UlyssesPushV2Args& 
                                                        unsigned block, int tid) {
   const int slot = static_cast<int>(block % static_cast<unsigned>(a.ranks));
   const int c = static_cast<int>(block / static_cast<unsigned>(a.ranks));
-  int j = a.rank + 1 + slot;
-  if (j >= a.ranks) j -= a.ranks;  // rank + 1 + slot < 2U
-  const PushDestV2& d = a.dest[j];
+  const PushDestV2& d = a.dest[push_peer(a.rank, slot, a.ranks)];
   const int tps = d.tiles_per_seg;
   if (tps == 0 || c >= 3 * static_cast<int>(a.batch) * tps) return;
   const int seg = c / tps, chunk = c - seg * tps;
@@ -488,8 +466,7 @@ __host__ __device__ __forceinline__ void push_out_v2_block(const UlyssesPushOutV
   if (block < num_seq) {
     const int slot = static_cast<int>(block % static_cast<unsigned>(a.ranks));
     const int c = static_cast<int>(block / static_cast<unsigned>(a.ranks));
-    int u = a.rank + 1 + slot;
-    if (u >= a.ranks) u -= a.ranks;  // rank + 1 + slot < 2U
+    const int u = push_peer(a.rank, slot, a.ranks);
     const int64_t b = c / a.tiles_seq;
     const int chunk = c - static_cast<int>(b) * a.tiles_seq;
     // rank u's L rows: rows J + u*L .. of o, rows (J or 0) .. of its output
@@ -507,11 +484,7 @@ __host__ __device__ __forceinline__ void push_out_v2_block(const UlyssesPushOutV
     const int64_t off = (b * rows_out + (a.joint_front ? 0 : a.seq)) * a.out_row + a.head_off;
     push_copy_tile<Vec>(
         src + b * a.stride_b, a.stride_s, a.stride_h,
-        [&a, off](int k) {
-          int u = a.rank + 1 + k;
-          if (u >= a.ranks) u -= a.ranks;
-          return static_cast<Vec*>(a.dst[u]) + off;
-        },
+        [&a, off](int k) { return static_cast<Vec*>(a.dst[push_peer(a.rank, k, a.ranks)]) + off; },
         a.ranks, a.out_row, static_cast<uint32_t>(a.joint * R), a.row, a.dv,
         static_cast<uint32_t>(chunk) * kPushTileVecs, tid);
   }
