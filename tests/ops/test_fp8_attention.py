@@ -762,14 +762,26 @@ def test_op_cuda_matches_emulation_and_compiles():
 # (almost) no spills at the tile shapes the autotuner tries first.
 
 
+def _with_defaults(fn, signature: dict, constexprs: dict) -> tuple[dict, dict]:
+    """``signature`` and ``constexprs`` completed with the defaults of ``fn``'s constexpr
+    parameters that they leave out (as a launch that does not pass them compiles them), the
+    signature in ``fn``'s argument order."""
+    constexprs = {p.name: p.default for p in fn.params
+                  if p.is_constexpr and p.has_default and p.name not in signature} | constexprs
+    signature = signature | dict.fromkeys(constexprs.keys() - signature.keys(), "constexpr")
+    return {n: signature[n] for n in fn.arg_names}, constexprs
+
+
 def _compile_sm90(fn, signature: dict, constexprs: dict, num_warps: int, num_stages: int = 2,
                   aligned: list[str] | tuple[str, ...] = ()):
     """``aligned``: arguments to compile as Triton's launcher specializes them at run time
-    (pointers 16-byte aligned, integers divisible by 16)."""
+    (pointers 16-byte aligned, integers divisible by 16). Constexpr parameters left out take
+    their defaults."""
     triton = pytest.importorskip("triton")
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    signature, constexprs = _with_defaults(fn, signature, constexprs)
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
     try:
         return triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs,
@@ -1287,13 +1299,14 @@ def _compile_gfx942(fn, signature: dict, constexprs: dict, num_warps: int, num_s
                     aligned: list[str] | tuple[str, ...] = ()):
     """``fn`` compiled for AMD MI300 (gfx942, wave64) by Triton's AMD backend, which the
     Triton wheel carries (LLVM's AMDGPU target and linker are in libtriton): (amdgcn text,
-    VGPRs, AGPRs, spilled VGPRs)."""
+    VGPRs, AGPRs, spilled VGPRs). Constexpr parameters left out take their defaults."""
     import re
 
     triton = pytest.importorskip("triton")
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    signature, constexprs = _with_defaults(fn, signature, constexprs)
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
     try:
         k = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs,

@@ -546,26 +546,36 @@ def test_triton_wire_launchers_match_emulation_gpu(B, S, H, D, dtype):
 
 @pytest.mark.parametrize("D", [64, 72, 128])
 def test_wire_quantize_kernel_compiles_for_sm90a(D, tmp_path):
-    """wire_quantize_kv_kernel as quantize_tokens_triton launches it (the K/V kernel's warps,
-    stages and programs per SM): wgmma for the rotation, the e4m3 conversion, no spills, and
-    registers for the programs per SM the grid is sized for."""
-    from tests.ops.test_fp8_attention import _compile_sm90, _ptxas_usage
+    """quantize_kv_kernel (and quantize_q_kernel) with STATS_GIVEN as quantize_tokens_triton
+    launches them (the kernels' warps, stages and programs per SM; one statistics chunk, any
+    token count): wgmma for the rotation, the e4m3 conversion (K/V), no spills, and registers
+    for the programs per SM the grid is sized for."""
+    from tests.ops.test_fp8_attention import _QUANT_SIGNATURES, _compile_sm90, _ptxas_usage
     from xdit_ops.triton import fp8_attention as launcher
-    from xdit_ops.triton.kernels.fp8_wire import wire_quantize_kv_kernel
+    from xdit_ops.triton.kernels import fp8_attention as kernels
 
     DP = padded_head_dim(D)
     launch = launcher.QUANT_LAUNCH[DP]
-    names = ["K", "V", "HAD", "KMEAN", "VAMAX", "K8", "KSCALE", "VT8", "stride_kb",
-             "stride_ks", "stride_kh", "stride_vb", "stride_vs", "stride_vh", "H", "S", "S_pad"]
-    types = ["*bf16"] * 3 + ["*fp32", "*fp32", "*i8", "*fp32", "*fp8e4nv"] + ["i32"] * 9
-    const = {"D": D, "DP": DP, "BLOCK_S": launcher.QUANT_BLOCK_S, "UPCAST": False}
-    sig = dict(zip(names, types, strict=True)) | dict.fromkeys(const, "constexpr")
-    aligned = [n for n in names if n not in ("H", "S")]
-    k = _compile_sm90(wire_quantize_kv_kernel, sig, const, num_warps=launch.num_warps,
-                      num_stages=launch.kv_stages, aligned=aligned)
-    ptx = k.asm["ptx"]
-    assert "wgmma.mma_async" in ptx and "cvt.rn.satfinite.e4m3x2.f32" in ptx
-    regs, spills = _ptxas_usage(ptx, tmp_path)
-    print(f"D={D}: {regs} registers, {spills} spill bytes")
-    assert spills == 0
-    assert regs * 32 * launch.num_warps * launch.programs_per_sm <= 65536, regs
+    common = {"D": D, "DP": DP, "BLOCK_S": launcher.QUANT_BLOCK_S, "NUM_CHUNKS_P2": 1,
+              "UPCAST": False}
+    for name, stages, extra in [
+        ("quantize_kv_kernel", launch.kv_stages, {"VT_PV_ORDER": False}),
+        ("quantize_q_kernel", launch.q_stages, {}),
+    ]:
+        names, types, aligned = _QUANT_SIGNATURES[name]
+        # num_chunks is 1 at run time, which Triton's launcher specialises into a constexpr.
+        types = ["constexpr" if n == "num_chunks" else t
+                 for n, t in zip(names, types, strict=True)]
+        const = {"num_chunks": 1, **common, **extra, "STATS_GIVEN": True}
+        sig = dict(zip(names, types, strict=True)) | dict.fromkeys(const, "constexpr")
+        aligned = [n for n in aligned if n not in ("Sk", "Sq")]  # S: a rank's tokens, any
+        k = _compile_sm90(getattr(kernels, name), sig, const, num_warps=launch.num_warps,
+                          num_stages=stages, aligned=aligned)
+        ptx = k.asm["ptx"]
+        assert "wgmma.mma_async" in ptx, name
+        if name == "quantize_kv_kernel":
+            assert "cvt.rn.satfinite.e4m3x2.f32" in ptx
+        regs, spills = _ptxas_usage(ptx, tmp_path)
+        print(f"{name} D={D}: {regs} registers, {spills} spill bytes")
+        assert spills == 0, name
+        assert regs * 32 * launch.num_warps * launch.programs_per_sm <= 65536, (name, regs)

@@ -29,7 +29,7 @@ Per-token Q/K scales are local to a token, so the only cross-rank quantities are
 and the V channel amax, 2 x B x H x Dp fp32 values per call.
 
 On CUDA the statistics are Triton's ``kv_stats_kernel`` (the op's own) and the quantization
-of the shard and joint tokens is the Triton ``wire_quantize`` kernels
+of the shard and joint tokens is the quantization pass's Triton kernels with ``STATS_GIVEN``
 (:func:`xdit_ops.triton.fp8_attention.quantize_tokens_triton`), which take the reduced
 statistics; the receive-side assembly is torch copies of byte tensors.
 """
@@ -253,7 +253,8 @@ def quantize_tokens_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 def quantize_tokens(q, k, v, k_mean, v_amax, scale) -> WireFields:
-    """:func:`quantize_tokens_ref`, by the Triton ``wire_quantize`` kernels on CUDA."""
+    """:func:`quantize_tokens_ref`, by :func:`~xdit_ops.triton.fp8_attention.quantize_tokens_triton`
+    on CUDA."""
     if q.is_cuda and q.shape[1] > 0:
         from xdit_ops.triton.fp8_attention import quantize_tokens_triton
 

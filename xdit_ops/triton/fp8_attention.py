@@ -444,9 +444,9 @@ def quantize_tokens_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            k_mean: torch.Tensor, v_amax: torch.Tensor, scale: float
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The quantization of some tokens given the K mean and V amax of the whole sequence
-    (``xdit_ops.ops.usp_fp8_wire.quantize_tokens_ref`` on the GPU): Q by ``quantize_q_kernel``
-    (the K mean passed as the sum of one chunk of one key), K and V by
-    ``wire_quantize_kv_kernel``.
+    (``xdit_ops.ops.usp_fp8_wire.quantize_tokens_ref`` on the GPU): ``quantize_q_kernel`` and
+    ``quantize_kv_kernel`` with ``STATS_GIVEN`` (they read the K mean and the V amax as given
+    instead of reducing kv_stats partials).
 
     Parameters
     ----------
@@ -462,8 +462,6 @@ def quantize_tokens_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     rounded up to 4), scales [3, B, H, S] fp32 (q_scale, lse_corr, k_scale); k8 and vt8 are
     views into buffers padded to whole 64-token tiles.
     """
-    from xdit_ops.triton.kernels.fp8_wire import wire_quantize_kv_kernel
-
     B, S, H, D = q.shape
     DP = padded_head_dim(D)
     DV = pad_to(D, 4)
@@ -472,29 +470,34 @@ def quantize_tokens_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     launch = QUANT_LAUNCH[DP]
     k_mean = k_mean.contiguous()
     v_amax = v_amax.contiguous()
-    S_pad = pad_to(S, QUANT_BLOCK_S)  # K/V outputs in whole tiles (unmasked stores)
+    # K/V outputs in whole tiles (zero codes and scales past S, sliced off below): the K/V
+    # kernel's stores are unmasked (masked stores along S, whose stride is not a multiple of 16
+    # bytes, took 214 registers a thread instead of ~100 at head dim 128).
+    S_pad = pad_to(S, QUANT_BLOCK_S)
     q8 = torch.empty(B, H, S, DP, device=dev, dtype=torch.int8)
     k8 = torch.empty(B, H, S_pad, DP, device=dev, dtype=torch.int8)
     vt8 = torch.empty(B, H, DP, S_pad, device=dev, dtype=FP8)
     scales = torch.empty(3, B, H, S, device=dev, dtype=torch.float32)
     k_scale = torch.empty(B, H, S_pad, device=dev, dtype=torch.float32)
+    # The K/V kernel's V scales (v_amax / 448), unused: the receiver derives its heads' scales
+    # from v_amax after the exchange.
+    v_scale = torch.empty(B, H, DP, device=dev, dtype=torch.float32)
     tiles = triton.cdiv(S, QUANT_BLOCK_S)
     grid = (_programs_per_head(B * H, tiles, launch.programs_per_sm, dev), B * H)
+    # Every token is quantized (S valid keys); the statistics' chunk count is unused.
+    consts = dict(D=D, DP=DP, BLOCK_S=QUANT_BLOCK_S, NUM_CHUNKS_P2=1, UPCAST=INTERPRET,
+                  STATS_GIVEN=True, num_warps=launch.num_warps)
     with _on_device(dev):
-        # The K mean as the kv_stats partial of one chunk over two keys: div_rn(2 m, 2) = m
-        # exactly (a key count of 1 would be specialised by Triton into a constexpr).
         _launch(kernels.quantize_q_kernel, grid,
-                q, had, k_mean * 2.0, q8, scales[0], scales[1],
+                q, had, k_mean, q8, scales[0], scales[1],
                 q.stride(0), q.stride(1), q.stride(2),
-                H, S, 2, 1, scale * LOG2E / DP, scale / DP,
-                D=D, DP=DP, BLOCK_S=QUANT_BLOCK_S, NUM_CHUNKS_P2=1, UPCAST=INTERPRET,
-                num_warps=launch.num_warps, num_stages=launch.q_stages)
-        _launch(wire_quantize_kv_kernel, grid,
-                k, v, had, k_mean, v_amax, k8, k_scale, vt8,
+                H, S, S, 1, scale * LOG2E / DP, scale / DP,
+                num_stages=launch.q_stages, **consts)
+        _launch(kernels.quantize_kv_kernel, grid,
+                k, v, had, k_mean, v_amax, k8, k_scale, vt8, v_scale,
                 k.stride(0), k.stride(1), k.stride(2),
                 v.stride(0), v.stride(1), v.stride(2),
-                H, S, S_pad,
-                D=D, DP=DP, BLOCK_S=QUANT_BLOCK_S, UPCAST=INTERPRET,
-                num_warps=launch.num_warps, num_stages=launch.kv_stages)
+                H, S, S_pad, 1,
+                num_stages=launch.kv_stages, **consts)
     scales[2] = k_scale[:, :, :S]
     return q8, k8[:, :, :S], vt8.view(torch.uint8)[:, :, :DV, :S], scales

@@ -10,6 +10,8 @@ the same fp32 order, so the CPU emulation is their oracle:
   the tensor cores (+-1 matrix, 16-bit inputs: exact products, fp32 sums), subtract the K
   mean, INT8-quantize Q and K per token, write the LSE correction, FP8-quantize V per channel
   and write it transposed (keys contiguous: the K-major B operand of the FP8 P.V).
+  With ``STATS_GIVEN`` they take the K mean and V amax as given (reduced across ranks:
+  usp_attention's FP8 wire) instead of reducing ``kv_stats_kernel``'s partials.
 * ``attn_fwd_kernel``: INT8 Q K^T (exact int32), online softmax in fp32 base 2 over key
   tiles of BLOCK_N keys (the scheme's ``block_n``, 64, unless a config says otherwise), P =
   exp2(s - m + P_SHIFT) cast to e4m3, P.V on the FP8 tensor cores from a zero accumulator per tile,
@@ -162,19 +164,29 @@ def _round_k_scale(s):
 
 @triton.jit
 def _load_had_and_stats(HAD, KSUM, VMAX, bh, Sk, num_chunks, DP: tl.constexpr,
-                        NUM_CHUNKS_P2: tl.constexpr, WANT_VMAX: tl.constexpr):
-    """The Hadamard matrix and, for one (batch, head), the K mean and (WANT_VMAX) the V amax
-    reduced from the kv_stats partials."""
+                        NUM_CHUNKS_P2: tl.constexpr, WANT_VMAX: tl.constexpr,
+                        STATS_GIVEN: tl.constexpr):
+    """The Hadamard matrix and, for one (batch, head), the K mean and (WANT_VMAX) the V amax:
+    reduced from the kv_stats partials (KSUM, VMAX [B * H, num_chunks, DP]: zero amaxes become
+    1), or, with STATS_GIVEN, read as they are (KSUM the mean and VMAX the amax [B * H, DP],
+    without zeros; Sk and num_chunks unused)."""
     offs_d = tl.arange(0, DP)
     had = tl.load(HAD + offs_d[:, None] * DP + offs_d[None, :])
-    offs_c = tl.arange(0, NUM_CHUNKS_P2)
-    c_ok = (offs_c < num_chunks)[:, None]
-    part = (bh * num_chunks + offs_c[:, None]) * DP + offs_d[None, :]
-    k_mean = _div(tl.sum(tl.load(KSUM + part, mask=c_ok, other=0.0), axis=0), Sk.to(tl.float32))
-    v_amax = k_mean
-    if WANT_VMAX:
-        v_amax = tl.max(tl.load(VMAX + part, mask=c_ok, other=0.0), axis=0)
-        v_amax = tl.where(v_amax > 0, v_amax, 1.0)
+    if STATS_GIVEN:
+        k_mean = tl.load(KSUM + bh * DP + offs_d)
+        v_amax = k_mean
+        if WANT_VMAX:
+            v_amax = tl.load(VMAX + bh * DP + offs_d)
+    else:
+        offs_c = tl.arange(0, NUM_CHUNKS_P2)
+        c_ok = (offs_c < num_chunks)[:, None]
+        part = (bh * num_chunks + offs_c[:, None]) * DP + offs_d[None, :]
+        k_mean = _div(tl.sum(tl.load(KSUM + part, mask=c_ok, other=0.0), axis=0),
+                      Sk.to(tl.float32))
+        v_amax = k_mean
+        if WANT_VMAX:
+            v_amax = tl.max(tl.load(VMAX + part, mask=c_ok, other=0.0), axis=0)
+            v_amax = tl.where(v_amax > 0, v_amax, 1.0)
     return had, k_mean, v_amax
 
 
@@ -197,12 +209,14 @@ def quantize_q_kernel(
     stride_qb, stride_qs, stride_qh,
     H, Sq, Sk, num_chunks, score_scale, corr_scale,
     D: tl.constexpr, DP: tl.constexpr, BLOCK_S: tl.constexpr, NUM_CHUNKS_P2: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, STATS_GIVEN: tl.constexpr = False,
 ):
     """Grid (P, B * H): program p quantizes the tiles p, p + P, ... of Q of one (batch, head):
     rotate, INT8 per row, LSE correction scale * q . mean(k).
 
-    Q8 [B, H, Sq, DP] int8, QSCALE/LSECORR [B, H, Sq] fp32.
+    Q8 [B, H, Sq, DP] int8, QSCALE/LSECORR [B, H, Sq] fp32. KSUM: the kv_stats partial sums
+    [B * H, num_chunks, DP] of Sk keys, or, with STATS_GIVEN, the K mean [B * H, DP] (Sk and
+    num_chunks unused: usp_attention's FP8 wire, whose statistics are reduced across ranks).
     """
     pid = tl.program_id(0)
     bh, b, h = _this_head(H)
@@ -210,7 +224,7 @@ def quantize_q_kernel(
     offs_s = tl.arange(0, BLOCK_S)
     d_ok = offs_d < D
     had, k_mean, _ = _load_had_and_stats(HAD, KSUM, KSUM, bh, Sk, num_chunks, DP, NUM_CHUNKS_P2,
-                                         False)
+                                         False, STATS_GIVEN)
     q_base = Q + b * stride_qb + h * stride_qh
     q8_base = Q8 + bh * Sq * DP
     row_base = bh * Sq
@@ -234,7 +248,7 @@ def quantize_kv_kernel(
     stride_vb, stride_vs, stride_vh,
     H, Sk, Sk_pad, num_chunks,
     D: tl.constexpr, DP: tl.constexpr, BLOCK_S: tl.constexpr, NUM_CHUNKS_P2: tl.constexpr,
-    UPCAST: tl.constexpr, VT_PV_ORDER: tl.constexpr = False,
+    UPCAST: tl.constexpr, VT_PV_ORDER: tl.constexpr = False, STATS_GIVEN: tl.constexpr = False,
 ):
     """Grid (P, B * H): program p quantizes the key tiles p, p + P, ... of one (batch, head).
     V: FP8 (VT8's format, scaled to its max) per channel, stored transposed (keys contiguous); K:
@@ -247,6 +261,9 @@ def quantize_kv_kernel(
     VSCALE [B, H, DP] fp32. VT_PV_ORDER: V^T's keys in the P.V key order of the sm90ws kernel
     (``xdit_ops.reference.fp8_attention.PV_KEY_ORDER``: inside every 32-key block, key k at
     column 4 l + 16 (jj >> 1) + 2 (jj & 1) + b for k = 8 jj + 2 l + b); BLOCK_S a multiple of 32.
+    KSUM/VMAX: the kv_stats partials [B * H, num_chunks, DP], or, with STATS_GIVEN, the K mean
+    and the V amax [B * H, DP] (amax without zeros; num_chunks unused): usp_attention's FP8
+    wire, which quantizes a rank's Sk tokens given the statistics of the whole sequence.
     """
     FP8_DTYPE: tl.constexpr = VT8.dtype.element_ty
     FP8_MAX: tl.constexpr = E4M3FNUZ_MAX if FP8_DTYPE == tl.float8e4b8 else E4M3FN_MAX
@@ -256,7 +273,7 @@ def quantize_kv_kernel(
     offs_s = tl.arange(0, BLOCK_S)
     d_ok = offs_d < D
     had, k_mean, v_amax = _load_had_and_stats(HAD, KSUM, VMAX, bh, Sk, num_chunks, DP,
-                                              NUM_CHUNKS_P2, True)
+                                              NUM_CHUNKS_P2, True, STATS_GIVEN)
     v_mul = _div(FP8_MAX, v_amax)
     if pid == 0:
         tl.store(VSCALE + bh * DP + offs_d, _div(v_amax, FP8_MAX))
