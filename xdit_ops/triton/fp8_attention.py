@@ -43,8 +43,8 @@ from xdit_ops.reference.fp8_attention import (
     Fp8AttentionScheme,
     Fp8Format,
     QuantizedQKV,
+    cached_hadamard,
     fp8_format_of,
-    hadamard_matrix,
     pad_to,
     padded_head_dim,
     with_format,
@@ -347,16 +347,6 @@ def _on_device(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-_HAD: dict[tuple, torch.Tensor] = {}
-
-
-def _hadamard(dp: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    key = (dp, dtype, device)
-    if key not in _HAD:
-        _HAD[key] = hadamard_matrix(dp).to(device=device, dtype=dtype).contiguous()
-    return _HAD[key]
-
-
 def quantize_qkv_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         scale: float | None = None, vt_pv_order: bool = False,
                         fp8_format: Fp8Format | str | None = None) -> QuantizedQKV:
@@ -378,7 +368,7 @@ def quantize_qkv_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if name not in FP8_FORMATS:
         raise ValueError(f"fp8_attention: unknown FP8 format {name!r}; one of "
                          f"{tuple(FP8_FORMATS)}")
-    had = _hadamard(padded_head_dim(D), q.dtype, q.device)
+    had = cached_hadamard(padded_head_dim(D), q.dtype, q.device)
     fn = _quantize if INTERPRET else fp8_quantize_triton
     with _on_device(q.device):
         t = fn(q, k, v, had, scale, vt_pv_order, name)
@@ -436,7 +426,7 @@ def kv_stats_triton(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, tor
     B, S, H, D = k.shape
     DP = padded_head_dim(D)
     with _on_device(k.device):
-        ksum, vmax = _kv_stats_partials(k, v, _hadamard(DP, k.dtype, k.device))
+        ksum, vmax = _kv_stats_partials(k, v, cached_hadamard(DP, k.dtype, k.device))
     return ksum.sum(dim=1).view(B, H, DP), vmax.amax(dim=1).view(B, H, DP)
 
 
@@ -466,7 +456,7 @@ def quantize_tokens_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     DP = padded_head_dim(D)
     DV = pad_to(D, 4)
     dev = q.device
-    had = _hadamard(DP, q.dtype, dev)
+    had = cached_hadamard(DP, q.dtype, dev)
     launch = QUANT_LAUNCH[DP]
     k_mean = k_mean.contiguous()
     v_amax = v_amax.contiguous()
