@@ -69,6 +69,7 @@ from xdit_ops.ops.fp8_attention import resolve_impl  # noqa: E402
 from xdit_ops.ops.usp_attention import (  # noqa: E402
     _ce_chunks,
     _exchange_splits,
+    _overlap_chunks,
     _pipelined_chunks,
     head_split,
 )
@@ -224,6 +225,8 @@ def main() -> None:
     configs = [("ulysses", world, 1), ("ulysses-nccl", world, 1), ("ulysses-push", world, 1),
                ("ulysses-c2", world, 1), ("ulysses-c3", world, 1),
                ("ulysses-ce", world, 1), ("ulysses-ce-c1", world, 1), ("ulysses-ce-c2", world, 1),
+               ("ulysses-overlap", world, 1), ("ulysses-overlap-c2", world, 1),
+               ("ulysses-overlap-c3", world, 1), ("ulysses-overlap-c5", world, 1),
                ("ring", 1, world), ("ring-nccl", 1, world)]
     if world >= 4 and world % 2 == 0:
         configs += [("hybrid", 2, world // 2)]
@@ -280,14 +283,19 @@ def main() -> None:
             # ring: quantize once, FP8 K/V blocks around the ring)
             wire = name.endswith("-fp8wire")
             os.environ["XDIT_OPS_USP_FP8_WIRE"] = "1" if wire else "0"
-            transport = ("ce" if ce else "push" if name.endswith("-push") else
+            # "-overlap": chunk 0 pushed, the rest and the outputs on the copy engines under
+            # the attention (default chunking, or "-cN")
+            overlap = name.startswith("ulysses-overlap")
+            transport = ("ce" if ce else "overlap" if overlap else
+                         "push" if name.endswith("-push") else
                          "nccl" if name.endswith("-nccl") or name.startswith("ulysses-c") or wire
                          else "auto")
             os.environ["XDIT_OPS_USP_ULYSSES"] = transport
             m = re.search(r"-c(\d+)$", name)
-            chunks = int(m.group(1)) if m else (0 if ce else 1)
+            chunks = int(m.group(1)) if m else (0 if ce or overlap else 1)
             os.environ["XDIT_OPS_USP_CHUNKS"] = str(chunks)
             chunks_used = (_ce_chunks(H // u, str(chunks)) if ce else
+                           _overlap_chunks(H // u, str(chunks)) if overlap else
                            _pipelined_chunks(H, u, r, str(chunks)))
             # a fresh plan cache per config, so that a row's usp_paths are the paths this
             # config planned (run 36 reported the union over every earlier config)

@@ -237,13 +237,26 @@ int push_kernel_version(const char* op) {
 
 void ulysses_push_qkv_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                            at::IntArrayRef heads, at::TensorList dst, int64_t rank, int64_t J,
-                           int64_t Jk) {
+                           int64_t Jk, at::OptionalIntArrayRef src_head_start) {
   constexpr const char* kOp = "ulysses_push_qkv";
   check_qkv(q, k, v, kOp);
   const int64_t B = q.size(0), L = q.size(1), H = q.size(2), D = q.size(3);
   XDIT_CHECK(H <= kMaxPushHeads, kOp, ": at most ", kMaxPushHeads, " heads, got H = ", H);
   UlyssesPushParams p{};
-  fill_head_start(p, heads, H, kOp);
+  // with src_head_start, heads is a chunk of every share (its sum need not be H)
+  const int64_t pushed = fill_head_start(p, heads, src_head_start.has_value() ? -1 : H, kOp);
+  if (src_head_start.has_value()) {
+    const at::IntArrayRef s = *src_head_start;
+    XDIT_CHECK(s.size() == heads.size(), kOp, ": src_head_start has ", s.size(),
+               " entries for ", heads.size(), " destinations");
+    for (size_t j = 0; j < s.size(); ++j) {
+      XDIT_CHECK(s[j] >= 0 && s[j] + heads[j] <= H, kOp, ": src_head_start[", j, "] = ", s[j],
+                 " puts ", heads[j], " heads outside the ", H, " source heads");
+      p.src_head_start[j] = static_cast<int>(s[j]);
+    }
+    p.src_head_given = true;
+    XDIT_CHECK(pushed <= kMaxPushHeads, kOp, ": at most ", kMaxPushHeads, " pushed heads");
+  }
   const int64_t U = p.num_ranks;
   XDIT_CHECK(rank >= 0 && rank < U, kOp, ": rank ", rank, " is outside [0, ", U, ")");
   XDIT_CHECK(J >= 0 && (Jk == 0 || Jk == J), kOp, ": need J >= 0 and Jk in {0, J}, got J=", J,
@@ -255,12 +268,14 @@ void ulysses_push_qkv_cuda(const at::Tensor& q, const at::Tensor& k, const at::T
   for (int64_t j = 0; j < U; ++j) p.dst[j] = dst[j].data_ptr();
   p.batch = B;
   p.seq = L;
-  p.heads = H;
+  p.heads = pushed;
   p.head_dim = D;
   p.joint = J;
   p.joint_kv = Jk;
   p.rank = static_cast<int>(rank);
   p.kernel_version = push_kernel_version(kOp);
+  XDIT_CHECK(!p.src_head_given || p.kernel_version == 2, kOp,
+             ": src_head_start needs the v2 kernel (XDIT_OPS_PUSH_KERNEL=v1 is set)");
   const c10::cuda::CUDAGuard guard(q.device());
   XDIT_CUDA_CHECK(ulysses_push_qkv(p, static_cast<int>(q.element_size()),
                                    num_sms(q.get_device()),
@@ -268,7 +283,8 @@ void ulysses_push_qkv_cuda(const at::Tensor& q, const at::Tensor& k, const at::T
 }
 
 void ulysses_push_out_cuda(const at::Tensor& o, at::IntArrayRef heads, at::TensorList dst,
-                           int64_t rank, int64_t L, bool joint_front) {
+                           int64_t rank, int64_t L, bool joint_front,
+                           std::optional<int64_t> head_offset) {
   constexpr const char* kOp = "ulysses_push_out";
   XDIT_CHECK(o.is_cuda(), kOp, ": o must be on a CUDA device, got ", o.device());
   const int64_t H = check_heads(heads, kOp);
@@ -276,6 +292,12 @@ void ulysses_push_out_cuda(const at::Tensor& o, at::IntArrayRef heads, at::Tenso
   XDIT_CHECK(rank >= 0 && rank < U, kOp, ": rank ", rank, " is outside [0, ", U, ")");
   int64_t h0 = 0;
   for (int64_t j = 0; j < rank; ++j) h0 += heads[j];
+  if (head_offset.has_value()) {
+    XDIT_CHECK(*head_offset >= 0 && *head_offset + heads[rank] <= H, kOp, ": head_offset = ",
+               *head_offset, " puts o's ", heads[rank], " heads outside the ", H,
+               " heads of an output row");
+    h0 = *head_offset;
+  }
   XDIT_CHECK(o.dim() == 4 && o.size(2) == heads[rank] && L >= 0 && o.size(1) >= U * L, kOp,
              ": o must be [B, J + U*L, h, D] with U=", U, " L=", L, " h=heads[", rank, "]=",
              heads[rank], ", got ", o.sizes());

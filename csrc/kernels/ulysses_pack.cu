@@ -317,6 +317,11 @@ cudaError_t ulysses_push_qkv(const UlyssesPushParams& p, int elem_size, int num_
   UlyssesPushV2Args v;
   int64_t blocks = 0;
   const bool v2 = p.kernel_version == 2 && push_v2_args(a, w, v, blocks);
+  if (p.src_head_given) {
+    // a head chunk of every share: only v2 reads a source head per destination
+    if (!v2) return cudaErrorInvalidValue;
+    for (int j = 0; j < p.num_ranks; ++j) v.dest[j].head_start = p.src_head_start[j];
+  }
   return dispatch_copy_width(w, [&](auto vec) {
     using Vec = decltype(vec);
     if (v2) {

@@ -677,3 +677,124 @@ def test_gpu_push_cuda_graph(monkeypatch, kernel):
     ulysses_push_out(o.cpu(), heads, want_out, 1, L, True)
     assert all(torch.equal(d.cpu(), w) for d, w in zip(dst, want, strict=True))
     assert all(torch.equal(x.cpu(), w) for x, w in zip(out, want_out, strict=True))
+
+
+# Head chunks (usp_attention's overlap path): the push of chunk c of every share
+# (src_head_start) and the push-out of one chunk's heads (head_offset).
+
+
+def _check_push_chunks(U, h, C, B, L, J, Jk, D, dtype, device):
+    H, hc = U * h, h // C
+    full = _fused_qkv(B, U * L, H, D, dtype, device, seed=3 * D + J + C)
+    need = B * (J + U * L) * hc * D + 2 * B * (Jk + U * L) * hc * D
+    for c in range(C):
+        dst = [_nan(need + _SLACK, dtype, device) for _ in range(U)]
+        starts = [j * h + c * hc for j in range(U)]
+        for r in range(U):
+            ulysses_push_qkv(*(t[:, r * L:(r + 1) * L] for t in full), [hc] * U, dst, r, J, Jk,
+                             src_head_start=starts)
+        for j in range(U):
+            hs = slice(starts[j], starts[j] + hc)
+            nq = B * (J + U * L) * hc * D
+            qbuf = dst[j][:nq].view(B, J + U * L, hc, D)
+            kv = dst[j][nq:need].view(2, B, Jk + U * L, hc, D)
+            assert torch.equal(qbuf[:, J:], full[0][:, :, hs]), (c, j)
+            assert torch.equal(kv[0, :, Jk:], full[1][:, :, hs]), (c, j)
+            assert torch.equal(kv[1, :, Jk:], full[2][:, :, hs]), (c, j)
+            assert _untouched(qbuf[:, :J]) and _untouched(kv[:, :, :Jk])
+            assert _untouched(dst[j][need:])
+
+
+def _check_push_out_chunks(U, h, C, B, L, J, D, joint_front, dtype, device):
+    H, hc = U * h, h // C
+    out_full = randn(B, U * L, H, D, dtype=dtype, device=device, seed=D + J + C)
+    joint = randn(B, J, H, D, dtype=dtype, device=device, seed=D + J + C + 1)
+    n = B * (J + L) * H * D
+    for c in range(C):
+        dst = [_nan(n + _SLACK, dtype, device) for _ in range(U)]
+        for r in range(U):
+            h0 = r * h + c * hc
+            hs = slice(h0, h0 + hc)
+            o = torch.cat([joint[:, :, hs], out_full[:, :, hs]], dim=1)
+            # per-rank counts with this rank's entry hc and the total H (as usp passes them)
+            cnt = [h] * U
+            cnt[r] = hc
+            cnt[(r + 1) % U] += h - hc
+            ulysses_push_out(o, cnt, dst, r, L, joint_front, head_offset=h0)
+        for u in range(U):
+            out = dst[u][:n].view(B, J + L, H, D)
+            mine = out_full[:, u * L:(u + 1) * L]
+            want = torch.cat([joint, mine] if joint_front else [mine, joint], dim=1)
+            chunk = torch.zeros(H, dtype=torch.bool)
+            for r in range(U):
+                chunk[r * h + c * hc:r * h + (c + 1) * hc] = True
+            assert torch.equal(out[:, :, chunk.to(out.device)], want[:, :, chunk.to(out.device)])
+            assert _untouched(out[:, :, ~chunk.to(out.device)]) and _untouched(dst[u][n:])
+
+
+@pytest.mark.parametrize("J,Jk", [(0, 0), (3, 3), (3, 0)])
+@pytest.mark.parametrize("U,h,C", [(2, 4, 2), (3, 6, 3), (4, 2, 2)])
+def test_cpu_push_head_chunks(U, h, C, J, Jk):
+    _check_push_chunks(U, h, C, 2, 5, J, Jk, 8, torch.float32, "cpu")
+
+
+@pytest.mark.parametrize("joint_front", [True, False], ids=["front", "back"])
+@pytest.mark.parametrize("J", [0, 3])
+@pytest.mark.parametrize("U,h,C", [(2, 4, 2), (3, 6, 3)])
+def test_cpu_push_out_head_offset(U, h, C, J, joint_front):
+    _check_push_out_chunks(U, h, C, 2, 5, J, 8, joint_front, torch.float32, "cpu")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_push_chunk_bad_arguments(device):
+    if device == "cuda":
+        _native()
+    q = randn(1, 4, 6, 8, seed=1, device=device)
+    need = (4 * 2) * 1 * 8 + 2 * (4 * 2) * 1 * 8
+    dst = [q.new_zeros(need), q.new_zeros(need)]
+    ulysses_push_qkv(q, q, q, [1, 1], dst, 0, 0, 0, src_head_start=[0, 5])  # fits exactly
+    with pytest.raises(ValueError, match=r"ulysses_push_qkv: src_head_start=\[0, 6\] must give "
+                                         "each of the 2 destinations a source range"):
+        ulysses_push_qkv(q, q, q, [1, 1], dst, 0, 0, 0, src_head_start=[0, 6])
+    with pytest.raises(ValueError, match=r"ulysses_push_qkv: src_head_start=\[0\] must give"):
+        ulysses_push_qkv(q, q, q, [1, 1], dst, 0, 0, 0, src_head_start=[0])
+    o = randn(1, 8, 1, 8, seed=2, device=device)
+    out = [q.new_zeros(4 * 6 * 8), q.new_zeros(4 * 6 * 8)]
+    ulysses_push_out(o, [1, 5], out, 0, 4, True, head_offset=5)
+    with pytest.raises(ValueError, match="ulysses_push_out: head_offset=6 puts o's 1 heads "
+                                         "outside the 6 heads of an output row"):
+        ulysses_push_out(o, [1, 5], out, 0, 4, True, head_offset=6)
+
+
+@pytest.mark.gpu
+def test_gpu_push_chunks_need_v2(monkeypatch):
+    _native()
+    monkeypatch.setenv("XDIT_OPS_PUSH_KERNEL", "v1")
+    q = randn(1, 4, 6, 8, seed=1, device="cuda")
+    need = (4 * 2) * 1 * 8 + 2 * (4 * 2) * 1 * 8
+    with pytest.raises(ValueError, match="ulysses_push_qkv: src_head_start needs the v2 kernel"):
+        ulysses_push_qkv(q, q, q, [1, 1], [q.new_zeros(need)] * 2, 0, 0, 0,
+                         src_head_start=[0, 3])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("J,Jk", [(0, 0), (77, 77), (77, 0)])
+@pytest.mark.parametrize("D", [128, 72])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("U,h,C", [(4, 6, 2), (4, 6, 3), (2, 5, 5)])
+def test_gpu_push_head_chunks(U, h, C, dtype, D, J, Jk):
+    """The v2 push kernel with src_head_start, every destination a buffer of this GPU."""
+    _native()
+    _check_push_chunks(U, h, C, 3, 1031, J, Jk, D, dtype, "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["v1", "v2"])
+@pytest.mark.parametrize("joint_front", [True, False], ids=["front", "back"])
+@pytest.mark.parametrize("J", [0, 77])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("U,h,C", [(4, 6, 2), (2, 5, 5)])
+def test_gpu_push_out_head_offset(monkeypatch, U, h, C, dtype, J, joint_front, kernel):
+    _native()
+    monkeypatch.setenv("XDIT_OPS_PUSH_KERNEL", kernel)
+    _check_push_out_chunks(U, h, C, 2, 1031, J, 128, joint_front, dtype, "cuda")

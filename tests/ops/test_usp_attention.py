@@ -180,13 +180,13 @@ def test_usp_matches_single_device(world):
     run_distributed(_worker_all, world, world != 3, timeout=600)
 
 
-def _run_shard_lengths(u, r, seed, device="cpu", dtype=torch.float32, L=9, J=4, D=8):
+def _run_shard_lengths(u, r, seed, device="cpu", dtype=torch.float32, L=9, J=4, D=8, H=5):
     """Uneven shards, each padded at its own end (VAE row bands): every grid, a zero-length
     shard, padding between the shards of one Ulysses block, and joint tokens in front."""
     world = u * r
     lens = [(L - (i * 3) % L) if i != 1 else 0 for i in range(world)]
     lens[-1] = max(lens[-1], 1)
-    B, H = 2, 5
+    B = 2
     q, k, v = (randn(B, sum(lens), H, D, seed=seed + i, dtype=dtype).to(device)
                for i in range(3))
     qj, kj, vj = (randn(B, J, H, D, seed=seed + 10 + i, dtype=dtype).to(device)
@@ -564,6 +564,50 @@ def test_usp_gpu_cuda_graph(ulysses_ce):
     run_distributed(_worker_gpu_graph, 4, ulysses_ce, timeout=150, backend="nccl")
 
 
+def _worker_gpu_overlap(rank, world):
+    """The overlap path (XDIT_OPS_USP_ULYSSES=overlap: chunk 0 pushed, the other chunks and the
+    outputs on the copy engines, flags by stream memory operations) against the oracle: every
+    case, the default chunking and 3 chunks (heads that do not split evenly take the push),
+    the shapes back to back (one flag set for every buffer), then the padded-shard case."""
+    xdit_ops.init_parallel(ulysses_degree=world, ring_degree=1)
+    for chunks in (None, "3"):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("XDIT_OPS_USP_ULYSSES", "overlap")
+            if chunks:
+                mp.setenv("XDIT_OPS_USP_CHUNKS", chunks)
+            for i, case in enumerate(GPU_CASES):
+                _run_case(case, world, 1, seed=17 * i + 2 + (chunks is not None), device="cuda")
+            for H in (5, 12):  # uneven heads (the push), even ones (squeezed keys per chunk)
+                _run_shard_lengths(world, 1, seed=5 * world + H, device="cuda",
+                                   dtype=torch.bfloat16, L=300, J=77, D=128, H=H)
+        plans = [p for p in _usp._PLANS.values() if p.U == world]
+        for p in plans:
+            even = all(h == p.heads[0] for h in p.heads)
+            c = _usp._overlap_chunks(p.heads[0], chunks)
+            want = ("overlap", c) if even and c > 1 else ("push", 1)
+            assert (p.path, p.chunks) == want, (world, chunks, p.heads, p.path, p.chunks)
+        assert "overlap" in {p.path for p in plans}
+        _usp._PLANS.clear()
+    xdit_ops.destroy_parallel()
+
+
+@pytest.mark.multigpu(2)
+@pytest.mark.parametrize("world", [2, 4])
+def test_usp_gpu_overlap_matches_single_device(world):
+    if torch.cuda.device_count() < world:
+        pytest.skip(f"needs {world} GPUs")
+    run_distributed(_worker_gpu_overlap, world, timeout=300, backend="nccl")
+
+
+@pytest.mark.multigpu(2)
+@pytest.mark.parametrize("world", [2, 4])
+def test_usp_gpu_cuda_graph_overlap(world):
+    """The overlap path (stream memory operations on side streams) captured and replayed."""
+    if torch.cuda.device_count() < world:
+        pytest.skip(f"needs {world} GPUs")
+    run_distributed(_worker_gpu_graph, world, False, "overlap", timeout=150, backend="nccl")
+
+
 @pytest.mark.multigpu(2)
 def test_usp_gpu_cuda_graph_push():
     """The push transport (symmetric-memory stores and device barriers) captured and replayed
@@ -575,12 +619,14 @@ def test_ulysses_transport_switch():
     from xdit_ops.ops.usp_attention import ulysses_transport
 
     cuda = torch.device("cuda", 0)  # a device object only: nothing runs on it
-    assert [ulysses_transport(cuda, s) for s in (None, "auto", "nccl", "ce", "push")] == \
-        ["auto", "auto", "nccl", "ce", "push"]
+    assert [ulysses_transport(cuda, s) for s in (None, "auto", "nccl", "ce", "push",
+                                                  "overlap")] == \
+        ["auto", "auto", "nccl", "ce", "push", "overlap"]
     # off CUDA every transport is NCCL's (gloo on CPU)
     assert ulysses_transport(torch.device("cpu"), "push") == "nccl"
     with pytest.raises(ValueError, match="usp_attention: XDIT_OPS_USP_ULYSSES must be one of "
-                                         r"\('auto', 'nccl', 'ce', 'push'\), got 'nvlink'"):
+                                         r"\('auto', 'nccl', 'ce', 'push', 'overlap'\), "
+                                         "got 'nvlink'"):
         ulysses_transport(cuda, "nvlink")
 
 

@@ -71,11 +71,11 @@ lib.define(
 )
 lib.define(
     f"{PUSH}(Tensor q, Tensor k, Tensor v, int[] heads, Tensor(a!)[] dst, int rank, int J, "
-    "int Jk) -> ()"
+    "int Jk, int[]? src_head_start=None) -> ()"
 )
 lib.define(
-    f"{PUSH_OUT}(Tensor o, int[] heads, Tensor(a!)[] dst, int rank, int L, bool joint_front) "
-    "-> ()"
+    f"{PUSH_OUT}(Tensor o, int[] heads, Tensor(a!)[] dst, int rank, int L, bool joint_front, "
+    "int? head_offset=None) -> ()"
 )
 
 
@@ -220,9 +220,20 @@ def push_regions(d: torch.Tensor, B: int, L: int, U: int, J: int, Jk: int, h: in
 
 
 def check_push(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: Sequence[int],
-               dst: Sequence[torch.Tensor], rank: int, J: int, Jk: int) -> None:
-    """Checks the arguments of the input push."""
-    check_pack(q, k, v, heads, PUSH)
+               dst: Sequence[torch.Tensor], rank: int, J: int, Jk: int,
+               src_head_start: Sequence[int] | None = None) -> list[int]:
+    """Checks the arguments of the input push; returns every destination's first source head
+    (``src_head_start``, or the running sum of ``heads``)."""
+    if src_head_start is None:
+        check_pack(q, k, v, heads, PUSH)
+    else:  # a head chunk of every share: the counts need not add up to H
+        check_pack(q, k, v, [q.shape[2]], PUSH)
+        _check_heads(PUSH, heads, None)
+        if len(src_head_start) != len(heads) or any(
+                s < 0 or s + h > q.shape[2] for s, h in zip(src_head_start, heads, strict=False)):
+            raise ValueError(f"{PUSH}: src_head_start={list(src_head_start)} must give each of "
+                             f"the {len(heads)} destinations a source range [start, start + "
+                             f"heads[j]) inside the {q.shape[2]} heads (heads={list(heads)})")
     if q.shape[2] > MAX_PUSH_HEADS:
         raise ValueError(f"{PUSH}: at most {MAX_PUSH_HEADS} heads, got H = {q.shape[2]}")
     U = len(heads)
@@ -232,11 +243,15 @@ def check_push(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: Sequenc
         raise ValueError(f"{PUSH}: need J >= 0 and Jk in {{0, J}}, got J={J} Jk={Jk}")
     B, L, _, D = q.shape
     _check_push_dst(PUSH, dst, q, [push_region_size(B, L, U, J, Jk, h, D) for h in heads])
+    if src_head_start is not None:
+        return list(src_head_start)
+    return [sum(heads[:j]) for j in range(U)]
 
 
 def check_push_out(o: torch.Tensor, heads: Sequence[int], dst: Sequence[torch.Tensor],
-                   rank: int, L: int) -> tuple[int, int, int]:
-    """Checks the arguments; returns (J, H, h0)."""
+                   rank: int, L: int, head_offset: int | None = None) -> tuple[int, int, int]:
+    """Checks the arguments; returns (J, H, h0): h0 is where o's heads go in an output row
+    (``head_offset``, or this rank's place in ``heads``)."""
     H = _check_heads(PUSH_OUT, heads, None)
     U = len(heads)
     if not 0 <= rank < U:
@@ -250,7 +265,12 @@ def check_push_out(o: torch.Tensor, heads: Sequence[int], dst: Sequence[torch.Te
     B, T, _, D = o.shape
     J = T - U * L
     _check_push_dst(PUSH_OUT, dst, o, [B * (J + L) * H * D] * U)
-    return J, H, sum(heads[:rank])
+    if head_offset is None:
+        return J, H, sum(heads[:rank])
+    if not 0 <= head_offset <= H - heads[rank]:
+        raise ValueError(f"{PUSH_OUT}: head_offset={head_offset} puts o's {heads[rank]} heads "
+                         f"outside the {H} heads of an output row")
+    return J, H, head_offset
 
 
 def push_kernel(op: str = PUSH) -> str:
@@ -277,26 +297,24 @@ def _check_push_dst(op: str, dst: Sequence[torch.Tensor], like: torch.Tensor,
             raise ValueError(f"{op}: dst[{j}] has {d.numel()} elements, the push needs {n}")
 
 
-def _push_cpu(q, k, v, heads, dst, rank, J, Jk):
+def _push_cpu(q, k, v, heads, dst, rank, J, Jk, src_head_start=None):
     """Reference: rank j's query and K/V buffers, viewed in dst[j], get this rank's rows."""
-    check_push(q, k, v, heads, dst, rank, J, Jk)
+    starts = check_push(q, k, v, heads, dst, rank, J, Jk, src_head_start)
     B, L, _, D = q.shape
     U = len(heads)
     rows = slice(rank * L, (rank + 1) * L)
-    start = 0
-    for d, h in zip(dst, heads, strict=True):
+    for d, h, start in zip(dst, heads, starts, strict=True):
         qbuf, kv = push_regions(d, B, L, U, J, Jk, h, D)
         hs = slice(start, start + h)
         qbuf[:, J:][:, rows] = q[:, :, hs]
         kv[0, :, Jk:][:, rows] = k[:, :, hs]
         kv[1, :, Jk:][:, rows] = v[:, :, hs]
-        start += h
 
 
-def _push_out_cpu(o, heads, dst, rank, L, joint_front):
+def _push_out_cpu(o, heads, dst, rank, L, joint_front, head_offset=None):
     """Reference: every rank's [B, J + L, H, D] output, viewed in dst[u], gets this rank's
     heads of its rows."""
-    J, H, h0 = check_push_out(o, heads, dst, rank, L)
+    J, H, h0 = check_push_out(o, heads, dst, rank, L, head_offset)
     B, _, h, D = o.shape
     hs = slice(h0, h0 + h)
     for u, d in enumerate(dst):
@@ -337,13 +355,13 @@ def _place_fake(recv, U, B, L, h, q_j, k_j, v_j, head_start, joint_kv):
 
 
 @torch.library.register_fake(f"xdit_ops::{PUSH}")
-def _push_fake(q, k, v, heads, dst, rank, J, Jk):
-    check_push(q, k, v, heads, dst, rank, J, Jk)
+def _push_fake(q, k, v, heads, dst, rank, J, Jk, src_head_start=None):
+    check_push(q, k, v, heads, dst, rank, J, Jk, src_head_start)
 
 
 @torch.library.register_fake(f"xdit_ops::{PUSH_OUT}")
-def _push_out_fake(o, heads, dst, rank, L, joint_front):
-    check_push_out(o, heads, dst, rank, L)
+def _push_out_fake(o, heads, dst, rank, L, joint_front, head_offset=None):
+    check_push_out(o, heads, dst, rank, L, head_offset)
 
 
 def _register_cuda_fallback() -> None:
@@ -432,7 +450,8 @@ def ulysses_place_gathered(
 
 
 def ulysses_push_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: Sequence[int],
-                     dst: Sequence[torch.Tensor], rank: int, J: int, Jk: int) -> None:
+                     dst: Sequence[torch.Tensor], rank: int, J: int, Jk: int,
+                     src_head_start: Sequence[int] | None = None) -> None:
     """Pack and send Q, K, V in one pass: store this rank's rows straight into every rank's
     query and K/V buffers (one kernel on CUDA; ``dst`` are usually symmetric-memory buffers of
     the peers, mapped into this process).
@@ -447,19 +466,26 @@ def ulysses_push_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: S
     rank : this rank's index in ``heads``.
     J, Jk : joint rows in front of the query buffer and of the K/V buffer (``Jk`` is ``J`` or
         0); they are not written here (the owner places its joint rows itself).
+    src_head_start : optional, per destination: its ``heads[j]`` heads are source heads
+        ``[src_head_start[j], + heads[j])`` instead of the running sum of ``heads`` (a head chunk
+        of every share; then ``sum(heads)`` need not be ``H``). Version 2 of the kernel only.
 
     Afterwards (once every rank has pushed and synchronised), rank ``j``'s buffers equal
     :func:`ulysses_place_gathered` of the all-to-all that :func:`ulysses_pack_qkv` feeds,
     outside the joint rows.
     """
     if q.device.type != "cpu":
-        check_push(q, k, v, heads, dst, rank, J, Jk)
-        push_kernel(PUSH)
-    torch.ops.xdit_ops.ulysses_push_qkv.default(q, k, v, list(heads), list(dst), rank, J, Jk)
+        check_push(q, k, v, heads, dst, rank, J, Jk, src_head_start)
+        if push_kernel(PUSH) == "v1" and src_head_start is not None:
+            raise ValueError(f"{PUSH}: src_head_start needs the v2 kernel, but "
+                             f"{PUSH_KERNEL_ENV}=v1")
+    torch.ops.xdit_ops.ulysses_push_qkv.default(
+        q, k, v, list(heads), list(dst), rank, J, Jk,
+        None if src_head_start is None else list(src_head_start))
 
 
 def ulysses_push_out(o: torch.Tensor, heads: Sequence[int], dst: Sequence[torch.Tensor],
-                     rank: int, L: int, joint_front: bool) -> None:
+                     rank: int, L: int, joint_front: bool, head_offset: int | None = None) -> None:
     """Send this rank's attention output back in one pass: store its heads of every row straight
     into every rank's ``[B, J + L, H, D]`` output (one kernel on CUDA).
 
@@ -473,11 +499,14 @@ def ulysses_push_out(o: torch.Tensor, heads: Sequence[int], dst: Sequence[torch.
         ``[B, J + L, H, D]`` starts at ``dst[u][0]``.
     L : local sequence rows; ``J = o.shape[1] - U*L``.
     joint_front : the joint rows go first in the output, or behind the L rows.
+    head_offset : optional: o's heads land at ``[head_offset, + h)`` of an output row instead of
+        at ``h0`` (a head chunk of this rank's share).
 
     Rank ``u`` gets its L sequence rows and every joint row, for this rank's heads: once every
     rank has pushed, each output equals :func:`ulysses_unpack_out` after the output all-to-all.
     """
     if o.device.type != "cpu":
-        check_push_out(o, heads, dst, rank, L)
+        check_push_out(o, heads, dst, rank, L, head_offset)
         push_kernel(PUSH_OUT)
-    torch.ops.xdit_ops.ulysses_push_out.default(o, list(heads), list(dst), rank, L, joint_front)
+    torch.ops.xdit_ops.ulysses_push_out.default(o, list(heads), list(dst), rank, L, joint_front,
+                                                head_offset)

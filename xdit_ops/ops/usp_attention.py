@@ -47,11 +47,14 @@ from xdit_ops.ops.attention import (
 )
 from xdit_ops.ops.fp8_attention import FORMAT_ENV, FORMAT_SETTINGS, resolve_format
 from xdit_ops.ops.merge_attention_states import MAX_PARTIALS, _check_merge_impl
+from xdit_ops.ops.stream_memops import WAIT, WRITE, rows2d, run_copy2d, run_memops, word_address
 from xdit_ops.ops.ulysses_pack import (  # (registers the pack ops)
     PUSH_KERNEL_ENV,
     push_kernel,
     push_region_size,
     push_regions,
+    ulysses_push_out,
+    ulysses_push_qkv,
 )
 from xdit_ops.ops.usp_fp8_ring import RingFp8Call, make_ring_plan, ring_applies
 from xdit_ops.ops.usp_fp8_wire import WIRE_ENV, make_wire_plan, ulysses_fp8_wire, wire_applies
@@ -404,7 +407,7 @@ def release_symmetric_buffers() -> None:
     _PEER_MAPPED.clear()
 
 
-ULYSSES_TRANSPORTS = ("auto", "nccl", "ce", "push")
+ULYSSES_TRANSPORTS = ("auto", "nccl", "ce", "push", "overlap")
 
 
 def ulysses_transport(device: torch.device, switch: str | None) -> str:
@@ -420,6 +423,11 @@ def ulysses_transport(device: torch.device, switch: str | None) -> str:
     - ``push``: one kernel packs Q, K, V and stores them straight into the peers'
       symmetric-memory buffers, in the layout attention reads; the output goes back the same
       way.
+    - ``overlap``: the push for the first of C head chunks (``XDIT_OPS_USP_CHUNKS``, default
+      2), the copy engines for the others while the first is attended, each chunk's output
+      home on the copy engines while the next is attended, flags by stream memory operations
+      (``_ulysses_overlap``). Where it cannot apply (a ring, uneven or indivisible heads, no
+      peer mapping, ``XDIT_OPS_PUSH_KERNEL=v1``) the call takes ``push`` (or ``nccl``).
 
     Off CUDA every choice is ``nccl`` (gloo on CPU)."""
     choice = switch or "auto"
@@ -455,9 +463,10 @@ def _peer_mapped(ug: dist.ProcessGroup | None, rg: dist.ProcessGroup | None,
 
 
 def _symm_buffer(group: dist.ProcessGroup, tag: str, shape: tuple, dtype: torch.dtype,
-                 device: torch.device):
+                 device: torch.device, init=None):
     """A symmetric-memory buffer (peer-mapped on every rank of ``group``), one per key; the
-    rendezvous is collective, so it happens on the first call with a shape, never in a graph."""
+    rendezvous is collective, so it happens on the first call with a shape, never in a graph.
+    ``init(buf)``, if given, fills a new buffer before any peer can see it."""
     # Keyed by the group object (kept alive in the value, so its id is not reused), not its
     # name: torch reuses group names after destroy_process_group, and a buffer rendezvoused
     # with an old group's ranks would be signalled by the wrong peers.
@@ -478,6 +487,8 @@ def _symm_buffer(group: dist.ProcessGroup, tag: str, shape: tuple, dtype: torch.
             warnings.simplefilter("ignore", FutureWarning)
             symm_mem.enable_symm_mem_for_group(group.group_name)
         buf = symm_mem.empty(shape, dtype=dtype, device=device)
+        if init is not None:
+            init(buf)
         # torch 2.11 zeroes a new block (its signal pad included) with a plain cudaMemset on
         # the legacy stream: asynchronous to the host and queued behind everything on the
         # device. The rendezvous below is what lets the peers signal into the pad, so a peer
@@ -651,6 +662,195 @@ def _ulysses_push(q_s, k_s, v_s, q_j, k_j, v_j, p: _Plan, attend):
     torch.ops.xdit_ops.ulysses_push_out.default(o, p.heads, outs, p.u_rank, L, p.joint_front)
     handle.barrier(channel=0)  # every output row is home
     return outbuf.clone(), lse
+
+
+# ---------------------------------------------------------------------------------------------
+# Ulysses with the exchange under the attention (XDIT_OPS_USP_ULYSSES=overlap)
+#
+# The heads of every share are cut into C chunks. Chunk 0 goes out by the push kernel (the only
+# exposed input transfer, 1/C of the bytes); chunks 1..C-1 go out on the copy engines (2-D
+# copies from the strided shards into the peers' buffers, one side stream per destination)
+# while chunk 0 is attended; chunk c's output goes home on the copy engines while chunk c+1 is
+# attended, the last chunk's by the push-out kernel. Ranks tell each other what landed with
+# stream memory operations on flag words in symmetric memory (cuStreamWriteValue32 after the
+# copies, cuStreamWaitValue32 before the reads): neither takes an SM, so a signal never waits
+# behind the attention for a free multiprocessor, which is what made run 30's push-per-chunk
+# overlap (signalled by barrier kernels, stores by SM kernels) gain nothing.
+#
+# Flags of rank r (int32 words; every wait is "== 1" and is followed by a reset to 0 by the
+# waiter, so a CUDA graph replays the same values):
+#   IN_FULL[c][s]   s's rows of chunk c are in r's input region c      (written by s, waited by r)
+#   IN_FREE[c][d]   d has attended its region c: r may write it again  (written by d, waited by r)
+#   OUT_FULL[c][s]  s's chunk-c output columns are in r's output       (written by s, waited by r)
+#   OUT_FREE[d]     d has copied its output out: r may write it again  (written by d, waited by r)
+# IN_FREE and OUT_FREE start at 1. A call waits for every FREE word it will need first (so it
+# starts once every peer is done with the previous call's buffers), and ends after every
+# OUT_FULL. No wait depends on a later step of the waiter, so no cycle can form; a reset
+# precedes (in the waiter's stream, behind a fence) the signal that lets the writer write the
+# word again.
+
+MAX_OVERLAP_CHUNKS = 8
+_OVERLAP: dict[tuple, tuple] = {}
+
+
+def _flag(kind: int, c: int, j: int, U: int) -> int:
+    """Word index of flag ``kind`` (0 IN_FULL, 1 IN_FREE, 2 OUT_FULL, 3 OUT_FREE) for chunk
+    ``c`` and rank ``j``."""
+    return (kind * MAX_OVERLAP_CHUNKS + (c if kind < 3 else 0)) * U + j
+
+
+def _overlap_chunks(h: int, switch: str | None) -> int:
+    """Head chunks of the overlap path (``switch``: ``XDIT_OPS_USP_CHUNKS``; default 2, or 3
+    when 2 does not divide the share); 1 (no overlap possible) when none divides it."""
+    c = int(switch or "0")
+    if c <= 0:
+        c = 2 if h % 2 == 0 else 3 if h % 3 == 0 else 1
+    return c if 1 < c <= MAX_OVERLAP_CHUNKS and h % c == 0 else 1
+
+
+def _overlap_state(p: _Plan, dtype: torch.dtype, device: torch.device):
+    """Buffers, flags and every address program of plan ``p``'s overlap path, made on its first
+    call (two symmetric-memory rendezvous: must be eager) and looked up by ``p.push_key``."""
+    key = (p.push_key, p.chunks)
+    hit = _OVERLAP.get(key)
+    if hit is not None:
+        return hit
+    B, J, Jk, L, U, C, r = p.B, p.J, p.Jk, p.L, p.U, p.chunks, p.u_rank
+    D = p.push_key[-1]
+    h = p.h_me
+    hc = h // C
+    H = sum(p.heads)
+    n_chunk = push_region_size(B, L, U, J, Jk, hc, D)
+    n_out = max(1, B * (J + L) * H * D)
+    n = C * n_chunk + n_out
+    buf, handle = _symm_buffer(p.ug, f"ulysses_overlap:{C}:{n_chunk}", (n,), dtype, device)
+    n_flags = _flag(3, 0, U, U)
+
+    def init(f):
+        f.zero_()
+        f[_flag(1, 0, 0, U):_flag(2, 0, 0, U)] = 1  # IN_FREE
+        f[_flag(3, 0, 0, U):] = 1  # OUT_FREE
+
+    flags, fhandle = _symm_buffer(p.ug, "ulysses_overlap_flags", (n_flags,), torch.int32,
+                                  device, init=init)
+    rflags = [fhandle.get_buffer(j, (n_flags,), torch.int32, 0) for j in range(U)]
+    ins = [[handle.get_buffer(j, (n_chunk,), dtype, c * n_chunk) for j in range(U)]
+           for c in range(C)]
+    outs = [handle.get_buffer(j, (n_out,), dtype, C * n_chunk) for j in range(U)]
+    local = [push_regions(buf[c * n_chunk:(c + 1) * n_chunk], B, L, U, J, Jk, hc, D)
+             for c in range(C)]
+    outbuf = buf[C * n_chunk:C * n_chunk + B * (J + L) * H * D].view(B, J + L, H, D)
+
+    def addr(j, kind, c, i):  # word of rank j
+        return word_address(rflags[j], _flag(kind, c, i, U))
+
+    me = range(U)
+    # start: wait and reset every FREE word this call needs
+    start = []
+    for c in range(C):
+        for d in me:
+            start += [WAIT, addr(r, 1, c, d), 1, WRITE, addr(r, 1, c, d), 0]
+    for d in me:
+        start += [WAIT, addr(r, 3, 0, d), 1, WRITE, addr(r, 3, 0, d), 0]
+    # signals: this rank's chunk-c rows landed in every rank (IN_FULL[c][r] of rank d)
+    sig_in = [[[WRITE, addr(d, 0, c, r), 1] for d in me] for c in range(C)]
+    # before attending chunk c: every rank's rows are here
+    wait_in = [sum(([WAIT, addr(r, 0, c, s), 1, WRITE, addr(r, 0, c, s), 0] for s in me), [])
+               for c in range(C)]
+    # after attending chunk c: every rank may write this rank's region c again
+    free_in = [sum(([WRITE, addr(d, 1, c, r), 1] for d in me), []) for c in range(C)]
+    # chunk c's output columns are in rank d's output
+    sig_out = [[[WRITE, addr(d, 2, c, r), 1] for d in me] for c in range(C)]
+    # the end: every rank's output columns of every chunk are here; then free the output
+    wait_out = sum(([WAIT, addr(r, 2, c, s), 1, WRITE, addr(r, 2, c, s), 0]
+                    for c in range(C) for s in me), [])
+    free_out = sum(([WRITE, addr(d, 3, 0, r), 1] for d in me), [])
+    # the copy-engine destinations: rank d's region c views (query rows and K/V rows of this
+    # rank) and rank d's output rows / joint rows, at this rank's chunk-c heads
+    in_dst = [[push_regions(ins[c][d], B, L, U, J, Jk, hc, D) for d in me] for c in range(C)]
+    out_dst = [outs[d][:B * (J + L) * H * D].view(B, J + L, H, D) for d in me]
+    hit = (local, outbuf, ins, outs, flags, in_dst, out_dst,
+           (start, sig_in, wait_in, free_in, sig_out, wait_out, free_out))
+    _OVERLAP[key] = hit
+    return hit
+
+
+def _ulysses_overlap(q_s, k_s, v_s, q_j, k_j, v_j, p: _Plan, attend):
+    """The overlap path (see the block comment above): [B, L, H, D] x3 -> ([B, J + L, H, D],
+    lse [B, h, J + U*L])."""
+    dev = q_s.device
+    local, outbuf, ins, outs, flags, in_dst, out_dst, progs = _overlap_state(p, q_s.dtype, dev)
+    start, sig_in, wait_in, free_in, sig_out, wait_out, free_out = progs
+    J, Jk, L, U, C, r = p.J, p.Jk, p.L, p.U, p.chunks, p.u_rank
+    h = p.h_me
+    hc = h // C
+    compute = torch.cuda.current_stream(dev)
+    sides = [_side_stream(dev, 8 + d) for d in range(U)]
+    run_memops(flags, start)
+    # chunk 0: the push kernel, every destination's first hc heads of its share
+    ulysses_push_qkv(q_s, k_s, v_s, [hc] * U, ins[0], r, J, Jk,
+                     src_head_start=[d * h for d in range(U)])
+    run_memops(flags, sum(sig_in[0], []))
+    # chunks 1..C-1 on the copy engines, one side stream per destination
+    rows = slice(r * L, (r + 1) * L)
+    for d in range(U):
+        s = sides[d]
+        s.wait_stream(compute)
+        with torch.cuda.stream(s):
+            for c in range(1, C):
+                qd, kvd = in_dst[c][d]
+                hs = slice(d * h + c * hc, d * h + (c + 1) * hc)
+                descs = (rows2d(qd[:, J:][:, rows], q_s[:, :, hs])
+                         + rows2d(kvd[0, :, Jk:][:, rows], k_s[:, :, hs])
+                         + rows2d(kvd[1, :, Jk:][:, rows], v_s[:, :, hs]))
+                run_copy2d(flags, descs)
+                run_memops(flags, sig_in[c][d])
+    outs_c = []
+    lses = []
+    for c in range(C):
+        qbuf, kv = local[c]
+        hs = slice(p.h0 + c * hc, p.h0 + (c + 1) * hc)
+        if J:  # this rank's own heads of the joint rows
+            qbuf[:, :J].copy_(q_j[:, :, hs])
+        if Jk:
+            kv[0, :, :Jk].copy_(k_j[:, :, hs])
+            kv[1, :, :Jk].copy_(v_j[:, :, hs])
+        run_memops(flags, wait_in[c])
+        kj, vj = (k_j[:, :, hs], v_j[:, :, hs]) if J and not Jk else (None, None)
+        o, lse = attend(qbuf, _squeezed(p, kv) if p.squeeze else kv, kj, vj)
+        run_memops(flags, free_in[c])
+        lses.append(lse)
+        h_out = p.h0 + c * hc
+        if c == C - 1:  # the last chunk's output: the push-out kernel, nothing left to hide it
+            # heads: any per-rank counts with this rank's entry hc and the right total H
+            cnt = list(p.heads)
+            cnt[r] = hc
+            cnt[(r + 1) % U] += h - hc
+            ulysses_push_out(o, cnt, outs, r, L, p.joint_front, head_offset=h_out)
+            run_memops(flags, sum(sig_out[c], []))
+            break
+        if o.stride(-1) != 1 or o.stride(-2) != o.shape[-1]:
+            o = o.contiguous()
+        outs_c.append(o)
+        for d in range(U):
+            s = sides[d]
+            s.wait_stream(compute)
+            with torch.cuda.stream(s):
+                dst = out_dst[d]
+                seq0 = J if p.joint_front else 0
+                descs = rows2d(dst[:, seq0:seq0 + L, h_out:h_out + hc],
+                               o[:, J + d * L:J + (d + 1) * L])
+                if J:
+                    j0 = 0 if p.joint_front else L
+                    descs += rows2d(dst[:, j0:j0 + J, h_out:h_out + hc], o[:, :J])
+                run_copy2d(flags, descs)
+                run_memops(flags, sig_out[c][d])
+    for s in sides:
+        compute.wait_stream(s)
+    run_memops(flags, wait_out)
+    out = outbuf.clone()
+    run_memops(flags, free_out)
+    return out, torch.cat(lses, dim=1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -864,12 +1064,19 @@ def _build_plan(q, k, v, joint_lengths, joint_tokens, joint_front, seq_len, back
     transport = ulysses_transport(q.device, ulysses_sw) if U > 1 else "nccl"
     if transport == "auto":
         transport = "push" if R == 1 and _peer_mapped(ug, rg) else "nccl"
+    if transport == "overlap":
+        # every rank decides alike (the switches, shapes and peer mapping agree)
+        ok = (R == 1 and _peer_mapped(ug, rg) and all(x == heads[0] for x in heads)
+              and _overlap_chunks(heads[0], chunks_sw) > 1 and push_kernel(OP) != "v1")
+        transport = "overlap" if ok else "push" if R == 1 and _peer_mapped(ug, rg) else "nccl"
     if U == 1:
         p.path = "local"
-    elif R == 1 and transport == "push":
-        p.path = "push"
+    elif R == 1 and transport in ("push", "overlap"):
+        p.path = transport
         # what _push_buffers looks its buffers up by (dtype and device are in the plan's key)
         p.push_key = (id(ug), B, J, p.Jk, L, tuple(heads), q.dtype, q.device, D)
+        if transport == "overlap":
+            p.chunks = _overlap_chunks(heads[0], chunks_sw)
     elif (not p.squeeze and R == 1 and transport == "ce"
           and all(x == heads[0] for x in heads)):
         p.path, p.chunks = "ce", _ce_chunks(heads[0], chunks_sw)
@@ -1156,6 +1363,8 @@ def _run(p: _Plan, q, k, v, joint_lengths, scale, backend, return_lse):
                                      p.heads, p.u_rank, p.ug, p.chunks, attend)
         elif p.path == "push":
             out, lse_h = _ulysses_push(q_s, k_s, v_s, q_j, k_j, v_j, p, attend)
+        elif p.path == "overlap":
+            out, lse_h = _ulysses_overlap(q_s, k_s, v_s, q_j, k_j, v_j, p, attend)
         elif p.path == "fp8wire":
             out_h, lse_h = ulysses_fp8_wire(q_s, k_s, v_s, q_j, k_j, v_j, p.heads, p.u_rank,
                                             p.ug, p.wire, scale, return_lse)

@@ -69,6 +69,11 @@ struct UlyssesPushParams {
   int64_t batch, seq, heads, head_dim, joint, joint_kv;  // B, L, H, D, J, Jk
   int num_ranks, rank;
   int head_start[kMaxUlyssesRanks + 1];
+  // Optional (src_head_given): destination j's heads come from source heads
+  // [src_head_start[j], + heads_j) instead of [head_start[j], ..): a head chunk of every share,
+  // with `heads` the chunk's total. Version 2 only (an error with version 1).
+  int src_head_start[kMaxUlyssesRanks];
+  bool src_head_given = false;
   // Which kernel (XDIT_OPS_PUSH_KERNEL in the torch launcher): 2, tiles of one destination
   // segment per block (the default), or 1, rows per block (the first version, kept for one
   // release to compare with). Version 2 falls back to 1 past its 32-bit tile indices (a

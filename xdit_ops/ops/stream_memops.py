@@ -1,0 +1,106 @@
+"""Stream-ordered flags and copy-engine copies (CUDA only; internal to ``usp_attention``).
+
+* ``xdit_ops::stream_memops(Tensor anchor, int[] program)``: ``(kind, address, value)``
+  triples run in order on the current stream of ``anchor``'s device: kind 0 makes the stream
+  wait until the 32-bit word at ``address`` equals ``value`` (``cuStreamWaitValue32``), kind 1
+  writes ``value`` there after a memory fence (``cuStreamWriteValue32``), so every earlier write
+  of the stream, copies included, is visible to whoever sees the value.
+* ``xdit_ops::copy2d(Tensor anchor, int[] descs)``: ``(dst, dst_pitch, src, src_pitch, width,
+  height)`` sextuples in bytes, one ``cudaMemcpy2DAsync`` each (the copy engines; either side
+  may be a peer's memory mapped into this process).
+
+Neither takes a multiprocessor, which is the point: the Ulysses overlap path
+(``XDIT_OPS_USP_ULYSSES=overlap``) signals and moves data while a full-GPU attention runs, and a
+signalling kernel queued behind it would wait for a free SM. Addresses are raw; the helpers
+below derive them from tensors and check them here, in Python, because a failing C++ check
+takes the process down on the GPU machines (run 31).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ._lib import lib
+
+WAIT, WRITE = 0, 1
+
+lib.define("stream_memops(Tensor anchor, int[] program) -> ()")
+lib.define("copy2d(Tensor anchor, int[] descs) -> ()")
+
+
+def word_address(t: torch.Tensor, index: int) -> int:
+    """The device address of int32 element ``index`` of the 1-D CUDA tensor ``t``."""
+    if t.dtype != torch.int32 or t.dim() != 1 or not t.is_cuda or not 0 <= index < t.numel():
+        raise ValueError(f"stream_memops: flag word {index} of a {t.dtype} tensor of shape "
+                         f"{tuple(t.shape)} on {t.device} (need a 1-D int32 CUDA tensor)")
+    return t.data_ptr() + 4 * index
+
+
+def run_memops(anchor: torch.Tensor, program: Sequence[int]) -> None:
+    """Queue ``program`` (flat ``(kind, address, value)`` triples) on the current stream."""
+    if len(program) % 3:
+        raise ValueError(f"stream_memops: the program has {len(program)} integers, not triples")
+    for i in range(0, len(program), 3):
+        if program[i] not in (WAIT, WRITE) or program[i + 1] <= 0 or program[i + 1] % 4:
+            raise ValueError(f"stream_memops: step {i // 3} = {tuple(program[i:i + 3])} is not a "
+                             "wait (0) or write (1) of an aligned word")
+    if program:
+        torch.ops.xdit_ops.stream_memops.default(anchor, list(program))
+
+
+def rows2d(dst: torch.Tensor, src: torch.Tensor) -> list[int]:
+    """``copy2d`` descriptors that copy ``src`` into ``dst`` (same shape and dtype, up to 4-D):
+    the last two dims of each must be a row run (rows of ``size(-2)`` with a contiguous
+    ``size(-1)`` inside: each row one contiguous span, rows at a fixed pitch); one descriptor
+    per index of the leading dims."""
+    if dst.shape != src.shape or dst.dtype != src.dtype or dst.dim() < 2:
+        raise ValueError(f"copy2d: dst {tuple(dst.shape)} {dst.dtype} and src {tuple(src.shape)} "
+                         f"{src.dtype} must match and have >= 2 dims")
+    es = dst.element_size()
+
+    def row_run(t: torch.Tensor, name: str) -> tuple[int, int]:
+        # the inner dims [..., a, b]: merge them into one contiguous span if they are dense
+        inner = t.shape[-1]
+        if t.dim() >= 3 and t.stride(-1) == 1 and t.stride(-2) == inner:
+            # [.., rows, heads, D] with (heads, D) dense: width heads * D, pitch stride(-3)
+            return t.stride(-3) * es, t.shape[-2] * inner * es
+        raise ValueError(f"copy2d: {name} of shape {tuple(t.shape)} and strides {t.stride()} "
+                         "has no dense (heads, D) rows")
+
+    if dst.dim() < 3:
+        raise ValueError("copy2d: tensors must be [..., rows, heads, D]")
+    dp, w = row_run(dst, "dst")
+    sp, _ = row_run(src, "src")
+    rows = dst.shape[-3]
+    lead = dst.shape[:-3]
+    out: list[int] = []
+    idx = [0] * len(lead)
+    n = 1
+    for s in lead:
+        n *= s
+    for _ in range(n):
+        do = sum(i * st for i, st in zip(idx, dst.stride()[:len(lead)], strict=True)) * es
+        so = sum(i * st for i, st in zip(idx, src.stride()[:len(lead)], strict=True)) * es
+        out += [dst.data_ptr() + do, dp, src.data_ptr() + so, sp, w, rows]
+        for d in range(len(lead) - 1, -1, -1):
+            idx[d] += 1
+            if idx[d] < lead[d]:
+                break
+            idx[d] = 0
+    return out
+
+
+def run_copy2d(anchor: torch.Tensor, descs: Sequence[int]) -> None:
+    """Queue the ``copy2d`` descriptors on the current stream (copy engines)."""
+    if len(descs) % 6:
+        raise ValueError(f"copy2d: {len(descs)} integers are not sextuples")
+    for i in range(0, len(descs), 6):
+        d = descs[i:i + 6]
+        if d[0] <= 0 or d[2] <= 0 or min(d[1], d[3], d[4], d[5]) < 0 or \
+                (d[5] > 1 and (d[4] > d[1] or d[4] > d[3])):
+            raise ValueError(f"copy2d: descriptor {i // 6} = {tuple(d)} is not a valid 2-D copy "
+                             "(width within both pitches)")
+    if descs:
+        torch.ops.xdit_ops.copy2d.default(anchor, list(descs))
