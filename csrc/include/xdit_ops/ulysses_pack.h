@@ -69,10 +69,10 @@ struct UlyssesPushParams {
   int64_t batch, seq, heads, head_dim, joint, joint_kv;  // B, L, H, D, J, Jk
   int num_ranks, rank;
   int head_start[kMaxUlyssesRanks + 1];
-  // Which kernel (XDIT_OPS_PUSH_KERNEL in the torch launcher): 2, tiles of one destination
-  // segment per block (the default), or 1, rows per block (the first version, kept for one
-  // release to compare with). Version 2 falls back to 1 past its 32-bit tile indices (a
-  // segment of 2^31 vectors).
+  // Which kernel (XDIT_OPS_PUSH_KERNEL in the torch launcher; its v3 runs these as 2): 2,
+  // tiles of one destination segment per block (the default), or 1, rows per block (the first
+  // version, kept for one release to compare with). Version 2 falls back to 1 past its 32-bit
+  // tile indices (a segment of 2^31 vectors).
   int kernel_version = 2;
 };
 
@@ -89,6 +89,12 @@ struct UlyssesPushOutParams {
   int num_ranks;
   int rank = 0;            // this rank (version 2 starts with rank + 1's rows)
   int kernel_version = 2;  // as in UlyssesPushParams
+  // Rank blocks (ulysses_push_out_blocks): dst[u] instead holds the output all-to-all's
+  // receive buffer, source-rank-major, rank j's block [B, J + L, heads_j, D] (joint rows first)
+  // at element B * (J + L) * (heads_0 + ... + heads_{j-1}) * D; this rank fills its own block
+  // in every buffer, one contiguous run per destination, and ulysses_unpack_out builds the
+  // [B, J + L, H, D] output from it. joint_front is then ignored.
+  bool rank_blocks = false;
 };
 
 // Launch on `stream`; return the launch error (never synchronise). elem_size: bytes per element.
