@@ -632,22 +632,22 @@ def test_gpu_cuda_graph_capture():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kernel", ["v1", "v2", "v3"])
+@pytest.mark.parametrize("kernel", ["v1", "v2"])
 @pytest.mark.parametrize("J,Jk", [(0, 0), (77, 77), (77, 0)])
 @pytest.mark.parametrize("D", [128, 72, 36, 1])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("heads", [[6, 6, 6, 6], [8, 8, 7, 7]], ids=["even", "uneven"])
 def test_gpu_push_qkv_places_every_rank(monkeypatch, heads, dtype, D, J, Jk, kernel):
-    """The push kernel (every version, XDIT_OPS_PUSH_KERNEL; v3 runs v2's) with every
-    destination a buffer of this GPU (the kernel only sees pointers: peer-mapped memory is the
-    same to it)."""
+    """The push kernel (both versions, XDIT_OPS_PUSH_KERNEL; v3 runs v2's, see
+    test_gpu_push_shapes_of_usp) with every destination a buffer of this GPU (the kernel only
+    sees pointers: peer-mapped memory is the same to it)."""
     _native()
     monkeypatch.setenv("XDIT_OPS_PUSH_KERNEL", kernel)
     _check_push_in(heads, 3, 1031, J, Jk, D, dtype, "cuda")
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kernel", ["v1", "v2", "v3"])
+@pytest.mark.parametrize("kernel", ["v1", "v2"])
 @pytest.mark.parametrize("joint_front", [True, False], ids=["front", "back"])
 @pytest.mark.parametrize("J", [0, 77])
 @pytest.mark.parametrize("D", [128, 72, 1])
@@ -660,14 +660,15 @@ def test_gpu_push_out_returns_every_row(monkeypatch, heads, dtype, D, J, joint_f
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kernel", ["v1", "v2", "v3"])
+@pytest.mark.parametrize("kernel", ["v1", "v2"])
 @pytest.mark.parametrize("J", [0, 77])
 @pytest.mark.parametrize("D", [128, 72, 1])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("heads", [[6, 6, 6, 6], [8, 8, 7, 7]], ids=["even", "uneven"])
 def test_gpu_push_out_blocks_fills_the_receive_buffer(monkeypatch, heads, dtype, D, J, kernel):
-    """The rank-block output push (what usp_attention runs under XDIT_OPS_PUSH_KERNEL=v3) on
-    either kernel, then the native unpack of what it left."""
+    """The rank-block output push (what usp_attention runs under XDIT_OPS_PUSH_KERNEL=v3, whose
+    kernel is v2's) on either kernel, over push-out's matrix, then the native unpack of what it
+    left."""
     _native()
     monkeypatch.setenv("XDIT_OPS_PUSH_KERNEL", kernel)
     _check_push_out_blocks(heads, 2, 1031, J, D, dtype, "cuda")
