@@ -1,4 +1,4 @@
-"""The Ulysses push kernels on N GPUs: v1 against v2, and a flat copy of the same bytes.
+"""The Ulysses push kernels on N GPUs: v1, v2, v3's output push, and a flat copy of the same bytes.
 
 # xdit-bench: torchrun
 
@@ -11,7 +11,15 @@ stores into every rank's torch symmetric-memory buffer (peer-mapped, no multicas
   heads into that rank's query and K/V buffers, with ``XDIT_OPS_PUSH_KERNEL=v1`` and ``v2``;
 * ``push_out`` (``xdit_ops::ulysses_push_out``): an attention output ``[B, N*L, h, D]`` (the
   ``[B, h, S, D]`` layout transposed, as attention leaves it) into every rank's
-  ``[B, L, H, D]`` output, v1 and v2;
+  ``[B, L, H, D]`` output, v1 and v2; ``v3``: what ``usp_attention`` runs under
+  ``XDIT_OPS_PUSH_KERNEL=v3``, ``xdit_ops::ulysses_push_out_blocks`` (this rank's block
+  ``[B, L, h, D]`` of the output all-to-all's receive layout, one contiguous run per
+  destination); ``v2_contig_src``: v2 from a contiguous ``[B, N*L, h, D]`` copy of the output
+  (a diagnostic: the source's layout against the destination's);
+* ``out_copy``: what each rank does with its output buffer after the last barrier: ``clone``
+  (v1/v2: a copy of ``[B, L, H, D]``) or ``unpack`` (v3: ``xdit_ops::ulysses_unpack_out`` of
+  the rank blocks), and ``push_out+copy``, derived rows: the sum of the two medians (v2 + clone
+  against v3 + unpack), what the output step costs ``usp_attention`` besides its barrier;
 * ``flat`` copies of the same bytes per destination (the push's, then the output push's): each
   rank copies a contiguous local ``[N, n]`` byte buffer, chunk j into rank j's buffer at bytes
   ``[rank*n, (rank+1)*n)`` (every rank starts with its next peer), with two kernels compiled
@@ -30,7 +38,8 @@ GPU by a spin (``torch.cuda._sleep``) before every 10 iterations, so a launch ne
 Python. Candidates of one shape are timed in interleaved rounds. Reported per rank: the median
 over all timed iterations; in the rows: ``us`` = the slowest rank's median (``us_per_rank``
 lists all), ``gbps_per_dest`` = bytes per destination / us, ``gbps_remote`` = the bytes this
-rank sends to its N - 1 peers / us (the NVLink egress of one GPU), and ``vs_v1`` for v2.
+rank sends to its N - 1 peers / us (the NVLink egress of one GPU), ``vs_v1`` for v2 and v3,
+``vs_v2`` for the other push-out rows.
 
     torchrun --nproc-per-node=4 benchmarks/bench_ulysses_push.py [--out DIR] [--quick]
         [--shapes 0,2] [--no-flat]
@@ -64,7 +73,11 @@ from benchmarks.common import (  # noqa: E402
     print_table,
     write_json,
 )
-from xdit_ops.ops.ulysses_pack import PUSH_KERNEL_ENV, push_region_size  # noqa: E402
+from xdit_ops.ops.ulysses_pack import (  # noqa: E402
+    PUSH_KERNEL_ENV,
+    push_region_size,
+    ulysses_unpack_out,
+)
 from xdit_ops.ops.usp_attention import (  # noqa: E402
     _symm_buffer,
     head_split,
@@ -299,6 +312,14 @@ def bench_shape(shape, U, me, device, group, flat, warmup, iters, rounds) -> lis
     def push_out():
         torch.ops.xdit_ops.ulysses_push_out.default(o, heads, outs, me, L, True)
 
+    o_contig = o.contiguous()  # [B, U*L, h, D]: rows of h * D contiguous elements
+
+    def push_out_contig():
+        torch.ops.xdit_ops.ulysses_push_out.default(o_contig, heads, outs, me, L, True)
+
+    def push_out_blocks():
+        torch.ops.xdit_ops.ulysses_push_out_blocks.default(o, heads, outs, me, L)
+
     # what must land in this rank's buffers: its heads of every rank's rows
     nq = B * U * L * h_me * D
     want_q = torch.empty(B, U * L, h_me, D, device=device, dtype=DTYPE)
@@ -316,8 +337,20 @@ def bench_shape(shape, U, me, device, group, flat, warmup, iters, rounds) -> lis
     got_q = buf[:nq].view(B, U * L, h_me, D)
     got_kv = buf[nq:nq + 2 * nq].view(2, B, U * L, h_me, D)
     got_out = buf[n_in:n_in + n_out].view(B, L, H, D)
+    # v3: rank r's block [B, L, heads[r], D] (its heads of this rank's rows), blocks in r order
+    want_blocks = torch.cat([want_out[:, :, sum(heads[:r]):sum(heads[:r + 1])].reshape(-1)
+                             for r in range(U)])
+    got_flat = buf[n_in:n_in + n_out]
 
-    def check(fn, env, region, want) -> bool:
+    def out_clone():
+        return got_out.clone()
+
+    def out_unpack():
+        return ulysses_unpack_out(got_flat, heads, B, 0, L, True)
+
+    def check(fn, env, region, want, after=None) -> bool:
+        """fn's stores from every rank against want; ``after`` (the copy out of the buffer) is
+        then checked against want_out."""
         os.environ[PUSH_KERNEL_ENV] = env
         buf.fill_(float("nan"))
         barrier()  # every buffer poisoned before anyone stores
@@ -325,6 +358,8 @@ def bench_shape(shape, U, me, device, group, flat, warmup, iters, rounds) -> lis
         barrier()  # every rank's stores have landed
         torch.cuda.synchronize()
         ok = all(torch.equal(g, w) for g, w in zip(region(), want, strict=True))
+        if after is not None:
+            ok = ok and torch.equal(after(), want_out)
         return all_true(ok, device)
 
     # flat copies: local [U, n] sources, chunk j -> rank j's buffer at bytes [me*n, (me+1)*n)
@@ -355,11 +390,19 @@ def bench_shape(shape, U, me, device, group, flat, warmup, iters, rounds) -> lis
         ("push", "v2"): check(push, "v2", lambda: (got_q, got_kv), (want_q, want_kv)),
         ("push_out", "v1"): check(push_out, "v1", lambda: (got_out,), (want_out,)),
         ("push_out", "v2"): check(push_out, "v2", lambda: (got_out,), (want_out,)),
+        ("push_out", "v3"): check(push_out_blocks, "v3", lambda: (got_flat,), (want_blocks,)),
+        ("push_out", "v2_contig_src"): check(push_out_contig, "v2", lambda: (got_out,),
+                                             (want_out,)),
+        ("out_copy", "clone"): check(push_out, "v2", lambda: (), (), out_clone),
+        ("out_copy", "unpack"): check(push_out_blocks, "v3", lambda: (), (), out_unpack),
     } | flat_ok
-    del want_q, want_kv, want_out
+    del want_q, want_kv, want_blocks  # (want_out: the checks' closure keeps it)
 
     cands = {("push", "v1"): (push, "v1"), ("push", "v2"): (push, "v2"),
-             ("push_out", "v1"): (push_out, "v1"), ("push_out", "v2"): (push_out, "v2")}
+             ("push_out", "v1"): (push_out, "v1"), ("push_out", "v2"): (push_out, "v2"),
+             ("push_out", "v3"): (push_out_blocks, "v3"),
+             ("push_out", "v2_contig_src"): (push_out_contig, "v2"),
+             ("out_copy", "clone"): (out_clone, None), ("out_copy", "unpack"): (out_unpack, None)}
     cands |= {k: (fn, None) for k, fn in flat_calls.items()}
     samples: dict[tuple, list[float]] = {k: [] for k in cands}
     for fn, env in cands.values():  # warm-up, every candidate
@@ -377,6 +420,9 @@ def bench_shape(shape, U, me, device, group, flat, warmup, iters, rounds) -> lis
         if what == "push":
             per_dest = push_bytes[me]
             remote = sum(b for j, b in enumerate(push_bytes) if j != me)
+        elif what == "out_copy":  # local: the whole [B, L, H, D] output
+            per_dest = n_out * es
+            remote = 0
         else:
             per_dest = out_bytes
             remote = (U - 1) * out_bytes
@@ -389,9 +435,21 @@ def bench_shape(shape, U, me, device, group, flat, warmup, iters, rounds) -> lis
                          gbps_per_dest=per_dest / us / 1e3, gbps_remote=remote / us / 1e3,
                          correct=correct[(what, kernel)], samples=len(us_list)))
     for r in rows:
-        if r["kernel"] == "v2":
+        if r["kernel"] in ("v2", "v3"):
             v1 = next(x for x in rows if x["op"] == r["op"] and x["kernel"] == "v1")
             r["vs_v1"] = v1["us"] / r["us"]
+        if r["op"] == "push_out" and r["kernel"] != "v2":
+            v2 = next(x for x in rows if x["op"] == "push_out" and x["kernel"] == "v2")
+            r["vs_v2"] = v2["us"] / r["us"]
+    # the output step of usp_attention besides its barrier: push-out, then the copy out
+    by = {(r["op"], r["kernel"]): r for r in rows}
+    for push_k, copy_k in (("v2", "clone"), ("v3", "unpack")):
+        a, b = by[("push_out", push_k)], by[("out_copy", copy_k)]
+        rows.append(dict(shape=list(shape), world=U, L=L, heads=heads, op="push_out+copy",
+                         kernel=f"{push_k}+{copy_k}", us=a["us"] + b["us"],
+                         us_min=a["us_min"] + b["us_min"], correct=a["correct"] and b["correct"],
+                         derived=True))
+    rows[-1]["vs_v2"] = rows[-2]["us"] / rows[-1]["us"]
     barrier()
     torch.cuda.synchronize()
     return rows
@@ -440,7 +498,7 @@ def main() -> None:
         print(f"\n{gpu} x{world}; us = slowest rank's median; GB/s per destination and out to "
               "the peers")
         print_table(rows, ["shape", "op", "kernel", "bytes_per_dest", "us", "us_min",
-                           "gbps_per_dest", "gbps_remote", "vs_v1", "correct"])
+                           "gbps_per_dest", "gbps_remote", "vs_v1", "vs_v2", "correct"])
     path = write_json("bench_ulysses_push", rows, args.out,
                       extra={"flat_copy": flat is not None, "warmup": warmup, "iters": iters,
                              "rounds": rounds, "timing": "device barrier, event, one kernel, "

@@ -1,5 +1,5 @@
-// Torch-aware launchers for xdit_ops::ulysses_pack_qkv, ::ulysses_unpack_out and
-// ::ulysses_place_gathered (schemas in xdit_ops/ops/ulysses_pack.py).
+// Torch-aware launchers for xdit_ops::ulysses_pack_qkv, ::ulysses_unpack_out,
+// ::ulysses_place_gathered and the push ops (schemas in xdit_ops/ops/ulysses_pack.py).
 #include <cstdlib>
 #include <cstring>
 #include <optional>
@@ -222,14 +222,18 @@ void check_push_dst(at::TensorList dst, at::IntArrayRef heads, const at::Tensor&
 }
 
 // XDIT_OPS_PUSH_KERNEL: v2 (default, also when unset or empty) or v1, the push kernels'
-// first version, kept selectable for one release to compare with. Read on every call, so a
-// process can time both (benchmarks/bench_ulysses_push.py); a CUDA graph keeps the kernel it
-// captured.
+// first version, kept selectable for one release to compare with; v3 runs v2's kernels here
+// (it changes what usp_attention does around them: the output goes back by rank blocks,
+// ulysses_push_out_blocks, then ulysses_unpack_out). Read on every call, so a process can time
+// each (benchmarks/bench_ulysses_push.py); a CUDA graph keeps the kernel it captured.
 int push_kernel_version(const char* op) {
   const char* env = std::getenv("XDIT_OPS_PUSH_KERNEL");
-  if (env == nullptr || env[0] == '\0' || std::strcmp(env, "v2") == 0) return 2;
-  XDIT_CHECK(std::strcmp(env, "v1") == 0, op, ": XDIT_OPS_PUSH_KERNEL must be v1 or v2, got '",
-             env, "'");
+  if (env == nullptr || env[0] == '\0' || std::strcmp(env, "v2") == 0 ||
+      std::strcmp(env, "v3") == 0) {
+    return 2;
+  }
+  XDIT_CHECK(std::strcmp(env, "v1") == 0, op,
+             ": XDIT_OPS_PUSH_KERNEL must be v1, v2 or v3, got '", env, "'");
   return 1;
 }
 
@@ -282,10 +286,14 @@ void ulysses_push_qkv_cuda(const at::Tensor& q, const at::Tensor& k, const at::T
                                    c10::cuda::getCurrentCUDAStream().stream()));
 }
 
-void ulysses_push_out_cuda(const at::Tensor& o, at::IntArrayRef heads, at::TensorList dst,
-                           int64_t rank, int64_t L, bool joint_front,
-                           std::optional<int64_t> head_offset) {
-  constexpr const char* kOp = "ulysses_push_out";
+namespace {
+
+// ulysses_push_out (rank_blocks false) and ulysses_push_out_blocks (true; joint_front unused):
+// the same checks, sizes and kernels. head_offset (push_out only): where o's heads go in an
+// output row instead of this rank's place in `heads` (a head chunk).
+void push_out_cuda(const at::Tensor& o, at::IntArrayRef heads, at::TensorList dst, int64_t rank,
+                   int64_t L, bool joint_front, bool rank_blocks,
+                   std::optional<int64_t> head_offset, const char* kOp) {
   XDIT_CHECK(o.is_cuda(), kOp, ": o must be on a CUDA device, got ", o.device());
   const int64_t H = check_heads(heads, kOp);
   const int64_t U = static_cast<int64_t>(heads.size());
@@ -322,10 +330,24 @@ void ulysses_push_out_cuda(const at::Tensor& o, at::IntArrayRef heads, at::Tenso
   p.num_ranks = static_cast<int>(U);
   p.rank = static_cast<int>(rank);
   p.kernel_version = push_kernel_version(kOp);
+  p.rank_blocks = rank_blocks;
   const c10::cuda::CUDAGuard guard(o.device());
   XDIT_CUDA_CHECK(ulysses_push_out(p, static_cast<int>(o.element_size()),
                                    num_sms(o.get_device()),
                                    c10::cuda::getCurrentCUDAStream().stream()));
+}
+
+}  // namespace
+
+void ulysses_push_out_cuda(const at::Tensor& o, at::IntArrayRef heads, at::TensorList dst,
+                           int64_t rank, int64_t L, bool joint_front,
+                           std::optional<int64_t> head_offset) {
+  push_out_cuda(o, heads, dst, rank, L, joint_front, false, head_offset, "ulysses_push_out");
+}
+
+void ulysses_push_out_blocks_cuda(const at::Tensor& o, at::IntArrayRef heads,
+                                  at::TensorList dst, int64_t rank, int64_t L) {
+  push_out_cuda(o, heads, dst, rank, L, true, true, std::nullopt, "ulysses_push_out_blocks");
 }
 
 TORCH_LIBRARY_IMPL(xdit_ops, CUDA, m) {
@@ -334,6 +356,7 @@ TORCH_LIBRARY_IMPL(xdit_ops, CUDA, m) {
   m.impl("ulysses_unpack_out", &ulysses_unpack_out_cuda);
   m.impl("ulysses_push_qkv", &ulysses_push_qkv_cuda);
   m.impl("ulysses_push_out", &ulysses_push_out_cuda);
+  m.impl("ulysses_push_out_blocks", &ulysses_push_out_blocks_cuda);
 }
 
 }  // namespace xdit_ops

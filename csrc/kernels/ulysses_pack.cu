@@ -306,6 +306,25 @@ bool push_out_v2_args(const UlyssesPushOutArgs& v1, int rank, UlyssesPushOutV2Ar
   return blocks <= INT32_MAX;
 }
 
+// The rank-block output push as a plain one: this rank's block in every receive buffer is an
+// output of h heads (H = h, h0 = 0), joint rows first, starting at the block's offset
+// B * (J + L) * h0 * D; its destination rows (h * D elements) follow each other, so each
+// destination gets one contiguous run. False for a bad rank count or head range.
+bool rank_block_params(const UlyssesPushOutParams& p, int elem_size, UlyssesPushOutParams& b) {
+  if (p.num_ranks < 1 || p.num_ranks > kMaxUlyssesRanks || p.head_start < 0 ||
+      p.head_start + p.heads > p.heads_total) {
+    return false;
+  }
+  b = p;
+  b.rank_blocks = false;
+  b.heads_total = p.heads;
+  b.head_start = 0;
+  b.joint_front = true;
+  const int64_t offset = p.batch * (p.joint + p.seq) * p.head_start * p.head_dim * elem_size;
+  for (int j = 0; j < p.num_ranks; ++j) b.dst[j] = static_cast<char*>(p.dst[j]) + offset;
+  return true;
+}
+
 }  // namespace
 
 cudaError_t ulysses_push_qkv(const UlyssesPushParams& p, int elem_size, int num_sms,
@@ -337,6 +356,11 @@ cudaError_t ulysses_push_qkv(const UlyssesPushParams& p, int elem_size, int num_
 
 cudaError_t ulysses_push_out(const UlyssesPushOutParams& p, int elem_size, int num_sms,
                              cudaStream_t stream) {
+  if (p.rank_blocks) {
+    UlyssesPushOutParams b;
+    if (!rank_block_params(p, elem_size, b)) return cudaErrorInvalidValue;
+    return ulysses_push_out(b, elem_size, num_sms, stream);
+  }
   UlyssesPushOutArgs a;
   int w = 1;
   const cudaError_t err = push_out_args(p, elem_size, a, w);

@@ -18,6 +18,7 @@ from xdit_ops.ops.ulysses_pack import (
     ulysses_pack_qkv,
     ulysses_place_gathered,
     ulysses_push_out,
+    ulysses_push_out_blocks,
     ulysses_push_qkv,
     ulysses_unpack_out,
 )
@@ -267,6 +268,32 @@ def _check_push_out(heads, B, L, J, D, joint_front, dtype, device):
         assert _untouched(dst[u][n:])
 
 
+def _check_push_out_blocks(heads, B, L, J, D, dtype, device):
+    """Every rank pushes its block; each buffer must then be the output all-to-all's receive
+    buffer (written here from the layout: rank j's heads of the joint rows and of this rank's
+    rows, blocks in j order), and unpack to ulysses_push_out's result either way round."""
+    U, H = len(heads), sum(heads)
+    starts = [sum(heads[:i]) for i in range(U)]
+    out_full = randn(B, U * L, H, D, dtype=dtype, device=device, seed=D + J + 2)
+    joint = randn(B, J, H, D, dtype=dtype, device=device, seed=D + J + 3)
+    n = B * (J + L) * H * D
+    dst = [_nan(n + _SLACK, dtype, device) for _ in range(U)]
+    for r, h in enumerate(heads):
+        hs = slice(starts[r], starts[r] + h)
+        o = torch.cat([joint[:, :, hs], out_full[:, :, hs]], dim=1).transpose(1, 2)
+        o = o.contiguous().transpose(1, 2)  # attention's layout, as in _check_push_out
+        ulysses_push_out_blocks(o, heads, dst, r, L)
+    for u in range(U):
+        mine = out_full[:, u * L:(u + 1) * L]
+        blocks = [torch.cat([joint, mine], dim=1)[:, :, starts[j]:starts[j] + h].reshape(-1)
+                  for j, h in enumerate(heads)]
+        assert torch.equal(dst[u][:n], torch.cat(blocks))
+        assert _untouched(dst[u][n:])
+        for front in (True, False):
+            want = torch.cat([joint, mine] if front else [mine, joint], dim=1)
+            assert torch.equal(ulysses_unpack_out(dst[u][:n], heads, B, J, L, front), want)
+
+
 @pytest.mark.parametrize("J,Jk", [(0, 0), (3, 3), (3, 0)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("split", list(HEADS))
@@ -279,6 +306,13 @@ def test_cpu_push_qkv_places_every_rank(split, dtype, J, Jk):
 @pytest.mark.parametrize("split", list(HEADS))
 def test_cpu_push_out_returns_every_row(split, J, joint_front):
     _check_push_out(HEADS[split], 2, 5, J, 8, joint_front, torch.float32, "cpu")
+
+
+@pytest.mark.parametrize("J", [0, 3])
+@pytest.mark.parametrize("heads", [[2, 2, 2], [8, 8, 7, 7], [5, 0, 3]],
+                         ids=["even", "uneven", "empty-rank"])
+def test_cpu_push_out_blocks_fills_the_receive_buffer(heads, J):
+    _check_push_out_blocks(heads, 2, 5, J, 8, torch.float32, "cpu")
 
 
 def _push_bad_arguments(device):
@@ -314,6 +348,13 @@ def _push_bad_arguments(device):
         ulysses_push_out(o, heads, out, 0, 5, True)
     with pytest.raises(ValueError, match="ulysses_push_out: dst\\[0\\] has"):
         ulysses_push_out(o, heads, [out[0][:-1], out[1]], 1, 4, False)
+    ulysses_push_out_blocks(o, heads, out, 0, 4)
+    with pytest.raises(ValueError, match="ulysses_push_out_blocks: o must be"):
+        ulysses_push_out_blocks(o, heads, out, 0, 5)
+    with pytest.raises(ValueError, match=r"ulysses_push_out_blocks: rank 2 is outside \[0, 2\)"):
+        ulysses_push_out_blocks(o, heads, out, 2, 4)
+    with pytest.raises(ValueError, match="ulysses_push_out_blocks: dst\\[1\\] has"):
+        ulysses_push_out_blocks(o, heads, [out[0], out[1][:-1]], 0, 4)
 
 
 def _bad_arguments(device):
@@ -365,10 +406,10 @@ def test_push_bad_arguments(device):
     _push_bad_arguments(device)
 
 
-@pytest.mark.parametrize("op", ["push", "push_out"])
+@pytest.mark.parametrize("op", ["push", "push_out", "push_out_blocks"])
 def test_push_kernel_switch(monkeypatch, op):
-    """XDIT_OPS_PUSH_KERNEL: v1, v2 or unset pass; another value raises, named after the op,
-    from the public function's checks ahead of a non-CPU kernel (meta here, CUDA alike)."""
+    """XDIT_OPS_PUSH_KERNEL: v1, v2, v3 or unset pass; another value raises, named after the
+    op, from the public function's checks ahead of a non-CPU kernel (meta here, CUDA alike)."""
     q = torch.empty(1, 4, 2, 8, device="meta")
     heads = [1, 1]
 
@@ -379,15 +420,18 @@ def test_push_kernel_switch(monkeypatch, op):
         else:
             o = torch.empty(1, 2 * 2, 1, 8, device="meta")
             out = [torch.empty(1 * 2 * 2 * 8, device="meta") for _ in heads]
-            ulysses_push_out(o, heads, out, 0, 2, True)
+            if op == "push_out":
+                ulysses_push_out(o, heads, out, 0, 2, True)
+            else:
+                ulysses_push_out_blocks(o, heads, out, 0, 2)
 
-    for value in ("v1", "v2", ""):
+    for value in ("v1", "v2", "v3", ""):
         monkeypatch.setenv("XDIT_OPS_PUSH_KERNEL", value)
         call()
-    monkeypatch.setenv("XDIT_OPS_PUSH_KERNEL", "v3")
-    name = "ulysses_push_qkv" if op == "push" else "ulysses_push_out"
+    monkeypatch.setenv("XDIT_OPS_PUSH_KERNEL", "v4")
+    name = {"push": "ulysses_push_qkv"}.get(op, f"ulysses_{op}")
     with pytest.raises(ValueError, match=f"{name}: XDIT_OPS_PUSH_KERNEL must be one of "
-                                         r"\('v1', 'v2'\), got 'v3'"):
+                                         r"\('v1', 'v2', 'v3'\), got 'v4'"):
         call()
 
 
@@ -413,6 +457,8 @@ def test_opcheck():
     out = [torch.zeros(2 * (3 + 5) * 7 * 8) for _ in heads]
     torch.library.opcheck(torch.ops.xdit_ops.ulysses_push_out.default,
                           (o, heads, out, 2, 5, False))
+    torch.library.opcheck(torch.ops.xdit_ops.ulysses_push_out_blocks.default,
+                          (o, heads, out, 2, 5))
 
 
 def test_compile_fullgraph_matches_eager():
@@ -592,8 +638,9 @@ def test_gpu_cuda_graph_capture():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("heads", [[6, 6, 6, 6], [8, 8, 7, 7]], ids=["even", "uneven"])
 def test_gpu_push_qkv_places_every_rank(monkeypatch, heads, dtype, D, J, Jk, kernel):
-    """The push kernel (both versions, XDIT_OPS_PUSH_KERNEL) with every destination a buffer of
-    this GPU (the kernel only sees pointers: peer-mapped memory is the same to it)."""
+    """The push kernel (both versions, XDIT_OPS_PUSH_KERNEL; v3 runs v2's, see
+    test_gpu_push_shapes_of_usp) with every destination a buffer of this GPU (the kernel only
+    sees pointers: peer-mapped memory is the same to it)."""
     _native()
     monkeypatch.setenv("XDIT_OPS_PUSH_KERNEL", kernel)
     _check_push_in(heads, 3, 1031, J, Jk, D, dtype, "cuda")
@@ -614,6 +661,21 @@ def test_gpu_push_out_returns_every_row(monkeypatch, heads, dtype, D, J, joint_f
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("kernel", ["v1", "v2"])
+@pytest.mark.parametrize("J", [0, 77])
+@pytest.mark.parametrize("D", [128, 72, 1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads", [[6, 6, 6, 6], [8, 8, 7, 7]], ids=["even", "uneven"])
+def test_gpu_push_out_blocks_fills_the_receive_buffer(monkeypatch, heads, dtype, D, J, kernel):
+    """The rank-block output push (what usp_attention runs under XDIT_OPS_PUSH_KERNEL=v3, whose
+    kernel is v2's) on either kernel, over push-out's matrix, then the native unpack of what it
+    left."""
+    _native()
+    monkeypatch.setenv("XDIT_OPS_PUSH_KERNEL", kernel)
+    _check_push_out_blocks(heads, 2, 1031, J, D, dtype, "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["v1", "v2", "v3"])
 def test_gpu_push_shapes_of_usp(monkeypatch, kernel):
     """The pushes at a 4-rank Flux shard's size (1152 rows of 24 heads of 128, bf16: many tiles
     per segment), a rank with no heads, and a contiguous source 2 bytes off 16-byte alignment
@@ -622,8 +684,10 @@ def test_gpu_push_shapes_of_usp(monkeypatch, kernel):
     monkeypatch.setenv("XDIT_OPS_PUSH_KERNEL", kernel)
     _check_push_in([6, 6, 6, 6], 1, 1152, 0, 0, 128, torch.bfloat16, "cuda")
     _check_push_out([6, 6, 6, 6], 1, 1152, 0, 128, True, torch.bfloat16, "cuda")
+    _check_push_out_blocks([6, 6, 6, 6], 1, 1152, 0, 128, torch.bfloat16, "cuda")
     _check_push_in([5, 0, 3], 2, 333, 7, 7, 64, torch.bfloat16, "cuda")
     _check_push_out([5, 0, 3], 2, 333, 7, 64, False, torch.bfloat16, "cuda")
+    _check_push_out_blocks([5, 0, 3], 2, 333, 7, 64, torch.bfloat16, "cuda")
     # unaligned: q, k, v one element into a buffer (the copy width drops to 2 bytes)
     heads, B, L, H, D = [4, 4], 1, 257, 8, 128
     base = randn(3 * B * 2 * L * H * D + 1, dtype=torch.bfloat16, device="cuda", seed=3)
@@ -642,9 +706,9 @@ def test_gpu_push_shapes_of_usp(monkeypatch, kernel):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kernel", ["v1", "v2"])
+@pytest.mark.parametrize("kernel", ["v1", "v2", "v3"])
 def test_gpu_push_cuda_graph(monkeypatch, kernel):
-    """Both pushes captured in a CUDA graph replay with new inputs."""
+    """The three pushes captured in a CUDA graph replay with new inputs."""
     _native()
     monkeypatch.setenv("XDIT_OPS_PUSH_KERNEL", kernel)
     heads, B, L, J, D = [8, 8, 7, 7], 1, 300, 5, 128
@@ -654,10 +718,12 @@ def test_gpu_push_cuda_graph(monkeypatch, kernel):
     dst = [torch.zeros(n, dtype=torch.bfloat16, device="cuda") for n in need]
     o = randn(B, J + U * L, heads[1], D, dtype=torch.bfloat16, device="cuda", seed=22)
     out = [torch.zeros(B * (J + L) * H * D, dtype=torch.bfloat16, device="cuda") for _ in heads]
+    blocks = [torch.zeros_like(x) for x in out]
 
     def calls():
         ulysses_push_qkv(q, k, v, heads, dst, 1, J, J)
         ulysses_push_out(o, heads, out, 1, L, True)
+        ulysses_push_out_blocks(o, heads, blocks, 1, L)
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -675,8 +741,11 @@ def test_gpu_push_cuda_graph(monkeypatch, kernel):
     want_out = [torch.zeros(x.numel(), dtype=torch.bfloat16) for x in out]
     ulysses_push_qkv(q.cpu(), k.cpu(), v.cpu(), heads, want, 1, J, J)
     ulysses_push_out(o.cpu(), heads, want_out, 1, L, True)
+    want_blocks = [torch.zeros(x.numel(), dtype=torch.bfloat16) for x in out]
+    ulysses_push_out_blocks(o.cpu(), heads, want_blocks, 1, L)
     assert all(torch.equal(d.cpu(), w) for d, w in zip(dst, want, strict=True))
     assert all(torch.equal(x.cpu(), w) for x, w in zip(out, want_out, strict=True))
+    assert all(torch.equal(x.cpu(), w) for x, w in zip(blocks, want_blocks, strict=True))
 
 
 # Head chunks (usp_attention's overlap path): the push of chunk c of every share

@@ -317,6 +317,11 @@ def _worker_bad_shape(rank, world, u, r):
         mp.setenv("XDIT_OPS_USP_ULYSSES", "push" if last else "nccl")
         with pytest.raises(ValueError, match="disagree .*XDIT_OPS_USP_CHUNKS/_RING/_ULYSSES"):
             xdit_ops.usp_attention(q8, q8, q8)
+    # Likewise the push's output layout: rank blocks (v3) on one rank, rows on the others.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDIT_OPS_PUSH_KERNEL", "v3" if last else "v2")
+        with pytest.raises(ValueError, match="disagree .*XDIT_OPS_PUSH_KERNEL"):
+            xdit_ops.usp_attention(q8, q8, q8)
     xdit_ops.usp_attention(q8, q8, q8)
 
 
@@ -507,6 +512,16 @@ def _worker_gpu(rank, world):
                 plans = [p for p in _usp._PLANS.values() if p.U == u and p.R == r]
                 used = {p.path for p in plans} if r == 1 else {p.ring for p in plans}
                 assert used == ({"push"} if r == 1 else {"ce"}), (u, r, used)
+        if r == 1:
+            # The push with its output sent back by rank blocks (XDIT_OPS_PUSH_KERNEL=v3).
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setenv("XDIT_OPS_PUSH_KERNEL", "v3")
+                for i, case in enumerate(GPU_CASES):
+                    _run_case(case, u, r, seed=31 * i + 7, device="cuda")
+                _run_shard_lengths(u, r, seed=3 * u + r + 1, device="cuda",
+                                   dtype=torch.bfloat16, L=300, J=77, D=128)
+            plans = [p for p in _usp._PLANS.values() if p.U == u and p.path == "push"]
+            assert any(p.push_blocks for p in plans), u
         if os.environ.get("XDIT_OPS_TEST_CE") == "1" and r == 1:
             # The copy-engine Ulysses exchange (opt-in; the push replaced it), only when asked.
             with pytest.MonkeyPatch.context() as mp:
@@ -522,13 +537,15 @@ def test_usp_gpu_matches_single_device(world):
     run_distributed(_worker_gpu, world, timeout=300, backend="nccl")
 
 
-def _worker_gpu_graph(rank, world, ulysses_ce=False, transport=None):
+def _worker_gpu_graph(rank, world, ulysses_ce=False, transport=None, push_kernel=None):
     """CUDA-graph capture and replay of the op gives the eager result."""
     if ulysses_ce:
         transport = "ce"
     u = world if transport else 2 if world % 2 == 0 else 1
     if transport:
         os.environ["XDIT_OPS_USP_ULYSSES"] = transport
+    if push_kernel:
+        os.environ["XDIT_OPS_PUSH_KERNEL"] = push_kernel
     xdit_ops.init_parallel(ulysses_degree=u, ring_degree=world // u)
     q, k, v = (randn(1, 1024, 8, 64, seed=s, dtype=torch.bfloat16, device="cuda")
                for s in (1, 2, 3))
@@ -556,6 +573,8 @@ def _worker_gpu_graph(rank, world, ulysses_ce=False, transport=None):
     assert torch.equal(out, fresh), max_abs_err(out, fresh)
     if transport:
         assert {p.path for p in _usp._PLANS.values()} == {transport}
+    if push_kernel == "v3":
+        assert all(p.push_blocks for p in _usp._PLANS.values())
 
 
 @pytest.mark.multigpu(4)
@@ -609,10 +628,12 @@ def test_usp_gpu_cuda_graph_overlap(world):
 
 
 @pytest.mark.multigpu(2)
-def test_usp_gpu_cuda_graph_push():
+@pytest.mark.parametrize("push_kernel", [None, "v3"], ids=["rows", "blocks"])
+def test_usp_gpu_cuda_graph_push(push_kernel):
     """The push transport (symmetric-memory stores and device barriers) captured and replayed
-    on 2 GPUs."""
-    run_distributed(_worker_gpu_graph, 2, False, "push", timeout=150, backend="nccl")
+    on 2 GPUs; ``blocks``: the output sent back by rank blocks (XDIT_OPS_PUSH_KERNEL=v3)."""
+    run_distributed(_worker_gpu_graph, 2, False, "push", push_kernel, timeout=150,
+                    backend="nccl")
 
 
 def test_ulysses_transport_switch():
@@ -676,8 +697,11 @@ def _push_cases():
     ]
 
 
+@pytest.mark.parametrize("push_kernel", [None, "v3"], ids=["rows", "blocks"])
 @pytest.mark.parametrize("case", range(3))
-def test_push_path_wiring_in_threads(case, monkeypatch):
+def test_push_path_wiring_in_threads(case, push_kernel, monkeypatch):
+    """``push_kernel``: XDIT_OPS_PUSH_KERNEL as the plan sees it (unset: the output push into
+    the output rows and a copy out; v3: the output push by rank blocks and an unpack)."""
     import threading
 
     heads, B, L, J, front, with_len, shard_lengths = _push_cases()[case]
@@ -716,7 +740,7 @@ def test_push_path_wiring_in_threads(case, monkeypatch):
     for cache in ("_PLANS", "_PUSH"):  # this test's plans and views stay out of the others'
         monkeypatch.setattr(usp, cache, {})
     # _switches()' eight values; no cross-rank check: no process group here
-    switches = ("0", None, None, "push", None, None, None, None)
+    switches = ("0", None, None, "push", None, None, push_kernel, None)
     results, errors = {}, []
 
     def rank_main(r):
@@ -733,6 +757,7 @@ def test_push_path_wiring_in_threads(case, monkeypatch):
                 plan = usp._build_plan(q * f, k, v, lengths, J, front, seq_len, "auto", g,
                                        None, shard_lengths, switches)
                 assert plan.path == "push", plan.path
+                assert plan.push_blocks == (push_kernel == "v3")
                 outs.append(usp._run(plan, q * f, k, v, lengths, None, "auto", False)[0])
             results[r] = outs
         except BaseException as exc:  # reported below with the rank

@@ -6,6 +6,7 @@ from xdit_ops.ops.merge_attention_states import merge_attention_states_
 from xdit_ops.ops.ulysses_pack import (  # noqa: F401
     ulysses_pack_qkv,
     ulysses_push_out,
+    ulysses_push_out_blocks,
     ulysses_push_qkv,
     ulysses_unpack_out,
 )

@@ -28,12 +28,20 @@ into this process (symmetric memory over NVLink: ``usp_attention``'s ``XDIT_OPS_
   ``[h0, h0 + h)``, joint rows first) -> every rank's output ``[B, J + L, H, D]`` at the start of
   ``dst[u]``: rank ``u`` gets its ``L`` rows and the joint rows (front or behind), i.e. what
   ``ulysses_unpack_out`` builds after the output all-to-all.
+* :func:`ulysses_push_out_blocks`: the same rows into the output all-to-all's receive layout
+  instead: this rank's block ``[B, J + L, h, D]`` (joint rows first) at element
+  ``B * (J + L) * h0 * D`` of every ``dst[u]``, one contiguous run per destination; once every
+  rank has pushed, ``ulysses_unpack_out`` of ``dst[u][:B * (J + L) * H * D]`` is
+  :func:`ulysses_push_out`'s result.
 
 CUDA runs the native kernels (``csrc/include/xdit_ops/ulysses_pack.cuh``: one launch, vectorised
 up to 16 bytes); CPU runs the torch references below. Both are exact copies, any dtype.
 ``XDIT_OPS_PUSH_KERNEL`` picks the push kernels: ``v2`` (default: one tile of one destination's
 rows per block, eight 16-byte loads in flight per thread) or ``v1`` (a row per block, the first
-version, kept for one release to compare with); read on every call, results identical.
+version, kept for one release to compare with); read on every call, results identical. ``v3``
+runs v2's kernels in these ops; ``usp_attention`` then sends its output back with
+:func:`ulysses_push_out_blocks` and :func:`ulysses_unpack_out` instead of
+:func:`ulysses_push_out` and a copy (why: ``docs/usp_attention.md``).
 
 The public functions check their arguments in Python before a native call (the CPU references
 check for themselves), with the exceptions the references raise: on the GPU machine a failing
@@ -56,10 +64,11 @@ UNPACK = "ulysses_unpack_out"
 PLACE = "ulysses_place_gathered"
 PUSH = "ulysses_push_qkv"
 PUSH_OUT = "ulysses_push_out"
+PUSH_OUT_BLOCKS = "ulysses_push_out_blocks"
 MAX_PUSH_HEADS = 1024  # kMaxPushHeads in csrc/include/xdit_ops/ulysses_pack.h
 MAX_RANKS = 64  # kMaxUlyssesRanks, ibid.
 PUSH_KERNEL_ENV = "XDIT_OPS_PUSH_KERNEL"
-PUSH_KERNELS = ("v1", "v2")
+PUSH_KERNELS = ("v1", "v2", "v3")
 
 lib.define(f"{PACK}(Tensor q, Tensor k, Tensor v, int[] heads) -> Tensor")
 lib.define(
@@ -77,6 +86,7 @@ lib.define(
     f"{PUSH_OUT}(Tensor o, int[] heads, Tensor(a!)[] dst, int rank, int L, bool joint_front, "
     "int? head_offset=None) -> ()"
 )
+lib.define(f"{PUSH_OUT_BLOCKS}(Tensor o, int[] heads, Tensor(a!)[] dst, int rank, int L) -> ()")
 
 
 def _check_heads(op: str, heads: Sequence[int], H: int | None) -> int:
@@ -249,33 +259,36 @@ def check_push(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: Sequenc
 
 
 def check_push_out(o: torch.Tensor, heads: Sequence[int], dst: Sequence[torch.Tensor],
-                   rank: int, L: int, head_offset: int | None = None) -> tuple[int, int, int]:
-    """Checks the arguments; returns (J, H, h0): h0 is where o's heads go in an output row
+                   rank: int, L: int, head_offset: int | None = None,
+                   op: str = PUSH_OUT) -> tuple[int, int, int]:
+    """Checks the arguments of the output push (or of ``op``, which takes the same ones: the
+    rank-block push); returns (J, H, h0): h0 is where o's heads go in an output row
     (``head_offset``, or this rank's place in ``heads``)."""
-    H = _check_heads(PUSH_OUT, heads, None)
+    H = _check_heads(op, heads, None)
     U = len(heads)
     if not 0 <= rank < U:
-        raise ValueError(f"{PUSH_OUT}: rank {rank} is outside [0, {U})")
+        raise ValueError(f"{op}: rank {rank} is outside [0, {U})")
     if o.dim() != 4 or o.shape[2] != heads[rank] or L < 0 or o.shape[1] < U * L:
-        raise ValueError(f"{PUSH_OUT}: o must be [B, J + U*L, h, D] with U={U} L={L} "
+        raise ValueError(f"{op}: o must be [B, J + U*L, h, D] with U={U} L={L} "
                          f"h=heads[{rank}]={heads[rank]}, got {tuple(o.shape)}")
     if o.shape[-1] > 1 and o.stride(-1) != 1:
-        raise ValueError(f"{PUSH_OUT}: head_dim of o must be contiguous, got strides "
+        raise ValueError(f"{op}: head_dim of o must be contiguous, got strides "
                          f"{tuple(o.stride())}")
     B, T, _, D = o.shape
     J = T - U * L
-    _check_push_dst(PUSH_OUT, dst, o, [B * (J + L) * H * D] * U)
+    _check_push_dst(op, dst, o, [B * (J + L) * H * D] * U)
     if head_offset is None:
         return J, H, sum(heads[:rank])
     if not 0 <= head_offset <= H - heads[rank]:
-        raise ValueError(f"{PUSH_OUT}: head_offset={head_offset} puts o's {heads[rank]} heads "
+        raise ValueError(f"{op}: head_offset={head_offset} puts o's {heads[rank]} heads "
                          f"outside the {H} heads of an output row")
     return J, H, head_offset
 
 
 def push_kernel(op: str = PUSH) -> str:
     """The push kernel ``XDIT_OPS_PUSH_KERNEL`` selects for CUDA: ``"v2"`` (also when unset or
-    empty) or ``"v1"``; anything else raises (named after ``op``)."""
+    empty), ``"v1"`` or ``"v3"`` (v2's kernels; for ``usp_attention`` the output push by rank
+    blocks); anything else raises (named after ``op``)."""
     value = os.environ.get(PUSH_KERNEL_ENV) or "v2"
     if value not in PUSH_KERNELS:
         raise ValueError(f"{op}: {PUSH_KERNEL_ENV} must be one of {PUSH_KERNELS}, got {value!r}")
@@ -328,11 +341,24 @@ def _push_out_cpu(o, heads, dst, rank, L, joint_front, head_offset=None):
             out[:, L:, hs] = o[:, :J]
 
 
+def _push_out_blocks_cpu(o, heads, dst, rank, L):
+    """Reference: rank u's receive buffer, viewed in dst[u], gets this rank's block: its joint
+    rows, then rank u's L rows."""
+    J, H, h0 = check_push_out(o, heads, dst, rank, L, op=PUSH_OUT_BLOCKS)
+    B, _, h, D = o.shape
+    start = B * (J + L) * h0 * D
+    for u, d in enumerate(dst):
+        block = d[start:start + B * (J + L) * h * D].view(B, J + L, h, D)
+        block[:, :J] = o[:, :J]
+        block[:, J:] = o[:, J + u * L:J + (u + 1) * L]
+
+
 lib.impl(PACK, _pack_cpu, "CPU")
 lib.impl(PLACE, _place_cpu, "CPU")
 lib.impl(UNPACK, _unpack_cpu, "CPU")
 lib.impl(PUSH, _push_cpu, "CPU")
 lib.impl(PUSH_OUT, _push_out_cpu, "CPU")
+lib.impl(PUSH_OUT_BLOCKS, _push_out_blocks_cpu, "CPU")
 
 
 @torch.library.register_fake(f"xdit_ops::{PACK}")
@@ -364,11 +390,17 @@ def _push_out_fake(o, heads, dst, rank, L, joint_front, head_offset=None):
     check_push_out(o, heads, dst, rank, L, head_offset)
 
 
+@torch.library.register_fake(f"xdit_ops::{PUSH_OUT_BLOCKS}")
+def _push_out_blocks_fake(o, heads, dst, rank, L):
+    check_push_out(o, heads, dst, rank, L, op=PUSH_OUT_BLOCKS)
+
+
 def _register_cuda_fallback() -> None:
     """Without the native kernels (module absent, disabled, or built before these sources),
     CUDA tensors take the references: the same copies as several torch kernels."""
     for op, fn in ((PACK, _pack_cpu), (UNPACK, _unpack_cpu), (PLACE, _place_cpu),
-                   (PUSH, _push_cpu), (PUSH_OUT, _push_out_cpu)):
+                   (PUSH, _push_cpu), (PUSH_OUT, _push_out_cpu),
+                   (PUSH_OUT_BLOCKS, _push_out_blocks_cpu)):
         if not torch._C._dispatch_has_kernel_for_dispatch_key(f"xdit_ops::{op}", "CUDA"):
             lib.impl(op, fn, "CUDA")
 
@@ -510,3 +542,29 @@ def ulysses_push_out(o: torch.Tensor, heads: Sequence[int], dst: Sequence[torch.
         push_kernel(PUSH_OUT)
     torch.ops.xdit_ops.ulysses_push_out.default(o, list(heads), list(dst), rank, L, joint_front,
                                                 head_offset)
+
+
+def ulysses_push_out_blocks(o: torch.Tensor, heads: Sequence[int], dst: Sequence[torch.Tensor],
+                            rank: int, L: int) -> None:
+    """Send this rank's attention output back in one pass, into the output all-to-all's receive
+    layout: store its block of every rank's rows straight into that rank's buffer (one kernel
+    on CUDA, one contiguous run per destination).
+
+    Parameters
+    ----------
+    o, heads, rank, L : as for :func:`ulysses_push_out`.
+    dst : one flat buffer per rank of o's dtype and device, at least ``B * (J + L) * H * D``
+        elements. Rank ``u``'s buffer holds one block ``[B, J + L, heads[j], D]`` per rank
+        ``j`` (the J joint rows, then rank ``u``'s L rows, of rank ``j``'s heads), blocks in
+        ``j`` order from ``dst[u][0]``; this rank writes block ``rank``, at element
+        ``B * (J + L) * h0 * D``.
+
+    Once every rank has pushed, ``ulysses_unpack_out(dst[u][:B * (J + L) * H * D], heads, B, J,
+    L, joint_front)`` equals what :func:`ulysses_push_out` leaves in ``dst[u]`` (and what the
+    output all-to-all plus :func:`ulysses_unpack_out` give). ``XDIT_OPS_PUSH_KERNEL`` picks the
+    kernel as for :func:`ulysses_push_out`.
+    """
+    if o.device.type != "cpu":
+        check_push_out(o, heads, dst, rank, L, op=PUSH_OUT_BLOCKS)
+        push_kernel(PUSH_OUT_BLOCKS)
+    torch.ops.xdit_ops.ulysses_push_out_blocks.default(o, list(heads), list(dst), rank, L)

@@ -50,6 +50,7 @@ from xdit_ops.ops.merge_attention_states import MAX_PARTIALS, _check_merge_impl
 from xdit_ops.ops.stream_memops import WAIT, WRITE, rows2d, run_copy2d, run_memops, word_address
 from xdit_ops.ops.ulysses_pack import (  # (registers the pack ops)
     PUSH_KERNEL_ENV,
+    PUSH_KERNELS,
     push_kernel,
     push_region_size,
     push_regions,
@@ -144,7 +145,8 @@ def _check_agreement(meta: list[int], ug, rg) -> None:
     if any(r != meta for r in rows):
         names = ("(query shape, key shape, value shape, dtypes, joint_tokens, seq_len, "
                  "joint_front, no joint_lengths, shard_lengths count/sum/weighted sum, "
-                 "XDIT_OPS_USP_CHUNKS/_RING/_ULYSSES/_FP8_WIRE)")
+                 "XDIT_OPS_USP_CHUNKS/_RING/_ULYSSES/_FP8_WIRE, XDIT_OPS_FP8_FORMAT, "
+                 "XDIT_OPS_PUSH_KERNEL)")
         ranks = dist.get_process_group_ranks(g)
         detail = "; ".join(f"rank {ranks[i]}: {tuple(r)}" for i, r in enumerate(rows))
         raise ValueError(
@@ -659,6 +661,11 @@ def _ulysses_push(q_s, k_s, v_s, q_j, k_j, v_j, p: _Plan, attend):
     handle.barrier(channel=0)  # every rank's rows are in every buffer
     kj, vj = (k_j[:, :, hs], v_j[:, :, hs]) if J and not Jk else (None, None)
     o, lse = attend(qbuf, _squeezed(p, kv) if p.squeeze else kv, kj, vj)
+    if p.push_blocks:  # XDIT_OPS_PUSH_KERNEL=v3
+        torch.ops.xdit_ops.ulysses_push_out_blocks.default(o, p.heads, outs, p.u_rank, L)
+        handle.barrier(channel=0)  # every rank's block is home
+        return torch.ops.xdit_ops.ulysses_unpack_out.default(
+            outbuf.view(-1), p.heads, p.B, J, L, p.joint_front), lse
     torch.ops.xdit_ops.ulysses_push_out.default(o, p.heads, outs, p.u_rank, L, p.joint_front)
     handle.barrier(channel=0)  # every output row is home
     return outbuf.clone(), lse
@@ -894,11 +901,13 @@ def _switches(grouped: bool) -> tuple:
 
 def _switch_codes(chunks_sw: str | None, ring_sw: str | None,
                   ulysses_sw: str | None, wire_sw: str | None,
-                  format_sw: str | None) -> list[int]:
+                  format_sw: str | None, push_sw: str | None = None) -> list[int]:
     """The transport switches as ints for the cross-rank check: ranks that would move data
-    differently (one pushing into symmetric memory while another waits in an all-to-all)
-    disagree there, with a message, instead of hanging. -1: unset; 99: a value the op will
-    refuse (then every rank refuses it alike, or the check names the rank)."""
+    differently (one pushing into symmetric memory while another waits in an all-to-all, or
+    one pushing its output by rank blocks, ``XDIT_OPS_PUSH_KERNEL=v3``, while another stores
+    into the output rows) disagree there, with a message, instead of hanging or mixing
+    layouts. -1: unset; 99: a value the op will refuse (then every rank refuses it alike, or
+    the check names the rank)."""
     def code(value: str | None, choices: tuple[str, ...]) -> int:
         return -1 if value is None else choices.index(value) if value in choices else 99
 
@@ -907,7 +916,8 @@ def _switch_codes(chunks_sw: str | None, ring_sw: str | None,
     except ValueError:
         chunks = 99
     return [chunks, code(ring_sw, RING_TRANSPORTS), code(ulysses_sw, ULYSSES_TRANSPORTS),
-            code(wire_sw, ("0", "1")), code(format_sw, FORMAT_SETTINGS)]
+            code(wire_sw, ("0", "1")), code(format_sw, FORMAT_SETTINGS),
+            code(push_sw, PUSH_KERNELS)]
 
 
 def _check_mode(switch: str | None) -> str:
@@ -939,7 +949,7 @@ class _Plan:
         "heads", "h0", "h_me", "Jk", "joint_inline", "ring_n", "n0", "cut0",
         "mine", "squeeze", "path", "chunks", "ring", "nxt", "prv", "in_splits",
         "out_splits", "lse_splits", "seq_len", "check",
-        "agree_key", "attn_backend", "push_key", "wire", "fp8ring",
+        "agree_key", "attn_backend", "push_key", "push_blocks", "wire", "fp8ring",
     )
 
 
@@ -966,7 +976,8 @@ def _build_plan(q, k, v, joint_lengths, joint_tokens, joint_front, seq_len, back
                 shard_lengths, switches) -> _Plan:
     """Validate a call signature (after the cross-rank agreement) and plan it; ``switches``:
     ``_switches()`` of this call."""
-    check_sw, chunks_sw, ring_sw, ulysses_sw, wire_sw, format_sw, _, _ = switches or (None,) * 8
+    check_sw, chunks_sw, ring_sw, ulysses_sw, wire_sw, format_sw, push_sw, _ = \
+        switches or (None,) * 8
     U, R = _group_size(ug), _group_size(rg)
     u_rank, r_rank = _group_rank(ug), _group_rank(rg)
     check = _CHECK_NONE
@@ -981,7 +992,7 @@ def _build_plan(q, k, v, joint_lengths, joint_tokens, joint_front, seq_len, back
                     + [_DTYPE_CODES.get(t.dtype, 9) for t in (q, k, v)]
                     + [joint_tokens, seq_len, int(joint_front), int(joint_lengths is None)]
                     + _lengths_digest(shard_lengths)
-                    + _switch_codes(chunks_sw, ring_sw, ulysses_sw, wire_sw, format_sw))
+                    + _switch_codes(chunks_sw, ring_sw, ulysses_sw, wire_sw, format_sw, push_sw))
             agree_key = (ug, rg, tuple(meta))
             due = mode == "always" or agree_key not in _AGREED
             capturing = _capturing()
@@ -1110,6 +1121,9 @@ def _build_plan(q, k, v, joint_lengths, joint_tokens, joint_front, seq_len, back
         else:
             p.path = "fp8hybrid"
             p.fp8ring = make_ring_plan(B, L, H, D, sum(mine), count, heads, p.h_me, mine)
+    # XDIT_OPS_PUSH_KERNEL=v3: the output goes back by rank blocks (contiguous stores to each
+    # peer) and is unpacked locally in place of the copy out of the buffer
+    p.push_blocks = p.path == "push" and push_sw == "v3"
     p.in_splits = _exchange_splits(3 * B * L * D, heads, p.h_me, True)  # [3, B, L, h, D]
     p.out_splits = _exchange_splits(B * (J + L) * v.shape[3], heads, p.h_me, False)
     p.lse_splits = _exchange_splits(B * (J + L), heads, p.h_me, False)

@@ -74,10 +74,10 @@ struct UlyssesPushParams {
   // with `heads` the chunk's total. Version 2 only (an error with version 1).
   int src_head_start[kMaxUlyssesRanks];
   bool src_head_given = false;
-  // Which kernel (XDIT_OPS_PUSH_KERNEL in the torch launcher): 2, tiles of one destination
-  // segment per block (the default), or 1, rows per block (the first version, kept for one
-  // release to compare with). Version 2 falls back to 1 past its 32-bit tile indices (a
-  // segment of 2^31 vectors).
+  // Which kernel (XDIT_OPS_PUSH_KERNEL in the torch launcher; its v3 runs these as 2): 2,
+  // tiles of one destination segment per block (the default), or 1, rows per block (the first
+  // version, kept for one release to compare with). Version 2 falls back to 1 past its 32-bit
+  // tile indices (a segment of 2^31 vectors).
   int kernel_version = 2;
 };
 
@@ -94,6 +94,12 @@ struct UlyssesPushOutParams {
   int num_ranks;
   int rank = 0;            // this rank (version 2 starts with rank + 1's rows)
   int kernel_version = 2;  // as in UlyssesPushParams
+  // Rank blocks (ulysses_push_out_blocks): dst[u] instead holds the output all-to-all's
+  // receive buffer, source-rank-major, rank j's block [B, J + L, heads_j, D] (joint rows first)
+  // at element B * (J + L) * (heads_0 + ... + heads_{j-1}) * D; this rank fills its own block
+  // in every buffer, one contiguous run per destination, and ulysses_unpack_out builds the
+  // [B, J + L, H, D] output from it. joint_front is then ignored.
+  bool rank_blocks = false;
 };
 
 // Launch on `stream`; return the launch error (never synchronise). elem_size: bytes per element.
