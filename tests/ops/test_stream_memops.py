@@ -88,13 +88,17 @@ def test_gpu_flags_order_streams():
     seen = torch.empty_like(data)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
+    # The write is queued before the wait (run 41: the reverse order hung on the GPU machine: a
+    # waiting stream blocks the hardware queue it shares with other streams, so on one device a
+    # wait must never be queued ahead of the write it waits for; usp's overlap path queues
+    # every same-device write before its wait).
+    torch.cuda._sleep(50_000_000)  # ~tens of ms on the main stream before the data and flag
+    data.fill_(3.0)
+    run_memops(f, [WRITE, word_address(f, 0), 1])
     with torch.cuda.stream(side):
         run_memops(f, [WAIT, word_address(f, 0), 1, WRITE, word_address(f, 0), 0,
                        WRITE, word_address(f, 2), 5])
         seen.copy_(data)
-    torch.cuda._sleep(50_000_000)  # ~tens of ms on the main stream before the data and flag
-    data.fill_(3.0)
-    run_memops(f, [WRITE, word_address(f, 0), 1])
     torch.cuda.current_stream().wait_stream(side)
     torch.cuda.synchronize()
     assert f.tolist() == [0, 0, 5, 0]

@@ -18,6 +18,7 @@ takes the process down on the GPU machines (run 31).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import torch
@@ -25,8 +26,9 @@ import torch
 from ._lib import lib
 
 WAIT, WRITE = 0, 1
+BATCH_ENV = "XDIT_OPS_MEMOPS_BATCH"
 
-lib.define("stream_memops(Tensor anchor, int[] program) -> ()")
+lib.define("stream_memops(Tensor anchor, int[] program, bool batched=True) -> ()")
 lib.define("copy2d(Tensor anchor, int[] descs) -> ()")
 
 
@@ -39,7 +41,8 @@ def word_address(t: torch.Tensor, index: int) -> int:
 
 
 def run_memops(anchor: torch.Tensor, program: Sequence[int]) -> None:
-    """Queue ``program`` (flat ``(kind, address, value)`` triples) on the current stream."""
+    """Queue ``program`` (flat ``(kind, address, value)`` triples) on the current stream, as
+    ``cuStreamBatchMemOp`` batches (``XDIT_OPS_MEMOPS_BATCH=0``: one driver call a triple)."""
     if len(program) % 3:
         raise ValueError(f"stream_memops: the program has {len(program)} integers, not triples")
     for i in range(0, len(program), 3):
@@ -47,7 +50,8 @@ def run_memops(anchor: torch.Tensor, program: Sequence[int]) -> None:
             raise ValueError(f"stream_memops: step {i // 3} = {tuple(program[i:i + 3])} is not a "
                              "wait (0) or write (1) of an aligned word")
     if program:
-        torch.ops.xdit_ops.stream_memops.default(anchor, list(program))
+        torch.ops.xdit_ops.stream_memops.default(anchor, list(program),
+                                                 os.environ.get(BATCH_ENV, "1") != "0")
 
 
 def rows2d(dst: torch.Tensor, src: torch.Tensor) -> list[int]:

@@ -681,29 +681,30 @@ def _ulysses_push(q_s, k_s, v_s, q_j, k_j, v_j, p: _Plan, attend):
 # attended, the last chunk's by the push-out kernel. Ranks tell each other what landed with
 # stream memory operations on flag words in symmetric memory (cuStreamWriteValue32 after the
 # copies, cuStreamWaitValue32 before the reads): neither takes an SM, so a signal never waits
-# behind the attention for a free multiprocessor, which is what made run 30's push-per-chunk
-# overlap (signalled by barrier kernels, stores by SM kernels) gain nothing.
+# behind the attention for a free multiprocessor (a suspect for why run 30's push-per-chunk
+# overlap, signalled by barrier kernels and stored by SM kernels, gained nothing).
 #
 # Flags of rank r (int32 words; every wait is "== 1" and is followed by a reset to 0 by the
 # waiter, so a CUDA graph replays the same values):
-#   IN_FULL[c][s]   s's rows of chunk c are in r's input region c      (written by s, waited by r)
-#   IN_FREE[c][d]   d has attended its region c: r may write it again  (written by d, waited by r)
-#   OUT_FULL[c][s]  s's chunk-c output columns are in r's output       (written by s, waited by r)
-#   OUT_FREE[d]     d has copied its output out: r may write it again  (written by d, waited by r)
-# IN_FREE and OUT_FREE start at 1. A call waits for every FREE word it will need first (so it
-# starts once every peer is done with the previous call's buffers), and ends after every
-# OUT_FULL. No wait depends on a later step of the waiter, so no cycle can form; a reset
-# precedes (in the waiter's stream, behind a fence) the signal that lets the writer write the
-# word again.
+#   IN_FULL[c][s]  peer s's rows of chunk c are in r's input region c  (written by s, waited by r)
+#   OUT_FULL[s]    peer s's output columns (every chunk) are in r's output
+#   CALL_DONE[d]   peer d has finished its call (attended every region, copied its output out):
+#                  r may write d's buffers again. Starts at 1.
+# A call waits for every peer's CALL_DONE first, and ends after every OUT_FULL. A rank's own
+# rows and columns are ordered by events, not flags: a stream waiting on a flag blocks the
+# hardware queue it may share with the rank's other streams, so on one device a wait must never
+# be queued ahead of the write it waits for (run 41: a test that did so hung). Every write a
+# peer waits for is queued before the writer's own next wait, so no cycle can form. The waits
+# and writes of one step go to the driver as one batch (cuStreamBatchMemOp): run 41's profile
+# put ~4 us of stream time on each single operation, ~90 of them a call.
 
 MAX_OVERLAP_CHUNKS = 8
 _OVERLAP: dict[tuple, tuple] = {}
 
 
 def _flag(kind: int, c: int, j: int, U: int) -> int:
-    """Word index of flag ``kind`` (0 IN_FULL, 1 IN_FREE, 2 OUT_FULL, 3 OUT_FREE) for chunk
-    ``c`` and rank ``j``."""
-    return (kind * MAX_OVERLAP_CHUNKS + (c if kind < 3 else 0)) * U + j
+    """Word index of flag ``kind`` (0 IN_FULL[c][j], 1 OUT_FULL[j], 2 CALL_DONE[j])."""
+    return c * U + j if kind == 0 else (MAX_OVERLAP_CHUNKS + kind - 1) * U + j
 
 
 def _overlap_chunks(h: int, switch: str | None) -> int:
@@ -716,7 +717,7 @@ def _overlap_chunks(h: int, switch: str | None) -> int:
 
 
 def _overlap_state(p: _Plan, dtype: torch.dtype, device: torch.device):
-    """Buffers, flags and every address program of plan ``p``'s overlap path, made on its first
+    """Buffers, flags and every flag program of plan ``p``'s overlap path, made on its first
     call (two symmetric-memory rendezvous: must be eager) and looked up by ``p.push_key``."""
     key = (p.push_key, p.chunks)
     hit = _OVERLAP.get(key)
@@ -724,19 +725,17 @@ def _overlap_state(p: _Plan, dtype: torch.dtype, device: torch.device):
         return hit
     B, J, Jk, L, U, C, r = p.B, p.J, p.Jk, p.L, p.U, p.chunks, p.u_rank
     D = p.push_key[-1]
-    h = p.h_me
-    hc = h // C
+    hc = p.h_me // C
     H = sum(p.heads)
     n_chunk = push_region_size(B, L, U, J, Jk, hc, D)
     n_out = max(1, B * (J + L) * H * D)
-    n = C * n_chunk + n_out
-    buf, handle = _symm_buffer(p.ug, f"ulysses_overlap:{C}:{n_chunk}", (n,), dtype, device)
-    n_flags = _flag(3, 0, U, U)
+    buf, handle = _symm_buffer(p.ug, f"ulysses_overlap:{C}:{n_chunk}", (C * n_chunk + n_out,),
+                               dtype, device)
+    n_flags = _flag(2, 0, U, U)
 
     def init(f):
         f.zero_()
-        f[_flag(1, 0, 0, U):_flag(2, 0, 0, U)] = 1  # IN_FREE
-        f[_flag(3, 0, 0, U):] = 1  # OUT_FREE
+        f[_flag(2, 0, 0, U):] = 1  # CALL_DONE
 
     flags, fhandle = _symm_buffer(p.ug, "ulysses_overlap_flags", (n_flags,), torch.int32,
                                   device, init=init)
@@ -748,36 +747,29 @@ def _overlap_state(p: _Plan, dtype: torch.dtype, device: torch.device):
              for c in range(C)]
     outbuf = buf[C * n_chunk:C * n_chunk + B * (J + L) * H * D].view(B, J + L, H, D)
 
-    def addr(j, kind, c, i):  # word of rank j
+    def addr(j, kind, c, i):  # the word of rank j
         return word_address(rflags[j], _flag(kind, c, i, U))
 
-    me = range(U)
-    # start: wait and reset every FREE word this call needs
-    start = []
-    for c in range(C):
-        for d in me:
-            start += [WAIT, addr(r, 1, c, d), 1, WRITE, addr(r, 1, c, d), 0]
-    for d in me:
-        start += [WAIT, addr(r, 3, 0, d), 1, WRITE, addr(r, 3, 0, d), 0]
-    # signals: this rank's chunk-c rows landed in every rank (IN_FULL[c][r] of rank d)
-    sig_in = [[[WRITE, addr(d, 0, c, r), 1] for d in me] for c in range(C)]
-    # before attending chunk c: every rank's rows are here
-    wait_in = [sum(([WAIT, addr(r, 0, c, s), 1, WRITE, addr(r, 0, c, s), 0] for s in me), [])
-               for c in range(C)]
-    # after attending chunk c: every rank may write this rank's region c again
-    free_in = [sum(([WRITE, addr(d, 1, c, r), 1] for d in me), []) for c in range(C)]
-    # chunk c's output columns are in rank d's output
-    sig_out = [[[WRITE, addr(d, 2, c, r), 1] for d in me] for c in range(C)]
-    # the end: every rank's output columns of every chunk are here; then free the output
-    wait_out = sum(([WAIT, addr(r, 2, c, s), 1, WRITE, addr(r, 2, c, s), 0]
-                    for c in range(C) for s in me), [])
-    free_out = sum(([WRITE, addr(d, 3, 0, r), 1] for d in me), [])
-    # the copy-engine destinations: rank d's region c views (query rows and K/V rows of this
-    # rank) and rank d's output rows / joint rows, at this rank's chunk-c heads
-    in_dst = [[push_regions(ins[c][d], B, L, U, J, Jk, hc, D) for d in me] for c in range(C)]
-    out_dst = [outs[d][:B * (J + L) * H * D].view(B, J + L, H, D) for d in me]
-    hit = (local, outbuf, ins, outs, flags, in_dst, out_dst,
-           (start, sig_in, wait_in, free_in, sig_out, wait_out, free_out))
+    peers = [d for d in range(U) if d != r]
+
+    def wait_reset(kind, c):  # wait for every peer's word of this rank, then reset them
+        return sum(([WAIT, addr(r, kind, c, s), 1] for s in peers), []) + \
+            sum(([WRITE, addr(r, kind, c, s), 0] for s in peers), [])
+
+    progs = {
+        "start": wait_reset(2, 0),
+        "sig_in": [[[WRITE, addr(d, 0, c, r), 1] for d in range(U)] for c in range(C)],
+        "wait_in": [wait_reset(0, c) for c in range(C)],
+        "sig_out": sum(([WRITE, addr(d, 1, 0, r), 1] for d in peers), []),
+        "wait_out": wait_reset(1, 0),
+        "done": sum(([WRITE, addr(d, 2, 0, r), 1] for d in peers), []),
+    }
+    # the copy-engine destinations: rank d's region c (its query and K/V buffers) and rank d's
+    # output, viewed in its symmetric memory
+    in_dst = [[push_regions(ins[c][d], B, L, U, J, Jk, hc, D) for d in range(U)]
+              for c in range(C)]
+    out_dst = [outs[d][:B * (J + L) * H * D].view(B, J + L, H, D) for d in range(U)]
+    hit = (local, outbuf, ins, outs, flags, in_dst, out_dst, progs)
     _OVERLAP[key] = hit
     return hit
 
@@ -786,20 +778,20 @@ def _ulysses_overlap(q_s, k_s, v_s, q_j, k_j, v_j, p: _Plan, attend):
     """The overlap path (see the block comment above): [B, L, H, D] x3 -> ([B, J + L, H, D],
     lse [B, h, J + U*L])."""
     dev = q_s.device
-    local, outbuf, ins, outs, flags, in_dst, out_dst, progs = _overlap_state(p, q_s.dtype, dev)
-    start, sig_in, wait_in, free_in, sig_out, wait_out, free_out = progs
+    local, outbuf, ins, outs, flags, in_dst, out_dst, g = _overlap_state(p, q_s.dtype, dev)
     J, Jk, L, U, C, r = p.J, p.Jk, p.L, p.U, p.chunks, p.u_rank
     h = p.h_me
     hc = h // C
     compute = torch.cuda.current_stream(dev)
     sides = [_side_stream(dev, 8 + d) for d in range(U)]
-    run_memops(flags, start)
+    run_memops(flags, g["start"])  # every peer is done with the last call's buffers
     # chunk 0: the push kernel, every destination's first hc heads of its share
     ulysses_push_qkv(q_s, k_s, v_s, [hc] * U, ins[0], r, J, Jk,
                      src_head_start=[d * h for d in range(U)])
-    run_memops(flags, sum(sig_in[0], []))
+    run_memops(flags, sum((w for d, w in enumerate(g["sig_in"][0]) if d != r), []))
     # chunks 1..C-1 on the copy engines, one side stream per destination
     rows = slice(r * L, (r + 1) * L)
+    own = [None] * C  # events: this rank's own rows of chunk c are in place
     for d in range(U):
         s = sides[d]
         s.wait_stream(compute)
@@ -807,12 +799,15 @@ def _ulysses_overlap(q_s, k_s, v_s, q_j, k_j, v_j, p: _Plan, attend):
             for c in range(1, C):
                 qd, kvd = in_dst[c][d]
                 hs = slice(d * h + c * hc, d * h + (c + 1) * hc)
-                descs = (rows2d(qd[:, J:][:, rows], q_s[:, :, hs])
-                         + rows2d(kvd[0, :, Jk:][:, rows], k_s[:, :, hs])
-                         + rows2d(kvd[1, :, Jk:][:, rows], v_s[:, :, hs]))
-                run_copy2d(flags, descs)
-                run_memops(flags, sig_in[c][d])
-    outs_c = []
+                run_copy2d(flags, rows2d(qd[:, J:][:, rows], q_s[:, :, hs])
+                           + rows2d(kvd[0, :, Jk:][:, rows], k_s[:, :, hs])
+                           + rows2d(kvd[1, :, Jk:][:, rows], v_s[:, :, hs]))
+                if d == r:
+                    own[c] = torch.cuda.Event()
+                    own[c].record(s)
+                else:
+                    run_memops(flags, g["sig_in"][c][d])
+    kept = []  # outputs the side streams still read
     lses = []
     for c in range(C):
         qbuf, kv = local[c]
@@ -822,10 +817,11 @@ def _ulysses_overlap(q_s, k_s, v_s, q_j, k_j, v_j, p: _Plan, attend):
         if Jk:
             kv[0, :, :Jk].copy_(k_j[:, :, hs])
             kv[1, :, :Jk].copy_(v_j[:, :, hs])
-        run_memops(flags, wait_in[c])
+        if own[c] is not None:
+            compute.wait_event(own[c])
+        run_memops(flags, g["wait_in"][c])
         kj, vj = (k_j[:, :, hs], v_j[:, :, hs]) if J and not Jk else (None, None)
         o, lse = attend(qbuf, _squeezed(p, kv) if p.squeeze else kv, kj, vj)
-        run_memops(flags, free_in[c])
         lses.append(lse)
         h_out = p.h0 + c * hc
         if c == C - 1:  # the last chunk's output: the push-out kernel, nothing left to hide it
@@ -834,11 +830,10 @@ def _ulysses_overlap(q_s, k_s, v_s, q_j, k_j, v_j, p: _Plan, attend):
             cnt[r] = hc
             cnt[(r + 1) % U] += h - hc
             ulysses_push_out(o, cnt, outs, r, L, p.joint_front, head_offset=h_out)
-            run_memops(flags, sum(sig_out[c], []))
             break
         if o.stride(-1) != 1 or o.stride(-2) != o.shape[-1]:
             o = o.contiguous()
-        outs_c.append(o)
+        kept.append(o)
         for d in range(U):
             s = sides[d]
             s.wait_stream(compute)
@@ -851,12 +846,11 @@ def _ulysses_overlap(q_s, k_s, v_s, q_j, k_j, v_j, p: _Plan, attend):
                     j0 = 0 if p.joint_front else L
                     descs += rows2d(dst[:, j0:j0 + J, h_out:h_out + hc], o[:, :J])
                 run_copy2d(flags, descs)
-                run_memops(flags, sig_out[c][d])
     for s in sides:
-        compute.wait_stream(s)
-    run_memops(flags, wait_out)
+        compute.wait_stream(s)  # every copy of this rank's is done (inputs and outputs)
+    run_memops(flags, g["sig_out"] + g["wait_out"])
     out = outbuf.clone()
-    run_memops(flags, free_out)
+    run_memops(flags, g["done"])
     return out, torch.cat(lses, dim=1)
 
 
