@@ -40,15 +40,22 @@ def word_address(t: torch.Tensor, index: int) -> int:
     return t.data_ptr() + 4 * index
 
 
-def run_memops(anchor: torch.Tensor, program: Sequence[int]) -> None:
-    """Queue ``program`` (flat ``(kind, address, value)`` triples) on the current stream, as
-    ``cuStreamBatchMemOp`` batches (``XDIT_OPS_MEMOPS_BATCH=0``: one driver call a triple)."""
+def check_memops(program: Sequence[int]) -> None:
+    """Raise unless ``program`` is flat ``(kind, address, value)`` triples of aligned words."""
     if len(program) % 3:
         raise ValueError(f"stream_memops: the program has {len(program)} integers, not triples")
     for i in range(0, len(program), 3):
         if program[i] not in (WAIT, WRITE) or program[i + 1] <= 0 or program[i + 1] % 4:
             raise ValueError(f"stream_memops: step {i // 3} = {tuple(program[i:i + 3])} is not a "
                              "wait (0) or write (1) of an aligned word")
+
+
+def run_memops(anchor: torch.Tensor, program: Sequence[int], checked: bool = True) -> None:
+    """Queue ``program`` (flat ``(kind, address, value)`` triples) on the current stream, as
+    ``cuStreamBatchMemOp`` batches (``XDIT_OPS_MEMOPS_BATCH=0``: one driver call a triple).
+    ``checked=False``: ``program`` passed :func:`check_memops` before (a precomputed one)."""
+    if checked:
+        check_memops(program)
     if program:
         torch.ops.xdit_ops.stream_memops.default(anchor, list(program),
                                                  os.environ.get(BATCH_ENV, "1") != "0")
@@ -96,8 +103,8 @@ def rows2d(dst: torch.Tensor, src: torch.Tensor) -> list[int]:
     return out
 
 
-def run_copy2d(anchor: torch.Tensor, descs: Sequence[int]) -> None:
-    """Queue the ``copy2d`` descriptors on the current stream (copy engines)."""
+def check_copy2d(descs: Sequence[int]) -> None:
+    """Raise unless ``descs`` are valid ``copy2d`` sextuples."""
     if len(descs) % 6:
         raise ValueError(f"copy2d: {len(descs)} integers are not sextuples")
     for i in range(0, len(descs), 6):
@@ -106,5 +113,22 @@ def run_copy2d(anchor: torch.Tensor, descs: Sequence[int]) -> None:
                 (d[5] > 1 and (d[4] > d[1] or d[4] > d[3])):
             raise ValueError(f"copy2d: descriptor {i // 6} = {tuple(d)} is not a valid 2-D copy "
                              "(width within both pitches)")
+
+
+def rebased(template: Sequence[int], sources: Sequence[int], bases: Sequence[int]) -> list[int]:
+    """``copy2d`` descriptors from a template whose source addresses are offsets: descriptor
+    ``i``'s source is ``bases[sources[i]]`` plus its offset (the template of a plan, made once
+    by :func:`rows2d` from views at base 0, applied to this call's tensors)."""
+    out = list(template)
+    for i, which in enumerate(sources):
+        out[6 * i + 2] += bases[which]
+    return out
+
+
+def run_copy2d(anchor: torch.Tensor, descs: Sequence[int], checked: bool = True) -> None:
+    """Queue the ``copy2d`` descriptors on the current stream (copy engines); ``checked=False``:
+    they passed :func:`check_copy2d` before (descriptors rebased from checked templates)."""
+    if checked:
+        check_copy2d(descs)
     if descs:
         torch.ops.xdit_ops.copy2d.default(anchor, list(descs))
