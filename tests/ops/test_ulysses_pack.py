@@ -248,18 +248,28 @@ def _check_push_in(heads, B, L, J, Jk, D, dtype, device):
         assert _untouched(dst[j][need[j]:])
 
 
-def _check_push_out(heads, B, L, J, D, joint_front, dtype, device):
+def _push_out_case(heads, B, L, J, D, dtype, device, seed):
+    """The whole output of a group (sequence rows and joint rows), NaN-filled destination
+    buffers, and each rank's output ``o`` in attention's layout ([B, h, J + U*L, D] transposed,
+    not contiguous)."""
     U, H = len(heads), sum(heads)
     starts = [sum(heads[:i]) for i in range(U)]
-    out_full = randn(B, U * L, H, D, dtype=dtype, device=device, seed=D + J)
-    joint = randn(B, J, H, D, dtype=dtype, device=device, seed=D + J + 1)
+    out_full = randn(B, U * L, H, D, dtype=dtype, device=device, seed=seed)
+    joint = randn(B, J, H, D, dtype=dtype, device=device, seed=seed + 1)
     n = B * (J + L) * H * D
     dst = [_nan(n + _SLACK, dtype, device) for _ in range(U)]
+    outs = []
     for r, h in enumerate(heads):
         hs = slice(starts[r], starts[r] + h)
-        # attention's output layout: [B, h, J + U*L, D] transposed (not contiguous)
         o = torch.cat([joint[:, :, hs], out_full[:, :, hs]], dim=1).transpose(1, 2)
-        o = o.contiguous().transpose(1, 2)
+        outs.append(o.contiguous().transpose(1, 2))
+    return U, H, starts, out_full, joint, n, dst, outs
+
+
+def _check_push_out(heads, B, L, J, D, joint_front, dtype, device):
+    U, H, _, out_full, joint, n, dst, outs = _push_out_case(heads, B, L, J, D, dtype, device,
+                                                            D + J)
+    for r, o in enumerate(outs):
         ulysses_push_out(o, heads, dst, r, L, joint_front)
     for u in range(U):
         mine = out_full[:, u * L:(u + 1) * L]
@@ -272,16 +282,9 @@ def _check_push_out_blocks(heads, B, L, J, D, dtype, device):
     """Every rank pushes its block; each buffer must then be the output all-to-all's receive
     buffer (written here from the layout: rank j's heads of the joint rows and of this rank's
     rows, blocks in j order), and unpack to ulysses_push_out's result either way round."""
-    U, H = len(heads), sum(heads)
-    starts = [sum(heads[:i]) for i in range(U)]
-    out_full = randn(B, U * L, H, D, dtype=dtype, device=device, seed=D + J + 2)
-    joint = randn(B, J, H, D, dtype=dtype, device=device, seed=D + J + 3)
-    n = B * (J + L) * H * D
-    dst = [_nan(n + _SLACK, dtype, device) for _ in range(U)]
-    for r, h in enumerate(heads):
-        hs = slice(starts[r], starts[r] + h)
-        o = torch.cat([joint[:, :, hs], out_full[:, :, hs]], dim=1).transpose(1, 2)
-        o = o.contiguous().transpose(1, 2)  # attention's layout, as in _check_push_out
+    U, H, starts, out_full, joint, n, dst, outs = _push_out_case(heads, B, L, J, D, dtype,
+                                                                 device, D + J + 2)
+    for r, o in enumerate(outs):
         ulysses_push_out_blocks(o, heads, dst, r, L)
     for u in range(U):
         mine = out_full[:, u * L:(u + 1) * L]
