@@ -227,7 +227,7 @@ def main() -> None:
                ("ulysses-ce", world, 1), ("ulysses-ce-c1", world, 1), ("ulysses-ce-c2", world, 1),
                ("ulysses-overlap", world, 1), ("ulysses-overlap-c2", world, 1),
                ("ulysses-overlap-c3", world, 1), ("ulysses-overlap-c5", world, 1),
-               ("ring", 1, world), ("ring-nccl", 1, world)]
+               ("ring", 1, world), ("ring-nccl", 1, world), ("ring-ceflags", 1, world)]
     if world >= 4 and world % 2 == 0:
         configs += [("hybrid", 2, world // 2)]
     if args.backend == "fp8":
@@ -273,7 +273,9 @@ def main() -> None:
         for name, u, r in configs:
             # the ring here: copy engine over symmetric memory (opt-in in the op); "-nccl":
             # NCCL P2P (the op's default)
-            os.environ["XDIT_OPS_USP_RING"] = "nccl" if "-nccl" in name else "ce"
+            # "-ceflags": the copy-engine ring synchronised by stream-memory flag words
+            os.environ["XDIT_OPS_USP_RING"] = ("nccl" if "-nccl" in name else
+                                               "ceflags" if "-ceflags" in name else "ce")
             # "-ce": the Ulysses exchange over the copy engines (default: its own chunking);
             # "-cN": N head chunks (falls back to 1 when heads don't split)
             ce = "-ce" in name

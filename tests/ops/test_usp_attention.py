@@ -499,7 +499,8 @@ def _worker_gpu(rank, world):
         # before _symm_buffer synchronised ahead of its rendezvous.
         switch = "XDIT_OPS_USP_ULYSSES" if r == 1 else "XDIT_OPS_USP_RING"
         first = None  # the default: the push without a ring, the copy-engine ring with one
-        for transport in (first, "nccl"):
+        # with a ring also the copy-engine ring synchronised by stream-memory flags
+        for transport in (first, "nccl") + (("ceflags",) if r > 1 else ()):
             with pytest.MonkeyPatch.context() as mp:
                 if transport:
                     mp.setenv(switch, transport)
@@ -537,13 +538,17 @@ def test_usp_gpu_matches_single_device(world):
     run_distributed(_worker_gpu, world, timeout=300, backend="nccl")
 
 
-def _worker_gpu_graph(rank, world, ulysses_ce=False, transport=None, push_kernel=None):
-    """CUDA-graph capture and replay of the op gives the eager result."""
+def _worker_gpu_graph(rank, world, ulysses_ce=False, transport=None, push_kernel=None,
+                      ring=None):
+    """CUDA-graph capture and replay of the op gives the eager result (``ring``: a ring-only
+    grid with that ring transport)."""
     if ulysses_ce:
         transport = "ce"
-    u = world if transport else 2 if world % 2 == 0 else 1
+    u = 1 if ring else world if transport else 2 if world % 2 == 0 else 1
     if transport:
         os.environ["XDIT_OPS_USP_ULYSSES"] = transport
+    if ring:
+        os.environ["XDIT_OPS_USP_RING"] = ring
     if push_kernel:
         os.environ["XDIT_OPS_PUSH_KERNEL"] = push_kernel
     xdit_ops.init_parallel(ulysses_degree=u, ring_degree=world // u)
@@ -573,6 +578,8 @@ def _worker_gpu_graph(rank, world, ulysses_ce=False, transport=None, push_kernel
     assert torch.equal(out, fresh), max_abs_err(out, fresh)
     if transport:
         assert {p.path for p in _usp._PLANS.values()} == {transport}
+    if ring:
+        assert {p.ring for p in _usp._PLANS.values()} == {ring}
     if push_kernel == "v3":
         assert all(p.push_blocks for p in _usp._PLANS.values())
 
@@ -628,6 +635,16 @@ def test_usp_gpu_cuda_graph_overlap(world):
 
 
 @pytest.mark.multigpu(2)
+@pytest.mark.parametrize("world", [2, 4])
+def test_usp_gpu_cuda_graph_ring_flags(world):
+    """The copy-engine ring synchronised by stream-memory flags, captured and replayed."""
+    if torch.cuda.device_count() < world:
+        pytest.skip(f"needs {world} GPUs")
+    run_distributed(_worker_gpu_graph, world, False, None, None, "ceflags", timeout=150,
+                    backend="nccl")
+
+
+@pytest.mark.multigpu(2)
 @pytest.mark.parametrize("push_kernel", [None, "v3"], ids=["rows", "blocks"])
 def test_usp_gpu_cuda_graph_push(push_kernel):
     """The push transport (symmetric-memory stores and device barriers) captured and replayed
@@ -655,11 +672,11 @@ def test_ring_transport_switch():
     from xdit_ops.ops.usp_attention import ring_transport
 
     cuda = torch.device("cuda", 0)  # a device object only: nothing runs on it
-    assert [ring_transport(cuda, s) for s in (None, "auto", "nccl", "ce")] == \
-        ["auto", "auto", "nccl", "ce"]
+    assert [ring_transport(cuda, s) for s in (None, "auto", "nccl", "ce", "ceflags")] == \
+        ["auto", "auto", "nccl", "ce", "ceflags"]
     assert ring_transport(torch.device("cpu"), "ce") == "nccl"
     with pytest.raises(ValueError, match="usp_attention: XDIT_OPS_USP_RING must be one of "
-                                         r"\('auto', 'nccl', 'ce'\), got 'p2p'"):
+                                         r"\('auto', 'nccl', 'ce', 'ceflags'\), got 'p2p'"):
         ring_transport(cuda, "p2p")
 
 

@@ -360,7 +360,8 @@ def _lse_out(lse_h, J, L, heads, ug, joint_front, splits):
     return back.squeeze(-1).transpose(1, 2).contiguous()
 
 
-RING_TRANSPORTS = ("auto", "nccl", "ce")
+RING_TRANSPORTS = ("auto", "nccl", "ce", "ceflags")
+CE_RINGS = ("ce", "ceflags")  # the copy-engine rings (barrier kernels / stream-memory flags)
 
 
 def ring_transport(device: torch.device, switch: str | None) -> str:
@@ -371,6 +372,10 @@ def ring_transport(device: torch.device, switch: str | None) -> str:
     - ``ce``: the copy engines pull the previous rank's block straight out of its
       symmetric-memory buffer over NVLink, taking no SMs from the attention (4 H200s, run 29:
       the (1, 16896, 24, 128) ring at 0.861 of linear against NCCL's 0.554);
+    - ``ceflags`` (opt-in, not yet run on a GPU): the same pulls, synchronised by flag words in
+      symmetric memory with stream memory operations (``_ring_ce_flags``) instead of a barrier
+      kernel per step: a barrier kernel on the side stream waits for a free SM behind the
+      attention (run 34's profile: ~0.6 ms of barrier waits per call at (1,32760,40,128));
     - ``auto`` (default): ``ce`` where every rank of the ring group can map the others' memory
       (one host, peer access), else ``nccl``; the plan decides, once per group
       (``_peer_mapped``).
@@ -416,6 +421,7 @@ def release_symmetric_buffers() -> None:
     destroyed)."""
     _SYMM.clear()
     _PUSH.clear()
+    _OVERLAP.clear()
     _PEER_MAPPED.clear()
 
 
@@ -1257,6 +1263,9 @@ def _ring_ce(p: _Plan, shape: tuple, dtype: torch.dtype, device: torch.device, f
     step t done. Hazards: a buffer is overwritten only after this rank's attention on it (side
     waits for the compute stream) and after the next rank has pulled it (the barrier of the
     step before)."""
+    if p.ring == "ceflags":
+        _ring_ce_flags(p, shape, dtype, device, fill, attend_block, parts, part_lses)
+        return
     R, r_rank = p.R, p.r_rank
     bufs, handle = _ring_buffers(p.rg, shape, dtype, device)
     fill(bufs[0])
@@ -1280,6 +1289,121 @@ def _ring_ce(p: _Plan, shape: tuple, dtype: torch.dtype, device: torch.device, f
             part_lses.append(lse)
         if step + 1 < R:
             compute.wait_stream(side)
+
+
+# Flags of the copy-engine ring (XDIT_OPS_USP_RING=ceflags), int32 words of rank r, per ring
+# buffer b (0, 1): FILLED[b] (written by the previous rank: its buffer b holds the block r pulls
+# next) and PULLED[b] (written by the next rank after it pulled r's buffer b, or by r itself
+# for the last block of a call, which nobody pulls: r may overwrite its buffer b). PULLED starts
+# at 1. Every wait is "== 1" and is followed by the waiter's reset, so a CUDA graph replays the
+# same values. The waits are for other ranks' writes, or for r's own write queued earlier on
+# the same stream (the last block's PULLED), never ahead of a same-device write.
+_RING_FILLED, _RING_PULLED = 0, 2
+
+
+def ring_flag_programs(R: int, r: int) -> dict[str, list[list[tuple]]]:
+    """Rank ``r``'s flag programs of the ring, symbolic: ``name -> [program for buffer b]``,
+    each a list of ``(kind, rank, word, value)`` (kind ``WAIT`` or ``WRITE``; ``word`` an index
+    into that rank's four flag words). ``_ring_flags`` turns them into addresses."""
+    nxt, prv = (r + 1) % R, (r - 1) % R
+    F, P = _RING_FILLED, _RING_PULLED
+    return {
+        # before pulling the previous rank's buffer b into mine (1 - b): its block is there,
+        # and my buffer 1 - b is no longer needed by the next rank
+        "before_pull": [[(WAIT, r, F + b, 1), (WAIT, r, P + 1 - b, 1), (WRITE, r, F + b, 0),
+                         (WRITE, r, P + 1 - b, 0)] for b in (0, 1)],
+        # before the fill of buffer 0 (the call's first block): the next rank is done with it
+        "before_fill": [[(WAIT, r, P, 1), (WRITE, r, P, 0)]],
+        # after the fill, or a pull into my buffer b whose block the next rank pulls later
+        "filled": [[(WRITE, nxt, F + b, 1)] for b in (0, 1)],
+        # after my pull of the previous rank's buffer b
+        "pulled": [[(WRITE, prv, P + b, 1)] for b in (0, 1)],
+        # the call's last block (in my buffer b) is pulled by nobody: free it myself
+        "last": [[(WRITE, r, P + b, 1)] for b in (0, 1)],
+    }
+
+
+def _ring_flags(p: _Plan, device: torch.device):
+    """The ring group's flag words and rank ``p.r_rank``'s programs as addresses:
+    (flags, programs), programs[name][b] (``ring_flag_programs``)."""
+    key = ("ringflags", id(p.rg), p.r_rank, p.R)
+    hit = _OVERLAP.get(key)
+    if hit is not None:
+        return hit
+
+    def init(f):
+        f.zero_()
+        f[_RING_PULLED:] = 1
+
+    flags, handle = _symm_buffer(p.rg, "ring_flags", (4,), torch.int32, device, init=init)
+    words = [handle.get_buffer(j, (4,), torch.int32, 0) for j in range(p.R)]
+    progs = {name: [sum(([kind, word_address(words[j], w), v] for kind, j, w, v in prog), [])
+                    for prog in per_b]
+             for name, per_b in ring_flag_programs(p.R, p.r_rank).items()}
+    for v in progs.values():
+        for prog in v:
+            check_memops(prog)
+    hit = (flags, progs)
+    _OVERLAP[key] = hit
+    return hit
+
+
+def ring_flag_schedule(R: int) -> list[tuple]:
+    """The flag ring's program for one call of one rank, as data: ``(stream, op, arg)`` in the
+    order they are queued, ``stream`` "compute" or "side". Ops: ``("join", other)`` the stream
+    waits for everything queued on ``other`` so far; ``("flags", name, b)`` runs the flag
+    program ``name`` for buffer ``b`` (``_ring_flags``); ``("fill", 0)`` writes this rank's
+    block into buffer 0; ``("pull", b)`` copies the previous rank's buffer ``b`` into this
+    rank's buffer ``1 - b``; ``("attend", step)`` attends buffer ``step % 2``.
+    ``_ring_ce_flags`` runs it on the GPU; ``tests/ops/test_usp_flag_protocols.py`` runs it for
+    every rank of a simulated ring under random interleavings (order, data, no deadlock)."""
+    ops: list[tuple] = [("compute", "flags", ("before_fill", 0)), ("compute", "fill", 0),
+                        ("compute", "flags", ("filled", 0))]
+    for step in range(R):
+        if step + 1 < R:
+            b = step % 2
+            after = "filled" if step + 1 <= R - 2 else "last"
+            ops += [("side", "join", "compute"), ("side", "flags", ("before_pull", b)),
+                    ("side", "pull", b), ("side", "flags", ("pulled", b)),
+                    ("side", "flags", (after, 1 - b))]
+        ops.append(("compute", "attend", step))
+        if step + 1 < R:
+            ops.append(("compute", "join", "side"))
+    return ops
+
+
+def _ring_ce_flags(p: _Plan, shape: tuple, dtype: torch.dtype, device: torch.device, fill,
+                   attend_block, parts: list, part_lses: list) -> None:
+    """``_ring_ce`` with flag words instead of barrier kernels (``XDIT_OPS_USP_RING=ceflags``),
+    running ``ring_flag_schedule``.
+
+    Step t: the side stream waits for FILLED[t % 2] (the previous rank's buffer t % 2 holds
+    this step's block) and PULLED[(t + 1) % 2] (the next rank has pulled my buffer (t + 1) % 2,
+    which I now overwrite), pulls, then tells the previous rank PULLED[t % 2] and, when the
+    block will be pulled in turn (t + 1 <= R - 2), the next rank FILLED[(t + 1) % 2]; the last
+    block's PULLED is this rank's own. The compute stream attends buffer t % 2 and waits for the
+    side stream before the next step, as in ``_ring_ce``; the side stream waits for the compute
+    stream before overwriting a buffer the attention may still read."""
+    flags, g = _ring_flags(p, device)
+    bufs, handle = _ring_buffers(p.rg, shape, dtype, device)
+    streams = {"side": _side_stream(device), "compute": torch.cuda.current_stream(device)}
+    prev = (p.r_rank - 1) % p.R
+    numel = math.prod(shape)
+    for name, op, arg in ring_flag_schedule(p.R):
+        st = streams[name]
+        with torch.cuda.stream(st):
+            if op == "join":
+                st.wait_stream(streams[arg])
+            elif op == "flags":
+                run_memops(flags, g[arg[0]][arg[1]], checked=False)
+            elif op == "fill":
+                fill(bufs[0])
+            elif op == "pull":
+                bufs[1 - arg].copy_(handle.get_buffer(prev, shape, dtype, arg * numel))
+            elif p.ring_n[arg] > 0:  # attend
+                o, lse = attend_block(bufs[arg % 2], p.ring_n[arg])
+                parts.append(o)
+                part_lses.append(lse)
 
 
 def _ring_nccl(p: _Plan, cur: torch.Tensor, attend_block, parts: list, part_lses: list) -> None:
@@ -1340,7 +1464,7 @@ def _attend(p: _Plan, qbuf, kv, kj, vj, joint_lengths, scale, backend, dtype):
             return _local_attention(qbuf, cur[0, :, :n], cur[1, :, :n], scale, backend,
                                     p.attn_backend)
 
-        if p.ring == "ce":
+        if p.ring in CE_RINGS:
             # kv: this rank's block [2, B, n, h, D], or (k, v) each [B, n, h, D] (a ring-only
             # grid: copied straight into the ring buffer, no stacked copy first)
             def fill(buf):
@@ -1373,7 +1497,7 @@ def _attend_fp8_ring(p: _Plan, call: RingFp8Call, device: torch.device, dtype: t
         return call.attend(block, n, dtype)
 
     nbytes = p.fp8ring.nbytes
-    if p.ring == "ce":
+    if p.ring in CE_RINGS:
         _ring_ce(p, (nbytes,), torch.uint8, device, call.pack, attend_block, parts,
                  part_lses)
     else:
@@ -1415,7 +1539,7 @@ def _run(p: _Plan, q, k, v, joint_lengths, scale, backend, return_lse):
             # NCCL sends one contiguous block; the copy-engine ring copies K and V into its
             # symmetric buffer itself (run 34: the stack and the copy after it were two passes,
             # 110 + 111 us of a 10.42 ms call at (1,32760,40,128) on 4 H100s)
-            kv = (k_s, v_s) if p.ring == "ce" else torch.stack([k_s, v_s])
+            kv = (k_s, v_s) if p.ring in CE_RINGS else torch.stack([k_s, v_s])
         elif p.Jk:
             kv = (k, v) if joint_front else (torch.cat([k_j, k_s], 1), torch.cat([v_j, v_s], 1))
         else:
