@@ -283,6 +283,20 @@ def run_in_triton_interpreter(script: str, done: str) -> str:
     return res.stdout
 
 
+def capture_cuda_graph(call: Callable):
+    """Warm ``call()`` up on a side stream (torch's capture rules), then capture one call:
+    returns (the graph, what the captured call returned)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        call()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = call()
+    return g, out
+
+
 def assert_cuda_graph_replays(call: Callable, inputs: tuple, fresh: tuple) -> None:
     """CUDA-graph capture and replay of ``call()`` equals its eager result, also after new
     values (``fresh``, one tensor per tensor of ``inputs``) are copied into ``inputs`` in place.
@@ -292,21 +306,15 @@ def assert_cuda_graph_replays(call: Callable, inputs: tuple, fresh: tuple) -> No
     replays, and checks the replay equals a new eager call that differs from the first.
     """
     eager = call()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        call()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        out = call()
+    g, out = capture_cuda_graph(call)
     out.fill_(float("nan"))
     g.replay()
     torch.cuda.synchronize()
-    assert torch.equal(out, eager)
+    assert torch.equal(out, eager), max_abs_err(out, eager)
     for t, x in zip(inputs, fresh, strict=True):
         t.copy_(x)
     g.replay()
     again = call()
     torch.cuda.synchronize()
-    assert not torch.equal(again, eager) and torch.equal(out, again)
+    assert not torch.equal(again, eager)
+    assert torch.equal(out, again), max_abs_err(out, again)

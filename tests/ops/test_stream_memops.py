@@ -127,14 +127,13 @@ def test_gpu_flags_in_a_cuda_graph():
 def test_rebased_templates_follow_new_sources():
     """A plan's templates (rows2d at one call's tensors, sources as offsets) rebased onto another
     call's tensors give that call's descriptors, and they copy its data."""
-    from xdit_ops.ops.stream_memops import rebased
-    from xdit_ops.ops.usp_attention import _template
+    from xdit_ops.ops.stream_memops import rebased, template
 
     q, k = randn(2, 7, 6, 8, seed=3), randn(2, 7, 6, 8, seed=4)
     dst = torch.zeros(2, 2, 7, 2, 8)
     first = rows2d(dst[0], q[:, :, 2:4]) + rows2d(dst[1], k[:, :, 4:6])
-    tmpl = _template(rows2d(dst[0], q[:, :, 2:4]), q.data_ptr()) + \
-        _template(rows2d(dst[1], k[:, :, 4:6]), k.data_ptr())
+    tmpl = template(rows2d(dst[0], q[:, :, 2:4]), q.data_ptr()) + \
+        template(rows2d(dst[1], k[:, :, 4:6]), k.data_ptr())
     which = [0, 0, 1, 1]
     assert rebased(tmpl, which, [q.data_ptr(), k.data_ptr()]) == first
     q2, k2 = randn(2, 7, 6, 8, seed=5), randn(2, 7, 6, 8, seed=6)

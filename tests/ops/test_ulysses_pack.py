@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.utils import randn
+from tests.utils import capture_cuda_graph, randn
 from xdit_ops.ops.ulysses_pack import (
     ulysses_pack_qkv,
     ulysses_place_gathered,
@@ -613,14 +613,7 @@ def test_gpu_cuda_graph_capture():
         return (ulysses_pack_qkv(q, k, v, heads), ulysses_unpack_out(recv, heads, B, J, L, False),
                 *ulysses_place_gathered(recv_in, U, B, L, h, *qkv_j, 16, True))
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up outside capture
-        calls()
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        send, out, qbuf, kv = calls()
+    g, (send, out, qbuf, kv) = capture_cuda_graph(calls)
     # New inputs in the captured buffers, then replay: the graph reads them.
     q.copy_(randn(*q.shape, dtype=q.dtype, device="cuda", seed=9))
     recv.copy_(randn(recv.numel(), dtype=recv.dtype, device="cuda", seed=10))
@@ -728,14 +721,7 @@ def test_gpu_push_cuda_graph(monkeypatch, kernel):
         ulysses_push_out(o, heads, out, 1, L, True)
         ulysses_push_out_blocks(o, heads, blocks, 1, L)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        calls()
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        calls()
+    g, _ = capture_cuda_graph(calls)
     q.copy_(randn(*q.shape, dtype=q.dtype, device="cuda", seed=23))
     o.copy_(randn(*o.shape, dtype=o.dtype, device="cuda", seed=24))
     g.replay()

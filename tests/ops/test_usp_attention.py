@@ -20,6 +20,7 @@ import xdit_ops
 from tests.utils import (
     ATTN_ERROR_FACTOR,
     ATTN_ERROR_FLOOR,
+    assert_cuda_graph_replays,
     max_abs_err,
     oracle_attention,
     randn,
@@ -554,28 +555,12 @@ def _worker_gpu_graph(rank, world, ulysses_ce=False, transport=None, push_kernel
     xdit_ops.init_parallel(ulysses_degree=u, ring_degree=world // u)
     q, k, v = (randn(1, 1024, 8, 64, seed=s, dtype=torch.bfloat16, device="cuda")
                for s in (1, 2, 3))
-    eager = xdit_ops.usp_attention(q, k, v, joint_tokens=16)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        xdit_ops.usp_attention(q, k, v, joint_tokens=16)
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        out = xdit_ops.usp_attention(q, k, v, joint_tokens=16)
-    out.fill_(float("nan"))
-    g.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(out, eager), max_abs_err(out, eager)
-    # New inputs in place: the replay must compute them (a transport whose buffers still held
-    # the last eager result would pass the check above without moving anything).
-    for t, seed in zip((q, k, v), (4, 5, 6), strict=True):
-        t.copy_(randn(*t.shape, seed=seed, dtype=t.dtype, device="cuda"))
-    g.replay()
-    torch.cuda.synchronize()
-    fresh = xdit_ops.usp_attention(q, k, v, joint_tokens=16)
-    assert not torch.equal(fresh, eager)
-    assert torch.equal(out, fresh), max_abs_err(out, fresh)
+    # New inputs in place as well: the replay must compute them (a transport whose buffers
+    # still held the last eager result would pass a replay of the same inputs unmoved).
+    fresh = tuple(randn(*t.shape, seed=seed, dtype=t.dtype, device="cuda")
+                  for t, seed in zip((q, k, v), (4, 5, 6), strict=True))
+    assert_cuda_graph_replays(lambda: xdit_ops.usp_attention(q, k, v, joint_tokens=16),
+                              (q, k, v), fresh)
     if transport:
         assert {p.path for p in _usp._PLANS.values()} == {transport}
     if ring:

@@ -27,7 +27,8 @@ import torch
 import torch.distributed as dist
 
 import xdit_ops
-from tests.utils import assert_cuda_graph_replays, run_distributed
+from tests.ops.test_usp_fp8_wire import check_switch_disagreement_raises, fp8_graph_check
+from tests.utils import run_distributed
 from xdit_ops.ops import usp_fp8_ring as fring
 from xdit_ops.ops import usp_fp8_wire as wire
 from xdit_ops.parallel.state import get_parallel_state
@@ -429,11 +430,7 @@ def _worker(rank, world, device="cpu", cases=None):
     if world == 3 and device == "cpu":
         _run_shard_lengths_case(rank, world)
     if world == 2 and device == "cpu":
-        # ranks that disagree on the switch raise together instead of hanging
-        os.environ["XDIT_OPS_USP_FP8_WIRE"] = "0" if rank else "1"
-        x = [t.contiguous() for t in dit_like_qkv(1, 64, 2, 64, seed=rank)]
-        with pytest.raises(ValueError, match="disagree.*_FP8_WIRE"):
-            xdit_ops.usp_attention(*x, backend="fp8")
+        check_switch_disagreement_raises(rank)
     if device == "cpu":  # the GPU worker keeps its NCCL group (see _worker_gpu)
         xdit_ops.destroy_parallel()
 
@@ -441,18 +438,6 @@ def _worker(rank, world, device="cpu", cases=None):
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_usp_fp8_ring_matches_single_device(world):
     run_distributed(_worker, world, timeout=240)
-
-
-def _graph_check(rank):
-    """CUDA-graph capture and replay of the FP8 ring equals its eager result, also on new
-    inputs copied in place."""
-    q, k, v = (t.to("cuda").contiguous() for t in dit_like_qkv(1, 1040, 8, 128, seed=rank))
-
-    def call():
-        return xdit_ops.usp_attention(q, k, v, joint_tokens=16, backend="fp8")
-
-    assert_cuda_graph_replays(call, (q, k, v), dit_like_qkv(1, 1040, 8, 128, seed=rank + 10))
-    assert {p.path for p in _usp._PLANS.values() if p.R > 1} == {"fp8ring"}
 
 
 def _worker_gpu(rank, world):
@@ -463,7 +448,7 @@ def _worker_gpu(rank, world):
             _worker(rank, world, "cuda", GPU_CASES)
             os.environ["XDIT_OPS_USP_FP8_WIRE"] = "1"
             xdit_ops.init_parallel(ring_degree=world)
-            _graph_check(rank)
+            fp8_graph_check(rank, "fp8ring")
     if world == 4:
         for ring in ("nccl", "ce"):
             os.environ["XDIT_OPS_USP_RING"] = ring

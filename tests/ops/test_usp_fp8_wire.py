@@ -327,11 +327,7 @@ def _worker(rank, world, device="cpu", cases=None):
             assert {p.path for p in _usp._PLANS.values()} == {"nccl"}
         finally:
             del os.environ["XDIT_OPS_FP8_FORMAT"]
-        # ranks that disagree on the switch raise together instead of hanging
-        os.environ["XDIT_OPS_USP_FP8_WIRE"] = "0" if rank else "1"
-        x = [t.contiguous() for t in dit_like_qkv(1, 64, 2, 64, seed=rank)]
-        with pytest.raises(ValueError, match="disagree.*_FP8_WIRE"):
-            xdit_ops.usp_attention(*x, backend="fp8")
+        check_switch_disagreement_raises(rank)
     if device == "cpu":
         xdit_ops.destroy_parallel()
 
@@ -341,16 +337,26 @@ def test_usp_fp8_wire_matches_single_device(world):
     run_distributed(_worker, world, timeout=240)
 
 
-def _graph_check(rank):
-    """CUDA-graph capture and replay of the wire path equals its eager result, also on new
-    inputs copied in place."""
+def check_switch_disagreement_raises(rank):
+    """Ranks that disagree on XDIT_OPS_USP_FP8_WIRE raise together instead of hanging (the
+    wire's and the FP8 ring's workers)."""
+    os.environ["XDIT_OPS_USP_FP8_WIRE"] = "0" if rank else "1"
+    x = [t.contiguous() for t in dit_like_qkv(1, 64, 2, 64, seed=rank)]
+    with pytest.raises(ValueError, match="disagree.*_FP8_WIRE"):
+        xdit_ops.usp_attention(*x, backend="fp8")
+
+
+def fp8_graph_check(rank, path):
+    """CUDA-graph capture and replay of an FP8 usp path (``path``: ``fp8wire`` or
+    ``fp8ring``, what every multi-rank plan so far must have taken) equals its eager result,
+    also on new inputs copied in place."""
     q, k, v = (t.to("cuda").contiguous() for t in dit_like_qkv(1, 1040, 8, 128, seed=rank))
 
     def call():
         return xdit_ops.usp_attention(q, k, v, joint_tokens=16, backend="fp8")
 
     assert_cuda_graph_replays(call, (q, k, v), dit_like_qkv(1, 1040, 8, 128, seed=rank + 10))
-    assert {p.path for p in _usp._PLANS.values() if p.U > 1} == {"fp8wire"}
+    assert {p.path for p in _usp._PLANS.values() if p.U * p.R > 1} == {path}
 
 
 def _worker_gpu(rank, world):
@@ -362,7 +368,7 @@ def _worker_gpu(rank, world):
         _worker(rank, world, "cuda", GPU_CASES)
         os.environ["XDIT_OPS_USP_FP8_WIRE"] = "1"
         xdit_ops.init_parallel(ulysses_degree=world)
-        _graph_check(rank)
+        fp8_graph_check(rank, "fp8wire")
     xdit_ops.destroy_parallel()
 
 

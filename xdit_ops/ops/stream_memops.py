@@ -18,6 +18,7 @@ takes the process down on the GPU machines (run 31).
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Sequence
 
@@ -62,44 +63,28 @@ def run_memops(anchor: torch.Tensor, program: Sequence[int], checked: bool = Tru
 
 
 def rows2d(dst: torch.Tensor, src: torch.Tensor) -> list[int]:
-    """``copy2d`` descriptors that copy ``src`` into ``dst`` (same shape and dtype, up to 4-D):
-    the last two dims of each must be a row run (rows of ``size(-2)`` with a contiguous
-    ``size(-1)`` inside: each row one contiguous span, rows at a fixed pitch); one descriptor
-    per index of the leading dims."""
-    if dst.shape != src.shape or dst.dtype != src.dtype or dst.dim() < 2:
+    """``copy2d`` descriptors that copy ``src`` into ``dst``: tensors of one shape and dtype
+    ``[..., rows, heads, D]`` whose ``(heads, D)`` are dense (each row one contiguous span, rows
+    at a fixed pitch); one descriptor per index of the leading dims."""
+    if dst.shape != src.shape or dst.dtype != src.dtype:
         raise ValueError(f"copy2d: dst {tuple(dst.shape)} {dst.dtype} and src {tuple(src.shape)} "
-                         f"{src.dtype} must match and have >= 2 dims")
-    es = dst.element_size()
-
-    def row_run(t: torch.Tensor, name: str) -> tuple[int, int]:
-        # the inner dims [..., a, b]: merge them into one contiguous span if they are dense
-        inner = t.shape[-1]
-        if t.dim() >= 3 and t.stride(-1) == 1 and t.stride(-2) == inner:
-            # [.., rows, heads, D] with (heads, D) dense: width heads * D, pitch stride(-3)
-            return t.stride(-3) * es, t.shape[-2] * inner * es
-        raise ValueError(f"copy2d: {name} of shape {tuple(t.shape)} and strides {t.stride()} "
-                         "has no dense (heads, D) rows")
-
+                         f"{src.dtype} must match")
     if dst.dim() < 3:
         raise ValueError("copy2d: tensors must be [..., rows, heads, D]")
-    dp, w = row_run(dst, "dst")
-    sp, _ = row_run(src, "src")
+    for name, t in (("dst", dst), ("src", src)):
+        if t.stride(-1) != 1 or t.stride(-2) != t.shape[-1]:
+            raise ValueError(f"copy2d: {name} of shape {tuple(t.shape)} and strides {t.stride()} "
+                             "has no dense (heads, D) rows")
+    es = dst.element_size()
+    width = dst.shape[-2] * dst.shape[-1] * es
     rows = dst.shape[-3]
     lead = dst.shape[:-3]
     out: list[int] = []
-    idx = [0] * len(lead)
-    n = 1
-    for s in lead:
-        n *= s
-    for _ in range(n):
-        do = sum(i * st for i, st in zip(idx, dst.stride()[:len(lead)], strict=True)) * es
-        so = sum(i * st for i, st in zip(idx, src.stride()[:len(lead)], strict=True)) * es
-        out += [dst.data_ptr() + do, dp, src.data_ptr() + so, sp, w, rows]
-        for d in range(len(lead) - 1, -1, -1):
-            idx[d] += 1
-            if idx[d] < lead[d]:
-                break
-            idx[d] = 0
+    for idx in itertools.product(*(range(n) for n in lead)):
+        do = sum(i * st for i, st in zip(idx, dst.stride(), strict=False)) * es
+        so = sum(i * st for i, st in zip(idx, src.stride(), strict=False)) * es
+        out += [dst.data_ptr() + do, dst.stride(-3) * es, src.data_ptr() + so,
+                src.stride(-3) * es, width, rows]
     return out
 
 
@@ -113,6 +98,16 @@ def check_copy2d(descs: Sequence[int]) -> None:
                 (d[5] > 1 and (d[4] > d[1] or d[4] > d[3])):
             raise ValueError(f"copy2d: descriptor {i // 6} = {tuple(d)} is not a valid 2-D copy "
                              "(width within both pitches)")
+
+
+def template(descs: Sequence[int], base: int) -> list[int]:
+    """Checked ``copy2d`` descriptors with their source addresses made offsets from ``base``
+    (a plan's copies, made once from one call's tensors; :func:`rebased` applies them)."""
+    check_copy2d(descs)
+    out = list(descs)
+    for i in range(2, len(out), 6):
+        out[i] -= base
+    return out
 
 
 def rebased(template: Sequence[int], sources: Sequence[int], bases: Sequence[int]) -> list[int]:

@@ -28,6 +28,7 @@ that calls it compiles with ``fullgraph=True``; nothing in it reads device value
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import socket
@@ -50,12 +51,12 @@ from xdit_ops.ops.merge_attention_states import MAX_PARTIALS, _check_merge_impl
 from xdit_ops.ops.stream_memops import (
     WAIT,
     WRITE,
-    check_copy2d,
     check_memops,
     rebased,
     rows2d,
     run_copy2d,
     run_memops,
+    template,
     word_address,
 )
 from xdit_ops.ops.ulysses_pack import (  # (registers the pack ops)
@@ -646,6 +647,18 @@ def _push_buffers(p: _Plan, dtype: torch.dtype, device: torch.device):
     return hit
 
 
+def _own_joint_rows(qbuf, kv, q_j, k_j, v_j, hs: slice, J: int, Jk: int):
+    """This rank's heads ``hs`` of the joint rows into its query buffer (and K/V buffer when
+    the joint keys sit in front, ``Jk``); returns the joint K/V as their own partial's keys
+    (``Jk == 0 < J``), else (None, None). The push and the overlap path place them so."""
+    if J:
+        qbuf[:, :J].copy_(q_j[:, :, hs])
+    if Jk:
+        kv[0, :, :Jk].copy_(k_j[:, :, hs])
+        kv[1, :, :Jk].copy_(v_j[:, :, hs])
+    return (k_j[:, :, hs], v_j[:, :, hs]) if J and not Jk else (None, None)
+
+
 def _ulysses_push(q_s, k_s, v_s, q_j, k_j, v_j, p: _Plan, attend):
     """Ulysses by peer stores: [B, L, H, D] x3 -> ([B, J + L, H, D], lse [B, h, J + U*L]).
 
@@ -668,14 +681,8 @@ def _ulysses_push(q_s, k_s, v_s, q_j, k_j, v_j, p: _Plan, attend):
     qbuf, kv, outbuf, ins, outs, handle = _push_buffers(p, q_s.dtype, q_s.device)
     J, Jk, L = p.J, p.Jk, p.L
     torch.ops.xdit_ops.ulysses_push_qkv.default(q_s, k_s, v_s, p.heads, ins, p.u_rank, J, Jk)
-    hs = slice(p.h0, p.h0 + p.h_me)
-    if J:
-        qbuf[:, :J].copy_(q_j[:, :, hs])
-    if Jk:
-        kv[0, :, :Jk].copy_(k_j[:, :, hs])
-        kv[1, :, :Jk].copy_(v_j[:, :, hs])
+    kj, vj = _own_joint_rows(qbuf, kv, q_j, k_j, v_j, slice(p.h0, p.h0 + p.h_me), J, Jk)
     handle.barrier(channel=0)  # every rank's rows are in every buffer
-    kj, vj = (k_j[:, :, hs], v_j[:, :, hs]) if J and not Jk else (None, None)
     o, lse = attend(qbuf, _squeezed(p, kv) if p.squeeze else kv, kj, vj)
     if p.push_blocks:  # XDIT_OPS_PUSH_KERNEL=v3
         torch.ops.xdit_ops.ulysses_push_out_blocks.default(o, p.heads, outs, p.u_rank, L)
@@ -774,8 +781,9 @@ def _overlap_state(p: _Plan, dtype: torch.dtype, device: torch.device):
 
     progs = {
         "start": wait_reset(2, 0),
-        "sig_in0": sum(([WRITE, addr(d, 0, 0, r), 1] for d in peers), []),
-        "sig_in": [[[WRITE, addr(d, 0, c, r), 1] for d in range(U)] for c in range(C)],
+        # chunk c of this rank's rows is in rank d's region (no flag to itself: an event)
+        "sig_in": [[[WRITE, addr(d, 0, c, r), 1] if d != r else [] for d in range(U)]
+                   for c in range(C)],
         "wait_in": [wait_reset(0, c) for c in range(C)],
         "sig_out": sum(([WRITE, addr(d, 1, 0, r), 1] for d in peers), []),
         "wait_out": wait_reset(1, 0),
@@ -786,6 +794,7 @@ def _overlap_state(p: _Plan, dtype: torch.dtype, device: torch.device):
     in_dst = [[push_regions(ins[c][d], B, L, U, J, Jk, hc, D) for d in range(U)]
               for c in range(C)]
     out_dst = [outs[d][:B * (J + L) * H * D].view(B, J + L, H, D) for d in range(U)]
+
     def check_all(x):  # programs, or lists of them
         if not x or isinstance(x[0], int):
             check_memops(x)
@@ -794,20 +803,18 @@ def _overlap_state(p: _Plan, dtype: torch.dtype, device: torch.device):
                 check_all(y)
 
     check_all(list(progs.values()))  # checked once here; the calls pass them unchecked
+    # the head counts of the chunked push (chunk 0 of every share) and of the last chunk's
+    # push-out: per-rank counts with this rank's entry hc and the right total H
+    cnt = list(p.heads)
+    cnt[r] = hc
+    cnt[(r + 1) % U] += p.h_me - hc
+    progs["in_heads"] = ([hc] * U, [d * p.h_me for d in range(U)])
+    progs["out_heads"] = cnt
     # copy2d templates (sources as offsets), per source strides: {key: ...}; the first call
     # with a key builds and checks them
     hit = (local, outbuf, ins, outs, flags, in_dst, out_dst, progs, {})
     _OVERLAP[key] = hit
     return hit
-
-
-def _template(descs: list[int], base: int) -> list[int]:
-    """``rows2d`` descriptors with their source addresses made offsets from ``base``."""
-    check_copy2d(descs)
-    out = list(descs)
-    for i in range(2, len(out), 6):
-        out[i] -= base
-    return out
 
 
 def _ulysses_overlap(q_s, k_s, v_s, q_j, k_j, v_j, p: _Plan, attend):
@@ -835,20 +842,20 @@ def _ulysses_overlap(q_s, k_s, v_s, q_j, k_j, v_j, p: _Plan, attend):
                 parts = [(rows2d(qd[:, J:][:, rows], q_s[:, :, hs]), 0),
                          (rows2d(kvd[0, :, Jk:][:, rows], k_s[:, :, hs]), 1),
                          (rows2d(kvd[1, :, Jk:][:, rows], v_s[:, :, hs]), 2)]
-                per[-1].append((sum((_template(x, srcs[i].data_ptr()) for x, i in parts), []),
+                per[-1].append((sum((template(x, srcs[i].data_ptr()) for x, i in parts), []),
                                 [i for x, i in parts for _ in range(len(x) // 6)]))
         tmpl[ikey] = per
     bases = [t.data_ptr() for t in srcs]
     run_memops(flags, g["start"], checked=False)  # every peer is done with the last call
     # chunk 0: the push kernel, every destination's first hc heads of its share (checked by
     # the wrapper on a template's first call, then straight to the op)
-    starts = [d * h for d in range(U)]
+    chunk, starts = g["in_heads"]
     if first:
-        ulysses_push_qkv(q_s, k_s, v_s, [hc] * U, ins[0], r, J, Jk, src_head_start=starts)
+        ulysses_push_qkv(q_s, k_s, v_s, chunk, ins[0], r, J, Jk, src_head_start=starts)
     else:
-        torch.ops.xdit_ops.ulysses_push_qkv.default(q_s, k_s, v_s, [hc] * U, ins[0], r, J, Jk,
+        torch.ops.xdit_ops.ulysses_push_qkv.default(q_s, k_s, v_s, chunk, ins[0], r, J, Jk,
                                                     starts)
-    run_memops(flags, g["sig_in0"], checked=False)
+    run_memops(flags, sum(g["sig_in"][0], []), checked=False)
     # chunks 1..C-1 on the copy engines, one side stream per destination
     own = [None] * C  # events: this rank's own rows of chunk c are in place
     for d in range(U):
@@ -861,30 +868,20 @@ def _ulysses_overlap(q_s, k_s, v_s, q_j, k_j, v_j, p: _Plan, attend):
                 if d == r:
                     own[c] = torch.cuda.Event()
                     own[c].record(s)
-                else:
-                    run_memops(flags, g["sig_in"][c][d], checked=False)
+                run_memops(flags, g["sig_in"][c][d], checked=False)  # (none to itself)
     kept = []  # outputs the side streams still read
     lses = []
     for c in range(C):
         qbuf, kv = local[c]
-        hs = slice(p.h0 + c * hc, p.h0 + (c + 1) * hc)
-        if J:  # this rank's own heads of the joint rows
-            qbuf[:, :J].copy_(q_j[:, :, hs])
-        if Jk:
-            kv[0, :, :Jk].copy_(k_j[:, :, hs])
-            kv[1, :, :Jk].copy_(v_j[:, :, hs])
+        h_out = p.h0 + c * hc
+        kj, vj = _own_joint_rows(qbuf, kv, q_j, k_j, v_j, slice(h_out, h_out + hc), J, Jk)
         if own[c] is not None:
             compute.wait_event(own[c])
         run_memops(flags, g["wait_in"][c], checked=False)
-        kj, vj = (k_j[:, :, hs], v_j[:, :, hs]) if J and not Jk else (None, None)
         o, lse = attend(qbuf, _squeezed(p, kv) if p.squeeze else kv, kj, vj)
         lses.append(lse)
-        h_out = p.h0 + c * hc
         if c == C - 1:  # the last chunk's output: the push-out kernel, nothing left to hide it
-            # heads: any per-rank counts with this rank's entry hc and the right total H
-            cnt = list(p.heads)
-            cnt[r] = hc
-            cnt[(r + 1) % U] += h - hc
+            cnt = g["out_heads"]
             if first:
                 ulysses_push_out(o, cnt, outs, r, L, p.joint_front, head_offset=h_out)
             else:
@@ -905,7 +902,7 @@ def _ulysses_overlap(q_s, k_s, v_s, q_j, k_j, v_j, p: _Plan, attend):
                 if J:
                     j0 = 0 if p.joint_front else L
                     descs += rows2d(dst[:, j0:j0 + J, h_out:h_out + hc], o[:, :J])
-                per.append((_template(descs, o.data_ptr()), [0] * (len(descs) // 6)))
+                per.append((template(descs, o.data_ptr()), [0] * (len(descs) // 6)))
             tmpl[okey] = per
         obase = [o.data_ptr()]
         for d in range(U):
@@ -1138,10 +1135,12 @@ def _build_plan(q, k, v, joint_lengths, joint_tokens, joint_front, seq_len, back
     if transport == "auto":
         transport = "push" if R == 1 and _peer_mapped(ug, rg) else "nccl"
     if transport == "overlap":
-        # every rank decides alike (the switches, shapes and peer mapping agree)
-        ok = (R == 1 and _peer_mapped(ug, rg) and all(x == heads[0] for x in heads)
+        # every rank decides alike (the switches, shapes and peer mapping agree); where the
+        # overlap cannot apply, what auto would take
+        mapped = R == 1 and _peer_mapped(ug, rg)
+        ok = (mapped and all(x == heads[0] for x in heads)
               and _overlap_chunks(heads[0], chunks_sw) > 1 and push_kernel(OP) != "v1")
-        transport = "overlap" if ok else "push" if R == 1 and _peer_mapped(ug, rg) else "nccl"
+        transport = "overlap" if ok else "push" if mapped else "nccl"
     if U == 1:
         p.path = "local"
     elif R == 1 and transport in ("push", "overlap"):
@@ -1348,7 +1347,8 @@ def _ring_flags(p: _Plan, device: torch.device):
     return hit
 
 
-def ring_flag_schedule(R: int) -> list[tuple]:
+@functools.lru_cache(maxsize=64)
+def ring_flag_schedule(R: int) -> tuple[tuple, ...]:
     """The flag ring's program for one call of one rank, as data: ``(stream, op, arg)`` in the
     order they are queued, ``stream`` "compute" or "side". Ops: ``("join", other)`` the stream
     waits for everything queued on ``other`` so far; ``("flags", name, b)`` runs the flag
@@ -1369,7 +1369,7 @@ def ring_flag_schedule(R: int) -> list[tuple]:
         ops.append(("compute", "attend", step))
         if step + 1 < R:
             ops.append(("compute", "join", "side"))
-    return ops
+    return tuple(ops)  # cached: built once per ring size, not per call
 
 
 def _ring_ce_flags(p: _Plan, shape: tuple, dtype: torch.dtype, device: torch.device, fill,
