@@ -12,6 +12,12 @@ offset and outlier channels), in one process, timed interleaved
   (quantization included), what a model pays, and ``<impl>_kernel``, the attention kernel
   alone on pre-quantized inputs; ``triton_quant`` is the quantization pass alone (every
   implementation uses it).
+* with ``sm90ws`` (unless ``--no-ktile``), its variant with one K scale per 128-key tile
+  (``XDIT_OPS_FP8_K_SCALE=tile``; the kernel ``fp8_attention_sm90ws_ktile_fwd`` at padded head
+  dim 128): ``sm90ws_ktile_total`` (the op under the switch), ``sm90ws_ktile_kernel`` (the
+  kernel on the pass's k_block=128 output) and ``triton_quant_ktile`` (that pass alone, against
+  ``triton_quant_pv``, the per-key pass as sm90ws gets it: V^T in the P.V key order), timed in
+  the same interleaved rounds as the per-key ``sm90ws_*`` rows (an A/B on one GPU).
 
 Reported per row: median ms, TFLOPS = 4*B*H*S^2*D / t (also for the quantization pass, so that
 ``total`` and ``kernel`` compare), speed-up over cuDNN bf16, and for ``cudnn_bf16`` and
@@ -21,7 +27,7 @@ worst head, relative L1, RMSE, mean |LSE error|) and the ratio of rel L1 to cuDN
 emulated) on the same inputs, for comparison; they are not timed.
 
     python benchmarks/bench_fp8_attention.py [--out DIR] [--shapes 1,4608,24,128 ...] [--quick]
-        [--impls triton sm90 sm90ws]
+        [--impls triton sm90 sm90ws] [--no-ktile]
 """
 
 from __future__ import annotations
@@ -51,16 +57,20 @@ from xdit_ops.reference.fp8_attention import (  # noqa: E402
 SHAPES = [(1, 4608, 24, 128), (1, 16896, 24, 128), (1, 32760, 40, 128), (2, 4250, 24, 64)]
 BASELINE = "cudnn_bf16"
 IMPLS = ("triton", "sm90", "sm90ws")
+K_SCALE_ENV = "XDIT_OPS_FP8_K_SCALE"
 
 
-def _with_impl(impl: str, fn: Callable[[], object]) -> Callable[[], object]:
+def _with_impl(impl: str, fn: Callable[[], object], k_scale: str = "token"
+               ) -> Callable[[], object]:
     def call():
         os.environ["XDIT_OPS_FP8_IMPL"] = impl
+        os.environ[K_SCALE_ENV] = k_scale
         return fn()
     return call
 
 
-def candidates(q, k, v, impls: list[str]) -> dict[str, Callable[[], object]]:
+def candidates(q, k, v, impls: list[str], ktile: bool = False
+               ) -> dict[str, Callable[[], object]]:
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     fns: dict[str, Callable[[], object]] = {BASELINE: lambda: F.scaled_dot_product_attention(
         qt, kt, vt)}
@@ -83,6 +93,18 @@ def candidates(q, k, v, impls: list[str]) -> dict[str, Callable[[], object]]:
             fns[f"{impl}_kernel"] = lambda impl=impl: attention_quantized_sm90(
                 qq_pv if SM90_VT_PV_ORDER[impl] else qq, q.dtype, False, impl)
         fns[f"{impl}_total"] = _with_impl(impl, lambda: xdit_ops.fp8_attention(q, k, v))
+    if ktile:
+        # sm90ws with one K scale per 128-key tile: the pass with k_block=128 (V^T in the P.V
+        # key order, as the op writes it for sm90ws) and the kernel's tile variant.
+        qq_tile = quantize_qkv_triton(q, k, v, vt_pv_order=True, k_block=128)
+        # the A side of triton_quant_ktile: the per-key pass as sm90ws gets it
+        fns["triton_quant_pv"] = lambda: quantize_qkv_triton(q, k, v, vt_pv_order=True)
+        fns["triton_quant_ktile"] = lambda: quantize_qkv_triton(q, k, v, vt_pv_order=True,
+                                                                k_block=128)
+        fns["sm90ws_ktile_kernel"] = lambda: attention_quantized_sm90(
+            qq_tile, q.dtype, False, "sm90ws", k_scale="tile")
+        fns["sm90ws_ktile_total"] = _with_impl(
+            "sm90ws", lambda: xdit_ops.fp8_attention(q, k, v), "tile")
     return fns
 
 
@@ -100,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="B,S,H,D ...")
     p.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS),
                    help="FP8 implementations to try (those that cannot run are skipped)")
+    p.add_argument("--no-ktile", action="store_true",
+                   help="skip sm90ws' per-tile K-scale variant (XDIT_OPS_FP8_K_SCALE=tile)")
     p.add_argument("--no-naive", action="store_true",
                    help="skip the per-tensor FP8 accuracy rows (an emulation, slow at 32k)")
     args = p.parse_args(argv)
@@ -112,6 +136,12 @@ def main(argv: list[str] | None = None) -> int:
     dev = torch.device("cuda")
     skipped = {i: unusable_reason(dev, dtype, 128, i) for i in args.impls}
     impls = [i for i in args.impls if skipped[i] is None]
+    ktile = False
+    if "sm90ws" in impls and not args.no_ktile:
+        os.environ[K_SCALE_ENV] = "tile"
+        skipped["sm90ws_ktile"] = unusable_reason(dev, dtype, 128, "sm90ws")
+        ktile = skipped["sm90ws_ktile"] is None
+    os.environ[K_SCALE_ENV] = "token"
     rows = []
     for B, S, H, D in shapes:
         q, k, v = dit_like_qkv(B, S, H, D, seed=0, dtype=dtype, device=dev)
@@ -121,18 +151,23 @@ def main(argv: list[str] | None = None) -> int:
             base = xdit_ops.attention(q, k, v, backend="cudnn", return_lse=True)
             acc[BASELINE] = _accuracy(*base, ref, ref_lse)
             del base
-            for impl in impls:
+            runs = [(impl, "token", f"{impl}_total") for impl in impls]
+            if ktile and D > 64:  # at 64 the tile setting runs the per-key kernel
+                runs.append(("sm90ws", "tile", "sm90ws_ktile_total"))
+            for impl, k_scale, name in runs:
                 os.environ["XDIT_OPS_FP8_IMPL"] = impl
+                os.environ[K_SCALE_ENV] = k_scale
                 out, lse = xdit_ops.fp8_attention(q, k, v, return_lse=True)
-                acc[f"{impl}_total"] = _accuracy(out, lse, ref, ref_lse)
+                acc[name] = _accuracy(out, lse, ref, ref_lse)
                 del out, lse
+            os.environ[K_SCALE_ENV] = "token"
             if not args.no_naive:
                 out, lse = fp8_attention_naive_ref(q, k, v)
                 acc["naive_fp8"] = _accuracy(out, lse, ref, ref_lse)
                 del out, lse
             del ref, ref_lse
             torch.cuda.empty_cache()
-            fns = candidates(q, k, v, impls)
+            fns = candidates(q, k, v, impls, ktile and D > 64)
             timings = common.bench_interleaved(fns, warmup=warmup, iters=iters, rounds=rounds,
                                                cold_l2=args.cold_l2, cuda_graph=args.cuda_graph,
                                                device=dev)
@@ -153,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         del q, k, v, fns
         torch.cuda.empty_cache()
     os.environ.pop("XDIT_OPS_FP8_IMPL", None)
+    os.environ.pop(K_SCALE_ENV, None)
 
     targets = {}
     for r in rows:

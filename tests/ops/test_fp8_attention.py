@@ -1357,3 +1357,289 @@ def test_triton_kernels_compile_for_gfx942_with_fnuz(DP):
     assert "v_cvt_pk_fp8_f32" in asm
     assert re.search(r"v_mfma_i32_\w+_i8", asm) and re.search(r"v_mfma_f32_\w+_fp8_fp8", asm)
     assert spills == 0 and vgprs + agprs <= 512, (vgprs, agprs, spills)
+
+
+# ---------------------------------------------------------------------------------------------
+# XDIT_OPS_FP8_K_SCALE=tile (opt-in): one K scale per 128-key tile (the scheme with
+# k_block=128), the quantization pass's K_BLOCK=128 and the sm90ws kernel's per-tile variant.
+
+def test_gate_dit_like_tile_k_scale():
+    """The accuracy gate with one K scale per 128-key tile (sm90ws' tile scheme), emulated."""
+    from xdit_ops.ops.fp8_attention import sm90_scheme
+
+    scheme = sm90_scheme("sm90ws", "tile")
+    assert scheme == scheme_variant(block_n=128, k_block=128)
+    for B, S, H, D, dtype in (GATE_SHAPES[0], GATE_SHAPES[2]):
+        _check_gate(B, S, H, D, dtype, scheme, NAIVE_SCHEME)
+
+
+# The Triton pass with one K scale per 128-key tile in the interpreter, bit for bit against the
+# emulation with k_block=128 (and, as a control, the per-key pass against k_block=1). K is put
+# on a grid of quarters first: then every sum of the K mean is exact in fp32 whatever its order,
+# so the GPU-order K mean equals the emulation's and every K code and scale can be compared
+# bit for bit (only lse_corr, q . mean(k) summed in another order, is compared to a tolerance).
+# The outputs are poisoned first (NaN / 127): Sk_pad is often not a multiple of the 128-key
+# tile, whose stores are then masked; every element below Sk_pad must be written.
+_KTILE_QUANT_CHECK = textwrap.dedent("""
+    from dataclasses import replace
+
+    import xdit_ops.triton.fp8_attention as launcher
+    from xdit_ops.reference.fp8_attention import SCHEME, round_k_scale
+    from xdit_ops.triton.fp8_attention import quantize_qkv_triton
+
+    empty = torch.empty
+
+    def poisoned(*shape, dtype=torch.float32, **kw):
+        t = empty(*shape, dtype=dtype, **kw)
+        t.view(torch.uint8).fill_(0x7F)
+        return t
+
+    launcher.torch.empty = poisoned
+    for B, Sq, Sk, H, D, dtype in [(1, 80, 200, 2, 64, torch.bfloat16),
+                                   (2, 64, 130, 1, 96, torch.float16),
+                                   (1, 70, 320, 1, 128, torch.bfloat16)]:
+        q, k, v = dit_like_qkv(B, max(Sq, Sk), H, D, seed=1, dtype=dtype)
+        q, k, v = q[:, :Sq], k[:, :Sk], v[:, :Sk]
+        k = ((k.float() * 4).round() / 4).to(dtype)
+        runs = {}
+        for k_block in (1, 128):
+            got = quantize_qkv_triton(q, k, v, vt_pv_order=True, k_block=k_block)
+            want = quantize_qkv_ref(q, k, v, scheme=replace(SCHEME, k_block=k_block),
+                                    fp8_cast=icast)
+            for name in ("q", "q_scale", "k", "k_scale", "v_scale"):
+                a, b = getattr(got, name), getattr(want, name)
+                assert a.shape == b.shape and torch.equal(a, b), (k_block, name)
+            assert torch.allclose(got.lse_corr, want.lse_corr, rtol=1e-5,
+                                  atol=1e-6 * want.lse_corr.abs().max())
+            runs[k_block] = got
+        tok, tile = runs[1], runs[128]
+        # V is quantized the same way: the same bytes (the tile pass's stores are masked).
+        assert torch.equal(tile.vt.view(torch.uint8), tok.vt.view(torch.uint8))
+        # One scale per 128-key tile, the largest of the per-key ones (division and the 22-bit
+        # cut are monotonic), zero past Sk.
+        Skp = tile.k_scale.shape[-1]
+        for n0 in range(0, Sk, 128):
+            n1 = min(n0 + 128, Sk)
+            ks = tile.k_scale[..., n0:n1]
+            top = tok.k_scale[..., n0:n1].amax(-1, keepdim=True)
+            assert torch.equal(ks, top.expand_as(ks)), n0
+        assert not tile.k_scale[..., Sk:Skp].any()
+        assert torch.equal(tile.k_scale, round_k_scale(tile.k_scale))
+    print("ktile quant ok")
+""")
+
+
+def test_triton_quantize_tile_k_scale_in_the_cpu_interpreter():
+    _run_in_interpreter(_KTILE_QUANT_CHECK, "ktile quant ok")
+
+
+def test_quantize_tile_k_scale_refuses_other_blocks():
+    pytest.importorskip("triton")
+    from xdit_ops.triton.fp8_attention import quantize_qkv_triton
+
+    q, k, v = dit_like_qkv(1, 10, 1, 64, seed=2)
+    with pytest.raises(ValueError, match="fp8_attention: the quantization pass takes k_block "
+                                         r"in \(1, 128\), got 64"):
+        quantize_qkv_triton(q, k, v, k_block=64)
+
+
+@pytest.mark.parametrize("DP", [64, 128])
+def test_triton_quantize_kv_tile_k_scale_compiles_for_sm90a(DP, tmp_path):
+    """The K/V quantization kernel with one K scale per 128-key tile (BLOCK_S = K_BLOCK = 128,
+    masked stores, twice the warps) as the launcher runs it: no spills, registers within the
+    programs per SM the grid is sized for (half the per-key kernel's), V^T stores still
+    16-byte vectors."""
+    import re
+
+    from xdit_ops.triton import fp8_attention as launcher
+    from xdit_ops.triton.kernels import fp8_attention as kernels
+
+    launch = launcher.QUANT_LAUNCH[DP]
+    names, types, aligned = _QUANT_SIGNATURES["quantize_kv_kernel"]
+    const = {"D": DP, "DP": DP, "UPCAST": False, "BLOCK_S": 128, "NUM_CHUNKS_P2": 32,
+             "VT_PV_ORDER": True, "K_BLOCK": 128}
+    sig = dict(zip(names, types, strict=True)) | dict.fromkeys(const, "constexpr")
+    warps = 2 * launch.num_warps  # twice the keys of the per-key tiles, twice the warps
+    k = _compile_sm90(kernels.quantize_kv_kernel, sig, const, num_warps=warps,
+                      num_stages=launch.kv_stages, aligned=aligned)
+    ptx = k.asm["ptx"]
+    assert "wgmma.mma_async" in ptx and "cvt.rn.satfinite.e4m3x2.f32" in ptx
+    assert "st.global.v4.b32" in sorted(re.findall(r"st\.global[.\w]*", ptx))
+    regs, spills = _ptxas_usage(ptx, tmp_path)
+    print(f"quantize_kv_kernel K_BLOCK=128 DP={DP}: {regs} registers, {warps} warps")
+    assert spills == 0, spills
+    assert regs * 32 * warps * (launch.programs_per_sm // 2) <= 65536, regs
+
+
+def test_sm90ws_ktile_op_fake():
+    """The tile variant's op exists on a CPU-only install (schema + fake); the tile variant is
+    sm90ws'; an unknown K-scale setting is an error naming the op and the value."""
+    from xdit_ops.ops.fp8_attention import SM90WS_KTILE_OP, attention_quantized_sm90
+
+    qq = quantize_qkv_ref(*dit_like_qkv(2, 40, 3, 72, seed=4), scheme=scheme_variant(k_block=128))
+    meta = {f: getattr(qq, f).to("meta") for f in ("q", "q_scale", "k", "k_scale", "vt",
+                                                   "v_scale", "lse_corr")}
+    like = torch.empty(0, dtype=torch.bfloat16, device="meta")
+    op = getattr(torch.ops.xdit_ops, SM90WS_KTILE_OP).default
+    out, lse = op(meta["q"], meta["q_scale"], meta["k"], meta["k_scale"], meta["vt"],
+                  meta["v_scale"], meta["lse_corr"], qq.seqlen_k, qq.head_dim, like, False)
+    assert out.shape == (2, 40, 3, 72) and out.dtype == torch.bfloat16 and lse.shape == (2, 3, 0)
+    with pytest.raises(ValueError, match="fp8_attention: XDIT_OPS_FP8_K_SCALE='block' is not"):
+        attention_quantized_sm90(in_pv_order(qq), torch.float16, impl="sm90ws", k_scale="block")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,Sq,Sk,H,D,dtype", [
+    (1, 4097, 4097, 2, 128, torch.bfloat16),
+    (3, 77, 300, 30, 72, torch.bfloat16),
+    (2, 1000, 1531, 3, 64, torch.float16),
+])
+def test_triton_quantize_tile_k_scale_matches_emulation_gpu(B, Sq, Sk, H, D, dtype):
+    """The GPU pass with k_block=128 against the emulation with k_block=128 (the K mean is
+    summed in another order: rare one-step code moves, as for per-key scales)."""
+    from xdit_ops.triton.fp8_attention import quantize_qkv_triton
+
+    q, k, v = dit_like_qkv(B, max(Sq, Sk), H, D, seed=Sk, dtype=dtype, device="cuda")
+    q, k, v = q[:, :Sq], k[:, :Sk], v[:, :Sk]
+    got = quantize_qkv_triton(q, k, v, vt_pv_order=True, k_block=128)
+    want = quantize_qkv_ref(q, k, v, scheme=scheme_variant(k_block=128))
+    tok = quantize_qkv_triton(q, k, v, vt_pv_order=True)
+    a, b = got.k.int(), want.k.int()
+    assert (a - b).abs().max() <= 1 and (a != b).float().mean() < 1e-3
+    torch.testing.assert_close(got.k_scale, want.k_scale, rtol=1e-5,
+                               atol=1e-6 * want.k_scale.abs().max().item())
+    assert not (got.k_scale.view(torch.int32) & 3).any()
+    for name in ("q", "q_scale", "v_scale", "lse_corr"):
+        assert torch.equal(getattr(got, name), getattr(tok, name)), name
+    assert torch.equal(got.vt.view(torch.uint8), tok.vt.view(torch.uint8))
+    Skp = got.k_scale.shape[-1]
+    pad = torch.nn.functional.pad(got.k_scale, (0, (-Skp) % 128)).unflatten(-1, (-1, 128))
+    first = pad[..., :1].expand_as(pad).flatten(-2)[..., :Sk]
+    assert torch.equal(got.k_scale[..., :Sk], first)  # equal within every tile
+
+
+@pytest.mark.gpu
+@pytest.mark.sm90
+@pytest.mark.parametrize("B,Sq,Sk,H,D,dtype", [
+    (1, 4097, 4097, 2, 128, torch.bfloat16),
+    (3, 77, 300, 30, 72, torch.bfloat16),
+    (1, 33, 5, 2, 128, torch.float16),
+    (2, 190, 640, 2, 128, torch.bfloat16),
+    (2, 1000, 1531, 3, 64, torch.float16),  # padded head dim 64: the per-key kernel runs
+])
+def test_sm90ws_tile_k_scale_matches_emulation(B, Sq, Sk, H, D, dtype):
+    """The sm90ws per-tile K-scale variant on the emulation's k_block=128 inputs against the
+    emulation of sm90_scheme("sm90ws", "tile"): the bars of the per-key kernel's test. The
+    per-key kernel computes the same scheme on the same inputs: the two agree as closely."""
+    from xdit_ops.ops.fp8_attention import attention_quantized_sm90, sm90_kernel_loaded, sm90_scheme
+
+    # A Hopper build of this tree has the variant: its absence is a build failure, not a skip.
+    assert xdit_ops._extension.has("_C_sm90"), xdit_ops._extension.reason("_C_sm90")
+    assert sm90_kernel_loaded("sm90ws", "tile"), "xdit_ops._C_sm90 has no sm90ws ktile kernel"
+    q, k, v = dit_like_qkv(B, max(Sq, Sk), H, D, seed=Sq, dtype=dtype, device="cuda")
+    q, k, v = q[:, :Sq], k[:, :Sk], v[:, :Sk]
+    qq = in_pv_order(quantize_qkv_ref(q, k, v, scheme=scheme_variant(k_block=128)))
+    out, lse = attention_quantized_sm90(qq, dtype, impl="sm90ws", k_scale="tile")
+    assert out.shape == (B, Sq, H, D) and out.dtype == dtype and lse.shape == (B, H, Sq)
+    emu_out, emu_lse = fp8_attention_quantized_ref(qq, dtype, sm90_scheme("sm90ws", "tile"))
+    ref, _ = _oracle(q, k, v)
+    drift = attention_error_metrics(out, emu_out)
+    own = attention_error_metrics(emu_out, ref)
+    assert drift["rel_l1"] <= 0.1 * own["rel_l1"], (drift, own)
+    assert (lse - emu_lse).abs().max().item() < 1e-3
+    out_tok, _ = attention_quantized_sm90(qq, dtype, impl="sm90ws")
+    assert attention_error_metrics(out, out_tok)["rel_l1"] <= 0.1 * own["rel_l1"]
+    out2, lse2 = attention_quantized_sm90(qq, dtype, return_lse=False, impl="sm90ws",
+                                          k_scale="tile")
+    assert torch.equal(out2, out) and lse2.numel() == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,S,H,D", [(1, 16384, 4, 128), (2, 4250, 8, 64)])
+@pytest.mark.parametrize("impl", ["triton", "sm90ws"])
+def test_gate_gpu_tile_k_scale(monkeypatch, impl, B, S, H, D):
+    """The op end to end under XDIT_OPS_FP8_K_SCALE=tile: the gate, and the emulation of the
+    scheme it computes (cuda_scheme: k_block=128)."""
+    from xdit_ops.ops.fp8_attention import cuda_scheme
+
+    monkeypatch.setenv("XDIT_OPS_FP8_K_SCALE", "tile")
+    why = _gpu_impl_available(impl)
+    if why is not None:
+        pytest.skip(why)
+    monkeypatch.setenv("XDIT_OPS_FP8_IMPL", impl)
+    assert cuda_scheme(D).k_block == 128
+    q, k, v = dit_like_qkv(B, S, H, D, seed=S, device="cuda")
+    out, lse = xdit_ops.fp8_attention(q, k, v, return_lse=True)
+    ref, ref_lse = _oracle(q, k, v)
+    m = attention_error_metrics(out, ref)
+    lse_mean, lse_p99, _ = _lse_errors(lse, ref_lse)
+    assert m["cos_mean"] >= COS_MEAN_MIN and m["cos_min"] >= COS_WORST_MIN, m
+    assert m["rel_l1"] <= REL_L1_MAX and lse_mean <= LSE_MEAN_MAX and lse_p99 <= LSE_P99_MAX, m
+    emu_out, _ = fp8_attention_ref(q[:, :2048], k, v, scheme=cuda_scheme(D))
+    drift = attention_error_metrics(out[:, :2048], emu_out)["rel_l1"]
+    assert drift <= 0.1 * attention_error_metrics(emu_out, ref[:, :2048])["rel_l1"], drift
+
+
+def _softmax_tile_model(qq, scheme, out_dtype):
+    """A CPU model of the sm90ws tile variant's arithmetic (softmax_tile in
+    fp8_attention_sm90_ws.cuh), tile by tile: b = 1.5 2^23 + sign(qs) x (exact), c =
+    fp32(|qs| ks) with the tile's first key scale, the row max fp32(x_max c), the exponent
+    fma(b, c, -fma(1.5 2^23, c, m - 8)) with fp32 roundings (_fma_f32), exp2 and the e4m3 cast
+    as the emulation's. Returns (out, lse, fraction of P codes that differ from the emulation's
+    P of the same tile)."""
+    B, H, Sq, Dp = qq.q.shape
+    Sk, D = qq.seqlen_k, qq.head_dim
+    magic = 12582912.0
+    qf, kf = qq.q.double(), qq.k.double()
+    qs = qq.q_scale
+    sign = torch.where(qs < 0, -1.0, 1.0).double()
+    m = torch.full((B, H, Sq), float("-inf"))
+    m_emu = m.clone()
+    l_sum = torch.zeros(B, H, Sq)
+    acc = torch.zeros(B, H, Sq, Dp)
+    moved = total = 0
+    for n0 in range(0, Sk, scheme.block_n):
+        n1 = min(n0 + scheme.block_n, Sk)
+        xs = qf @ kf[:, :, n0:n1].transpose(-1, -2)  # exact integers
+        c = (qs.abs().double() * qq.k_scale[:, :, n0:n0 + 1].double()).float()
+        bits = (xs * sign[..., None] + magic).float()
+        m_new = torch.maximum(m, ((xs * sign[..., None]).amax(-1) * c.double()).float())
+        alpha = torch.exp2(m - m_new)
+        shift = -_fma_f32(torch.full_like(c, magic), c, m_new - scheme.p_shift)
+        p = torch.exp2(_fma_f32(bits, c[..., None].expand_as(bits),
+                                shift[..., None].expand_as(bits)))
+        p8 = scheme.fp8.cast(p)
+        s = (xs.float() * qq.k_scale[:, :, None, n0:n1]) * qs[..., None]
+        m_emu = torch.maximum(m_emu, s.amax(-1))
+        p8_emu = scheme.fp8.cast(torch.exp2(s - (m_emu[..., None] - scheme.p_shift)))
+        moved += (p8.view(torch.uint8) != p8_emu.view(torch.uint8)).sum().item()
+        total += p8.numel()
+        l_sum = l_sum * alpha + p.sum(-1)
+        acc = acc * alpha[..., None] + p8.float() @ qq.vt[:, :, :, n0:n1].float().transpose(-1, -2)
+        m = m_new
+    out = acc / l_sum[..., None] * qq.v_scale[:, :, None, :]
+    lse = (m + torch.log2(l_sum) - scheme.p_shift) * math.log(2.0) + qq.lse_corr
+    return out[..., :D].transpose(1, 2).to(out_dtype), lse, moved / total
+
+
+@pytest.mark.parametrize("scale", [None, -0.09])
+def test_softmax_tile_arithmetic_model(scale):
+    """The design check of the tile variant's folded exponent (a model of its arithmetic, not
+    the kernel: test_sm90ws_tile_k_scale_matches_emulation checks the kernel on a GPU). The
+    per-row constant fma(1.5 2^23, c, m - 8) is rounded once per row and tile, which shifts
+    that tile's exponents by up to half its ulp (about c, one dot-product unit of score): a
+    few 1e-4 of the P codes move one e4m3 step (4e-4 on these inputs) and the LSE moves by
+    ~1e-4, against the GPU tests' bars of 0.1 x the scheme's own error and 1e-3."""
+    from xdit_ops.ops.fp8_attention import sm90_scheme
+
+    scheme = sm90_scheme("sm90ws", "tile")
+    q, k, v = dit_like_qkv(1, 1000, 2, 128, seed=11)
+    qq = quantize_qkv_ref(q, k, v, scale, scheme)
+    out, lse, moved = _softmax_tile_model(qq, scheme, q.dtype)
+    emu_out, emu_lse = fp8_attention_quantized_ref(qq, q.dtype, scheme)
+    ref, _ = _oracle(q, k, v, scale)
+    drift = attention_error_metrics(out, emu_out)["rel_l1"]
+    own = attention_error_metrics(emu_out, ref)["rel_l1"]
+    lse_diff = (lse - emu_lse).abs().max().item()
+    assert 0 < moved < 2e-3 and drift <= 0.02 * own and lse_diff < 5e-4, (moved, drift, own,
+                                                                         lse_diff)

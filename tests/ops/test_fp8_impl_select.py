@@ -7,6 +7,8 @@ dim 128 and Triton at 64, bit for bit the output of the explicitly chosen implem
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -147,3 +149,59 @@ def test_rocm_attention_configs():
     assert all(config_scheme(c) == SCHEME for c in ROCM_CONFIGS.values())
     if not INTERPRET and torch.version.hip is not None:
         assert attn_config(128) == ROCM_CONFIGS[128]
+
+
+# ---------------------------------------------------------------------------------------------
+# XDIT_OPS_FP8_K_SCALE: one K scale per key (token, the default) or per 128-key tile (tile).
+
+
+def test_k_scale_setting(monkeypatch):
+    from xdit_ops.ops.fp8_attention import (
+        K_SCALE_ENV,
+        K_SCALE_SETTINGS,
+        k_scale_setting,
+        with_k_scale,
+    )
+    from xdit_ops.reference.fp8_attention import SCHEME, scheme_variant
+
+    assert K_SCALE_ENV == "XDIT_OPS_FP8_K_SCALE" and K_SCALE_SETTINGS == ("token", "tile")
+    monkeypatch.delenv(K_SCALE_ENV, raising=False)
+    assert k_scale_setting() == "token"
+    assert with_k_scale(SCHEME, "token") is SCHEME
+    assert with_k_scale(SCHEME, "tile") == scheme_variant(k_block=128)
+    monkeypatch.setenv(K_SCALE_ENV, "tile")
+    assert k_scale_setting() == "tile" and k_scale_setting("token") == "token"
+    monkeypatch.setenv(K_SCALE_ENV, "channel")
+    with pytest.raises(ValueError, match="fp8_attention: XDIT_OPS_FP8_K_SCALE='channel' is not "
+                                         r"one of \('token', 'tile'\)"):
+        k_scale_setting()
+    for dev in (torch.device("cpu"), torch.device("cuda", 0)):
+        why = unusable_reason(dev, torch.bfloat16, 128, "triton")
+        assert why is not None and "XDIT_OPS_FP8_K_SCALE='channel'" in why and "tile" in why
+    q, k, v = dit_like_qkv(1, 8, 1, 64, seed=0)
+    # The CPU op keeps SCHEME (the switch is the CUDA op's), so a bad value does not reach it.
+    xdit_ops.fp8_attention(q, k, v)
+
+
+def test_cuda_scheme_follows_the_k_scale_switch(monkeypatch):
+    """The default (unset or token) leaves every implementation's scheme as it was; tile sets
+    k_block=128 on each (sm90ws: its tile variant's scheme)."""
+    from xdit_ops.reference.fp8_attention import SCHEME, scheme_variant
+
+    pytest.importorskip("triton")
+    from xdit_ops.triton.fp8_attention import attn_config, config_scheme
+
+    expect = {"emulation": SCHEME, "sm90": SCHEME, "sm90ws": scheme_variant(block_n=128),
+              "triton": config_scheme(attn_config(128))}
+    for setting in (None, "token", "tile"):
+        if setting is None:
+            monkeypatch.delenv("XDIT_OPS_FP8_K_SCALE", raising=False)
+        else:
+            monkeypatch.setenv("XDIT_OPS_FP8_K_SCALE", setting)
+        for impl, scheme in expect.items():
+            monkeypatch.setenv("XDIT_OPS_FP8_IMPL", impl)
+            want = replace(scheme, k_block=128) if setting == "tile" else scheme
+            assert cuda_scheme(128) == want, (setting, impl)
+    assert sm90_scheme("sm90ws") == scheme_variant(block_n=128)
+    assert sm90_scheme("sm90ws", "tile") == scheme_variant(block_n=128, k_block=128)
+    assert sm90_scheme("sm90", "tile") == scheme_variant(k_block=128)

@@ -30,6 +30,15 @@ The FP8 format of V and P, chosen by ``XDIT_OPS_FP8_FORMAT`` (read per call,
 that format, the Triton kernels take it as a constexpr; the native sm_90a kernels take e4m3fn
 only (e4m3fnuz is refused there), and Triton's NVIDIA backend has no e4m3fnuz type.
 
+The K scale's granularity, chosen by ``XDIT_OPS_FP8_K_SCALE`` (read per call,
+:func:`k_scale_setting`; the CUDA op only, the CPU op keeps ``SCHEME``): ``token`` (default)
+one scale per key, the op's scheme; ``tile`` (opt-in, not yet measured on a GPU) one scale per
+128-key tile from key 0 (the scheme with ``k_block=128``, :func:`cuda_scheme`): the
+quantization pass writes it per key, equal within a tile, so every kernel computes it, and
+``sm90ws`` at padded head dim 128 runs its variant that reads one scale per tile
+(``xdit_ops::fp8_attention_sm90ws_ktile_fwd``: no per-score K-scale multiply); at 64, which has
+no such variant, the per-key kernel runs. An unknown setting is an error naming the variable.
+
 The op is lossy by design (INT8 Q K^T, FP8 P.V), so ``attention(..., backend="auto")`` never
 chooses it; ask for it with ``backend="fp8"`` or call :func:`fp8_attention`.
 """
@@ -65,6 +74,13 @@ DTYPES = (torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 128
 FORMAT_ENV = "XDIT_OPS_FP8_FORMAT"
 FORMAT_SETTINGS = ("auto", *FP8_FORMATS)
+K_SCALE_ENV = "XDIT_OPS_FP8_K_SCALE"
+K_SCALE_SETTINGS = ("token", "tile")
+# Keys per K scale of each setting (the scheme's k_block); "tile" is the sm90ws key tile.
+K_SCALE_K_BLOCK = {"token": 1, "tile": 128}
+# The sm90ws kernel with one K scale per 128-key tile (XDIT_OPS_FP8_K_SCALE=tile), built for
+# padded head dim 128 (csrc/cuda/sm90/fp8_attention_sm90_ws_tile_kernels.cu).
+SM90WS_KTILE_OP = "fp8_attention_sm90ws_ktile_fwd"
 
 lib.define(
     "fp8_attention(Tensor q, Tensor k, Tensor v, float? scale=None, bool return_lse=False) "
@@ -75,7 +91,8 @@ lib.define(
 # fp8_attention_sm90ws_fwd: the warp-specialised kernel (csrc/include/xdit_ops/
 # fp8_attention_sm90_ws.cuh), same inputs and outputs, except that vt8 holds V^T in the P.V key
 # order (xdit_ops.reference.fp8_attention.vt_to_pv_order).
-for _name in SM90_IMPLS.values():
+# fp8_attention_sm90ws_ktile_fwd: the same with k_scale equal within every 128-key tile.
+for _name in (*SM90_IMPLS.values(), SM90WS_KTILE_OP):
     lib.define(
         f"{_name}(Tensor q8, Tensor q_scale, Tensor k8, Tensor k_scale, Tensor vt8, "
         "Tensor v_scale, Tensor lse_corr, int seqlen_k, int head_dim, Tensor out_like, "
@@ -90,11 +107,32 @@ def _sm90_op_name(impl: str) -> str:
     return SM90_IMPLS[impl]
 
 
-def sm90_kernel_loaded(impl: str = "sm90") -> bool:
+def sm90_kernel_loaded(impl: str = "sm90", k_scale: str = "token") -> bool:
     """Whether xdit_ops._C_sm90 registered the CUDA kernel of ``impl``'s op (``sm90``:
-    ``fp8_attention_sm90_fwd``, ``sm90ws``: ``fp8_attention_sm90ws_fwd``)."""
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"xdit_ops::{_sm90_op_name(impl)}",
-                                                          "CUDA")
+    ``fp8_attention_sm90_fwd``, ``sm90ws``: ``fp8_attention_sm90ws_fwd``; ``sm90ws`` with
+    ``k_scale="tile"``: ``fp8_attention_sm90ws_ktile_fwd``)."""
+    name = _sm90_op_name(impl)
+    if k_scale == "tile" and impl == "sm90ws":
+        name = SM90WS_KTILE_OP
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"xdit_ops::{name}", "CUDA")
+
+
+def k_scale_setting(setting: str | None = None) -> str:
+    """``XDIT_OPS_FP8_K_SCALE`` (read per call; ``setting`` overrides it): ``token`` (default,
+    one K scale per key) or ``tile`` (one per 128-key tile); anything else is an error naming
+    the op, the variable and the value."""
+    if setting is None:
+        setting = os.environ.get(K_SCALE_ENV, "token")
+    if setting not in K_SCALE_SETTINGS:
+        raise ValueError(f"{OP}: {K_SCALE_ENV}={setting!r} is not one of {K_SCALE_SETTINGS}")
+    return setting
+
+
+def with_k_scale(scheme: Fp8AttentionScheme, k_scale: str) -> Fp8AttentionScheme:
+    """``scheme`` with the K-scale granularity of the ``XDIT_OPS_FP8_K_SCALE`` value
+    ``k_scale`` (``token``: ``scheme`` itself; ``tile``: ``k_block=128``)."""
+    k_block = K_SCALE_K_BLOCK[k_scale_setting(k_scale)]
+    return scheme if k_block == scheme.k_block else replace(scheme, k_block=k_block)
 
 
 # Whether the native kernel takes V^T in the P.V key order (QuantizedQKV.vt_pv_order).
@@ -106,29 +144,33 @@ SM90_VT_PV_ORDER = {"sm90": False, "sm90ws": True}
 SM90_BLOCK_N = {"sm90": 64, "sm90ws": 128}
 
 
-def sm90_scheme(impl: str = "sm90") -> Fp8AttentionScheme:
+def sm90_scheme(impl: str = "sm90", k_scale: str = "token") -> Fp8AttentionScheme:
     """The scheme whose emulation (``fp8_attention_quantized_ref``) the native kernel ``impl``
     computes: the op's ``SCHEME`` with the kernel's key-tile width (``sm90``: 64, the op's own;
-    ``sm90ws``: 128)."""
+    ``sm90ws``: 128), and with ``k_scale="tile"`` one K scale per 128-key tile
+    (``k_block=128``; ``sm90ws``'s tile variant computes it up to the rounding of its folded
+    exponent, ``fp8_attention_sm90_ws.h``)."""
     _sm90_op_name(impl)
-    return replace(SCHEME, block_n=SM90_BLOCK_N[impl])
+    return with_k_scale(replace(SCHEME, block_n=SM90_BLOCK_N[impl]), k_scale)
 
 
 def cuda_scheme(head_dim: int, device: torch.device | None = None) -> Fp8AttentionScheme:
     """The scheme whose emulation the CUDA op computes at ``head_dim`` on ``device`` (default:
-    the current CUDA device) under the current ``XDIT_OPS_FP8_IMPL`` and
-    ``XDIT_OPS_FP8_FORMAT``: the kernels' key-tile width sets the softmax block (``block_n``),
-    so it can differ from the CPU op's ``SCHEME`` (the Triton kernel's 128-key tiles at head
-    dim 128, the sm90ws kernel's), and the FP8 format its ``fp8`` and ``p_shift``."""
+    the current CUDA device) under the current ``XDIT_OPS_FP8_IMPL``, ``XDIT_OPS_FP8_FORMAT``
+    and ``XDIT_OPS_FP8_K_SCALE``: the kernels' key-tile width sets the softmax block
+    (``block_n``), so it can differ from the CPU op's ``SCHEME`` (the Triton kernel's 128-key
+    tiles at head dim 128, the sm90ws kernel's), the FP8 format its ``fp8`` and ``p_shift``,
+    the K-scale setting its ``k_block``."""
     impl = resolve_impl(device, head_dim)
     fmt = resolve_format(device)
+    k_scale = k_scale_setting()
     if impl == "emulation":
-        return with_format(SCHEME, fmt)
+        return with_k_scale(with_format(SCHEME, fmt), k_scale)
     if impl in SM90_IMPLS:
-        return sm90_scheme(impl)
+        return sm90_scheme(impl, k_scale)
     from xdit_ops.triton.fp8_attention import attn_config, config_scheme
 
-    return config_scheme(attn_config(padded_head_dim(head_dim)), fmt)
+    return with_k_scale(config_scheme(attn_config(padded_head_dim(head_dim)), fmt), k_scale)
 
 
 def _format_setting() -> str:
@@ -218,6 +260,9 @@ def unusable_reason(device: torch.device, dtype: torch.dtype, head_dim: int,
         return f"XDIT_OPS_FP8_IMPL={impl!r} is not one of {IMPLS}"
     if _format_setting() not in FORMAT_SETTINGS:
         return f"{FORMAT_ENV}={_format_setting()!r} is not one of {FORMAT_SETTINGS}"
+    k_scale = os.environ.get(K_SCALE_ENV, "token")
+    if k_scale not in K_SCALE_SETTINGS:
+        return f"{K_SCALE_ENV}={k_scale!r} is not one of {K_SCALE_SETTINGS}"
     if dtype not in DTYPES:
         return f"fp8 attention takes float16/bfloat16, got {dtype}"
     if head_dim < 1 or head_dim > MAX_HEAD_DIM:
@@ -256,6 +301,9 @@ def unusable_reason(device: torch.device, dtype: torch.dtype, head_dim: int,
                    f"{_extension.reason('_C_sm90')}"
         if not sm90_kernel_loaded(impl):
             return f"XDIT_OPS_FP8_IMPL={impl}: xdit_ops._C_sm90 has no {SM90_IMPLS[impl]} kernel"
+        if k_scale == "tile" and not sm90_kernel_loaded(impl, k_scale):
+            return (f"XDIT_OPS_FP8_IMPL={impl} with {K_SCALE_ENV}=tile: xdit_ops._C_sm90 has "
+                    f"no {SM90WS_KTILE_OP} kernel (rebuild)")
     try:
         import triton  # noqa: F401  (the quantization pass is Triton for both implementations)
     except ImportError as exc:
@@ -306,22 +354,26 @@ def _fp8_attention_cuda(q, k, v, scale=None, return_lse=False):
         lse = q.new_full((B, H, Sq), float("-inf"), dtype=torch.float32)
         return _finish(q, out, lse, return_lse)
     fmt = resolve_format(q.device)
+    k_scale = k_scale_setting()
+    k_block = K_SCALE_K_BLOCK[k_scale]
     if impl == "emulation":
-        out, lse = fp8_attention_ref(q, k, v, scale, with_format(SCHEME, fmt))
+        out, lse = fp8_attention_ref(q, k, v, scale, with_k_scale(with_format(SCHEME, fmt),
+                                                                  k_scale))
         return _finish(q, out, lse, return_lse)
     from xdit_ops.triton.fp8_attention import fp8_attention_triton, quantize_qkv_triton
 
     if impl in SM90_IMPLS:
         qq = quantize_qkv_triton(q, k, v, scale, vt_pv_order=SM90_VT_PV_ORDER[impl],
-                                 fp8_format=fmt)
-        out, lse = attention_quantized_sm90(qq, q.dtype, return_lse, impl)
+                                 fp8_format=fmt, k_block=k_block)
+        out, lse = attention_quantized_sm90(qq, q.dtype, return_lse, impl, k_scale=k_scale)
     else:
-        out, lse = fp8_attention_triton(q, k, v, scale, return_lse, fp8_format=fmt)
+        out, lse = fp8_attention_triton(q, k, v, scale, return_lse, fp8_format=fmt,
+                                        k_block=k_block)
     return _finish(q, out, lse, return_lse)
 
 
 def attention_quantized_sm90(qq, out_dtype: torch.dtype, return_lse: bool = True,
-                             impl: str = "sm90"):
+                             impl: str = "sm90", k_scale: str = "token"):
     """A native sm_90a kernel on a :class:`~xdit_ops.reference.fp8_attention.QuantizedQKV`:
     (out [B, Sq, H, D] ``out_dtype``, lse [B, H, Sq] fp32 or [B, H, 0]).
 
@@ -330,8 +382,17 @@ def attention_quantized_sm90(qq, out_dtype: torch.dtype, return_lse: bool = True
     computes the emulation of :func:`sm90_scheme` (impl). ``sm90ws`` takes ``qq.vt`` in the P.V
     key order (``qq.vt_pv_order``: :func:`~xdit_ops.reference.fp8_attention.in_pv_order`),
     ``sm90`` in key order; the other layout is an error, and so is V^T in any FP8 format but
-    e4m3fn."""
-    op = getattr(torch.ops.xdit_ops, _sm90_op_name(impl)).default
+    e4m3fn.
+
+    ``k_scale="tile"``: ``qq.k_scale`` is equal within every 128-key tile (the quantization
+    pass with ``k_block=128``; not checked: the kernel reads each tile's first scale); for
+    ``sm90ws`` at padded head dim 128 it runs the per-tile K-scale variant
+    (``fp8_attention_sm90ws_ktile_fwd``), elsewhere the kernel ``impl`` (per-key scales, these
+    included). It computes the emulation of :func:`sm90_scheme` (impl, k_scale)."""
+    name = _sm90_op_name(impl)
+    if k_scale_setting(k_scale) == "tile" and impl == "sm90ws":
+        name = SM90WS_KTILE_OP
+    op = getattr(torch.ops.xdit_ops, name).default
     if qq.vt.dtype != E4M3FN.dtype:
         raise ValueError(f"{OP}: the {impl} kernel takes e4m3fn V^T ({E4M3FN.dtype}), got "
                          f"{qq.vt.dtype} (XDIT_OPS_FP8_FORMAT={_format_setting()!r})")
@@ -366,7 +427,7 @@ def _fp8_attention_sm90_fwd_fake(q8, q_scale, k8, k_scale, vt8, v_scale, lse_cor
     return out, lse
 
 
-for _name in SM90_IMPLS.values():
+for _name in (*SM90_IMPLS.values(), SM90WS_KTILE_OP):
     torch.library.register_fake(f"xdit_ops::{_name}")(_fp8_attention_sm90_fwd_fake)
 
 
@@ -408,5 +469,5 @@ def fp8_attention(
 
 
 __all__ = ["attention_quantized_sm90", "auto_format", "cuda_scheme", "fp8_attention",
-           "padded_head_dim", "resolve_format", "sm90_kernel_loaded", "sm90_scheme",
-           "unusable_reason"]
+           "k_scale_setting", "padded_head_dim", "resolve_format", "sm90_kernel_loaded",
+           "sm90_scheme", "unusable_reason", "with_k_scale"]

@@ -257,7 +257,19 @@ def _kv_stats_partials(k: torch.Tensor, v: torch.Tensor, had: torch.Tensor
     return ksum, vmax
 
 
-def _quantize(q, k, v, had, scale, vt_pv_order=False, fp8_format="e4m3fn"):
+# Keys per K scale the quantization pass supports: 1 (per key, the op's scheme) and one scale
+# per 128-key tile (XDIT_OPS_FP8_K_SCALE=tile: the sm90ws kernel's key tile).
+K_BLOCKS = (1, 128)
+
+
+def _check_k_block(k_block: int) -> None:
+    if k_block not in K_BLOCKS:
+        raise ValueError(f"fp8_attention: the quantization pass takes k_block in {K_BLOCKS}, "
+                         f"got {k_block!r}")
+
+
+def _quantize(q, k, v, had, scale, vt_pv_order=False, fp8_format="e4m3fn", k_block=1):
+    _check_k_block(k_block)
     B, Sq, H, D = q.shape
     Sk = k.shape[1]
     DP = had.shape[0]
@@ -285,14 +297,24 @@ def _quantize(q, k, v, had, scale, vt_pv_order=False, fp8_format="e4m3fn"):
                 q.stride(0), q.stride(1), q.stride(2),
                 H, Sq, Sk, num_chunks, scale * LOG2E / DP, scale / DP,
                 num_stages=launch.q_stages, **consts)
-    kv_tiles = triton.cdiv(Sk_pad, QUANT_BLOCK_S)
-    grid = (_programs_per_head(B * H, kv_tiles, launch.programs_per_sm, dev), B * H)
+    # One K scale per k_block keys: tiles of k_block keys (the last may reach past Sk_pad, a
+    # multiple of 64; the kernel masks its stores), over proportionally more warps and
+    # proportionally fewer programs per SM (the same elements a thread and threads per SM as
+    # with 64-key tiles). From ptxas -v (sm_90a) at k_block 128: 121 registers a thread at head
+    # dim 64 (8 warps, 2 programs per SM), 125 at 128 (16 warps, 1 program per SM); at 4 warps
+    # a 128-key tile took 221 at head dim 64.
+    kv_block = max(QUANT_BLOCK_S, k_block)
+    kv_warps = launch.num_warps * kv_block // QUANT_BLOCK_S
+    kv_per_sm = max(1, launch.programs_per_sm * QUANT_BLOCK_S // kv_block)
+    kv_tiles = triton.cdiv(Sk_pad, kv_block)
+    grid = (_programs_per_head(B * H, kv_tiles, kv_per_sm, dev), B * H)
     _launch(kernels.quantize_kv_kernel, grid,
             k, v, had, ksum, vmax, k8, k_scale, vt8, v_scale,
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
             H, Sk, Sk_pad, num_chunks,
-            VT_PV_ORDER=vt_pv_order, num_stages=launch.kv_stages, **consts)
+            VT_PV_ORDER=vt_pv_order, num_stages=launch.kv_stages,
+            **(consts | dict(BLOCK_S=kv_block, K_BLOCK=k_block, num_warps=kv_warps)))
     return q8, q_scale, k8, k_scale, vt8, v_scale, lse_corr
 
 
@@ -319,12 +341,13 @@ def _attention(q8, q_scale, k8, k_scale, vt8, v_scale, lse_corr, seqlen_k, head_
 @triton_op("xdit_ops::fp8_quantize_triton", mutates_args=())
 def fp8_quantize_triton(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, had: torch.Tensor, scale: float,
-    vt_pv_order: bool = False, fp8_format: str = "e4m3fn",
+    vt_pv_order: bool = False, fp8_format: str = "e4m3fn", k_block: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
            torch.Tensor]:
     """The quantization pass (see :class:`QuantizedQKV` for the outputs' layouts;
-    ``vt_pv_order``: V^T in the P.V key order; ``fp8_format``: the name of V^T's format)."""
-    return _quantize(q, k, v, had, scale, vt_pv_order, fp8_format)
+    ``vt_pv_order``: V^T in the P.V key order; ``fp8_format``: the name of V^T's format;
+    ``k_block``: keys per K scale, 1 or 128)."""
+    return _quantize(q, k, v, had, scale, vt_pv_order, fp8_format, k_block)
 
 
 @triton_op("xdit_ops::fp8_attention_fwd_triton", mutates_args=())
@@ -349,7 +372,8 @@ def _on_device(device: torch.device):
 
 def quantize_qkv_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         scale: float | None = None, vt_pv_order: bool = False,
-                        fp8_format: Fp8Format | str | None = None) -> QuantizedQKV:
+                        fp8_format: Fp8Format | str | None = None, k_block: int = 1
+                        ) -> QuantizedQKV:
     """The quantization pass in Triton, returning :class:`QuantizedQKV` (BSHD inputs).
 
     ``vt_pv_order``: write V^T with its keys in the P.V key order (the sm90ws kernel's input,
@@ -357,7 +381,11 @@ def quantize_qkv_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     the sm90 kernel take the plain layout. ``fp8_format``: V^T's FP8 format (a
     :class:`~xdit_ops.reference.fp8_attention.Fp8Format` or its name); None resolves
     ``XDIT_OPS_FP8_FORMAT`` for ``q``'s device (:func:`xdit_ops.ops.fp8_attention.resolve_format`).
+    ``k_block``: keys sharing one K scale, 1 (per key, the op's scheme) or 128 (one scale per
+    128-key tile from key 0: the scheme with ``k_block=128``, ``XDIT_OPS_FP8_K_SCALE=tile``;
+    still written per key, equal within a tile and zero past Sk).
     """
+    _check_k_block(k_block)
     D = q.shape[-1]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     if fp8_format is None:
@@ -371,7 +399,7 @@ def quantize_qkv_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     had = cached_hadamard(padded_head_dim(D), q.dtype, q.device)
     fn = _quantize if INTERPRET else fp8_quantize_triton
     with _on_device(q.device):
-        t = fn(q, k, v, had, scale, vt_pv_order, name)
+        t = fn(q, k, v, had, scale, vt_pv_order, name, k_block)
     return QuantizedQKV(*t, seqlen_k=k.shape[1], head_dim=D, vt_pv_order=vt_pv_order)
 
 
@@ -398,11 +426,11 @@ def attention_quantized_triton(qq: QuantizedQKV, out_dtype: torch.dtype,
 
 def fp8_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          scale: float | None, return_lse: bool,
-                         fp8_format: Fp8Format | str | None = None
+                         fp8_format: Fp8Format | str | None = None, k_block: int = 1
                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantization pass + attention kernel: out [B, Sq, H, D] in q.dtype, lse [B, H, Sq]
-    (``fp8_format`` as :func:`quantize_qkv_triton` takes it)."""
-    qq = quantize_qkv_triton(q, k, v, scale, fp8_format=fp8_format)
+    (``fp8_format`` and ``k_block`` as :func:`quantize_qkv_triton` takes them)."""
+    qq = quantize_qkv_triton(q, k, v, scale, fp8_format=fp8_format, k_block=k_block)
     return attention_quantized_triton(qq, q.dtype, return_lse)
 
 

@@ -1,7 +1,8 @@
-// Torch-aware launchers of xdit_ops::fp8_attention_sm90_fwd and
-// xdit_ops::fp8_attention_sm90ws_fwd (schemas in xdit_ops/ops/fp8_attention.py): the sm_90a FP8
-// attention kernels (one warpgroup with cp.async; warp-specialised with TMA) on the
-// quantization pass's output (QuantizedQKV layouts). Both take the same inputs and checks.
+// Torch-aware launchers of xdit_ops::fp8_attention_sm90_fwd, xdit_ops::fp8_attention_sm90ws_fwd
+// and xdit_ops::fp8_attention_sm90ws_ktile_fwd (schemas in xdit_ops/ops/fp8_attention.py): the
+// sm_90a FP8 attention kernels (one warpgroup with cp.async; warp-specialised with TMA; the
+// warp-specialised one with one K scale per 128-key tile) on the quantization pass's output
+// (QuantizedQKV layouts). All take the same inputs and checks.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -20,7 +21,10 @@ namespace xdit_ops {
 
 namespace {
 
-enum class Sm90Kernel { kOneWarpgroup, kWarpSpecialized };
+// kWarpSpecializedTileK: k_scale equal within every 128-key tile (XDIT_OPS_FP8_K_SCALE=tile);
+// at padded head dim 64, which has no such instantiation, the per-key kernel runs (it computes
+// any per-key scales, these included).
+enum class Sm90Kernel { kOneWarpgroup, kWarpSpecialized, kWarpSpecializedTileK };
 
 // One launcher for both ops (same schema, inputs and checks); the kernel is a template argument
 // so that each op registers its own instantiation.
@@ -30,8 +34,10 @@ std::tuple<at::Tensor, at::Tensor> fp8_attention_sm90_fwd_cuda(
     const at::Tensor& k_scale, const at::Tensor& vt8, const at::Tensor& v_scale,
     const at::Tensor& lse_corr, int64_t seqlen_k, int64_t head_dim, const at::Tensor& out_like,
     bool return_lse) {
-  const char* kOp = kernel == Sm90Kernel::kWarpSpecialized ? "fp8_attention_sm90ws_fwd"
-                                                           : "fp8_attention_sm90_fwd";
+  constexpr bool kWs = kernel != Sm90Kernel::kOneWarpgroup;
+  const char* kOp = kernel == Sm90Kernel::kWarpSpecialized       ? "fp8_attention_sm90ws_fwd"
+                    : kernel == Sm90Kernel::kWarpSpecializedTileK ? "fp8_attention_sm90ws_ktile_fwd"
+                                                                  : "fp8_attention_sm90_fwd";
   XDIT_CHECK(q8.is_cuda(), kOp, ": tensors must be on a CUDA device, got ", q8.device());
   for (const at::Tensor* t : {&q_scale, &k8, &k_scale, &vt8, &v_scale, &lse_corr}) {
     XDIT_CHECK(t->device() == q8.device(), kOp, ": tensors are on different devices (",
@@ -68,7 +74,7 @@ std::tuple<at::Tensor, at::Tensor> fp8_attention_sm90_fwd_cuda(
   XDIT_CHECK(out_type == at::kHalf || out_type == at::kBFloat16, kOp,
              ": output dtype must be float16 or bfloat16, got ", out_type);
 
-  if (kernel == Sm90Kernel::kWarpSpecialized) {
+  if (kWs) {
     // TMA and bulk copies read from 16-byte aligned global addresses (row strides are DP and
     // Sk_pad bytes, Sk_pad floats for k_scale).
     for (const at::Tensor* t : {&q8, &k8, &vt8, &k_scale}) {
@@ -80,7 +86,7 @@ std::tuple<at::Tensor, at::Tensor> fp8_attention_sm90_fwd_cuda(
   const c10::cuda::CUDAGuard guard(q8.device());
   at::Tensor out = at::empty({B, Sq, H, head_dim}, q8.options().dtype(out_type));
   at::Tensor lse = at::empty({B, H, return_lse ? Sq : 0}, q8.options().dtype(at::kFloat));
-  if (kernel == Sm90Kernel::kWarpSpecialized && seqlen_k == 0) {
+  if (kWs && seqlen_k == 0) {
     // No keys: what the emulation returns (the kernel needs at least one key tile).
     out.zero_();
     lse.fill_(-std::numeric_limits<float>::infinity());
@@ -105,7 +111,10 @@ std::tuple<at::Tensor, at::Tensor> fp8_attention_sm90_fwd_cuda(
   p.seq_k_pad = static_cast<int>(Skp);
   p.head_dim = static_cast<int>(head_dim);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  if (kernel == Sm90Kernel::kWarpSpecialized) {
+  if (kernel == Sm90Kernel::kWarpSpecializedTileK && DP == 128) {
+    XDIT_CUDA_CHECK(fp8_attention_sm90_ws_tile_k_scale(p, static_cast<int>(B), static_cast<int>(DP),
+                                                       to_dtype(out_type, kOp), stream));
+  } else if (kWs) {
     XDIT_CUDA_CHECK(fp8_attention_sm90_ws(p, static_cast<int>(B), static_cast<int>(DP),
                                           to_dtype(out_type, kOp), stream));
   } else {
@@ -125,4 +134,6 @@ TORCH_LIBRARY_IMPL(xdit_ops, CUDA, m) {
          &xdit_ops::fp8_attention_sm90_fwd_cuda<Sm90Kernel::kOneWarpgroup>);
   m.impl("fp8_attention_sm90ws_fwd",
          &xdit_ops::fp8_attention_sm90_fwd_cuda<Sm90Kernel::kWarpSpecialized>);
+  m.impl("fp8_attention_sm90ws_ktile_fwd",
+         &xdit_ops::fp8_attention_sm90_fwd_cuda<Sm90Kernel::kWarpSpecializedTileK>);
 }

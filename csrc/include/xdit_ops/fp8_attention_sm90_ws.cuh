@@ -30,12 +30,22 @@
 // column pi(k) holds key k, so that each thread's own S accumulator values land in its own
 // A-operand slots. ptxas (nvcc 13.0, sm_90a): 168 registers at launch, no spills; the
 // consumers' code stays within 240 registers and the producer's within 24.
+//
+// kTileKScale (XDIT_OPS_FP8_K_SCALE=tile, opt-in, not yet run on a GPU): one K scale per 128-key
+// tile, read once per tile and folded into the exponent's FMA (softmax_tile); the row max is
+// taken on the integer bit patterns of the scores. ptxas (nvcc 13.0, sm_90a, Dp 128): 168
+// registers at launch, no spills, like the per-key kernel; the steady key loop is 497 SASS
+// instructions per warp per 128-key tile against the per-key kernel's 670 (bf16 output; no
+// LDS of key scales, no per-score FADD/FMUL of the conversion and the K scale, 40 integer
+// max instructions, three-input VIMNMX3 mostly, for 76 FMNMX).
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_fp8.h>
 #include <cuda_runtime.h>
+
+#include <climits>
 
 #include <cute/tensor.hpp>  // first: the atom headers below expect it
 #include <cute/atom/copy_traits_sm90_tma.hpp>
@@ -179,6 +189,12 @@ struct KernelParams {
   int bh_count;
 };
 
+// Max over the four lanes of a quad, on integers (softmax_tile's max over score bit patterns).
+__device__ __forceinline__ int quad_max_int(int x) {
+  x = max(x, __shfl_xor_sync(0xffffffff, x, 1));
+  return max(x, __shfl_xor_sync(0xffffffff, x, 2));
+}
+
 __device__ __forceinline__ void named_barrier_sync(int id, int threads) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
@@ -206,8 +222,10 @@ __device__ __forceinline__ void wait_barrier(const uint64_t* bar, uint32_t phase
   }
 }
 
-// The producer: one thread issues every TMA load of the CTA.
-template <int kDP>
+// The producer: one thread issues every TMA load of the CTA. kTileKScale: the consumers read
+// only the tile's first key scale (one K scale per 128-key tile), so only the first 16 bytes
+// (four scales; the minimum bulk copy) of the tile's scales are copied.
+template <int kDP, bool kTileKScale>
 __device__ __forceinline__ void produce(const KernelParams<kDP>& kp, Storage<kDP>& s,
                                         int n_tiles) {
   using C = Cfg<kDP>;
@@ -250,7 +268,9 @@ __device__ __forceinline__ void produce(const KernelParams<kDP>& kp, Storage<kDP
     wait_barrier(&s.k_empty[st], empty_phase);
     // The key scales of the tile ride on K's barrier; only those inside Sk_pad are read (the
     // last tile may reach past it: those keys are masked, their scales never used).
-    const int ks_bytes = min(kBlockN, p.seq_k_pad - t * kBlockN) * int(sizeof(float));
+    // (Sk_pad - t kBlockN >= 64 for every tile: the 16 bytes of kTileKScale are inside.)
+    const int ks_bytes =
+        kTileKScale ? 16 : min(kBlockN, p.seq_k_pad - t * kBlockN) * int(sizeof(float));
     ClusterTransactionBarrier::arrive_and_expect_tx(&s.k_full[st], C::kKBytes + ks_bytes);
     copy(kp.tma_k.with(s.k_full[st]), tKg(_, t), tKs(_, st));
     SM90_BULK_COPY_G2S::copy(p.k_scale + int64_t(bh) * p.seq_k_pad + t * kBlockN, &s.k_full[st],
@@ -268,7 +288,9 @@ __device__ __forceinline__ void produce(const KernelParams<kDP>& kp, Storage<kDP
 }
 
 // A consumer warpgroup: 64 query rows, every key tile (see the file comment for the schedule).
-template <int kDP, typename OutT>
+// kTileKScale: the K scales are equal within a 128-key tile (the scheme with k_block = 128,
+// XDIT_OPS_FP8_K_SCALE=tile); the softmax reads one scale per tile (softmax_tile).
+template <int kDP, typename OutT, bool kTileKScale>
 __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP>& s,
                                         int n_tiles, int w) {
   using C = Cfg<kDP>;
@@ -405,6 +427,68 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
     CUTE_UNROLL
     for (int j = 0; j < 2; ++j) l_i[j] = l_i[j] * alpha_t[j] + quad_sum(tile_sum[j]);
   };
+  // The softmax with one K scale per tile (kTileKScale; the scheme with k_block = 128): c[j] =
+  // |qs| x ks of row j and the tile, positive (q_sign carries the sign). Per score one IMAD,
+  // b = sign(qs) x + 0x4B400000 (the bits of the fp32 1.5 2^23 + sign(qs) x, exact for
+  // |x| < 2^22 and, as an integer, increasing with sign(qs) x), one integer max of b (the row
+  // max: c > 0, so the max commutes with the scaling), and one FFMA straight into the exponent,
+  // fma(float(b), c, -(1.5 2^23 c + m - 8)): the product is exact inside the FMA, so the
+  // exponent is x c - (m - 8) up to the rounding of the per-row constant (at most half an ulp
+  // of 1.5 2^23 c, about c: the score of one unit of the int32 dot product) and the final
+  // rounding. No per-score K-scale multiply, no scale registers. The scheme computes
+  // s = (x ks) qs with two roundings and exp2(s - (m - 8)): the exponents differ by about one
+  // dot-product unit of score, far below the INT8 codes' own error (a P code moves one e4m3
+  // step where it sits that close to a rounding boundary). The row max m = round(x_max c) is
+  // taken with c's rounding, not the scheme's two.
+  constexpr int kMagicBits = 0x4B400000;
+  constexpr float kMagic = 12582912.0f;  // 1.5 * 2^23, the float of kMagicBits
+  auto softmax_tile = [&](int t, const float (&c)[2], auto mask, float (&alpha_t)[2],
+                          PPairs& pk) {
+    constexpr bool kMask = decltype(mask)::value;
+    const int n0 = t * kBlockN;
+    int sb[size(tSrS)];
+    int part_max[2][4];  // four partial maxima per row: short dependency chains
+    CUTE_UNROLL
+    for (int j = 0; j < 8; ++j) part_max[j / 4][j % 4] = INT_MIN;
+    CUTE_UNROLL
+    for (int i = 0; i < size(tSrS); ++i) {
+      const int rj = (i >> 1) & 1;
+      int b = tSrS(i) * q_sign[rj] + kMagicBits;
+      // A masked key: INT_MIN (below every score's bits, which are positive); exponent -inf.
+      if (kMask && n0 + c0 + (i & 1) + 8 * (i >> 2) >= p.seq_k) b = INT_MIN;
+      sb[i] = b;
+      part_max[rj][(i >> 2) & 3] = max(part_max[rj][(i >> 2) & 3], b);
+    }
+    float k_shift[2], tile_sum[2] = {0.f, 0.f};
+    CUTE_UNROLL
+    for (int j = 0; j < 2; ++j) {
+      const int max_bits = quad_max_int(max(max(part_max[j][0], part_max[j][1]),
+                                            max(part_max[j][2], part_max[j][3])));
+      // Every tile's key n0 < seq_k sits in lane 0 of every quad: max_bits is a score's.
+      // float(max_bits) - 1.5 2^23 is the integer x_max exactly.
+      const float m_new = fmaxf(m_i[j], (__int_as_float(max_bits) - kMagic) * c[j]);
+      alpha_t[j] = exp2f(m_i[j] - m_new);
+      k_shift[j] = -fmaf(kMagic, c[j], m_new - kPShift);
+      m_i[j] = m_new;
+    }
+    CUTE_UNROLL
+    for (int i = 0; i < size(tSrS); i += 2) {
+      const int rj = (i >> 1) & 1;
+      float a0 = fmaf(__int_as_float(sb[i]), c[rj], k_shift[rj]);
+      float a1 = fmaf(__int_as_float(sb[i + 1]), c[rj], k_shift[rj]);
+      if (kMask) {
+        if (sb[i] == INT_MIN) a0 = -INFINITY;
+        if (sb[i + 1] == INT_MIN) a1 = -INFINITY;
+      }
+      const float p0 = exp2f(a0);
+      const float p1 = exp2f(a1);
+      tile_sum[rj] += p0;
+      tile_sum[rj] += p1;
+      pk[i / 2] = __nv_cvt_float2_to_fp8x2(make_float2(p0, p1), __NV_SATFINITE, __NV_E4M3);
+    }
+    CUTE_UNROLL
+    for (int j = 0; j < 2; ++j) l_i[j] = l_i[j] * alpha_t[j] + quad_sum(tile_sum[j]);
+  };
   // P of tile t into P.V's A registers: register 4 kb + r + 2 h holds row r's column groups
   // j = 4 kb + 2 h (bytes 0, 1) and j + 1 (bytes 2, 3) (see pv_a_register). Called after the
   // wait for the P.V that read tOrP. (ptxas moves the e4m3 conversions here, as F2FP.MERGE_C
@@ -446,6 +530,14 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
     const int sv = (t + kStages - 1) % kStages;
     if constexpr (kQK) ClusterBarrier::wait(&s.k_full[st], (t / kStages) & 1);
     if constexpr (kPV) ClusterBarrier::wait(&s.v_full[sv], ((t - 1) / kStages) & 1);
+    // kTileKScale: the tile's K scale (its first key's; the scheme's scales are equal within
+    // the tile), read before the wgmmas (two registers across the batch: c of both rows).
+    float c_t[2];
+    if constexpr (kTileKScale && kQK) {
+      const float k_tile_scale = s.ks[st][0];
+      CUTE_UNROLL
+      for (int j = 0; j < 2; ++j) c_t[j] = q_abs[j] * k_tile_scale;
+    }
     sched_wait();
     if constexpr (kQK) warpgroup_fence_operand(tSrS);
     if constexpr (kPV) {
@@ -469,14 +561,19 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
     if constexpr (kQK) {
       warpgroup_wait<kPV ? 1 : 0>();  // Q K^T of tile t (P.V of tile t - 1 may still run)
       warpgroup_fence_operand(tSrS);
-      // The key scales are read here, not before the wgmmas: the accumulators of both
-      // products plus the output's leave no registers to hold them across the batch. The
-      // release of the K stage (mbarrier.arrive: release semantics) follows the reads.
-      load_ks(st, ks);
-      // ClusterBarrier::arrive's asm has no memory clobber: keep the loads above it.
-      asm volatile("" ::: "memory");
-      ClusterBarrier::arrive(&s.k_empty[st]);
-      softmax(t, ks, mask, alpha_t, pk);
+      if constexpr (kTileKScale) {
+        ClusterBarrier::arrive(&s.k_empty[st]);  // the scale was read before the wgmmas
+        softmax_tile(t, c_t, mask, alpha_t, pk);
+      } else {
+        // The key scales are read here, not before the wgmmas: the accumulators of both
+        // products plus the output's leave no registers to hold them across the batch. The
+        // release of the K stage (mbarrier.arrive: release semantics) follows the reads.
+        load_ks(st, ks);
+        // ClusterBarrier::arrive's asm has no memory clobber: keep the loads above it.
+        asm volatile("" ::: "memory");
+        ClusterBarrier::arrive(&s.k_empty[st]);
+        softmax(t, ks, mask, alpha_t, pk);
+      }
     }
     if constexpr (kPV) {
       warpgroup_wait<0>();
@@ -526,7 +623,7 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
   if (p.lse != nullptr && (tid & 3) == 0) store_lse(p, bh, m0 + r0, m_i, l_i);
 }
 
-template <int kDP, typename OutT>
+template <int kDP, typename OutT, bool kTileKScale>
 __global__ void __launch_bounds__(kThreads, 1)
     fp8_attention_ws_kernel(const __grid_constant__ KernelParams<kDP> kp) {
   extern __shared__ __align__(1024) uint8_t smem_raw[];
@@ -550,14 +647,15 @@ __global__ void __launch_bounds__(kThreads, 1)
   __syncthreads();
   if (warp_group == 0) {
     cutlass::arch::warpgroup_reg_dealloc<kProducerRegs>();
-    if (threadIdx.x == 0) produce<kDP>(kp, s, n_tiles);
+    if (threadIdx.x == 0) produce<kDP, kTileKScale>(kp, s, n_tiles);
   } else {
     cutlass::arch::warpgroup_reg_alloc<kConsumerRegs>();
-    consume<kDP, OutT>(kp, s, n_tiles, warp_group - 1);
+    consume<kDP, OutT, kTileKScale>(kp, s, n_tiles, warp_group - 1);
   }
 }
 
-template <int kDP, typename OutT>
+// kTileKScale: the per-tile K scale variant (p.k_scale equal within every 128-key tile).
+template <int kDP, typename OutT, bool kTileKScale = false>
 cudaError_t launch(const Fp8AttentionSm90Params& p, int batch, cudaStream_t stream) {
   // Sk_pad is the quantization pass's (a multiple of 64); TMA reads the last tile's keys past
   // it as zeros.
@@ -569,7 +667,7 @@ cudaError_t launch(const Fp8AttentionSm90Params& p, int batch, cudaStream_t stre
                        make_tma_k<kDP>(p.k8, p.seq_k_pad, bh),
                        make_tma_vt<kDP>(p.vt8, p.seq_k_pad, bh), p, bh};
   const int smem = static_cast<int>(sizeof(Storage<kDP>));
-  auto kernel = fp8_attention_ws_kernel<kDP, OutT>;
+  auto kernel = fp8_attention_ws_kernel<kDP, OutT, kTileKScale>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
   const int rows_per_cta = kConsumers * kBlockM;

@@ -249,6 +249,7 @@ def quantize_kv_kernel(
     H, Sk, Sk_pad, num_chunks,
     D: tl.constexpr, DP: tl.constexpr, BLOCK_S: tl.constexpr, NUM_CHUNKS_P2: tl.constexpr,
     UPCAST: tl.constexpr, VT_PV_ORDER: tl.constexpr = False, STATS_GIVEN: tl.constexpr = False,
+    K_BLOCK: tl.constexpr = 1,
 ):
     """Grid (P, B * H): program p quantizes the key tiles p, p + P, ... of one (batch, head).
     V: FP8 (VT8's format, scaled to its max) per channel, stored transposed (keys contiguous); K:
@@ -264,7 +265,12 @@ def quantize_kv_kernel(
     KSUM/VMAX: the kv_stats partials [B * H, num_chunks, DP], or, with STATS_GIVEN, the K mean
     and the V amax [B * H, DP] (amax without zeros; num_chunks unused): usp_attention's FP8
     wire, which quantizes a rank's Sk tokens given the statistics of the whole sequence.
+    K_BLOCK: keys per K scale, 1 (per key) or BLOCK_S (one scale per tile of BLOCK_S keys: the
+    amax over the tile's keys and channels; the scheme's ``k_block``, XDIT_OPS_FP8_K_SCALE=tile
+    with BLOCK_S = 128). Then Sk_pad need not be a multiple of BLOCK_S (the stores are masked
+    to the keys below Sk_pad).
     """
+    tl.static_assert(K_BLOCK == 1 or K_BLOCK == BLOCK_S)
     FP8_DTYPE: tl.constexpr = VT8.dtype.element_ty
     FP8_MAX: tl.constexpr = E4M3FNUZ_MAX if FP8_DTYPE == tl.float8e4b8 else E4M3FN_MAX
     pid = tl.program_id(0)
@@ -297,12 +303,27 @@ def quantize_kv_kernel(
             # rows permuted in registers, so the store stays contiguous along keys.
             vq = tl.reshape(vq, [BLOCK_S // 32, 2, 2, 4, 2, DP])
             vq = tl.reshape(tl.permute(vq, [0, 1, 3, 2, 4, 5]), [BLOCK_S, DP])
-        tl.store(vt_base + offs_d[None, :] * Sk_pad + rows[:, None], vq)
+        if K_BLOCK == 1:
+            tl.store(vt_base + offs_d[None, :] * Sk_pad + rows[:, None], vq)
+        else:
+            tl.store(vt_base + offs_d[None, :] * Sk_pad + rows[:, None], vq,
+                     mask=(rows < Sk_pad)[:, None])
         kr = _rotate(k, had, UPCAST) - k_mean[None, :]
         kr = tl.where(k_ok[:, None], kr, 0.0)
-        codes, amax = _int8_rows(kr)
-        tl.store(k8_base + rows[:, None] * DP + offs_d[None, :], codes)
-        tl.store(KSCALE + key_base + rows, tl.where(k_ok, _round_k_scale(_div(amax, 127.0)), 0.0))
+        if K_BLOCK == 1:
+            codes, amax = _int8_rows(kr)
+            tl.store(k8_base + rows[:, None] * DP + offs_d[None, :], codes)
+            tl.store(KSCALE + key_base + rows,
+                     tl.where(k_ok, _round_k_scale(_div(amax, 127.0)), 0.0))
+        else:
+            # One scale for the tile's keys (the padding rows are zeros: they do not count).
+            tile_amax = tl.max(tl.max(tl.abs(kr), axis=1), axis=0)
+            tile_amax = tl.where(tile_amax > 0, tile_amax, 1.0)
+            codes = _round_int8(kr * _div(127.0, tile_amax))
+            st_ok = rows < Sk_pad
+            tl.store(k8_base + rows[:, None] * DP + offs_d[None, :], codes, mask=st_ok[:, None])
+            tl.store(KSCALE + key_base + rows,
+                     tl.where(k_ok, _round_k_scale(_div(tile_amax, 127.0)), 0.0), mask=st_ok)
 
 
 @triton.jit
