@@ -442,7 +442,7 @@ def test_usp_fp8_ring_matches_single_device(world):
 
 def _worker_gpu(rank, world):
     for impl in ("auto", "triton"):
-        for ring in ("nccl", "ce"):
+        for ring in ("nccl", "ce", "ceflags"):
             os.environ["XDIT_OPS_FP8_IMPL"] = impl
             os.environ["XDIT_OPS_USP_RING"] = ring
             _worker(rank, world, "cuda", GPU_CASES)
@@ -450,7 +450,7 @@ def _worker_gpu(rank, world):
             xdit_ops.init_parallel(ring_degree=world)
             fp8_graph_check(rank, "fp8ring")
     if world == 4:
-        for ring in ("nccl", "ce"):
+        for ring in ("nccl", "ce", "ceflags"):
             os.environ["XDIT_OPS_USP_RING"] = ring
             _hybrid_worker(rank, world, "cuda", GPU_HYBRID_CASES)
     # one NCCL process group for every phase: a destroy_process_group then a new one in the
