@@ -7,8 +7,10 @@ path (the list path's descriptors replayed in Python, the tensor path's through 
 host-memory kernel, which runs the same C++ rebase and checks as on the GPU: both must copy the
 same bytes, and the right ones, for sources at other addresses than the templates were made
 from), and the ring's compiled schedule (it must be ``ring_flag_schedule`` operation for
-operation). The GPU tests of both paths are in test_usp_attention.py (overlap, ceflags) and
-test_stream_memops.py (the ops).
+operation). On GPUs, eager calls alternating both host paths must give equal outputs (the
+overlap, the flag ring and the barrier ring). The other GPU tests of these paths are in
+test_usp_attention.py (overlap, ceflags, ce; the default host path) and test_stream_memops.py
+(the ops).
 """
 
 from __future__ import annotations
@@ -197,16 +199,17 @@ def test_host_switch(monkeypatch):
         _host_lists()
 
 
-def _worker_gpu_host_paths(rank, world, ring):
+def _worker_gpu_host_paths(rank, world, mode):
     """Eager calls alternating the two host paths (the same flag words and buffers, so each
     path must leave them as the other expects), on new input tensors each call (the templates'
-    rebase) and on strided ones (a new template key): every output must equal the first, and
-    the ring path must be the flag ring / the Ulysses path the overlap."""
-    if ring:
-        os.environ["XDIT_OPS_USP_RING"] = "ceflags"
-    else:
+    rebase) and on strided ones (a new template key): every output must equal the first.
+    ``mode``: the overlap Ulysses, or the ring over the copy engines with flags (ceflags) or
+    barriers (ce)."""
+    if mode == "overlap":
         os.environ["XDIT_OPS_USP_ULYSSES"] = "overlap"
-    u = 1 if ring else world
+    else:
+        os.environ["XDIT_OPS_USP_RING"] = mode
+    u = world if mode == "overlap" else 1
     xdit_ops.init_parallel(ulysses_degree=u, ring_degree=world // u)
     B, S, H, D = 1, 1024, 8, 64
     base = [randn(B, S, H, D, seed=s, dtype=torch.bfloat16, device="cuda") for s in (1, 2, 3)]
@@ -223,17 +226,17 @@ def _worker_gpu_host_paths(rank, world, ring):
     for i, o in enumerate(outs[1:], 1):
         assert torch.equal(o, outs[0]), (i, (o.float() - outs[0].float()).abs().max())
     plans = list(_usp._PLANS.values())
-    if ring:
-        assert {p.ring for p in plans} == {"ceflags"}
-    else:
+    if mode == "overlap":
         assert {p.path for p in plans} == {"overlap"}
+    else:
+        assert {p.ring for p in plans} == {mode}
     xdit_ops.destroy_parallel()
 
 
 @pytest.mark.multigpu(2)
-@pytest.mark.parametrize("ring", [False, True], ids=["overlap", "ceflags"])
+@pytest.mark.parametrize("mode", ["overlap", "ceflags", "ce"])
 @pytest.mark.parametrize("world", [2, 4])
-def test_usp_gpu_host_paths_agree(world, ring):
+def test_usp_gpu_host_paths_agree(world, mode):
     if torch.cuda.device_count() < world:
         pytest.skip(f"needs {world} GPUs")
-    run_distributed(_worker_gpu_host_paths, world, ring, timeout=150, backend="nccl")
+    run_distributed(_worker_gpu_host_paths, world, mode, timeout=150, backend="nccl")

@@ -735,7 +735,7 @@ def _ulysses_push(q_s, k_s, v_s, q_j, k_j, v_j, p: _Plan, attend):
 # put ~4 us of stream time on each single operation, ~90 of them a call.
 
 MAX_OVERLAP_CHUNKS = 8
-_OVERLAP: dict[tuple, tuple] = {}
+_OVERLAP: dict[tuple, object] = {}
 
 
 def _flag(kind: int, c: int, j: int, U: int) -> int:
@@ -975,7 +975,8 @@ def _ulysses_overlap_lists(q_s, k_s, v_s, q_j, k_j, v_j, p: _Plan, attend):
     return out, torch.cat(lses, dim=1)
 
 
-# Host work of the overlap path and the flag ring (XDIT_OPS_USP_HOST; default "tensors"):
+# Host work of the overlap path and the copy-engine rings (flags and barriers; XDIT_OPS_USP_HOST,
+# default "tensors"):
 # run 42/43 found both host-bound in eager mode (overlap at (1, 4608, 24, 128) on 4 GPUs: 1.29
 # ms a call eager, 0.25 ms from a CUDA graph). "tensors" queues the same copies, flags and
 # kernels on the same streams in the same order as "lists" (run 43's code, kept for an A/B), with
@@ -984,7 +985,8 @@ def _ulysses_overlap_lists(q_s, k_s, v_s, q_j, k_j, v_j, p: _Plan, attend):
 # the copy sources rebased in C++), the side streams passed to the ops as handles (no stream
 # context), events made once and reused (a fork is one event record on the compute stream that
 # every side stream waits for, where ``wait_stream`` records a new event per side stream),
-# peer views and pull descriptors of the ring made once.
+# peer views and pull descriptors of the rings made once (the barrier ring "ce" keeps its
+# stream context: its barrier kernel and torch copy_ go on the current stream).
 HOST_ENV = "XDIT_OPS_USP_HOST"
 HOST_PATHS = ("tensors", "lists")
 _MEMOPS_T = torch.ops.xdit_ops.stream_memops_t.default
@@ -1467,10 +1469,59 @@ def _ring_ce(p: _Plan, shape: tuple, dtype: torch.dtype, device: torch.device, f
     device-to-device memcpy: the copy engine, over NVLink), then a barrier marks every copy of
     step t done. Hazards: a buffer is overwritten only after this rank's attention on it (side
     waits for the compute stream) and after the next rank has pulled it (the barrier of the
-    step before)."""
+    step before). Host: buffers, the peer's views and events made once per shape
+    (``_ring_ce_host``); ``XDIT_OPS_USP_HOST=lists``: run 43's ``_ring_ce_lists``."""
     if p.ring == "ceflags":
         _ring_ce_flags(p, shape, dtype, device, fill, attend_block, parts, part_lses)
         return
+    if _host_lists():
+        _ring_ce_lists(p, shape, dtype, device, fill, attend_block, parts, part_lses)
+        return
+    _, bufs, handle, side, peer, to_side, to_compute = _ring_ce_host(p, shape, dtype, device)
+    fill(bufs[0])
+    compute = torch.cuda.current_stream(device)
+    R, ring_n = p.R, p.ring_n
+    for step in range(R):
+        if step + 1 < R:
+            to_side.record(compute)  # side.wait_stream(compute), with a reused event
+            side.wait_event(to_side)
+            with torch.cuda.stream(side):
+                if step == 0:
+                    handle.barrier(channel=0)  # every rank's first block is in place
+                bufs[(step + 1) % 2].copy_(peer[step % 2])
+                handle.barrier(channel=0)
+        n = ring_n[step]
+        if n > 0:
+            o, lse = attend_block(bufs[step % 2], n)
+            parts.append(o)
+            part_lses.append(lse)
+        if step + 1 < R:
+            to_compute.record(side)
+            compute.wait_event(to_compute)
+
+
+def _ring_ce_host(p: _Plan, shape: tuple, dtype: torch.dtype, device: torch.device):
+    """Per ring group and block shape, for ``_ring_ce``: (group, ring buffers, their handle, the
+    side stream, the previous rank's two buffers viewed here, events compute -> side and side ->
+    compute)."""
+    key = ("ringce", id(p.rg), p.r_rank, p.R, shape, dtype, device)
+    hit = _OVERLAP.get(key)
+    if hit is not None and hit[0] is p.rg:
+        return hit
+    bufs, handle = _ring_buffers(p.rg, shape, dtype, device)
+    prev = (p.r_rank - 1) % p.R
+    numel = math.prod(shape)
+    peer = [handle.get_buffer(prev, shape, dtype, b * numel) for b in (0, 1)]
+    hit = (p.rg, bufs, handle, _side_stream(device), peer, torch.cuda.Event(),
+           torch.cuda.Event())
+    _OVERLAP[key] = hit
+    return hit
+
+
+def _ring_ce_lists(p: _Plan, shape: tuple, dtype: torch.dtype, device: torch.device, fill,
+                   attend_block, parts: list, part_lses: list) -> None:
+    """``_ring_ce`` with the host work of run 43 (``XDIT_OPS_USP_HOST=lists``): buffers looked
+    up, the peer's buffer viewed and ``wait_stream`` events made per step."""
     R, r_rank = p.R, p.r_rank
     bufs, handle = _ring_buffers(p.rg, shape, dtype, device)
     fill(bufs[0])
@@ -1643,24 +1694,21 @@ def ring_host_steps(R: int, progs: dict, pulls: list, side: int) -> list[tuple]:
 
 def _ring_host(p: _Plan, shape: tuple, dtype: torch.dtype, device: torch.device):
     """Per ring group and block shape: (group, ring buffers, flags, compiled steps, side stream,
-    events compute -> side and side -> compute)."""
+    events compute -> side and side -> compute, the previous rank's two buffers), the buffers,
+    views, stream and events those of ``_ring_ce_host``."""
     key = ("ringhost", id(p.rg), p.r_rank, p.R, shape, dtype, device)
     hit = _OVERLAP.get(key)
     if hit is not None and hit[0] is p.rg:
         return hit
     flags, progs = _ring_flags(p, device)
-    bufs, handle = _ring_buffers(p.rg, shape, dtype, device)
-    prev = (p.r_rank - 1) % p.R
-    numel = math.prod(shape)
-    nbytes = numel * bufs.element_size()
+    _, bufs, _, side, peer, to_side, to_compute = _ring_ce_host(p, shape, dtype, device)
+    nbytes = bufs[0].numel() * bufs.element_size()
     # pull b: the previous rank's buffer b into mine 1 - b, one contiguous run (what copy_ does)
-    peer = [handle.get_buffer(prev, shape, dtype, b * numel) for b in (0, 1)]
     pulls = [copy2d_template([bufs[1 - b].data_ptr(), nbytes, peer[b].data_ptr(), nbytes,
                               nbytes, 1]) for b in (0, 1)]
     tprogs = {name: [program_tensor(x) for x in per_b] for name, per_b in progs.items()}
-    side = _side_stream(device)
     steps = ring_host_steps(p.R, tprogs, pulls, side.cuda_stream)
-    hit = (p.rg, bufs, flags, steps, side, torch.cuda.Event(), torch.cuda.Event(), peer)
+    hit = (p.rg, bufs, flags, steps, side, to_side, to_compute, peer)
     _OVERLAP[key] = hit
     return hit
 
