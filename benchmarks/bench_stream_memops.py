@@ -15,6 +15,8 @@ synchronised inside a round):
 * ``side``: a flag program queued on a side stream after it waits for the compute stream:
   ``wait_stream`` + ``with torch.cuda.stream(side)`` + the list op, against one reused event
   (record, ``wait_event``) + the tensor op given the stream's handle.
+* and single pieces, one column: a stream context, ``wait_stream``, a reused event's record +
+  ``wait_event``, a new ``torch.cuda.Event()``.
 
 Without a GPU (``--cpu``, or none visible) only what runs on the CPU is timed: the Python
 argument preparation of the list path (``rebased`` + ``list`` copies + the environment read,
@@ -129,6 +131,24 @@ def gpu_rows(iters: int, rounds: int) -> list[dict]:
         rows.append({"device": torch.cuda.get_device_name(), "case": name,
                      "host_us_lists": statistics.median(ul),
                      "host_us_tensors": statistics.median(ut)})
+    def ctx():
+        with torch.cuda.stream(side):
+            pass
+
+    def fork():
+        ev.record(compute)
+        side.wait_event(ev)
+
+    # single pieces of the list path's host work, to place the rest of a call's host time
+    singles = {"stream context (enter + exit)": ctx,
+               "side.wait_stream(compute)": lambda: side.wait_stream(compute),
+               "event record + wait_event (reused)": fork,
+               "torch.cuda.Event()": torch.cuda.Event}
+    for name, fn in singles.items():
+        for _ in range(20):
+            fn()
+        rows.append({"device": torch.cuda.get_device_name(), "case": name,
+                     "host_us_lists": host_us(fn, iters, rounds), "host_us_tensors": None})
     torch.cuda.current_stream().wait_stream(side)
     torch.cuda.synchronize()
     return rows
