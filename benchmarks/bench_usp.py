@@ -353,6 +353,8 @@ def main() -> None:
                     row["ulysses_transport"] = transport
                 if impl == "xdit_ops" and r > 1:
                     row["ring_transport"] = os.environ["XDIT_OPS_USP_RING"]
+                if impl == "xdit_ops":  # the host path of overlap / ceflags (A/B: =lists)
+                    row["usp_host_path"] = os.environ.get("XDIT_OPS_USP_HOST", "tensors")
                 if t1_fp8_ms is not None and impl == "xdit_ops":
                     row |= {"fp8_wire": wire,
                             "usp_paths": sorted({pl.path for pl in _usp._PLANS.values()

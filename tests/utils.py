@@ -8,6 +8,7 @@ results use the dtype table (TransformerEngine-style).
 
 from __future__ import annotations
 
+import ctypes
 import faulthandler
 import os
 import socket
@@ -94,6 +95,16 @@ def assert_lse_close(lse, ref_lse, dtype, what="lse"):
 def poison_(t: torch.Tensor) -> torch.Tensor:
     """NaN-fill a buffer before a kernel writes it, so unwritten elements show."""
     return t.fill_(float("nan"))
+
+
+def replay_copy2d(descs) -> None:
+    """Run ``copy2d`` descriptors (dst, dst_pitch, src, src_pitch, width, height) on host
+    memory, byte by byte per row (``cudaMemcpy2D``'s meaning): the CPU check of descriptor and
+    template arithmetic."""
+    for i in range(0, len(descs), 6):
+        dst, dp, src, sp, w, rows = descs[i:i + 6]
+        for row in range(rows):
+            ctypes.memmove(dst + row * dp, src + row * sp, w)
 
 
 def randn(*shape, dtype=torch.float32, device="cpu", seed=None, scale=1.0):

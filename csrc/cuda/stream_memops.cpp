@@ -61,27 +61,32 @@ const MemOps& memops() {
   return ops;
 }
 
-}  // namespace
-
 // The driver takes at most this many operations in one cuStreamBatchMemOp.
 constexpr size_t kMaxBatch = 256;
 
-// program: (kind, address, value) triples, run in order on the current stream of anchor's device. kind 0: the
-// stream waits until the 32-bit word at address equals value; kind 1: value is written to it,
-// after a memory fence (so every earlier write of this stream, copies included, is visible to
-// whoever sees the value).
+// The stream the operations go on: `stream` is a cudaStream_t of anchor's device as an integer
+// (what torch.cuda.Stream.cuda_stream gives), or -1 for the device's current stream. The tensor
+// ops take it so that a caller queuing on a side stream need not make it current (a Python
+// stream context per call costs microseconds of host time).
+cudaStream_t pick_stream(int64_t stream) {
+  return stream == -1 ? c10::cuda::getCurrentCUDAStream().stream()
+                      : reinterpret_cast<cudaStream_t>(static_cast<intptr_t>(stream));
+}
+
+// program: n (kind, address, value) triples, run in order on `stream`. kind 0: the stream waits
+// until the 32-bit word at address equals value; kind 1: value is written to it, after a memory
+// fence (so every earlier write of this stream, copies included, is visible to whoever sees the
+// value).
 // With `batched`, the triples go to the driver as cuStreamBatchMemOp calls of up to kMaxBatch
 // operations (one stream operation each, in order), else one call per triple.
-void stream_memops_cuda(const at::Tensor& anchor, at::IntArrayRef program, bool batched) {
-  constexpr const char* kOp = "stream_memops";
-  XDIT_CHECK(anchor.is_cuda(), kOp, ": anchor must be a CUDA tensor, got ", anchor.device());
-  const c10::cuda::CUDAGuard guard(anchor.device());
-  XDIT_CHECK(program.size() % 3 == 0, kOp, ": the program must be (kind, address, value) "
-             "triples, got ", program.size(), " integers");
+void run_memops(const char* kOp, cudaStream_t cu_stream, const int64_t* program, size_t size,
+                bool batched) {
+  XDIT_CHECK(size % 3 == 0, kOp, ": the program must be (kind, address, value) "
+             "triples, got ", size, " integers");
   const MemOps& ops = memops();
   XDIT_CHECK(ops.wait != nullptr && ops.write != nullptr, kOp,
              ": the driver has no cuStreamWaitValue32/cuStreamWriteValue32");
-  const CUstream stream = c10::cuda::getCurrentCUDAStream().stream();
+  const auto stream = static_cast<CUstream>(cu_stream);
   CUstreamBatchMemOpParams batch[kMaxBatch];
   size_t n = 0;
   auto flush = [&] {
@@ -92,7 +97,7 @@ void stream_memops_cuda(const at::Tensor& anchor, at::IntArrayRef program, bool 
     n = 0;
   };
   batched = batched && ops.batch != nullptr;
-  for (size_t i = 0; i < program.size(); i += 3) {
+  for (size_t i = 0; i < size; i += 3) {
     const int64_t kind = program[i];
     const auto addr = static_cast<CUdeviceptr>(program[i + 1]);
     const auto value = static_cast<cuuint32_t>(program[i + 2]);
@@ -124,6 +129,65 @@ void stream_memops_cuda(const at::Tensor& anchor, at::IntArrayRef program, bool 
   flush();
 }
 
+// A 1-D CPU int64 tensor's data (the tensor ops' programs and descriptors). The Python side
+// makes these once per plan and checks them there; this check is the cheap backstop.
+const int64_t* host_words(const at::Tensor& t, const char* op, const char* name) {
+  XDIT_CHECK(t.device().is_cpu() && t.scalar_type() == at::kLong && t.dim() == 1 &&
+                 t.is_contiguous(),
+             op, ": ", name, " must be a contiguous 1-D CPU int64 tensor, got ", t.scalar_type(),
+             " of shape ", t.sizes(), " on ", t.device());
+  return t.data_ptr<int64_t>();
+}
+
+// descs: (dst, dst_pitch, src, src_pitch, width, height) sextuples in bytes, with source i
+// rebased to bases[which[i]] + descs[6 i + 2] when `which` is given (a per-plan template whose
+// sources are offsets from this call's tensors). `copy(desc)` moves one descriptor.
+template <typename Copy>
+void for_each_copy2d(const char* kOp, const int64_t* descs, size_t size, const int64_t* which,
+                     size_t n_which, c10::IntArrayRef bases, Copy copy) {
+  XDIT_CHECK(size % 6 == 0, kOp, ": descs must be (dst, dst_pitch, src, src_pitch, "
+             "width, height) sextuples, got ", size, " integers");
+  XDIT_CHECK(which == nullptr || n_which == size / 6, kOp, ": ", n_which,
+             " source indices for ", size / 6, " descriptors");
+  for (size_t i = 0; i < size; i += 6) {
+    int64_t d[6] = {descs[i], descs[i + 1], descs[i + 2], descs[i + 3], descs[i + 4],
+                    descs[i + 5]};
+    if (which != nullptr) {
+      const int64_t w = which[i / 6];
+      XDIT_CHECK(w >= 0 && static_cast<size_t>(w) < bases.size(), kOp, ": descriptor ", i / 6,
+                 " names source ", w, " of ", bases.size());
+      d[2] += bases[w];
+    }
+    if (d[4] == 0 || d[5] == 0) continue;
+    XDIT_CHECK(d[0] > 0 && d[2] > 0 && d[1] >= 0 && d[3] >= 0 && d[4] > 0 && d[5] > 0 &&
+                   (d[5] == 1 || (d[4] <= d[1] && d[4] <= d[3])),
+               kOp, ": descriptor ", i / 6, " (dst ", d[0], ", src ", d[2], ", width ", d[4],
+               ", height ", d[5], ") is not a valid 2-D copy");
+    copy(d);
+  }
+}
+
+}  // namespace
+
+void stream_memops_cuda(const at::Tensor& anchor, at::IntArrayRef program, bool batched) {
+  constexpr const char* kOp = "stream_memops";
+  XDIT_CHECK(anchor.is_cuda(), kOp, ": anchor must be a CUDA tensor, got ", anchor.device());
+  const c10::cuda::CUDAGuard guard(anchor.device());
+  run_memops(kOp, c10::cuda::getCurrentCUDAStream().stream(), program.data(), program.size(),
+             batched);
+}
+
+// The same with the program as a CPU int64 tensor (made once per plan: no list of Python ints
+// to convert per call), on `stream` (see pick_stream).
+void stream_memops_t_cuda(const at::Tensor& anchor, const at::Tensor& program, bool batched,
+                          int64_t stream) {
+  constexpr const char* kOp = "stream_memops_t";
+  XDIT_CHECK(anchor.is_cuda(), kOp, ": anchor must be a CUDA tensor, got ", anchor.device());
+  const int64_t* words = host_words(program, kOp, "program");
+  const c10::cuda::CUDAGuard guard(anchor.device());
+  run_memops(kOp, pick_stream(stream), words, static_cast<size_t>(program.numel()), batched);
+}
+
 // descs: (dst, dst_pitch, src, src_pitch, width, height) in bytes, one cudaMemcpy2DAsync each
 // on the current stream of anchor's device (cudaMemcpyDefault: either side may be a peer's mapped memory).
 void copy2d_cuda(const at::Tensor& anchor, at::IntArrayRef descs) {
@@ -143,11 +207,60 @@ void copy2d_cuda(const at::Tensor& anchor, at::IntArrayRef descs) {
   }
 }
 
+// copy2d with the descriptors as a CPU int64 tensor (a per-plan template), sources rebased here
+// (`which` empty: the descriptors are absolute; else descriptor i's source is
+// bases[which[i]] + its offset), on `stream` (see pick_stream). A one-row descriptor is one
+// cudaMemcpyAsync (what torch's copy_ of a contiguous block queues).
+void copy2d_t_cuda(const at::Tensor& anchor, const at::Tensor& descs, const at::Tensor& which,
+                   at::IntArrayRef bases, int64_t stream) {
+  constexpr const char* kOp = "copy2d_t";
+  XDIT_CHECK(anchor.is_cuda(), kOp, ": anchor must be a CUDA tensor, got ", anchor.device());
+  const int64_t* d = host_words(descs, kOp, "descs");
+  const int64_t* w = which.numel() ? host_words(which, kOp, "which") : nullptr;
+  const c10::cuda::CUDAGuard guard(anchor.device());
+  const cudaStream_t s = pick_stream(stream);
+  for_each_copy2d(kOp, d, static_cast<size_t>(descs.numel()), w,
+                  static_cast<size_t>(which.numel()), bases, [&](const int64_t* c) {
+    void* dst = reinterpret_cast<void*>(c[0]);
+    const void* src = reinterpret_cast<const void*>(c[2]);
+    if (c[5] == 1) {
+      XDIT_CUDA_CHECK(cudaMemcpyAsync(dst, src, static_cast<size_t>(c[4]), cudaMemcpyDefault, s));
+    } else {
+      XDIT_CUDA_CHECK(cudaMemcpy2DAsync(dst, static_cast<size_t>(c[1]), src,
+                                        static_cast<size_t>(c[3]), static_cast<size_t>(c[4]),
+                                        static_cast<size_t>(c[5]), cudaMemcpyDefault, s));
+    }
+  });
+}
+
+// The same on host memory (anchor a CPU tensor; stream must be -1): the rebase and the checks
+// above, with each row a memcpy. The CPU tests run the template arithmetic through it.
+void copy2d_t_cpu(const at::Tensor& anchor, const at::Tensor& descs, const at::Tensor& which,
+                  at::IntArrayRef bases, int64_t stream) {
+  constexpr const char* kOp = "copy2d_t";
+  XDIT_CHECK(anchor.device().is_cpu() && stream == -1, kOp,
+             ": on the CPU the anchor must be a CPU tensor and stream -1, got ", anchor.device(),
+             " and ", stream);
+  const int64_t* d = host_words(descs, kOp, "descs");
+  const int64_t* w = which.numel() ? host_words(which, kOp, "which") : nullptr;
+  for_each_copy2d(kOp, d, static_cast<size_t>(descs.numel()), w,
+                  static_cast<size_t>(which.numel()), bases, [&](const int64_t* c) {
+    for (int64_t row = 0; row < c[5]; ++row) {
+      std::memmove(reinterpret_cast<char*>(c[0]) + row * c[1],
+                   reinterpret_cast<const char*>(c[2]) + row * c[3], static_cast<size_t>(c[4]));
+    }
+  });
+}
+
 // `anchor` (any tensor on the device, e.g. the flag buffer) picks the kernel and the device whose
 // current stream the operations go on.
 TORCH_LIBRARY_IMPL(xdit_ops, CUDA, m) {
   m.impl("stream_memops", &stream_memops_cuda);
   m.impl("copy2d", &copy2d_cuda);
+  m.impl("stream_memops_t", &stream_memops_t_cuda);
+  m.impl("copy2d_t", &copy2d_t_cuda);
 }
+
+TORCH_LIBRARY_IMPL(xdit_ops, CPU, m) { m.impl("copy2d_t", &copy2d_t_cpu); }
 
 }  // namespace xdit_ops

@@ -9,6 +9,16 @@
   height)`` sextuples in bytes, one ``cudaMemcpy2DAsync`` each (the copy engines; either side
   may be a peer's memory mapped into this process).
 
+* ``xdit_ops::stream_memops_t(Tensor anchor, Tensor program, bool batched, int stream)`` and
+  ``xdit_ops::copy2d_t(Tensor anchor, Tensor descs, Tensor which, int[] bases, int stream)``:
+  the same with the program / descriptors as a 1-D CPU int64 tensor made once per plan
+  (:func:`program_tensor`, :func:`copy2d_template`: no list of Python ints converted per call),
+  queued on ``stream`` (a ``cudaStream_t`` as an int, ``Stream.cuda_stream``; -1: the current
+  stream), and for ``copy2d_t`` sources rebased in C++: ``which`` empty, the descriptors are
+  absolute; else descriptor ``i``'s source is ``bases[which[i]]`` plus its offset.
+  ``copy2d_t`` also runs on host memory (a CPU anchor; each row a ``memmove``), which is how
+  the CPU tests check the rebase.
+
 Neither takes a multiprocessor, which is the point: the Ulysses overlap path
 (``XDIT_OPS_USP_ULYSSES=overlap``) signals and moves data while a full-GPU attention runs, and a
 signalling kernel queued behind it would wait for a free SM. Addresses are raw; the helpers
@@ -31,6 +41,8 @@ BATCH_ENV = "XDIT_OPS_MEMOPS_BATCH"
 
 lib.define("stream_memops(Tensor anchor, int[] program, bool batched=True) -> ()")
 lib.define("copy2d(Tensor anchor, int[] descs) -> ()")
+lib.define("stream_memops_t(Tensor anchor, Tensor program, bool batched, int stream) -> ()")
+lib.define("copy2d_t(Tensor anchor, Tensor descs, Tensor which, int[] bases, int stream) -> ()")
 
 
 def word_address(t: torch.Tensor, index: int) -> int:
@@ -112,8 +124,8 @@ def template(descs: Sequence[int], base: int) -> list[int]:
 
 def rebased(template: Sequence[int], sources: Sequence[int], bases: Sequence[int]) -> list[int]:
     """``copy2d`` descriptors from a template whose source addresses are offsets: descriptor
-    ``i``'s source is ``bases[sources[i]]`` plus its offset (the template of a plan, made once
-    by :func:`rows2d` from views at base 0, applied to this call's tensors)."""
+    ``i``'s source is ``bases[sources[i]]`` plus its offset (a plan's :func:`template`, made
+    once, applied to this call's tensors; ``copy2d_t`` does the same in C++)."""
     out = list(template)
     for i, which in enumerate(sources):
         out[6 * i + 2] += bases[which]
@@ -127,3 +139,53 @@ def run_copy2d(anchor: torch.Tensor, descs: Sequence[int], checked: bool = True)
         check_copy2d(descs)
     if descs:
         torch.ops.xdit_ops.copy2d.default(anchor, list(descs))
+
+
+def program_tensor(program: Sequence[int]) -> torch.Tensor:
+    """``program`` checked (:func:`check_memops`) and made the CPU int64 tensor that
+    ``stream_memops_t`` reads (once per plan; a call passes it as is)."""
+    check_memops(program)
+    return torch.tensor(list(program), dtype=torch.int64)
+
+
+def copy2d_template(descs: Sequence[int],
+                    which: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(descs, which)`` as the CPU int64 tensors ``copy2d_t`` reads. ``which`` None: ``descs``
+    are absolute (checked here); else ``descs`` is a template whose sources are offsets (made by
+    :func:`template`, which checked the absolute descriptors) and ``which[i]`` picks descriptor
+    ``i``'s base."""
+    if which is None:
+        check_copy2d(descs)
+        which = []
+    elif len(which) * 6 != len(descs) or any(w < 0 for w in which):
+        raise ValueError(f"copy2d: {len(which)} source indices for {len(descs) // 6} "
+                         "descriptors (need one index >= 0 each)")
+    return (torch.tensor(list(descs), dtype=torch.int64),
+            torch.tensor(list(which), dtype=torch.int64))
+
+
+def check_words(t: torch.Tensor, name: str) -> None:
+    """Raise unless ``t`` is what the tensor ops read (1-D contiguous CPU int64)."""
+    if t.dtype != torch.int64 or t.dim() != 1 or t.device.type != "cpu" or \
+            not t.is_contiguous():
+        raise ValueError(f"{name}: need a contiguous 1-D CPU int64 tensor, got {t.dtype} of shape "
+                         f"{tuple(t.shape)} on {t.device}")
+
+
+def run_memops_t(anchor: torch.Tensor, program: torch.Tensor, batched: bool = True,
+                 stream: int = -1) -> None:
+    """Queue a :func:`program_tensor` on ``stream`` (``cuda_stream`` handle; -1: current)."""
+    check_words(program, "stream_memops_t")
+    torch.ops.xdit_ops.stream_memops_t.default(anchor, program, batched, stream)
+
+
+def run_copy2d_t(anchor: torch.Tensor, descs: torch.Tensor, which: torch.Tensor,
+                 bases: Sequence[int] = (), stream: int = -1) -> None:
+    """Queue :func:`copy2d_template` descriptors, rebased onto ``bases``, on ``stream``."""
+    check_words(descs, "copy2d_t")
+    check_words(which, "copy2d_t")
+    if which.numel() and (which.numel() * 6 != descs.numel()
+                          or int(which.max()) >= len(bases)):
+        raise ValueError(f"copy2d_t: source indices {which.tolist()} for {descs.numel() // 6} "
+                         f"descriptors and {len(bases)} bases")
+    torch.ops.xdit_ops.copy2d_t.default(anchor, descs, which, list(bases), stream)

@@ -49,9 +49,12 @@ from xdit_ops.ops.attention import (
 from xdit_ops.ops.fp8_attention import FORMAT_ENV, FORMAT_SETTINGS, resolve_format
 from xdit_ops.ops.merge_attention_states import MAX_PARTIALS, _check_merge_impl
 from xdit_ops.ops.stream_memops import (
+    BATCH_ENV,
     WAIT,
     WRITE,
     check_memops,
+    copy2d_template,
+    program_tensor,
     rebased,
     rows2d,
     run_copy2d,
@@ -647,15 +650,24 @@ def _push_buffers(p: _Plan, dtype: torch.dtype, device: torch.device):
     return hit
 
 
-def _own_joint_rows(qbuf, kv, q_j, k_j, v_j, hs: slice, J: int, Jk: int):
-    """This rank's heads ``hs`` of the joint rows into its query buffer (and K/V buffer when
-    the joint keys sit in front, ``Jk``); returns the joint K/V as their own partial's keys
-    (``Jk == 0 < J``), else (None, None). The push and the overlap path place them so."""
+def _joint_dst(qbuf, kv, J: int, Jk: int) -> tuple:
+    """Where ``_own_joint_rows`` puts this rank's heads of the joint rows: views (q, k, v) of
+    its query and K/V buffers, None where there are none (the overlap's tensor host path makes
+    them once per plan)."""
+    return (qbuf[:, :J] if J else None, kv[0, :, :Jk] if Jk else None,
+            kv[1, :, :Jk] if Jk else None)
+
+
+def _own_joint_rows(dst: tuple, q_j, k_j, v_j, hs: slice, J: int, Jk: int):
+    """This rank's heads ``hs`` of the joint rows into ``dst`` (``_joint_dst``: its query
+    buffer, and K/V buffer when the joint keys sit in front, ``Jk``); returns the joint K/V as
+    their own partial's keys (``Jk == 0 < J``), else (None, None). The push and the overlap
+    path place them so."""
     if J:
-        qbuf[:, :J].copy_(q_j[:, :, hs])
+        dst[0].copy_(q_j[:, :, hs])
     if Jk:
-        kv[0, :, :Jk].copy_(k_j[:, :, hs])
-        kv[1, :, :Jk].copy_(v_j[:, :, hs])
+        dst[1].copy_(k_j[:, :, hs])
+        dst[2].copy_(v_j[:, :, hs])
     return (k_j[:, :, hs], v_j[:, :, hs]) if J and not Jk else (None, None)
 
 
@@ -681,7 +693,8 @@ def _ulysses_push(q_s, k_s, v_s, q_j, k_j, v_j, p: _Plan, attend):
     qbuf, kv, outbuf, ins, outs, handle = _push_buffers(p, q_s.dtype, q_s.device)
     J, Jk, L = p.J, p.Jk, p.L
     torch.ops.xdit_ops.ulysses_push_qkv.default(q_s, k_s, v_s, p.heads, ins, p.u_rank, J, Jk)
-    kj, vj = _own_joint_rows(qbuf, kv, q_j, k_j, v_j, slice(p.h0, p.h0 + p.h_me), J, Jk)
+    kj, vj = _own_joint_rows(_joint_dst(qbuf, kv, J, Jk), q_j, k_j, v_j,
+                             slice(p.h0, p.h0 + p.h_me), J, Jk)
     handle.barrier(channel=0)  # every rank's rows are in every buffer
     o, lse = attend(qbuf, _squeezed(p, kv) if p.squeeze else kv, kj, vj)
     if p.push_blocks:  # XDIT_OPS_PUSH_KERNEL=v3
@@ -722,7 +735,7 @@ def _ulysses_push(q_s, k_s, v_s, q_j, k_j, v_j, p: _Plan, attend):
 # put ~4 us of stream time on each single operation, ~90 of them a call.
 
 MAX_OVERLAP_CHUNKS = 8
-_OVERLAP: dict[tuple, tuple] = {}
+_OVERLAP: dict[tuple, object] = {}
 
 
 def _flag(kind: int, c: int, j: int, U: int) -> int:
@@ -737,6 +750,29 @@ def _overlap_chunks(h: int, switch: str | None) -> int:
     if c <= 0:
         c = 2 if h % 2 == 0 else 3 if h % 3 == 0 else 1
     return c if 1 < c <= MAX_OVERLAP_CHUNKS and h % c == 0 else 1
+
+
+def overlap_flag_programs(U: int, r: int, C: int, addr) -> dict:
+    """Rank ``r``'s flag programs of the overlap path (flat ``(kind, address, value)`` lists;
+    ``addr(j, kind, c, i)`` is the address of word ``_flag(kind, c, i, U)`` of rank ``j``):
+    ``start``, ``sig_in[c][d]``, ``wait_in[c]``, ``sig_out``, ``wait_out``, ``done`` (their
+    use: ``_ulysses_overlap_lists``)."""
+    peers = [d for d in range(U) if d != r]
+
+    def wait_reset(kind, c):  # wait for every peer's word of this rank, then reset them
+        return sum(([WAIT, addr(r, kind, c, s), 1] for s in peers), []) + \
+            sum(([WRITE, addr(r, kind, c, s), 0] for s in peers), [])
+
+    return {
+        "start": wait_reset(2, 0),
+        # chunk c of this rank's rows is in rank d's region (no flag to itself: an event)
+        "sig_in": [[[WRITE, addr(d, 0, c, r), 1] if d != r else [] for d in range(U)]
+                   for c in range(C)],
+        "wait_in": [wait_reset(0, c) for c in range(C)],
+        "sig_out": sum(([WRITE, addr(d, 1, 0, r), 1] for d in peers), []),
+        "wait_out": wait_reset(1, 0),
+        "done": sum(([WRITE, addr(d, 2, 0, r), 1] for d in peers), []),
+    }
 
 
 def _overlap_state(p: _Plan, dtype: torch.dtype, device: torch.device):
@@ -773,22 +809,7 @@ def _overlap_state(p: _Plan, dtype: torch.dtype, device: torch.device):
     def addr(j, kind, c, i):  # the word of rank j
         return word_address(rflags[j], _flag(kind, c, i, U))
 
-    peers = [d for d in range(U) if d != r]
-
-    def wait_reset(kind, c):  # wait for every peer's word of this rank, then reset them
-        return sum(([WAIT, addr(r, kind, c, s), 1] for s in peers), []) + \
-            sum(([WRITE, addr(r, kind, c, s), 0] for s in peers), [])
-
-    progs = {
-        "start": wait_reset(2, 0),
-        # chunk c of this rank's rows is in rank d's region (no flag to itself: an event)
-        "sig_in": [[[WRITE, addr(d, 0, c, r), 1] if d != r else [] for d in range(U)]
-                   for c in range(C)],
-        "wait_in": [wait_reset(0, c) for c in range(C)],
-        "sig_out": sum(([WRITE, addr(d, 1, 0, r), 1] for d in peers), []),
-        "wait_out": wait_reset(1, 0),
-        "done": sum(([WRITE, addr(d, 2, 0, r), 1] for d in peers), []),
-    }
+    progs = overlap_flag_programs(U, r, C, addr)
     # the copy-engine destinations: rank d's region c (its query and K/V buffers) and rank d's
     # output, viewed in its symmetric memory
     in_dst = [[push_regions(ins[c][d], B, L, U, J, Jk, hc, D) for d in range(U)]
@@ -817,13 +838,81 @@ def _overlap_state(p: _Plan, dtype: torch.dtype, device: torch.device):
     return hit
 
 
-def _ulysses_overlap(q_s, k_s, v_s, q_j, k_j, v_j, p: _Plan, attend):
+def _in_templates(p: _Plan, in_dst, srcs) -> list[list[tuple[list[int], list[int]]]]:
+    """The copy-engine input copies of the overlap path for sources ``srcs`` = (q, k, v)
+    ([B, L, H, D] each) as templates: ``[d][c - 1] = (descs, which)``, destination rank ``d``,
+    chunk ``c`` (1..C-1), sources offsets from ``srcs[which[i]]`` (made on the first call with
+    these source strides)."""
+    J, Jk, L, U, C, r = p.J, p.Jk, p.L, p.U, p.chunks, p.u_rank
+    h = p.h_me
+    hc = h // C
+    q_s, k_s, v_s = srcs
+    rows = slice(r * L, (r + 1) * L)
+    per = []
+    for d in range(U):
+        per.append([])
+        for c in range(1, C):
+            qd, kvd = in_dst[c][d]
+            hs = slice(d * h + c * hc, d * h + (c + 1) * hc)
+            parts = [(rows2d(qd[:, J:][:, rows], q_s[:, :, hs]), 0),
+                     (rows2d(kvd[0, :, Jk:][:, rows], k_s[:, :, hs]), 1),
+                     (rows2d(kvd[1, :, Jk:][:, rows], v_s[:, :, hs]), 2)]
+            per[-1].append((sum((template(x, srcs[i].data_ptr()) for x, i in parts), []),
+                            [i for x, i in parts for _ in range(len(x) // 6)]))
+    return per
+
+
+def _out_templates(p: _Plan, out_dst, o: torch.Tensor,
+                   h_out: int) -> list[tuple[list[int], list[int]]]:
+    """The copy-engine output copies of one chunk's output ``o`` ([B, J + U*L, hc, D], heads
+    from ``h_out`` of the full output) as templates, ``[d] = (descs, which)``, sources offsets
+    from ``o``."""
+    J, L, U, C = p.J, p.L, p.U, p.chunks
+    hc = p.h_me // C
+    per = []
+    for d in range(U):
+        dst = out_dst[d]
+        seq0 = J if p.joint_front else 0
+        descs = rows2d(dst[:, seq0:seq0 + L, h_out:h_out + hc],
+                       o[:, J + d * L:J + (d + 1) * L])
+        if J:
+            j0 = 0 if p.joint_front else L
+            descs += rows2d(dst[:, j0:j0 + J, h_out:h_out + hc], o[:, :J])
+        per.append((template(descs, o.data_ptr()), [0] * (len(descs) // 6)))
+    return per
+
+
+def _overlap_push_in(q_s, k_s, v_s, p: _Plan, progs: dict, ins0, first: bool) -> None:
+    """The overlap's chunk 0: the push kernel, every destination's first hc heads of its share
+    (checked by the wrapper on a template's first call, then straight to the op)."""
+    chunk, starts = progs["in_heads"]
+    if first:
+        ulysses_push_qkv(q_s, k_s, v_s, chunk, ins0, p.u_rank, p.J, p.Jk, src_head_start=starts)
+    else:
+        torch.ops.xdit_ops.ulysses_push_qkv.default(q_s, k_s, v_s, chunk, ins0, p.u_rank, p.J,
+                                                    p.Jk, starts)
+
+
+def _overlap_push_out(o, p: _Plan, progs: dict, outs, h_out: int, first: bool) -> None:
+    """The overlap's last chunk output ``o`` (heads from ``h_out``) home by the push-out kernel
+    (checked as ``_overlap_push_in``)."""
+    cnt = progs["out_heads"]
+    if first:
+        ulysses_push_out(o, cnt, outs, p.u_rank, p.L, p.joint_front, head_offset=h_out)
+    else:
+        torch.ops.xdit_ops.ulysses_push_out.default(o, cnt, outs, p.u_rank, p.L, p.joint_front,
+                                                    h_out)
+
+
+def _ulysses_overlap_lists(q_s, k_s, v_s, q_j, k_j, v_j, p: _Plan, attend):
     """The overlap path (see the block comment above): [B, L, H, D] x3 -> ([B, J + L, H, D],
-    lse [B, h, J + U*L])."""
+    lse [B, h, J + U*L]), with the host work of run 43 (``XDIT_OPS_USP_HOST=lists``): the flag
+    programs and copy descriptors passed as lists of ints, stream contexts and events made per
+    call. ``_ulysses_overlap`` queues the same copies, flags and kernels."""
     dev = q_s.device
     local, outbuf, ins, outs, flags, in_dst, out_dst, g, tmpl = _overlap_state(p, q_s.dtype,
                                                                                 dev)
-    J, Jk, L, U, C, r = p.J, p.Jk, p.L, p.U, p.chunks, p.u_rank
+    J, Jk, U, C, r = p.J, p.Jk, p.U, p.chunks, p.u_rank
     h = p.h_me
     hc = h // C
     compute = torch.cuda.current_stream(dev)
@@ -832,29 +921,10 @@ def _ulysses_overlap(q_s, k_s, v_s, q_j, k_j, v_j, p: _Plan, attend):
     ikey = ("in",) + tuple(t.stride() for t in srcs)
     first = ikey not in tmpl
     if first:  # this call's source strides are new: templates of every input copy
-        rows = slice(r * L, (r + 1) * L)
-        per = []
-        for d in range(U):
-            per.append([])
-            for c in range(1, C):
-                qd, kvd = in_dst[c][d]
-                hs = slice(d * h + c * hc, d * h + (c + 1) * hc)
-                parts = [(rows2d(qd[:, J:][:, rows], q_s[:, :, hs]), 0),
-                         (rows2d(kvd[0, :, Jk:][:, rows], k_s[:, :, hs]), 1),
-                         (rows2d(kvd[1, :, Jk:][:, rows], v_s[:, :, hs]), 2)]
-                per[-1].append((sum((template(x, srcs[i].data_ptr()) for x, i in parts), []),
-                                [i for x, i in parts for _ in range(len(x) // 6)]))
-        tmpl[ikey] = per
+        tmpl[ikey] = _in_templates(p, in_dst, srcs)
     bases = [t.data_ptr() for t in srcs]
     run_memops(flags, g["start"], checked=False)  # every peer is done with the last call
-    # chunk 0: the push kernel, every destination's first hc heads of its share (checked by
-    # the wrapper on a template's first call, then straight to the op)
-    chunk, starts = g["in_heads"]
-    if first:
-        ulysses_push_qkv(q_s, k_s, v_s, chunk, ins[0], r, J, Jk, src_head_start=starts)
-    else:
-        torch.ops.xdit_ops.ulysses_push_qkv.default(q_s, k_s, v_s, chunk, ins[0], r, J, Jk,
-                                                    starts)
+    _overlap_push_in(q_s, k_s, v_s, p, g, ins[0], first)
     run_memops(flags, sum(g["sig_in"][0], []), checked=False)
     # chunks 1..C-1 on the copy engines, one side stream per destination
     own = [None] * C  # events: this rank's own rows of chunk c are in place
@@ -874,36 +944,22 @@ def _ulysses_overlap(q_s, k_s, v_s, q_j, k_j, v_j, p: _Plan, attend):
     for c in range(C):
         qbuf, kv = local[c]
         h_out = p.h0 + c * hc
-        kj, vj = _own_joint_rows(qbuf, kv, q_j, k_j, v_j, slice(h_out, h_out + hc), J, Jk)
+        kj, vj = _own_joint_rows(_joint_dst(qbuf, kv, J, Jk), q_j, k_j, v_j,
+                                 slice(h_out, h_out + hc), J, Jk)
         if own[c] is not None:
             compute.wait_event(own[c])
         run_memops(flags, g["wait_in"][c], checked=False)
         o, lse = attend(qbuf, _squeezed(p, kv) if p.squeeze else kv, kj, vj)
         lses.append(lse)
         if c == C - 1:  # the last chunk's output: the push-out kernel, nothing left to hide it
-            cnt = g["out_heads"]
-            if first:
-                ulysses_push_out(o, cnt, outs, r, L, p.joint_front, head_offset=h_out)
-            else:
-                torch.ops.xdit_ops.ulysses_push_out.default(o, cnt, outs, r, L, p.joint_front,
-                                                            h_out)
+            _overlap_push_out(o, p, g, outs, h_out, first)
             break
         if o.stride(-1) != 1 or o.stride(-2) != o.shape[-1]:
             o = o.contiguous()
         kept.append(o)
         okey = ("out", c, o.stride())
         if okey not in tmpl:
-            per = []
-            for d in range(U):
-                dst = out_dst[d]
-                seq0 = J if p.joint_front else 0
-                descs = rows2d(dst[:, seq0:seq0 + L, h_out:h_out + hc],
-                               o[:, J + d * L:J + (d + 1) * L])
-                if J:
-                    j0 = 0 if p.joint_front else L
-                    descs += rows2d(dst[:, j0:j0 + J, h_out:h_out + hc], o[:, :J])
-                per.append((template(descs, o.data_ptr()), [0] * (len(descs) // 6)))
-            tmpl[okey] = per
+            tmpl[okey] = _out_templates(p, out_dst, o, h_out)
         obase = [o.data_ptr()]
         for d in range(U):
             s = sides[d]
@@ -916,6 +972,158 @@ def _ulysses_overlap(q_s, k_s, v_s, q_j, k_j, v_j, p: _Plan, attend):
     run_memops(flags, g["sig_out"] + g["wait_out"], checked=False)
     out = outbuf.clone()
     run_memops(flags, g["done"], checked=False)
+    return out, torch.cat(lses, dim=1)
+
+
+# Host work of the overlap path and the copy-engine rings (flags and barriers; XDIT_OPS_USP_HOST,
+# default "tensors"):
+# run 42/43 found both host-bound in eager mode (overlap at (1, 4608, 24, 128) on 4 GPUs: 1.29
+# ms a call eager, 0.25 ms from a CUDA graph). "tensors" queues the same copies, flags and
+# kernels on the same streams in the same order as "lists" (run 43's code, kept for an A/B), with
+# what a call does not need to redo made once per plan: the flag programs and copy templates as
+# CPU int64 tensors (``stream_memops_t`` / ``copy2d_t``: no list of ints converted per call,
+# the copy sources rebased in C++), the side streams passed to the ops as handles (no stream
+# context), events made once and reused (a fork is one event record on the compute stream that
+# every side stream waits for, where ``wait_stream`` records a new event per side stream),
+# peer views and pull descriptors of the rings made once (the barrier ring "ce" keeps its
+# stream context: its barrier kernel and torch copy_ go on the current stream).
+HOST_ENV = "XDIT_OPS_USP_HOST"
+HOST_PATHS = ("tensors", "lists")
+_MEMOPS_T = torch.ops.xdit_ops.stream_memops_t.default
+_COPY2D_T = torch.ops.xdit_ops.copy2d_t.default
+
+
+def _host_lists() -> bool:
+    """Whether ``XDIT_OPS_USP_HOST`` asks for run 43's host path (``lists``)."""
+    v = os.environ.get(HOST_ENV)
+    if v is None or v == "tensors":
+        return False
+    if v == "lists":
+        return True
+    raise ValueError(f"{OP}: {HOST_ENV} must be one of {HOST_PATHS}, got {v!r}")
+
+
+def overlap_tensor_programs(progs: dict) -> dict:
+    """The overlap path's flag programs (``_overlap_state``'s lists) as ``stream_memops_t``
+    tensors, in the shape the calls use them: ``start``, ``sig_in0`` (chunk 0's ``sig_in`` to
+    every peer, one batch as in the list path), ``sig_in[c][d]``, ``wait_in[c]``, ``end``
+    (``sig_out`` then ``wait_out``, one batch as in the list path), ``done``."""
+    return {
+        "start": program_tensor(progs["start"]),
+        "sig_in0": program_tensor(sum(progs["sig_in"][0], [])),
+        "sig_in": [[program_tensor(x) for x in row] for row in progs["sig_in"]],
+        "wait_in": [program_tensor(x) for x in progs["wait_in"]],
+        "end": program_tensor(progs["sig_out"] + progs["wait_out"]),
+        "done": program_tensor(progs["done"]),
+    }
+
+
+class _OverlapHost:
+    """What ``_ulysses_overlap`` keeps per plan besides ``_overlap_state``."""
+
+    __slots__ = ("state", "progs", "sides", "side_ids", "fork", "own", "joined", "hs", "jdst",
+                 "tin", "tout")
+
+
+def _overlap_host(p: _Plan, dtype: torch.dtype, device: torch.device) -> _OverlapHost:
+    key = ("host", p.push_key, p.chunks)
+    hit = _OVERLAP.get(key)
+    if hit is not None:
+        return hit
+    st = _overlap_state(p, dtype, device)
+    local, progs = st[0], st[7]
+    U, C, J, Jk = p.U, p.chunks, p.J, p.Jk
+    hc = p.h_me // C
+    f = _OverlapHost()
+    f.state = st
+    f.progs = overlap_tensor_programs(progs)
+    f.sides = [_side_stream(device, 8 + d) for d in range(U)]
+    f.side_ids = [s.cuda_stream for s in f.sides]
+    f.fork = torch.cuda.Event()  # compute -> every side stream
+    f.own = [torch.cuda.Event() for _ in range(C)]  # own rows of chunk c in place (c >= 1)
+    f.joined = [torch.cuda.Event() for _ in range(U)]  # side stream d -> compute, at the end
+    f.hs = [slice(p.h0 + c * hc, p.h0 + (c + 1) * hc) for c in range(C)]  # chunk c's heads
+    f.jdst = [_joint_dst(qbuf, kv, J, Jk) for qbuf, kv in local]
+    f.tin, f.tout = {}, {}  # copy2d_t templates per source strides, as in the list path
+    _OVERLAP[key] = f
+    return f
+
+
+def _ulysses_overlap(q_s, k_s, v_s, q_j, k_j, v_j, p: _Plan, attend):
+    """The overlap path (see the block comment above): [B, L, H, D] x3 -> ([B, J + L, H, D],
+    lse [B, h, J + U*L]). The same copies, flags and kernels as ``_ulysses_overlap_lists``, with
+    less host work a call (``HOST_ENV`` above)."""
+    if _host_lists():
+        return _ulysses_overlap_lists(q_s, k_s, v_s, q_j, k_j, v_j, p, attend)
+    dev = q_s.device
+    f = _overlap_host(p, q_s.dtype, dev)
+    local, outbuf, ins, outs, flags, in_dst, out_dst = f.state[:7]
+    g = f.progs
+    J, Jk, U, C, r = p.J, p.Jk, p.U, p.chunks, p.u_rank
+    batched = os.environ.get(BATCH_ENV, "1") != "0"
+    memops, copy = _MEMOPS_T, _COPY2D_T
+    compute = torch.cuda.current_stream(dev)
+    sides, side_ids, fork = f.sides, f.side_ids, f.fork
+    ikey = (q_s.stride(), k_s.stride(), v_s.stride())
+    tin = f.tin.get(ikey)
+    first = tin is None
+    if first:  # this call's source strides are new: templates of every input copy
+        tin = [[copy2d_template(t, w) for t, w in row]
+               for row in _in_templates(p, in_dst, (q_s, k_s, v_s))]
+        f.tin[ikey] = tin
+    bases = [q_s.data_ptr(), k_s.data_ptr(), v_s.data_ptr()]
+    memops(flags, g["start"], batched, -1)  # every peer is done with the last call
+    _overlap_push_in(q_s, k_s, v_s, p, f.state[7], ins[0], first)
+    memops(flags, g["sig_in0"], batched, -1)
+    # chunks 1..C-1 on the copy engines, one side stream per destination
+    fork.record(compute)
+    sig_in = g["sig_in"]
+    for d in range(U):
+        s, sid, td = sides[d], side_ids[d], tin[d]
+        s.wait_event(fork)
+        for c in range(1, C):
+            t, which = td[c - 1]
+            copy(flags, t, which, bases, sid)
+            if d == r:
+                f.own[c].record(s)
+            else:  # (sig_in has no flag to this rank itself: the event)
+                memops(flags, sig_in[c][d], batched, sid)
+    kept = []  # outputs the side streams still read
+    lses = []
+    wait_in = g["wait_in"]
+    for c in range(C):
+        qbuf, kv = local[c]
+        hs = f.hs[c]
+        kj, vj = _own_joint_rows(f.jdst[c], q_j, k_j, v_j, hs, J, Jk)
+        if c:
+            compute.wait_event(f.own[c])
+        memops(flags, wait_in[c], batched, -1)
+        o, lse = attend(qbuf, _squeezed(p, kv) if p.squeeze else kv, kj, vj)
+        lses.append(lse)
+        h_out = hs.start
+        if c == C - 1:  # the last chunk's output: the push-out kernel, nothing left to hide it
+            _overlap_push_out(o, p, f.state[7], outs, h_out, first)
+            break
+        if o.stride(-1) != 1 or o.stride(-2) != o.shape[-1]:
+            o = o.contiguous()
+        kept.append(o)
+        okey = (c, o.stride())
+        tout = f.tout.get(okey)
+        if tout is None:
+            tout = [copy2d_template(t, w) for t, w in _out_templates(p, out_dst, o, h_out)]
+            f.tout[okey] = tout
+        obase = [o.data_ptr()]
+        fork.record(compute)
+        for d in range(U):
+            sides[d].wait_event(fork)
+            t, which = tout[d]
+            copy(flags, t, which, obase, side_ids[d])
+    for d in range(U):  # every copy of this rank's is done (inputs and outputs)
+        f.joined[d].record(sides[d])
+        compute.wait_event(f.joined[d])
+    memops(flags, g["end"], batched, -1)
+    out = outbuf.clone()
+    memops(flags, g["done"], batched, -1)
     return out, torch.cat(lses, dim=1)
 
 
@@ -1261,10 +1469,59 @@ def _ring_ce(p: _Plan, shape: tuple, dtype: torch.dtype, device: torch.device, f
     device-to-device memcpy: the copy engine, over NVLink), then a barrier marks every copy of
     step t done. Hazards: a buffer is overwritten only after this rank's attention on it (side
     waits for the compute stream) and after the next rank has pulled it (the barrier of the
-    step before)."""
+    step before). Host: buffers, the peer's views and events made once per shape
+    (``_ring_ce_host``); ``XDIT_OPS_USP_HOST=lists``: run 43's ``_ring_ce_lists``."""
     if p.ring == "ceflags":
         _ring_ce_flags(p, shape, dtype, device, fill, attend_block, parts, part_lses)
         return
+    if _host_lists():
+        _ring_ce_lists(p, shape, dtype, device, fill, attend_block, parts, part_lses)
+        return
+    _, bufs, handle, side, peer, to_side, to_compute = _ring_ce_host(p, shape, dtype, device)
+    fill(bufs[0])
+    compute = torch.cuda.current_stream(device)
+    R, ring_n = p.R, p.ring_n
+    for step in range(R):
+        if step + 1 < R:
+            to_side.record(compute)  # side.wait_stream(compute), with a reused event
+            side.wait_event(to_side)
+            with torch.cuda.stream(side):
+                if step == 0:
+                    handle.barrier(channel=0)  # every rank's first block is in place
+                bufs[(step + 1) % 2].copy_(peer[step % 2])
+                handle.barrier(channel=0)
+        n = ring_n[step]
+        if n > 0:
+            o, lse = attend_block(bufs[step % 2], n)
+            parts.append(o)
+            part_lses.append(lse)
+        if step + 1 < R:
+            to_compute.record(side)
+            compute.wait_event(to_compute)
+
+
+def _ring_ce_host(p: _Plan, shape: tuple, dtype: torch.dtype, device: torch.device):
+    """Per ring group and block shape, for ``_ring_ce``: (group, ring buffers, their handle, the
+    side stream, the previous rank's two buffers viewed here, events compute -> side and side ->
+    compute)."""
+    key = ("ringce", id(p.rg), p.r_rank, p.R, shape, dtype, device)
+    hit = _OVERLAP.get(key)
+    if hit is not None and hit[0] is p.rg:
+        return hit
+    bufs, handle = _ring_buffers(p.rg, shape, dtype, device)
+    prev = (p.r_rank - 1) % p.R
+    numel = math.prod(shape)
+    peer = [handle.get_buffer(prev, shape, dtype, b * numel) for b in (0, 1)]
+    hit = (p.rg, bufs, handle, _side_stream(device), peer, torch.cuda.Event(),
+           torch.cuda.Event())
+    _OVERLAP[key] = hit
+    return hit
+
+
+def _ring_ce_lists(p: _Plan, shape: tuple, dtype: torch.dtype, device: torch.device, fill,
+                   attend_block, parts: list, part_lses: list) -> None:
+    """``_ring_ce`` with the host work of run 43 (``XDIT_OPS_USP_HOST=lists``): buffers looked
+    up, the peer's buffer viewed and ``wait_stream`` events made per step."""
     R, r_rank = p.R, p.r_rank
     bufs, handle = _ring_buffers(p.rg, shape, dtype, device)
     fill(bufs[0])
@@ -1372,9 +1629,13 @@ def ring_flag_schedule(R: int) -> tuple[tuple, ...]:
     return tuple(ops)  # cached: built once per ring size, not per call
 
 
-def _ring_ce_flags(p: _Plan, shape: tuple, dtype: torch.dtype, device: torch.device, fill,
-                   attend_block, parts: list, part_lses: list) -> None:
-    """``_ring_ce`` with flag words instead of barrier kernels (``XDIT_OPS_USP_RING=ceflags``),
+def _ring_ce_flags_lists(p: _Plan, shape: tuple, dtype: torch.dtype, device: torch.device,
+                         fill, attend_block, parts: list, part_lses: list) -> None:
+    """``_ring_ce_flags`` with the host work of run 43 (``XDIT_OPS_USP_HOST=lists``): the
+    schedule walked per call with a stream context per operation, the flag programs passed as
+    lists of ints, the peer's buffer viewed and copied by torch per pull.
+
+    ``_ring_ce`` with flag words instead of barrier kernels (``XDIT_OPS_USP_RING=ceflags``),
     running ``ring_flag_schedule``.
 
     Step t: the side stream waits for FILLED[t % 2] (the previous rank's buffer t % 2 holds
@@ -1404,6 +1665,84 @@ def _ring_ce_flags(p: _Plan, shape: tuple, dtype: torch.dtype, device: torch.dev
                 o, lse = attend_block(bufs[arg % 2], p.ring_n[arg])
                 parts.append(o)
                 part_lses.append(lse)
+
+
+_FLAGS, _FILL, _PULL, _ATTEND, _JOIN_SIDE, _JOIN_COMPUTE = range(6)
+
+
+def ring_host_steps(R: int, progs: dict, pulls: list, side: int) -> list[tuple]:
+    """``ring_flag_schedule(R)`` compiled for ``_ring_ce_flags``: ``(code, a, b)`` per
+    operation, in order. ``_FLAGS``: run program ``a`` (``progs[name][b]``) on stream ``b``
+    (``side`` or -1, the compute stream); ``_PULL``: ``copy2d_t`` of ``a`` (``pulls[b]``,
+    ``(descs, which)``) on stream ``b`` (``side``); ``_ATTEND``: step ``a``; ``_FILL``;
+    ``_JOIN_SIDE``: the side stream waits for the compute stream; ``_JOIN_COMPUTE``: the
+    reverse."""
+    steps: list[tuple] = []
+    for name, op, arg in ring_flag_schedule(R):
+        if op == "flags":
+            steps.append((_FLAGS, progs[arg[0]][arg[1]], side if name == "side" else -1))
+        elif op == "join":
+            steps.append((_JOIN_SIDE if name == "side" else _JOIN_COMPUTE, None, None))
+        elif op == "fill":
+            steps.append((_FILL, None, None))
+        elif op == "pull":
+            steps.append((_PULL, pulls[arg], side))
+        else:
+            steps.append((_ATTEND, arg, None))
+    return steps
+
+
+def _ring_host(p: _Plan, shape: tuple, dtype: torch.dtype, device: torch.device):
+    """Per ring group and block shape: (group, ring buffers, flags, compiled steps, side stream,
+    events compute -> side and side -> compute, the previous rank's two buffers), the buffers,
+    views, stream and events those of ``_ring_ce_host``."""
+    key = ("ringhost", id(p.rg), p.r_rank, p.R, shape, dtype, device)
+    hit = _OVERLAP.get(key)
+    if hit is not None and hit[0] is p.rg:
+        return hit
+    flags, progs = _ring_flags(p, device)
+    _, bufs, _, side, peer, to_side, to_compute = _ring_ce_host(p, shape, dtype, device)
+    nbytes = bufs[0].numel() * bufs.element_size()
+    # pull b: the previous rank's buffer b into mine 1 - b, one contiguous run (what copy_ does)
+    pulls = [copy2d_template([bufs[1 - b].data_ptr(), nbytes, peer[b].data_ptr(), nbytes,
+                              nbytes, 1]) for b in (0, 1)]
+    tprogs = {name: [program_tensor(x) for x in per_b] for name, per_b in progs.items()}
+    steps = ring_host_steps(p.R, tprogs, pulls, side.cuda_stream)
+    hit = (p.rg, bufs, flags, steps, side, to_side, to_compute, peer)
+    _OVERLAP[key] = hit
+    return hit
+
+
+def _ring_ce_flags(p: _Plan, shape: tuple, dtype: torch.dtype, device: torch.device, fill,
+                   attend_block, parts: list, part_lses: list) -> None:
+    """``_ring_ce`` with flag words instead of barrier kernels (``XDIT_OPS_USP_RING=ceflags``),
+    running ``ring_flag_schedule`` as compiled once per shape by ``ring_host_steps`` (the same
+    operations as ``_ring_ce_flags_lists``, with less host work a call: ``HOST_ENV``)."""
+    if _host_lists():
+        _ring_ce_flags_lists(p, shape, dtype, device, fill, attend_block, parts, part_lses)
+        return
+    _, bufs, flags, steps, side, to_side, to_compute, _ = _ring_host(p, shape, dtype, device)
+    batched = os.environ.get(BATCH_ENV, "1") != "0"
+    compute = torch.cuda.current_stream(device)
+    ring_n = p.ring_n
+    for code, a, b in steps:
+        if code == _FLAGS:
+            _MEMOPS_T(flags, a, batched, b)
+        elif code == _PULL:
+            _COPY2D_T(flags, a[0], a[1], [], b)
+        elif code == _ATTEND:
+            if ring_n[a] > 0:
+                o, lse = attend_block(bufs[a % 2], ring_n[a])
+                parts.append(o)
+                part_lses.append(lse)
+        elif code == _JOIN_SIDE:
+            to_side.record(compute)
+            side.wait_event(to_side)
+        elif code == _JOIN_COMPUTE:
+            to_compute.record(side)
+            compute.wait_event(to_compute)
+        else:
+            fill(bufs[0])
 
 
 def _ring_nccl(p: _Plan, cur: torch.Tensor, attend_block, parts: list, part_lses: list) -> None:
