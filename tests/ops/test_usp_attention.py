@@ -514,16 +514,18 @@ def _worker_gpu(rank, world):
                 plans = [p for p in _usp._PLANS.values() if p.U == u and p.R == r]
                 used = {p.path for p in plans} if r == 1 else {p.ring for p in plans}
                 assert used == ({"push"} if r == 1 else {"ce"}), (u, r, used)
+                if r == 1:  # the default push sends its output back by rank blocks
+                    assert all(p.push_blocks for p in plans), u
         if r == 1:
-            # The push with its output sent back by rank blocks (XDIT_OPS_PUSH_KERNEL=v3).
+            # The push with its output stored into the output rows (XDIT_OPS_PUSH_KERNEL=v2).
             with pytest.MonkeyPatch.context() as mp:
-                mp.setenv("XDIT_OPS_PUSH_KERNEL", "v3")
+                mp.setenv("XDIT_OPS_PUSH_KERNEL", "v2")
                 for i, case in enumerate(GPU_CASES):
                     _run_case(case, u, r, seed=31 * i + 7, device="cuda")
                 _run_shard_lengths(u, r, seed=3 * u + r + 1, device="cuda",
                                    dtype=torch.bfloat16, L=300, J=77, D=128)
             plans = [p for p in _usp._PLANS.values() if p.U == u and p.path == "push"]
-            assert any(p.push_blocks for p in plans), u
+            assert any(not p.push_blocks for p in plans), u
         if os.environ.get("XDIT_OPS_TEST_CE") == "1" and r == 1:
             # The copy-engine Ulysses exchange (opt-in; the push replaced it), only when asked.
             with pytest.MonkeyPatch.context() as mp:
@@ -565,8 +567,8 @@ def _worker_gpu_graph(rank, world, ulysses_ce=False, transport=None, push_kernel
         assert {p.path for p in _usp._PLANS.values()} == {transport}
     if ring:
         assert {p.ring for p in _usp._PLANS.values()} == {ring}
-    if push_kernel == "v3":
-        assert all(p.push_blocks for p in _usp._PLANS.values())
+    if push_kernel:
+        assert all(p.push_blocks == (push_kernel == "v3") for p in _usp._PLANS.values())
 
 
 @pytest.mark.multigpu(4)
@@ -630,10 +632,11 @@ def test_usp_gpu_cuda_graph_ring_flags(world):
 
 
 @pytest.mark.multigpu(2)
-@pytest.mark.parametrize("push_kernel", [None, "v3"], ids=["rows", "blocks"])
+@pytest.mark.parametrize("push_kernel", ["v2", "v3"], ids=["rows", "blocks"])
 def test_usp_gpu_cuda_graph_push(push_kernel):
     """The push transport (symmetric-memory stores and device barriers) captured and replayed
-    on 2 GPUs; ``blocks``: the output sent back by rank blocks (XDIT_OPS_PUSH_KERNEL=v3)."""
+    on 2 GPUs; ``rows``: the output stored into the output rows (XDIT_OPS_PUSH_KERNEL=v2),
+    ``blocks``: sent back by rank blocks (v3, the default)."""
     run_distributed(_worker_gpu_graph, 2, False, "push", push_kernel, timeout=150,
                     backend="nccl")
 
@@ -651,6 +654,28 @@ def test_ulysses_transport_switch():
                                          r"\('auto', 'nccl', 'ce', 'push', 'overlap'\), "
                                          "got 'nvlink'"):
         ulysses_transport(cuda, "nvlink")
+
+
+def test_auto_transports_by_size_and_ranks():
+    """The auto transports (``_build_plan``): the flag ring and the overlapped Ulysses from
+    AUTO_FLAGS_MIN_TOKENS gathered tokens (the overlap from AUTO_OVERLAP_MIN_RANKS ranks and
+    where it applies), the barrier ring and the push below, NCCL without peer mapping; the
+    push's output by rank blocks unless v1/v2 is asked for."""
+    from xdit_ops.ops.ulysses_pack import push_blocks
+    from xdit_ops.ops.usp_attention import auto_ring, auto_ulysses
+
+    N, M = _usp.AUTO_FLAGS_MIN_TOKENS, _usp.AUTO_OVERLAP_MIN_RANKS
+    assert 4608 + 512 < N <= 16896 + 512  # between the shapes measured (runs 44-45)
+    assert [auto_ring(True, n) for n in (4608 + 512, N - 1, N, 32760)] == \
+        ["ce", "ce", "ceflags", "ceflags"]
+    assert auto_ring(False, 32760) == "nccl"
+    assert [auto_ulysses(True, True, M, n) for n in (N - 1, N, 32760)] == \
+        ["push", "overlap", "overlap"]
+    assert auto_ulysses(True, True, M - 1, 32760) == "push"  # 2 ranks: a tie, the push
+    assert auto_ulysses(True, False, 8, 32760) == "push"  # uneven heads, v1, ...
+    assert auto_ulysses(False, False, 8, 32760) == "nccl"
+    assert [push_blocks(v) for v in (None, "", "v3", "v2", "v1")] == \
+        [True, True, True, False, False]
 
 
 def test_ring_transport_switch():
@@ -699,11 +724,12 @@ def _push_cases():
     ]
 
 
-@pytest.mark.parametrize("push_kernel", [None, "v3"], ids=["rows", "blocks"])
+@pytest.mark.parametrize("push_kernel", ["v2", "v3"], ids=["rows", "blocks"])
 @pytest.mark.parametrize("case", range(3))
 def test_push_path_wiring_in_threads(case, push_kernel, monkeypatch):
-    """``push_kernel``: XDIT_OPS_PUSH_KERNEL as the plan sees it (unset: the output push into
-    the output rows and a copy out; v3: the output push by rank blocks and an unpack)."""
+    """``push_kernel``: XDIT_OPS_PUSH_KERNEL as the plan sees it (v2: the output push into
+    the output rows and a copy out; v3, like unset: the output push by rank blocks and an
+    unpack)."""
     import threading
 
     heads, B, L, J, front, with_len, shard_lengths = _push_cases()[case]

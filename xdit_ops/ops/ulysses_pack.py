@@ -287,12 +287,23 @@ def check_push_out(o: torch.Tensor, heads: Sequence[int], dst: Sequence[torch.Te
 
 def push_kernel(op: str = PUSH) -> str:
     """The push kernel ``XDIT_OPS_PUSH_KERNEL`` selects for CUDA: ``"v2"`` (also when unset or
-    empty), ``"v1"`` or ``"v3"`` (v2's kernels; for ``usp_attention`` the output push by rank
-    blocks); anything else raises (named after ``op``)."""
+    empty), ``"v1"`` or ``"v3"`` (v2's kernels); anything else raises (named after ``op``).
+    ``usp_attention`` sends its output back by rank blocks unless ``v1`` or ``v2`` is set
+    (:func:`push_blocks`)."""
     value = os.environ.get(PUSH_KERNEL_ENV) or "v2"
     if value not in PUSH_KERNELS:
         raise ValueError(f"{op}: {PUSH_KERNEL_ENV} must be one of {PUSH_KERNELS}, got {value!r}")
     return value
+
+
+def push_blocks(value: str | None) -> bool:
+    """Whether ``usp_attention``'s push sends its output back by rank blocks (contiguous stores
+    to each peer, unpacked locally: ``ulysses_push_out_blocks``) for the
+    ``XDIT_OPS_PUSH_KERNEL`` value ``value``: yes when unset, empty or ``v3``; ``v1`` and ``v2``
+    keep the output push into the output rows. The default since run 44 (4 H100s: the
+    multigpu usp tests pass with it; run 41: the push-out alone 21.5 / 62.2 / 184 us against
+    the rows' 29.1 / 88.1 / 186, a flat copy 21.0 / 61.6)."""
+    return (value or "v3") == "v3"
 
 
 def _check_push_dst(op: str, dst: Sequence[torch.Tensor], like: torch.Tensor,

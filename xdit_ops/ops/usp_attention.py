@@ -65,6 +65,7 @@ from xdit_ops.ops.stream_memops import (
 from xdit_ops.ops.ulysses_pack import (  # (registers the pack ops)
     PUSH_KERNEL_ENV,
     PUSH_KERNELS,
+    push_blocks,
     push_kernel,
     push_region_size,
     push_regions,
@@ -364,6 +365,40 @@ def _lse_out(lse_h, J, L, heads, ug, joint_front, splits):
     return back.squeeze(-1).transpose(1, 2).contiguous()
 
 
+# The auto transports take the stream-memory-flag paths (the flag ring, the overlapped
+# Ulysses) from this many tokens of the gathered sequence (joint tokens included). Measured
+# on 4 H100s (runs 44-45, bench_usp, ms eager / graph): at (1,16896,24,128) the flag ring
+# 1.560-1.589 / 1.591-1.610 against the barrier ring's 1.662-1.700 / 1.555-1.580, the overlap
+# (2 head chunks) 1.616 / 1.658 against the push's 1.648 / 1.666; at (1,32760,40,128) the flag
+# ring 10.20-10.50 / 10.26-10.41 against 10.71-10.74 / 10.56-10.63, the overlap 10.19 / 10.48
+# against 10.47 / 10.76. Below it they lose: at (1,4608,24,128) their host work (~0.7-0.8 ms
+# a call) is longer than the call (0.21-0.24 ms from a graph) and their graphs are no faster.
+# On 2 H100s (run 45) the flag ring still wins at 16896 (3.018 / 2.986 against 3.216 / 3.036)
+# and ties at 32760; the overlap ties there (3.087 / 3.122 against 3.213 / 3.094 at 16896,
+# 20.46 / 20.70 against 20.31 / 20.67 at 32760), so auto keeps the push below 4 ranks.
+AUTO_FLAGS_MIN_TOKENS = 16384
+AUTO_OVERLAP_MIN_RANKS = 4
+
+
+def auto_ring(mapped: bool, tokens: int) -> str:
+    """The ring transport ``auto`` takes: ``ceflags`` on peer-mapped ranks from
+    ``AUTO_FLAGS_MIN_TOKENS`` gathered tokens, ``ce`` below, ``nccl`` without peer mapping."""
+    if not mapped:
+        return "nccl"
+    return "ceflags" if tokens >= AUTO_FLAGS_MIN_TOKENS else "ce"
+
+
+def auto_ulysses(mapped: bool, can_overlap: bool, U: int, tokens: int) -> str:
+    """The Ulysses transport ``auto`` takes (``mapped``: a peer-mapped Ulysses group without a
+    ring; ``can_overlap``: the overlap applies, see ``_build_plan``): ``overlap`` from
+    ``AUTO_OVERLAP_MIN_RANKS`` ranks and ``AUTO_FLAGS_MIN_TOKENS`` gathered tokens, else
+    ``push``; ``nccl`` without peer mapping."""
+    if not mapped:
+        return "nccl"
+    big = U >= AUTO_OVERLAP_MIN_RANKS and tokens >= AUTO_FLAGS_MIN_TOKENS
+    return "overlap" if can_overlap and big else "push"
+
+
 RING_TRANSPORTS = ("auto", "nccl", "ce", "ceflags")
 CE_RINGS = ("ce", "ceflags")  # the copy-engine rings (barrier kernels / stream-memory flags)
 
@@ -376,12 +411,13 @@ def ring_transport(device: torch.device, switch: str | None) -> str:
     - ``ce``: the copy engines pull the previous rank's block straight out of its
       symmetric-memory buffer over NVLink, taking no SMs from the attention (4 H200s, run 29:
       the (1, 16896, 24, 128) ring at 0.861 of linear against NCCL's 0.554);
-    - ``ceflags`` (opt-in, not yet run on a GPU): the same pulls, synchronised by flag words in
+    - ``ceflags``: the same pulls, synchronised by flag words in
       symmetric memory with stream memory operations (``_ring_ce_flags``) instead of a barrier
       kernel per step: a barrier kernel on the side stream waits for a free SM behind the
       attention (run 34's profile: ~0.6 ms of barrier waits per call at (1,32760,40,128));
-    - ``auto`` (default): ``ce`` where every rank of the ring group can map the others' memory
-      (one host, peer access), else ``nccl``; the plan decides, once per group
+    - ``auto`` (default): where every rank of the ring group can map the others' memory (one
+      host, peer access) ``ceflags`` from ``AUTO_FLAGS_MIN_TOKENS`` gathered tokens and ``ce``
+      below (``auto_ring``), else ``nccl``; the plan decides, once per group
       (``_peer_mapped``).
 
     The NCCL GPU test, which calls the op with several shapes in a row (a symmetric buffer per
@@ -436,8 +472,10 @@ def ulysses_transport(device: torch.device, switch: str | None) -> str:
     """How the Ulysses exchange moves, as asked (``switch``: the value of
     ``XDIT_OPS_USP_ULYSSES``):
 
-    - ``auto`` (default): ``push`` where it works, else ``nccl``; the plan decides, once per
-      group (``_peer_mapped``);
+    - ``auto`` (default): ``push`` where it works, ``overlap`` instead from
+      ``AUTO_OVERLAP_MIN_RANKS`` ranks and ``AUTO_FLAGS_MIN_TOKENS`` gathered tokens where it
+      applies (``auto_ulysses``), else ``nccl``; the plan decides, once per group
+      (``_peer_mapped``);
     - ``nccl``: NCCL all-to-all kernels (any topology);
     - ``ce``: every rank pulls its pieces from the peers' symmetric-memory buffers with
       device-to-device copies on the copy engines, per head chunk, overlapped with the
@@ -697,7 +735,7 @@ def _ulysses_push(q_s, k_s, v_s, q_j, k_j, v_j, p: _Plan, attend):
                              slice(p.h0, p.h0 + p.h_me), J, Jk)
     handle.barrier(channel=0)  # every rank's rows are in every buffer
     o, lse = attend(qbuf, _squeezed(p, kv) if p.squeeze else kv, kj, vj)
-    if p.push_blocks:  # XDIT_OPS_PUSH_KERNEL=v3
+    if p.push_blocks:  # XDIT_OPS_PUSH_KERNEL unset or v3
         torch.ops.xdit_ops.ulysses_push_out_blocks.default(o, p.heads, outs, p.u_rank, L)
         handle.barrier(channel=0)  # every rank's block is home
         return torch.ops.xdit_ops.ulysses_unpack_out.default(
@@ -1215,7 +1253,7 @@ class _Plan:
         "ug", "rg", "U", "R", "u_rank", "r_rank", "B", "J", "L", "joint_front", "split",
         "heads", "h0", "h_me", "Jk", "joint_inline", "ring_n", "n0", "cut0",
         "mine", "squeeze", "path", "chunks", "ring", "nxt", "prv", "in_splits",
-        "out_splits", "lse_splits", "seq_len", "check",
+        "out_splits", "lse_splits", "seq_len", "check", "tokens",
         "agree_key", "attn_backend", "push_key", "push_blocks", "wire", "fp8ring",
     )
 
@@ -1330,9 +1368,10 @@ def _build_plan(q, k, v, joint_lengths, joint_tokens, joint_front, seq_len, back
     p.cut0 = p.n0 < Jk + U * L  # the R == 1 block has padded keys to cut off
     p.mine = mine = lens[r_rank * U:(r_rank + 1) * U]
     p.squeeze = any(n < L and any(mine[j + 1:]) for j, n in enumerate(mine))
+    p.tokens = J + sum(lens)  # the gathered sequence's valid tokens (the auto choices)
     p.ring = ring_transport(q.device, ring_sw) if R > 1 else "nccl"
     if p.ring == "auto":
-        p.ring = "ce" if _peer_mapped(ug, rg, "ring") else "nccl"
+        p.ring = auto_ring(_peer_mapped(ug, rg, "ring"), p.tokens)
     p.nxt = p.prv = -1
     if R > 1 and p.ring == "nccl":
         ring_ranks = dist.get_process_group_ranks(rg)
@@ -1340,15 +1379,16 @@ def _build_plan(q, k, v, joint_lengths, joint_tokens, joint_front, seq_len, back
         p.prv = ring_ranks[(r_rank - 1) % R]
     p.chunks = 1
     transport = ulysses_transport(q.device, ulysses_sw) if U > 1 else "nccl"
-    if transport == "auto":
-        transport = "push" if R == 1 and _peer_mapped(ug, rg) else "nccl"
-    if transport == "overlap":
+    if transport in ("auto", "overlap"):
         # every rank decides alike (the switches, shapes and peer mapping agree); where the
         # overlap cannot apply, what auto would take
         mapped = R == 1 and _peer_mapped(ug, rg)
-        ok = (mapped and all(x == heads[0] for x in heads)
-              and _overlap_chunks(heads[0], chunks_sw) > 1 and push_kernel(OP) != "v1")
-        transport = "overlap" if ok else "push" if mapped else "nccl"
+        can = (mapped and all(x == heads[0] for x in heads)
+               and _overlap_chunks(heads[0], chunks_sw) > 1 and push_kernel(OP) != "v1")
+        if transport == "auto":
+            transport = auto_ulysses(mapped, can, U, p.tokens)
+        else:
+            transport = "overlap" if can else "push" if mapped else "nccl"
     if U == 1:
         p.path = "local"
     elif R == 1 and transport in ("push", "overlap"):
@@ -1390,9 +1430,9 @@ def _build_plan(q, k, v, joint_lengths, joint_tokens, joint_front, seq_len, back
         else:
             p.path = "fp8hybrid"
             p.fp8ring = make_ring_plan(B, L, H, D, sum(mine), count, heads, p.h_me, mine)
-    # XDIT_OPS_PUSH_KERNEL=v3: the output goes back by rank blocks (contiguous stores to each
-    # peer) and is unpacked locally in place of the copy out of the buffer
-    p.push_blocks = p.path == "push" and push_sw == "v3"
+    # XDIT_OPS_PUSH_KERNEL unset or v3: the output goes back by rank blocks (contiguous stores
+    # to each peer) and is unpacked locally in place of the copy out of the buffer
+    p.push_blocks = p.path == "push" and push_blocks(push_sw)
     p.in_splits = _exchange_splits(3 * B * L * D, heads, p.h_me, True)  # [3, B, L, h, D]
     p.out_splits = _exchange_splits(B * (J + L) * v.shape[3], heads, p.h_me, False)
     p.lse_splits = _exchange_splits(B * (J + L), heads, p.h_me, False)
