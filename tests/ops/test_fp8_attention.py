@@ -792,6 +792,33 @@ def _compile_sm90(fn, signature: dict, constexprs: dict, num_warps: int, num_sta
         pytest.skip(f"cannot compile for sm_90a here: {exc}")
 
 
+def _assert_kv_tiles_pipelined(ttgir: str, block_s: int, dp: int) -> None:
+    """Every K and V tile load of quantize_kv_kernel is issued ahead of the loop iteration that
+    uses it (Triton's software pipelining: cp.async into shared memory, or a load into
+    registers carried to the next iterations); none is a plain load whose latency each tile
+    waits out (V's was, in the loop with K's dot)."""
+    import re
+
+    tile = rf"tensor<{block_s}x{dp}x!tt\.ptr<(?:bf16|f16)>"
+    lines = ttgir.splitlines()
+    loops = 0
+    for i, line in enumerate(lines):
+        if " scf.for " not in line:
+            continue
+        loops += 1
+        indent = len(line) - len(line.lstrip())
+        end = next(j for j in range(i + 1, len(lines))
+                   if lines[j].strip().startswith("scf.yield")
+                   and len(lines[j]) - len(lines[j].lstrip()) == indent + 2)
+        yielded = set(re.findall(r"%[\w#]+", lines[end]))
+        for body in lines[i + 1:end]:
+            m = re.match(rf"\s*(%[\w#]+) = tt\.load .* : {tile}", body)
+            assert m is None or m.group(1) in yielded, body.strip()
+    assert loops >= 2, loops  # the V loop and the K loop
+    copies = re.findall(rf"ttg\.async_copy_global_to_local .* : {tile}", ttgir)
+    assert copies, "K's tiles are not loaded by cp.async"
+
+
 def _ptxas_spills(ptx: str, tmp_path) -> int:
     return _ptxas_usage(ptx, tmp_path)[1]
 
@@ -879,7 +906,7 @@ def test_triton_quantize_kernels_compile_for_sm90a(D, tmp_path):
     DP = padded_head_dim(D)
     launch = launcher.QUANT_LAUNCH[DP]
     consts = {"D": D, "DP": DP, "UPCAST": False}
-    kv = {"BLOCK_S": launcher.QUANT_BLOCK_S, "NUM_CHUNKS_P2": 32}
+    kv = {"BLOCK_S": launcher.QUANT_BLOCK_S, "NUM_CHUNKS_P2": 32, "V_STAGES": launch.v_stages}
     stores = {}
     for name, stages, extra in [
         ("kv_stats_kernel", launch.stats_stages, {"BLOCK_S": launcher.STATS_BLOCK_S}),
@@ -899,6 +926,7 @@ def test_triton_quantize_kernels_compile_for_sm90a(D, tmp_path):
         if name == "quantize_kv_kernel":
             assert "cvt.rn.satfinite.e4m3x2.f32" in ptx
             stores[extra["VT_PV_ORDER"]] = sorted(re.findall(r"st\.global[.\w]*", ptx))
+            _assert_kv_tiles_pipelined(k.asm["ttgir"], launcher.QUANT_BLOCK_S, DP)
         regs, spills = _ptxas_usage(ptx, tmp_path)
         assert spills == 0, (name, spills)
         assert regs * 32 * launch.num_warps * launch.programs_per_sm <= 65536, (name, regs)
@@ -1457,7 +1485,7 @@ def test_triton_quantize_kv_tile_k_scale_compiles_for_sm90a(DP, tmp_path):
     launch = launcher.QUANT_LAUNCH[DP]
     names, types, aligned = _QUANT_SIGNATURES["quantize_kv_kernel"]
     const = {"D": DP, "DP": DP, "UPCAST": False, "BLOCK_S": 128, "NUM_CHUNKS_P2": 32,
-             "VT_PV_ORDER": True, "K_BLOCK": 128}
+             "VT_PV_ORDER": True, "K_BLOCK": 128, "V_STAGES": launch.v_stages}
     sig = dict(zip(names, types, strict=True)) | dict.fromkeys(const, "constexpr")
     warps = 2 * launch.num_warps  # twice the keys of the per-key tiles, twice the warps
     k = _compile_sm90(kernels.quantize_kv_kernel, sig, const, num_warps=warps,
@@ -1465,8 +1493,10 @@ def test_triton_quantize_kv_tile_k_scale_compiles_for_sm90a(DP, tmp_path):
     ptx = k.asm["ptx"]
     assert "wgmma.mma_async" in ptx and "cvt.rn.satfinite.e4m3x2.f32" in ptx
     assert "st.global.v4.b32" in sorted(re.findall(r"st\.global[.\w]*", ptx))
+    _assert_kv_tiles_pipelined(k.asm["ttgir"], 128, DP)
     regs, spills = _ptxas_usage(ptx, tmp_path)
-    print(f"quantize_kv_kernel K_BLOCK=128 DP={DP}: {regs} registers, {warps} warps")
+    print(f"quantize_kv_kernel K_BLOCK=128 DP={DP}: {regs} registers, {warps} warps, "
+          f"{k.metadata.shared} bytes of shared memory")
     assert spills == 0, spills
     assert regs * 32 * warps * (launch.programs_per_sm // 2) <= 65536, regs
 

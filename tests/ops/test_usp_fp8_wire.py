@@ -565,7 +565,8 @@ def test_wire_quantize_kernel_compiles_for_sm90a(D, tmp_path):
     common = {"D": D, "DP": DP, "BLOCK_S": launcher.QUANT_BLOCK_S, "NUM_CHUNKS_P2": 1,
               "UPCAST": False}
     for name, stages, extra in [
-        ("quantize_kv_kernel", launch.kv_stages, {"VT_PV_ORDER": False}),
+        ("quantize_kv_kernel", launch.kv_stages,
+         {"VT_PV_ORDER": False, "V_STAGES": launch.v_stages}),
         ("quantize_q_kernel", launch.q_stages, {}),
     ]:
         names, types, aligned = _QUANT_SIGNATURES[name]
