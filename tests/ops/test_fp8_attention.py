@@ -569,6 +569,31 @@ def test_triton_quantize_tile_loop_in_the_cpu_interpreter():
     _run_in_interpreter(_TILE_LOOP_CHECK, "tile loop ok")
 
 
+def test_quantize_grid_fills_whole_waves():
+    """programs_per_head (the tile-loop kernels' programs per head): whole waves of the
+    resident programs where one wave of slots // heads would leave slots idle (one 16-warp
+    K_BLOCK=128 program per SM on 132 SMs: 12 idle at 24 heads, 12 at 40), one wave where that
+    is the fastest (small sequences), and never more programs than tiles."""
+    pytest.importorskip("triton")
+    from xdit_ops.triton.fp8_attention import PROGRAM_COST_TILES, programs_per_head
+
+    def cost(heads, tiles, slots, p):
+        return -(-heads * p // slots) * (-(-tiles // p) + PROGRAM_COST_TILES)
+
+    # (heads, tiles, slots) -> P: run 44's shapes; K_BLOCK=128 at one program per SM (132
+    # slots), the per-key K/V and Q kernels at two (264)
+    for (heads, tiles, slots), want in {
+            (24, 132, 132): 11, (40, 256, 132): 13, (24, 36, 132): 5,
+            (24, 264, 264): 11, (40, 512, 264): 13, (24, 72, 264): 11,
+            (1, 1, 264): 1, (2, 65, 264): 65, (720, 16, 264): 1}.items():
+        p = programs_per_head(heads, tiles, slots)
+        assert p == want, (heads, tiles, slots, p)
+        best = min(cost(heads, tiles, slots, q) for q in range(1, tiles + 1))
+        assert cost(heads, tiles, slots, p) == best
+    # at 24 heads on 132 SMs, one wave (the earlier rule) took 27 tiles a program, two: 12
+    assert cost(24, 132, 132, 11) < cost(24, 132, 132, 132 // 24)
+
+
 # ---------------------------------------------------------------------------------------------
 # GPU: the Triton (and, opt-in, sm90) kernels against the emulation and the gate.
 

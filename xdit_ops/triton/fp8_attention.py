@@ -59,7 +59,7 @@ class QuantLaunch(NamedTuple):
 
     num_warps : of every quantization kernel.
     programs_per_sm : the tile-loop kernels' grids are sized for this many resident programs
-        per SM (one wave, each program walking several tiles).
+        per SM (in whole waves, each program walking several tiles: :func:`programs_per_head`).
     stats_stages, q_stages, kv_stages : software-pipelining depth of the tile loops of
         kv_stats_kernel, quantize_q_kernel and quantize_kv_kernel (its K loop).
     v_stages : that of quantize_kv_kernel's V loop (V_STAGES: its loads are issued
@@ -221,14 +221,38 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+# Per-program fixed cost of a tile-loop quantization kernel, in tiles (the Hadamard matrix and
+# the statistics from L2, the pipeline's fill): what another wave of programs costs beyond its
+# tiles, in programs_per_head's model.
+PROGRAM_COST_TILES = 0.5
+
+
+@functools.lru_cache(maxsize=256)
+def programs_per_head(num_heads: int, num_tiles: int, slots: int) -> int:
+    """Programs per (batch, head) of a tile-loop quantization kernel whose grid is ``(P,
+    num_heads)``, with ``slots`` programs resident at once (programs per SM x SMs), each program
+    walking ``ceil(num_tiles / P)`` or fewer tiles: the P in 1..num_tiles that minimises the
+    time in waves of programs, ``ceil(num_heads * P / slots) * (ceil(num_tiles / P) +
+    PROGRAM_COST_TILES)`` (the smallest such P). One wave of ``slots // num_heads`` programs a
+    head leaves ``slots % num_heads`` slots idle for the whole run: at 24 heads and one program
+    per SM on 132 SMs, 12 of 132 (P = 5, 27 tiles of 132 a program); two full waves of P = 11
+    take 12 tiles a program."""
+    best, best_cost = 1, math.inf
+    for p in range(1, min(num_tiles, 8 * (slots // num_heads + 1)) + 1):
+        waves = -(-num_heads * p // slots)
+        cost = waves * (-(-num_tiles // p) + PROGRAM_COST_TILES)
+        if cost < best_cost:
+            best, best_cost = p, cost
+    return best
+
+
 def _programs_per_head(num_heads: int, num_tiles: int, per_sm: int,
                        device: torch.device) -> int:
-    """Programs per (batch, head) of a tile-loop quantization kernel: at most ``per_sm`` per
-    SM in all (one wave: rounding up would start a second wave for the few programs over),
-    each walking several tiles; at least one, never more than tiles."""
-    if device.type != "cuda":  # Triton's CPU interpreter: two programs, several tiles each
+    """:func:`programs_per_head` for ``per_sm`` programs per SM of ``device``; in Triton's CPU
+    interpreter, two programs (several tiles each), never more than tiles."""
+    if device.type != "cuda":
         return max(1, min(num_tiles, 2))
-    return max(1, min(num_tiles, per_sm * _num_sms(device) // num_heads))
+    return programs_per_head(num_heads, max(num_tiles, 1), per_sm * _num_sms(device))
 
 
 def _stats_tokens_per_chunk(num_heads: int, seqlen_k: int, per_sm: int) -> int:
