@@ -1044,6 +1044,7 @@ def test_cuda_scheme_follows_the_implementation(monkeypatch):
     from xdit_ops.ops.fp8_attention import SCHEME, cuda_scheme, sm90_scheme
     from xdit_ops.triton.fp8_attention import attn_config, config_scheme
 
+    monkeypatch.setenv("XDIT_OPS_FP8_K_SCALE", "token")  # auto: test_fp8_impl_select
     monkeypatch.setenv("XDIT_OPS_FP8_IMPL", "emulation")
     assert cuda_scheme(128) == SCHEME
     monkeypatch.setenv("XDIT_OPS_FP8_IMPL", "sm90ws")
@@ -1413,8 +1414,9 @@ def test_triton_kernels_compile_for_gfx942_with_fnuz(DP):
 
 
 # ---------------------------------------------------------------------------------------------
-# XDIT_OPS_FP8_K_SCALE=tile (opt-in): one K scale per 128-key tile (the scheme with
-# k_block=128), the quantization pass's K_BLOCK=128 and the sm90ws kernel's per-tile variant.
+# XDIT_OPS_FP8_K_SCALE=tile (auto's choice where sm90ws' per-tile variant runs): one K scale per
+# 128-key tile (the scheme with k_block=128), the quantization pass's K_BLOCK=128 and the sm90ws
+# kernel's per-tile variant.
 
 def test_gate_dit_like_tile_k_scale():
     """The accuracy gate with one K scale per 128-key tile (sm90ws' tile scheme), emulated."""
