@@ -569,6 +569,31 @@ def test_triton_quantize_tile_loop_in_the_cpu_interpreter():
     _run_in_interpreter(_TILE_LOOP_CHECK, "tile loop ok")
 
 
+def test_quantize_grid_fills_whole_waves():
+    """programs_per_head (the tile-loop kernels' programs per head): whole waves of the
+    resident programs where one wave of slots // heads would leave slots idle (one 16-warp
+    K_BLOCK=128 program per SM on 132 SMs: 12 idle at 24 heads, 12 at 40), one wave where that
+    is the fastest (small sequences), and never more programs than tiles."""
+    pytest.importorskip("triton")
+    from xdit_ops.triton.fp8_attention import PROGRAM_COST_TILES, programs_per_head
+
+    def cost(heads, tiles, slots, p):
+        return -(-heads * p // slots) * (-(-tiles // p) + PROGRAM_COST_TILES)
+
+    # (heads, tiles, slots) -> P: run 44's shapes; K_BLOCK=128 at one program per SM (132
+    # slots), the per-key K/V and Q kernels at two (264)
+    for (heads, tiles, slots), want in {
+            (24, 132, 132): 11, (40, 256, 132): 13, (24, 36, 132): 5,
+            (24, 264, 264): 11, (40, 512, 264): 13, (24, 72, 264): 11,
+            (1, 1, 264): 1, (2, 65, 264): 65, (720, 16, 264): 1}.items():
+        p = programs_per_head(heads, tiles, slots)
+        assert p == want, (heads, tiles, slots, p)
+        best = min(cost(heads, tiles, slots, q) for q in range(1, tiles + 1))
+        assert cost(heads, tiles, slots, p) == best
+    # at 24 heads on 132 SMs, one wave (the earlier rule) took 27 tiles a program, two: 12
+    assert cost(24, 132, 132, 11) < cost(24, 132, 132, 132 // 24)
+
+
 # ---------------------------------------------------------------------------------------------
 # GPU: the Triton (and, opt-in, sm90) kernels against the emulation and the gate.
 
@@ -792,6 +817,33 @@ def _compile_sm90(fn, signature: dict, constexprs: dict, num_warps: int, num_sta
         pytest.skip(f"cannot compile for sm_90a here: {exc}")
 
 
+def _assert_kv_tiles_pipelined(ttgir: str, block_s: int, dp: int) -> None:
+    """Every K and V tile load of quantize_kv_kernel is issued ahead of the loop iteration that
+    uses it (Triton's software pipelining: cp.async into shared memory, or a load into
+    registers carried to the next iterations); none is a plain load whose latency each tile
+    waits out (V's was, in the loop with K's dot)."""
+    import re
+
+    tile = rf"tensor<{block_s}x{dp}x!tt\.ptr<(?:bf16|f16)>"
+    lines = ttgir.splitlines()
+    loops = 0
+    for i, line in enumerate(lines):
+        if " scf.for " not in line:
+            continue
+        loops += 1
+        indent = len(line) - len(line.lstrip())
+        end = next(j for j in range(i + 1, len(lines))
+                   if lines[j].strip().startswith("scf.yield")
+                   and len(lines[j]) - len(lines[j].lstrip()) == indent + 2)
+        yielded = set(re.findall(r"%[\w#]+", lines[end]))
+        for body in lines[i + 1:end]:
+            m = re.match(rf"\s*(%[\w#]+) = tt\.load .* : {tile}", body)
+            assert m is None or m.group(1) in yielded, body.strip()
+    assert loops >= 2, loops  # the V loop and the K loop
+    copies = re.findall(rf"ttg\.async_copy_global_to_local .* : {tile}", ttgir)
+    assert copies, "K's tiles are not loaded by cp.async"
+
+
 def _ptxas_spills(ptx: str, tmp_path) -> int:
     return _ptxas_usage(ptx, tmp_path)[1]
 
@@ -879,7 +931,7 @@ def test_triton_quantize_kernels_compile_for_sm90a(D, tmp_path):
     DP = padded_head_dim(D)
     launch = launcher.QUANT_LAUNCH[DP]
     consts = {"D": D, "DP": DP, "UPCAST": False}
-    kv = {"BLOCK_S": launcher.QUANT_BLOCK_S, "NUM_CHUNKS_P2": 32}
+    kv = {"BLOCK_S": launcher.QUANT_BLOCK_S, "NUM_CHUNKS_P2": 32, "V_STAGES": launch.v_stages}
     stores = {}
     for name, stages, extra in [
         ("kv_stats_kernel", launch.stats_stages, {"BLOCK_S": launcher.STATS_BLOCK_S}),
@@ -899,6 +951,7 @@ def test_triton_quantize_kernels_compile_for_sm90a(D, tmp_path):
         if name == "quantize_kv_kernel":
             assert "cvt.rn.satfinite.e4m3x2.f32" in ptx
             stores[extra["VT_PV_ORDER"]] = sorted(re.findall(r"st\.global[.\w]*", ptx))
+            _assert_kv_tiles_pipelined(k.asm["ttgir"], launcher.QUANT_BLOCK_S, DP)
         regs, spills = _ptxas_usage(ptx, tmp_path)
         assert spills == 0, (name, spills)
         assert regs * 32 * launch.num_warps * launch.programs_per_sm <= 65536, (name, regs)
@@ -991,6 +1044,7 @@ def test_cuda_scheme_follows_the_implementation(monkeypatch):
     from xdit_ops.ops.fp8_attention import SCHEME, cuda_scheme, sm90_scheme
     from xdit_ops.triton.fp8_attention import attn_config, config_scheme
 
+    monkeypatch.setenv("XDIT_OPS_FP8_K_SCALE", "token")  # auto: test_fp8_impl_select
     monkeypatch.setenv("XDIT_OPS_FP8_IMPL", "emulation")
     assert cuda_scheme(128) == SCHEME
     monkeypatch.setenv("XDIT_OPS_FP8_IMPL", "sm90ws")
@@ -1360,8 +1414,9 @@ def test_triton_kernels_compile_for_gfx942_with_fnuz(DP):
 
 
 # ---------------------------------------------------------------------------------------------
-# XDIT_OPS_FP8_K_SCALE=tile (opt-in): one K scale per 128-key tile (the scheme with
-# k_block=128), the quantization pass's K_BLOCK=128 and the sm90ws kernel's per-tile variant.
+# XDIT_OPS_FP8_K_SCALE=tile (auto's choice where sm90ws' per-tile variant runs): one K scale per
+# 128-key tile (the scheme with k_block=128), the quantization pass's K_BLOCK=128 and the sm90ws
+# kernel's per-tile variant.
 
 def test_gate_dit_like_tile_k_scale():
     """The accuracy gate with one K scale per 128-key tile (sm90ws' tile scheme), emulated."""
@@ -1457,7 +1512,7 @@ def test_triton_quantize_kv_tile_k_scale_compiles_for_sm90a(DP, tmp_path):
     launch = launcher.QUANT_LAUNCH[DP]
     names, types, aligned = _QUANT_SIGNATURES["quantize_kv_kernel"]
     const = {"D": DP, "DP": DP, "UPCAST": False, "BLOCK_S": 128, "NUM_CHUNKS_P2": 32,
-             "VT_PV_ORDER": True, "K_BLOCK": 128}
+             "VT_PV_ORDER": True, "K_BLOCK": 128, "V_STAGES": launch.v_stages}
     sig = dict(zip(names, types, strict=True)) | dict.fromkeys(const, "constexpr")
     warps = 2 * launch.num_warps  # twice the keys of the per-key tiles, twice the warps
     k = _compile_sm90(kernels.quantize_kv_kernel, sig, const, num_warps=warps,
@@ -1465,8 +1520,10 @@ def test_triton_quantize_kv_tile_k_scale_compiles_for_sm90a(DP, tmp_path):
     ptx = k.asm["ptx"]
     assert "wgmma.mma_async" in ptx and "cvt.rn.satfinite.e4m3x2.f32" in ptx
     assert "st.global.v4.b32" in sorted(re.findall(r"st\.global[.\w]*", ptx))
+    _assert_kv_tiles_pipelined(k.asm["ttgir"], 128, DP)
     regs, spills = _ptxas_usage(ptx, tmp_path)
-    print(f"quantize_kv_kernel K_BLOCK=128 DP={DP}: {regs} registers, {warps} warps")
+    print(f"quantize_kv_kernel K_BLOCK=128 DP={DP}: {regs} registers, {warps} warps, "
+          f"{k.metadata.shared} bytes of shared memory")
     assert spills == 0, spills
     assert regs * 32 * warps * (launch.programs_per_sm // 2) <= 65536, regs
 

@@ -3,6 +3,8 @@
 CPU: explicit settings pass through, an unknown one is refused with the variable's name, and
 ``auto`` without a GPU resolves to Triton. Hopper: ``auto`` runs the sm90ws kernel at padded head
 dim 128 and Triton at 64, bit for bit the output of the explicitly chosen implementation.
+Likewise ``XDIT_OPS_FP8_FORMAT`` and ``XDIT_OPS_FP8_K_SCALE`` (``auto``: one K scale per
+128-key tile where sm90ws' per-tile variant runs, per key elsewhere).
 """
 
 from __future__ import annotations
@@ -48,20 +50,51 @@ def test_auto_without_a_gpu_is_triton(monkeypatch):
 
 
 @pytest.mark.sm90
-@pytest.mark.parametrize("D,expect", [(128, "sm90ws"), (96, "sm90ws"), (64, "triton")])
-def test_auto_on_hopper(monkeypatch, D, expect):
+@pytest.mark.parametrize("D,expect,k_scale", [(128, "sm90ws", "tile"), (96, "sm90ws", "tile"),
+                                              (64, "triton", "token")])
+def test_auto_on_hopper(monkeypatch, D, expect, k_scale):
+    """Both switches at auto (their defaults): sm90ws with one K scale per 128-key tile at
+    padded head dim 128 (its per-tile variant), Triton with per-key scales at 64, bit for bit
+    the output of the explicit settings; the scheme the GPU tests compare with follows."""
+    from xdit_ops.ops.fp8_attention import resolve_k_scale, sm90_kernel_loaded
+
     assert xdit_ops._extension.has("_C_sm90"), xdit_ops._extension.reason("_C_sm90")
+    assert sm90_kernel_loaded("sm90ws", "tile"), "xdit_ops._C_sm90 has no sm90ws ktile kernel"
     monkeypatch.delenv("XDIT_OPS_FP8_IMPL", raising=False)
+    monkeypatch.delenv("XDIT_OPS_FP8_K_SCALE", raising=False)
     dev = torch.device("cuda", torch.cuda.current_device())
     assert resolve_impl(dev, D) == expect
     assert resolve_impl(None, D) == expect
+    assert resolve_k_scale(expect, D) == k_scale
     if expect == "sm90ws":
-        assert cuda_scheme(D) == sm90_scheme("sm90ws")
+        assert cuda_scheme(D) == sm90_scheme("sm90ws", k_scale)
+    assert cuda_scheme(D).k_block == (128 if k_scale == "tile" else 1)
     q, k, v = dit_like_qkv(2, 777, 3, D, seed=D, device="cuda")
     out, lse = xdit_ops.fp8_attention(q, k, v, return_lse=True)
     monkeypatch.setenv("XDIT_OPS_FP8_IMPL", expect)
+    monkeypatch.setenv("XDIT_OPS_FP8_K_SCALE", k_scale)
     out_x, lse_x = xdit_ops.fp8_attention(q, k, v, return_lse=True)
     assert torch.equal(out, out_x) and torch.equal(lse, lse_x)
+    if k_scale == "tile":  # and the per-key setting is another computation
+        monkeypatch.setenv("XDIT_OPS_FP8_K_SCALE", "token")
+        assert not torch.equal(xdit_ops.fp8_attention(q, k, v), out)
+
+
+@pytest.mark.gpu
+def test_auto_k_scale_is_token_off_sm90ws(monkeypatch):
+    """On any CUDA GPU, the Triton implementation under XDIT_OPS_FP8_K_SCALE=auto is its
+    per-key computation, bit for bit, at both padded head dims."""
+    why = unusable_reason(torch.device("cuda"), torch.bfloat16, 128, "triton")
+    if why is not None:
+        pytest.skip(why)
+    monkeypatch.setenv("XDIT_OPS_FP8_IMPL", "triton")
+    for D in (64, 128):
+        q, k, v = dit_like_qkv(1, 300, 2, D, seed=D, device="cuda")
+        monkeypatch.setenv("XDIT_OPS_FP8_K_SCALE", "auto")
+        out, lse = xdit_ops.fp8_attention(q, k, v, return_lse=True)
+        monkeypatch.setenv("XDIT_OPS_FP8_K_SCALE", "token")
+        out_t, lse_t = xdit_ops.fp8_attention(q, k, v, return_lse=True)
+        assert torch.equal(out, out_t) and torch.equal(lse, lse_t), D
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,7 +185,8 @@ def test_rocm_attention_configs():
 
 
 # ---------------------------------------------------------------------------------------------
-# XDIT_OPS_FP8_K_SCALE: one K scale per key (token, the default) or per 128-key tile (tile).
+# XDIT_OPS_FP8_K_SCALE: one K scale per key (token), per 128-key tile (tile), or auto (the
+# default): tile exactly where sm90ws' per-tile variant runs, token elsewhere.
 
 
 def test_k_scale_setting(monkeypatch):
@@ -164,28 +198,106 @@ def test_k_scale_setting(monkeypatch):
     )
     from xdit_ops.reference.fp8_attention import SCHEME, scheme_variant
 
-    assert K_SCALE_ENV == "XDIT_OPS_FP8_K_SCALE" and K_SCALE_SETTINGS == ("token", "tile")
+    assert K_SCALE_ENV == "XDIT_OPS_FP8_K_SCALE"
+    assert K_SCALE_SETTINGS == ("auto", "token", "tile")
     monkeypatch.delenv(K_SCALE_ENV, raising=False)
-    assert k_scale_setting() == "token"
+    assert k_scale_setting() == "auto"
     assert with_k_scale(SCHEME, "token") is SCHEME
     assert with_k_scale(SCHEME, "tile") == scheme_variant(k_block=128)
+    with pytest.raises(ValueError, match="fp8_attention: with_k_scale takes a K-scale "
+                                         "granularity, 'token' or 'tile', got 'auto'"):
+        with_k_scale(SCHEME, "auto")
     monkeypatch.setenv(K_SCALE_ENV, "tile")
     assert k_scale_setting() == "tile" and k_scale_setting("token") == "token"
     monkeypatch.setenv(K_SCALE_ENV, "channel")
     with pytest.raises(ValueError, match="fp8_attention: XDIT_OPS_FP8_K_SCALE='channel' is not "
-                                         r"one of \('token', 'tile'\)"):
+                                         r"one of \('auto', 'token', 'tile'\)"):
         k_scale_setting()
     for dev in (torch.device("cpu"), torch.device("cuda", 0)):
         why = unusable_reason(dev, torch.bfloat16, 128, "triton")
-        assert why is not None and "XDIT_OPS_FP8_K_SCALE='channel'" in why and "tile" in why
+        assert why is not None and "XDIT_OPS_FP8_K_SCALE='channel'" in why and "auto" in why
     q, k, v = dit_like_qkv(1, 8, 1, 64, seed=0)
     # The CPU op keeps SCHEME (the switch is the CUDA op's), so a bad value does not reach it.
     xdit_ops.fp8_attention(q, k, v)
 
 
+# (implementation, head dim, whether the per-tile variant is registered) -> auto's granularity:
+# tile only for sm90ws at padded head dim 128 with the variant.
+_AUTO_K_SCALE = [
+    ("sm90ws", 128, True, "tile"), ("sm90ws", 96, True, "tile"), ("sm90ws", 72, True, "tile"),
+    ("sm90ws", 64, True, "token"), ("sm90ws", 40, True, "token"),
+    ("sm90ws", 128, False, "token"),
+    ("triton", 128, True, "token"), ("sm90", 128, True, "token"),
+    ("emulation", 128, True, "token"), ("triton", 64, False, "token"),
+]
+
+
+@pytest.mark.parametrize("impl,D,loaded,want", _AUTO_K_SCALE)
+def test_auto_k_scale_resolution(monkeypatch, impl, D, loaded, want):
+    """resolve_k_scale: auto's choice from (implementation, head dim, the variant's kernel
+    registered). The kernel's registration is a build fact that a CPU install cannot have:
+    the check is replaced by the value under test. token and tile pass through everywhere."""
+    import xdit_ops.ops.fp8_attention as fa
+
+    monkeypatch.setattr(fa, "sm90_kernel_loaded",
+                        lambda impl="sm90", k_scale="token", loaded=loaded: loaded)
+    monkeypatch.delenv(fa.K_SCALE_ENV, raising=False)
+    assert fa.resolve_k_scale(impl, D) == want
+    assert fa.resolve_k_scale(impl, D, "auto") == want
+    monkeypatch.setenv(fa.K_SCALE_ENV, "auto")
+    assert fa.resolve_k_scale(impl, D) == want
+    for setting in ("token", "tile"):
+        assert fa.resolve_k_scale(impl, D, setting) == setting
+        monkeypatch.setenv(fa.K_SCALE_ENV, setting)
+        assert fa.resolve_k_scale(impl, D) == setting
+    monkeypatch.setenv(fa.K_SCALE_ENV, "per-key")
+    with pytest.raises(ValueError, match="fp8_attention: XDIT_OPS_FP8_K_SCALE='per-key'"):
+        fa.resolve_k_scale(impl, D)
+
+
+def test_auto_k_scale_in_the_cuda_scheme(monkeypatch):
+    """cuda_scheme (what the GPU tests compare the op with) follows auto's resolution: k_block
+    128 for sm90ws at padded head dim 128 when the variant is registered, 1 elsewhere."""
+    import xdit_ops.ops.fp8_attention as fa
+    from xdit_ops.reference.fp8_attention import scheme_variant
+
+    pytest.importorskip("triton")
+    from xdit_ops.triton.fp8_attention import attn_config, config_scheme
+
+    monkeypatch.delenv(fa.K_SCALE_ENV, raising=False)
+    for loaded in (False, True):
+        monkeypatch.setattr(fa, "sm90_kernel_loaded",
+                            lambda impl="sm90", k_scale="token", loaded=loaded: loaded)
+        monkeypatch.setenv("XDIT_OPS_FP8_IMPL", "sm90ws")
+        k_block = 128 if loaded else 1
+        assert fa.cuda_scheme(128) == scheme_variant(block_n=128, k_block=k_block)
+        assert fa.cuda_scheme(72) == scheme_variant(block_n=128, k_block=k_block)
+        assert fa.cuda_scheme(64) == scheme_variant(block_n=128)
+        monkeypatch.setenv("XDIT_OPS_FP8_IMPL", "triton")
+        assert fa.cuda_scheme(128) == config_scheme(attn_config(128))
+        monkeypatch.setenv("XDIT_OPS_FP8_IMPL", "sm90")
+        assert fa.cuda_scheme(128) == fa.SCHEME
+        monkeypatch.setenv("XDIT_OPS_FP8_IMPL", "emulation")
+        assert fa.cuda_scheme(128) == fa.SCHEME
+
+
+def test_sm90_entry_points_take_a_granularity():
+    """attention_quantized_sm90 and sm90_scheme take the granularity of the K scales they are
+    given, token or tile: auto is refused by name (it is resolved by the op)."""
+    from xdit_ops.ops.fp8_attention import attention_quantized_sm90, sm90_scheme
+    from xdit_ops.reference.fp8_attention import in_pv_order, quantize_qkv_ref
+
+    qq = in_pv_order(quantize_qkv_ref(*dit_like_qkv(1, 8, 1, 64, seed=0)))
+    with pytest.raises(ValueError, match="fp8_attention: attention_quantized_sm90 takes a "
+                                         "K-scale granularity, 'token' or 'tile', got 'auto'"):
+        attention_quantized_sm90(qq, torch.bfloat16, impl="sm90ws", k_scale="auto")
+    with pytest.raises(ValueError, match="got 'auto'"):
+        sm90_scheme("sm90ws", "auto")
+
+
 def test_cuda_scheme_follows_the_k_scale_switch(monkeypatch):
-    """The default (unset or token) leaves every implementation's scheme as it was; tile sets
-    k_block=128 on each (sm90ws: its tile variant's scheme)."""
+    """token leaves every implementation's scheme as it was; tile sets k_block=128 on each
+    (sm90ws: its tile variant's scheme)."""
     from xdit_ops.reference.fp8_attention import SCHEME, scheme_variant
 
     pytest.importorskip("triton")
@@ -193,11 +305,8 @@ def test_cuda_scheme_follows_the_k_scale_switch(monkeypatch):
 
     expect = {"emulation": SCHEME, "sm90": SCHEME, "sm90ws": scheme_variant(block_n=128),
               "triton": config_scheme(attn_config(128))}
-    for setting in (None, "token", "tile"):
-        if setting is None:
-            monkeypatch.delenv("XDIT_OPS_FP8_K_SCALE", raising=False)
-        else:
-            monkeypatch.setenv("XDIT_OPS_FP8_K_SCALE", setting)
+    for setting in ("token", "tile"):
+        monkeypatch.setenv("XDIT_OPS_FP8_K_SCALE", setting)
         for impl, scheme in expect.items():
             monkeypatch.setenv("XDIT_OPS_FP8_IMPL", impl)
             want = replace(scheme, k_block=128) if setting == "tile" else scheme

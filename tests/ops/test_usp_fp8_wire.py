@@ -215,6 +215,21 @@ def _single_given_wire_stats(joint, seq, S, world, pos):
     return out, lse, k_mean
 
 
+def single_fp8_per_key(full, return_lse: bool = True):
+    """Single-device ``fp8_attention`` of the gathered sequence with one K scale per key
+    (``XDIT_OPS_FP8_K_SCALE=token``): what the FP8 wire and ring quantize, whatever the setting
+    (its default, auto, is one scale per 128-key tile where sm90ws' variant runs)."""
+    before = os.environ.get("XDIT_OPS_FP8_K_SCALE")
+    os.environ["XDIT_OPS_FP8_K_SCALE"] = "token"
+    try:
+        return xdit_ops.fp8_attention(*full, return_lse=return_lse)
+    finally:
+        if before is None:
+            del os.environ["XDIT_OPS_FP8_K_SCALE"]
+        else:
+            os.environ["XDIT_OPS_FP8_K_SCALE"] = before
+
+
 def _run_case(case, rank, world, device, seed):
     name, B, S, H, D, J, pos, dtype, return_lse = case
     q, k, v = (t.to(device) for t in dit_like_qkv(B, J + S, H, D, seed=seed, dtype=dtype))
@@ -222,7 +237,7 @@ def _run_case(case, rank, world, device, seed):
     seq = [t[:, J:] for t in (q, k, v)]
     full = [torch.cat([j, s], 1) if pos == "front" else torch.cat([s, j], 1)
             for j, s in zip(joint, seq, strict=True)]
-    single, single_lse = xdit_ops.fp8_attention(*full, return_lse=True)
+    single, single_lse = single_fp8_per_key(full)
     ref, ref_lse = attention_ref(*(t.float() for t in full))
     local = []
     for s, j in zip(seq, joint, strict=True):
@@ -565,7 +580,8 @@ def test_wire_quantize_kernel_compiles_for_sm90a(D, tmp_path):
     common = {"D": D, "DP": DP, "BLOCK_S": launcher.QUANT_BLOCK_S, "NUM_CHUNKS_P2": 1,
               "UPCAST": False}
     for name, stages, extra in [
-        ("quantize_kv_kernel", launch.kv_stages, {"VT_PV_ORDER": False}),
+        ("quantize_kv_kernel", launch.kv_stages,
+         {"VT_PV_ORDER": False, "V_STAGES": launch.v_stages}),
         ("quantize_q_kernel", launch.q_stages, {}),
     ]:
         names, types, aligned = _QUANT_SIGNATURES[name]

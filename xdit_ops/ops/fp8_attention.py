@@ -31,13 +31,19 @@ that format, the Triton kernels take it as a constexpr; the native sm_90a kernel
 only (e4m3fnuz is refused there), and Triton's NVIDIA backend has no e4m3fnuz type.
 
 The K scale's granularity, chosen by ``XDIT_OPS_FP8_K_SCALE`` (read per call,
-:func:`k_scale_setting`; the CUDA op only, the CPU op keeps ``SCHEME``): ``token`` (default)
-one scale per key, the op's scheme; ``tile`` (opt-in, not yet measured on a GPU) one scale per
+:func:`k_scale_setting`, resolved per call by :func:`resolve_k_scale`; the CUDA op only, the
+CPU op keeps ``SCHEME``): ``token`` one scale per key, the op's scheme; ``tile`` one scale per
 128-key tile from key 0 (the scheme with ``k_block=128``, :func:`cuda_scheme`): the
 quantization pass writes it per key, equal within a tile, so every kernel computes it, and
 ``sm90ws`` at padded head dim 128 runs its variant that reads one scale per tile
-(``xdit_ops::fp8_attention_sm90ws_ktile_fwd``: no per-score K-scale multiply); at 64, which has
-no such variant, the per-key kernel runs. An unknown setting is an error naming the variable.
+(``xdit_ops::fp8_attention_sm90ws_ktile_fwd``: no per-score K-scale multiply; H100, run 44:
+860/861 against 704/731 TFLOPS kernel-only at (1,16896,24,128)/(1,32760,40,128), rel L1 0.0086
+against 0.0082); at 64, which has no such variant, the per-key kernel runs. ``auto`` (default)
+is ``tile`` exactly where that variant runs (the implementation resolves to ``sm90ws``, padded
+head dim 128, ``xdit_ops._C_sm90`` has ``fp8_attention_sm90ws_ktile_fwd``) and ``token``
+everywhere else (the Triton kernel, head dim 64, ``sm90``, ``emulation``). usp_attention's FP8
+wire and ring quantize per key whatever the setting (their kernels are called with per-key
+scales). An unknown setting is an error naming the variable.
 
 The op is lossy by design (INT8 Q K^T, FP8 P.V), so ``attention(..., backend="auto")`` never
 chooses it; ask for it with ``backend="fp8"`` or call :func:`fp8_attention`.
@@ -75,8 +81,8 @@ MAX_HEAD_DIM = 128
 FORMAT_ENV = "XDIT_OPS_FP8_FORMAT"
 FORMAT_SETTINGS = ("auto", *FP8_FORMATS)
 K_SCALE_ENV = "XDIT_OPS_FP8_K_SCALE"
-K_SCALE_SETTINGS = ("token", "tile")
-# Keys per K scale of each setting (the scheme's k_block); "tile" is the sm90ws key tile.
+K_SCALE_SETTINGS = ("auto", "token", "tile")
+# Keys per K scale of each granularity (the scheme's k_block); "tile" is the sm90ws key tile.
 K_SCALE_K_BLOCK = {"token": 1, "tile": 128}
 # The sm90ws kernel with one K scale per 128-key tile (XDIT_OPS_FP8_K_SCALE=tile), built for
 # padded head dim 128 (csrc/cuda/sm90/fp8_attention_sm90_ws_tile_kernels.cu).
@@ -118,20 +124,46 @@ def sm90_kernel_loaded(impl: str = "sm90", k_scale: str = "token") -> bool:
 
 
 def k_scale_setting(setting: str | None = None) -> str:
-    """``XDIT_OPS_FP8_K_SCALE`` (read per call; ``setting`` overrides it): ``token`` (default,
-    one K scale per key) or ``tile`` (one per 128-key tile); anything else is an error naming
-    the op, the variable and the value."""
+    """``XDIT_OPS_FP8_K_SCALE`` (read per call; ``setting`` overrides it): ``auto`` (default:
+    :func:`resolve_k_scale` decides), ``token`` (one K scale per key) or ``tile`` (one per
+    128-key tile); anything else is an error naming the op, the variable and the value."""
     if setting is None:
-        setting = os.environ.get(K_SCALE_ENV, "token")
+        setting = os.environ.get(K_SCALE_ENV, "auto")
     if setting not in K_SCALE_SETTINGS:
         raise ValueError(f"{OP}: {K_SCALE_ENV}={setting!r} is not one of {K_SCALE_SETTINGS}")
     return setting
 
 
+def _granularity(k_scale: str, what: str) -> str:
+    """``k_scale`` if it is a granularity (``token`` or ``tile``); else an error naming the op,
+    ``what`` takes it and the value (``auto`` is a setting, resolved by
+    :func:`resolve_k_scale`)."""
+    if k_scale_setting(k_scale) == "auto":
+        raise ValueError(f"{OP}: {what} takes a K-scale granularity, 'token' or 'tile', got "
+                         "'auto' (resolve_k_scale resolves the setting)")
+    return k_scale
+
+
+def resolve_k_scale(impl: str, head_dim: int, setting: str | None = None) -> str:
+    """The K-scale granularity, ``token`` or ``tile``, that the CUDA op uses with the resolved
+    implementation ``impl`` (:func:`resolve_impl`) at ``head_dim`` under ``setting`` (default:
+    the current ``XDIT_OPS_FP8_K_SCALE``): ``token`` and ``tile`` as set; ``auto`` is ``tile``
+    exactly where sm90ws' per-tile variant runs (``impl`` ``sm90ws``, padded head dim 128,
+    ``xdit_ops._C_sm90`` registered ``fp8_attention_sm90ws_ktile_fwd``), ``token`` elsewhere.
+    An unknown setting is an error naming the op, the variable and the value."""
+    setting = k_scale_setting(setting)
+    if setting != "auto":
+        return setting
+    if (impl == "sm90ws" and padded_head_dim(head_dim) == 128
+            and sm90_kernel_loaded("sm90ws", "tile")):
+        return "tile"
+    return "token"
+
+
 def with_k_scale(scheme: Fp8AttentionScheme, k_scale: str) -> Fp8AttentionScheme:
-    """``scheme`` with the K-scale granularity of the ``XDIT_OPS_FP8_K_SCALE`` value
-    ``k_scale`` (``token``: ``scheme`` itself; ``tile``: ``k_block=128``)."""
-    k_block = K_SCALE_K_BLOCK[k_scale_setting(k_scale)]
+    """``scheme`` with the K-scale granularity ``k_scale`` (``token``: ``scheme`` itself;
+    ``tile``: ``k_block=128``; ``auto`` is an error: resolve it first)."""
+    k_block = K_SCALE_K_BLOCK[_granularity(k_scale, "with_k_scale")]
     return scheme if k_block == scheme.k_block else replace(scheme, k_block=k_block)
 
 
@@ -149,7 +181,8 @@ def sm90_scheme(impl: str = "sm90", k_scale: str = "token") -> Fp8AttentionSchem
     computes: the op's ``SCHEME`` with the kernel's key-tile width (``sm90``: 64, the op's own;
     ``sm90ws``: 128), and with ``k_scale="tile"`` one K scale per 128-key tile
     (``k_block=128``; ``sm90ws``'s tile variant computes it up to the rounding of its folded
-    exponent, ``fp8_attention_sm90_ws.h``)."""
+    exponent, ``fp8_attention_sm90_ws.h``). ``k_scale`` is a granularity (``token`` or
+    ``tile``), not ``auto``."""
     _sm90_op_name(impl)
     return with_k_scale(replace(SCHEME, block_n=SM90_BLOCK_N[impl]), k_scale)
 
@@ -160,10 +193,10 @@ def cuda_scheme(head_dim: int, device: torch.device | None = None) -> Fp8Attenti
     and ``XDIT_OPS_FP8_K_SCALE``: the kernels' key-tile width sets the softmax block
     (``block_n``), so it can differ from the CPU op's ``SCHEME`` (the Triton kernel's 128-key
     tiles at head dim 128, the sm90ws kernel's), the FP8 format its ``fp8`` and ``p_shift``,
-    the K-scale setting its ``k_block``."""
+    the K-scale granularity (:func:`resolve_k_scale`) its ``k_block``."""
     impl = resolve_impl(device, head_dim)
     fmt = resolve_format(device)
-    k_scale = k_scale_setting()
+    k_scale = resolve_k_scale(impl, head_dim)
     if impl == "emulation":
         return with_k_scale(with_format(SCHEME, fmt), k_scale)
     if impl in SM90_IMPLS:
@@ -260,7 +293,7 @@ def unusable_reason(device: torch.device, dtype: torch.dtype, head_dim: int,
         return f"XDIT_OPS_FP8_IMPL={impl!r} is not one of {IMPLS}"
     if _format_setting() not in FORMAT_SETTINGS:
         return f"{FORMAT_ENV}={_format_setting()!r} is not one of {FORMAT_SETTINGS}"
-    k_scale = os.environ.get(K_SCALE_ENV, "token")
+    k_scale = os.environ.get(K_SCALE_ENV, "auto")
     if k_scale not in K_SCALE_SETTINGS:
         return f"{K_SCALE_ENV}={k_scale!r} is not one of {K_SCALE_SETTINGS}"
     if dtype not in DTYPES:
@@ -301,6 +334,7 @@ def unusable_reason(device: torch.device, dtype: torch.dtype, head_dim: int,
                    f"{_extension.reason('_C_sm90')}"
         if not sm90_kernel_loaded(impl):
             return f"XDIT_OPS_FP8_IMPL={impl}: xdit_ops._C_sm90 has no {SM90_IMPLS[impl]} kernel"
+        # (auto is tile only where the variant is loaded: resolve_k_scale)
         if k_scale == "tile" and not sm90_kernel_loaded(impl, k_scale):
             return (f"XDIT_OPS_FP8_IMPL={impl} with {K_SCALE_ENV}=tile: xdit_ops._C_sm90 has "
                     f"no {SM90WS_KTILE_OP} kernel (rebuild)")
@@ -354,7 +388,7 @@ def _fp8_attention_cuda(q, k, v, scale=None, return_lse=False):
         lse = q.new_full((B, H, Sq), float("-inf"), dtype=torch.float32)
         return _finish(q, out, lse, return_lse)
     fmt = resolve_format(q.device)
-    k_scale = k_scale_setting()
+    k_scale = resolve_k_scale(impl, D)
     k_block = K_SCALE_K_BLOCK[k_scale]
     if impl == "emulation":
         out, lse = fp8_attention_ref(q, k, v, scale, with_k_scale(with_format(SCHEME, fmt),
@@ -388,9 +422,10 @@ def attention_quantized_sm90(qq, out_dtype: torch.dtype, return_lse: bool = True
     pass with ``k_block=128``; not checked: the kernel reads each tile's first scale); for
     ``sm90ws`` at padded head dim 128 it runs the per-tile K-scale variant
     (``fp8_attention_sm90ws_ktile_fwd``), elsewhere the kernel ``impl`` (per-key scales, these
-    included). It computes the emulation of :func:`sm90_scheme` (impl, k_scale)."""
+    included). It computes the emulation of :func:`sm90_scheme` (impl, k_scale). ``k_scale``
+    is the granularity of ``qq``'s K scales (``auto`` is an error: the caller knows it)."""
     name = _sm90_op_name(impl)
-    if k_scale_setting(k_scale) == "tile" and impl == "sm90ws":
+    if _granularity(k_scale, "attention_quantized_sm90") == "tile" and impl == "sm90ws":
         name = SM90WS_KTILE_OP
     op = getattr(torch.ops.xdit_ops, name).default
     if qq.vt.dtype != E4M3FN.dtype:
@@ -469,5 +504,5 @@ def fp8_attention(
 
 
 __all__ = ["attention_quantized_sm90", "auto_format", "cuda_scheme", "fp8_attention",
-           "k_scale_setting", "padded_head_dim", "resolve_format", "sm90_kernel_loaded",
-           "sm90_scheme", "unusable_reason", "with_k_scale"]
+           "k_scale_setting", "padded_head_dim", "resolve_format", "resolve_k_scale",
+           "sm90_kernel_loaded", "sm90_scheme", "unusable_reason", "with_k_scale"]

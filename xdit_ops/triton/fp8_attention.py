@@ -59,9 +59,13 @@ class QuantLaunch(NamedTuple):
 
     num_warps : of every quantization kernel.
     programs_per_sm : the tile-loop kernels' grids are sized for this many resident programs
-        per SM (one wave, each program walking several tiles).
+        per SM (in whole waves, each program walking several tiles: :func:`programs_per_head`).
     stats_stages, q_stages, kv_stages : software-pipelining depth of the tile loops of
-        kv_stats_kernel, quantize_q_kernel and quantize_kv_kernel.
+        kv_stats_kernel, quantize_q_kernel and quantize_kv_kernel (its K loop).
+    v_stages : that of quantize_kv_kernel's V loop (V_STAGES: its loads are issued
+        v_stages - 1 tiles ahead, by cp.async into shared memory that the K loop's buffers
+        reuse, or, with V^T in key order, into registers: 4 stages took 134 registers a thread
+        at head dim 64, over the four-program budget).
     """
 
     num_warps: int
@@ -69,13 +73,15 @@ class QuantLaunch(NamedTuple):
     stats_stages: int
     q_stages: int
     kv_stages: int
+    v_stages: int = 3
 
 
 # From ptxas -v (sm_90a, run-time specialization: 16-byte aligned pointers and strides).
 # Head dim 128, 8 warps: kv_stats_kernel 122 registers a thread at 2 stages (64 KB of shared
 # memory; 128 at 3-4 stages, at the two-program limit), quantize_q_kernel 108 at 3 stages
-# (88 KB), quantize_kv_kernel 97 at 3 stages (96 KB): two programs per SM. Head dim 64, 4 warps:
-# 121, 110 and 96 registers at 2, 3 and 3 stages (24, 36 and 40 KB): four programs per SM.
+# (88 KB), quantize_kv_kernel 97 (V^T in the P.V key order) or 101 (key order) at 3 K and 3 V
+# stages (88 KB): two programs per SM. Head dim 64, 4 warps: 121, 110 and 93 or 104 registers
+# (24, 36 and 36 KB): four programs per SM.
 QUANT_LAUNCH: dict[int, QuantLaunch] = {
     64: QuantLaunch(num_warps=4, programs_per_sm=4, stats_stages=2, q_stages=3, kv_stages=3),
     128: QuantLaunch(num_warps=8, programs_per_sm=2, stats_stages=2, q_stages=3, kv_stages=3),
@@ -215,14 +221,38 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+# Per-program fixed cost of a tile-loop quantization kernel, in tiles (the Hadamard matrix and
+# the statistics from L2, the pipeline's fill): what another wave of programs costs beyond its
+# tiles, in programs_per_head's model.
+PROGRAM_COST_TILES = 0.5
+
+
+@functools.lru_cache(maxsize=256)
+def programs_per_head(num_heads: int, num_tiles: int, slots: int) -> int:
+    """Programs per (batch, head) of a tile-loop quantization kernel whose grid is ``(P,
+    num_heads)``, with ``slots`` programs resident at once (programs per SM x SMs), each program
+    walking ``ceil(num_tiles / P)`` or fewer tiles: the P in 1..num_tiles that minimises the
+    time in waves of programs, ``ceil(num_heads * P / slots) * (ceil(num_tiles / P) +
+    PROGRAM_COST_TILES)`` (the smallest such P). One wave of ``slots // num_heads`` programs a
+    head leaves ``slots % num_heads`` slots idle for the whole run: at 24 heads and one program
+    per SM on 132 SMs, 12 of 132 (P = 5, 27 tiles of 132 a program); two full waves of P = 11
+    take 12 tiles a program."""
+    best, best_cost = 1, math.inf
+    for p in range(1, min(num_tiles, 8 * (slots // num_heads + 1)) + 1):
+        waves = -(-num_heads * p // slots)
+        cost = waves * (-(-num_tiles // p) + PROGRAM_COST_TILES)
+        if cost < best_cost:
+            best, best_cost = p, cost
+    return best
+
+
 def _programs_per_head(num_heads: int, num_tiles: int, per_sm: int,
                        device: torch.device) -> int:
-    """Programs per (batch, head) of a tile-loop quantization kernel: at most ``per_sm`` per
-    SM in all (one wave: rounding up would start a second wave for the few programs over),
-    each walking several tiles; at least one, never more than tiles."""
-    if device.type != "cuda":  # Triton's CPU interpreter: two programs, several tiles each
+    """:func:`programs_per_head` for ``per_sm`` programs per SM of ``device``; in Triton's CPU
+    interpreter, two programs (several tiles each), never more than tiles."""
+    if device.type != "cuda":
         return max(1, min(num_tiles, 2))
-    return max(1, min(num_tiles, per_sm * _num_sms(device) // num_heads))
+    return programs_per_head(num_heads, max(num_tiles, 1), per_sm * _num_sms(device))
 
 
 def _stats_tokens_per_chunk(num_heads: int, seqlen_k: int, per_sm: int) -> int:
@@ -300,9 +330,9 @@ def _quantize(q, k, v, had, scale, vt_pv_order=False, fp8_format="e4m3fn", k_blo
     # One K scale per k_block keys: tiles of k_block keys (the last may reach past Sk_pad, a
     # multiple of 64; the kernel masks its stores), over proportionally more warps and
     # proportionally fewer programs per SM (the same elements a thread and threads per SM as
-    # with 64-key tiles). From ptxas -v (sm_90a) at k_block 128: 121 registers a thread at head
-    # dim 64 (8 warps, 2 programs per SM), 125 at 128 (16 warps, 1 program per SM); at 4 warps
-    # a 128-key tile took 221 at head dim 64.
+    # with 64-key tiles). From ptxas -v (sm_90a) at k_block 128: 86 registers a thread at head
+    # dim 64 (8 warps, 64 KB: 2 programs per SM), 91 at 128 (16 warps, 144 KB: 1 program per
+    # SM).
     kv_block = max(QUANT_BLOCK_S, k_block)
     kv_warps = launch.num_warps * kv_block // QUANT_BLOCK_S
     kv_per_sm = max(1, launch.programs_per_sm * QUANT_BLOCK_S // kv_block)
@@ -313,7 +343,7 @@ def _quantize(q, k, v, had, scale, vt_pv_order=False, fp8_format="e4m3fn", k_blo
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
             H, Sk, Sk_pad, num_chunks,
-            VT_PV_ORDER=vt_pv_order, num_stages=launch.kv_stages,
+            VT_PV_ORDER=vt_pv_order, num_stages=launch.kv_stages, V_STAGES=launch.v_stages,
             **(consts | dict(BLOCK_S=kv_block, K_BLOCK=k_block, num_warps=kv_warps)))
     return q8, q_scale, k8, k_scale, vt8, v_scale, lse_corr
 
@@ -516,6 +546,6 @@ def quantize_tokens_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 k.stride(0), k.stride(1), k.stride(2),
                 v.stride(0), v.stride(1), v.stride(2),
                 H, S, S_pad, 1,
-                num_stages=launch.kv_stages, **consts)
+                num_stages=launch.kv_stages, V_STAGES=launch.v_stages, **consts)
     scales[2] = k_scale[:, :, :S]
     return q8, k8[:, :, :S], vt8.view(torch.uint8)[:, :, :DV, :S], scales

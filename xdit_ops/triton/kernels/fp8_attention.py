@@ -163,31 +163,46 @@ def _round_k_scale(s):
 
 
 @triton.jit
-def _load_had_and_stats(HAD, KSUM, VMAX, bh, Sk, num_chunks, DP: tl.constexpr,
-                        NUM_CHUNKS_P2: tl.constexpr, WANT_VMAX: tl.constexpr,
-                        STATS_GIVEN: tl.constexpr):
-    """The Hadamard matrix and, for one (batch, head), the K mean and (WANT_VMAX) the V amax:
-    reduced from the kv_stats partials (KSUM, VMAX [B * H, num_chunks, DP]: zero amaxes become
-    1), or, with STATS_GIVEN, read as they are (KSUM the mean and VMAX the amax [B * H, DP],
-    without zeros; Sk and num_chunks unused)."""
+def _load_had(HAD, DP: tl.constexpr):
+    """The [DP, DP] Hadamard matrix."""
     offs_d = tl.arange(0, DP)
-    had = tl.load(HAD + offs_d[:, None] * DP + offs_d[None, :])
+    return tl.load(HAD + offs_d[:, None] * DP + offs_d[None, :])
+
+
+@triton.jit
+def _load_k_mean(KSUM, bh, Sk, num_chunks, DP: tl.constexpr, NUM_CHUNKS_P2: tl.constexpr,
+                 STATS_GIVEN: tl.constexpr):
+    """The K mean of one (batch, head): the kv_stats partial sums (KSUM [B * H, num_chunks,
+    DP]) reduced and divided by Sk, or, with STATS_GIVEN, read as it is (KSUM [B * H, DP]; Sk
+    and num_chunks unused)."""
+    offs_d = tl.arange(0, DP)
     if STATS_GIVEN:
         k_mean = tl.load(KSUM + bh * DP + offs_d)
-        v_amax = k_mean
-        if WANT_VMAX:
-            v_amax = tl.load(VMAX + bh * DP + offs_d)
     else:
         offs_c = tl.arange(0, NUM_CHUNKS_P2)
         c_ok = (offs_c < num_chunks)[:, None]
         part = (bh * num_chunks + offs_c[:, None]) * DP + offs_d[None, :]
         k_mean = _div(tl.sum(tl.load(KSUM + part, mask=c_ok, other=0.0), axis=0),
                       Sk.to(tl.float32))
-        v_amax = k_mean
-        if WANT_VMAX:
-            v_amax = tl.max(tl.load(VMAX + part, mask=c_ok, other=0.0), axis=0)
-            v_amax = tl.where(v_amax > 0, v_amax, 1.0)
-    return had, k_mean, v_amax
+    return k_mean
+
+
+@triton.jit
+def _load_v_amax(VMAX, bh, num_chunks, DP: tl.constexpr, NUM_CHUNKS_P2: tl.constexpr,
+                 STATS_GIVEN: tl.constexpr):
+    """The V amax per channel of one (batch, head): the kv_stats partials (VMAX [B * H,
+    num_chunks, DP]) reduced, zeros made 1, or, with STATS_GIVEN, read as it is (VMAX [B * H,
+    DP], without zeros)."""
+    offs_d = tl.arange(0, DP)
+    if STATS_GIVEN:
+        v_amax = tl.load(VMAX + bh * DP + offs_d)
+    else:
+        offs_c = tl.arange(0, NUM_CHUNKS_P2)
+        c_ok = (offs_c < num_chunks)[:, None]
+        part = (bh * num_chunks + offs_c[:, None]) * DP + offs_d[None, :]
+        v_amax = tl.max(tl.load(VMAX + part, mask=c_ok, other=0.0), axis=0)
+        v_amax = tl.where(v_amax > 0, v_amax, 1.0)
+    return v_amax
 
 
 # The two quantization kernels below walk several BLOCK_S-row tiles per program (a grid
@@ -223,8 +238,8 @@ def quantize_q_kernel(
     offs_d = tl.arange(0, DP)
     offs_s = tl.arange(0, BLOCK_S)
     d_ok = offs_d < D
-    had, k_mean, _ = _load_had_and_stats(HAD, KSUM, KSUM, bh, Sk, num_chunks, DP, NUM_CHUNKS_P2,
-                                         False, STATS_GIVEN)
+    had = _load_had(HAD, DP)
+    k_mean = _load_k_mean(KSUM, bh, Sk, num_chunks, DP, NUM_CHUNKS_P2, STATS_GIVEN)
     q_base = Q + b * stride_qb + h * stride_qh
     q8_base = Q8 + bh * Sq * DP
     row_base = bh * Sq
@@ -249,7 +264,7 @@ def quantize_kv_kernel(
     H, Sk, Sk_pad, num_chunks,
     D: tl.constexpr, DP: tl.constexpr, BLOCK_S: tl.constexpr, NUM_CHUNKS_P2: tl.constexpr,
     UPCAST: tl.constexpr, VT_PV_ORDER: tl.constexpr = False, STATS_GIVEN: tl.constexpr = False,
-    K_BLOCK: tl.constexpr = 1,
+    K_BLOCK: tl.constexpr = 1, V_STAGES: tl.constexpr = 3,
 ):
     """Grid (P, B * H): program p quantizes the key tiles p, p + P, ... of one (batch, head).
     V: FP8 (VT8's format, scaled to its max) per channel, stored transposed (keys contiguous); K:
@@ -269,34 +284,33 @@ def quantize_kv_kernel(
     amax over the tile's keys and channels; the scheme's ``k_block``, XDIT_OPS_FP8_K_SCALE=tile
     with BLOCK_S = 128). Then Sk_pad need not be a multiple of BLOCK_S (the stores are masked
     to the keys below Sk_pad).
+    V_STAGES: software-pipelining depth of the V loop (V is quantized in a loop of its own,
+    before K's; the launch's num_stages sets K's).
     """
     tl.static_assert(K_BLOCK == 1 or K_BLOCK == BLOCK_S)
     FP8_DTYPE: tl.constexpr = VT8.dtype.element_ty
     FP8_MAX: tl.constexpr = E4M3FNUZ_MAX if FP8_DTYPE == tl.float8e4b8 else E4M3FN_MAX
     pid = tl.program_id(0)
+    num_tiles = tl.cdiv(Sk_pad, BLOCK_S)
     bh, b, h = _this_head(H)
     offs_d = tl.arange(0, DP)
     offs_s = tl.arange(0, BLOCK_S)
     d_ok = offs_d < D
-    had, k_mean, v_amax = _load_had_and_stats(HAD, KSUM, VMAX, bh, Sk, num_chunks, DP,
-                                              NUM_CHUNKS_P2, True, STATS_GIVEN)
+    # V first, in a loop of its own: Triton software-pipelines only the loads that feed a dot in
+    # a loop that has one (K's, into the rotation), so a V load in K's loop is a plain load
+    # whose DRAM latency every tile waits out (with one program per SM, the K_BLOCK = 128 launch,
+    # nothing else runs then). Alone, with num_stages, its loads are cp.async V_STAGES - 1 tiles
+    # ahead. The K mean and the Hadamard matrix are read after it (not live across it).
+    v_amax = _load_v_amax(VMAX, bh, num_chunks, DP, NUM_CHUNKS_P2, STATS_GIVEN)
     v_mul = _div(FP8_MAX, v_amax)
     if pid == 0:
         tl.store(VSCALE + bh * DP + offs_d, _div(v_amax, FP8_MAX))
-    k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
-    k8_base = K8 + bh * Sk_pad * DP
     vt_base = VT8 + bh * DP * Sk_pad
-    key_base = bh * Sk_pad
-    for t in tl.range(pid, tl.cdiv(Sk_pad, BLOCK_S), tl.num_programs(0)):
+    for t in tl.range(pid, num_tiles, tl.num_programs(0), num_stages=V_STAGES):
         rows = t * BLOCK_S + offs_s
-        k_ok = rows < Sk
-        ld_ok = k_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_base + rows[:, None] * stride_ks + offs_d[None, :], mask=ld_ok, other=0.0)
+        ld_ok = (rows < Sk)[:, None] & d_ok[None, :]
         v = tl.load(v_base + rows[:, None] * stride_vs + offs_d[None, :], mask=ld_ok, other=0.0)
-        # V before K: V's tile is then dead during K's work (98 registers a thread at head
-        # dim 128 and 8 warps, at any pipelining depth; K first: 128 unpipelined, 140-143
-        # pipelined).
         vq = _to_fp8(v.to(tl.float32) * v_mul[None, :], FP8_DTYPE, FP8_MAX)
         if VT_PV_ORDER:
             # Row (key) bits (b4 b3 b2 b1 b0) = (jj1 jj0 l1 l0 b) -> (jj1 l1 l0 jj0 b): the tile's
@@ -308,6 +322,16 @@ def quantize_kv_kernel(
         else:
             tl.store(vt_base + offs_d[None, :] * Sk_pad + rows[:, None], vq,
                      mask=(rows < Sk_pad)[:, None])
+    had = _load_had(HAD, DP)
+    k_mean = _load_k_mean(KSUM, bh, Sk, num_chunks, DP, NUM_CHUNKS_P2, STATS_GIVEN)
+    k_base = K + b * stride_kb + h * stride_kh
+    k8_base = K8 + bh * Sk_pad * DP
+    key_base = bh * Sk_pad
+    for t in tl.range(pid, num_tiles, tl.num_programs(0)):
+        rows = t * BLOCK_S + offs_s
+        k_ok = rows < Sk
+        ld_ok = k_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_base + rows[:, None] * stride_ks + offs_d[None, :], mask=ld_ok, other=0.0)
         kr = _rotate(k, had, UPCAST) - k_mean[None, :]
         kr = tl.where(k_ok[:, None], kr, 0.0)
         if K_BLOCK == 1:
