@@ -42,9 +42,10 @@
 // kBN = 256 (XDIT_OPS_FP8_KTILE_N=256 with kTileKScale, opt-in, not yet run on a GPU): the
 // wide variant, 256-key tiles of two 128-key K-scale blocks (each with its scale; the scheme
 // with block_n = 256, k_block = 128). Each stage holds two 128-key sub-tiles of K and V^T (TMA
-// boxes of the 128-key layouts, stacked), 3 stages (211 KB of shared memory). The S
+// boxes of the 128-key layouts, stacked), 3 stages (212 KB of shared memory). The S
 // accumulator (128 registers) leaves no room for the intra-warpgroup overlap, so each consumer
-// runs Q K^T, softmax, P.V in sequence and the ping-pong alone hides the softmax (step_wide).
+// runs Q K^T, softmax, P.V in sequence and the ping-pong hides the softmax (step_wide; P.V is
+// issued as soon as P is ready and waited for in the consumer's next turn).
 // ptxas (nvcc 13.0, sm_90a): 168 registers at launch, no spills; the steady loop is 826 SASS
 // instructions per warp per 256-key tile, 413 per 128 keys against the 128-key variant's 497
 // (one output update, one row max / alpha / l update, one set of barriers and waits per 256
@@ -140,7 +141,7 @@ template <int kDP, int kBN = kBlockN>
 struct Cfg {
   static_assert(kBN == kSubN || kBN == kWideBlockN, "key tiles of 128 or 256 keys");
   static constexpr int kSub = kBN / kSubN;
-  // Stages of kBN keys: 4 x 32 KB (K and V^T) at 128 keys; 3 x 64 KB at 256 (211 KB in all).
+  // Stages of kBN keys: 4 x 32 KB (K and V^T) at 128 keys; 3 x 64 KB at 256 (212 KB in all).
   static constexpr int kStages = kBN == kSubN ? kStagesN128 : 3;
   using AtomQK = std::conditional_t<kDP == 128, GMMA::Layout_K_SW128_Atom<int8_t>,
                                     GMMA::Layout_K_SW64_Atom<int8_t>>;
@@ -806,11 +807,12 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
   // not fit beside P.V's accumulator, the output's and P (64 + 64 + 32) within 240 registers,
   // so a consumer does not overlap its own P.V with its softmax: step t issues Q K^T of tile t
   // (ending the consumer's turn), waits for it, releases the K stage and runs the softmax,
-  // whose P goes straight into the A registers (no P.V reads them now); then, in its next
-  // turn, it issues P.V of tile t, waits for it and adds it to the output (its accumulator and
-  // P are then free), and the next step issues Q K^T of tile t + 1 in the same turn. The other
-  // consumer's turn (its P.V and Q K^T) keeps the tensor cores busy meanwhile: the ping-pong
-  // alone hides the softmax. The turn spans the loop's back edge on purpose: ptxas sank the
+  // whose P goes straight into the A registers (no P.V reads them now); then it issues P.V of
+  // tile t at once (out of turn: it runs beside the other consumer's wgmmas), waits for its
+  // turn and for P.V, adds it to the output (its accumulator and P are then free), and the
+  // next step issues Q K^T of tile t + 1 in the same turn. The other consumer's turn (its P.V
+  // and Q K^T) keeps the tensor cores busy meanwhile: the ping-pong hides the softmax. The
+  // turn spans the loop's back edge on purpose: ptxas sank the
   // output's update past Q K^T's issue (past the wgmma fence and a barrier alike), which kept
   // P.V's accumulator live beside S's, and spilled; it does not move it into the next
   // iteration. Same barriers and releases as slot's.
@@ -863,9 +865,10 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
     softmax_wide(s0, s1, t, c_t, mask, alpha_t, pk);
     set_p(pk);
 
-    sched_wait();
     ClusterBarrier::wait(&s.v_full[st], (t / kStg) & 1);
-    // P.V of tile t (a fresh 64-register accumulator, see wgmma_pv_n128_first).
+    // P.V of tile t (a fresh 64-register accumulator, see wgmma_pv_n128_first), issued as soon
+    // as P is ready, before this consumer's turn: it runs while the other consumer's turn
+    // does, and is (mostly) done when the turn comes.
     Tensor pv_acc = partition_fragment_C(mma_pv, Shape<Int<kBlockM>, Int<kDP>>{});
     warpgroup_fence_operand(tOrP);
     warpgroup_arrive();
@@ -876,6 +879,7 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
       cute::gemm(mma_pv, tOrP(_, _, kb), tOrV(_, _, kb, st), pv_acc);
     }
     warpgroup_commit_batch();
+    sched_wait();
     warpgroup_wait<0>();
     warpgroup_fence_operand(pv_acc);
     warpgroup_fence_operand(tOrP);
