@@ -46,8 +46,8 @@
 // accumulator (128 registers) leaves no room for the intra-warpgroup overlap, so each consumer
 // runs Q K^T, softmax, P.V in sequence and the ping-pong hides the softmax (step_wide; P.V is
 // issued as soon as P is ready and waited for in the consumer's next turn).
-// ptxas (nvcc 13.0, sm_90a): 168 registers at launch, no spills; the steady loop is 826 SASS
-// instructions per warp per 256-key tile, 413 per 128 keys against the 128-key variant's 497
+// ptxas (nvcc 13.0, sm_90a): 168 registers at launch, no spills; the steady loop is 815 SASS
+// instructions per warp per 256-key tile, 408 per 128 keys against the 128-key variant's 497
 // (one output update, one row max / alpha / l update, one set of barriers and waits per 256
 // keys instead of per 128).
 #pragma once
@@ -160,7 +160,9 @@ struct Cfg {
       decltype(tile_to_shape(AtomF8{}, Shape<Int<kDP>, Int<kSubN>, Int<kStages * kSub>>{}));
   using SmemVtAll =
       decltype(tile_to_shape(AtomF8{}, Shape<Int<kDP>, Int<kBN>, Int<kStages>>{}));
-  using MmaQK = decltype(make_tiled_mma(SM90::GMMA::MMA_64x128x32_S32S8S8_SS_TN{}));
+  using MmaQK = std::conditional_t<
+      kBN == kSubN, decltype(make_tiled_mma(SM90::GMMA::MMA_64x128x32_S32S8S8_SS_TN{})),
+      decltype(make_tiled_mma(SM90::GMMA::MMA_64x256x32_S32S8S8_SS_TN{}))>;
   using MmaPV = typename MmaPVRS<kDP>::type;
   static constexpr uint32_t kQBytes = kBlockM * kDP;
   static constexpr uint32_t kKBytes = kSubN * kDP;  // per sub-tile (TMA box)
@@ -254,17 +256,17 @@ __device__ __forceinline__ void wait_barrier(const uint64_t* bar, uint32_t phase
 
 // wgmma with a zero accumulator whose accumulator registers are outputs only ("=r" / "=f"):
 // CuTe's atoms take them in-out ("+r"), even with ScaleOut::Zero, which keeps the previous
-// tile's dead values live up to the issue (across the other phase of the wide slot), or, with
+// tile's dead values live up to the issue (across the other phase of the wide step), or, with
 // a fresh fragment, has ptxas copy an undefined value into every register before the issue.
 // The first k-block of the wide variant's Q K^T and P.V; the others accumulate (CuTe's atoms).
-// Q K^T on 128 keys: m64n128k32, s32 <- s8 x s8, A and B from shared memory (descriptors).
+// Q K^T: m64n256k32, s32 <- s8 x s8, A and B from shared memory (descriptors).
 template <class Acc>
-__device__ __forceinline__ void wgmma_qk_n128_first(uint64_t desc_a, uint64_t desc_b, Acc& d) {
+__device__ __forceinline__ void wgmma_qk_n256_first(uint64_t desc_a, uint64_t desc_b, Acc& d) {
   asm volatile(
       "{\n"
       ".reg .pred p;\n"
-      "setp.ne.b32 p, %66, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8 {"
+      "setp.ne.b32 p, %130, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n256k32.s32.s8.s8 {"
       "%0, %1, %2, %3, %4, %5, %6, %7,"
       "%8, %9, %10, %11, %12, %13, %14, %15,"
       "%16, %17, %18, %19, %20, %21, %22, %23,"
@@ -272,8 +274,16 @@ __device__ __forceinline__ void wgmma_qk_n128_first(uint64_t desc_a, uint64_t de
       "%32, %33, %34, %35, %36, %37, %38, %39,"
       "%40, %41, %42, %43, %44, %45, %46, %47,"
       "%48, %49, %50, %51, %52, %53, %54, %55,"
-      "%56, %57, %58, %59, %60, %61, %62, %63"
-      "}, %64, %65, p;\n"
+      "%56, %57, %58, %59, %60, %61, %62, %63,"
+      "%64, %65, %66, %67, %68, %69, %70, %71,"
+      "%72, %73, %74, %75, %76, %77, %78, %79,"
+      "%80, %81, %82, %83, %84, %85, %86, %87,"
+      "%88, %89, %90, %91, %92, %93, %94, %95,"
+      "%96, %97, %98, %99, %100, %101, %102, %103,"
+      "%104, %105, %106, %107, %108, %109, %110, %111,"
+      "%112, %113, %114, %115, %116, %117, %118, %119,"
+      "%120, %121, %122, %123, %124, %125, %126, %127"
+      "}, %128, %129, p;\n"
       "}\n"
       : "=r"(d(0)), "=r"(d(1)), "=r"(d(2)), "=r"(d(3)),
         "=r"(d(4)), "=r"(d(5)), "=r"(d(6)), "=r"(d(7)),
@@ -290,7 +300,23 @@ __device__ __forceinline__ void wgmma_qk_n128_first(uint64_t desc_a, uint64_t de
         "=r"(d(48)), "=r"(d(49)), "=r"(d(50)), "=r"(d(51)),
         "=r"(d(52)), "=r"(d(53)), "=r"(d(54)), "=r"(d(55)),
         "=r"(d(56)), "=r"(d(57)), "=r"(d(58)), "=r"(d(59)),
-        "=r"(d(60)), "=r"(d(61)), "=r"(d(62)), "=r"(d(63))
+        "=r"(d(60)), "=r"(d(61)), "=r"(d(62)), "=r"(d(63)),
+        "=r"(d(64)), "=r"(d(65)), "=r"(d(66)), "=r"(d(67)),
+        "=r"(d(68)), "=r"(d(69)), "=r"(d(70)), "=r"(d(71)),
+        "=r"(d(72)), "=r"(d(73)), "=r"(d(74)), "=r"(d(75)),
+        "=r"(d(76)), "=r"(d(77)), "=r"(d(78)), "=r"(d(79)),
+        "=r"(d(80)), "=r"(d(81)), "=r"(d(82)), "=r"(d(83)),
+        "=r"(d(84)), "=r"(d(85)), "=r"(d(86)), "=r"(d(87)),
+        "=r"(d(88)), "=r"(d(89)), "=r"(d(90)), "=r"(d(91)),
+        "=r"(d(92)), "=r"(d(93)), "=r"(d(94)), "=r"(d(95)),
+        "=r"(d(96)), "=r"(d(97)), "=r"(d(98)), "=r"(d(99)),
+        "=r"(d(100)), "=r"(d(101)), "=r"(d(102)), "=r"(d(103)),
+        "=r"(d(104)), "=r"(d(105)), "=r"(d(106)), "=r"(d(107)),
+        "=r"(d(108)), "=r"(d(109)), "=r"(d(110)), "=r"(d(111)),
+        "=r"(d(112)), "=r"(d(113)), "=r"(d(114)), "=r"(d(115)),
+        "=r"(d(116)), "=r"(d(117)), "=r"(d(118)), "=r"(d(119)),
+        "=r"(d(120)), "=r"(d(121)), "=r"(d(122)), "=r"(d(123)),
+        "=r"(d(124)), "=r"(d(125)), "=r"(d(126)), "=r"(d(127))
       : "l"(desc_a), "l"(desc_b), "r"(0));
 }
 
@@ -643,12 +669,11 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
   // softmax_tile rounds it; c is the same in the four lanes of a quad, so the quad max of the
   // scaled maxima is that of the integers, scaled). A second block wholly past seq_k (only in
   // the last tile) takes no part in the max: its scale was not loaded.
-  auto softmax_wide = [&](const auto& S0, const auto& S1, int t,
-                          const float (&c)[Cfg<kDP, kBN>::kSub][2], auto mask,
-                          float (&alpha_t)[2], PPairs& pk) {
+  auto softmax_wide = [&](const auto& S, int t, const float (&c)[Cfg<kDP, kBN>::kSub][2],
+                          auto mask, float (&alpha_t)[2], PPairs& pk) {
     constexpr bool kMask = decltype(mask)::value;
     const int n0 = t * kBN;
-    int sb[kBN / 2];
+    int sb[kBN / 2];  // size(S)
     int part_max[kSub][2];  // per block and row (ptxas chains them as three-input maxima)
     CUTE_UNROLL
     for (int h = 0; h < kSub; ++h) {
@@ -659,8 +684,7 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
     for (int i = 0; i < kBN / 2; ++i) {
       const int rj = (i >> 1) & 1;
       const int h = i / (kSubN / 2);  // 64 elements per block
-      // Element i of the 64 x 256 tile: element i % 64 of block h's 64 x 128 accumulator.
-      int b = (h == 0 ? S0(i % (kSubN / 2)) : S1(i % (kSubN / 2))) * q_sign[rj] + kMagicBits;
+      int b = S(i) * q_sign[rj] + kMagicBits;
       if (kMask && n0 + c0 + (i & 1) + 8 * (i >> 2) >= p.seq_k) b = INT_MIN;
       sb[i] = b;
       part_max[h][rj] = max(part_max[h][rj], b);
@@ -816,40 +840,25 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
   // output's update past Q K^T's issue (past the wgmma fence and a barrier alike), which kept
   // P.V's accumulator live beside S's, and spilled; it does not move it into the next
   // iteration. Same barriers and releases as slot's.
-  // Q K^T by 128-key blocks: the 64 x 128 atom and K's halves.
-  using MmaQKHalf = decltype(make_tiled_mma(SM90::GMMA::MMA_64x128x32_S32S8S8_SS_TN{}));
-  MmaQKHalf mma_qkh;
-  auto thr_qkh = mma_qkh.get_thread_slice(tid);
-  Tensor tSrQh = thr_qkh.partition_fragment_A(sQ(_, _, w));
-  Tensor sKd = logical_divide(sK, make_tile(Layout<Int<kSubN>>{}));  // ((128, kSub), Dp, st)
-  Tensor tSrKh0 = thr_qkh.partition_fragment_B(sKd(make_coord(_, 0), _, _));
-  Tensor tSrKh1 = thr_qkh.partition_fragment_B(sKd(make_coord(_, kSub - 1), _, _));
   auto step_wide = [&](int t, auto mask) {
     const int st = t % kStg;
     ClusterBarrier::wait(&s.k_full[st], (t / kStg) & 1);
-    // Q K^T by 128-key blocks (two 64-register accumulators, fresh per step: the wgmma asm
-    // takes them as outputs, see wgmma_qk_n128_first; one commit group).
-    Tensor s0 = partition_fragment_C(mma_qkh, Shape<Int<kBlockM>, Int<kSubN>>{});
-    Tensor s1 = partition_fragment_C(mma_qkh, Shape<Int<kBlockM>, Int<kSubN>>{});
+    // Q K^T (a fresh 128-register accumulator: the wgmma asm takes it as outputs, see
+    // wgmma_qk_n256_first).
+    Tensor s_acc = partition_fragment_C(mma_qk, Shape<Int<kBlockM>, Int<kBN>>{});
     warpgroup_arrive();
-    wgmma_qk_n128_first(tSrQh(0, 0, 0), tSrKh0(0, 0, 0, st), s0);
-    mma_qkh.accumulate_ = GMMA::ScaleOut::One;
+    wgmma_qk_n256_first(tSrQ(0, 0, 0), tSrK(0, 0, 0, st), s_acc);
+    mma_qk.accumulate_ = GMMA::ScaleOut::One;
     CUTE_UNROLL
-    for (int kb = 1; kb < size<2>(tSrQh); ++kb) {
-      cute::gemm(mma_qkh, tSrQh(_, _, kb), tSrKh0(_, _, kb, st), s0);
-    }
-    wgmma_qk_n128_first(tSrQh(0, 0, 0), tSrKh1(0, 0, 0, st), s1);
-    CUTE_UNROLL
-    for (int kb = 1; kb < size<2>(tSrQh); ++kb) {
-      cute::gemm(mma_qkh, tSrQh(_, _, kb), tSrKh1(_, _, kb, st), s1);
+    for (int kb = 1; kb < size<2>(tSrQ); ++kb) {
+      cute::gemm(mma_qk, tSrQ(_, _, kb), tSrK(_, _, kb, st), s_acc);
     }
     warpgroup_commit_batch();
     sched_signal();
     PPairs pk;
     float alpha_t[2];
     warpgroup_wait<0>();
-    warpgroup_fence_operand(s0);
-    warpgroup_fence_operand(s1);
+    warpgroup_fence_operand(s_acc);
     // The blocks' K scales, read after the wgmma (no registers held across it), before the
     // release of the stage (mbarrier.arrive: release semantics; the asm below keeps the loads
     // above it: ClusterBarrier::arrive's asm has no memory clobber).
@@ -862,7 +871,7 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
     }
     asm volatile("" ::: "memory");
     ClusterBarrier::arrive(&s.k_empty[st]);
-    softmax_wide(s0, s1, t, c_t, mask, alpha_t, pk);
+    softmax_wide(s_acc, t, c_t, mask, alpha_t, pk);
     set_p(pk);
 
     ClusterBarrier::wait(&s.v_full[st], (t / kStg) & 1);
