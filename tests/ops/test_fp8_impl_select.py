@@ -314,3 +314,62 @@ def test_cuda_scheme_follows_the_k_scale_switch(monkeypatch):
     assert sm90_scheme("sm90ws") == scheme_variant(block_n=128)
     assert sm90_scheme("sm90ws", "tile") == scheme_variant(block_n=128, k_block=128)
     assert sm90_scheme("sm90", "tile") == scheme_variant(k_block=128)
+
+
+# XDIT_OPS_FP8_KTILE_N: the key-tile width of sm90ws' per-tile K-scale variant (128 or 256).
+
+
+def test_ktile_n_setting(monkeypatch):
+    from xdit_ops.ops.fp8_attention import (
+        KTILE_N_ENV,
+        KTILE_N_SETTINGS,
+        SM90WS_KTILE_OPS,
+        ktile_n_setting,
+        sm90ws_ktile_n,
+    )
+
+    assert KTILE_N_ENV == "XDIT_OPS_FP8_KTILE_N" and KTILE_N_SETTINGS == ("128", "256")
+    assert SM90WS_KTILE_OPS == {128: "fp8_attention_sm90ws_ktile_fwd",
+                                256: "fp8_attention_sm90ws_ktile256_fwd"}
+    monkeypatch.delenv(KTILE_N_ENV, raising=False)
+    assert ktile_n_setting() == 128 and ktile_n_setting("256") == 256
+    monkeypatch.setenv(KTILE_N_ENV, "256")
+    assert ktile_n_setting() == 256
+    # The wide variant exists at padded head dim 128 only (at 64 the per-key kernel runs).
+    assert [sm90ws_ktile_n(d) for d in (128, 96, 72, 64, 40)] == [256, 256, 256, 128, 128]
+    monkeypatch.setenv(KTILE_N_ENV, "192")
+    with pytest.raises(ValueError, match="fp8_attention: XDIT_OPS_FP8_KTILE_N='192' is not "
+                                         r"one of \('128', '256'\)"):
+        ktile_n_setting()
+    for dev in (torch.device("cpu"), torch.device("cuda", 0)):
+        why = unusable_reason(dev, torch.bfloat16, 128, "sm90ws")
+        assert why is not None and "XDIT_OPS_FP8_KTILE_N='192'" in why
+
+
+def test_cuda_scheme_follows_the_ktile_n_switch(monkeypatch):
+    """XDIT_OPS_FP8_KTILE_N=256 changes the scheme of sm90ws under XDIT_OPS_FP8_K_SCALE=tile at
+    padded head dim 128 only (block_n=256: its softmax tiles); every other implementation,
+    setting and head dim keeps its scheme."""
+    from xdit_ops.reference.fp8_attention import SCHEME, scheme_variant
+
+    pytest.importorskip("triton")
+    from xdit_ops.triton.fp8_attention import attn_config, config_scheme
+
+    for k_scale in ("token", "tile"):
+        monkeypatch.setenv("XDIT_OPS_FP8_K_SCALE", k_scale)
+        for D in (128, 64):
+            expect = {"emulation": SCHEME, "sm90": SCHEME, "sm90ws": scheme_variant(block_n=128),
+                      "triton": config_scheme(attn_config(128 if D == 128 else 64))}
+            for impl, scheme in expect.items():
+                monkeypatch.setenv("XDIT_OPS_FP8_IMPL", impl)
+                monkeypatch.setenv("XDIT_OPS_FP8_KTILE_N", "128")
+                base = cuda_scheme(D)
+                want = replace(scheme, k_block=128) if k_scale == "tile" else scheme
+                assert base == want, (k_scale, D, impl)
+                monkeypatch.setenv("XDIT_OPS_FP8_KTILE_N", "256")
+                wide = impl == "sm90ws" and k_scale == "tile" and D == 128
+                assert cuda_scheme(D) == (replace(base, block_n=256) if wide else base), (
+                    k_scale, D, impl)
+    assert sm90_scheme("sm90ws", "tile", 256) == scheme_variant(block_n=256, k_block=128)
+    assert sm90_scheme("sm90ws", "token", 256) == scheme_variant(block_n=128)
+    assert sm90_scheme("sm90", "tile", 256) == scheme_variant(k_block=128)
