@@ -17,10 +17,7 @@ offset and outlier channels), in one process, timed interleaved
   dim 128): ``sm90ws_ktile_total`` (the op under the switch), ``sm90ws_ktile_kernel`` (the
   kernel on the pass's k_block=128 output) and ``triton_quant_ktile`` (that pass alone, against
   ``triton_quant_pv``, the per-key pass as sm90ws gets it: V^T in the P.V key order), timed in
-  the same interleaved rounds as the per-key ``sm90ws_*`` rows (an A/B on one GPU); and its
-  wide variant (256-key tiles, ``XDIT_OPS_FP8_KTILE_N=256``; the kernel
-  ``fp8_attention_sm90ws_ktile256_fwd``, unless ``--no-ktile256``): ``sm90ws_ktile256_total``
-  and ``sm90ws_ktile256_kernel`` (on the same k_block=128 pass output), in the same rounds.
+  the same interleaved rounds as the per-key ``sm90ws_*`` rows (an A/B on one GPU).
 
 Reported per row: median ms, TFLOPS = 4*B*H*S^2*D / t (also for the quantization pass, so that
 ``total`` and ``kernel`` compare), speed-up over cuDNN bf16, and for ``cudnn_bf16`` and
@@ -30,7 +27,7 @@ worst head, relative L1, RMSE, mean |LSE error|) and the ratio of rel L1 to cuDN
 emulated) on the same inputs, for comparison; they are not timed.
 
     python benchmarks/bench_fp8_attention.py [--out DIR] [--shapes 1,4608,24,128 ...] [--quick]
-        [--impls triton sm90 sm90ws] [--no-ktile] [--no-ktile256]
+        [--impls triton sm90 sm90ws] [--no-ktile]
 """
 
 from __future__ import annotations
@@ -61,20 +58,18 @@ SHAPES = [(1, 4608, 24, 128), (1, 16896, 24, 128), (1, 32760, 40, 128), (2, 4250
 BASELINE = "cudnn_bf16"
 IMPLS = ("triton", "sm90", "sm90ws")
 K_SCALE_ENV = "XDIT_OPS_FP8_K_SCALE"
-KTILE_N_ENV = "XDIT_OPS_FP8_KTILE_N"
 
 
-def _with_impl(impl: str, fn: Callable[[], object], k_scale: str = "token",
-               ktile_n: str = "128") -> Callable[[], object]:
+def _with_impl(impl: str, fn: Callable[[], object], k_scale: str = "token"
+               ) -> Callable[[], object]:
     def call():
         os.environ["XDIT_OPS_FP8_IMPL"] = impl
         os.environ[K_SCALE_ENV] = k_scale
-        os.environ[KTILE_N_ENV] = ktile_n
         return fn()
     return call
 
 
-def candidates(q, k, v, impls: list[str], ktile: bool = False, ktile256: bool = False
+def candidates(q, k, v, impls: list[str], ktile: bool = False
                ) -> dict[str, Callable[[], object]]:
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     fns: dict[str, Callable[[], object]] = {BASELINE: lambda: F.scaled_dot_product_attention(
@@ -110,12 +105,6 @@ def candidates(q, k, v, impls: list[str], ktile: bool = False, ktile256: bool = 
             qq_tile, q.dtype, False, "sm90ws", k_scale="tile")
         fns["sm90ws_ktile_total"] = _with_impl(
             "sm90ws", lambda: xdit_ops.fp8_attention(q, k, v), "tile")
-        if ktile256:
-            # the wide variant (256-key tiles) on the same pass output
-            fns["sm90ws_ktile256_kernel"] = lambda: attention_quantized_sm90(
-                qq_tile, q.dtype, False, "sm90ws", k_scale="tile", ktile_n=256)
-            fns["sm90ws_ktile256_total"] = _with_impl(
-                "sm90ws", lambda: xdit_ops.fp8_attention(q, k, v), "tile", "256")
     return fns
 
 
@@ -135,8 +124,6 @@ def main(argv: list[str] | None = None) -> int:
                    help="FP8 implementations to try (those that cannot run are skipped)")
     p.add_argument("--no-ktile", action="store_true",
                    help="skip sm90ws' per-tile K-scale variant (XDIT_OPS_FP8_K_SCALE=tile)")
-    p.add_argument("--no-ktile256", action="store_true",
-                   help="skip its wide variant (256-key tiles, XDIT_OPS_FP8_KTILE_N=256)")
     p.add_argument("--no-naive", action="store_true",
                    help="skip the per-tensor FP8 accuracy rows (an emulation, slow at 32k)")
     args = p.parse_args(argv)
@@ -149,17 +136,12 @@ def main(argv: list[str] | None = None) -> int:
     dev = torch.device("cuda")
     skipped = {i: unusable_reason(dev, dtype, 128, i) for i in args.impls}
     impls = [i for i in args.impls if skipped[i] is None]
-    ktile = ktile256 = False
+    ktile = False
     if "sm90ws" in impls and not args.no_ktile:
         os.environ[K_SCALE_ENV] = "tile"
         skipped["sm90ws_ktile"] = unusable_reason(dev, dtype, 128, "sm90ws")
         ktile = skipped["sm90ws_ktile"] is None
-        if ktile and not args.no_ktile256:
-            os.environ[KTILE_N_ENV] = "256"
-            skipped["sm90ws_ktile256"] = unusable_reason(dev, dtype, 128, "sm90ws")
-            ktile256 = skipped["sm90ws_ktile256"] is None
     os.environ[K_SCALE_ENV] = "token"
-    os.environ[KTILE_N_ENV] = "128"
     rows = []
     for B, S, H, D in shapes:
         q, k, v = dit_like_qkv(B, S, H, D, seed=0, dtype=dtype, device=dev)
@@ -169,27 +151,23 @@ def main(argv: list[str] | None = None) -> int:
             base = xdit_ops.attention(q, k, v, backend="cudnn", return_lse=True)
             acc[BASELINE] = _accuracy(*base, ref, ref_lse)
             del base
-            runs = [(impl, "token", "128", f"{impl}_total") for impl in impls]
+            runs = [(impl, "token", f"{impl}_total") for impl in impls]
             if ktile and D > 64:  # at 64 the tile setting runs the per-key kernel
-                runs.append(("sm90ws", "tile", "128", "sm90ws_ktile_total"))
-                if ktile256:
-                    runs.append(("sm90ws", "tile", "256", "sm90ws_ktile256_total"))
-            for impl, k_scale, ktile_n, name in runs:
+                runs.append(("sm90ws", "tile", "sm90ws_ktile_total"))
+            for impl, k_scale, name in runs:
                 os.environ["XDIT_OPS_FP8_IMPL"] = impl
                 os.environ[K_SCALE_ENV] = k_scale
-                os.environ[KTILE_N_ENV] = ktile_n
                 out, lse = xdit_ops.fp8_attention(q, k, v, return_lse=True)
                 acc[name] = _accuracy(out, lse, ref, ref_lse)
                 del out, lse
             os.environ[K_SCALE_ENV] = "token"
-            os.environ[KTILE_N_ENV] = "128"
             if not args.no_naive:
                 out, lse = fp8_attention_naive_ref(q, k, v)
                 acc["naive_fp8"] = _accuracy(out, lse, ref, ref_lse)
                 del out, lse
             del ref, ref_lse
             torch.cuda.empty_cache()
-            fns = candidates(q, k, v, impls, ktile and D > 64, ktile256 and D > 64)
+            fns = candidates(q, k, v, impls, ktile and D > 64)
             timings = common.bench_interleaved(fns, warmup=warmup, iters=iters, rounds=rounds,
                                                cold_l2=args.cold_l2, cuda_graph=args.cuda_graph,
                                                device=dev)
@@ -211,7 +189,6 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.empty_cache()
     os.environ.pop("XDIT_OPS_FP8_IMPL", None)
     os.environ.pop(K_SCALE_ENV, None)
-    os.environ.pop(KTILE_N_ENV, None)
 
     targets = {}
     for r in rows:

@@ -1428,16 +1428,6 @@ def test_gate_dit_like_tile_k_scale():
         _check_gate(B, S, H, D, dtype, scheme, NAIVE_SCHEME)
 
 
-def test_gate_dit_like_tile_k_scale_wide():
-    """The gate of sm90ws' wide tile variant's scheme (XDIT_OPS_FP8_KTILE_N=256: 256-key
-    softmax tiles, one K scale per 128 keys), emulated (it runs at padded head dim 128 only)."""
-    from xdit_ops.ops.fp8_attention import sm90_scheme
-
-    scheme = sm90_scheme("sm90ws", "tile", 256)
-    assert scheme == scheme_variant(block_n=256, k_block=128)
-    _check_gate(*GATE_SHAPES[0], scheme, NAIVE_SCHEME)
-
-
 # The Triton pass with one K scale per 128-key tile in the interpreter, bit for bit against the
 # emulation with k_block=128 (and, as a control, the per-key pass against k_block=1). K is put
 # on a grid of quarters first: then every sum of the K mean is exact in fp32 whatever its order,
@@ -1538,27 +1528,21 @@ def test_triton_quantize_kv_tile_k_scale_compiles_for_sm90a(DP, tmp_path):
     assert regs * 32 * warps * (launch.programs_per_sm // 2) <= 65536, regs
 
 
-@pytest.mark.parametrize("ktile_n", [128, 256])
-def test_sm90ws_ktile_op_fake(ktile_n):
-    """The tile variant's ops (128- and 256-key tiles) exist on a CPU-only install (schema +
-    fake); the tile variant is sm90ws'; an unknown K-scale setting or tile width is an error
-    naming the op and the value."""
-    from xdit_ops.ops.fp8_attention import SM90WS_KTILE_OPS, attention_quantized_sm90
+def test_sm90ws_ktile_op_fake():
+    """The tile variant's op exists on a CPU-only install (schema + fake); the tile variant is
+    sm90ws'; an unknown K-scale setting is an error naming the op and the value."""
+    from xdit_ops.ops.fp8_attention import SM90WS_KTILE_OP, attention_quantized_sm90
 
     qq = quantize_qkv_ref(*dit_like_qkv(2, 40, 3, 72, seed=4), scheme=scheme_variant(k_block=128))
     meta = {f: getattr(qq, f).to("meta") for f in ("q", "q_scale", "k", "k_scale", "vt",
                                                    "v_scale", "lse_corr")}
     like = torch.empty(0, dtype=torch.bfloat16, device="meta")
-    op = getattr(torch.ops.xdit_ops, SM90WS_KTILE_OPS[ktile_n]).default
+    op = getattr(torch.ops.xdit_ops, SM90WS_KTILE_OP).default
     out, lse = op(meta["q"], meta["q_scale"], meta["k"], meta["k_scale"], meta["vt"],
                   meta["v_scale"], meta["lse_corr"], qq.seqlen_k, qq.head_dim, like, False)
     assert out.shape == (2, 40, 3, 72) and out.dtype == torch.bfloat16 and lse.shape == (2, 3, 0)
     with pytest.raises(ValueError, match="fp8_attention: XDIT_OPS_FP8_K_SCALE='block' is not"):
-        attention_quantized_sm90(in_pv_order(qq), torch.float16, impl="sm90ws", k_scale="block",
-                                 ktile_n=ktile_n)
-    with pytest.raises(ValueError, match="fp8_attention: XDIT_OPS_FP8_KTILE_N='192' is not"):
-        attention_quantized_sm90(in_pv_order(qq), torch.float16, impl="sm90ws", k_scale="tile",
-                                 ktile_n=192)
+        attention_quantized_sm90(in_pv_order(qq), torch.float16, impl="sm90ws", k_scale="block")
 
 
 @pytest.mark.gpu
@@ -1593,43 +1577,28 @@ def test_triton_quantize_tile_k_scale_matches_emulation_gpu(B, Sq, Sk, H, D, dty
 
 @pytest.mark.gpu
 @pytest.mark.sm90
-@pytest.mark.parametrize("ktile_n", [128, 256])
 @pytest.mark.parametrize("B,Sq,Sk,H,D,dtype", [
     (1, 4097, 4097, 2, 128, torch.bfloat16),
     (3, 77, 300, 30, 72, torch.bfloat16),
     (1, 33, 5, 2, 128, torch.float16),
     (2, 190, 640, 2, 128, torch.bfloat16),
-    (2, 190, 1450, 2, 128, torch.bfloat16),  # 256-key tiles: the last one's second half partial
     (2, 1000, 1531, 3, 64, torch.float16),  # padded head dim 64: the per-key kernel runs
 ])
-def test_sm90ws_tile_k_scale_matches_emulation(B, Sq, Sk, H, D, dtype, ktile_n):
-    """The sm90ws per-tile K-scale variant (ktile_n=128) and its wide variant (256-key tiles,
-    ktile_n=256) on the emulation's k_block=128 inputs against the emulation of
-    sm90_scheme("sm90ws", "tile", ktile_n) (block_n=256 for the wide one at padded head dim
-    128; at 64 the per-key kernel runs, block_n=128): the bars of the per-key kernel's test. The
-    per-key kernel computes the scheme with block_n=128 on the same inputs: the two agree as
-    closely. Sk_pad (a multiple of 64) often ends inside a 256-key tile: the wide kernel then
-    loads a sub-tile wholly past it from an earlier one and masks its keys."""
-    from xdit_ops.ops.fp8_attention import (
-        attention_quantized_sm90,
-        sm90_kernel_loaded,
-        sm90_scheme,
-        sm90ws_ktile_n,
-    )
+def test_sm90ws_tile_k_scale_matches_emulation(B, Sq, Sk, H, D, dtype):
+    """The sm90ws per-tile K-scale variant on the emulation's k_block=128 inputs against the
+    emulation of sm90_scheme("sm90ws", "tile"): the bars of the per-key kernel's test. The
+    per-key kernel computes the same scheme on the same inputs: the two agree as closely."""
+    from xdit_ops.ops.fp8_attention import attention_quantized_sm90, sm90_kernel_loaded, sm90_scheme
 
     # A Hopper build of this tree has the variant: its absence is a build failure, not a skip.
     assert xdit_ops._extension.has("_C_sm90"), xdit_ops._extension.reason("_C_sm90")
-    assert sm90_kernel_loaded("sm90ws", "tile", ktile_n), (
-        f"xdit_ops._C_sm90 has no sm90ws ktile kernel for {ktile_n}-key tiles")
+    assert sm90_kernel_loaded("sm90ws", "tile"), "xdit_ops._C_sm90 has no sm90ws ktile kernel"
     q, k, v = dit_like_qkv(B, max(Sq, Sk), H, D, seed=Sq, dtype=dtype, device="cuda")
     q, k, v = q[:, :Sq], k[:, :Sk], v[:, :Sk]
     qq = in_pv_order(quantize_qkv_ref(q, k, v, scheme=scheme_variant(k_block=128)))
-    out, lse = attention_quantized_sm90(qq, dtype, impl="sm90ws", k_scale="tile",
-                                        ktile_n=ktile_n)
+    out, lse = attention_quantized_sm90(qq, dtype, impl="sm90ws", k_scale="tile")
     assert out.shape == (B, Sq, H, D) and out.dtype == dtype and lse.shape == (B, H, Sq)
-    scheme = sm90_scheme("sm90ws", "tile", sm90ws_ktile_n(D, str(ktile_n)))
-    assert scheme.block_n == (256 if ktile_n == 256 and D > 64 else 128)
-    emu_out, emu_lse = fp8_attention_quantized_ref(qq, dtype, scheme)
+    emu_out, emu_lse = fp8_attention_quantized_ref(qq, dtype, sm90_scheme("sm90ws", "tile"))
     ref, _ = _oracle(q, k, v)
     drift = attention_error_metrics(out, emu_out)
     own = attention_error_metrics(emu_out, ref)
@@ -1638,29 +1607,24 @@ def test_sm90ws_tile_k_scale_matches_emulation(B, Sq, Sk, H, D, dtype, ktile_n):
     out_tok, _ = attention_quantized_sm90(qq, dtype, impl="sm90ws")
     assert attention_error_metrics(out, out_tok)["rel_l1"] <= 0.1 * own["rel_l1"]
     out2, lse2 = attention_quantized_sm90(qq, dtype, return_lse=False, impl="sm90ws",
-                                          k_scale="tile", ktile_n=ktile_n)
+                                          k_scale="tile")
     assert torch.equal(out2, out) and lse2.numel() == 0
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("B,S,H,D", [(1, 16384, 4, 128), (2, 4250, 8, 64)])
-@pytest.mark.parametrize("impl,ktile_n", [("triton", "128"), ("sm90ws", "128"),
-                                          ("sm90ws", "256")])
-def test_gate_gpu_tile_k_scale(monkeypatch, impl, ktile_n, B, S, H, D):
-    """The op end to end under XDIT_OPS_FP8_K_SCALE=tile (and XDIT_OPS_FP8_KTILE_N: sm90ws'
-    wide variant at padded head dim 128 with 256): the gate, and the emulation of the scheme it
-    computes (cuda_scheme: k_block=128; block_n=256 for the wide variant)."""
+@pytest.mark.parametrize("impl", ["triton", "sm90ws"])
+def test_gate_gpu_tile_k_scale(monkeypatch, impl, B, S, H, D):
+    """The op end to end under XDIT_OPS_FP8_K_SCALE=tile: the gate, and the emulation of the
+    scheme it computes (cuda_scheme: k_block=128)."""
     from xdit_ops.ops.fp8_attention import cuda_scheme
 
     monkeypatch.setenv("XDIT_OPS_FP8_K_SCALE", "tile")
-    monkeypatch.setenv("XDIT_OPS_FP8_KTILE_N", ktile_n)
     why = _gpu_impl_available(impl)
     if why is not None:
         pytest.skip(why)
     monkeypatch.setenv("XDIT_OPS_FP8_IMPL", impl)
     assert cuda_scheme(D).k_block == 128
-    if impl == "sm90ws":
-        assert cuda_scheme(D).block_n == (256 if ktile_n == "256" and D > 64 else 128)
     q, k, v = dit_like_qkv(B, S, H, D, seed=S, device="cuda")
     out, lse = xdit_ops.fp8_attention(q, k, v, return_lse=True)
     ref, ref_lse = _oracle(q, k, v)
@@ -1674,13 +1638,12 @@ def test_gate_gpu_tile_k_scale(monkeypatch, impl, ktile_n, B, S, H, D):
 
 
 def _softmax_tile_model(qq, scheme, out_dtype):
-    """A CPU model of the sm90ws tile variants' arithmetic (softmax_tile and, for block_n=256,
-    softmax_wide in fp8_attention_sm90_ws.cuh), tile by tile: b = 1.5 2^23 + sign(qs) x
-    (exact), c = fp32(|qs| ks) with the first key scale of each 128-key K-scale block, the row
-    max the largest of the blocks' fp32(x_max c), the exponent fma(b, c, -fma(1.5 2^23, c,
-    m - 8)) with c and the constant of the key's block, fp32 roundings (_fma_f32), exp2 and the
-    e4m3 cast as the emulation's. Returns (out, lse, fraction of P codes that differ from the
-    emulation's P of the same tile)."""
+    """A CPU model of the sm90ws tile variant's arithmetic (softmax_tile in
+    fp8_attention_sm90_ws.cuh), tile by tile: b = 1.5 2^23 + sign(qs) x (exact), c =
+    fp32(|qs| ks) with the tile's first key scale, the row max fp32(x_max c), the exponent
+    fma(b, c, -fma(1.5 2^23, c, m - 8)) with fp32 roundings (_fma_f32), exp2 and the e4m3 cast
+    as the emulation's. Returns (out, lse, fraction of P codes that differ from the emulation's
+    P of the same tile)."""
     B, H, Sq, Dp = qq.q.shape
     Sk, D = qq.seqlen_k, qq.head_dim
     magic = 12582912.0
@@ -1695,18 +1658,13 @@ def _softmax_tile_model(qq, scheme, out_dtype):
     for n0 in range(0, Sk, scheme.block_n):
         n1 = min(n0 + scheme.block_n, Sk)
         xs = qf @ kf[:, :, n0:n1].transpose(-1, -2)  # exact integers
-        # Per key: the first scale of its 128-key block (the kernels' K-scale block).
-        first = (torch.arange(n0, n1) // 128) * 128
-        c = (qs.abs().double()[..., None] * qq.k_scale[:, :, None, first].double()).float()
+        c = (qs.abs().double() * qq.k_scale[:, :, n0:n0 + 1].double()).float()
         bits = (xs * sign[..., None] + magic).float()
-        block_max = torch.full_like(m, float("-inf"))
-        for b0 in range(0, n1 - n0, 128):
-            xb = (xs[..., b0:b0 + 128] * sign[..., None]).amax(-1)
-            block_max = torch.maximum(block_max, (xb * c[..., b0].double()).float())
-        m_new = torch.maximum(m, block_max)
+        m_new = torch.maximum(m, ((xs * sign[..., None]).amax(-1) * c.double()).float())
         alpha = torch.exp2(m - m_new)
-        shift = -_fma_f32(torch.full_like(c, magic), c, (m_new - scheme.p_shift)[..., None])
-        p = torch.exp2(_fma_f32(bits, c, shift))
+        shift = -_fma_f32(torch.full_like(c, magic), c, m_new - scheme.p_shift)
+        p = torch.exp2(_fma_f32(bits, c[..., None].expand_as(bits),
+                                shift[..., None].expand_as(bits)))
         p8 = scheme.fp8.cast(p)
         s = (xs.float() * qq.k_scale[:, :, None, n0:n1]) * qs[..., None]
         m_emu = torch.maximum(m_emu, s.amax(-1))
@@ -1721,9 +1679,8 @@ def _softmax_tile_model(qq, scheme, out_dtype):
     return out[..., :D].transpose(1, 2).to(out_dtype), lse, moved / total
 
 
-@pytest.mark.parametrize("ktile_n", [128, 256])
 @pytest.mark.parametrize("scale", [None, -0.09])
-def test_softmax_tile_arithmetic_model(scale, ktile_n):
+def test_softmax_tile_arithmetic_model(scale):
     """The design check of the tile variant's folded exponent (a model of its arithmetic, not
     the kernel: test_sm90ws_tile_k_scale_matches_emulation checks the kernel on a GPU). The
     per-row constant fma(1.5 2^23, c, m - 8) is rounded once per row and tile, which shifts
@@ -1732,8 +1689,7 @@ def test_softmax_tile_arithmetic_model(scale, ktile_n):
     ~1e-4, against the GPU tests' bars of 0.1 x the scheme's own error and 1e-3."""
     from xdit_ops.ops.fp8_attention import sm90_scheme
 
-    scheme = sm90_scheme("sm90ws", "tile", ktile_n)
-    assert scheme.block_n == ktile_n
+    scheme = sm90_scheme("sm90ws", "tile")
     q, k, v = dit_like_qkv(1, 1000, 2, 128, seed=11)
     qq = quantize_qkv_ref(q, k, v, scale, scheme)
     out, lse, moved = _softmax_tile_model(qq, scheme, q.dtype)

@@ -45,15 +45,6 @@ everywhere else (the Triton kernel, head dim 64, ``sm90``, ``emulation``). usp_a
 wire and ring quantize per key whatever the setting (their kernels are called with per-key
 scales). An unknown setting is an error naming the variable.
 
-The key-tile width of that variant, chosen by ``XDIT_OPS_FP8_KTILE_N`` (read per call,
-:func:`ktile_n_setting`; only with ``XDIT_OPS_FP8_K_SCALE=tile`` on ``sm90ws`` at padded head
-dim 128): ``128`` (default) the kernel above; ``256`` (opt-in, not yet measured on a GPU) its
-wide variant (``xdit_ops::fp8_attention_sm90ws_ktile256_fwd``: 256-key tiles of two 128-key
-K-scale blocks, each with its scale), whose online softmax runs over 256-key tiles, so its
-numerics are the scheme with ``block_n=256`` (:func:`sm90_scheme`, :func:`cuda_scheme`); the
-quantization pass and the K scales (one per 128 keys) are the same. At padded head dim 64 the
-per-key kernel runs, as for ``128``.
-
 The op is lossy by design (INT8 Q K^T, FP8 P.V), so ``attention(..., backend="auto")`` never
 chooses it; ask for it with ``backend="fp8"`` or call :func:`fp8_attention`.
 """
@@ -96,11 +87,6 @@ K_SCALE_K_BLOCK = {"token": 1, "tile": 128}
 # The sm90ws kernel with one K scale per 128-key tile (XDIT_OPS_FP8_K_SCALE=tile), built for
 # padded head dim 128 (csrc/cuda/sm90/fp8_attention_sm90_ws_tile_kernels.cu).
 SM90WS_KTILE_OP = "fp8_attention_sm90ws_ktile_fwd"
-# Its key-tile width (XDIT_OPS_FP8_KTILE_N) and the op of each: 256 is the wide variant, 256-key
-# tiles of two 128-key K-scale blocks (csrc/cuda/sm90/fp8_attention_sm90_ws_tile256_kernels.cu).
-KTILE_N_ENV = "XDIT_OPS_FP8_KTILE_N"
-KTILE_N_SETTINGS = ("128", "256")
-SM90WS_KTILE_OPS = {128: SM90WS_KTILE_OP, 256: "fp8_attention_sm90ws_ktile256_fwd"}
 
 lib.define(
     "fp8_attention(Tensor q, Tensor k, Tensor v, float? scale=None, bool return_lse=False) "
@@ -111,9 +97,8 @@ lib.define(
 # fp8_attention_sm90ws_fwd: the warp-specialised kernel (csrc/include/xdit_ops/
 # fp8_attention_sm90_ws.cuh), same inputs and outputs, except that vt8 holds V^T in the P.V key
 # order (xdit_ops.reference.fp8_attention.vt_to_pv_order).
-# fp8_attention_sm90ws_ktile_fwd: the same with k_scale equal within every 128-key tile;
-# fp8_attention_sm90ws_ktile256_fwd: that with 256-key tiles (the scheme with block_n=256).
-for _name in (*SM90_IMPLS.values(), *SM90WS_KTILE_OPS.values()):
+# fp8_attention_sm90ws_ktile_fwd: the same with k_scale equal within every 128-key tile.
+for _name in (*SM90_IMPLS.values(), SM90WS_KTILE_OP):
     lib.define(
         f"{_name}(Tensor q8, Tensor q_scale, Tensor k8, Tensor k_scale, Tensor vt8, "
         "Tensor v_scale, Tensor lse_corr, int seqlen_k, int head_dim, Tensor out_like, "
@@ -128,14 +113,13 @@ def _sm90_op_name(impl: str) -> str:
     return SM90_IMPLS[impl]
 
 
-def sm90_kernel_loaded(impl: str = "sm90", k_scale: str = "token", ktile_n: int = 128) -> bool:
+def sm90_kernel_loaded(impl: str = "sm90", k_scale: str = "token") -> bool:
     """Whether xdit_ops._C_sm90 registered the CUDA kernel of ``impl``'s op (``sm90``:
     ``fp8_attention_sm90_fwd``, ``sm90ws``: ``fp8_attention_sm90ws_fwd``; ``sm90ws`` with
-    ``k_scale="tile"``: ``fp8_attention_sm90ws_ktile_fwd``, or with ``ktile_n=256``
-    ``fp8_attention_sm90ws_ktile256_fwd``)."""
+    ``k_scale="tile"``: ``fp8_attention_sm90ws_ktile_fwd``)."""
     name = _sm90_op_name(impl)
     if k_scale == "tile" and impl == "sm90ws":
-        name = SM90WS_KTILE_OPS[ktile_n_setting(str(ktile_n))]
+        name = SM90WS_KTILE_OP
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"xdit_ops::{name}", "CUDA")
 
 
@@ -176,17 +160,6 @@ def resolve_k_scale(impl: str, head_dim: int, setting: str | None = None) -> str
     return "token"
 
 
-def ktile_n_setting(setting: str | None = None) -> int:
-    """``XDIT_OPS_FP8_KTILE_N`` (read per call; ``setting`` overrides it): the key-tile width of
-    sm90ws' per-tile K-scale variant, 128 (default) or 256 (the wide variant); anything else is
-    an error naming the op, the variable and the value."""
-    if setting is None:
-        setting = os.environ.get(KTILE_N_ENV, "128")
-    if setting not in KTILE_N_SETTINGS:
-        raise ValueError(f"{OP}: {KTILE_N_ENV}={setting!r} is not one of {KTILE_N_SETTINGS}")
-    return int(setting)
-
-
 def with_k_scale(scheme: Fp8AttentionScheme, k_scale: str) -> Fp8AttentionScheme:
     """``scheme`` with the K-scale granularity ``k_scale`` (``token``: ``scheme`` itself;
     ``tile``: ``k_block=128``; ``auto`` is an error: resolve it first)."""
@@ -203,49 +176,34 @@ SM90_VT_PV_ORDER = {"sm90": False, "sm90ws": True}
 SM90_BLOCK_N = {"sm90": 64, "sm90ws": 128}
 
 
-def sm90_scheme(impl: str = "sm90", k_scale: str = "token", ktile_n: int = 128
-                ) -> Fp8AttentionScheme:
+def sm90_scheme(impl: str = "sm90", k_scale: str = "token") -> Fp8AttentionScheme:
     """The scheme whose emulation (``fp8_attention_quantized_ref``) the native kernel ``impl``
     computes: the op's ``SCHEME`` with the kernel's key-tile width (``sm90``: 64, the op's own;
     ``sm90ws``: 128), and with ``k_scale="tile"`` one K scale per 128-key tile
     (``k_block=128``; ``sm90ws``'s tile variant computes it up to the rounding of its folded
     exponent, ``fp8_attention_sm90_ws.h``). ``k_scale`` is a granularity (``token`` or
-    ``tile``), not ``auto``. ``ktile_n=256`` (``sm90ws`` with ``k_scale="tile"`` only: its wide
-    variant, which runs at padded head dim 128 alone; the caller picks 128 at 64) sets
-    ``block_n=256``: the online softmax's tiles are 256 keys, two K-scale blocks each."""
+    ``tile``), not ``auto``."""
     _sm90_op_name(impl)
-    block_n = SM90_BLOCK_N[impl]
-    if impl == "sm90ws" and k_scale_setting(k_scale) == "tile":
-        block_n = ktile_n_setting(str(ktile_n))
-    return with_k_scale(replace(SCHEME, block_n=block_n), k_scale)
+    return with_k_scale(replace(SCHEME, block_n=SM90_BLOCK_N[impl]), k_scale)
 
 
 def cuda_scheme(head_dim: int, device: torch.device | None = None) -> Fp8AttentionScheme:
     """The scheme whose emulation the CUDA op computes at ``head_dim`` on ``device`` (default:
-    the current CUDA device) under the current ``XDIT_OPS_FP8_IMPL``, ``XDIT_OPS_FP8_FORMAT``,
-    ``XDIT_OPS_FP8_K_SCALE`` and ``XDIT_OPS_FP8_KTILE_N``: the kernels' key-tile width sets the
-    softmax block (``block_n``), so it can differ from the CPU op's ``SCHEME`` (the Triton
-    kernel's 128-key tiles at head dim 128, the sm90ws kernel's, 256 for its wide variant at
-    padded head dim 128), the FP8 format its ``fp8`` and ``p_shift``, the K-scale granularity
-    (:func:`resolve_k_scale`) its ``k_block``."""
+    the current CUDA device) under the current ``XDIT_OPS_FP8_IMPL``, ``XDIT_OPS_FP8_FORMAT``
+    and ``XDIT_OPS_FP8_K_SCALE``: the kernels' key-tile width sets the softmax block
+    (``block_n``), so it can differ from the CPU op's ``SCHEME`` (the Triton kernel's 128-key
+    tiles at head dim 128, the sm90ws kernel's), the FP8 format its ``fp8`` and ``p_shift``,
+    the K-scale granularity (:func:`resolve_k_scale`) its ``k_block``."""
     impl = resolve_impl(device, head_dim)
     fmt = resolve_format(device)
     k_scale = resolve_k_scale(impl, head_dim)
     if impl == "emulation":
         return with_k_scale(with_format(SCHEME, fmt), k_scale)
     if impl in SM90_IMPLS:
-        return sm90_scheme(impl, k_scale, sm90ws_ktile_n(head_dim))
+        return sm90_scheme(impl, k_scale)
     from xdit_ops.triton.fp8_attention import attn_config, config_scheme
 
     return with_k_scale(config_scheme(attn_config(padded_head_dim(head_dim)), fmt), k_scale)
-
-
-def sm90ws_ktile_n(head_dim: int, setting: str | None = None) -> int:
-    """The key-tile width the sm90ws per-tile K-scale op runs at ``head_dim`` under ``setting``
-    (default: the current ``XDIT_OPS_FP8_KTILE_N``): the setting at padded head dim 128, 128 at
-    64 (no wide variant there: the per-key kernel runs, with 128-key tiles)."""
-    ktile_n = ktile_n_setting(setting)
-    return ktile_n if padded_head_dim(head_dim) == 128 else 128
 
 
 def _format_setting() -> str:
@@ -338,9 +296,6 @@ def unusable_reason(device: torch.device, dtype: torch.dtype, head_dim: int,
     k_scale = os.environ.get(K_SCALE_ENV, "auto")
     if k_scale not in K_SCALE_SETTINGS:
         return f"{K_SCALE_ENV}={k_scale!r} is not one of {K_SCALE_SETTINGS}"
-    ktile_n = os.environ.get(KTILE_N_ENV, "128")
-    if ktile_n not in KTILE_N_SETTINGS:
-        return f"{KTILE_N_ENV}={ktile_n!r} is not one of {KTILE_N_SETTINGS}"
     if dtype not in DTYPES:
         return f"fp8 attention takes float16/bfloat16, got {dtype}"
     if head_dim < 1 or head_dim > MAX_HEAD_DIM:
@@ -380,10 +335,9 @@ def unusable_reason(device: torch.device, dtype: torch.dtype, head_dim: int,
         if not sm90_kernel_loaded(impl):
             return f"XDIT_OPS_FP8_IMPL={impl}: xdit_ops._C_sm90 has no {SM90_IMPLS[impl]} kernel"
         # (auto is tile only where the variant is loaded: resolve_k_scale)
-        if k_scale == "tile" and not sm90_kernel_loaded(impl, k_scale, int(ktile_n)):
-            return (f"XDIT_OPS_FP8_IMPL={impl} with {K_SCALE_ENV}=tile ({KTILE_N_ENV}="
-                    f"{ktile_n}): xdit_ops._C_sm90 has no "
-                    f"{SM90WS_KTILE_OPS[int(ktile_n)]} kernel (rebuild)")
+        if k_scale == "tile" and not sm90_kernel_loaded(impl, k_scale):
+            return (f"XDIT_OPS_FP8_IMPL={impl} with {K_SCALE_ENV}=tile: xdit_ops._C_sm90 has "
+                    f"no {SM90WS_KTILE_OP} kernel (rebuild)")
     try:
         import triton  # noqa: F401  (the quantization pass is Triton for both implementations)
     except ImportError as exc:
@@ -445,8 +399,7 @@ def _fp8_attention_cuda(q, k, v, scale=None, return_lse=False):
     if impl in SM90_IMPLS:
         qq = quantize_qkv_triton(q, k, v, scale, vt_pv_order=SM90_VT_PV_ORDER[impl],
                                  fp8_format=fmt, k_block=k_block)
-        out, lse = attention_quantized_sm90(qq, q.dtype, return_lse, impl, k_scale=k_scale,
-                                            ktile_n=sm90ws_ktile_n(D))
+        out, lse = attention_quantized_sm90(qq, q.dtype, return_lse, impl, k_scale=k_scale)
     else:
         out, lse = fp8_attention_triton(q, k, v, scale, return_lse, fp8_format=fmt,
                                         k_block=k_block)
@@ -454,7 +407,7 @@ def _fp8_attention_cuda(q, k, v, scale=None, return_lse=False):
 
 
 def attention_quantized_sm90(qq, out_dtype: torch.dtype, return_lse: bool = True,
-                             impl: str = "sm90", k_scale: str = "token", ktile_n: int = 128):
+                             impl: str = "sm90", k_scale: str = "token"):
     """A native sm_90a kernel on a :class:`~xdit_ops.reference.fp8_attention.QuantizedQKV`:
     (out [B, Sq, H, D] ``out_dtype``, lse [B, H, Sq] fp32 or [B, H, 0]).
 
@@ -470,15 +423,10 @@ def attention_quantized_sm90(qq, out_dtype: torch.dtype, return_lse: bool = True
     ``sm90ws`` at padded head dim 128 it runs the per-tile K-scale variant
     (``fp8_attention_sm90ws_ktile_fwd``), elsewhere the kernel ``impl`` (per-key scales, these
     included). It computes the emulation of :func:`sm90_scheme` (impl, k_scale). ``k_scale``
-    is the granularity of ``qq``'s K scales (``auto`` is an error: the caller knows it).
-
-    ``ktile_n=256`` (with ``k_scale="tile"`` and ``sm90ws``): the wide variant
-    (``fp8_attention_sm90ws_ktile256_fwd``, 256-key tiles); at padded head dim 128 it computes
-    the emulation of :func:`sm90_scheme` (impl, k_scale, 256), at 64 the per-key kernel runs
-    (that of ``ktile_n=128``)."""
+    is the granularity of ``qq``'s K scales (``auto`` is an error: the caller knows it)."""
     name = _sm90_op_name(impl)
     if _granularity(k_scale, "attention_quantized_sm90") == "tile" and impl == "sm90ws":
-        name = SM90WS_KTILE_OPS[ktile_n_setting(str(ktile_n))]
+        name = SM90WS_KTILE_OP
     op = getattr(torch.ops.xdit_ops, name).default
     if qq.vt.dtype != E4M3FN.dtype:
         raise ValueError(f"{OP}: the {impl} kernel takes e4m3fn V^T ({E4M3FN.dtype}), got "
@@ -514,7 +462,7 @@ def _fp8_attention_sm90_fwd_fake(q8, q_scale, k8, k_scale, vt8, v_scale, lse_cor
     return out, lse
 
 
-for _name in (*SM90_IMPLS.values(), *SM90WS_KTILE_OPS.values()):
+for _name in (*SM90_IMPLS.values(), SM90WS_KTILE_OP):
     torch.library.register_fake(f"xdit_ops::{_name}")(_fp8_attention_sm90_fwd_fake)
 
 
@@ -556,6 +504,5 @@ def fp8_attention(
 
 
 __all__ = ["attention_quantized_sm90", "auto_format", "cuda_scheme", "fp8_attention",
-           "k_scale_setting", "ktile_n_setting", "padded_head_dim", "resolve_format",
-           "resolve_k_scale", "sm90_kernel_loaded", "sm90_scheme", "sm90ws_ktile_n",
-           "unusable_reason", "with_k_scale"]
+           "k_scale_setting", "padded_head_dim", "resolve_format", "resolve_k_scale",
+           "sm90_kernel_loaded", "sm90_scheme", "unusable_reason", "with_k_scale"]

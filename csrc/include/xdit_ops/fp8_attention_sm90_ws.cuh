@@ -38,18 +38,6 @@
 // instructions per warp per 128-key tile against the per-key kernel's 670 (bf16 output; no
 // LDS of key scales, no per-score FADD/FMUL of the conversion and the K scale, 40 integer
 // max instructions, three-input VIMNMX3 mostly, for 76 FMNMX).
-//
-// kBN = 256 (XDIT_OPS_FP8_KTILE_N=256 with kTileKScale, opt-in, not yet run on a GPU): the
-// wide variant, 256-key tiles of two 128-key K-scale blocks (each with its scale; the scheme
-// with block_n = 256, k_block = 128). Each stage holds two 128-key sub-tiles of K and V^T (TMA
-// boxes of the 128-key layouts, stacked), 3 stages (212 KB of shared memory). The S
-// accumulator (128 registers) leaves no room for the intra-warpgroup overlap, so each consumer
-// runs Q K^T, softmax, P.V in sequence and the ping-pong hides the softmax (step_wide; P.V is
-// issued as soon as P is ready and waited for in the consumer's next turn).
-// ptxas (nvcc 13.0, sm_90a): 168 registers at launch, no spills; the steady loop is 815 SASS
-// instructions per warp per 256-key tile, 408 per 128 keys against the 128-key variant's 497
-// (one output update, one row max / alpha / l update, one set of barriers and waits per 256
-// keys instead of per 128).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -83,9 +71,7 @@ using fp8_sm90_common::store_lse;
 constexpr int kBlockM = 64;  // query rows per consumer warpgroup
 constexpr int kConsumers = 2;
 constexpr int kBlockN = kFp8AttentionSm90WsBlockN;  // the scheme's block_n
-constexpr int kWideBlockN = kFp8AttentionSm90WsWideBlockN;  // the wide variant's
-constexpr int kSubN = 128;  // keys per TMA box and per K-scale block of the tile variants
-constexpr int kStagesN128 = 4;
+constexpr int kStages = 4;
 constexpr int kThreads = 128 * (1 + kConsumers);
 // 24 * 128 + 240 * 256 = 64512 <= 65536 registers; launch_bounds(384, 1) gives 168 each first.
 // At Dp = 128 a consumer holds 3 x 64 fp32/s32 accumulators (S, P.V, O) across a slot's wgmmas:
@@ -96,7 +82,7 @@ constexpr int kConsumerRegs = 240;
 // its own 128 sync, the other consumer's 128 arrive).
 constexpr int kSchedBarrier = 1;
 
-static_assert(kBlockN == kSubN, "the V^T shared layout below assumes 128-byte rows of keys");
+static_assert(kBlockN == 128, "the V^T shared layout below assumes 128-byte rows of keys");
 
 // P.V with P from registers: e4m3 x e4m3 -> fp32, 64 query rows by the padded head dim, A (P)
 // in registers, B (V^T) in shared memory.
@@ -131,58 +117,40 @@ __device__ __forceinline__ uint32_t pv_a_register(__nv_fp8x2_storage_t lo,
   return static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
 }
 
-// The key tile of the consumers is kBN keys (kBlockN = 128, or kWideBlockN = 256 for the wide
-// tile-K-scale variant). Shared memory holds it as kBN / kSubN sub-tiles of kSubN = 128 keys,
-// one TMA box each (128-byte rows of V^T keys: the 128-byte swizzle atom's width), stacked in
-// the consumers' layout: the 256-key layouts below (tile_to_shape fills rows before columns)
-// are two 128-key layouts back to back, so the producer fills a ring of kStages * kSub
-// sub-tiles and the consumers read kStages tiles of the same bytes (checked on the host).
-template <int kDP, int kBN = kBlockN>
+template <int kDP>
 struct Cfg {
-  static_assert(kBN == kSubN || kBN == kWideBlockN, "key tiles of 128 or 256 keys");
-  static constexpr int kSub = kBN / kSubN;
-  // Stages of kBN keys: 4 x 32 KB (K and V^T) at 128 keys; 3 x 64 KB at 256 (212 KB in all).
-  static constexpr int kStages = kBN == kSubN ? kStagesN128 : 3;
   using AtomQK = std::conditional_t<kDP == 128, GMMA::Layout_K_SW128_Atom<int8_t>,
                                     GMMA::Layout_K_SW64_Atom<int8_t>>;
   using AtomF8 = GMMA::Layout_K_SW128_Atom<cutlass::float_e4m3_t>;
   using SmemQ = decltype(tile_to_shape(AtomQK{}, Shape<Int<kBlockM>, Int<kDP>>{}));
   using SmemQAll =
       decltype(tile_to_shape(AtomQK{}, Shape<Int<kBlockM>, Int<kDP>, Int<kConsumers>>{}));
-  // One TMA box (a 128-key sub-tile), the producer's ring of them, the consumers' tiles.
-  using SmemK = decltype(tile_to_shape(AtomQK{}, Shape<Int<kSubN>, Int<kDP>>{}));
-  using SmemKRing =
-      decltype(tile_to_shape(AtomQK{}, Shape<Int<kSubN>, Int<kDP>, Int<kStages * kSub>>{}));
+  using SmemK = decltype(tile_to_shape(AtomQK{}, Shape<Int<kBlockN>, Int<kDP>>{}));
   using SmemKAll =
-      decltype(tile_to_shape(AtomQK{}, Shape<Int<kBN>, Int<kDP>, Int<kStages>>{}));
-  using SmemVt = decltype(tile_to_shape(AtomF8{}, Shape<Int<kDP>, Int<kSubN>>{}));
-  using SmemVtRing =
-      decltype(tile_to_shape(AtomF8{}, Shape<Int<kDP>, Int<kSubN>, Int<kStages * kSub>>{}));
+      decltype(tile_to_shape(AtomQK{}, Shape<Int<kBlockN>, Int<kDP>, Int<kStages>>{}));
+  using SmemVt = decltype(tile_to_shape(AtomF8{}, Shape<Int<kDP>, Int<kBlockN>>{}));
   using SmemVtAll =
-      decltype(tile_to_shape(AtomF8{}, Shape<Int<kDP>, Int<kBN>, Int<kStages>>{}));
-  using MmaQK = std::conditional_t<
-      kBN == kSubN, decltype(make_tiled_mma(SM90::GMMA::MMA_64x128x32_S32S8S8_SS_TN{})),
-      decltype(make_tiled_mma(SM90::GMMA::MMA_64x256x32_S32S8S8_SS_TN{}))>;
+      decltype(tile_to_shape(AtomF8{}, Shape<Int<kDP>, Int<kBlockN>, Int<kStages>>{}));
+  using MmaQK = decltype(make_tiled_mma(SM90::GMMA::MMA_64x128x32_S32S8S8_SS_TN{}));
   using MmaPV = typename MmaPVRS<kDP>::type;
   static constexpr uint32_t kQBytes = kBlockM * kDP;
-  static constexpr uint32_t kKBytes = kSubN * kDP;  // per sub-tile (TMA box)
-  static constexpr uint32_t kVBytes = kDP * kSubN;
+  static constexpr uint32_t kKBytes = kBlockN * kDP;
+  static constexpr uint32_t kVBytes = kDP * kBlockN;
 };
 
 // Every operand buffer starts on a 1 KB boundary (the swizzle pattern's repeat), each stage
 // and each consumer's slice is a multiple of 1 KB.
-template <int kDP, int kBN = kBlockN>
+template <int kDP>
 struct alignas(1024) Storage {
-  static constexpr int kStg = Cfg<kDP, kBN>::kStages;
   alignas(1024) int8_t q[kConsumers * kBlockM * kDP];
-  alignas(1024) int8_t k[kStg * kBN * kDP];
-  alignas(1024) cutlass::float_e4m3_t vt[kStg * kDP * kBN];
-  alignas(128) float ks[kStg][kBN];  // the K tile's key scales (bulk copy, with K)
+  alignas(1024) int8_t k[kStages * kBlockN * kDP];
+  alignas(1024) cutlass::float_e4m3_t vt[kStages * kDP * kBlockN];
+  alignas(128) float ks[kStages][kBlockN];  // the K tile's key scales (bulk copy, with K)
   uint64_t q_full;
-  uint64_t k_full[kStg];
-  uint64_t v_full[kStg];
-  uint64_t k_empty[kStg];
-  uint64_t v_empty[kStg];
+  uint64_t k_full[kStages];
+  uint64_t v_full[kStages];
+  uint64_t k_empty[kStages];
+  uint64_t v_empty[kStages];
 };
 
 // TMA descriptors over the QuantizedQKV buffers, as 3-D tensors (rows, Dp or keys, batch*head)
@@ -254,127 +222,13 @@ __device__ __forceinline__ void wait_barrier(const uint64_t* bar, uint32_t phase
   }
 }
 
-// wgmma with a zero accumulator whose accumulator registers are outputs only ("=r" / "=f"):
-// CuTe's atoms take them in-out ("+r"), even with ScaleOut::Zero, which keeps the previous
-// tile's dead values live up to the issue (across the other phase of the wide step), or, with
-// a fresh fragment, has ptxas copy an undefined value into every register before the issue.
-// The first k-block of the wide variant's Q K^T and P.V; the others accumulate (CuTe's atoms).
-// Q K^T: m64n256k32, s32 <- s8 x s8, A and B from shared memory (descriptors).
-template <class Acc>
-__device__ __forceinline__ void wgmma_qk_n256_first(uint64_t desc_a, uint64_t desc_b, Acc& d) {
-  asm volatile(
-      "{\n"
-      ".reg .pred p;\n"
-      "setp.ne.b32 p, %130, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n256k32.s32.s8.s8 {"
-      "%0, %1, %2, %3, %4, %5, %6, %7,"
-      "%8, %9, %10, %11, %12, %13, %14, %15,"
-      "%16, %17, %18, %19, %20, %21, %22, %23,"
-      "%24, %25, %26, %27, %28, %29, %30, %31,"
-      "%32, %33, %34, %35, %36, %37, %38, %39,"
-      "%40, %41, %42, %43, %44, %45, %46, %47,"
-      "%48, %49, %50, %51, %52, %53, %54, %55,"
-      "%56, %57, %58, %59, %60, %61, %62, %63,"
-      "%64, %65, %66, %67, %68, %69, %70, %71,"
-      "%72, %73, %74, %75, %76, %77, %78, %79,"
-      "%80, %81, %82, %83, %84, %85, %86, %87,"
-      "%88, %89, %90, %91, %92, %93, %94, %95,"
-      "%96, %97, %98, %99, %100, %101, %102, %103,"
-      "%104, %105, %106, %107, %108, %109, %110, %111,"
-      "%112, %113, %114, %115, %116, %117, %118, %119,"
-      "%120, %121, %122, %123, %124, %125, %126, %127"
-      "}, %128, %129, p;\n"
-      "}\n"
-      : "=r"(d(0)), "=r"(d(1)), "=r"(d(2)), "=r"(d(3)),
-        "=r"(d(4)), "=r"(d(5)), "=r"(d(6)), "=r"(d(7)),
-        "=r"(d(8)), "=r"(d(9)), "=r"(d(10)), "=r"(d(11)),
-        "=r"(d(12)), "=r"(d(13)), "=r"(d(14)), "=r"(d(15)),
-        "=r"(d(16)), "=r"(d(17)), "=r"(d(18)), "=r"(d(19)),
-        "=r"(d(20)), "=r"(d(21)), "=r"(d(22)), "=r"(d(23)),
-        "=r"(d(24)), "=r"(d(25)), "=r"(d(26)), "=r"(d(27)),
-        "=r"(d(28)), "=r"(d(29)), "=r"(d(30)), "=r"(d(31)),
-        "=r"(d(32)), "=r"(d(33)), "=r"(d(34)), "=r"(d(35)),
-        "=r"(d(36)), "=r"(d(37)), "=r"(d(38)), "=r"(d(39)),
-        "=r"(d(40)), "=r"(d(41)), "=r"(d(42)), "=r"(d(43)),
-        "=r"(d(44)), "=r"(d(45)), "=r"(d(46)), "=r"(d(47)),
-        "=r"(d(48)), "=r"(d(49)), "=r"(d(50)), "=r"(d(51)),
-        "=r"(d(52)), "=r"(d(53)), "=r"(d(54)), "=r"(d(55)),
-        "=r"(d(56)), "=r"(d(57)), "=r"(d(58)), "=r"(d(59)),
-        "=r"(d(60)), "=r"(d(61)), "=r"(d(62)), "=r"(d(63)),
-        "=r"(d(64)), "=r"(d(65)), "=r"(d(66)), "=r"(d(67)),
-        "=r"(d(68)), "=r"(d(69)), "=r"(d(70)), "=r"(d(71)),
-        "=r"(d(72)), "=r"(d(73)), "=r"(d(74)), "=r"(d(75)),
-        "=r"(d(76)), "=r"(d(77)), "=r"(d(78)), "=r"(d(79)),
-        "=r"(d(80)), "=r"(d(81)), "=r"(d(82)), "=r"(d(83)),
-        "=r"(d(84)), "=r"(d(85)), "=r"(d(86)), "=r"(d(87)),
-        "=r"(d(88)), "=r"(d(89)), "=r"(d(90)), "=r"(d(91)),
-        "=r"(d(92)), "=r"(d(93)), "=r"(d(94)), "=r"(d(95)),
-        "=r"(d(96)), "=r"(d(97)), "=r"(d(98)), "=r"(d(99)),
-        "=r"(d(100)), "=r"(d(101)), "=r"(d(102)), "=r"(d(103)),
-        "=r"(d(104)), "=r"(d(105)), "=r"(d(106)), "=r"(d(107)),
-        "=r"(d(108)), "=r"(d(109)), "=r"(d(110)), "=r"(d(111)),
-        "=r"(d(112)), "=r"(d(113)), "=r"(d(114)), "=r"(d(115)),
-        "=r"(d(116)), "=r"(d(117)), "=r"(d(118)), "=r"(d(119)),
-        "=r"(d(120)), "=r"(d(121)), "=r"(d(122)), "=r"(d(123)),
-        "=r"(d(124)), "=r"(d(125)), "=r"(d(126)), "=r"(d(127))
-      : "l"(desc_a), "l"(desc_b), "r"(0));
-}
-
-// P.V: m64n128k32, f32 <- e4m3 x e4m3, A (P) from four registers, B (V^T) from shared memory.
-template <class Acc>
-__device__ __forceinline__ void wgmma_pv_n128_first(uint32_t a0, uint32_t a1, uint32_t a2,
-                                                    uint32_t a3, uint64_t desc_b, Acc& d) {
-  asm volatile(
-      "{\n"
-      ".reg .pred p;\n"
-      "setp.ne.b32 p, %69, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 {"
-      "%0, %1, %2, %3, %4, %5, %6, %7,"
-      "%8, %9, %10, %11, %12, %13, %14, %15,"
-      "%16, %17, %18, %19, %20, %21, %22, %23,"
-      "%24, %25, %26, %27, %28, %29, %30, %31,"
-      "%32, %33, %34, %35, %36, %37, %38, %39,"
-      "%40, %41, %42, %43, %44, %45, %46, %47,"
-      "%48, %49, %50, %51, %52, %53, %54, %55,"
-      "%56, %57, %58, %59, %60, %61, %62, %63"
-      "}, {%64, %65, %66, %67}, %68, p, 1, 1;\n"
-      "}\n"
-      : "=f"(d(0)), "=f"(d(1)), "=f"(d(2)), "=f"(d(3)),
-        "=f"(d(4)), "=f"(d(5)), "=f"(d(6)), "=f"(d(7)),
-        "=f"(d(8)), "=f"(d(9)), "=f"(d(10)), "=f"(d(11)),
-        "=f"(d(12)), "=f"(d(13)), "=f"(d(14)), "=f"(d(15)),
-        "=f"(d(16)), "=f"(d(17)), "=f"(d(18)), "=f"(d(19)),
-        "=f"(d(20)), "=f"(d(21)), "=f"(d(22)), "=f"(d(23)),
-        "=f"(d(24)), "=f"(d(25)), "=f"(d(26)), "=f"(d(27)),
-        "=f"(d(28)), "=f"(d(29)), "=f"(d(30)), "=f"(d(31)),
-        "=f"(d(32)), "=f"(d(33)), "=f"(d(34)), "=f"(d(35)),
-        "=f"(d(36)), "=f"(d(37)), "=f"(d(38)), "=f"(d(39)),
-        "=f"(d(40)), "=f"(d(41)), "=f"(d(42)), "=f"(d(43)),
-        "=f"(d(44)), "=f"(d(45)), "=f"(d(46)), "=f"(d(47)),
-        "=f"(d(48)), "=f"(d(49)), "=f"(d(50)), "=f"(d(51)),
-        "=f"(d(52)), "=f"(d(53)), "=f"(d(54)), "=f"(d(55)),
-        "=f"(d(56)), "=f"(d(57)), "=f"(d(58)), "=f"(d(59)),
-        "=f"(d(60)), "=f"(d(61)), "=f"(d(62)), "=f"(d(63))
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc_b), "r"(0));
-}
-
 // The producer: one thread issues every TMA load of the CTA. kTileKScale: the consumers read
-// only the first key scale of each 128-key block (one K scale per block), so only the first 16
-// bytes (four scales; the minimum bulk copy) of each block's scales are copied.
-//
-// kBN = 256 (the wide variant, kTileKScale only): each stage is two 128-key sub-tiles of K and
-// of V^T (two TMA boxes each, on the stage's barriers) and two 16-byte scale copies. A
-// sub-tile that starts at or past Sk_pad (the second half of the last tile) is loaded from the
-// last sub-tile that starts below it instead: finite codes (the consumers mask those keys, so
-// P = 0 there; zeros past Sk_pad would do as well, but a box wholly outside the tensor is not
-// relied on); its scales are not copied (the consumers do not read them).
-template <int kDP, bool kTileKScale, int kBN = kBlockN>
-__device__ __forceinline__ void produce(const KernelParams<kDP>& kp, Storage<kDP, kBN>& s,
+// only the tile's first key scale (one K scale per 128-key tile), so only the first 16 bytes
+// (four scales; the minimum bulk copy) of the tile's scales are copied.
+template <int kDP, bool kTileKScale>
+__device__ __forceinline__ void produce(const KernelParams<kDP>& kp, Storage<kDP>& s,
                                         int n_tiles) {
-  using C = Cfg<kDP, kBN>;
-  constexpr int kStg = C::kStages;
-  constexpr int kSub = C::kSub;
-  static_assert(kSub == 1 || kTileKScale, "wide key tiles only with one K scale per block");
+  using C = Cfg<kDP>;
   const Fp8AttentionSm90Params& p = kp.p;
   const int bh = blockIdx.y;
   prefetch_tma_descriptor(kp.tma_q.get_tma_descriptor());
@@ -396,77 +250,50 @@ __device__ __forceinline__ void produce(const KernelParams<kDP>& kp, Storage<kDP
   }
 
   Tensor mK = kp.tma_k.get_tma_tensor(make_shape(p.seq_k_pad, Int<kDP>{}, kp.bh_count));
-  Tensor gK = local_tile(mK(_, _, bh), Shape<Int<kSubN>, Int<kDP>>{}, make_coord(_, 0));
-  Tensor sK = make_tensor(make_smem_ptr(s.k), typename C::SmemKRing{});
+  Tensor gK = local_tile(mK(_, _, bh), Shape<Int<kBlockN>, Int<kDP>>{}, make_coord(_, 0));
+  Tensor sK = make_tensor(make_smem_ptr(s.k), typename C::SmemKAll{});
   auto [tKg, tKs] = tma_partition(kp.tma_k, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sK),
                                   group_modes<0, 2>(gK));
   Tensor mV = kp.tma_vt.get_tma_tensor(make_shape(Int<kDP>{}, p.seq_k_pad, kp.bh_count));
-  Tensor gV = local_tile(mV(_, _, bh), Shape<Int<kDP>, Int<kSubN>>{}, make_coord(0, _));
-  Tensor sV = make_tensor(make_smem_ptr(s.vt), typename C::SmemVtRing{});
+  Tensor gV = local_tile(mV(_, _, bh), Shape<Int<kDP>, Int<kBlockN>>{}, make_coord(0, _));
+  Tensor sV = make_tensor(make_smem_ptr(s.vt), typename C::SmemVtAll{});
   auto [tVg, tVs] = tma_partition(kp.tma_vt, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sV),
                                   group_modes<0, 2>(gV));
 
   for (int t = 0; t < n_tiles; ++t) {
-    const int st = t % kStg;
+    const int st = t % kStages;
     // Parity of the stage's previous use; on the first pass (phase 1 of a fresh barrier) the
     // wait returns at once.
-    const uint32_t empty_phase = ((t / kStg) & 1) ^ 1;
+    const uint32_t empty_phase = ((t / kStages) & 1) ^ 1;
     wait_barrier(&s.k_empty[st], empty_phase);
-    if constexpr (kSub == 1) {
-      // The key scales of the tile ride on K's barrier; only those inside Sk_pad are read (the
-      // last tile may reach past it: those keys are masked, their scales never used).
-      // (Sk_pad - t kBlockN >= 64 for every tile: the 16 bytes of kTileKScale are inside.)
-      const int ks_bytes =
-          kTileKScale ? 16 : min(kBN, p.seq_k_pad - t * kBN) * int(sizeof(float));
-      ClusterTransactionBarrier::arrive_and_expect_tx(&s.k_full[st], C::kKBytes + ks_bytes);
-      copy(kp.tma_k.with(s.k_full[st]), tKg(_, t), tKs(_, st));
-      SM90_BULK_COPY_G2S::copy(p.k_scale + int64_t(bh) * p.seq_k_pad + t * kBN, &s.k_full[st],
-                               s.ks[st], ks_bytes);
-      wait_barrier(&s.v_empty[st], empty_phase);
-      ClusterTransactionBarrier::arrive_and_expect_tx(&s.v_full[st], C::kVBytes);
-      copy(kp.tma_vt.with(s.v_full[st]), tVg(_, t), tVs(_, st));
-    } else {
-      // Sub-tiles that start below Sk_pad (>= 64 keys of it each: Sk_pad is a multiple of 64).
-      const int last_sub = (p.seq_k_pad - 1) / kSubN;
-      const int subs = min(kSub, last_sub - t * kSub + 1);
-      const float* k_scale = p.k_scale + int64_t(bh) * p.seq_k_pad;
-      ClusterTransactionBarrier::arrive_and_expect_tx(&s.k_full[st],
-                                                      kSub * C::kKBytes + subs * 16);
-      CUTE_UNROLL
-      for (int i = 0; i < kSub; ++i) {
-        copy(kp.tma_k.with(s.k_full[st]), tKg(_, min(t * kSub + i, last_sub)),
-             tKs(_, st * kSub + i));
-        if (i < subs) {
-          SM90_BULK_COPY_G2S::copy(k_scale + (t * kSub + i) * kSubN, &s.k_full[st],
-                                   &s.ks[st][i * kSubN], 16);
-        }
-      }
-      wait_barrier(&s.v_empty[st], empty_phase);
-      ClusterTransactionBarrier::arrive_and_expect_tx(&s.v_full[st], kSub * C::kVBytes);
-      CUTE_UNROLL
-      for (int i = 0; i < kSub; ++i) {
-        copy(kp.tma_vt.with(s.v_full[st]), tVg(_, min(t * kSub + i, last_sub)),
-             tVs(_, st * kSub + i));
-      }
-    }
+    // The key scales of the tile ride on K's barrier; only those inside Sk_pad are read (the
+    // last tile may reach past it: those keys are masked, their scales never used).
+    // (Sk_pad - t kBlockN >= 64 for every tile: the 16 bytes of kTileKScale are inside.)
+    const int ks_bytes =
+        kTileKScale ? 16 : min(kBlockN, p.seq_k_pad - t * kBlockN) * int(sizeof(float));
+    ClusterTransactionBarrier::arrive_and_expect_tx(&s.k_full[st], C::kKBytes + ks_bytes);
+    copy(kp.tma_k.with(s.k_full[st]), tKg(_, t), tKs(_, st));
+    SM90_BULK_COPY_G2S::copy(p.k_scale + int64_t(bh) * p.seq_k_pad + t * kBlockN, &s.k_full[st],
+                             s.ks[st], ks_bytes);
+    wait_barrier(&s.v_empty[st], empty_phase);
+    ClusterTransactionBarrier::arrive_and_expect_tx(&s.v_full[st], C::kVBytes);
+    copy(kp.tma_vt.with(s.v_full[st]), tVg(_, t), tVs(_, st));
   }
   // Stay as the watchdog until both consumers have released the last tiles (tile t's release
   // completes phase t / kStages of its stage's empty barriers).
-  for (int t = max(0, n_tiles - kStg); t < n_tiles; ++t) {
-    wait_barrier(&s.k_empty[t % kStg], (t / kStg) & 1);
-    wait_barrier(&s.v_empty[t % kStg], (t / kStg) & 1);
+  for (int t = max(0, n_tiles - kStages); t < n_tiles; ++t) {
+    wait_barrier(&s.k_empty[t % kStages], (t / kStages) & 1);
+    wait_barrier(&s.v_empty[t % kStages], (t / kStages) & 1);
   }
 }
 
 // A consumer warpgroup: 64 query rows, every key tile (see the file comment for the schedule).
 // kTileKScale: the K scales are equal within a 128-key tile (the scheme with k_block = 128,
 // XDIT_OPS_FP8_K_SCALE=tile); the softmax reads one scale per tile (softmax_tile).
-template <int kDP, typename OutT, bool kTileKScale, int kBN = kBlockN>
-__device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP, kBN>& s,
+template <int kDP, typename OutT, bool kTileKScale>
+__device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP>& s,
                                         int n_tiles, int w) {
-  using C = Cfg<kDP, kBN>;
-  constexpr int kStg = C::kStages;
-  constexpr int kSub = C::kSub;
+  using C = Cfg<kDP>;
   const Fp8AttentionSm90Params& p = kp.p;
   const int tid = threadIdx.x % 128;
   const int64_t bh = blockIdx.y;
@@ -485,15 +312,15 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
   // P of the previous tile as P.V's A operand: per 32-key block, the 16 e4m3 values of the
   // A layout (4 bytes, 2 rows, 2 halves) in four 32-bit registers (see pv_a_register).
   Tensor tOrP = make_tensor<cutlass::float_e4m3_t>(
-      Shape<Shape<_4, _2, _2>, _1, Int<kBN / 32>>{});  // (MMA, 1, kBlockN / 32)
+      Shape<Shape<_4, _2, _2>, _1, Int<kBlockN / 32>>{});  // (MMA, 1, kBlockN / 32)
   Tensor tOrPu = recast<uint32_t>(tOrP);
-  static_assert(size(tOrPu) == kBN / 8, "four A registers per 32-key block");
+  static_assert(size(tOrPu) == kBlockN / 8, "four A registers per 32-key block");
   Tensor tOrV = thr_pv.partition_fragment_B(sV);           // (MMA, 1, kBlockN / 32, stages)
-  Tensor tSrS = partition_fragment_C(mma_qk, Shape<Int<kBlockM>, Int<kBN>>{});
+  Tensor tSrS = partition_fragment_C(mma_qk, Shape<Int<kBlockM>, Int<kBlockN>>{});
   Tensor tOrPV = partition_fragment_C(mma_pv, Shape<Int<kBlockM>, Int<kDP>>{});
   Tensor tOrO = make_fragment_like(tOrPV);
   clear(tOrO);
-  static_assert(size(tSrS) == kBN / 2 && size(tOrO) == kDP / 2, "64xN wgmma C fragments");
+  static_assert(size(tSrS) == kBlockN / 2 && size(tOrO) == kDP / 2, "64xN wgmma C fragments");
 
   // The wgmma C layout (CLayout_64xN): thread (warp wp, lane) holds rows r0 = 16 wp + lane / 4
   // and r0 + 8, columns c0 + 8 j + {0, 1} with c0 = 2 (lane % 4); fragment element i is row
@@ -551,11 +378,11 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
   // single rounding where the scheme rounds s first: it differs from the emulation's by at most
   // an ulp (a CPU model of this arithmetic on the GPU tests' shapes moved 4e-7 of the P codes;
   // LSE within 8e-6 of the emulation's). One fp32 instruction fewer per score.
-  using PPairs = __nv_fp8x2_storage_t[kBN / 4];  // size(tSrS) / 2
-  auto softmax = [&](int t, const float2 (&ks)[kBN / 8], auto mask, float (&alpha_t)[2],
+  using PPairs = __nv_fp8x2_storage_t[kBlockN / 4];  // size(tSrS) / 2
+  auto softmax = [&](int t, const float2 (&ks)[kBlockN / 8], auto mask, float (&alpha_t)[2],
                      PPairs& pk) {
     constexpr bool kMask = decltype(mask)::value;
-    const int n0 = t * kBN;
+    const int n0 = t * kBlockN;
     float sc[size(tSrS)];
     // Four partial maxima per row (max is exact in any order): short dependency chains.
     float part_max[2][4];
@@ -618,7 +445,7 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
   auto softmax_tile = [&](int t, const float (&c)[2], auto mask, float (&alpha_t)[2],
                           PPairs& pk) {
     constexpr bool kMask = decltype(mask)::value;
-    const int n0 = t * kBN;
+    const int n0 = t * kBlockN;
     int sb[size(tSrS)];
     int part_max[2][4];  // four partial maxima per row: short dependency chains
     CUTE_UNROLL
@@ -662,71 +489,6 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
     CUTE_UNROLL
     for (int j = 0; j < 2; ++j) l_i[j] = l_i[j] * alpha_t[j] + quad_sum(tile_sum[j]);
   };
-  // The wide variant's softmax (kBN = 256, kTileKScale): two 128-key K-scale blocks per tile,
-  // c[h][j] = |qs| x ks of block h and row j. softmax_tile's arithmetic per block (integer
-  // maxima of the bits b, the folded exponent fma(float(b), c, -(1.5 2^23 c + m - 8))); the
-  // tile's row max is the larger of the blocks' scaled maxima fp32(x_max c) (each as
-  // softmax_tile rounds it; c is the same in the four lanes of a quad, so the quad max of the
-  // scaled maxima is that of the integers, scaled). A second block wholly past seq_k (only in
-  // the last tile) takes no part in the max: its scale was not loaded.
-  auto softmax_wide = [&](const auto& S, int t, const float (&c)[Cfg<kDP, kBN>::kSub][2],
-                          auto mask, float (&alpha_t)[2], PPairs& pk) {
-    constexpr bool kMask = decltype(mask)::value;
-    const int n0 = t * kBN;
-    int sb[kBN / 2];  // size(S)
-    int part_max[kSub][2];  // per block and row (ptxas chains them as three-input maxima)
-    CUTE_UNROLL
-    for (int h = 0; h < kSub; ++h) {
-      CUTE_UNROLL
-      for (int j = 0; j < 2; ++j) part_max[h][j] = INT_MIN;
-    }
-    CUTE_UNROLL
-    for (int i = 0; i < kBN / 2; ++i) {
-      const int rj = (i >> 1) & 1;
-      const int h = i / (kSubN / 2);  // 64 elements per block
-      int b = S(i) * q_sign[rj] + kMagicBits;
-      if (kMask && n0 + c0 + (i & 1) + 8 * (i >> 2) >= p.seq_k) b = INT_MIN;
-      sb[i] = b;
-      part_max[h][rj] = max(part_max[h][rj], b);
-    }
-    float k_shift[kSub][2], tile_sum[2] = {0.f, 0.f};
-    CUTE_UNROLL
-    for (int j = 0; j < 2; ++j) {
-      float tile_max = -INFINITY;
-      CUTE_UNROLL
-      for (int h = 0; h < kSub; ++h) {
-        const int max_bits = part_max[h][j];
-        // A lane whose keys of the block are all masked gives -1.5 2^23 c, below every score.
-        float mh = (__int_as_float(max_bits) - kMagic) * c[h][j];
-        if (kMask && h > 0 && n0 + h * kSubN >= p.seq_k) mh = -INFINITY;
-        tile_max = fmaxf(tile_max, mh);
-      }
-      // Key n0 < seq_k sits in lane 0 of every quad: the max is a score's, finite.
-      const float m_new = fmaxf(m_i[j], quad_max(tile_max));
-      alpha_t[j] = exp2f(m_i[j] - m_new);
-      CUTE_UNROLL
-      for (int h = 0; h < kSub; ++h) k_shift[h][j] = -fmaf(kMagic, c[h][j], m_new - kPShift);
-      m_i[j] = m_new;
-    }
-    CUTE_UNROLL
-    for (int i = 0; i < kBN / 2; i += 2) {
-      const int rj = (i >> 1) & 1;
-      const int h = i / (kSubN / 2);  // 64 elements per block
-      float a0 = fmaf(__int_as_float(sb[i]), c[h][rj], k_shift[h][rj]);
-      float a1 = fmaf(__int_as_float(sb[i + 1]), c[h][rj], k_shift[h][rj]);
-      if (kMask) {
-        if (sb[i] == INT_MIN) a0 = -INFINITY;
-        if (sb[i + 1] == INT_MIN) a1 = -INFINITY;
-      }
-      const float p0 = exp2f(a0);
-      const float p1 = exp2f(a1);
-      tile_sum[rj] += p0;
-      tile_sum[rj] += p1;
-      pk[i / 2] = __nv_cvt_float2_to_fp8x2(make_float2(p0, p1), __NV_SATFINITE, __NV_E4M3);
-    }
-    CUTE_UNROLL
-    for (int j = 0; j < 2; ++j) l_i[j] = l_i[j] * alpha_t[j] + quad_sum(tile_sum[j]);
-  };
   // P of tile t into P.V's A registers: register 4 kb + r + 2 h holds row r's column groups
   // j = 4 kb + 2 h (bytes 0, 1) and j + 1 (bytes 2, 3) (see pv_a_register). Called after the
   // wait for the P.V that read tOrP. (ptxas moves the e4m3 conversions here, as F2FP.MERGE_C
@@ -744,9 +506,9 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
   // The key scales of this thread's columns of tile t, from the stage's shared copy. Past
   // Sk_pad (the last tile may reach past it) the copy holds stale values: those keys are
   // masked to -inf after the multiply.
-  auto load_ks = [&](int st, float2 (&ks)[kBN / 8]) {
+  auto load_ks = [&](int st, float2 (&ks)[kBlockN / 8]) {
     CUTE_UNROLL
-    for (int j = 0; j < kBN / 8; ++j) {
+    for (int j = 0; j < kBlockN / 8; ++j) {
       ks[j] = *reinterpret_cast<const float2*>(&s.ks[st][c0 + 8 * j]);
     }
   };
@@ -760,14 +522,14 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
   // tile t - 1.
   // The slot kinds are compile-time so that no wgmma sits on a divergent path (ptxas would
   // serialise them).
-  float2 ks[kBN / 8];
+  float2 ks[kBlockN / 8];
   auto slot = [&](int t, auto qk, auto pv, auto mask) {
     constexpr bool kQK = decltype(qk)::value;
     constexpr bool kPV = decltype(pv)::value;
-    const int st = t % kStg;
-    const int sv = (t + kStg - 1) % kStg;
-    if constexpr (kQK) ClusterBarrier::wait(&s.k_full[st], (t / kStg) & 1);
-    if constexpr (kPV) ClusterBarrier::wait(&s.v_full[sv], ((t - 1) / kStg) & 1);
+    const int st = t % kStages;
+    const int sv = (t + kStages - 1) % kStages;
+    if constexpr (kQK) ClusterBarrier::wait(&s.k_full[st], (t / kStages) & 1);
+    if constexpr (kPV) ClusterBarrier::wait(&s.v_full[sv], ((t - 1) / kStages) & 1);
     // kTileKScale: the tile's K scale (its first key's; the scheme's scales are equal within
     // the tile), read before the wgmmas (two registers across the batch: c of both rows).
     float c_t[2];
@@ -827,77 +589,6 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
     }
   };
 
-  // The wide variant's step (kBN = 256). Its S accumulator (64 x 256 s32: 128 registers) does
-  // not fit beside P.V's accumulator, the output's and P (64 + 64 + 32) within 240 registers,
-  // so a consumer does not overlap its own P.V with its softmax: step t issues Q K^T of tile t
-  // (ending the consumer's turn), waits for it, releases the K stage and runs the softmax,
-  // whose P goes straight into the A registers (no P.V reads them now); then it issues P.V of
-  // tile t at once (out of turn: it runs beside the other consumer's wgmmas), waits for its
-  // turn and for P.V, adds it to the output (its accumulator and P are then free), and the
-  // next step issues Q K^T of tile t + 1 in the same turn. The other consumer's turn (its P.V
-  // and Q K^T) keeps the tensor cores busy meanwhile: the ping-pong hides the softmax. The
-  // turn spans the loop's back edge on purpose: ptxas sank the
-  // output's update past Q K^T's issue (past the wgmma fence and a barrier alike), which kept
-  // P.V's accumulator live beside S's, and spilled; it does not move it into the next
-  // iteration. Same barriers and releases as slot's.
-  auto step_wide = [&](int t, auto mask) {
-    const int st = t % kStg;
-    ClusterBarrier::wait(&s.k_full[st], (t / kStg) & 1);
-    // Q K^T (a fresh 128-register accumulator: the wgmma asm takes it as outputs, see
-    // wgmma_qk_n256_first).
-    Tensor s_acc = partition_fragment_C(mma_qk, Shape<Int<kBlockM>, Int<kBN>>{});
-    warpgroup_arrive();
-    wgmma_qk_n256_first(tSrQ(0, 0, 0), tSrK(0, 0, 0, st), s_acc);
-    mma_qk.accumulate_ = GMMA::ScaleOut::One;
-    CUTE_UNROLL
-    for (int kb = 1; kb < size<2>(tSrQ); ++kb) {
-      cute::gemm(mma_qk, tSrQ(_, _, kb), tSrK(_, _, kb, st), s_acc);
-    }
-    warpgroup_commit_batch();
-    sched_signal();
-    PPairs pk;
-    float alpha_t[2];
-    warpgroup_wait<0>();
-    warpgroup_fence_operand(s_acc);
-    // The blocks' K scales, read after the wgmma (no registers held across it), before the
-    // release of the stage (mbarrier.arrive: release semantics; the asm below keeps the loads
-    // above it: ClusterBarrier::arrive's asm has no memory clobber).
-    float c_t[kSub][2];
-    CUTE_UNROLL
-    for (int h = 0; h < kSub; ++h) {
-      const float k_block_scale = s.ks[st][h * kSubN];
-      CUTE_UNROLL
-      for (int j = 0; j < 2; ++j) c_t[h][j] = q_abs[j] * k_block_scale;
-    }
-    asm volatile("" ::: "memory");
-    ClusterBarrier::arrive(&s.k_empty[st]);
-    softmax_wide(s_acc, t, c_t, mask, alpha_t, pk);
-    set_p(pk);
-
-    ClusterBarrier::wait(&s.v_full[st], (t / kStg) & 1);
-    // P.V of tile t (a fresh 64-register accumulator, see wgmma_pv_n128_first), issued as soon
-    // as P is ready, before this consumer's turn: it runs while the other consumer's turn
-    // does, and is (mostly) done when the turn comes.
-    Tensor pv_acc = partition_fragment_C(mma_pv, Shape<Int<kBlockM>, Int<kDP>>{});
-    warpgroup_fence_operand(tOrP);
-    warpgroup_arrive();
-    wgmma_pv_n128_first(tOrPu(0), tOrPu(1), tOrPu(2), tOrPu(3), tOrV(0, 0, 0, st), pv_acc);
-    mma_pv.accumulate_ = GMMA::ScaleOut::One;
-    CUTE_UNROLL
-    for (int kb = 1; kb < size<2>(tOrP); ++kb) {
-      cute::gemm(mma_pv, tOrP(_, _, kb), tOrV(_, _, kb, st), pv_acc);
-    }
-    warpgroup_commit_batch();
-    sched_wait();
-    warpgroup_wait<0>();
-    warpgroup_fence_operand(pv_acc);
-    warpgroup_fence_operand(tOrP);
-    ClusterBarrier::arrive(&s.v_empty[st]);
-    CUTE_UNROLL
-    for (int i = 0; i < size(tOrO); ++i) tOrO(i) = tOrO(i) * alpha_t[(i >> 1) & 1] + pv_acc(i);
-    warpgroup_fence_operand(tOrO);
-  };
-
   // Consumer 0 issues first: consumer 1 lets it through once. Both then run n_tiles + 1 slots.
   if (w == 1) sched_signal();
   ClusterBarrier::wait(&s.q_full, 0);
@@ -905,21 +596,10 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
   // state is not.
   using cute::false_type;
   using cute::true_type;
-  if constexpr (kSub == 1) {
-    slot(0, true_type{}, false_type{}, true_type{});
-    for (int t = 1; t < n_tiles - 1; ++t) slot(t, true_type{}, true_type{}, false_type{});
-    if (n_tiles > 1) slot(n_tiles - 1, true_type{}, true_type{}, true_type{});
-    slot(n_tiles, false_type{}, true_type{}, false_type{});
-  } else {
-    static_assert(kTileKScale, "wide key tiles only with one K scale per block");
-    // The same turns as slot's: a wait, then per tile a signal and a wait (the turn of tile
-    // t's P.V and tile t + 1's Q K^T), and consumer 0's last signal.
-    sched_wait();
-    step_wide(0, true_type{});
-    for (int t = 1; t < n_tiles - 1; ++t) step_wide(t, false_type{});
-    if (n_tiles > 1) step_wide(n_tiles - 1, true_type{});
-    if (w == 0) sched_signal();
-  }
+  slot(0, true_type{}, false_type{}, true_type{});
+  for (int t = 1; t < n_tiles - 1; ++t) slot(t, true_type{}, true_type{}, false_type{});
+  if (n_tiles > 1) slot(n_tiles - 1, true_type{}, true_type{}, true_type{});
+  slot(n_tiles, false_type{}, true_type{}, false_type{});
 
   // Epilogue: out = acc / l * v_scale in the output dtype; LSE in natural log. (b, h computed
   // here, not kept live across the key loop.)
@@ -943,13 +623,12 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
   if (p.lse != nullptr && (tid & 3) == 0) store_lse(p, bh, m0 + r0, m_i, l_i);
 }
 
-template <int kDP, typename OutT, bool kTileKScale, int kBN = kBlockN>
+template <int kDP, typename OutT, bool kTileKScale>
 __global__ void __launch_bounds__(kThreads, 1)
     fp8_attention_ws_kernel(const __grid_constant__ KernelParams<kDP> kp) {
-  constexpr int kStg = Cfg<kDP, kBN>::kStages;
   extern __shared__ __align__(1024) uint8_t smem_raw[];
-  auto& s = *reinterpret_cast<Storage<kDP, kBN>*>(smem_raw);
-  const int n_tiles = (kp.p.seq_k + kBN - 1) / kBN;  // >= 1 (the host checks)
+  auto& s = *reinterpret_cast<Storage<kDP>*>(smem_raw);
+  const int n_tiles = (kp.p.seq_k + kBlockN - 1) / kBlockN;  // >= 1 (the host checks)
   // Warp-uniform for ptxas (a shuffle from lane 0): what derives from it (named barrier ids,
   // the consumer's shared-memory slices) can live in uniform registers. With P in registers
   // the consumers spilled 28 bytes at Dp = 128 without it, none with it.
@@ -957,7 +636,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (threadIdx.x == 0) {
     ClusterBarrier::init(&s.q_full, 1);
     CUTE_UNROLL
-    for (int st = 0; st < kStg; ++st) {
+    for (int st = 0; st < kStages; ++st) {
       ClusterBarrier::init(&s.k_full[st], 1);
       ClusterBarrier::init(&s.v_full[st], 1);
       ClusterBarrier::init(&s.k_empty[st], kConsumers * 128);
@@ -968,16 +647,15 @@ __global__ void __launch_bounds__(kThreads, 1)
   __syncthreads();
   if (warp_group == 0) {
     cutlass::arch::warpgroup_reg_dealloc<kProducerRegs>();
-    if (threadIdx.x == 0) produce<kDP, kTileKScale, kBN>(kp, s, n_tiles);
+    if (threadIdx.x == 0) produce<kDP, kTileKScale>(kp, s, n_tiles);
   } else {
     cutlass::arch::warpgroup_reg_alloc<kConsumerRegs>();
-    consume<kDP, OutT, kTileKScale, kBN>(kp, s, n_tiles, warp_group - 1);
+    consume<kDP, OutT, kTileKScale>(kp, s, n_tiles, warp_group - 1);
   }
 }
 
 // kTileKScale: the per-tile K scale variant (p.k_scale equal within every 128-key tile).
-// kBN = kWideBlockN: the wide variant (kTileKScale only; 256-key tiles, two K-scale blocks each).
-template <int kDP, typename OutT, bool kTileKScale = false, int kBN = kBlockN>
+template <int kDP, typename OutT, bool kTileKScale = false>
 cudaError_t launch(const Fp8AttentionSm90Params& p, int batch, cudaStream_t stream) {
   // Sk_pad is the quantization pass's (a multiple of 64); TMA reads the last tile's keys past
   // it as zeros.
@@ -988,8 +666,8 @@ cudaError_t launch(const Fp8AttentionSm90Params& p, int batch, cudaStream_t stre
   KernelParams<kDP> kp{make_tma_q<kDP>(p.q8, p.seq_q, bh),
                        make_tma_k<kDP>(p.k8, p.seq_k_pad, bh),
                        make_tma_vt<kDP>(p.vt8, p.seq_k_pad, bh), p, bh};
-  const int smem = static_cast<int>(sizeof(Storage<kDP, kBN>));
-  auto kernel = fp8_attention_ws_kernel<kDP, OutT, kTileKScale, kBN>;
+  const int smem = static_cast<int>(sizeof(Storage<kDP>));
+  auto kernel = fp8_attention_ws_kernel<kDP, OutT, kTileKScale>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
   const int rows_per_cta = kConsumers * kBlockM;

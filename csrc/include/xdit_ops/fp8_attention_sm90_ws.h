@@ -22,8 +22,6 @@ namespace xdit_ops {
 
 // The key-tile width of the online softmax: the emulation scheme's block_n this kernel computes.
 constexpr int kFp8AttentionSm90WsBlockN = 128;
-// The wide tile-K-scale variant's key tile (fp8_attention_sm90_ws_tile_k_scale_wide).
-constexpr int kFp8AttentionSm90WsWideBlockN = 256;
 
 // head_dim_padded: 64 or 128; out_dtype: kFloat16 or kBFloat16. p.seq_k >= 1, p.seq_k_pad a
 // multiple of 64 (cudaErrorInvalidValue otherwise) and q8/k8/vt8/k_scale 16-byte aligned (TMA
@@ -47,17 +45,5 @@ cudaError_t fp8_attention_sm90_ws(const Fp8AttentionSm90Params& p, int batch,
 cudaError_t fp8_attention_sm90_ws_tile_k_scale(const Fp8AttentionSm90Params& p, int batch,
                                                int head_dim_padded, DType out_dtype,
                                                cudaStream_t stream);
-
-// The same with 256-key tiles (kFp8AttentionSm90WsWideBlockN; opt-in, XDIT_OPS_FP8_K_SCALE=tile
-// with XDIT_OPS_FP8_KTILE_N=256): the online softmax's tile is 256 keys (the scheme with
-// block_n = 256, k_block = 128: P is rounded relative to the running max of 256-key tiles),
-// each tile two 128-key K-scale blocks with a scale each (p.k_scale equal within every 128-key
-// block, as above). Each consumer runs its P.V and Q K^T back to back and its softmax after
-// them (no overlap of its own P.V with its softmax: the 256-key S accumulator leaves no
-// registers for it); see slot_wide in fp8_attention_sm90_ws.cuh. Built for head_dim_padded 128
-// only (cudaErrorInvalidValue otherwise).
-cudaError_t fp8_attention_sm90_ws_tile_k_scale_wide(const Fp8AttentionSm90Params& p, int batch,
-                                                    int head_dim_padded, DType out_dtype,
-                                                    cudaStream_t stream);
 
 }  // namespace xdit_ops
