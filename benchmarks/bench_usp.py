@@ -35,6 +35,12 @@ ring and the NCCL P2P ring; ``usp_paths`` ``["fp8ring"]``), and on 4+ GPUs ``hyb
 (2 x N/2: the FP8 wire, then FP8 blocks around the copy-engine ring; ``["fp8hybrid"]``).
 ``--no-host`` skips the host-time modes and floors.
 
+Configs ``ulysses`` and ``ring`` run the op's defaults (auto: by shape, the push or the overlapped
+Ulysses, the barrier ring or the flag ring); ``ring-ce`` / ``ring-ceflags`` / ``ring-nccl`` and
+``ulysses-push`` / ``-overlap[-cN]`` / ``-ce`` / ``-nccl`` name a transport. Every xdit_ops row
+has ``planned``: the paths and rings its plans took (``path/ring``), so what auto chose is on
+record.
+
     torchrun --nproc-per-node=4 benchmarks/bench_usp.py [--quick] [--out DIR]
         [--backend auto|fp8] [--no-host]
 """
@@ -227,7 +233,8 @@ def main() -> None:
                ("ulysses-ce", world, 1), ("ulysses-ce-c1", world, 1), ("ulysses-ce-c2", world, 1),
                ("ulysses-overlap", world, 1), ("ulysses-overlap-c2", world, 1),
                ("ulysses-overlap-c3", world, 1), ("ulysses-overlap-c5", world, 1),
-               ("ring", 1, world), ("ring-nccl", 1, world), ("ring-ceflags", 1, world)]
+               ("ring", 1, world), ("ring-ce", 1, world), ("ring-nccl", 1, world),
+               ("ring-ceflags", 1, world)]
     if world >= 4 and world % 2 == 0:
         configs += [("hybrid", 2, world // 2)]
     if args.backend == "fp8":
@@ -274,8 +281,12 @@ def main() -> None:
             # the ring here: copy engine over symmetric memory (opt-in in the op); "-nccl":
             # NCCL P2P (the op's default)
             # "-ceflags": the copy-engine ring synchronised by stream-memory flag words
+            # "ring" (and every config without a ring suffix): the op's default, auto (the
+            # barrier ring below 16384 tokens, the flag ring from there); "-ce": the barrier ring
             os.environ["XDIT_OPS_USP_RING"] = ("nccl" if "-nccl" in name else
-                                               "ceflags" if "-ceflags" in name else "ce")
+                                               "ceflags" if "-ceflags" in name else
+                                               "ce" if name.endswith("-ce") and name.startswith(
+                                                   "ring") else "auto")
             # "-ce": the Ulysses exchange over the copy engines (default: its own chunking);
             # "-cN": N head chunks (falls back to 1 when heads don't split)
             ce = "-ce" in name
@@ -294,7 +305,9 @@ def main() -> None:
                          else "auto")
             os.environ["XDIT_OPS_USP_ULYSSES"] = transport
             m = re.search(r"-c(\d+)$", name)
-            chunks = int(m.group(1)) if m else (0 if ce or overlap else 1)
+            # unset chunks (0) where the transport picks its own: ce, overlap, and auto (which
+            # takes the overlap at large shapes, with its default chunking)
+            chunks = int(m.group(1)) if m else (0 if ce or overlap or transport == "auto" else 1)
             os.environ["XDIT_OPS_USP_CHUNKS"] = str(chunks)
             chunks_used = (_ce_chunks(H // u, str(chunks)) if ce else
                            _overlap_chunks(H // u, str(chunks)) if overlap else
@@ -355,6 +368,9 @@ def main() -> None:
                     row["ring_transport"] = os.environ["XDIT_OPS_USP_RING"]
                 if impl == "xdit_ops":  # the host path of overlap / ceflags (A/B: =lists)
                     row["usp_host_path"] = os.environ.get("XDIT_OPS_USP_HOST", "tensors")
+                    # what the plans took (auto resolves per shape): Ulysses path, ring
+                    mine = [pl for pl in _usp._PLANS.values() if pl.U == u and pl.R == r]
+                    row["planned"] = sorted({f"{pl.path}/{pl.ring}" for pl in mine})
                 if t1_fp8_ms is not None and impl == "xdit_ops":
                     row |= {"fp8_wire": wire,
                             "usp_paths": sorted({pl.path for pl in _usp._PLANS.values()

@@ -754,10 +754,20 @@ def test_gate_gpu(monkeypatch, impl, B, S, H, D):
     assert naive["rel_l1"] >= 3 * m["rel_l1"], (m, naive)
 
 
+# LSE bars (99th, 99.9th percentile, max) of the op against its emulation per K-scale setting.
+# token: see below. auto (the default): on Hopper with the sm90 module the per-tile variant,
+# whose folded exponent rounds differently from the emulation's (fp8_attention_sm90_ws.h):
+# measured on an H200 (run 46) 9.9e-5 / 1.06e-3 / 2.0e-3 at (2,700,4,128); it failed token's
+# bars there, so its own are 2x that 99th and 99.9th percentile.
+_LSE_BARS = {"token": (1e-4, 1e-3, 1e-2), "auto": (2e-4, 2e-3, 1e-2)}
+
+
 @pytest.mark.gpu
-def test_op_cuda_matches_emulation_and_compiles():
+@pytest.mark.parametrize("k_scale", ["auto", "token"])
+def test_op_cuda_matches_emulation_and_compiles(monkeypatch, k_scale):
     from xdit_ops.ops.fp8_attention import cuda_scheme
 
+    monkeypatch.setenv("XDIT_OPS_FP8_K_SCALE", k_scale)
     q, k, v = dit_like_qkv(2, 700, 4, 128, seed=1, device="cuda")
     out, lse = xdit_ops.fp8_attention(q, k, v, return_lse=True)
     # the emulation of the scheme the CUDA kernel computes (its key-tile width): with the 64-key
@@ -768,11 +778,11 @@ def test_op_cuda_matches_emulation_and_compiles():
     assert drift <= 0.1 * attention_error_metrics(emu_out, ref)["rel_l1"]
     # The kernel and the emulation differ by exp2/FMA rounding; a P code that moves one e4m3
     # step moves a row's sum. Measured on an H100 (2 x 700 x 4 rows): median ~1e-6, 99.9th
-    # percentile 1.7e-4, max 2e-3. Bars: 99% under 1e-4, 99.9% under 1e-3, none at the gate's
-    # 1e-2.
+    # percentile 1.7e-4, max 2e-3 (per-key scales). Bars (token): 99% under 1e-4, 99.9% under
+    # 1e-3, none at the gate's 1e-2; auto's: _LSE_BARS.
     lse_diff = (lse - emu_lse).abs().flatten()
     qs = [lse_diff.quantile(p).item() for p in (0.99, 0.999)] + [lse_diff.max().item()]
-    assert qs[0] < 1e-4 and qs[1] < 1e-3 and qs[2] < 1e-2, qs
+    assert all(x < bar for x, bar in zip(qs, _LSE_BARS[k_scale], strict=True)), qs
     torch.library.opcheck(torch.ops.xdit_ops.fp8_attention.default, (q, k, v, None, True))
     torch._dynamo.reset()
     eager = _compiled_fn(q, k, v)
