@@ -19,6 +19,8 @@ from xdit_ops.ops.fp8_attention import (
     IMPLS,
     cuda_scheme,
     resolve_impl,
+    resolve_k_scale,
+    sm90_kernel_loaded,
     sm90_scheme,
     unusable_reason,
 )
@@ -56,7 +58,6 @@ def test_auto_on_hopper(monkeypatch, D, expect, k_scale):
     """Both switches at auto (their defaults): sm90ws with one K scale per 128-key tile at
     padded head dim 128 (its per-tile variant), Triton with per-key scales at 64, bit for bit
     the output of the explicit settings; the scheme the GPU tests compare with follows."""
-    from xdit_ops.ops.fp8_attention import resolve_k_scale, sm90_kernel_loaded
 
     assert xdit_ops._extension.has("_C_sm90"), xdit_ops._extension.reason("_C_sm90")
     assert sm90_kernel_loaded("sm90ws", "tile"), "xdit_ops._C_sm90 has no sm90ws ktile kernel"
@@ -162,7 +163,13 @@ def test_cuda_scheme_follows_the_format(monkeypatch):
     assert scheme == config_scheme(attn_config(128), E4M3FNUZ)
     assert scheme.fp8 is E4M3FNUZ and scheme.p_shift == 7.0
     monkeypatch.setenv("XDIT_OPS_FP8_IMPL", "sm90ws")
-    assert cuda_scheme(128) == sm90_scheme("sm90ws")  # e4m3fn: the kernel's only format
+    # e4m3fn, the kernel's only format; the K-scale default (auto) is per tile where the
+    # per-tile variant is built (a build with the sm_90a module), per key otherwise
+    k_scale = resolve_k_scale("sm90ws", 128)
+    assert k_scale == ("tile" if sm90_kernel_loaded("sm90ws", "tile") else "token")
+    assert cuda_scheme(128) == sm90_scheme("sm90ws", k_scale)
+    monkeypatch.setenv("XDIT_OPS_FP8_K_SCALE", "token")
+    assert cuda_scheme(128) == sm90_scheme("sm90ws")
 
 
 def test_rocm_attention_configs():
