@@ -366,15 +366,15 @@ def main() -> None:
                     row["ulysses_transport"] = transport
                 if impl == "xdit_ops" and r > 1:
                     row["ring_transport"] = os.environ["XDIT_OPS_USP_RING"]
+                # this config's plans (the cache is cleared per config)
+                mine = [pl for pl in _usp._PLANS.values() if pl.U == u and pl.R == r]
                 if impl == "xdit_ops":  # the host path of overlap / ceflags (A/B: =lists)
                     row["usp_host_path"] = os.environ.get("XDIT_OPS_USP_HOST", "tensors")
                     # what the plans took (auto resolves per shape): Ulysses path, ring
-                    mine = [pl for pl in _usp._PLANS.values() if pl.U == u and pl.R == r]
                     row["planned"] = sorted({f"{pl.path}/{pl.ring}" for pl in mine})
                 if t1_fp8_ms is not None and impl == "xdit_ops":
                     row |= {"fp8_wire": wire,
-                            "usp_paths": sorted({pl.path for pl in _usp._PLANS.values()
-                                                 if pl.U == u and pl.R == r}),
+                            "usp_paths": sorted({pl.path for pl in mine}),
                             "fp8_impl": resolve_impl(q.device, D),
                             "t1_fp8_ms": t1_fp8_ms,
                             "efficiency_vs_fp8": parallel_efficiency(t1_fp8_ms, world, ms),

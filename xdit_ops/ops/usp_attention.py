@@ -1253,7 +1253,7 @@ class _Plan:
         "ug", "rg", "U", "R", "u_rank", "r_rank", "B", "J", "L", "joint_front", "split",
         "heads", "h0", "h_me", "Jk", "joint_inline", "ring_n", "n0", "cut0",
         "mine", "squeeze", "path", "chunks", "ring", "nxt", "prv", "in_splits",
-        "out_splits", "lse_splits", "seq_len", "check", "tokens",
+        "out_splits", "lse_splits", "seq_len", "check",
         "agree_key", "attn_backend", "push_key", "push_blocks", "wire", "fp8ring",
     )
 
@@ -1368,10 +1368,10 @@ def _build_plan(q, k, v, joint_lengths, joint_tokens, joint_front, seq_len, back
     p.cut0 = p.n0 < Jk + U * L  # the R == 1 block has padded keys to cut off
     p.mine = mine = lens[r_rank * U:(r_rank + 1) * U]
     p.squeeze = any(n < L and any(mine[j + 1:]) for j, n in enumerate(mine))
-    p.tokens = J + sum(lens)  # the gathered sequence's valid tokens (the auto choices)
+    tokens = J + sum(lens)  # the gathered sequence's valid tokens (auto; the FP8 ring's count)
     p.ring = ring_transport(q.device, ring_sw) if R > 1 else "nccl"
     if p.ring == "auto":
-        p.ring = auto_ring(_peer_mapped(ug, rg, "ring"), p.tokens)
+        p.ring = auto_ring(_peer_mapped(ug, rg, "ring"), tokens)
     p.nxt = p.prv = -1
     if R > 1 and p.ring == "nccl":
         ring_ranks = dist.get_process_group_ranks(rg)
@@ -1386,7 +1386,7 @@ def _build_plan(q, k, v, joint_lengths, joint_tokens, joint_front, seq_len, back
         can = (mapped and all(x == heads[0] for x in heads)
                and _overlap_chunks(heads[0], chunks_sw) > 1 and push_kernel(OP) != "v1")
         if transport == "auto":
-            transport = auto_ulysses(mapped, can, U, p.tokens)
+            transport = auto_ulysses(mapped, can, U, tokens)
         else:
             transport = "overlap" if can else "push" if mapped else "nccl"
     if U == 1:
@@ -1423,13 +1423,12 @@ def _build_plan(q, k, v, joint_lengths, joint_tokens, joint_front, seq_len, back
     if R > 1 and ring_applies(wire_sw, backend, U, R, L, joint_lengths is not None, q.dtype, D):
         # FP8 K/V around the ring (usp_fp8_ring): quantized once, blocks of 1-byte codes; on a
         # hybrid grid the FP8 wire's exchange first, its assembled keys the ring's block
-        count = J + sum(lens)
         if U == 1:
             p.path = "fp8ring"
-            p.fp8ring = make_ring_plan(B, L, H, D, mine[0], count)
+            p.fp8ring = make_ring_plan(B, L, H, D, mine[0], tokens)
         else:
             p.path = "fp8hybrid"
-            p.fp8ring = make_ring_plan(B, L, H, D, sum(mine), count, heads, p.h_me, mine)
+            p.fp8ring = make_ring_plan(B, L, H, D, sum(mine), tokens, heads, p.h_me, mine)
     # XDIT_OPS_PUSH_KERNEL unset or v3: the output goes back by rank blocks (contiguous stores
     # to each peer) and is unpacked locally in place of the copy out of the buffer
     p.push_blocks = p.path == "push" and push_blocks(push_sw)
