@@ -207,6 +207,7 @@ def _worker_gpu_host_paths(rank, world, mode):
     rebase) and on strided ones (a new template key): every output must equal the first.
     ``mode``: the overlap Ulysses, or the ring over the copy engines with flags (ceflags) or
     barriers (ce)."""
+    os.environ["XDIT_OPS_USP_GRAPH"] = "0"  # eager calls: a replayed graph has one host path
     if mode == "overlap":
         os.environ["XDIT_OPS_USP_ULYSSES"] = "overlap"
     else:

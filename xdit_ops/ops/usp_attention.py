@@ -32,6 +32,7 @@ import functools
 import math
 import os
 import socket
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -1255,6 +1256,7 @@ class _Plan:
         "mine", "squeeze", "path", "chunks", "ring", "nxt", "prv", "in_splits",
         "out_splits", "lse_splits", "seq_len", "check",
         "agree_key", "attn_backend", "push_key", "push_blocks", "wire", "fp8ring",
+        "graph_auto", "graphs",
     )
 
 
@@ -1369,6 +1371,10 @@ def _build_plan(q, k, v, joint_lengths, joint_tokens, joint_front, seq_len, back
     p.mine = mine = lens[r_rank * U:(r_rank + 1) * U]
     p.squeeze = any(n < L and any(mine[j + 1:]) for j, n in enumerate(mine))
     tokens = J + sum(lens)  # the gathered sequence's valid tokens (auto; the FP8 ring's count)
+    # XDIT_OPS_USP_GRAPH=auto replays eager calls from a graph of their own below this size
+    p.graph_auto = (q.device.type == "cuda" and (U > 1 or R > 1)
+                    and tokens < AUTO_GRAPH_MAX_TOKENS)
+    p.graphs = {}
     p.ring = ring_transport(q.device, ring_sw) if R > 1 else "nccl"
     if p.ring == "auto":
         p.ring = auto_ring(_peer_mapped(ug, rg, "ring"), tokens)
@@ -1471,6 +1477,7 @@ def _usp_impl(q, k, v, joint_lengths, joint_tokens, joint_front, seq_len, scale,
            None if joint_lengths is None else joint_lengths.shape, joint_tokens, joint_front,
            seq_len, backend, ug, rg,
            None if shard_lengths is None else tuple(shard_lengths), switches)
+    graph_sw = graph_setting() if ug is not None or rg is not None else "0"
     plan = _PLANS.get(key)
     if plan is None:
         plan = _build_plan(q, k, v, joint_lengths, joint_tokens, joint_front, seq_len, backend,
@@ -1483,7 +1490,87 @@ def _usp_impl(q, k, v, joint_lengths, joint_tokens, joint_front, seq_len, scale,
             _agree(list(plan.agree_key[2]), ug, rg, plan.agree_key)
         if plan.check == _CHECK_PENDING:
             plan.check = _CHECK_NONE
+    if plan.graph_auto or graph_sw == "1":
+        if graph_sw != "0" and q.device.type == "cuda" and not _capturing():
+            return _run_graphed(plan, q, k, v, joint_lengths, scale, backend, return_lse)
     return _run(plan, q, k, v, joint_lengths, scale, backend, return_lse)
+
+
+# ---------------------------------------------------------------------------------------------
+# Eager calls replayed from a graph of their own (XDIT_OPS_USP_GRAPH)
+#
+# Below AUTO_GRAPH_MAX_TOKENS gathered tokens an eager call is host-bound: its ~10-20 launches
+# (pack/push kernels, barriers, the attention, the unpack; a ring's copies, waits and merge)
+# take ~0.2-0.3 ms of host time against ~0.2 ms of GPU time at (1,4608,24,128) on 4 GPUs (runs
+# 45 and 47). So, per plan and (scale, return_lse): the first call runs as usual (it makes the
+# symmetric buffers, NCCL communicators and cuDNN plans, none of which may happen under
+# capture); the second captures the same call on static copies of its inputs into a CUDA graph;
+# that call and every later one copy their inputs into the static tensors, replay the graph on
+# the current stream and return copies of its outputs. The GPU runs the same kernels in the same
+# order as an eager call (plus the input copies and the output copy), so results are identical
+# and ranks may even differ in whether they replay (no host collective is involved). Not under
+# an outer capture (that graph records the call itself), not on CPU.
+
+AUTO_GRAPH_MAX_TOKENS = 16384
+GRAPH_SETTINGS = ("auto", "0", "1")
+_GRAPH_WARM = object()  # a key's first call ran eagerly: capture on the next
+_GRAPH_OFF = object()  # its capture failed: eager from then on
+
+
+def graph_setting(value: str | None = None) -> str:
+    """``XDIT_OPS_USP_GRAPH`` (``value``, default the environment's): ``auto`` (unset) replays
+    eager calls from a graph of their own below ``AUTO_GRAPH_MAX_TOKENS`` gathered tokens on
+    CUDA, ``1`` at every size, ``0`` never. Another value is an error naming the variable."""
+    if value is None:
+        value = os.environ.get("XDIT_OPS_USP_GRAPH", "auto")
+    if value not in GRAPH_SETTINGS:
+        raise ValueError(f"{OP}: XDIT_OPS_USP_GRAPH={value!r} is not one of {GRAPH_SETTINGS}")
+    return value
+
+
+class _CallGraph:
+    __slots__ = ("graph", "inputs", "outputs")
+
+    def __init__(self, graph, inputs, outputs):
+        self.graph, self.inputs, self.outputs = graph, inputs, outputs
+
+
+def _run_graphed(p: _Plan, q, k, v, joint_lengths, scale, backend, return_lse):
+    """``_run`` through the plan's call graph for (scale, return_lse) (see the block above)."""
+    key = (scale, bool(return_lse), q.device)
+    state = p.graphs.get(key)
+    if state is None:  # first call with this key: eager, and capture on the next
+        out = _run(p, q, k, v, joint_lengths, scale, backend, return_lse)
+        p.graphs[key] = _GRAPH_WARM
+        return out
+    if state is _GRAPH_WARM:
+        srcs = [q, k, v] + ([joint_lengths] if joint_lengths is not None else [])
+        static = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in srcs]
+        for dst, src in zip(static, srcs, strict=True):
+            dst.copy_(src)
+        jl = static[3] if joint_lengths is not None else None
+        graph = torch.cuda.CUDAGraph()
+        try:
+            # thread_local: other threads' CUDA calls during the capture are not its concern
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                outputs = _run(p, static[0], static[1], static[2], jl, scale, backend,
+                               return_lse)
+        except Exception as e:  # noqa: BLE001 - any capture failure: this key stays eager
+            p.graphs[key] = _GRAPH_OFF
+            warnings.warn(f"{OP}: capturing the call graph failed ({e!r}); this call "
+                          "signature runs eagerly (XDIT_OPS_USP_GRAPH=0 skips the attempt)",
+                          RuntimeWarning, stacklevel=3)
+            return _run(p, q, k, v, joint_lengths, scale, backend, return_lse)
+        state = p.graphs[key] = _CallGraph(graph, static, outputs)
+    elif state is _GRAPH_OFF:
+        return _run(p, q, k, v, joint_lengths, scale, backend, return_lse)
+    else:
+        for dst, src in zip(state.inputs, (q, k, v, joint_lengths)[:len(state.inputs)],
+                            strict=True):
+            dst.copy_(src)
+    state.graph.replay()
+    out, lse = state.outputs
+    return out.clone(), (lse.clone() if return_lse else lse.new_empty((0,)))
 
 
 def _squeezed(p: _Plan, kv: torch.Tensor) -> torch.Tensor:

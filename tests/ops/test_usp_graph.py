@@ -1,0 +1,134 @@
+"""usp_attention's eager calls replayed from a CUDA graph of their own (``XDIT_OPS_USP_GRAPH``).
+
+On CPU the switch is parsed and ignored (a gloo call with it on equals one with it off). On
+GPUs, for each transport (the push, NCCL all-to-all, the copy-engine ring with barriers and with
+flags, the hybrid on 4), a sequence of eager calls on new inputs each call (contiguous and
+strided, with joint tokens, ``joint_lengths`` and the LSE) must equal the same calls made with
+the switch off, bit for bit where the inputs are contiguous (the graph runs the same kernels on
+copies of them); the plan must hold a captured graph afterwards (the replay really ran); and a
+CUDA graph captured around the op by the caller still replays correctly once the op has its
+own graph.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import pytest
+import torch
+
+import xdit_ops
+from tests.utils import assert_cuda_graph_replays, max_abs_err, randn, run_distributed
+from xdit_ops.ops.usp_attention import GRAPH_SETTINGS, graph_setting
+
+_usp = importlib.import_module("xdit_ops.ops.usp_attention")  # xdit_ops.ops exports the op
+
+
+def test_graph_setting(monkeypatch):
+    monkeypatch.delenv("XDIT_OPS_USP_GRAPH", raising=False)
+    assert graph_setting() == "auto"
+    for value in GRAPH_SETTINGS:
+        monkeypatch.setenv("XDIT_OPS_USP_GRAPH", value)
+        assert graph_setting() == value
+    monkeypatch.setenv("XDIT_OPS_USP_GRAPH", "yes")
+    with pytest.raises(ValueError, match=r"usp_attention: XDIT_OPS_USP_GRAPH='yes' is not one "
+                                         r"of \('auto', '0', '1'\)"):
+        graph_setting()
+
+
+def _worker_cpu(rank, world):
+    xdit_ops.init_parallel(ulysses_degree=world, ring_degree=1, device_type="cpu")
+    q, k, v = (randn(1, 12, 4, 8, seed=10 * i + rank) for i in range(3))
+    outs = []
+    for sw in ("0", "1", "1", "auto"):
+        os.environ["XDIT_OPS_USP_GRAPH"] = sw
+        outs.append(xdit_ops.usp_attention(q, k, v, joint_tokens=2, return_lse=True))
+    for o, lse in outs[1:]:
+        assert torch.equal(o, outs[0][0]) and torch.equal(lse, outs[0][1])
+    assert all(not p.graph_auto and not p.graphs for p in _usp._PLANS.values())
+    os.environ["XDIT_OPS_USP_GRAPH"] = "on"
+    try:
+        xdit_ops.usp_attention(q, k, v)
+    except ValueError as e:
+        assert "XDIT_OPS_USP_GRAPH='on'" in str(e)
+    else:
+        raise AssertionError("a bad XDIT_OPS_USP_GRAPH was accepted")
+    xdit_ops.destroy_parallel()
+
+
+def test_usp_graph_switch_on_cpu_changes_nothing():
+    run_distributed(_worker_cpu, 2, timeout=120)
+
+
+# (name, ulysses degree or None for all ranks, ring degree, transport switches)
+GPU_MODES = {
+    "push": (None, 1, {"XDIT_OPS_USP_ULYSSES": "push"}),
+    "nccl": (None, 1, {"XDIT_OPS_USP_ULYSSES": "nccl"}),
+    "ce": (1, None, {"XDIT_OPS_USP_RING": "ce"}),
+    "ceflags": (1, None, {"XDIT_OPS_USP_RING": "ceflags"}),
+    "hybrid": (2, None, {}),
+}
+
+
+def _calls(rank, B, S, H, D, J):
+    """Five calls' inputs: new values each call, the fourth strided (views of a fused
+    projection), the others contiguous."""
+    calls = []
+    for i in range(5):
+        q, k, v = (randn(B, J + S, H, D, seed=100 * i + 10 * rank + j, dtype=torch.bfloat16,
+                         device="cuda") for j in range(3))
+        if i == 3:
+            qkv = torch.stack([q, k, v], dim=2)
+            q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        calls.append((q, k, v))
+    return calls
+
+
+def _worker_gpu(rank, world, mode):
+    u, r, env = GPU_MODES[mode]
+    u = u or world
+    r = r or world // u
+    os.environ.update(env)
+    xdit_ops.init_parallel(ulysses_degree=u, ring_degree=r)
+    B, S, H, D, J = 2, 256, 8, 64, 16
+    lengths = torch.tensor([J, 5], dtype=torch.int32, device="cuda")
+    for kwargs in ({"joint_tokens": J}, {"joint_tokens": J, "joint_lengths": lengths,
+                                         "return_lse": True}):
+        calls = _calls(rank, B, S, H, D, J)
+        got, want = [], []
+        for sw, dst in (("1", got), ("0", want)):
+            os.environ["XDIT_OPS_USP_GRAPH"] = sw
+            for q, k, v in calls:
+                res = xdit_ops.usp_attention(q, k, v, **kwargs)
+                dst.append(res if kwargs.get("return_lse") else (res, None))
+        torch.cuda.synchronize()
+        for i, ((o, lse), (o0, lse0)) in enumerate(zip(got, want, strict=True)):
+            if i == 3:  # strided inputs: the graph reads contiguous copies of them
+                assert max_abs_err(o, o0) <= 2e-2, (mode, i, max_abs_err(o, o0))
+            else:
+                assert torch.equal(o, o0), (mode, kwargs.keys(), i, max_abs_err(o, o0))
+                if lse is not None:
+                    assert torch.equal(lse, lse0), (mode, i, max_abs_err(lse, lse0))
+        # the calls made outputs of their own (no aliasing of the graph's static output)
+        assert not torch.equal(got[1][0], got[2][0])
+        graphs = [g for p in _usp._PLANS.values() for g in p.graphs.values()]
+        assert any(isinstance(g, _usp._CallGraph) for g in graphs), (mode, graphs)
+    # a graph captured by the caller around the op, once the op has a graph of its own
+    os.environ["XDIT_OPS_USP_GRAPH"] = "1"
+    q, k, v = _calls(rank, B, S, H, D, J)[0]
+    fresh = tuple(t.flip(1).contiguous() for t in (q, k, v))
+    assert_cuda_graph_replays(lambda: xdit_ops.usp_attention(q, k, v, joint_tokens=J),
+                              (q, k, v), fresh)
+    xdit_ops.destroy_parallel()
+
+
+@pytest.mark.multigpu(2)
+@pytest.mark.parametrize("mode", list(GPU_MODES))
+@pytest.mark.parametrize("world", [2, 4])
+def test_usp_gpu_graph_replay_equals_eager(world, mode):
+    if torch.cuda.device_count() < world:
+        pytest.skip(f"needs {world} GPUs")
+    if mode == "hybrid" and world < 4:
+        pytest.skip("the hybrid needs 4 ranks")
+    run_distributed(_worker_gpu, world, mode, timeout=150, backend="nccl")
