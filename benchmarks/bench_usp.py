@@ -372,6 +372,10 @@ def main() -> None:
                     row["usp_host_path"] = os.environ.get("XDIT_OPS_USP_HOST", "tensors")
                     # what the plans took (auto resolves per shape): Ulysses path, ring
                     row["planned"] = sorted({f"{pl.path}/{pl.ring}" for pl in mine})
+                    # eager calls replayed from the op's own graph (auto: below 16384 tokens)
+                    row["usp_graph"] = os.environ.get("XDIT_OPS_USP_GRAPH", "auto")
+                    row["graphed"] = any(isinstance(g, _usp._CallGraph)
+                                         for pl in mine for g in pl.graphs.values())
                 if t1_fp8_ms is not None and impl == "xdit_ops":
                     row |= {"fp8_wire": wire,
                             "usp_paths": sorted({pl.path for pl in mine}),
