@@ -103,6 +103,7 @@ def _worker_gpu(rank, world, mode):
                 res = xdit_ops.usp_attention(q, k, v, **kwargs)
                 dst.append(res if kwargs.get("return_lse") else (res, None))
         torch.cuda.synchronize()
+        assert not _usp.GRAPH_FAILURES, (mode, _usp.GRAPH_FAILURES)
         for i, ((o, lse), (o0, lse0)) in enumerate(zip(got, want, strict=True)):
             if i == 3:  # strided inputs: the graph reads contiguous copies of them
                 assert max_abs_err(o, o0) <= 2e-2, (mode, i, max_abs_err(o, o0))

@@ -1535,6 +1535,45 @@ class _CallGraph:
         self.graph, self.inputs, self.outputs = graph, inputs, outputs
 
 
+# why each key whose capture failed did (``str`` of the exception), for diagnostics
+GRAPH_FAILURES: dict[tuple, str] = {}
+
+
+def _capture_call(p: _Plan, key: tuple, static: list, jl, scale, backend, return_lse):
+    """Capture ``_run`` on the static inputs into a CUDA graph (on a side stream that waits for
+    the current one: nothing runs during a capture, and the replay on the current stream comes
+    after the static copies). Returns the ``_CallGraph``, or None after a failed capture (the
+    key is marked eager, the reason kept in ``GRAPH_FAILURES`` and warned)."""
+    device = static[0].device
+    current = torch.cuda.current_stream(device)
+    side = _side_stream(device, 63)
+    side.wait_stream(current)
+    graph = torch.cuda.CUDAGraph()
+    outputs = None
+    try:
+        # the stream context is left whatever happens, so a failed capture does not leave
+        # the caller's later work on the capture stream
+        with torch.cuda.stream(side):
+            # thread_local: other threads' CUDA calls during the capture are not its concern
+            graph.capture_begin(capture_error_mode="thread_local")
+            try:
+                outputs = _run(p, static[0], static[1], static[2], jl, scale, backend,
+                               return_lse)
+            finally:
+                graph.capture_end()
+    except Exception as e:  # noqa: BLE001 - any capture failure: this key stays eager
+        p.graphs[key] = _GRAPH_OFF
+        GRAPH_FAILURES[key] = repr(e)
+        warnings.warn(f"{OP}: capturing the call graph failed ({e!r}); this call signature "
+                      "runs eagerly (XDIT_OPS_USP_GRAPH=0 skips the attempt)", RuntimeWarning,
+                      stacklevel=4)
+        current.wait_stream(side)
+        return None
+    current.wait_stream(side)
+    state = p.graphs[key] = _CallGraph(graph, static, outputs)
+    return state
+
+
 def _run_graphed(p: _Plan, q, k, v, joint_lengths, scale, backend, return_lse):
     """``_run`` through the plan's call graph for (scale, return_lse) (see the block above)."""
     key = (scale, bool(return_lse), q.device)
@@ -1546,28 +1585,16 @@ def _run_graphed(p: _Plan, q, k, v, joint_lengths, scale, backend, return_lse):
     if state is _GRAPH_WARM:
         srcs = [q, k, v] + ([joint_lengths] if joint_lengths is not None else [])
         static = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in srcs]
-        for dst, src in zip(static, srcs, strict=True):
-            dst.copy_(src)
+        torch._foreach_copy_(static, srcs)
         jl = static[3] if joint_lengths is not None else None
-        graph = torch.cuda.CUDAGraph()
-        try:
-            # thread_local: other threads' CUDA calls during the capture are not its concern
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                outputs = _run(p, static[0], static[1], static[2], jl, scale, backend,
-                               return_lse)
-        except Exception as e:  # noqa: BLE001 - any capture failure: this key stays eager
-            p.graphs[key] = _GRAPH_OFF
-            warnings.warn(f"{OP}: capturing the call graph failed ({e!r}); this call "
-                          "signature runs eagerly (XDIT_OPS_USP_GRAPH=0 skips the attempt)",
-                          RuntimeWarning, stacklevel=3)
+        state = _capture_call(p, key, static, jl, scale, backend, return_lse)
+        if state is None:  # the capture failed: eager from now on (warned)
             return _run(p, q, k, v, joint_lengths, scale, backend, return_lse)
-        state = p.graphs[key] = _CallGraph(graph, static, outputs)
     elif state is _GRAPH_OFF:
         return _run(p, q, k, v, joint_lengths, scale, backend, return_lse)
     else:
-        for dst, src in zip(state.inputs, (q, k, v, joint_lengths)[:len(state.inputs)],
-                            strict=True):
-            dst.copy_(src)
+        srcs = [q, k, v] + ([joint_lengths] if joint_lengths is not None else [])
+        torch._foreach_copy_(state.inputs, srcs)
     state.graph.replay()
     out, lse = state.outputs
     return out.clone(), (lse.clone() if return_lse else lse.new_empty((0,)))
