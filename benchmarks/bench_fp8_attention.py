@@ -13,8 +13,8 @@ offset and outlier channels), in one process, timed interleaved
   alone on pre-quantized inputs; ``triton_quant`` is the quantization pass alone (every
   implementation uses it).
 * with ``sm90ws`` (unless ``--no-ktile``), its variant with one K scale per 128-key tile
-  (``XDIT_OPS_FP8_K_SCALE=tile``; the kernel ``fp8_attention_sm90ws_ktile_fwd`` at padded head
-  dim 128): ``sm90ws_ktile_total`` (the op under the switch), ``sm90ws_ktile_kernel`` (the
+  (``XDIT_OPS_FP8_K_SCALE=tile``; the kernel ``fp8_attention_sm90ws_ktile_fwd``, padded head
+  dims 64 and 128): ``sm90ws_ktile_total`` (the op under the switch), ``sm90ws_ktile_kernel`` (the
   kernel on the pass's k_block=128 output) and ``triton_quant_ktile`` (that pass alone, against
   ``triton_quant_pv``, the per-key pass as sm90ws gets it: V^T in the P.V key order), timed in
   the same interleaved rounds as the per-key ``sm90ws_*`` rows (an A/B on one GPU).
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             acc[BASELINE] = _accuracy(*base, ref, ref_lse)
             del base
             runs = [(impl, "token", f"{impl}_total") for impl in impls]
-            if ktile and D > 64:  # at 64 the tile setting runs the per-key kernel
+            if ktile:
                 runs.append(("sm90ws", "tile", "sm90ws_ktile_total"))
             for impl, k_scale, name in runs:
                 os.environ["XDIT_OPS_FP8_IMPL"] = impl
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
                 del out, lse
             del ref, ref_lse
             torch.cuda.empty_cache()
-            fns = candidates(q, k, v, impls, ktile and D > 64)
+            fns = candidates(q, k, v, impls, ktile)
             timings = common.bench_interleaved(fns, warmup=warmup, iters=iters, rounds=rounds,
                                                cold_l2=args.cold_l2, cuda_graph=args.cuda_graph,
                                                device=dev)

@@ -1592,12 +1592,17 @@ def test_triton_quantize_tile_k_scale_matches_emulation_gpu(B, Sq, Sk, H, D, dty
     (3, 77, 300, 30, 72, torch.bfloat16),
     (1, 33, 5, 2, 128, torch.float16),
     (2, 190, 640, 2, 128, torch.bfloat16),
-    (2, 1000, 1531, 3, 64, torch.float16),  # padded head dim 64: the per-key kernel runs
+    # padded head dim 64: the variant's Dp 64 instantiation
+    (2, 1000, 1531, 3, 64, torch.float16),
+    (1, 4097, 4097, 2, 64, torch.bfloat16),
+    (3, 77, 300, 30, 40, torch.bfloat16),
+    (1, 33, 5, 2, 48, torch.float16),
 ])
 def test_sm90ws_tile_k_scale_matches_emulation(B, Sq, Sk, H, D, dtype):
     """The sm90ws per-tile K-scale variant on the emulation's k_block=128 inputs against the
     emulation of sm90_scheme("sm90ws", "tile"): the bars of the per-key kernel's test. The
-    per-key kernel computes the same scheme on the same inputs: the two agree as closely."""
+    per-key kernel computes the same scheme on the same inputs: the two agree as closely.
+    Padded head dims 128 and 64 (both instantiations; 40 and 48 zero-padded to 64)."""
     from xdit_ops.ops.fp8_attention import attention_quantized_sm90, sm90_kernel_loaded, sm90_scheme
 
     # A Hopper build of this tree has the variant: its absence is a build failure, not a skip.
@@ -1689,8 +1694,9 @@ def _softmax_tile_model(qq, scheme, out_dtype):
     return out[..., :D].transpose(1, 2).to(out_dtype), lse, moved / total
 
 
+@pytest.mark.parametrize("D", [128, 64])
 @pytest.mark.parametrize("scale", [None, -0.09])
-def test_softmax_tile_arithmetic_model(scale):
+def test_softmax_tile_arithmetic_model(scale, D):
     """The design check of the tile variant's folded exponent (a model of its arithmetic, not
     the kernel: test_sm90ws_tile_k_scale_matches_emulation checks the kernel on a GPU). The
     per-row constant fma(1.5 2^23, c, m - 8) is rounded once per row and tile, which shifts
@@ -1700,7 +1706,7 @@ def test_softmax_tile_arithmetic_model(scale):
     from xdit_ops.ops.fp8_attention import sm90_scheme
 
     scheme = sm90_scheme("sm90ws", "tile")
-    q, k, v = dit_like_qkv(1, 1000, 2, 128, seed=11)
+    q, k, v = dit_like_qkv(1, 1000, 2, D, seed=11)
     qq = quantize_qkv_ref(q, k, v, scale, scheme)
     out, lse, moved = _softmax_tile_model(qq, scheme, q.dtype)
     emu_out, emu_lse = fp8_attention_quantized_ref(qq, q.dtype, scheme)

@@ -4,7 +4,8 @@ CPU: explicit settings pass through, an unknown one is refused with the variable
 ``auto`` without a GPU resolves to Triton. Hopper: ``auto`` runs the sm90ws kernel at padded head
 dim 128 and Triton at 64, bit for bit the output of the explicitly chosen implementation.
 Likewise ``XDIT_OPS_FP8_FORMAT`` and ``XDIT_OPS_FP8_K_SCALE`` (``auto``: one K scale per
-128-key tile where sm90ws' per-tile variant runs, per key elsewhere).
+128-key tile where sm90ws' per-tile variant runs, padded head dims 64 and 128; per key
+elsewhere).
 """
 
 from __future__ import annotations
@@ -79,6 +80,27 @@ def test_auto_on_hopper(monkeypatch, D, expect, k_scale):
     if k_scale == "tile":  # and the per-key setting is another computation
         monkeypatch.setenv("XDIT_OPS_FP8_K_SCALE", "token")
         assert not torch.equal(xdit_ops.fp8_attention(q, k, v), out)
+
+
+@pytest.mark.sm90
+@pytest.mark.parametrize("D", [64, 40])
+def test_auto_k_scale_on_sm90ws_head_dim_64(monkeypatch, D):
+    """XDIT_OPS_FP8_IMPL=sm90ws at padded head dim 64 (auto's implementation there is Triton):
+    the K-scale default (auto) is its per-tile variant, bit for bit the output of the explicit
+    tile setting, and another computation than the per-key one."""
+    assert xdit_ops._extension.has("_C_sm90"), xdit_ops._extension.reason("_C_sm90")
+    assert sm90_kernel_loaded("sm90ws", "tile"), "xdit_ops._C_sm90 has no sm90ws ktile kernel"
+    monkeypatch.setenv("XDIT_OPS_FP8_IMPL", "sm90ws")
+    monkeypatch.delenv("XDIT_OPS_FP8_K_SCALE", raising=False)
+    assert resolve_k_scale("sm90ws", D) == "tile"
+    assert cuda_scheme(D) == sm90_scheme("sm90ws", "tile")
+    q, k, v = dit_like_qkv(2, 777, 3, D, seed=D, device="cuda")
+    out, lse = xdit_ops.fp8_attention(q, k, v, return_lse=True)
+    monkeypatch.setenv("XDIT_OPS_FP8_K_SCALE", "tile")
+    out_x, lse_x = xdit_ops.fp8_attention(q, k, v, return_lse=True)
+    assert torch.equal(out, out_x) and torch.equal(lse, lse_x)
+    monkeypatch.setenv("XDIT_OPS_FP8_K_SCALE", "token")
+    assert not torch.equal(xdit_ops.fp8_attention(q, k, v), out)
 
 
 @pytest.mark.gpu
@@ -229,13 +251,14 @@ def test_k_scale_setting(monkeypatch):
 
 
 # (implementation, head dim, whether the per-tile variant is registered) -> auto's granularity:
-# tile only for sm90ws at padded head dim 128 with the variant.
+# tile only for sm90ws (padded head dim 64 or 128) with the variant.
 _AUTO_K_SCALE = [
     ("sm90ws", 128, True, "tile"), ("sm90ws", 96, True, "tile"), ("sm90ws", 72, True, "tile"),
-    ("sm90ws", 64, True, "token"), ("sm90ws", 40, True, "token"),
-    ("sm90ws", 128, False, "token"),
+    ("sm90ws", 64, True, "tile"), ("sm90ws", 40, True, "tile"),
+    ("sm90ws", 128, False, "token"), ("sm90ws", 64, False, "token"),
     ("triton", 128, True, "token"), ("sm90", 128, True, "token"),
     ("emulation", 128, True, "token"), ("triton", 64, False, "token"),
+    ("triton", 64, True, "token"),
 ]
 
 
@@ -264,7 +287,7 @@ def test_auto_k_scale_resolution(monkeypatch, impl, D, loaded, want):
 
 def test_auto_k_scale_in_the_cuda_scheme(monkeypatch):
     """cuda_scheme (what the GPU tests compare the op with) follows auto's resolution: k_block
-    128 for sm90ws at padded head dim 128 when the variant is registered, 1 elsewhere."""
+    128 for sm90ws (padded head dim 64 or 128) when the variant is registered, 1 elsewhere."""
     import xdit_ops.ops.fp8_attention as fa
     from xdit_ops.reference.fp8_attention import scheme_variant
 
@@ -279,7 +302,8 @@ def test_auto_k_scale_in_the_cuda_scheme(monkeypatch):
         k_block = 128 if loaded else 1
         assert fa.cuda_scheme(128) == scheme_variant(block_n=128, k_block=k_block)
         assert fa.cuda_scheme(72) == scheme_variant(block_n=128, k_block=k_block)
-        assert fa.cuda_scheme(64) == scheme_variant(block_n=128)
+        assert fa.cuda_scheme(64) == scheme_variant(block_n=128, k_block=k_block)
+        assert fa.cuda_scheme(40) == scheme_variant(block_n=128, k_block=k_block)
         monkeypatch.setenv("XDIT_OPS_FP8_IMPL", "triton")
         assert fa.cuda_scheme(128) == config_scheme(attn_config(128))
         monkeypatch.setenv("XDIT_OPS_FP8_IMPL", "sm90")

@@ -35,13 +35,13 @@ The K scale's granularity, chosen by ``XDIT_OPS_FP8_K_SCALE`` (read per call,
 CPU op keeps ``SCHEME``): ``token`` one scale per key, the op's scheme; ``tile`` one scale per
 128-key tile from key 0 (the scheme with ``k_block=128``, :func:`cuda_scheme`): the
 quantization pass writes it per key, equal within a tile, so every kernel computes it, and
-``sm90ws`` at padded head dim 128 runs its variant that reads one scale per tile
+``sm90ws`` (padded head dims 64 and 128) runs its variant that reads one scale per tile
 (``xdit_ops::fp8_attention_sm90ws_ktile_fwd``: no per-score K-scale multiply; H100, run 44:
 860/861 against 704/731 TFLOPS kernel-only at (1,16896,24,128)/(1,32760,40,128), rel L1 0.0086
-against 0.0082); at 64, which has no such variant, the per-key kernel runs. ``auto`` (default)
-is ``tile`` exactly where that variant runs (the implementation resolves to ``sm90ws``, padded
-head dim 128, ``xdit_ops._C_sm90`` has ``fp8_attention_sm90ws_ktile_fwd``) and ``token``
-everywhere else (the Triton kernel, head dim 64, ``sm90``, ``emulation``). usp_attention's FP8
+against 0.0082; head dim 64 not yet timed). ``auto`` (default) is ``tile`` exactly where that
+variant runs (the implementation resolves to ``sm90ws``, which ``auto`` picks at padded head
+dim 128 only, and ``xdit_ops._C_sm90`` has ``fp8_attention_sm90ws_ktile_fwd``) and ``token``
+everywhere else (the Triton kernel, ``sm90``, ``emulation``). usp_attention's FP8
 wire and ring quantize per key whatever the setting (their kernels are called with per-key
 scales). An unknown setting is an error naming the variable.
 
@@ -85,8 +85,10 @@ K_SCALE_SETTINGS = ("auto", "token", "tile")
 # Keys per K scale of each granularity (the scheme's k_block); "tile" is the sm90ws key tile.
 K_SCALE_K_BLOCK = {"token": 1, "tile": 128}
 # The sm90ws kernel with one K scale per 128-key tile (XDIT_OPS_FP8_K_SCALE=tile), built for
-# padded head dim 128 (csrc/cuda/sm90/fp8_attention_sm90_ws_tile_kernels.cu).
+# the padded head dims below, both of the kernels' (csrc/cuda/sm90/
+# fp8_attention_sm90_ws_tile_kernels.cu).
 SM90WS_KTILE_OP = "fp8_attention_sm90ws_ktile_fwd"
+SM90WS_KTILE_HEAD_DIMS = (64, 128)
 
 lib.define(
     "fp8_attention(Tensor q, Tensor k, Tensor v, float? scale=None, bool return_lse=False) "
@@ -148,13 +150,13 @@ def resolve_k_scale(impl: str, head_dim: int, setting: str | None = None) -> str
     """The K-scale granularity, ``token`` or ``tile``, that the CUDA op uses with the resolved
     implementation ``impl`` (:func:`resolve_impl`) at ``head_dim`` under ``setting`` (default:
     the current ``XDIT_OPS_FP8_K_SCALE``): ``token`` and ``tile`` as set; ``auto`` is ``tile``
-    exactly where sm90ws' per-tile variant runs (``impl`` ``sm90ws``, padded head dim 128,
-    ``xdit_ops._C_sm90`` registered ``fp8_attention_sm90ws_ktile_fwd``), ``token`` elsewhere.
-    An unknown setting is an error naming the op, the variable and the value."""
+    exactly where sm90ws' per-tile variant runs (``impl`` ``sm90ws``, padded head dim 64 or
+    128, ``xdit_ops._C_sm90`` registered ``fp8_attention_sm90ws_ktile_fwd``), ``token``
+    elsewhere. An unknown setting is an error naming the op, the variable and the value."""
     setting = k_scale_setting(setting)
     if setting != "auto":
         return setting
-    if (impl == "sm90ws" and padded_head_dim(head_dim) == 128
+    if (impl == "sm90ws" and padded_head_dim(head_dim) in SM90WS_KTILE_HEAD_DIMS
             and sm90_kernel_loaded("sm90ws", "tile")):
         return "tile"
     return "token"
@@ -420,9 +422,9 @@ def attention_quantized_sm90(qq, out_dtype: torch.dtype, return_lse: bool = True
 
     ``k_scale="tile"``: ``qq.k_scale`` is equal within every 128-key tile (the quantization
     pass with ``k_block=128``; not checked: the kernel reads each tile's first scale); for
-    ``sm90ws`` at padded head dim 128 it runs the per-tile K-scale variant
-    (``fp8_attention_sm90ws_ktile_fwd``), elsewhere the kernel ``impl`` (per-key scales, these
-    included). It computes the emulation of :func:`sm90_scheme` (impl, k_scale). ``k_scale``
+    ``sm90ws`` (padded head dim 64 or 128) it runs the per-tile K-scale variant
+    (``fp8_attention_sm90ws_ktile_fwd``), for ``sm90`` its per-key kernel (per-key scales,
+    these included). It computes the emulation of :func:`sm90_scheme` (impl, k_scale). ``k_scale``
     is the granularity of ``qq``'s K scales (``auto`` is an error: the caller knows it)."""
     name = _sm90_op_name(impl)
     if _granularity(k_scale, "attention_quantized_sm90") == "tile" and impl == "sm90ws":

@@ -22,8 +22,7 @@ namespace xdit_ops {
 namespace {
 
 // kWarpSpecializedTileK: k_scale equal within every 128-key tile (XDIT_OPS_FP8_K_SCALE=tile);
-// at padded head dim 64, which has no such instantiation, the per-key kernel runs (it computes
-// any per-key scales, these included).
+// the warp-specialised kernel's per-tile variant, at both padded head dims (64 and 128).
 enum class Sm90Kernel { kOneWarpgroup, kWarpSpecialized, kWarpSpecializedTileK };
 
 // One launcher for both ops (same schema, inputs and checks); the kernel is a template argument
@@ -111,7 +110,7 @@ std::tuple<at::Tensor, at::Tensor> fp8_attention_sm90_fwd_cuda(
   p.seq_k_pad = static_cast<int>(Skp);
   p.head_dim = static_cast<int>(head_dim);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  if (kernel == Sm90Kernel::kWarpSpecializedTileK && DP == 128) {
+  if (kernel == Sm90Kernel::kWarpSpecializedTileK) {
     XDIT_CUDA_CHECK(fp8_attention_sm90_ws_tile_k_scale(p, static_cast<int>(B), static_cast<int>(DP),
                                                        to_dtype(out_type, kOp), stream));
   } else if (kWs) {

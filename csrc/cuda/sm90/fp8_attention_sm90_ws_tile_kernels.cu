@@ -1,6 +1,7 @@
 // Torch-free instantiations of the warp-specialised sm_90a FP8 attention kernel with one K
-// scale per 128-key tile (XDIT_OPS_FP8_K_SCALE=tile, opt-in): head dim 128 only, float16 and
-// bfloat16 outputs (two kernels; their own translation unit, compiled beside the per-key ones).
+// scale per 128-key tile (XDIT_OPS_FP8_K_SCALE=tile): head dim 64 and 128, float16 and
+// bfloat16 outputs (four kernels; their own translation unit, compiled beside the per-key ones;
+// other head dims are zero-padded).
 #include "xdit_ops/fp8_attention_sm90_ws.cuh"
 
 namespace xdit_ops {
@@ -9,12 +10,10 @@ cudaError_t fp8_attention_sm90_ws_tile_k_scale(const Fp8AttentionSm90Params& p, 
                                                int head_dim_padded, DType out_dtype,
                                                cudaStream_t stream) {
   if (p.seq_q == 0 || batch == 0 || p.heads == 0) return cudaSuccess;
-  if (head_dim_padded != 128) return cudaErrorInvalidValue;
-  if (out_dtype == DType::kBFloat16) {
-    return fp8_sm90_ws::launch<128, __nv_bfloat16, true>(p, batch, stream);
-  }
-  if (out_dtype == DType::kFloat16) return fp8_sm90_ws::launch<128, __half, true>(p, batch, stream);
-  return cudaErrorInvalidValue;
+  return fp8_sm90_common::dispatch(head_dim_padded, out_dtype, [&](auto dp, auto out) {
+    return fp8_sm90_ws::launch<decltype(dp)::value, typename decltype(out)::type, true>(
+        p, batch, stream);
+  });
 }
 
 }  // namespace xdit_ops

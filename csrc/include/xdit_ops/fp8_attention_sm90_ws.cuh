@@ -31,11 +31,12 @@
 // A-operand slots. ptxas (nvcc 13.0, sm_90a): 168 registers at launch, no spills; the
 // consumers' code stays within 240 registers and the producer's within 24.
 //
-// kTileKScale (XDIT_OPS_FP8_K_SCALE=tile, opt-in, not yet run on a GPU): one K scale per 128-key
+// kTileKScale (XDIT_OPS_FP8_K_SCALE=tile; auto's choice for sm90ws): one K scale per 128-key
 // tile, read once per tile and folded into the exponent's FMA (softmax_tile); the row max is
-// taken on the integer bit patterns of the scores. ptxas (nvcc 13.0, sm_90a, Dp 128): 168
-// registers at launch, no spills, like the per-key kernel; the steady key loop is 497 SASS
-// instructions per warp per 128-key tile against the per-key kernel's 670 (bf16 output; no
+// taken on the integer bit patterns of the scores. Nothing in it depends on Dp (built for 64
+// and 128). ptxas (nvcc 13.0, sm_90a): 168 registers at launch, no spills, like the per-key
+// kernel; the steady key loop is 497 SASS instructions per warp per 128-key tile against the
+// per-key kernel's 670 at Dp 128, 457 against 629 at Dp 64 (bf16 and fp16 output alike; no
 // LDS of key scales, no per-score FADD/FMUL of the conversion and the K scale, 40 integer
 // max instructions, three-input VIMNMX3 mostly, for 76 FMNMX).
 #pragma once

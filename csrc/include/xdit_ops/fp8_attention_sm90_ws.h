@@ -35,12 +35,12 @@ constexpr int kFp8AttentionSm90WsBlockN = 128;
 cudaError_t fp8_attention_sm90_ws(const Fp8AttentionSm90Params& p, int batch,
                                   int head_dim_padded, DType out_dtype, cudaStream_t stream);
 
-// The same kernel with one K scale per 128-key tile (the scheme with k_block = 128; opt-in,
-// XDIT_OPS_FP8_K_SCALE=tile): p.k_scale must be equal within every 128-key tile (keys < seq_k;
+// The same kernel with one K scale per 128-key tile (the scheme with k_block = 128;
+// XDIT_OPS_FP8_K_SCALE=tile, and auto's choice for sm90ws): p.k_scale must be equal within every 128-key tile (keys < seq_k;
 // the quantization pass with k_block = 128 writes it so), the kernel reads each tile's first
 // scale and folds it into the exponent's FMA (no per-score K-scale multiply). Numerics: the
 // emulation of that scheme up to about one int32 dot-product unit of score in the exponent
-// (see softmax_tile in fp8_attention_sm90_ws.cuh). Built for head_dim_padded 128 only
+// (see softmax_tile in fp8_attention_sm90_ws.cuh). Built for head_dim_padded 64 and 128
 // (cudaErrorInvalidValue otherwise).
 cudaError_t fp8_attention_sm90_ws_tile_k_scale(const Fp8AttentionSm90Params& p, int batch,
                                                int head_dim_padded, DType out_dtype,
