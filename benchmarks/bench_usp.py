@@ -41,8 +41,17 @@ Ulysses, the barrier ring or the flag ring); ``ring-ce`` / ``ring-ceflags`` / ``
 has ``planned``: the paths and rings its plans took (``path/ring``), so what auto chose is on
 record.
 
+The overlap's head chunks (``XDIT_OPS_USP_CHUNKS``): ``ulysses-overlap`` takes the op's default
+(uneven: one head first and last), ``ulysses-overlap-equal`` the equal default of sessions
+10-11 (2 chunks, or 3 when 2 does not divide the share), ``ulysses-overlap-cN`` N equal chunks,
+and ``ulysses-overlap-l1.4.4.1`` the chunks 1,4,4,1 (a list, dots for commas; name it in
+``--configs``, or pass ``--chunks 1,4,4,1 1,2,2,1``, which adds one such config per list). A
+list that does not add up to a shape's share of heads is skipped at that shape (said on rank
+0). Every xdit_ops row has ``chunks``: what its plans cut the share into (the overlap's head
+counts as a list, the chunk count on the other chunked paths, 1 elsewhere).
+
     torchrun --nproc-per-node=4 benchmarks/bench_usp.py [--quick] [--out DIR]
-        [--backend auto|fp8] [--no-host]
+        [--backend auto|fp8] [--no-host] [--chunks LIST ...]
 """
 
 from __future__ import annotations
@@ -73,11 +82,9 @@ from benchmarks.common import (  # noqa: E402
 )
 from xdit_ops.ops.fp8_attention import resolve_impl  # noqa: E402
 from xdit_ops.ops.usp_attention import (  # noqa: E402
-    _ce_chunks,
     _exchange_splits,
-    _overlap_chunks,
-    _pipelined_chunks,
     head_split,
+    parse_chunks,
 )
 from xdit_ops.reference import attention_ref  # noqa: E402
 
@@ -190,6 +197,28 @@ def host_floors(B: int, L: int, H: int, D: int, u: int, r: int, dtype) -> dict:
     return out
 
 
+def overlap_chunks_switch(name: str) -> str | None:
+    """The ``XDIT_OPS_USP_CHUNKS`` value a ``ulysses-overlap*`` config name asks for: ``0``
+    (the op's default) for ``ulysses-overlap``, ``equal``, ``N`` (``-cN``), the list of
+    ``-l1.4.4.1`` as ``1,4,4,1``; None for any other name."""
+    m = re.fullmatch(r"ulysses-overlap(?:-(equal)|-c(\d+)|-l(\d+(?:\.\d+)+))?", name)
+    if m is None:
+        return None
+    return m.group(1) or m.group(2) or (m.group(3).replace(".", ",") if m.group(3) else "0")
+
+
+def plan_chunks(plans) -> object:
+    """What a config's plans cut each share into (a row's ``chunks``): the overlap's head
+    counts (a list), else the chunk count; one value when every plan agrees, else the list of
+    the different ones."""
+    got = []
+    for pl in plans:
+        c = list(pl.chunk_heads) if pl.chunk_heads else pl.chunks
+        if c not in got:
+            got.append(c)
+    return got[0] if len(got) == 1 else got
+
+
 def yunchang_fn(u: int, r: int, rank: int, world: int):
     try:
         from yunchang import LongContextAttention, set_seq_parallel_pg
@@ -215,7 +244,12 @@ def main() -> None:
                         "ulysses-fp8wire (NCCL all-to-all of FP8 codes: "
                         "XDIT_OPS_USP_FP8_WIRE=1), ring-fp8wire, ring-nccl-fp8wire (FP8 K/V "
                         "blocks around the copy-engine / NCCL ring, the same switch), "
-                        "hybrid-fp8wire (both, 2 x N/2)")
+                        "hybrid-fp8wire (both, 2 x N/2); the overlap's chunkings: "
+                        "ulysses-overlap (default, uneven), ulysses-overlap-equal, "
+                        "ulysses-overlap-cN, ulysses-overlap-l1.4.4.1 (the list 1,4,4,1)")
+    p.add_argument("--chunks", nargs="*", default=[], metavar="LIST",
+                   help="extra overlap configs, one per comma list of head chunks (e.g. "
+                        "1,4,4,1 1,2,2,1): ulysses-overlap-l1.4.4.1, ...")
     p.add_argument("--backend", default="auto",
                    help="usp_attention's local kernel (attention's backends, e.g. fp8)")
     p.add_argument("--no-host", action="store_true",
@@ -231,8 +265,9 @@ def main() -> None:
     configs = [("ulysses", world, 1), ("ulysses-nccl", world, 1), ("ulysses-push", world, 1),
                ("ulysses-c2", world, 1), ("ulysses-c3", world, 1),
                ("ulysses-ce", world, 1), ("ulysses-ce-c1", world, 1), ("ulysses-ce-c2", world, 1),
-               ("ulysses-overlap", world, 1), ("ulysses-overlap-c2", world, 1),
-               ("ulysses-overlap-c3", world, 1), ("ulysses-overlap-c5", world, 1),
+               ("ulysses-overlap", world, 1), ("ulysses-overlap-equal", world, 1),
+               ("ulysses-overlap-c2", world, 1), ("ulysses-overlap-c3", world, 1),
+               ("ulysses-overlap-c5", world, 1),
                ("ring", 1, world), ("ring-ce", 1, world), ("ring-nccl", 1, world),
                ("ring-ceflags", 1, world)]
     if world >= 4 and world % 2 == 0:
@@ -245,6 +280,19 @@ def main() -> None:
     if args.configs != "all":
         want = args.configs.split(",")
         configs = [c for c in configs if c[0] in want]
+        # overlap chunk lists named in --configs (ulysses-overlap-l1.4.4.1)
+        configs += [(n, world, 1) for n in want if n.startswith("ulysses-overlap-l")
+                    and overlap_chunks_switch(n) and (n, world, 1) not in configs]
+    for lst in args.chunks:
+        counts = parse_chunks(lst)
+        if not isinstance(counts, tuple):
+            raise SystemExit(f"--chunks takes comma lists of head counts, got {lst!r}")
+        name = "ulysses-overlap-l" + ".".join(map(str, counts))
+        if (name, world, 1) not in configs:
+            configs.append((name, world, 1))
+    for name, _, _ in configs:
+        if name.startswith("ulysses-overlap") and overlap_chunks_switch(name) is None:
+            raise SystemExit(f"unknown overlap config {name!r}")
     dtype = torch.bfloat16
     rows = []
     for B, S, H, D in shapes:
@@ -297,7 +345,7 @@ def main() -> None:
             wire = name.endswith("-fp8wire")
             os.environ["XDIT_OPS_USP_FP8_WIRE"] = "1" if wire else "0"
             # "-overlap": chunk 0 pushed, the rest and the outputs on the copy engines under
-            # the attention (default chunking, or "-cN")
+            # the attention (default chunking, "-equal", "-cN" or the list "-l1.4.4.1")
             overlap = name.startswith("ulysses-overlap")
             transport = ("ce" if ce else "overlap" if overlap else
                          "push" if name.endswith("-push") else
@@ -307,11 +355,15 @@ def main() -> None:
             m = re.search(r"-c(\d+)$", name)
             # unset chunks (0) where the transport picks its own: ce, overlap, and auto (which
             # takes the overlap at large shapes, with its default chunking)
-            chunks = int(m.group(1)) if m else (0 if ce or overlap or transport == "auto" else 1)
-            os.environ["XDIT_OPS_USP_CHUNKS"] = str(chunks)
-            chunks_used = (_ce_chunks(H // u, str(chunks)) if ce else
-                           _overlap_chunks(H // u, str(chunks)) if overlap else
-                           _pipelined_chunks(H, u, r, str(chunks)))
+            chunks = (overlap_chunks_switch(name) if overlap else m.group(1) if m else
+                      "0" if ce or transport == "auto" else "1")
+            os.environ["XDIT_OPS_USP_CHUNKS"] = chunks
+            listed = parse_chunks(chunks)
+            if isinstance(listed, tuple) and sum(listed) * u != H:
+                if rank == 0:
+                    print(f"  {name}: skipped (chunks {chunks} do not add up to the "
+                          f"{H // u if H % u == 0 else H / u} heads of a share)", flush=True)
+                continue
             # a fresh plan cache per config, so that a row's usp_paths are the paths this
             # config planned (run 36 reported the union over every earlier config)
             _usp._PLANS.clear()
@@ -347,6 +399,8 @@ def main() -> None:
                 floors = floors_of[(u, r)]
             host_default, host_nocheck, host_always = (
                 host["default"], host["nocheck"], host["always"])
+            # this config's plans (the cache is cleared per config)
+            mine = [pl for pl in _usp._PLANS.values() if pl.U == u and pl.R == r]
             for impl, fn in fns.items():
                 out = fn()
                 full = xdit_ops.gather_sequence(out.contiguous(), S)
@@ -354,7 +408,7 @@ def main() -> None:
                 ms = max_over_ranks(timings[impl].median_ms)
                 row = {
                     "shape": [B, S, H, D], "config": name, "ulysses": u, "ring": r,
-                    "chunks": chunks_used if impl == "xdit_ops" else None,
+                    "chunks": plan_chunks(mine) if impl == "xdit_ops" else None,
                     "impl": impl, "ms": ms, "t1_ms": t1_ms,
                     "efficiency": parallel_efficiency(t1_ms, world, ms),
                     "rel_err": err, "rel_err_single_cudnn": err1,
@@ -364,10 +418,9 @@ def main() -> None:
                 }
                 if impl == "xdit_ops" and u > 1 and r == 1:
                     row["ulysses_transport"] = transport
+                    row["chunks_switch"] = chunks
                 if impl == "xdit_ops" and r > 1:
                     row["ring_transport"] = os.environ["XDIT_OPS_USP_RING"]
-                # this config's plans (the cache is cleared per config)
-                mine = [pl for pl in _usp._PLANS.values() if pl.U == u and pl.R == r]
                 if impl == "xdit_ops":  # the host path of overlap / ceflags (A/B: =lists)
                     row["usp_host_path"] = os.environ.get("XDIT_OPS_USP_HOST", "tensors")
                     # what the plans took (auto resolves per shape): Ulysses path, ring
@@ -405,14 +458,16 @@ def main() -> None:
                                          f"{row['host_floor_sum_us']:.0f})"
                                          if impl == "xdit_ops" and not args.no_host else "")
                       + (f"  vs fp8 T1 eff {row['efficiency_vs_fp8']:.3f}"
-                         if "efficiency_vs_fp8" in row else ""), flush=True)
+                         if "efficiency_vs_fp8" in row else "")
+                      + (f"  chunks {row['chunks']}" if impl == "xdit_ops" and overlap
+                         else ""), flush=True)
         del q, k, v, ref32
         torch.cuda.empty_cache()
     if rank == 0:
         path = write_json("bench_usp", rows, args.out, extra={"gpus_used": world})
         print(f"wrote {path}")
-        print_table(rows, ["shape", "config", "impl", "ms", "t1_ms", "efficiency", "graph_ms",
-                           "graph_efficiency", "rel_err", "err_ratio"])
+        print_table(rows, ["shape", "config", "impl", "chunks", "ms", "t1_ms", "efficiency",
+                           "graph_ms", "graph_efficiency", "rel_err", "err_ratio"])
         if args.backend == "fp8":
             print_table([r for r in rows if r["impl"] == "xdit_ops"],
                         ["shape", "config", "fp8_impl", "ms", "t1_fp8_ms", "efficiency_vs_fp8",

@@ -44,6 +44,18 @@ def test_rows2d_descriptors_copy_head_slices(B, dtype):
     assert not back[:, :, :4].any() and not back[:, :, 6:].any()
 
 
+def test_rows2d_one_head_of_a_transposed_output():
+    """One head of attention's output, a transposed [B, 1, rows, D] (its head stride is the
+    batch pitch): rows of D contiguous elements, copied as such (an overlap chunk of one head
+    failed here in the CPU simulation of test_usp_host_path)."""
+    B, rows, D = 2, 9, 8
+    o = randn(B, 1, rows, D, seed=3).transpose(1, 2)  # [B, rows, 1, D], strides (72, 8, 72, 1)
+    assert o.stride(-2) != D and o.is_contiguous()  # contiguous() would not change it
+    out = torch.zeros(B, rows, 5, D)
+    replay_copy2d(rows2d(out[:, :, 3:4], o))
+    assert torch.equal(out[:, :, 3:4], o) and out[:, :, 3].count_nonzero() == out.count_nonzero()
+
+
 def test_rows2d_and_programs_refuse_bad_input():
     a = torch.zeros(2, 5, 4, 8)
     with pytest.raises(ValueError, match="copy2d: dst .* and src .* must match"):

@@ -323,6 +323,23 @@ def _worker_bad_shape(rank, world, u, r):
         mp.setenv("XDIT_OPS_PUSH_KERNEL", "v3" if last else "v2")
         with pytest.raises(ValueError, match="disagree .*XDIT_OPS_PUSH_KERNEL"):
             xdit_ops.usp_attention(q8, q8, q8)
+    # and the overlap's head chunks: different lists (or a list against equal chunks) would cut
+    # the shares differently
+    for mine, theirs in (("1,2,1", "1,1,2"), ("1,2,1", "equal"), ("2", "2,2")):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("XDIT_OPS_USP_CHUNKS", mine if last else theirs)
+            with pytest.raises(ValueError, match="disagree .*XDIT_OPS_USP_CHUNKS"):
+                xdit_ops.usp_attention(q8, q8, q8)
+    with pytest.MonkeyPatch.context() as mp:
+        # a list every rank agrees on: read by the overlap only (CUDA), the all-to-all runs
+        mp.setenv("XDIT_OPS_USP_CHUNKS", "1,2,1")
+        xdit_ops.usp_attention(q8, q8, q8)
+        # a malformed value: every rank refuses it by name (after the check: none is left
+        # waiting in a collective)
+        mp.setenv("XDIT_OPS_USP_CHUNKS", "1,,2")
+        with pytest.raises(ValueError, match="XDIT_OPS_USP_CHUNKS must be an int, 'equal' or "
+                                             "a comma list .* got '1,,2'"):
+            xdit_ops.usp_attention(q8, q8, q8)
     xdit_ops.usp_attention(q8, q8, q8)
 
 
@@ -542,9 +559,9 @@ def test_usp_gpu_matches_single_device(world):
 
 
 def _worker_gpu_graph(rank, world, ulysses_ce=False, transport=None, push_kernel=None,
-                      ring=None):
+                      ring=None, chunks=None, heads=8):
     """CUDA-graph capture and replay of the op gives the eager result (``ring``: a ring-only
-    grid with that ring transport)."""
+    grid with that ring transport; ``chunks``: XDIT_OPS_USP_CHUNKS)."""
     if ulysses_ce:
         transport = "ce"
     u = 1 if ring else world if transport else 2 if world % 2 == 0 else 1
@@ -554,8 +571,10 @@ def _worker_gpu_graph(rank, world, ulysses_ce=False, transport=None, push_kernel
         os.environ["XDIT_OPS_USP_RING"] = ring
     if push_kernel:
         os.environ["XDIT_OPS_PUSH_KERNEL"] = push_kernel
+    if chunks:
+        os.environ["XDIT_OPS_USP_CHUNKS"] = chunks
     xdit_ops.init_parallel(ulysses_degree=u, ring_degree=world // u)
-    q, k, v = (randn(1, 1024, 8, 64, seed=s, dtype=torch.bfloat16, device="cuda")
+    q, k, v = (randn(1, 1024, heads, 64, seed=s, dtype=torch.bfloat16, device="cuda")
                for s in (1, 2, 3))
     # New inputs in place as well: the replay must compute them (a transport whose buffers
     # still held the last eager result would pass a replay of the same inputs unmoved).
@@ -565,6 +584,9 @@ def _worker_gpu_graph(rank, world, ulysses_ce=False, transport=None, push_kernel
                               (q, k, v), fresh)
     if transport:
         assert {p.path for p in _usp._PLANS.values()} == {transport}
+    if transport == "overlap":
+        want = _usp._overlap_chunks(heads // u, chunks)
+        assert {p.chunk_heads for p in _usp._PLANS.values()} == {want}, want
     if ring:
         assert {p.ring for p in _usp._PLANS.values()} == {ring}
     if push_kernel:
@@ -577,48 +599,100 @@ def test_usp_gpu_cuda_graph(ulysses_ce):
     run_distributed(_worker_gpu_graph, 4, ulysses_ce, timeout=150, backend="nccl")
 
 
-def _worker_gpu_overlap(rank, world):
+# XDIT_OPS_USP_CHUNKS values of the overlap GPU tests: "default" (unset: the uneven default,
+# one head first and last), the equal default of sessions 10-11 and 3 equal chunks; "lists":
+# head-count lists, each run on the cases whose share it adds up to (on 2 GPUs shares of 15,
+# 12 and 6 heads; on 4 of 6 and 3: 30 heads do not split evenly, the push), and a list that
+# does not add up, refused by name on every rank.
+OVERLAP_CHUNK_SETS = {
+    "default": (None, "equal", "3"),
+    "lists": ("1,4,1", "1,2,2,1", "3,1,2", "1,1,1", "2,12,1", "1,5,5,1"),
+}
+
+
+def _worker_gpu_overlap(rank, world, chunk_set="default", host="tensors"):
     """The overlap path (XDIT_OPS_USP_ULYSSES=overlap: chunk 0 pushed, the other chunks and the
     outputs on the copy engines, flags by stream memory operations) against the oracle: every
-    case, the default chunking and 3 chunks (heads that do not split evenly take the push),
-    the shapes back to back (one flag set for every buffer), then the padded-shard case."""
+    case under each chunking of ``chunk_set`` (heads that do not split evenly, or N equal
+    chunks that do not divide the share, take the push; a list only the cases it fits), the
+    shapes back to back (one flag set for every buffer), then the padded-shard case; on the
+    host path ``host`` (XDIT_OPS_USP_HOST)."""
+    os.environ["XDIT_OPS_USP_HOST"] = host
     xdit_ops.init_parallel(ulysses_degree=world, ring_degree=1)
-    for chunks in (None, "3"):
+    ran = set()
+    for n, chunks in enumerate(OVERLAP_CHUNK_SETS[chunk_set]):
+        listed = chunks is not None and "," in chunks
+
+        def fits(H, chunks=chunks, listed=listed):  # a list: only the shares it adds up to
+            return not listed or _fits_share(chunks, H, world)
+
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv("XDIT_OPS_USP_ULYSSES", "overlap")
             if chunks:
                 mp.setenv("XDIT_OPS_USP_CHUNKS", chunks)
             for i, case in enumerate(GPU_CASES):
-                _run_case(case, world, 1, seed=17 * i + 2 + (chunks is not None), device="cuda")
+                if fits(case[3]):
+                    _run_case(case, world, 1, seed=17 * i + 2 + n, device="cuda")
             for H in (5, 12):  # uneven heads (the push), even ones (squeezed keys per chunk)
-                _run_shard_lengths(world, 1, seed=5 * world + H, device="cuda",
-                                   dtype=torch.bfloat16, L=300, J=77, D=128, H=H)
+                if fits(H):
+                    _run_shard_lengths(world, 1, seed=5 * world + H + n, device="cuda",
+                                       dtype=torch.bfloat16, L=300, J=77, D=128, H=H)
         plans = [p for p in _usp._PLANS.values() if p.U == world]
         for p in plans:
             even = all(h == p.heads[0] for h in p.heads)
-            c = _usp._overlap_chunks(p.heads[0], chunks)
-            want = ("overlap", c) if even and c > 1 else ("push", 1)
-            assert (p.path, p.chunks) == want, (world, chunks, p.heads, p.path, p.chunks)
-        assert "overlap" in {p.path for p in plans}
+            c = _usp._overlap_chunks(p.heads[0], chunks) if even else (p.heads[0],)
+            want = ("overlap", c) if len(c) > 1 else ("push", ())
+            assert (p.path, p.chunk_heads) == want, (world, chunks, p.heads, p.path,
+                                                     p.chunk_heads)
+            if p.path == "overlap":
+                ran.add(chunks)
         _usp._PLANS.clear()
+    # every chunking of the set ran the overlap somewhere (on 4 GPUs "2,12,1" and "1,5,5,1"
+    # fit no share, on 2 GPUs "1,1,1" none)
+    shapes = [case[3] for case in GPU_CASES] + [5, 12]
+    fitting = {c for c in OVERLAP_CHUNK_SETS[chunk_set]
+               if any(_fits_share(c, H, world) for H in shapes)}
+    assert ran == fitting, (ran, fitting)
+    if chunk_set == "lists":
+        # a list that does not add up to the share: refused by name on every rank, none hangs
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("XDIT_OPS_USP_ULYSSES", "overlap")
+            mp.setenv("XDIT_OPS_USP_CHUNKS", "1,4,4,1")
+            with pytest.raises(ValueError, match="XDIT_OPS_USP_CHUNKS='1,4,4,1' must list"):
+                _run_case(GPU_CASES[1], world, 1, seed=3, device="cuda")
+        _run_case(GPU_CASES[1], world, 1, seed=4, device="cuda")  # the group still works
     xdit_ops.destroy_parallel()
 
 
-@pytest.mark.multigpu(2)
-@pytest.mark.parametrize("world", [2, 4])
-def test_usp_gpu_overlap_matches_single_device(world):
-    if torch.cuda.device_count() < world:
-        pytest.skip(f"needs {world} GPUs")
-    run_distributed(_worker_gpu_overlap, world, timeout=300, backend="nccl")
+def _fits_share(chunks, H, world) -> bool:
+    """Whether the overlap runs ``XDIT_OPS_USP_CHUNKS=chunks`` at ``H`` heads on ``world``
+    ranks (even heads, and a list adding up to the share or N equal chunks dividing it)."""
+    if H % world:
+        return False
+    return len(_usp._overlap_chunks(H // world, chunks)) > 1 if chunks is None or \
+        "," not in chunks else sum(_usp.parse_chunks(chunks)) == H // world
 
 
 @pytest.mark.multigpu(2)
+@pytest.mark.parametrize("chunk_set,host", [("default", "tensors"), ("lists", "tensors"),
+                                            ("lists", "lists")])
 @pytest.mark.parametrize("world", [2, 4])
-def test_usp_gpu_cuda_graph_overlap(world):
-    """The overlap path (stream memory operations on side streams) captured and replayed."""
+def test_usp_gpu_overlap_matches_single_device(world, chunk_set, host):
     if torch.cuda.device_count() < world:
         pytest.skip(f"needs {world} GPUs")
-    run_distributed(_worker_gpu_graph, world, False, "overlap", timeout=150, backend="nccl")
+    run_distributed(_worker_gpu_overlap, world, chunk_set, host, timeout=450, backend="nccl")
+
+
+@pytest.mark.multigpu(2)
+@pytest.mark.parametrize("chunks", [None, "equal", "1,4,1"], ids=["default", "equal", "1.4.1"])
+@pytest.mark.parametrize("world", [2, 4])
+def test_usp_gpu_cuda_graph_overlap(world, chunks):
+    """The overlap path (stream memory operations on side streams) captured and replayed, with
+    6 heads a rank: the default chunks (1, 2, 2, 1), the equal default (3, 3) and (1, 4, 1)."""
+    if torch.cuda.device_count() < world:
+        pytest.skip(f"needs {world} GPUs")
+    run_distributed(_worker_gpu_graph, world, False, "overlap", None, None, chunks, 6 * world,
+                    timeout=150, backend="nccl")
 
 
 @pytest.mark.multigpu(2)
@@ -676,6 +750,156 @@ def test_auto_transports_by_size_and_ranks():
     assert auto_ulysses(False, False, 8, 32760) == "nccl"
     assert [push_blocks(v) for v in (None, "", "v3", "v2", "v1")] == \
         [True, True, True, False, False]
+
+
+def _old_overlap_chunks(h, switch):
+    """The overlap's chunk count before uneven chunks (session 11), for an int switch."""
+    c = int(switch or "0")
+    if c <= 0:
+        c = 2 if h % 2 == 0 else 3 if h % 3 == 0 else 1
+    return c if 1 < c <= _usp.MAX_OVERLAP_CHUNKS and h % c == 0 else 1
+
+
+def test_parse_chunks():
+    parse = _usp.parse_chunks
+    assert [parse(v) for v in (None, "", " ", "0", "2", " 3 ", "-1", "equal")] == \
+        [0, 0, 0, 0, 2, 3, -1, "equal"]
+    assert parse("1,4,4,1") == (1, 4, 4, 1)
+    assert parse(" 1, 2 ,1") == (1, 2, 1)
+    for bad in ("1,0,1", "1,,1", "4,", "1;4", "two", "1.5", "1,-1,2", "Equal"):
+        with pytest.raises(ValueError, match=r"usp_attention: XDIT_OPS_USP_CHUNKS must be an "
+                                             r"int, 'equal' or a comma list .*got '"):
+            parse(bad)
+    # a list or "equal" is the overlap's: the pipelined and copy-engine paths take their default
+    assert [_usp._pipelined_chunks(16, 2, 1, v) for v in ("1,3,3,1", "equal", "2", None)] == \
+        [1, 1, 2, 1]
+    assert [_usp._ce_chunks(6, v) for v in ("1,4,1", "equal", "2", None)] == [3, 3, 2, 3]
+
+
+def test_overlap_chunks_int_switch_unchanged():
+    """An int XDIT_OPS_USP_CHUNKS cuts the share as before (N equal chunks, the push where N
+    does not divide it), and ``equal`` is the old default (2, or 3)."""
+    for h in range(1, 41):
+        for sw in ("1", "2", "3", "4", "5", "6", "8", "9", "10"):
+            c = _old_overlap_chunks(h, sw)
+            assert _usp._overlap_chunks(h, sw) == (h // c,) * c if c > 1 else (h,), (h, sw)
+        c = _old_overlap_chunks(h, None)
+        assert _usp._overlap_chunks(h, "equal") == ((h // c,) * c if c > 1 else (h,)), h
+    assert _usp._overlap_chunks(10, "2") == (5, 5)
+    assert _usp._overlap_chunks(6, "3") == (2, 2, 2)
+    assert _usp._overlap_chunks(9, "2") == (9,)  # does not divide: no overlap (the push)
+
+
+def test_overlap_default_chunks():
+    """The default (unset, empty or <= 0): one head first and last, the rest between."""
+    M = _usp.MAX_OVERLAP_CHUNKS
+    table = {1: (1,), 2: (1, 1), 3: (1, 1, 1), 4: (1, 2, 1), 5: (1, 3, 1), 6: (1, 2, 2, 1),
+             8: (1, 3, 3, 1), 10: (1, 4, 4, 1), 12: (1, 3, 3, 4, 1)}
+    for h, want in table.items():
+        assert _usp.overlap_default_chunks(h) == want, h
+        for sw in (None, "", "0", "-1"):
+            assert _usp._overlap_chunks(h, sw) == want, (h, sw)
+    for h in range(2, 200):
+        ch = _usp.overlap_default_chunks(h)
+        assert sum(ch) == h and 2 <= len(ch) <= M and min(ch) >= 1, (h, ch)
+        assert ch[0] == ch[-1] == 1, (h, ch)
+        mid = ch[1:-1]
+        assert list(mid) == sorted(mid) and max(mid, default=0) - min(mid, default=0) <= 1, ch
+        if len(ch) < M:  # room for more chunks: the middle ones stay small
+            assert max(mid, default=0) <= max(3, _usp.OVERLAP_MIDDLE_MAX), (h, ch)
+
+
+def test_overlap_chunk_lists():
+    assert _usp._overlap_chunks(10, "1,4,4,1") == (1, 4, 4, 1)
+    assert _usp._overlap_chunks(6, "1,4,1") == (1, 4, 1)
+    assert _usp._overlap_chunks(6, "5,1") == (5, 1)
+    assert _usp._overlap_chunks(8, ",".join(["1"] * 8)) == (1,) * 8
+    with pytest.raises(ValueError, match=r"XDIT_OPS_USP_CHUNKS='1,4,4,1' must list at most 8 "
+                                         r"head chunks adding up to this rank's share of 6 "
+                                         r"heads .* its 4 chunks add up to 10"):
+        _usp._overlap_chunks(6, "1,4,4,1")
+    with pytest.raises(ValueError, match="at most 8 head chunks .* its 9 chunks add up to 9"):
+        _usp._overlap_chunks(9, ",".join(["1"] * 9))
+    # whether the plan may choose the overlap: a list always (checked once chosen), an int
+    # where it divides, the default from 2 heads
+    can = _usp._overlap_can_chunk
+    assert can(6, "1,4,4,1") and can(6, "2") and can(6, None) and can(5, None)
+    assert can(9, "equal")  # (3, 3, 3)
+    assert not can(5, "2") and not can(1, None) and not can(7, "equal")
+
+
+def test_overlap_chunk_codes():
+    """XDIT_OPS_USP_CHUNKS in the cross-rank check: ints as before, lists by their counts."""
+    code = _usp._chunks_code
+    assert [code(v) for v in (None, "0", "2", "equal", "x", "1,,1")] == [-1, 0, 2, -2, 99, 99]
+    assert code("1,4,4,1") == code(" 1, 4,4,1") != code("1,4,1")
+    assert code("1,4,4,1") not in (-2, -1, 99) and code("1,4,4,1") > 1_000_000
+    assert code(str(1 << 40)) == 99  # an int the check's int64 could not carry alike
+    assert _usp._switch_codes("1,2,1", None, None, None, None)[0] == code("1,2,1")
+
+
+def test_overlap_push_heads():
+    """The chunked push takes chunk 0 of every share; the last chunk's push-out counts keep
+    this rank's chunk and the total H."""
+    heads = [6, 6, 6, 6]
+    for r in range(4):
+        for ch in ((1, 2, 2, 1), (1, 4, 1), (3, 3), (5, 1)):
+            (cnt, starts), out = _usp.overlap_push_heads(heads, r, ch)
+            assert cnt == [ch[0]] * 4 and starts == [0, 6, 12, 18]
+            assert out[r] == ch[-1] and sum(out) == 24
+            assert [x for i, x in enumerate(out) if i not in (r, (r + 1) % 4)] == [6, 6]
+
+
+def test_overlap_flag_words_fit():
+    """Every flag word of up to MAX_OVERLAP_CHUNKS chunks is distinct and inside the buffer."""
+    M = _usp.MAX_OVERLAP_CHUNKS
+    for U in (2, 4, 8):
+        n = _usp._flag(2, 0, U, U)
+        words = [_usp._flag(0, c, j, U) for c in range(M) for j in range(U)]
+        words += [_usp._flag(k, 0, j, U) for k in (1, 2) for j in range(U)]
+        assert len(set(words)) == len(words) and 0 <= min(words) and max(words) < n
+
+
+def _plan_overlap(monkeypatch, H, U, S, chunks, transport="overlap", r=0):
+    """``_build_plan`` of rank ``r`` of a peer-mapped Ulysses group of ``U`` stub ranks (no
+    process group: the cross-rank check is off) with ``XDIT_OPS_USP_CHUNKS=chunks``."""
+    monkeypatch.setattr(_usp, "_group_size", lambda g: 1 if g is None else g.size)
+    monkeypatch.setattr(_usp, "_group_rank", lambda g: 0 if g is None else g.rank)
+    monkeypatch.setattr(_usp, "ulysses_transport", lambda device, switch: switch or "auto")
+    monkeypatch.setattr(_usp, "_peer_mapped", lambda *a, **k: True)
+    q = randn(1, S // U, H, 8, seed=1)
+    switches = ("0", chunks, None, transport, None, None, None, None)
+    return _usp._build_plan(q, q, q, None, 0, True, -1, "auto", _StubGroup(r, U), None, None,
+                            switches)
+
+
+def test_overlap_plan_chunks(monkeypatch):
+    """The plan's chunks: the overlap's head counts (``chunk_heads``, ``chunks`` their count);
+    a list that does not fit the share raises where the overlap is chosen, not where auto takes
+    the push."""
+    for H, U, sw, want in ((24, 4, None, (1, 2, 2, 1)), (40, 4, None, (1, 4, 4, 1)),
+                           (24, 4, "1,4,1", (1, 4, 1)), (24, 4, "2", (3, 3)),
+                           (24, 4, "equal", (3, 3)), (40, 4, "equal", (5, 5)),
+                           (24, 2, "1,10,1", (1, 10, 1)), (20, 4, None, (1, 3, 1))):
+        p = _plan_overlap(monkeypatch, H, U, 64, sw)
+        assert (p.path, p.chunk_heads, p.chunks) == ("overlap", want, len(want)), (H, U, sw)
+    # N equal chunks that do not divide the share: the push, as before
+    p = _plan_overlap(monkeypatch, 40, 4, 64, "3")
+    assert (p.path, p.chunk_heads, p.chunks) == ("push", (), 1)
+    # one head a rank: no chunks, the push
+    assert _plan_overlap(monkeypatch, 4, 4, 64, None).path == "push"
+    with pytest.raises(ValueError, match="XDIT_OPS_USP_CHUNKS='1,4,4,1' must list .* share of "
+                                         "6 heads"):
+        _plan_overlap(monkeypatch, 24, 4, 64, "1,4,4,1")
+    # auto: the overlap from AUTO_FLAGS_MIN_TOKENS (a list is checked then), the push below
+    # (the list is not read, nor refused)
+    N = _usp.AUTO_FLAGS_MIN_TOKENS
+    assert _plan_overlap(monkeypatch, 24, 4, 64, "1,4,4,1", None).path == "push"
+    p = _plan_overlap(monkeypatch, 24, 4, N, "1,4,1", None)
+    assert (p.path, p.chunk_heads) == ("overlap", (1, 4, 1))
+    with pytest.raises(ValueError, match="share of 6 heads"):
+        _plan_overlap(monkeypatch, 24, 4, N, "1,4,4,1", None)
+    assert _plan_overlap(monkeypatch, 40, 4, N, None, None).chunk_heads == (1, 4, 4, 1)
 
 
 def test_ring_transport_switch():

@@ -77,14 +77,17 @@ def run_memops(anchor: torch.Tensor, program: Sequence[int], checked: bool = Tru
 def rows2d(dst: torch.Tensor, src: torch.Tensor) -> list[int]:
     """``copy2d`` descriptors that copy ``src`` into ``dst``: tensors of one shape and dtype
     ``[..., rows, heads, D]`` whose ``(heads, D)`` are dense (each row one contiguous span, rows
-    at a fixed pitch); one descriptor per index of the leading dims."""
+    at a fixed pitch; the stride of a dim of size 1 does not matter: attention's output of one
+    head, a transposed ``[B, 1, rows, D]``, has its batch pitch there); one descriptor per index
+    of the leading dims."""
     if dst.shape != src.shape or dst.dtype != src.dtype:
         raise ValueError(f"copy2d: dst {tuple(dst.shape)} {dst.dtype} and src {tuple(src.shape)} "
                          f"{src.dtype} must match")
     if dst.dim() < 3:
         raise ValueError("copy2d: tensors must be [..., rows, heads, D]")
     for name, t in (("dst", dst), ("src", src)):
-        if t.stride(-1) != 1 or t.stride(-2) != t.shape[-1]:
+        if (t.shape[-1] > 1 and t.stride(-1) != 1) or \
+                (t.shape[-2] > 1 and t.stride(-2) != t.shape[-1]):
             raise ValueError(f"copy2d: {name} of shape {tuple(t.shape)} and strides {t.stride()} "
                              "has no dense (heads, D) rows")
     es = dst.element_size()

@@ -33,6 +33,7 @@ import math
 import os
 import socket
 import warnings
+import zlib
 from collections.abc import Sequence
 
 import torch
@@ -290,6 +291,41 @@ def _rows_per_destination(dst, o, J, L):
     dst[:, :, J:] = o[:, J:].reshape(B, U, L, *o.shape[2:]).permute(1, 0, 2, 3, 4)
 
 
+CHUNKS_ENV = "XDIT_OPS_USP_CHUNKS"
+
+
+def parse_chunks(switch: str | None) -> int | str | tuple[int, ...]:
+    """``XDIT_OPS_USP_CHUNKS`` (``switch``) as the paths read it: ``0`` where unset or empty
+    (each path's default), an int (``N`` equal head chunks; ``<= 0``: the default), ``"equal"``
+    (the overlap's equal default of sessions 10-11: 2 chunks, or 3 when 2 does not divide the
+    share), or a tuple of head counts from a comma list such as ``1,4,4,1`` (the overlap's
+    chunks in order, each >= 1, at least two). A list or ``equal`` is read by the overlap path
+    only: the pipelined and copy-engine paths take their default under it. Anything else
+    raises a ValueError naming the variable."""
+    if switch is None or not switch.strip():
+        return 0
+    text = switch.strip()
+    if text == "equal":
+        return text
+    try:
+        if "," not in text:
+            return int(text)
+        counts = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        counts = ()
+    if len(counts) < 2 or min(counts) < 1:
+        raise ValueError(f"{OP}: {CHUNKS_ENV} must be an int, 'equal' or a comma list of two "
+                         f"or more head counts >= 1 (e.g. 1,4,4,1), got {switch!r}")
+    return counts
+
+
+def _chunks_int(switch: str | None) -> int:
+    """The int the pipelined and copy-engine paths read from ``XDIT_OPS_USP_CHUNKS``: 0 (their
+    default) for ``equal`` or a list, which only the overlap path reads."""
+    c = parse_chunks(switch)
+    return c if isinstance(c, int) else 0
+
+
 def _pipelined_chunks(H: int, U: int, R: int, switch: str | None) -> int:
     """Head chunks for the pipelined Ulysses path (``switch``: the value of
     ``XDIT_OPS_USP_CHUNKS``, default 1).
@@ -298,7 +334,7 @@ def _pipelined_chunks(H: int, U: int, R: int, switch: str | None) -> int:
     computes. Only heads that split evenly over U x c qualify, only without a ring; every rank
     derives the same c from the shapes.
     """
-    c = int(switch or "1")
+    c = _chunks_int(switch) or 1
     if c <= 1 or R > 1 or H % (U * c) != 0:
         return 1
     return c
@@ -485,10 +521,12 @@ def ulysses_transport(device: torch.device, switch: str | None) -> str:
       symmetric-memory buffers, in the layout attention reads; the output goes back the same
       way.
     - ``overlap``: the push for the first of C head chunks (``XDIT_OPS_USP_CHUNKS``, default
-      2), the copy engines for the others while the first is attended, each chunk's output
-      home on the copy engines while the next is attended, flags by stream memory operations
-      (``_ulysses_overlap``). Where it cannot apply (a ring, uneven or indivisible heads, no
-      peer mapping, ``XDIT_OPS_PUSH_KERNEL=v1``) the call takes ``push`` (or ``nccl``).
+      ``overlap_default_chunks``: one head first and last, the rest between), the copy engines
+      for the others while the first is attended, each chunk's output home on the copy engines
+      while the next is attended, flags by stream memory operations (``_ulysses_overlap``).
+      Where it cannot apply (a ring, uneven heads, one head a rank, N equal chunks that do not
+      divide the share, no peer mapping, ``XDIT_OPS_PUSH_KERNEL=v1``) the call takes ``push``
+      (or ``nccl``).
 
     Off CUDA every choice is ``nccl`` (gloo on CPU)."""
     choice = switch or "auto"
@@ -563,7 +601,7 @@ def _symm_buffer(group: dist.ProcessGroup, tag: str, shape: tuple, dtype: torch.
 
 def _ce_chunks(h: int, switch: str | None) -> int:
     """Head chunks of the copy-engine Ulysses (``switch``: the value of ``XDIT_OPS_USP_CHUNKS``)."""
-    c = int(switch or "0")
+    c = _chunks_int(switch)
     if c <= 0:  # default: 3 or 2 head chunks when they divide, so two thirds / half is hidden
         c = 3 if h % 3 == 0 else 2 if h % 2 == 0 else 1
     return c if h % c == 0 else 1
@@ -749,11 +787,13 @@ def _ulysses_push(q_s, k_s, v_s, q_j, k_j, v_j, p: _Plan, attend):
 # ---------------------------------------------------------------------------------------------
 # Ulysses with the exchange under the attention (XDIT_OPS_USP_ULYSSES=overlap)
 #
-# The heads of every share are cut into C chunks. Chunk 0 goes out by the push kernel (the only
-# exposed input transfer, 1/C of the bytes); chunks 1..C-1 go out on the copy engines (2-D
-# copies from the strided shards into the peers' buffers, one side stream per destination)
-# while chunk 0 is attended; chunk c's output goes home on the copy engines while chunk c+1 is
-# attended, the last chunk's by the push-out kernel. Ranks tell each other what landed with
+# The heads of every share are cut into C chunks of the plan's head counts (``p.chunk_heads``:
+# uneven by default, a small first and last chunk, see ``overlap_default_chunks``). Chunk 0
+# goes out by the push kernel (the only exposed input transfer: its heads' share of the
+# bytes); chunks 1..C-1 go out on the copy engines (2-D copies from the strided shards into the
+# peers' buffers, one side stream per destination) while chunk 0 is attended; chunk c's output
+# goes home on the copy engines while chunk c+1 is attended, the last chunk's by the push-out
+# kernel (exposed: its heads' share of the output bytes). Ranks tell each other what landed with
 # stream memory operations on flag words in symmetric memory (cuStreamWriteValue32 after the
 # copies, cuStreamWaitValue32 before the reads): neither takes an SM, so a signal never waits
 # behind the attention for a free multiprocessor (a suspect for why run 30's push-per-chunk
@@ -782,13 +822,67 @@ def _flag(kind: int, c: int, j: int, U: int) -> int:
     return c * U + j if kind == 0 else (MAX_OVERLAP_CHUNKS + kind - 1) * U + j
 
 
-def _overlap_chunks(h: int, switch: str | None) -> int:
-    """Head chunks of the overlap path (``switch``: ``XDIT_OPS_USP_CHUNKS``; default 2, or 3
-    when 2 does not divide the share); 1 (no overlap possible) when none divides it."""
-    c = int(switch or "0")
+# The default chunking's middle chunks have at most this many heads (more chunks past it, up
+# to MAX_OVERLAP_CHUNKS in all). A first guess, to be measured: chunk 1's copies must land
+# while chunk 0 (one head) is attended. Run 40's figures per head on 4 H100s: at 16896 tokens
+# ~0.21 ms of attention against ~0.065 ms of copy-engine input copies (so ~3 heads fit), at
+# 32760 ~0.89 ms against ~0.105 ms (~8 heads).
+OVERLAP_MIDDLE_MAX = 4
+
+
+def overlap_default_chunks(h: int) -> tuple[int, ...]:
+    """The overlap's default head chunks of a share of ``h`` heads: one head first and last
+    (their transfers are the exposed ones: chunk 0's push before any attention, the last
+    chunk's push-out after it), the ``h - 2`` between in one chunk up to 3 heads, else in the
+    fewest near-equal chunks of at most ``OVERLAP_MIDDLE_MAX`` heads, at least two (the larger
+    ones last): 6 heads (1, 2, 2, 1), 10 (1, 4, 4, 1), 12 (1, 3, 3, 4, 1). ``(h,)`` (no
+    overlap possible) for one head."""
+    if h < 2:
+        return (h,)
+    m = h - 2
+    if m == 0:
+        return (1, 1)
+    k = 1 if m <= 3 else min(max(2, -(-m // OVERLAP_MIDDLE_MAX)), MAX_OVERLAP_CHUNKS - 2)
+    base, extra = divmod(m, k)
+    return (1, *(base + (i >= k - extra) for i in range(k)), 1)
+
+
+def overlap_equal_chunks(h: int, c: int = 0) -> tuple[int, ...]:
+    """``c`` equal head chunks of a share of ``h`` heads (``c <= 0``: 2, or 3 when 2 does not
+    divide the share: the overlap's default of sessions 10-11); ``(h,)`` (no overlap) where
+    ``c`` does not divide ``h`` or is outside ``2..MAX_OVERLAP_CHUNKS``."""
     if c <= 0:
         c = 2 if h % 2 == 0 else 3 if h % 3 == 0 else 1
-    return c if 1 < c <= MAX_OVERLAP_CHUNKS and h % c == 0 else 1
+    return (h // c,) * c if 1 < c <= MAX_OVERLAP_CHUNKS and h % c == 0 else (h,)
+
+
+def _overlap_chunks(h: int, switch: str | None) -> tuple[int, ...]:
+    """Head counts of the overlap path's chunks, in order, for a share of ``h`` heads
+    (``switch``: ``XDIT_OPS_USP_CHUNKS``): unset, empty or ``<= 0``: ``overlap_default_chunks``;
+    ``N``: N equal chunks (``overlap_equal_chunks``, ``(h,)`` where N does not divide the
+    share: the call takes the push); ``equal``: the equal default (2, or 3); a comma list:
+    those counts, which must add up to ``h`` in at most ``MAX_OVERLAP_CHUNKS`` chunks, else a
+    ValueError naming the variable, the value and the share (a list is a request for this
+    chunking: it is refused, not replaced). A length of 1 means no overlap."""
+    c = parse_chunks(switch)
+    if isinstance(c, tuple):
+        if sum(c) != h or len(c) > MAX_OVERLAP_CHUNKS:
+            raise ValueError(
+                f"{OP}: {CHUNKS_ENV}={switch!r} must list at most {MAX_OVERLAP_CHUNKS} head "
+                f"chunks adding up to this rank's share of {h} heads for the overlapped Ulysses "
+                f"(XDIT_OPS_USP_ULYSSES=overlap, or auto's choice); its {len(c)} chunks add up "
+                f"to {sum(c)}")
+        return c
+    if c == "equal":
+        return overlap_equal_chunks(h)
+    return overlap_default_chunks(h) if c <= 0 else overlap_equal_chunks(h, c)
+
+
+def _overlap_can_chunk(h: int, switch: str | None) -> bool:
+    """Whether the overlap has more than one chunk for a share of ``h`` heads under ``switch``
+    (what ``_build_plan`` asks before choosing it): a comma list always (checked against the
+    share by ``_overlap_chunks`` once the overlap is chosen), else ``_overlap_chunks``."""
+    return isinstance(parse_chunks(switch), tuple) or len(_overlap_chunks(h, switch)) > 1
 
 
 def overlap_flag_programs(U: int, r: int, C: int, addr) -> dict:
@@ -817,18 +911,20 @@ def overlap_flag_programs(U: int, r: int, C: int, addr) -> dict:
 def _overlap_state(p: _Plan, dtype: torch.dtype, device: torch.device):
     """Buffers, flags and every flag program of plan ``p``'s overlap path, made on its first
     call (two symmetric-memory rendezvous: must be eager) and looked up by ``p.push_key``."""
-    key = (p.push_key, p.chunks)
+    ch = p.chunk_heads
+    key = (p.push_key, ch)
     hit = _OVERLAP.get(key)
     if hit is not None:
         return hit
-    B, J, Jk, L, U, C, r = p.B, p.J, p.Jk, p.L, p.U, p.chunks, p.u_rank
+    B, J, Jk, L, U, C, r = p.B, p.J, p.Jk, p.L, p.U, len(ch), p.u_rank
     D = p.push_key[-1]
-    hc = p.h_me // C
     H = sum(p.heads)
-    n_chunk = push_region_size(B, L, U, J, Jk, hc, D)
+    # chunk c's input region: its own size (its head count), one after the other
+    n_chunk = [push_region_size(B, L, U, J, Jk, hc, D) for hc in ch]
+    off = [sum(n_chunk[:c]) for c in range(C + 1)]
     n_out = max(1, B * (J + L) * H * D)
-    buf, handle = _symm_buffer(p.ug, f"ulysses_overlap:{C}:{n_chunk}", (C * n_chunk + n_out,),
-                               dtype, device)
+    tag = f"ulysses_overlap:{'-'.join(map(str, ch))}:{n_chunk[0] // ch[0]}"
+    buf, handle = _symm_buffer(p.ug, tag, (off[C] + n_out,), dtype, device)
     n_flags = _flag(2, 0, U, U)
 
     def init(f):
@@ -838,12 +934,11 @@ def _overlap_state(p: _Plan, dtype: torch.dtype, device: torch.device):
     flags, fhandle = _symm_buffer(p.ug, "ulysses_overlap_flags", (n_flags,), torch.int32,
                                   device, init=init)
     rflags = [fhandle.get_buffer(j, (n_flags,), torch.int32, 0) for j in range(U)]
-    ins = [[handle.get_buffer(j, (n_chunk,), dtype, c * n_chunk) for j in range(U)]
+    ins = [[handle.get_buffer(j, (n_chunk[c],), dtype, off[c]) for j in range(U)]
            for c in range(C)]
-    outs = [handle.get_buffer(j, (n_out,), dtype, C * n_chunk) for j in range(U)]
-    local = [push_regions(buf[c * n_chunk:(c + 1) * n_chunk], B, L, U, J, Jk, hc, D)
-             for c in range(C)]
-    outbuf = buf[C * n_chunk:C * n_chunk + B * (J + L) * H * D].view(B, J + L, H, D)
+    outs = [handle.get_buffer(j, (n_out,), dtype, off[C]) for j in range(U)]
+    local = [push_regions(buf[off[c]:off[c + 1]], B, L, U, J, Jk, ch[c], D) for c in range(C)]
+    outbuf = buf[off[C]:off[C] + B * (J + L) * H * D].view(B, J + L, H, D)
 
     def addr(j, kind, c, i):  # the word of rank j
         return word_address(rflags[j], _flag(kind, c, i, U))
@@ -851,7 +946,7 @@ def _overlap_state(p: _Plan, dtype: torch.dtype, device: torch.device):
     progs = overlap_flag_programs(U, r, C, addr)
     # the copy-engine destinations: rank d's region c (its query and K/V buffers) and rank d's
     # output, viewed in its symmetric memory
-    in_dst = [[push_regions(ins[c][d], B, L, U, J, Jk, hc, D) for d in range(U)]
+    in_dst = [[push_regions(ins[c][d], B, L, U, J, Jk, ch[c], D) for d in range(U)]
               for c in range(C)]
     out_dst = [outs[d][:B * (J + L) * H * D].view(B, J + L, H, D) for d in range(U)]
 
@@ -863,13 +958,7 @@ def _overlap_state(p: _Plan, dtype: torch.dtype, device: torch.device):
                 check_all(y)
 
     check_all(list(progs.values()))  # checked once here; the calls pass them unchecked
-    # the head counts of the chunked push (chunk 0 of every share) and of the last chunk's
-    # push-out: per-rank counts with this rank's entry hc and the right total H
-    cnt = list(p.heads)
-    cnt[r] = hc
-    cnt[(r + 1) % U] += p.h_me - hc
-    progs["in_heads"] = ([hc] * U, [d * p.h_me for d in range(U)])
-    progs["out_heads"] = cnt
+    progs["in_heads"], progs["out_heads"] = overlap_push_heads(p.heads, r, ch)
     # copy2d templates (sources as offsets), per source strides: {key: ...}; the first call
     # with a key builds and checks them
     hit = (local, outbuf, ins, outs, flags, in_dst, out_dst, progs, {})
@@ -877,14 +966,34 @@ def _overlap_state(p: _Plan, dtype: torch.dtype, device: torch.device):
     return hit
 
 
+def overlap_push_heads(heads: Sequence[int], r: int, ch: Sequence[int]) -> tuple:
+    """The head arguments of rank ``r``'s overlap kernels (``heads``: every rank's share, all
+    equal on this path; ``ch``: the share's chunk head counts): the chunked push's
+    ``(counts, src_head_start)`` (chunk 0 of every share: ``ch[0]`` heads from each
+    destination's first head) and the last chunk's push-out counts (this rank's entry
+    ``ch[-1]``, the next rank's grown by the rest of the share, so the total stays ``H``)."""
+    U, h = len(heads), heads[r]
+    cnt = list(heads)
+    cnt[r] = ch[-1]
+    cnt[(r + 1) % U] += h - ch[-1]
+    return ([ch[0]] * U, [d * h for d in range(U)]), cnt
+
+
+def _chunk_starts(ch: Sequence[int]) -> list[int]:
+    """Where each chunk's heads start in the share."""
+    return [sum(ch[:c]) for c in range(len(ch))]
+
+
 def _in_templates(p: _Plan, in_dst, srcs) -> list[list[tuple[list[int], list[int]]]]:
     """The copy-engine input copies of the overlap path for sources ``srcs`` = (q, k, v)
     ([B, L, H, D] each) as templates: ``[d][c - 1] = (descs, which)``, destination rank ``d``,
-    chunk ``c`` (1..C-1), sources offsets from ``srcs[which[i]]`` (made on the first call with
-    these source strides)."""
-    J, Jk, L, U, C, r = p.J, p.Jk, p.L, p.U, p.chunks, p.u_rank
+    chunk ``c`` (1..C-1, heads ``p.chunk_heads[c]`` of the share), sources offsets from
+    ``srcs[which[i]]`` (made on the first call with these source strides)."""
+    J, Jk, L, U, r = p.J, p.Jk, p.L, p.U, p.u_rank
+    ch = p.chunk_heads
+    C = len(ch)
+    start = _chunk_starts(ch)
     h = p.h_me
-    hc = h // C
     q_s, k_s, v_s = srcs
     rows = slice(r * L, (r + 1) * L)
     per = []
@@ -892,7 +1001,7 @@ def _in_templates(p: _Plan, in_dst, srcs) -> list[list[tuple[list[int], list[int
         per.append([])
         for c in range(1, C):
             qd, kvd = in_dst[c][d]
-            hs = slice(d * h + c * hc, d * h + (c + 1) * hc)
+            hs = slice(d * h + start[c], d * h + start[c] + ch[c])
             parts = [(rows2d(qd[:, J:][:, rows], q_s[:, :, hs]), 0),
                      (rows2d(kvd[0, :, Jk:][:, rows], k_s[:, :, hs]), 1),
                      (rows2d(kvd[1, :, Jk:][:, rows], v_s[:, :, hs]), 2)]
@@ -906,8 +1015,8 @@ def _out_templates(p: _Plan, out_dst, o: torch.Tensor,
     """The copy-engine output copies of one chunk's output ``o`` ([B, J + U*L, hc, D], heads
     from ``h_out`` of the full output) as templates, ``[d] = (descs, which)``, sources offsets
     from ``o``."""
-    J, L, U, C = p.J, p.L, p.U, p.chunks
-    hc = p.h_me // C
+    J, L, U = p.J, p.L, p.U
+    hc = o.shape[2]
     per = []
     for d in range(U):
         dst = out_dst[d]
@@ -922,8 +1031,9 @@ def _out_templates(p: _Plan, out_dst, o: torch.Tensor,
 
 
 def _overlap_push_in(q_s, k_s, v_s, p: _Plan, progs: dict, ins0, first: bool) -> None:
-    """The overlap's chunk 0: the push kernel, every destination's first hc heads of its share
-    (checked by the wrapper on a template's first call, then straight to the op)."""
+    """The overlap's chunk 0: the push kernel, every destination's first ``chunk_heads[0]``
+    heads of its share (checked by the wrapper on a template's first call, then straight to
+    the op)."""
     chunk, starts = progs["in_heads"]
     if first:
         ulysses_push_qkv(q_s, k_s, v_s, chunk, ins0, p.u_rank, p.J, p.Jk, src_head_start=starts)
@@ -951,9 +1061,10 @@ def _ulysses_overlap_lists(q_s, k_s, v_s, q_j, k_j, v_j, p: _Plan, attend):
     dev = q_s.device
     local, outbuf, ins, outs, flags, in_dst, out_dst, g, tmpl = _overlap_state(p, q_s.dtype,
                                                                                 dev)
-    J, Jk, U, C, r = p.J, p.Jk, p.U, p.chunks, p.u_rank
-    h = p.h_me
-    hc = h // C
+    J, Jk, U, r = p.J, p.Jk, p.U, p.u_rank
+    ch = p.chunk_heads
+    C = len(ch)
+    start = _chunk_starts(ch)
     compute = torch.cuda.current_stream(dev)
     sides = [_side_stream(dev, 8 + d) for d in range(U)]
     srcs = (q_s, k_s, v_s)
@@ -982,9 +1093,9 @@ def _ulysses_overlap_lists(q_s, k_s, v_s, q_j, k_j, v_j, p: _Plan, attend):
     lses = []
     for c in range(C):
         qbuf, kv = local[c]
-        h_out = p.h0 + c * hc
+        h_out = p.h0 + start[c]
         kj, vj = _own_joint_rows(_joint_dst(qbuf, kv, J, Jk), q_j, k_j, v_j,
-                                 slice(h_out, h_out + hc), J, Jk)
+                                 slice(h_out, h_out + ch[c]), J, Jk)
         if own[c] is not None:
             compute.wait_event(own[c])
         run_memops(flags, g["wait_in"][c], checked=False)
@@ -1065,14 +1176,14 @@ class _OverlapHost:
 
 
 def _overlap_host(p: _Plan, dtype: torch.dtype, device: torch.device) -> _OverlapHost:
-    key = ("host", p.push_key, p.chunks)
+    ch = p.chunk_heads
+    key = ("host", p.push_key, ch)
     hit = _OVERLAP.get(key)
     if hit is not None:
         return hit
     st = _overlap_state(p, dtype, device)
     local, progs = st[0], st[7]
-    U, C, J, Jk = p.U, p.chunks, p.J, p.Jk
-    hc = p.h_me // C
+    U, C, J, Jk = p.U, len(ch), p.J, p.Jk
     f = _OverlapHost()
     f.state = st
     f.progs = overlap_tensor_programs(progs)
@@ -1081,7 +1192,7 @@ def _overlap_host(p: _Plan, dtype: torch.dtype, device: torch.device) -> _Overla
     f.fork = torch.cuda.Event()  # compute -> every side stream
     f.own = [torch.cuda.Event() for _ in range(C)]  # own rows of chunk c in place (c >= 1)
     f.joined = [torch.cuda.Event() for _ in range(U)]  # side stream d -> compute, at the end
-    f.hs = [slice(p.h0 + c * hc, p.h0 + (c + 1) * hc) for c in range(C)]  # chunk c's heads
+    f.hs = [slice(p.h0 + s, p.h0 + s + n) for s, n in zip(_chunk_starts(ch), ch, strict=True)]
     f.jdst = [_joint_dst(qbuf, kv, J, Jk) for qbuf, kv in local]
     f.tin, f.tout = {}, {}  # copy2d_t templates per source strides, as in the list path
     _OVERLAP[key] = f
@@ -1098,7 +1209,7 @@ def _ulysses_overlap(q_s, k_s, v_s, q_j, k_j, v_j, p: _Plan, attend):
     f = _overlap_host(p, q_s.dtype, dev)
     local, outbuf, ins, outs, flags, in_dst, out_dst = f.state[:7]
     g = f.progs
-    J, Jk, U, C, r = p.J, p.Jk, p.U, p.chunks, p.u_rank
+    J, Jk, U, C, r = p.J, p.Jk, p.U, len(p.chunk_heads), p.u_rank
     batched = os.environ.get(BATCH_ENV, "1") != "0"
     memops, copy = _MEMOPS_T, _COPY2D_T
     compute = torch.cuda.current_stream(dev)
@@ -1205,6 +1316,21 @@ def _switches(grouped: bool) -> tuple:
             get("XDIT_OPS_MERGE_IMPL"))
 
 
+def _chunks_code(switch: str | None) -> int:
+    """``XDIT_OPS_USP_CHUNKS`` as one int of the cross-rank check (see ``_switch_codes``)."""
+    if switch is None:
+        return -1
+    try:
+        c = parse_chunks(switch)
+    except ValueError:
+        return 99
+    if isinstance(c, tuple):
+        return 1_000_000 + zlib.crc32(",".join(map(str, c)).encode())
+    if c == "equal":
+        return -2
+    return c if -(1 << 31) < c < 1 << 31 else 99
+
+
 def _switch_codes(chunks_sw: str | None, ring_sw: str | None,
                   ulysses_sw: str | None, wire_sw: str | None,
                   format_sw: str | None, push_sw: str | None = None) -> list[int]:
@@ -1213,17 +1339,15 @@ def _switch_codes(chunks_sw: str | None, ring_sw: str | None,
     one pushing its output by rank blocks, ``XDIT_OPS_PUSH_KERNEL=v3``, while another stores
     into the output rows) disagree there, with a message, instead of hanging or mixing
     layouts. -1: unset; 99: a value the op will refuse (then every rank refuses it alike, or
-    the check names the rank)."""
+    the check names the rank). ``XDIT_OPS_USP_CHUNKS``: its int; -2 for ``equal``; a comma
+    list ``1_000_000 +`` the CRC-32 of its counts (ranks with different lists would cut their
+    shares differently)."""
     def code(value: str | None, choices: tuple[str, ...]) -> int:
         return -1 if value is None else choices.index(value) if value in choices else 99
 
-    try:
-        chunks = int(chunks_sw) if chunks_sw is not None else -1
-    except ValueError:
-        chunks = 99
-    return [chunks, code(ring_sw, RING_TRANSPORTS), code(ulysses_sw, ULYSSES_TRANSPORTS),
-            code(wire_sw, ("0", "1")), code(format_sw, FORMAT_SETTINGS),
-            code(push_sw, PUSH_KERNELS)]
+    return [_chunks_code(chunks_sw), code(ring_sw, RING_TRANSPORTS),
+            code(ulysses_sw, ULYSSES_TRANSPORTS), code(wire_sw, ("0", "1")),
+            code(format_sw, FORMAT_SETTINGS), code(push_sw, PUSH_KERNELS)]
 
 
 def _check_mode(switch: str | None) -> str:
@@ -1253,7 +1377,7 @@ class _Plan:
     __slots__ = (
         "ug", "rg", "U", "R", "u_rank", "r_rank", "B", "J", "L", "joint_front", "split",
         "heads", "h0", "h_me", "Jk", "joint_inline", "ring_n", "n0", "cut0",
-        "mine", "squeeze", "path", "chunks", "ring", "nxt", "prv", "in_splits",
+        "mine", "squeeze", "path", "chunks", "chunk_heads", "ring", "nxt", "prv", "in_splits",
         "out_splits", "lse_splits", "seq_len", "check",
         "agree_key", "attn_backend", "push_key", "push_blocks", "wire", "fp8ring",
         "graph_auto", "graphs",
@@ -1384,13 +1508,16 @@ def _build_plan(q, k, v, joint_lengths, joint_tokens, joint_front, seq_len, back
         p.nxt = ring_ranks[(r_rank + 1) % R]
         p.prv = ring_ranks[(r_rank - 1) % R]
     p.chunks = 1
+    p.chunk_heads = ()  # the overlap's chunks (head counts, in order); () on other paths
+    if switches:
+        parse_chunks(chunks_sw)  # a malformed XDIT_OPS_USP_CHUNKS is refused on every path
     transport = ulysses_transport(q.device, ulysses_sw) if U > 1 else "nccl"
     if transport in ("auto", "overlap"):
         # every rank decides alike (the switches, shapes and peer mapping agree); where the
         # overlap cannot apply, what auto would take
         mapped = R == 1 and _peer_mapped(ug, rg)
         can = (mapped and all(x == heads[0] for x in heads)
-               and _overlap_chunks(heads[0], chunks_sw) > 1 and push_kernel(OP) != "v1")
+               and _overlap_can_chunk(heads[0], chunks_sw) and push_kernel(OP) != "v1")
         if transport == "auto":
             transport = auto_ulysses(mapped, can, U, tokens)
         else:
@@ -1402,7 +1529,9 @@ def _build_plan(q, k, v, joint_lengths, joint_tokens, joint_front, seq_len, back
         # what _push_buffers looks its buffers up by (dtype and device are in the plan's key)
         p.push_key = (id(ug), B, J, p.Jk, L, tuple(heads), q.dtype, q.device, D)
         if transport == "overlap":
-            p.chunks = _overlap_chunks(heads[0], chunks_sw)
+            # (a comma list that does not add up to the share raises here, on every rank)
+            p.chunk_heads = _overlap_chunks(heads[0], chunks_sw)
+            p.chunks = len(p.chunk_heads)
     elif (not p.squeeze and R == 1 and transport == "ce"
           and all(x == heads[0] for x in heads)):
         p.path, p.chunks = "ce", _ce_chunks(heads[0], chunks_sw)
