@@ -28,6 +28,7 @@ that calls it compiles with ``fullgraph=True``; nothing in it reads device value
 
 from __future__ import annotations
 
+import atexit
 import functools
 import math
 import os
@@ -496,10 +497,27 @@ def release_symmetric_buffers() -> None:
     """Forget the symmetric-memory buffers of the copy-engine and push paths
     (``destroy_parallel`` calls it before the groups they were rendezvoused with are
     destroyed)."""
+    release_call_graphs()
     _SYMM.clear()
     _PUSH.clear()
     _OVERLAP.clear()
     _PEER_MAPPED.clear()
+
+
+def release_call_graphs() -> None:
+    """Drop the eager calls' own CUDA graphs (XDIT_OPS_USP_GRAPH): a live graph holding NCCL
+    kernels keeps its communicator busy, so ``destroy_process_group`` (or the interpreter's
+    exit) would wait on it (run 49: the ranks hung in destroy_process_group). Called by
+    ``release_symmetric_buffers`` and at exit; the next call of a plan starts over (eager,
+    then a new capture)."""
+    plans = [p for p in _PLANS.values() if p.graphs]
+    if not plans:
+        return
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()  # no replay may still run when its graph is destroyed
+    for p in plans:
+        p.graphs.clear()
+    GRAPH_FAILURES.clear()
 
 
 ULYSSES_TRANSPORTS = ("auto", "nccl", "ce", "push", "overlap")
@@ -1619,9 +1637,9 @@ def _usp_impl(q, k, v, joint_lengths, joint_tokens, joint_front, seq_len, scale,
             _agree(list(plan.agree_key[2]), ug, rg, plan.agree_key)
         if plan.check == _CHECK_PENDING:
             plan.check = _CHECK_NONE
-    if plan.graph_auto or graph_sw == "1":
-        if graph_sw != "0" and q.device.type == "cuda" and not _capturing():
-            return _run_graphed(plan, q, k, v, joint_lengths, scale, backend, return_lse)
+    if (plan.graph_auto or graph_sw == "1") and graph_sw != "0" and q.device.type == "cuda" \
+            and _graph_eligible(plan, return_lse) and not _capturing():
+        return _run_graphed(plan, q, k, v, joint_lengths, scale, backend, return_lse)
     return _run(plan, q, k, v, joint_lengths, scale, backend, return_lse)
 
 
@@ -1638,7 +1656,8 @@ def _usp_impl(q, k, v, joint_lengths, joint_tokens, joint_front, seq_len, scale,
 # the current stream and return copies of its outputs. The GPU runs the same kernels in the same
 # order as an eager call (plus the input copies and the output copy), so results are identical
 # and ranks may even differ in whether they replay (no host collective is involved). Not under
-# an outer capture (that graph records the call itself), not on CPU.
+# an outer capture (that graph records the call itself), not on CPU, and only where the graph
+# holds no NCCL kernel (_graph_eligible).
 
 AUTO_GRAPH_MAX_TOKENS = 16384
 GRAPH_SETTINGS = ("auto", "0", "1")
@@ -1666,6 +1685,25 @@ class _CallGraph:
 
 # why each key whose capture failed did (``str`` of the exception), for diagnostics
 GRAPH_FAILURES: dict[tuple, str] = {}
+# before torch's own teardown of the process groups at exit (atexit runs before the module
+# globals holding them are collected)
+atexit.register(release_call_graphs)
+
+
+def _graph_eligible(p: _Plan, return_lse: bool) -> bool:
+    """Whether a call of plan ``p`` may run from a graph of its own: only where the graph
+    would hold no NCCL kernel (a live graph holding NCCL kernels keeps its communicator busy,
+    and ``destroy_process_group`` then waits on it: run 49's ranks hung there): the Ulysses
+    transports over peer-mapped memory (push, overlap, copy engines) without the LSE (it goes
+    back by an NCCL all-to-all) and the rings over the copy engines; not the NCCL transports,
+    the hybrid's NCCL exchange, the NCCL ring or the FP8 wire and ring."""
+    if p.wire is not None or p.fp8ring is not None:
+        return False
+    if p.R > 1 and p.ring not in CE_RINGS:
+        return False
+    if p.U > 1:
+        return p.path in ("push", "overlap", "ce") and not return_lse
+    return p.path == "local"
 
 
 def _capture_call(p: _Plan, key: tuple, static: list, jl, scale, backend, return_lse):
