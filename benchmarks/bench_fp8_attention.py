@@ -18,6 +18,11 @@ offset and outlier channels), in one process, timed interleaved
   kernel on the pass's k_block=128 output) and ``triton_quant_ktile`` (that pass alone, against
   ``triton_quant_pv``, the per-key pass as sm90ws gets it: V^T in the P.V key order), timed in
   the same interleaved rounds as the per-key ``sm90ws_*`` rows (an A/B on one GPU).
+* with the per-tile variant (unless ``--no-h2``), that kernel with half-precision exponentials
+  (``XDIT_OPS_FP8_EXP=f16x2``; ``fp8_attention_sm90ws_ktile_h2_fwd``): ``sm90ws_ktile_h2_kernel``
+  on the same k_block=128 inputs as ``sm90ws_ktile_kernel`` and ``sm90ws_ktile_h2_total`` (the
+  op under both switches), in the same rounds: f32 against f16x2 exponentials, kernel-only and
+  with quantization.
 
 Reported per row: median ms, TFLOPS = 4*B*H*S^2*D / t (also for the quantization pass, so that
 ``total`` and ``kernel`` compare), speed-up over cuDNN bf16, and for ``cudnn_bf16`` and
@@ -27,7 +32,7 @@ worst head, relative L1, RMSE, mean |LSE error|) and the ratio of rel L1 to cuDN
 emulated) on the same inputs, for comparison; they are not timed.
 
     python benchmarks/bench_fp8_attention.py [--out DIR] [--shapes 1,4608,24,128 ...] [--quick]
-        [--impls triton sm90 sm90ws] [--no-ktile]
+        [--impls triton sm90 sm90ws] [--no-ktile] [--no-h2]
 """
 
 from __future__ import annotations
@@ -58,18 +63,20 @@ SHAPES = [(1, 4608, 24, 128), (1, 16896, 24, 128), (1, 32760, 40, 128), (2, 4250
 BASELINE = "cudnn_bf16"
 IMPLS = ("triton", "sm90", "sm90ws")
 K_SCALE_ENV = "XDIT_OPS_FP8_K_SCALE"
+EXP_ENV = "XDIT_OPS_FP8_EXP"
 
 
-def _with_impl(impl: str, fn: Callable[[], object], k_scale: str = "token"
+def _with_impl(impl: str, fn: Callable[[], object], k_scale: str = "token", exp: str = "f32"
                ) -> Callable[[], object]:
     def call():
         os.environ["XDIT_OPS_FP8_IMPL"] = impl
         os.environ[K_SCALE_ENV] = k_scale
+        os.environ[EXP_ENV] = exp
         return fn()
     return call
 
 
-def candidates(q, k, v, impls: list[str], ktile: bool = False
+def candidates(q, k, v, impls: list[str], ktile: bool = False, h2: bool = False
                ) -> dict[str, Callable[[], object]]:
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     fns: dict[str, Callable[[], object]] = {BASELINE: lambda: F.scaled_dot_product_attention(
@@ -105,6 +112,12 @@ def candidates(q, k, v, impls: list[str], ktile: bool = False
             qq_tile, q.dtype, False, "sm90ws", k_scale="tile")
         fns["sm90ws_ktile_total"] = _with_impl(
             "sm90ws", lambda: xdit_ops.fp8_attention(q, k, v), "tile")
+    if ktile and h2:
+        # the tile variant with half-precision exponentials, on the same inputs
+        fns["sm90ws_ktile_h2_kernel"] = lambda: attention_quantized_sm90(
+            qq_tile, q.dtype, False, "sm90ws", k_scale="tile", exp="f16x2")
+        fns["sm90ws_ktile_h2_total"] = _with_impl(
+            "sm90ws", lambda: xdit_ops.fp8_attention(q, k, v), "tile", "f16x2")
     return fns
 
 
@@ -124,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="FP8 implementations to try (those that cannot run are skipped)")
     p.add_argument("--no-ktile", action="store_true",
                    help="skip sm90ws' per-tile K-scale variant (XDIT_OPS_FP8_K_SCALE=tile)")
+    p.add_argument("--no-h2", action="store_true",
+                   help="skip the per-tile variant's half-precision exponentials "
+                        "(XDIT_OPS_FP8_EXP=f16x2)")
     p.add_argument("--no-naive", action="store_true",
                    help="skip the per-tensor FP8 accuracy rows (an emulation, slow at 32k)")
     args = p.parse_args(argv)
@@ -141,7 +157,13 @@ def main(argv: list[str] | None = None) -> int:
         os.environ[K_SCALE_ENV] = "tile"
         skipped["sm90ws_ktile"] = unusable_reason(dev, dtype, 128, "sm90ws")
         ktile = skipped["sm90ws_ktile"] is None
+    h2 = False
+    if ktile and not args.no_h2:
+        os.environ[EXP_ENV] = "f16x2"
+        skipped["sm90ws_ktile_h2"] = unusable_reason(dev, dtype, 128, "sm90ws")
+        h2 = skipped["sm90ws_ktile_h2"] is None
     os.environ[K_SCALE_ENV] = "token"
+    os.environ[EXP_ENV] = "f32"
     rows = []
     for B, S, H, D in shapes:
         q, k, v = dit_like_qkv(B, S, H, D, seed=0, dtype=dtype, device=dev)
@@ -151,23 +173,27 @@ def main(argv: list[str] | None = None) -> int:
             base = xdit_ops.attention(q, k, v, backend="cudnn", return_lse=True)
             acc[BASELINE] = _accuracy(*base, ref, ref_lse)
             del base
-            runs = [(impl, "token", f"{impl}_total") for impl in impls]
+            runs = [(impl, "token", "f32", f"{impl}_total") for impl in impls]
             if ktile and D > 64:  # at 64 the tile setting runs the per-key kernel
-                runs.append(("sm90ws", "tile", "sm90ws_ktile_total"))
-            for impl, k_scale, name in runs:
+                runs.append(("sm90ws", "tile", "f32", "sm90ws_ktile_total"))
+                if h2:
+                    runs.append(("sm90ws", "tile", "f16x2", "sm90ws_ktile_h2_total"))
+            for impl, k_scale, exp, name in runs:
                 os.environ["XDIT_OPS_FP8_IMPL"] = impl
                 os.environ[K_SCALE_ENV] = k_scale
+                os.environ[EXP_ENV] = exp
                 out, lse = xdit_ops.fp8_attention(q, k, v, return_lse=True)
                 acc[name] = _accuracy(out, lse, ref, ref_lse)
                 del out, lse
             os.environ[K_SCALE_ENV] = "token"
+            os.environ[EXP_ENV] = "f32"
             if not args.no_naive:
                 out, lse = fp8_attention_naive_ref(q, k, v)
                 acc["naive_fp8"] = _accuracy(out, lse, ref, ref_lse)
                 del out, lse
             del ref, ref_lse
             torch.cuda.empty_cache()
-            fns = candidates(q, k, v, impls, ktile and D > 64)
+            fns = candidates(q, k, v, impls, ktile and D > 64, h2)
             timings = common.bench_interleaved(fns, warmup=warmup, iters=iters, rounds=rounds,
                                                cold_l2=args.cold_l2, cuda_graph=args.cuda_graph,
                                                device=dev)
@@ -189,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.empty_cache()
     os.environ.pop("XDIT_OPS_FP8_IMPL", None)
     os.environ.pop(K_SCALE_ENV, None)
+    os.environ.pop(EXP_ENV, None)
 
     targets = {}
     for r in rows:
