@@ -1933,3 +1933,93 @@ def test_gate_gpu_exp_f16x2(monkeypatch, B, S, H, D):
     out32, lse32 = xdit_ops.fp8_attention(q, k, v, return_lse=True)
     assert attention_error_metrics(out, out32)["rel_l1"] <= 0.15 * m["rel_l1"]
     assert (lse - lse32).abs().max().item() < 3e-3
+
+
+# XDIT_OPS_FP8_PV_OVERLAP=1 (opt-in): the per-tile kernels (fp32 or f16x2 exponentials) with the
+# softmax kept before the wait for the consumer's own P.V (ptxas otherwise hoists the wait above
+# the exponentials). Same arithmetic: the same bits as the kernels without it.
+
+def test_pv_overlap_setting_and_ops(monkeypatch):
+    from xdit_ops.ops.fp8_attention import (
+        SM90WS_KTILE_OV_OPS,
+        attention_quantized_sm90,
+        pv_overlap_setting,
+        resolve_pv_overlap,
+        unusable_reason,
+    )
+
+    monkeypatch.delenv("XDIT_OPS_FP8_PV_OVERLAP", raising=False)
+    assert pv_overlap_setting() is False
+    monkeypatch.setenv("XDIT_OPS_FP8_PV_OVERLAP", "1")
+    assert pv_overlap_setting() is True
+    assert resolve_pv_overlap("sm90ws", 128, "tile") and resolve_pv_overlap("sm90ws", 72, "tile")
+    for args in (("sm90ws", 64, "tile"), ("sm90ws", 128, "token"), ("triton", 128, "tile"),
+                 ("sm90", 128, "tile")):
+        assert not resolve_pv_overlap(*args), args
+    assert not resolve_pv_overlap("sm90ws", 128, "tile", "0")
+    monkeypatch.setenv("XDIT_OPS_FP8_PV_OVERLAP", "yes")
+    with pytest.raises(ValueError, match=r"fp8_attention: XDIT_OPS_FP8_PV_OVERLAP='yes' is not "
+                                         r"one of \('0', '1'\)"):
+        pv_overlap_setting()
+    with pytest.raises(ValueError, match="XDIT_OPS_FP8_PV_OVERLAP='yes'"):
+        resolve_pv_overlap("triton", 128, "tile")  # checked even where it does not apply
+    assert "XDIT_OPS_FP8_PV_OVERLAP='yes'" in unusable_reason(torch.device("cpu"),
+                                                               torch.bfloat16, 128)
+    qq = quantize_qkv_ref(*dit_like_qkv(1, 40, 2, 128, seed=5), scheme=scheme_variant(k_block=128))
+    meta = {f: getattr(qq, f).to("meta") for f in ("q", "q_scale", "k", "k_scale", "vt",
+                                                   "v_scale", "lse_corr")}
+    like = torch.empty(0, dtype=torch.float16, device="meta")
+    assert sorted(SM90WS_KTILE_OV_OPS) == ["f16x2", "f32"]
+    for name in SM90WS_KTILE_OV_OPS.values():
+        op = getattr(torch.ops.xdit_ops, name).default
+        out, lse = op(meta["q"], meta["q_scale"], meta["k"], meta["k_scale"], meta["vt"],
+                      meta["v_scale"], meta["lse_corr"], qq.seqlen_k, qq.head_dim, like, True)
+        assert out.shape == (1, 40, 2, 128) and out.dtype == torch.float16
+        assert lse.shape == (1, 2, 40)
+    with pytest.raises(ValueError, match="XDIT_OPS_FP8_EXP='f8'"):
+        attention_quantized_sm90(in_pv_order(qq), torch.float16, impl="sm90ws", k_scale="tile",
+                                 exp="f8", pv_overlap=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.sm90
+@pytest.mark.parametrize("B,Sq,Sk,H,D,dtype", [
+    (1, 4097, 4097, 2, 128, torch.bfloat16),
+    (3, 77, 300, 30, 72, torch.bfloat16),
+    (1, 33, 5, 2, 128, torch.float16),
+    (2, 190, 640, 2, 128, torch.bfloat16),
+])
+@pytest.mark.parametrize("exp", ["f32", "f16x2"])
+def test_sm90ws_ktile_pv_overlap_is_the_same_kernel(exp, B, Sq, Sk, H, D, dtype):
+    """The overlap variants (pv_overlap=True) give the bits of the kernels without it (the same
+    arithmetic, scheduled differently), LSE included."""
+    from xdit_ops.ops.fp8_attention import attention_quantized_sm90, sm90_kernel_loaded
+
+    assert sm90_kernel_loaded("sm90ws", "tile", exp, True), "_C_sm90 has no ktile ov kernel"
+    q, k, v = dit_like_qkv(B, max(Sq, Sk), H, D, seed=Sq + 1, dtype=dtype, device="cuda")
+    q, k, v = q[:, :Sq], k[:, :Sk], v[:, :Sk]
+    qq = in_pv_order(quantize_qkv_ref(q, k, v, scheme=scheme_variant(k_block=128)))
+    want = attention_quantized_sm90(qq, dtype, impl="sm90ws", k_scale="tile", exp=exp)
+    got = attention_quantized_sm90(qq, dtype, impl="sm90ws", k_scale="tile", exp=exp,
+                                   pv_overlap=True)
+    assert got[0].isfinite().all() and got[1].isfinite().all()
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.gpu
+@pytest.mark.sm90
+@pytest.mark.parametrize("exp", ["f32", "f16x2"])
+def test_op_pv_overlap_switch(monkeypatch, exp):
+    """The op under XDIT_OPS_FP8_PV_OVERLAP=1 (sm90ws, K scale auto) equals the op without it."""
+    monkeypatch.setenv("XDIT_OPS_FP8_IMPL", "sm90ws")
+    monkeypatch.delenv("XDIT_OPS_FP8_K_SCALE", raising=False)
+    monkeypatch.setenv("XDIT_OPS_FP8_EXP", exp)
+    monkeypatch.setenv("XDIT_OPS_FP8_PV_OVERLAP", "1")
+    why = _gpu_impl_available("sm90ws")
+    if why is not None:
+        pytest.skip(why)
+    q, k, v = dit_like_qkv(1, 8191, 4, 128, seed=3, device="cuda")
+    out, lse = xdit_ops.fp8_attention(q, k, v, return_lse=True)
+    monkeypatch.setenv("XDIT_OPS_FP8_PV_OVERLAP", "0")
+    out0, lse0 = xdit_ops.fp8_attention(q, k, v, return_lse=True)
+    assert torch.equal(out, out0) and torch.equal(lse, lse0)

@@ -45,6 +45,12 @@
 // 565 SASS instructions per warp per 128-key tile against 497: sm_90a has no packed MUFU.EX2,
 // so each pair takes two MUFU.EX2.F16 and a PRMT to merge them (emitted twice), and the half2
 // row sums replace the fp32 FADDs.
+//
+// kOverlapPV (XDIT_OPS_FP8_PV_OVERLAP=1, opt-in, not yet run on a GPU): without it ptxas puts
+// the wait for the consumer's own P.V before the exponentials (66 of the 497 instructions
+// precede the Q K^T wait, 85 run beside P.V, 344 with every MUFU after it); with it (a block
+// boundary before the wait, see slot) 365 of 537, every MUFU among them, run beside P.V and
+// 91 after. 168 registers, no spills.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -318,7 +324,8 @@ __device__ __forceinline__ void produce(const KernelParams<kDP>& kp, Storage<kDP
 // kTileKScale: the K scales are equal within a 128-key tile (the scheme with k_block = 128,
 // XDIT_OPS_FP8_K_SCALE=tile); the softmax reads one scale per tile (softmax_tile).
 // kExpH2 (with kTileKScale only): softmax_tile's exponentials in half precision (see there).
-template <int kDP, typename OutT, bool kTileKScale, bool kExpH2>
+// kOverlapPV: keep the softmax before the P.V wait in the SASS (see slot).
+template <int kDP, typename OutT, bool kTileKScale, bool kExpH2, bool kOverlapPV>
 __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP>& s,
                                         int n_tiles, int w) {
   using C = Cfg<kDP>;
@@ -629,6 +636,14 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
       }
     }
     if constexpr (kPV) {
+      if constexpr (kOverlapPV && kQK) {
+        // Without this, ptxas (nvcc 13.0) hoists the P.V wait below (WARPGROUP.DEPBAR) above
+        // the exponentials, into the row max, and interleaves accumulate_pv with them: the
+        // MUFU phase then runs after P.V, not beside it. A branch that is never taken (the
+        // host checks seq_k >= 1) ends the basic block here, and ptxas does not move the wait
+        // across it. (A __trap() body made ptxas spill 676 bytes; nanosleep does not.)
+        if (p.seq_k < 0) asm volatile("nanosleep.u32 1;");
+      }
       warpgroup_wait<0>();
       warpgroup_fence_operand(tOrPV);
       warpgroup_fence_operand(tOrP);
@@ -676,7 +691,7 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
   if (p.lse != nullptr && (tid & 3) == 0) store_lse(p, bh, m0 + r0, m_i, l_i);
 }
 
-template <int kDP, typename OutT, bool kTileKScale, bool kExpH2>
+template <int kDP, typename OutT, bool kTileKScale, bool kExpH2, bool kOverlapPV>
 __global__ void __launch_bounds__(kThreads, 1)
     fp8_attention_ws_kernel(const __grid_constant__ KernelParams<kDP> kp) {
   extern __shared__ __align__(1024) uint8_t smem_raw[];
@@ -703,13 +718,15 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (threadIdx.x == 0) produce<kDP, kTileKScale>(kp, s, n_tiles);
   } else {
     cutlass::arch::warpgroup_reg_alloc<kConsumerRegs>();
-    consume<kDP, OutT, kTileKScale, kExpH2>(kp, s, n_tiles, warp_group - 1);
+    consume<kDP, OutT, kTileKScale, kExpH2, kOverlapPV>(kp, s, n_tiles, warp_group - 1);
   }
 }
 
 // kTileKScale: the per-tile K scale variant (p.k_scale equal within every 128-key tile).
 // kExpH2: its exponentials in half precision (softmax_tile; the per-tile variant only).
-template <int kDP, typename OutT, bool kTileKScale = false, bool kExpH2 = false>
+// kOverlapPV: the softmax kept before the P.V wait in the SASS (slot).
+template <int kDP, typename OutT, bool kTileKScale = false, bool kExpH2 = false,
+          bool kOverlapPV = false>
 cudaError_t launch(const Fp8AttentionSm90Params& p, int batch, cudaStream_t stream) {
   static_assert(kTileKScale || !kExpH2, "the half-precision exponentials are softmax_tile's");
   // Sk_pad is the quantization pass's (a multiple of 64); TMA reads the last tile's keys past
@@ -722,7 +739,7 @@ cudaError_t launch(const Fp8AttentionSm90Params& p, int batch, cudaStream_t stre
                        make_tma_k<kDP>(p.k8, p.seq_k_pad, bh),
                        make_tma_vt<kDP>(p.vt8, p.seq_k_pad, bh), p, bh};
   const int smem = static_cast<int>(sizeof(Storage<kDP>));
-  auto kernel = fp8_attention_ws_kernel<kDP, OutT, kTileKScale, kExpH2>;
+  auto kernel = fp8_attention_ws_kernel<kDP, OutT, kTileKScale, kExpH2, kOverlapPV>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
   const int rows_per_cta = kConsumers * kBlockM;

@@ -56,4 +56,13 @@ cudaError_t fp8_attention_sm90_ws_tile_k_scale_exp_h2(const Fp8AttentionSm90Para
                                                       int head_dim_padded, DType out_dtype,
                                                       cudaStream_t stream);
 
+// The per-tile K-scale kernel (exp_h2: its half-precision variant) with the softmax kept before
+// the wait for the consumer's own P.V in the SASS (XDIT_OPS_FP8_PV_OVERLAP=1, opt-in): ptxas
+// otherwise hoists that wait above the exponentials (see slot in fp8_attention_sm90_ws.cuh).
+// Same arithmetic, so the same results as the kernel without it; same inputs and restrictions.
+cudaError_t fp8_attention_sm90_ws_tile_k_scale_overlap(const Fp8AttentionSm90Params& p,
+                                                       int batch, int head_dim_padded,
+                                                       DType out_dtype, bool exp_h2,
+                                                       cudaStream_t stream);
+
 }  // namespace xdit_ops
