@@ -1716,3 +1716,316 @@ def test_softmax_tile_arithmetic_model(scale, D):
     lse_diff = (lse - emu_lse).abs().max().item()
     assert 0 < moved < 2e-3 and drift <= 0.02 * own and lse_diff < 5e-4, (moved, drift, own,
                                                                          lse_diff)
+
+
+# ---------------------------------------------------------------------------------------------
+# XDIT_OPS_FP8_EXP=f16x2 (opt-in): the per-tile kernel with half-precision exponentials
+# (fp8_attention_sm90ws_ktile_h2_fwd), whose scheme is the tile scheme with p_fp16: P =
+# fp16(exp2(fp16(a))), cast to e4m3 from fp16, each tile's row sums in fp16 in the kernel's order.
+
+def _tile_row_sum_fp16_scalar(p: torch.Tensor) -> list[float]:
+    """tile_row_sum_fp16 written the way the kernel runs it, one quad lane and one pair at a time
+    (softmax_tile, kExpH2): lane l holds keys 8 q + 2 l + b of pair q, half b; chain q % 4 starts
+    at q < 4 and adds its pair in fp16; the chains meet as ((0 + 1) + (2 + 3)) in fp16; the two
+    halves and then the quad ((l0 + l1) + (l2 + l3)) add in fp32."""
+    h = torch.float16
+    sums = []
+    for row in p.reshape(-1, p.shape[-1]):
+        row = torch.nn.functional.pad(row, (0, 128 - row.numel())).to(h)
+        lane_sums = []
+        for lane in range(4):
+            chains = [None] * 4
+            for q in range(16):
+                pair = row[8 * q + 2 * lane: 8 * q + 2 * lane + 2]
+                chains[q % 4] = pair if q < 4 else (chains[q % 4] + pair).to(h)
+            t = ((chains[0] + chains[1]).to(h) + (chains[2] + chains[3]).to(h)).to(h)
+            lane_sums.append(torch.tensor(t[0].item(), dtype=torch.float32)
+                             + torch.tensor(t[1].item(), dtype=torch.float32))
+        sums.append(((lane_sums[0] + lane_sums[1]) + (lane_sums[2] + lane_sums[3])).item())
+    return sums
+
+
+def test_tile_row_sum_fp16_is_the_kernels_order():
+    from xdit_ops.reference.fp8_attention import p_fp16, tile_row_sum_fp16
+
+    g = torch.Generator().manual_seed(3)
+    # exponents as the kernel sees them: up to 8 (P up to 256), a tail far below, -inf (masked)
+    a = 8 - 12 * torch.rand(2, 3, 100, generator=g)
+    a[..., 7] = float("-inf")
+    p = p_fp16(a)
+    assert p[..., 7].eq(0).all() and p.le(256).all()
+    assert torch.equal(p, p.half().float())  # fp16 values
+    got = tile_row_sum_fp16(p)
+    assert got.shape == (2, 3) and got.dtype == torch.float32
+    assert got.flatten().tolist() == _tile_row_sum_fp16_scalar(p)
+    # fp16 sums, not fp32 ones: 256 + 0.0625 (a quarter ulp of 256 in fp16) is 256
+    p = torch.zeros(1, 128)
+    p[0, 0] = 256.0
+    p[0, 32] = 0.0625  # chain 0 of lane 0, half 0, after key 0
+    assert tile_row_sum_fp16(p).item() == 256.0 and p.sum().item() == 256.0625
+    with pytest.raises(ValueError, match="at most 128 keys"):
+        tile_row_sum_fp16(torch.zeros(1, 129))
+
+
+def test_p_fp16_scheme_costs_little():
+    """The emulation of the f16x2 variant against the fp32 tile scheme it replaces, and a model
+    of the hardware's ex2 being off by one fp16 ulp on every P (the worst case of
+    ex2.approx.f16x2's error): the bars of the GPU tests below, measured here (on these inputs:
+    drift 4.5 % of the scheme's own error, LSE 7.6e-4; the 1-ulp model 6.5 %, 1.5e-3)."""
+    import dataclasses
+
+    from xdit_ops.ops.fp8_attention import sm90_scheme
+    from xdit_ops.reference import fp8_attention as reference
+
+    scheme = sm90_scheme("sm90ws", "tile", "f16x2")
+    assert scheme == scheme_variant(block_n=128, k_block=128, p_fp16=True)
+    with pytest.raises(ValueError, match="p_fp16 sums each tile .* needs block_n=128, got 64"):
+        scheme_variant(p_fp16=True)
+    q, k, v = dit_like_qkv(1, 1500, 2, 128, seed=11)
+    qq = quantize_qkv_ref(q, k, v, -0.09, scheme)
+    out, lse = fp8_attention_quantized_ref(qq, q.dtype, scheme)
+    out32, lse32 = fp8_attention_quantized_ref(qq, q.dtype, dataclasses.replace(
+        scheme, p_fp16=False))
+    ref, _ = _oracle(q, k, v, -0.09)
+    own = attention_error_metrics(out, ref)["rel_l1"]
+    assert own <= 1.01 * attention_error_metrics(out32, ref)["rel_l1"]
+    assert attention_error_metrics(out, out32)["rel_l1"] <= 0.06 * own
+    assert (lse - lse32).abs().max().item() < 1.5e-3
+
+    exact = reference.p_fp16
+
+    def one_ulp_up(a):
+        p = exact(a).half()
+        return (p.view(torch.int16) + (p != 0).short()).view(torch.float16).float()
+
+    reference.p_fp16 = one_ulp_up
+    try:
+        out_up, lse_up = fp8_attention_quantized_ref(qq, q.dtype, scheme)
+    finally:
+        reference.p_fp16 = exact
+    drift = attention_error_metrics(out_up, out)["rel_l1"]
+    assert 0.02 * own < drift <= 0.08 * own, drift / own
+    assert (lse_up - lse).abs().max().item() < 2e-3
+
+
+def test_gate_dit_like_exp_f16x2():
+    """The accuracy gate of the f16x2 variant's scheme, emulated."""
+    from xdit_ops.ops.fp8_attention import sm90_scheme
+
+    for B, S, H, D, dtype in (GATE_SHAPES[0], GATE_SHAPES[2]):
+        _check_gate(B, S, H, D, dtype, sm90_scheme("sm90ws", "tile", "f16x2"), NAIVE_SCHEME)
+
+
+def test_exp_setting_and_the_h2_op(monkeypatch):
+    """XDIT_OPS_FP8_EXP: f32 (default) or f16x2, which applies where sm90ws' per-tile kernel
+    runs (padded head dim 128, K scale tile) and selects its op; an unknown value is an error
+    naming the variable; the op exists on a CPU-only install (schema + fake)."""
+    from xdit_ops.ops.fp8_attention import (
+        SCHEME,
+        SM90WS_KTILE_H2_OP,
+        attention_quantized_sm90,
+        exp_setting,
+        resolve_exp,
+        sm90_scheme,
+        unusable_reason,
+    )
+
+    monkeypatch.delenv("XDIT_OPS_FP8_EXP", raising=False)
+    assert exp_setting() == "f32"
+    monkeypatch.setenv("XDIT_OPS_FP8_EXP", "f16x2")
+    assert exp_setting() == "f16x2"
+    assert resolve_exp("sm90ws", 128, "tile") == "f16x2"
+    assert resolve_exp("sm90ws", 100, "tile") == "f16x2"  # padded to 128
+    for args in (("sm90ws", 64, "tile"), ("sm90ws", 128, "token"), ("triton", 128, "tile"),
+                 ("sm90", 128, "tile"), ("emulation", 128, "tile")):
+        assert resolve_exp(*args) == "f32", args
+    assert sm90_scheme("sm90ws", "tile", "f16x2").p_fp16
+    assert not sm90_scheme("sm90ws", "token", "f16x2").p_fp16
+    assert not sm90_scheme("sm90", "tile", "f16x2").p_fp16
+    assert not sm90_scheme("sm90ws", "tile").p_fp16 and not SCHEME.p_fp16
+    monkeypatch.setenv("XDIT_OPS_FP8_EXP", "bf16")
+    with pytest.raises(ValueError, match=r"fp8_attention: XDIT_OPS_FP8_EXP='bf16' is not one of "
+                                         r"\('f32', 'f16x2'\)"):
+        exp_setting()
+    assert "XDIT_OPS_FP8_EXP='bf16'" in unusable_reason(torch.device("cpu"), torch.bfloat16, 128)
+    qq = quantize_qkv_ref(*dit_like_qkv(2, 40, 3, 72, seed=4), scheme=scheme_variant(k_block=128))
+    with pytest.raises(ValueError, match="XDIT_OPS_FP8_EXP='f64'"):
+        attention_quantized_sm90(in_pv_order(qq), torch.float16, impl="sm90ws", k_scale="tile",
+                                 exp="f64")
+    meta = {f: getattr(qq, f).to("meta") for f in ("q", "q_scale", "k", "k_scale", "vt",
+                                                   "v_scale", "lse_corr")}
+    like = torch.empty(0, dtype=torch.bfloat16, device="meta")
+    op = getattr(torch.ops.xdit_ops, SM90WS_KTILE_H2_OP).default
+    out, lse = op(meta["q"], meta["q_scale"], meta["k"], meta["k_scale"], meta["vt"],
+                  meta["v_scale"], meta["lse_corr"], qq.seqlen_k, qq.head_dim, like, True)
+    assert out.shape == (2, 40, 3, 72) and out.dtype == torch.bfloat16 and lse.shape == (2, 3, 40)
+
+
+@pytest.mark.gpu
+@pytest.mark.sm90
+@pytest.mark.parametrize("B,Sq,Sk,H,D,dtype", [
+    (1, 4097, 4097, 2, 128, torch.bfloat16),
+    (3, 77, 300, 30, 72, torch.bfloat16),
+    (1, 33, 5, 2, 128, torch.float16),
+    (2, 190, 640, 2, 128, torch.bfloat16),
+    (2, 1000, 1531, 3, 64, torch.float16),  # padded head dim 64: the per-tile kernel runs (f32)
+])
+def test_sm90ws_ktile_h2_matches_emulation(B, Sq, Sk, H, D, dtype):
+    """The per-tile kernel with half-precision exponentials (exp="f16x2") on the emulation's
+    k_block=128 inputs against the emulation of its scheme (p_fp16; the hardware ex2 may be an
+    fp16 ulp off, test_p_fp16_scheme_costs_little: 6.5 % of the scheme's error, LSE 1.5e-3 in
+    the worst case) and against the fp32-exponential kernel on the same inputs (the emulations
+    differ by 4.5 %)."""
+    from xdit_ops.ops.fp8_attention import (
+        attention_quantized_sm90,
+        resolve_exp,
+        sm90_kernel_loaded,
+        sm90_scheme,
+    )
+
+    # A Hopper build of this tree has the variant: its absence is a build failure, not a skip.
+    assert xdit_ops._extension.has("_C_sm90"), xdit_ops._extension.reason("_C_sm90")
+    assert sm90_kernel_loaded("sm90ws", "tile", "f16x2"), "_C_sm90 has no sm90ws ktile h2 kernel"
+    q, k, v = dit_like_qkv(B, max(Sq, Sk), H, D, seed=Sq, dtype=dtype, device="cuda")
+    q, k, v = q[:, :Sq], k[:, :Sk], v[:, :Sk]
+    qq = in_pv_order(quantize_qkv_ref(q, k, v, scheme=scheme_variant(k_block=128)))
+    out, lse = attention_quantized_sm90(qq, dtype, impl="sm90ws", k_scale="tile", exp="f16x2")
+    assert out.shape == (B, Sq, H, D) and out.dtype == dtype and lse.shape == (B, H, Sq)
+    assert out.isfinite().all() and lse.isfinite().all()
+    scheme = sm90_scheme("sm90ws", "tile", resolve_exp("sm90ws", D, "tile", "f16x2"))
+    assert scheme.p_fp16 == (D > 64)
+    emu_out, emu_lse = fp8_attention_quantized_ref(qq, dtype, scheme)
+    ref, _ = _oracle(q, k, v)
+    own = attention_error_metrics(emu_out, ref)["rel_l1"]
+    drift = attention_error_metrics(out, emu_out)["rel_l1"]
+    assert drift <= 0.1 * own, (drift, own)
+    assert (lse - emu_lse).abs().max().item() < 3e-3
+    out32, lse32 = attention_quantized_sm90(qq, dtype, impl="sm90ws", k_scale="tile")
+    assert attention_error_metrics(out, out32)["rel_l1"] <= 0.15 * own
+    assert (lse - lse32).abs().max().item() < 3e-3
+    out2, lse2 = attention_quantized_sm90(qq, dtype, return_lse=False, impl="sm90ws",
+                                          k_scale="tile", exp="f16x2")
+    assert torch.equal(out2, out) and lse2.numel() == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.sm90
+@pytest.mark.parametrize("B,S,H,D", [(1, 4097, 8, 128), (1, 8191, 4, 128), (1, 16889, 2, 128)])
+def test_gate_gpu_exp_f16x2(monkeypatch, B, S, H, D):
+    """The op end to end under XDIT_OPS_FP8_EXP=f16x2 (sm90ws, K scale auto: the per-tile
+    kernel's h2 variant) at sequence lengths that are not multiples of the 128-key tile: the
+    gate against the fp64 oracle, the emulation of its scheme on the first 2048 queries, and
+    the fp32-exponential op on the same inputs."""
+    from xdit_ops.ops.fp8_attention import cuda_scheme
+
+    monkeypatch.setenv("XDIT_OPS_FP8_IMPL", "sm90ws")
+    monkeypatch.delenv("XDIT_OPS_FP8_K_SCALE", raising=False)
+    monkeypatch.setenv("XDIT_OPS_FP8_EXP", "f16x2")
+    why = _gpu_impl_available("sm90ws")
+    if why is not None:
+        pytest.skip(why)
+    assert cuda_scheme(D).p_fp16 and cuda_scheme(D).k_block == 128
+    q, k, v = dit_like_qkv(B, S, H, D, seed=S, device="cuda")
+    out, lse = xdit_ops.fp8_attention(q, k, v, return_lse=True)
+    ref, ref_lse = _oracle(q, k, v)
+    m = attention_error_metrics(out, ref)
+    lse_mean, lse_p99, _ = _lse_errors(lse, ref_lse)
+    assert m["cos_mean"] >= COS_MEAN_MIN and m["cos_min"] >= COS_WORST_MIN, m
+    assert m["rel_l1"] <= REL_L1_MAX and lse_mean <= LSE_MEAN_MAX and lse_p99 <= LSE_P99_MAX, m
+    emu_out, _ = fp8_attention_ref(q[:, :2048], k, v, scheme=cuda_scheme(D))
+    own = attention_error_metrics(emu_out, ref[:, :2048])["rel_l1"]
+    assert attention_error_metrics(out[:, :2048], emu_out)["rel_l1"] <= 0.1 * own
+    monkeypatch.setenv("XDIT_OPS_FP8_EXP", "f32")
+    out32, lse32 = xdit_ops.fp8_attention(q, k, v, return_lse=True)
+    assert attention_error_metrics(out, out32)["rel_l1"] <= 0.15 * m["rel_l1"]
+    assert (lse - lse32).abs().max().item() < 3e-3
+
+
+# XDIT_OPS_FP8_PV_OVERLAP=1 (opt-in): the per-tile kernels (fp32 or f16x2 exponentials) with the
+# softmax kept before the wait for the consumer's own P.V (ptxas otherwise hoists the wait above
+# the exponentials). Same arithmetic: the same bits as the kernels without it.
+
+def test_pv_overlap_setting_and_ops(monkeypatch):
+    from xdit_ops.ops.fp8_attention import (
+        SM90WS_KTILE_OV_OPS,
+        attention_quantized_sm90,
+        pv_overlap_setting,
+        resolve_pv_overlap,
+        unusable_reason,
+    )
+
+    monkeypatch.delenv("XDIT_OPS_FP8_PV_OVERLAP", raising=False)
+    assert pv_overlap_setting() is False
+    monkeypatch.setenv("XDIT_OPS_FP8_PV_OVERLAP", "1")
+    assert pv_overlap_setting() is True
+    assert resolve_pv_overlap("sm90ws", 128, "tile") and resolve_pv_overlap("sm90ws", 72, "tile")
+    for args in (("sm90ws", 64, "tile"), ("sm90ws", 128, "token"), ("triton", 128, "tile"),
+                 ("sm90", 128, "tile")):
+        assert not resolve_pv_overlap(*args), args
+    assert not resolve_pv_overlap("sm90ws", 128, "tile", "0")
+    monkeypatch.setenv("XDIT_OPS_FP8_PV_OVERLAP", "yes")
+    with pytest.raises(ValueError, match=r"fp8_attention: XDIT_OPS_FP8_PV_OVERLAP='yes' is not "
+                                         r"one of \('0', '1'\)"):
+        pv_overlap_setting()
+    with pytest.raises(ValueError, match="XDIT_OPS_FP8_PV_OVERLAP='yes'"):
+        resolve_pv_overlap("triton", 128, "tile")  # checked even where it does not apply
+    assert "XDIT_OPS_FP8_PV_OVERLAP='yes'" in unusable_reason(torch.device("cpu"),
+                                                               torch.bfloat16, 128)
+    qq = quantize_qkv_ref(*dit_like_qkv(1, 40, 2, 128, seed=5), scheme=scheme_variant(k_block=128))
+    meta = {f: getattr(qq, f).to("meta") for f in ("q", "q_scale", "k", "k_scale", "vt",
+                                                   "v_scale", "lse_corr")}
+    like = torch.empty(0, dtype=torch.float16, device="meta")
+    assert sorted(SM90WS_KTILE_OV_OPS) == ["f16x2", "f32"]
+    for name in SM90WS_KTILE_OV_OPS.values():
+        op = getattr(torch.ops.xdit_ops, name).default
+        out, lse = op(meta["q"], meta["q_scale"], meta["k"], meta["k_scale"], meta["vt"],
+                      meta["v_scale"], meta["lse_corr"], qq.seqlen_k, qq.head_dim, like, True)
+        assert out.shape == (1, 40, 2, 128) and out.dtype == torch.float16
+        assert lse.shape == (1, 2, 40)
+    with pytest.raises(ValueError, match="XDIT_OPS_FP8_EXP='f8'"):
+        attention_quantized_sm90(in_pv_order(qq), torch.float16, impl="sm90ws", k_scale="tile",
+                                 exp="f8", pv_overlap=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.sm90
+@pytest.mark.parametrize("B,Sq,Sk,H,D,dtype", [
+    (1, 4097, 4097, 2, 128, torch.bfloat16),
+    (3, 77, 300, 30, 72, torch.bfloat16),
+    (1, 33, 5, 2, 128, torch.float16),
+    (2, 190, 640, 2, 128, torch.bfloat16),
+])
+@pytest.mark.parametrize("exp", ["f32", "f16x2"])
+def test_sm90ws_ktile_pv_overlap_is_the_same_kernel(exp, B, Sq, Sk, H, D, dtype):
+    """The overlap variants (pv_overlap=True) give the bits of the kernels without it (the same
+    arithmetic, scheduled differently), LSE included."""
+    from xdit_ops.ops.fp8_attention import attention_quantized_sm90, sm90_kernel_loaded
+
+    assert sm90_kernel_loaded("sm90ws", "tile", exp, True), "_C_sm90 has no ktile ov kernel"
+    q, k, v = dit_like_qkv(B, max(Sq, Sk), H, D, seed=Sq + 1, dtype=dtype, device="cuda")
+    q, k, v = q[:, :Sq], k[:, :Sk], v[:, :Sk]
+    qq = in_pv_order(quantize_qkv_ref(q, k, v, scheme=scheme_variant(k_block=128)))
+    want = attention_quantized_sm90(qq, dtype, impl="sm90ws", k_scale="tile", exp=exp)
+    got = attention_quantized_sm90(qq, dtype, impl="sm90ws", k_scale="tile", exp=exp,
+                                   pv_overlap=True)
+    assert got[0].isfinite().all() and got[1].isfinite().all()
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.gpu
+@pytest.mark.sm90
+@pytest.mark.parametrize("exp", ["f32", "f16x2"])
+def test_op_pv_overlap_switch(monkeypatch, exp):
+    """The op under XDIT_OPS_FP8_PV_OVERLAP=1 (sm90ws, K scale auto) equals the op without it."""
+    monkeypatch.setenv("XDIT_OPS_FP8_IMPL", "sm90ws")
+    monkeypatch.delenv("XDIT_OPS_FP8_K_SCALE", raising=False)
+    monkeypatch.setenv("XDIT_OPS_FP8_EXP", exp)
+    monkeypatch.setenv("XDIT_OPS_FP8_PV_OVERLAP", "1")
+    why = _gpu_impl_available("sm90ws")
+    if why is not None:
+        pytest.skip(why)
+    q, k, v = dit_like_qkv(1, 8191, 4, 128, seed=3, device="cuda")
+    out, lse = xdit_ops.fp8_attention(q, k, v, return_lse=True)
+    monkeypatch.setenv("XDIT_OPS_FP8_PV_OVERLAP", "0")
+    out0, lse0 = xdit_ops.fp8_attention(q, k, v, return_lse=True)
+    assert torch.equal(out, out0) and torch.equal(lse, lse0)
