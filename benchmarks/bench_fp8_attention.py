@@ -18,15 +18,6 @@ offset and outlier channels), in one process, timed interleaved
   kernel on the pass's k_block=128 output) and ``triton_quant_ktile`` (that pass alone, against
   ``triton_quant_pv``, the per-key pass as sm90ws gets it: V^T in the P.V key order), timed in
   the same interleaved rounds as the per-key ``sm90ws_*`` rows (an A/B on one GPU).
-* with the per-tile variant (unless ``--no-h2``), that kernel with half-precision exponentials
-  (``XDIT_OPS_FP8_EXP=f16x2``; ``fp8_attention_sm90ws_ktile_h2_fwd``): ``sm90ws_ktile_h2_kernel``
-  on the same k_block=128 inputs as ``sm90ws_ktile_kernel`` and ``sm90ws_ktile_h2_total`` (the
-  op under both switches), in the same rounds: f32 against f16x2 exponentials, kernel-only and
-  with quantization.
-* with the per-tile variant (unless ``--no-ov``), its variants with the softmax kept before the
-  P.V wait (``XDIT_OPS_FP8_PV_OVERLAP=1``): ``sm90ws_ktile_ov_kernel`` and
-  ``sm90ws_ktile_ov_total`` (fp32 exponentials, ``fp8_attention_sm90ws_ktile_ov_fwd``) and,
-  with the f16x2 rows, ``sm90ws_ktile_h2_ov_kernel``.
 
 Reported per row: median ms, TFLOPS = 4*B*H*S^2*D / t (also for the quantization pass, so that
 ``total`` and ``kernel`` compare), speed-up over cuDNN bf16, and for ``cudnn_bf16`` and
@@ -36,7 +27,7 @@ worst head, relative L1, RMSE, mean |LSE error|) and the ratio of rel L1 to cuDN
 emulated) on the same inputs, for comparison; they are not timed.
 
     python benchmarks/bench_fp8_attention.py [--out DIR] [--shapes 1,4608,24,128 ...] [--quick]
-        [--impls triton sm90 sm90ws] [--no-ktile] [--no-h2] [--no-ov]
+        [--impls triton sm90 sm90ws] [--no-ktile]
 """
 
 from __future__ import annotations
@@ -67,23 +58,19 @@ SHAPES = [(1, 4608, 24, 128), (1, 16896, 24, 128), (1, 32760, 40, 128), (2, 4250
 BASELINE = "cudnn_bf16"
 IMPLS = ("triton", "sm90", "sm90ws")
 K_SCALE_ENV = "XDIT_OPS_FP8_K_SCALE"
-EXP_ENV = "XDIT_OPS_FP8_EXP"
-OV_ENV = "XDIT_OPS_FP8_PV_OVERLAP"
 
 
-def _with_impl(impl: str, fn: Callable[[], object], k_scale: str = "token", exp: str = "f32",
-               ov: str = "0") -> Callable[[], object]:
+def _with_impl(impl: str, fn: Callable[[], object], k_scale: str = "token"
+               ) -> Callable[[], object]:
     def call():
         os.environ["XDIT_OPS_FP8_IMPL"] = impl
         os.environ[K_SCALE_ENV] = k_scale
-        os.environ[EXP_ENV] = exp
-        os.environ[OV_ENV] = ov
         return fn()
     return call
 
 
-def candidates(q, k, v, impls: list[str], ktile: bool = False, h2: bool = False,
-               ov: bool = False) -> dict[str, Callable[[], object]]:
+def candidates(q, k, v, impls: list[str], ktile: bool = False
+               ) -> dict[str, Callable[[], object]]:
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     fns: dict[str, Callable[[], object]] = {BASELINE: lambda: F.scaled_dot_product_attention(
         qt, kt, vt)}
@@ -118,22 +105,6 @@ def candidates(q, k, v, impls: list[str], ktile: bool = False, h2: bool = False,
             qq_tile, q.dtype, False, "sm90ws", k_scale="tile")
         fns["sm90ws_ktile_total"] = _with_impl(
             "sm90ws", lambda: xdit_ops.fp8_attention(q, k, v), "tile")
-    if ktile and h2:
-        # the tile variant with half-precision exponentials, on the same inputs
-        fns["sm90ws_ktile_h2_kernel"] = lambda: attention_quantized_sm90(
-            qq_tile, q.dtype, False, "sm90ws", k_scale="tile", exp="f16x2")
-        fns["sm90ws_ktile_h2_total"] = _with_impl(
-            "sm90ws", lambda: xdit_ops.fp8_attention(q, k, v), "tile", "f16x2")
-    if ktile and ov:
-        # the tile variants with the softmax kept before the P.V wait, on the same inputs
-        fns["sm90ws_ktile_ov_kernel"] = lambda: attention_quantized_sm90(
-            qq_tile, q.dtype, False, "sm90ws", k_scale="tile", pv_overlap=True)
-        fns["sm90ws_ktile_ov_total"] = _with_impl(
-            "sm90ws", lambda: xdit_ops.fp8_attention(q, k, v), "tile", "f32", "1")
-        if h2:
-            fns["sm90ws_ktile_h2_ov_kernel"] = lambda: attention_quantized_sm90(
-                qq_tile, q.dtype, False, "sm90ws", k_scale="tile", exp="f16x2",
-                pv_overlap=True)
     return fns
 
 
@@ -153,12 +124,6 @@ def main(argv: list[str] | None = None) -> int:
                    help="FP8 implementations to try (those that cannot run are skipped)")
     p.add_argument("--no-ktile", action="store_true",
                    help="skip sm90ws' per-tile K-scale variant (XDIT_OPS_FP8_K_SCALE=tile)")
-    p.add_argument("--no-h2", action="store_true",
-                   help="skip the per-tile variant's half-precision exponentials "
-                        "(XDIT_OPS_FP8_EXP=f16x2)")
-    p.add_argument("--no-ov", action="store_true",
-                   help="skip the per-tile variants with the softmax before the P.V wait "
-                        "(XDIT_OPS_FP8_PV_OVERLAP=1)")
     p.add_argument("--no-naive", action="store_true",
                    help="skip the per-tensor FP8 accuracy rows (an emulation, slow at 32k)")
     args = p.parse_args(argv)
@@ -176,22 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ[K_SCALE_ENV] = "tile"
         skipped["sm90ws_ktile"] = unusable_reason(dev, dtype, 128, "sm90ws")
         ktile = skipped["sm90ws_ktile"] is None
-    h2 = False
-    if ktile and not args.no_h2:
-        os.environ[EXP_ENV] = "f16x2"
-        skipped["sm90ws_ktile_h2"] = unusable_reason(dev, dtype, 128, "sm90ws")
-        h2 = skipped["sm90ws_ktile_h2"] is None
-        os.environ[EXP_ENV] = "f32"
-    ov = False
-    if ktile and not args.no_ov:
-        os.environ[OV_ENV] = "1"
-        if h2:
-            os.environ[EXP_ENV] = "f16x2"  # both ov kernels loaded
-        skipped["sm90ws_ktile_ov"] = unusable_reason(dev, dtype, 128, "sm90ws")
-        ov = skipped["sm90ws_ktile_ov"] is None
     os.environ[K_SCALE_ENV] = "token"
-    os.environ[EXP_ENV] = "f32"
-    os.environ[OV_ENV] = "0"
     rows = []
     for B, S, H, D in shapes:
         q, k, v = dit_like_qkv(B, S, H, D, seed=0, dtype=dtype, device=dev)
@@ -201,32 +151,23 @@ def main(argv: list[str] | None = None) -> int:
             base = xdit_ops.attention(q, k, v, backend="cudnn", return_lse=True)
             acc[BASELINE] = _accuracy(*base, ref, ref_lse)
             del base
-            runs = [(impl, "token", "f32", f"{impl}_total") for impl in impls]
+            runs = [(impl, "token", f"{impl}_total") for impl in impls]
             if ktile:
-                runs.append(("sm90ws", "tile", "f32", "sm90ws_ktile_total"))
-            if ktile and D > 64:  # the f16x2 and P.V-overlap variants: padded head dim 128
-                if h2:
-                    runs.append(("sm90ws", "tile", "f16x2", "sm90ws_ktile_h2_total"))
-                if ov:
-                    runs.append(("sm90ws", "tile", "f32", "sm90ws_ktile_ov_total"))
-            for impl, k_scale, exp, name in runs:
+                runs.append(("sm90ws", "tile", "sm90ws_ktile_total"))
+            for impl, k_scale, name in runs:
                 os.environ["XDIT_OPS_FP8_IMPL"] = impl
                 os.environ[K_SCALE_ENV] = k_scale
-                os.environ[EXP_ENV] = exp
-                os.environ[OV_ENV] = "1" if name.endswith("_ov_total") else "0"
                 out, lse = xdit_ops.fp8_attention(q, k, v, return_lse=True)
                 acc[name] = _accuracy(out, lse, ref, ref_lse)
                 del out, lse
             os.environ[K_SCALE_ENV] = "token"
-            os.environ[EXP_ENV] = "f32"
-            os.environ[OV_ENV] = "0"
             if not args.no_naive:
                 out, lse = fp8_attention_naive_ref(q, k, v)
                 acc["naive_fp8"] = _accuracy(out, lse, ref, ref_lse)
                 del out, lse
             del ref, ref_lse
             torch.cuda.empty_cache()
-            fns = candidates(q, k, v, impls, ktile, h2 and D > 64, ov and D > 64)
+            fns = candidates(q, k, v, impls, ktile)
             timings = common.bench_interleaved(fns, warmup=warmup, iters=iters, rounds=rounds,
                                                cold_l2=args.cold_l2, cuda_graph=args.cuda_graph,
                                                device=dev)
@@ -248,8 +189,6 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.empty_cache()
     os.environ.pop("XDIT_OPS_FP8_IMPL", None)
     os.environ.pop(K_SCALE_ENV, None)
-    os.environ.pop(EXP_ENV, None)
-    os.environ.pop(OV_ENV, None)
 
     targets = {}
     for r in rows:

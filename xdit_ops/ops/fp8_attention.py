@@ -45,24 +45,6 @@ everywhere else (the Triton kernel, ``sm90``, ``emulation``). usp_attention's FP
 wire and ring quantize per key whatever the setting (their kernels are called with per-key
 scales). An unknown setting is an error naming the variable.
 
-The exponentials of P, chosen by ``XDIT_OPS_FP8_EXP`` (read per call, :func:`exp_setting`,
-resolved by :func:`resolve_exp`): ``f32`` (default) or ``f16x2``, which applies exactly where
-sm90ws' per-tile K-scale kernel runs (padded head dim 128, K scale ``tile``) and is ignored
-elsewhere: that kernel's variant with the exponents of each key pair rounded to one half2,
-``ex2.approx.f16x2``, P cast from half2 to e4m3 and each tile's row sums in half2
-(``xdit_ops::fp8_attention_sm90ws_ktile_h2_fwd``; the scheme with ``p_fp16``). On sm_90a ptxas
-lowers ``ex2.approx.f16x2`` to two ``MUFU.EX2.F16``, one per half, so it does not halve the
-MUFU work (opt-in until a GPU run shows it faster). An unknown setting is an error naming the
-variable.
-
-``XDIT_OPS_FP8_PV_OVERLAP`` (read per call, :func:`pv_overlap_setting`, resolved by
-:func:`resolve_pv_overlap`): ``0`` (default) or ``1``, which applies where the per-tile kernel
-runs, as ``XDIT_OPS_FP8_EXP`` does: its variants (``fp8_attention_sm90ws_ktile_ov_fwd``,
-``fp8_attention_sm90ws_ktile_h2_ov_fwd`` with ``f16x2``) that keep the softmax before the wait
-for the consumer's own P.V in the SASS (ptxas otherwise hoists that wait above the
-exponentials, so they run after P.V instead of beside it). Same arithmetic, same results; opt-in
-until a GPU run shows it faster. An unknown setting is an error naming the variable.
-
 The op is lossy by design (INT8 Q K^T, FP8 P.V), so ``attention(..., backend="auto")`` never
 chooses it; ask for it with ``backend="fp8"`` or call :func:`fp8_attention`.
 """
@@ -107,17 +89,6 @@ K_SCALE_K_BLOCK = {"token": 1, "tile": 128}
 # fp8_attention_sm90_ws_tile_kernels.cu).
 SM90WS_KTILE_OP = "fp8_attention_sm90ws_ktile_fwd"
 SM90WS_KTILE_HEAD_DIMS = (64, 128)
-EXP_ENV = "XDIT_OPS_FP8_EXP"
-EXP_SETTINGS = ("f32", "f16x2")
-# That kernel with its exponentials in half precision (XDIT_OPS_FP8_EXP=f16x2), built for padded
-# head dim 128 (csrc/cuda/sm90/fp8_attention_sm90_ws_tile_h2_kernels.cu).
-SM90WS_KTILE_H2_OP = "fp8_attention_sm90ws_ktile_h2_fwd"
-PV_OVERLAP_ENV = "XDIT_OPS_FP8_PV_OVERLAP"
-PV_OVERLAP_SETTINGS = ("0", "1")
-# The per-tile kernels (fp32 and f16x2 exponentials) with the softmax kept before the P.V wait
-# (XDIT_OPS_FP8_PV_OVERLAP=1), padded head dim 128 (fp8_attention_sm90_ws_tile_ov_kernels.cu).
-SM90WS_KTILE_OV_OPS = {"f32": "fp8_attention_sm90ws_ktile_ov_fwd",
-                       "f16x2": "fp8_attention_sm90ws_ktile_h2_ov_fwd"}
 
 lib.define(
     "fp8_attention(Tensor q, Tensor k, Tensor v, float? scale=None, bool return_lse=False) "
@@ -129,10 +100,7 @@ lib.define(
 # fp8_attention_sm90_ws.cuh), same inputs and outputs, except that vt8 holds V^T in the P.V key
 # order (xdit_ops.reference.fp8_attention.vt_to_pv_order).
 # fp8_attention_sm90ws_ktile_fwd: the same with k_scale equal within every 128-key tile.
-# fp8_attention_sm90ws_ktile_h2_fwd: that one with half-precision exponentials.
-# fp8_attention_sm90ws_ktile{,_h2}_ov_fwd: those two with the softmax before the P.V wait.
-for _name in (*SM90_IMPLS.values(), SM90WS_KTILE_OP, SM90WS_KTILE_H2_OP,
-              *SM90WS_KTILE_OV_OPS.values()):
+for _name in (*SM90_IMPLS.values(), SM90WS_KTILE_OP):
     lib.define(
         f"{_name}(Tensor q8, Tensor q_scale, Tensor k8, Tensor k_scale, Tensor vt8, "
         "Tensor v_scale, Tensor lse_corr, int seqlen_k, int head_dim, Tensor out_like, "
@@ -147,75 +115,14 @@ def _sm90_op_name(impl: str) -> str:
     return SM90_IMPLS[impl]
 
 
-def _sm90_kernel_op(impl: str, k_scale: str, exp: str, pv_overlap: bool = False) -> str:
-    """The op of the native kernel ``impl`` with K scales ``k_scale``, exponentials ``exp`` and
-    ``pv_overlap`` (``tile``, ``f16x2`` and the overlap select sm90ws' variants; elsewhere they
-    change nothing)."""
-    name = _sm90_op_name(impl)
-    exp = exp_setting(exp)
-    if k_scale == "tile" and impl == "sm90ws":
-        if pv_overlap:
-            name = SM90WS_KTILE_OV_OPS[exp]
-        else:
-            name = SM90WS_KTILE_H2_OP if exp == "f16x2" else SM90WS_KTILE_OP
-    return name
-
-
-def sm90_kernel_loaded(impl: str = "sm90", k_scale: str = "token", exp: str = "f32",
-                       pv_overlap: bool = False) -> bool:
+def sm90_kernel_loaded(impl: str = "sm90", k_scale: str = "token") -> bool:
     """Whether xdit_ops._C_sm90 registered the CUDA kernel of ``impl``'s op (``sm90``:
     ``fp8_attention_sm90_fwd``, ``sm90ws``: ``fp8_attention_sm90ws_fwd``; ``sm90ws`` with
-    ``k_scale="tile"``: ``fp8_attention_sm90ws_ktile_fwd``, and with ``exp="f16x2"`` too:
-    ``fp8_attention_sm90ws_ktile_h2_fwd``; with ``pv_overlap``: ``..._ktile_ov_fwd`` and
-    ``..._ktile_h2_ov_fwd``)."""
-    name = _sm90_kernel_op(impl, k_scale, exp, pv_overlap)
+    ``k_scale="tile"``: ``fp8_attention_sm90ws_ktile_fwd``)."""
+    name = _sm90_op_name(impl)
+    if k_scale == "tile" and impl == "sm90ws":
+        name = SM90WS_KTILE_OP
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"xdit_ops::{name}", "CUDA")
-
-
-def exp_setting(setting: str | None = None) -> str:
-    """``XDIT_OPS_FP8_EXP`` (read per call; ``setting`` overrides it): ``f32`` (default) or
-    ``f16x2``; anything else is an error naming the op, the variable and the value."""
-    if setting is None:
-        setting = os.environ.get(EXP_ENV, "f32")
-    if setting not in EXP_SETTINGS:
-        raise ValueError(f"{OP}: {EXP_ENV}={setting!r} is not one of {EXP_SETTINGS}")
-    return setting
-
-
-def resolve_exp(impl: str, head_dim: int, k_scale: str, setting: str | None = None) -> str:
-    """The exponentials, ``f32`` or ``f16x2``, that the CUDA op computes with the resolved
-    implementation ``impl``, ``head_dim`` and K-scale granularity ``k_scale``
-    (:func:`resolve_k_scale`) under ``setting`` (default: the current ``XDIT_OPS_FP8_EXP``):
-    ``f16x2`` where it is set and sm90ws' per-tile kernel runs (``impl`` ``sm90ws``, padded
-    head dim 128, ``k_scale`` ``tile``), ``f32`` everywhere else. An unknown setting is an
-    error naming the variable."""
-    setting = exp_setting(setting)
-    return setting if _ktile_runs(impl, head_dim, k_scale) else "f32"
-
-
-def _ktile_runs(impl: str, head_dim: int, k_scale: str) -> bool:
-    """Whether the per-tile kernel (and its variants) runs for the resolved ``impl``,
-    ``head_dim`` and K-scale granularity."""
-    return impl == "sm90ws" and padded_head_dim(head_dim) == 128 and k_scale == "tile"
-
-
-def pv_overlap_setting(setting: str | None = None) -> bool:
-    """``XDIT_OPS_FP8_PV_OVERLAP`` (read per call; ``setting`` overrides it): ``0`` (default)
-    or ``1``; anything else is an error naming the op, the variable and the value."""
-    if setting is None:
-        setting = os.environ.get(PV_OVERLAP_ENV, "0")
-    if setting not in PV_OVERLAP_SETTINGS:
-        raise ValueError(f"{OP}: {PV_OVERLAP_ENV}={setting!r} is not one of "
-                         f"{PV_OVERLAP_SETTINGS}")
-    return setting == "1"
-
-
-def resolve_pv_overlap(impl: str, head_dim: int, k_scale: str, setting: str | None = None
-                       ) -> bool:
-    """Whether the CUDA op runs a per-tile kernel variant with the softmax kept before the P.V
-    wait: ``XDIT_OPS_FP8_PV_OVERLAP=1`` (or ``setting``) where the per-tile kernel runs (as
-    :func:`resolve_exp`); an unknown setting is an error naming the variable."""
-    return pv_overlap_setting(setting) and _ktile_runs(impl, head_dim, k_scale)
 
 
 def k_scale_setting(setting: str | None = None) -> str:
@@ -271,21 +178,15 @@ SM90_VT_PV_ORDER = {"sm90": False, "sm90ws": True}
 SM90_BLOCK_N = {"sm90": 64, "sm90ws": 128}
 
 
-def sm90_scheme(impl: str = "sm90", k_scale: str = "token", exp: str = "f32"
-                ) -> Fp8AttentionScheme:
+def sm90_scheme(impl: str = "sm90", k_scale: str = "token") -> Fp8AttentionScheme:
     """The scheme whose emulation (``fp8_attention_quantized_ref``) the native kernel ``impl``
     computes: the op's ``SCHEME`` with the kernel's key-tile width (``sm90``: 64, the op's own;
     ``sm90ws``: 128), and with ``k_scale="tile"`` one K scale per 128-key tile
     (``k_block=128``; ``sm90ws``'s tile variant computes it up to the rounding of its folded
     exponent, ``fp8_attention_sm90_ws.h``). ``k_scale`` is a granularity (``token`` or
-    ``tile``), not ``auto``. ``exp="f16x2"`` with ``sm90ws`` and ``tile``: ``p_fp16``, the
-    half-precision exponentials of ``fp8_attention_sm90ws_ktile_h2_fwd`` (at padded head dim
-    128; at 64 that op runs the per-tile kernel, fp32: :func:`resolve_exp` says which)."""
+    ``tile``), not ``auto``."""
     _sm90_op_name(impl)
-    scheme = with_k_scale(replace(SCHEME, block_n=SM90_BLOCK_N[impl]), k_scale)
-    if _sm90_kernel_op(impl, k_scale, exp) == SM90WS_KTILE_H2_OP:
-        scheme = replace(scheme, p_fp16=True)
-    return scheme
+    return with_k_scale(replace(SCHEME, block_n=SM90_BLOCK_N[impl]), k_scale)
 
 
 def cuda_scheme(head_dim: int, device: torch.device | None = None) -> Fp8AttentionScheme:
@@ -294,15 +195,14 @@ def cuda_scheme(head_dim: int, device: torch.device | None = None) -> Fp8Attenti
     and ``XDIT_OPS_FP8_K_SCALE``: the kernels' key-tile width sets the softmax block
     (``block_n``), so it can differ from the CPU op's ``SCHEME`` (the Triton kernel's 128-key
     tiles at head dim 128, the sm90ws kernel's), the FP8 format its ``fp8`` and ``p_shift``,
-    the K-scale granularity (:func:`resolve_k_scale`) its ``k_block``, ``XDIT_OPS_FP8_EXP``
-    (:func:`resolve_exp`) its ``p_fp16``."""
+    the K-scale granularity (:func:`resolve_k_scale`) its ``k_block``."""
     impl = resolve_impl(device, head_dim)
     fmt = resolve_format(device)
     k_scale = resolve_k_scale(impl, head_dim)
     if impl == "emulation":
         return with_k_scale(with_format(SCHEME, fmt), k_scale)
     if impl in SM90_IMPLS:
-        return sm90_scheme(impl, k_scale, resolve_exp(impl, head_dim, k_scale))
+        return sm90_scheme(impl, k_scale)
     from xdit_ops.triton.fp8_attention import attn_config, config_scheme
 
     return with_k_scale(config_scheme(attn_config(padded_head_dim(head_dim)), fmt), k_scale)
@@ -398,12 +298,6 @@ def unusable_reason(device: torch.device, dtype: torch.dtype, head_dim: int,
     k_scale = os.environ.get(K_SCALE_ENV, "auto")
     if k_scale not in K_SCALE_SETTINGS:
         return f"{K_SCALE_ENV}={k_scale!r} is not one of {K_SCALE_SETTINGS}"
-    exp = os.environ.get(EXP_ENV, "f32")
-    if exp not in EXP_SETTINGS:
-        return f"{EXP_ENV}={exp!r} is not one of {EXP_SETTINGS}"
-    overlap = os.environ.get(PV_OVERLAP_ENV, "0")
-    if overlap not in PV_OVERLAP_SETTINGS:
-        return f"{PV_OVERLAP_ENV}={overlap!r} is not one of {PV_OVERLAP_SETTINGS}"
     if dtype not in DTYPES:
         return f"fp8 attention takes float16/bfloat16, got {dtype}"
     if head_dim < 1 or head_dim > MAX_HEAD_DIM:
@@ -446,15 +340,6 @@ def unusable_reason(device: torch.device, dtype: torch.dtype, head_dim: int,
         if k_scale == "tile" and not sm90_kernel_loaded(impl, k_scale):
             return (f"XDIT_OPS_FP8_IMPL={impl} with {K_SCALE_ENV}=tile: xdit_ops._C_sm90 has "
                     f"no {SM90WS_KTILE_OP} kernel (rebuild)")
-        granularity = resolve_k_scale(impl, head_dim)
-        resolved_exp = resolve_exp(impl, head_dim, granularity, exp)
-        pv_overlap = resolve_pv_overlap(impl, head_dim, granularity, overlap)
-        if ((resolved_exp == "f16x2" or pv_overlap)
-                and not sm90_kernel_loaded(impl, granularity, resolved_exp, pv_overlap)):
-            return (f"XDIT_OPS_FP8_IMPL={impl} with {EXP_ENV}={exp} and {PV_OVERLAP_ENV}="
-                    f"{overlap}: xdit_ops._C_sm90 has no "
-                    f"{_sm90_kernel_op(impl, granularity, resolved_exp, pv_overlap)} kernel "
-                    "(rebuild)")
     try:
         import triton  # noqa: F401  (the quantization pass is Triton for both implementations)
     except ImportError as exc:
@@ -516,9 +401,7 @@ def _fp8_attention_cuda(q, k, v, scale=None, return_lse=False):
     if impl in SM90_IMPLS:
         qq = quantize_qkv_triton(q, k, v, scale, vt_pv_order=SM90_VT_PV_ORDER[impl],
                                  fp8_format=fmt, k_block=k_block)
-        out, lse = attention_quantized_sm90(qq, q.dtype, return_lse, impl, k_scale=k_scale,
-                                            exp=resolve_exp(impl, D, k_scale),
-                                            pv_overlap=resolve_pv_overlap(impl, D, k_scale))
+        out, lse = attention_quantized_sm90(qq, q.dtype, return_lse, impl, k_scale=k_scale)
     else:
         out, lse = fp8_attention_triton(q, k, v, scale, return_lse, fp8_format=fmt,
                                         k_block=k_block)
@@ -526,8 +409,7 @@ def _fp8_attention_cuda(q, k, v, scale=None, return_lse=False):
 
 
 def attention_quantized_sm90(qq, out_dtype: torch.dtype, return_lse: bool = True,
-                             impl: str = "sm90", k_scale: str = "token", exp: str = "f32",
-                             pv_overlap: bool = False):
+                             impl: str = "sm90", k_scale: str = "token"):
     """A native sm_90a kernel on a :class:`~xdit_ops.reference.fp8_attention.QuantizedQKV`:
     (out [B, Sq, H, D] ``out_dtype``, lse [B, H, Sq] fp32 or [B, H, 0]).
 
@@ -543,16 +425,10 @@ def attention_quantized_sm90(qq, out_dtype: torch.dtype, return_lse: bool = True
     ``sm90ws`` (padded head dim 64 or 128) it runs the per-tile K-scale variant
     (``fp8_attention_sm90ws_ktile_fwd``), for ``sm90`` its per-key kernel (per-key scales,
     these included). It computes the emulation of :func:`sm90_scheme` (impl, k_scale). ``k_scale``
-    is the granularity of ``qq``'s K scales (``auto`` is an error: the caller knows it).
-
-    ``exp="f16x2"`` with ``sm90ws`` and ``k_scale="tile"``: the variant with half-precision
-    exponentials (``fp8_attention_sm90ws_ktile_h2_fwd``; at padded head dim 128, else the
-    per-tile kernel with fp32 exponentials), the emulation of :func:`sm90_scheme` (impl,
-    k_scale, exp) there; an unknown ``exp`` is an error naming ``XDIT_OPS_FP8_EXP``.
-    ``pv_overlap`` (there too): the variant with the softmax kept before the P.V wait (same
-    results)."""
-    name = _sm90_kernel_op(impl, _granularity(k_scale, "attention_quantized_sm90"), exp,
-                           pv_overlap)
+    is the granularity of ``qq``'s K scales (``auto`` is an error: the caller knows it)."""
+    name = _sm90_op_name(impl)
+    if _granularity(k_scale, "attention_quantized_sm90") == "tile" and impl == "sm90ws":
+        name = SM90WS_KTILE_OP
     op = getattr(torch.ops.xdit_ops, name).default
     if qq.vt.dtype != E4M3FN.dtype:
         raise ValueError(f"{OP}: the {impl} kernel takes e4m3fn V^T ({E4M3FN.dtype}), got "
@@ -588,8 +464,7 @@ def _fp8_attention_sm90_fwd_fake(q8, q_scale, k8, k_scale, vt8, v_scale, lse_cor
     return out, lse
 
 
-for _name in (*SM90_IMPLS.values(), SM90WS_KTILE_OP, SM90WS_KTILE_H2_OP,
-              *SM90WS_KTILE_OV_OPS.values()):
+for _name in (*SM90_IMPLS.values(), SM90WS_KTILE_OP):
     torch.library.register_fake(f"xdit_ops::{_name}")(_fp8_attention_sm90_fwd_fake)
 
 
@@ -630,7 +505,6 @@ def fp8_attention(
     return (out, lse) if return_lse else out
 
 
-__all__ = ["attention_quantized_sm90", "auto_format", "cuda_scheme", "exp_setting",
-           "fp8_attention", "k_scale_setting", "padded_head_dim", "pv_overlap_setting",
-           "resolve_exp", "resolve_format", "resolve_k_scale", "resolve_pv_overlap",
+__all__ = ["attention_quantized_sm90", "auto_format", "cuda_scheme", "fp8_attention",
+           "k_scale_setting", "padded_head_dim", "resolve_format", "resolve_k_scale",
            "sm90_kernel_loaded", "sm90_scheme", "unusable_reason", "with_k_scale"]

@@ -101,10 +101,6 @@ def fp8_format_of(dtype: torch.dtype) -> Fp8Format:
                      f"({', '.join(f'{f.dtype}' for f in FP8_FORMATS.values())})")
 
 
-# p_fp16's key tile: the sm90ws kernel's (its fp16 row sums follow that kernel's thread layout).
-P_FP16_BLOCK_N = 128
-
-
 @dataclass(frozen=True)
 class Fp8AttentionScheme:
     """Knobs of the quantization scheme; ``SCHEME`` is the one the op uses.
@@ -121,10 +117,6 @@ class Fp8AttentionScheme:
         accumulator is truncated to this many mantissa bits (None = exact fp32 sums).
     fp8 : the FP8 format (:class:`Fp8Format`); ``p_shift`` must keep P within its max
         (:func:`with_format` sets both).
-    p_fp16 : P in half precision, as the sm90ws per-tile kernel's ``XDIT_OPS_FP8_EXP=f16x2``
-        variant computes it: the exponent rounded to fp16, ``P = fp16(exp2(fp16(a)))``, the
-        FP8 cast from that fp16 value, and each tile's row sum in fp16 in the kernel's order
-        (:func:`tile_row_sum_fp16`; ``block_n`` must be 128) before it joins the fp32 sum.
     """
 
     qk_format: str = "int8"
@@ -138,12 +130,8 @@ class Fp8AttentionScheme:
     two_level: bool = True
     pv_accum_bits: int | None = None
     fp8: Fp8Format = E4M3FN
-    p_fp16: bool = False
 
     def __post_init__(self) -> None:
-        if self.p_fp16 and self.block_n != P_FP16_BLOCK_N:
-            raise ValueError(f"fp8_attention: p_fp16 sums each tile in the sm90ws kernel's "
-                             f"order, which needs block_n={P_FP16_BLOCK_N}, got {self.block_n}")
         if 2.0 ** self.p_shift > self.fp8.max:
             raise ValueError(f"fp8_attention: p_shift {self.p_shift} puts P up to "
                              f"2^{self.p_shift} = {2.0 ** self.p_shift:g}, past {self.fp8.name}'s "
@@ -469,34 +457,6 @@ def _pv_product(p8: torch.Tensor, vt: torch.Tensor, acc: torch.Tensor | None,
     return out
 
 
-def p_fp16(a: torch.Tensor) -> torch.Tensor:
-    """``P = exp2(a)`` as the sm90ws kernel's f16x2 variant computes it: the exponent rounded
-    to fp16, exp2 of that rounded to fp16 (``ex2.approx.f16x2``; the hardware's may differ in
-    the last fp16 bit). fp32 tensor of fp16 values; ``-inf`` gives 0."""
-    return torch.exp2(a.half().float()).half().float()
-
-
-def tile_row_sum_fp16(p: torch.Tensor) -> torch.Tensor:
-    """The row sums of one key tile of fp16-valued P [..., n <= 128] (fp32 tensor) in the
-    sm90ws kernel's f16x2 order (softmax_tile in csrc/include/xdit_ops/fp8_attention_sm90_ws.cuh):
-    key 8 q + 2 l + b is held by quad lane l in half b of its pair q; lane l sums its pairs in
-    fp16 in four chains (chain r: q = r, r + 4, r + 8, r + 12), adds the chains pairwise,
-    ((0 + 1) + (2 + 3)), in fp16, then its two halves in fp32; the quad adds its lanes in fp32,
-    (l0 + l1) + (l2 + l3). Keys past n (masked in the kernel) add zeros. Returns [...] fp32."""
-    n = p.shape[-1]
-    if n > P_FP16_BLOCK_N:
-        raise ValueError(f"fp8_attention: a p_fp16 tile has at most {P_FP16_BLOCK_N} keys, got {n}")
-    x = torch.nn.functional.pad(p, (0, P_FP16_BLOCK_N - n)).half()
-    x = x.unflatten(-1, (4, 4, 4, 2))  # key 8 (4 s + r) + 2 l + b -> (s, r, l, b)
-    chain = x[..., 0, :, :, :]
-    for step in range(1, 4):
-        chain = chain + x[..., step, :, :, :]  # fp16 + fp16, rounded to fp16
-    c = chain.unbind(-3)  # the four chains, each [..., l, b]
-    lanes = ((c[0] + c[1]) + (c[2] + c[3])).float()
-    lanes = lanes[..., 0] + lanes[..., 1]
-    return (lanes[..., 0] + lanes[..., 1]) + (lanes[..., 2] + lanes[..., 3])
-
-
 def fp8_attention_quantized_ref(
     qq: QuantizedQKV,
     out_dtype: torch.dtype,
@@ -536,15 +496,9 @@ def fp8_attention_quantized_ref(
         s = s * qq.q_scale[..., None]
         m_new = torch.maximum(m, s.amax(dim=-1))
         alpha = torch.exp2(m - m_new)
-        a = s - (m_new[..., None] - scheme.p_shift)
-        if scheme.p_fp16:
-            p = p_fp16(a)
-            p_sum = tile_row_sum_fp16(p)
-        else:
-            p = torch.exp2(a)
-            p_sum = p.sum(dim=-1)
+        p = torch.exp2(s - (m_new[..., None] - scheme.p_shift))
         p8 = fp8_cast(p)
-        l_sum = l_sum * alpha + p_sum
+        l_sum = l_sum * alpha + p.sum(dim=-1)
         vt = qq.vt[:, :, :, n0:n1]
         if scheme.two_level:
             acc = acc * alpha[..., None] + _pv_product(p8, vt, None, scheme.pv_accum_bits)

@@ -1,11 +1,8 @@
-// Torch-aware launchers of xdit_ops::fp8_attention_sm90_fwd, xdit_ops::fp8_attention_sm90ws_fwd,
-// xdit_ops::fp8_attention_sm90ws_ktile_fwd, xdit_ops::fp8_attention_sm90ws_ktile_h2_fwd,
-// xdit_ops::fp8_attention_sm90ws_ktile_ov_fwd and xdit_ops::fp8_attention_sm90ws_ktile_h2_ov_fwd
-// (schemas in xdit_ops/ops/fp8_attention.py): the sm_90a FP8 attention kernels (one warpgroup
-// with cp.async; warp-specialised with TMA; the warp-specialised one with one K scale per
-// 128-key tile; that one with its exponentials in half precision; those two with the softmax
-// kept before the P.V wait) on the quantization pass's output (QuantizedQKV layouts). All take
-// the same inputs and checks.
+// Torch-aware launchers of xdit_ops::fp8_attention_sm90_fwd, xdit_ops::fp8_attention_sm90ws_fwd
+// and xdit_ops::fp8_attention_sm90ws_ktile_fwd (schemas in xdit_ops/ops/fp8_attention.py): the
+// sm_90a FP8 attention kernels (one warpgroup with cp.async; warp-specialised with TMA; the
+// warp-specialised one with one K scale per 128-key tile) on the quantization pass's output
+// (QuantizedQKV layouts). All take the same inputs and checks.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -26,18 +23,7 @@ namespace {
 
 // kWarpSpecializedTileK: k_scale equal within every 128-key tile (XDIT_OPS_FP8_K_SCALE=tile);
 // the warp-specialised kernel's per-tile variant, at both padded head dims (64 and 128).
-// kWarpSpecializedTileKExpH2: the same with half-precision exponentials (XDIT_OPS_FP8_EXP=f16x2);
-// kWarpSpecializedTileK[ExpH2]Overlap: those with the softmax kept before the P.V wait
-// (XDIT_OPS_FP8_PV_OVERLAP=1). These three are built at padded head dim 128 only; at 64 the
-// per-tile kernel runs for them (fp32 exponentials, the same bits with or without the overlap).
-enum class Sm90Kernel {
-  kOneWarpgroup,
-  kWarpSpecialized,
-  kWarpSpecializedTileK,
-  kWarpSpecializedTileKExpH2,
-  kWarpSpecializedTileKOverlap,
-  kWarpSpecializedTileKExpH2Overlap
-};
+enum class Sm90Kernel { kOneWarpgroup, kWarpSpecialized, kWarpSpecializedTileK };
 
 // One launcher for both ops (same schema, inputs and checks); the kernel is a template argument
 // so that each op registers its own instantiation.
@@ -48,14 +34,9 @@ std::tuple<at::Tensor, at::Tensor> fp8_attention_sm90_fwd_cuda(
     const at::Tensor& lse_corr, int64_t seqlen_k, int64_t head_dim, const at::Tensor& out_like,
     bool return_lse) {
   constexpr bool kWs = kernel != Sm90Kernel::kOneWarpgroup;
-  const char* kOp =
-      kernel == Sm90Kernel::kWarpSpecialized             ? "fp8_attention_sm90ws_fwd"
-      : kernel == Sm90Kernel::kWarpSpecializedTileK      ? "fp8_attention_sm90ws_ktile_fwd"
-      : kernel == Sm90Kernel::kWarpSpecializedTileKExpH2 ? "fp8_attention_sm90ws_ktile_h2_fwd"
-      : kernel == Sm90Kernel::kWarpSpecializedTileKOverlap ? "fp8_attention_sm90ws_ktile_ov_fwd"
-      : kernel == Sm90Kernel::kWarpSpecializedTileKExpH2Overlap
-          ? "fp8_attention_sm90ws_ktile_h2_ov_fwd"
-          : "fp8_attention_sm90_fwd";
+  const char* kOp = kernel == Sm90Kernel::kWarpSpecialized       ? "fp8_attention_sm90ws_fwd"
+                    : kernel == Sm90Kernel::kWarpSpecializedTileK ? "fp8_attention_sm90ws_ktile_fwd"
+                                                                  : "fp8_attention_sm90_fwd";
   XDIT_CHECK(q8.is_cuda(), kOp, ": tensors must be on a CUDA device, got ", q8.device());
   for (const at::Tensor* t : {&q_scale, &k8, &k_scale, &vt8, &v_scale, &lse_corr}) {
     XDIT_CHECK(t->device() == q8.device(), kOp, ": tensors are on different devices (",
@@ -129,18 +110,7 @@ std::tuple<at::Tensor, at::Tensor> fp8_attention_sm90_fwd_cuda(
   p.seq_k_pad = static_cast<int>(Skp);
   p.head_dim = static_cast<int>(head_dim);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  constexpr bool kOverlap = kernel == Sm90Kernel::kWarpSpecializedTileKOverlap ||
-                            kernel == Sm90Kernel::kWarpSpecializedTileKExpH2Overlap;
-  constexpr bool kTile = kernel == Sm90Kernel::kWarpSpecializedTileK ||
-                         kernel == Sm90Kernel::kWarpSpecializedTileKExpH2 || kOverlap;
-  if (kOverlap && DP == 128) {
-    XDIT_CUDA_CHECK(fp8_attention_sm90_ws_tile_k_scale_overlap(
-        p, static_cast<int>(B), static_cast<int>(DP), to_dtype(out_type, kOp),
-        kernel == Sm90Kernel::kWarpSpecializedTileKExpH2Overlap, stream));
-  } else if (kernel == Sm90Kernel::kWarpSpecializedTileKExpH2 && DP == 128) {
-    XDIT_CUDA_CHECK(fp8_attention_sm90_ws_tile_k_scale_exp_h2(
-        p, static_cast<int>(B), static_cast<int>(DP), to_dtype(out_type, kOp), stream));
-  } else if (kTile) {
+  if (kernel == Sm90Kernel::kWarpSpecializedTileK) {
     XDIT_CUDA_CHECK(fp8_attention_sm90_ws_tile_k_scale(p, static_cast<int>(B), static_cast<int>(DP),
                                                        to_dtype(out_type, kOp), stream));
   } else if (kWs) {
@@ -165,10 +135,4 @@ TORCH_LIBRARY_IMPL(xdit_ops, CUDA, m) {
          &xdit_ops::fp8_attention_sm90_fwd_cuda<Sm90Kernel::kWarpSpecialized>);
   m.impl("fp8_attention_sm90ws_ktile_fwd",
          &xdit_ops::fp8_attention_sm90_fwd_cuda<Sm90Kernel::kWarpSpecializedTileK>);
-  m.impl("fp8_attention_sm90ws_ktile_h2_fwd",
-         &xdit_ops::fp8_attention_sm90_fwd_cuda<Sm90Kernel::kWarpSpecializedTileKExpH2>);
-  m.impl("fp8_attention_sm90ws_ktile_ov_fwd",
-         &xdit_ops::fp8_attention_sm90_fwd_cuda<Sm90Kernel::kWarpSpecializedTileKOverlap>);
-  m.impl("fp8_attention_sm90ws_ktile_h2_ov_fwd",
-         &xdit_ops::fp8_attention_sm90_fwd_cuda<Sm90Kernel::kWarpSpecializedTileKExpH2Overlap>);
 }

@@ -39,19 +39,6 @@
 // per-key kernel's 670 at Dp 128, 457 against 629 at Dp 64 (bf16 and fp16 output alike; no
 // LDS of key scales, no per-score FADD/FMUL of the conversion and the K scale, 40 integer
 // max instructions, three-input VIMNMX3 mostly, for 76 FMNMX).
-//
-// kExpH2 (with kTileKScale; XDIT_OPS_FP8_EXP=f16x2, opt-in, not yet run on a GPU): softmax_tile's
-// exponentials in half precision (ex2.approx.f16x2, P cast from half2, row sums in half2 per
-// tile). ptxas (nvcc 13.0, sm_90a, Dp 128): 168 registers at launch, no spills; steady key loop
-// 565 SASS instructions per warp per 128-key tile against 497: sm_90a has no packed MUFU.EX2,
-// so each pair takes two MUFU.EX2.F16 and a PRMT to merge them (emitted twice), and the half2
-// row sums replace the fp32 FADDs.
-//
-// kOverlapPV (XDIT_OPS_FP8_PV_OVERLAP=1, opt-in, not yet run on a GPU): without it ptxas puts
-// the wait for the consumer's own P.V before the exponentials (66 of the 497 instructions
-// precede the Q K^T wait, 85 run beside P.V, 344 with every MUFU after it); with it (a block
-// boundary before the wait, see slot) 365 of 537, every MUFU among them, run beside P.V and
-// 91 after. 168 registers, no spills.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -60,7 +47,6 @@
 #include <cuda_runtime.h>
 
 #include <climits>
-#include <cstring>
 
 #include <cute/tensor.hpp>  // first: the atom headers below expect it
 #include <cute/atom/copy_traits_sm90_tma.hpp>
@@ -210,25 +196,6 @@ __device__ __forceinline__ int quad_max_int(int x) {
   return max(x, __shfl_xor_sync(0xffffffff, x, 2));
 }
 
-// 2^x of both halves (ex2.approx.f16x2; -inf gives +0) and the half2 -> e4m3x2 cast (round to
-// nearest even, saturating; the low half to the low byte), for softmax_tile's kExpH2.
-__device__ __forceinline__ __half2 ex2_f16x2(__half2 x) {
-  uint32_t in, out;
-  memcpy(&in, &x, sizeof(in));
-  asm("ex2.approx.f16x2 %0, %1;" : "=r"(out) : "r"(in));
-  __half2 y;
-  memcpy(&y, &out, sizeof(y));
-  return y;
-}
-
-__device__ __forceinline__ __nv_fp8x2_storage_t half2_to_e4m3x2(__half2 x) {
-  uint32_t in;
-  memcpy(&in, &x, sizeof(in));
-  __nv_fp8x2_storage_t out;
-  asm("cvt.rn.satfinite.e4m3x2.f16x2 %0, %1;" : "=h"(out) : "r"(in));
-  return out;
-}
-
 __device__ __forceinline__ void named_barrier_sync(int id, int threads) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
@@ -324,9 +291,7 @@ __device__ __forceinline__ void produce(const KernelParams<kDP>& kp, Storage<kDP
 // A consumer warpgroup: 64 query rows, every key tile (see the file comment for the schedule).
 // kTileKScale: the K scales are equal within a 128-key tile (the scheme with k_block = 128,
 // XDIT_OPS_FP8_K_SCALE=tile); the softmax reads one scale per tile (softmax_tile).
-// kExpH2 (with kTileKScale only): softmax_tile's exponentials in half precision (see there).
-// kOverlapPV: keep the softmax before the P.V wait in the SASS (see slot).
-template <int kDP, typename OutT, bool kTileKScale, bool kExpH2, bool kOverlapPV>
+template <int kDP, typename OutT, bool kTileKScale>
 __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP>& s,
                                         int n_tiles, int w) {
   using C = Cfg<kDP>;
@@ -507,16 +472,6 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
       k_shift[j] = -fmaf(kMagic, c[j], m_new - kPShift);
       m_i[j] = m_new;
     }
-    // kExpH2: the pair's exponents rounded to one half2 (fp16 keeps 11 significant bits: an
-    // exponent in [4, 8], P >= 16, moves by at most 2^-9, P by 0.14 %, against the e4m3 cast's
-    // 6 %; P in [2^-16, 1) by at most 0.54 %),
-    // ex2.approx.f16x2, P straight from half2 to e4m3x2, and the row sums in half2 within the
-    // tile: four partial sums per row (keys 8 q + c0 + b with q = r, r + 4, r + 8, r + 12 in
-    // chain r: each P is <= 2^kPShift = 256, a chain <= 1024), added pairwise ((0 + 1) +
-    // (2 + 3): at most 5 fp16 roundings per P), then the two halves in fp32. A masked key's
-    // -inf stays -inf in fp16 and ex2 gives +0. (sm_90a has no packed MUFU.EX2: ptxas emits
-    // two MUFU.EX2.F16 per pair, one per half; what the variant saves is the fp32 row sums.)
-    [[maybe_unused]] __half2 h_sum[2][4];
     CUTE_UNROLL
     for (int i = 0; i < size(tSrS); i += 2) {
       const int rj = (i >> 1) & 1;
@@ -526,26 +481,11 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
         if (sb[i] == INT_MIN) a0 = -INFINITY;
         if (sb[i + 1] == INT_MIN) a1 = -INFINITY;
       }
-      if constexpr (kExpH2) {
-        const __half2 ph = ex2_f16x2(__floats2half2_rn(a0, a1));
-        const int q = i >> 2;  // key block of 8: this pair's keys are 8 q + c0 + {0, 1}
-        h_sum[rj][q % 4] = q < 4 ? ph : __hadd2(h_sum[rj][q % 4], ph);
-        pk[i / 2] = half2_to_e4m3x2(ph);
-      } else {
-        const float p0 = exp2f(a0);
-        const float p1 = exp2f(a1);
-        tile_sum[rj] += p0;
-        tile_sum[rj] += p1;
-        pk[i / 2] = __nv_cvt_float2_to_fp8x2(make_float2(p0, p1), __NV_SATFINITE, __NV_E4M3);
-      }
-    }
-    if constexpr (kExpH2) {
-      CUTE_UNROLL
-      for (int j = 0; j < 2; ++j) {
-        const float2 f = __half22float2(__hadd2(__hadd2(h_sum[j][0], h_sum[j][1]),
-                                                __hadd2(h_sum[j][2], h_sum[j][3])));
-        tile_sum[j] = f.x + f.y;
-      }
+      const float p0 = exp2f(a0);
+      const float p1 = exp2f(a1);
+      tile_sum[rj] += p0;
+      tile_sum[rj] += p1;
+      pk[i / 2] = __nv_cvt_float2_to_fp8x2(make_float2(p0, p1), __NV_SATFINITE, __NV_E4M3);
     }
     CUTE_UNROLL
     for (int j = 0; j < 2; ++j) l_i[j] = l_i[j] * alpha_t[j] + quad_sum(tile_sum[j]);
@@ -637,14 +577,6 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
       }
     }
     if constexpr (kPV) {
-      if constexpr (kOverlapPV && kQK) {
-        // Without this, ptxas (nvcc 13.0) hoists the P.V wait below (WARPGROUP.DEPBAR) above
-        // the exponentials, into the row max, and interleaves accumulate_pv with them: the
-        // MUFU phase then runs after P.V, not beside it. A branch that is never taken (the
-        // host checks seq_k >= 1) ends the basic block here, and ptxas does not move the wait
-        // across it. (A __trap() body made ptxas spill 676 bytes; nanosleep does not.)
-        if (p.seq_k < 0) asm volatile("nanosleep.u32 1;");
-      }
       warpgroup_wait<0>();
       warpgroup_fence_operand(tOrPV);
       warpgroup_fence_operand(tOrP);
@@ -692,7 +624,7 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
   if (p.lse != nullptr && (tid & 3) == 0) store_lse(p, bh, m0 + r0, m_i, l_i);
 }
 
-template <int kDP, typename OutT, bool kTileKScale, bool kExpH2, bool kOverlapPV>
+template <int kDP, typename OutT, bool kTileKScale>
 __global__ void __launch_bounds__(kThreads, 1)
     fp8_attention_ws_kernel(const __grid_constant__ KernelParams<kDP> kp) {
   extern __shared__ __align__(1024) uint8_t smem_raw[];
@@ -719,17 +651,13 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (threadIdx.x == 0) produce<kDP, kTileKScale>(kp, s, n_tiles);
   } else {
     cutlass::arch::warpgroup_reg_alloc<kConsumerRegs>();
-    consume<kDP, OutT, kTileKScale, kExpH2, kOverlapPV>(kp, s, n_tiles, warp_group - 1);
+    consume<kDP, OutT, kTileKScale>(kp, s, n_tiles, warp_group - 1);
   }
 }
 
 // kTileKScale: the per-tile K scale variant (p.k_scale equal within every 128-key tile).
-// kExpH2: its exponentials in half precision (softmax_tile; the per-tile variant only).
-// kOverlapPV: the softmax kept before the P.V wait in the SASS (slot).
-template <int kDP, typename OutT, bool kTileKScale = false, bool kExpH2 = false,
-          bool kOverlapPV = false>
+template <int kDP, typename OutT, bool kTileKScale = false>
 cudaError_t launch(const Fp8AttentionSm90Params& p, int batch, cudaStream_t stream) {
-  static_assert(kTileKScale || !kExpH2, "the half-precision exponentials are softmax_tile's");
   // Sk_pad is the quantization pass's (a multiple of 64); TMA reads the last tile's keys past
   // it as zeros.
   if (p.seq_k <= 0 || p.seq_k_pad % 64 != 0 || p.seq_k > p.seq_k_pad) {
@@ -740,7 +668,7 @@ cudaError_t launch(const Fp8AttentionSm90Params& p, int batch, cudaStream_t stre
                        make_tma_k<kDP>(p.k8, p.seq_k_pad, bh),
                        make_tma_vt<kDP>(p.vt8, p.seq_k_pad, bh), p, bh};
   const int smem = static_cast<int>(sizeof(Storage<kDP>));
-  auto kernel = fp8_attention_ws_kernel<kDP, OutT, kTileKScale, kExpH2, kOverlapPV>;
+  auto kernel = fp8_attention_ws_kernel<kDP, OutT, kTileKScale>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
   const int rows_per_cta = kConsumers * kBlockM;

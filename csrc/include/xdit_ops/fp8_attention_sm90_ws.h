@@ -46,23 +46,4 @@ cudaError_t fp8_attention_sm90_ws_tile_k_scale(const Fp8AttentionSm90Params& p, 
                                                int head_dim_padded, DType out_dtype,
                                                cudaStream_t stream);
 
-// The per-tile K-scale kernel with its exponentials in half precision (XDIT_OPS_FP8_EXP=f16x2,
-// opt-in): each pair of exponents rounded to one half2, ex2.approx.f16x2, P cast from half2 to
-// e4m3 and summed in half2 within each tile (see softmax_tile in fp8_attention_sm90_ws.cuh).
-// Numerics: the emulation of that scheme with p_fp16 (xdit_ops.reference.fp8_attention),
-// up to the hardware ex2's last fp16 bit and the folded exponent's rounding. Same inputs and
-// restrictions as fp8_attention_sm90_ws_tile_k_scale.
-cudaError_t fp8_attention_sm90_ws_tile_k_scale_exp_h2(const Fp8AttentionSm90Params& p, int batch,
-                                                      int head_dim_padded, DType out_dtype,
-                                                      cudaStream_t stream);
-
-// The per-tile K-scale kernel (exp_h2: its half-precision variant) with the softmax kept before
-// the wait for the consumer's own P.V in the SASS (XDIT_OPS_FP8_PV_OVERLAP=1, opt-in): ptxas
-// otherwise hoists that wait above the exponentials (see slot in fp8_attention_sm90_ws.cuh).
-// Same arithmetic, so the same results as the kernel without it; same inputs and restrictions.
-cudaError_t fp8_attention_sm90_ws_tile_k_scale_overlap(const Fp8AttentionSm90Params& p,
-                                                       int batch, int head_dim_padded,
-                                                       DType out_dtype, bool exp_h2,
-                                                       cudaStream_t stream);
-
 }  // namespace xdit_ops
