@@ -329,3 +329,16 @@ def assert_cuda_graph_replays(call: Callable, inputs: tuple, fresh: tuple) -> No
     torch.cuda.synchronize()
     assert not torch.equal(again, eager)
     assert torch.equal(out, again), max_abs_err(out, again)
+
+
+def run_threads(target: Callable[[int], None], n: int, timeout: float = 120.0) -> None:
+    """``target(r)`` for r in 0..n-1, one thread each (rank threads of the CPU simulations of
+    the multi-rank protocols); waits up to ``timeout`` seconds for each. ``target`` records its
+    own errors (the caller asserts them)."""
+    import threading
+
+    threads = [threading.Thread(target=target, args=(r,)) for r in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=timeout)

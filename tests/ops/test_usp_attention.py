@@ -25,6 +25,7 @@ from tests.utils import (
     oracle_attention,
     randn,
     run_distributed,
+    run_threads,
 )
 
 _usp = importlib.import_module("xdit_ops.ops.usp_attention")
@@ -1016,11 +1017,7 @@ def test_push_path_wiring_in_threads(case, push_kernel, monkeypatch):
             barrier.abort()
             errors.append((r, exc))
 
-    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(U)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
+    run_threads(rank_main, U)
     assert not errors, errors
     for r in range(U):
         rows_s = slice(J, J + lens[r]) if front else slice(0, lens[r])

@@ -27,7 +27,14 @@ import pytest
 import torch
 
 import xdit_ops
-from tests.utils import max_abs_err, oracle_attention, randn, replay_copy2d, run_distributed
+from tests.utils import (
+    max_abs_err,
+    oracle_attention,
+    randn,
+    replay_copy2d,
+    run_distributed,
+    run_threads,
+)
 from xdit_ops.ops.stream_memops import WRITE, copy2d_template, rebased, run_copy2d_t
 from xdit_ops.ops.ulysses_pack import push_region_size, push_regions
 from xdit_ops.ops.usp_attention import (
@@ -426,11 +433,7 @@ def test_overlap_in_threads(case, host, monkeypatch):
             stop.set()
             errors.append((r, exc))
 
-    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(U)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
+    run_threads(rank_main, U)
     assert not errors, errors
     assert len(bufs) == 2  # one data buffer (regions per chunk, then the output), one flag set
     for r in range(U):
