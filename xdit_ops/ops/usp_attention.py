@@ -1630,6 +1630,8 @@ def _usp_impl(q, k, v, joint_lengths, joint_tokens, joint_front, seq_len, scale,
         plan = _build_plan(q, k, v, joint_lengths, joint_tokens, joint_front, seq_len, backend,
                            ug, rg, shard_lengths, switches)
         if len(_PLANS) >= _MAX_PLANS:
+            if not _capturing():  # (no synchronize inside a capture)
+                release_call_graphs()  # after the replays using their memory have run
             _PLANS.clear()
         _PLANS[key] = plan
     elif plan.check != _CHECK_NONE and not _capturing():
