@@ -366,6 +366,7 @@ def main() -> None:
                 continue
             # a fresh plan cache per config, so that a row's usp_paths are the paths this
             # config planned (run 36 reported the union over every earlier config)
+            _usp.release_call_graphs()  # (synchronized) before their plans go
             _usp._PLANS.clear()
             xdit_ops.init_parallel(ulysses_degree=u, ring_degree=r)
             shards = [xdit_ops.shard_sequence(t)[0] for t in (q, k, v)]

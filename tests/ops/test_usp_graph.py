@@ -66,6 +66,8 @@ def test_usp_graph_switch_on_cpu_changes_nothing():
 # (name, ulysses degree or None for all ranks, ring degree, transport switches)
 GPU_MODES = {
     "push": (None, 1, {"XDIT_OPS_USP_ULYSSES": "push"}),
+    "overlap": (None, 1, {"XDIT_OPS_USP_ULYSSES": "overlap"}),
+    "uce": (None, 1, {"XDIT_OPS_USP_ULYSSES": "ce"}),
     "nccl": (None, 1, {"XDIT_OPS_USP_ULYSSES": "nccl"}),
     "ce": (1, None, {"XDIT_OPS_USP_RING": "ce"}),
     "ceflags": (1, None, {"XDIT_OPS_USP_RING": "ceflags"}),
@@ -117,7 +119,8 @@ def _worker_gpu(rank, world, mode):
         assert not torch.equal(got[1][0], got[2][0])
         # a graph where it holds no NCCL kernel (_graph_eligible): the peer-mapped push and
         # the copy-engine rings, not the NCCL transports nor the LSE's NCCL all-to-all
-        eligible = mode in ("push", "ce", "ceflags") and not (kwargs.get("return_lse") and u > 1)
+        eligible = (mode in ("push", "overlap", "uce", "ce", "ceflags")
+                    and not (kwargs.get("return_lse") and u > 1))
         graphs = [g for p in _usp._PLANS.values() for g in p.graphs.values()]
         graphed = any(isinstance(g, _usp._CallGraph) for g in graphs)
         assert graphed == eligible, (mode, kwargs.keys(), graphs)

@@ -164,7 +164,7 @@ def _check_agreement(meta: list[int], ug, rg) -> None:
         names = ("(query shape, key shape, value shape, dtypes, joint_tokens, seq_len, "
                  "joint_front, no joint_lengths, shard_lengths count/sum/weighted sum, "
                  "XDIT_OPS_USP_CHUNKS/_RING/_ULYSSES/_FP8_WIRE, XDIT_OPS_FP8_FORMAT, "
-                 "XDIT_OPS_PUSH_KERNEL)")
+                 "XDIT_OPS_PUSH_KERNEL, XDIT_OPS_USP_GRAPH valid)")
         ranks = dist.get_process_group_ranks(g)
         detail = "; ".join(f"rank {ranks[i]}: {tuple(r)}" for i, r in enumerate(rows))
         raise ValueError(
@@ -504,17 +504,21 @@ def release_symmetric_buffers() -> None:
     _PEER_MAPPED.clear()
 
 
-def release_call_graphs() -> None:
+def release_call_graphs(sync: bool = True) -> None:
     """Drop the eager calls' own CUDA graphs (XDIT_OPS_USP_GRAPH): a live graph holding NCCL
     kernels keeps its communicator busy, so ``destroy_process_group`` (or the interpreter's
     exit) would wait on it (run 49: the ranks hung in destroy_process_group). Called by
-    ``release_symmetric_buffers`` and at exit; the next call of a plan starts over (eager,
-    then a new capture)."""
+    ``release_symmetric_buffers`` (after a synchronize of their devices) and at exit (without:
+    a peer that died mid-call would leave the exit waiting forever); the next call of a plan
+    starts over (eager, then a new capture)."""
     plans = [p for p in _PLANS.values() if p.graphs]
     if not plans:
         return
-    if torch.cuda.is_initialized():
-        torch.cuda.synchronize()  # no replay may still run when its graph is destroyed
+    if sync and torch.cuda.is_initialized():
+        # no replay may still run when its graph (and its memory pool) goes: every device
+        # that has one
+        for dev in {key[2] for p in plans for key in p.graphs}:
+            torch.cuda.synchronize(dev)
     for p in plans:
         p.graphs.clear()
     GRAPH_FAILURES.clear()
@@ -1321,9 +1325,12 @@ def _lengths_digest(shard_lengths) -> list[int]:
 def _switches(grouped: bool) -> tuple:
     """The raw values of the op's environment switches, (``XDIT_OPS_USP_CHECK``, ``_CHUNKS``,
     ``_RING``, ``_ULYSSES``, ``_FP8_WIRE``, ``XDIT_OPS_FP8_FORMAT``, ``XDIT_OPS_PUSH_KERNEL``,
-    ``XDIT_OPS_MERGE_IMPL``), None where unset: part of the plan key, so a switch changed
-    between calls takes effect on the next call (and is validated by the new plan: the native
-    launchers that read the last two are called directly, past their Python checks), and what
+    ``XDIT_OPS_MERGE_IMPL``, ``XDIT_OPS_USP_GRAPH``, and the switches read on every call inside
+    a call's body, which a call graph freezes: ``XDIT_OPS_USP_HOST``, ``XDIT_OPS_MEMOPS_BATCH``,
+    ``XDIT_OPS_FP8_IMPL``, ``XDIT_OPS_FP8_K_SCALE``), None where unset: part of the plan key,
+    so a switch changed between calls takes effect on the next call (and is validated by the new
+    plan: the native launchers that read the push kernel and merge switches are called directly,
+    past their Python checks), and what
     the plan is built from (the environment is read once per call). A call without a group
     reads none: no switch applies to a single device."""
     if not grouped:
@@ -1331,7 +1338,8 @@ def _switches(grouped: bool) -> tuple:
     get = os.environ.get
     return (get("XDIT_OPS_USP_CHECK"), get("XDIT_OPS_USP_CHUNKS"), get("XDIT_OPS_USP_RING"),
             get("XDIT_OPS_USP_ULYSSES"), get(WIRE_ENV), get(FORMAT_ENV), get(PUSH_KERNEL_ENV),
-            get("XDIT_OPS_MERGE_IMPL"))
+            get("XDIT_OPS_MERGE_IMPL"), get(GRAPH_ENV), get(HOST_ENV), get(BATCH_ENV),
+            get("XDIT_OPS_FP8_IMPL"), get("XDIT_OPS_FP8_K_SCALE"))
 
 
 def _chunks_code(switch: str | None) -> int:
@@ -1398,7 +1406,7 @@ class _Plan:
         "mine", "squeeze", "path", "chunks", "chunk_heads", "ring", "nxt", "prv", "in_splits",
         "out_splits", "lse_splits", "seq_len", "check",
         "agree_key", "attn_backend", "push_key", "push_blocks", "wire", "fp8ring",
-        "graph_auto", "graphs",
+        "graph_mode", "graph_auto", "graphs",
     )
 
 
@@ -1425,8 +1433,8 @@ def _build_plan(q, k, v, joint_lengths, joint_tokens, joint_front, seq_len, back
                 shard_lengths, switches) -> _Plan:
     """Validate a call signature (after the cross-rank agreement) and plan it; ``switches``:
     ``_switches()`` of this call."""
-    check_sw, chunks_sw, ring_sw, ulysses_sw, wire_sw, format_sw, push_sw, _ = \
-        switches or (None,) * 8
+    check_sw, chunks_sw, ring_sw, ulysses_sw, wire_sw, format_sw, push_sw, _, graph_sw = \
+        (tuple(switches or ()) + (None,) * 9)[:9]
     U, R = _group_size(ug), _group_size(rg)
     u_rank, r_rank = _group_rank(ug), _group_rank(rg)
     check = _CHECK_NONE
@@ -1441,7 +1449,10 @@ def _build_plan(q, k, v, joint_lengths, joint_tokens, joint_front, seq_len, back
                     + [_DTYPE_CODES.get(t.dtype, 9) for t in (q, k, v)]
                     + [joint_tokens, seq_len, int(joint_front), int(joint_lengths is None)]
                     + _lengths_digest(shard_lengths)
-                    + _switch_codes(chunks_sw, ring_sw, ulysses_sw, wire_sw, format_sw, push_sw))
+                    + _switch_codes(chunks_sw, ring_sw, ulysses_sw, wire_sw, format_sw, push_sw)
+                    # ranks may differ in XDIT_OPS_USP_GRAPH, but a value only one rank would
+                    # refuse must fail every rank here, not leave the others waiting
+                    + [0 if graph_sw is None or graph_sw in GRAPH_SETTINGS else 99])
             agree_key = (ug, rg, tuple(meta))
             due = mode == "always" or agree_key not in _AGREED
             capturing = _capturing()
@@ -1514,6 +1525,7 @@ def _build_plan(q, k, v, joint_lengths, joint_tokens, joint_front, seq_len, back
     p.squeeze = any(n < L and any(mine[j + 1:]) for j, n in enumerate(mine))
     tokens = J + sum(lens)  # the gathered sequence's valid tokens (auto; the FP8 ring's count)
     # XDIT_OPS_USP_GRAPH=auto replays eager calls from a graph of their own below this size
+    p.graph_mode = graph_setting(graph_sw or "auto") if switches else "0"
     p.graph_auto = (q.device.type == "cuda" and (U > 1 or R > 1)
                     and tokens < AUTO_GRAPH_MAX_TOKENS)
     p.graphs = {}
@@ -1624,7 +1636,6 @@ def _usp_impl(q, k, v, joint_lengths, joint_tokens, joint_front, seq_len, scale,
            None if joint_lengths is None else joint_lengths.shape, joint_tokens, joint_front,
            seq_len, backend, ug, rg,
            None if shard_lengths is None else tuple(shard_lengths), switches)
-    graph_sw = graph_setting() if ug is not None or rg is not None else "0"
     plan = _PLANS.get(key)
     if plan is None:
         plan = _build_plan(q, k, v, joint_lengths, joint_tokens, joint_front, seq_len, backend,
@@ -1639,7 +1650,8 @@ def _usp_impl(q, k, v, joint_lengths, joint_tokens, joint_front, seq_len, scale,
             _agree(list(plan.agree_key[2]), ug, rg, plan.agree_key)
         if plan.check == _CHECK_PENDING:
             plan.check = _CHECK_NONE
-    if (plan.graph_auto or graph_sw == "1") and graph_sw != "0" and q.device.type == "cuda" \
+    mode = plan.graph_mode
+    if (mode == "1" or (mode == "auto" and plan.graph_auto)) and q.device.type == "cuda" \
             and _graph_eligible(plan, return_lse) and not _capturing():
         return _run_graphed(plan, q, k, v, joint_lengths, scale, backend, return_lse)
     return _run(plan, q, k, v, joint_lengths, scale, backend, return_lse)
@@ -1662,8 +1674,8 @@ def _usp_impl(q, k, v, joint_lengths, joint_tokens, joint_front, seq_len, scale,
 # holds no NCCL kernel (_graph_eligible).
 
 AUTO_GRAPH_MAX_TOKENS = 16384
+GRAPH_ENV = "XDIT_OPS_USP_GRAPH"
 GRAPH_SETTINGS = ("auto", "0", "1")
-_GRAPH_WARM = object()  # a key's first call ran eagerly: capture on the next
 _GRAPH_OFF = object()  # its capture failed: eager from then on
 
 
@@ -1672,7 +1684,7 @@ def graph_setting(value: str | None = None) -> str:
     eager calls from a graph of their own below ``AUTO_GRAPH_MAX_TOKENS`` gathered tokens on
     CUDA, ``1`` at every size, ``0`` never. Another value is an error naming the variable."""
     if value is None:
-        value = os.environ.get("XDIT_OPS_USP_GRAPH", "auto")
+        value = os.environ.get(GRAPH_ENV, "auto")
     if value not in GRAPH_SETTINGS:
         raise ValueError(f"{OP}: XDIT_OPS_USP_GRAPH={value!r} is not one of {GRAPH_SETTINGS}")
     return value
@@ -1689,7 +1701,7 @@ class _CallGraph:
 GRAPH_FAILURES: dict[tuple, str] = {}
 # before torch's own teardown of the process groups at exit (atexit runs before the module
 # globals holding them are collected)
-atexit.register(release_call_graphs)
+atexit.register(release_call_graphs, sync=False)
 
 
 def _graph_eligible(p: _Plan, return_lse: bool) -> bool:
@@ -1732,7 +1744,7 @@ def _capture_call(p: _Plan, key: tuple, static: list, jl, scale, backend, return
                 graph.capture_end()
     except Exception as e:  # noqa: BLE001 - any capture failure: this key stays eager
         p.graphs[key] = _GRAPH_OFF
-        GRAPH_FAILURES[key] = repr(e)
+        GRAPH_FAILURES[(id(p),) + key] = repr(e)
         warnings.warn(f"{OP}: capturing the call graph failed ({e!r}); this call signature "
                       "runs eagerly (XDIT_OPS_USP_GRAPH=0 skips the attempt)", RuntimeWarning,
                       stacklevel=4)
@@ -1743,18 +1755,34 @@ def _capture_call(p: _Plan, key: tuple, static: list, jl, scale, backend, return
     return state
 
 
+def _static_inputs(q, k, v, joint_lengths) -> list[torch.Tensor]:
+    """Contiguous copies of a call's inputs that the call graph reads (``joint_lengths`` on
+    ``q``'s device: a host-to-device copy cannot be captured). Made outside inference mode, so a
+    call graph first made under ``torch.inference_mode()`` still takes the inputs of later calls
+    made without it."""
+    srcs = [q, k, v] + ([joint_lengths] if joint_lengths is not None else [])
+    with torch.inference_mode(False):
+        static = [torch.empty(t.shape, dtype=t.dtype, device=q.device) for t in srcs]
+    torch._foreach_copy_(static, srcs)
+    return static
+
+
 def _run_graphed(p: _Plan, q, k, v, joint_lengths, scale, backend, return_lse):
-    """``_run`` through the plan's call graph for (scale, return_lse) (see the block above)."""
+    """``_run`` through the plan's call graph for (scale, return_lse) (see the block above).
+    The first call runs eagerly on the static copies the capture will read, so the capture
+    meets exactly the layouts (and cuDNN plans, kernel specialisations) that call warmed up."""
     key = (scale, bool(return_lse), q.device)
     state = p.graphs.get(key)
-    if state is None:  # first call with this key: eager, and capture on the next
-        out = _run(p, q, k, v, joint_lengths, scale, backend, return_lse)
-        p.graphs[key] = _GRAPH_WARM
+    if state is None:  # first call with this key: eager on the static inputs
+        static = _static_inputs(q, k, v, joint_lengths)
+        jl = static[3] if joint_lengths is not None else None
+        out = _run(p, static[0], static[1], static[2], jl, scale, backend, return_lse)
+        p.graphs[key] = static  # warm: capture on the next call
         return out
-    if state is _GRAPH_WARM:
-        srcs = [q, k, v] + ([joint_lengths] if joint_lengths is not None else [])
-        static = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in srcs]
-        torch._foreach_copy_(static, srcs)
+    if isinstance(state, list):  # warm: capture now, on the same static tensors
+        static = state
+        torch._foreach_copy_(static, [q, k, v] + ([joint_lengths] if joint_lengths is not None
+                                                   else []))
         jl = static[3] if joint_lengths is not None else None
         state = _capture_call(p, key, static, jl, scale, backend, return_lse)
         if state is None:  # the capture failed: eager from now on (warned)
