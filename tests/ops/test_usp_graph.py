@@ -48,7 +48,7 @@ def _worker_cpu(rank, world):
         outs.append(xdit_ops.usp_attention(q, k, v, joint_tokens=2, return_lse=True))
     for o, lse in outs[1:]:
         assert torch.equal(o, outs[0][0]) and torch.equal(lse, outs[0][1])
-    assert all(not p.graph_auto and not p.graphs for p in _usp._PLANS.values())
+    assert all(not any(p.graphed) and not p.graphs for p in _usp._PLANS.values())
     os.environ["XDIT_OPS_USP_GRAPH"] = "on"
     try:
         xdit_ops.usp_attention(q, k, v)

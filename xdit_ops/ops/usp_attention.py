@@ -1406,7 +1406,7 @@ class _Plan:
         "mine", "squeeze", "path", "chunks", "chunk_heads", "ring", "nxt", "prv", "in_splits",
         "out_splits", "lse_splits", "seq_len", "check",
         "agree_key", "attn_backend", "push_key", "push_blocks", "wire", "fp8ring",
-        "graph_mode", "graph_auto", "graphs",
+        "graphed", "graphs",
     )
 
 
@@ -1524,10 +1524,7 @@ def _build_plan(q, k, v, joint_lengths, joint_tokens, joint_front, seq_len, back
     p.mine = mine = lens[r_rank * U:(r_rank + 1) * U]
     p.squeeze = any(n < L and any(mine[j + 1:]) for j, n in enumerate(mine))
     tokens = J + sum(lens)  # the gathered sequence's valid tokens (auto; the FP8 ring's count)
-    # XDIT_OPS_USP_GRAPH=auto replays eager calls from a graph of their own below this size
-    p.graph_mode = graph_setting(graph_sw or "auto") if switches else "0"
-    p.graph_auto = (q.device.type == "cuda" and (U > 1 or R > 1)
-                    and tokens < AUTO_GRAPH_MAX_TOKENS)
+    graph_mode = graph_setting(graph_sw or "auto") if switches else "0"
     p.graphs = {}
     p.ring = ring_transport(q.device, ring_sw) if R > 1 else "nccl"
     if p.ring == "auto":
@@ -1600,6 +1597,11 @@ def _build_plan(q, k, v, joint_lengths, joint_tokens, joint_front, seq_len, back
     p.in_splits = _exchange_splits(3 * B * L * D, heads, p.h_me, True)  # [3, B, L, h, D]
     p.out_splits = _exchange_splits(B * (J + L) * v.shape[3], heads, p.h_me, False)
     p.lse_splits = _exchange_splits(B * (J + L), heads, p.h_me, False)
+    # whether its eager calls replay a graph of their own, without / with the LSE (decided
+    # once here: the call only looks it up)
+    on = q.device.type == "cuda" and (graph_mode == "1" or (
+        graph_mode == "auto" and (U > 1 or R > 1) and tokens < AUTO_GRAPH_MAX_TOKENS))
+    p.graphed = (on and _graph_eligible(p, False), on and _graph_eligible(p, True))
     return p
 
 
@@ -1650,9 +1652,7 @@ def _usp_impl(q, k, v, joint_lengths, joint_tokens, joint_front, seq_len, scale,
             _agree(list(plan.agree_key[2]), ug, rg, plan.agree_key)
         if plan.check == _CHECK_PENDING:
             plan.check = _CHECK_NONE
-    mode = plan.graph_mode
-    if (mode == "1" or (mode == "auto" and plan.graph_auto)) and q.device.type == "cuda" \
-            and _graph_eligible(plan, return_lse) and not _capturing():
+    if plan.graphed[return_lse] and not _capturing():
         return _run_graphed(plan, q, k, v, joint_lengths, scale, backend, return_lse)
     return _run(plan, q, k, v, joint_lengths, scale, backend, return_lse)
 
@@ -1755,43 +1755,32 @@ def _capture_call(p: _Plan, key: tuple, static: list, jl, scale, backend, return
     return state
 
 
-def _static_inputs(q, k, v, joint_lengths) -> list[torch.Tensor]:
-    """Contiguous copies of a call's inputs that the call graph reads (``joint_lengths`` on
-    ``q``'s device: a host-to-device copy cannot be captured). Made outside inference mode, so a
-    call graph first made under ``torch.inference_mode()`` still takes the inputs of later calls
-    made without it."""
-    srcs = [q, k, v] + ([joint_lengths] if joint_lengths is not None else [])
-    with torch.inference_mode(False):
-        static = [torch.empty(t.shape, dtype=t.dtype, device=q.device) for t in srcs]
-    torch._foreach_copy_(static, srcs)
-    return static
-
-
 def _run_graphed(p: _Plan, q, k, v, joint_lengths, scale, backend, return_lse):
     """``_run`` through the plan's call graph for (scale, return_lse) (see the block above).
     The first call runs eagerly on the static copies the capture will read, so the capture
-    meets exactly the layouts (and cuDNN plans, kernel specialisations) that call warmed up."""
+    meets exactly the layouts (and cuDNN plans, kernel specialisations) that call warmed up.
+    The static copies are contiguous, ``joint_lengths``' on ``q``'s device (a host-to-device
+    copy cannot be captured), and made outside inference mode, so a graph first made under
+    ``torch.inference_mode()`` still takes the inputs of later calls made without it."""
     key = (scale, bool(return_lse), q.device)
     state = p.graphs.get(key)
-    if state is None:  # first call with this key: eager on the static inputs
-        static = _static_inputs(q, k, v, joint_lengths)
-        jl = static[3] if joint_lengths is not None else None
-        out = _run(p, static[0], static[1], static[2], jl, scale, backend, return_lse)
+    if state is _GRAPH_OFF:
+        return _run(p, q, k, v, joint_lengths, scale, backend, return_lse)
+    srcs = [q, k, v] + ([joint_lengths] if joint_lengths is not None else [])
+    if state is None:  # first call with this key: eager on new static inputs
+        with torch.inference_mode(False):
+            static = [torch.empty(t.shape, dtype=t.dtype, device=q.device) for t in srcs]
+    else:  # the static inputs: of the warm-up (a list) or of the graph
+        static = state if isinstance(state, list) else state.inputs
+    torch._foreach_copy_(static, srcs)
+    jl = static[3] if joint_lengths is not None else None
+    if state is None:
         p.graphs[key] = static  # warm: capture on the next call
-        return out
+        return _run(p, static[0], static[1], static[2], jl, scale, backend, return_lse)
     if isinstance(state, list):  # warm: capture now, on the same static tensors
-        static = state
-        torch._foreach_copy_(static, [q, k, v] + ([joint_lengths] if joint_lengths is not None
-                                                   else []))
-        jl = static[3] if joint_lengths is not None else None
         state = _capture_call(p, key, static, jl, scale, backend, return_lse)
         if state is None:  # the capture failed: eager from now on (warned)
             return _run(p, q, k, v, joint_lengths, scale, backend, return_lse)
-    elif state is _GRAPH_OFF:
-        return _run(p, q, k, v, joint_lengths, scale, backend, return_lse)
-    else:
-        srcs = [q, k, v] + ([joint_lengths] if joint_lengths is not None else [])
-        torch._foreach_copy_(state.inputs, srcs)
     state.graph.replay()
     out, lse = state.outputs
     return out.clone(), (lse.clone() if return_lse else lse.new_empty((0,)))
