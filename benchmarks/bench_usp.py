@@ -9,8 +9,9 @@ and yunchang 0.6.4's LongContextAttention with AttnType.TORCH_CUDNN, on the same
 Reports ms (the slowest rank's median), parallel efficiency T1 / (N * TN), the
 relative error of the gathered output against an fp32 reference next to single-GPU cuDNN's,
 and the host time of one eager call (default cross-rank check: the first call of a shape;
-without it; and checked on every call, the behaviour before the check was cached), the three
-measured in interleaved rounds (medians of 3 x 20 calls each).
+without it; checked on every call, the behaviour before the check was cached; and the default
+without usp_attention's eager fast path, ``host_us_no_fast_path``: the op's dispatch, plan
+lookup and Python replay), the four measured in interleaved rounds (medians of 3 x 20 calls).
 
 Host floors, measured in the same run on the same ranks: the host time of the calls a
 Python-composed usp_attention cannot avoid, each alone: one cuDNN SDPA call
@@ -131,18 +132,22 @@ def host_time_us(fn, n: int = 30, sleep_cycles: int = int(3e9)) -> float:
 
 def host_modes_us(fn, modes: dict[str, str | None], rounds: int = 3, n: int = 20) -> dict:
     """Median host time of one call of ``fn`` under each ``XDIT_OPS_USP_CHECK`` value of
-    ``modes`` (None: unset), measured in interleaved rounds: measured one mode after the other,
-    the first mode read up to 4x above the second in run 15 although both do the same work
-    after their first call."""
+    ``modes`` (None: unset; ``"nofast"``: unset, with usp_attention's fast path off), measured
+    in interleaved rounds: measured one mode after the other, the first mode read up to 4x
+    above the second in run 15 although both do the same work after their first call."""
     samples: dict[str, list[float]] = {m: [] for m in modes}
     for _ in range(rounds):
         for m, value in modes.items():
-            if value is None:
+            # "nofast": the default check without the public function's fast path (A/B)
+            _usp.FAST_PATH = value != "nofast"
+            if value in (None, "nofast"):
                 os.environ.pop("XDIT_OPS_USP_CHECK", None)
             else:
                 os.environ["XDIT_OPS_USP_CHECK"] = value
-            fn()  # the mode's plan key (the switch is part of it) is planned outside the timing
+            for _ in range(3):  # the mode's plan (the switch is part of its key), the call
+                fn()            # graph's warm-up and capture: outside the timing
             samples[m] += host_samples_us(fn, n, sleep_cycles=int(5e8))
+    _usp.FAST_PATH = True
     os.environ.pop("XDIT_OPS_USP_CHECK", None)
     return {m: statistics.median(v) for m, v in samples.items()}
 
@@ -391,10 +396,11 @@ def main() -> None:
                 graph_note = f"cuda graph failed: {type(exc).__name__}: {exc}"[:300]
                 torch.cuda.synchronize()
             if args.no_host:
-                host = {"default": None, "nocheck": None, "always": None}
+                host = {"default": None, "nocheck": None, "always": None, "nofast": None}
                 floors = {}
             else:
-                host = host_modes_us(ours, {"default": None, "nocheck": "0", "always": "always"})
+                host = host_modes_us(ours, {"default": None, "nocheck": "0", "always": "always",
+                                            "nofast": "nofast"})
                 if (u, r) not in floors_of:  # the floors do not depend on the transport switches
                     floors_of[(u, r)] = host_floors(B, shards[0].shape[1], H, D, u, r, dtype)
                 floors = floors_of[(u, r)]
@@ -445,6 +451,7 @@ def main() -> None:
                         "host_us": _max_or_none(host_default),
                         "host_us_nocheck": _max_or_none(host_nocheck),
                         "host_us_check_every_call": _max_or_none(host_always),
+                        "host_us_no_fast_path": _max_or_none(host["nofast"]),
                         **floors,
                         "note": graph_note,
                     }
@@ -476,7 +483,8 @@ def main() -> None:
     if rank == 0 and not args.no_host:
         print("\nhost time of one eager call (us, slowest rank) and its floors")
         print_table([r for r in rows if r["impl"] == "xdit_ops"],
-                    ["shape", "config", "host_us", "host_us_nocheck", "host_us_check_every_call",
+                    ["shape", "config", "host_us", "host_us_no_fast_path", "host_us_nocheck",
+                     "host_us_check_every_call",
                      "host_floor_sum_us", "host_floor_sdpa_us", "host_us_xdit_attention",
                      "host_floor_a2a_us", "host_floor_p2p_us"], floatfmt=".1f")
     dist.barrier()

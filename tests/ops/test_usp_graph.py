@@ -101,11 +101,14 @@ def _worker_gpu(rank, world, mode):
                                          "return_lse": True}):
         calls = _calls(rank, B, S, H, D, J)
         got, want = [], []
+        fast = []  # fast-path calls made by each switch's five calls
         for sw, dst in (("1", got), ("0", want)):
             os.environ["XDIT_OPS_USP_GRAPH"] = sw
+            before = _usp.FAST_CALLS[0]
             for q, k, v in calls:
                 res = xdit_ops.usp_attention(q, k, v, **kwargs)
                 dst.append(res if kwargs.get("return_lse") else (res, None))
+            fast.append(_usp.FAST_CALLS[0] - before)
         torch.cuda.synchronize()
         assert not _usp.GRAPH_FAILURES, (mode, _usp.GRAPH_FAILURES)
         for i, ((o, lse), (o0, lse0)) in enumerate(zip(got, want, strict=True)):
@@ -124,7 +127,20 @@ def _worker_gpu(rank, world, mode):
         graphs = [g for p in _usp._PLANS.values() for g in p.graphs.values()]
         graphed = any(isinstance(g, _usp._CallGraph) for g in graphs)
         assert graphed == eligible, (mode, kwargs.keys(), graphs)
+        # the public function's fast path (native graph_call) served the calls after the
+        # capture (the 3rd to 5th) when a graph was made; the switch off took none
+        assert fast == ([3, 0] if eligible else [0, 0]), (mode, kwargs.keys(), fast)
+        if eligible:
+            # a call with autograd to record takes the op (same result), not the fast path
+            os.environ["XDIT_OPS_USP_GRAPH"] = "1"
+            q, k, v = calls[0]
+            before = _usp.FAST_CALLS[0]
+            res = xdit_ops.usp_attention(q.requires_grad_(), k, v, **kwargs)
+            q.requires_grad_(False)
+            o = res[0] if kwargs.get("return_lse") else res
+            assert _usp.FAST_CALLS[0] == before and torch.equal(o.detach(), got[0][0])
         _usp.release_call_graphs()
+        assert not _usp._FAST
     # a graph captured by the caller around the op, once the op has a graph of its own
     os.environ["XDIT_OPS_USP_GRAPH"] = "1"
     q, k, v = _calls(rank, B, S, H, D, J)[0]

@@ -33,6 +33,7 @@ import functools
 import math
 import os
 import socket
+import threading
 import warnings
 import zlib
 from collections.abc import Sequence
@@ -87,6 +88,11 @@ lib.define(
     "bool joint_front, int seq_len, float? scale, str backend, str ulysses_group, "
     "str ring_group, bool return_lse, int[]? shard_lengths=None) -> (Tensor, Tensor)"
 )
+# One eager call replayed from its call graph in one host call (csrc/cuda/graph_call.cpp): the
+# inputs copied into the graph's static inputs, the graph launched, copies of its outputs
+# returned; an empty list while the current stream is being captured. Eager use only.
+lib.define("graph_call(Tensor[] statics, Tensor[] srcs, Tensor[] outs, int graph_exec) "
+           "-> Tensor[]")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -511,6 +517,7 @@ def release_call_graphs(sync: bool = True) -> None:
     ``release_symmetric_buffers`` (after a synchronize of their devices) and at exit (without:
     a peer that died mid-call would leave the exit waiting forever); the next call of a plan
     starts over (eager, then a new capture)."""
+    _FAST.clear()
     plans = [p for p in _PLANS.values() if p.graphs]
     if not plans:
         return
@@ -1322,6 +1329,20 @@ def _lengths_digest(shard_lengths) -> list[int]:
             sum((i + 1) * n for i, n in enumerate(shard_lengths))]
 
 
+_SWITCH_NAMES = ("XDIT_OPS_USP_CHECK", "XDIT_OPS_USP_CHUNKS", "XDIT_OPS_USP_RING",
+                 "XDIT_OPS_USP_ULYSSES", WIRE_ENV, FORMAT_ENV, PUSH_KERNEL_ENV,
+                 "XDIT_OPS_MERGE_IMPL", "XDIT_OPS_USP_GRAPH", HOST_ENV, BATCH_ENV,
+                 "XDIT_OPS_FP8_IMPL", "XDIT_OPS_FP8_K_SCALE")
+# os.environ's own store (encoded keys and values; os.environ's item assignment and deletion
+# update it in place): 13 lookups there take ~1 us, against ~7 us through os.environ.get.
+_ENV_DATA = getattr(os.environ, "_data", None)
+try:
+    _SWITCH_KEYS = tuple(os.environ.encodekey(n) for n in _SWITCH_NAMES)
+except AttributeError:  # not CPython's os.environ: the plain lookups
+    _ENV_DATA = None
+_SWITCHES_SEEN: list = [None, ()]  # the last raw values read and their decoded tuple
+
+
 def _switches(grouped: bool) -> tuple:
     """The raw values of the op's environment switches, (``XDIT_OPS_USP_CHECK``, ``_CHUNKS``,
     ``_RING``, ``_ULYSSES``, ``_FP8_WIRE``, ``XDIT_OPS_FP8_FORMAT``, ``XDIT_OPS_PUSH_KERNEL``,
@@ -1330,16 +1351,19 @@ def _switches(grouped: bool) -> tuple:
     ``XDIT_OPS_FP8_IMPL``, ``XDIT_OPS_FP8_K_SCALE``), None where unset: part of the plan key,
     so a switch changed between calls takes effect on the next call (and is validated by the new
     plan: the native launchers that read the push kernel and merge switches are called directly,
-    past their Python checks), and what
-    the plan is built from (the environment is read once per call). A call without a group
-    reads none: no switch applies to a single device."""
+    past their Python checks), and what the plan is built from (the environment is read once
+    per call). A call without a group reads none: no switch applies to a single device. Read
+    from os.environ's store, decoded only when they changed."""
     if not grouped:
         return ()
-    get = os.environ.get
-    return (get("XDIT_OPS_USP_CHECK"), get("XDIT_OPS_USP_CHUNKS"), get("XDIT_OPS_USP_RING"),
-            get("XDIT_OPS_USP_ULYSSES"), get(WIRE_ENV), get(FORMAT_ENV), get(PUSH_KERNEL_ENV),
-            get("XDIT_OPS_MERGE_IMPL"), get(GRAPH_ENV), get(HOST_ENV), get(BATCH_ENV),
-            get("XDIT_OPS_FP8_IMPL"), get("XDIT_OPS_FP8_K_SCALE"))
+    if _ENV_DATA is None:
+        get = os.environ.get
+        return tuple(get(n) for n in _SWITCH_NAMES)
+    raw = tuple(map(_ENV_DATA.get, _SWITCH_KEYS))
+    if raw != _SWITCHES_SEEN[0]:
+        decode = os.environ.decodevalue
+        _SWITCHES_SEEN[:] = [raw, tuple(None if x is None else decode(x) for x in raw)]
+    return _SWITCHES_SEEN[1]
 
 
 def _chunks_code(switch: str | None) -> int:
@@ -1646,6 +1670,7 @@ def _usp_impl(q, k, v, joint_lengths, joint_tokens, joint_front, seq_len, scale,
             if not _capturing():  # (no synchronize inside a capture)
                 release_call_graphs()  # after the replays using their memory have run
             _PLANS.clear()
+            _FAST.clear()
         _PLANS[key] = plan
     elif plan.check != _CHECK_NONE and not _capturing():
         if plan.check == _CHECK_ALWAYS or plan.agree_key not in _AGREED:
@@ -1690,11 +1715,41 @@ def graph_setting(value: str | None = None) -> str:
     return value
 
 
+@functools.cache
+def _graph_call_loaded() -> bool:
+    """Whether the native ``graph_call`` (xdit_ops._C) is there to replay call graphs."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key("xdit_ops::graph_call", "CUDA")
+
+
+def _graph_exec(graph: torch.cuda.CUDAGraph) -> int:
+    """The instantiated graph's ``cudaGraphExec_t`` as an int for the native replay, 0 where
+    the native op or torch's ``raw_cuda_graph_exec`` is missing (then the Python replay)."""
+    if not _graph_call_loaded():
+        return 0
+    try:
+        return int(graph.raw_cuda_graph_exec())
+    except (AttributeError, RuntimeError):
+        return 0
+
+
 class _CallGraph:
-    __slots__ = ("graph", "inputs", "outputs")
+    __slots__ = ("graph", "inputs", "outputs", "exec")
 
     def __init__(self, graph, inputs, outputs):
-        self.graph, self.inputs, self.outputs = graph, inputs, outputs
+        self.graph, self.inputs, self.outputs = graph, inputs, list(outputs)
+        self.exec = _graph_exec(graph)
+
+    def replay(self, srcs: list, return_lse: bool, copy_in: bool = True):
+        """Copy ``srcs`` into the static inputs (unless ``copy_in``: they are there), replay,
+        return copies of the outputs (the LSE only with ``return_lse``)."""
+        if self.exec and copy_in:
+            out, lse = _GRAPH_CALL(self.inputs, srcs, self.outputs, self.exec)
+            return out, lse
+        if copy_in:
+            torch._foreach_copy_(self.inputs, srcs)
+        self.graph.replay()
+        out, lse = self.outputs
+        return out.clone(), (lse.clone() if return_lse else lse.new_empty((0,)))
 
 
 # why each key whose capture failed did (``str`` of the exception), for diagnostics
@@ -1767,23 +1822,76 @@ def _run_graphed(p: _Plan, q, k, v, joint_lengths, scale, backend, return_lse):
     if state is _GRAPH_OFF:
         return _run(p, q, k, v, joint_lengths, scale, backend, return_lse)
     srcs = [q, k, v] + ([joint_lengths] if joint_lengths is not None else [])
+    if isinstance(state, _CallGraph):
+        _LAST_GRAPH.entry = (p, state)  # the public function's fast path may take it
+        return state.replay(srcs, return_lse)
     if state is None:  # first call with this key: eager on new static inputs
         with torch.inference_mode(False):
             static = [torch.empty(t.shape, dtype=t.dtype, device=q.device) for t in srcs]
-    else:  # the static inputs: of the warm-up (a list) or of the graph
-        static = state if isinstance(state, list) else state.inputs
+    else:  # the static inputs of the warm-up
+        static = state
     torch._foreach_copy_(static, srcs)
     jl = static[3] if joint_lengths is not None else None
     if state is None:
         p.graphs[key] = static  # warm: capture on the next call
         return _run(p, static[0], static[1], static[2], jl, scale, backend, return_lse)
-    if isinstance(state, list):  # warm: capture now, on the same static tensors
-        state = _capture_call(p, key, static, jl, scale, backend, return_lse)
-        if state is None:  # the capture failed: eager from now on (warned)
-            return _run(p, q, k, v, joint_lengths, scale, backend, return_lse)
-    state.graph.replay()
-    out, lse = state.outputs
-    return out.clone(), (lse.clone() if return_lse else lse.new_empty((0,)))
+    # warm: capture now, on the same static tensors
+    state = _capture_call(p, key, static, jl, scale, backend, return_lse)
+    if state is None:  # the capture failed: eager from now on (warned)
+        return _run(p, q, k, v, joint_lengths, scale, backend, return_lse)
+    return state.replay(srcs, return_lse, copy_in=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# The eager fast path: the public function replays a call graph without the op's dispatch
+#
+# Once a call signature replays a call graph, ``usp_attention`` remembers the graph under the
+# signature of its own arguments (``_fast_key``: everything the plan key and the graph key are
+# made of, the environment switches included) and later calls with that signature go straight
+# to the native ``graph_call``: no custom-op dispatch, no plan lookup, no Python replay. Only
+# for plain eager calls (CUDA tensors of class Tensor, no autograd to record, no dispatch or
+# function mode, no functorch transform, not under torch.compile; graph_call itself declines
+# during a capture). Anything else takes the op as before. ``FAST_PATH = False`` turns it off
+# (the benchmark's A/B).
+
+FAST_PATH = True
+FAST_CALLS = [0]  # calls served by the fast path (the tests' evidence that it ran)
+_FAST: dict[tuple, _CallGraph] = {}
+_LAST_GRAPH = threading.local()  # (plan, graph) of the last replay in this thread
+_GRAPH_CALL = torch.ops.xdit_ops.graph_call.default
+_C = torch._C
+
+
+def _fast_key(q, k, v, joint_tokens, joint_position, joint_lengths, seq_len, scale, backend,
+              u: str, r: str, return_lse, shard_lengths) -> tuple:
+    return (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.get_device(),
+            k.get_device(), v.get_device(), q.stride(-1), k.stride(-1), v.stride(-1),
+            None if joint_lengths is None else
+            (joint_lengths.shape, joint_lengths.dtype, joint_lengths.get_device()),
+            joint_tokens, joint_position, seq_len, scale, backend, return_lse,
+            None if shard_lengths is None else tuple(shard_lengths),
+            _resolve_group(u), _resolve_group(r), _switches(bool(u or r)))
+
+
+def _plain(q, k, v) -> bool:
+    """A call the dispatcher would send straight to the CUDA kernel."""
+    return (type(q) is torch.Tensor and type(k) is torch.Tensor and type(v) is torch.Tensor
+            and _C._len_torch_dispatch_stack() == 0 and not _C._is_torch_function_mode_enabled()
+            and not (_C.is_grad_enabled()
+                     and (q.requires_grad or k.requires_grad or v.requires_grad))
+            and not _C._functorch.is_functorch_wrapped_tensor(q))
+
+
+def _remember_fast(fk: tuple) -> None:
+    """After an op call: remember the graph it replayed, if any, under ``fk``."""
+    got = getattr(_LAST_GRAPH, "entry", None)
+    if got is None:
+        return
+    _LAST_GRAPH.entry = None
+    p, state = got
+    # a plan that still checks (XDIT_OPS_USP_CHECK=always) keeps the op's path
+    if state.exec and p.check == _CHECK_NONE and len(_FAST) < _MAX_PLANS:
+        _FAST[fk] = state
 
 
 def _squeezed(p: _Plan, kv: torch.Tensor) -> torch.Tensor:
@@ -2393,10 +2501,25 @@ def usp_attention(
         u, r = _group_name(ulysses_group), _group_name(ring_group)
     else:
         u, r = _groups_from(mesh)
+    seq_len = -1 if seq_len is None else int(seq_len)
+    scale = None if scale is None else float(scale)
+    fk = None
+    if FAST_PATH and query.is_cuda and not torch.compiler.is_compiling():
+        fk = _fast_key(query, key, value, joint_tokens, joint_position, joint_lengths, seq_len,
+                       scale, backend, u, r, return_lse, shard_lengths)
+        state = _FAST.get(fk)
+        if state is not None and _plain(query, key, value):
+            res = _GRAPH_CALL(state.inputs, [query, key, value] if joint_lengths is None else
+                              [query, key, value, joint_lengths], state.outputs, state.exec)
+            if res:  # (empty under a capture: the op below records the call itself)
+                FAST_CALLS[0] += 1
+                return (res[0], res[1]) if return_lse else res[0]
+        _LAST_GRAPH.entry = None
     out, lse = _USP_OP(
         query, key, value, joint_lengths, joint_tokens, joint_position == "front",
-        -1 if seq_len is None else int(seq_len), None if scale is None else float(scale),
-        backend, u, r, return_lse,
+        seq_len, scale, backend, u, r, return_lse,
         None if shard_lengths is None else [int(n) for n in shard_lengths],
     )
+    if fk is not None:
+        _remember_fast(fk)
     return (out, lse) if return_lse else out
