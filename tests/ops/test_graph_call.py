@@ -74,7 +74,7 @@ def test_graph_call_copies_in_replays_and_returns_copies():
 def test_graph_call_declines_under_capture_and_checks_shapes():
     g, statics, outs = _captured()
     exec_ = _usp._graph_exec(g)
-    call = torch.ops.xdit_ops.graph_call.default
+    call = _usp.graph_call
     x = torch.randn(2, 6, 3, 8, device="cuda").to(torch.bfloat16)
     n = torch.ones(2, dtype=torch.int32, device="cuda")
     outer = torch.cuda.CUDAGraph()
@@ -86,9 +86,14 @@ def test_graph_call_declines_under_capture_and_checks_shapes():
         outer.capture_end()
     torch.cuda.current_stream().wait_stream(side)
     assert res == []
-    with pytest.raises(RuntimeError, match=r"graph_call: input 0 has shape \[2, 6, 3, 4\]"):
+    with pytest.raises(ValueError, match=r"graph_call: input 0 has shape \[2, 6, 3, 4\] and "
+                                         r"dtype torch.bfloat16; the graph was captured for "
+                                         r"\[2, 6, 3, 8\]"):
         call(statics, [x[..., :4], n], outs, exec_)
-    with pytest.raises(RuntimeError, match=r"graph_call: 2 static inputs for 1 inputs"):
+    with pytest.raises(ValueError, match=r"graph_call: input 1 has shape \[2\] and dtype "
+                                         r"torch.int64"):
+        call(statics, [x, n.long()], outs, exec_)
+    with pytest.raises(ValueError, match=r"graph_call: 2 static inputs for 1 inputs"):
         call(statics, [x], outs, exec_)
-    with pytest.raises(RuntimeError, match=r"graph_call: no instantiated graph"):
+    with pytest.raises(ValueError, match=r"graph_call: no instantiated graph"):
         call(statics, [x, n], outs, 0)

@@ -1732,6 +1732,29 @@ def _graph_exec(graph: torch.cuda.CUDAGraph) -> int:
         return 0
 
 
+def graph_call(statics: list, srcs: list, outs: list, graph_exec: int) -> list:
+    """The native ``graph_call`` with its arguments checked here (a failing C++ check takes
+    the process down on the GPU machines: benchmarks/results, runs 7 and 31): copy ``srcs``
+    into ``statics``, launch the instantiated graph ``graph_exec`` on the current stream,
+    return copies of ``outs`` (an empty list while the current stream is being captured)."""
+    name = "graph_call"
+    if not statics or len(statics) != len(srcs):
+        raise ValueError(f"{name}: {len(statics)} static inputs for {len(srcs)} inputs")
+    if not graph_exec:
+        raise ValueError(f"{name}: no instantiated graph (graph_exec {graph_exec!r})")
+    if not statics[0].is_cuda:
+        raise ValueError(f"{name}: the static inputs must be CUDA tensors, got "
+                         f"{statics[0].device}")
+    for i, (d, x) in enumerate(zip(statics, srcs, strict=True)):
+        if d.shape != x.shape or d.dtype != x.dtype:
+            raise ValueError(f"{name}: input {i} has shape {list(x.shape)} and dtype "
+                             f"{x.dtype}; the graph was captured for {list(d.shape)} {d.dtype}")
+        if d.device != statics[0].device or not d.is_contiguous():
+            raise ValueError(f"{name}: static input {i} must be contiguous on "
+                             f"{statics[0].device}, got {d.device}, strides {d.stride()}")
+    return _GRAPH_CALL(statics, srcs, outs, graph_exec)
+
+
 class _CallGraph:
     __slots__ = ("graph", "inputs", "outputs", "exec")
 

@@ -1,0 +1,107 @@
+"""Where the host time of one eager usp_attention call goes, piece by piece.
+
+Under torchrun on N GPUs (all of them Ulysses, then all of them ring), at one shape (default
+(1,4608,24,128), bf16), after the call graph of the signature exists: the median host time
+(slowest rank) of the whole eager call with the fast path, without it (the op's dispatch, plan
+lookup and Python replay), and of each piece the fast path runs alone: the argument checks and
+group names, the signature key, the plain-call test, the native graph_call (copies in, graph
+launch, output copies), graph_call with no outputs and with no inputs to copy (what the launch
+alone costs), torch's CUDAGraph.replay(), one empty output, and one trivial aten op (the
+dispatcher's floor). The GPU is kept busy (a queued sleep) so no call waits for it.
+
+    torchrun --nproc-per-node=2 benchmarks/bench_usp_host.py [--shape 1,4608,24,128] [--out DIR]
+"""
+# xdit-bench: torchrun
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import bshd_shape, print_table, write_json  # noqa: E402
+
+import xdit_ops  # noqa: E402
+
+_usp = importlib.import_module("xdit_ops.ops.usp_attention")
+
+
+def host_us(fn, n: int = 60) -> float:
+    """Median host time (us) of ``fn`` over ``n`` calls queued behind a GPU sleep, slowest
+    rank."""
+    torch.cuda.synchronize()
+    dist.barrier()
+    torch.cuda._sleep(int(5e8))
+    samples = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e6)
+    torch.cuda.synchronize()
+    t = torch.tensor([statistics.median(samples)], device="cuda", dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
+def pieces(q, k, v) -> dict[str, float]:
+    for _ in range(4):  # plan, warm-up, capture, the fast path's entry
+        xdit_ops.usp_attention(q, k, v)
+    u, r = _usp._groups_from(None)
+    fk = _usp._fast_key(q, k, v, 0, "front", None, -1, None, "auto", u, r, False, None)
+    state = _usp._FAST.get(fk)
+    res = {"call": host_us(lambda: xdit_ops.usp_attention(q, k, v))}
+    _usp.FAST_PATH = False
+    res["call_no_fast_path"] = host_us(lambda: xdit_ops.usp_attention(q, k, v))
+    _usp.FAST_PATH = True
+    res["groups"] = host_us(lambda: _usp._groups_from(None))
+    res["fast_key"] = host_us(
+        lambda: _usp._fast_key(q, k, v, 0, "front", None, -1, None, "auto", u, r, False, None))
+    res["resolve_group"] = host_us(lambda: _usp._resolve_group(u or r))
+    res["switches"] = host_us(lambda: _usp._switches(True))
+    res["plain"] = host_us(lambda: _usp._plain(q, k, v))
+    if state is not None:
+        ins, outs, ex = state.inputs, state.outputs, state.exec
+        call = _usp._GRAPH_CALL
+        res["graph_call"] = host_us(lambda: call(ins, [q, k, v], outs, ex))
+        res["graph_call_no_outputs"] = host_us(lambda: call(ins, [q, k, v], [], ex))
+        res["graph_call_launch_only"] = host_us(lambda: call(ins[:1], [ins[0]], [], ex))
+        res["cudagraph_replay"] = host_us(state.graph.replay)
+    res["empty_like"] = host_us(lambda: torch.empty_like(q))
+    res["aten_floor"] = host_us(lambda: torch.ops.aten.alias.default(q))
+    return res
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", type=bshd_shape, default=(1, 4608, 24, 128))
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    dist.init_process_group("nccl")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
+    B, S, H, D = args.shape
+    rows = []
+    for name, (u, r) in (("ulysses", (world, 1)), ("ring", (1, world))):
+        _usp.release_call_graphs()
+        xdit_ops.init_parallel(ulysses_degree=u, ring_degree=r)
+        g = torch.Generator(device="cuda").manual_seed(rank)
+        q, k, v = (torch.randn(B, S // world, H, D, device="cuda", generator=g,
+                               dtype=torch.bfloat16) for _ in range(3))
+        row = {"shape": [B, S, H, D], "config": name, "gpus": world} | pieces(q, k, v)
+        rows.append(row)
+    if rank == 0:
+        cols = [c for c in rows[0] if c not in ("shape", "gpus")]
+        print_table(rows, cols, floatfmt=".1f")
+        print(f"wrote {write_json('bench_usp_host', rows, args.out, extra={'gpus_used': world})}")
+    xdit_ops.destroy_parallel()
+
+
+if __name__ == "__main__":
+    main()
