@@ -2,10 +2,12 @@
 // eager usp_attention call replayed from its own CUDA graph in one host call. It copies the
 // call's inputs into the graph's static inputs, launches the instantiated graph on the current
 // stream and returns fresh copies of the graph's outputs: what the Python replay did with
-// _foreach_copy_, CUDAGraph.replay() (a Python method with hooks) and clone(), at about a tenth
-// of the host time. Contiguous sources, and rows of whole heads at a uniform pitch (a view of a
-// fused QKV projection), are moved with cudaMemcpyAsync / cudaMemcpy2DAsync; anything else, and
-// a host source (joint_lengths), with Tensor::copy_.
+// _foreach_copy_, CUDAGraph.replay() (a Python method with hooks) and clone(). Contiguous
+// sources, and rows of whole heads at a uniform pitch (a view of a fused QKV projection), are
+// copied by one row-copy kernel launch (xdit_ops/row_copy.h) before the graph and one after it
+// for the outputs; anything else, and a host source (joint_lengths), with Tensor::copy_.
+// Arguments are checked on the Python side (a failing C++ check segfaults the GPU machines'
+// processes, runs 7, 31 and 51); the checks here are the backstop.
 #include <cstdint>
 #include <vector>
 
@@ -15,6 +17,7 @@
 #include <torch/library.h>
 
 #include "utils.h"
+#include "xdit_ops/row_copy.h"
 
 namespace xdit_ops {
 
@@ -25,6 +28,8 @@ namespace {
 struct Rows {
   int64_t rows = 0, row_bytes = 0, pitch = 0;
 };
+
+void flush(RowCopyParams& batch, cudaStream_t stream);
 
 Rows uniform_rows(const at::Tensor& t) {
   Rows r;
@@ -51,30 +56,28 @@ Rows uniform_rows(const at::Tensor& t) {
   return r;
 }
 
-void copy_into(const at::Tensor& dst, const at::Tensor& src, cudaStream_t stream, size_t i) {
-  constexpr const char* kOp = "graph_call";
-  XDIT_CHECK(dst.sizes() == src.sizes() && dst.scalar_type() == src.scalar_type(), kOp,
-             ": input ", i, " has shape ", src.sizes(), " and dtype ", src.scalar_type(),
-             "; the graph was captured for ", dst.sizes(), " ", dst.scalar_type());
-  const size_t bytes = static_cast<size_t>(dst.nbytes());
-  if (bytes == 0) return;
-  if (src.is_cuda() && src.device() == dst.device() && dst.is_contiguous()) {
-    if (src.is_contiguous()) {
-      XDIT_CUDA_CHECK(cudaMemcpyAsync(dst.data_ptr(), src.data_ptr(), bytes,
-                                      cudaMemcpyDeviceToDevice, stream));
-      return;
-    }
+// Adds "dst <- src" to `batch` when the row copy can do it (src on dst's device, contiguous or
+// rows of whole heads at one pitch, dst contiguous); launches `batch` first when it is full.
+// Returns false when it cannot: the caller copies with Tensor::copy_.
+bool add_copy(RowCopyParams& batch, const at::Tensor& dst, const at::Tensor& src,
+              cudaStream_t stream) {
+  if (!src.is_cuda() || src.device() != dst.device() || !dst.is_contiguous()) return false;
+  RowCopySegment seg{dst.data_ptr(), src.data_ptr(), 1, static_cast<int64_t>(src.nbytes()), 0, 0};
+  if (!src.is_contiguous()) {
     const Rows r = uniform_rows(src);
-    if (r.rows > 0) {
-      XDIT_CUDA_CHECK(cudaMemcpy2DAsync(dst.data_ptr(), static_cast<size_t>(r.row_bytes),
-                                        src.data_ptr(), static_cast<size_t>(r.pitch),
-                                        static_cast<size_t>(r.row_bytes),
-                                        static_cast<size_t>(r.rows), cudaMemcpyDeviceToDevice,
-                                        stream));
-      return;
-    }
+    if (r.rows == 0) return false;
+    seg = {dst.data_ptr(), src.data_ptr(), r.rows, r.row_bytes, r.row_bytes, r.pitch};
   }
-  dst.copy_(src);  // the general case (strided, or a host source), on the current stream
+  if (seg.rows * seg.row_bytes == 0) return true;
+  if (batch.num_segments == kRowCopyMaxSegments) flush(batch, stream);
+  batch.seg[batch.num_segments++] = seg;
+  return true;
+}
+
+void flush(RowCopyParams& batch, cudaStream_t stream) {
+  if (batch.num_segments == 0) return;
+  XDIT_CUDA_CHECK(launch_row_copy(batch, stream));
+  batch.num_segments = 0;
 }
 
 }  // namespace
@@ -97,24 +100,26 @@ std::vector<at::Tensor> graph_call_cuda(at::TensorList statics, at::TensorList s
   cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
   XDIT_CUDA_CHECK(cudaStreamIsCapturing(stream, &status));
   if (status != cudaStreamCaptureStatusNone) return {};
-  for (size_t i = 0; i < statics.size(); ++i) copy_into(statics[i], srcs[i], stream, i);
+  RowCopyParams batch{};
+  for (size_t i = 0; i < statics.size(); ++i) {
+    // (the Python side checked shapes and dtypes: graph_call() or the fast path's key)
+    XDIT_CHECK(statics[i].sizes() == srcs[i].sizes() &&
+                   statics[i].scalar_type() == srcs[i].scalar_type(),
+               kOp, ": input ", i, " has shape ", srcs[i].sizes(), " and dtype ",
+               srcs[i].scalar_type(), "; the graph was captured for ", statics[i].sizes());
+    if (!add_copy(batch, statics[i], srcs[i], stream)) statics[i].copy_(srcs[i]);
+  }
+  flush(batch, stream);
   XDIT_CUDA_CHECK(cudaGraphLaunch(
       reinterpret_cast<cudaGraphExec_t>(static_cast<intptr_t>(graph_exec)), stream));
   std::vector<at::Tensor> result;
   result.reserve(outs.size());
   for (const at::Tensor& o : outs) {
     at::Tensor c = at::empty(o.sizes(), o.options());
-    if (o.numel() > 0) {
-      if (o.is_contiguous()) {
-        XDIT_CUDA_CHECK(cudaMemcpyAsync(c.data_ptr(), o.data_ptr(),
-                                        static_cast<size_t>(o.nbytes()),
-                                        cudaMemcpyDeviceToDevice, stream));
-      } else {
-        c.copy_(o);
-      }
-    }
+    if (!add_copy(batch, c, o, stream)) c.copy_(o);
     result.push_back(std::move(c));
   }
+  flush(batch, stream);
   return result;
 }
 

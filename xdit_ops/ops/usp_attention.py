@@ -1862,6 +1862,7 @@ def _run_graphed(p: _Plan, q, k, v, joint_lengths, scale, backend, return_lse):
     state = _capture_call(p, key, static, jl, scale, backend, return_lse)
     if state is None:  # the capture failed: eager from now on (warned)
         return _run(p, q, k, v, joint_lengths, scale, backend, return_lse)
+    _LAST_GRAPH.entry = (p, state)
     return state.replay(srcs, return_lse, copy_in=False)
 
 
