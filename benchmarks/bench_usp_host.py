@@ -4,10 +4,10 @@ Under torchrun on N GPUs (all of them Ulysses, then all of them ring), at one sh
 (1,4608,24,128), bf16), after the call graph of the signature exists: the median host time
 (slowest rank) of the whole eager call with the fast path, without it (the op's dispatch, plan
 lookup and Python replay), and of each piece the fast path runs alone: the argument checks and
-group names, the signature key, the plain-call test, the native graph_call (copies in, graph
-launch, output copies), graph_call with no outputs and with no inputs to copy (what the launch
-alone costs), torch's CUDAGraph.replay(), one empty output, and one trivial aten op (the
-dispatcher's floor). The GPU is kept busy (a queued sleep) so no call waits for it.
+group names, the signature key, the plain-call test, the native graph_call_run (copies in,
+graph launch, output copies), graph_call_run with no output to copy, torch's CUDAGraph.replay()
+alone (the graph launch), one empty output, and one trivial aten op (the dispatcher's floor).
+The GPU is kept busy (a queued sleep) so no call waits for it.
 
     torchrun --nproc-per-node=2 benchmarks/bench_usp_host.py [--shape 1,4608,24,128] [--out DIR]
 """
@@ -67,11 +67,9 @@ def pieces(q, k, v) -> dict[str, float]:
     res["switches"] = host_us(lambda: _usp._switches(True))
     res["plain"] = host_us(lambda: _usp._plain(q, k, v))
     if state is not None:
-        ins, outs, ex = state.inputs, state.outputs, state.exec
-        call = _usp._GRAPH_CALL
-        res["graph_call"] = host_us(lambda: call(ins, [q, k, v], outs, ex))
-        res["graph_call_no_outputs"] = host_us(lambda: call(ins, [q, k, v], [], ex))
-        res["graph_call_launch_only"] = host_us(lambda: call(ins[:1], [ins[0]], [], ex))
+        run, h = _usp._RUN, state.handle
+        res["graph_call_run"] = host_us(lambda: run(h, 1, q, k, v))
+        res["graph_call_run_no_output"] = host_us(lambda: run(h, 0, q, k, v))
         res["cudagraph_replay"] = host_us(state.graph.replay)
     res["empty_like"] = host_us(lambda: torch.empty_like(q))
     res["aten_floor"] = host_us(lambda: torch.ops.aten.alias.default(q))

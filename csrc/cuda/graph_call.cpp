@@ -1,20 +1,25 @@
-// Torch-aware launcher for xdit_ops::graph_call (schema in xdit_ops/ops/usp_graph_call.py): one
-// eager usp_attention call replayed from its own CUDA graph in one host call. It copies the
-// call's inputs into the graph's static inputs, launches the instantiated graph on the current
-// stream and returns fresh copies of the graph's outputs: what the Python replay did with
-// _foreach_copy_, CUDAGraph.replay() (a Python method with hooks) and clone(). Contiguous
-// sources, and rows of whole heads at a uniform pitch (a view of a fused QKV projection), are
-// copied by one row-copy kernel launch (xdit_ops/row_copy.h) before the graph and one after it
-// for the outputs; anything else, and a host source (joint_lengths), with Tensor::copy_.
-// Arguments are checked on the Python side (a failing C++ check segfaults the GPU machines'
-// processes, runs 7, 31 and 51); the checks here are the backstop.
+// The eager fast path's native half: one eager usp_attention call replayed from its own CUDA
+// graph in one host call, as plain CPython functions of xdit_ops._C (no dispatcher, no list of
+// tensors converted per call). A call graph is registered once (its static inputs, outputs and
+// cudaGraphExec_t, held here by handle); graph_call_run(handle, n_out, *srcs) copies the
+// call's tensors into the static inputs, launches the graph on the current stream and returns
+// fresh copies of the outputs: what the Python replay does with _foreach_copy_,
+// CUDAGraph.replay() (a Python method with hooks) and clone(). Contiguous sources, and rows of
+// whole heads at one pitch (a view of a fused QKV projection), are copied by one row-copy
+// kernel launch (xdit_ops/row_copy.h) before the graph and one after it for the outputs;
+// anything else, and a host source (joint_lengths), with Tensor::copy_. Errors are set as
+// Python exceptions; no C++ exception crosses into Python (one that did segfaulted the GPU
+// machines' processes: runs 7, 31 and 51).
+#include <Python.h>
+
 #include <cstdint>
+#include <unordered_map>
 #include <vector>
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
+#include <torch/csrc/autograd/python_variable.h>
 
 #include "utils.h"
 #include "xdit_ops/row_copy.h"
@@ -82,47 +87,176 @@ void flush(RowCopyParams& batch, cudaStream_t stream) {
 
 }  // namespace
 
-// statics[i] <- srcs[i]; launch `graph_exec` (a cudaGraphExec_t as an integer) on the current
-// stream of statics[0]'s device; return a copy of every tensor of `outs`. Returns an empty list
-// (and does nothing) while the current stream is being captured: the caller then runs the call
-// itself, so an outer capture records its kernels rather than a launch of this graph.
-std::vector<at::Tensor> graph_call_cuda(at::TensorList statics, at::TensorList srcs,
-                                        at::TensorList outs, int64_t graph_exec) {
-  constexpr const char* kOp = "graph_call";
-  XDIT_CHECK(!statics.empty() && statics.size() == srcs.size(), kOp, ": ", statics.size(),
-             " static inputs for ", srcs.size(), " inputs");
-  XDIT_CHECK(graph_exec != 0, kOp, ": no instantiated graph (graph_exec 0)");
-  const at::Tensor& anchor = statics[0];
-  XDIT_CHECK(anchor.is_cuda(), kOp, ": the static inputs must be CUDA tensors, got ",
-             anchor.device());
-  const c10::cuda::CUDAGuard guard(anchor.device());
+// statics[i] <- srcs[i] (the caller checked shapes and dtypes), launch `exec` on the current
+// stream of statics[0]'s device, return copies of the first n_out tensors of `outs`. Returns
+// false (and does nothing) while the current stream is being captured: the caller then runs
+// the call itself, so an outer capture records its kernels rather than a launch of this graph.
+bool replay_into(const at::Tensor* statics, const at::Tensor* const* srcs, size_t n,
+                 cudaGraphExec_t exec, const at::Tensor* outs, size_t n_out,
+                 std::vector<at::Tensor>& result) {
+  const c10::cuda::CUDAGuard guard(statics[0].device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
   XDIT_CUDA_CHECK(cudaStreamIsCapturing(stream, &status));
-  if (status != cudaStreamCaptureStatusNone) return {};
+  if (status != cudaStreamCaptureStatusNone) return false;
   RowCopyParams batch{};
-  for (size_t i = 0; i < statics.size(); ++i) {
-    // (the Python side checked shapes and dtypes: graph_call() or the fast path's key)
-    XDIT_CHECK(statics[i].sizes() == srcs[i].sizes() &&
-                   statics[i].scalar_type() == srcs[i].scalar_type(),
-               kOp, ": input ", i, " has shape ", srcs[i].sizes(), " and dtype ",
-               srcs[i].scalar_type(), "; the graph was captured for ", statics[i].sizes());
-    if (!add_copy(batch, statics[i], srcs[i], stream)) statics[i].copy_(srcs[i]);
+  for (size_t i = 0; i < n; ++i) {
+    if (!add_copy(batch, statics[i], *srcs[i], stream)) statics[i].copy_(*srcs[i]);
   }
   flush(batch, stream);
-  XDIT_CUDA_CHECK(cudaGraphLaunch(
-      reinterpret_cast<cudaGraphExec_t>(static_cast<intptr_t>(graph_exec)), stream));
-  std::vector<at::Tensor> result;
-  result.reserve(outs.size());
-  for (const at::Tensor& o : outs) {
+  XDIT_CUDA_CHECK(cudaGraphLaunch(exec, stream));
+  result.reserve(n_out);
+  for (size_t i = 0; i < n_out; ++i) {
+    const at::Tensor& o = outs[i];
     at::Tensor c = at::empty(o.sizes(), o.options());
     if (!add_copy(batch, c, o, stream)) c.copy_(o);
     result.push_back(std::move(c));
   }
   flush(batch, stream);
-  return result;
+  return true;
 }
 
-TORCH_LIBRARY_IMPL(xdit_ops, CUDA, m) { m.impl("graph_call", &graph_call_cuda); }
+// ---------------------------------------------------------------------------------------------
+// The eager fast path's entry points: plain CPython functions of xdit_ops._C (no dispatcher,
+// no list of tensors converted per call). A call graph is registered once (its static inputs,
+// its outputs and its cudaGraphExec_t, held here by handle) and replayed by handle with the
+// call's tensors as positional arguments. The GIL is held throughout, so the registry needs no
+// lock. Errors are set as Python exceptions without C++ exceptions crossing into Python.
+
+struct Registered {
+  std::vector<at::Tensor> statics, outs;
+  cudaGraphExec_t exec = nullptr;
+};
+
+std::unordered_map<int64_t, Registered>& registry() {
+  static auto* r = new std::unordered_map<int64_t, Registered>();  // never destroyed at exit
+  return *r;
+}
+
+bool unpack_list(PyObject* list, std::vector<at::Tensor>& out, const char* what) {
+  if (!PyList_Check(list)) {
+    PyErr_Format(PyExc_TypeError, "graph_call_register: %s must be a list of tensors", what);
+    return false;
+  }
+  for (Py_ssize_t i = 0; i < PyList_GET_SIZE(list); ++i) {
+    PyObject* item = PyList_GET_ITEM(list, i);
+    if (!THPVariable_Check(item)) {
+      PyErr_Format(PyExc_TypeError, "graph_call_register: %s[%zd] is not a tensor", what, i);
+      return false;
+    }
+    out.push_back(THPVariable_Unpack(item));
+  }
+  return true;
+}
+
+// graph_call_register(statics: list, outs: list, graph_exec: int) -> int (a handle > 0)
+PyObject* py_register(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs != 3) {
+    PyErr_SetString(PyExc_TypeError, "graph_call_register(statics, outs, graph_exec)");
+    return nullptr;
+  }
+  Registered e;
+  if (!unpack_list(args[0], e.statics, "statics") || !unpack_list(args[1], e.outs, "outs")) {
+    return nullptr;
+  }
+  const long long ex = PyLong_AsLongLong(args[2]);
+  if (ex == -1 && PyErr_Occurred()) return nullptr;
+  if (ex == 0 || e.statics.empty() || !e.statics[0].is_cuda()) {
+    PyErr_SetString(PyExc_ValueError, "graph_call_register: needs an instantiated graph and "
+                    "at least one CUDA static input");
+    return nullptr;
+  }
+  for (const at::Tensor& t : e.statics) {
+    if (t.device() != e.statics[0].device() || !t.is_contiguous()) {
+      PyErr_SetString(PyExc_ValueError, "graph_call_register: the static inputs must be "
+                      "contiguous on one device");
+      return nullptr;
+    }
+  }
+  e.exec = reinterpret_cast<cudaGraphExec_t>(static_cast<intptr_t>(ex));
+  static int64_t next = 1;
+  const int64_t handle = next++;
+  registry().emplace(handle, std::move(e));
+  return PyLong_FromLongLong(handle);
+}
+
+// graph_call_release(handle: int) -> None (an unknown handle is ignored)
+PyObject* py_release(PyObject*, PyObject* arg) {
+  const long long handle = PyLong_AsLongLong(arg);
+  if (handle == -1 && PyErr_Occurred()) return nullptr;
+  registry().erase(handle);
+  Py_RETURN_NONE;
+}
+
+// graph_call_run(handle: int, n_out: int, *srcs) -> tuple of n_out tensors, or None while the
+// current stream is being captured. srcs: one tensor per static input, shapes and dtypes as
+// registered (checked: a mismatch is a ValueError, never a copy of the wrong size).
+PyObject* py_run(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs < 3) {
+    PyErr_SetString(PyExc_TypeError, "graph_call_run(handle, n_out, *srcs)");
+    return nullptr;
+  }
+  const long long handle = PyLong_AsLongLong(args[0]);
+  const long n_out = PyLong_AsLong(args[1]);
+  if (PyErr_Occurred()) return nullptr;
+  auto it = registry().find(handle);
+  if (it == registry().end()) {
+    PyErr_Format(PyExc_ValueError, "graph_call_run: no graph registered as %lld", handle);
+    return nullptr;
+  }
+  const Registered& e = it->second;
+  const size_t n = static_cast<size_t>(nargs - 2);
+  if (n != e.statics.size() || n_out < 0 || static_cast<size_t>(n_out) > e.outs.size()) {
+    PyErr_Format(PyExc_ValueError, "graph_call_run: %zu inputs and %ld outputs for a graph of "
+                 "%zu inputs and %zu outputs", n, n_out, e.statics.size(), e.outs.size());
+    return nullptr;
+  }
+  const at::Tensor* srcs[kRowCopyMaxSegments * 2];
+  if (n > kRowCopyMaxSegments * 2) {
+    PyErr_SetString(PyExc_ValueError, "graph_call_run: too many inputs");
+    return nullptr;
+  }
+  for (size_t i = 0; i < n; ++i) {
+    PyObject* item = args[2 + i];
+    if (!THPVariable_Check(item)) {
+      PyErr_Format(PyExc_TypeError, "graph_call_run: input %zu is not a tensor", i);
+      return nullptr;
+    }
+    srcs[i] = &THPVariable_Unpack(item);
+    if (srcs[i]->sizes() != e.statics[i].sizes() ||
+        srcs[i]->scalar_type() != e.statics[i].scalar_type()) {
+      PyErr_Format(PyExc_ValueError, "graph_call_run: input %zu does not match the graph's "
+                   "static input (shape or dtype)", i);
+      return nullptr;
+    }
+  }
+  std::vector<at::Tensor> result;
+  try {
+    if (!replay_into(e.statics.data(), srcs, n, e.exec, e.outs.data(),
+                     static_cast<size_t>(n_out), result)) {
+      Py_RETURN_NONE;
+    }
+  } catch (const std::exception& ex) {
+    PyErr_SetString(PyExc_RuntimeError, ex.what());
+    return nullptr;
+  }
+  PyObject* tuple = PyTuple_New(static_cast<Py_ssize_t>(result.size()));
+  if (tuple == nullptr) return nullptr;
+  for (size_t i = 0; i < result.size(); ++i) {
+    PyTuple_SET_ITEM(tuple, static_cast<Py_ssize_t>(i), THPVariable_Wrap(std::move(result[i])));
+  }
+  return tuple;
+}
+
+PyMethodDef kGraphCallMethods[] = {
+    {"graph_call_register", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_register)),
+     METH_FASTCALL, "Register a call graph (statics, outs, graph_exec) -> handle."},
+    {"graph_call_release", py_release, METH_O, "Forget a registered call graph."},
+    {"graph_call_run", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_run)),
+     METH_FASTCALL, "Replay a registered call graph: (handle, n_out, *srcs) -> outputs."},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+PyMethodDef* graph_call_methods() { return kGraphCallMethods; }
 
 }  // namespace xdit_ops

@@ -88,12 +88,6 @@ lib.define(
     "bool joint_front, int seq_len, float? scale, str backend, str ulysses_group, "
     "str ring_group, bool return_lse, int[]? shard_lengths=None) -> (Tensor, Tensor)"
 )
-# One eager call replayed from its call graph in one host call (csrc/cuda/graph_call.cpp): the
-# inputs copied into the graph's static inputs, the graph launched, copies of its outputs
-# returned; an empty list while the current stream is being captured. Eager use only.
-lib.define("graph_call(Tensor[] statics, Tensor[] srcs, Tensor[] outs, int graph_exec) "
-           "-> Tensor[]")
-
 
 # ---------------------------------------------------------------------------------------------
 # groups
@@ -1715,16 +1709,19 @@ def graph_setting(value: str | None = None) -> str:
     return value
 
 
-@functools.cache
-def _graph_call_loaded() -> bool:
-    """Whether the native ``graph_call`` (xdit_ops._C) is there to replay call graphs."""
-    return torch._C._dispatch_has_kernel_for_dispatch_key("xdit_ops::graph_call", "CUDA")
+try:  # the native replay (csrc/cuda/graph_call.cpp); without _C the Python replay
+    from xdit_ops import _C as _NATIVE
+except ImportError:
+    _NATIVE = None
+_REGISTER = getattr(_NATIVE, "graph_call_register", None)
+_RELEASE = getattr(_NATIVE, "graph_call_release", None)
+_RUN = getattr(_NATIVE, "graph_call_run", None)
 
 
 def _graph_exec(graph: torch.cuda.CUDAGraph) -> int:
     """The instantiated graph's ``cudaGraphExec_t`` as an int for the native replay, 0 where
-    the native op or torch's ``raw_cuda_graph_exec`` is missing (then the Python replay)."""
-    if not _graph_call_loaded():
+    the native functions or torch's ``raw_cuda_graph_exec`` are missing (the Python replay)."""
+    if _RUN is None:
         return 0
     try:
         return int(graph.raw_cuda_graph_exec())
@@ -1732,42 +1729,29 @@ def _graph_exec(graph: torch.cuda.CUDAGraph) -> int:
         return 0
 
 
-def graph_call(statics: list, srcs: list, outs: list, graph_exec: int) -> list:
-    """The native ``graph_call`` with its arguments checked here (a failing C++ check takes
-    the process down on the GPU machines: benchmarks/results, runs 7 and 31): copy ``srcs``
-    into ``statics``, launch the instantiated graph ``graph_exec`` on the current stream,
-    return copies of ``outs`` (an empty list while the current stream is being captured)."""
-    name = "graph_call"
-    if not statics or len(statics) != len(srcs):
-        raise ValueError(f"{name}: {len(statics)} static inputs for {len(srcs)} inputs")
-    if not graph_exec:
-        raise ValueError(f"{name}: no instantiated graph (graph_exec {graph_exec!r})")
-    if not statics[0].is_cuda:
-        raise ValueError(f"{name}: the static inputs must be CUDA tensors, got "
-                         f"{statics[0].device}")
-    for i, (d, x) in enumerate(zip(statics, srcs, strict=True)):
-        if d.shape != x.shape or d.dtype != x.dtype:
-            raise ValueError(f"{name}: input {i} has shape {list(x.shape)} and dtype "
-                             f"{x.dtype}; the graph was captured for {list(d.shape)} {d.dtype}")
-        if d.device != statics[0].device or not d.is_contiguous():
-            raise ValueError(f"{name}: static input {i} must be contiguous on "
-                             f"{statics[0].device}, got {d.device}, strides {d.stride()}")
-    return _GRAPH_CALL(statics, srcs, outs, graph_exec)
-
-
 class _CallGraph:
-    __slots__ = ("graph", "inputs", "outputs", "exec")
+    """A captured call: the graph, its static inputs and outputs, and its handle in the native
+    registry (0: replayed in Python)."""
+
+    __slots__ = ("graph", "inputs", "outputs", "handle")
 
     def __init__(self, graph, inputs, outputs):
         self.graph, self.inputs, self.outputs = graph, inputs, list(outputs)
-        self.exec = _graph_exec(graph)
+        ex = _graph_exec(graph)
+        self.handle = _REGISTER(self.inputs, self.outputs, ex) if ex else 0
+
+    def __del__(self):
+        if self.handle and _RELEASE is not None:
+            _RELEASE(self.handle)
 
     def replay(self, srcs: list, return_lse: bool, copy_in: bool = True):
-        """Copy ``srcs`` into the static inputs (unless ``copy_in``: they are there), replay,
-        return copies of the outputs (the LSE only with ``return_lse``)."""
-        if self.exec and copy_in:
-            out, lse = _GRAPH_CALL(self.inputs, srcs, self.outputs, self.exec)
-            return out, lse
+        """Copy ``srcs`` into the static inputs (unless ``copy_in`` is False: they are there),
+        replay, return copies of the outputs (the LSE only with ``return_lse``)."""
+        if self.handle and copy_in:
+            res = _RUN(self.handle, 2 if return_lse else 1, *srcs)
+            if return_lse:
+                return res
+            return res[0], self.outputs[1].new_empty((0,))
         if copy_in:
             torch._foreach_copy_(self.inputs, srcs)
         self.graph.replay()
@@ -1872,17 +1856,17 @@ def _run_graphed(p: _Plan, q, k, v, joint_lengths, scale, backend, return_lse):
 # Once a call signature replays a call graph, ``usp_attention`` remembers the graph under the
 # signature of its own arguments (``_fast_key``: everything the plan key and the graph key are
 # made of, the environment switches included) and later calls with that signature go straight
-# to the native ``graph_call``: no custom-op dispatch, no plan lookup, no Python replay. Only
-# for plain eager calls (CUDA tensors of class Tensor, no autograd to record, no dispatch or
-# function mode, no functorch transform, not under torch.compile; graph_call itself declines
-# during a capture). Anything else takes the op as before. ``FAST_PATH = False`` turns it off
-# (the benchmark's A/B).
+# to the native ``graph_call_run`` (csrc/cuda/graph_call.cpp): no custom-op dispatch, no plan
+# lookup, no Python replay. Only for plain eager calls (CUDA tensors of class Tensor, no
+# autograd to record, no dispatch or function mode, no functorch transform, not under
+# torch.compile); graph_call_run itself declines during a capture (the op then records the
+# call). Anything else takes the op as before. ``FAST_PATH = False`` turns it off (the
+# benchmark's A/B).
 
 FAST_PATH = True
 FAST_CALLS = [0]  # calls served by the fast path (the tests' evidence that it ran)
 _FAST: dict[tuple, _CallGraph] = {}
 _LAST_GRAPH = threading.local()  # (plan, graph) of the last replay in this thread
-_GRAPH_CALL = torch.ops.xdit_ops.graph_call.default
 _C = torch._C
 
 
@@ -1914,7 +1898,7 @@ def _remember_fast(fk: tuple) -> None:
     _LAST_GRAPH.entry = None
     p, state = got
     # a plan that still checks (XDIT_OPS_USP_CHECK=always) keeps the op's path
-    if state.exec and p.check == _CHECK_NONE and len(_FAST) < _MAX_PLANS:
+    if state.handle and p.check == _CHECK_NONE and len(_FAST) < _MAX_PLANS:
         _FAST[fk] = state
 
 
@@ -2533,11 +2517,12 @@ def usp_attention(
                        scale, backend, u, r, return_lse, shard_lengths)
         state = _FAST.get(fk)
         if state is not None and _plain(query, key, value):
-            res = _GRAPH_CALL(state.inputs, [query, key, value] if joint_lengths is None else
-                              [query, key, value, joint_lengths], state.outputs, state.exec)
-            if res:  # (empty under a capture: the op below records the call itself)
+            n_out = 2 if return_lse else 1
+            res = (_RUN(state.handle, n_out, query, key, value) if joint_lengths is None
+                   else _RUN(state.handle, n_out, query, key, value, joint_lengths))
+            if res is not None:  # (None under a capture: the op below records the call)
                 FAST_CALLS[0] += 1
-                return (res[0], res[1]) if return_lse else res[0]
+                return res if return_lse else res[0]
         _LAST_GRAPH.entry = None
     out, lse = _USP_OP(
         query, key, value, joint_lengths, joint_tokens, joint_position == "front",
