@@ -189,9 +189,11 @@ if wants run; then step run 600 12 "$PY" -m xdit_ops.cli run; fi
 
 # ----------------------------------------------------------------------------------- tests
 if wants tests; then
-  # shellcheck disable=SC2086
+  # --pytest's words with the shell's quoting (run 51: -k 'a and (b or c)' was split at spaces)
+  PYTEST_ARGS=()
+  if [ -n "$PYTEST_EXTRA" ]; then eval "PYTEST_ARGS=($PYTEST_EXTRA)"; fi
   step tests 3000 8 "$PY" -m pytest -m "gpu or sm90 or multigpu" tests -q -rfEs \
-    -p no:cacheprovider --junitxml="$OUT_DIR/logs/pytest.xml" $PYTEST_EXTRA
+    -p no:cacheprovider --junitxml="$OUT_DIR/logs/pytest.xml" "${PYTEST_ARGS[@]}"
 fi
 
 # ----------------------------------------------------------------------------------- bench
