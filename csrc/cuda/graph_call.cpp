@@ -13,6 +13,7 @@
 #include <Python.h>
 
 #include <cstdint>
+#include <memory>
 #include <unordered_map>
 #include <vector>
 
@@ -87,24 +88,51 @@ void flush(RowCopyParams& batch, cudaStream_t stream) {
 
 }  // namespace
 
-// statics[i] <- srcs[i] (the caller checked shapes and dtypes), launch `exec` on the current
-// stream of statics[0]'s device, return copies of the first n_out tensors of `outs`. Returns
+struct EventDeleter {
+  void operator()(cudaEvent_t e) const { cudaEventDestroy(e); }
+};
+
+// A registered call graph: its static inputs and outputs, its cudaGraphExec_t, and the stream
+// of its last replay. A replay on another stream first waits for everything queued on that
+// stream so far (an event recorded there now): the static inputs and outputs are shared by
+// every replay, so a call on stream B must not overwrite them while a call queued on stream A
+// has not run yet. Nothing is recorded while the stream stays the same (the common case).
+struct Registered {
+  std::vector<at::Tensor> statics, outs;
+  cudaGraphExec_t exec = nullptr;
+  cudaStream_t last = nullptr;
+  std::unique_ptr<CUevent_st, EventDeleter> order;
+};
+
+// statics[i] <- srcs[i] (the caller checked shapes and dtypes), launch e.exec on the current
+// stream of the static inputs' device, return copies of the first n_out outputs. Returns
 // false (and does nothing) while the current stream is being captured: the caller then runs
 // the call itself, so an outer capture records its kernels rather than a launch of this graph.
-bool replay_into(const at::Tensor* statics, const at::Tensor* const* srcs, size_t n,
-                 cudaGraphExec_t exec, const at::Tensor* outs, size_t n_out,
+bool replay_into(Registered& e, const at::Tensor* const* srcs, size_t n, size_t n_out,
                  std::vector<at::Tensor>& result) {
+  const at::Tensor* statics = e.statics.data();
+  const at::Tensor* outs = e.outs.data();
   const c10::cuda::CUDAGuard guard(statics[0].device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
   XDIT_CUDA_CHECK(cudaStreamIsCapturing(stream, &status));
   if (status != cudaStreamCaptureStatusNone) return false;
+  if (stream != e.last) {
+    if (!e.order) {
+      cudaEvent_t ev = nullptr;
+      XDIT_CUDA_CHECK(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming));
+      e.order.reset(ev);
+    }
+    XDIT_CUDA_CHECK(cudaEventRecord(e.order.get(), e.last));
+    XDIT_CUDA_CHECK(cudaStreamWaitEvent(stream, e.order.get(), 0));
+    e.last = stream;
+  }
   RowCopyParams batch{};
   for (size_t i = 0; i < n; ++i) {
     if (!add_copy(batch, statics[i], *srcs[i], stream)) statics[i].copy_(*srcs[i]);
   }
   flush(batch, stream);
-  XDIT_CUDA_CHECK(cudaGraphLaunch(exec, stream));
+  XDIT_CUDA_CHECK(cudaGraphLaunch(e.exec, stream));
   result.reserve(n_out);
   for (size_t i = 0; i < n_out; ++i) {
     const at::Tensor& o = outs[i];
@@ -122,11 +150,6 @@ bool replay_into(const at::Tensor* statics, const at::Tensor* const* srcs, size_
 // its outputs and its cudaGraphExec_t, held here by handle) and replayed by handle with the
 // call's tensors as positional arguments. The GIL is held throughout, so the registry needs no
 // lock. Errors are set as Python exceptions without C++ exceptions crossing into Python.
-
-struct Registered {
-  std::vector<at::Tensor> statics, outs;
-  cudaGraphExec_t exec = nullptr;
-};
 
 std::unordered_map<int64_t, Registered>& registry() {
   static auto* r = new std::unordered_map<int64_t, Registered>();  // never destroyed at exit
@@ -174,6 +197,8 @@ PyObject* py_register(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     }
   }
   e.exec = reinterpret_cast<cudaGraphExec_t>(static_cast<intptr_t>(ex));
+  // the capture's own replay runs on the current stream: later replays are ordered after it
+  e.last = c10::cuda::getCurrentCUDAStream(e.statics[0].device().index()).stream();
   static int64_t next = 1;
   const int64_t handle = next++;
   registry().emplace(handle, std::move(e));
@@ -204,7 +229,7 @@ PyObject* py_run(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     PyErr_Format(PyExc_ValueError, "graph_call_run: no graph registered as %lld", handle);
     return nullptr;
   }
-  const Registered& e = it->second;
+  Registered& e = it->second;
   const size_t n = static_cast<size_t>(nargs - 2);
   if (n != e.statics.size() || n_out < 0 || static_cast<size_t>(n_out) > e.outs.size()) {
     PyErr_Format(PyExc_ValueError, "graph_call_run: %zu inputs and %ld outputs for a graph of "
@@ -232,8 +257,7 @@ PyObject* py_run(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   }
   std::vector<at::Tensor> result;
   try {
-    if (!replay_into(e.statics.data(), srcs, n, e.exec, e.outs.data(),
-                     static_cast<size_t>(n_out), result)) {
+    if (!replay_into(e, srcs, n, static_cast<size_t>(n_out), result)) {
       Py_RETURN_NONE;
     }
   } catch (const std::exception& ex) {

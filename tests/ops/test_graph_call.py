@@ -114,3 +114,25 @@ def test_graph_call_declines_under_capture_checks_inputs_and_releases():
     gc.collect()
     with pytest.raises(ValueError, match=rf"graph_call_run: no graph registered as {handle}"):
         run(handle, 1, x, n)
+
+
+@pytest.mark.gpu
+def test_graph_call_orders_replays_across_streams():
+    """A replay on another stream waits for the replays queued on the last one: the static
+    inputs are shared, so without that the second call's copy-in would overwrite them before
+    the first call's graph (held back by a GPU sleep on its stream) read them."""
+    state = _captured()
+    run = _usp._RUN
+    a, b = torch.cuda.Stream(), torch.cuda.Stream()
+    xs = [torch.randn(2, 6, 3, 8, device="cuda").to(torch.bfloat16) for _ in range(2)]
+    n = torch.ones(2, dtype=torch.int32, device="cuda")
+    a.wait_stream(torch.cuda.current_stream())
+    b.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(a):
+        torch.cuda._sleep(int(2e8))  # ~0.1 s: the first call's copies and graph wait here
+        first = run(state.handle, 1, xs[0], n)[0]
+    with torch.cuda.stream(b):
+        second = run(state.handle, 1, xs[1], n)[0]
+    torch.cuda.synchronize()
+    assert torch.equal(first, _want(xs[0], n)[0])
+    assert torch.equal(second, _want(xs[1], n)[0])
