@@ -159,3 +159,54 @@ def test_usp_gpu_graph_replay_equals_eager(world, mode):
     if mode == "hybrid" and world < 4:
         pytest.skip("the hybrid needs 4 ranks")
     run_distributed(_worker_gpu, world, mode, timeout=150, backend="nccl")
+
+
+def test_fast_key_covers_every_argument_and_switch(monkeypatch):
+    """The eager fast path replays a remembered graph for an equal key, so every argument the
+    plan or the call graph depends on must change the key (a field missing there would replay
+    the wrong graph), and equal arguments must give equal keys (else the path never hits)."""
+    for name in _usp._SWITCH_NAMES:
+        monkeypatch.delenv(name, raising=False)
+    q, k, v = (torch.zeros(2, 10, 4, 8) for _ in range(3))
+    lengths = torch.tensor([3, 5], dtype=torch.int32)
+    base = dict(q=q, k=k, v=v, joint_tokens=2, joint_position="front", joint_lengths=lengths,
+                seq_len=16, scale=0.5, backend="auto", u="", r="", return_lse=False,
+                shard_lengths=[8, 8])
+
+    def key(**changes):
+        a = base | changes
+        return _usp._fast_key(a["q"], a["k"], a["v"], a["joint_tokens"], a["joint_position"],
+                              a["joint_lengths"], a["seq_len"], a["scale"], a["backend"],
+                              a["u"], a["r"], a["return_lse"], a["shard_lengths"])
+
+    k0 = key()
+    assert key() == k0 and hash(key(q=q.clone())) == hash(k0)
+    variants = {
+        "q shape": dict(q=torch.zeros(2, 11, 4, 8)),
+        "k shape": dict(k=torch.zeros(2, 10, 4, 16)),
+        "v dtype": dict(v=v.to(torch.float64)),
+        "q last stride": dict(q=torch.zeros(2, 10, 8, 4).transpose(2, 3)),
+        "joint_tokens": dict(joint_tokens=3),
+        "joint_position": dict(joint_position="back"),
+        "joint_lengths absent": dict(joint_lengths=None),
+        "joint_lengths dtype": dict(joint_lengths=lengths.long()),
+        "seq_len": dict(seq_len=15),
+        "scale": dict(scale=0.25),
+        "backend": dict(backend="cudnn"),
+        "return_lse": dict(return_lse=True),
+        "shard_lengths": dict(shard_lengths=[8, 7]),
+        "shard_lengths absent": dict(shard_lengths=None),
+    }
+    for what, changes in variants.items():
+        assert key(**changes) != k0, what
+    # the environment switches, read per call (os.environ's store, decoded when changed); a
+    # call without a group reads none (no switch applies to one device)
+    grouped = _usp._switches(True)
+    assert grouped == (None,) * len(_usp._SWITCH_NAMES) and _usp._switches(False) == ()
+    for name in _usp._SWITCH_NAMES:
+        monkeypatch.setenv(name, "x")
+        seen = _usp._switches(True)
+        assert seen[_usp._SWITCH_NAMES.index(name)] == "x", name
+        assert seen.count("x") == 1, name
+        monkeypatch.delenv(name)
+        assert _usp._switches(True) == grouped, name
