@@ -20,15 +20,16 @@ import importlib
 import os
 import statistics
 import sys
-import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import bshd_shape, print_table, write_json  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import xdit_ops  # noqa: E402
+from benchmarks.bench_usp import host_samples_us, max_over_ranks  # noqa: E402
+from benchmarks.common import bshd_shape, print_table, write_json  # noqa: E402
 
 _usp = importlib.import_module("xdit_ops.ops.usp_attention")
 
@@ -36,18 +37,7 @@ _usp = importlib.import_module("xdit_ops.ops.usp_attention")
 def host_us(fn, n: int = 60) -> float:
     """Median host time (us) of ``fn`` over ``n`` calls queued behind a GPU sleep, slowest
     rank."""
-    torch.cuda.synchronize()
-    dist.barrier()
-    torch.cuda._sleep(int(5e8))
-    samples = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - t0) * 1e6)
-    torch.cuda.synchronize()
-    t = torch.tensor([statistics.median(samples)], device="cuda", dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.item()
+    return max_over_ranks(statistics.median(host_samples_us(fn, n, sleep_cycles=int(5e8))))
 
 
 def pieces(q, k, v) -> dict[str, float]:
