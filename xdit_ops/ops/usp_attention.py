@@ -89,6 +89,7 @@ lib.define(
     "str ring_group, bool return_lse, int[]? shard_lengths=None) -> (Tensor, Tensor)"
 )
 
+
 # ---------------------------------------------------------------------------------------------
 # groups
 
