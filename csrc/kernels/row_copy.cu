@@ -1,21 +1,17 @@
 // Batched row copies: see xdit_ops/row_copy.h.
 #include <algorithm>
 
+#include "xdit_ops/copy_width.h"
 #include "xdit_ops/row_copy.h"
 
 namespace xdit_ops {
 
 namespace {
 
-template <int kVec>
-struct alignas(kVec) Chunk {
-  unsigned char b[kVec];
-};
-
-template <int kVec, typename Index>
+// T: the copy unit of the segment's width (copy_width.h's types: uint4 for 16 bytes, ...)
+template <typename T, typename Index>
 __device__ void copy_rows(const RowCopySegment& s) {
-  using T = Chunk<kVec>;
-  const Index per_row = static_cast<Index>(s.row_bytes / kVec);
+  const Index per_row = static_cast<Index>(s.row_bytes / sizeof(T));
   const Index total = per_row * static_cast<Index>(s.rows);
   const Index step = static_cast<Index>(gridDim.x) * blockDim.x;
   for (Index i = static_cast<Index>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
@@ -29,40 +25,40 @@ __device__ void copy_rows(const RowCopySegment& s) {
   }
 }
 
-template <int kVec>
+template <typename T>
 __device__ void copy_segment(const RowCopySegment& s) {
-  // 32-bit index arithmetic (a cheap division per chunk) whenever the segment allows it
-  if (s.rows * (s.row_bytes / kVec) + static_cast<int64_t>(gridDim.x) * blockDim.x <
+  // 32-bit index arithmetic (a cheap division per unit) whenever the segment allows it
+  if (s.rows * static_cast<int64_t>(s.row_bytes / sizeof(T)) +
+          static_cast<int64_t>(gridDim.x) * blockDim.x <
       (int64_t{1} << 32)) {
-    copy_rows<kVec, uint32_t>(s);
+    copy_rows<T, uint32_t>(s);
   } else {
-    copy_rows<kVec, int64_t>(s);
+    copy_rows<T, int64_t>(s);
   }
 }
 
 __global__ void row_copy_kernel(RowCopyParams p, int4 vec) {
   const int which = blockIdx.y;
   const RowCopySegment& s = p.seg[which];
+  // each segment its own width (a 16-byte Q/K/V beside an 8-byte joint_lengths), mapped to
+  // the unit types of copy_width.h's dispatch_copy_width, which is host-only
   const int v = which == 0 ? vec.x : which == 1 ? vec.y : which == 2 ? vec.z : vec.w;
   switch (v) {
-    case 16: copy_segment<16>(s); break;
-    case 8: copy_segment<8>(s); break;
-    case 4: copy_segment<4>(s); break;
-    case 2: copy_segment<2>(s); break;
-    default: copy_segment<1>(s); break;
+    case 16: copy_segment<uint4>(s); break;
+    case 8: copy_segment<uint2>(s); break;
+    case 4: copy_segment<uint32_t>(s); break;
+    case 2: copy_segment<uint16_t>(s); break;
+    default: copy_segment<uint8_t>(s); break;
   }
 }
 
 }  // namespace
 
 int row_copy_vector_bytes(const RowCopySegment& s) {
-  const auto bits = reinterpret_cast<uintptr_t>(s.dst) | reinterpret_cast<uintptr_t>(s.src) |
-                    static_cast<uintptr_t>(s.row_bytes) |
-                    static_cast<uintptr_t>(s.rows > 1 ? s.dst_pitch | s.src_pitch : 0);
-  for (int v = 16; v > 1; v /= 2) {
-    if (bits % v == 0) return v;
-  }
-  return 1;
+  // (a pitch is applied only between rows)
+  const uint64_t pitches = s.rows > 1 ? static_cast<uint64_t>(s.dst_pitch | s.src_pitch) : 0;
+  return copy_width({reinterpret_cast<uint64_t>(s.dst), reinterpret_cast<uint64_t>(s.src),
+                     static_cast<uint64_t>(s.row_bytes), pitches});
 }
 
 cudaError_t launch_row_copy(const RowCopyParams& params, cudaStream_t stream) {

@@ -36,7 +36,7 @@ def _captured():
         g.capture_end()
     torch.cuda.current_stream().wait_stream(side)
     state = _usp._CallGraph(g, [x, n], outs)
-    assert state.handle, "no native graph_call_run or no raw_cuda_graph_exec: fast path off"
+    assert state.handle, "no native graph_call_run handle"
     return state
 
 
@@ -75,7 +75,7 @@ def test_graph_call_copies_in_replays_and_returns_copies():
     assert torch.equal(first, _want(sources["contiguous"], lengths["device"])[0])
     one = run(state.handle, 1, sources["contiguous"], lengths["device"])
     assert len(one) == 1 and torch.equal(one[0], first)
-    # the Python replay (the op's path) gives the same
+    # the op's path (_CallGraph.replay) gives the same
     out, lse = state.replay([sources["contiguous"], lengths["device"]], return_lse=False)
     assert torch.equal(out, first) and lse.numel() == 0
 

@@ -506,12 +506,14 @@ def release_symmetric_buffers() -> None:
 
 
 def release_call_graphs(sync: bool = True) -> None:
-    """Drop the eager calls' own CUDA graphs (XDIT_OPS_USP_GRAPH): a live graph holding NCCL
-    kernels keeps its communicator busy, so ``destroy_process_group`` (or the interpreter's
-    exit) would wait on it (run 49: the ranks hung in destroy_process_group). Called by
-    ``release_symmetric_buffers`` (after a synchronize of their devices) and at exit (without:
-    a peer that died mid-call would leave the exit waiting forever); the next call of a plan
-    starts over (eager, then a new capture)."""
+    """Drop the eager calls' own CUDA graphs (XDIT_OPS_USP_GRAPH) and the fast path's entries:
+    a graph holds its private memory pool and the symmetric-memory buffers of the groups it
+    was captured with, so it must go before they do (run 49's ranks hung in
+    ``destroy_process_group`` while a graph still held NCCL kernels; such graphs are no longer
+    made, ``_graph_eligible``). Called by ``release_symmetric_buffers`` (after a synchronize
+    of their devices: no replay may still run on a freed pool) and at exit (without: a peer
+    that died mid-call would leave the exit waiting forever); the next call of a plan starts
+    over (eager, then a new capture)."""
     _FAST.clear()
     plans = [p for p in _PLANS.values() if p.graphs]
     if not plans:
@@ -1710,7 +1712,7 @@ def graph_setting(value: str | None = None) -> str:
     return value
 
 
-try:  # the native replay (csrc/cuda/graph_call.cpp); without _C the Python replay
+try:  # the native replay (csrc/cuda/graph_call.cpp): call graphs need it
     from xdit_ops import _C as _NATIVE
 except ImportError:
     _NATIVE = None
@@ -1719,45 +1721,25 @@ _RELEASE = getattr(_NATIVE, "graph_call_release", None)
 _RUN = getattr(_NATIVE, "graph_call_run", None)
 
 
-def _graph_exec(graph: torch.cuda.CUDAGraph) -> int:
-    """The instantiated graph's ``cudaGraphExec_t`` as an int for the native replay, 0 where
-    the native functions or torch's ``raw_cuda_graph_exec`` are missing (the Python replay)."""
-    if _RUN is None:
-        return 0
-    try:
-        return int(graph.raw_cuda_graph_exec())
-    except (AttributeError, RuntimeError):
-        return 0
-
-
 class _CallGraph:
     """A captured call: the graph, its static inputs and outputs, and its handle in the native
-    registry (0: replayed in Python)."""
+    registry (``graph_call_run`` replays it by that handle)."""
 
     __slots__ = ("graph", "inputs", "outputs", "handle")
 
     def __init__(self, graph, inputs, outputs):
         self.graph, self.inputs, self.outputs = graph, inputs, list(outputs)
-        ex = _graph_exec(graph)
-        self.handle = _REGISTER(self.inputs, self.outputs, ex) if ex else 0
+        self.handle = _REGISTER(self.inputs, self.outputs, int(graph.raw_cuda_graph_exec()))
 
     def __del__(self):
-        if self.handle and _RELEASE is not None:
+        if _RELEASE is not None and getattr(self, "handle", 0):
             _RELEASE(self.handle)
 
-    def replay(self, srcs: list, return_lse: bool, copy_in: bool = True):
-        """Copy ``srcs`` into the static inputs (unless ``copy_in`` is False: they are there),
-        replay, return copies of the outputs (the LSE only with ``return_lse``)."""
-        if self.handle and copy_in:
-            res = _RUN(self.handle, 2 if return_lse else 1, *srcs)
-            if return_lse:
-                return res
-            return res[0], self.outputs[1].new_empty((0,))
-        if copy_in:
-            torch._foreach_copy_(self.inputs, srcs)
-        self.graph.replay()
-        out, lse = self.outputs
-        return out.clone(), (lse.clone() if return_lse else lse.new_empty((0,)))
+    def replay(self, srcs: list, return_lse: bool):
+        """Copy ``srcs`` into the static inputs, replay, return copies of the outputs (the
+        LSE only with ``return_lse``; else an empty one, as the op returns)."""
+        res = _RUN(self.handle, 2 if return_lse else 1, *srcs)
+        return res if return_lse else (res[0], self.outputs[1].new_empty((0,)))
 
 
 # why each key whose capture failed did (``str`` of the exception), for diagnostics
@@ -1773,8 +1755,9 @@ def _graph_eligible(p: _Plan, return_lse: bool) -> bool:
     and ``destroy_process_group`` then waits on it: run 49's ranks hung there): the Ulysses
     transports over peer-mapped memory (push, overlap, copy engines) without the LSE (it goes
     back by an NCCL all-to-all) and the rings over the copy engines; not the NCCL transports,
-    the hybrid's NCCL exchange, the NCCL ring or the FP8 wire and ring."""
-    if p.wire is not None or p.fp8ring is not None:
+    the hybrid's NCCL exchange, the NCCL ring or the FP8 wire and ring; and only with the
+    native replay (``xdit_ops._C``'s ``graph_call_run``)."""
+    if _RUN is None or p.wire is not None or p.fp8ring is not None:
         return False
     if p.R > 1 and p.ring not in CE_RINGS:
         return False
@@ -1848,7 +1831,10 @@ def _run_graphed(p: _Plan, q, k, v, joint_lengths, scale, backend, return_lse):
     if state is None:  # the capture failed: eager from now on (warned)
         return _run(p, q, k, v, joint_lengths, scale, backend, return_lse)
     _LAST_GRAPH.entry = (p, state)
-    return state.replay(srcs, return_lse, copy_in=False)
+    # the static inputs hold this call's values already: replay the graph alone
+    state.graph.replay()
+    out, lse = state.outputs
+    return out.clone(), (lse.clone() if return_lse else lse.new_empty((0,)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1861,8 +1847,9 @@ def _run_graphed(p: _Plan, q, k, v, joint_lengths, scale, backend, return_lse):
 # lookup, no Python replay. Only for plain eager calls (CUDA tensors of class Tensor, no
 # autograd to record, no dispatch or function mode, no functorch transform, not under
 # torch.compile); graph_call_run itself declines during a capture (the op then records the
-# call). Anything else takes the op as before. ``FAST_PATH = False`` turns it off (the
-# benchmark's A/B).
+# call). Anything else takes the op as before (whose replays go through graph_call_run too).
+# The key is computed only once some signature has a graph. ``FAST_PATH = False`` turns the
+# path off (the benchmark's A/B).
 
 FAST_PATH = True
 FAST_CALLS = [0]  # calls served by the fast path (the tests' evidence that it ran)
@@ -1891,16 +1878,17 @@ def _plain(q, k, v) -> bool:
             and not _C._functorch.is_functorch_wrapped_tensor(q))
 
 
-def _remember_fast(fk: tuple) -> None:
-    """After an op call: remember the graph it replayed, if any, under ``fk``."""
+def _remember_fast(key_of) -> None:
+    """After an op call: remember the graph it replayed, if any, under the call's key
+    (``key_of()``, computed only then)."""
     got = getattr(_LAST_GRAPH, "entry", None)
     if got is None:
         return
     _LAST_GRAPH.entry = None
     p, state = got
     # a plan that still checks (XDIT_OPS_USP_CHECK=always) keeps the op's path
-    if state.handle and p.check == _CHECK_NONE and len(_FAST) < _MAX_PLANS:
-        _FAST[fk] = state
+    if p.check == _CHECK_NONE and len(_FAST) < _MAX_PLANS:
+        _FAST[key_of()] = state
 
 
 def _squeezed(p: _Plan, kv: torch.Tensor) -> torch.Tensor:
@@ -2512,11 +2500,15 @@ def usp_attention(
         u, r = _groups_from(mesh)
     seq_len = -1 if seq_len is None else int(seq_len)
     scale = None if scale is None else float(scale)
-    fk = None
-    if FAST_PATH and query.is_cuda and not torch.compiler.is_compiling():
-        fk = _fast_key(query, key, value, joint_tokens, joint_position, joint_lengths, seq_len,
-                       scale, backend, u, r, return_lse, shard_lengths)
-        state = _FAST.get(fk)
+    fast = FAST_PATH and query.is_cuda and not torch.compiler.is_compiling()
+    if fast:
+
+        def key_of():
+            return _fast_key(query, key, value, joint_tokens, joint_position, joint_lengths,
+                             seq_len, scale, backend, u, r, return_lse, shard_lengths)
+
+        # (the key costs ~1-5 us: only computed once some signature has a graph)
+        state = _FAST.get(key_of()) if _FAST else None
         if state is not None and _plain(query, key, value):
             n_out = 2 if return_lse else 1
             res = (_RUN(state.handle, n_out, query, key, value) if joint_lengths is None
@@ -2530,6 +2522,6 @@ def usp_attention(
         seq_len, scale, backend, u, r, return_lse,
         None if shard_lengths is None else [int(n) for n in shard_lengths],
     )
-    if fk is not None:
-        _remember_fast(fk)
+    if fast:
+        _remember_fast(key_of)
     return (out, lse) if return_lse else out
