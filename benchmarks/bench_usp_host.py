@@ -4,9 +4,10 @@ Under torchrun on N GPUs (all of them Ulysses, then all of them ring), at one sh
 (1,4608,24,128), bf16), after the call graph of the signature exists: the median host time
 (slowest rank) of the whole eager call with the fast path, without it (the op's dispatch, plan
 lookup and Python replay), and of each piece the fast path runs alone: the argument checks and
-group names, the signature key, the plain-call test, the native graph_call_run (copies in,
-graph launch, output copies), graph_call_run with no output to copy, torch's CUDAGraph.replay()
-alone (the graph launch), one empty output, and one trivial aten op (the dispatcher's floor).
+group names, the signature key, the plain-call test, the native graph_call_run (the copy
+nodes' parameters, the output's allocation, one graph launch), graph_call_run with no output,
+torch's CUDAGraph.replay() of the same graph (its launch, the copy nodes idle), one empty
+output, and one trivial aten op (the dispatcher's floor).
 The GPU is kept busy (a queued sleep) so no call waits for it.
 
     torchrun --nproc-per-node=2 benchmarks/bench_usp_host.py [--shape 1,4608,24,128] [--out DIR]
@@ -44,7 +45,7 @@ def pieces(q, k, v) -> dict[str, float]:
     for _ in range(4):  # plan, warm-up, capture, the fast path's entry
         xdit_ops.usp_attention(q, k, v)
     u, r = _usp._groups_from(None)
-    fk = _usp._fast_key(q, k, v, 0, "front", None, -1, None, "auto", u, r, False, None)
+    fk = _usp._fast_key(q, k, v, 0, "front", None, None, None, "auto", u, r, False, None)
     state = _usp._FAST.get(fk)
     res = {"call": host_us(lambda: xdit_ops.usp_attention(q, k, v))}
     _usp.FAST_PATH = False
@@ -52,7 +53,8 @@ def pieces(q, k, v) -> dict[str, float]:
     _usp.FAST_PATH = True
     res["groups"] = host_us(lambda: _usp._groups_from(None))
     res["fast_key"] = host_us(
-        lambda: _usp._fast_key(q, k, v, 0, "front", None, -1, None, "auto", u, r, False, None))
+        lambda: _usp._fast_key(q, k, v, 0, "front", None, None, None, "auto", u, r, False,
+                               None))
     res["resolve_group"] = host_us(lambda: _usp._resolve_group(u or r))
     res["switches"] = host_us(lambda: _usp._switches(True))
     res["plain"] = host_us(lambda: _usp._plain(q, k, v))

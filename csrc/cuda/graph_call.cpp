@@ -1,20 +1,24 @@
 // The eager fast path's native half: one eager usp_attention call replayed from its own CUDA
 // graph in one host call, as plain CPython functions of xdit_ops._C (no dispatcher, no list of
-// tensors converted per call). A call graph is registered once (its static inputs, outputs and
-// cudaGraphExec_t, held here by handle); graph_call_run(handle, n_out, *srcs) copies the
-// call's tensors into the static inputs, launches the graph on the current stream and returns
-// fresh copies of the outputs: what the Python replay does with _foreach_copy_,
-// CUDAGraph.replay() (a Python method with hooks) and clone(). Contiguous sources, and rows of
-// whole heads at one pitch (a view of a fused QKV projection), are copied by one row-copy
-// kernel launch (xdit_ops/row_copy.h) before the graph and one after it for the outputs;
-// anything else, and a host source (joint_lengths), with Tensor::copy_. Errors are set as
+// tensors converted per call). A call graph is registered once: graph_call_register adds two
+// row-copy kernel nodes to the captured graph (xdit_ops/row_copy.h), one before its roots that
+// copies the call's inputs into the static inputs and one after its leaves that copies the
+// outputs out, and instantiates it (the graph is torch's, captured with keep_graph=True; the
+// executable is ours). graph_call_run(handle, n_out, *srcs) then sets the two nodes' parameters
+// to this call's tensors and fresh outputs (cudaGraphExecKernelNodeSetParams: it changes later
+// launches only, so replays queued before keep theirs) and launches the graph: one launch a
+// call, not three. Contiguous sources, and rows of whole heads at one pitch (a view of a fused
+// QKV projection), go through the nodes; anything else, and a host source (joint_lengths), is
+// copied with Tensor::copy_ before the launch (its node segment left empty). Errors are set as
 // Python exceptions; no C++ exception crosses into Python (one that did segfaulted the GPU
 // machines' processes: runs 7, 31 and 51).
 #include <Python.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <memory>
 #include <unordered_map>
+#include <unordered_set>
 #include <vector>
 
 #include <ATen/ATen.h>
@@ -34,8 +38,6 @@ namespace {
 struct Rows {
   int64_t rows = 0, row_bytes = 0, pitch = 0;
 };
-
-void flush(RowCopyParams& batch, cudaStream_t stream);
 
 Rows uniform_rows(const at::Tensor& t) {
   Rows r;
@@ -62,28 +64,23 @@ Rows uniform_rows(const at::Tensor& t) {
   return r;
 }
 
-// Adds "dst <- src" to `batch` when the row copy can do it (src on dst's device, contiguous or
-// rows of whole heads at one pitch, dst contiguous); launches `batch` first when it is full.
-// Returns false when it cannot: the caller copies with Tensor::copy_.
-bool add_copy(RowCopyParams& batch, const at::Tensor& dst, const at::Tensor& src,
-              cudaStream_t stream) {
+// The segment "dst <- src" when the row copy can do it (src on dst's device, contiguous or rows
+// of whole heads at one pitch, dst contiguous): true and `seg` set (empty for an empty tensor).
+// False when it cannot (the caller copies with Tensor::copy_; `seg` stays empty).
+bool segment_for(const at::Tensor& dst, const at::Tensor& src, RowCopySegment& seg) {
+  seg = RowCopySegment{dst.data_ptr(), src.data_ptr(), 0, 0, 0, 0};
   if (!src.is_cuda() || src.device() != dst.device() || !dst.is_contiguous()) return false;
-  RowCopySegment seg{dst.data_ptr(), src.data_ptr(), 1, static_cast<int64_t>(src.nbytes()), 0, 0};
-  if (!src.is_contiguous()) {
-    const Rows r = uniform_rows(src);
-    if (r.rows == 0) return false;
-    seg = {dst.data_ptr(), src.data_ptr(), r.rows, r.row_bytes, r.row_bytes, r.pitch};
+  if (src.is_contiguous()) {
+    seg.rows = 1;
+    seg.row_bytes = static_cast<int64_t>(src.nbytes());
+    return true;
   }
-  if (seg.rows * seg.row_bytes == 0) return true;
-  if (batch.num_segments == kRowCopyMaxSegments) flush(batch, stream);
-  batch.seg[batch.num_segments++] = seg;
+  const Rows r = uniform_rows(src);
+  if (r.rows == 0) return false;
+  seg.rows = r.rows;
+  seg.row_bytes = seg.dst_pitch = r.row_bytes;
+  seg.src_pitch = r.pitch;
   return true;
-}
-
-void flush(RowCopyParams& batch, cudaStream_t stream) {
-  if (batch.num_segments == 0) return;
-  XDIT_CUDA_CHECK(launch_row_copy(batch, stream));
-  batch.num_segments = 0;
 }
 
 }  // namespace
@@ -91,15 +88,22 @@ void flush(RowCopyParams& batch, cudaStream_t stream) {
 struct EventDeleter {
   void operator()(cudaEvent_t e) const { cudaEventDestroy(e); }
 };
+struct ExecDeleter {
+  void operator()(cudaGraphExec_t e) const { cudaGraphExecDestroy(e); }
+};
 
-// A registered call graph: its static inputs and outputs, its cudaGraphExec_t, and the stream
-// of its last replay. A replay on another stream first waits for everything queued on that
-// stream so far (an event recorded there now): the static inputs and outputs are shared by
-// every replay, so a call on stream B must not overwrite them while a call queued on stream A
-// has not run yet. Nothing is recorded while the stream stays the same (the common case).
+// A registered call graph: its static inputs and outputs, its executable (ours: destroyed on
+// release; one still running is freed when it completes) with the copy-in and copy-out nodes,
+// and the stream of its last replay. A replay on another stream first waits for everything
+// queued on that stream so far (an event recorded there now): the static inputs and outputs
+// are shared by every replay, so a call on stream B must not overwrite them while a call
+// queued on stream A has not run yet. Nothing is recorded while the stream stays the same (the
+// common case).
 struct Registered {
   std::vector<at::Tensor> statics, outs;
-  cudaGraphExec_t exec = nullptr;
+  std::unique_ptr<CUgraphExec_st, ExecDeleter> exec;
+  cudaGraphNode_t copy_in = nullptr, copy_out = nullptr;
+  unsigned grid_in = 1, grid_out = 1;  // the nodes' blocks per segment
   cudaStream_t last = nullptr;
   std::unique_ptr<CUevent_st, EventDeleter> order;
 };
@@ -127,21 +131,83 @@ bool replay_into(Registered& e, const at::Tensor* const* srcs, size_t n, size_t 
     XDIT_CUDA_CHECK(cudaStreamWaitEvent(stream, e.order.get(), 0));
     e.last = stream;
   }
-  RowCopyParams batch{};
+  RowCopyLaunch in;
+  in.params.num_segments = static_cast<int>(n);
   for (size_t i = 0; i < n; ++i) {
-    if (!add_copy(batch, statics[i], *srcs[i], stream)) statics[i].copy_(*srcs[i]);
+    // a source the node cannot copy is copied here, before the launch (stream order)
+    if (!segment_for(statics[i], *srcs[i], in.params.seg[i])) statics[i].copy_(*srcs[i]);
   }
-  flush(batch, stream);
-  XDIT_CUDA_CHECK(cudaGraphLaunch(e.exec, stream));
+  XDIT_CUDA_CHECK(row_copy_prepare(in, e.grid_in, static_cast<unsigned>(e.statics.size())));
+  XDIT_CUDA_CHECK(cudaGraphExecKernelNodeSetParams(e.exec.get(), e.copy_in, &in.node));
+  RowCopyLaunch out;
+  out.params.num_segments = static_cast<int>(e.outs.size());
+  std::vector<bool> by_node(n_out);
   result.reserve(n_out);
-  for (size_t i = 0; i < n_out; ++i) {
+  for (size_t i = 0; i < e.outs.size(); ++i) {
+    if (i >= n_out) {  // an output not asked for: its segment stays empty
+      out.params.seg[i] = RowCopySegment{};
+      continue;
+    }
     const at::Tensor& o = outs[i];
-    at::Tensor c = at::empty(o.sizes(), o.options());
-    if (!add_copy(batch, c, o, stream)) c.copy_(o);
-    result.push_back(std::move(c));
+    result.push_back(at::empty(o.sizes(), o.options()));
+    by_node[i] = segment_for(result.back(), o, out.params.seg[i]);
   }
-  flush(batch, stream);
+  XDIT_CUDA_CHECK(row_copy_prepare(out, e.grid_out, static_cast<unsigned>(e.outs.size())));
+  XDIT_CUDA_CHECK(cudaGraphExecKernelNodeSetParams(e.exec.get(), e.copy_out, &out.node));
+  XDIT_CUDA_CHECK(cudaGraphLaunch(e.exec.get(), stream));
+  for (size_t i = 0; i < n_out; ++i) {
+    if (!by_node[i]) result[i].copy_(outs[i]);
+  }
   return true;
+}
+
+// Adds the copy-in node before every root of `graph` and the copy-out node after every leaf,
+// both copying nothing until a replay sets their parameters; instantiates the graph into e.exec.
+void add_copy_nodes(Registered& e, cudaGraph_t graph) {
+  size_t n_nodes = 0, n_edges = 0, n_roots = 0;
+  XDIT_CUDA_CHECK(cudaGraphGetNodes(graph, nullptr, &n_nodes));
+  std::vector<cudaGraphNode_t> nodes(n_nodes);
+  if (n_nodes) XDIT_CUDA_CHECK(cudaGraphGetNodes(graph, nodes.data(), &n_nodes));
+  XDIT_CUDA_CHECK(cudaGraphGetRootNodes(graph, nullptr, &n_roots));
+  std::vector<cudaGraphNode_t> roots(n_roots);
+  if (n_roots) XDIT_CUDA_CHECK(cudaGraphGetRootNodes(graph, roots.data(), &n_roots));
+  XDIT_CUDA_CHECK(cudaGraphGetEdges(graph, nullptr, nullptr, nullptr, &n_edges));
+  std::vector<cudaGraphNode_t> from(n_edges), to(n_edges);
+  // (with the edge data: a graph holding programmatic edges, a kernel with PDL, would make
+  // the query without it fail as lossy)
+  std::vector<cudaGraphEdgeData> edge_data(n_edges);
+  if (n_edges) {
+    XDIT_CUDA_CHECK(
+        cudaGraphGetEdges(graph, from.data(), to.data(), edge_data.data(), &n_edges));
+  }
+  const std::unordered_set<cudaGraphNode_t> has_dependent(from.begin(), from.end());
+  std::vector<cudaGraphNode_t> leaves;
+  for (cudaGraphNode_t node : nodes) {
+    if (!has_dependent.count(node)) leaves.push_back(node);
+  }
+  int64_t in_bytes = 0, out_bytes = 0;
+  for (const at::Tensor& t : e.statics) in_bytes = std::max<int64_t>(in_bytes, t.nbytes());
+  for (const at::Tensor& t : e.outs) out_bytes = std::max<int64_t>(out_bytes, t.nbytes());
+  e.grid_in = row_copy_blocks(in_bytes);
+  e.grid_out = row_copy_blocks(out_bytes);
+  RowCopyLaunch none;
+  none.params = RowCopyParams{};
+  XDIT_CUDA_CHECK(row_copy_prepare(none, e.grid_in, static_cast<unsigned>(e.statics.size())));
+  XDIT_CUDA_CHECK(cudaGraphAddKernelNode(&e.copy_in, graph, nullptr, 0, &none.node));
+  for (cudaGraphNode_t root : roots) {
+    XDIT_CUDA_CHECK(cudaGraphAddDependencies(graph, &e.copy_in, &root, nullptr, 1));
+  }
+  if (leaves.empty()) leaves.push_back(e.copy_in);  // an empty graph: copy in, then out
+  XDIT_CUDA_CHECK(row_copy_prepare(none, e.grid_out, static_cast<unsigned>(e.outs.size())));
+  XDIT_CUDA_CHECK(cudaGraphAddKernelNode(&e.copy_out, graph, leaves.data(), leaves.size(),
+                                         &none.node));
+  // torch's own flags (CUDAGraph::instantiate): the nodes keep the priorities of the streams
+  // they were captured on
+  cudaGraphExec_t exec = nullptr;
+  XDIT_CUDA_CHECK(cudaGraphInstantiateWithFlags(
+      &exec, graph,
+      cudaGraphInstantiateFlagAutoFreeOnLaunch | cudaGraphInstantiateFlagUseNodePriority));
+  e.exec.reset(exec);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -172,21 +238,31 @@ bool unpack_list(PyObject* list, std::vector<at::Tensor>& out, const char* what)
   return true;
 }
 
-// graph_call_register(statics: list, outs: list, graph_exec: int) -> int (a handle > 0)
+// graph_call_register(statics: list, outs: list, graph: int) -> int (a handle > 0). `graph`:
+// the cudaGraph_t of a finished capture that is not instantiated yet (torch.cuda.CUDAGraph(
+// keep_graph=True) after capture_end: raw_cuda_graph()); the copy nodes are added to it and it
+// is instantiated here. The graph object must outlive the registration (it owns the memory the
+// graph's kernels use).
 PyObject* py_register(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   if (nargs != 3) {
-    PyErr_SetString(PyExc_TypeError, "graph_call_register(statics, outs, graph_exec)");
+    PyErr_SetString(PyExc_TypeError, "graph_call_register(statics, outs, graph)");
     return nullptr;
   }
   Registered e;
   if (!unpack_list(args[0], e.statics, "statics") || !unpack_list(args[1], e.outs, "outs")) {
     return nullptr;
   }
-  const long long ex = PyLong_AsLongLong(args[2]);
-  if (ex == -1 && PyErr_Occurred()) return nullptr;
-  if (ex == 0 || e.statics.empty() || !e.statics[0].is_cuda()) {
-    PyErr_SetString(PyExc_ValueError, "graph_call_register: needs an instantiated graph and "
-                    "at least one CUDA static input");
+  const long long g = PyLong_AsLongLong(args[2]);
+  if (g == -1 && PyErr_Occurred()) return nullptr;
+  if (g == 0 || e.statics.empty() || e.outs.empty() || !e.statics[0].is_cuda()) {
+    PyErr_SetString(PyExc_ValueError, "graph_call_register: needs a captured graph, at least "
+                    "one CUDA static input and one output");
+    return nullptr;
+  }
+  if (e.statics.size() > kRowCopyMaxSegments || e.outs.size() > kRowCopyMaxSegments) {
+    PyErr_Format(PyExc_ValueError, "graph_call_register: at most %d static inputs and %d "
+                 "outputs, got %zu and %zu", kRowCopyMaxSegments, kRowCopyMaxSegments,
+                 e.statics.size(), e.outs.size());
     return nullptr;
   }
   for (const at::Tensor& t : e.statics) {
@@ -196,7 +272,20 @@ PyObject* py_register(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
       return nullptr;
     }
   }
-  e.exec = reinterpret_cast<cudaGraphExec_t>(static_cast<intptr_t>(ex));
+  for (const at::Tensor& t : e.outs) {
+    if (t.device() != e.statics[0].device()) {
+      PyErr_SetString(PyExc_ValueError, "graph_call_register: the outputs must be on the "
+                      "static inputs' device");
+      return nullptr;
+    }
+  }
+  try {
+    const c10::cuda::CUDAGuard guard(e.statics[0].device());
+    add_copy_nodes(e, reinterpret_cast<cudaGraph_t>(static_cast<intptr_t>(g)));
+  } catch (const std::exception& ex) {
+    PyErr_Format(PyExc_RuntimeError, "graph_call_register: %s", ex.what());
+    return nullptr;
+  }
   // the capture's own replay runs on the current stream: later replays are ordered after it
   e.last = c10::cuda::getCurrentCUDAStream(e.statics[0].device().index()).stream();
   static int64_t next = 1;
@@ -213,9 +302,12 @@ PyObject* py_release(PyObject*, PyObject* arg) {
   Py_RETURN_NONE;
 }
 
-// graph_call_run(handle: int, n_out: int, *srcs) -> tuple of n_out tensors, or None while the
-// current stream is being captured. srcs: one tensor per static input, shapes and dtypes as
-// registered (checked: a mismatch is a ValueError, never a copy of the wrong size).
+// graph_call_run(handle: int, n_out: int, *srcs) -> tuple of n_out tensors, or None (nothing
+// done: the caller runs the call itself) while the current stream is being captured or when a
+// source does not fit its static input the way the call that made the graph did: another shape
+// or dtype, a CUDA source on another device, a last dimension that is not unit-stride (a
+// tensor of 2 or more dimensions), a host source of more than one dimension (joint_lengths may
+// live on the host; Q, K and V may not). srcs: one tensor per static input.
 PyObject* py_run(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   if (nargs < 3) {
     PyErr_SetString(PyExc_TypeError, "graph_call_run(handle, n_out, *srcs)");
@@ -236,24 +328,21 @@ PyObject* py_run(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
                  "%zu inputs and %zu outputs", n, n_out, e.statics.size(), e.outs.size());
     return nullptr;
   }
-  const at::Tensor* srcs[kRowCopyMaxSegments * 2];
-  if (n > kRowCopyMaxSegments * 2) {
-    PyErr_SetString(PyExc_ValueError, "graph_call_run: too many inputs");
-    return nullptr;
-  }
+  const at::Tensor* srcs[kRowCopyMaxSegments];  // (n == statics.size() <= kRowCopyMaxSegments)
   for (size_t i = 0; i < n; ++i) {
     PyObject* item = args[2 + i];
     if (!THPVariable_Check(item)) {
       PyErr_Format(PyExc_TypeError, "graph_call_run: input %zu is not a tensor", i);
       return nullptr;
     }
-    srcs[i] = &THPVariable_Unpack(item);
-    if (srcs[i]->sizes() != e.statics[i].sizes() ||
-        srcs[i]->scalar_type() != e.statics[i].scalar_type()) {
-      PyErr_Format(PyExc_ValueError, "graph_call_run: input %zu does not match the graph's "
-                   "static input (shape or dtype)", i);
-      return nullptr;
+    const at::Tensor& src = THPVariable_Unpack(item);
+    const at::Tensor& st = e.statics[i];
+    if (src.sizes() != st.sizes() || src.scalar_type() != st.scalar_type() ||
+        (src.is_cuda() ? src.device() != st.device() : src.dim() > 1) ||
+        (src.dim() >= 2 && src.size(-1) > 1 && src.stride(-1) != 1)) {
+      Py_RETURN_NONE;
     }
+    srcs[i] = &src;
   }
   std::vector<at::Tensor> result;
   try {
@@ -274,7 +363,7 @@ PyObject* py_run(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
 
 PyMethodDef kGraphCallMethods[] = {
     {"graph_call_register", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_register)),
-     METH_FASTCALL, "Register a call graph (statics, outs, graph_exec) -> handle."},
+     METH_FASTCALL, "Register a captured call graph (statics, outs, graph) -> handle."},
     {"graph_call_release", py_release, METH_O, "Forget a registered call graph."},
     {"graph_call_run", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_run)),
      METH_FASTCALL, "Replay a registered call graph: (handle, n_out, *srcs) -> outputs."},

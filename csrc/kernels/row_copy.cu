@@ -8,6 +8,8 @@ namespace xdit_ops {
 
 namespace {
 
+constexpr int kThreads = 512;
+
 // T: the copy unit of the segment's width (copy_width.h's types: uint4 for 16 bytes, ...)
 template <typename T, typename Index>
 __device__ void copy_rows(const RowCopySegment& s) {
@@ -39,7 +41,9 @@ __device__ void copy_segment(const RowCopySegment& s) {
 
 __global__ void row_copy_kernel(RowCopyParams p, int4 vec) {
   const int which = blockIdx.y;
+  if (which >= p.num_segments) return;
   const RowCopySegment& s = p.seg[which];
+  if (s.rows <= 0 || s.row_bytes <= 0) return;
   // each segment its own width (a 16-byte Q/K/V beside an 8-byte joint_lengths), mapped to
   // the unit types of copy_width.h's dispatch_copy_width, which is host-only
   const int v = which == 0 ? vec.x : which == 1 ? vec.y : which == 2 ? vec.z : vec.w;
@@ -61,24 +65,31 @@ int row_copy_vector_bytes(const RowCopySegment& s) {
                      static_cast<uint64_t>(s.row_bytes), pitches});
 }
 
-cudaError_t launch_row_copy(const RowCopyParams& params, cudaStream_t stream) {
-  if (params.num_segments < 1 || params.num_segments > kRowCopyMaxSegments) {
+unsigned row_copy_blocks(int64_t bytes) {
+  // enough blocks to fill the GPU a few times over per segment, each thread several units
+  const int64_t units = std::max<int64_t>(bytes / 16, 1);
+  return static_cast<unsigned>(
+      std::min<int64_t>((units + kThreads * 4 - 1) / (kThreads * 4), 264));
+}
+
+cudaError_t row_copy_prepare(RowCopyLaunch& launch, unsigned grid_x, unsigned grid_y) {
+  const int n = launch.params.num_segments;
+  if (n < 0 || n > kRowCopyMaxSegments || static_cast<unsigned>(n) > grid_y || grid_x == 0) {
     return cudaErrorInvalidValue;
   }
   int v[kRowCopyMaxSegments] = {1, 1, 1, 1};
-  int64_t most = 0;
-  for (int i = 0; i < params.num_segments; ++i) {
-    const RowCopySegment& s = params.seg[i];
-    v[i] = row_copy_vector_bytes(s);
-    most = std::max(most, s.rows * (s.row_bytes / v[i]));
-  }
-  if (most == 0) return cudaSuccess;
-  constexpr int kThreads = 512;
-  // enough blocks to fill the GPU a few times over per segment, each thread several chunks
-  const int64_t blocks = std::min<int64_t>((most + kThreads * 4 - 1) / (kThreads * 4), 264);
-  row_copy_kernel<<<dim3(static_cast<unsigned>(blocks), params.num_segments), kThreads, 0,
-                    stream>>>(params, make_int4(v[0], v[1], v[2], v[3]));
-  return cudaGetLastError();
+  for (int i = 0; i < n; ++i) v[i] = row_copy_vector_bytes(launch.params.seg[i]);
+  launch.vec = make_int4(v[0], v[1], v[2], v[3]);
+  launch.args[0] = &launch.params;
+  launch.args[1] = &launch.vec;
+  launch.node = {};
+  launch.node.func = reinterpret_cast<void*>(&row_copy_kernel);
+  launch.node.gridDim = dim3(grid_x, grid_y);
+  launch.node.blockDim = dim3(kThreads);
+  launch.node.sharedMemBytes = 0;
+  launch.node.kernelParams = launch.args;
+  launch.node.extra = nullptr;
+  return cudaSuccess;
 }
 
 }  // namespace xdit_ops

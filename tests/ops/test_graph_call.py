@@ -1,12 +1,14 @@
 """The native replay of usp_attention's call graphs (``xdit_ops._C.graph_call_*``).
 
-A graph is registered once with its static inputs and outputs; ``graph_call_run(handle, n_out,
-*srcs)`` copies the sources into the static inputs (contiguous sources and rows of whole heads
-at one pitch by one row-copy kernel, anything else and host sources by copy_), launches the
-graph and returns copies of its first ``n_out`` outputs; it declines (None) while the current
-stream is being captured, and a source that does not match its static input is a ValueError
-(set as a Python exception: a C++ exception crossing into Python segfaults the GPU machines'
-processes, runs 7, 31 and 51, as this test's first version did there).
+A graph is registered once with its static inputs and outputs (``graph_call_register`` adds a
+row-copy node before its roots and one after its leaves); ``graph_call_run(handle, n_out,
+*srcs)`` points the copy-in node at the sources (contiguous ones and rows of whole heads at one
+pitch; anything else and host sources are copied with copy_ first) and the copy-out node at
+fresh outputs, launches the graph and returns its first ``n_out`` outputs. It declines (None)
+while the current stream is being captured and for a source its static input does not take
+(shape, dtype, device, last stride); a wrong number of arguments is a ValueError (set as a
+Python exception: a C++ exception crossing into Python segfaults the GPU machines' processes,
+runs 7, 31 and 51, as this test's first version did there).
 """
 
 from __future__ import annotations
@@ -24,18 +26,14 @@ _usp = importlib.import_module("xdit_ops.ops.usp_attention")
 
 def _captured():
     """A graph over static inputs x [2, 6, 3, 8] bf16 and n [2] int32: (x * 2 + n.sum(),
-    x.sum(-1) in fp32), registered."""
+    x.sum(-1) in fp32), captured and registered as usp_attention's are."""
     x = torch.zeros(2, 6, 3, 8, dtype=torch.bfloat16, device="cuda")
     n = torch.zeros(2, dtype=torch.int32, device="cuda")
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
-    g = torch.cuda.CUDAGraph()
     with torch.cuda.stream(side):
-        g.capture_begin()
-        outs = [x * 2 + n.sum(), x.float().sum(-1)]
-        g.capture_end()
+        state = _usp._capture([x, n], lambda: [x * 2 + n.sum(), x.float().sum(-1)])
     torch.cuda.current_stream().wait_stream(side)
-    state = _usp._CallGraph(g, [x, n], outs)
     assert state.handle, "no native graph_call_run handle"
     return state
 
@@ -95,10 +93,17 @@ def test_graph_call_declines_under_capture_checks_inputs_and_releases():
         outer.capture_end()
     torch.cuda.current_stream().wait_stream(side)
     assert res is None
-    with pytest.raises(ValueError, match=r"graph_call_run: input 0 does not match"):
-        run(state.handle, 1, x[..., :4], n)
-    with pytest.raises(ValueError, match=r"graph_call_run: input 1 does not match"):
-        run(state.handle, 1, x, n.long())
+    # sources the graph does not take: declined (None), nothing launched
+    declined = {
+        "shape": (x[..., :4], n),
+        "dtype": (x, n.long()),
+        "last stride": (torch.randn(2, 6, 8, 3, device="cuda").to(torch.bfloat16).mT, n),
+        "host Q": (x.cpu(), n),
+    }
+    if torch.cuda.device_count() > 1:
+        declined["device"] = (x.to("cuda:1"), n)
+    for what, srcs in declined.items():
+        assert run(state.handle, 1, *srcs) is None, what
     with pytest.raises(ValueError, match=r"graph_call_run: 1 inputs and 1 outputs for a graph "
                                          r"of 2 inputs and 2 outputs"):
         run(state.handle, 1, x)
@@ -109,6 +114,10 @@ def test_graph_call_declines_under_capture_checks_inputs_and_releases():
     with pytest.raises(ValueError, match=r"graph_call_register: the static inputs must be "
                                          r"contiguous"):
         _usp._REGISTER([x.mT], [x], 1)
+    with pytest.raises(ValueError, match=r"graph_call_register: at most 4 static inputs"):
+        _usp._REGISTER([x] * 5, [x], 1)
+    with pytest.raises(ValueError, match=r"graph_call_register: needs a captured graph"):
+        _usp._REGISTER([x], [x], 0)
     handle = state.handle
     del state
     gc.collect()
@@ -136,3 +145,26 @@ def test_graph_call_orders_replays_across_streams():
     torch.cuda.synchronize()
     assert torch.equal(first, _want(xs[0], n)[0])
     assert torch.equal(second, _want(xs[1], n)[0])
+
+
+@pytest.mark.gpu
+def test_graph_call_queued_replays_keep_their_own_inputs_and_outputs():
+    """A replay sets the copy nodes' parameters of the graph's executable, which changes later
+    launches only: calls queued behind a GPU sleep (none has run when the next one sets the
+    nodes) each read their own sources and fill their own outputs, through the nodes or
+    through copy_ (a source the node cannot copy, a host source, every other call)."""
+    state = _captured()
+    run = _usp._RUN
+    xs, ns = [], []
+    for i in range(8):
+        x = torch.randn(2, 6, 8, 3, device="cuda").to(torch.bfloat16)
+        xs.append(x.transpose(2, 3) if i % 2 else x[..., 0].unsqueeze(-1).expand(2, 6, 3, 8)
+                  .contiguous())
+        ns.append(torch.tensor([i, 2 * i], dtype=torch.int32,
+                               device="cuda" if i % 3 else "cpu"))
+    torch.cuda._sleep(int(2e8))  # ~0.1 s: every call below is queued before any runs
+    res = [run(state.handle, 2, x, n) for x, n in zip(xs, ns, strict=True)]
+    torch.cuda.synchronize()
+    for i, (x, n, r) in enumerate(zip(xs, ns, res, strict=True)):
+        for got, want in zip(r, _want(x, n), strict=True):
+            assert torch.equal(got, want), i

@@ -1723,13 +1723,14 @@ _RUN = getattr(_NATIVE, "graph_call_run", None)
 
 class _CallGraph:
     """A captured call: the graph, its static inputs and outputs, and its handle in the native
-    registry (``graph_call_run`` replays it by that handle)."""
+    registry (``graph_call_register`` added the copy-in and copy-out nodes to the graph and
+    instantiated it; ``graph_call_run`` replays it by that handle)."""
 
     __slots__ = ("graph", "inputs", "outputs", "handle")
 
     def __init__(self, graph, inputs, outputs):
         self.graph, self.inputs, self.outputs = graph, inputs, list(outputs)
-        self.handle = _REGISTER(self.inputs, self.outputs, int(graph.raw_cuda_graph_exec()))
+        self.handle = _REGISTER(self.inputs, self.outputs, int(graph.raw_cuda_graph()))
 
     def __del__(self):
         if _RELEASE is not None and getattr(self, "handle", 0):
@@ -1740,6 +1741,20 @@ class _CallGraph:
         LSE only with ``return_lse``; else an empty one, as the op returns)."""
         res = _RUN(self.handle, 2 if return_lse else 1, *srcs)
         return res if return_lse else (res[0], self.outputs[1].new_empty((0,)))
+
+
+def _capture(inputs: list, body) -> _CallGraph:
+    """Capture ``body()`` (which reads the static ``inputs`` and returns its output tensors) on
+    the current stream into a registered call graph. The graph is kept un-instantiated
+    (``keep_graph=True``) so that ``graph_call_register`` can add its copy nodes first."""
+    graph = torch.cuda.CUDAGraph(keep_graph=True)
+    # thread_local: other threads' CUDA calls during the capture are not its concern
+    graph.capture_begin(capture_error_mode="thread_local")
+    try:
+        outputs = body()
+    finally:
+        graph.capture_end()
+    return _CallGraph(graph, inputs, outputs)
 
 
 # why each key whose capture failed did (``str`` of the exception), for diagnostics
@@ -1775,19 +1790,12 @@ def _capture_call(p: _Plan, key: tuple, static: list, jl, scale, backend, return
     current = torch.cuda.current_stream(device)
     side = _side_stream(device, 63)
     side.wait_stream(current)
-    graph = torch.cuda.CUDAGraph()
-    outputs = None
     try:
         # the stream context is left whatever happens, so a failed capture does not leave
         # the caller's later work on the capture stream
         with torch.cuda.stream(side):
-            # thread_local: other threads' CUDA calls during the capture are not its concern
-            graph.capture_begin(capture_error_mode="thread_local")
-            try:
-                outputs = _run(p, static[0], static[1], static[2], jl, scale, backend,
-                               return_lse)
-            finally:
-                graph.capture_end()
+            state = _capture(static, lambda: _run(p, static[0], static[1], static[2], jl,
+                                                  scale, backend, return_lse))
     except Exception as e:  # noqa: BLE001 - any capture failure: this key stays eager
         p.graphs[key] = _GRAPH_OFF
         GRAPH_FAILURES[(id(p),) + key] = repr(e)
@@ -1797,7 +1805,7 @@ def _capture_call(p: _Plan, key: tuple, static: list, jl, scale, backend, return
         current.wait_stream(side)
         return None
     current.wait_stream(side)
-    state = p.graphs[key] = _CallGraph(graph, static, outputs)
+    p.graphs[key] = state
     return state
 
 
@@ -1831,10 +1839,9 @@ def _run_graphed(p: _Plan, q, k, v, joint_lengths, scale, backend, return_lse):
     if state is None:  # the capture failed: eager from now on (warned)
         return _run(p, q, k, v, joint_lengths, scale, backend, return_lse)
     _LAST_GRAPH.entry = (p, state)
-    # the static inputs hold this call's values already: replay the graph alone
-    state.graph.replay()
-    out, lse = state.outputs
-    return out.clone(), (lse.clone() if return_lse else lse.new_empty((0,)))
+    # the static inputs hold this call's values already (they are the sources: copies onto
+    # themselves)
+    return state.replay(static, return_lse)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1860,11 +1867,13 @@ _C = torch._C
 
 def _fast_key(q, k, v, joint_tokens, joint_position, joint_lengths, seq_len, scale, backend,
               u: str, r: str, return_lse, shard_lengths) -> tuple:
-    return (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.get_device(),
-            k.get_device(), v.get_device(), q.stride(-1), k.stride(-1), v.stride(-1),
-            None if joint_lengths is None else
-            (joint_lengths.shape, joint_lengths.dtype, joint_lengths.get_device()),
-            joint_tokens, joint_position, seq_len, scale, backend, return_lse,
+    """The signature of a call, from its arguments as passed (before any validation or
+    normalisation: a signature seen before passed them). What it leaves out, graph_call_run
+    checks against the graph's static inputs and declines on a difference (K's and V's dtypes,
+    the devices of K, V and joint_lengths, joint_lengths' shape and dtype, last strides): the
+    key only has to tell apart the graphs a program uses, the native check makes it exact."""
+    return (q.shape, k.shape, v.shape, q.dtype, q.get_device(), joint_tokens, joint_position,
+            joint_lengths is None, seq_len, scale, backend, return_lse,
             None if shard_lengths is None else tuple(shard_lengths),
             _resolve_group(u), _resolve_group(r), _switches(bool(u or r)))
 
@@ -2481,6 +2490,35 @@ def usp_attention(
     they are host-cheap; ``XDIT_OPS_USP_CHECK=always`` checks every call, ``0`` never (the op
     body's docstring, ``_usp_impl``, says what the remembered check cannot catch).
     """
+    if ulysses_group is not None or ring_group is not None:
+        if mesh is not None:
+            raise ValueError(f"{OP}: pass either mesh or ulysses_group/ring_group, not both")
+        u, r = _group_name(ulysses_group), _group_name(ring_group)
+    else:
+        u, r = _groups_from(mesh)
+    fast = FAST_PATH and query.is_cuda and not torch.compiler.is_compiling()
+    if fast:
+
+        def key_of():  # (of the arguments as passed)
+            return _fast_key(query, key, value, joint_tokens, joint_position, joint_lengths,
+                             seq_len, scale, backend, u, r, return_lse, shard_lengths)
+
+        # (the key costs ~1-5 us: only computed once some signature has a graph; an argument
+        # that cannot be hashed is a miss, and the checks below reject it)
+        try:
+            state = _FAST.get(key_of()) if _FAST else None
+        except TypeError:
+            state = None
+        if state is not None and _plain(query, key, value):
+            n_out = 2 if return_lse else 1
+            res = (_RUN(state.handle, n_out, query, key, value) if joint_lengths is None
+                   else _RUN(state.handle, n_out, query, key, value, joint_lengths))
+            # (None under a capture, or for sources the graph does not take: the op below
+            # records or runs the call)
+            if res is not None:
+                FAST_CALLS[0] += 1
+                return res if return_lse else res[0]
+        _LAST_GRAPH.entry = None
     if joint_position not in ("front", "back"):
         raise ValueError(f"{OP}: joint_position must be 'front' or 'back', got {joint_position!r}")
     if not isinstance(joint_tokens, int) or joint_tokens < 0:
@@ -2492,34 +2530,10 @@ def usp_attention(
             raise ValueError(f"{OP}: joint_lengths given but joint_tokens is 0")
         if joint_lengths.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"{OP}: joint_lengths must be int32/int64, got {joint_lengths.dtype}")
-    if ulysses_group is not None or ring_group is not None:
-        if mesh is not None:
-            raise ValueError(f"{OP}: pass either mesh or ulysses_group/ring_group, not both")
-        u, r = _group_name(ulysses_group), _group_name(ring_group)
-    else:
-        u, r = _groups_from(mesh)
-    seq_len = -1 if seq_len is None else int(seq_len)
-    scale = None if scale is None else float(scale)
-    fast = FAST_PATH and query.is_cuda and not torch.compiler.is_compiling()
-    if fast:
-
-        def key_of():
-            return _fast_key(query, key, value, joint_tokens, joint_position, joint_lengths,
-                             seq_len, scale, backend, u, r, return_lse, shard_lengths)
-
-        # (the key costs ~1-5 us: only computed once some signature has a graph)
-        state = _FAST.get(key_of()) if _FAST else None
-        if state is not None and _plain(query, key, value):
-            n_out = 2 if return_lse else 1
-            res = (_RUN(state.handle, n_out, query, key, value) if joint_lengths is None
-                   else _RUN(state.handle, n_out, query, key, value, joint_lengths))
-            if res is not None:  # (None under a capture: the op below records the call)
-                FAST_CALLS[0] += 1
-                return res if return_lse else res[0]
-        _LAST_GRAPH.entry = None
     out, lse = _USP_OP(
         query, key, value, joint_lengths, joint_tokens, joint_position == "front",
-        seq_len, scale, backend, u, r, return_lse,
+        -1 if seq_len is None else int(seq_len), None if scale is None else float(scale),
+        backend, u, r, return_lse,
         None if shard_lengths is None else [int(n) for n in shard_lengths],
     )
     if fast:
