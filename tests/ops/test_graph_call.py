@@ -50,10 +50,10 @@ def test_graph_call_copies_in_replays_and_returns_copies():
     sources = {
         "contiguous": base[:, :, :, 0].contiguous(),
         "rows at a pitch": base[:, :, :, 1],  # a fused projection's view: the row copy
-        # last dimension not unit-stride: copy_
-        "strided": torch.randn(2, 6, 8, 3, device="cuda").to(torch.bfloat16).transpose(2, 3),
+        # heads not at one pitch (a [B, H, S, D] tensor seen as BSHD): copy_
+        "strided": torch.randn(2, 3, 6, 8, device="cuda").to(torch.bfloat16).transpose(1, 2),
     }
-    assert not sources["strided"].is_contiguous() and sources["strided"].stride(-1) != 1
+    assert not sources["strided"].is_contiguous() and sources["strided"].stride(-1) == 1
     lengths = {"device": torch.tensor([3, 4], dtype=torch.int32, device="cuda"),
                "host": torch.tensor([5, 1], dtype=torch.int32)}
     first = None
@@ -157,9 +157,8 @@ def test_graph_call_queued_replays_keep_their_own_inputs_and_outputs():
     run = _usp._RUN
     xs, ns = [], []
     for i in range(8):
-        x = torch.randn(2, 6, 8, 3, device="cuda").to(torch.bfloat16)
-        xs.append(x.transpose(2, 3) if i % 2 else x[..., 0].unsqueeze(-1).expand(2, 6, 3, 8)
-                  .contiguous())
+        x = torch.randn(2, 3, 6, 8, device="cuda").to(torch.bfloat16)
+        xs.append(x.transpose(1, 2) if i % 2 else x.transpose(1, 2).contiguous())
         ns.append(torch.tensor([i, 2 * i], dtype=torch.int32,
                                device="cuda" if i % 3 else "cpu"))
     torch.cuda._sleep(int(2e8))  # ~0.1 s: every call below is queued before any runs
