@@ -141,6 +141,29 @@ def _worker_gpu(rank, world, mode):
             assert _usp.FAST_CALLS[0] == before and torch.equal(o.detach(), got[0][0])
         _usp.release_call_graphs()
         assert not _usp._FAST
+    if mode in ("push", "overlap", "uce", "ce", "ceflags"):
+        # the cap on live call graphs: with MAX_CALL_GRAPHS = 1, a second signature (another
+        # scale) stays eager (warned once, its reason kept), with the same results
+        os.environ["XDIT_OPS_USP_GRAPH"] = "1"
+        q, k, v = _calls(rank, B, S, H, D, J)[0]
+        cap = _usp.MAX_CALL_GRAPHS
+        _usp.MAX_CALL_GRAPHS = 1
+        try:
+            for _ in range(3):
+                a = xdit_ops.usp_attention(q, k, v, joint_tokens=J)
+            with pytest.warns(RuntimeWarning, match="MAX_CALL_GRAPHS"):
+                b = [xdit_ops.usp_attention(q, k, v, joint_tokens=J, scale=0.1)
+                     for _ in range(3)]
+            states = [g for p in _usp._PLANS.values() for g in p.graphs.values()]
+            assert sum(isinstance(g, _usp._CallGraph) for g in states) == 1, states
+            assert any("MAX_CALL_GRAPHS" in why for why in _usp.GRAPH_FAILURES.values())
+            os.environ["XDIT_OPS_USP_GRAPH"] = "0"
+            assert torch.equal(a, xdit_ops.usp_attention(q, k, v, joint_tokens=J))
+            want_b = xdit_ops.usp_attention(q, k, v, joint_tokens=J, scale=0.1)
+            assert all(torch.equal(x, want_b) for x in b)
+        finally:
+            _usp.MAX_CALL_GRAPHS = cap
+            _usp.release_call_graphs()
     # a graph captured by the caller around the op, once the op has a graph of its own
     os.environ["XDIT_OPS_USP_GRAPH"] = "1"
     q, k, v = _calls(rank, B, S, H, D, J)[0]

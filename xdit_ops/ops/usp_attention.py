@@ -526,6 +526,7 @@ def release_call_graphs(sync: bool = True) -> None:
     for p in plans:
         p.graphs.clear()
     GRAPH_FAILURES.clear()
+    _CAP_WARNED[0] = False
 
 
 ULYSSES_TRANSPORTS = ("auto", "nccl", "ce", "push", "overlap")
@@ -1698,7 +1699,19 @@ def _usp_impl(q, k, v, joint_lengths, joint_tokens, joint_front, seq_len, scale,
 AUTO_GRAPH_MAX_TOKENS = 16384
 GRAPH_ENV = "XDIT_OPS_USP_GRAPH"
 GRAPH_SETTINGS = ("auto", "0", "1")
-_GRAPH_OFF = object()  # its capture failed: eager from then on
+_GRAPH_OFF = object()  # its capture failed, or the cap was reached: eager from then on
+# At most this many call graphs (a graph or its warm-up's static inputs, per plan x (scale,
+# return_lse, device)) live at once: each keeps its static inputs and a private memory pool
+# (~50 MB at (1,4608,24,128) on 4 GPUs), and a workload of ever new shapes would otherwise grow
+# them until the plan cache's reset. Signatures past the cap run eagerly (once warned) until
+# release_call_graphs (destroy_parallel) drops the graphs; none is evicted (dropping a graph
+# that may still run needs a device synchronize).
+MAX_CALL_GRAPHS = 32
+_CAP_WARNED = [False]
+
+
+def _live_call_graphs() -> int:
+    return sum(1 for p in _PLANS.values() for s in p.graphs.values() if s is not _GRAPH_OFF)
 
 
 def graph_setting(value: str | None = None) -> str:
@@ -1824,6 +1837,15 @@ def _run_graphed(p: _Plan, q, k, v, joint_lengths, scale, backend, return_lse):
     if isinstance(state, _CallGraph):
         _LAST_GRAPH.entry = (p, state)  # the public function's fast path may take it
         return state.replay(srcs, return_lse)
+    if state is None and _live_call_graphs() >= MAX_CALL_GRAPHS:
+        p.graphs[key] = _GRAPH_OFF
+        GRAPH_FAILURES[(id(p),) + key] = f"MAX_CALL_GRAPHS ({MAX_CALL_GRAPHS}) graphs exist"
+        if not _CAP_WARNED[0]:
+            _CAP_WARNED[0] = True
+            warnings.warn(f"{OP}: {MAX_CALL_GRAPHS} call graphs exist (MAX_CALL_GRAPHS); new "
+                          "call signatures run eagerly until release_call_graphs()",
+                          RuntimeWarning, stacklevel=4)
+        return _run(p, q, k, v, joint_lengths, scale, backend, return_lse)
     if state is None:  # first call with this key: eager on new static inputs
         with torch.inference_mode(False):
             static = [torch.empty(t.shape, dtype=t.dtype, device=q.device) for t in srcs]
