@@ -1,6 +1,7 @@
 // Warp-specialised sm_90a FP8 attention kernel (torch-free): TMA producer, two consumer
-// warpgroups that take turns on the tensor cores (or three, kConsumers: see the end). Numerics: the reference SCHEME with 128-key
-// tiles (block_n = 128); see fp8_attention_sm90_ws.h.
+// warpgroups that take turns on the tensor cores (or three: kConsumers, at the end of this
+// comment). Numerics: the reference SCHEME with 128-key tiles (block_n = 128); see
+// fp8_attention_sm90_ws.h.
 //
 // CTA = 3 warpgroups (384 threads) for 128 query rows of one (batch, head):
 //
@@ -644,10 +645,10 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
     float alpha_t[2];
     // With 3 consumers (kPVFirst), P.V of tile t - 1 is waited for and added to the output
     // before the softmax of tile t, so that its 32 accumulator registers are free during the
-    // softmax's 64 exponentials (in the order below, a consumer with 160 registers spilled in
-    // the key loop). ptxas hoists the P.V wait above the exponentials in the 2-consumer kernel
-    // anyway (session 12), so only the row max is no longer beside the consumer's own P.V. The
-    // arithmetic is the same.
+    // softmax (with 160 registers the 2-consumer order spilled 52 bytes in and around the key
+    // loop, the other 3-consumer changes included; this order none). ptxas hoists the P.V wait
+    // above the exponentials in the 2-consumer kernel anyway (session 12), so only the row max
+    // is no longer beside the consumer's own P.V. The arithmetic is the same.
     constexpr bool kPVFirst = kConsumers > 2 && kQK && kPV;
     auto finish_pv = [&] {
       warpgroup_fence_operand(tOrPV);
