@@ -18,6 +18,14 @@ offset and outlier channels), in one process, timed interleaved
   kernel on the pass's k_block=128 output) and ``triton_quant_ktile`` (that pass alone, against
   ``triton_quant_pv``, the per-key pass as sm90ws gets it: V^T in the P.V key order), timed in
   the same interleaved rounds as the per-key ``sm90ws_*`` rows (an A/B on one GPU).
+* with ``--consumers 3`` (and the per-tile variant), at padded head dim 64, the per-tile kernel
+  with 3 consumer warpgroups (192 query rows per CTA; ``XDIT_OPS_FP8_SM90_CONSUMERS=3``):
+  ``sm90ws_ktile_c3_kernel`` (on the same quantized inputs as ``sm90ws_ktile_kernel``, which
+  has 2) and ``sm90ws_ktile_c3_total`` (the op under the switch, with accuracy); with
+  ``--consumers 3free`` the 3-consumer kernel without the round-robin issue order
+  (``ping_pong=False``): ``sm90ws_ktile_c3free_kernel`` and ``sm90ws_ktile_c3free_total`` (the
+  quantization pass and the kernel called directly: no switch value selects it). Timed in the
+  same interleaved rounds as the 2-consumer ``sm90ws_ktile_*`` rows.
 
 Reported per row: median ms, TFLOPS = 4*B*H*S^2*D / t (also for the quantization pass, so that
 ``total`` and ``kernel`` compare), speed-up over cuDNN bf16, and for ``cudnn_bf16`` and
@@ -27,7 +35,7 @@ worst head, relative L1, RMSE, mean |LSE error|) and the ratio of rel L1 to cuDN
 emulated) on the same inputs, for comparison; they are not timed.
 
     python benchmarks/bench_fp8_attention.py [--out DIR] [--shapes 1,4608,24,128 ...] [--quick]
-        [--impls triton sm90 sm90ws] [--no-ktile]
+        [--impls triton sm90 sm90ws] [--no-ktile] [--consumers 2 3 3free]
 """
 
 from __future__ import annotations
@@ -52,24 +60,31 @@ from xdit_ops.reference.fp8_attention import (  # noqa: E402
     attention_error_metrics,
     dit_like_qkv,
     fp8_attention_naive_ref,
+    padded_head_dim,
 )
 
 SHAPES = [(1, 4608, 24, 128), (1, 16896, 24, 128), (1, 32760, 40, 128), (2, 4250, 24, 64)]
 BASELINE = "cudnn_bf16"
 IMPLS = ("triton", "sm90", "sm90ws")
 K_SCALE_ENV = "XDIT_OPS_FP8_K_SCALE"
+CONSUMERS_ENV = "XDIT_OPS_FP8_SM90_CONSUMERS"
+# --consumers: the per-tile kernel's variants beside its 2-consumer rows (padded head dim 64):
+# row-name suffix -> (consumers, ping_pong)
+CONSUMER_VARIANTS = {"c3": (3, True), "c3free": (3, False)}
+CONSUMER_CHOICES = {"2": None, "3": "c3", "3free": "c3free"}
 
 
-def _with_impl(impl: str, fn: Callable[[], object], k_scale: str = "token"
-               ) -> Callable[[], object]:
+def _with_impl(impl: str, fn: Callable[[], object], k_scale: str = "token",
+               consumers: str = "auto") -> Callable[[], object]:
     def call():
         os.environ["XDIT_OPS_FP8_IMPL"] = impl
         os.environ[K_SCALE_ENV] = k_scale
+        os.environ[CONSUMERS_ENV] = consumers
         return fn()
     return call
 
 
-def candidates(q, k, v, impls: list[str], ktile: bool = False
+def candidates(q, k, v, impls: list[str], ktile: bool = False, variants: tuple[str, ...] = ()
                ) -> dict[str, Callable[[], object]]:
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     fns: dict[str, Callable[[], object]] = {BASELINE: lambda: F.scaled_dot_product_attention(
@@ -105,6 +120,21 @@ def candidates(q, k, v, impls: list[str], ktile: bool = False
             qq_tile, q.dtype, False, "sm90ws", k_scale="tile")
         fns["sm90ws_ktile_total"] = _with_impl(
             "sm90ws", lambda: xdit_ops.fp8_attention(q, k, v), "tile")
+        # the 3-consumer kernels (variants: CONSUMER_VARIANTS keys; padded head dim 64 only)
+        for var in variants:
+            consumers, ping_pong = CONSUMER_VARIANTS[var]
+            fns[f"sm90ws_ktile_{var}_kernel"] = (
+                lambda consumers=consumers, ping_pong=ping_pong: attention_quantized_sm90(
+                    qq_tile, q.dtype, False, "sm90ws", k_scale="tile", consumers=consumers,
+                    ping_pong=ping_pong))
+            if ping_pong:
+                fns[f"sm90ws_ktile_{var}_total"] = _with_impl(
+                    "sm90ws", lambda: xdit_ops.fp8_attention(q, k, v), "tile", str(consumers))
+            else:
+                fns[f"sm90ws_ktile_{var}_total"] = (
+                    lambda consumers=consumers: attention_quantized_sm90(
+                        quantize_qkv_triton(q, k, v, vt_pv_order=True, k_block=128), q.dtype,
+                        False, "sm90ws", k_scale="tile", consumers=consumers, ping_pong=False))
     return fns
 
 
@@ -124,6 +154,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="FP8 implementations to try (those that cannot run are skipped)")
     p.add_argument("--no-ktile", action="store_true",
                    help="skip sm90ws' per-tile K-scale variant (XDIT_OPS_FP8_K_SCALE=tile)")
+    p.add_argument("--consumers", nargs="+", choices=list(CONSUMER_CHOICES), default=["2"],
+                   help="the per-tile sm90ws kernel's consumer warpgroups to time at padded head "
+                        "dim 64: 2 (the sm90ws_ktile_* rows, always there), 3 (sm90ws_ktile_c3_*"
+                        " rows), 3free (3 without the round-robin issue order: "
+                        "sm90ws_ktile_c3free_* rows)")
     p.add_argument("--no-naive", action="store_true",
                    help="skip the per-tensor FP8 accuracy rows (an emulation, slow at 32k)")
     args = p.parse_args(argv)
@@ -142,8 +177,14 @@ def main(argv: list[str] | None = None) -> int:
         skipped["sm90ws_ktile"] = unusable_reason(dev, dtype, 128, "sm90ws")
         ktile = skipped["sm90ws_ktile"] is None
     os.environ[K_SCALE_ENV] = "token"
+    variants = tuple(CONSUMER_CHOICES[c] for c in args.consumers if CONSUMER_CHOICES[c])
+    if variants and not ktile:
+        skipped["sm90ws_ktile_c3"] = "needs sm90ws' per-tile variant (see sm90ws_ktile)"
+        variants = ()
     rows = []
     for B, S, H, D in shapes:
+        # the 3-consumer kernels are built at padded head dim 64 only
+        shape_variants = variants if padded_head_dim(D) == 64 else ()
         q, k, v = dit_like_qkv(B, S, H, D, seed=0, dtype=dtype, device=dev)
         ref, ref_lse = attention_ref(q.float(), k.float(), v.float())
         acc = {}
@@ -151,23 +192,27 @@ def main(argv: list[str] | None = None) -> int:
             base = xdit_ops.attention(q, k, v, backend="cudnn", return_lse=True)
             acc[BASELINE] = _accuracy(*base, ref, ref_lse)
             del base
-            runs = [(impl, "token", f"{impl}_total") for impl in impls]
+            runs = [(impl, "token", "auto", f"{impl}_total") for impl in impls]
             if ktile:
-                runs.append(("sm90ws", "tile", "sm90ws_ktile_total"))
-            for impl, k_scale, name in runs:
+                runs.append(("sm90ws", "tile", "auto", "sm90ws_ktile_total"))
+            if "c3" in shape_variants:
+                runs.append(("sm90ws", "tile", "3", "sm90ws_ktile_c3_total"))
+            for impl, k_scale, consumers, name in runs:
                 os.environ["XDIT_OPS_FP8_IMPL"] = impl
                 os.environ[K_SCALE_ENV] = k_scale
+                os.environ[CONSUMERS_ENV] = consumers
                 out, lse = xdit_ops.fp8_attention(q, k, v, return_lse=True)
                 acc[name] = _accuracy(out, lse, ref, ref_lse)
                 del out, lse
             os.environ[K_SCALE_ENV] = "token"
+            os.environ[CONSUMERS_ENV] = "auto"
             if not args.no_naive:
                 out, lse = fp8_attention_naive_ref(q, k, v)
                 acc["naive_fp8"] = _accuracy(out, lse, ref, ref_lse)
                 del out, lse
             del ref, ref_lse
             torch.cuda.empty_cache()
-            fns = candidates(q, k, v, impls, ktile)
+            fns = candidates(q, k, v, impls, ktile, shape_variants)
             timings = common.bench_interleaved(fns, warmup=warmup, iters=iters, rounds=rounds,
                                                cold_l2=args.cold_l2, cuda_graph=args.cuda_graph,
                                                device=dev)
@@ -189,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.empty_cache()
     os.environ.pop("XDIT_OPS_FP8_IMPL", None)
     os.environ.pop(K_SCALE_ENV, None)
+    os.environ.pop(CONSUMERS_ENV, None)
 
     targets = {}
     for r in rows:
@@ -201,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     path = common.write_json("bench_fp8_attention", rows, args.out, extra={
         "targets": targets, "unusable_impls": {i: w for i, w in skipped.items() if w},
         "warmup": warmup, "iters": iters, "rounds": rounds, "cold_l2": args.cold_l2,
-        "cuda_graph": args.cuda_graph, "inputs": "dit_like_qkv(seed=0)"})
+        "cuda_graph": args.cuda_graph, "inputs": "dit_like_qkv(seed=0)",
+        "consumers": args.consumers})
     common.print_table(
         [r | {"shape": f"{r['B']}x{r['S']}x{r['H']}x{r['D']}"} for r in rows],
         ["shape", "candidate", "ms", "tflops", "speedup_vs_cudnn_bf16", "cos_mean", "cos_min",

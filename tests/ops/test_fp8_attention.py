@@ -1553,6 +1553,12 @@ def test_sm90ws_ktile_op_fake():
     assert out.shape == (2, 40, 3, 72) and out.dtype == torch.bfloat16 and lse.shape == (2, 3, 0)
     with pytest.raises(ValueError, match="fp8_attention: XDIT_OPS_FP8_K_SCALE='block' is not"):
         attention_quantized_sm90(in_pv_order(qq), torch.float16, impl="sm90ws", k_scale="block")
+    # its consumer count and issue order (schema defaults 2 and True; the fake ignores them)
+    for args in ((3,), (3, False), (2, True)):
+        out, lse = op(meta["q"], meta["q_scale"], meta["k"], meta["k_scale"], meta["vt"],
+                      meta["v_scale"], meta["lse_corr"], qq.seqlen_k, qq.head_dim, like, True,
+                      *args)
+        assert out.shape == (2, 40, 3, 72) and lse.shape == (2, 3, 40)
 
 
 @pytest.mark.gpu
@@ -1603,6 +1609,10 @@ def test_sm90ws_tile_k_scale_matches_emulation(B, Sq, Sk, H, D, dtype):
     emulation of sm90_scheme("sm90ws", "tile"): the bars of the per-key kernel's test. The
     per-key kernel computes the same scheme on the same inputs: the two agree as closely.
     Padded head dims 128 and 64 (both instantiations; 40 and 48 zero-padded to 64)."""
+    _check_sm90ws_tile_k_scale(B, Sq, Sk, H, D, dtype)
+
+
+def _check_sm90ws_tile_k_scale(B, Sq, Sk, H, D, dtype, consumers=2):
     from xdit_ops.ops.fp8_attention import attention_quantized_sm90, sm90_kernel_loaded, sm90_scheme
 
     # A Hopper build of this tree has the variant: its absence is a build failure, not a skip.
@@ -1611,7 +1621,8 @@ def test_sm90ws_tile_k_scale_matches_emulation(B, Sq, Sk, H, D, dtype):
     q, k, v = dit_like_qkv(B, max(Sq, Sk), H, D, seed=Sq, dtype=dtype, device="cuda")
     q, k, v = q[:, :Sq], k[:, :Sk], v[:, :Sk]
     qq = in_pv_order(quantize_qkv_ref(q, k, v, scheme=scheme_variant(k_block=128)))
-    out, lse = attention_quantized_sm90(qq, dtype, impl="sm90ws", k_scale="tile")
+    out, lse = attention_quantized_sm90(qq, dtype, impl="sm90ws", k_scale="tile",
+                                        consumers=consumers)
     assert out.shape == (B, Sq, H, D) and out.dtype == dtype and lse.shape == (B, H, Sq)
     emu_out, emu_lse = fp8_attention_quantized_ref(qq, dtype, sm90_scheme("sm90ws", "tile"))
     ref, _ = _oracle(q, k, v)
@@ -1622,8 +1633,88 @@ def test_sm90ws_tile_k_scale_matches_emulation(B, Sq, Sk, H, D, dtype):
     out_tok, _ = attention_quantized_sm90(qq, dtype, impl="sm90ws")
     assert attention_error_metrics(out, out_tok)["rel_l1"] <= 0.1 * own["rel_l1"]
     out2, lse2 = attention_quantized_sm90(qq, dtype, return_lse=False, impl="sm90ws",
-                                          k_scale="tile")
+                                          k_scale="tile", consumers=consumers)
     assert torch.equal(out2, out) and lse2.numel() == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.sm90
+def test_sm90ws_tile_k_scale_three_consumers_matches_emulation():
+    """The same test with the 3-consumer kernel (XDIT_OPS_FP8_SM90_CONSUMERS=3) at one shape."""
+    _check_sm90ws_tile_k_scale(2, 1000, 1531, 3, 64, torch.float16, consumers=3)
+
+
+@pytest.mark.gpu
+@pytest.mark.sm90
+# (B, Sq, Sk, H, D, dtype): Sq not a multiple of the 3-consumer CTA's 192 rows (4250, 191, 193,
+# 385, 65: a CTA whose second or third consumer has no rows, or part of them), below one
+# consumer's 64 rows (33), Sk masked in the last tile (300, 4097, 77, 4250), one key tile (5),
+# five tiles wrapping the 4-stage ring (640), head dims 40 and 48 padded to 64, batch 2.
+@pytest.mark.parametrize("B,Sq,Sk,H,D,dtype", [
+    (2, 4250, 4250, 3, 64, torch.bfloat16),
+    (1, 191, 300, 2, 64, torch.float16),
+    (2, 193, 4097, 2, 40, torch.bfloat16),
+    (1, 65, 77, 4, 48, torch.float16),
+    (2, 33, 300, 3, 64, torch.bfloat16),
+    (1, 385, 640, 2, 64, torch.float16),
+    (2, 1000, 5, 2, 40, torch.bfloat16),
+    (1, 4097, 4097, 2, 48, torch.float16),
+])
+def test_sm90ws_three_consumers_are_bit_identical(B, Sq, Sk, H, D, dtype):
+    """The per-tile kernel with 3 consumer warpgroups (192 query rows per CTA) against the one
+    with 2 (128) on the same quantized inputs: each consumer computes its 64 rows with the same
+    arithmetic whatever the count, so out and LSE are the same bits (bfloat16: also the
+    3-consumer kernel without the round-robin issue order, ping_pong=False)."""
+    from xdit_ops.ops.fp8_attention import attention_quantized_sm90, sm90_kernel_loaded
+
+    assert xdit_ops._extension.has("_C_sm90"), xdit_ops._extension.reason("_C_sm90")
+    assert sm90_kernel_loaded("sm90ws", "tile"), "xdit_ops._C_sm90 has no sm90ws ktile kernel"
+    q, k, v = dit_like_qkv(B, max(Sq, Sk), H, D, seed=Sq + Sk, dtype=dtype, device="cuda")
+    q, k, v = q[:, :Sq], k[:, :Sk], v[:, :Sk]
+    qq = in_pv_order(quantize_qkv_ref(q, k, v, scheme=scheme_variant(k_block=128)))
+    out2, lse2 = attention_quantized_sm90(qq, dtype, impl="sm90ws", k_scale="tile", consumers=2)
+    assert out2.isfinite().all() and lse2.isfinite().all()
+    variants = [{"consumers": 3}]
+    if dtype == torch.bfloat16:
+        variants.append({"consumers": 3, "ping_pong": False})
+    for kw in variants:
+        out3, lse3 = attention_quantized_sm90(qq, dtype, impl="sm90ws", k_scale="tile", **kw)
+        assert out3.shape == out2.shape and lse3.shape == lse2.shape, kw
+        assert torch.equal(out3, out2), (kw, (out3.float() - out2.float()).abs().max().item(),
+                                         (out3 != out2).nonzero()[:4].tolist())
+        assert torch.equal(lse3, lse2), (kw, (lse3 - lse2).abs().max().item())
+        out3n, lse3n = attention_quantized_sm90(qq, dtype, return_lse=False, impl="sm90ws",
+                                                k_scale="tile", **kw)
+        assert torch.equal(out3n, out2) and lse3n.numel() == 0, kw
+
+
+@pytest.mark.gpu
+@pytest.mark.sm90
+def test_op_follows_the_consumers_switch(monkeypatch):
+    """The op under XDIT_OPS_FP8_IMPL=sm90ws with per-tile K scales: XDIT_OPS_FP8_SM90_CONSUMERS=3
+    gives the bits of 2 (and of auto) at head dim 64; 3 at head dim 128 is an error naming the
+    switch and the value, and so is an unknown value."""
+    monkeypatch.setenv("XDIT_OPS_FP8_K_SCALE", "tile")
+    why = _gpu_impl_available("sm90ws")
+    if why is not None:
+        pytest.skip(why)
+    monkeypatch.setenv("XDIT_OPS_FP8_IMPL", "sm90ws")
+    q, k, v = dit_like_qkv(2, 700, 3, 64, seed=5, device="cuda")
+    outs = {}
+    for setting in ("auto", "2", "3"):
+        monkeypatch.setenv("XDIT_OPS_FP8_SM90_CONSUMERS", setting)
+        outs[setting] = xdit_ops.fp8_attention(q, k, v, return_lse=True)
+    for setting in ("2", "3"):
+        assert torch.equal(outs[setting][0], outs["auto"][0]), setting
+        assert torch.equal(outs[setting][1], outs["auto"][1]), setting
+    monkeypatch.setenv("XDIT_OPS_FP8_SM90_CONSUMERS", "3")
+    q128, k128, v128 = dit_like_qkv(1, 200, 2, 128, seed=5, device="cuda")
+    with pytest.raises(ValueError, match="XDIT_OPS_FP8_SM90_CONSUMERS='3' is built for padded "
+                                         "head dim 64 only"):
+        xdit_ops.fp8_attention(q128, k128, v128)
+    monkeypatch.setenv("XDIT_OPS_FP8_SM90_CONSUMERS", "4")
+    with pytest.raises(ValueError, match="XDIT_OPS_FP8_SM90_CONSUMERS='4' is not one of"):
+        xdit_ops.fp8_attention(q, k, v)
 
 
 @pytest.mark.gpu

@@ -345,3 +345,97 @@ def test_cuda_scheme_follows_the_k_scale_switch(monkeypatch):
     assert sm90_scheme("sm90ws") == scheme_variant(block_n=128)
     assert sm90_scheme("sm90ws", "tile") == scheme_variant(block_n=128, k_block=128)
     assert sm90_scheme("sm90", "tile") == scheme_variant(k_block=128)
+
+
+# ---------------------------------------------------------------------------------------------
+# XDIT_OPS_FP8_SM90_CONSUMERS: the consumer warpgroups of sm90ws' per-tile K-scale kernel, 2 or
+# 3 (padded head dim 64 only); auto is 2.
+
+
+def test_consumers_setting(monkeypatch):
+    import xdit_ops.ops.fp8_attention as fa
+
+    assert fa.CONSUMERS_ENV == "XDIT_OPS_FP8_SM90_CONSUMERS"
+    assert fa.CONSUMERS_SETTINGS == ("auto", "2", "3")
+    monkeypatch.delenv(fa.CONSUMERS_ENV, raising=False)
+    assert fa.consumers_setting() == "auto"
+    for setting in ("auto", "2", "3"):
+        monkeypatch.setenv(fa.CONSUMERS_ENV, setting)
+        assert fa.consumers_setting() == setting
+    assert fa.consumers_setting("2") == "2"
+    for bad in ("4", "1", "three", "", " 3"):
+        monkeypatch.setenv(fa.CONSUMERS_ENV, bad)
+        with pytest.raises(ValueError, match=f"fp8_attention: XDIT_OPS_FP8_SM90_CONSUMERS={bad!r} "
+                                             r"is not one of \('auto', '2', '3'\)"):
+            fa.consumers_setting()
+        with pytest.raises(ValueError, match="XDIT_OPS_FP8_SM90_CONSUMERS"):
+            fa.resolve_consumers("sm90ws", 64, "tile")
+        for dev in (torch.device("cpu"), torch.device("cuda", 0)):
+            why = unusable_reason(dev, torch.bfloat16, 64, "sm90ws")
+            assert why is not None and f"XDIT_OPS_FP8_SM90_CONSUMERS={bad!r}" in why, why
+    # The CPU op has no consumer warpgroups: the switch is the CUDA op's, so a bad value does
+    # not reach it.
+    q, k, v = dit_like_qkv(1, 8, 1, 64, seed=0)
+    xdit_ops.fp8_attention(q, k, v)
+
+
+# (implementation, head dim, K-scale granularity, setting) -> consumers, or the error's text
+_CONSUMERS = [
+    ("sm90ws", 64, "tile", "auto", 2), ("sm90ws", 64, "tile", "2", 2),
+    ("sm90ws", 64, "tile", "3", 3), ("sm90ws", 40, "tile", "3", 3),
+    ("sm90ws", 48, "tile", "3", 3),
+    ("sm90ws", 128, "tile", "auto", 2), ("sm90ws", 128, "tile", "2", 2),
+    ("sm90ws", 128, "tile", "3", "built for padded head dim 64 only"),
+    ("sm90ws", 72, "tile", "3", "built for padded head dim 64 only"),
+    ("sm90ws", 64, "token", "3", "per-tile K-scale kernel, but the K scales are per key"),
+    ("sm90ws", 64, "token", "2", 2),
+    # kernels without consumer warpgroups ignore it
+    ("triton", 64, "tile", "3", 2), ("triton", 128, "token", "3", 2),
+    ("sm90", 64, "token", "3", 2), ("emulation", 128, "tile", "3", 2),
+]
+
+
+@pytest.mark.parametrize("impl,D,k_scale,setting,want", _CONSUMERS)
+def test_resolve_consumers(monkeypatch, impl, D, k_scale, setting, want):
+    import xdit_ops.ops.fp8_attention as fa
+
+    monkeypatch.setenv(fa.CONSUMERS_ENV, setting)
+    for call in (lambda: fa.resolve_consumers(impl, D, k_scale),
+                 lambda: fa.resolve_consumers(impl, D, k_scale, setting)):
+        if isinstance(want, int):
+            assert call() == want
+        else:
+            with pytest.raises(ValueError, match=f"fp8_attention: XDIT_OPS_FP8_SM90_CONSUMERS="
+                                                 f"'3' .*{want}"):
+                call()
+    if setting != "auto":  # the argument overrides the variable
+        monkeypatch.setenv(fa.CONSUMERS_ENV, "auto")
+        assert fa.resolve_consumers(impl, D, k_scale) == 2
+
+
+def test_sm90_entry_points_take_a_consumer_count():
+    """attention_quantized_sm90's consumers and ping_pong: what the per-tile kernel is built
+    for (3 consumers at padded head dim 64; free issue with 3 and bfloat16 output), checked
+    before any kernel runs."""
+    from xdit_ops.ops.fp8_attention import attention_quantized_sm90
+    from xdit_ops.reference.fp8_attention import in_pv_order, quantize_qkv_ref, scheme_variant
+
+    tile = scheme_variant(k_block=128)
+    qq64 = in_pv_order(quantize_qkv_ref(*dit_like_qkv(1, 8, 1, 40, seed=0), scheme=tile))
+    qq128 = in_pv_order(quantize_qkv_ref(*dit_like_qkv(1, 8, 1, 96, seed=0), scheme=tile))
+    bf16 = torch.bfloat16
+    with pytest.raises(ValueError, match="fp8_attention: consumers=4: 2, or 3 with sm90ws' "
+                                         "per-tile K-scale kernel"):
+        attention_quantized_sm90(qq64, bf16, impl="sm90ws", k_scale="tile", consumers=4)
+    with pytest.raises(ValueError, match="consumers=3: 2, or 3 with sm90ws' per-tile"):
+        attention_quantized_sm90(qq64, bf16, impl="sm90ws", k_scale="token", consumers=3)
+    with pytest.raises(ValueError, match="consumers=3: 2, or 3 with sm90ws' per-tile"):
+        attention_quantized_sm90(qq64, bf16, impl="sm90", k_scale="tile", consumers=3)
+    with pytest.raises(ValueError, match="consumers=3 is built for padded head dim 64 only, "
+                                         "got 128"):
+        attention_quantized_sm90(qq128, bf16, impl="sm90ws", k_scale="tile", consumers=3)
+    for consumers, dtype in ((2, bf16), (3, torch.float16)):
+        with pytest.raises(ValueError, match="ping_pong=False is built for consumers=3 and "
+                                             "bfloat16 output only"):
+            attention_quantized_sm90(qq64, dtype, impl="sm90ws", k_scale="tile",
+                                     consumers=consumers, ping_pong=False)

@@ -47,6 +47,14 @@ picks at padded head dim 128 only, and ``xdit_ops._C_sm90`` has
 setting (their kernels are called with per-key scales). An unknown setting is an error naming
 the variable.
 
+The consumer warpgroups of sm90ws' per-tile K-scale kernel, chosen by
+``XDIT_OPS_FP8_SM90_CONSUMERS`` (read per call, :func:`resolve_consumers`): ``2`` (128 query
+rows per CTA, the two consumers in ping-pong) or ``3`` (192 rows, round robin; padded head dim
+64 only, as FlashAttention-3 at head dim 64: the kernel is bound by the exponentials there, not
+the GEMMs); ``auto`` (default) is 2 for now (3 is not yet measured on a GPU). The outputs are
+the same bits either way. Other kernels ignore it; ``3`` where the sm90ws kernel runs with
+per-key scales or at padded head dim 128 is an error, and so is an unknown value.
+
 The op is lossy by design (INT8 Q K^T, FP8 P.V), so ``attention(..., backend="auto")`` never
 chooses it; ask for it with ``backend="fp8"`` or call :func:`fp8_attention`.
 """
@@ -91,6 +99,14 @@ K_SCALE_K_BLOCK = {"token": 1, "tile": 128}
 # fp8_attention_sm90_ws_tile_kernels.cu).
 SM90WS_KTILE_OP = "fp8_attention_sm90ws_ktile_fwd"
 SM90WS_KTILE_HEAD_DIMS = (64, 128)
+# The consumer warpgroups of that kernel, chosen by XDIT_OPS_FP8_SM90_CONSUMERS (read per call,
+# :func:`consumers_setting`, resolved by :func:`resolve_consumers`): 2 (128 query rows per
+# CTA) or 3 (192 rows, FlashAttention-3's choice at head dim 64), built at the padded head dims
+# below (csrc/cuda/sm90/fp8_attention_sm90_ws_tile3_kernels.cu). auto is 2 until a GPU has
+# measured 3.
+CONSUMERS_ENV = "XDIT_OPS_FP8_SM90_CONSUMERS"
+CONSUMERS_SETTINGS = ("auto", "2", "3")
+SM90WS_KTILE_C3_HEAD_DIMS = (64,)
 
 lib.define(
     "fp8_attention(Tensor q, Tensor k, Tensor v, float? scale=None, bool return_lse=False) "
@@ -101,13 +117,16 @@ lib.define(
 # fp8_attention_sm90ws_fwd: the warp-specialised kernel (csrc/include/xdit_ops/
 # fp8_attention_sm90_ws.cuh), same inputs and outputs, except that vt8 holds V^T in the P.V key
 # order (xdit_ops.reference.fp8_attention.vt_to_pv_order).
-# fp8_attention_sm90ws_ktile_fwd: the same with k_scale equal within every 128-key tile.
-for _name in (*SM90_IMPLS.values(), SM90WS_KTILE_OP):
-    lib.define(
-        f"{_name}(Tensor q8, Tensor q_scale, Tensor k8, Tensor k_scale, Tensor vt8, "
-        "Tensor v_scale, Tensor lse_corr, int seqlen_k, int head_dim, Tensor out_like, "
-        "bool return_lse) -> (Tensor, Tensor)"
-    )
+# fp8_attention_sm90ws_ktile_fwd: the same with k_scale equal within every 128-key tile, and
+# the number of its kernel's consumer warpgroups (2, or 3 at padded head dim 64) and whether
+# they issue in turn (ping_pong=False: freely; 3 consumers, bfloat16 output only).
+_SM90_ARGS = ("Tensor q8, Tensor q_scale, Tensor k8, Tensor k_scale, Tensor vt8, "
+              "Tensor v_scale, Tensor lse_corr, int seqlen_k, int head_dim, Tensor out_like, "
+              "bool return_lse")
+for _name in SM90_IMPLS.values():
+    lib.define(f"{_name}({_SM90_ARGS}) -> (Tensor, Tensor)")
+lib.define(f"{SM90WS_KTILE_OP}({_SM90_ARGS}, int consumers=2, bool ping_pong=True) "
+           "-> (Tensor, Tensor)")
 
 
 def _sm90_op_name(impl: str) -> str:
@@ -162,6 +181,43 @@ def resolve_k_scale(impl: str, head_dim: int, setting: str | None = None) -> str
             and sm90_kernel_loaded("sm90ws", "tile")):
         return "tile"
     return "token"
+
+
+def consumers_setting(setting: str | None = None) -> str:
+    """``XDIT_OPS_FP8_SM90_CONSUMERS`` (read per call; ``setting`` overrides it): ``auto``
+    (default), ``2`` or ``3``; anything else is an error naming the op, the variable and the
+    value."""
+    if setting is None:
+        setting = os.environ.get(CONSUMERS_ENV, "auto")
+    if setting not in CONSUMERS_SETTINGS:
+        raise ValueError(f"{OP}: {CONSUMERS_ENV}={setting!r} is not one of {CONSUMERS_SETTINGS}")
+    return setting
+
+
+def resolve_consumers(impl: str, head_dim: int, k_scale: str, setting: str | None = None
+                      ) -> int:
+    """The consumer warpgroups of sm90ws' per-tile K-scale kernel when the resolved
+    implementation ``impl`` runs at ``head_dim`` with the K-scale granularity ``k_scale``
+    (:func:`resolve_k_scale`) under ``setting`` (default: the current
+    ``XDIT_OPS_FP8_SM90_CONSUMERS``): ``auto`` is 2 (the faster count is for a GPU to measure),
+    ``2`` and ``3`` as set. The setting is that kernel's only: the other kernels (Triton,
+    ``sm90``, sm90ws with per-key scales) have no consumer count and ignore it (2 is
+    returned), except that ``3`` with ``impl`` sm90ws and per-key scales is an error, and so is
+    ``3`` where the kernel runs at padded head dim 128 (3 consumers are built at 64 only).
+    Errors name the op, the variable and the value."""
+    setting = consumers_setting(setting)
+    if setting != "3" or impl != "sm90ws":
+        return 2
+    if _granularity(k_scale, "resolve_consumers") != "tile":
+        raise ValueError(f"{OP}: {CONSUMERS_ENV}='3' is a setting of sm90ws' per-tile K-scale "
+                         f"kernel, but the K scales are per key here ({K_SCALE_ENV}="
+                         f"{os.environ.get(K_SCALE_ENV, 'auto')!r})")
+    dp = padded_head_dim(head_dim)
+    if dp not in SM90WS_KTILE_C3_HEAD_DIMS:
+        raise ValueError(f"{OP}: {CONSUMERS_ENV}='3' is built for padded head dim "
+                         f"{SM90WS_KTILE_C3_HEAD_DIMS[0]} only (3 consumer warpgroups cannot "
+                         f"hold the accumulators of {dp}), got head_dim {head_dim}")
+    return 3
 
 
 def with_k_scale(scheme: Fp8AttentionScheme, k_scale: str) -> Fp8AttentionScheme:
@@ -300,6 +356,9 @@ def unusable_reason(device: torch.device, dtype: torch.dtype, head_dim: int,
     k_scale = os.environ.get(K_SCALE_ENV, "auto")
     if k_scale not in K_SCALE_SETTINGS:
         return f"{K_SCALE_ENV}={k_scale!r} is not one of {K_SCALE_SETTINGS}"
+    consumers = os.environ.get(CONSUMERS_ENV, "auto")
+    if consumers not in CONSUMERS_SETTINGS:
+        return f"{CONSUMERS_ENV}={consumers!r} is not one of {CONSUMERS_SETTINGS}"
     if dtype not in DTYPES:
         return f"fp8 attention takes float16/bfloat16, got {dtype}"
     if head_dim < 1 or head_dim > MAX_HEAD_DIM:
@@ -380,6 +439,7 @@ def _fp8_attention_cpu(q, k, v, scale=None, return_lse=False):
 
 def _fp8_attention_cuda(q, k, v, scale=None, return_lse=False):
     check_inputs(q, k, v)
+    consumers_setting()  # a bad XDIT_OPS_FP8_SM90_CONSUMERS is a ValueError naming it
     # once per call: the check and the dispatch below see the same value
     impl = resolve_impl(q.device, q.shape[-1])
     why = unusable_reason(q.device, q.dtype, q.shape[-1], impl)
@@ -401,9 +461,11 @@ def _fp8_attention_cuda(q, k, v, scale=None, return_lse=False):
     from xdit_ops.triton.fp8_attention import fp8_attention_triton, quantize_qkv_triton
 
     if impl in SM90_IMPLS:
+        consumers = resolve_consumers(impl, D, k_scale)
         qq = quantize_qkv_triton(q, k, v, scale, vt_pv_order=SM90_VT_PV_ORDER[impl],
                                  fp8_format=fmt, k_block=k_block)
-        out, lse = attention_quantized_sm90(qq, q.dtype, return_lse, impl, k_scale=k_scale)
+        out, lse = attention_quantized_sm90(qq, q.dtype, return_lse, impl, k_scale=k_scale,
+                                            consumers=consumers)
     else:
         out, lse = fp8_attention_triton(q, k, v, scale, return_lse, fp8_format=fmt,
                                         k_block=k_block)
@@ -411,7 +473,8 @@ def _fp8_attention_cuda(q, k, v, scale=None, return_lse=False):
 
 
 def attention_quantized_sm90(qq, out_dtype: torch.dtype, return_lse: bool = True,
-                             impl: str = "sm90", k_scale: str = "token"):
+                             impl: str = "sm90", k_scale: str = "token", consumers: int = 2,
+                             ping_pong: bool = True):
     """A native sm_90a kernel on a :class:`~xdit_ops.reference.fp8_attention.QuantizedQKV`:
     (out [B, Sq, H, D] ``out_dtype``, lse [B, H, Sq] fp32 or [B, H, 0]).
 
@@ -427,10 +490,26 @@ def attention_quantized_sm90(qq, out_dtype: torch.dtype, return_lse: bool = True
     ``sm90ws`` (padded head dim 64 or 128) it runs the per-tile K-scale variant
     (``fp8_attention_sm90ws_ktile_fwd``), for ``sm90`` its per-key kernel (per-key scales,
     these included). It computes the emulation of :func:`sm90_scheme` (impl, k_scale). ``k_scale``
-    is the granularity of ``qq``'s K scales (``auto`` is an error: the caller knows it)."""
+    is the granularity of ``qq``'s K scales (``auto`` is an error: the caller knows it).
+
+    ``consumers``: the per-tile variant's consumer warpgroups, 2 (128 query rows per CTA) or 3
+    (192 rows; padded head dim 64 only; ``XDIT_OPS_FP8_SM90_CONSUMERS`` chooses it for the op):
+    the same output bits either way. ``ping_pong=False`` (3 consumers, bfloat16 output only; a
+    measurement): the consumers issue their GEMMs freely instead of in turn. Any other kernel
+    takes ``consumers=2, ping_pong=True`` only."""
     name = _sm90_op_name(impl)
-    if _granularity(k_scale, "attention_quantized_sm90") == "tile" and impl == "sm90ws":
+    ktile = _granularity(k_scale, "attention_quantized_sm90") == "tile" and impl == "sm90ws"
+    if ktile:
         name = SM90WS_KTILE_OP
+    if consumers not in (2, 3) or (consumers == 3 and not ktile):
+        raise ValueError(f"{OP}: consumers={consumers!r}: 2, or 3 with sm90ws' per-tile K-scale "
+                         f"kernel (impl='sm90ws', k_scale='tile'; got {impl!r}, {k_scale!r})")
+    if consumers == 3 and qq.q.shape[-1] not in SM90WS_KTILE_C3_HEAD_DIMS:
+        raise ValueError(f"{OP}: consumers=3 is built for padded head dim "
+                         f"{SM90WS_KTILE_C3_HEAD_DIMS[0]} only, got {qq.q.shape[-1]}")
+    if not ping_pong and (consumers != 3 or out_dtype != torch.bfloat16):
+        raise ValueError(f"{OP}: ping_pong=False is built for consumers=3 and bfloat16 output "
+                         f"only, got consumers={consumers}, {out_dtype}")
     op = getattr(torch.ops.xdit_ops, name).default
     if qq.vt.dtype != E4M3FN.dtype:
         raise ValueError(f"{OP}: the {impl} kernel takes e4m3fn V^T ({E4M3FN.dtype}), got "
@@ -441,8 +520,9 @@ def attention_quantized_sm90(qq, out_dtype: torch.dtype, return_lse: bool = True
         raise ValueError(f"{OP}: the {impl} kernel takes V^T in {want}, got one in {got} "
                          f"(QuantizedQKV.vt_pv_order={qq.vt_pv_order})")
     like = qq.q_scale.new_empty(0, dtype=out_dtype)
-    return op(qq.q, qq.q_scale, qq.k, qq.k_scale, qq.vt, qq.v_scale, qq.lse_corr, qq.seqlen_k,
-              qq.head_dim, like, return_lse)
+    args = (qq.q, qq.q_scale, qq.k, qq.k_scale, qq.vt, qq.v_scale, qq.lse_corr, qq.seqlen_k,
+            qq.head_dim, like, return_lse)
+    return op(*args, consumers, ping_pong) if ktile else op(*args)
 
 
 lib.impl(OP, _fp8_attention_cpu, "CPU")
@@ -459,7 +539,7 @@ def _fp8_attention_fake(q, k, v, scale=None, return_lse=False):
 
 
 def _fp8_attention_sm90_fwd_fake(q8, q_scale, k8, k_scale, vt8, v_scale, lse_corr, seqlen_k,
-                                 head_dim, out_like, return_lse):
+                                 head_dim, out_like, return_lse, consumers=2, ping_pong=True):
     B, H, Sq, _ = q8.shape
     out = q8.new_empty((B, Sq, H, head_dim), dtype=out_like.dtype)
     lse = q8.new_empty((B, H, Sq if return_lse else 0), dtype=torch.float32)
@@ -507,6 +587,7 @@ def fp8_attention(
     return (out, lse) if return_lse else out
 
 
-__all__ = ["attention_quantized_sm90", "auto_format", "cuda_scheme", "fp8_attention",
-           "k_scale_setting", "padded_head_dim", "resolve_format", "resolve_k_scale",
-           "sm90_kernel_loaded", "sm90_scheme", "unusable_reason", "with_k_scale"]
+__all__ = ["attention_quantized_sm90", "auto_format", "consumers_setting", "cuda_scheme",
+           "fp8_attention", "k_scale_setting", "padded_head_dim", "resolve_consumers",
+           "resolve_format", "resolve_k_scale", "sm90_kernel_loaded", "sm90_scheme",
+           "unusable_reason", "with_k_scale"]

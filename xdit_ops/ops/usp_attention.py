@@ -1330,9 +1330,9 @@ def _lengths_digest(shard_lengths) -> list[int]:
 _SWITCH_NAMES = ("XDIT_OPS_USP_CHECK", "XDIT_OPS_USP_CHUNKS", "XDIT_OPS_USP_RING",
                  "XDIT_OPS_USP_ULYSSES", WIRE_ENV, FORMAT_ENV, PUSH_KERNEL_ENV,
                  "XDIT_OPS_MERGE_IMPL", "XDIT_OPS_USP_GRAPH", HOST_ENV, BATCH_ENV,
-                 "XDIT_OPS_FP8_IMPL", "XDIT_OPS_FP8_K_SCALE")
+                 "XDIT_OPS_FP8_IMPL", "XDIT_OPS_FP8_K_SCALE", "XDIT_OPS_FP8_SM90_CONSUMERS")
 # os.environ's own store (encoded keys and values; os.environ's item assignment and deletion
-# update it in place): 13 lookups there take ~1 us, against ~7 us through os.environ.get.
+# update it in place): 14 lookups there take ~1 us, against ~7 us through os.environ.get.
 _ENV_DATA = getattr(os.environ, "_data", None)
 try:
     _SWITCH_KEYS = tuple(os.environ.encodekey(n) for n in _SWITCH_NAMES)
@@ -1346,12 +1346,13 @@ def _switches(grouped: bool) -> tuple:
     ``_RING``, ``_ULYSSES``, ``_FP8_WIRE``, ``XDIT_OPS_FP8_FORMAT``, ``XDIT_OPS_PUSH_KERNEL``,
     ``XDIT_OPS_MERGE_IMPL``, ``XDIT_OPS_USP_GRAPH``, and the switches read on every call inside
     a call's body, which a call graph freezes: ``XDIT_OPS_USP_HOST``, ``XDIT_OPS_MEMOPS_BATCH``,
-    ``XDIT_OPS_FP8_IMPL``, ``XDIT_OPS_FP8_K_SCALE``), None where unset: part of the plan key,
-    so a switch changed between calls takes effect on the next call (and is validated by the new
-    plan: the native launchers that read the push kernel and merge switches are called directly,
-    past their Python checks), and what the plan is built from (the environment is read once
-    per call). A call without a group reads none: no switch applies to a single device. Read
-    from os.environ's store, decoded only when they changed."""
+    ``XDIT_OPS_FP8_IMPL``, ``XDIT_OPS_FP8_K_SCALE``, ``XDIT_OPS_FP8_SM90_CONSUMERS``), None
+    where unset: part of the plan key, so a switch changed between calls takes effect on the
+    next call (and is validated by the new plan: the native launchers that read the push kernel
+    and merge switches are called directly, past their Python checks), and what the plan is
+    built from (the environment is read once per call). A call without a group reads none: no
+    switch applies to a single device. Read from os.environ's store, decoded only when they
+    changed."""
     if not grouped:
         return ()
     if _ENV_DATA is None:

@@ -2,7 +2,8 @@
 // and xdit_ops::fp8_attention_sm90ws_ktile_fwd (schemas in xdit_ops/ops/fp8_attention.py): the
 // sm_90a FP8 attention kernels (one warpgroup with cp.async; warp-specialised with TMA; the
 // warp-specialised one with one K scale per 128-key tile) on the quantization pass's output
-// (QuantizedQKV layouts). All take the same inputs and checks.
+// (QuantizedQKV layouts). All take the same inputs and checks; the ktile op also the number of
+// its kernel's consumer warpgroups (2, or 3 at padded head dim 64) and their issue order.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -25,14 +26,15 @@ namespace {
 // the warp-specialised kernel's per-tile variant, at both padded head dims (64 and 128).
 enum class Sm90Kernel { kOneWarpgroup, kWarpSpecialized, kWarpSpecializedTileK };
 
-// One launcher for both ops (same schema, inputs and checks); the kernel is a template argument
-// so that each op registers its own instantiation.
+// One launcher for the three ops (same inputs and checks); the kernel is a template argument
+// so that each op registers its own instantiation. consumers and ping_pong: the ktile op's
+// (its kernel's consumer warpgroups and issue order; 2 and true for the other two).
 template <Sm90Kernel kernel>
-std::tuple<at::Tensor, at::Tensor> fp8_attention_sm90_fwd_cuda(
+std::tuple<at::Tensor, at::Tensor> fp8_attention_sm90_run(
     const at::Tensor& q8, const at::Tensor& q_scale, const at::Tensor& k8,
     const at::Tensor& k_scale, const at::Tensor& vt8, const at::Tensor& v_scale,
     const at::Tensor& lse_corr, int64_t seqlen_k, int64_t head_dim, const at::Tensor& out_like,
-    bool return_lse) {
+    bool return_lse, int64_t consumers, bool ping_pong) {
   constexpr bool kWs = kernel != Sm90Kernel::kOneWarpgroup;
   const char* kOp = kernel == Sm90Kernel::kWarpSpecialized       ? "fp8_attention_sm90ws_fwd"
                     : kernel == Sm90Kernel::kWarpSpecializedTileK ? "fp8_attention_sm90ws_ktile_fwd"
@@ -72,6 +74,14 @@ std::tuple<at::Tensor, at::Tensor> fp8_attention_sm90_fwd_cuda(
   const at::ScalarType out_type = out_like.scalar_type();
   XDIT_CHECK(out_type == at::kHalf || out_type == at::kBFloat16, kOp,
              ": output dtype must be float16 or bfloat16, got ", out_type);
+  // The consumer warpgroups of the ktile kernel (XDIT_OPS_FP8_SM90_CONSUMERS): 2, or 3 at
+  // padded head dim 64; without the round-robin issue order only 3, bfloat16 output.
+  XDIT_CHECK(consumers == 2 || consumers == 3, kOp, ": consumers must be 2 or 3, got ",
+             consumers);
+  XDIT_CHECK(consumers == 2 || DP == 64, kOp,
+             ": 3 consumer warpgroups are built for padded head_dim 64 only, got ", DP);
+  XDIT_CHECK(ping_pong || (consumers == 3 && out_type == at::kBFloat16), kOp,
+             ": ping_pong=False is built for 3 consumers and bfloat16 output only");
 
   if (kWs) {
     // TMA and bulk copies read from 16-byte aligned global addresses (row strides are DP and
@@ -111,8 +121,9 @@ std::tuple<at::Tensor, at::Tensor> fp8_attention_sm90_fwd_cuda(
   p.head_dim = static_cast<int>(head_dim);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   if (kernel == Sm90Kernel::kWarpSpecializedTileK) {
-    XDIT_CUDA_CHECK(fp8_attention_sm90_ws_tile_k_scale(p, static_cast<int>(B), static_cast<int>(DP),
-                                                       to_dtype(out_type, kOp), stream));
+    XDIT_CUDA_CHECK(fp8_attention_sm90_ws_tile_k_scale(
+        p, static_cast<int>(B), static_cast<int>(DP), to_dtype(out_type, kOp),
+        static_cast<int>(consumers), ping_pong, stream));
   } else if (kWs) {
     XDIT_CUDA_CHECK(fp8_attention_sm90_ws(p, static_cast<int>(B), static_cast<int>(DP),
                                           to_dtype(out_type, kOp), stream));
@@ -121,6 +132,28 @@ std::tuple<at::Tensor, at::Tensor> fp8_attention_sm90_fwd_cuda(
                                        to_dtype(out_type, kOp), stream));
   }
   return {out, lse};
+}
+
+// fp8_attention_sm90_fwd, fp8_attention_sm90ws_fwd: the common schema.
+template <Sm90Kernel kernel>
+std::tuple<at::Tensor, at::Tensor> fp8_attention_sm90_fwd_cuda(
+    const at::Tensor& q8, const at::Tensor& q_scale, const at::Tensor& k8,
+    const at::Tensor& k_scale, const at::Tensor& vt8, const at::Tensor& v_scale,
+    const at::Tensor& lse_corr, int64_t seqlen_k, int64_t head_dim, const at::Tensor& out_like,
+    bool return_lse) {
+  return fp8_attention_sm90_run<kernel>(q8, q_scale, k8, k_scale, vt8, v_scale, lse_corr,
+                                        seqlen_k, head_dim, out_like, return_lse, 2, true);
+}
+
+// fp8_attention_sm90ws_ktile_fwd: the common schema + consumers, ping_pong.
+std::tuple<at::Tensor, at::Tensor> fp8_attention_sm90ws_ktile_fwd_cuda(
+    const at::Tensor& q8, const at::Tensor& q_scale, const at::Tensor& k8,
+    const at::Tensor& k_scale, const at::Tensor& vt8, const at::Tensor& v_scale,
+    const at::Tensor& lse_corr, int64_t seqlen_k, int64_t head_dim, const at::Tensor& out_like,
+    bool return_lse, int64_t consumers, bool ping_pong) {
+  return fp8_attention_sm90_run<Sm90Kernel::kWarpSpecializedTileK>(
+      q8, q_scale, k8, k_scale, vt8, v_scale, lse_corr, seqlen_k, head_dim, out_like,
+      return_lse, consumers, ping_pong);
 }
 
 }  // namespace
@@ -133,6 +166,5 @@ TORCH_LIBRARY_IMPL(xdit_ops, CUDA, m) {
          &xdit_ops::fp8_attention_sm90_fwd_cuda<Sm90Kernel::kOneWarpgroup>);
   m.impl("fp8_attention_sm90ws_fwd",
          &xdit_ops::fp8_attention_sm90_fwd_cuda<Sm90Kernel::kWarpSpecialized>);
-  m.impl("fp8_attention_sm90ws_ktile_fwd",
-         &xdit_ops::fp8_attention_sm90_fwd_cuda<Sm90Kernel::kWarpSpecializedTileK>);
+  m.impl("fp8_attention_sm90ws_ktile_fwd", &xdit_ops::fp8_attention_sm90ws_ktile_fwd_cuda);
 }

@@ -1,6 +1,7 @@
 // Warp-specialised sm_90a FP8 attention kernel (torch-free): TMA producer, two consumer
-// warpgroups that take turns on the tensor cores. Numerics: the reference SCHEME with 128-key
-// tiles (block_n = 128); see fp8_attention_sm90_ws.h.
+// warpgroups that take turns on the tensor cores (or three: kConsumers, at the end of this
+// comment). Numerics: the reference SCHEME with 128-key tiles (block_n = 128); see
+// fp8_attention_sm90_ws.h.
 //
 // CTA = 3 warpgroups (384 threads) for 128 query rows of one (batch, head):
 //
@@ -39,6 +40,20 @@
 // per-key kernel's 670 at Dp 128, 457 against 629 at Dp 64 (bf16 and fp16 output alike; no
 // LDS of key scales, no per-score FADD/FMUL of the conversion and the K scale, 40 integer
 // max instructions, three-input VIMNMX3 mostly, for 76 FMNMX).
+//
+// kConsumers = 3 (XDIT_OPS_FP8_SM90_CONSUMERS=3; per-tile K scales, Dp = 64 only): 4
+// warpgroups (512 threads) for 192 query rows, as FlashAttention-3 at head dim 64, where the
+// kernel is bound by the exponentials and latency rather than the GEMMs (half of Dp 128's per
+// tile, the same 64 exponentials per row): one more consumer to issue while the others wait.
+// The consumers issue in round robin (one named barrier each; kPingPong = false: freely) and
+// hold 160 registers (setmaxnreg; the producer 24). To fit, a consumer waits for P.V of tile
+// t - 1 and adds it to the output before the softmax of tile t (kPVFirst: ptxas hoists that
+// wait above the exponentials in the 2-consumer kernel too), reads the tile's K scale after the
+// wgmmas (kScaleLate), and takes the scheduling barrier ids as immediates. Each consumer's 64
+// rows are computed with the same arithmetic as with 2 consumers: the same bits out. ptxas
+// (nvcc 13.0, sm_90a): 128 registers at launch, no spills, the consumers within R0-R157; steady
+// key loop 470 SASS instructions per warp per 128-key tile (457 with 2 consumers; 453 without
+// the round robin). The 2-consumer kernels' SASS is unchanged by the template argument.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -70,18 +85,34 @@ using fp8_sm90_common::quad_sum;
 using fp8_sm90_common::store_lse;
 
 constexpr int kBlockM = 64;  // query rows per consumer warpgroup
-constexpr int kConsumers = 2;
 constexpr int kBlockN = kFp8AttentionSm90WsBlockN;  // the scheme's block_n
 constexpr int kStages = 4;
+// kConsumers, a template argument: consumer warpgroups per CTA, 2 (every head dim) or 3
+// (Dp = 64 only; see kConsumerRegs). A CTA computes kConsumers * 64 query rows.
+template <int kConsumers>
 constexpr int kThreads = 128 * (1 + kConsumers);
-// 24 * 128 + 240 * 256 = 64512 <= 65536 registers; launch_bounds(384, 1) gives 168 each first.
-// At Dp = 128 a consumer holds 3 x 64 fp32/s32 accumulators (S, P.V, O) across a slot's wgmmas:
-// with 232 registers ptxas spilled, with 240 it does not.
+// 2 consumers: 24 * 128 + 240 * 256 = 64512 <= 65536 registers; launch_bounds(384, 1) gives 168
+// each first. At Dp = 128 a consumer holds 3 x 64 fp32/s32 accumulators (S, P.V, O) across a
+// slot's wgmmas: with 232 registers ptxas spilled, with 240 it does not.
+// 3 consumers: 24 * 128 + 160 * 384 = 64512 (launch_bounds(512, 1) gives 128 each first). At
+// Dp = 64 the accumulators are 64 + 32 + 32 registers; at Dp = 128 they alone would be 192.
+// (setmaxnreg counts are multiples of 8.)
 constexpr int kProducerRegs = 24;
-constexpr int kConsumerRegs = 240;
+template <int kConsumers>
+constexpr int kConsumerRegs = kConsumers == 2 ? 240 : 160;
 // Named barriers (0 is __syncthreads): 1 + w = "consumer w may issue its GEMMs" (256 threads:
-// its own 128 sync, the other consumer's 128 arrive).
+// its own 128 sync, the previous consumer's 128 arrive; see consume).
 constexpr int kSchedBarrier = 1;
+
+template <int kDP, int kConsumers>
+constexpr void check_consumers() {
+  static_assert(kConsumers == 2 || kConsumers == 3, "2 or 3 consumer warpgroups");
+  static_assert(kConsumers == 2 || kDP == 64,
+                "3 consumers only at Dp = 64: at Dp = 128 the S, P.V and O accumulators alone "
+                "take 192 of a consumer's 160 registers");
+  static_assert(kProducerRegs * 128 + kConsumerRegs<kConsumers> * 128 * kConsumers <= 65536,
+                "the register split must fit the register file");
+}
 
 static_assert(kBlockN == 128, "the V^T shared layout below assumes 128-byte rows of keys");
 
@@ -124,6 +155,8 @@ struct Cfg {
                                     GMMA::Layout_K_SW64_Atom<int8_t>>;
   using AtomF8 = GMMA::Layout_K_SW128_Atom<cutlass::float_e4m3_t>;
   using SmemQ = decltype(tile_to_shape(AtomQK{}, Shape<Int<kBlockM>, Int<kDP>>{}));
+  // The Q slices of kConsumers consumers (one 64-row slice each).
+  template <int kConsumers>
   using SmemQAll =
       decltype(tile_to_shape(AtomQK{}, Shape<Int<kBlockM>, Int<kDP>, Int<kConsumers>>{}));
   using SmemK = decltype(tile_to_shape(AtomQK{}, Shape<Int<kBlockN>, Int<kDP>>{}));
@@ -141,7 +174,7 @@ struct Cfg {
 
 // Every operand buffer starts on a 1 KB boundary (the swizzle pattern's repeat), each stage
 // and each consumer's slice is a multiple of 1 KB.
-template <int kDP>
+template <int kDP, int kConsumers>
 struct alignas(1024) Storage {
   alignas(1024) int8_t q[kConsumers * kBlockM * kDP];
   alignas(1024) int8_t k[kStages * kBlockN * kDP];
@@ -204,6 +237,29 @@ __device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
   asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 
+// The same with the barrier id and thread count as immediates (no register holds them).
+template <int kId, int kThreadCount>
+__device__ __forceinline__ void named_barrier_sync() {
+  asm volatile("bar.sync %0, %1;\n" ::"n"(kId), "n"(kThreadCount) : "memory");
+}
+
+template <int kId, int kThreadCount>
+__device__ __forceinline__ void named_barrier_arrive() {
+  asm volatile("bar.arrive %0, %1;\n" ::"n"(kId), "n"(kThreadCount) : "memory");
+}
+
+// f(Int<w>{}) for the run-time w < kCount (warp-uniform: a uniform branch per value).
+template <int kCount, int kI = 0, typename F>
+__device__ __forceinline__ void with_static(int w, F&& f) {
+  if constexpr (kI + 1 == kCount) {
+    f(Int<kI>{});
+  } else if (w == kI) {
+    f(Int<kI>{});
+  } else {
+    with_static<kCount, kI + 1>(w, f);
+  }
+}
+
 // mbarrier wait with a watchdog: a wait that has not completed after about 8 x 2^31 SM cycles
 // (~9 s at 1.98 GHz; a schedule or transaction-count bug: the kernel would hang) traps, so the
 // launch fails with an error ("unspecified launch failure") instead of hanging the process.
@@ -226,8 +282,8 @@ __device__ __forceinline__ void wait_barrier(const uint64_t* bar, uint32_t phase
 // The producer: one thread issues every TMA load of the CTA. kTileKScale: the consumers read
 // only the tile's first key scale (one K scale per 128-key tile), so only the first 16 bytes
 // (four scales; the minimum bulk copy) of the tile's scales are copied.
-template <int kDP, bool kTileKScale>
-__device__ __forceinline__ void produce(const KernelParams<kDP>& kp, Storage<kDP>& s,
+template <int kDP, int kConsumers, bool kTileKScale>
+__device__ __forceinline__ void produce(const KernelParams<kDP>& kp, Storage<kDP, kConsumers>& s,
                                         int n_tiles) {
   using C = Cfg<kDP>;
   const Fp8AttentionSm90Params& p = kp.p;
@@ -238,7 +294,7 @@ __device__ __forceinline__ void produce(const KernelParams<kDP>& kp, Storage<kDP
 
   Tensor mQ = kp.tma_q.get_tma_tensor(make_shape(p.seq_q, Int<kDP>{}, kp.bh_count));
   Tensor gQ = local_tile(mQ(_, _, bh), Shape<Int<kBlockM>, Int<kDP>>{}, make_coord(_, 0));
-  Tensor sQ = make_tensor(make_smem_ptr(s.q), typename C::SmemQAll{});
+  Tensor sQ = make_tensor(make_smem_ptr(s.q), typename C::template SmemQAll<kConsumers>{});
   auto [tQg, tQs] = tma_partition(kp.tma_q, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sQ),
                                   group_modes<0, 2>(gQ));
   // A consumer whose 64 rows all lie past seq_q gets no Q box: it computes on whatever its Q
@@ -291,8 +347,8 @@ __device__ __forceinline__ void produce(const KernelParams<kDP>& kp, Storage<kDP
 // A consumer warpgroup: 64 query rows, every key tile (see the file comment for the schedule).
 // kTileKScale: the K scales are equal within a 128-key tile (the scheme with k_block = 128,
 // XDIT_OPS_FP8_K_SCALE=tile); the softmax reads one scale per tile (softmax_tile).
-template <int kDP, typename OutT, bool kTileKScale>
-__device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP>& s,
+template <int kDP, int kConsumers, typename OutT, bool kTileKScale, bool kPingPong>
+__device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP, kConsumers>& s,
                                         int n_tiles, int w) {
   using C = Cfg<kDP>;
   const Fp8AttentionSm90Params& p = kp.p;
@@ -300,7 +356,7 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
   const int64_t bh = blockIdx.y;
   const int m0 = (kConsumers * blockIdx.x + w) * kBlockM;
 
-  Tensor sQ = make_tensor(make_smem_ptr(s.q), typename C::SmemQAll{});
+  Tensor sQ = make_tensor(make_smem_ptr(s.q), typename C::template SmemQAll<kConsumers>{});
   Tensor sK = make_tensor(make_smem_ptr(s.k), typename C::SmemKAll{});
   Tensor sV = make_tensor(make_smem_ptr(s.vt), typename C::SmemVtAll{});
 
@@ -342,8 +398,30 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
     alpha[j] = 0.f;
   }
 
-  auto sched_wait = [&] { named_barrier_sync(kSchedBarrier + w, 2 * 128); };
-  auto sched_signal = [&] { named_barrier_arrive(kSchedBarrier + (1 - w), 2 * 128); };
+  // The issue order (kPingPong): round robin, consumer 0, 1, ..., kConsumers - 1, 0, ... One
+  // named barrier per consumer: consumer w waits on kSchedBarrier + w before issuing a slot's
+  // wgmmas and then lets the next consumer, (w + 1) % kConsumers, through; with 2 consumers
+  // (ping-pong) the next one of w is 1 - w. Without kPingPong the consumers issue freely.
+  // With 3 consumers the barrier ids are immediates, one branch per consumer (uniform): in
+  // registers, ptxas spilled the next consumer's id in the key loop (160 registers).
+  auto sched_wait = [&] {
+    if constexpr (kPingPong && kConsumers == 2) {
+      named_barrier_sync(kSchedBarrier + w, 2 * 128);
+    } else if constexpr (kPingPong) {
+      with_static<kConsumers>(w, [](auto ww) {
+        named_barrier_sync<kSchedBarrier + decltype(ww)::value, 2 * 128>();
+      });
+    }
+  };
+  auto sched_signal = [&] {
+    if constexpr (kPingPong && kConsumers == 2) {
+      named_barrier_arrive(kSchedBarrier + (1 - w), 2 * 128);
+    } else if constexpr (kPingPong) {
+      with_static<kConsumers>(w, [](auto ww) {
+        named_barrier_arrive<kSchedBarrier + (decltype(ww)::value + 1) % kConsumers, 2 * 128>();
+      });
+    }
+  };
   auto issue_qk = [&](int st) {
     mma_qk.accumulate_ = GMMA::ScaleOut::Zero;
     CUTE_UNROLL
@@ -532,13 +610,17 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
     if constexpr (kQK) ClusterBarrier::wait(&s.k_full[st], (t / kStages) & 1);
     if constexpr (kPV) ClusterBarrier::wait(&s.v_full[sv], ((t - 1) / kStages) & 1);
     // kTileKScale: the tile's K scale (its first key's; the scheme's scales are equal within
-    // the tile), read before the wgmmas (two registers across the batch: c of both rows).
+    // the tile), read before the wgmmas (two registers across the batch: c of both rows); with
+    // 3 consumers after them (kScaleLate: no register across the batch, which is the key loop's
+    // register peak; the LDS latency hides behind the row max, which does not use it).
+    constexpr bool kScaleLate = kConsumers > 2;
     float c_t[2];
-    if constexpr (kTileKScale && kQK) {
+    auto read_scale = [&] {
       const float k_tile_scale = s.ks[st][0];
       CUTE_UNROLL
       for (int j = 0; j < 2; ++j) c_t[j] = q_abs[j] * k_tile_scale;
-    }
+    };
+    if constexpr (kTileKScale && kQK && !kScaleLate) read_scale();
     sched_wait();
     if constexpr (kQK) warpgroup_fence_operand(tSrS);
     if constexpr (kPV) {
@@ -554,16 +636,41 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
       issue_pv(sv);
       warpgroup_commit_batch();
     }
-    // Consumer 1's last slot (the only one without Q K^T) does not signal: every arrival on a
-    // scheduling barrier is then matched by one sync.
-    if (kQK || w == 0) sched_signal();
+    // The last consumer's last slot (the only one without Q K^T) does not signal: every arrival
+    // on a scheduling barrier is then matched by one sync (see the count below). (With 2
+    // consumers "not the last" is written w == 0, which keeps the SASS of the kernel before
+    // kConsumers; w != 1 compiled to another, equivalent, compare.)
+    if (kQK || (kConsumers == 2 ? w == 0 : w != kConsumers - 1)) sched_signal();
     PPairs pk;
     float alpha_t[2];
+    // With 3 consumers (kPVFirst), P.V of tile t - 1 is waited for and added to the output
+    // before the softmax of tile t, so that its 32 accumulator registers are free during the
+    // softmax (with 160 registers the 2-consumer order spilled 52 bytes in and around the key
+    // loop, the other 3-consumer changes included; this order none). ptxas hoists the P.V wait
+    // above the exponentials in the 2-consumer kernel anyway (session 12), so only the row max
+    // is no longer beside the consumer's own P.V. The arithmetic is the same.
+    constexpr bool kPVFirst = kConsumers > 2 && kQK && kPV;
+    auto finish_pv = [&] {
+      warpgroup_fence_operand(tOrPV);
+      warpgroup_fence_operand(tOrP);
+      ClusterBarrier::arrive(&s.v_empty[sv]);
+    };
     if constexpr (kQK) {
-      warpgroup_wait<kPV ? 1 : 0>();  // Q K^T of tile t (P.V of tile t - 1 may still run)
+      if constexpr (kPVFirst) {
+        warpgroup_wait<0>();  // Q K^T of tile t and P.V of tile t - 1
+        finish_pv();
+        accumulate_pv();
+      } else {
+        warpgroup_wait<kPV ? 1 : 0>();  // Q K^T of tile t (P.V of tile t - 1 may still run)
+      }
       warpgroup_fence_operand(tSrS);
       if constexpr (kTileKScale) {
-        ClusterBarrier::arrive(&s.k_empty[st]);  // the scale was read before the wgmmas
+        if constexpr (kScaleLate) {
+          read_scale();
+          // ClusterBarrier::arrive's asm has no memory clobber: keep the load above it.
+          asm volatile("" ::: "memory");
+        }
+        ClusterBarrier::arrive(&s.k_empty[st]);  // the scale was read before the release
         softmax_tile(t, c_t, mask, alpha_t, pk);
       } else {
         // The key scales are read here, not before the wgmmas: the accumulators of both
@@ -576,30 +683,43 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
         softmax(t, ks, mask, alpha_t, pk);
       }
     }
-    if constexpr (kPV) {
+    if constexpr (kPV && !kPVFirst) {
       warpgroup_wait<0>();
-      warpgroup_fence_operand(tOrPV);
-      warpgroup_fence_operand(tOrP);
-      ClusterBarrier::arrive(&s.v_empty[sv]);
+      finish_pv();
     }
     if constexpr (kQK) set_p(pk);
-    if constexpr (kPV) accumulate_pv();
+    if constexpr (kPV && !kPVFirst) accumulate_pv();
     if constexpr (kQK) {
       CUTE_UNROLL
       for (int j = 0; j < 2; ++j) alpha[j] = alpha_t[j];
     }
   };
 
-  // Consumer 0 issues first: consumer 1 lets it through once. Both then run n_tiles + 1 slots.
-  if (w == 1) sched_signal();
+  // Consumer 0 issues first: the last consumer lets it through once. Every consumer then runs
+  // n_tiles + 1 slots, each after one sync on its own barrier (n_tiles + 1 syncs per barrier).
+  // Arrivals: consumer w < kConsumers - 1 signals w + 1 after each of its n_tiles + 1 slots; the
+  // last one signals consumer 0 once here and after each slot but its last: 1 + n_tiles. So
+  // each barrier gets n_tiles + 1 arrivals of 128 threads for n_tiles + 1 syncs of 128: every
+  // use completes at 2 x 128. One turn circulates (a consumer arrives only after its own sync,
+  // which needed the previous consumer's arrival), so no consumer arrives twice on a barrier
+  // before its owner has synced there.
+  if (w == kConsumers - 1) sched_signal();
   ClusterBarrier::wait(&s.q_full, 0);
   // The first and the last key tile are masked (either may hold keys past seq_k); the steady
   // state is not.
   using cute::false_type;
   using cute::true_type;
   slot(0, true_type{}, false_type{}, true_type{});
-  for (int t = 1; t < n_tiles - 1; ++t) slot(t, true_type{}, true_type{}, false_type{});
-  if (n_tiles > 1) slot(n_tiles - 1, true_type{}, true_type{}, true_type{});
+  if constexpr (kConsumers == 2) {
+    for (int t = 1; t < n_tiles - 1; ++t) slot(t, true_type{}, true_type{}, false_type{});
+    if (n_tiles > 1) slot(n_tiles - 1, true_type{}, true_type{}, true_type{});
+  } else {
+    // The same slots; the last tile's test on the loop counter (with n_tiles > 1, ptxas
+    // spilled a register around it at 160 registers).
+    int t = 1;
+    for (; t < n_tiles - 1; ++t) slot(t, true_type{}, true_type{}, false_type{});
+    if (t < n_tiles) slot(t, true_type{}, true_type{}, true_type{});
+  }
   slot(n_tiles, false_type{}, true_type{}, false_type{});
 
   // Epilogue: out = acc / l * v_scale in the output dtype; LSE in natural log. (b, h computed
@@ -608,9 +728,21 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
   const int h = static_cast<int>(bh % p.heads);
   const float* vs = p.v_scale + bh * kDP;
   OutT* out = reinterpret_cast<OutT*>(p.out);
+  // The first row, m0 + r0. With 3 consumers it is recomputed here from %tid.x and %ctaid.x
+  // (volatile reads, not merged with the prologue's): otherwise ptxas kept the prologue's
+  // 64-bit q_scale / LSE offset of the row across the key loop and spilled it.
+  int row0 = m0 + r0;
+  if constexpr (kConsumers > 2) {
+    unsigned thread, cta;
+    asm volatile("mov.u32 %0, %%tid.x;" : "=r"(thread));
+    asm volatile("mov.u32 %0, %%ctaid.x;" : "=r"(cta));
+    const int consumer = static_cast<int>(thread / 128) - 1, lane = thread % 128;
+    row0 = (kConsumers * static_cast<int>(cta) + consumer) * kBlockM + 16 * (lane / 32) +
+           (lane % 32) / 4;
+  }
   CUTE_UNROLL
   for (int j = 0; j < 2; ++j) {
-    const int row = m0 + r0 + 8 * j;
+    const int row = row0 + 8 * j;
     if (row >= p.seq_q) continue;
     OutT* orow = out + b * p.out_stride_b + static_cast<int64_t>(row) * p.out_stride_s +
                  h * p.out_stride_h;
@@ -621,14 +753,17 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
       if (c < p.head_dim) orow[c] = from_float<OutT>(tOrO(i) / l_i[j] * vs[c]);
     }
   }
-  if (p.lse != nullptr && (tid & 3) == 0) store_lse(p, bh, m0 + r0, m_i, l_i);
+  if (p.lse != nullptr && (tid & 3) == 0) store_lse(p, bh, row0, m_i, l_i);
 }
 
-template <int kDP, typename OutT, bool kTileKScale>
-__global__ void __launch_bounds__(kThreads, 1)
+// kConsumers consumer warpgroups (2; or 3 at Dp = 64), kPingPong: they issue in turn (else
+// freely; built with 3 consumers only, for measurements).
+template <int kDP, typename OutT, bool kTileKScale, int kConsumers = 2, bool kPingPong = true>
+__global__ void __launch_bounds__(kThreads<kConsumers>, 1)
     fp8_attention_ws_kernel(const __grid_constant__ KernelParams<kDP> kp) {
+  check_consumers<kDP, kConsumers>();
   extern __shared__ __align__(1024) uint8_t smem_raw[];
-  auto& s = *reinterpret_cast<Storage<kDP>*>(smem_raw);
+  auto& s = *reinterpret_cast<Storage<kDP, kConsumers>*>(smem_raw);
   const int n_tiles = (kp.p.seq_k + kBlockN - 1) / kBlockN;  // >= 1 (the host checks)
   // Warp-uniform for ptxas (a shuffle from lane 0): what derives from it (named barrier ids,
   // the consumer's shared-memory slices) can live in uniform registers. With P in registers
@@ -648,15 +783,17 @@ __global__ void __launch_bounds__(kThreads, 1)
   __syncthreads();
   if (warp_group == 0) {
     cutlass::arch::warpgroup_reg_dealloc<kProducerRegs>();
-    if (threadIdx.x == 0) produce<kDP, kTileKScale>(kp, s, n_tiles);
+    if (threadIdx.x == 0) produce<kDP, kConsumers, kTileKScale>(kp, s, n_tiles);
   } else {
-    cutlass::arch::warpgroup_reg_alloc<kConsumerRegs>();
-    consume<kDP, OutT, kTileKScale>(kp, s, n_tiles, warp_group - 1);
+    cutlass::arch::warpgroup_reg_alloc<kConsumerRegs<kConsumers>>();
+    consume<kDP, kConsumers, OutT, kTileKScale, kPingPong>(kp, s, n_tiles, warp_group - 1);
   }
 }
 
 // kTileKScale: the per-tile K scale variant (p.k_scale equal within every 128-key tile).
-template <int kDP, typename OutT, bool kTileKScale = false>
+// kConsumers, kPingPong: see fp8_attention_ws_kernel.
+template <int kDP, typename OutT, bool kTileKScale = false, int kConsumers = 2,
+          bool kPingPong = true>
 cudaError_t launch(const Fp8AttentionSm90Params& p, int batch, cudaStream_t stream) {
   // Sk_pad is the quantization pass's (a multiple of 64); TMA reads the last tile's keys past
   // it as zeros.
@@ -667,13 +804,13 @@ cudaError_t launch(const Fp8AttentionSm90Params& p, int batch, cudaStream_t stre
   KernelParams<kDP> kp{make_tma_q<kDP>(p.q8, p.seq_q, bh),
                        make_tma_k<kDP>(p.k8, p.seq_k_pad, bh),
                        make_tma_vt<kDP>(p.vt8, p.seq_k_pad, bh), p, bh};
-  const int smem = static_cast<int>(sizeof(Storage<kDP>));
-  auto kernel = fp8_attention_ws_kernel<kDP, OutT, kTileKScale>;
+  const int smem = static_cast<int>(sizeof(Storage<kDP, kConsumers>));
+  auto kernel = fp8_attention_ws_kernel<kDP, OutT, kTileKScale, kConsumers, kPingPong>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
   const int rows_per_cta = kConsumers * kBlockM;
   const dim3 grid((p.seq_q + rows_per_cta - 1) / rows_per_cta, bh);
-  kernel<<<grid, kThreads, smem, stream>>>(kp);
+  kernel<<<grid, kThreads<kConsumers>, smem, stream>>>(kp);
   return cudaGetLastError();
 }
 

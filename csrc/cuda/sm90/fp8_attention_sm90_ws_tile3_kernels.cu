@@ -1,0 +1,23 @@
+// Torch-free instantiations of the per-tile K-scale kernel with three consumer warpgroups (192
+// query rows per CTA; XDIT_OPS_FP8_SM90_CONSUMERS=3), padded head dim 64 only: float16 and
+// bfloat16 outputs in the round-robin issue order, and bfloat16 with the consumers issuing
+// freely (a measurement). Their own translation unit, compiled beside the 2-consumer ones.
+#include "xdit_ops/fp8_attention_sm90_ws.cuh"
+
+namespace xdit_ops {
+
+cudaError_t fp8_attention_sm90_ws_tile_k_scale_3wg(const Fp8AttentionSm90Params& p, int batch,
+                                                   int head_dim_padded, DType out_dtype,
+                                                   bool ping_pong, cudaStream_t stream) {
+  if (head_dim_padded != 64) return cudaErrorInvalidValue;
+  if (out_dtype == DType::kBFloat16) {
+    return ping_pong ? fp8_sm90_ws::launch<64, __nv_bfloat16, true, 3, true>(p, batch, stream)
+                     : fp8_sm90_ws::launch<64, __nv_bfloat16, true, 3, false>(p, batch, stream);
+  }
+  if (out_dtype == DType::kFloat16 && ping_pong) {
+    return fp8_sm90_ws::launch<64, __half, true, 3, true>(p, batch, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace xdit_ops
