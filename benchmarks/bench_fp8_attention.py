@@ -18,14 +18,14 @@ offset and outlier channels), in one process, timed interleaved
   kernel on the pass's k_block=128 output) and ``triton_quant_ktile`` (that pass alone, against
   ``triton_quant_pv``, the per-key pass as sm90ws gets it: V^T in the P.V key order), timed in
   the same interleaved rounds as the per-key ``sm90ws_*`` rows (an A/B on one GPU).
-* with ``--consumers 3`` (and the per-tile variant), at padded head dim 64, the per-tile kernel
-  with 3 consumer warpgroups (192 query rows per CTA; ``XDIT_OPS_FP8_SM90_CONSUMERS=3``):
-  ``sm90ws_ktile_c3_kernel`` (on the same quantized inputs as ``sm90ws_ktile_kernel``, which
-  has 2) and ``sm90ws_ktile_c3_total`` (the op under the switch, with accuracy); with
-  ``--consumers 3free`` the 3-consumer kernel without the round-robin issue order
-  (``ping_pong=False``): ``sm90ws_ktile_c3free_kernel`` and ``sm90ws_ktile_c3free_total`` (the
-  quantization pass and the kernel called directly: no switch value selects it). Timed in the
-  same interleaved rounds as the 2-consumer ``sm90ws_ktile_*`` rows.
+* the ``sm90ws_ktile_*`` rows are the per-tile kernel with 2 consumer warpgroups (128 query
+  rows per CTA, ``XDIT_OPS_FP8_SM90_CONSUMERS=2``); with ``--consumers 3`` (default: ``2 3``),
+  at padded head dim 64, the kernel with 3 (192 rows per CTA, issuing freely; auto's choice
+  there): ``sm90ws_ktile_c3_kernel`` (on the same quantized inputs) and
+  ``sm90ws_ktile_c3_total`` (the op under ``=3``, with accuracy); with ``--consumers 3rr`` the
+  3-consumer kernel in the round-robin issue order (``ping_pong=True``, bfloat16):
+  ``sm90ws_ktile_c3rr_kernel`` and ``sm90ws_ktile_c3rr_total`` (the quantization pass and the
+  kernel called directly: no switch value selects it). Timed in the same interleaved rounds.
 
 Reported per row: median ms, TFLOPS = 4*B*H*S^2*D / t (also for the quantization pass, so that
 ``total`` and ``kernel`` compare), speed-up over cuDNN bf16, and for ``cudnn_bf16`` and
@@ -35,7 +35,7 @@ worst head, relative L1, RMSE, mean |LSE error|) and the ratio of rel L1 to cuDN
 emulated) on the same inputs, for comparison; they are not timed.
 
     python benchmarks/bench_fp8_attention.py [--out DIR] [--shapes 1,4608,24,128 ...] [--quick]
-        [--impls triton sm90 sm90ws] [--no-ktile] [--consumers 2 3 3free]
+        [--impls triton sm90 sm90ws] [--no-ktile] [--consumers 2 3 3rr]
 """
 
 from __future__ import annotations
@@ -70,8 +70,8 @@ K_SCALE_ENV = "XDIT_OPS_FP8_K_SCALE"
 CONSUMERS_ENV = "XDIT_OPS_FP8_SM90_CONSUMERS"
 # --consumers: the per-tile kernel's variants beside its 2-consumer rows (padded head dim 64):
 # row-name suffix -> (consumers, ping_pong)
-CONSUMER_VARIANTS = {"c3": (3, True), "c3free": (3, False)}
-CONSUMER_CHOICES = {"2": None, "3": "c3", "3free": "c3free"}
+CONSUMER_VARIANTS = {"c3": (3, False), "c3rr": (3, True)}
+CONSUMER_CHOICES = {"2": None, "3": "c3", "3rr": "c3rr"}
 
 
 def _with_impl(impl: str, fn: Callable[[], object], k_scale: str = "token",
@@ -118,8 +118,8 @@ def candidates(q, k, v, impls: list[str], ktile: bool = False, variants: tuple[s
                                                                 k_block=128)
         fns["sm90ws_ktile_kernel"] = lambda: attention_quantized_sm90(
             qq_tile, q.dtype, False, "sm90ws", k_scale="tile")
-        fns["sm90ws_ktile_total"] = _with_impl(
-            "sm90ws", lambda: xdit_ops.fp8_attention(q, k, v), "tile")
+        fns["sm90ws_ktile_total"] = _with_impl(  # (2 consumers: the 3-consumer rows below)
+            "sm90ws", lambda: xdit_ops.fp8_attention(q, k, v), "tile", "2")
         # the 3-consumer kernels (variants: CONSUMER_VARIANTS keys; padded head dim 64 only)
         for var in variants:
             consumers, ping_pong = CONSUMER_VARIANTS[var]
@@ -127,14 +127,14 @@ def candidates(q, k, v, impls: list[str], ktile: bool = False, variants: tuple[s
                 lambda consumers=consumers, ping_pong=ping_pong: attention_quantized_sm90(
                     qq_tile, q.dtype, False, "sm90ws", k_scale="tile", consumers=consumers,
                     ping_pong=ping_pong))
-            if ping_pong:
+            if not ping_pong:  # the op's 3 consumers issue freely
                 fns[f"sm90ws_ktile_{var}_total"] = _with_impl(
                     "sm90ws", lambda: xdit_ops.fp8_attention(q, k, v), "tile", str(consumers))
             else:
                 fns[f"sm90ws_ktile_{var}_total"] = (
                     lambda consumers=consumers: attention_quantized_sm90(
                         quantize_qkv_triton(q, k, v, vt_pv_order=True, k_block=128), q.dtype,
-                        False, "sm90ws", k_scale="tile", consumers=consumers, ping_pong=False))
+                        False, "sm90ws", k_scale="tile", consumers=consumers, ping_pong=True))
     return fns
 
 
@@ -154,11 +154,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="FP8 implementations to try (those that cannot run are skipped)")
     p.add_argument("--no-ktile", action="store_true",
                    help="skip sm90ws' per-tile K-scale variant (XDIT_OPS_FP8_K_SCALE=tile)")
-    p.add_argument("--consumers", nargs="+", choices=list(CONSUMER_CHOICES), default=["2"],
+    p.add_argument("--consumers", nargs="+", choices=list(CONSUMER_CHOICES), default=["2", "3"],
                    help="the per-tile sm90ws kernel's consumer warpgroups to time at padded head "
-                        "dim 64: 2 (the sm90ws_ktile_* rows, always there), 3 (sm90ws_ktile_c3_*"
-                        " rows), 3free (3 without the round-robin issue order: "
-                        "sm90ws_ktile_c3free_* rows)")
+                        "dim 64: 2 (the sm90ws_ktile_* rows, always there), 3 (issuing freely: "
+                        "sm90ws_ktile_c3_* rows), 3rr (3 in round robin: sm90ws_ktile_c3rr_* "
+                        "rows)")
     p.add_argument("--no-naive", action="store_true",
                    help="skip the per-tensor FP8 accuracy rows (an emulation, slow at 32k)")
     args = p.parse_args(argv)

@@ -1663,8 +1663,8 @@ def test_sm90ws_tile_k_scale_three_consumers_matches_emulation():
 def test_sm90ws_three_consumers_are_bit_identical(B, Sq, Sk, H, D, dtype):
     """The per-tile kernel with 3 consumer warpgroups (192 query rows per CTA) against the one
     with 2 (128) on the same quantized inputs: each consumer computes its 64 rows with the same
-    arithmetic whatever the count, so out and LSE are the same bits (bfloat16: also the
-    3-consumer kernel without the round-robin issue order, ping_pong=False)."""
+    arithmetic whatever the count, so out and LSE are the same bits (3 consumers issuing freely,
+    the default; bfloat16: also in round robin, ping_pong=True)."""
     from xdit_ops.ops.fp8_attention import attention_quantized_sm90, sm90_kernel_loaded
 
     assert xdit_ops._extension.has("_C_sm90"), xdit_ops._extension.reason("_C_sm90")
@@ -1676,7 +1676,7 @@ def test_sm90ws_three_consumers_are_bit_identical(B, Sq, Sk, H, D, dtype):
     assert out2.isfinite().all() and lse2.isfinite().all()
     variants = [{"consumers": 3}]
     if dtype == torch.bfloat16:
-        variants.append({"consumers": 3, "ping_pong": False})
+        variants.append({"consumers": 3, "ping_pong": True})
     for kw in variants:
         out3, lse3 = attention_quantized_sm90(qq, dtype, impl="sm90ws", k_scale="tile", **kw)
         assert out3.shape == out2.shape and lse3.shape == lse2.shape, kw
@@ -1691,9 +1691,9 @@ def test_sm90ws_three_consumers_are_bit_identical(B, Sq, Sk, H, D, dtype):
 @pytest.mark.gpu
 @pytest.mark.sm90
 def test_op_follows_the_consumers_switch(monkeypatch):
-    """The op under XDIT_OPS_FP8_IMPL=sm90ws with per-tile K scales: XDIT_OPS_FP8_SM90_CONSUMERS=3
-    gives the bits of 2 (and of auto) at head dim 64; 3 at head dim 128 is an error naming the
-    switch and the value, and so is an unknown value."""
+    """The op under XDIT_OPS_FP8_IMPL=sm90ws with per-tile K scales:
+    XDIT_OPS_FP8_SM90_CONSUMERS=3 (auto's count there) gives the bits of 2 at head dim 64; 3 at
+    head dim 128 is an error naming the switch and the value, and so is an unknown value."""
     monkeypatch.setenv("XDIT_OPS_FP8_K_SCALE", "tile")
     why = _gpu_impl_available("sm90ws")
     if why is not None:

@@ -54,11 +54,11 @@ def test_auto_without_a_gpu_is_triton(monkeypatch):
 
 @pytest.mark.sm90
 @pytest.mark.parametrize("D,expect,k_scale", [(128, "sm90ws", "tile"), (96, "sm90ws", "tile"),
-                                              (64, "triton", "token")])
+                                              (64, "sm90ws", "tile"), (40, "sm90ws", "tile")])
 def test_auto_on_hopper(monkeypatch, D, expect, k_scale):
     """Both switches at auto (their defaults): sm90ws with one K scale per 128-key tile at
-    padded head dim 128 (its per-tile variant), Triton with per-key scales at 64, bit for bit
-    the output of the explicit settings; the scheme the GPU tests compare with follows."""
+    padded head dims 128 and 64 (its per-tile variant; 3 consumer warpgroups at 64), bit for
+    bit the output of the explicit settings; the scheme the GPU tests compare with follows."""
 
     assert xdit_ops._extension.has("_C_sm90"), xdit_ops._extension.reason("_C_sm90")
     assert sm90_kernel_loaded("sm90ws", "tile"), "xdit_ops._C_sm90 has no sm90ws ktile kernel"
@@ -68,6 +68,10 @@ def test_auto_on_hopper(monkeypatch, D, expect, k_scale):
     assert resolve_impl(dev, D) == expect
     assert resolve_impl(None, D) == expect
     assert resolve_k_scale(expect, D) == k_scale
+    import xdit_ops.ops.fp8_attention as fa
+
+    monkeypatch.delenv(fa.CONSUMERS_ENV, raising=False)
+    assert fa.resolve_consumers(expect, D, k_scale) == (3 if D <= 64 else 2)
     if expect == "sm90ws":
         assert cuda_scheme(D) == sm90_scheme("sm90ws", k_scale)
     assert cuda_scheme(D).k_block == (128 if k_scale == "tile" else 1)
@@ -85,7 +89,7 @@ def test_auto_on_hopper(monkeypatch, D, expect, k_scale):
 @pytest.mark.sm90
 @pytest.mark.parametrize("D", [64, 40])
 def test_auto_k_scale_on_sm90ws_head_dim_64(monkeypatch, D):
-    """XDIT_OPS_FP8_IMPL=sm90ws at padded head dim 64 (auto's implementation there is Triton):
+    """XDIT_OPS_FP8_IMPL=sm90ws at padded head dim 64 (auto's implementation there too):
     the K-scale default (auto) is its per-tile variant, bit for bit the output of the explicit
     tile setting, and another computation than the per-key one."""
     assert xdit_ops._extension.has("_C_sm90"), xdit_ops._extension.reason("_C_sm90")
@@ -349,7 +353,7 @@ def test_cuda_scheme_follows_the_k_scale_switch(monkeypatch):
 
 # ---------------------------------------------------------------------------------------------
 # XDIT_OPS_FP8_SM90_CONSUMERS: the consumer warpgroups of sm90ws' per-tile K-scale kernel, 2 or
-# 3 (padded head dim 64 only); auto is 2.
+# 3 (padded head dim 64 only); auto is 3 where it can be, else 2.
 
 
 def test_consumers_setting(monkeypatch):
@@ -381,7 +385,8 @@ def test_consumers_setting(monkeypatch):
 
 # (implementation, head dim, K-scale granularity, setting) -> consumers, or the error's text
 _CONSUMERS = [
-    ("sm90ws", 64, "tile", "auto", 2), ("sm90ws", 64, "tile", "2", 2),
+    ("sm90ws", 64, "tile", "auto", 3), ("sm90ws", 40, "tile", "auto", 3),
+    ("sm90ws", 64, "token", "auto", 2), ("sm90ws", 64, "tile", "2", 2),
     ("sm90ws", 64, "tile", "3", 3), ("sm90ws", 40, "tile", "3", 3),
     ("sm90ws", 48, "tile", "3", 3),
     ("sm90ws", 128, "tile", "auto", 2), ("sm90ws", 128, "tile", "2", 2),
@@ -410,7 +415,8 @@ def test_resolve_consumers(monkeypatch, impl, D, k_scale, setting, want):
                 call()
     if setting != "auto":  # the argument overrides the variable
         monkeypatch.setenv(fa.CONSUMERS_ENV, "auto")
-        assert fa.resolve_consumers(impl, D, k_scale) == 2
+        auto = 3 if (impl, k_scale) == ("sm90ws", "tile") and D <= 64 else 2
+        assert fa.resolve_consumers(impl, D, k_scale) == auto
 
 
 def test_sm90_entry_points_take_a_consumer_count():
@@ -434,8 +440,10 @@ def test_sm90_entry_points_take_a_consumer_count():
     with pytest.raises(ValueError, match="consumers=3 is built for padded head dim 64 only, "
                                          "got 128"):
         attention_quantized_sm90(qq128, bf16, impl="sm90ws", k_scale="tile", consumers=3)
-    for consumers, dtype in ((2, bf16), (3, torch.float16)):
-        with pytest.raises(ValueError, match="ping_pong=False is built for consumers=3 and "
-                                             "bfloat16 output only"):
-            attention_quantized_sm90(qq64, dtype, impl="sm90ws", k_scale="tile",
-                                     consumers=consumers, ping_pong=False)
+    with pytest.raises(ValueError, match="ping_pong=False is built for consumers=3 only"):
+        attention_quantized_sm90(qq64, bf16, impl="sm90ws", k_scale="tile", consumers=2,
+                                 ping_pong=False)
+    with pytest.raises(ValueError, match=r"consumers=3 with ping_pong=True \(round robin\) is "
+                                         "built for bfloat16 output only"):
+        attention_quantized_sm90(qq64, torch.float16, impl="sm90ws", k_scale="tile",
+                                 consumers=3, ping_pong=True)

@@ -7,8 +7,10 @@ oracle of the GPU kernels; docs/fp8_attention.md explains the scheme.
 CUDA implementations, chosen by ``XDIT_OPS_FP8_IMPL`` (read per call):
 
 ``auto`` (default)    ``sm90ws`` where it can run and is the faster one: a Hopper (sm_90) GPU,
-                      ``xdit_ops._C_sm90`` loaded with its kernel, padded head dim 128 (at 64
-                      the Triton kernel is faster: run 16). ``triton`` otherwise.
+                      ``xdit_ops._C_sm90`` loaded with its kernel, padded head dim 128, and 64
+                      with its per-tile K-scale kernel (3 consumer warpgroups; run 60, H100:
+                      378.0 TFLOPS with quantization at (2,4250,24,64) against Triton's
+                      326.7). ``triton`` otherwise.
 ``triton``            the Triton quantization pass + attention kernel
                       (:mod:`xdit_ops.triton.fp8_attention`).
 ``sm90``              the Triton quantization pass + the native sm_90a attention kernel
@@ -49,11 +51,12 @@ the variable.
 
 The consumer warpgroups of sm90ws' per-tile K-scale kernel, chosen by
 ``XDIT_OPS_FP8_SM90_CONSUMERS`` (read per call, :func:`resolve_consumers`): ``2`` (128 query
-rows per CTA, the two consumers in ping-pong) or ``3`` (192 rows, round robin; padded head dim
-64 only, as FlashAttention-3 at head dim 64: the kernel is bound by the exponentials there, not
-the GEMMs); ``auto`` (default) is 2 for now (3 is not yet measured on a GPU). The outputs are
-the same bits either way. Other kernels ignore it; ``3`` where the sm90ws kernel runs with
-per-key scales or at padded head dim 128 is an error, and so is an unknown value.
+rows per CTA, the two consumers in ping-pong) or ``3`` (192 rows, issuing freely; padded head
+dim 64 only, as FlashAttention-3 at head dim 64: the kernel is bound by the exponentials there,
+not the GEMMs); ``auto`` (default) is 3 at padded head dim 64 (run 60, H100: 446.5 against 372.3
+TFLOPS kernel-only at (2,4250,24,64)) and 2 at 128. The outputs are the same bits either way.
+Other kernels ignore it; ``3`` where the sm90ws kernel runs with per-key scales or at padded
+head dim 128 is an error, and so is an unknown value.
 
 The op is lossy by design (INT8 Q K^T, FP8 P.V), so ``attention(..., backend="auto")`` never
 chooses it; ask for it with ``backend="fp8"`` or call :func:`fp8_attention`.
@@ -101,9 +104,10 @@ SM90WS_KTILE_OP = "fp8_attention_sm90ws_ktile_fwd"
 SM90WS_KTILE_HEAD_DIMS = (64, 128)
 # The consumer warpgroups of that kernel, chosen by XDIT_OPS_FP8_SM90_CONSUMERS (read per call,
 # :func:`consumers_setting`, resolved by :func:`resolve_consumers`): 2 (128 query rows per
-# CTA) or 3 (192 rows, FlashAttention-3's choice at head dim 64), built at the padded head dims
-# below (csrc/cuda/sm90/fp8_attention_sm90_ws_tile3_kernels.cu). auto is 2 until a GPU has
-# measured 3.
+# CTA, in ping-pong) or 3 (192 rows, issuing freely; FlashAttention-3's count at head dim 64),
+# built at the padded head dims below (csrc/cuda/sm90/fp8_attention_sm90_ws_tile3_kernels.cu).
+# auto is 3 there (run 60, H100, (2,4250,24,64): 446.5 TFLOPS kernel-only against 372.3 with 2;
+# 429.8 with 3 in round robin), 2 elsewhere.
 CONSUMERS_ENV = "XDIT_OPS_FP8_SM90_CONSUMERS"
 CONSUMERS_SETTINGS = ("auto", "2", "3")
 SM90WS_KTILE_C3_HEAD_DIMS = (64,)
@@ -119,7 +123,8 @@ lib.define(
 # order (xdit_ops.reference.fp8_attention.vt_to_pv_order).
 # fp8_attention_sm90ws_ktile_fwd: the same with k_scale equal within every 128-key tile, and
 # the number of its kernel's consumer warpgroups (2, or 3 at padded head dim 64) and whether
-# they issue in turn (ping_pong=False: freely; 3 consumers, bfloat16 output only).
+# they issue in turn (2: always; 3: freely, ping_pong=False, or in round robin for bfloat16
+# output only, the A/B measurement).
 _SM90_ARGS = ("Tensor q8, Tensor q_scale, Tensor k8, Tensor k_scale, Tensor vt8, "
               "Tensor v_scale, Tensor lse_corr, int seqlen_k, int head_dim, Tensor out_like, "
               "bool return_lse")
@@ -199,13 +204,17 @@ def resolve_consumers(impl: str, head_dim: int, k_scale: str, setting: str | Non
     """The consumer warpgroups of sm90ws' per-tile K-scale kernel when the resolved
     implementation ``impl`` runs at ``head_dim`` with the K-scale granularity ``k_scale``
     (:func:`resolve_k_scale`) under ``setting`` (default: the current
-    ``XDIT_OPS_FP8_SM90_CONSUMERS``): ``auto`` is 2 (the faster count is for a GPU to measure),
-    ``2`` and ``3`` as set. The setting is that kernel's only: the other kernels (Triton,
-    ``sm90``, sm90ws with per-key scales) have no consumer count and ignore it (2 is
-    returned), except that ``3`` with ``impl`` sm90ws and per-key scales is an error, and so is
+    ``XDIT_OPS_FP8_SM90_CONSUMERS``): ``auto`` is 3 where that kernel runs at padded head dim
+    64 (the faster count there, run 60) and 2 elsewhere, ``2`` and ``3`` as set. The setting
+    is that kernel's only: the other kernels (Triton, ``sm90``, sm90ws with per-key scales)
+    have no consumer count and ignore it (2 is returned), except that ``3`` with ``impl``
+    sm90ws and per-key scales is an error, and so is
     ``3`` where the kernel runs at padded head dim 128 (3 consumers are built at 64 only).
     Errors name the op, the variable and the value."""
     setting = consumers_setting(setting)
+    if setting == "auto":
+        return 3 if (impl == "sm90ws" and _granularity(k_scale, "resolve_consumers") == "tile"
+                     and padded_head_dim(head_dim) in SM90WS_KTILE_C3_HEAD_DIMS) else 2
     if setting != "3" or impl != "sm90ws":
         return 2
     if _granularity(k_scale, "resolve_consumers") != "tile":
@@ -326,8 +335,10 @@ def resolve_impl(device: torch.device | None, head_dim: int, setting: str | None
     """The CUDA implementation that runs for (``device``, ``head_dim``) under ``setting``
     (default: the current ``XDIT_OPS_FP8_IMPL``; ``device`` None: the current CUDA device, if
     there is one): ``auto`` becomes ``sm90ws`` on a Hopper (sm_90) GPU whose
-    ``xdit_ops._C_sm90`` has the kernel, at padded head dim 128, and ``triton`` otherwise; any
-    other setting is returned as it is (checked by :func:`unusable_reason`)."""
+    ``xdit_ops._C_sm90`` has the kernel, at padded head dim 128, and at 64 where it has the
+    per-tile K-scale kernel (3 consumer warpgroups: run 60, H100, (2,4250,24,64), 378.0 TFLOPS
+    with quantization against Triton's 326.7), and ``triton`` otherwise; any other setting is
+    returned as it is (checked by :func:`unusable_reason`)."""
     if setting is None:
         setting = _impl()
     if setting != "auto":
@@ -336,7 +347,10 @@ def resolve_impl(device: torch.device | None, head_dim: int, setting: str | None
         if not torch.cuda.is_available():
             return "triton"
         device = torch.device("cuda")
-    if device.type != "cuda" or torch.version.hip is not None or padded_head_dim(head_dim) != 128:
+    dp = padded_head_dim(head_dim)
+    if device.type != "cuda" or torch.version.hip is not None or dp not in (64, 128):
+        return "triton"
+    if dp == 64 and not sm90_kernel_loaded("sm90ws", "tile"):
         return "triton"
     index = torch.cuda.current_device() if device.index is None else device.index
     return "sm90ws" if _sm90ws_runs_on(index) else "triton"
@@ -474,7 +488,7 @@ def _fp8_attention_cuda(q, k, v, scale=None, return_lse=False):
 
 def attention_quantized_sm90(qq, out_dtype: torch.dtype, return_lse: bool = True,
                              impl: str = "sm90", k_scale: str = "token", consumers: int = 2,
-                             ping_pong: bool = True):
+                             ping_pong: bool | None = None):
     """A native sm_90a kernel on a :class:`~xdit_ops.reference.fp8_attention.QuantizedQKV`:
     (out [B, Sq, H, D] ``out_dtype``, lse [B, H, Sq] fp32 or [B, H, 0]).
 
@@ -494,9 +508,10 @@ def attention_quantized_sm90(qq, out_dtype: torch.dtype, return_lse: bool = True
 
     ``consumers``: the per-tile variant's consumer warpgroups, 2 (128 query rows per CTA) or 3
     (192 rows; padded head dim 64 only; ``XDIT_OPS_FP8_SM90_CONSUMERS`` chooses it for the op):
-    the same output bits either way. ``ping_pong=False`` (3 consumers, bfloat16 output only; a
-    measurement): the consumers issue their GEMMs freely instead of in turn. Any other kernel
-    takes ``consumers=2, ping_pong=True`` only."""
+    the same output bits either way. ``ping_pong``: whether the consumers issue their GEMMs in
+    turn; None (default) is the built order of the count: 2 in turn (ping-pong), 3 freely (the
+    faster, run 60); 3 in turn (round robin, ``ping_pong=True``) is built for bfloat16 output
+    only (the A/B measurement). Any other kernel takes ``consumers=2`` only."""
     name = _sm90_op_name(impl)
     ktile = _granularity(k_scale, "attention_quantized_sm90") == "tile" and impl == "sm90ws"
     if ktile:
@@ -507,9 +522,14 @@ def attention_quantized_sm90(qq, out_dtype: torch.dtype, return_lse: bool = True
     if consumers == 3 and qq.q.shape[-1] not in SM90WS_KTILE_C3_HEAD_DIMS:
         raise ValueError(f"{OP}: consumers=3 is built for padded head dim "
                          f"{SM90WS_KTILE_C3_HEAD_DIMS[0]} only, got {qq.q.shape[-1]}")
-    if not ping_pong and (consumers != 3 or out_dtype != torch.bfloat16):
-        raise ValueError(f"{OP}: ping_pong=False is built for consumers=3 and bfloat16 output "
-                         f"only, got consumers={consumers}, {out_dtype}")
+    if ping_pong is None:
+        ping_pong = consumers == 2
+    if not ping_pong and consumers != 3:
+        raise ValueError(f"{OP}: ping_pong=False is built for consumers=3 only, got "
+                         f"consumers={consumers}")
+    if ping_pong and consumers == 3 and out_dtype != torch.bfloat16:
+        raise ValueError(f"{OP}: consumers=3 with ping_pong=True (round robin) is built for "
+                         f"bfloat16 output only, got {out_dtype}")
     op = getattr(torch.ops.xdit_ops, name).default
     if qq.vt.dtype != E4M3FN.dtype:
         raise ValueError(f"{OP}: the {impl} kernel takes e4m3fn V^T ({E4M3FN.dtype}), got "

@@ -74,14 +74,16 @@ std::tuple<at::Tensor, at::Tensor> fp8_attention_sm90_run(
   const at::ScalarType out_type = out_like.scalar_type();
   XDIT_CHECK(out_type == at::kHalf || out_type == at::kBFloat16, kOp,
              ": output dtype must be float16 or bfloat16, got ", out_type);
-  // The consumer warpgroups of the ktile kernel (XDIT_OPS_FP8_SM90_CONSUMERS): 2, or 3 at
-  // padded head dim 64; without the round-robin issue order only 3, bfloat16 output.
+  // The consumer warpgroups of the ktile kernel (XDIT_OPS_FP8_SM90_CONSUMERS): 2 (in
+  // ping-pong), or 3 at padded head dim 64 (issuing freely; in round robin for bfloat16 output
+  // only, the A/B measurement).
   XDIT_CHECK(consumers == 2 || consumers == 3, kOp, ": consumers must be 2 or 3, got ",
              consumers);
   XDIT_CHECK(consumers == 2 || DP == 64, kOp,
              ": 3 consumer warpgroups are built for padded head_dim 64 only, got ", DP);
-  XDIT_CHECK(ping_pong || (consumers == 3 && out_type == at::kBFloat16), kOp,
-             ": ping_pong=False is built for 3 consumers and bfloat16 output only");
+  XDIT_CHECK(ping_pong || consumers == 3, kOp, ": ping_pong=False is built for 3 consumers");
+  XDIT_CHECK(!ping_pong || consumers == 2 || out_type == at::kBFloat16, kOp,
+             ": 3 consumers in round robin (ping_pong=True) are built for bfloat16 output only");
 
   if (kWs) {
     // TMA and bulk copies read from 16-byte aligned global addresses (row strides are DP and

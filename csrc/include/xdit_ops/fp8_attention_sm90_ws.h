@@ -44,11 +44,12 @@ cudaError_t fp8_attention_sm90_ws(const Fp8AttentionSm90Params& p, int batch,
 // (cudaErrorInvalidValue otherwise).
 //
 // consumers: the consumer warpgroups per CTA (XDIT_OPS_FP8_SM90_CONSUMERS), 2 (64 query rows
-// each, 128 per CTA, in ping-pong) or 3 (192 rows per CTA, issuing in round robin; built for
-// head_dim_padded 64 only: their registers cannot hold Dp 128's accumulators). Each consumer
-// computes its 64 rows the same way whatever the count: the outputs are the same bits.
-// ping_pong = false: the 3 consumers issue their GEMMs freely (built for bfloat16 output only;
-// a measurement of the schedule). Other combinations: cudaErrorInvalidValue.
+// each, 128 per CTA, in ping-pong) or 3 (192 rows per CTA; built for head_dim_padded 64 only:
+// their registers cannot hold Dp 128's accumulators). Each consumer computes its 64 rows the
+// same way whatever the count: the outputs are the same bits. ping_pong: 2 consumers take
+// turns (true); 3 issue their GEMMs freely (false: bfloat16 and float16 output, the faster
+// order) or in round robin (true: bfloat16 output only, the A/B measurement). Other
+// combinations: cudaErrorInvalidValue.
 cudaError_t fp8_attention_sm90_ws_tile_k_scale(const Fp8AttentionSm90Params& p, int batch,
                                                int head_dim_padded, DType out_dtype,
                                                int consumers, bool ping_pong,
