@@ -72,6 +72,13 @@ def test_auto_on_hopper(monkeypatch, D, expect, k_scale):
 
     monkeypatch.delenv(fa.CONSUMERS_ENV, raising=False)
     assert fa.resolve_consumers(expect, D, k_scale) == (3 if D <= 64 else 2)
+    # per-key K scales (usp_attention's FP8 wire and ring, or XDIT_OPS_FP8_K_SCALE=token): at
+    # padded head dim 64 Triton is the faster, so auto takes it there
+    want_per_key = "triton" if D <= 64 else expect
+    assert resolve_impl(dev, D, per_key=True) == want_per_key
+    monkeypatch.setenv("XDIT_OPS_FP8_K_SCALE", "token")
+    assert resolve_impl(dev, D) == want_per_key
+    monkeypatch.delenv("XDIT_OPS_FP8_K_SCALE")
     if expect == "sm90ws":
         assert cuda_scheme(D) == sm90_scheme("sm90ws", k_scale)
     assert cuda_scheme(D).k_block == (128 if k_scale == "tile" else 1)

@@ -10,7 +10,8 @@ CUDA implementations, chosen by ``XDIT_OPS_FP8_IMPL`` (read per call):
                       ``xdit_ops._C_sm90`` loaded with its kernel, padded head dim 128, and 64
                       with its per-tile K-scale kernel (3 consumer warpgroups; run 60, H100:
                       378.0 TFLOPS with quantization at (2,4250,24,64) against Triton's
-                      326.7). ``triton`` otherwise.
+                      326.7; not with per-key K scales, where Triton is the faster at 64).
+                      ``triton`` otherwise.
 ``triton``            the Triton quantization pass + attention kernel
                       (:mod:`xdit_ops.triton.fp8_attention`).
 ``sm90``              the Triton quantization pass + the native sm_90a attention kernel
@@ -331,14 +332,18 @@ def _sm90ws_runs_on(device_index: int) -> bool:
             and _extension.has("_C_sm90") and sm90_kernel_loaded("sm90ws"))
 
 
-def resolve_impl(device: torch.device | None, head_dim: int, setting: str | None = None) -> str:
+def resolve_impl(device: torch.device | None, head_dim: int, setting: str | None = None,
+                 per_key: bool = False) -> str:
     """The CUDA implementation that runs for (``device``, ``head_dim``) under ``setting``
     (default: the current ``XDIT_OPS_FP8_IMPL``; ``device`` None: the current CUDA device, if
     there is one): ``auto`` becomes ``sm90ws`` on a Hopper (sm_90) GPU whose
     ``xdit_ops._C_sm90`` has the kernel, at padded head dim 128, and at 64 where it has the
     per-tile K-scale kernel (3 consumer warpgroups: run 60, H100, (2,4250,24,64), 378.0 TFLOPS
-    with quantization against Triton's 326.7), and ``triton`` otherwise; any other setting is
-    returned as it is (checked by :func:`unusable_reason`)."""
+    with quantization against Triton's 326.7) unless the K scales are per key (``per_key``: the
+    caller's quantization, as usp_attention's FP8 wire and ring; or ``XDIT_OPS_FP8_K_SCALE=
+    token``), where Triton is the faster (run 49: 331.1 against sm90ws' 292.7), and
+    ``triton`` otherwise; any other setting is returned as it is (checked by
+    :func:`unusable_reason`)."""
     if setting is None:
         setting = _impl()
     if setting != "auto":
@@ -350,7 +355,8 @@ def resolve_impl(device: torch.device | None, head_dim: int, setting: str | None
     dp = padded_head_dim(head_dim)
     if device.type != "cuda" or torch.version.hip is not None or dp not in (64, 128):
         return "triton"
-    if dp == 64 and not sm90_kernel_loaded("sm90ws", "tile"):
+    if dp == 64 and (per_key or os.environ.get(K_SCALE_ENV, "auto") == "token"
+                     or not sm90_kernel_loaded("sm90ws", "tile")):
         return "triton"
     index = torch.cuda.current_device() if device.index is None else device.index
     return "sm90ws" if _sm90ws_runs_on(index) else "triton"

@@ -136,7 +136,7 @@ def _wants_pv_order(device: torch.device, head_dim: int) -> bool:
         return False
     from xdit_ops.ops.fp8_attention import SM90_IMPLS, SM90_VT_PV_ORDER, resolve_impl
 
-    impl = resolve_impl(device, head_dim)
+    impl = resolve_impl(device, head_dim, per_key=True)  # (the ring's K scales are per key)
     return impl in SM90_IMPLS and SM90_VT_PV_ORDER[impl]
 
 

@@ -428,7 +428,7 @@ def attend_quantized(qq: QuantizedQKV, out_dtype: torch.dtype, return_lse: bool 
         resolve_impl,
     )
 
-    impl = resolve_impl(dev, qq.head_dim)
+    impl = resolve_impl(dev, qq.head_dim, per_key=True)  # (the wire's K scales are per key)
     if impl == "emulation":
         return fp8_attention_quantized_ref(qq, out_dtype)
     if impl in SM90_IMPLS:
