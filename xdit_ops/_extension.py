@@ -39,6 +39,11 @@ def has(name: str = "_C") -> bool:
     return name in _loaded
 
 
+def module(name: str = "_C") -> object | None:
+    """The native module ``xdit_ops.<name>`` when it is loaded, else None."""
+    return _loaded.get(name)
+
+
 def reason(name: str = "_C") -> str:
     """Why ``xdit_ops.<name>`` is not loaded ('' when it is)."""
     return _reasons.get(name, "")

@@ -44,7 +44,7 @@ quantization pass writes it per key, equal within a tile, so every kernel comput
 against 0.0082; at (2,4250,24,64), run 49 on an H200: 370.4 against 325.7 kernel-only,
 325.0 against 292.7 with quantization, below Triton's 331.1). ``auto`` (default) is ``tile``
 exactly where that variant runs (the implementation resolves to ``sm90ws``, which ``auto``
-picks at padded head dim 128 only, and ``xdit_ops._C_sm90`` has
+picks at padded head dims 128 and 64, and ``xdit_ops._C_sm90`` has
 ``fp8_attention_sm90ws_ktile_fwd``) and ``token`` everywhere else (the Triton kernel,
 ``sm90``, ``emulation``). usp_attention's FP8 wire and ring quantize per key whatever the
 setting (their kernels are called with per-key scales). An unknown setting is an error naming
@@ -209,8 +209,8 @@ def resolve_consumers(impl: str, head_dim: int, k_scale: str, setting: str | Non
     64 (the faster count there, run 60) and 2 elsewhere, ``2`` and ``3`` as set. The setting
     is that kernel's only: the other kernels (Triton, ``sm90``, sm90ws with per-key scales)
     have no consumer count and ignore it (2 is returned), except that ``3`` with ``impl``
-    sm90ws and per-key scales is an error, and so is
-    ``3`` where the kernel runs at padded head dim 128 (3 consumers are built at 64 only).
+    sm90ws and per-key scales is an error, and so is ``3`` where the kernel runs at padded
+    head dim 128 (3 consumers are built at 64 only).
     Errors name the op, the variable and the value."""
     setting = consumers_setting(setting)
     if setting == "auto":
@@ -459,7 +459,8 @@ def _fp8_attention_cpu(q, k, v, scale=None, return_lse=False):
 
 def _fp8_attention_cuda(q, k, v, scale=None, return_lse=False):
     check_inputs(q, k, v)
-    consumers_setting()  # a bad XDIT_OPS_FP8_SM90_CONSUMERS is a ValueError naming it
+    # a bad XDIT_OPS_FP8_SM90_CONSUMERS is a ValueError naming it (read once: used below)
+    consumers_sw = consumers_setting()
     # once per call: the check and the dispatch below see the same value
     impl = resolve_impl(q.device, q.shape[-1])
     why = unusable_reason(q.device, q.dtype, q.shape[-1], impl)
@@ -481,7 +482,7 @@ def _fp8_attention_cuda(q, k, v, scale=None, return_lse=False):
     from xdit_ops.triton.fp8_attention import fp8_attention_triton, quantize_qkv_triton
 
     if impl in SM90_IMPLS:
-        consumers = resolve_consumers(impl, D, k_scale)
+        consumers = resolve_consumers(impl, D, k_scale, consumers_sw)
         qq = quantize_qkv_triton(q, k, v, scale, vt_pv_order=SM90_VT_PV_ORDER[impl],
                                  fp8_format=fmt, k_block=k_block)
         out, lse = attention_quantized_sm90(qq, q.dtype, return_lse, impl, k_scale=k_scale,

@@ -43,6 +43,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.distributed_c10d import _resolve_process_group
 
+from xdit_ops import _extension
 from xdit_ops.ops._lib import lib
 from xdit_ops.ops.attention import (
     BACKENDS,
@@ -1170,9 +1171,14 @@ _MEMOPS_T = torch.ops.xdit_ops.stream_memops_t.default
 _COPY2D_T = torch.ops.xdit_ops.copy2d_t.default
 
 
-def _host_lists() -> bool:
-    """Whether ``XDIT_OPS_USP_HOST`` asks for run 43's host path (``lists``)."""
-    v = os.environ.get(HOST_ENV)
+_FROM_ENV = object()
+
+
+def _host_lists(v=_FROM_ENV) -> bool:
+    """Whether ``XDIT_OPS_USP_HOST`` (``v``: its value, the plan's ``host_sw``, read with the
+    plan key; default: the environment's) asks for run 43's host path (``lists``)."""
+    if v is _FROM_ENV:
+        v = os.environ.get(HOST_ENV)
     if v is None or v == "tensors":
         return False
     if v == "lists":
@@ -1230,14 +1236,14 @@ def _ulysses_overlap(q_s, k_s, v_s, q_j, k_j, v_j, p: _Plan, attend):
     """The overlap path (see the block comment above): [B, L, H, D] x3 -> ([B, J + L, H, D],
     lse [B, h, J + U*L]). The same copies, flags and kernels as ``_ulysses_overlap_lists``, with
     less host work a call (``HOST_ENV`` above)."""
-    if _host_lists():
+    if _host_lists(p.host_sw):
         return _ulysses_overlap_lists(q_s, k_s, v_s, q_j, k_j, v_j, p, attend)
     dev = q_s.device
     f = _overlap_host(p, q_s.dtype, dev)
     local, outbuf, ins, outs, flags, in_dst, out_dst = f.state[:7]
     g = f.progs
     J, Jk, U, C, r = p.J, p.Jk, p.U, len(p.chunk_heads), p.u_rank
-    batched = os.environ.get(BATCH_ENV, "1") != "0"
+    batched = p.batched
     memops, copy = _MEMOPS_T, _COPY2D_T
     compute = torch.cuda.current_stream(dev)
     sides, side_ids, fork = f.sides, f.side_ids, f.fork
@@ -1344,8 +1350,9 @@ _SWITCHES_SEEN: list = [None, ()]  # the last raw values read and their decoded 
 def _switches(grouped: bool) -> tuple:
     """The raw values of the op's environment switches, (``XDIT_OPS_USP_CHECK``, ``_CHUNKS``,
     ``_RING``, ``_ULYSSES``, ``_FP8_WIRE``, ``XDIT_OPS_FP8_FORMAT``, ``XDIT_OPS_PUSH_KERNEL``,
-    ``XDIT_OPS_MERGE_IMPL``, ``XDIT_OPS_USP_GRAPH``, and the switches read on every call inside
-    a call's body, which a call graph freezes: ``XDIT_OPS_USP_HOST``, ``XDIT_OPS_MEMOPS_BATCH``,
+    ``XDIT_OPS_MERGE_IMPL``, ``XDIT_OPS_USP_GRAPH``, and the switches a call's body uses, which
+    a call graph freezes (the plan holds the first two, ``host_sw`` and ``batched``; the FP8
+    op reads the others per call): ``XDIT_OPS_USP_HOST``, ``XDIT_OPS_MEMOPS_BATCH``,
     ``XDIT_OPS_FP8_IMPL``, ``XDIT_OPS_FP8_K_SCALE``, ``XDIT_OPS_FP8_SM90_CONSUMERS``), None
     where unset: part of the plan key, so a switch changed between calls takes effect on the
     next call (and is validated by the new plan: the native launchers that read the push kernel
@@ -1429,7 +1436,7 @@ class _Plan:
         "mine", "squeeze", "path", "chunks", "chunk_heads", "ring", "nxt", "prv", "in_splits",
         "out_splits", "lse_splits", "seq_len", "check",
         "agree_key", "attn_backend", "push_key", "push_blocks", "wire", "fp8ring",
-        "graphed", "graphs",
+        "graphed", "graphs", "host_sw", "batched",
     )
 
 
@@ -1456,8 +1463,8 @@ def _build_plan(q, k, v, joint_lengths, joint_tokens, joint_front, seq_len, back
                 shard_lengths, switches) -> _Plan:
     """Validate a call signature (after the cross-rank agreement) and plan it; ``switches``:
     ``_switches()`` of this call."""
-    check_sw, chunks_sw, ring_sw, ulysses_sw, wire_sw, format_sw, push_sw, _, graph_sw = \
-        (tuple(switches or ()) + (None,) * 9)[:9]
+    (check_sw, chunks_sw, ring_sw, ulysses_sw, wire_sw, format_sw, push_sw, _, graph_sw,
+     host_sw, batch_sw) = (tuple(switches or ()) + (None,) * 11)[:11]
     U, R = _group_size(ug), _group_size(rg)
     u_rank, r_rank = _group_rank(ug), _group_rank(rg)
     check = _CHECK_NONE
@@ -1549,6 +1556,8 @@ def _build_plan(q, k, v, joint_lengths, joint_tokens, joint_front, seq_len, back
     tokens = J + sum(lens)  # the gathered sequence's valid tokens (auto; the FP8 ring's count)
     graph_mode = graph_setting(graph_sw or "auto") if switches else "0"
     p.graphs = {}
+    # the flag paths' per-call switches, read with the plan key (not again in the call body)
+    p.host_sw, p.batched = host_sw, batch_sw != "0"
     p.ring = ring_transport(q.device, ring_sw) if R > 1 else "nccl"
     if p.ring == "auto":
         p.ring = auto_ring(_peer_mapped(ug, rg, "ring"), tokens)
@@ -1692,7 +1701,8 @@ def _usp_impl(q, k, v, joint_lengths, joint_tokens, joint_front, seq_len, scale,
 # capture); the second captures the same call on static copies of its inputs into a CUDA graph;
 # that call and every later one copy their inputs into the static tensors, replay the graph on
 # the current stream and return copies of its outputs. The GPU runs the same kernels in the same
-# order as an eager call (plus the input copies and the output copy), so results are identical
+# order as an eager call (plus the input copies and the output copy: nodes of the graph itself,
+# csrc/cuda/graph_call.cpp), so results are identical
 # and ranks may even differ in whether they replay (no host collective is involved). Not under
 # an outer capture (that graph records the call itself), not on CPU, and only where the graph
 # holds no NCCL kernel (_graph_eligible).
@@ -1726,10 +1736,9 @@ def graph_setting(value: str | None = None) -> str:
     return value
 
 
-try:  # the native replay (csrc/cuda/graph_call.cpp): call graphs need it
-    from xdit_ops import _C as _NATIVE
-except ImportError:
-    _NATIVE = None
+# the native replay (csrc/cuda/graph_call.cpp): call graphs need it (None where xdit_ops._C is
+# not loaded, XDIT_OPS_DISABLE_EXTENSION=1 included)
+_NATIVE = _extension.module("_C")
 _REGISTER = getattr(_NATIVE, "graph_call_register", None)
 _RELEASE = getattr(_NATIVE, "graph_call_release", None)
 _RUN = getattr(_NATIVE, "graph_call_run", None)
@@ -1950,7 +1959,7 @@ def _ring_ce(p: _Plan, shape: tuple, dtype: torch.dtype, device: torch.device, f
     if p.ring == "ceflags":
         _ring_ce_flags(p, shape, dtype, device, fill, attend_block, parts, part_lses)
         return
-    if _host_lists():
+    if _host_lists(p.host_sw):
         _ring_ce_lists(p, shape, dtype, device, fill, attend_block, parts, part_lses)
         return
     _, bufs, handle, side, peer, to_side, to_compute = _ring_ce_host(p, shape, dtype, device)
@@ -2194,11 +2203,11 @@ def _ring_ce_flags(p: _Plan, shape: tuple, dtype: torch.dtype, device: torch.dev
     """``_ring_ce`` with flag words instead of barrier kernels (``XDIT_OPS_USP_RING=ceflags``),
     running ``ring_flag_schedule`` as compiled once per shape by ``ring_host_steps`` (the same
     operations as ``_ring_ce_flags_lists``, with less host work a call: ``HOST_ENV``)."""
-    if _host_lists():
+    if _host_lists(p.host_sw):
         _ring_ce_flags_lists(p, shape, dtype, device, fill, attend_block, parts, part_lses)
         return
     _, bufs, flags, steps, side, to_side, to_compute, _ = _ring_host(p, shape, dtype, device)
-    batched = os.environ.get(BATCH_ENV, "1") != "0"
+    batched = p.batched
     compute = torch.cuda.current_stream(device)
     ring_n = p.ring_n
     for code, a, b in steps:

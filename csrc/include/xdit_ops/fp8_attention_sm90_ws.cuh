@@ -756,8 +756,8 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
   if (p.lse != nullptr && (tid & 3) == 0) store_lse(p, bh, row0, m_i, l_i);
 }
 
-// kConsumers consumer warpgroups (2; or 3 at Dp = 64), kPingPong: they issue in turn (else
-// freely; built with 3 consumers only, for measurements).
+// kConsumers consumer warpgroups (2; or 3 at Dp = 64), kPingPong: they issue in turn (2: the
+// ping-pong; 3: round robin, built for bf16 as the A/B) or freely (3: the built default).
 template <int kDP, typename OutT, bool kTileKScale, int kConsumers = 2, bool kPingPong = true>
 __global__ void __launch_bounds__(kThreads<kConsumers>, 1)
     fp8_attention_ws_kernel(const __grid_constant__ KernelParams<kDP> kp) {
