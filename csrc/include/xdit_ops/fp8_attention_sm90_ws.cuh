@@ -167,6 +167,11 @@ struct Cfg {
       decltype(tile_to_shape(AtomF8{}, Shape<Int<kDP>, Int<kBlockN>, Int<kStages>>{}));
   using MmaQK = decltype(make_tiled_mma(SM90::GMMA::MMA_64x128x32_S32S8S8_SS_TN{}));
   using MmaPV = typename MmaPVRS<kDP>::type;
+  // kRowSumTC: P (the same A registers) times an 8-row tile of ones: every column is the row
+  // sum of the e4m3 P, accumulated in the P.V product's way.
+  using SmemOnes = decltype(tile_to_shape(AtomF8{}, Shape<_8, Int<kBlockN>>{}));
+  using MmaRowSum = decltype(make_tiled_mma(
+      SM90::GMMA::MMA_64x8x32_F32E4M3E4M3_RS_TN<GMMA::ScaleIn::One, GMMA::ScaleIn::One>{}));
   static constexpr uint32_t kQBytes = kBlockM * kDP;
   static constexpr uint32_t kKBytes = kBlockN * kDP;
   static constexpr uint32_t kVBytes = kDP * kBlockN;
@@ -180,6 +185,8 @@ struct alignas(1024) Storage {
   alignas(1024) int8_t k[kStages * kBlockN * kDP];
   alignas(1024) cutlass::float_e4m3_t vt[kStages * kDP * kBlockN];
   alignas(128) float ks[kStages][kBlockN];  // the K tile's key scales (bulk copy, with K)
+  // kRowSumTC: an 8 x 128-key tile of e4m3 ones, the B operand of the row-sum wgmma.
+  alignas(1024) cutlass::float_e4m3_t ones[8 * kBlockN];
   uint64_t q_full;
   uint64_t k_full[kStages];
   uint64_t v_full[kStages];
@@ -347,7 +354,8 @@ __device__ __forceinline__ void produce(const KernelParams<kDP>& kp, Storage<kDP
 // A consumer warpgroup: 64 query rows, every key tile (see the file comment for the schedule).
 // kTileKScale: the K scales are equal within a 128-key tile (the scheme with k_block = 128,
 // XDIT_OPS_FP8_K_SCALE=tile); the softmax reads one scale per tile (softmax_tile).
-template <int kDP, int kConsumers, typename OutT, bool kTileKScale, bool kPingPong>
+template <int kDP, int kConsumers, typename OutT, bool kTileKScale, bool kPingPong,
+          bool kRowSumTC>
 __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP, kConsumers>& s,
                                         int n_tiles, int w) {
   using C = Cfg<kDP>;
@@ -375,6 +383,12 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
   Tensor tOrV = thr_pv.partition_fragment_B(sV);           // (MMA, 1, kBlockN / 32, stages)
   Tensor tSrS = partition_fragment_C(mma_qk, Shape<Int<kBlockM>, Int<kBlockN>>{});
   Tensor tOrPV = partition_fragment_C(mma_pv, Shape<Int<kBlockM>, Int<kDP>>{});
+  // kRowSumTC: the row sums of P (tile t - 1) from the tensor cores, beside P.V.
+  typename C::MmaRowSum mma_rs;
+  auto thr_rs = mma_rs.get_thread_slice(tid);
+  Tensor sOnes = make_tensor(make_smem_ptr(s.ones), typename C::SmemOnes{});
+  Tensor tRrOnes = thr_rs.partition_fragment_B(sOnes);  // (MMA, 1, kBlockN / 32)
+  Tensor tRrS = partition_fragment_C(mma_rs, Shape<Int<kBlockM>, _8>{});
   Tensor tOrO = make_fragment_like(tOrPV);
   clear(tOrO);
   static_assert(size(tSrS) == kBlockN / 2 && size(tOrO) == kDP / 2, "64xN wgmma C fragments");
@@ -437,11 +451,24 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
       cute::gemm(mma_pv, tOrP(_, _, kb), tOrV(_, _, kb, st), tOrPV);
       mma_pv.accumulate_ = GMMA::ScaleOut::One;
     }
+    if constexpr (kRowSumTC) {
+      mma_rs.accumulate_ = GMMA::ScaleOut::Zero;
+      CUTE_UNROLL
+      for (int kb = 0; kb < size<2>(tOrP); ++kb) {
+        cute::gemm(mma_rs, tOrP(_, _, kb), tRrOnes(_, _, kb), tRrS);
+        mma_rs.accumulate_ = GMMA::ScaleOut::One;
+      }
+    }
   };
-  // acc = acc * exp2(m_old - m_new) + P.V of the previous tile (alpha of that tile).
+  // acc = acc * exp2(m_old - m_new) + P.V of the previous tile (alpha of that tile); with
+  // kRowSumTC the row sum likewise (C layout 64x8: elements 0 and 2 are rows r0 and r0 + 8).
   auto accumulate_pv = [&] {
     CUTE_UNROLL
     for (int i = 0; i < size(tOrO); ++i) tOrO(i) = tOrO(i) * alpha[(i >> 1) & 1] + tOrPV(i);
+    if constexpr (kRowSumTC) {
+      CUTE_UNROLL
+      for (int j = 0; j < 2; ++j) l_i[j] = l_i[j] * alpha[j] + tRrS(2 * j);
+    }
   };
   // Scores of tile t from the s32 accumulators -> online softmax -> P of tile t as e4m3 pairs
   // in the accumulator's order (pk; set_p puts them into tOrP once the previous P.V, which
@@ -499,12 +526,16 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
       }
       const float p0 = exp2f(a0);
       const float p1 = exp2f(a1);
-      tile_sum[rj] += p0;
-      tile_sum[rj] += p1;
+      if constexpr (!kRowSumTC) {
+        tile_sum[rj] += p0;
+        tile_sum[rj] += p1;
+      }
       pk[i / 2] = __nv_cvt_float2_to_fp8x2(make_float2(p0, p1), __NV_SATFINITE, __NV_E4M3);
     }
     CUTE_UNROLL
-    for (int j = 0; j < 2; ++j) l_i[j] = l_i[j] * alpha_t[j] + quad_sum(tile_sum[j]);
+    for (int j = 0; j < 2; ++j) {
+      if constexpr (!kRowSumTC) l_i[j] = l_i[j] * alpha_t[j] + quad_sum(tile_sum[j]);
+    }
   };
   // The softmax with one K scale per tile (kTileKScale; the scheme with k_block = 128): c[j] =
   // |qs| x ks of row j and the tile, positive (q_sign carries the sign). Per score one IMAD,
@@ -561,12 +592,16 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
       }
       const float p0 = exp2f(a0);
       const float p1 = exp2f(a1);
-      tile_sum[rj] += p0;
-      tile_sum[rj] += p1;
+      if constexpr (!kRowSumTC) {
+        tile_sum[rj] += p0;
+        tile_sum[rj] += p1;
+      }
       pk[i / 2] = __nv_cvt_float2_to_fp8x2(make_float2(p0, p1), __NV_SATFINITE, __NV_E4M3);
     }
     CUTE_UNROLL
-    for (int j = 0; j < 2; ++j) l_i[j] = l_i[j] * alpha_t[j] + quad_sum(tile_sum[j]);
+    for (int j = 0; j < 2; ++j) {
+      if constexpr (!kRowSumTC) l_i[j] = l_i[j] * alpha_t[j] + quad_sum(tile_sum[j]);
+    }
   };
   // P of tile t into P.V's A registers: register 4 kb + r + 2 h holds row r's column groups
   // j = 4 kb + 2 h (bytes 0, 1) and j + 1 (bytes 2, 3) (see pv_a_register). Called after the
@@ -626,6 +661,7 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
     if constexpr (kPV) {
       warpgroup_fence_operand(tOrP);
       warpgroup_fence_operand(tOrPV);
+      if constexpr (kRowSumTC) warpgroup_fence_operand(tRrS);
     }
     warpgroup_arrive();
     if constexpr (kQK) {
@@ -652,6 +688,7 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
     constexpr bool kPVFirst = kConsumers > 2 && kQK && kPV;
     auto finish_pv = [&] {
       warpgroup_fence_operand(tOrPV);
+      if constexpr (kRowSumTC) warpgroup_fence_operand(tRrS);
       warpgroup_fence_operand(tOrP);
       ClusterBarrier::arrive(&s.v_empty[sv]);
     };
@@ -758,7 +795,8 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
 
 // kConsumers consumer warpgroups (2; or 3 at Dp = 64), kPingPong: they issue in turn (2: the
 // ping-pong; 3: round robin, built for bf16 as the A/B) or freely (3: the built default).
-template <int kDP, typename OutT, bool kTileKScale, int kConsumers = 2, bool kPingPong = true>
+template <int kDP, typename OutT, bool kTileKScale, int kConsumers = 2, bool kPingPong = true,
+          bool kRowSumTC = false>
 __global__ void __launch_bounds__(kThreads<kConsumers>, 1)
     fp8_attention_ws_kernel(const __grid_constant__ KernelParams<kDP> kp) {
   check_consumers<kDP, kConsumers>();
@@ -780,20 +818,28 @@ __global__ void __launch_bounds__(kThreads<kConsumers>, 1)
     }
     cutlass::arch::fence_barrier_init();
   }
+  if constexpr (kRowSumTC) {
+    // e4m3 1.0 is 0x38: every byte of the ones tile (the swizzle cannot change it). The wgmma
+    // reads it through the async proxy.
+    uint32_t* ones = reinterpret_cast<uint32_t*>(s.ones);
+    for (int i = threadIdx.x; i < 8 * kBlockN / 4; i += blockDim.x) ones[i] = 0x38383838u;
+    cutlass::arch::fence_view_async_shared();
+  }
   __syncthreads();
   if (warp_group == 0) {
     cutlass::arch::warpgroup_reg_dealloc<kProducerRegs>();
     if (threadIdx.x == 0) produce<kDP, kConsumers, kTileKScale>(kp, s, n_tiles);
   } else {
     cutlass::arch::warpgroup_reg_alloc<kConsumerRegs<kConsumers>>();
-    consume<kDP, kConsumers, OutT, kTileKScale, kPingPong>(kp, s, n_tiles, warp_group - 1);
+    consume<kDP, kConsumers, OutT, kTileKScale, kPingPong, kRowSumTC>(kp, s, n_tiles,
+                                                                      warp_group - 1);
   }
 }
 
 // kTileKScale: the per-tile K scale variant (p.k_scale equal within every 128-key tile).
 // kConsumers, kPingPong: see fp8_attention_ws_kernel.
 template <int kDP, typename OutT, bool kTileKScale = false, int kConsumers = 2,
-          bool kPingPong = true>
+          bool kPingPong = true, bool kRowSumTC = false>
 cudaError_t launch(const Fp8AttentionSm90Params& p, int batch, cudaStream_t stream) {
   // Sk_pad is the quantization pass's (a multiple of 64); TMA reads the last tile's keys past
   // it as zeros.
@@ -805,7 +851,8 @@ cudaError_t launch(const Fp8AttentionSm90Params& p, int batch, cudaStream_t stre
                        make_tma_k<kDP>(p.k8, p.seq_k_pad, bh),
                        make_tma_vt<kDP>(p.vt8, p.seq_k_pad, bh), p, bh};
   const int smem = static_cast<int>(sizeof(Storage<kDP, kConsumers>));
-  auto kernel = fp8_attention_ws_kernel<kDP, OutT, kTileKScale, kConsumers, kPingPong>;
+  auto kernel =
+      fp8_attention_ws_kernel<kDP, OutT, kTileKScale, kConsumers, kPingPong, kRowSumTC>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
   const int rows_per_cta = kConsumers * kBlockM;
