@@ -11,7 +11,7 @@
 namespace xdit_ops {
 
 cudaError_t fp8_attention_sm90_ws_tile_k_scale_rowsum(const Fp8AttentionSm90Params& p, int batch,
-                                                      int dp, int consumers,
+                                                      int dp, int consumers, int row_sum,
                                                       cudaStream_t stream);
 
 cudaError_t fp8_attention_sm90_ws_tile_k_scale(const Fp8AttentionSm90Params& p, int batch,
@@ -20,10 +20,10 @@ cudaError_t fp8_attention_sm90_ws_tile_k_scale(const Fp8AttentionSm90Params& p, 
                                                cudaStream_t stream) {
   if (p.seq_q == 0 || batch == 0 || p.heads == 0) return cudaSuccess;
   if (const char* e = std::getenv("XDIT_OPS_FP8_ROWSUM")) {  // EXPERIMENT (fp8-rowsum)
-    if (std::strcmp(e, "tc") == 0 && out_dtype == DType::kBFloat16 &&
-        (consumers == 3) == !ping_pong) {
+    const int row_sum = std::strcmp(e, "tc") == 0 ? 2 : std::strcmp(e, "chains") == 0 ? 1 : 0;
+    if (row_sum > 0 && out_dtype == DType::kBFloat16 && (consumers == 3) == !ping_pong) {
       return fp8_attention_sm90_ws_tile_k_scale_rowsum(p, batch, head_dim_padded, consumers,
-                                                       stream);
+                                                       row_sum, stream);
     }
   }
   if (consumers == 3) {

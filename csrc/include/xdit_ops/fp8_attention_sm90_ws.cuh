@@ -56,6 +56,11 @@
 // the round robin). The 2-consumer kernels' SASS is unchanged by the template argument.
 #pragma once
 
+// The P.V atoms with N = Dp + 8 (kRowSum == 2: 72 and 136) are CuTe's extended GMMA shapes.
+#ifndef CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED
+#define CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED
+#endif
+
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_fp8.h>
@@ -130,6 +135,18 @@ struct MmaPVRS<128> {
   using type = decltype(make_tiled_mma(
       SM90::GMMA::MMA_64x128x32_F32E4M3E4M3_RS_TN<GMMA::ScaleIn::One, GMMA::ScaleIn::One>{}));
 };
+// kRowSum == 2: V^T with 8 more rows of e4m3 ones (N = Dp + 8): the extra columns of P.V are
+// the row sums of P.
+template <>
+struct MmaPVRS<72> {
+  using type = decltype(make_tiled_mma(
+      SM90::GMMA::MMA_64x72x32_F32E4M3E4M3_RS_TN<GMMA::ScaleIn::One, GMMA::ScaleIn::One>{}));
+};
+template <>
+struct MmaPVRS<136> {
+  using type = decltype(make_tiled_mma(
+      SM90::GMMA::MMA_64x136x32_F32E4M3E4M3_RS_TN<GMMA::ScaleIn::One, GMMA::ScaleIn::One>{}));
+};
 
 // The A-operand register of P (8-bit RS wgmma m64nNk32, CuTe's ALayout_64x32) and the key order
 // of V^T that makes it thread-local. The S accumulator (CLayout_64xN) gives thread (warp wp,
@@ -165,13 +182,14 @@ struct Cfg {
   using SmemVt = decltype(tile_to_shape(AtomF8{}, Shape<Int<kDP>, Int<kBlockN>>{}));
   using SmemVtAll =
       decltype(tile_to_shape(AtomF8{}, Shape<Int<kDP>, Int<kBlockN>, Int<kStages>>{}));
+  // kRowSum == 2: each stage holds Dp + 8 rows of 128 keys; TMA writes the first Dp (the
+  // swizzle atoms are 8 rows of 128 bytes, stacked: the first Dp rows of a stage are SmemVt's
+  // bytes), the last 8 hold e4m3 ones, written once.
+  using SmemVtAllExt =
+      decltype(tile_to_shape(AtomF8{}, Shape<Int<kDP + 8>, Int<kBlockN>, Int<kStages>>{}));
+  using MmaPVExt = typename MmaPVRS<kDP + 8>::type;
   using MmaQK = decltype(make_tiled_mma(SM90::GMMA::MMA_64x128x32_S32S8S8_SS_TN{}));
   using MmaPV = typename MmaPVRS<kDP>::type;
-  // kRowSumTC: P (the same A registers) times an 8-row tile of ones: every column is the row
-  // sum of the e4m3 P, accumulated in the P.V product's way.
-  using SmemOnes = decltype(tile_to_shape(AtomF8{}, Shape<_8, Int<kBlockN>>{}));
-  using MmaRowSum = decltype(make_tiled_mma(
-      SM90::GMMA::MMA_64x8x32_F32E4M3E4M3_RS_TN<GMMA::ScaleIn::One, GMMA::ScaleIn::One>{}));
   static constexpr uint32_t kQBytes = kBlockM * kDP;
   static constexpr uint32_t kKBytes = kBlockN * kDP;
   static constexpr uint32_t kVBytes = kDP * kBlockN;
@@ -183,10 +201,8 @@ template <int kDP, int kConsumers>
 struct alignas(1024) Storage {
   alignas(1024) int8_t q[kConsumers * kBlockM * kDP];
   alignas(1024) int8_t k[kStages * kBlockN * kDP];
-  alignas(1024) cutlass::float_e4m3_t vt[kStages * kDP * kBlockN];
+  alignas(1024) cutlass::float_e4m3_t vt[kStages * (kDP + 8) * kBlockN];  // (+ 8: kRowSum 2)
   alignas(128) float ks[kStages][kBlockN];  // the K tile's key scales (bulk copy, with K)
-  // kRowSumTC: an 8 x 128-key tile of e4m3 ones, the B operand of the row-sum wgmma.
-  alignas(1024) cutlass::float_e4m3_t ones[8 * kBlockN];
   uint64_t q_full;
   uint64_t k_full[kStages];
   uint64_t v_full[kStages];
@@ -289,7 +305,20 @@ __device__ __forceinline__ void wait_barrier(const uint64_t* bar, uint32_t phase
 // The producer: one thread issues every TMA load of the CTA. kTileKScale: the consumers read
 // only the tile's first key scale (one K scale per 128-key tile), so only the first 16 bytes
 // (four scales; the minimum bulk copy) of the tile's scales are copied.
-template <int kDP, int kConsumers, bool kTileKScale>
+// The stages of V^T as TMA writes them: (Dp, keys, stage), with kVtExt (kRowSum == 2) the
+// first Dp rows of each (Dp + 8)-row stage.
+template <int kDP, bool kVtExt>
+__device__ __forceinline__ auto vt_stages(cutlass::float_e4m3_t* vt) {
+  using C = Cfg<kDP>;
+  if constexpr (kVtExt) {
+    return local_tile(make_tensor(make_smem_ptr(vt), typename C::SmemVtAllExt{}),
+                      Shape<Int<kDP>, Int<kBlockN>, Int<kStages>>{}, make_coord(0, 0, 0));
+  } else {
+    return make_tensor(make_smem_ptr(vt), typename C::SmemVtAll{});
+  }
+}
+
+template <int kDP, int kConsumers, bool kTileKScale, bool kVtExt>
 __device__ __forceinline__ void produce(const KernelParams<kDP>& kp, Storage<kDP, kConsumers>& s,
                                         int n_tiles) {
   using C = Cfg<kDP>;
@@ -320,7 +349,7 @@ __device__ __forceinline__ void produce(const KernelParams<kDP>& kp, Storage<kDP
                                   group_modes<0, 2>(gK));
   Tensor mV = kp.tma_vt.get_tma_tensor(make_shape(Int<kDP>{}, p.seq_k_pad, kp.bh_count));
   Tensor gV = local_tile(mV(_, _, bh), Shape<Int<kDP>, Int<kBlockN>>{}, make_coord(0, _));
-  Tensor sV = make_tensor(make_smem_ptr(s.vt), typename C::SmemVtAll{});
+  Tensor sV = vt_stages<kDP, kVtExt>(s.vt);
   auto [tVg, tVs] = tma_partition(kp.tma_vt, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sV),
                                   group_modes<0, 2>(gV));
 
@@ -354,8 +383,11 @@ __device__ __forceinline__ void produce(const KernelParams<kDP>& kp, Storage<kDP
 // A consumer warpgroup: 64 query rows, every key tile (see the file comment for the schedule).
 // kTileKScale: the K scales are equal within a 128-key tile (the scheme with k_block = 128,
 // XDIT_OPS_FP8_K_SCALE=tile); the softmax reads one scale per tile (softmax_tile).
-template <int kDP, int kConsumers, typename OutT, bool kTileKScale, bool kPingPong,
-          bool kRowSumTC>
+// kRowSum: how the softmax's row sums are taken: 0, FADDs in one chain per row (the scheme's
+// fp32 P); 1, the same in four chains per row; 2, from the tensor cores (the e4m3 P times 8
+// rows of ones appended to V^T: P.V with N = Dp + 8), then the sum is of the e4m3 P (the
+// emulation's p8_row_sum) and lags a tile, like the output.
+template <int kDP, int kConsumers, typename OutT, bool kTileKScale, bool kPingPong, int kRowSum>
 __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP, kConsumers>& s,
                                         int n_tiles, int w) {
   using C = Cfg<kDP>;
@@ -366,10 +398,18 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
 
   Tensor sQ = make_tensor(make_smem_ptr(s.q), typename C::template SmemQAll<kConsumers>{});
   Tensor sK = make_tensor(make_smem_ptr(s.k), typename C::SmemKAll{});
-  Tensor sV = make_tensor(make_smem_ptr(s.vt), typename C::SmemVtAll{});
+  constexpr bool kVtExt = kRowSum == 2;
+  constexpr int kPVN = kVtExt ? kDP + 8 : kDP;  // P.V's N
+  Tensor sV = [&] {
+    if constexpr (kVtExt) {
+      return make_tensor(make_smem_ptr(s.vt), typename C::SmemVtAllExt{});
+    } else {
+      return make_tensor(make_smem_ptr(s.vt), typename C::SmemVtAll{});
+    }
+  }();
 
   typename C::MmaQK mma_qk;
-  typename C::MmaPV mma_pv;
+  std::conditional_t<kVtExt, typename C::MmaPVExt, typename C::MmaPV> mma_pv;
   auto thr_qk = mma_qk.get_thread_slice(tid);
   auto thr_pv = mma_pv.get_thread_slice(tid);
   Tensor tSrQ = thr_qk.partition_fragment_A(sQ(_, _, w));  // (MMA, 1, kDP / 32)
@@ -382,14 +422,11 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
   static_assert(size(tOrPu) == kBlockN / 8, "four A registers per 32-key block");
   Tensor tOrV = thr_pv.partition_fragment_B(sV);           // (MMA, 1, kBlockN / 32, stages)
   Tensor tSrS = partition_fragment_C(mma_qk, Shape<Int<kBlockM>, Int<kBlockN>>{});
-  Tensor tOrPV = partition_fragment_C(mma_pv, Shape<Int<kBlockM>, Int<kDP>>{});
-  // kRowSumTC: the row sums of P (tile t - 1) from the tensor cores, beside P.V.
-  typename C::MmaRowSum mma_rs;
-  auto thr_rs = mma_rs.get_thread_slice(tid);
-  Tensor sOnes = make_tensor(make_smem_ptr(s.ones), typename C::SmemOnes{});
-  Tensor tRrOnes = thr_rs.partition_fragment_B(sOnes);  // (MMA, 1, kBlockN / 32)
-  Tensor tRrS = partition_fragment_C(mma_rs, Shape<Int<kBlockM>, _8>{});
-  Tensor tOrO = make_fragment_like(tOrPV);
+  Tensor tOrPV = partition_fragment_C(mma_pv, Shape<Int<kBlockM>, Int<kPVN>>{});
+  // The output: P.V's first Dp columns (C layout: element i < Dp / 2 is the same row and column
+  // for N = Dp and N = Dp + 8; elements Dp / 2 and Dp / 2 + 2 of the wider one are rows r0 and
+  // r0 + 8 of column Dp + c0: the row sums).
+  Tensor tOrO = partition_fragment_C(typename C::MmaPV{}, Shape<Int<kBlockM>, Int<kDP>>{});
   clear(tOrO);
   static_assert(size(tSrS) == kBlockN / 2 && size(tOrO) == kDP / 2, "64xN wgmma C fragments");
 
@@ -451,23 +488,14 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
       cute::gemm(mma_pv, tOrP(_, _, kb), tOrV(_, _, kb, st), tOrPV);
       mma_pv.accumulate_ = GMMA::ScaleOut::One;
     }
-    if constexpr (kRowSumTC) {
-      mma_rs.accumulate_ = GMMA::ScaleOut::Zero;
-      CUTE_UNROLL
-      for (int kb = 0; kb < size<2>(tOrP); ++kb) {
-        cute::gemm(mma_rs, tOrP(_, _, kb), tRrOnes(_, _, kb), tRrS);
-        mma_rs.accumulate_ = GMMA::ScaleOut::One;
-      }
-    }
   };
-  // acc = acc * exp2(m_old - m_new) + P.V of the previous tile (alpha of that tile); with
-  // kRowSumTC the row sum likewise (C layout 64x8: elements 0 and 2 are rows r0 and r0 + 8).
+  // acc = acc * exp2(m_old - m_new) + P.V of the previous tile (alpha of that tile).
   auto accumulate_pv = [&] {
     CUTE_UNROLL
     for (int i = 0; i < size(tOrO); ++i) tOrO(i) = tOrO(i) * alpha[(i >> 1) & 1] + tOrPV(i);
-    if constexpr (kRowSumTC) {
+    if constexpr (kVtExt) {
       CUTE_UNROLL
-      for (int j = 0; j < 2; ++j) l_i[j] = l_i[j] * alpha[j] + tRrS(2 * j);
+      for (int j = 0; j < 2; ++j) l_i[j] = l_i[j] * alpha[j] + tOrPV(size(tOrO) + 2 * j);
     }
   };
   // Scores of tile t from the s32 accumulators -> online softmax -> P of tile t as e4m3 pairs
@@ -503,7 +531,7 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
       sc[i] = v;
       part_max[rj][(i >> 2) & 3] = fmaxf(part_max[rj][(i >> 2) & 3], v);
     }
-    float m_shift[2], tile_sum[2] = {0.f, 0.f};
+    float m_shift[2], tile_sum[2][4] = {};
     CUTE_UNROLL
     for (int j = 0; j < 2; ++j) {
       const float tile_max = fmaxf(fmaxf(part_max[j][0], part_max[j][1]),
@@ -526,15 +554,22 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
       }
       const float p0 = exp2f(a0);
       const float p1 = exp2f(a1);
-      if constexpr (!kRowSumTC) {
-        tile_sum[rj] += p0;
-        tile_sum[rj] += p1;
+      if constexpr (kRowSum != 2) {
+        // kRowSum 1: four chains per row (by column group, as the partial maxima)
+        float& ts = tile_sum[rj][kRowSum == 1 ? (i >> 2) & 3 : 0];
+        ts += p0;
+        ts += p1;
       }
       pk[i / 2] = __nv_cvt_float2_to_fp8x2(make_float2(p0, p1), __NV_SATFINITE, __NV_E4M3);
     }
     CUTE_UNROLL
     for (int j = 0; j < 2; ++j) {
-      if constexpr (!kRowSumTC) l_i[j] = l_i[j] * alpha_t[j] + quad_sum(tile_sum[j]);
+      if constexpr (kRowSum == 0) {
+        l_i[j] = l_i[j] * alpha_t[j] + quad_sum(tile_sum[j][0]);
+      } else if constexpr (kRowSum == 1) {
+        l_i[j] = l_i[j] * alpha_t[j] +
+                 quad_sum((tile_sum[j][0] + tile_sum[j][1]) + (tile_sum[j][2] + tile_sum[j][3]));
+      }
     }
   };
   // The softmax with one K scale per tile (kTileKScale; the scheme with k_block = 128): c[j] =
@@ -569,7 +604,7 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
       sb[i] = b;
       part_max[rj][(i >> 2) & 3] = max(part_max[rj][(i >> 2) & 3], b);
     }
-    float k_shift[2], tile_sum[2] = {0.f, 0.f};
+    float k_shift[2], tile_sum[2][4] = {};
     CUTE_UNROLL
     for (int j = 0; j < 2; ++j) {
       const int max_bits = quad_max_int(max(max(part_max[j][0], part_max[j][1]),
@@ -592,15 +627,22 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
       }
       const float p0 = exp2f(a0);
       const float p1 = exp2f(a1);
-      if constexpr (!kRowSumTC) {
-        tile_sum[rj] += p0;
-        tile_sum[rj] += p1;
+      if constexpr (kRowSum != 2) {
+        // kRowSum 1: four chains per row (by column group, as the partial maxima)
+        float& ts = tile_sum[rj][kRowSum == 1 ? (i >> 2) & 3 : 0];
+        ts += p0;
+        ts += p1;
       }
       pk[i / 2] = __nv_cvt_float2_to_fp8x2(make_float2(p0, p1), __NV_SATFINITE, __NV_E4M3);
     }
     CUTE_UNROLL
     for (int j = 0; j < 2; ++j) {
-      if constexpr (!kRowSumTC) l_i[j] = l_i[j] * alpha_t[j] + quad_sum(tile_sum[j]);
+      if constexpr (kRowSum == 0) {
+        l_i[j] = l_i[j] * alpha_t[j] + quad_sum(tile_sum[j][0]);
+      } else if constexpr (kRowSum == 1) {
+        l_i[j] = l_i[j] * alpha_t[j] +
+                 quad_sum((tile_sum[j][0] + tile_sum[j][1]) + (tile_sum[j][2] + tile_sum[j][3]));
+      }
     }
   };
   // P of tile t into P.V's A registers: register 4 kb + r + 2 h holds row r's column groups
@@ -661,7 +703,6 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
     if constexpr (kPV) {
       warpgroup_fence_operand(tOrP);
       warpgroup_fence_operand(tOrPV);
-      if constexpr (kRowSumTC) warpgroup_fence_operand(tRrS);
     }
     warpgroup_arrive();
     if constexpr (kQK) {
@@ -688,7 +729,6 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
     constexpr bool kPVFirst = kConsumers > 2 && kQK && kPV;
     auto finish_pv = [&] {
       warpgroup_fence_operand(tOrPV);
-      if constexpr (kRowSumTC) warpgroup_fence_operand(tRrS);
       warpgroup_fence_operand(tOrP);
       ClusterBarrier::arrive(&s.v_empty[sv]);
     };
@@ -796,7 +836,7 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
 // kConsumers consumer warpgroups (2; or 3 at Dp = 64), kPingPong: they issue in turn (2: the
 // ping-pong; 3: round robin, built for bf16 as the A/B) or freely (3: the built default).
 template <int kDP, typename OutT, bool kTileKScale, int kConsumers = 2, bool kPingPong = true,
-          bool kRowSumTC = false>
+          int kRowSum = 0>
 __global__ void __launch_bounds__(kThreads<kConsumers>, 1)
     fp8_attention_ws_kernel(const __grid_constant__ KernelParams<kDP> kp) {
   check_consumers<kDP, kConsumers>();
@@ -818,28 +858,30 @@ __global__ void __launch_bounds__(kThreads<kConsumers>, 1)
     }
     cutlass::arch::fence_barrier_init();
   }
-  if constexpr (kRowSumTC) {
-    // e4m3 1.0 is 0x38: every byte of the ones tile (the swizzle cannot change it). The wgmma
-    // reads it through the async proxy.
-    uint32_t* ones = reinterpret_cast<uint32_t*>(s.ones);
-    for (int i = threadIdx.x; i < 8 * kBlockN / 4; i += blockDim.x) ones[i] = 0x38383838u;
+  if constexpr (kRowSum == 2) {
+    // The 8 rows of ones after each stage's Dp rows of V^T (e4m3 1.0 is 0x38: every byte, so
+    // the swizzle cannot change them). The wgmmas read them through the async proxy.
+    for (int i = threadIdx.x; i < kStages * 8 * kBlockN / 4; i += blockDim.x) {
+      const int st = i / (8 * kBlockN / 4), w = i % (8 * kBlockN / 4);
+      reinterpret_cast<uint32_t*>(s.vt + (st * (kDP + 8) + kDP) * kBlockN)[w] = 0x38383838u;
+    }
     cutlass::arch::fence_view_async_shared();
   }
   __syncthreads();
   if (warp_group == 0) {
     cutlass::arch::warpgroup_reg_dealloc<kProducerRegs>();
-    if (threadIdx.x == 0) produce<kDP, kConsumers, kTileKScale>(kp, s, n_tiles);
+    if (threadIdx.x == 0) produce<kDP, kConsumers, kTileKScale, kRowSum == 2>(kp, s, n_tiles);
   } else {
     cutlass::arch::warpgroup_reg_alloc<kConsumerRegs<kConsumers>>();
-    consume<kDP, kConsumers, OutT, kTileKScale, kPingPong, kRowSumTC>(kp, s, n_tiles,
-                                                                      warp_group - 1);
+    consume<kDP, kConsumers, OutT, kTileKScale, kPingPong, kRowSum>(kp, s, n_tiles,
+                                                                    warp_group - 1);
   }
 }
 
 // kTileKScale: the per-tile K scale variant (p.k_scale equal within every 128-key tile).
 // kConsumers, kPingPong: see fp8_attention_ws_kernel.
 template <int kDP, typename OutT, bool kTileKScale = false, int kConsumers = 2,
-          bool kPingPong = true, bool kRowSumTC = false>
+          bool kPingPong = true, int kRowSum = 0>
 cudaError_t launch(const Fp8AttentionSm90Params& p, int batch, cudaStream_t stream) {
   // Sk_pad is the quantization pass's (a multiple of 64); TMA reads the last tile's keys past
   // it as zeros.
@@ -852,7 +894,7 @@ cudaError_t launch(const Fp8AttentionSm90Params& p, int batch, cudaStream_t stre
                        make_tma_vt<kDP>(p.vt8, p.seq_k_pad, bh), p, bh};
   const int smem = static_cast<int>(sizeof(Storage<kDP, kConsumers>));
   auto kernel =
-      fp8_attention_ws_kernel<kDP, OutT, kTileKScale, kConsumers, kPingPong, kRowSumTC>;
+      fp8_attention_ws_kernel<kDP, OutT, kTileKScale, kConsumers, kPingPong, kRowSum>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
   const int rows_per_cta = kConsumers * kBlockM;
