@@ -56,7 +56,7 @@
 // the round robin). The 2-consumer kernels' SASS is unchanged by the template argument.
 #pragma once
 
-// The P.V atoms with N = Dp + 8 (kRowSum == 2: 72 and 136) are CuTe's extended GMMA shapes.
+// The P.V atoms with N = Dp + 8 (kRowSumTC: 72 and 136) are CuTe's extended GMMA shapes.
 #ifndef CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED
 #define CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED
 #endif
@@ -135,7 +135,7 @@ struct MmaPVRS<128> {
   using type = decltype(make_tiled_mma(
       SM90::GMMA::MMA_64x128x32_F32E4M3E4M3_RS_TN<GMMA::ScaleIn::One, GMMA::ScaleIn::One>{}));
 };
-// kRowSum == 2: V^T with 8 more rows of e4m3 ones (N = Dp + 8): the extra columns of P.V are
+// kRowSumTC: V^T with 8 more rows of e4m3 ones (N = Dp + 8): the extra columns of P.V are
 // the row sums of P.
 template <>
 struct MmaPVRS<72> {
@@ -182,7 +182,7 @@ struct Cfg {
   using SmemVt = decltype(tile_to_shape(AtomF8{}, Shape<Int<kDP>, Int<kBlockN>>{}));
   using SmemVtAll =
       decltype(tile_to_shape(AtomF8{}, Shape<Int<kDP>, Int<kBlockN>, Int<kStages>>{}));
-  // kRowSum == 2: each stage holds Dp + 8 rows of 128 keys; TMA writes the first Dp (the
+  // kRowSumTC: each stage holds Dp + 8 rows of 128 keys; TMA writes the first Dp (the
   // swizzle atoms are 8 rows of 128 bytes, stacked: the first Dp rows of a stage are SmemVt's
   // bytes), the last 8 hold e4m3 ones, written once.
   using SmemVtAllExt =
@@ -201,7 +201,7 @@ template <int kDP, int kConsumers>
 struct alignas(1024) Storage {
   alignas(1024) int8_t q[kConsumers * kBlockM * kDP];
   alignas(1024) int8_t k[kStages * kBlockN * kDP];
-  alignas(1024) cutlass::float_e4m3_t vt[kStages * (kDP + 8) * kBlockN];  // (+ 8: kRowSum 2)
+  alignas(1024) cutlass::float_e4m3_t vt[kStages * (kDP + 8) * kBlockN];  // (+ 8: kRowSumTC)
   alignas(128) float ks[kStages][kBlockN];  // the K tile's key scales (bulk copy, with K)
   uint64_t q_full;
   uint64_t k_full[kStages];
@@ -302,11 +302,8 @@ __device__ __forceinline__ void wait_barrier(const uint64_t* bar, uint32_t phase
   }
 }
 
-// The producer: one thread issues every TMA load of the CTA. kTileKScale: the consumers read
-// only the tile's first key scale (one K scale per 128-key tile), so only the first 16 bytes
-// (four scales; the minimum bulk copy) of the tile's scales are copied.
-// The stages of V^T as TMA writes them: (Dp, keys, stage), with kVtExt (kRowSum == 2) the
-// first Dp rows of each (Dp + 8)-row stage.
+// The stages of V^T as TMA writes them: (Dp, keys, stage), with kVtExt (kRowSumTC) the first
+// Dp rows of each (Dp + 8)-row stage.
 template <int kDP, bool kVtExt>
 __device__ __forceinline__ auto vt_stages(cutlass::float_e4m3_t* vt) {
   using C = Cfg<kDP>;
@@ -318,6 +315,10 @@ __device__ __forceinline__ auto vt_stages(cutlass::float_e4m3_t* vt) {
   }
 }
 
+// The producer: one thread issues every TMA load of the CTA. kTileKScale: the consumers read
+// only the tile's first key scale (one K scale per 128-key tile), so only the first 16 bytes
+// (four scales; the minimum bulk copy) of the tile's scales are copied. kVtExt: V^T's stages
+// have 8 more rows (kRowSumTC).
 template <int kDP, int kConsumers, bool kTileKScale, bool kVtExt>
 __device__ __forceinline__ void produce(const KernelParams<kDP>& kp, Storage<kDP, kConsumers>& s,
                                         int n_tiles) {
@@ -383,11 +384,11 @@ __device__ __forceinline__ void produce(const KernelParams<kDP>& kp, Storage<kDP
 // A consumer warpgroup: 64 query rows, every key tile (see the file comment for the schedule).
 // kTileKScale: the K scales are equal within a 128-key tile (the scheme with k_block = 128,
 // XDIT_OPS_FP8_K_SCALE=tile); the softmax reads one scale per tile (softmax_tile).
-// kRowSum: how the softmax's row sums are taken: 0, FADDs in one chain per row (the scheme's
-// fp32 P); 1, the same in four chains per row; 2, from the tensor cores (the e4m3 P times 8
-// rows of ones appended to V^T: P.V with N = Dp + 8), then the sum is of the e4m3 P (the
-// emulation's p8_row_sum) and lags a tile, like the output.
-template <int kDP, int kConsumers, typename OutT, bool kTileKScale, bool kPingPong, int kRowSum>
+// kRowSumTC: the softmax's row sums from the tensor cores (the e4m3 P times 8 rows of ones
+// appended to V^T: P.V with N = Dp + 8): the sum of the e4m3 P (the emulation's p8_row_sum),
+// added like the output, a tile late; else FADDs of the fp32 P, one chain per row.
+template <int kDP, int kConsumers, typename OutT, bool kTileKScale, bool kPingPong,
+          bool kRowSumTC>
 __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP, kConsumers>& s,
                                         int n_tiles, int w) {
   using C = Cfg<kDP>;
@@ -398,7 +399,7 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
 
   Tensor sQ = make_tensor(make_smem_ptr(s.q), typename C::template SmemQAll<kConsumers>{});
   Tensor sK = make_tensor(make_smem_ptr(s.k), typename C::SmemKAll{});
-  constexpr bool kVtExt = kRowSum == 2;
+  constexpr bool kVtExt = kRowSumTC;
   constexpr int kPVN = kVtExt ? kDP + 8 : kDP;  // P.V's N
   Tensor sV = [&] {
     if constexpr (kVtExt) {
@@ -531,7 +532,7 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
       sc[i] = v;
       part_max[rj][(i >> 2) & 3] = fmaxf(part_max[rj][(i >> 2) & 3], v);
     }
-    float m_shift[2], tile_sum[2][4] = {};
+    float m_shift[2], tile_sum[2] = {0.f, 0.f};
     CUTE_UNROLL
     for (int j = 0; j < 2; ++j) {
       const float tile_max = fmaxf(fmaxf(part_max[j][0], part_max[j][1]),
@@ -554,22 +555,15 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
       }
       const float p0 = exp2f(a0);
       const float p1 = exp2f(a1);
-      if constexpr (kRowSum != 2) {
-        // kRowSum 1: four chains per row (by column group, as the partial maxima)
-        float& ts = tile_sum[rj][kRowSum == 1 ? (i >> 2) & 3 : 0];
-        ts += p0;
-        ts += p1;
+      if constexpr (!kRowSumTC) {
+        tile_sum[rj] += p0;
+        tile_sum[rj] += p1;
       }
       pk[i / 2] = __nv_cvt_float2_to_fp8x2(make_float2(p0, p1), __NV_SATFINITE, __NV_E4M3);
     }
     CUTE_UNROLL
     for (int j = 0; j < 2; ++j) {
-      if constexpr (kRowSum == 0) {
-        l_i[j] = l_i[j] * alpha_t[j] + quad_sum(tile_sum[j][0]);
-      } else if constexpr (kRowSum == 1) {
-        l_i[j] = l_i[j] * alpha_t[j] +
-                 quad_sum((tile_sum[j][0] + tile_sum[j][1]) + (tile_sum[j][2] + tile_sum[j][3]));
-      }
+      if constexpr (!kRowSumTC) l_i[j] = l_i[j] * alpha_t[j] + quad_sum(tile_sum[j]);
     }
   };
   // The softmax with one K scale per tile (kTileKScale; the scheme with k_block = 128): c[j] =
@@ -604,7 +598,7 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
       sb[i] = b;
       part_max[rj][(i >> 2) & 3] = max(part_max[rj][(i >> 2) & 3], b);
     }
-    float k_shift[2], tile_sum[2][4] = {};
+    float k_shift[2], tile_sum[2] = {0.f, 0.f};
     CUTE_UNROLL
     for (int j = 0; j < 2; ++j) {
       const int max_bits = quad_max_int(max(max(part_max[j][0], part_max[j][1]),
@@ -627,22 +621,15 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
       }
       const float p0 = exp2f(a0);
       const float p1 = exp2f(a1);
-      if constexpr (kRowSum != 2) {
-        // kRowSum 1: four chains per row (by column group, as the partial maxima)
-        float& ts = tile_sum[rj][kRowSum == 1 ? (i >> 2) & 3 : 0];
-        ts += p0;
-        ts += p1;
+      if constexpr (!kRowSumTC) {
+        tile_sum[rj] += p0;
+        tile_sum[rj] += p1;
       }
       pk[i / 2] = __nv_cvt_float2_to_fp8x2(make_float2(p0, p1), __NV_SATFINITE, __NV_E4M3);
     }
     CUTE_UNROLL
     for (int j = 0; j < 2; ++j) {
-      if constexpr (kRowSum == 0) {
-        l_i[j] = l_i[j] * alpha_t[j] + quad_sum(tile_sum[j][0]);
-      } else if constexpr (kRowSum == 1) {
-        l_i[j] = l_i[j] * alpha_t[j] +
-                 quad_sum((tile_sum[j][0] + tile_sum[j][1]) + (tile_sum[j][2] + tile_sum[j][3]));
-      }
+      if constexpr (!kRowSumTC) l_i[j] = l_i[j] * alpha_t[j] + quad_sum(tile_sum[j]);
     }
   };
   // P of tile t into P.V's A registers: register 4 kb + r + 2 h holds row r's column groups
@@ -836,7 +823,7 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
 // kConsumers consumer warpgroups (2; or 3 at Dp = 64), kPingPong: they issue in turn (2: the
 // ping-pong; 3: round robin, built for bf16 as the A/B) or freely (3: the built default).
 template <int kDP, typename OutT, bool kTileKScale, int kConsumers = 2, bool kPingPong = true,
-          int kRowSum = 0>
+          bool kRowSumTC = false>
 __global__ void __launch_bounds__(kThreads<kConsumers>, 1)
     fp8_attention_ws_kernel(const __grid_constant__ KernelParams<kDP> kp) {
   check_consumers<kDP, kConsumers>();
@@ -858,7 +845,7 @@ __global__ void __launch_bounds__(kThreads<kConsumers>, 1)
     }
     cutlass::arch::fence_barrier_init();
   }
-  if constexpr (kRowSum == 2) {
+  if constexpr (kRowSumTC) {
     // The 8 rows of ones after each stage's Dp rows of V^T (e4m3 1.0 is 0x38: every byte, so
     // the swizzle cannot change them). The wgmmas read them through the async proxy.
     for (int i = threadIdx.x; i < kStages * 8 * kBlockN / 4; i += blockDim.x) {
@@ -870,18 +857,18 @@ __global__ void __launch_bounds__(kThreads<kConsumers>, 1)
   __syncthreads();
   if (warp_group == 0) {
     cutlass::arch::warpgroup_reg_dealloc<kProducerRegs>();
-    if (threadIdx.x == 0) produce<kDP, kConsumers, kTileKScale, kRowSum == 2>(kp, s, n_tiles);
+    if (threadIdx.x == 0) produce<kDP, kConsumers, kTileKScale, kRowSumTC>(kp, s, n_tiles);
   } else {
     cutlass::arch::warpgroup_reg_alloc<kConsumerRegs<kConsumers>>();
-    consume<kDP, kConsumers, OutT, kTileKScale, kPingPong, kRowSum>(kp, s, n_tiles,
-                                                                    warp_group - 1);
+    consume<kDP, kConsumers, OutT, kTileKScale, kPingPong, kRowSumTC>(kp, s, n_tiles,
+                                                                      warp_group - 1);
   }
 }
 
 // kTileKScale: the per-tile K scale variant (p.k_scale equal within every 128-key tile).
 // kConsumers, kPingPong: see fp8_attention_ws_kernel.
 template <int kDP, typename OutT, bool kTileKScale = false, int kConsumers = 2,
-          bool kPingPong = true, int kRowSum = 0>
+          bool kPingPong = true, bool kRowSumTC = false>
 cudaError_t launch(const Fp8AttentionSm90Params& p, int batch, cudaStream_t stream) {
   // Sk_pad is the quantization pass's (a multiple of 64); TMA reads the last tile's keys past
   // it as zeros.
@@ -894,7 +881,7 @@ cudaError_t launch(const Fp8AttentionSm90Params& p, int batch, cudaStream_t stre
                        make_tma_vt<kDP>(p.vt8, p.seq_k_pad, bh), p, bh};
   const int smem = static_cast<int>(sizeof(Storage<kDP, kConsumers>));
   auto kernel =
-      fp8_attention_ws_kernel<kDP, OutT, kTileKScale, kConsumers, kPingPong, kRowSum>;
+      fp8_attention_ws_kernel<kDP, OutT, kTileKScale, kConsumers, kPingPong, kRowSumTC>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
   const int rows_per_cta = kConsumers * kBlockM;

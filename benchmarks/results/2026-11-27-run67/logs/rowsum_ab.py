@@ -17,7 +17,10 @@ import common  # noqa: E402
 from xdit_ops.ops.fp8_attention import attention_quantized_sm90, sm90_scheme  # noqa: E402
 from xdit_ops.reference.attention import attention_ref  # noqa: E402
 from xdit_ops.reference.fp8_attention import (  # noqa: E402
-    attention_error_metrics, dit_like_qkv, fp8_attention_quantized_ref)
+    attention_error_metrics,
+    dit_like_qkv,
+    fp8_attention_quantized_ref,
+)
 from xdit_ops.triton.fp8_attention import quantize_qkv_triton  # noqa: E402
 
 shapes = [tuple(int(x) for x in s.split(",")) for s in sys.argv[2:]]
@@ -29,7 +32,7 @@ for B, S, H, D in shapes:
     qq = quantize_qkv_triton(q, k, v, vt_pv_order=True, k_block=128)
     cs = [3, 2] if D <= 64 else [2]
 
-    def call(var, c):
+    def call(var, c, qq=qq):
         if VARIANTS[var] is None:
             os.environ.pop("XDIT_OPS_FP8_ROWSUM", None)
         else:
@@ -50,7 +53,7 @@ for B, S, H, D in shapes:
                 m[f"drift_rel_l1_vs_emu_{ev}"] = attention_error_metrics(o, eo)["rel_l1"]
                 m[f"lse_max_diff_vs_emu_{ev}"] = (lse - el).abs().max().item()
             acc[(var, c)] = m
-    for ev, (eo, el) in emus.items():
+    for ev, (eo, _el) in emus.items():
         acc[("emu_" + ev, 0)] = attention_error_metrics(eo, ref)
     del ref, ref_lse, emus
     torch.cuda.empty_cache()
@@ -64,8 +67,9 @@ for B, S, H, D in shapes:
                     "p20_ms": t[f"{var}_c{c}"].p20_ms, "p80_ms": t[f"{var}_c{c}"].p80_ms}
             print(f"({B},{S},{H},{D}) c{c} {var}: {ms:.4f} ms {row['tflops']:.1f} TFLOPS "
                   f"relL1 {m['rel_l1']:.5f} cos_min {m['cos_min']:.5f} lse_err "
-                  f"{m['lse_mean_abs_err']:.2e} drift vs emu fadd {m['drift_rel_l1_vs_emu_fadd']:.2e} "
-                  f"tc {m['drift_rel_l1_vs_emu_tc']:.2e} lse vs emu_tc {m['lse_max_diff_vs_emu_tc']:.2e}",
+                  f"{m['lse_mean_abs_err']:.2e} drift vs emu fadd "
+                  f"{m['drift_rel_l1_vs_emu_fadd']:.2e} tc {m['drift_rel_l1_vs_emu_tc']:.2e} "
+                  f"lse vs emu_tc {m['lse_max_diff_vs_emu_tc']:.2e}",
                   flush=True)
         else:
             print(f"({B},{S},{H},{D}) {var}: relL1 {m['rel_l1']:.5f} cos_min {m['cos_min']:.5f}",
@@ -75,5 +79,5 @@ for B, S, H, D in shapes:
     torch.cuda.empty_cache()
 out_dir.mkdir(parents=True, exist_ok=True)
 (out_dir / f"rowsum_ab-{torch.cuda.get_device_name().replace(' ', '_')}.json").write_text(
-    json.dumps({"commit": os.environ.get("XDIT_OPS_GIT_COMMIT"), "gpu": torch.cuda.get_device_name(),
-                "rows": rows}, indent=1))
+    json.dumps({"commit": os.environ.get("XDIT_OPS_GIT_COMMIT"),
+                "gpu": torch.cuda.get_device_name(), "rows": rows}, indent=1))
