@@ -54,6 +54,15 @@
 // (nvcc 13.0, sm_90a): 128 registers at launch, no spills, the consumers within R0-R157; steady
 // key loop 470 SASS instructions per warp per 128-key tile (457 with 2 consumers; 453 without
 // the round robin). The 2-consumer kernels' SASS is unchanged by the template argument.
+//
+// kRowSumTC (the per-tile kernels at Dp = 64, 2 and 3 consumers): the softmax's row sums come
+// from the tensor cores instead of 64 FADDs and a quad reduction per tile: each V^T stage has 8
+// more rows of e4m3 ones (written once; TMA fills the first Dp rows), P.V runs with N = Dp + 8
+// (CuTe's extended shapes), and its extra columns are the row sums of the e4m3 P, added to l
+// with the tile's alpha like the output (the scheme's p8_row_sum: the sum of what multiplies V).
+// Run 68 (H100): 480.0 against 441.7 TFLOPS at (2,4250,24,64) with 3 consumers, 369.5 against
+// 366.8 with 2; at Dp = 128 847.2 against 876.4 (the wider P.V costs more than the FADDs save),
+// so Dp 128 keeps the FADDs. ptxas: the 3-consumer kernel spills 28 bytes (44 reloaded) with it.
 #pragma once
 
 // The P.V atoms with N = Dp + 8 (kRowSumTC: 72 and 136) are CuTe's extended GMMA shapes.
