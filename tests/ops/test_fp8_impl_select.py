@@ -80,7 +80,7 @@ def test_auto_on_hopper(monkeypatch, D, expect, k_scale):
     assert resolve_impl(dev, D) == want_per_key
     monkeypatch.delenv("XDIT_OPS_FP8_K_SCALE")
     if expect == "sm90ws":
-        assert cuda_scheme(D) == sm90_scheme("sm90ws", k_scale)
+        assert cuda_scheme(D) == sm90_scheme("sm90ws", k_scale, D)
     assert cuda_scheme(D).k_block == (128 if k_scale == "tile" else 1)
     q, k, v = dit_like_qkv(2, 777, 3, D, seed=D, device="cuda")
     out, lse = xdit_ops.fp8_attention(q, k, v, return_lse=True)
@@ -104,7 +104,7 @@ def test_auto_k_scale_on_sm90ws_head_dim_64(monkeypatch, D):
     monkeypatch.setenv("XDIT_OPS_FP8_IMPL", "sm90ws")
     monkeypatch.delenv("XDIT_OPS_FP8_K_SCALE", raising=False)
     assert resolve_k_scale("sm90ws", D) == "tile"
-    assert cuda_scheme(D) == sm90_scheme("sm90ws", "tile")
+    assert cuda_scheme(D) == sm90_scheme("sm90ws", "tile", D)
     q, k, v = dit_like_qkv(2, 777, 3, D, seed=D, device="cuda")
     out, lse = xdit_ops.fp8_attention(q, k, v, return_lse=True)
     monkeypatch.setenv("XDIT_OPS_FP8_K_SCALE", "tile")
@@ -298,7 +298,8 @@ def test_auto_k_scale_resolution(monkeypatch, impl, D, loaded, want):
 
 def test_auto_k_scale_in_the_cuda_scheme(monkeypatch):
     """cuda_scheme (what the GPU tests compare the op with) follows auto's resolution: k_block
-    128 for sm90ws (padded head dim 64 or 128) when the variant is registered, 1 elsewhere."""
+    128 for sm90ws (padded head dim 64 or 128) when the variant is registered, 1 elsewhere;
+    the variant's row sums of the e4m3 P at padded head dim 64."""
     import xdit_ops.ops.fp8_attention as fa
     from xdit_ops.reference.fp8_attention import scheme_variant
 
@@ -313,8 +314,11 @@ def test_auto_k_scale_in_the_cuda_scheme(monkeypatch):
         k_block = 128 if loaded else 1
         assert fa.cuda_scheme(128) == scheme_variant(block_n=128, k_block=k_block)
         assert fa.cuda_scheme(72) == scheme_variant(block_n=128, k_block=k_block)
-        assert fa.cuda_scheme(64) == scheme_variant(block_n=128, k_block=k_block)
-        assert fa.cuda_scheme(40) == scheme_variant(block_n=128, k_block=k_block)
+        # the per-tile kernels at padded head dim 64 add the e4m3 P in their row sums
+        assert fa.cuda_scheme(64) == scheme_variant(block_n=128, k_block=k_block,
+                                                    p8_row_sum=loaded)
+        assert fa.cuda_scheme(40) == scheme_variant(block_n=128, k_block=k_block,
+                                                    p8_row_sum=loaded)
         monkeypatch.setenv("XDIT_OPS_FP8_IMPL", "triton")
         assert fa.cuda_scheme(128) == config_scheme(attn_config(128))
         monkeypatch.setenv("XDIT_OPS_FP8_IMPL", "sm90")

@@ -246,15 +246,28 @@ SM90_VT_PV_ORDER = {"sm90": False, "sm90ws": True}
 SM90_BLOCK_N = {"sm90": 64, "sm90ws": 128}
 
 
-def sm90_scheme(impl: str = "sm90", k_scale: str = "token") -> Fp8AttentionScheme:
+# Padded head dims where sm90ws' per-tile kernels take the softmax's row sums from the tensor
+# cores (P times 8 rows of ones appended to V^T), i.e. of the e4m3 P (the scheme's p8_row_sum):
+# at 64, where that sped the kernel up (run 68, H100: 480.0 against 441.7 TFLOPS at
+# (2,4250,24,64) with 3 consumers); at 128 it slowed it (847.2 against 876.4 at 16896).
+SM90WS_KTILE_P8_ROW_SUM_HEAD_DIMS = (64,)
+
+
+def sm90_scheme(impl: str = "sm90", k_scale: str = "token",
+                head_dim: int = 128) -> Fp8AttentionScheme:
     """The scheme whose emulation (``fp8_attention_quantized_ref``) the native kernel ``impl``
-    computes: the op's ``SCHEME`` with the kernel's key-tile width (``sm90``: 64, the op's own;
-    ``sm90ws``: 128), and with ``k_scale="tile"`` one K scale per 128-key tile
+    computes at ``head_dim``: the op's ``SCHEME`` with the kernel's key-tile width (``sm90``:
+    64, the op's own; ``sm90ws``: 128), and with ``k_scale="tile"`` one K scale per 128-key tile
     (``k_block=128``; ``sm90ws``'s tile variant computes it up to the rounding of its folded
-    exponent, ``fp8_attention_sm90_ws.h``). ``k_scale`` is a granularity (``token`` or
-    ``tile``), not ``auto``."""
+    exponent, ``fp8_attention_sm90_ws.h``), whose row sums at padded head dim 64 add the e4m3 P
+    (``p8_row_sum``: :data:`SM90WS_KTILE_P8_ROW_SUM_HEAD_DIMS`). ``k_scale`` is a granularity
+    (``token`` or ``tile``), not ``auto``."""
     _sm90_op_name(impl)
-    return with_k_scale(replace(SCHEME, block_n=SM90_BLOCK_N[impl]), k_scale)
+    scheme = with_k_scale(replace(SCHEME, block_n=SM90_BLOCK_N[impl]), k_scale)
+    if (impl == "sm90ws" and scheme.k_block == SM90_BLOCK_N[impl]
+            and padded_head_dim(head_dim) in SM90WS_KTILE_P8_ROW_SUM_HEAD_DIMS):
+        scheme = replace(scheme, p8_row_sum=True)
+    return scheme
 
 
 def cuda_scheme(head_dim: int, device: torch.device | None = None) -> Fp8AttentionScheme:
@@ -270,7 +283,7 @@ def cuda_scheme(head_dim: int, device: torch.device | None = None) -> Fp8Attenti
     if impl == "emulation":
         return with_k_scale(with_format(SCHEME, fmt), k_scale)
     if impl in SM90_IMPLS:
-        return sm90_scheme(impl, k_scale)
+        return sm90_scheme(impl, k_scale, head_dim)
     from xdit_ops.triton.fp8_attention import attn_config, config_scheme
 
     return with_k_scale(config_scheme(attn_config(padded_head_dim(head_dim)), fmt), k_scale)

@@ -117,6 +117,8 @@ class Fp8AttentionScheme:
         accumulator is truncated to this many mantissa bits (None = exact fp32 sums).
     fp8 : the FP8 format (:class:`Fp8Format`); ``p_shift`` must keep P within its max
         (:func:`with_format` sets both).
+    p8_row_sum : the softmax's row sum adds the FP8-rounded P (what multiplies V; a kernel that
+        takes it from the tensor cores, P times ones) instead of the fp32 P.
     """
 
     qk_format: str = "int8"
@@ -130,6 +132,7 @@ class Fp8AttentionScheme:
     two_level: bool = True
     pv_accum_bits: int | None = None
     fp8: Fp8Format = E4M3FN
+    p8_row_sum: bool = False
 
     def __post_init__(self) -> None:
         if 2.0 ** self.p_shift > self.fp8.max:
@@ -498,7 +501,7 @@ def fp8_attention_quantized_ref(
         alpha = torch.exp2(m - m_new)
         p = torch.exp2(s - (m_new[..., None] - scheme.p_shift))
         p8 = fp8_cast(p)
-        l_sum = l_sum * alpha + p.sum(dim=-1)
+        l_sum = l_sum * alpha + (p8.float() if scheme.p8_row_sum else p).sum(dim=-1)
         vt = qq.vt[:, :, :, n0:n1]
         if scheme.two_level:
             acc = acc * alpha[..., None] + _pv_product(p8, vt, None, scheme.pv_accum_bits)

@@ -1,8 +1,9 @@
 // Torch-free instantiations of the warp-specialised sm_90a FP8 attention kernel with one K
 // scale per 128-key tile (XDIT_OPS_FP8_K_SCALE=tile): head dim 64 and 128, float16 and
 // bfloat16 outputs (four kernels with two consumer warpgroups; their own translation unit,
-// compiled beside the per-key ones; other head dims are zero-padded). The three-consumer
-// kernels are in fp8_attention_sm90_ws_tile3_kernels.cu.
+// compiled beside the per-key ones; other head dims are zero-padded). At head dim 64 with the
+// row sums from the tensor cores (kRowSumTC). The three-consumer kernels are in
+// fp8_attention_sm90_ws_tile3_kernels.cu.
 #include "xdit_ops/fp8_attention_sm90_ws.cuh"
 
 namespace xdit_ops {
@@ -17,8 +18,11 @@ cudaError_t fp8_attention_sm90_ws_tile_k_scale(const Fp8AttentionSm90Params& p, 
                                                   ping_pong, stream);
   }
   if (consumers != 2 || !ping_pong) return cudaErrorInvalidValue;
+  // At padded head dim 64 the row sums come from the tensor cores (kRowSumTC), as in the
+  // three-consumer kernels: the same bits whatever the number of consumers.
   return fp8_sm90_common::dispatch(head_dim_padded, out_dtype, [&](auto dp, auto out) {
-    return fp8_sm90_ws::launch<decltype(dp)::value, typename decltype(out)::type, true>(
+    constexpr int kDP = decltype(dp)::value;
+    return fp8_sm90_ws::launch<kDP, typename decltype(out)::type, true, 2, true, kDP == 64>(
         p, batch, stream);
   });
 }

@@ -54,7 +54,21 @@
 // (nvcc 13.0, sm_90a): 128 registers at launch, no spills, the consumers within R0-R157; steady
 // key loop 470 SASS instructions per warp per 128-key tile (457 with 2 consumers; 453 without
 // the round robin). The 2-consumer kernels' SASS is unchanged by the template argument.
+//
+// kRowSumTC (the per-tile kernels at Dp = 64, 2 and 3 consumers): the softmax's row sums come
+// from the tensor cores instead of 64 FADDs and a quad reduction per tile: each V^T stage has 8
+// more rows of e4m3 ones (written once; TMA fills the first Dp rows), P.V runs with N = Dp + 8
+// (CuTe's extended shapes), and its extra columns are the row sums of the e4m3 P, added to l
+// with the tile's alpha like the output (the scheme's p8_row_sum: the sum of what multiplies V).
+// Run 68 (H100): 480.0 against 441.7 TFLOPS at (2,4250,24,64) with 3 consumers, 369.5 against
+// 366.8 with 2; at Dp = 128 847.2 against 876.4 (the wider P.V costs more than the FADDs save),
+// so Dp 128 keeps the FADDs. ptxas: the 3-consumer kernel spills 28 bytes (44 reloaded) with it.
 #pragma once
+
+// The P.V atoms with N = Dp + 8 (kRowSumTC: 72 and 136) are CuTe's extended GMMA shapes.
+#ifndef CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED
+#define CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED
+#endif
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -130,6 +144,18 @@ struct MmaPVRS<128> {
   using type = decltype(make_tiled_mma(
       SM90::GMMA::MMA_64x128x32_F32E4M3E4M3_RS_TN<GMMA::ScaleIn::One, GMMA::ScaleIn::One>{}));
 };
+// kRowSumTC: V^T with 8 more rows of e4m3 ones (N = Dp + 8): the extra columns of P.V are
+// the row sums of P.
+template <>
+struct MmaPVRS<72> {
+  using type = decltype(make_tiled_mma(
+      SM90::GMMA::MMA_64x72x32_F32E4M3E4M3_RS_TN<GMMA::ScaleIn::One, GMMA::ScaleIn::One>{}));
+};
+template <>
+struct MmaPVRS<136> {
+  using type = decltype(make_tiled_mma(
+      SM90::GMMA::MMA_64x136x32_F32E4M3E4M3_RS_TN<GMMA::ScaleIn::One, GMMA::ScaleIn::One>{}));
+};
 
 // The A-operand register of P (8-bit RS wgmma m64nNk32, CuTe's ALayout_64x32) and the key order
 // of V^T that makes it thread-local. The S accumulator (CLayout_64xN) gives thread (warp wp,
@@ -165,6 +191,12 @@ struct Cfg {
   using SmemVt = decltype(tile_to_shape(AtomF8{}, Shape<Int<kDP>, Int<kBlockN>>{}));
   using SmemVtAll =
       decltype(tile_to_shape(AtomF8{}, Shape<Int<kDP>, Int<kBlockN>, Int<kStages>>{}));
+  // kRowSumTC: each stage holds Dp + 8 rows of 128 keys; TMA writes the first Dp (the
+  // swizzle atoms are 8 rows of 128 bytes, stacked: the first Dp rows of a stage are SmemVt's
+  // bytes), the last 8 hold e4m3 ones, written once.
+  using SmemVtAllExt =
+      decltype(tile_to_shape(AtomF8{}, Shape<Int<kDP + 8>, Int<kBlockN>, Int<kStages>>{}));
+  using MmaPVExt = typename MmaPVRS<kDP + 8>::type;
   using MmaQK = decltype(make_tiled_mma(SM90::GMMA::MMA_64x128x32_S32S8S8_SS_TN{}));
   using MmaPV = typename MmaPVRS<kDP>::type;
   static constexpr uint32_t kQBytes = kBlockM * kDP;
@@ -178,7 +210,7 @@ template <int kDP, int kConsumers>
 struct alignas(1024) Storage {
   alignas(1024) int8_t q[kConsumers * kBlockM * kDP];
   alignas(1024) int8_t k[kStages * kBlockN * kDP];
-  alignas(1024) cutlass::float_e4m3_t vt[kStages * kDP * kBlockN];
+  alignas(1024) cutlass::float_e4m3_t vt[kStages * (kDP + 8) * kBlockN];  // (+ 8: kRowSumTC)
   alignas(128) float ks[kStages][kBlockN];  // the K tile's key scales (bulk copy, with K)
   uint64_t q_full;
   uint64_t k_full[kStages];
@@ -279,10 +311,24 @@ __device__ __forceinline__ void wait_barrier(const uint64_t* bar, uint32_t phase
   }
 }
 
+// The stages of V^T as TMA writes them: (Dp, keys, stage), with kVtExt (kRowSumTC) the first
+// Dp rows of each (Dp + 8)-row stage.
+template <int kDP, bool kVtExt>
+__device__ __forceinline__ auto vt_stages(cutlass::float_e4m3_t* vt) {
+  using C = Cfg<kDP>;
+  if constexpr (kVtExt) {
+    return local_tile(make_tensor(make_smem_ptr(vt), typename C::SmemVtAllExt{}),
+                      Shape<Int<kDP>, Int<kBlockN>, Int<kStages>>{}, make_coord(0, 0, 0));
+  } else {
+    return make_tensor(make_smem_ptr(vt), typename C::SmemVtAll{});
+  }
+}
+
 // The producer: one thread issues every TMA load of the CTA. kTileKScale: the consumers read
 // only the tile's first key scale (one K scale per 128-key tile), so only the first 16 bytes
-// (four scales; the minimum bulk copy) of the tile's scales are copied.
-template <int kDP, int kConsumers, bool kTileKScale>
+// (four scales; the minimum bulk copy) of the tile's scales are copied. kVtExt: V^T's stages
+// have 8 more rows (kRowSumTC).
+template <int kDP, int kConsumers, bool kTileKScale, bool kVtExt>
 __device__ __forceinline__ void produce(const KernelParams<kDP>& kp, Storage<kDP, kConsumers>& s,
                                         int n_tiles) {
   using C = Cfg<kDP>;
@@ -313,7 +359,7 @@ __device__ __forceinline__ void produce(const KernelParams<kDP>& kp, Storage<kDP
                                   group_modes<0, 2>(gK));
   Tensor mV = kp.tma_vt.get_tma_tensor(make_shape(Int<kDP>{}, p.seq_k_pad, kp.bh_count));
   Tensor gV = local_tile(mV(_, _, bh), Shape<Int<kDP>, Int<kBlockN>>{}, make_coord(0, _));
-  Tensor sV = make_tensor(make_smem_ptr(s.vt), typename C::SmemVtAll{});
+  Tensor sV = vt_stages<kDP, kVtExt>(s.vt);
   auto [tVg, tVs] = tma_partition(kp.tma_vt, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sV),
                                   group_modes<0, 2>(gV));
 
@@ -347,7 +393,11 @@ __device__ __forceinline__ void produce(const KernelParams<kDP>& kp, Storage<kDP
 // A consumer warpgroup: 64 query rows, every key tile (see the file comment for the schedule).
 // kTileKScale: the K scales are equal within a 128-key tile (the scheme with k_block = 128,
 // XDIT_OPS_FP8_K_SCALE=tile); the softmax reads one scale per tile (softmax_tile).
-template <int kDP, int kConsumers, typename OutT, bool kTileKScale, bool kPingPong>
+// kRowSumTC: the softmax's row sums from the tensor cores (the e4m3 P times 8 rows of ones
+// appended to V^T: P.V with N = Dp + 8): the sum of the e4m3 P (the emulation's p8_row_sum),
+// added like the output, a tile late; else FADDs of the fp32 P, one chain per row.
+template <int kDP, int kConsumers, typename OutT, bool kTileKScale, bool kPingPong,
+          bool kRowSumTC>
 __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP, kConsumers>& s,
                                         int n_tiles, int w) {
   using C = Cfg<kDP>;
@@ -358,10 +408,18 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
 
   Tensor sQ = make_tensor(make_smem_ptr(s.q), typename C::template SmemQAll<kConsumers>{});
   Tensor sK = make_tensor(make_smem_ptr(s.k), typename C::SmemKAll{});
-  Tensor sV = make_tensor(make_smem_ptr(s.vt), typename C::SmemVtAll{});
+  constexpr bool kVtExt = kRowSumTC;
+  constexpr int kPVN = kVtExt ? kDP + 8 : kDP;  // P.V's N
+  Tensor sV = [&] {
+    if constexpr (kVtExt) {
+      return make_tensor(make_smem_ptr(s.vt), typename C::SmemVtAllExt{});
+    } else {
+      return make_tensor(make_smem_ptr(s.vt), typename C::SmemVtAll{});
+    }
+  }();
 
   typename C::MmaQK mma_qk;
-  typename C::MmaPV mma_pv;
+  std::conditional_t<kVtExt, typename C::MmaPVExt, typename C::MmaPV> mma_pv;
   auto thr_qk = mma_qk.get_thread_slice(tid);
   auto thr_pv = mma_pv.get_thread_slice(tid);
   Tensor tSrQ = thr_qk.partition_fragment_A(sQ(_, _, w));  // (MMA, 1, kDP / 32)
@@ -374,8 +432,11 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
   static_assert(size(tOrPu) == kBlockN / 8, "four A registers per 32-key block");
   Tensor tOrV = thr_pv.partition_fragment_B(sV);           // (MMA, 1, kBlockN / 32, stages)
   Tensor tSrS = partition_fragment_C(mma_qk, Shape<Int<kBlockM>, Int<kBlockN>>{});
-  Tensor tOrPV = partition_fragment_C(mma_pv, Shape<Int<kBlockM>, Int<kDP>>{});
-  Tensor tOrO = make_fragment_like(tOrPV);
+  Tensor tOrPV = partition_fragment_C(mma_pv, Shape<Int<kBlockM>, Int<kPVN>>{});
+  // The output: P.V's first Dp columns (C layout: element i < Dp / 2 is the same row and column
+  // for N = Dp and N = Dp + 8; elements Dp / 2 and Dp / 2 + 2 of the wider one are rows r0 and
+  // r0 + 8 of column Dp + c0: the row sums).
+  Tensor tOrO = partition_fragment_C(typename C::MmaPV{}, Shape<Int<kBlockM>, Int<kDP>>{});
   clear(tOrO);
   static_assert(size(tSrS) == kBlockN / 2 && size(tOrO) == kDP / 2, "64xN wgmma C fragments");
 
@@ -442,6 +503,10 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
   auto accumulate_pv = [&] {
     CUTE_UNROLL
     for (int i = 0; i < size(tOrO); ++i) tOrO(i) = tOrO(i) * alpha[(i >> 1) & 1] + tOrPV(i);
+    if constexpr (kVtExt) {
+      CUTE_UNROLL
+      for (int j = 0; j < 2; ++j) l_i[j] = l_i[j] * alpha[j] + tOrPV(size(tOrO) + 2 * j);
+    }
   };
   // Scores of tile t from the s32 accumulators -> online softmax -> P of tile t as e4m3 pairs
   // in the accumulator's order (pk; set_p puts them into tOrP once the previous P.V, which
@@ -499,12 +564,16 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
       }
       const float p0 = exp2f(a0);
       const float p1 = exp2f(a1);
-      tile_sum[rj] += p0;
-      tile_sum[rj] += p1;
+      if constexpr (!kRowSumTC) {
+        tile_sum[rj] += p0;
+        tile_sum[rj] += p1;
+      }
       pk[i / 2] = __nv_cvt_float2_to_fp8x2(make_float2(p0, p1), __NV_SATFINITE, __NV_E4M3);
     }
     CUTE_UNROLL
-    for (int j = 0; j < 2; ++j) l_i[j] = l_i[j] * alpha_t[j] + quad_sum(tile_sum[j]);
+    for (int j = 0; j < 2; ++j) {
+      if constexpr (!kRowSumTC) l_i[j] = l_i[j] * alpha_t[j] + quad_sum(tile_sum[j]);
+    }
   };
   // The softmax with one K scale per tile (kTileKScale; the scheme with k_block = 128): c[j] =
   // |qs| x ks of row j and the tile, positive (q_sign carries the sign). Per score one IMAD,
@@ -561,12 +630,16 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
       }
       const float p0 = exp2f(a0);
       const float p1 = exp2f(a1);
-      tile_sum[rj] += p0;
-      tile_sum[rj] += p1;
+      if constexpr (!kRowSumTC) {
+        tile_sum[rj] += p0;
+        tile_sum[rj] += p1;
+      }
       pk[i / 2] = __nv_cvt_float2_to_fp8x2(make_float2(p0, p1), __NV_SATFINITE, __NV_E4M3);
     }
     CUTE_UNROLL
-    for (int j = 0; j < 2; ++j) l_i[j] = l_i[j] * alpha_t[j] + quad_sum(tile_sum[j]);
+    for (int j = 0; j < 2; ++j) {
+      if constexpr (!kRowSumTC) l_i[j] = l_i[j] * alpha_t[j] + quad_sum(tile_sum[j]);
+    }
   };
   // P of tile t into P.V's A registers: register 4 kb + r + 2 h holds row r's column groups
   // j = 4 kb + 2 h (bytes 0, 1) and j + 1 (bytes 2, 3) (see pv_a_register). Called after the
@@ -758,7 +831,8 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP
 
 // kConsumers consumer warpgroups (2; or 3 at Dp = 64), kPingPong: they issue in turn (2: the
 // ping-pong; 3: round robin, built for bf16 as the A/B) or freely (3: the built default).
-template <int kDP, typename OutT, bool kTileKScale, int kConsumers = 2, bool kPingPong = true>
+template <int kDP, typename OutT, bool kTileKScale, int kConsumers = 2, bool kPingPong = true,
+          bool kRowSumTC = false>
 __global__ void __launch_bounds__(kThreads<kConsumers>, 1)
     fp8_attention_ws_kernel(const __grid_constant__ KernelParams<kDP> kp) {
   check_consumers<kDP, kConsumers>();
@@ -780,20 +854,30 @@ __global__ void __launch_bounds__(kThreads<kConsumers>, 1)
     }
     cutlass::arch::fence_barrier_init();
   }
+  if constexpr (kRowSumTC) {
+    // The 8 rows of ones after each stage's Dp rows of V^T (e4m3 1.0 is 0x38: every byte, so
+    // the swizzle cannot change them). The wgmmas read them through the async proxy.
+    for (int i = threadIdx.x; i < kStages * 8 * kBlockN / 4; i += blockDim.x) {
+      const int st = i / (8 * kBlockN / 4), w = i % (8 * kBlockN / 4);
+      reinterpret_cast<uint32_t*>(s.vt + (st * (kDP + 8) + kDP) * kBlockN)[w] = 0x38383838u;
+    }
+    cutlass::arch::fence_view_async_shared();
+  }
   __syncthreads();
   if (warp_group == 0) {
     cutlass::arch::warpgroup_reg_dealloc<kProducerRegs>();
-    if (threadIdx.x == 0) produce<kDP, kConsumers, kTileKScale>(kp, s, n_tiles);
+    if (threadIdx.x == 0) produce<kDP, kConsumers, kTileKScale, kRowSumTC>(kp, s, n_tiles);
   } else {
     cutlass::arch::warpgroup_reg_alloc<kConsumerRegs<kConsumers>>();
-    consume<kDP, kConsumers, OutT, kTileKScale, kPingPong>(kp, s, n_tiles, warp_group - 1);
+    consume<kDP, kConsumers, OutT, kTileKScale, kPingPong, kRowSumTC>(kp, s, n_tiles,
+                                                                      warp_group - 1);
   }
 }
 
 // kTileKScale: the per-tile K scale variant (p.k_scale equal within every 128-key tile).
 // kConsumers, kPingPong: see fp8_attention_ws_kernel.
 template <int kDP, typename OutT, bool kTileKScale = false, int kConsumers = 2,
-          bool kPingPong = true>
+          bool kPingPong = true, bool kRowSumTC = false>
 cudaError_t launch(const Fp8AttentionSm90Params& p, int batch, cudaStream_t stream) {
   // Sk_pad is the quantization pass's (a multiple of 64); TMA reads the last tile's keys past
   // it as zeros.
@@ -805,7 +889,8 @@ cudaError_t launch(const Fp8AttentionSm90Params& p, int batch, cudaStream_t stre
                        make_tma_k<kDP>(p.k8, p.seq_k_pad, bh),
                        make_tma_vt<kDP>(p.vt8, p.seq_k_pad, bh), p, bh};
   const int smem = static_cast<int>(sizeof(Storage<kDP, kConsumers>));
-  auto kernel = fp8_attention_ws_kernel<kDP, OutT, kTileKScale, kConsumers, kPingPong>;
+  auto kernel =
+      fp8_attention_ws_kernel<kDP, OutT, kTileKScale, kConsumers, kPingPong, kRowSumTC>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
   const int rows_per_cta = kConsumers * kBlockM;

@@ -41,7 +41,8 @@ cudaError_t fp8_attention_sm90_ws(const Fp8AttentionSm90Params& p, int batch,
 // scale and folds it into the exponent's FMA (no per-score K-scale multiply). Numerics: the
 // emulation of that scheme up to about one int32 dot-product unit of score in the exponent
 // (see softmax_tile in fp8_attention_sm90_ws.cuh). Built for head_dim_padded 64 and 128
-// (cudaErrorInvalidValue otherwise).
+// (cudaErrorInvalidValue otherwise). At head_dim_padded 64 the softmax's row sums add the
+// e4m3 P (from the tensor cores: kRowSumTC), not the fp32 P: the scheme with p8_row_sum.
 //
 // consumers: the consumer warpgroups per CTA (XDIT_OPS_FP8_SM90_CONSUMERS), 2 (64 query rows
 // each, 128 per CTA, in ping-pong) or 3 (192 rows per CTA; built for head_dim_padded 64 only:

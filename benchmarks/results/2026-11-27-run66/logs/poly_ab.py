@@ -60,5 +60,5 @@ for B, S, H, D in shapes:
     torch.cuda.empty_cache()
 out_dir.mkdir(parents=True, exist_ok=True)
 (out_dir / f"poly_ab-{torch.cuda.get_device_name().replace(' ', '_')}.json").write_text(
-    json.dumps({"commit": os.environ.get("XDIT_OPS_GIT_COMMIT"), "gpu": torch.cuda.get_device_name(),
-                "rows": rows}, indent=1))
+    json.dumps({"commit": os.environ.get("XDIT_OPS_GIT_COMMIT"),
+                "gpu": torch.cuda.get_device_name(), "rows": rows}, indent=1))
