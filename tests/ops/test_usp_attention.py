@@ -532,6 +532,8 @@ def _worker_gpu(rank, world):
                 plans = [p for p in _usp._PLANS.values() if p.U == u and p.R == r]
                 used = {p.path for p in plans} if r == 1 else {p.ring for p in plans}
                 assert used == ({"push"} if r == 1 else {"ce"}), (u, r, used)
+                if u > 1 and r > 1:  # the hybrid: the push feeds the copy-engine ring
+                    assert {p.path for p in plans} == {"push"}, (u, r)
                 if r == 1:  # the default push sends its output back by rank blocks
                     assert all(p.push_blocks for p in plans), u
         if r == 1:

@@ -121,8 +121,9 @@ def _worker_gpu(rank, world, mode):
         # the calls made outputs of their own (no aliasing of the graph's static output)
         assert not torch.equal(got[1][0], got[2][0])
         # a graph where it holds no NCCL kernel (_graph_eligible): the peer-mapped push and
-        # the copy-engine rings, not the NCCL transports nor the LSE's NCCL all-to-all
-        eligible = (mode in ("push", "overlap", "uce", "ce", "ceflags")
+        # the copy-engine rings (the hybrid: both), not the NCCL transports nor the LSE's NCCL
+        # all-to-all
+        eligible = (mode in ("push", "overlap", "uce", "ce", "ceflags", "hybrid")
                     and not (kwargs.get("return_lse") and u > 1))
         graphs = [g for p in _usp._PLANS.values() for g in p.graphs.values()]
         graphed = any(isinstance(g, _usp._CallGraph) for g in graphs)
@@ -141,7 +142,7 @@ def _worker_gpu(rank, world, mode):
             assert _usp.FAST_CALLS[0] == before and torch.equal(o.detach(), got[0][0])
         _usp.release_call_graphs()
         assert not _usp._FAST
-    if mode in ("push", "overlap", "uce", "ce", "ceflags"):
+    if mode in ("push", "overlap", "uce", "ce", "ceflags", "hybrid"):
         # the cap on live call graphs: with MAX_CALL_GRAPHS = 1, a second signature (another
         # scale) stays eager (warned once, its reason kept), with the same results
         os.environ["XDIT_OPS_USP_GRAPH"] = "1"
