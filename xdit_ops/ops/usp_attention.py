@@ -429,8 +429,9 @@ def auto_ring(mapped: bool, tokens: int) -> str:
 
 
 def auto_ulysses(mapped: bool, can_overlap: bool, U: int, tokens: int) -> str:
-    """The Ulysses transport ``auto`` takes (``mapped``: a peer-mapped Ulysses group, with or
-    without a ring; ``can_overlap``: the overlap applies, see ``_build_plan``): ``overlap`` from
+    """The Ulysses transport ``auto`` takes (``mapped``: a peer-mapped Ulysses group, without a
+    ring or with a copy-engine one; ``can_overlap``: the overlap applies, see ``_build_plan``):
+    ``overlap`` from
     ``AUTO_OVERLAP_MIN_RANKS`` ranks and ``AUTO_FLAGS_MIN_TOKENS`` gathered tokens, else
     ``push``; ``nccl`` without peer mapping."""
     if not mapped:
@@ -1574,9 +1575,10 @@ def _build_plan(q, k, v, joint_lengths, joint_tokens, joint_front, seq_len, back
     if transport in ("auto", "overlap"):
         # every rank decides alike (the switches, shapes and peer mapping agree); where the
         # overlap cannot apply, what auto would take
-        # (with a ring too: the push then feeds the ring its assembled K/V block, which the
-        # copy-engine ring copies into its own buffer; the overlap stays ring-free)
-        mapped = _peer_mapped(ug, rg)
+        # (with a copy-engine ring too: the push then feeds the ring its assembled K/V block,
+        # which the ring copies into its own buffer, and the call can replay a graph; the
+        # NCCL ring keeps NCCL's exchange, the overlap stays ring-free)
+        mapped = (R == 1 or p.ring in CE_RINGS) and _peer_mapped(ug, rg)
         can = (R == 1 and mapped and all(x == heads[0] for x in heads)
                and _overlap_can_chunk(heads[0], chunks_sw) and push_kernel(OP) != "v1")
         if transport == "auto":
@@ -1585,7 +1587,8 @@ def _build_plan(q, k, v, joint_lengths, joint_tokens, joint_front, seq_len, back
             transport = "overlap" if can else "push" if mapped else "nccl"
     if U == 1:
         p.path = "local"
-    elif transport == "push" or (R == 1 and transport == "overlap"):
+    elif ((transport == "push" and (R == 1 or p.ring in CE_RINGS))
+          or (R == 1 and transport == "overlap")):
         p.path = transport
         # what _push_buffers looks its buffers up by (dtype and device are in the plan's key)
         p.push_key = (id(ug), B, J, p.Jk, L, tuple(heads), q.dtype, q.device, D)
