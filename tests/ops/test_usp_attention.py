@@ -876,6 +876,44 @@ def _plan_overlap(monkeypatch, H, U, S, chunks, transport="overlap", r=0):
                             switches)
 
 
+def _plan_hybrid(monkeypatch, ulysses=None, ring=None, mapped=True, S=256, U=2, R=2):
+    """``_build_plan`` of rank 0 of a U x R grid of stub groups (no process group: the
+    cross-rank check is off) with ``XDIT_OPS_USP_ULYSSES=ulysses``, ``XDIT_OPS_USP_RING=ring``
+    and every group peer-mapped or not."""
+    monkeypatch.setattr(_usp, "_group_size", lambda g: 1 if g is None else g.size)
+    monkeypatch.setattr(_usp, "_group_rank", lambda g: 0 if g is None else g.rank)
+    monkeypatch.setattr(_usp, "ulysses_transport", lambda device, switch: switch or "auto")
+    monkeypatch.setattr(_usp, "ring_transport", lambda device, switch: switch or "auto")
+    monkeypatch.setattr(_usp, "_peer_mapped", lambda *a, **k: mapped)
+    monkeypatch.setattr(_usp.dist, "get_process_group_ranks", lambda g: list(range(g.size)))
+    q = randn(1, S // (U * R), 8, 8, seed=1)
+    switches = ("0", None, ring, ulysses, None, None, None, None)
+    return _usp._build_plan(q, q, q, None, 0, True, -1, "auto", _StubGroup(0, U),
+                            _StubGroup(0, R), None, switches)
+
+
+def test_hybrid_plan_takes_the_push_with_a_copy_engine_ring(monkeypatch):
+    """On a peer-mapped hybrid grid the Ulysses exchange is the push when the ring runs on the
+    copy engines (auto, ce, ceflags; the overlap asked for takes the push there too): then a
+    call can replay a graph of its own (no NCCL kernel in it, without the LSE). With the NCCL
+    ring, or without peer mapping, NCCL's all-to-all as before (session 15, runs 71-72)."""
+    monkeypatch.setattr(_usp, "_RUN", object())  # the native replay, as where _C is loaded
+    for ulysses, ring in ((None, None), (None, "ce"), (None, "ceflags"), ("push", "ce"),
+                          ("overlap", "ce"), ("overlap", "ceflags")):
+        p = _plan_hybrid(monkeypatch, ulysses, ring)
+        assert (p.path, p.ring in _usp.CE_RINGS) == ("push", True), (ulysses, ring, p.path)
+        # (p.graphed is off on CPU tensors; eligibility is what the CUDA plan turns it on by)
+        assert (_usp._graph_eligible(p, False), _usp._graph_eligible(p, True)) == (True, False)
+    # 16384 gathered tokens: auto's ring is the flag ring, the Ulysses part still the push
+    p = _plan_hybrid(monkeypatch, S=_usp.AUTO_FLAGS_MIN_TOKENS)
+    assert (p.path, p.ring) == ("push", "ceflags")
+    for ulysses, ring, mapped in ((None, "nccl", True), ("push", "nccl", True),
+                                  ("nccl", "ce", True), (None, None, False)):
+        p = _plan_hybrid(monkeypatch, ulysses, ring, mapped)
+        assert p.path == "nccl", (ulysses, ring, mapped, p.path)
+        assert not _usp._graph_eligible(p, False)
+
+
 def test_overlap_plan_chunks(monkeypatch):
     """The plan's chunks: the overlap's head counts (``chunk_heads``, ``chunks`` their count);
     a list that does not fit the share raises where the overlap is chosen, not where auto takes
