@@ -1172,14 +1172,9 @@ _MEMOPS_T = torch.ops.xdit_ops.stream_memops_t.default
 _COPY2D_T = torch.ops.xdit_ops.copy2d_t.default
 
 
-_FROM_ENV = object()
-
-
-def _host_lists(v=_FROM_ENV) -> bool:
-    """Whether ``XDIT_OPS_USP_HOST`` (``v``: its value, the plan's ``host_sw``, read with the
-    plan key; default: the environment's) asks for run 43's host path (``lists``)."""
-    if v is _FROM_ENV:
-        v = os.environ.get(HOST_ENV)
+def _host_lists(v: str | None) -> bool:
+    """Whether ``XDIT_OPS_USP_HOST`` (``v``: its value, None where unset) asks for run 43's host
+    path (``lists``); decided once per plan (``p.host_lists``), where a path reads it."""
     if v is None or v == "tensors":
         return False
     if v == "lists":
@@ -1237,7 +1232,7 @@ def _ulysses_overlap(q_s, k_s, v_s, q_j, k_j, v_j, p: _Plan, attend):
     """The overlap path (see the block comment above): [B, L, H, D] x3 -> ([B, J + L, H, D],
     lse [B, h, J + U*L]). The same copies, flags and kernels as ``_ulysses_overlap_lists``, with
     less host work a call (``HOST_ENV`` above)."""
-    if _host_lists(p.host_sw):
+    if p.host_lists:
         return _ulysses_overlap_lists(q_s, k_s, v_s, q_j, k_j, v_j, p, attend)
     dev = q_s.device
     f = _overlap_host(p, q_s.dtype, dev)
@@ -1352,7 +1347,7 @@ def _switches(grouped: bool) -> tuple:
     """The raw values of the op's environment switches, (``XDIT_OPS_USP_CHECK``, ``_CHUNKS``,
     ``_RING``, ``_ULYSSES``, ``_FP8_WIRE``, ``XDIT_OPS_FP8_FORMAT``, ``XDIT_OPS_PUSH_KERNEL``,
     ``XDIT_OPS_MERGE_IMPL``, ``XDIT_OPS_USP_GRAPH``, and the switches a call's body uses, which
-    a call graph freezes (the plan holds the first two, ``host_sw`` and ``batched``; the FP8
+    a call graph freezes (the plan holds the first two, ``host_lists`` and ``batched``; the FP8
     op reads the others per call): ``XDIT_OPS_USP_HOST``, ``XDIT_OPS_MEMOPS_BATCH``,
     ``XDIT_OPS_FP8_IMPL``, ``XDIT_OPS_FP8_K_SCALE``, ``XDIT_OPS_FP8_SM90_CONSUMERS``), None
     where unset: part of the plan key, so a switch changed between calls takes effect on the
@@ -1437,7 +1432,7 @@ class _Plan:
         "mine", "squeeze", "path", "chunks", "chunk_heads", "ring", "nxt", "prv", "in_splits",
         "out_splits", "lse_splits", "seq_len", "check",
         "agree_key", "attn_backend", "push_key", "push_blocks", "wire", "fp8ring",
-        "graphed", "graphs", "host_sw", "batched",
+        "graphed", "graphs", "host_lists", "batched",
     )
 
 
@@ -1557,8 +1552,8 @@ def _build_plan(q, k, v, joint_lengths, joint_tokens, joint_front, seq_len, back
     tokens = J + sum(lens)  # the gathered sequence's valid tokens (auto; the FP8 ring's count)
     graph_mode = graph_setting(graph_sw or "auto") if switches else "0"
     p.graphs = {}
-    # the flag paths' per-call switches, read with the plan key (not again in the call body)
-    p.host_sw, p.batched = host_sw, batch_sw != "0"
+    # the flag paths' per-call switch, read with the plan key (not again in the call body)
+    p.batched = batch_sw != "0"
     p.ring = ring_transport(q.device, ring_sw) if R > 1 else "nccl"
     if p.ring == "auto":
         p.ring = auto_ring(_peer_mapped(ug, rg, "ring"), tokens)
@@ -1634,6 +1629,10 @@ def _build_plan(q, k, v, joint_lengths, joint_tokens, joint_front, seq_len, back
     p.in_splits = _exchange_splits(3 * B * L * D, heads, p.h_me, True)  # [3, B, L, h, D]
     p.out_splits = _exchange_splits(B * (J + L) * v.shape[3], heads, p.h_me, False)
     p.lse_splits = _exchange_splits(B * (J + L), heads, p.h_me, False)
+    # the host path of the paths that have two (the overlap, the copy-engine rings: the FP8
+    # ring's too), decided (and a bad XDIT_OPS_USP_HOST refused) once here, not per call
+    p.host_lists = (_host_lists(host_sw) if p.path == "overlap" or p.ring in CE_RINGS
+                    else False)
     # whether its eager calls replay a graph of their own, without / with the LSE (decided
     # once here: the call only looks it up)
     on = q.device.type == "cuda" and (graph_mode == "1" or (
@@ -1964,7 +1963,7 @@ def _ring_ce(p: _Plan, shape: tuple, dtype: torch.dtype, device: torch.device, f
     if p.ring == "ceflags":
         _ring_ce_flags(p, shape, dtype, device, fill, attend_block, parts, part_lses)
         return
-    if _host_lists(p.host_sw):
+    if p.host_lists:
         _ring_ce_lists(p, shape, dtype, device, fill, attend_block, parts, part_lses)
         return
     _, bufs, handle, side, peer, to_side, to_compute = _ring_ce_host(p, shape, dtype, device)
@@ -2208,7 +2207,7 @@ def _ring_ce_flags(p: _Plan, shape: tuple, dtype: torch.dtype, device: torch.dev
     """``_ring_ce`` with flag words instead of barrier kernels (``XDIT_OPS_USP_RING=ceflags``),
     running ``ring_flag_schedule`` as compiled once per shape by ``ring_host_steps`` (the same
     operations as ``_ring_ce_flags_lists``, with less host work a call: ``HOST_ENV``)."""
-    if _host_lists(p.host_sw):
+    if p.host_lists:
         _ring_ce_flags_lists(p, shape, dtype, device, fill, attend_block, parts, part_lses)
         return
     _, bufs, flags, steps, side, to_side, to_compute, _ = _ring_host(p, shape, dtype, device)
