@@ -206,11 +206,12 @@ struct Cfg {
 
 // Every operand buffer starts on a 1 KB boundary (the swizzle pattern's repeat), each stage
 // and each consumer's slice is a multiple of 1 KB.
-template <int kDP, int kConsumers>
+// kVtExt (kRowSumTC): each V^T stage has 8 more rows (the ones).
+template <int kDP, int kConsumers, bool kVtExt = false>
 struct alignas(1024) Storage {
   alignas(1024) int8_t q[kConsumers * kBlockM * kDP];
   alignas(1024) int8_t k[kStages * kBlockN * kDP];
-  alignas(1024) cutlass::float_e4m3_t vt[kStages * (kDP + 8) * kBlockN];  // (+ 8: kRowSumTC)
+  alignas(1024) cutlass::float_e4m3_t vt[kStages * (kDP + (kVtExt ? 8 : 0)) * kBlockN];
   alignas(128) float ks[kStages][kBlockN];  // the K tile's key scales (bulk copy, with K)
   uint64_t q_full;
   uint64_t k_full[kStages];
@@ -329,8 +330,8 @@ __device__ __forceinline__ auto vt_stages(cutlass::float_e4m3_t* vt) {
 // (four scales; the minimum bulk copy) of the tile's scales are copied. kVtExt: V^T's stages
 // have 8 more rows (kRowSumTC).
 template <int kDP, int kConsumers, bool kTileKScale, bool kVtExt>
-__device__ __forceinline__ void produce(const KernelParams<kDP>& kp, Storage<kDP, kConsumers>& s,
-                                        int n_tiles) {
+__device__ __forceinline__ void produce(const KernelParams<kDP>& kp,
+                                        Storage<kDP, kConsumers, kVtExt>& s, int n_tiles) {
   using C = Cfg<kDP>;
   const Fp8AttentionSm90Params& p = kp.p;
   const int bh = blockIdx.y;
@@ -398,8 +399,9 @@ __device__ __forceinline__ void produce(const KernelParams<kDP>& kp, Storage<kDP
 // added like the output, a tile late; else FADDs of the fp32 P, one chain per row.
 template <int kDP, int kConsumers, typename OutT, bool kTileKScale, bool kPingPong,
           bool kRowSumTC>
-__device__ __forceinline__ void consume(const KernelParams<kDP>& kp, Storage<kDP, kConsumers>& s,
-                                        int n_tiles, int w) {
+__device__ __forceinline__ void consume(const KernelParams<kDP>& kp,
+                                        Storage<kDP, kConsumers, kRowSumTC>& s, int n_tiles,
+                                        int w) {
   using C = Cfg<kDP>;
   const Fp8AttentionSm90Params& p = kp.p;
   const int tid = threadIdx.x % 128;
@@ -837,7 +839,7 @@ __global__ void __launch_bounds__(kThreads<kConsumers>, 1)
     fp8_attention_ws_kernel(const __grid_constant__ KernelParams<kDP> kp) {
   check_consumers<kDP, kConsumers>();
   extern __shared__ __align__(1024) uint8_t smem_raw[];
-  auto& s = *reinterpret_cast<Storage<kDP, kConsumers>*>(smem_raw);
+  auto& s = *reinterpret_cast<Storage<kDP, kConsumers, kRowSumTC>*>(smem_raw);
   const int n_tiles = (kp.p.seq_k + kBlockN - 1) / kBlockN;  // >= 1 (the host checks)
   // Warp-uniform for ptxas (a shuffle from lane 0): what derives from it (named barrier ids,
   // the consumer's shared-memory slices) can live in uniform registers. With P in registers
@@ -888,7 +890,7 @@ cudaError_t launch(const Fp8AttentionSm90Params& p, int batch, cudaStream_t stre
   KernelParams<kDP> kp{make_tma_q<kDP>(p.q8, p.seq_q, bh),
                        make_tma_k<kDP>(p.k8, p.seq_k_pad, bh),
                        make_tma_vt<kDP>(p.vt8, p.seq_k_pad, bh), p, bh};
-  const int smem = static_cast<int>(sizeof(Storage<kDP, kConsumers>));
+  const int smem = static_cast<int>(sizeof(Storage<kDP, kConsumers, kRowSumTC>));
   auto kernel =
       fp8_attention_ws_kernel<kDP, OutT, kTileKScale, kConsumers, kPingPong, kRowSumTC>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
