@@ -1166,6 +1166,12 @@ def _ulysses_overlap_lists(q_s, k_s, v_s, q_j, k_j, v_j, p: _Plan, attend):
 # every side stream waits for, where ``wait_stream`` records a new event per side stream),
 # peer views and pull descriptors of the rings made once (the barrier ring "ce" keeps its
 # stream context: its barrier kernel and torch copy_ go on the current stream).
+# The tensor path queues chunk 0's attention before the copies of chunks 1..C-1 (the GPU order
+# is the same: the copies wait for an event recorded before it). Run 73 (4x H200,
+# (1,32760,40,128), a call after a synchronize) saw the first attention start ~0.53 ms into the
+# call, the host time of queueing 12 copies and their flags; ``False`` restores the old host
+# order (the benchmark's A/B; the list path keeps it).
+ATTEND_FIRST = True
 HOST_ENV = "XDIT_OPS_USP_HOST"
 HOST_PATHS = ("tensors", "lists")
 _MEMOPS_T = torch.ops.xdit_ops.stream_memops_t.default
@@ -1254,8 +1260,26 @@ def _ulysses_overlap(q_s, k_s, v_s, q_j, k_j, v_j, p: _Plan, attend):
     memops(flags, g["start"], batched, -1)  # every peer is done with the last call
     _overlap_push_in(q_s, k_s, v_s, p, f.state[7], ins[0], first)
     memops(flags, g["sig_in0"], batched, -1)
+    fork.record(compute)  # chunks 1..C-1 go out from here
+    kept = []  # outputs the side streams still read
+    lses = []
+    wait_in = g["wait_in"]
+
+    def attend_chunk(c):
+        qbuf, kv = local[c]
+        kj, vj = _own_joint_rows(f.jdst[c], q_j, k_j, v_j, f.hs[c], J, Jk)
+        if c:
+            compute.wait_event(f.own[c])
+        memops(flags, wait_in[c], batched, -1)
+        o, lse = attend(qbuf, _squeezed(p, kv) if p.squeeze else kv, kj, vj)
+        lses.append(lse)
+        return o
+
+    # Chunk 0's attention is queued before the copies of chunks 1..C-1 (host order only: the
+    # copies wait for ``fork`` above, not for it), so a GPU that waits for this call does not
+    # also wait for the host to queue (C - 1) x U copies and their flags first (``ATTEND_FIRST``)
+    o = attend_chunk(0) if ATTEND_FIRST else None
     # chunks 1..C-1 on the copy engines, one side stream per destination
-    fork.record(compute)
     sig_in = g["sig_in"]
     for d in range(U):
         s, sid, td = sides[d], side_ids[d], tin[d]
@@ -1267,19 +1291,10 @@ def _ulysses_overlap(q_s, k_s, v_s, q_j, k_j, v_j, p: _Plan, attend):
                 f.own[c].record(s)
             else:  # (sig_in has no flag to this rank itself: the event)
                 memops(flags, sig_in[c][d], batched, sid)
-    kept = []  # outputs the side streams still read
-    lses = []
-    wait_in = g["wait_in"]
     for c in range(C):
-        qbuf, kv = local[c]
-        hs = f.hs[c]
-        kj, vj = _own_joint_rows(f.jdst[c], q_j, k_j, v_j, hs, J, Jk)
-        if c:
-            compute.wait_event(f.own[c])
-        memops(flags, wait_in[c], batched, -1)
-        o, lse = attend(qbuf, _squeezed(p, kv) if p.squeeze else kv, kj, vj)
-        lses.append(lse)
-        h_out = hs.start
+        if c or o is None:
+            o = attend_chunk(c)
+        h_out = f.hs[c].start
         if c == C - 1:  # the last chunk's output: the push-out kernel, nothing left to hide it
             _overlap_push_out(o, p, f.state[7], outs, h_out, first)
             break
