@@ -2,7 +2,8 @@
 // scale per 128-key tile (XDIT_OPS_FP8_K_SCALE=tile): head dim 64 and 128, float16 and
 // bfloat16 outputs (four kernels with two consumer warpgroups; their own translation unit,
 // compiled beside the per-key ones; other head dims are zero-padded). At head dim 64 with the
-// row sums from the tensor cores (kRowSumTC). The three-consumer kernels are in
+// row sums from the tensor cores (kRowSumTC), at 128 with the late row sums (kLateRowSum). The
+// three-consumer kernels are in
 // fp8_attention_sm90_ws_tile3_kernels.cu.
 #include "xdit_ops/fp8_attention_sm90_ws.cuh"
 
@@ -19,11 +20,12 @@ cudaError_t fp8_attention_sm90_ws_tile_k_scale(const Fp8AttentionSm90Params& p, 
   }
   if (consumers != 2 || !ping_pong) return cudaErrorInvalidValue;
   // At padded head dim 64 the row sums come from the tensor cores (kRowSumTC), as in the
-  // three-consumer kernels: the same bits whatever the number of consumers.
+  // three-consumer kernels: the same bits whatever the number of consumers. At 128 the
+  // threads' row sums are reduced once after the key loop (kLateRowSum; runs 75-76).
   return fp8_sm90_common::dispatch(head_dim_padded, out_dtype, [&](auto dp, auto out) {
     constexpr int kDP = decltype(dp)::value;
-    return fp8_sm90_ws::launch<kDP, typename decltype(out)::type, true, 2, true, kDP == 64>(
-        p, batch, stream);
+    return fp8_sm90_ws::launch<kDP, typename decltype(out)::type, true, 2, true, kDP == 64,
+                               kDP == 128>(p, batch, stream);
   });
 }
 
