@@ -688,21 +688,19 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp,
   auto slot = [&](int t, auto qk, auto pv, auto mask) {
     constexpr bool kQK = decltype(qk)::value;
     constexpr bool kPV = decltype(pv)::value;
-    int st, sv, k_phase, v_phase;
-    if constexpr (kLateRowSum) {  // unsigned: t >= 0, and t >= 1 where P.V is issued
-      const unsigned ut = static_cast<unsigned>(t);
-      st = static_cast<int>(ut % kStages);
-      sv = static_cast<int>((ut + kStages - 1) % kStages);
-      k_phase = static_cast<int>((ut / kStages) & 1);
-      v_phase = static_cast<int>(((ut - 1) / kStages) & 1);
-    } else {
-      st = t % kStages;
-      sv = (t + kStages - 1) % kStages;
-      k_phase = (t / kStages) & 1;
-      v_phase = ((t - 1) / kStages) & 1;
+    // (kLateRowSum: in unsigned integers; t >= 0, and t >= 1 where P.V is issued)
+    const unsigned ut = static_cast<unsigned>(t);
+    const int st = kLateRowSum ? static_cast<int>(ut % kStages) : t % kStages;
+    const int sv = kLateRowSum ? static_cast<int>((ut + kStages - 1) % kStages)
+                               : (t + kStages - 1) % kStages;
+    if constexpr (kQK) {
+      ClusterBarrier::wait(&s.k_full[st], kLateRowSum ? static_cast<int>((ut / kStages) & 1)
+                                                      : (t / kStages) & 1);
     }
-    if constexpr (kQK) ClusterBarrier::wait(&s.k_full[st], k_phase);
-    if constexpr (kPV) ClusterBarrier::wait(&s.v_full[sv], v_phase);
+    if constexpr (kPV) {
+      ClusterBarrier::wait(&s.v_full[sv], kLateRowSum ? static_cast<int>(((ut - 1) / kStages) & 1)
+                                                      : ((t - 1) / kStages) & 1);
+    }
     // kTileKScale: the tile's K scale (its first key's; the scheme's scales are equal within
     // the tile), read before the wgmmas (two registers across the batch: c of both rows); with
     // 3 consumers after them (kScaleLate: no register across the batch, which is the key loop's
