@@ -1601,6 +1601,10 @@ def test_triton_quantize_tile_k_scale_matches_emulation_gpu(B, Sq, Sk, H, D, dty
     (3, 77, 300, 30, 72, torch.bfloat16),
     (1, 33, 5, 2, 128, torch.float16),
     (2, 190, 640, 2, 128, torch.bfloat16),
+    # at 128 the last key count with the fast epilogue (132 tiles) and the first without
+    # (kFastEpilogueMaxTiles)
+    (1, 64, 16896, 2, 128, torch.bfloat16),
+    (1, 64, 16960, 1, 128, torch.float16),
     # padded head dim 64: the variant's Dp 64 instantiation
     (2, 1000, 1531, 3, 64, torch.float16),
     (1, 4097, 4097, 2, 64, torch.bfloat16),
@@ -1677,6 +1681,8 @@ def test_sm90ws_tile_k_scale_three_consumers_matches_emulation():
     (1, 385, 640, 2, 64, torch.float16),
     (2, 1000, 5, 2, 40, torch.bfloat16),
     (1, 4097, 4097, 2, 48, torch.float16),
+    # past kFastEpilogueMaxTiles key tiles: the 3-consumer kernels' other epilogue
+    (1, 200, 16960, 1, 64, torch.bfloat16),
 ])
 def test_sm90ws_three_consumers_are_bit_identical(B, Sq, Sk, H, D, dtype):
     """The per-tile kernel with 3 consumer warpgroups (192 query rows per CTA) against the one

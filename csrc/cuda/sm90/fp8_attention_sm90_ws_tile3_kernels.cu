@@ -13,13 +13,20 @@ cudaError_t fp8_attention_sm90_ws_tile_k_scale_3wg(const Fp8AttentionSm90Params&
                                                    int head_dim_padded, DType out_dtype,
                                                    bool ping_pong, cudaStream_t stream) {
   if (head_dim_padded != 64) return cudaErrorInvalidValue;
+  // the consumers issuing freely (auto's kernels): the epilogue by the number of key tiles
+  // (kFastEpilogue)
+  const bool fast = (p.seq_k + fp8_sm90_ws::kBlockN - 1) / fp8_sm90_ws::kBlockN <=
+                    fp8_sm90_ws::kFastEpilogueMaxTiles;
   if (out_dtype == DType::kBFloat16) {
     using Out = __nv_bfloat16;
-    return ping_pong ? fp8_sm90_ws::launch<64, Out, true, 3, true, true>(p, batch, stream)
-                     : fp8_sm90_ws::launch<64, Out, true, 3, false, true>(p, batch, stream);
+    if (ping_pong) return fp8_sm90_ws::launch<64, Out, true, 3, true, true>(p, batch, stream);
+    return fast ? fp8_sm90_ws::launch<64, Out, true, 3, false, true, false, true>(p, batch, stream)
+                : fp8_sm90_ws::launch<64, Out, true, 3, false, true>(p, batch, stream);
   }
   if (out_dtype == DType::kFloat16 && !ping_pong) {
-    return fp8_sm90_ws::launch<64, __half, true, 3, false, true>(p, batch, stream);
+    return fast
+               ? fp8_sm90_ws::launch<64, __half, true, 3, false, true, false, true>(p, batch, stream)
+               : fp8_sm90_ws::launch<64, __half, true, 3, false, true>(p, batch, stream);
   }
   return cudaErrorInvalidValue;
 }

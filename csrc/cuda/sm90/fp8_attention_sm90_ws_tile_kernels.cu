@@ -22,10 +22,18 @@ cudaError_t fp8_attention_sm90_ws_tile_k_scale(const Fp8AttentionSm90Params& p, 
   // At padded head dim 64 the row sums come from the tensor cores (kRowSumTC), as in the
   // three-consumer kernels: the same bits whatever the number of consumers. At 128 the
   // threads' row sums are reduced once after the key loop (kLateRowSum; runs 75-76).
+  const bool fast_epilogue = (p.seq_k + fp8_sm90_ws::kBlockN - 1) / fp8_sm90_ws::kBlockN <=
+                             fp8_sm90_ws::kFastEpilogueMaxTiles;
   return fp8_sm90_common::dispatch(head_dim_padded, out_dtype, [&](auto dp, auto out) {
     constexpr int kDP = decltype(dp)::value;
-    return fp8_sm90_ws::launch<kDP, typename decltype(out)::type, true, 2, true, kDP == 64,
-                               kDP == 128>(p, batch, stream);
+    using Out = typename decltype(out)::type;
+    if constexpr (kDP == 128) {  // the epilogue by the number of key tiles (kFastEpilogue)
+      return fast_epilogue
+                 ? fp8_sm90_ws::launch<128, Out, true, 2, true, false, true, true>(p, batch, stream)
+                 : fp8_sm90_ws::launch<128, Out, true, 2, true, false, true>(p, batch, stream);
+    } else {
+      return fp8_sm90_ws::launch<kDP, Out, true, 2, true, kDP == 64>(p, batch, stream);
+    }
   });
 }
 

@@ -398,7 +398,7 @@ __device__ __forceinline__ void produce(const KernelParams<kDP>& kp,
 // appended to V^T: P.V with N = Dp + 8): the sum of the e4m3 P (the emulation's p8_row_sum),
 // added like the output, a tile late; else FADDs of the fp32 P, one chain per row.
 template <int kDP, int kConsumers, typename OutT, bool kTileKScale, bool kPingPong,
-          bool kRowSumTC, bool kLateRowSum = false>
+          bool kRowSumTC, bool kLateRowSum = false, bool kFastEpilogue = false>
 __device__ __forceinline__ void consume(const KernelParams<kDP>& kp,
                                         Storage<kDP, kConsumers, kRowSumTC>& s, int n_tiles,
                                         int w) {
@@ -836,17 +836,52 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp,
     row0 = (kConsumers * static_cast<int>(cta) + consumer) * kBlockM + 16 * (lane / 32) +
            (lane % 32) / 4;
   }
-  CUTE_UNROLL
-  for (int j = 0; j < 2; ++j) {
-    const int row = row0 + 8 * j;
-    if (row >= p.seq_q) continue;
-    OutT* orow = out + b * p.out_stride_b + static_cast<int64_t>(row) * p.out_stride_s +
-                 h * p.out_stride_h;
+  if constexpr (kFastEpilogue) {
+    // This thread's columns are the pairs (c, c + 1), c = c0 + 8 k (c0 even): their V scales
+    // as float2 loads, all issued before the first store, 1 / l once per row, the pairs stored
+    // as 4-byte words where the row is 4-byte aligned (see kFastEpilogue). The same bits.
+    float2 vsc[kDP / 8];
     CUTE_UNROLL
-    for (int i = 0; i < size(tOrO); ++i) {
-      if (((i >> 1) & 1) != j) continue;
-      const int c = c0 + (i & 1) + 8 * (i >> 2);
-      if (c < p.head_dim) orow[c] = from_float<OutT>(tOrO(i) / l_i[j] * vs[c]);
+    for (int k = 0; k < kDP / 8; ++k) vsc[k] = *reinterpret_cast<const float2*>(vs + c0 + 8 * k);
+    CUTE_UNROLL
+    for (int j = 0; j < 2; ++j) {
+      const int row = row0 + 8 * j;
+      if (row >= p.seq_q) continue;
+      OutT* orow = out + b * p.out_stride_b + static_cast<int64_t>(row) * p.out_stride_s +
+                   h * p.out_stride_h;
+      const float inv_l = 1.f / l_i[j];
+      const bool pairs = (reinterpret_cast<uintptr_t>(orow) & 3) == 0;
+      CUTE_UNROLL
+      for (int k = 0; k < kDP / 8; ++k) {
+        const int c = c0 + 8 * k;
+        const int i = 4 * k + 2 * j;  // the fragment's (row j, column c); i + 1: column c + 1
+        const OutT x0 = from_float<OutT>(tOrO(i) * inv_l * vsc[k].x);
+        const OutT x1 = from_float<OutT>(tOrO(i + 1) * inv_l * vsc[k].y);
+        if (pairs && c + 1 < p.head_dim) {
+          static_assert(sizeof(OutT) == 2, "16-bit outputs");
+          const OutT pair[2] = {x0, x1};
+          uint32_t word;
+          memcpy(&word, pair, 4);
+          *reinterpret_cast<uint32_t*>(orow + c) = word;
+        } else {
+          if (c < p.head_dim) orow[c] = x0;
+          if (c + 1 < p.head_dim) orow[c + 1] = x1;
+        }
+      }
+    }
+  } else {
+    CUTE_UNROLL
+    for (int j = 0; j < 2; ++j) {
+      const int row = row0 + 8 * j;
+      if (row >= p.seq_q) continue;
+      OutT* orow = out + b * p.out_stride_b + static_cast<int64_t>(row) * p.out_stride_s +
+                   h * p.out_stride_h;
+      CUTE_UNROLL
+      for (int i = 0; i < size(tOrO); ++i) {
+        if (((i >> 1) & 1) != j) continue;
+        const int c = c0 + (i & 1) + 8 * (i >> 2);
+        if (c < p.head_dim) orow[c] = from_float<OutT>(tOrO(i) / l_i[j] * vs[c]);
+      }
     }
   }
   if (p.lse != nullptr && (tid & 3) == 0) store_lse(p, bh, row0, m_i, l_i);
@@ -862,8 +897,17 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp,
 // +0.1% to +4.0% over the kernel without it at (1,16896,24,128), (1,32760,40,128) and
 // (1,4608,24,128) (5 comparisons, never slower), while either half alone was slower at 16896
 // (-1.5%: the late sum; -1.1%: the unsigned arithmetic). The sum's fp32 order changes only.
+// kFastEpilogue: the output stores with the V scales loaded before any store, 1 / l per row and
+// 4-byte pair stores (the same bits). Run 73's SASS profile found the epilogue's per-element
+// load, reciprocal and 2-byte store serialised (~5% of the kernel at (1,16896,24,128), 1 CTA
+// an SM). Runs 79-80 (H100, kernel-only, interleaved): per-tile kernels at padded head dim 128
+// (1,4608,24,128) 680.4 -> 764.0 and 694.3 -> 763.0 TFLOPS, (1,16896,24,128) 893.8 -> 900.4
+// and 882.4 -> 893.5, at 64 with 3 consumers (2,4250,24,64) 475.8 -> 503.3; but
+// (1,32760,40,128) 907.8 -> 844.9, 907.8 -> 835.2, 901.7 -> 844.8 (not understood: the key loop
+// is the same code). So the per-tile launchers take it up to kFastEpilogueMaxTiles key tiles.
+constexpr int kFastEpilogueMaxTiles = 132;
 template <int kDP, typename OutT, bool kTileKScale, int kConsumers = 2, bool kPingPong = true,
-          bool kRowSumTC = false, bool kLateRowSum = false>
+          bool kRowSumTC = false, bool kLateRowSum = false, bool kFastEpilogue = false>
 __global__ void __launch_bounds__(kThreads<kConsumers>, 1)
     fp8_attention_ws_kernel(const __grid_constant__ KernelParams<kDP> kp) {
   check_consumers<kDP, kConsumers>();
@@ -900,15 +944,16 @@ __global__ void __launch_bounds__(kThreads<kConsumers>, 1)
     if (threadIdx.x == 0) produce<kDP, kConsumers, kTileKScale, kRowSumTC>(kp, s, n_tiles);
   } else {
     cutlass::arch::warpgroup_reg_alloc<kConsumerRegs<kConsumers>>();
-    consume<kDP, kConsumers, OutT, kTileKScale, kPingPong, kRowSumTC, kLateRowSum>(
-        kp, s, n_tiles, warp_group - 1);
+    consume<kDP, kConsumers, OutT, kTileKScale, kPingPong, kRowSumTC, kLateRowSum,
+            kFastEpilogue>(kp, s, n_tiles, warp_group - 1);
   }
 }
 
 // kTileKScale: the per-tile K scale variant (p.k_scale equal within every 128-key tile).
 // kConsumers, kPingPong: see fp8_attention_ws_kernel.
 template <int kDP, typename OutT, bool kTileKScale = false, int kConsumers = 2,
-          bool kPingPong = true, bool kRowSumTC = false, bool kLateRowSum = false>
+          bool kPingPong = true, bool kRowSumTC = false, bool kLateRowSum = false,
+          bool kFastEpilogue = false>
 cudaError_t launch(const Fp8AttentionSm90Params& p, int batch, cudaStream_t stream) {
   // Sk_pad is the quantization pass's (a multiple of 64); TMA reads the last tile's keys past
   // it as zeros.
@@ -922,7 +967,7 @@ cudaError_t launch(const Fp8AttentionSm90Params& p, int batch, cudaStream_t stre
   const int smem = static_cast<int>(sizeof(Storage<kDP, kConsumers, kRowSumTC>));
   auto kernel =
       fp8_attention_ws_kernel<kDP, OutT, kTileKScale, kConsumers, kPingPong, kRowSumTC,
-                              kLateRowSum>;
+                              kLateRowSum, kFastEpilogue>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
   const int rows_per_cta = kConsumers * kBlockM;
