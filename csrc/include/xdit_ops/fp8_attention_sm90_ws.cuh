@@ -836,6 +836,10 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp,
     row0 = (kConsumers * static_cast<int>(cta) + consumer) * kBlockM + 16 * (lane / 32) +
            (lane % 32) / 4;
   }
+  auto out_row = [&](int j) {  // this thread's row j of the output
+    return out + b * p.out_stride_b + static_cast<int64_t>(row0 + 8 * j) * p.out_stride_s +
+           h * p.out_stride_h;
+  };
   if constexpr (kFastEpilogue) {
     // This thread's columns are the pairs (c, c + 1), c = c0 + 8 k (c0 even): their V scales
     // as float2 loads, all issued before the first store, 1 / l once per row, the pairs stored
@@ -845,10 +849,8 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp,
     for (int k = 0; k < kDP / 8; ++k) vsc[k] = *reinterpret_cast<const float2*>(vs + c0 + 8 * k);
     CUTE_UNROLL
     for (int j = 0; j < 2; ++j) {
-      const int row = row0 + 8 * j;
-      if (row >= p.seq_q) continue;
-      OutT* orow = out + b * p.out_stride_b + static_cast<int64_t>(row) * p.out_stride_s +
-                   h * p.out_stride_h;
+      if (row0 + 8 * j >= p.seq_q) continue;
+      OutT* orow = out_row(j);
       const float inv_l = 1.f / l_i[j];
       const bool pairs = (reinterpret_cast<uintptr_t>(orow) & 3) == 0;
       CUTE_UNROLL
@@ -872,10 +874,8 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp,
   } else {
     CUTE_UNROLL
     for (int j = 0; j < 2; ++j) {
-      const int row = row0 + 8 * j;
-      if (row >= p.seq_q) continue;
-      OutT* orow = out + b * p.out_stride_b + static_cast<int64_t>(row) * p.out_stride_s +
-                   h * p.out_stride_h;
+      if (row0 + 8 * j >= p.seq_q) continue;
+      OutT* orow = out_row(j);
       CUTE_UNROLL
       for (int i = 0; i < size(tOrO); ++i) {
         if (((i >> 1) & 1) != j) continue;
