@@ -1170,7 +1170,10 @@ def _ulysses_overlap_lists(q_s, k_s, v_s, q_j, k_j, v_j, p: _Plan, attend):
 # is the same: the copies wait for an event recorded before it). Run 73 (4x H200,
 # (1,32760,40,128), a call after a synchronize) saw the first attention start ~0.53 ms into the
 # call, the host time of queueing 12 copies and their flags; ``False`` restores the old host
-# order (the benchmark's A/B; the list path keeps it).
+# order (the benchmark's A/B; the list path keeps it). Its flag wait (the peers' chunk 0) is
+# then queued ahead of this rank's flag writes for chunks 1..C-1, which peers wait for: no cycle,
+# since every peer writes its chunk-0 flags right after its push, before any wait of its own
+# but the call's first (every peer done with the previous call).
 ATTEND_FIRST = True
 HOST_ENV = "XDIT_OPS_USP_HOST"
 HOST_PATHS = ("tensors", "lists")
