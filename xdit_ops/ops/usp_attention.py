@@ -1169,12 +1169,12 @@ def _ulysses_overlap_lists(q_s, k_s, v_s, q_j, k_j, v_j, p: _Plan, attend):
 # The tensor path queues chunk 0's attention before the copies of chunks 1..C-1 (the GPU order
 # is the same: the copies wait for an event recorded before it). Run 73 (4x H200,
 # (1,32760,40,128), a call after a synchronize) saw the first attention start ~0.53 ms into the
-# call, the host time of queueing 12 copies and their flags; ``False`` restores the old host
-# order (the benchmark's A/B; the list path keeps it). Its flag wait (the peers' chunk 0) is
-# then queued ahead of this rank's flag writes for chunks 1..C-1, which peers wait for: no cycle,
-# since every peer writes its chunk-0 flags right after its push, before any wait of its own
-# but the call's first (every peer done with the previous call).
-ATTEND_FIRST = True
+# call, behind the host time of queueing 12 copies and their flags; run 74 measured the new
+# order (10.83 -> 10.38 ms; `7c8dcae` had it behind a switch for that A/B; the list path keeps
+# the old order). Its flag wait (the peers' chunk 0) is then queued ahead of this rank's flag
+# writes for chunks 1..C-1, which peers wait for: no cycle, since every peer writes its chunk-0
+# flags right after its push, before any wait of its own but the call's first (every peer done
+# with the previous call).
 HOST_ENV = "XDIT_OPS_USP_HOST"
 HOST_PATHS = ("tensors", "lists")
 _MEMOPS_T = torch.ops.xdit_ops.stream_memops_t.default
@@ -1280,8 +1280,8 @@ def _ulysses_overlap(q_s, k_s, v_s, q_j, k_j, v_j, p: _Plan, attend):
 
     # Chunk 0's attention is queued before the copies of chunks 1..C-1 (host order only: the
     # copies wait for ``fork`` above, not for it), so a GPU that waits for this call does not
-    # also wait for the host to queue (C - 1) x U copies and their flags first (``ATTEND_FIRST``)
-    o = attend_chunk(0) if ATTEND_FIRST else None
+    # also wait for the host to queue (C - 1) x U copies and their flags first (HOST_ENV above)
+    o = attend_chunk(0)
     # chunks 1..C-1 on the copy engines, one side stream per destination
     sig_in = g["sig_in"]
     for d in range(U):
@@ -1295,7 +1295,7 @@ def _ulysses_overlap(q_s, k_s, v_s, q_j, k_j, v_j, p: _Plan, attend):
             else:  # (sig_in has no flag to this rank itself: the event)
                 memops(flags, sig_in[c][d], batched, sid)
     for c in range(C):
-        if c or o is None:
+        if c:
             o = attend_chunk(c)
         h_out = f.hs[c].start
         if c == C - 1:  # the last chunk's output: the push-out kernel, nothing left to hide it

@@ -15,8 +15,7 @@ cudaError_t fp8_attention_sm90_ws_tile_k_scale_3wg(const Fp8AttentionSm90Params&
   if (head_dim_padded != 64) return cudaErrorInvalidValue;
   // the consumers issuing freely (auto's kernels): the epilogue by the number of key tiles
   // (kFastEpilogue)
-  const bool fast = (p.seq_k + fp8_sm90_ws::kBlockN - 1) / fp8_sm90_ws::kBlockN <=
-                    fp8_sm90_ws::kFastEpilogueMaxTiles;
+  const bool fast = fp8_sm90_ws::fast_epilogue(p.seq_k);
   if (out_dtype == DType::kBFloat16) {
     using Out = __nv_bfloat16;
     if (ping_pong) return fp8_sm90_ws::launch<64, Out, true, 3, true, true>(p, batch, stream);

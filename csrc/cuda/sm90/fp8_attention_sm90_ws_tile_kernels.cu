@@ -22,8 +22,7 @@ cudaError_t fp8_attention_sm90_ws_tile_k_scale(const Fp8AttentionSm90Params& p, 
   // At padded head dim 64 the row sums come from the tensor cores (kRowSumTC), as in the
   // three-consumer kernels: the same bits whatever the number of consumers. At 128 the
   // threads' row sums are reduced once after the key loop (kLateRowSum; runs 75-76).
-  const bool fast_epilogue = (p.seq_k + fp8_sm90_ws::kBlockN - 1) / fp8_sm90_ws::kBlockN <=
-                             fp8_sm90_ws::kFastEpilogueMaxTiles;
+  const bool fast_epilogue = fp8_sm90_ws::fast_epilogue(p.seq_k);
   return fp8_sm90_common::dispatch(head_dim_padded, out_dtype, [&](auto dp, auto out) {
     constexpr int kDP = decltype(dp)::value;
     using Out = typename decltype(out)::type;

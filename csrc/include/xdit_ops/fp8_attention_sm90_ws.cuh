@@ -410,10 +410,9 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp,
 
   Tensor sQ = make_tensor(make_smem_ptr(s.q), typename C::template SmemQAll<kConsumers>{});
   Tensor sK = make_tensor(make_smem_ptr(s.k), typename C::SmemKAll{});
-  constexpr bool kVtExt = kRowSumTC;
-  constexpr int kPVN = kVtExt ? kDP + 8 : kDP;  // P.V's N
+  constexpr int kPVN = kRowSumTC ? kDP + 8 : kDP;  // P.V's N
   Tensor sV = [&] {
-    if constexpr (kVtExt) {
+    if constexpr (kRowSumTC) {
       return make_tensor(make_smem_ptr(s.vt), typename C::SmemVtAllExt{});
     } else {
       return make_tensor(make_smem_ptr(s.vt), typename C::SmemVtAll{});
@@ -421,7 +420,7 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp,
   }();
 
   typename C::MmaQK mma_qk;
-  std::conditional_t<kVtExt, typename C::MmaPVExt, typename C::MmaPV> mma_pv;
+  std::conditional_t<kRowSumTC, typename C::MmaPVExt, typename C::MmaPV> mma_pv;
   auto thr_qk = mma_qk.get_thread_slice(tid);
   auto thr_pv = mma_pv.get_thread_slice(tid);
   Tensor tSrQ = thr_qk.partition_fragment_A(sQ(_, _, w));  // (MMA, 1, kDP / 32)
@@ -505,9 +504,22 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp,
   auto accumulate_pv = [&] {
     CUTE_UNROLL
     for (int i = 0; i < size(tOrO); ++i) tOrO(i) = tOrO(i) * alpha[(i >> 1) & 1] + tOrPV(i);
-    if constexpr (kVtExt) {
+    if constexpr (kRowSumTC) {
       CUTE_UNROLL
       for (int j = 0; j < 2; ++j) l_i[j] = l_i[j] * alpha[j] + tOrPV(size(tOrO) + 2 * j);
+    }
+  };
+  // l = l alpha + the tile's row sums (the FADD sums of the fp32 P; with kRowSumTC they come
+  // from P.V in accumulate_pv instead): the quad's, or with kLateRowSum this thread's columns',
+  // reduced across the quad after the key loop.
+  auto add_row_sums = [&](const float (&tile_sum)[2], const float (&alpha_t)[2]) {
+    CUTE_UNROLL
+    for (int j = 0; j < 2; ++j) {
+      if constexpr (kLateRowSum) {
+        l_i[j] = l_i[j] * alpha_t[j] + tile_sum[j];
+      } else if constexpr (!kRowSumTC) {
+        l_i[j] = l_i[j] * alpha_t[j] + quad_sum(tile_sum[j]);
+      }
     }
   };
   // Scores of tile t from the s32 accumulators -> online softmax -> P of tile t as e4m3 pairs
@@ -572,14 +584,7 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp,
       }
       pk[i / 2] = __nv_cvt_float2_to_fp8x2(make_float2(p0, p1), __NV_SATFINITE, __NV_E4M3);
     }
-    CUTE_UNROLL
-    for (int j = 0; j < 2; ++j) {
-      if constexpr (kLateRowSum) {
-        l_i[j] = l_i[j] * alpha_t[j] + tile_sum[j];  // this thread's columns (see kLateRowSum)
-      } else if constexpr (!kRowSumTC) {
-        l_i[j] = l_i[j] * alpha_t[j] + quad_sum(tile_sum[j]);
-      }
-    }
+    add_row_sums(tile_sum, alpha_t);
   };
   // The softmax with one K scale per tile (kTileKScale; the scheme with k_block = 128): c[j] =
   // |qs| x ks of row j and the tile, positive (q_sign carries the sign). Per score one IMAD,
@@ -642,14 +647,7 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp,
       }
       pk[i / 2] = __nv_cvt_float2_to_fp8x2(make_float2(p0, p1), __NV_SATFINITE, __NV_E4M3);
     }
-    CUTE_UNROLL
-    for (int j = 0; j < 2; ++j) {
-      if constexpr (kLateRowSum) {
-        l_i[j] = l_i[j] * alpha_t[j] + tile_sum[j];  // this thread's columns (see kLateRowSum)
-      } else if constexpr (!kRowSumTC) {
-        l_i[j] = l_i[j] * alpha_t[j] + quad_sum(tile_sum[j]);
-      }
-    }
+    add_row_sums(tile_sum, alpha_t);
   };
   // P of tile t into P.V's A registers: register 4 kb + r + 2 h holds row r's column groups
   // j = 4 kb + 2 h (bytes 0, 1) and j + 1 (bytes 2, 3) (see pv_a_register). Called after the
@@ -904,8 +902,14 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp,
 // (1,4608,24,128) 680.4 -> 764.0 and 694.3 -> 763.0 TFLOPS, (1,16896,24,128) 893.8 -> 900.4
 // and 882.4 -> 893.5, at 64 with 3 consumers (2,4250,24,64) 475.8 -> 503.3; but
 // (1,32760,40,128) 907.8 -> 844.9, 907.8 -> 835.2, 901.7 -> 844.8 (not understood: the key loop
-// is the same code). So the per-tile launchers take it up to kFastEpilogueMaxTiles key tiles.
+// is the same source, which ptxas schedules differently). So the per-tile launchers take it up
+// to kFastEpilogueMaxTiles key tiles.
 constexpr int kFastEpilogueMaxTiles = 132;
+
+// The 128-key tiles of seq_k keys (the kernel's loop count; the launchers' epilogue choice).
+__host__ __device__ constexpr int key_tiles(int seq_k) { return (seq_k + kBlockN - 1) / kBlockN; }
+// Whether the per-tile launchers take the fast epilogue (kFastEpilogue) for seq_k keys.
+constexpr bool fast_epilogue(int seq_k) { return key_tiles(seq_k) <= kFastEpilogueMaxTiles; }
 template <int kDP, typename OutT, bool kTileKScale, int kConsumers = 2, bool kPingPong = true,
           bool kRowSumTC = false, bool kLateRowSum = false, bool kFastEpilogue = false>
 __global__ void __launch_bounds__(kThreads<kConsumers>, 1)
@@ -913,7 +917,7 @@ __global__ void __launch_bounds__(kThreads<kConsumers>, 1)
   check_consumers<kDP, kConsumers>();
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   auto& s = *reinterpret_cast<Storage<kDP, kConsumers, kRowSumTC>*>(smem_raw);
-  const int n_tiles = (kp.p.seq_k + kBlockN - 1) / kBlockN;  // >= 1 (the host checks)
+  const int n_tiles = key_tiles(kp.p.seq_k);  // >= 1 (the host checks)
   // Warp-uniform for ptxas (a shuffle from lane 0): what derives from it (named barrier ids,
   // the consumer's shared-memory slices) can live in uniform registers. With P in registers
   // the consumers spilled 28 bytes at Dp = 128 without it, none with it.
