@@ -185,6 +185,52 @@ def test_usp_gpu_graph_replay_equals_eager(world, mode):
     run_distributed(_worker_gpu, world, mode, timeout=150, backend="nccl")
 
 
+def _worker_ring_statics(rank, world):
+    """The barrier ring's call graph without joint tokens: its static K and V are the ring's
+    first buffer (no fill copy), and its calls equal eager ones bit for bit."""
+    os.environ["XDIT_OPS_USP_RING"] = "ce"
+    xdit_ops.init_parallel(ulysses_degree=1, ring_degree=world)
+    B, S, H, D = 2, 256, 8, 64
+    calls = _calls(rank, B, S, H, D, 0)
+    got, want = [], []
+    for sw, dst in (("1", got), ("0", want)):
+        os.environ["XDIT_OPS_USP_GRAPH"] = sw
+        before = _usp.FAST_CALLS[0]
+        dst.extend(xdit_ops.usp_attention(q, k, v) for q, k, v in calls)
+        if sw == "1":
+            assert _usp.FAST_CALLS[0] - before == 3
+            (graph,) = [g for p in _usp._PLANS.values() for g in p.graphs.values()
+                        if isinstance(g, _usp._CallGraph)]
+            ring = [t for key, (t, _, _) in _usp._SYMM.items() if "ring" in key]
+            assert len(ring) == 1 and ring[0].shape == (2, 2, B, S, H, D), [
+                t.shape for t in ring]
+            k0, v0 = ring[0][0]
+            assert graph.inputs[1].data_ptr() == k0.data_ptr()
+            assert graph.inputs[2].data_ptr() == v0.data_ptr()
+            assert graph.inputs[0].data_ptr() not in (k0.data_ptr(), v0.data_ptr())
+    torch.cuda.synchronize()
+    assert not _usp.GRAPH_FAILURES, _usp.GRAPH_FAILURES
+    for i, (o, o0) in enumerate(zip(got, want, strict=True)):
+        if i == 3:  # strided inputs: the graph reads contiguous copies of them
+            assert max_abs_err(o, o0) <= 2e-2, (i, max_abs_err(o, o0))
+        else:
+            assert torch.equal(o, o0), (i, max_abs_err(o, o0))
+    # the ring's first buffer is the graph's input: a replay after other calls still reads
+    # this call's K and V (the eager calls above wrote that buffer since)
+    os.environ["XDIT_OPS_USP_GRAPH"] = "1"
+    q, k, v = calls[2]
+    assert torch.equal(xdit_ops.usp_attention(q, k, v), want[2])
+    xdit_ops.destroy_parallel()
+
+
+@pytest.mark.multigpu(2)
+@pytest.mark.parametrize("world", [2, 4])
+def test_usp_gpu_ring_graph_statics_are_the_ring_buffer(world):
+    if torch.cuda.device_count() < world:
+        pytest.skip(f"needs {world} GPUs")
+    run_distributed(_worker_ring_statics, world, timeout=150, backend="nccl")
+
+
 def test_fast_key_covers_every_argument_and_switch(monkeypatch):
     """The eager fast path replays a remembered graph for an equal key, so every argument the
     plan or the call graph depends on must change the key (a field missing there would replay
@@ -207,8 +253,6 @@ def test_fast_key_covers_every_argument_and_switch(monkeypatch):
     assert key() == k0 and hash(key(q=q.clone())) == hash(k0)
     variants = {
         "q shape": dict(q=torch.zeros(2, 11, 4, 8)),
-        "k shape": dict(k=torch.zeros(2, 10, 4, 16)),
-        "v shape": dict(v=torch.zeros(2, 10, 4, 16)),
         "q dtype": dict(q=q.to(torch.float64)),
         "joint_tokens": dict(joint_tokens=3),
         "joint_position": dict(joint_position="back"),
@@ -225,7 +269,8 @@ def test_fast_key_covers_every_argument_and_switch(monkeypatch):
     # what the key leaves out, graph_call_run checks against the graph's static inputs (it
     # declines: test_graph_call.py); the key stays equal for these
     for same in (dict(v=v.to(torch.float64)), dict(joint_lengths=lengths.long()),
-                 dict(q=torch.zeros(2, 10, 8, 4).transpose(2, 3))):
+                 dict(q=torch.zeros(2, 10, 8, 4).transpose(2, 3)),
+                 dict(k=torch.zeros(2, 10, 4, 16)), dict(v=torch.zeros(2, 10, 4, 16))):
         assert key(**same) == k0
     for what, changes in variants.items():
         assert key(**changes) != k0, what

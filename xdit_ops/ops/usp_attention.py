@@ -1359,6 +1359,12 @@ try:
 except AttributeError:  # not CPython's os.environ: the plain lookups
     _ENV_DATA = None
 _SWITCHES_SEEN: list = [None, ()]  # the last raw values read and their decoded tuple
+# what _switches returns when no switch is set (the usual case), found by one set test: the
+# environment's keys view against the switches' keys (~0.2 us against ~0.4 for the 14 lookups)
+_NO_SWITCHES = (None,) * len(_SWITCH_NAMES)
+if _ENV_DATA is not None:
+    _ENV_KEYS = _ENV_DATA.keys()
+    _SWITCH_KEY_SET = frozenset(_SWITCH_KEYS)
 
 
 def _switches(grouped: bool) -> tuple:
@@ -1379,6 +1385,8 @@ def _switches(grouped: bool) -> tuple:
     if _ENV_DATA is None:
         get = os.environ.get
         return tuple(get(n) for n in _SWITCH_NAMES)
+    if _ENV_KEYS.isdisjoint(_SWITCH_KEY_SET):
+        return _NO_SWITCHES
     raw = tuple(map(_ENV_DATA.get, _SWITCH_KEYS))
     if raw != _SWITCHES_SEEN[0]:
         decode = os.environ.decodevalue
@@ -1826,6 +1834,25 @@ def _graph_eligible(p: _Plan, return_lse: bool) -> bool:
     return p.path == "local"
 
 
+def _ring_statics(p: _Plan, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The static K and V of a ring-only call graph over the barrier ring (``ce``, without
+    joint tokens): the K and V slots of the ring's first buffer themselves, so that the graph's
+    copy-in node writes the call's K and V where the ring starts from and the ring's fill finds
+    them in place (``_attend``'s ``fill``: no copy). That saves its two memcpy nodes (one
+    launch's worth of host time; run 73: the ring's graph launch took 13.0 us of host time
+    against Ulysses' 3.8) and a pass over K and V. The ring writes that buffer at the same
+    point of the stream (first, after the previous call's last barrier: no peer reads it any
+    more), so the order of writes and reads is unchanged. None elsewhere (another ring, joint
+    tokens, an inference-mode buffer, which the static inputs of a later call outside inference
+    mode could not be copied into)."""
+    if not (p.path == "local" and p.R > 1 and p.ring == "ce" and p.J == 0 and k.is_cuda):
+        return None
+    bufs, _ = _ring_buffers(p.rg, (2, *k.shape), k.dtype, k.device)
+    if bufs.is_inference():
+        return None
+    return bufs[0][0], bufs[0][1]
+
+
 def _capture_call(p: _Plan, key: tuple, static: list, jl, scale, backend, return_lse):
     """Capture ``_run`` on the static inputs into a CUDA graph (on a side stream that waits for
     the current one: nothing runs during a capture, and the replay on the current stream comes
@@ -1881,6 +1908,9 @@ def _run_graphed(p: _Plan, q, k, v, joint_lengths, scale, backend, return_lse):
     if state is None:  # first call with this key: eager on new static inputs
         with torch.inference_mode(False):
             static = [torch.empty(t.shape, dtype=t.dtype, device=q.device) for t in srcs]
+        ring = _ring_statics(p, k)
+        if ring is not None:
+            static[1:3] = ring
     else:  # the static inputs of the warm-up
         static = state
     torch._foreach_copy_(static, srcs)
@@ -1923,22 +1953,32 @@ def _fast_key(q, k, v, joint_tokens, joint_position, joint_lengths, seq_len, sca
               u: str, r: str, return_lse, shard_lengths) -> tuple:
     """The signature of a call, from its arguments as passed (before any validation or
     normalisation: a signature seen before passed them). What it leaves out, graph_call_run
-    checks against the graph's static inputs and declines on a difference (K's and V's dtypes,
-    the devices of K, V and joint_lengths, joint_lengths' shape and dtype, last strides): the
-    key only has to tell apart the graphs a program uses, the native check makes it exact."""
-    return (q.shape, k.shape, v.shape, q.dtype, q.get_device(), joint_tokens, joint_position,
+    checks against the graph's static inputs and declines on a difference (the shapes and
+    dtypes of K and V, the devices of K, V and joint_lengths, joint_lengths' shape and dtype,
+    last strides): the key only has to tell apart the graphs a program uses, the native check
+    makes it exact. (``k`` and ``v`` are not read: ``(k, v)`` differing alone from a remembered
+    signature's, the replay declines and the op's own call replaces the entry.)"""
+    del k, v
+    return (q.shape, q.dtype, q.get_device(), joint_tokens, joint_position,
             joint_lengths is None, seq_len, scale, backend, return_lse,
             None if shard_lengths is None else tuple(shard_lengths),
             _resolve_group(u), _resolve_group(r), _switches(bool(u or r)))
 
 
+# (_plain's torch._C functions bound once: ~0.1 us of attribute lookups a call)
+_TENSOR = torch.Tensor
+_DISPATCH_STACK_LEN = _C._len_torch_dispatch_stack
+_FUNCTION_MODE = _C._is_torch_function_mode_enabled
+_GRAD_ENABLED = _C.is_grad_enabled
+_FUNCTORCH_WRAPPED = _C._functorch.is_functorch_wrapped_tensor
+
+
 def _plain(q, k, v) -> bool:
     """A call the dispatcher would send straight to the CUDA kernel."""
-    return (type(q) is torch.Tensor and type(k) is torch.Tensor and type(v) is torch.Tensor
-            and _C._len_torch_dispatch_stack() == 0 and not _C._is_torch_function_mode_enabled()
-            and not (_C.is_grad_enabled()
-                     and (q.requires_grad or k.requires_grad or v.requires_grad))
-            and not _C._functorch.is_functorch_wrapped_tensor(q))
+    return (type(q) is _TENSOR and type(k) is _TENSOR and type(v) is _TENSOR
+            and _DISPATCH_STACK_LEN() == 0 and not _FUNCTION_MODE()
+            and not (_GRAD_ENABLED() and (q.requires_grad or k.requires_grad or v.requires_grad))
+            and not _FUNCTORCH_WRAPPED(q))
 
 
 def _remember_fast(key_of) -> None:
@@ -2315,7 +2355,9 @@ def _attend(p: _Plan, qbuf, kv, kj, vj, joint_lengths, scale, backend, dtype):
             # grid: copied straight into the ring buffer, no stacked copy first)
             def fill(buf):
                 for dst, src in zip(buf, kv, strict=True):
-                    dst.copy_(src)
+                    # (a call graph's static K and V are these slots already: _ring_statics)
+                    if dst.data_ptr() != src.data_ptr():
+                        dst.copy_(src)
 
             _ring_ce(p, (2, *kv[0].shape), kv[0].dtype, qbuf.device, fill, attend_block,
                      parts, part_lses)
