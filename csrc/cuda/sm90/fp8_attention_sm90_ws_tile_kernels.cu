@@ -2,9 +2,9 @@
 // scale per 128-key tile (XDIT_OPS_FP8_K_SCALE=tile): head dim 64 and 128, float16 and
 // bfloat16 outputs (four kernels with two consumer warpgroups; their own translation unit,
 // compiled beside the per-key ones; other head dims are zero-padded). At head dim 64 with the
-// row sums from the tensor cores (kRowSumTC), at 128 with the late row sums (kLateRowSum). The
-// three-consumer kernels are in
-// fp8_attention_sm90_ws_tile3_kernels.cu.
+// row sums from the tensor cores (kRowSumTC), at 128 with the late row sums (kLateRowSum) and,
+// up to kFastEpilogueMaxTiles key tiles, the fast epilogue with the key loop unrolled by two
+// (kUnroll2). The three-consumer kernels are in fp8_attention_sm90_ws_tile3_kernels.cu.
 #include "xdit_ops/fp8_attention_sm90_ws.cuh"
 
 namespace xdit_ops {
@@ -26,9 +26,12 @@ cudaError_t fp8_attention_sm90_ws_tile_k_scale(const Fp8AttentionSm90Params& p, 
   return fp8_sm90_common::dispatch(head_dim_padded, out_dtype, [&](auto dp, auto out) {
     constexpr int kDP = decltype(dp)::value;
     using Out = typename decltype(out)::type;
-    if constexpr (kDP == 128) {  // the epilogue by the number of key tiles (kFastEpilogue)
+    if constexpr (kDP == 128) {
+      // the epilogue by the number of key tiles (kFastEpilogue), with it the key loop unrolled
+      // by two (kUnroll2)
       return fast_epilogue
-                 ? fp8_sm90_ws::launch<128, Out, true, 2, true, false, true, true>(p, batch, stream)
+                 ? fp8_sm90_ws::launch<128, Out, true, 2, true, false, true, true, true>(p, batch,
+                                                                                       stream)
                  : fp8_sm90_ws::launch<128, Out, true, 2, true, false, true>(p, batch, stream);
     } else {
       return fp8_sm90_ws::launch<kDP, Out, true, 2, true, kDP == 64>(p, batch, stream);

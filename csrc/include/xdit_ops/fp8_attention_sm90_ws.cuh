@@ -398,7 +398,8 @@ __device__ __forceinline__ void produce(const KernelParams<kDP>& kp,
 // appended to V^T: P.V with N = Dp + 8): the sum of the e4m3 P (the emulation's p8_row_sum),
 // added like the output, a tile late; else FADDs of the fp32 P, one chain per row.
 template <int kDP, int kConsumers, typename OutT, bool kTileKScale, bool kPingPong,
-          bool kRowSumTC, bool kLateRowSum = false, bool kFastEpilogue = false>
+          bool kRowSumTC, bool kLateRowSum = false, bool kFastEpilogue = false,
+          bool kUnroll2 = false>
 __device__ __forceinline__ void consume(const KernelParams<kDP>& kp,
                                         Storage<kDP, kConsumers, kRowSumTC>& s, int n_tiles,
                                         int w) {
@@ -801,7 +802,13 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp,
   using cute::true_type;
   slot(0, true_type{}, false_type{}, true_type{});
   if constexpr (kConsumers == 2) {
-    for (int t = 1; t < n_tiles - 1; ++t) slot(t, true_type{}, true_type{}, false_type{});
+    if constexpr (kUnroll2) {
+      // two slots a loop iteration (kUnroll2): one schedule for a pair of tiles
+#pragma unroll 2
+      for (int t = 1; t < n_tiles - 1; ++t) slot(t, true_type{}, true_type{}, false_type{});
+    } else {
+      for (int t = 1; t < n_tiles - 1; ++t) slot(t, true_type{}, true_type{}, false_type{});
+    }
     if (n_tiles > 1) slot(n_tiles - 1, true_type{}, true_type{}, true_type{});
   } else {
     // The same slots; the last tile's test on the loop counter (with n_tiles > 1, ptxas
@@ -902,8 +909,17 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp,
 // (1,4608,24,128) 680.4 -> 764.0 and 694.3 -> 763.0 TFLOPS, (1,16896,24,128) 893.8 -> 900.4
 // and 882.4 -> 893.5, at 64 with 3 consumers (2,4250,24,64) 475.8 -> 503.3; but
 // (1,32760,40,128) 907.8 -> 844.9, 907.8 -> 835.2, 901.7 -> 844.8 (not understood: the key loop
-// is the same source, which ptxas schedules differently). So the per-tile launchers take it up
-// to kFastEpilogueMaxTiles key tiles.
+// is the same source, which ptxas schedules differently; run 82, another H100: 869.5 -> 876.7
+// and 874.3 -> 880.8 there). So the per-tile launchers take it up to kFastEpilogueMaxTiles key
+// tiles.
+// kUnroll2: the steady key loop unrolled by two (957 SASS instructions a pair of tiles against
+// 490 a tile at padded head dim 128, no spills): ptxas schedules two slots as one block. Runs
+// 86-87 (H100, kernel-only, interleaved, the same bits) with the fast epilogue:
+// (1,16896,24,128) 895.8 -> 921.7, 896.9 -> 920.2, 852.5 -> 874.6; (1,4608,24,128) 753.0 ->
+// 775.1; with the old epilogue at (1,32760,40,128) 915.5 -> 874.6, 908.1 -> 855.8, 884.3 ->
+// 899.9, 880.9 -> 871.6 (with the fast one there 893.3 and 887.5 against 884.3 and 880.9). So
+// the kernels with the fast epilogue (padded head dim 128, 2 consumers) take it; those above
+// kFastEpilogueMaxTiles stay as they were.
 constexpr int kFastEpilogueMaxTiles = 132;
 
 // The 128-key tiles of seq_k keys (the kernel's loop count; the launchers' epilogue choice).
@@ -911,7 +927,8 @@ __host__ __device__ constexpr int key_tiles(int seq_k) { return (seq_k + kBlockN
 // Whether the per-tile launchers take the fast epilogue (kFastEpilogue) for seq_k keys.
 constexpr bool fast_epilogue(int seq_k) { return key_tiles(seq_k) <= kFastEpilogueMaxTiles; }
 template <int kDP, typename OutT, bool kTileKScale, int kConsumers = 2, bool kPingPong = true,
-          bool kRowSumTC = false, bool kLateRowSum = false, bool kFastEpilogue = false>
+          bool kRowSumTC = false, bool kLateRowSum = false, bool kFastEpilogue = false,
+          bool kUnroll2 = false>
 __global__ void __launch_bounds__(kThreads<kConsumers>, 1)
     fp8_attention_ws_kernel(const __grid_constant__ KernelParams<kDP> kp) {
   check_consumers<kDP, kConsumers>();
@@ -949,7 +966,7 @@ __global__ void __launch_bounds__(kThreads<kConsumers>, 1)
   } else {
     cutlass::arch::warpgroup_reg_alloc<kConsumerRegs<kConsumers>>();
     consume<kDP, kConsumers, OutT, kTileKScale, kPingPong, kRowSumTC, kLateRowSum,
-            kFastEpilogue>(kp, s, n_tiles, warp_group - 1);
+            kFastEpilogue, kUnroll2>(kp, s, n_tiles, warp_group - 1);
   }
 }
 
@@ -957,7 +974,7 @@ __global__ void __launch_bounds__(kThreads<kConsumers>, 1)
 // kConsumers, kPingPong: see fp8_attention_ws_kernel.
 template <int kDP, typename OutT, bool kTileKScale = false, int kConsumers = 2,
           bool kPingPong = true, bool kRowSumTC = false, bool kLateRowSum = false,
-          bool kFastEpilogue = false>
+          bool kFastEpilogue = false, bool kUnroll2 = false>
 cudaError_t launch(const Fp8AttentionSm90Params& p, int batch, cudaStream_t stream) {
   // Sk_pad is the quantization pass's (a multiple of 64); TMA reads the last tile's keys past
   // it as zeros.
@@ -971,7 +988,7 @@ cudaError_t launch(const Fp8AttentionSm90Params& p, int batch, cudaStream_t stre
   const int smem = static_cast<int>(sizeof(Storage<kDP, kConsumers, kRowSumTC>));
   auto kernel =
       fp8_attention_ws_kernel<kDP, OutT, kTileKScale, kConsumers, kPingPong, kRowSumTC,
-                              kLateRowSum, kFastEpilogue>;
+                              kLateRowSum, kFastEpilogue, kUnroll2>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
   const int rows_per_cta = kConsumers * kBlockM;
