@@ -917,8 +917,9 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp,
 // 86-87 (H100, kernel-only, interleaved, the same bits) with the fast epilogue:
 // (1,16896,24,128) 895.8 -> 921.7, 896.9 -> 920.2, 852.5 -> 874.6; (1,4608,24,128) 753.0 ->
 // 775.1; with the old epilogue at (1,32760,40,128) 915.5 -> 874.6, 908.1 -> 855.8, 884.3 ->
-// 899.9, 880.9 -> 871.6 (with the fast one there 893.3 and 887.5 against 884.3 and 880.9). So
-// the kernels with the fast epilogue (padded head dim 128, 2 consumers) take it; those above
+// 899.9, 880.9 -> 871.6 (with the fast one there 893.3 and 887.5 against 884.3 and 880.9); run
+// 90, float16 output: 16896 896.5 -> 919.3, 826.9 -> 856.9, 4608 762.6 -> 784.1. So the
+// kernels with the fast epilogue (padded head dim 128, 2 consumers) take it; those above
 // kFastEpilogueMaxTiles stay as they were.
 constexpr int kFastEpilogueMaxTiles = 132;
 
