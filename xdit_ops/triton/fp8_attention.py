@@ -66,6 +66,8 @@ class QuantLaunch(NamedTuple):
         v_stages - 1 tiles ahead, by cp.async into shared memory that the K loop's buffers
         reuse, or, with V^T in key order, into registers: 4 stages took 134 registers a thread
         at head dim 64, over the four-program budget).
+    kv_tile_warps : warps of quantize_kv_kernel with one K scale per 128-key tile (k_block
+        128); 0: num_warps scaled with the tile (as many elements a thread as with 64 keys).
     """
 
     num_warps: int
@@ -74,6 +76,7 @@ class QuantLaunch(NamedTuple):
     q_stages: int
     kv_stages: int
     v_stages: int = 3
+    kv_tile_warps: int = 0
 
 
 # From ptxas -v (sm_90a, run-time specialization: 16-byte aligned pointers and strides).
@@ -84,7 +87,10 @@ class QuantLaunch(NamedTuple):
 # (24, 36 and 36 KB): four programs per SM.
 QUANT_LAUNCH: dict[int, QuantLaunch] = {
     64: QuantLaunch(num_warps=4, programs_per_sm=4, stats_stages=2, q_stages=3, kv_stages=3),
-    128: QuantLaunch(num_warps=8, programs_per_sm=2, stats_stages=2, q_stages=3, kv_stages=3),
+    # kv_tile_warps=8 (run 92, H100, the K/V kernel at k_block 128, the same bits): 143.7
+    # against 16 warps' 154.4 us at (1,16896,24,128), 439.1 against 456.1 at (1,32760,40,128)
+    128: QuantLaunch(num_warps=8, programs_per_sm=2, stats_stages=2, q_stages=3, kv_stages=3,
+                     kv_tile_warps=8),
 }
 STATS_BLOCK_S = 64
 # At most this many key chunks per (batch, head) in kv_stats_kernel: the quantization kernels
@@ -332,9 +338,10 @@ def _quantize(q, k, v, had, scale, vt_pv_order=False, fp8_format="e4m3fn", k_blo
     # proportionally fewer programs per SM (the same elements a thread and threads per SM as
     # with 64-key tiles). From ptxas -v (sm_90a) at k_block 128: 86 registers a thread at head
     # dim 64 (8 warps, 64 KB: 2 programs per SM), 91 at 128 (16 warps, 144 KB: 1 program per
-    # SM).
+    # SM); at 128 the launch takes 8 warps since run 92 (QuantLaunch.kv_tile_warps).
     kv_block = max(QUANT_BLOCK_S, k_block)
-    kv_warps = launch.num_warps * kv_block // QUANT_BLOCK_S
+    kv_warps = (launch.kv_tile_warps if kv_block == 128 and launch.kv_tile_warps
+                else launch.num_warps * kv_block // QUANT_BLOCK_S)
     kv_per_sm = max(1, launch.programs_per_sm * QUANT_BLOCK_S // kv_block)
     kv_tiles = triton.cdiv(Sk_pad, kv_block)
     grid = (_programs_per_head(B * H, kv_tiles, kv_per_sm, dev), B * H)
