@@ -1847,7 +1847,8 @@ def _ring_statics(p: _Plan, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     mode could not be copied into)."""
     if not (p.path == "local" and p.R > 1 and p.ring == "ce" and p.J == 0 and k.is_cuda):
         return None
-    bufs, _ = _ring_buffers(p.rg, (2, *k.shape), k.dtype, k.device)
+    # the ring's own per-shape state (_ring_ce's call, with its block shape): the same buffers
+    bufs = _ring_ce_host(p, (2, *k.shape), k.dtype, k.device)[1]
     if bufs.is_inference():
         return None
     return bufs[0][0], bufs[0][1]

@@ -22,17 +22,13 @@ cudaError_t fp8_attention_sm90_ws_tile_k_scale(const Fp8AttentionSm90Params& p, 
   // At padded head dim 64 the row sums come from the tensor cores (kRowSumTC), as in the
   // three-consumer kernels: the same bits whatever the number of consumers. At 128 the
   // threads' row sums are reduced once after the key loop (kLateRowSum; runs 75-76).
-  const bool fast_epilogue = fp8_sm90_ws::fast_epilogue(p.seq_k);
   return fp8_sm90_common::dispatch(head_dim_padded, out_dtype, [&](auto dp, auto out) {
     constexpr int kDP = decltype(dp)::value;
     using Out = typename decltype(out)::type;
     if constexpr (kDP == 128) {
       // the epilogue by the number of key tiles (kFastEpilogue), with it the key loop unrolled
       // by two (kUnroll2)
-      return fast_epilogue
-                 ? fp8_sm90_ws::launch<128, Out, true, 2, true, false, true, true, true>(p, batch,
-                                                                                       stream)
-                 : fp8_sm90_ws::launch<128, Out, true, 2, true, false, true>(p, batch, stream);
+      return fp8_sm90_ws::launch_tile<128, Out, 2, true, false, true, true>(p, batch, stream);
     } else {
       return fp8_sm90_ws::launch<kDP, Out, true, 2, true, kDP == 64>(p, batch, stream);
     }

@@ -998,5 +998,18 @@ cudaError_t launch(const Fp8AttentionSm90Params& p, int batch, cudaStream_t stre
   return cudaGetLastError();
 }
 
+// The per-tile launchers' choice by the number of key tiles (one place for the policy): the
+// fast epilogue up to kFastEpilogueMaxTiles, with the key loop unrolled by two where
+// kUnrollFast (kUnroll2), and the kernel before both above it.
+template <int kDP, typename OutT, int kConsumers, bool kPingPong, bool kRowSumTC,
+          bool kLateRowSum, bool kUnrollFast>
+cudaError_t launch_tile(const Fp8AttentionSm90Params& p, int batch, cudaStream_t stream) {
+  if (fast_epilogue(p.seq_k)) {
+    return launch<kDP, OutT, true, kConsumers, kPingPong, kRowSumTC, kLateRowSum, true,
+                  kUnrollFast>(p, batch, stream);
+  }
+  return launch<kDP, OutT, true, kConsumers, kPingPong, kRowSumTC, kLateRowSum>(p, batch, stream);
+}
+
 }  // namespace fp8_sm90_ws
 }  // namespace xdit_ops
