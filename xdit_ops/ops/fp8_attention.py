@@ -492,12 +492,12 @@ def _fp8_attention_cuda(q, k, v, scale=None, return_lse=False):
         out, lse = fp8_attention_ref(q, k, v, scale, with_k_scale(with_format(SCHEME, fmt),
                                                                   k_scale))
         return _finish(q, out, lse, return_lse)
-    from xdit_ops.triton.fp8_attention import fp8_attention_triton, quantize_qkv_triton
+    from xdit_ops.triton.fp8_attention import _quantize_qkv, fp8_attention_triton
 
     if impl in SM90_IMPLS:
         consumers = resolve_consumers(impl, D, k_scale, consumers_sw)
-        qq = quantize_qkv_triton(q, k, v, scale, vt_pv_order=SM90_VT_PV_ORDER[impl],
-                                 fp8_format=fmt, k_block=k_block)
+        # direct: this is the op's CUDA kernel on real tensors; the pass needs no op of its own
+        qq = _quantize_qkv(q, k, v, scale, SM90_VT_PV_ORDER[impl], fmt, k_block, direct=True)
         out, lse = attention_quantized_sm90(qq, q.dtype, return_lse, impl, k_scale=k_scale,
                                             consumers=consumers)
     else:

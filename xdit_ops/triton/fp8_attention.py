@@ -32,7 +32,7 @@ from typing import NamedTuple
 
 import torch
 import triton
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from xdit_ops.reference.fp8_attention import (
     E4M3FN,
@@ -50,6 +50,7 @@ from xdit_ops.reference.fp8_attention import (
     with_format,
 )
 from xdit_ops.triton.kernels import fp8_attention as kernels
+from xdit_ops.triton.launch import launch
 
 QUANT_BLOCK_S = 64
 
@@ -214,12 +215,9 @@ def config_scheme(cfg: AttnConfig, fmt: Fp8Format = E4M3FN) -> Fp8AttentionSchem
 
 
 
-def _launch(kernel, grid, *args, **kwargs) -> None:
-    # wrap_triton makes the launch traceable; the interpreter's kernels are not JITFunctions.
-    if INTERPRET:
-        kernel[grid](*args, **kwargs)
-    else:
-        wrap_triton(kernel)[grid](*args, **kwargs)
+# Every launch: xdit_ops.triton.launch.launch (eager launches from its own cache of compiled
+# kernels, fewer microseconds of host time; wrap_triton under tracing, the interpreter's path).
+_launch = launch
 
 
 @functools.lru_cache(maxsize=8)
@@ -271,6 +269,26 @@ def _stats_tokens_per_chunk(num_heads: int, seqlen_k: int, per_sm: int) -> int:
     return triton.cdiv(tiles, chunks) * STATS_BLOCK_S
 
 
+def _stats_chunks(B: int, S: int, H: int, DP: int) -> tuple[int, int]:
+    """(tokens per chunk, chunks) of kv_stats_kernel over [B, S, H, *] at padded head dim DP."""
+    tokens_per_chunk = _stats_tokens_per_chunk(B * H, S, QUANT_LAUNCH[DP].programs_per_sm)
+    return tokens_per_chunk, triton.cdiv(max(S, 1), tokens_per_chunk)
+
+
+def _launch_kv_stats(k, v, had, ksum, vmax, tokens_per_chunk: int) -> None:
+    """kv_stats_kernel into ``ksum``, ``vmax`` [B * H, num_chunks, DP] fp32."""
+    B, S, H, D = k.shape
+    DP = had.shape[0]
+    launch = QUANT_LAUNCH[DP]
+    _launch(kernels.kv_stats_kernel, (B * H, ksum.shape[1]),
+            k, v, had, ksum, vmax,
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            H, S, tokens_per_chunk,
+            D=D, DP=DP, BLOCK_S=STATS_BLOCK_S, UPCAST=INTERPRET, num_warps=launch.num_warps,
+            num_stages=launch.stats_stages)
+
+
 def _kv_stats_partials(k: torch.Tensor, v: torch.Tensor, had: torch.Tensor
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """``kv_stats_kernel`` over the tokens of ``k``, ``v`` [B, S, H, D]: per-chunk partial sums
@@ -278,19 +296,32 @@ def _kv_stats_partials(k: torch.Tensor, v: torch.Tensor, had: torch.Tensor
     kernels reduce the chunks)."""
     B, S, H, D = k.shape
     DP = had.shape[0]
-    launch = QUANT_LAUNCH[DP]
-    tokens_per_chunk = _stats_tokens_per_chunk(B * H, S, launch.programs_per_sm)
-    num_chunks = triton.cdiv(max(S, 1), tokens_per_chunk)
+    tokens_per_chunk, num_chunks = _stats_chunks(B, S, H, DP)
     ksum = torch.empty(B * H, num_chunks, DP, device=k.device, dtype=torch.float32)
     vmax = torch.empty(B * H, num_chunks, DP, device=k.device, dtype=torch.float32)
-    _launch(kernels.kv_stats_kernel, (B * H, num_chunks),
-            k, v, had, ksum, vmax,
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            H, S, tokens_per_chunk,
-            D=D, DP=DP, BLOCK_S=STATS_BLOCK_S, UPCAST=INTERPRET, num_warps=launch.num_warps,
-            num_stages=launch.stats_stages)
+    _launch_kv_stats(k, v, had, ksum, vmax, tokens_per_chunk)
     return ksum, vmax
+
+
+# Offsets of the tensors carved from one buffer are multiples of this (TMA and Triton's
+# 16-byte pointer specialization need 16; 256 keeps every tensor on its own cache lines).
+CARVE_ALIGN = 256
+
+
+def _empty_tensors(specs, device: torch.device, one_buffer: bool) -> list[torch.Tensor]:
+    """Uninitialised tensors of ``specs`` (a sequence of (shape, dtype)): one allocation each,
+    or, with ``one_buffer``, views into one byte buffer at CARVE_ALIGN-aligned offsets (one
+    allocation: ~9 µs of host time each on run 83's machine). Views of one buffer may not be
+    returned by a custom op (outputs must not alias), so only the op's direct path carves."""
+    if not one_buffer:
+        return [torch.empty(shape, device=device, dtype=dt) for shape, dt in specs]
+    offsets, total = [], 0
+    for shape, dt in specs:
+        offsets.append(total)
+        total += -(-math.prod(shape) * dt.itemsize // CARVE_ALIGN) * CARVE_ALIGN
+    buf = torch.empty(total, device=device, dtype=torch.uint8)
+    return [buf[o:o + math.prod(shape) * dt.itemsize].view(dt).view(shape)
+            for o, (shape, dt) in zip(offsets, specs, strict=True)]
 
 
 # Keys per K scale the quantization pass supports: 1 (per key, the op's scheme) and one scale
@@ -304,7 +335,8 @@ def _check_k_block(k_block: int) -> None:
                          f"got {k_block!r}")
 
 
-def _quantize(q, k, v, had, scale, vt_pv_order=False, fp8_format="e4m3fn", k_block=1):
+def _quantize(q, k, v, had, scale, vt_pv_order=False, fp8_format="e4m3fn", k_block=1,
+              one_buffer=False):
     _check_k_block(k_block)
     B, Sq, H, D = q.shape
     Sk = k.shape[1]
@@ -312,16 +344,15 @@ def _quantize(q, k, v, had, scale, vt_pv_order=False, fp8_format="e4m3fn", k_blo
     Sk_pad = pad_to(max(Sk, 1), SCHEME.block_n)  # the QuantizedQKV layout
     dev = q.device
     launch = QUANT_LAUNCH[DP]
-    ksum, vmax = _kv_stats_partials(k, v, had)
-    num_chunks = ksum.shape[1]
-    q8 = torch.empty(B, H, Sq, DP, device=dev, dtype=torch.int8)
-    q_scale = torch.empty(B, H, Sq, device=dev, dtype=torch.float32)
-    lse_corr = torch.empty(B, H, Sq, device=dev, dtype=torch.float32)
-    k8 = torch.empty(B, H, Sk_pad, DP, device=dev, dtype=torch.int8)
-    k_scale = torch.empty(B, H, Sk_pad, device=dev, dtype=torch.float32)
     fmt = FP8_FORMATS[fp8_format]
-    vt8 = torch.empty(B, H, DP, Sk_pad, device=dev, dtype=fmt.dtype)
-    v_scale = torch.empty(B, H, DP, device=dev, dtype=torch.float32)
+    tokens_per_chunk, num_chunks = _stats_chunks(B, Sk, H, DP)
+    f32 = torch.float32
+    ksum, vmax, q8, q_scale, lse_corr, k8, k_scale, vt8, v_scale = _empty_tensors(
+        (((B * H, num_chunks, DP), f32), ((B * H, num_chunks, DP), f32),
+         ((B, H, Sq, DP), torch.int8), ((B, H, Sq), f32), ((B, H, Sq), f32),
+         ((B, H, Sk_pad, DP), torch.int8), ((B, H, Sk_pad), f32),
+         ((B, H, DP, Sk_pad), fmt.dtype), ((B, H, DP), f32)), dev, one_buffer)
+    _launch_kv_stats(k, v, had, ksum, vmax, tokens_per_chunk)
     consts = dict(D=D, DP=DP, BLOCK_S=QUANT_BLOCK_S,
                   NUM_CHUNKS_P2=triton.next_power_of_2(num_chunks), UPCAST=INTERPRET,
                   num_warps=launch.num_warps)
@@ -403,8 +434,11 @@ def fp8_attention_fwd_triton(
 def _on_device(device: torch.device):
     """Triton launches on the current CUDA device, not the tensors' (seen on 4 H100s: with the
     current device cuda:0, tensors on cuda:1..3 failed with "Pointer argument ... cannot be
-    accessed"). Every launch goes through the two public wrappers below, which enter this."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    accessed"). Every launch goes through the two public wrappers below, which enter this.
+    Already there (the usual case), nothing to switch: a null context (cheaper in host time)."""
+    if device.type != "cuda" or device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
 
 
 def quantize_qkv_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -422,6 +456,16 @@ def quantize_qkv_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     128-key tile from key 0: the scheme with ``k_block=128``, ``XDIT_OPS_FP8_K_SCALE=tile``;
     still written per key, equal within a tile and zero past Sk).
     """
+    return _quantize_qkv(q, k, v, scale, vt_pv_order, fp8_format, k_block, direct=False)
+
+
+def _quantize_qkv(q, k, v, scale, vt_pv_order, fp8_format, k_block, direct: bool
+                  ) -> QuantizedQKV:
+    """:func:`quantize_qkv_triton`; ``direct``: run the pass as plain Python (its outputs carved
+    from one buffer), not through the ``triton_op`` (``xdit_ops::fp8_quantize_triton``, whose
+    dispatch costs host time and whose outputs may not alias): for callers that are already an
+    op's implementation on real tensors (``xdit_ops::fp8_attention``'s CUDA kernel), where
+    nothing traces the pass."""
     _check_k_block(k_block)
     D = q.shape[-1]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
@@ -434,9 +478,11 @@ def quantize_qkv_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         raise ValueError(f"fp8_attention: unknown FP8 format {name!r}; one of "
                          f"{tuple(FP8_FORMATS)}")
     had = cached_hadamard(padded_head_dim(D), q.dtype, q.device)
-    fn = _quantize if INTERPRET else fp8_quantize_triton
     with _on_device(q.device):
-        t = fn(q, k, v, had, scale, vt_pv_order, name, k_block)
+        if direct or INTERPRET:
+            t = _quantize(q, k, v, had, scale, vt_pv_order, name, k_block, one_buffer=direct)
+        else:
+            t = fp8_quantize_triton(q, k, v, had, scale, vt_pv_order, name, k_block)
     return QuantizedQKV(*t, seqlen_k=k.shape[1], head_dim=D, vt_pv_order=vt_pv_order)
 
 
