@@ -4,10 +4,11 @@ GPU busy (one GPU).
 For each shape (bf16, DiT-like inputs), after warm-up:
 
 * ``host_us``: median host time of one call while the GPU is busy (a queued sleep ahead of the
-  calls, so none waits for it), for the op with the Triton fast launch (default) and without it
-  (``XDIT_OPS_TRITON_FAST_LAUNCH=0``), the quantization pass alone (the op's direct path and
-  the public ``quantize_qkv_triton``, a ``triton_op``), and one trivial aten op (the host's
-  floor). Measured in interleaved rounds (one candidate after another in every round).
+  calls, so none waits for it), for the op with its fast path (default: a replay of the first
+  call's launches) and without it (``XDIT_OPS_FP8_FAST_PATH=0``), the quantization pass alone
+  (the op's direct path and the public ``quantize_qkv_triton``, a ``triton_op``), and one
+  trivial aten op (the host's floor). Measured in interleaved rounds (one candidate after
+  another in every round).
 * ``gpu_us``: the GPU time of one call (CUDA events around a call queued behind a sleep: the
   host has queued everything before the GPU reaches it).
 * ``b2b_us``: the wall time per call of back-to-back calls (after a synchronize, until the last
@@ -41,26 +42,30 @@ from benchmarks.common import (  # noqa: E402
 from xdit_ops.reference.fp8_attention import dit_like_qkv  # noqa: E402
 from xdit_ops.triton import fp8_attention as tfa  # noqa: E402
 
-FAST_ENV = "XDIT_OPS_TRITON_FAST_LAUNCH"
+FAST_ENV = "XDIT_OPS_FP8_FAST_PATH"
 SHAPES = ((1, 4608, 24, 128), (2, 4250, 24, 64), (1, 16896, 24, 128))
 SLEEP = int(2e9)  # ~1 s of GPU work queued ahead of the host-timed calls
 
 
-def _with_env(fn, value: str | None):
-    def run():
-        old = os.environ.get(FAST_ENV)
+class _env:
+    """``XDIT_OPS_FP8_FAST_PATH`` set to ``value`` (None: unset) inside the block."""
+
+    def __init__(self, value: str | None):
+        self.value = value
+
+    def __enter__(self):
+        self.old = os.environ.get(FAST_ENV)
+        self._set(self.value)
+
+    def __exit__(self, *exc):
+        self._set(self.old)
+
+    @staticmethod
+    def _set(value):
         if value is None:
             os.environ.pop(FAST_ENV, None)
         else:
             os.environ[FAST_ENV] = value
-        try:
-            return fn()
-        finally:
-            if old is None:
-                os.environ.pop(FAST_ENV, None)
-            else:
-                os.environ[FAST_ENV] = old
-    return run
 
 
 def host_us(cands: dict, rounds: int, n: int) -> dict[str, float]:
@@ -69,24 +74,16 @@ def host_us(cands: dict, rounds: int, n: int) -> dict[str, float]:
     samples: dict[str, list[float]] = {c: [] for c in cands}
     for _ in range(rounds):
         for name, (fn, env) in cands.items():
-            old = os.environ.get(FAST_ENV)
-            if env is None:
-                os.environ.pop(FAST_ENV, None)
-            else:
-                os.environ[FAST_ENV] = env
-            for _ in range(3):
-                fn()
-            torch.cuda.synchronize()
-            torch.cuda._sleep(SLEEP)
-            for _ in range(n):
-                t0 = time.perf_counter()
-                fn()
-                samples[name].append((time.perf_counter() - t0) * 1e6)
-            torch.cuda.synchronize()
-            if old is None:
-                os.environ.pop(FAST_ENV, None)
-            else:
-                os.environ[FAST_ENV] = old
+            with _env(env):
+                for _ in range(3):
+                    fn()
+                torch.cuda.synchronize()
+                torch.cuda._sleep(SLEEP)
+                for _ in range(n):
+                    t0 = time.perf_counter()
+                    fn()
+                    samples[name].append((time.perf_counter() - t0) * 1e6)
+                torch.cuda.synchronize()
     return {c: statistics.median(s) for c, s in samples.items()}
 
 
@@ -105,17 +102,21 @@ def gpu_us(fn, n: int) -> float:
     return statistics.median(times)
 
 
-def b2b_us(fn, n: int, rounds: int) -> float:
-    """Median over rounds of the wall time per call of ``n`` back-to-back calls."""
-    per = []
+def b2b_us(cands: dict, n: int, rounds: int) -> dict[str, float]:
+    """Median over interleaved rounds of the wall time per call of ``n`` back-to-back calls of
+    each candidate."""
+    per: dict[str, list[float]] = {c: [] for c in cands}
     for _ in range(rounds):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        torch.cuda.synchronize()
-        per.append((time.perf_counter() - t0) * 1e6 / n)
-    return statistics.median(per)
+        for name, (fn, env) in cands.items():
+            with _env(env):
+                fn()
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                for _ in range(n):
+                    fn()
+                torch.cuda.synchronize()
+                per[name].append((time.perf_counter() - t0) * 1e6 / n)
+    return {c: statistics.median(x) for c, x in per.items()}
 
 
 def measure(shape: tuple[int, int, int, int], args: argparse.Namespace) -> dict:
@@ -129,7 +130,7 @@ def measure(shape: tuple[int, int, int, int], args: argparse.Namespace) -> dict:
 
     cands = {
         "op": (op, None),
-        "op_no_fast_launch": (op, "0"),
+        "op_no_fast_path": (op, "0"),
         "pass_triton_op": (lambda: tfa.quantize_qkv_triton(q, k, v, vt_pv_order=True,
                                                            k_block=128), None),
         "aten_add": (lambda: floor_x.add(1), None),
@@ -139,7 +140,7 @@ def measure(shape: tuple[int, int, int, int], args: argparse.Namespace) -> dict:
                                 None)
     h = host_us(cands, args.rounds, args.n)
     g = gpu_us(op, 15)
-    bb = {"op": b2b_us(op, 30, 5), "op_no_fast_launch": b2b_us(_with_env(op, "0"), 30, 5)}
+    bb = b2b_us({c: cands[c] for c in ("op", "op_no_fast_path")}, 30, 5)
     row = {"shape": f"({B},{S},{H},{D})"}
     row |= {f"host_us_{c}": round(x, 1) for c, x in h.items()}
     row |= {"gpu_us_op": round(g, 1)}

@@ -1,9 +1,10 @@
-"""The cached Triton launch (xdit_ops.triton.launch) and the FP8 pass's direct path.
+"""Recorded Triton launches (xdit_ops.triton.launch) and the FP8 op's fast path.
 
-On CPU: the cache key separates every case Triton specializes on, the parameters after the
-positional ones come in signature order, the switch, and the tensors carved from one buffer.
-On GPUs: the cached launches give the plain launches' bits, hit the cache, take a new entry
-for a misaligned pointer, and the op under the fast launch replays from a CUDA graph.
+On CPU: the parameters after the positional ones in signature order, the replay's bookkeeping
+(which tensors it substitutes, when it declines), recording, the op's fast-path key and switch,
+and the tensors carved from one buffer. On GPUs: the op's fast path (a replay of the first
+call's launches) gives the slow path's bits, for other inputs of the key too, a misaligned
+input is another key, and it replays from a CUDA graph.
 """
 
 from __future__ import annotations
@@ -25,68 +26,91 @@ def _axpy(X, Y, n, alpha, BLOCK: tl.constexpr, SCALE: tl.constexpr = 2.0):
     tl.store(Y + i, x * alpha * SCALE, mask=ok)
 
 
-def _key(*args, **kw):
-    return L.launch_key(_axpy, 0, args, kw)
-
-
-def test_key_separates_what_triton_specializes_on():
-    x = torch.randn(64)
-    y = torch.empty(64)
-    base = _key(x, y, 48, 1.5, BLOCK=64)
-    assert base is not None
-    # ints: another value of the same class shares the entry; 1, 0, multiples of 16 and
-    # int64-range values are classes of their own
-    assert _key(x, y, 32, 1.5, BLOCK=64) == base
-    assert _key(x, y, 5, 1.5, BLOCK=64) != base
-    assert _key(x, y, 5, 1.5, BLOCK=64) == _key(x, y, 7, 1.5, BLOCK=64)
-    assert _key(x, y, 1, 1.5, BLOCK=64) != _key(x, y, 7, 1.5, BLOCK=64)
-    assert _key(x, y, 0, 1.5, BLOCK=64) != _key(x, y, 16, 1.5, BLOCK=64)
-    assert _key(x, y, 2**31, 1.5, BLOCK=64) != _key(x, y, 2**30, 1.5, BLOCK=64)
-    # floats by type only; bools by value
-    assert _key(x, y, 48, -3.0, BLOCK=64) == base
-    assert _key(x, y, True, 1.5, BLOCK=64) != _key(x, y, False, 1.5, BLOCK=64)
-    # tensors by dtype and 16-byte alignment of the address
-    assert _key(x.double(), y, 48, 1.5, BLOCK=64) != base
-    assert x.data_ptr() % 16 == 0
-    assert _key(x[1:], y, 48, 1.5, BLOCK=64) != base
-    assert _key(x[4:], y, 48, 1.5, BLOCK=64) == base
-    # constexprs and options by value, in any order
-    assert _key(x, y, 48, 1.5, BLOCK=32) != base
-    assert (_key(x, y, 48, 1.5, BLOCK=64, num_warps=4)
-            == _key(x, y, 48, 1.5, num_warps=4, BLOCK=64))
-    assert _key(x, y, 48, 1.5, BLOCK=64, num_warps=8) != _key(x, y, 48, 1.5, BLOCK=64,
-                                                                 num_warps=4)
-    # another device, another entry
-    assert L.launch_key(_axpy, 1, (x, y, 48, 1.5), {"BLOCK": 64}) != base
-
-
-def test_key_declines_what_it_does_not_cover():
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    x = torch.randn(64)
-    with FakeTensorMode() as mode:
-        fx = mode.from_tensor(x)
-    assert L.launch_key(_axpy, 0, (fx, x, 48, 1.5), {"BLOCK": 64}) is None
-    assert L.launch_key(_axpy, 0, (x, x, [48], 1.5), {"BLOCK": 64}) is None
-    assert L.launch_key(_axpy, 0, (torch.nn.Parameter(x), x, 48, 1.5), {"BLOCK": 64}) is None
-
-
 def test_tail_is_every_later_parameter_in_signature_order():
-    assert L._tail(_axpy, 4, {"BLOCK": 64}) == (64, 2.0)
-    assert L._tail(_axpy, 4, {"SCALE": 3.0, "BLOCK": 32}) == (32, 3.0)
-    assert L._tail(_axpy, 3, {"alpha": 1.0, "BLOCK": 32}) == (1.0, 32, 2.0)
+    assert L.tail_values(_axpy, 4, {"BLOCK": 64}) == (64, 2.0)
+    assert L.tail_values(_axpy, 4, {"SCALE": 3.0, "BLOCK": 32}) == (32, 3.0)
+    assert L.tail_values(_axpy, 3, {"alpha": 1.0, "BLOCK": 32}) == (1.0, 32, 2.0)
     with pytest.raises(TypeError, match=r"launch: .*misses argument 'BLOCK'"):
-        L._tail(_axpy, 4, {})
+        L.tail_values(_axpy, 4, {})
 
 
-def test_switch(monkeypatch):
-    monkeypatch.setenv(L.FAST_ENV, "0")
-    assert not L.fast_enabled()
-    monkeypatch.setenv(L.FAST_ENV, "1")
-    assert L.fast_enabled() is (not L.INTERPRET)
-    monkeypatch.setenv(L.FAST_ENV, "yes")
-    with pytest.raises(ValueError, match=rf"{L.FAST_ENV}='yes': expected 0 or 1"):
-        L.fast_enabled()
+class _Compiled:
+    """Stands in for Triton's CompiledKernel (which needs a GPU) in the replay's bookkeeping
+    test: ``self[grid](*args, stream=...)`` runs ``fn`` on the arguments."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.calls = []
+
+    def __getitem__(self, grid):
+        def runner(*args, stream=None):
+            self.calls.append((grid, stream))
+            self.fn(*args)
+        return runner
+
+
+def test_replay_substitutes_the_call_tensors(monkeypatch):
+    monkeypatch.setattr(L, "raw_stream", lambda index: 7)
+    dev = torch.device("cpu")
+    specs = (((4,), torch.float32), ((2, 2), torch.float32))
+    x = torch.arange(4.0)
+    const = torch.full((4,), 10.0)
+
+    def carve_like(specs, device):
+        return [torch.empty(shape, dtype=dt) for shape, dt in specs]
+
+    def add(a, c, out, n, scale):  # out = (a + c) * scale over n elements
+        out.view(-1)[:n] = (a[:n] + c[:n]) * scale
+
+    ck = _Compiled(add)
+    made = carve_like(specs, dev)
+    log = [L.Alloc(specs, tuple(made)), L.Launch(ck, (1, 1, 1), (x, const, made[0], 4), (2.0,)),
+           L.Launch(ck, (2, 1, 1), (made[0], x, made[1], 4), (1.0,))]
+    rep = L.Replay.build(log, (x,), (const,), (made[1], made[0]), dev)
+    assert rep is not None
+    y = torch.tensor([1.0, -1.0, 0.5, 3.0])
+    out1, out0 = rep.run((y,), carve_like)
+    assert torch.equal(out0, (y + const) * 2.0)
+    assert torch.equal(out1.view(-1), out0 + y)
+    assert [c[0] for c in ck.calls] == [(1, 1, 1), (2, 1, 1)] and ck.calls[0][1] == 7
+    # no replay: a tensor that is neither a source, nor made, nor a constant; a launch that
+    # could not be recorded; not exactly one allocation; an output not made by the allocation
+    stranger = torch.zeros(4)
+    bad = [log[0], L.Launch(ck, (1, 1, 1), (x, stranger, made[0], 4), (2.0,))]
+    assert L.Replay.build(bad, (x,), (const,), (made[0],), dev) is None
+    assert L.Replay.build(log + [None], (x,), (const,), (made[0],), dev) is None
+    assert L.Replay.build(log[1:], (x,), (const,), (made[0],), dev) is None
+    assert L.Replay.build(log + [log[0]], (x,), (const,), (made[0],), dev) is None
+    assert L.Replay.build(log, (x,), (const,), (x,), dev) is None
+
+
+def test_recording_logs_allocations_and_nests():
+    with L.recording() as outer:
+        L.note_alloc(((2,), torch.float32), [torch.empty(2)])
+        with L.recording() as inner:
+            L.note_alloc(((3,), torch.float32), [torch.empty(3)])
+        L.note_alloc(((4,), torch.float32), [torch.empty(4)])
+    assert [e.specs for e in outer] == [((2,), torch.float32), ((4,), torch.float32)]
+    assert [e.specs for e in inner] == [((3,), torch.float32)]
+    L.note_alloc(((5,), torch.float32), [torch.empty(5)])  # not recording: nothing, no error
+
+
+def test_fast_path_switch_names_the_variable(monkeypatch):
+    from xdit_ops.ops import fp8_attention as ofa
+
+    x = torch.randn(1, 8, 2, 16)
+    monkeypatch.setenv(ofa.FAST_PATH_ENV, "0")
+    assert ofa._fast_key(x, x, x, None, False) is None
+    monkeypatch.setenv(ofa.FAST_PATH_ENV, "1")
+    key = ofa._fast_key(x, x, x, None, False)
+    assert key is not None and key != ofa._fast_key(x, x, x, 0.5, False)
+    assert key != ofa._fast_key(x, x, x, None, True)
+    assert key != ofa._fast_key(x[:, :4], x[:, :4], x[:, :4], None, False)
+    monkeypatch.setenv(ofa.K_SCALE_ENV, "token")
+    assert key != ofa._fast_key(x, x, x, None, False)  # a setting is part of the key
+    monkeypatch.setenv(ofa.FAST_PATH_ENV, "yes")
+    with pytest.raises(ValueError, match=rf"fp8_attention: {ofa.FAST_PATH_ENV}='yes'"):
+        ofa._fast_key(x, x, x, None, False)
 
 
 def test_tensors_carved_from_one_buffer():
@@ -113,64 +137,68 @@ def test_tensors_carved_from_one_buffer():
 # GPU
 
 
-def _pass_outputs(qq):
-    return (qq.q, qq.q_scale, qq.k, qq.k_scale, qq.vt, qq.v_scale, qq.lse_corr)
+def _bits(t):
+    return t.view(torch.uint8) if t.numel() else t
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("D", [64, 128])
-def test_fast_launch_gives_the_plain_launch_bits_gpu(monkeypatch, D):
-    from xdit_ops.reference.fp8_attention import dit_like_qkv
-    from xdit_ops.triton import fp8_attention as tfa
-
-    q, k, v = dit_like_qkv(1, 1000, 3, D, seed=1, dtype=torch.bfloat16, device="cuda")
-    monkeypatch.setenv(L.FAST_ENV, "0")
-    plain = tfa.quantize_qkv_triton(q, k, v, vt_pv_order=True, k_block=128)
-    monkeypatch.setenv(L.FAST_ENV, "1")
-    first = tfa._quantize_qkv(q, k, v, None, True, None, 128, direct=True)
-    n = len(L._compiled)
-    assert n >= 3  # the three kernels of the pass, each under its key
-    again = tfa._quantize_qkv(q, k, v, None, True, None, 128, direct=True)  # from the cache
-    assert len(L._compiled) == n
-    for a, b, c in zip(_pass_outputs(plain), _pass_outputs(first), _pass_outputs(again),
-                       strict=True):
-        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
-        assert torch.equal(a.view(torch.uint8), c.view(torch.uint8))
-    # a K whose address is 2 bytes past a 16-byte boundary: Triton specializes on alignment,
-    # so the cache takes new entries, and the bits are the plain launch's
-    buf = torch.empty(k.numel() + 1, device="cuda", dtype=k.dtype)
-    k_odd = buf[1:].view(k.shape).copy_(k)
-    assert k_odd.data_ptr() % 16 != 0
-    odd = tfa._quantize_qkv(q, k_odd, v, None, True, None, 128, direct=True)
-    assert len(L._compiled) > n
-    for a, b in zip(_pass_outputs(plain), _pass_outputs(odd), strict=True):
-        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
-
-
-@pytest.mark.gpu
-def test_op_under_the_fast_launch_matches_and_replays_from_a_graph_gpu(monkeypatch):
+@pytest.mark.parametrize("B,S,H,D", [(2, 777, 4, 128), (1, 1000, 3, 64), (1, 300, 2, 72)])
+def test_op_fast_path_gives_the_slow_path_bits_gpu(monkeypatch, B, S, H, D):
     import xdit_ops
+    from xdit_ops.ops import fp8_attention as ofa
     from xdit_ops.reference.fp8_attention import dit_like_qkv
 
-    q, k, v = dit_like_qkv(2, 777, 4, 128, seed=2, dtype=torch.bfloat16, device="cuda")
-    monkeypatch.setenv(L.FAST_ENV, "0")
+    q, k, v = dit_like_qkv(B, S, H, D, seed=1, dtype=torch.bfloat16, device="cuda")
+    monkeypatch.setenv(ofa.FAST_PATH_ENV, "0")
     ref, ref_lse = xdit_ops.fp8_attention(q, k, v, return_lse=True)
-    monkeypatch.setenv(L.FAST_ENV, "1")
-    for _ in range(2):  # the first call fills the cache, the second launches from it
+    monkeypatch.setenv(ofa.FAST_PATH_ENV, "1")
+    ofa._FAST.clear()
+    out, lse = xdit_ops.fp8_attention(q, k, v, return_lse=True)  # records
+    key = ofa._fast_key(q, k, v, None, True)
+    sm90 = ofa.resolve_impl(q.device, D) in ofa.SM90_IMPLS
+    assert (key in ofa._FAST) == sm90  # the fast path covers the native kernels' path
+    assert torch.equal(out, ref) and torch.equal(lse, ref_lse)
+    for _ in range(2):  # replays
         out, lse = xdit_ops.fp8_attention(q, k, v, return_lse=True)
         assert torch.equal(out, ref) and torch.equal(lse, ref_lse)
-    sq, sk, sv = (torch.empty_like(t) for t in (q, k, v))
+    # other inputs of the same key: the replay reads this call's tensors
+    q2, k2, v2 = dit_like_qkv(B, S, H, D, seed=2, dtype=torch.bfloat16, device="cuda")
+    got = xdit_ops.fp8_attention(q2, k2, v2)
+    monkeypatch.setenv(ofa.FAST_PATH_ENV, "0")
+    want = xdit_ops.fp8_attention(q2, k2, v2)
+    assert torch.equal(got[0], want[0]) and got[1].numel() == 0
+    # a K 2 bytes past a 16-byte boundary is another key (Triton specializes on alignment)
+    monkeypatch.setenv(ofa.FAST_PATH_ENV, "1")
+    buf = torch.empty(k.numel() + 1, device="cuda", dtype=k.dtype)
+    k_odd = buf[1:].view(k.shape).copy_(k)
+    assert ofa._fast_key(q, k_odd, v, None, True) != key
+    for _ in range(2):
+        out, lse = xdit_ops.fp8_attention(q, k_odd, v, return_lse=True)
+        assert torch.equal(out, ref) and torch.equal(lse, ref_lse)
+
+
+@pytest.mark.gpu
+def test_op_fast_path_replays_from_a_cuda_graph_gpu(monkeypatch):
+    import xdit_ops
+    from xdit_ops.ops import fp8_attention as ofa
+    from xdit_ops.reference.fp8_attention import dit_like_qkv
+
+    monkeypatch.setenv(ofa.FAST_PATH_ENV, "1")
+    q, k, v = dit_like_qkv(2, 777, 4, 128, seed=2, dtype=torch.bfloat16, device="cuda")
+    sq, sk, sv = (t.clone() for t in (q, k, v))
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
-        xdit_ops.fp8_attention(sq, sk, sv)
+        for _ in range(2):  # record, then the fast path
+            xdit_ops.fp8_attention(sq, sk, sv)
     torch.cuda.current_stream().wait_stream(s)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        gout = xdit_ops.fp8_attention(sq, sk, sv)
+        gout, _ = xdit_ops.fp8_attention(sq, sk, sv)
     q2, k2, v2 = dit_like_qkv(2, 777, 4, 128, seed=3, dtype=torch.bfloat16, device="cuda")
     for a, b in ((sq, q2), (sk, k2), (sv, v2)):
         a.copy_(b)
     g.replay()
     torch.cuda.synchronize()
-    assert torch.equal(gout, xdit_ops.fp8_attention(q2, k2, v2))
+    monkeypatch.setenv(ofa.FAST_PATH_ENV, "0")
+    assert torch.equal(gout, xdit_ops.fp8_attention(q2, k2, v2)[0])

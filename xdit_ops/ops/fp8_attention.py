@@ -81,6 +81,7 @@ from xdit_ops.reference.fp8_attention import (
     SCHEME,
     Fp8AttentionScheme,
     Fp8Format,
+    cached_hadamard,
     fp8_attention_ref,
     padded_head_dim,
     with_format,
@@ -470,7 +471,53 @@ def _fp8_attention_cpu(q, k, v, scale=None, return_lse=False):
     return _finish(q, out, lse, return_lse)
 
 
+# The CUDA op's fast path: a call whose key (below) was seen before replays the first call's
+# launches (xdit_ops.triton.launch.Replay: the quantization pass's three compiled Triton
+# kernels with this call's tensors, its outputs carved again from one buffer) and calls the
+# native kernel, skipping the checks, the settings' resolution and the launchers' Python, which
+# the key's parts decide. XDIT_OPS_FP8_FAST_PATH=0 turns it off (read per call).
+FAST_PATH_ENV = "XDIT_OPS_FP8_FAST_PATH"
+IMPL_ENV = "XDIT_OPS_FP8_IMPL"
+# Every setting the CUDA op reads: part of the key, so a changed setting is a new key.
+_KEY_SETTINGS = (IMPL_ENV, FORMAT_ENV, K_SCALE_ENV, CONSUMERS_ENV, FAST_PATH_ENV)
+# Keys kept (shapes of a serving process are few; past this many, start again).
+FAST_PATH_MAX_KEYS = 256
+_FAST: dict[tuple, tuple] = {}
+
+
+def _fast_key(q, k, v, scale, return_lse) -> tuple | None:
+    """What decides every argument of the op's launches: shapes, strides, dtypes, the device,
+    the inputs' addresses modulo 16 (Triton specializes on 16-byte alignment), the scale, the
+    LSE flag and the settings; None when the fast path is off or an input is a tensor
+    subclass."""
+    env = os.environ
+    settings = tuple(env.get(name) for name in _KEY_SETTINGS)
+    fast = settings[-1]
+    if fast is not None and fast != "1":
+        if fast != "0":
+            raise ValueError(f"{OP}: {FAST_PATH_ENV}={fast!r} is not one of ('0', '1')")
+        return None
+    if type(q) is not torch.Tensor or type(k) is not torch.Tensor or type(v) is not torch.Tensor:
+        return None
+    return (q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride(), q.dtype, k.dtype,
+            v.dtype, q.device, q.data_ptr() % 16, k.data_ptr() % 16, v.data_ptr() % 16, scale,
+            return_lse, settings)
+
+
+def _fast_call(entry, q, k, v):
+    replay, op, rest, return_lse, carve, on_device = entry
+    with on_device(q.device):
+        qq = replay.run((q, k, v), carve)
+        out, lse = op(*qq, *rest)
+    return _finish(q, out, lse, return_lse)
+
+
 def _fp8_attention_cuda(q, k, v, scale=None, return_lse=False):
+    key = _fast_key(q, k, v, scale, return_lse)
+    if key is not None:
+        entry = _FAST.get(key)
+        if entry is not None:
+            return _fast_call(entry, q, k, v)
     check_inputs(q, k, v)
     # a bad XDIT_OPS_FP8_SM90_CONSUMERS is a ValueError naming it (read once: used below)
     consumers_sw = consumers_setting()
@@ -492,46 +539,39 @@ def _fp8_attention_cuda(q, k, v, scale=None, return_lse=False):
         out, lse = fp8_attention_ref(q, k, v, scale, with_k_scale(with_format(SCHEME, fmt),
                                                                   k_scale))
         return _finish(q, out, lse, return_lse)
-    from xdit_ops.triton.fp8_attention import _quantize_qkv, fp8_attention_triton
+    from xdit_ops.triton.fp8_attention import (
+        _on_device,
+        _quantize_qkv,
+        carve,
+        fp8_attention_triton,
+    )
+    from xdit_ops.triton.launch import Replay, recording
 
     if impl in SM90_IMPLS:
         consumers = resolve_consumers(impl, D, k_scale, consumers_sw)
         # direct: this is the op's CUDA kernel on real tensors; the pass needs no op of its own
-        qq = _quantize_qkv(q, k, v, scale, SM90_VT_PV_ORDER[impl], fmt, k_block, direct=True)
-        out, lse = attention_quantized_sm90(qq, q.dtype, return_lse, impl, k_scale=k_scale,
-                                            consumers=consumers)
+        with recording() as log:
+            qq = _quantize_qkv(q, k, v, scale, SM90_VT_PV_ORDER[impl], fmt, k_block, direct=True)
+        op, rest = _sm90_call(qq, q.dtype, return_lse, impl, k_scale, consumers, None)
+        tensors = (qq.q, qq.q_scale, qq.k, qq.k_scale, qq.vt, qq.v_scale, qq.lse_corr)
+        out, lse = op(*tensors, *rest)
+        if key is not None:
+            had = cached_hadamard(padded_head_dim(D), q.dtype, q.device)
+            replay = Replay.build(log, (q, k, v), (had,), tensors, q.device)
+            if replay is not None:
+                if len(_FAST) >= FAST_PATH_MAX_KEYS:
+                    _FAST.clear()
+                _FAST[key] = (replay, op, rest, return_lse, carve, _on_device)
     else:
         out, lse = fp8_attention_triton(q, k, v, scale, return_lse, fp8_format=fmt,
                                         k_block=k_block)
     return _finish(q, out, lse, return_lse)
 
 
-def attention_quantized_sm90(qq, out_dtype: torch.dtype, return_lse: bool = True,
-                             impl: str = "sm90", k_scale: str = "token", consumers: int = 2,
-                             ping_pong: bool | None = None):
-    """A native sm_90a kernel on a :class:`~xdit_ops.reference.fp8_attention.QuantizedQKV`:
-    (out [B, Sq, H, D] ``out_dtype``, lse [B, H, Sq] fp32 or [B, H, 0]).
-
-    ``impl``: ``"sm90"`` (one warpgroup per 64 query rows, 64-key tiles) or ``"sm90ws"``
-    (warp-specialised: TMA producer, two consumer warpgroups per 128 rows, 128-key tiles). Each
-    computes the emulation of :func:`sm90_scheme` (impl). ``sm90ws`` takes ``qq.vt`` in the P.V
-    key order (``qq.vt_pv_order``: :func:`~xdit_ops.reference.fp8_attention.in_pv_order`),
-    ``sm90`` in key order; the other layout is an error, and so is V^T in any FP8 format but
-    e4m3fn.
-
-    ``k_scale="tile"``: ``qq.k_scale`` is equal within every 128-key tile (the quantization
-    pass with ``k_block=128``; not checked: the kernel reads each tile's first scale); for
-    ``sm90ws`` (padded head dim 64 or 128) it runs the per-tile K-scale variant
-    (``fp8_attention_sm90ws_ktile_fwd``), for ``sm90`` its per-key kernel (per-key scales,
-    these included). It computes the emulation of :func:`sm90_scheme` (impl, k_scale). ``k_scale``
-    is the granularity of ``qq``'s K scales (``auto`` is an error: the caller knows it).
-
-    ``consumers``: the per-tile variant's consumer warpgroups, 2 (128 query rows per CTA) or 3
-    (192 rows; padded head dim 64 only; ``XDIT_OPS_FP8_SM90_CONSUMERS`` chooses it for the op):
-    the same output bits either way. ``ping_pong``: whether the consumers issue their GEMMs in
-    turn; None (default) is the built order of the count: 2 in turn (ping-pong), 3 freely (the
-    faster, run 60); 3 in turn (round robin, ``ping_pong=True``) is built for bfloat16 output
-    only (the A/B measurement). Any other kernel takes ``consumers=2`` only."""
+def _sm90_call(qq, out_dtype: torch.dtype, return_lse: bool, impl: str, k_scale: str,
+               consumers: int, ping_pong: bool | None):
+    """:func:`attention_quantized_sm90`'s checks; returns the native op and its arguments after
+    the seven tensors of ``qq`` (q, q_scale, k, k_scale, vt, v_scale, lse_corr)."""
     name = _sm90_op_name(impl)
     ktile = _granularity(k_scale, "attention_quantized_sm90") == "tile" and impl == "sm90ws"
     if ktile:
@@ -560,9 +600,38 @@ def attention_quantized_sm90(qq, out_dtype: torch.dtype, return_lse: bool = True
         raise ValueError(f"{OP}: the {impl} kernel takes V^T in {want}, got one in {got} "
                          f"(QuantizedQKV.vt_pv_order={qq.vt_pv_order})")
     like = qq.q_scale.new_empty(0, dtype=out_dtype)
-    args = (qq.q, qq.q_scale, qq.k, qq.k_scale, qq.vt, qq.v_scale, qq.lse_corr, qq.seqlen_k,
-            qq.head_dim, like, return_lse)
-    return op(*args, consumers, ping_pong) if ktile else op(*args)
+    rest = (qq.seqlen_k, qq.head_dim, like, return_lse) + ((consumers, ping_pong) if ktile else ())
+    return op, rest
+
+
+def attention_quantized_sm90(qq, out_dtype: torch.dtype, return_lse: bool = True,
+                             impl: str = "sm90", k_scale: str = "token", consumers: int = 2,
+                             ping_pong: bool | None = None):
+    """A native sm_90a kernel on a :class:`~xdit_ops.reference.fp8_attention.QuantizedQKV`:
+    (out [B, Sq, H, D] ``out_dtype``, lse [B, H, Sq] fp32 or [B, H, 0]).
+
+    ``impl``: ``"sm90"`` (one warpgroup per 64 query rows, 64-key tiles) or ``"sm90ws"``
+    (warp-specialised: TMA producer, two consumer warpgroups per 128 rows, 128-key tiles). Each
+    computes the emulation of :func:`sm90_scheme` (impl). ``sm90ws`` takes ``qq.vt`` in the P.V
+    key order (``qq.vt_pv_order``: :func:`~xdit_ops.reference.fp8_attention.in_pv_order`),
+    ``sm90`` in key order; the other layout is an error, and so is V^T in any FP8 format but
+    e4m3fn.
+
+    ``k_scale="tile"``: ``qq.k_scale`` is equal within every 128-key tile (the quantization
+    pass with ``k_block=128``; not checked: the kernel reads each tile's first scale); for
+    ``sm90ws`` (padded head dim 64 or 128) it runs the per-tile K-scale variant
+    (``fp8_attention_sm90ws_ktile_fwd``), for ``sm90`` its per-key kernel (per-key scales,
+    these included). It computes the emulation of :func:`sm90_scheme` (impl, k_scale). ``k_scale``
+    is the granularity of ``qq``'s K scales (``auto`` is an error: the caller knows it).
+
+    ``consumers``: the per-tile variant's consumer warpgroups, 2 (128 query rows per CTA) or 3
+    (192 rows; padded head dim 64 only; ``XDIT_OPS_FP8_SM90_CONSUMERS`` chooses it for the op):
+    the same output bits either way. ``ping_pong``: whether the consumers issue their GEMMs in
+    turn; None (default) is the built order of the count: 2 in turn (ping-pong), 3 freely (the
+    faster, run 60); 3 in turn (round robin, ``ping_pong=True``) is built for bfloat16 output
+    only (the A/B measurement). Any other kernel takes ``consumers=2`` only."""
+    op, rest = _sm90_call(qq, out_dtype, return_lse, impl, k_scale, consumers, ping_pong)
+    return op(qq.q, qq.q_scale, qq.k, qq.k_scale, qq.vt, qq.v_scale, qq.lse_corr, *rest)
 
 
 lib.impl(OP, _fp8_attention_cpu, "CPU")

@@ -50,7 +50,7 @@ from xdit_ops.reference.fp8_attention import (
     with_format,
 )
 from xdit_ops.triton.kernels import fp8_attention as kernels
-from xdit_ops.triton.launch import launch
+from xdit_ops.triton.launch import launch, note_alloc
 
 QUANT_BLOCK_S = 64
 
@@ -215,8 +215,8 @@ def config_scheme(cfg: AttnConfig, fmt: Fp8Format = E4M3FN) -> Fp8AttentionSchem
 
 
 
-# Every launch: xdit_ops.triton.launch.launch (eager launches from its own cache of compiled
-# kernels, fewer microseconds of host time; wrap_triton under tracing, the interpreter's path).
+# Every launch: xdit_ops.triton.launch.launch (wrap_triton only when traced; recorded for the
+# op's fast path under a recording).
 _launch = launch
 
 
@@ -308,13 +308,10 @@ def _kv_stats_partials(k: torch.Tensor, v: torch.Tensor, had: torch.Tensor
 CARVE_ALIGN = 256
 
 
-def _empty_tensors(specs, device: torch.device, one_buffer: bool) -> list[torch.Tensor]:
-    """Uninitialised tensors of ``specs`` (a sequence of (shape, dtype)): one allocation each,
-    or, with ``one_buffer``, views into one byte buffer at CARVE_ALIGN-aligned offsets (one
-    allocation: ~9 µs of host time each on run 83's machine). Views of one buffer may not be
-    returned by a custom op (outputs must not alias), so only the op's direct path carves."""
-    if not one_buffer:
-        return [torch.empty(shape, device=device, dtype=dt) for shape, dt in specs]
+def carve(specs, device: torch.device) -> list[torch.Tensor]:
+    """Uninitialised tensors of ``specs`` (a sequence of (shape, dtype)) as views into one byte
+    buffer at CARVE_ALIGN-aligned offsets: one allocation (~5-9 µs of host time each on the GPU
+    machines, runs 83 and 95) for all."""
     offsets, total = [], 0
     for shape, dt in specs:
         offsets.append(total)
@@ -322,6 +319,18 @@ def _empty_tensors(specs, device: torch.device, one_buffer: bool) -> list[torch.
     buf = torch.empty(total, device=device, dtype=torch.uint8)
     return [buf[o:o + math.prod(shape) * dt.itemsize].view(dt).view(shape)
             for o, (shape, dt) in zip(offsets, specs, strict=True)]
+
+
+def _empty_tensors(specs, device: torch.device, one_buffer: bool) -> list[torch.Tensor]:
+    """Uninitialised tensors of ``specs``: one allocation each, or, with ``one_buffer``,
+    :func:`carve`'s views of one buffer (told to a launch recording: a replay carves them
+    again). Views of one buffer may not be returned by a custom op (outputs must not alias),
+    so only the op's direct path carves."""
+    if not one_buffer:
+        return [torch.empty(shape, device=device, dtype=dt) for shape, dt in specs]
+    out = carve(specs, device)
+    note_alloc(tuple(specs), out)
+    return out
 
 
 # Keys per K scale the quantization pass supports: 1 (per key, the op's scheme) and one scale
