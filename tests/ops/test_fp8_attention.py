@@ -944,19 +944,19 @@ def test_triton_quantize_kernels_compile_for_sm90a(D, tmp_path):
     consts = {"D": D, "DP": DP, "UPCAST": False}
     kv = {"BLOCK_S": launcher.QUANT_BLOCK_S, "NUM_CHUNKS_P2": 32, "V_STAGES": launch.v_stages}
     stores = {}
-    for name, stages, extra in [
-        ("kv_stats_kernel", launch.stats_stages, {"BLOCK_S": launcher.STATS_BLOCK_S}),
-        ("quantize_q_kernel", launch.q_stages,
+    for name, stages, warps, extra in [
+        ("kv_stats_kernel", launch.stats_stages, launch.stats_num_warps,
+         {"BLOCK_S": launcher.STATS_BLOCK_S}),
+        ("quantize_q_kernel", launch.q_stages, launch.q_num_warps,
          {"BLOCK_S": launcher.QUANT_BLOCK_S, "NUM_CHUNKS_P2": 32}),
-        ("quantize_kv_kernel", launch.kv_stages, kv | {"VT_PV_ORDER": False}),
-    ] + ([("quantize_kv_kernel", launch.kv_stages, kv | {"VT_PV_ORDER": True})]
-         if D == DP else []):
+        ("quantize_kv_kernel", launch.kv_stages, launch.num_warps, kv | {"VT_PV_ORDER": False}),
+    ] + ([("quantize_kv_kernel", launch.kv_stages, launch.num_warps,
+           kv | {"VT_PV_ORDER": True})] if D == DP else []):
         names, types, aligned = _QUANT_SIGNATURES[name]
         fn = getattr(kernels, name)
         const = {**consts, **extra}
         sig = dict(zip(names, types, strict=True)) | dict.fromkeys(const, "constexpr")
-        k = _compile_sm90(fn, sig, const, num_warps=launch.num_warps, num_stages=stages,
-                          aligned=aligned)
+        k = _compile_sm90(fn, sig, const, num_warps=warps, num_stages=stages, aligned=aligned)
         ptx = k.asm["ptx"]
         assert "wgmma.mma_async" in ptx, name
         if name == "quantize_kv_kernel":
@@ -965,7 +965,7 @@ def test_triton_quantize_kernels_compile_for_sm90a(D, tmp_path):
             _assert_kv_tiles_pipelined(k.asm["ttgir"], launcher.QUANT_BLOCK_S, DP)
         regs, spills = _ptxas_usage(ptx, tmp_path)
         assert spills == 0, (name, spills)
-        assert regs * 32 * launch.num_warps * launch.programs_per_sm <= 65536, (name, regs)
+        assert regs * 32 * warps * launch.programs_per_sm <= 65536, (name, regs)
     if True in stores:
         assert stores[True] == stores[False], stores
         assert "st.global.v4.b32" in stores[True], stores

@@ -69,6 +69,7 @@ class QuantLaunch(NamedTuple):
         at head dim 64, over the four-program budget).
     kv_tile_warps : warps of quantize_kv_kernel with one K scale per 128-key tile (k_block
         128); 0: num_warps scaled with the tile (as many elements a thread as with 64 keys).
+    q_warps, stats_warps : warps of quantize_q_kernel and kv_stats_kernel; 0: num_warps.
     """
 
     num_warps: int
@@ -78,20 +79,34 @@ class QuantLaunch(NamedTuple):
     kv_stages: int
     v_stages: int = 3
     kv_tile_warps: int = 0
+    q_warps: int = 0
+    stats_warps: int = 0
+
+    @property
+    def q_num_warps(self) -> int:
+        return self.q_warps or self.num_warps
+
+    @property
+    def stats_num_warps(self) -> int:
+        return self.stats_warps or self.num_warps
 
 
 # From ptxas -v (sm_90a, run-time specialization: 16-byte aligned pointers and strides).
-# Head dim 128, 8 warps: kv_stats_kernel 122 registers a thread at 2 stages (64 KB of shared
-# memory; 128 at 3-4 stages, at the two-program limit), quantize_q_kernel 108 at 3 stages
-# (88 KB), quantize_kv_kernel 97 (V^T in the P.V key order) or 101 (key order) at 3 K and 3 V
-# stages (88 KB): two programs per SM. Head dim 64, 4 warps: 121, 110 and 93 or 104 registers
+# Head dim 128: kv_stats_kernel 246 registers a thread on 4 warps at 3 stages (80 KB of shared
+# memory; 122 on 8 warps at 2), quantize_q_kernel 174 on 4 warps at 3 stages (88 KB; 108 on
+# 8), quantize_kv_kernel 97 (V^T in the P.V key order) or 101 (key order) on 8 warps at 3 K
+# and 3 V stages (88 KB): two programs per SM. Head dim 64, 4 warps: 121, 110 and 93 or 104 registers
 # (24, 36 and 36 KB): four programs per SM.
 QUANT_LAUNCH: dict[int, QuantLaunch] = {
     64: QuantLaunch(num_warps=4, programs_per_sm=4, stats_stages=2, q_stages=3, kv_stages=3),
     # kv_tile_warps=8 (run 92, H100, the K/V kernel at k_block 128, the same bits): 143.7
-    # against 16 warps' 154.4 us at (1,16896,24,128), 439.1 against 456.1 at (1,32760,40,128)
-    128: QuantLaunch(num_warps=8, programs_per_sm=2, stats_stages=2, q_stages=3, kv_stages=3,
-                     kv_tile_warps=8),
+    # against 16 warps' 154.4 us at (1,16896,24,128), 439.1 against 456.1 at (1,32760,40,128).
+    # q_warps=4 (run 97, the Q kernel at 3 stages: 63.7 against 8 warps' 70.4 us at
+    # (1,16896,24,128), 191.4 against 210.2 at (1,32760,40,128); the LSE correction's sum is
+    # another order); stats_warps=4 at 3 stages (run 97, the same bits: 73.4 against 76.3 us,
+    # 221.8 against 231.1).
+    128: QuantLaunch(num_warps=8, programs_per_sm=2, stats_stages=3, q_stages=3, kv_stages=3,
+                     kv_tile_warps=8, q_warps=4, stats_warps=4),
 }
 STATS_BLOCK_S = 64
 # At most this many key chunks per (batch, head) in kv_stats_kernel: the quantization kernels
@@ -285,8 +300,8 @@ def _launch_kv_stats(k, v, had, ksum, vmax, tokens_per_chunk: int) -> None:
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
             H, S, tokens_per_chunk,
-            D=D, DP=DP, BLOCK_S=STATS_BLOCK_S, UPCAST=INTERPRET, num_warps=launch.num_warps,
-            num_stages=launch.stats_stages)
+            D=D, DP=DP, BLOCK_S=STATS_BLOCK_S, UPCAST=INTERPRET,
+            num_warps=launch.stats_num_warps, num_stages=launch.stats_stages)
 
 
 def _kv_stats_partials(k: torch.Tensor, v: torch.Tensor, had: torch.Tensor
@@ -372,7 +387,7 @@ def _quantize(q, k, v, had, scale, vt_pv_order=False, fp8_format="e4m3fn", k_blo
                 q, had, ksum, q8, q_scale, lse_corr,
                 q.stride(0), q.stride(1), q.stride(2),
                 H, Sq, Sk, num_chunks, scale * LOG2E / DP, scale / DP,
-                num_stages=launch.q_stages, **consts)
+                num_stages=launch.q_stages, **(consts | dict(num_warps=launch.q_num_warps)))
     # One K scale per k_block keys: tiles of k_block keys (the last may reach past Sk_pad, a
     # multiple of 64; the kernel masks its stores), over proportionally more warps and
     # proportionally fewer programs per SM (the same elements a thread and threads per SM as
@@ -602,7 +617,7 @@ def quantize_tokens_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 q, had, k_mean, q8, scales[0], scales[1],
                 q.stride(0), q.stride(1), q.stride(2),
                 H, S, S, 1, scale * LOG2E / DP, scale / DP,
-                num_stages=launch.q_stages, **consts)
+                num_stages=launch.q_stages, **(consts | dict(num_warps=launch.q_num_warps)))
         _launch(kernels.quantize_kv_kernel, grid,
                 k, v, had, k_mean, v_amax, k8, k_scale, vt8, v_scale,
                 k.stride(0), k.stride(1), k.stride(2),
