@@ -15,7 +15,7 @@ For each shape (bf16, DiT-like inputs), after warm-up:
   finishes): about ``gpu_us`` when the GPU stays busy, the host time when the host is the
   bottleneck. ``tflops_b2b``: 4 B H S^2 D / ``b2b_us``.
 
-    python benchmarks/bench_fp8_host.py [--shape 1,4608,24,128 ...] [--out DIR]
+    python benchmarks/bench_fp8_host.py [--shape 1,4608,24,128 ...] [--out DIR] [--quick]
 """
 
 from __future__ import annotations
@@ -158,7 +158,10 @@ def main() -> int:
     p.add_argument("--out", default=None)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--n", type=int, default=20, help="host-timed calls per candidate a round")
+    p.add_argument("--quick", action="store_true", help="2 rounds of 10 calls (smoke run)")
     args = p.parse_args()
+    if args.quick:
+        args.rounds, args.n = min(args.rounds, 2), min(args.n, 10)
     why = native_gpu_missing("bench_fp8_host")
     if why:
         print(why)

@@ -95,8 +95,8 @@ class QuantLaunch(NamedTuple):
 # Head dim 128: kv_stats_kernel 246 registers a thread on 4 warps at 3 stages (80 KB of shared
 # memory; 122 on 8 warps at 2), quantize_q_kernel 174 on 4 warps at 3 stages (88 KB; 108 on
 # 8), quantize_kv_kernel 97 (V^T in the P.V key order) or 101 (key order) on 8 warps at 3 K
-# and 3 V stages (88 KB): two programs per SM. Head dim 64, 4 warps: 121, 110 and 93 or 104 registers
-# (24, 36 and 36 KB): four programs per SM.
+# and 3 V stages (88 KB): two programs per SM. Head dim 64, 4 warps: 121, 110 and 93 or 104
+# registers (24, 36 and 36 KB): four programs per SM.
 QUANT_LAUNCH: dict[int, QuantLaunch] = {
     64: QuantLaunch(num_warps=4, programs_per_sm=4, stats_stages=2, q_stages=3, kv_stages=3),
     # kv_tile_warps=8 (run 92, H100, the K/V kernel at k_block 128, the same bits): 143.7
