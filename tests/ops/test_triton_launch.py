@@ -106,6 +106,9 @@ def test_fast_path_switch_names_the_variable(monkeypatch):
     assert key is not None and key != ofa._fast_key(x, x, x, 0.5, False)
     assert key != ofa._fast_key(x, x, x, None, True)
     assert key != ofa._fast_key(x[:, :4], x[:, :4], x[:, :4], None, False)
+    y, z = x.clone(), x.clone()
+    assert ofa._fast_key(x, y, z, None, False) != key  # one tensor as q, k and v is another key
+    assert ofa._fast_key(x, y, z, None, False) != ofa._fast_key(x, y, y, None, False)
     monkeypatch.setenv(ofa.K_SCALE_ENV, "token")
     assert key != ofa._fast_key(x, x, x, None, False)  # a setting is part of the key
     monkeypatch.setenv(ofa.FAST_PATH_ENV, "yes")
@@ -167,6 +170,12 @@ def test_op_fast_path_gives_the_slow_path_bits_gpu(monkeypatch, B, S, H, D):
     monkeypatch.setenv(ofa.FAST_PATH_ENV, "0")
     want = xdit_ops.fp8_attention(q2, k2, v2)
     assert torch.equal(got, want)
+    # one tensor as q, k and v first, then three: the replay reads each input where it belongs
+    x3 = (q2, q2, q2)
+    monkeypatch.setenv(ofa.FAST_PATH_ENV, "1")
+    for args in (x3, (q2, k2, v2), x3, (q2, k2, v2)):
+        assert torch.equal(xdit_ops.fp8_attention(*args), want if args[1] is k2 else
+                           xdit_ops.fp8_attention(q2, q2.clone(), q2.clone()))
     # a K 2 bytes past a 16-byte boundary is another key (Triton specializes on alignment)
     monkeypatch.setenv(ofa.FAST_PATH_ENV, "1")
     buf = torch.empty(k.numel() + 1, device="cuda", dtype=k.dtype)

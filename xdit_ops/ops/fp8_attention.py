@@ -487,9 +487,10 @@ _FAST: dict[tuple, tuple] = {}
 
 def _fast_key(q, k, v, scale, return_lse) -> tuple | None:
     """What decides every argument of the op's launches: shapes, strides, dtypes, the device,
-    the inputs' addresses modulo 16 (Triton specializes on 16-byte alignment), the scale, the
-    LSE flag and the settings; None when the fast path is off or an input is a tensor
-    subclass."""
+    the inputs' addresses modulo 16 (Triton specializes on 16-byte alignment), which inputs are
+    the same tensor (the recording maps arguments to inputs by identity: a key first seen as
+    (x, x, x) must not replay (q, k, v)), the scale, the LSE flag and the settings; None when
+    the fast path is off or an input is a tensor subclass."""
     env = os.environ
     settings = tuple(env.get(name) for name in _KEY_SETTINGS)
     fast = settings[-1]
@@ -500,8 +501,8 @@ def _fast_key(q, k, v, scale, return_lse) -> tuple | None:
     if type(q) is not torch.Tensor or type(k) is not torch.Tensor or type(v) is not torch.Tensor:
         return None
     return (q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride(), q.dtype, k.dtype,
-            v.dtype, q.device, q.data_ptr() % 16, k.data_ptr() % 16, v.data_ptr() % 16, scale,
-            return_lse, settings)
+            v.dtype, q.device, q.data_ptr() % 16, k.data_ptr() % 16, v.data_ptr() % 16,
+            k is q, v is q, v is k, scale, return_lse, settings)
 
 
 def _fast_call(entry, q, k, v):
