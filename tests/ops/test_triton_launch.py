@@ -9,6 +9,8 @@ input is another key, and it replays from a CUDA graph.
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -211,3 +213,43 @@ def test_op_fast_path_replays_from_a_cuda_graph_gpu(monkeypatch):
     torch.cuda.synchronize()
     monkeypatch.setenv(ofa.FAST_PATH_ENV, "0")
     assert torch.equal(gout, xdit_ops.fp8_attention(q2, k2, v2))
+
+
+@pytest.mark.gpu
+def test_public_fast_path_skips_only_plain_calls_gpu(monkeypatch):
+    """With a replay for the key, xdit_ops.fp8_attention skips the op's dispatch for a plain
+    call (the same bits), and not under a dispatch mode (which then sees the op)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import xdit_ops
+    from xdit_ops.ops import fp8_attention as ofa
+    from xdit_ops.reference.fp8_attention import dit_like_qkv
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func)
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setenv(ofa.FAST_PATH_ENV, "1")
+    q, k, v = dit_like_qkv(1, 500, 2, 128, seed=4, dtype=torch.bfloat16, device="cuda")
+    first = xdit_ops.fp8_attention(q, k, v, scale=0.1)  # the op: records
+    assert ofa._fast_key(q, k, v, 0.1, False) in ofa._FAST
+    callers = []
+    real = ofa._fast_call
+
+    def spy(*a):
+        callers.append(sys._getframe(1).f_code.co_name)
+        return real(*a)
+
+    monkeypatch.setattr(ofa, "_fast_call", spy)
+    assert torch.equal(xdit_ops.fp8_attention(q, k, v, scale=0.1), first)
+    assert callers == ["fp8_attention"]  # the public function's replay, no op dispatch
+    with Seen() as mode:
+        out = xdit_ops.fp8_attention(q, k, v, scale=0.1)
+    assert torch.ops.xdit_ops.fp8_attention.default in mode.ops
+    assert callers == ["fp8_attention", "_fp8_attention_cuda"]  # the op's own fast path
+    assert torch.equal(out, first)

@@ -73,7 +73,7 @@ from dataclasses import replace
 import torch
 
 from xdit_ops import _extension
-from xdit_ops.ops._lib import lib
+from xdit_ops.ops._lib import lib, plain_call
 from xdit_ops.reference.fp8_attention import (
     E4M3FN,
     E4M3FNUZ,
@@ -486,7 +486,7 @@ _FAST: dict[tuple, tuple] = {}
 
 
 def _fast_key(q, k, v, scale, return_lse) -> tuple | None:
-    """What decides every argument of the op's launches: shapes, strides, dtypes, the device,
+    """What decides every argument of the op's launches: shapes, strides, dtypes, the devices,
     the inputs' addresses modulo 16 (Triton specializes on 16-byte alignment), which inputs are
     the same tensor (the recording maps arguments to inputs by identity: a key first seen as
     (x, x, x) must not replay (q, k, v)), the scale, the LSE flag and the settings; None when
@@ -501,8 +501,8 @@ def _fast_key(q, k, v, scale, return_lse) -> tuple | None:
     if type(q) is not torch.Tensor or type(k) is not torch.Tensor or type(v) is not torch.Tensor:
         return None
     return (q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride(), q.dtype, k.dtype,
-            v.dtype, q.device, q.data_ptr() % 16, k.data_ptr() % 16, v.data_ptr() % 16,
-            k is q, v is q, v is k, scale, return_lse, settings)
+            v.dtype, q.device, k.device, v.device, q.data_ptr() % 16, k.data_ptr() % 16,
+            v.data_ptr() % 16, k is q, v is q, v is k, scale, return_lse, settings)
 
 
 def _fast_call(entry, q, k, v):
@@ -691,9 +691,16 @@ def fp8_attention(
     """
     if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
         raise ValueError(f"{OP}: scale must be a finite number, got {scale!r}")
-    out, lse = torch.ops.xdit_ops.fp8_attention.default(
-        q, k, v, None if scale is None else float(scale), return_lse
-    )
+    scale = None if scale is None else float(scale)
+    # The op's fast path without the op's dispatch, for a call the dispatcher would send
+    # straight to the CUDA kernel whose key has a replay (else the op, which records one).
+    if _FAST and type(q) is torch.Tensor and q.is_cuda and not torch.compiler.is_compiling():
+        key = _fast_key(q, k, v, scale, return_lse)
+        entry = None if key is None else _FAST.get(key)
+        if entry is not None and plain_call(q, k, v):
+            out, lse = _fast_call(entry, q, k, v)
+            return (out, lse) if return_lse else out
+    out, lse = torch.ops.xdit_ops.fp8_attention.default(q, k, v, scale, return_lse)
     return (out, lse) if return_lse else out
 
 

@@ -44,7 +44,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.distributed_c10d import _resolve_process_group
 
 from xdit_ops import _extension
-from xdit_ops.ops._lib import lib
+from xdit_ops.ops._lib import lib, plain_call
 from xdit_ops.ops.attention import (
     BACKENDS,
     attention_cuda_resolved,
@@ -1966,20 +1966,7 @@ def _fast_key(q, k, v, joint_tokens, joint_position, joint_lengths, seq_len, sca
             _resolve_group(u), _resolve_group(r), _switches(bool(u or r)))
 
 
-# (_plain's torch._C functions bound once: ~0.1 us of attribute lookups a call)
-_TENSOR = torch.Tensor
-_DISPATCH_STACK_LEN = _C._len_torch_dispatch_stack
-_FUNCTION_MODE = _C._is_torch_function_mode_enabled
-_GRAD_ENABLED = _C.is_grad_enabled
-_FUNCTORCH_WRAPPED = _C._functorch.is_functorch_wrapped_tensor
-
-
-def _plain(q, k, v) -> bool:
-    """A call the dispatcher would send straight to the CUDA kernel."""
-    return (type(q) is _TENSOR and type(k) is _TENSOR and type(v) is _TENSOR
-            and _DISPATCH_STACK_LEN() == 0 and not _FUNCTION_MODE()
-            and not (_GRAD_ENABLED() and (q.requires_grad or k.requires_grad or v.requires_grad))
-            and not _FUNCTORCH_WRAPPED(q))
+_plain = plain_call  # a call the dispatcher would send straight to the CUDA kernel
 
 
 def _remember_fast(key_of) -> None:
