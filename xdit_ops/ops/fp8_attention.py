@@ -93,6 +93,7 @@ IMPLS = ("auto", "triton", "sm90", "sm90ws", "emulation")
 SM90_IMPLS = {"sm90": "fp8_attention_sm90_fwd", "sm90ws": "fp8_attention_sm90ws_fwd"}
 DTYPES = (torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 128
+IMPL_ENV = "XDIT_OPS_FP8_IMPL"
 FORMAT_ENV = "XDIT_OPS_FP8_FORMAT"
 FORMAT_SETTINGS = ("auto", *FP8_FORMATS)
 K_SCALE_ENV = "XDIT_OPS_FP8_K_SCALE"
@@ -336,7 +337,7 @@ def resolve_format(device: torch.device | None = None, setting: str | None = Non
 
 def _impl() -> str:
     """``XDIT_OPS_FP8_IMPL`` (read per call: tests and benchmarks switch it in one process)."""
-    return os.environ.get("XDIT_OPS_FP8_IMPL", "auto")
+    return os.environ.get(IMPL_ENV, "auto")
 
 
 @functools.cache
@@ -477,7 +478,6 @@ def _fp8_attention_cpu(q, k, v, scale=None, return_lse=False):
 # native kernel, skipping the checks, the settings' resolution and the launchers' Python, which
 # the key's parts decide. XDIT_OPS_FP8_FAST_PATH=0 turns it off (read per call).
 FAST_PATH_ENV = "XDIT_OPS_FP8_FAST_PATH"
-IMPL_ENV = "XDIT_OPS_FP8_IMPL"
 # Every setting the CUDA op reads: part of the key, so a changed setting is a new key.
 _KEY_SETTINGS = (IMPL_ENV, FORMAT_ENV, K_SCALE_ENV, CONSUMERS_ENV, FAST_PATH_ENV)
 # Keys kept (shapes of a serving process are few; past this many, start again).
