@@ -35,6 +35,7 @@ import xdit_ops  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     attention_tflops,
     bshd_shape,
+    host_samples_us,
     native_gpu_missing,
     print_table,
     write_json,
@@ -77,13 +78,7 @@ def host_us(cands: dict, rounds: int, n: int) -> dict[str, float]:
             with _env(env):
                 for _ in range(3):
                     fn()
-                torch.cuda.synchronize()
-                torch.cuda._sleep(SLEEP)
-                for _ in range(n):
-                    t0 = time.perf_counter()
-                    fn()
-                    samples[name].append((time.perf_counter() - t0) * 1e6)
-                torch.cuda.synchronize()
+                samples[name] += host_samples_us(fn, n, SLEEP)
     return {c: statistics.median(s) for c, s in samples.items()}
 
 

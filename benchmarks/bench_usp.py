@@ -63,7 +63,6 @@ import os
 import re
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -76,6 +75,7 @@ import xdit_ops  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     add_common_args,
     bench_interleaved,
+    host_samples_us,
     iters_of,
     parallel_efficiency,
     print_table,
@@ -108,21 +108,6 @@ def max_over_ranks(x: float) -> float:
     t = torch.tensor([x], device="cuda", dtype=torch.float64)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.item()
-
-
-def host_samples_us(fn, n: int = 30, sleep_cycles: int = int(3e9)) -> list[float]:
-    """Host time (us) of each of ``n`` calls while the GPU is busy (the calls never wait for
-    it)."""
-    torch.cuda.synchronize()
-    dist.barrier()
-    torch.cuda._sleep(sleep_cycles)  # GPU work queued ahead of the calls (3e9: ~1.5 s)
-    samples = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - t0) * 1e6)
-    torch.cuda.synchronize()
-    return samples
 
 
 def host_time_us(fn, n: int = 30, sleep_cycles: int = int(3e9)) -> float:

@@ -29,8 +29,9 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import xdit_ops  # noqa: E402
-from benchmarks.bench_usp import host_samples_us, max_over_ranks  # noqa: E402
-from benchmarks.common import bshd_shape, print_table, write_json  # noqa: E402
+from benchmarks.bench_usp import max_over_ranks  # noqa: E402
+from benchmarks.common import bshd_shape, host_samples_us, print_table, write_json  # noqa: E402
+from xdit_ops.ops._lib import plain_call  # noqa: E402
 
 _usp = importlib.import_module("xdit_ops.ops.usp_attention")
 
@@ -57,7 +58,7 @@ def pieces(q, k, v) -> dict[str, float]:
                                None))
     res["resolve_group"] = host_us(lambda: _usp._resolve_group(u or r))
     res["switches"] = host_us(lambda: _usp._switches(True))
-    res["plain"] = host_us(lambda: _usp._plain(q, k, v))
+    res["plain"] = host_us(lambda: plain_call(q, k, v))
     if state is not None:
         run, h = _usp._RUN, state.handle
         res["graph_call_run"] = host_us(lambda: run(h, 1, q, k, v))

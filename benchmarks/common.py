@@ -219,6 +219,24 @@ def attention_tflops(batch: int, heads: int, seq_q: int, seq_k: int, head_dim: i
     return attention_flops(batch, heads, seq_q, seq_k, head_dim) / (ms * 1e-3) / 1e12
 
 
+def host_samples_us(fn: Callable[[], object], n: int = 30,
+                    sleep_cycles: int = int(3e9)) -> list[float]:
+    """Host time (us) of each of ``n`` calls of ``fn`` while the GPU is busy (a sleep queued
+    ahead of them: the calls never wait for it). Under torch.distributed every rank starts
+    together (a barrier first)."""
+    torch.cuda.synchronize()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    torch.cuda._sleep(sleep_cycles)  # GPU work queued ahead of the calls (3e9: ~1.5 s)
+    samples = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e6)
+    torch.cuda.synchronize()
+    return samples
+
+
 def gbps(num_bytes: float, ms: float) -> float:
     """Achieved bandwidth in GB/s (1e9 bytes per second)."""
     return num_bytes / (ms * 1e-3) / 1e9

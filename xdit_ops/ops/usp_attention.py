@@ -1966,9 +1966,6 @@ def _fast_key(q, k, v, joint_tokens, joint_position, joint_lengths, seq_len, sca
             _resolve_group(u), _resolve_group(r), _switches(bool(u or r)))
 
 
-_plain = plain_call  # a call the dispatcher would send straight to the CUDA kernel
-
-
 def _remember_fast(key_of) -> None:
     """After an op call: remember the graph it replayed, if any, under the call's key
     (``key_of()``, computed only then)."""
@@ -2593,7 +2590,7 @@ def usp_attention(
             state = _FAST.get(key_of()) if _FAST else None
         except TypeError:
             state = None
-        if state is not None and _plain(query, key, value):
+        if state is not None and plain_call(query, key, value):
             n_out = 2 if return_lse else 1
             res = (_RUN(state.handle, n_out, query, key, value) if joint_lengths is None
                    else _RUN(state.handle, n_out, query, key, value, joint_lengths))
