@@ -218,6 +218,7 @@ struct alignas(1024) Storage {
   uint64_t v_full[kStages];
   uint64_t k_empty[kStages];
   uint64_t v_empty[kStages];
+  uint64_t q_empty;  // kPersistent: the consumers are done with Q (their last Q K^T)
 };
 
 // TMA descriptors over the QuantizedQKV buffers, as 3-D tensors (rows, Dp or keys, batch*head)
@@ -254,6 +255,10 @@ struct KernelParams {
   TmaVt tma_vt;
   Fp8AttentionSm90Params p;
   int bh_count;
+  // kPersistent: work tile i is the CTA tile (i % grid_x, i / grid_x) of the non-persistent
+  // grid (grid_x, bh_count); work_tiles = grid_x * bh_count.
+  int grid_x;
+  int work_tiles;
 };
 
 // Max over the four lanes of a quad, on integers (softmax_tile's max over score bit patterns).
@@ -325,19 +330,14 @@ __device__ __forceinline__ auto vt_stages(cutlass::float_e4m3_t* vt) {
   }
 }
 
-// The producer: one thread issues every TMA load of the CTA. kTileKScale: the consumers read
-// only the tile's first key scale (one K scale per 128-key tile), so only the first 16 bytes
-// (four scales; the minimum bulk copy) of the tile's scales are copied. kVtExt: V^T's stages
-// have 8 more rows (kRowSumTC).
+// One CTA tile's loads: Q of query block x of head bh, then its n_tiles K and V^T tiles into
+// the ring, as its key tiles g0, g0 + 1, ... (stage g % kStages, phase (g / kStages) & 1).
 template <int kDP, int kConsumers, bool kTileKScale, bool kVtExt>
-__device__ __forceinline__ void produce(const KernelParams<kDP>& kp,
-                                        Storage<kDP, kConsumers, kVtExt>& s, int n_tiles) {
+__device__ __forceinline__ void produce_tile(const KernelParams<kDP>& kp,
+                                             Storage<kDP, kConsumers, kVtExt>& s, int n_tiles,
+                                             int x, int bh, int g0) {
   using C = Cfg<kDP>;
   const Fp8AttentionSm90Params& p = kp.p;
-  const int bh = blockIdx.y;
-  prefetch_tma_descriptor(kp.tma_q.get_tma_descriptor());
-  prefetch_tma_descriptor(kp.tma_k.get_tma_descriptor());
-  prefetch_tma_descriptor(kp.tma_vt.get_tma_descriptor());
 
   Tensor mQ = kp.tma_q.get_tma_tensor(make_shape(p.seq_q, Int<kDP>{}, kp.bh_count));
   Tensor gQ = local_tile(mQ(_, _, bh), Shape<Int<kBlockM>, Int<kDP>>{}, make_coord(_, 0));
@@ -346,7 +346,7 @@ __device__ __forceinline__ void produce(const KernelParams<kDP>& kp,
                                   group_modes<0, 2>(gQ));
   // A consumer whose 64 rows all lie past seq_q gets no Q box: it computes on whatever its Q
   // slice holds (finite int8 codes; its q_scale is 0) and writes nothing.
-  const int q_tile0 = kConsumers * blockIdx.x;
+  const int q_tile0 = kConsumers * x;
   const int q_boxes = min(kConsumers, (p.seq_q + kBlockM - 1) / kBlockM - q_tile0);
   ClusterTransactionBarrier::arrive_and_expect_tx(&s.q_full, q_boxes * C::kQBytes);
   for (int w = 0; w < q_boxes; ++w) {
@@ -365,10 +365,11 @@ __device__ __forceinline__ void produce(const KernelParams<kDP>& kp,
                                   group_modes<0, 2>(gV));
 
   for (int t = 0; t < n_tiles; ++t) {
-    const int st = t % kStages;
+    const int g = g0 + t;
+    const int st = g % kStages;
     // Parity of the stage's previous use; on the first pass (phase 1 of a fresh barrier) the
     // wait returns at once.
-    const uint32_t empty_phase = ((t / kStages) & 1) ^ 1;
+    const uint32_t empty_phase = ((g / kStages) & 1) ^ 1;
     wait_barrier(&s.k_empty[st], empty_phase);
     // The key scales of the tile ride on K's barrier; only those inside Sk_pad are read (the
     // last tile may reach past it: those keys are masked, their scales never used).
@@ -383,11 +384,44 @@ __device__ __forceinline__ void produce(const KernelParams<kDP>& kp,
     ClusterTransactionBarrier::arrive_and_expect_tx(&s.v_full[st], C::kVBytes);
     copy(kp.tma_vt.with(s.v_full[st]), tVg(_, t), tVs(_, st));
   }
-  // Stay as the watchdog until both consumers have released the last tiles (tile t's release
-  // completes phase t / kStages of its stage's empty barriers).
-  for (int t = max(0, n_tiles - kStages); t < n_tiles; ++t) {
-    wait_barrier(&s.k_empty[t % kStages], (t / kStages) & 1);
-    wait_barrier(&s.v_empty[t % kStages], (t / kStages) & 1);
+}
+
+// The producer: one thread issues every TMA load of the CTA. kTileKScale: the consumers read
+// only the tile's first key scale (one K scale per 128-key tile), so only the first 16 bytes
+// (four scales; the minimum bulk copy) of the tile's scales are copied. kVtExt: V^T's stages
+// have 8 more rows (kRowSumTC).
+// kPersistent: the CTA walks the work tiles blockIdx.x, blockIdx.x + gridDim.x, ...: before
+// each tile's Q it waits for the consumers' release of the previous Q (q_empty), and the K/V
+// ring's stages and phases count on across the tiles (g0: the key tiles before this work
+// tile), so the next tile's Q and first K/V tiles load while the consumers finish the last
+// P.V and the epilogue of this one.
+template <int kDP, int kConsumers, bool kTileKScale, bool kVtExt, bool kPersistent = false>
+__device__ __forceinline__ void produce(const KernelParams<kDP>& kp,
+                                        Storage<kDP, kConsumers, kVtExt>& s, int n_tiles) {
+  prefetch_tma_descriptor(kp.tma_q.get_tma_descriptor());
+  prefetch_tma_descriptor(kp.tma_k.get_tma_descriptor());
+  prefetch_tma_descriptor(kp.tma_vt.get_tma_descriptor());
+  if constexpr (kPersistent) {
+    int k = 0;
+    for (int i = blockIdx.x; i < kp.work_tiles; i += gridDim.x, ++k) {
+      if (k > 0) wait_barrier(&s.q_empty, (k - 1) & 1);
+      produce_tile<kDP, kConsumers, kTileKScale>(kp, s, n_tiles, i % kp.grid_x, i / kp.grid_x,
+                                                 k * n_tiles);
+    }
+    // The watchdog, as below, over the last key tiles of the last work tile.
+    const int g_end = k * n_tiles;
+    for (int g = max(0, g_end - kStages); g < g_end; ++g) {
+      wait_barrier(&s.k_empty[g % kStages], (g / kStages) & 1);
+      wait_barrier(&s.v_empty[g % kStages], (g / kStages) & 1);
+    }
+  } else {
+    produce_tile<kDP, kConsumers, kTileKScale>(kp, s, n_tiles, blockIdx.x, blockIdx.y, 0);
+    // Stay as the watchdog until both consumers have released the last tiles (tile t's release
+    // completes phase t / kStages of its stage's empty barriers).
+    for (int t = max(0, n_tiles - kStages); t < n_tiles; ++t) {
+      wait_barrier(&s.k_empty[t % kStages], (t / kStages) & 1);
+      wait_barrier(&s.v_empty[t % kStages], (t / kStages) & 1);
+    }
   }
 }
 
@@ -399,15 +433,20 @@ __device__ __forceinline__ void produce(const KernelParams<kDP>& kp,
 // added like the output, a tile late; else FADDs of the fp32 P, one chain per row.
 template <int kDP, int kConsumers, typename OutT, bool kTileKScale, bool kPingPong,
           bool kRowSumTC, bool kLateRowSum = false, bool kFastEpilogue = false,
-          bool kUnroll2 = false>
+          bool kUnroll2 = false, bool kPersistent = false>
+//
+// One CTA tile a call: query block x (this consumer's 64 rows of it) of head bh, its key tiles
+// counted from g0 in the K/V ring; k: the CTA's work tiles before it (Q's phase); more:
+// another work tile of this CTA follows (kPersistent), whose first slot this tile's last one
+// lets through.
 __device__ __forceinline__ void consume(const KernelParams<kDP>& kp,
                                         Storage<kDP, kConsumers, kRowSumTC>& s, int n_tiles,
-                                        int w) {
+                                        int w, int x, int64_t bh, int g0, int k, bool more) {
   using C = Cfg<kDP>;
   const Fp8AttentionSm90Params& p = kp.p;
   const int tid = threadIdx.x % 128;
-  const int64_t bh = blockIdx.y;
-  const int m0 = (kConsumers * blockIdx.x + w) * kBlockM;
+  static_assert(!kPersistent || kConsumers == 2, "the persistent kernel has 2 consumers");
+  const int m0 = (kConsumers * x + w) * kBlockM;
 
   Tensor sQ = make_tensor(make_smem_ptr(s.q), typename C::template SmemQAll<kConsumers>{});
   Tensor sK = make_tensor(make_smem_ptr(s.k), typename C::SmemKAll{});
@@ -688,17 +727,19 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp,
     constexpr bool kQK = decltype(qk)::value;
     constexpr bool kPV = decltype(pv)::value;
     // (kLateRowSum: in unsigned integers; t >= 0, and t >= 1 where P.V is issued)
-    const unsigned ut = static_cast<unsigned>(t);
-    const int st = kLateRowSum ? static_cast<int>(ut % kStages) : t % kStages;
+    // (the ring's count g = g0 + t: stage g % kStages, phase (g / kStages) & 1)
+    const int g = g0 + t;
+    const unsigned ut = static_cast<unsigned>(g);
+    const int st = kLateRowSum ? static_cast<int>(ut % kStages) : g % kStages;
     const int sv = kLateRowSum ? static_cast<int>((ut + kStages - 1) % kStages)
-                               : (t + kStages - 1) % kStages;
+                               : (g + kStages - 1) % kStages;
     if constexpr (kQK) {
       ClusterBarrier::wait(&s.k_full[st], kLateRowSum ? static_cast<int>((ut / kStages) & 1)
-                                                      : (t / kStages) & 1);
+                                                      : (g / kStages) & 1);
     }
     if constexpr (kPV) {
       ClusterBarrier::wait(&s.v_full[sv], kLateRowSum ? static_cast<int>(((ut - 1) / kStages) & 1)
-                                                      : ((t - 1) / kStages) & 1);
+                                                      : ((g - 1) / kStages) & 1);
     }
     // kTileKScale: the tile's K scale (its first key's; the scheme's scales are equal within
     // the tile), read before the wgmmas (two registers across the batch: c of both rows); with
@@ -731,7 +772,8 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp,
     // on a scheduling barrier is then matched by one sync (see the count below). (With 2
     // consumers "not the last" is written w == 0, which keeps the SASS of the kernel before
     // kConsumers; w != 1 compiled to another, equivalent, compare.)
-    if (kQK || (kConsumers == 2 ? w == 0 : w != kConsumers - 1)) sched_signal();
+    // (kPersistent: unless the CTA's last work tile: the next tile's first slot follows.)
+    if (kQK || (kConsumers == 2 ? w == 0 : w != kConsumers - 1) || more) sched_signal();
     PPairs pk;
     float alpha_t[2];
     // With 3 consumers (kPVFirst), P.V of tile t - 1 is waited for and added to the output
@@ -794,8 +836,8 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp,
   // use completes at 2 x 128. One turn circulates (a consumer arrives only after its own sync,
   // which needed the previous consumer's arrival), so no consumer arrives twice on a barrier
   // before its owner has synced there.
-  if (w == kConsumers - 1) sched_signal();
-  ClusterBarrier::wait(&s.q_full, 0);
+  if (k == 0 && w == kConsumers - 1) sched_signal();
+  ClusterBarrier::wait(&s.q_full, k & 1);
   // The first and the last key tile are masked (either may hold keys past seq_k); the steady
   // state is not.
   using cute::false_type;
@@ -810,6 +852,9 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp,
       for (int t = 1; t < n_tiles - 1; ++t) slot(t, true_type{}, true_type{}, false_type{});
     }
     if (n_tiles > 1) slot(n_tiles - 1, true_type{}, true_type{}, true_type{});
+    // kPersistent: Q K^T of the last tile has completed (waited in its slot): Q's slice is
+    // free for the next work tile's.
+    if constexpr (kPersistent) ClusterBarrier::arrive(&s.q_empty);
   } else {
     // The same slots; the last tile's test on the loop counter (with n_tiles > 1, ptxas
     // spilled a register around it at 160 registers).
@@ -929,7 +974,7 @@ __host__ __device__ constexpr int key_tiles(int seq_k) { return (seq_k + kBlockN
 constexpr bool fast_epilogue(int seq_k) { return key_tiles(seq_k) <= kFastEpilogueMaxTiles; }
 template <int kDP, typename OutT, bool kTileKScale, int kConsumers = 2, bool kPingPong = true,
           bool kRowSumTC = false, bool kLateRowSum = false, bool kFastEpilogue = false,
-          bool kUnroll2 = false>
+          bool kUnroll2 = false, bool kPersistent = false>
 __global__ void __launch_bounds__(kThreads<kConsumers>, 1)
     fp8_attention_ws_kernel(const __grid_constant__ KernelParams<kDP> kp) {
   check_consumers<kDP, kConsumers>();
@@ -942,6 +987,7 @@ __global__ void __launch_bounds__(kThreads<kConsumers>, 1)
   const int warp_group = __shfl_sync(0xffffffff, static_cast<int>(threadIdx.x) / 128, 0);
   if (threadIdx.x == 0) {
     ClusterBarrier::init(&s.q_full, 1);
+    if constexpr (kPersistent) ClusterBarrier::init(&s.q_empty, kConsumers * 128);
     CUTE_UNROLL
     for (int st = 0; st < kStages; ++st) {
       ClusterBarrier::init(&s.k_full[st], 1);
@@ -963,19 +1009,46 @@ __global__ void __launch_bounds__(kThreads<kConsumers>, 1)
   __syncthreads();
   if (warp_group == 0) {
     cutlass::arch::warpgroup_reg_dealloc<kProducerRegs>();
-    if (threadIdx.x == 0) produce<kDP, kConsumers, kTileKScale, kRowSumTC>(kp, s, n_tiles);
+    if (threadIdx.x == 0) {
+      produce<kDP, kConsumers, kTileKScale, kRowSumTC, kPersistent>(kp, s, n_tiles);
+    }
   } else {
     cutlass::arch::warpgroup_reg_alloc<kConsumerRegs<kConsumers>>();
-    consume<kDP, kConsumers, OutT, kTileKScale, kPingPong, kRowSumTC, kLateRowSum,
-            kFastEpilogue, kUnroll2>(kp, s, n_tiles, warp_group - 1);
+    if constexpr (kPersistent) {
+      int k = 0;
+      for (int i = blockIdx.x; i < kp.work_tiles; i += gridDim.x, ++k) {
+        consume<kDP, kConsumers, OutT, kTileKScale, kPingPong, kRowSumTC, kLateRowSum,
+                kFastEpilogue, kUnroll2, kPersistent>(kp, s, n_tiles, warp_group - 1,
+                                                      i % kp.grid_x, i / kp.grid_x,
+                                                      k * n_tiles, k,
+                                                      i + int(gridDim.x) < kp.work_tiles);
+      }
+    } else {
+      consume<kDP, kConsumers, OutT, kTileKScale, kPingPong, kRowSumTC, kLateRowSum,
+              kFastEpilogue, kUnroll2>(kp, s, n_tiles, warp_group - 1, blockIdx.x, blockIdx.y,
+                                       0, 0, false);
+    }
   }
 }
 
 // kTileKScale: the per-tile K scale variant (p.k_scale equal within every 128-key tile).
 // kConsumers, kPingPong: see fp8_attention_ws_kernel.
+// The SMs of the current device (the persistent kernel's grid), read once per device.
+inline int sm_count() {
+  static int counts[64] = {};
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return 0;
+  if (counts[dev] == 0) {
+    int n = 0;
+    if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) return 0;
+    counts[dev] = n;
+  }
+  return counts[dev];
+}
+
 template <int kDP, typename OutT, bool kTileKScale = false, int kConsumers = 2,
           bool kPingPong = true, bool kRowSumTC = false, bool kLateRowSum = false,
-          bool kFastEpilogue = false, bool kUnroll2 = false>
+          bool kFastEpilogue = false, bool kUnroll2 = false, bool kPersistent = false>
 cudaError_t launch(const Fp8AttentionSm90Params& p, int batch, cudaStream_t stream) {
   // Sk_pad is the quantization pass's (a multiple of 64); TMA reads the last tile's keys past
   // it as zeros.
@@ -983,17 +1056,23 @@ cudaError_t launch(const Fp8AttentionSm90Params& p, int batch, cudaStream_t stre
     return cudaErrorInvalidValue;
   }
   const int bh = batch * p.heads;
+  const int rows_per_cta = kConsumers * kBlockM;
+  const int grid_x = (p.seq_q + rows_per_cta - 1) / rows_per_cta;
   KernelParams<kDP> kp{make_tma_q<kDP>(p.q8, p.seq_q, bh),
                        make_tma_k<kDP>(p.k8, p.seq_k_pad, bh),
-                       make_tma_vt<kDP>(p.vt8, p.seq_k_pad, bh), p, bh};
+                       make_tma_vt<kDP>(p.vt8, p.seq_k_pad, bh), p, bh, grid_x, grid_x * bh};
   const int smem = static_cast<int>(sizeof(Storage<kDP, kConsumers, kRowSumTC>));
   auto kernel =
       fp8_attention_ws_kernel<kDP, OutT, kTileKScale, kConsumers, kPingPong, kRowSumTC,
-                              kLateRowSum, kFastEpilogue, kUnroll2>;
+                              kLateRowSum, kFastEpilogue, kUnroll2, kPersistent>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
-  const int rows_per_cta = kConsumers * kBlockM;
-  const dim3 grid((p.seq_q + rows_per_cta - 1) / rows_per_cta, bh);
+  dim3 grid(grid_x, bh);
+  if constexpr (kPersistent) {  // one CTA an SM (the kernel's occupancy), each a work-tile walk
+    const int sms = sm_count();
+    if (sms <= 0) return cudaErrorInvalidDevice;
+    grid = dim3(min(sms, kp.work_tiles));
+  }
   kernel<<<grid, kThreads<kConsumers>, smem, stream>>>(kp);
   return cudaGetLastError();
 }
@@ -1002,13 +1081,14 @@ cudaError_t launch(const Fp8AttentionSm90Params& p, int batch, cudaStream_t stre
 // fast epilogue up to kFastEpilogueMaxTiles, with the key loop unrolled by two where
 // kUnrollFast (kUnroll2), and the kernel before both above it.
 template <int kDP, typename OutT, int kConsumers, bool kPingPong, bool kRowSumTC,
-          bool kLateRowSum, bool kUnrollFast>
+          bool kLateRowSum, bool kUnrollFast, bool kPersistent = false>
 cudaError_t launch_tile(const Fp8AttentionSm90Params& p, int batch, cudaStream_t stream) {
   if (fast_epilogue(p.seq_k)) {
     return launch<kDP, OutT, true, kConsumers, kPingPong, kRowSumTC, kLateRowSum, true,
-                  kUnrollFast>(p, batch, stream);
+                  kUnrollFast, kPersistent>(p, batch, stream);
   }
-  return launch<kDP, OutT, true, kConsumers, kPingPong, kRowSumTC, kLateRowSum>(p, batch, stream);
+  return launch<kDP, OutT, true, kConsumers, kPingPong, kRowSumTC, kLateRowSum, false, false,
+                kPersistent>(p, batch, stream);
 }
 
 }  // namespace fp8_sm90_ws
