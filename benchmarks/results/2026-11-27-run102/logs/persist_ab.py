@@ -46,9 +46,9 @@ for B, S, H, D in SHAPES:
     for _ in range(4):
         for mode in ("1", "0"):
             os.environ["XDIT_OPS_FP8_PERSISTENT"] = mode
-            kern[mode].append(gpu_us(lambda: attention_quantized_sm90(
+            kern[mode].append(gpu_us(lambda qq=qq: attention_quantized_sm90(
                 qq, torch.bfloat16, impl="sm90ws", k_scale="tile"), n))
-            op[mode].append(gpu_us(lambda: xdit_ops.fp8_attention(q, k, v), n))
+            op[mode].append(gpu_us(lambda q=q, k=k, v=v: xdit_ops.fp8_attention(q, k, v), n))
             outs[mode] = attention_quantized_sm90(qq, torch.bfloat16, impl="sm90ws",
                                                   k_scale="tile")
     same = all(torch.equal(a, b) for a, b in zip(outs["1"], outs["0"], strict=True))
