@@ -1836,20 +1836,20 @@ def test_softmax_tile_arithmetic_model(scale, D):
                                                                             lse_diff)
 
 
-# The persistent per-tile kernel (padded head dim 128: one CTA an SM walking the CTA tiles, the
-# K/V ring's stages and the ping-pong running on across tiles) against the kernel with one CTA
-# a tile (XDIT_OPS_FP8_PERSISTENT=0): the same arithmetic per tile, so the same bits. Shapes:
-# a partial last query block; fewer CTA tiles than SMs; more than kFastEpilogueMaxTiles key
-# tiles (the kernel without the fast epilogue); many tiles a CTA with a key-tile count that is
-# not a multiple of the ring's 4 stages; one key tile; float16 and bfloat16.
+# The persistent per-tile kernel (padded head dim 128 above kFastEpilogueMaxTiles key tiles:
+# one CTA an SM walking the CTA tiles, the K/V ring's stages and the ping-pong running on
+# across tiles) against the kernel with one CTA a tile (XDIT_OPS_FP8_PERSISTENT=0): the same
+# arithmetic per tile, so the same bits. Shapes: a partial last query block with fewer CTA
+# tiles than SMs; many tiles a CTA (720 on 132 SMs) with a key-tile count (133) that is not a
+# multiple of the ring's 4 stages; a short query block; float16 and bfloat16. At and below
+# kFastEpilogueMaxTiles the switch changes nothing (the same kernel): one shape checks that.
 @pytest.mark.gpu
 @pytest.mark.sm90
 @pytest.mark.parametrize("B,Sq,Sk,H,dtype", [
-    (1, 4097, 4097, 2, torch.bfloat16),
+    (1, 4097, 17000, 2, torch.bfloat16),
+    (3, 1000, 16999, 30, torch.bfloat16),
+    (1, 33, 20000, 3, torch.float16),
     (2, 190, 640, 3, torch.float16),
-    (1, 64, 16960, 1, torch.bfloat16),
-    (3, 1000, 300, 30, torch.bfloat16),
-    (1, 33, 5, 2, torch.float16),
 ])
 def test_sm90ws_persistent_kernel_gives_the_same_bits(monkeypatch, B, Sq, Sk, H, dtype):
     from xdit_ops.ops.fp8_attention import attention_quantized_sm90

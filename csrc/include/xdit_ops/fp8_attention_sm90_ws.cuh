@@ -425,6 +425,24 @@ __device__ __forceinline__ void produce(const KernelParams<kDP>& kp,
   }
 }
 
+// The persistent kernel's work tile k of this CTA (tile blockIdx.x + k gridDim.x): its query
+// block x and head bh, and whether the CTA has another. %ctaid.x and %nctaid.x are read with
+// volatile moves, so each use recomputes it instead of keeping it live across the key loop
+// (whose registers are at their limit).
+struct WorkTile {
+  int x;
+  int64_t bh;
+  bool more;
+};
+template <int kDP>
+__device__ __forceinline__ WorkTile work_tile(const KernelParams<kDP>& kp, int k) {
+  unsigned cta, ncta;
+  asm volatile("mov.u32 %0, %%ctaid.x;" : "=r"(cta));
+  asm volatile("mov.u32 %0, %%nctaid.x;" : "=r"(ncta));
+  const int i = static_cast<int>(cta + k * ncta);
+  return {i % kp.grid_x, i / kp.grid_x, i + static_cast<int>(ncta) < kp.work_tiles};
+}
+
 // A consumer warpgroup: 64 query rows, every key tile (see the file comment for the schedule).
 // kTileKScale: the K scales are equal within a 128-key tile (the scheme with k_block = 128,
 // XDIT_OPS_FP8_K_SCALE=tile); the softmax reads one scale per tile (softmax_tile).
@@ -435,18 +453,53 @@ template <int kDP, int kConsumers, typename OutT, bool kTileKScale, bool kPingPo
           bool kRowSumTC, bool kLateRowSum = false, bool kFastEpilogue = false,
           bool kUnroll2 = false, bool kPersistent = false>
 //
-// One CTA tile a call: query block x (this consumer's 64 rows of it) of head bh, its key tiles
-// counted from g0 in the K/V ring; k: the CTA's work tiles before it (Q's phase); more:
-// another work tile of this CTA follows (kPersistent), whose first slot this tile's last one
-// lets through.
+// One CTA tile a call: query block blockIdx.x (this consumer's 64 rows of it) of head
+// blockIdx.y; kPersistent: the CTA's work tile k (work_tile: its block, head, the K/V ring's
+// phase flip, and whether another follows, whose first slot this tile's last one lets
+// through).
 __device__ __forceinline__ void consume(const KernelParams<kDP>& kp,
                                         Storage<kDP, kConsumers, kRowSumTC>& s, int n_tiles,
-                                        int w, int x, int64_t bh, int g0, int k, bool more) {
+                                        int w, int k = 0) {
   using C = Cfg<kDP>;
   const Fp8AttentionSm90Params& p = kp.p;
-  const int tid = threadIdx.x % 128;
   static_assert(!kPersistent || kConsumers == 2, "the persistent kernel has 2 consumers");
-  const int m0 = (kConsumers * x + w) * kBlockM;
+  // kPersistent: %tid.x read afresh for every CTA tile (a volatile read): what derives from it
+  // (fragment offsets, row addresses) is not hoisted out of the work-tile loop and kept live
+  // across the key loop.
+  const int tid = [] {
+    if constexpr (kPersistent) {
+      unsigned t;
+      asm volatile("mov.u32 %0, %%tid.x;" : "=r"(t));
+      return static_cast<int>(t % 128);
+    } else {
+      return static_cast<int>(threadIdx.x % 128);
+    }
+  }();
+  auto tile_x = [&] {
+    if constexpr (kPersistent) {
+      return work_tile(kp, k).x;
+    } else {
+      return static_cast<int>(blockIdx.x);
+    }
+  };
+  auto tile_bh = [&]() -> int64_t {
+    if constexpr (kPersistent) {
+      return work_tile(kp, k).bh;
+    } else {
+      return blockIdx.y;
+    }
+  };
+  auto tile_more = [&] {
+    if constexpr (kPersistent) {
+      return work_tile(kp, k).more;
+    } else {
+      return false;
+    }
+  };
+  // kPersistent: the CTA's key tiles before this tile's (the slots count on from there)
+  const int t0 = kPersistent ? k * n_tiles : 0;
+  const int64_t bh = tile_bh();
+  const int m0 = (kConsumers * tile_x() + w) * kBlockM;
 
   Tensor sQ = make_tensor(make_smem_ptr(s.q), typename C::template SmemQAll<kConsumers>{});
   Tensor sK = make_tensor(make_smem_ptr(s.k), typename C::SmemKAll{});
@@ -727,19 +780,19 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp,
     constexpr bool kQK = decltype(qk)::value;
     constexpr bool kPV = decltype(pv)::value;
     // (kLateRowSum: in unsigned integers; t >= 0, and t >= 1 where P.V is issued)
-    // (the ring's count g = g0 + t: stage g % kStages, phase (g / kStages) & 1)
-    const int g = g0 + t;
-    const unsigned ut = static_cast<unsigned>(g);
-    const int st = kLateRowSum ? static_cast<int>(ut % kStages) : g % kStages;
+    // (t counts the CTA's key tiles: kPersistent, this tile's key tile t - t0 of the ring's
+    // count t: stage t % kStages, phase (t / kStages) & 1)
+    const unsigned ut = static_cast<unsigned>(t);
+    const int st = kLateRowSum ? static_cast<int>(ut % kStages) : t % kStages;
     const int sv = kLateRowSum ? static_cast<int>((ut + kStages - 1) % kStages)
-                               : (g + kStages - 1) % kStages;
+                               : (t + kStages - 1) % kStages;
     if constexpr (kQK) {
       ClusterBarrier::wait(&s.k_full[st], kLateRowSum ? static_cast<int>((ut / kStages) & 1)
-                                                      : (g / kStages) & 1);
+                                                      : (t / kStages) & 1);
     }
     if constexpr (kPV) {
       ClusterBarrier::wait(&s.v_full[sv], kLateRowSum ? static_cast<int>(((ut - 1) / kStages) & 1)
-                                                      : ((g - 1) / kStages) & 1);
+                                                      : ((t - 1) / kStages) & 1);
     }
     // kTileKScale: the tile's K scale (its first key's; the scheme's scales are equal within
     // the tile), read before the wgmmas (two registers across the batch: c of both rows); with
@@ -773,7 +826,7 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp,
     // consumers "not the last" is written w == 0, which keeps the SASS of the kernel before
     // kConsumers; w != 1 compiled to another, equivalent, compare.)
     // (kPersistent: unless the CTA's last work tile: the next tile's first slot follows.)
-    if (kQK || (kConsumers == 2 ? w == 0 : w != kConsumers - 1) || more) sched_signal();
+    if (kQK || (kConsumers == 2 ? w == 0 : w != kConsumers - 1) || tile_more()) sched_signal();
     PPairs pk;
     float alpha_t[2];
     // With 3 consumers (kPVFirst), P.V of tile t - 1 is waited for and added to the output
@@ -804,7 +857,7 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp,
           asm volatile("" ::: "memory");
         }
         ClusterBarrier::arrive(&s.k_empty[st]);  // the scale was read before the release
-        softmax_tile(t, c_t, mask, alpha_t, pk);
+        softmax_tile(t - t0, c_t, mask, alpha_t, pk);
       } else {
         // The key scales are read here, not before the wgmmas: the accumulators of both
         // products plus the output's leave no registers to hold them across the batch. The
@@ -813,7 +866,7 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp,
         // ClusterBarrier::arrive's asm has no memory clobber: keep the loads above it.
         asm volatile("" ::: "memory");
         ClusterBarrier::arrive(&s.k_empty[st]);
-        softmax(t, ks, mask, alpha_t, pk);
+        softmax(t - t0, ks, mask, alpha_t, pk);
       }
     }
     if constexpr (kPV && !kPVFirst) {
@@ -842,16 +895,20 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp,
   // state is not.
   using cute::false_type;
   using cute::true_type;
-  slot(0, true_type{}, false_type{}, true_type{});
+  slot(t0, true_type{}, false_type{}, true_type{});
   if constexpr (kConsumers == 2) {
     if constexpr (kUnroll2) {
       // two slots a loop iteration (kUnroll2): one schedule for a pair of tiles
 #pragma unroll 2
-      for (int t = 1; t < n_tiles - 1; ++t) slot(t, true_type{}, true_type{}, false_type{});
+      for (int t = t0 + 1; t < t0 + n_tiles - 1; ++t) {
+        slot(t, true_type{}, true_type{}, false_type{});
+      }
     } else {
-      for (int t = 1; t < n_tiles - 1; ++t) slot(t, true_type{}, true_type{}, false_type{});
+      for (int t = t0 + 1; t < t0 + n_tiles - 1; ++t) {
+        slot(t, true_type{}, true_type{}, false_type{});
+      }
     }
-    if (n_tiles > 1) slot(n_tiles - 1, true_type{}, true_type{}, true_type{});
+    if (n_tiles > 1) slot(t0 + n_tiles - 1, true_type{}, true_type{}, true_type{});
     // kPersistent: Q K^T of the last tile has completed (waited in its slot): Q's slice is
     // free for the next work tile's.
     if constexpr (kPersistent) ClusterBarrier::arrive(&s.q_empty);
@@ -862,7 +919,7 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp,
     for (; t < n_tiles - 1; ++t) slot(t, true_type{}, true_type{}, false_type{});
     if (t < n_tiles) slot(t, true_type{}, true_type{}, true_type{});
   }
-  slot(n_tiles, false_type{}, true_type{}, false_type{});
+  slot(t0 + n_tiles, false_type{}, true_type{}, false_type{});
   if constexpr (kLateRowSum) {  // the row sums of the quad's columns
     CUTE_UNROLL
     for (int j = 0; j < 2; ++j) l_i[j] = quad_sum(l_i[j]);
@@ -870,14 +927,16 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp,
 
   // Epilogue: out = acc / l * v_scale in the output dtype; LSE in natural log. (b, h computed
   // here, not kept live across the key loop.)
-  const int b = static_cast<int>(bh / p.heads);
-  const int h = static_cast<int>(bh % p.heads);
-  const float* vs = p.v_scale + bh * kDP;
+  // (kPersistent: the tile's head and first row recomputed here, not kept across the key loop)
+  const int64_t bh_e = kPersistent ? tile_bh() : bh;
+  const int b = static_cast<int>(bh_e / p.heads);
+  const int h = static_cast<int>(bh_e % p.heads);
+  const float* vs = p.v_scale + bh_e * kDP;
   OutT* out = reinterpret_cast<OutT*>(p.out);
   // The first row, m0 + r0. With 3 consumers it is recomputed here from %tid.x and %ctaid.x
   // (volatile reads, not merged with the prologue's): otherwise ptxas kept the prologue's
   // 64-bit q_scale / LSE offset of the row across the key loop and spilled it.
-  int row0 = m0 + r0;
+  int row0 = (kPersistent ? (kConsumers * tile_x() + w) * kBlockM : m0) + r0;
   if constexpr (kConsumers > 2) {
     unsigned thread, cta;
     asm volatile("mov.u32 %0, %%tid.x;" : "=r"(thread));
@@ -934,7 +993,7 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp,
       }
     }
   }
-  if (p.lse != nullptr && (tid & 3) == 0) store_lse(p, bh, row0, m_i, l_i);
+  if (p.lse != nullptr && (tid & 3) == 0) store_lse(p, bh_e, row0, m_i, l_i);
 }
 
 // kConsumers consumer warpgroups (2; or 3 at Dp = 64), kPingPong: they issue in turn (2: the
@@ -1015,18 +1074,15 @@ __global__ void __launch_bounds__(kThreads<kConsumers>, 1)
   } else {
     cutlass::arch::warpgroup_reg_alloc<kConsumerRegs<kConsumers>>();
     if constexpr (kPersistent) {
-      int k = 0;
-      for (int i = blockIdx.x; i < kp.work_tiles; i += gridDim.x, ++k) {
+      const int tiles = (kp.work_tiles - static_cast<int>(blockIdx.x) + gridDim.x - 1) /
+                        gridDim.x;  // this CTA's work tiles
+      for (int k = 0; k < tiles; ++k) {
         consume<kDP, kConsumers, OutT, kTileKScale, kPingPong, kRowSumTC, kLateRowSum,
-                kFastEpilogue, kUnroll2, kPersistent>(kp, s, n_tiles, warp_group - 1,
-                                                      i % kp.grid_x, i / kp.grid_x,
-                                                      k * n_tiles, k,
-                                                      i + int(gridDim.x) < kp.work_tiles);
+                kFastEpilogue, kUnroll2, kPersistent>(kp, s, n_tiles, warp_group - 1, k);
       }
     } else {
       consume<kDP, kConsumers, OutT, kTileKScale, kPingPong, kRowSumTC, kLateRowSum,
-              kFastEpilogue, kUnroll2>(kp, s, n_tiles, warp_group - 1, blockIdx.x, blockIdx.y,
-                                       0, 0, false);
+              kFastEpilogue, kUnroll2>(kp, s, n_tiles, warp_group - 1);
     }
   }
 }
@@ -1085,7 +1141,7 @@ template <int kDP, typename OutT, int kConsumers, bool kPingPong, bool kRowSumTC
 cudaError_t launch_tile(const Fp8AttentionSm90Params& p, int batch, cudaStream_t stream) {
   if (fast_epilogue(p.seq_k)) {
     return launch<kDP, OutT, true, kConsumers, kPingPong, kRowSumTC, kLateRowSum, true,
-                  kUnrollFast, kPersistent>(p, batch, stream);
+                  kUnrollFast>(p, batch, stream);
   }
   return launch<kDP, OutT, true, kConsumers, kPingPong, kRowSumTC, kLateRowSum, false, false,
                 kPersistent>(p, batch, stream);
