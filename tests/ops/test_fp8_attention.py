@@ -1834,35 +1834,3 @@ def test_softmax_tile_arithmetic_model(scale, D):
     lse_tol = P8_ROW_SUM_LSE_TOL if scheme.p8_row_sum else 5e-4
     assert 0 < moved < 2e-3 and drift <= 0.02 * own and lse_diff < lse_tol, (moved, drift, own,
                                                                             lse_diff)
-
-
-# The persistent per-tile kernel (padded head dim 128 above kFastEpilogueMaxTiles key tiles:
-# one CTA an SM walking the CTA tiles, the K/V ring's stages and the ping-pong running on
-# across tiles) against the kernel with one CTA a tile (XDIT_OPS_FP8_PERSISTENT=0): the same
-# arithmetic per tile, so the same bits. Shapes: a partial last query block with fewer CTA
-# tiles than SMs; many tiles a CTA (720 on 132 SMs) with a key-tile count (133) that is not a
-# multiple of the ring's 4 stages; a short query block; float16 and bfloat16. At and below
-# kFastEpilogueMaxTiles the switch changes nothing (the same kernel): one shape checks that.
-@pytest.mark.gpu
-@pytest.mark.sm90
-@pytest.mark.parametrize("B,Sq,Sk,H,dtype", [
-    (1, 4097, 17000, 2, torch.bfloat16),
-    (3, 1000, 16999, 30, torch.bfloat16),
-    (1, 33, 20000, 3, torch.float16),
-    (2, 190, 640, 3, torch.float16),
-])
-def test_sm90ws_persistent_kernel_gives_the_same_bits(monkeypatch, B, Sq, Sk, H, dtype):
-    from xdit_ops.ops.fp8_attention import attention_quantized_sm90
-    from xdit_ops.triton.fp8_attention import quantize_qkv_triton
-
-    q, k, v = dit_like_qkv(B, max(Sq, Sk), H, 128, seed=Sk, dtype=dtype, device="cuda")
-    qq = quantize_qkv_triton(q[:, :Sq], k[:, :Sk], v[:, :Sk], vt_pv_order=True, k_block=128)
-    got = {}
-    for persistent in ("1", "0", "1"):
-        monkeypatch.setenv("XDIT_OPS_FP8_PERSISTENT", persistent)
-        out, lse = attention_quantized_sm90(qq, dtype, impl="sm90ws", k_scale="tile")
-        assert torch.isfinite(out).all() and torch.isfinite(lse).all()
-        if persistent in got:  # the persistent kernel again: deterministic
-            assert torch.equal(out, got[persistent][0]), "persistent run to run"
-        got[persistent] = (out, lse)
-    assert torch.equal(got["1"][0], got["0"][0]) and torch.equal(got["1"][1], got["0"][1])

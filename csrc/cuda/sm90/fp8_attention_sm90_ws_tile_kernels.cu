@@ -5,8 +5,6 @@
 // row sums from the tensor cores (kRowSumTC), at 128 with the late row sums (kLateRowSum) and,
 // up to kFastEpilogueMaxTiles key tiles, the fast epilogue with the key loop unrolled by two
 // (kUnroll2). The three-consumer kernels are in fp8_attention_sm90_ws_tile3_kernels.cu.
-#include <cstdlib>
-
 #include "xdit_ops/fp8_attention_sm90_ws.cuh"
 
 namespace xdit_ops {
@@ -29,13 +27,7 @@ cudaError_t fp8_attention_sm90_ws_tile_k_scale(const Fp8AttentionSm90Params& p, 
     using Out = typename decltype(out)::type;
     if constexpr (kDP == 128) {
       // the epilogue by the number of key tiles (kFastEpilogue), with it the key loop unrolled
-      // by two (kUnroll2); persistent (kPersistent: one CTA an SM walking the CTA tiles)
-      // unless XDIT_OPS_FP8_PERSISTENT=0 (read per call: the A/B and the tests)
-      const char* env = std::getenv("XDIT_OPS_FP8_PERSISTENT");
-      if (env == nullptr || env[0] != '0') {
-        return fp8_sm90_ws::launch_tile<128, Out, 2, true, false, true, true, true>(p, batch,
-                                                                                   stream);
-      }
+      // by two (kUnroll2)
       return fp8_sm90_ws::launch_tile<128, Out, 2, true, false, true, true>(p, batch, stream);
     } else {
       return fp8_sm90_ws::launch<kDP, Out, true, 2, true, kDP == 64>(p, batch, stream);

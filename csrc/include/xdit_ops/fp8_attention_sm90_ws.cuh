@@ -218,7 +218,6 @@ struct alignas(1024) Storage {
   uint64_t v_full[kStages];
   uint64_t k_empty[kStages];
   uint64_t v_empty[kStages];
-  uint64_t q_empty;  // kPersistent: the consumers are done with Q (their last Q K^T)
 };
 
 // TMA descriptors over the QuantizedQKV buffers, as 3-D tensors (rows, Dp or keys, batch*head)
@@ -255,10 +254,6 @@ struct KernelParams {
   TmaVt tma_vt;
   Fp8AttentionSm90Params p;
   int bh_count;
-  // kPersistent: work tile i is the CTA tile (i % grid_x, i / grid_x) of the non-persistent
-  // grid (grid_x, bh_count); work_tiles = grid_x * bh_count.
-  int grid_x;
-  int work_tiles;
 };
 
 // Max over the four lanes of a quad, on integers (softmax_tile's max over score bit patterns).
@@ -330,14 +325,19 @@ __device__ __forceinline__ auto vt_stages(cutlass::float_e4m3_t* vt) {
   }
 }
 
-// One CTA tile's loads: Q of query block x of head bh, then its n_tiles K and V^T tiles into
-// the ring, as its key tiles g0, g0 + 1, ... (stage g % kStages, phase (g / kStages) & 1).
+// The producer: one thread issues every TMA load of the CTA. kTileKScale: the consumers read
+// only the tile's first key scale (one K scale per 128-key tile), so only the first 16 bytes
+// (four scales; the minimum bulk copy) of the tile's scales are copied. kVtExt: V^T's stages
+// have 8 more rows (kRowSumTC).
 template <int kDP, int kConsumers, bool kTileKScale, bool kVtExt>
-__device__ __forceinline__ void produce_tile(const KernelParams<kDP>& kp,
-                                             Storage<kDP, kConsumers, kVtExt>& s, int n_tiles,
-                                             int x, int bh, int g0) {
+__device__ __forceinline__ void produce(const KernelParams<kDP>& kp,
+                                        Storage<kDP, kConsumers, kVtExt>& s, int n_tiles) {
   using C = Cfg<kDP>;
   const Fp8AttentionSm90Params& p = kp.p;
+  const int bh = blockIdx.y;
+  prefetch_tma_descriptor(kp.tma_q.get_tma_descriptor());
+  prefetch_tma_descriptor(kp.tma_k.get_tma_descriptor());
+  prefetch_tma_descriptor(kp.tma_vt.get_tma_descriptor());
 
   Tensor mQ = kp.tma_q.get_tma_tensor(make_shape(p.seq_q, Int<kDP>{}, kp.bh_count));
   Tensor gQ = local_tile(mQ(_, _, bh), Shape<Int<kBlockM>, Int<kDP>>{}, make_coord(_, 0));
@@ -346,7 +346,7 @@ __device__ __forceinline__ void produce_tile(const KernelParams<kDP>& kp,
                                   group_modes<0, 2>(gQ));
   // A consumer whose 64 rows all lie past seq_q gets no Q box: it computes on whatever its Q
   // slice holds (finite int8 codes; its q_scale is 0) and writes nothing.
-  const int q_tile0 = kConsumers * x;
+  const int q_tile0 = kConsumers * blockIdx.x;
   const int q_boxes = min(kConsumers, (p.seq_q + kBlockM - 1) / kBlockM - q_tile0);
   ClusterTransactionBarrier::arrive_and_expect_tx(&s.q_full, q_boxes * C::kQBytes);
   for (int w = 0; w < q_boxes; ++w) {
@@ -365,11 +365,10 @@ __device__ __forceinline__ void produce_tile(const KernelParams<kDP>& kp,
                                   group_modes<0, 2>(gV));
 
   for (int t = 0; t < n_tiles; ++t) {
-    const int g = g0 + t;
-    const int st = g % kStages;
+    const int st = t % kStages;
     // Parity of the stage's previous use; on the first pass (phase 1 of a fresh barrier) the
     // wait returns at once.
-    const uint32_t empty_phase = ((g / kStages) & 1) ^ 1;
+    const uint32_t empty_phase = ((t / kStages) & 1) ^ 1;
     wait_barrier(&s.k_empty[st], empty_phase);
     // The key scales of the tile ride on K's barrier; only those inside Sk_pad are read (the
     // last tile may reach past it: those keys are masked, their scales never used).
@@ -384,63 +383,12 @@ __device__ __forceinline__ void produce_tile(const KernelParams<kDP>& kp,
     ClusterTransactionBarrier::arrive_and_expect_tx(&s.v_full[st], C::kVBytes);
     copy(kp.tma_vt.with(s.v_full[st]), tVg(_, t), tVs(_, st));
   }
-}
-
-// The producer: one thread issues every TMA load of the CTA. kTileKScale: the consumers read
-// only the tile's first key scale (one K scale per 128-key tile), so only the first 16 bytes
-// (four scales; the minimum bulk copy) of the tile's scales are copied. kVtExt: V^T's stages
-// have 8 more rows (kRowSumTC).
-// kPersistent: the CTA walks the work tiles blockIdx.x, blockIdx.x + gridDim.x, ...: before
-// each tile's Q it waits for the consumers' release of the previous Q (q_empty), and the K/V
-// ring's stages and phases count on across the tiles (g0: the key tiles before this work
-// tile), so the next tile's Q and first K/V tiles load while the consumers finish the last
-// P.V and the epilogue of this one.
-template <int kDP, int kConsumers, bool kTileKScale, bool kVtExt, bool kPersistent = false>
-__device__ __forceinline__ void produce(const KernelParams<kDP>& kp,
-                                        Storage<kDP, kConsumers, kVtExt>& s, int n_tiles) {
-  prefetch_tma_descriptor(kp.tma_q.get_tma_descriptor());
-  prefetch_tma_descriptor(kp.tma_k.get_tma_descriptor());
-  prefetch_tma_descriptor(kp.tma_vt.get_tma_descriptor());
-  if constexpr (kPersistent) {
-    int k = 0;
-    for (int i = blockIdx.x; i < kp.work_tiles; i += gridDim.x, ++k) {
-      if (k > 0) wait_barrier(&s.q_empty, (k - 1) & 1);
-      produce_tile<kDP, kConsumers, kTileKScale>(kp, s, n_tiles, i % kp.grid_x, i / kp.grid_x,
-                                                 k * n_tiles);
-    }
-    // The watchdog, as below, over the last key tiles of the last work tile.
-    const int g_end = k * n_tiles;
-    for (int g = max(0, g_end - kStages); g < g_end; ++g) {
-      wait_barrier(&s.k_empty[g % kStages], (g / kStages) & 1);
-      wait_barrier(&s.v_empty[g % kStages], (g / kStages) & 1);
-    }
-  } else {
-    produce_tile<kDP, kConsumers, kTileKScale>(kp, s, n_tiles, blockIdx.x, blockIdx.y, 0);
-    // Stay as the watchdog until both consumers have released the last tiles (tile t's release
-    // completes phase t / kStages of its stage's empty barriers).
-    for (int t = max(0, n_tiles - kStages); t < n_tiles; ++t) {
-      wait_barrier(&s.k_empty[t % kStages], (t / kStages) & 1);
-      wait_barrier(&s.v_empty[t % kStages], (t / kStages) & 1);
-    }
+  // Stay as the watchdog until both consumers have released the last tiles (tile t's release
+  // completes phase t / kStages of its stage's empty barriers).
+  for (int t = max(0, n_tiles - kStages); t < n_tiles; ++t) {
+    wait_barrier(&s.k_empty[t % kStages], (t / kStages) & 1);
+    wait_barrier(&s.v_empty[t % kStages], (t / kStages) & 1);
   }
-}
-
-// The persistent kernel's work tile k of this CTA (tile blockIdx.x + k gridDim.x): its query
-// block x and head bh, and whether the CTA has another. %ctaid.x and %nctaid.x are read with
-// volatile moves, so each use recomputes it instead of keeping it live across the key loop
-// (whose registers are at their limit).
-struct WorkTile {
-  int x;
-  int64_t bh;
-  bool more;
-};
-template <int kDP>
-__device__ __forceinline__ WorkTile work_tile(const KernelParams<kDP>& kp, int k) {
-  unsigned cta, ncta;
-  asm volatile("mov.u32 %0, %%ctaid.x;" : "=r"(cta));
-  asm volatile("mov.u32 %0, %%nctaid.x;" : "=r"(ncta));
-  const int i = static_cast<int>(cta + k * ncta);
-  return {i % kp.grid_x, i / kp.grid_x, i + static_cast<int>(ncta) < kp.work_tiles};
 }
 
 // A consumer warpgroup: 64 query rows, every key tile (see the file comment for the schedule).
@@ -451,55 +399,15 @@ __device__ __forceinline__ WorkTile work_tile(const KernelParams<kDP>& kp, int k
 // added like the output, a tile late; else FADDs of the fp32 P, one chain per row.
 template <int kDP, int kConsumers, typename OutT, bool kTileKScale, bool kPingPong,
           bool kRowSumTC, bool kLateRowSum = false, bool kFastEpilogue = false,
-          bool kUnroll2 = false, bool kPersistent = false>
-//
-// One CTA tile a call: query block blockIdx.x (this consumer's 64 rows of it) of head
-// blockIdx.y; kPersistent: the CTA's work tile k (work_tile: its block, head, the K/V ring's
-// phase flip, and whether another follows, whose first slot this tile's last one lets
-// through).
+          bool kUnroll2 = false>
 __device__ __forceinline__ void consume(const KernelParams<kDP>& kp,
                                         Storage<kDP, kConsumers, kRowSumTC>& s, int n_tiles,
-                                        int w, int k = 0) {
+                                        int w) {
   using C = Cfg<kDP>;
   const Fp8AttentionSm90Params& p = kp.p;
-  static_assert(!kPersistent || kConsumers == 2, "the persistent kernel has 2 consumers");
-  // kPersistent: %tid.x read afresh for every CTA tile (a volatile read): what derives from it
-  // (fragment offsets, row addresses) is not hoisted out of the work-tile loop and kept live
-  // across the key loop.
-  const int tid = [] {
-    if constexpr (kPersistent) {
-      unsigned t;
-      asm volatile("mov.u32 %0, %%tid.x;" : "=r"(t));
-      return static_cast<int>(t % 128);
-    } else {
-      return static_cast<int>(threadIdx.x % 128);
-    }
-  }();
-  auto tile_x = [&] {
-    if constexpr (kPersistent) {
-      return work_tile(kp, k).x;
-    } else {
-      return static_cast<int>(blockIdx.x);
-    }
-  };
-  auto tile_bh = [&]() -> int64_t {
-    if constexpr (kPersistent) {
-      return work_tile(kp, k).bh;
-    } else {
-      return blockIdx.y;
-    }
-  };
-  auto tile_more = [&] {
-    if constexpr (kPersistent) {
-      return work_tile(kp, k).more;
-    } else {
-      return false;
-    }
-  };
-  // kPersistent: the CTA's key tiles before this tile's (the slots count on from there)
-  const int t0 = kPersistent ? k * n_tiles : 0;
-  const int64_t bh = tile_bh();
-  const int m0 = (kConsumers * tile_x() + w) * kBlockM;
+  const int tid = threadIdx.x % 128;
+  const int64_t bh = blockIdx.y;
+  const int m0 = (kConsumers * blockIdx.x + w) * kBlockM;
 
   Tensor sQ = make_tensor(make_smem_ptr(s.q), typename C::template SmemQAll<kConsumers>{});
   Tensor sK = make_tensor(make_smem_ptr(s.k), typename C::SmemKAll{});
@@ -780,8 +688,6 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp,
     constexpr bool kQK = decltype(qk)::value;
     constexpr bool kPV = decltype(pv)::value;
     // (kLateRowSum: in unsigned integers; t >= 0, and t >= 1 where P.V is issued)
-    // (t counts the CTA's key tiles: kPersistent, this tile's key tile t - t0 of the ring's
-    // count t: stage t % kStages, phase (t / kStages) & 1)
     const unsigned ut = static_cast<unsigned>(t);
     const int st = kLateRowSum ? static_cast<int>(ut % kStages) : t % kStages;
     const int sv = kLateRowSum ? static_cast<int>((ut + kStages - 1) % kStages)
@@ -825,8 +731,7 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp,
     // on a scheduling barrier is then matched by one sync (see the count below). (With 2
     // consumers "not the last" is written w == 0, which keeps the SASS of the kernel before
     // kConsumers; w != 1 compiled to another, equivalent, compare.)
-    // (kPersistent: unless the CTA's last work tile: the next tile's first slot follows.)
-    if (kQK || (kConsumers == 2 ? w == 0 : w != kConsumers - 1) || tile_more()) sched_signal();
+    if (kQK || (kConsumers == 2 ? w == 0 : w != kConsumers - 1)) sched_signal();
     PPairs pk;
     float alpha_t[2];
     // With 3 consumers (kPVFirst), P.V of tile t - 1 is waited for and added to the output
@@ -857,7 +762,7 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp,
           asm volatile("" ::: "memory");
         }
         ClusterBarrier::arrive(&s.k_empty[st]);  // the scale was read before the release
-        softmax_tile(t - t0, c_t, mask, alpha_t, pk);
+        softmax_tile(t, c_t, mask, alpha_t, pk);
       } else {
         // The key scales are read here, not before the wgmmas: the accumulators of both
         // products plus the output's leave no registers to hold them across the batch. The
@@ -866,7 +771,7 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp,
         // ClusterBarrier::arrive's asm has no memory clobber: keep the loads above it.
         asm volatile("" ::: "memory");
         ClusterBarrier::arrive(&s.k_empty[st]);
-        softmax(t - t0, ks, mask, alpha_t, pk);
+        softmax(t, ks, mask, alpha_t, pk);
       }
     }
     if constexpr (kPV && !kPVFirst) {
@@ -889,29 +794,22 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp,
   // use completes at 2 x 128. One turn circulates (a consumer arrives only after its own sync,
   // which needed the previous consumer's arrival), so no consumer arrives twice on a barrier
   // before its owner has synced there.
-  if (k == 0 && w == kConsumers - 1) sched_signal();
-  ClusterBarrier::wait(&s.q_full, k & 1);
+  if (w == kConsumers - 1) sched_signal();
+  ClusterBarrier::wait(&s.q_full, 0);
   // The first and the last key tile are masked (either may hold keys past seq_k); the steady
   // state is not.
   using cute::false_type;
   using cute::true_type;
-  slot(t0, true_type{}, false_type{}, true_type{});
+  slot(0, true_type{}, false_type{}, true_type{});
   if constexpr (kConsumers == 2) {
     if constexpr (kUnroll2) {
       // two slots a loop iteration (kUnroll2): one schedule for a pair of tiles
 #pragma unroll 2
-      for (int t = t0 + 1; t < t0 + n_tiles - 1; ++t) {
-        slot(t, true_type{}, true_type{}, false_type{});
-      }
+      for (int t = 1; t < n_tiles - 1; ++t) slot(t, true_type{}, true_type{}, false_type{});
     } else {
-      for (int t = t0 + 1; t < t0 + n_tiles - 1; ++t) {
-        slot(t, true_type{}, true_type{}, false_type{});
-      }
+      for (int t = 1; t < n_tiles - 1; ++t) slot(t, true_type{}, true_type{}, false_type{});
     }
-    if (n_tiles > 1) slot(t0 + n_tiles - 1, true_type{}, true_type{}, true_type{});
-    // kPersistent: Q K^T of the last tile has completed (waited in its slot): Q's slice is
-    // free for the next work tile's.
-    if constexpr (kPersistent) ClusterBarrier::arrive(&s.q_empty);
+    if (n_tiles > 1) slot(n_tiles - 1, true_type{}, true_type{}, true_type{});
   } else {
     // The same slots; the last tile's test on the loop counter (with n_tiles > 1, ptxas
     // spilled a register around it at 160 registers).
@@ -919,7 +817,7 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp,
     for (; t < n_tiles - 1; ++t) slot(t, true_type{}, true_type{}, false_type{});
     if (t < n_tiles) slot(t, true_type{}, true_type{}, true_type{});
   }
-  slot(t0 + n_tiles, false_type{}, true_type{}, false_type{});
+  slot(n_tiles, false_type{}, true_type{}, false_type{});
   if constexpr (kLateRowSum) {  // the row sums of the quad's columns
     CUTE_UNROLL
     for (int j = 0; j < 2; ++j) l_i[j] = quad_sum(l_i[j]);
@@ -927,16 +825,14 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp,
 
   // Epilogue: out = acc / l * v_scale in the output dtype; LSE in natural log. (b, h computed
   // here, not kept live across the key loop.)
-  // (kPersistent: the tile's head and first row recomputed here, not kept across the key loop)
-  const int64_t bh_e = kPersistent ? tile_bh() : bh;
-  const int b = static_cast<int>(bh_e / p.heads);
-  const int h = static_cast<int>(bh_e % p.heads);
-  const float* vs = p.v_scale + bh_e * kDP;
+  const int b = static_cast<int>(bh / p.heads);
+  const int h = static_cast<int>(bh % p.heads);
+  const float* vs = p.v_scale + bh * kDP;
   OutT* out = reinterpret_cast<OutT*>(p.out);
   // The first row, m0 + r0. With 3 consumers it is recomputed here from %tid.x and %ctaid.x
   // (volatile reads, not merged with the prologue's): otherwise ptxas kept the prologue's
   // 64-bit q_scale / LSE offset of the row across the key loop and spilled it.
-  int row0 = (kPersistent ? (kConsumers * tile_x() + w) * kBlockM : m0) + r0;
+  int row0 = m0 + r0;
   if constexpr (kConsumers > 2) {
     unsigned thread, cta;
     asm volatile("mov.u32 %0, %%tid.x;" : "=r"(thread));
@@ -993,7 +889,7 @@ __device__ __forceinline__ void consume(const KernelParams<kDP>& kp,
       }
     }
   }
-  if (p.lse != nullptr && (tid & 3) == 0) store_lse(p, bh_e, row0, m_i, l_i);
+  if (p.lse != nullptr && (tid & 3) == 0) store_lse(p, bh, row0, m_i, l_i);
 }
 
 // kConsumers consumer warpgroups (2; or 3 at Dp = 64), kPingPong: they issue in turn (2: the
@@ -1033,7 +929,7 @@ __host__ __device__ constexpr int key_tiles(int seq_k) { return (seq_k + kBlockN
 constexpr bool fast_epilogue(int seq_k) { return key_tiles(seq_k) <= kFastEpilogueMaxTiles; }
 template <int kDP, typename OutT, bool kTileKScale, int kConsumers = 2, bool kPingPong = true,
           bool kRowSumTC = false, bool kLateRowSum = false, bool kFastEpilogue = false,
-          bool kUnroll2 = false, bool kPersistent = false>
+          bool kUnroll2 = false>
 __global__ void __launch_bounds__(kThreads<kConsumers>, 1)
     fp8_attention_ws_kernel(const __grid_constant__ KernelParams<kDP> kp) {
   check_consumers<kDP, kConsumers>();
@@ -1046,7 +942,6 @@ __global__ void __launch_bounds__(kThreads<kConsumers>, 1)
   const int warp_group = __shfl_sync(0xffffffff, static_cast<int>(threadIdx.x) / 128, 0);
   if (threadIdx.x == 0) {
     ClusterBarrier::init(&s.q_full, 1);
-    if constexpr (kPersistent) ClusterBarrier::init(&s.q_empty, kConsumers * 128);
     CUTE_UNROLL
     for (int st = 0; st < kStages; ++st) {
       ClusterBarrier::init(&s.k_full[st], 1);
@@ -1068,43 +963,19 @@ __global__ void __launch_bounds__(kThreads<kConsumers>, 1)
   __syncthreads();
   if (warp_group == 0) {
     cutlass::arch::warpgroup_reg_dealloc<kProducerRegs>();
-    if (threadIdx.x == 0) {
-      produce<kDP, kConsumers, kTileKScale, kRowSumTC, kPersistent>(kp, s, n_tiles);
-    }
+    if (threadIdx.x == 0) produce<kDP, kConsumers, kTileKScale, kRowSumTC>(kp, s, n_tiles);
   } else {
     cutlass::arch::warpgroup_reg_alloc<kConsumerRegs<kConsumers>>();
-    if constexpr (kPersistent) {
-      const int tiles = (kp.work_tiles - static_cast<int>(blockIdx.x) + gridDim.x - 1) /
-                        gridDim.x;  // this CTA's work tiles
-      for (int k = 0; k < tiles; ++k) {
-        consume<kDP, kConsumers, OutT, kTileKScale, kPingPong, kRowSumTC, kLateRowSum,
-                kFastEpilogue, kUnroll2, kPersistent>(kp, s, n_tiles, warp_group - 1, k);
-      }
-    } else {
-      consume<kDP, kConsumers, OutT, kTileKScale, kPingPong, kRowSumTC, kLateRowSum,
-              kFastEpilogue, kUnroll2>(kp, s, n_tiles, warp_group - 1);
-    }
+    consume<kDP, kConsumers, OutT, kTileKScale, kPingPong, kRowSumTC, kLateRowSum,
+            kFastEpilogue, kUnroll2>(kp, s, n_tiles, warp_group - 1);
   }
 }
 
 // kTileKScale: the per-tile K scale variant (p.k_scale equal within every 128-key tile).
 // kConsumers, kPingPong: see fp8_attention_ws_kernel.
-// The SMs of the current device (the persistent kernel's grid), read once per device.
-inline int sm_count() {
-  static int counts[64] = {};
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return 0;
-  if (counts[dev] == 0) {
-    int n = 0;
-    if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) return 0;
-    counts[dev] = n;
-  }
-  return counts[dev];
-}
-
 template <int kDP, typename OutT, bool kTileKScale = false, int kConsumers = 2,
           bool kPingPong = true, bool kRowSumTC = false, bool kLateRowSum = false,
-          bool kFastEpilogue = false, bool kUnroll2 = false, bool kPersistent = false>
+          bool kFastEpilogue = false, bool kUnroll2 = false>
 cudaError_t launch(const Fp8AttentionSm90Params& p, int batch, cudaStream_t stream) {
   // Sk_pad is the quantization pass's (a multiple of 64); TMA reads the last tile's keys past
   // it as zeros.
@@ -1112,23 +983,17 @@ cudaError_t launch(const Fp8AttentionSm90Params& p, int batch, cudaStream_t stre
     return cudaErrorInvalidValue;
   }
   const int bh = batch * p.heads;
-  const int rows_per_cta = kConsumers * kBlockM;
-  const int grid_x = (p.seq_q + rows_per_cta - 1) / rows_per_cta;
   KernelParams<kDP> kp{make_tma_q<kDP>(p.q8, p.seq_q, bh),
                        make_tma_k<kDP>(p.k8, p.seq_k_pad, bh),
-                       make_tma_vt<kDP>(p.vt8, p.seq_k_pad, bh), p, bh, grid_x, grid_x * bh};
+                       make_tma_vt<kDP>(p.vt8, p.seq_k_pad, bh), p, bh};
   const int smem = static_cast<int>(sizeof(Storage<kDP, kConsumers, kRowSumTC>));
   auto kernel =
       fp8_attention_ws_kernel<kDP, OutT, kTileKScale, kConsumers, kPingPong, kRowSumTC,
-                              kLateRowSum, kFastEpilogue, kUnroll2, kPersistent>;
+                              kLateRowSum, kFastEpilogue, kUnroll2>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
-  dim3 grid(grid_x, bh);
-  if constexpr (kPersistent) {  // one CTA an SM (the kernel's occupancy), each a work-tile walk
-    const int sms = sm_count();
-    if (sms <= 0) return cudaErrorInvalidDevice;
-    grid = dim3(min(sms, kp.work_tiles));
-  }
+  const int rows_per_cta = kConsumers * kBlockM;
+  const dim3 grid((p.seq_q + rows_per_cta - 1) / rows_per_cta, bh);
   kernel<<<grid, kThreads<kConsumers>, smem, stream>>>(kp);
   return cudaGetLastError();
 }
@@ -1137,14 +1002,13 @@ cudaError_t launch(const Fp8AttentionSm90Params& p, int batch, cudaStream_t stre
 // fast epilogue up to kFastEpilogueMaxTiles, with the key loop unrolled by two where
 // kUnrollFast (kUnroll2), and the kernel before both above it.
 template <int kDP, typename OutT, int kConsumers, bool kPingPong, bool kRowSumTC,
-          bool kLateRowSum, bool kUnrollFast, bool kPersistent = false>
+          bool kLateRowSum, bool kUnrollFast>
 cudaError_t launch_tile(const Fp8AttentionSm90Params& p, int batch, cudaStream_t stream) {
   if (fast_epilogue(p.seq_k)) {
     return launch<kDP, OutT, true, kConsumers, kPingPong, kRowSumTC, kLateRowSum, true,
                   kUnrollFast>(p, batch, stream);
   }
-  return launch<kDP, OutT, true, kConsumers, kPingPong, kRowSumTC, kLateRowSum, false, false,
-                kPersistent>(p, batch, stream);
+  return launch<kDP, OutT, true, kConsumers, kPingPong, kRowSumTC, kLateRowSum>(p, batch, stream);
 }
 
 }  // namespace fp8_sm90_ws
