@@ -248,7 +248,9 @@ def main(argv: list[str] | None = None) -> int:
         "targets": targets, "unusable_impls": {i: w for i, w in skipped.items() if w},
         "warmup": warmup, "iters": iters, "rounds": rounds, "cold_l2": args.cold_l2,
         "cuda_graph": args.cuda_graph, "inputs": "dit_like_qkv(seed=0)",
-        "consumers": args.consumers})
+        "consumers": args.consumers,
+        # the pass's statistics (XDIT_OPS_FP8_STATS): a strided sample's past 1024 keys, or exact
+        "stats": os.environ.get("XDIT_OPS_FP8_STATS", "sample")})
     common.print_table(
         [r | {"shape": f"{r['B']}x{r['S']}x{r['H']}x{r['D']}"} for r in rows],
         ["shape", "candidate", "ms", "tflops", "speedup_vs_cudnn_bf16", "cos_mean", "cos_min",

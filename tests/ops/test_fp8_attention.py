@@ -570,6 +570,103 @@ def test_triton_quantize_tile_loop_in_the_cpu_interpreter():
     _run_in_interpreter(_TILE_LOOP_CHECK, "tile loop ok")
 
 
+# The statistics from a strided sample (the scheme's stats_sample, shrunk to 64 keys here with
+# the launcher's STATS_SAMPLE so that the interpreter can run it): the K mean of every
+# stride-th key, V scaled to 4x the sample's amax, and, where a key exceeds that, the repair
+# kernel's exact amax for that (batch, head) only. Against the emulation with the same sample.
+_SAMPLED_CHECK = textwrap.dedent("""
+    from dataclasses import replace
+
+    import xdit_ops.triton.fp8_attention as launcher
+    from xdit_ops.reference.fp8_attention import (
+        SCHEME, hadamard_matrix, padded_head_dim, stats_rows)
+
+    launcher.STATS_SAMPLE = 64
+    scheme = replace(SCHEME, stats_sample=64)
+    assert stats_rows(200, 64) == (4, 50) and stats_rows(64, 64) == (1, 64)
+    assert stats_rows(129, 64) == (3, 43) and stats_rows(5, 0) == (1, 5)
+    for B, Sq, Sk, H, D, dtype, k_block, pv in [(1, 70, 200, 3, 128, torch.bfloat16, 128, True),
+                                                (2, 40, 150, 2, 64, torch.float16, 1, False)]:
+        q, k, v = dit_like_qkv(B, max(Sq, Sk), H, D, seed=7, dtype=dtype)
+        q, k, v = q[:, :Sq], k[:, :Sk].clone(), v[:, :Sk].clone()
+        stride, _ = stats_rows(Sk, 64)
+        # head 1 of batch 0: one unsampled key far past 4x the sample's amax (the repair);
+        # every other (batch, head) within it
+        v[0, 2 * stride + 1, 1, 3] = 200 * v[0, ::stride, 1, 3].abs().amax()
+        had = hadamard_matrix(padded_head_dim(D)).to(dtype)
+        want = quantize_qkv_ref(q, k, v, 0.125, replace(scheme, k_block=k_block), fp8_cast=icast)
+        vf = v.float().transpose(1, 2)
+        exact = vf.abs().amax(2)
+        samp = vf[:, :, ::stride].abs().amax(2) * 4
+        wv = want.v_scale[..., :D]
+        assert torch.equal(wv[0, 1], exact[0, 1] / 448)  # repaired: the exact amax, every channel
+        others = torch.ones(B, H, dtype=torch.bool)
+        others[0, 1] = False
+        assert torch.equal(wv[others], samp[others] / 448)  # the sample's, 4x
+        for progs in (1, 3):
+            launcher._programs_per_head = (
+                lambda n, tiles, per_sm, dev, p=progs: min(p, tiles))
+            got = launcher._quantize(q, k, v, had, 0.125, vt_pv_order=pv, k_block=k_block)
+            q8, q_scale, k8, k_scale, vt8, v_scale, lse_corr = got
+            assert torch.equal(v_scale, want.v_scale), progs
+            assert (q8.int() - want.q.int()).abs().max() <= 1
+            assert (k8.int() - want.k.int()).abs().max() <= 1
+            for g, ref in [(q_scale, want.q_scale), (k_scale, want.k_scale),
+                           (lse_corr, want.lse_corr)]:
+                assert torch.allclose(g, ref, rtol=1e-5, atol=1e-6 * ref.abs().max())
+            wvt = (in_pv_order(want) if pv else want).vt.float()
+            a = vt8.float()
+            assert (a != wvt).float().mean() < 5e-3
+            # within an e4m3 step, but for the interpreter's lost carry into the exponent
+            # (a power of two, halved: see icast) on a few codes
+            far = (a - wvt).abs() > wvt.abs() / 8 + 2.0 ** -9
+            assert far.float().mean() < 1e-4 and (a[far] == 2 * wvt[far]).all()
+        # the repaired head's codes are the exact-scale quantization, not clipped at 448
+        assert vt8.float()[0, 1].abs().max() == 448
+    print("sampled ok")
+""")
+
+
+def test_triton_quantize_sampled_stats_in_the_cpu_interpreter():
+    _run_in_interpreter(_SAMPLED_CHECK, "sampled ok")
+
+
+def test_sampled_stats_scheme():
+    """The scheme's statistics past stats_sample keys: the K mean of the sample (exact for the
+    softmax: the LSE correction adds it back), V at 4x the sample's amax unless a key exceeds
+    that (then that (batch, head)'s exact amax), never clipped; below it, every key."""
+    from dataclasses import replace
+
+    from xdit_ops.reference.fp8_attention import EXACT_STATS_SCHEME, stats_rows
+
+    assert SCHEME.stats_sample == 1024 and EXACT_STATS_SCHEME.stats_sample == 0
+    assert stats_rows(16896, 1024) == (17, 994) and stats_rows(1024, 1024) == (1, 1024)
+    q, k, v = dit_like_qkv(1, 3000, 2, 64, seed=3)
+    small = replace(SCHEME, stats_sample=3000)
+    a = quantize_qkv_ref(q, k, v, scheme=small)
+    b = quantize_qkv_ref(q, k, v, scheme=EXACT_STATS_SCHEME)
+    for name in ("q", "q_scale", "k", "k_scale", "vt", "v_scale", "lse_corr"):
+        assert torch.equal(getattr(a, name).view(torch.uint8) if name == "vt" else
+                           getattr(a, name), getattr(b, name).view(torch.uint8)
+                           if name == "vt" else getattr(b, name)), name
+    s = quantize_qkv_ref(q, k, v)  # sampled: stride 3
+    vf = v.float().transpose(1, 2)
+    assert torch.equal(s.v_scale, vf[:, :, ::3].abs().amax(2) * 4 / 448)
+    v2 = v.clone()
+    v2[0, 1, 0, 5] = 1000.0  # an unsampled key past 4x: head 0 takes its exact amax
+    s2 = quantize_qkv_ref(q, k, v2)
+    assert torch.equal(s2.v_scale[0, 0], v2.float()[0, :, 0].abs().amax(0) / 448)
+    assert torch.equal(s2.v_scale[0, 1], s.v_scale[0, 1])
+    assert s2.vt.float()[0, 0].abs().max() <= 448
+    # exact for the softmax: the sampled and the exact statistics give the same attention up
+    # to quantization error
+    for qq in (s, b):
+        out, lse = fp8_attention_quantized_ref(qq, torch.float32)
+        ref_out, ref_lse = _oracle(q, k, v)
+        assert attention_error_metrics(out, ref_out)["cos_mean"] > COS_MEAN_MIN
+        assert _lse_errors(lse, ref_lse)[0] < LSE_MEAN_MAX
+
+
 def test_quantize_grid_fills_whole_waves():
     """programs_per_head (the tile-loop kernels' programs per head): whole waves of the
     resident programs where one wave of slots // heads would leave slots idle (one 16-warp
@@ -906,8 +1003,8 @@ def test_triton_attention_kernel_compiles_for_sm90a(DP, tmp_path):
 _QUANT_SIGNATURES = {
     "kv_stats_kernel": (
         ["K", "V", "HAD", "KSUM", "VMAX", "stride_kb", "stride_ks", "stride_kh", "stride_vb",
-         "stride_vs", "stride_vh", "H", "Sk", "tokens_per_chunk"],
-        ["*bf16"] * 3 + ["*fp32"] * 2 + ["i32"] * 9,
+         "stride_vs", "stride_vh", "H", "Sk", "tokens_per_chunk", "row_stride"],
+        ["*bf16"] * 3 + ["*fp32"] * 2 + ["i32"] * 10,
         ["K", "V", "HAD", "KSUM", "VMAX", "stride_kb", "stride_ks", "stride_kh", "stride_vb",
          "stride_vs", "stride_vh", "Sk", "tokens_per_chunk"]),
     "quantize_q_kernel": (
@@ -917,12 +1014,19 @@ _QUANT_SIGNATURES = {
         ["Q", "HAD", "KSUM", "Q8", "QSCALE", "LSECORR", "stride_qb", "stride_qs", "stride_qh",
          "Sq", "Sk"]),
     "quantize_kv_kernel": (
-        ["K", "V", "HAD", "KSUM", "VMAX", "K8", "KSCALE", "VT8", "VSCALE", "stride_kb",
+        ["K", "V", "HAD", "KSUM", "VMAX", "K8", "KSCALE", "VT8", "VSCALE", "VPART", "stride_kb",
          "stride_ks", "stride_kh", "stride_vb", "stride_vs", "stride_vh", "H", "Sk", "Sk_pad",
-         "num_chunks"],
-        ["*bf16"] * 3 + ["*fp32", "*fp32", "*i8", "*fp32", "*fp8e4nv", "*fp32"] + ["i32"] * 10,
-        ["K", "V", "HAD", "KSUM", "VMAX", "K8", "KSCALE", "VT8", "VSCALE", "stride_kb",
+         "num_chunks", "mean_n"],
+        ["*bf16"] * 3 + ["*fp32", "*fp32", "*i8", "*fp32", "*fp8e4nv", "*fp32", "*fp32"]
+        + ["i32"] * 11,
+        ["K", "V", "HAD", "KSUM", "VMAX", "K8", "KSCALE", "VT8", "VSCALE", "VPART", "stride_kb",
          "stride_ks", "stride_kh", "stride_vb", "stride_vs", "stride_vh", "Sk", "Sk_pad"]),
+    "v_repair_kernel": (
+        ["V", "VMAX", "VPART", "VT8", "VSCALE", "stride_vb", "stride_vs", "stride_vh", "H", "Sk",
+         "Sk_pad", "num_chunks", "num_parts"],
+        ["*bf16", "*fp32", "*fp32", "*fp8e4nv", "*fp32"] + ["i32"] * 8,
+        ["V", "VMAX", "VPART", "VT8", "VSCALE", "stride_vb", "stride_vs", "stride_vh", "Sk",
+         "Sk_pad"]),
 }
 
 
@@ -950,6 +1054,12 @@ def test_triton_quantize_kernels_compile_for_sm90a(D, tmp_path):
         ("quantize_q_kernel", launch.q_stages, launch.q_num_warps,
          {"BLOCK_S": launcher.QUANT_BLOCK_S, "NUM_CHUNKS_P2": 32}),
         ("quantize_kv_kernel", launch.kv_stages, launch.num_warps, kv | {"VT_PV_ORDER": False}),
+        # the statistics from a strided sample: V's running amax, then the repair kernel
+        ("quantize_kv_kernel", launch.kv_stages, launch.num_warps,
+         kv | {"VT_PV_ORDER": False, "V_HEADROOM": 4.0}),
+        ("v_repair_kernel", 3, launch.num_warps,
+         {"BLOCK_S": launcher.QUANT_BLOCK_S, "NUM_CHUNKS_P2": 32, "NUM_PARTS_P2": 16,
+          "V_STAGES": launch.v_stages}),
     ] + ([("quantize_kv_kernel", launch.kv_stages, launch.num_warps,
            kv | {"VT_PV_ORDER": True})] if D == DP else []):
         names, types, aligned = _QUANT_SIGNATURES[name]
@@ -958,10 +1068,11 @@ def test_triton_quantize_kernels_compile_for_sm90a(D, tmp_path):
         sig = dict(zip(names, types, strict=True)) | dict.fromkeys(const, "constexpr")
         k = _compile_sm90(fn, sig, const, num_warps=warps, num_stages=stages, aligned=aligned)
         ptx = k.asm["ptx"]
-        assert "wgmma.mma_async" in ptx, name
+        assert ("wgmma.mma_async" in ptx) == (name != "v_repair_kernel"), name
         if name == "quantize_kv_kernel":
             assert "cvt.rn.satfinite.e4m3x2.f32" in ptx
-            stores[extra["VT_PV_ORDER"]] = sorted(re.findall(r"st\.global[.\w]*", ptx))
+            if "V_HEADROOM" not in extra:
+                stores[extra["VT_PV_ORDER"]] = sorted(re.findall(r"st\.global[.\w]*", ptx))
             _assert_kv_tiles_pipelined(k.asm["ttgir"], launcher.QUANT_BLOCK_S, DP)
         regs, spills = _ptxas_usage(ptx, tmp_path)
         assert spills == 0, (name, spills)
@@ -1511,12 +1622,14 @@ def test_quantize_tile_k_scale_refuses_other_blocks():
         quantize_qkv_triton(q, k, v, k_block=64)
 
 
+@pytest.mark.parametrize("headroom", [1.0, 4.0])
 @pytest.mark.parametrize("DP", [64, 128])
-def test_triton_quantize_kv_tile_k_scale_compiles_for_sm90a(DP, tmp_path):
+def test_triton_quantize_kv_tile_k_scale_compiles_for_sm90a(DP, headroom, tmp_path):
     """The K/V quantization kernel with one K scale per 128-key tile (BLOCK_S = K_BLOCK = 128,
     masked stores, twice the warps) as the launcher runs it: no spills, registers within the
     programs per SM the grid is sized for (half the per-key kernel's), V^T stores still
-    16-byte vectors."""
+    16-byte vectors; also with the statistics from a strided sample (V_HEADROOM 4: V's running
+    amax carried across its loop)."""
     import re
 
     from xdit_ops.triton import fp8_attention as launcher
@@ -1525,7 +1638,8 @@ def test_triton_quantize_kv_tile_k_scale_compiles_for_sm90a(DP, tmp_path):
     launch = launcher.QUANT_LAUNCH[DP]
     names, types, aligned = _QUANT_SIGNATURES["quantize_kv_kernel"]
     const = {"D": DP, "DP": DP, "UPCAST": False, "BLOCK_S": 128, "NUM_CHUNKS_P2": 32,
-             "VT_PV_ORDER": True, "K_BLOCK": 128, "V_STAGES": launch.v_stages}
+             "VT_PV_ORDER": True, "K_BLOCK": 128, "V_STAGES": launch.v_stages,
+             "V_HEADROOM": headroom}
     sig = dict(zip(names, types, strict=True)) | dict.fromkeys(const, "constexpr")
     warps = 2 * launch.num_warps  # twice the keys of the per-key tiles, twice the warps
     k = _compile_sm90(kernels.quantize_kv_kernel, sig, const, num_warps=warps,

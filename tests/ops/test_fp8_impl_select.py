@@ -458,3 +458,36 @@ def test_sm90_entry_points_take_a_consumer_count():
                                          "built for bfloat16 output only"):
         attention_quantized_sm90(qq64, torch.float16, impl="sm90ws", k_scale="tile",
                                  consumers=3, ping_pong=True)
+
+
+def test_stats_setting(monkeypatch):
+    """XDIT_OPS_FP8_STATS: ``sample`` (default) or ``exact``, read per call by the CPU and CUDA
+    ops (the CPU op computes the scheme it names; a changed value is another fast-path key); an
+    unknown value is refused by name."""
+    import xdit_ops.ops.fp8_attention as fa
+    from xdit_ops.reference.fp8_attention import (
+        EXACT_STATS_SCHEME,
+        SCHEME,
+        fp8_attention_ref,
+    )
+
+    assert fa.STATS_ENV == "XDIT_OPS_FP8_STATS" and fa.STATS_SETTINGS == ("sample", "exact")
+    monkeypatch.delenv(fa.STATS_ENV, raising=False)
+    assert fa.stats_setting() == "sample" and fa.stats_sample() == SCHEME.stats_sample == 1024
+    assert fa.with_stats(SCHEME) is SCHEME
+    assert fa.with_stats(SCHEME, "exact") == EXACT_STATS_SCHEME
+    q, k, v = dit_like_qkv(1, 1500, 1, 64, seed=2)  # past 1024 keys: the settings differ
+    sampled = xdit_ops.fp8_attention(q, k, v)
+    assert torch.equal(sampled, fp8_attention_ref(q, k, v, scheme=SCHEME)[0])
+    x = torch.randn(1, 8, 2, 16)
+    key = fa._fast_key(x, x, x, None, False)
+    monkeypatch.setenv(fa.STATS_ENV, "exact")
+    assert fa.stats_sample() == 0 and fa._fast_key(x, x, x, None, False) != key
+    exact = xdit_ops.fp8_attention(q, k, v)
+    assert torch.equal(exact, fp8_attention_ref(q, k, v, scheme=EXACT_STATS_SCHEME)[0])
+    assert not torch.equal(exact, sampled)
+    for bad in ("all", "", "Exact"):
+        monkeypatch.setenv(fa.STATS_ENV, bad)
+        with pytest.raises(ValueError, match=f"fp8_attention: XDIT_OPS_FP8_STATS={bad!r} "
+                                             r"is not one of \('sample', 'exact'\)"):
+            xdit_ops.fp8_attention(q, k, v)

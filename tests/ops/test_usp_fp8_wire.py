@@ -217,17 +217,21 @@ def _single_given_wire_stats(joint, seq, S, world, pos):
 
 def single_fp8_per_key(full, return_lse: bool = True):
     """Single-device ``fp8_attention`` of the gathered sequence with one K scale per key
-    (``XDIT_OPS_FP8_K_SCALE=token``): what the FP8 wire and ring quantize, whatever the setting
-    (its default, auto, is one scale per 128-key tile where sm90ws' variant runs)."""
-    before = os.environ.get("XDIT_OPS_FP8_K_SCALE")
-    os.environ["XDIT_OPS_FP8_K_SCALE"] = "token"
+    (``XDIT_OPS_FP8_K_SCALE=token``) and the statistics of every key
+    (``XDIT_OPS_FP8_STATS=exact``): what the FP8 wire and ring quantize, whatever the settings
+    (the defaults: one scale per 128-key tile where sm90ws' variant runs, and past 1024 keys
+    the statistics of a strided sample)."""
+    settings = {"XDIT_OPS_FP8_K_SCALE": "token", "XDIT_OPS_FP8_STATS": "exact"}
+    before = {n: os.environ.get(n) for n in settings}
+    os.environ.update(settings)
     try:
         return xdit_ops.fp8_attention(*full, return_lse=return_lse)
     finally:
-        if before is None:
-            del os.environ["XDIT_OPS_FP8_K_SCALE"]
-        else:
-            os.environ["XDIT_OPS_FP8_K_SCALE"] = before
+        for n, x in before.items():
+            if x is None:
+                del os.environ[n]
+            else:
+                os.environ[n] = x
 
 
 def _run_case(case, rank, world, device, seed):

@@ -50,6 +50,17 @@ picks at padded head dims 128 and 64, and ``xdit_ops._C_sm90`` has
 setting (their kernels are called with per-key scales). An unknown setting is an error naming
 the variable.
 
+The statistics of the pass (the K mean and V's per-channel amax), chosen by
+``XDIT_OPS_FP8_STATS`` (read per call, :func:`stats_setting`; the CPU and CUDA ops): ``sample``
+(default since session 20) takes them from a strided sample of ~1024 keys past 1024 keys, V
+with 4x headroom and each (batch, head) where a key exceeds it requantized with its exact
+amax (the scheme's ``stats_sample``: the pass reads K and V once, not twice); ``exact`` from
+every key (``stats_sample=0``, the scheme of sessions 1-19; usp_attention's FP8 wire and ring
+always compute these, reduced across ranks). Both compute attention exactly up to
+quantization error: any vector subtracted from the keys leaves the softmax unchanged and the
+LSE correction adds it back, and no V value is clipped. An unknown value is an error naming the
+variable.
+
 The consumer warpgroups of sm90ws' per-tile K-scale kernel, chosen by
 ``XDIT_OPS_FP8_SM90_CONSUMERS`` (read per call, :func:`resolve_consumers`): ``2`` (128 query
 rows per CTA, the two consumers in ping-pong) or ``3`` (192 rows, issuing freely; padded head
@@ -111,6 +122,8 @@ SM90WS_KTILE_HEAD_DIMS = (64, 128)
 # built at the padded head dims below (csrc/cuda/sm90/fp8_attention_sm90_ws_tile3_kernels.cu).
 # auto is 3 there (run 60, H100, (2,4250,24,64): 446.5 TFLOPS kernel-only against 372.3 with 2;
 # 429.8 with 3 in round robin), 2 elsewhere.
+STATS_ENV = "XDIT_OPS_FP8_STATS"
+STATS_SETTINGS = ("sample", "exact")
 CONSUMERS_ENV = "XDIT_OPS_FP8_SM90_CONSUMERS"
 CONSUMERS_SETTINGS = ("auto", "2", "3")
 SM90WS_KTILE_C3_HEAD_DIMS = (64,)
@@ -163,6 +176,30 @@ def k_scale_setting(setting: str | None = None) -> str:
     if setting not in K_SCALE_SETTINGS:
         raise ValueError(f"{OP}: {K_SCALE_ENV}={setting!r} is not one of {K_SCALE_SETTINGS}")
     return setting
+
+
+def stats_setting(setting: str | None = None) -> str:
+    """``XDIT_OPS_FP8_STATS`` (read per call; ``setting`` overrides it): ``sample`` (default:
+    the scheme's strided sample past ``SCHEME.stats_sample`` keys) or ``exact`` (every key);
+    anything else is an error naming the op, the variable and the value."""
+    if setting is None:
+        setting = os.environ.get(STATS_ENV, "sample")
+    if setting not in STATS_SETTINGS:
+        raise ValueError(f"{OP}: {STATS_ENV}={setting!r} is not one of {STATS_SETTINGS}")
+    return setting
+
+
+def stats_sample(setting: str | None = None) -> int:
+    """The scheme's ``stats_sample`` under :func:`stats_setting`: ``SCHEME``'s, or 0
+    (every key)."""
+    return SCHEME.stats_sample if stats_setting(setting) == "sample" else 0
+
+
+def with_stats(scheme: Fp8AttentionScheme, setting: str | None = None) -> Fp8AttentionScheme:
+    """``scheme`` with the statistics of :func:`stats_setting` (``exact``: ``stats_sample``
+    0)."""
+    n = stats_sample(setting)
+    return scheme if n == scheme.stats_sample else replace(scheme, stats_sample=n)
 
 
 def _granularity(k_scale: str, what: str) -> str:
@@ -275,7 +312,8 @@ def sm90_scheme(impl: str = "sm90", k_scale: str = "token",
 def cuda_scheme(head_dim: int, device: torch.device | None = None) -> Fp8AttentionScheme:
     """The scheme whose emulation the CUDA op computes at ``head_dim`` on ``device`` (default:
     the current CUDA device) under the current ``XDIT_OPS_FP8_IMPL``, ``XDIT_OPS_FP8_FORMAT``
-    and ``XDIT_OPS_FP8_K_SCALE``: the kernels' key-tile width sets the softmax block
+    ``XDIT_OPS_FP8_K_SCALE`` and ``XDIT_OPS_FP8_STATS``: the kernels' key-tile width sets the
+    softmax block
     (``block_n``), so it can differ from the CPU op's ``SCHEME`` (the Triton kernel's 128-key
     tiles at head dim 128, the sm90ws kernel's), the FP8 format its ``fp8`` and ``p_shift``,
     the K-scale granularity (:func:`resolve_k_scale`) its ``k_block``."""
@@ -283,12 +321,13 @@ def cuda_scheme(head_dim: int, device: torch.device | None = None) -> Fp8Attenti
     fmt = resolve_format(device)
     k_scale = resolve_k_scale(impl, head_dim)
     if impl == "emulation":
-        return with_k_scale(with_format(SCHEME, fmt), k_scale)
+        return with_stats(with_k_scale(with_format(SCHEME, fmt), k_scale))
     if impl in SM90_IMPLS:
-        return sm90_scheme(impl, k_scale, head_dim)
+        return with_stats(sm90_scheme(impl, k_scale, head_dim))
     from xdit_ops.triton.fp8_attention import attn_config, config_scheme
 
-    return with_k_scale(config_scheme(attn_config(padded_head_dim(head_dim)), fmt), k_scale)
+    return with_stats(with_k_scale(config_scheme(attn_config(padded_head_dim(head_dim)), fmt),
+                                   k_scale))
 
 
 def _format_setting() -> str:
@@ -468,7 +507,8 @@ def _finish(q, out, lse, return_lse):
 
 def _fp8_attention_cpu(q, k, v, scale=None, return_lse=False):
     check_inputs(q, k, v)
-    out, lse = fp8_attention_ref(q, k, v, scale, with_format(SCHEME, resolve_format(q.device)))
+    out, lse = fp8_attention_ref(q, k, v, scale,
+                                 with_stats(with_format(SCHEME, resolve_format(q.device))))
     return _finish(q, out, lse, return_lse)
 
 
@@ -479,7 +519,7 @@ def _fp8_attention_cpu(q, k, v, scale=None, return_lse=False):
 # the key's parts decide. XDIT_OPS_FP8_FAST_PATH=0 turns it off (read per call).
 FAST_PATH_ENV = "XDIT_OPS_FP8_FAST_PATH"
 # Every setting the CUDA op reads: part of the key, so a changed setting is a new key.
-_KEY_SETTINGS = (IMPL_ENV, FORMAT_ENV, K_SCALE_ENV, CONSUMERS_ENV, FAST_PATH_ENV)
+_KEY_SETTINGS = (IMPL_ENV, FORMAT_ENV, K_SCALE_ENV, CONSUMERS_ENV, STATS_ENV, FAST_PATH_ENV)
 # Keys kept (shapes of a serving process are few; past this many, start again).
 FAST_PATH_MAX_KEYS = 256
 _FAST: dict[tuple, tuple] = {}
@@ -522,6 +562,7 @@ def _fp8_attention_cuda(q, k, v, scale=None, return_lse=False):
     check_inputs(q, k, v)
     # a bad XDIT_OPS_FP8_SM90_CONSUMERS is a ValueError naming it (read once: used below)
     consumers_sw = consumers_setting()
+    n_sample = stats_sample()
     # once per call: the check and the dispatch below see the same value
     impl = resolve_impl(q.device, q.shape[-1])
     why = unusable_reason(q.device, q.dtype, q.shape[-1], impl)
@@ -537,8 +578,8 @@ def _fp8_attention_cuda(q, k, v, scale=None, return_lse=False):
     k_scale = resolve_k_scale(impl, D)
     k_block = K_SCALE_K_BLOCK[k_scale]
     if impl == "emulation":
-        out, lse = fp8_attention_ref(q, k, v, scale, with_k_scale(with_format(SCHEME, fmt),
-                                                                  k_scale))
+        scheme = with_k_scale(with_format(SCHEME, fmt), k_scale)
+        out, lse = fp8_attention_ref(q, k, v, scale, replace(scheme, stats_sample=n_sample))
         return _finish(q, out, lse, return_lse)
     from xdit_ops.triton.fp8_attention import (
         _on_device,
@@ -552,7 +593,8 @@ def _fp8_attention_cuda(q, k, v, scale=None, return_lse=False):
         consumers = resolve_consumers(impl, D, k_scale, consumers_sw)
         # direct: this is the op's CUDA kernel on real tensors; the pass needs no op of its own
         with recording() as log:
-            qq = _quantize_qkv(q, k, v, scale, SM90_VT_PV_ORDER[impl], fmt, k_block, direct=True)
+            qq = _quantize_qkv(q, k, v, scale, SM90_VT_PV_ORDER[impl], fmt, k_block, direct=True,
+                               stats_sample=n_sample)
         op, rest = _sm90_call(qq, q.dtype, return_lse, impl, k_scale, consumers, None)
         tensors = (qq.q, qq.q_scale, qq.k, qq.k_scale, qq.vt, qq.v_scale, qq.lse_corr)
         out, lse = op(*tensors, *rest)
@@ -565,7 +607,7 @@ def _fp8_attention_cuda(q, k, v, scale=None, return_lse=False):
                 _FAST[key] = (replay, op, rest, return_lse, carve, _on_device)
     else:
         out, lse = fp8_attention_triton(q, k, v, scale, return_lse, fp8_format=fmt,
-                                        k_block=k_block)
+                                        k_block=k_block, stats_sample=n_sample)
     return _finish(q, out, lse, return_lse)
 
 
@@ -707,4 +749,4 @@ def fp8_attention(
 __all__ = ["attention_quantized_sm90", "auto_format", "consumers_setting", "cuda_scheme",
            "fp8_attention", "k_scale_setting", "padded_head_dim", "resolve_consumers",
            "resolve_format", "resolve_k_scale", "sm90_kernel_loaded", "sm90_scheme",
-           "unusable_reason", "with_k_scale"]
+           "stats_sample", "stats_setting", "unusable_reason", "with_k_scale", "with_stats"]

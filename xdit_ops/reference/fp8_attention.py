@@ -15,7 +15,10 @@ The scheme (``SCHEME``, SageAttention2-grade; see docs/fp8_attention.md for why 
   into the scale. Products of a bf16/fp16 value with +-1 are exact, so the rotation costs no
   precision before the fp32 sum.
 * K smoothing: the mean of (rotated) K over the keys of each (batch, head) is subtracted.
-  Softmax is invariant to it; the LSE gets ``scale * q . mean(k)`` added back.
+  Softmax is invariant to it (to any vector subtracted from every key); the LSE gets
+  ``scale * q . mean(k)`` added back. Past ``stats_sample`` (1024) keys the mean is that of a
+  strided sample of the keys (:func:`stats_rows`: every ``ceil(Sk / 1024)``-th key), so the
+  pass need not read K twice: the result stays exact, only the centring is estimated.
 * Q and K: INT8, one scale per token (row of Q, key of K), symmetric,
   ``x_q = round_half_away(x * (127 / amax))``. Q K^T is exact in int32; the two scales are
   applied to the int32 tile as a row vector and a column vector (in the kernels the int32 ->
@@ -23,11 +26,15 @@ The scheme (``SCHEME``, SageAttention2-grade; see docs/fp8_attention.md for why 
   ``amax / 127`` is cut to 22 significant bits (:func:`round_k_scale`) so that a kernel may
   fuse that conversion with the K scale into one exact FMA; the codes use the unrounded
   ``127 / amax``.
-* V: FP8 e4m3, one scale per channel over all keys (``amax_c / FP8_MAX``, 448 for e4m3fn; the
+* V: FP8 e4m3, one scale per channel (``amax_c / FP8_MAX``, 448 for e4m3fn; the
   format is a parameter, :class:`Fp8Format`: e4m3fnuz, AMD MI300's, has max 240); stored transposed,
   ``[B, H, Dp, Sk_pad]``, keys contiguous, the K-major layout the FP8 P.V product needs. The
   warp-specialised sm_90a kernel takes it with the keys of every 32-key block permuted (the
-  "P.V key order", :func:`vt_to_pv_order`): a layout, not a change of numerics.
+  "P.V key order", :func:`vt_to_pv_order`): a layout, not a change of numerics. Past
+  ``stats_sample`` keys ``amax_c`` is ``v_headroom`` (4) times the sample's amax, unless some
+  key of the (batch, head) exceeds that in some channel: then every channel of that (batch,
+  head) takes its exact amax over all keys (the pass's repair step). No value is ever clipped;
+  the headroom leaves e4m3's relative precision unchanged above ``amax / (4 * 2^15)``.
 * Online softmax over key tiles of ``block_n`` = 64 keys in fp32, base 2. P is computed as
   ``exp2(s - m_running + p_shift)`` (p_shift 8 for e4m3fn: in (0, 256]; 7 for e4m3fnuz: in
   (0, 128], the same codes halved) and cast to e4m3; its fp32 value goes into the row sum (the
@@ -119,6 +126,10 @@ class Fp8AttentionScheme:
         (:func:`with_format` sets both).
     p8_row_sum : the softmax's row sum adds the FP8-rounded P (what multiplies V; a kernel that
         takes it from the tensor cores, P times ones) instead of the fp32 P.
+    stats_sample : with more keys than this, the K mean and V's per-channel scales come from a
+        strided sample of about this many keys (:func:`stats_rows`), V's with ``v_headroom``
+        and the exact amax where a key exceeds it; 0: from every key.
+    v_headroom : the factor on the sampled V amax (exact in fp32: a power of two).
     """
 
     qk_format: str = "int8"
@@ -133,6 +144,8 @@ class Fp8AttentionScheme:
     pv_accum_bits: int | None = None
     fp8: Fp8Format = E4M3FN
     p8_row_sum: bool = False
+    stats_sample: int = 1024
+    v_headroom: float = 4.0
 
     def __post_init__(self) -> None:
         if 2.0 ** self.p_shift > self.fp8.max:
@@ -145,8 +158,22 @@ SCHEME = Fp8AttentionScheme()
 # FlashAttention-3's released FP8 path: per-tensor e4m3 scales and nothing else.
 NAIVE_SCHEME = Fp8AttentionScheme(
     qk_format="fp8", q_block=0, k_block=0, v_per_channel=False, hadamard=False,
-    smooth_k=False, two_level=False,
+    smooth_k=False, two_level=False, stats_sample=0,
 )
+# The scheme with its statistics from every key (what SCHEME was until session 20; the FP8
+# wire and ring of usp_attention, whose statistics are reduced across ranks, compute these).
+EXACT_STATS_SCHEME = replace(SCHEME, stats_sample=0)
+
+
+def stats_rows(seqlen_k: int, sample: int) -> tuple[int, int]:
+    """(stride, count) of the keys the statistics read: keys ``0, stride, 2 stride, ...``
+    below ``seqlen_k``, ``count = ceil(seqlen_k / stride)`` of them, with ``stride =
+    ceil(seqlen_k / sample)``; every key (stride 1) where ``seqlen_k <= sample`` or ``sample
+    <= 0``."""
+    if sample <= 0 or seqlen_k <= sample:
+        return 1, seqlen_k
+    stride = -(-seqlen_k // sample)
+    return stride, -(-seqlen_k // stride)
 
 
 def with_format(scheme: Fp8AttentionScheme, fmt: Fp8Format | str) -> Fp8AttentionScheme:
@@ -394,8 +421,9 @@ def quantize_qkv_ref(
         qf = qf @ hd
         kf = kf @ hd
         score_scale /= Dp
+    stride, _ = stats_rows(Sk, scheme.stats_sample)
     if scheme.smooth_k and Sk > 0:
-        k_mean = kf.mean(dim=2, keepdim=True)  # [B, H, 1, Dp]
+        k_mean = kf[:, :, ::stride].mean(dim=2, keepdim=True)  # [B, H, 1, Dp]
         kf = kf - k_mean
         # scale * q . mean(k) in natural-log units (the rotation's Dp divides out).
         lse_corr = (qf * k_mean).sum(-1) * (scale / (Dp if scheme.hadamard else 1))
@@ -414,6 +442,11 @@ def quantize_qkv_ref(
     k_deq = torch.nn.functional.pad(k_deq, (0, Sk_pad - Sk))
     if scheme.v_per_channel:
         v_amax = vf.abs().amax(dim=2) if Sk > 0 else vf.new_zeros(B, H, Dp)  # [B, H, Dp]
+        if stride > 1:  # the sample's amax with headroom, unless a key exceeds it
+            used = vf[:, :, ::stride].abs().amax(dim=2) * scheme.v_headroom
+            used = torch.where(used > 0, used, torch.ones_like(used))
+            over = (v_amax > used).any(dim=-1, keepdim=True)
+            v_amax = torch.where(over, v_amax, used)
     else:
         v_amax = vf.abs().amax().expand(B, H, Dp).contiguous() if Sk > 0 else vf.new_zeros(
             B, H, Dp)

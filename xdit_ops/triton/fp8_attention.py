@@ -2,10 +2,16 @@
 
 Two ``torch.library.triton_op`` ops (visible to torch.compile down to the kernels):
 
-* ``xdit_ops::fp8_quantize_triton(q, k, v, had, scale, vt_pv_order=False, fp8_format="e4m3fn")``
-  -> the tensors of :class:`xdit_ops.reference.fp8_attention.QuantizedQKV`, same layouts
-  (``vt_pv_order``: V^T's keys in the sm90ws kernel's P.V key order; ``fp8_format``: V^T's FP8
-  format, e4m3fn or e4m3fnuz).
+* ``xdit_ops::fp8_quantize_triton(q, k, v, had, scale, vt_pv_order=False, fp8_format="e4m3fn",
+  k_block=1, stats_sample=-1)`` -> the tensors of
+  :class:`xdit_ops.reference.fp8_attention.QuantizedQKV`, same layouts (``vt_pv_order``: V^T's
+  keys in the sm90ws kernel's P.V key order; ``fp8_format``: V^T's FP8 format, e4m3fn or
+  e4m3fnuz; ``stats_sample``: the scheme's statistics sample, -1 for the op's).
+
+The pass: ``kv_stats_kernel`` (the K sums and V amaxes: over every key, or past
+``STATS_SAMPLE`` keys over a strided sample of ~1024), ``quantize_q_kernel``,
+``quantize_kv_kernel`` and, with the sample, ``v_repair_kernel`` (V again with its exact amax
+where a key exceeded the sample's scale; a few loads a program otherwise).
 * ``xdit_ops::fp8_attention_fwd_triton(q8, q_scale, k8, k_scale, vt8, v_scale, lse_corr,
   seqlen_k, head_dim, out_dtype_like, return_lse)`` -> (out [B, Sq, H, D], lse [B, H, Sq]).
 
@@ -47,6 +53,7 @@ from xdit_ops.reference.fp8_attention import (
     fp8_format_of,
     pad_to,
     padded_head_dim,
+    stats_rows,
     with_format,
 )
 from xdit_ops.triton.kernels import fp8_attention as kernels
@@ -116,6 +123,9 @@ STATS_MAX_CHUNKS = 32
 # the chunking fixes the K sum's order, so this keeps the quantized K (its last bits) the same
 # on every GPU.
 STATS_GRID_SMS = 132
+# Past this many keys the pass's statistics are a strided sample's (the scheme's
+# stats_sample; a module constant so that a test can shrink it with the emulation's).
+STATS_SAMPLE = SCHEME.stats_sample
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 CONFIG_ENV = "XDIT_OPS_FP8_TRITON_CONFIG"
 
@@ -290,8 +300,20 @@ def _stats_chunks(B: int, S: int, H: int, DP: int) -> tuple[int, int]:
     return tokens_per_chunk, triton.cdiv(max(S, 1), tokens_per_chunk)
 
 
-def _launch_kv_stats(k, v, had, ksum, vmax, tokens_per_chunk: int) -> None:
-    """kv_stats_kernel into ``ksum``, ``vmax`` [B * H, num_chunks, DP] fp32."""
+def _sample_chunks(count: int) -> tuple[int, int]:
+    """(tokens per chunk, chunks) of kv_stats_kernel over a strided sample of ``count`` keys
+    (the scheme's ``stats_sample``: at most ~1024): one 64-key tile a program, at most
+    STATS_MAX_CHUNKS chunks (a fixed chunking: the same K sums on every GPU)."""
+    tiles = triton.cdiv(max(count, 1), STATS_BLOCK_S)
+    chunks = max(1, min(STATS_MAX_CHUNKS, tiles))
+    tokens_per_chunk = triton.cdiv(tiles, chunks) * STATS_BLOCK_S
+    return tokens_per_chunk, triton.cdiv(max(count, 1), tokens_per_chunk)
+
+
+def _launch_kv_stats(k, v, had, ksum, vmax, tokens_per_chunk: int, stride: int = 1,
+                     count: int | None = None) -> None:
+    """kv_stats_kernel into ``ksum``, ``vmax`` [B * H, num_chunks, DP] fp32, over the keys
+    ``0, stride, 2 stride, ...`` (``count`` of them; default every key)."""
     B, S, H, D = k.shape
     DP = had.shape[0]
     launch = QUANT_LAUNCH[DP]
@@ -299,7 +321,7 @@ def _launch_kv_stats(k, v, had, ksum, vmax, tokens_per_chunk: int) -> None:
             k, v, had, ksum, vmax,
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
-            H, S, tokens_per_chunk,
+            H, S if count is None else count, tokens_per_chunk, stride,
             D=D, DP=DP, BLOCK_S=STATS_BLOCK_S, UPCAST=INTERPRET,
             num_warps=launch.stats_num_warps, num_stages=launch.stats_stages)
 
@@ -360,7 +382,7 @@ def _check_k_block(k_block: int) -> None:
 
 
 def _quantize(q, k, v, had, scale, vt_pv_order=False, fp8_format="e4m3fn", k_block=1,
-              one_buffer=False):
+              one_buffer=False, stats_sample=None):
     _check_k_block(k_block)
     B, Sq, H, D = q.shape
     Sk = k.shape[1]
@@ -369,25 +391,14 @@ def _quantize(q, k, v, had, scale, vt_pv_order=False, fp8_format="e4m3fn", k_blo
     dev = q.device
     launch = QUANT_LAUNCH[DP]
     fmt = FP8_FORMATS[fp8_format]
-    tokens_per_chunk, num_chunks = _stats_chunks(B, Sk, H, DP)
-    f32 = torch.float32
-    ksum, vmax, q8, q_scale, lse_corr, k8, k_scale, vt8, v_scale = _empty_tensors(
-        (((B * H, num_chunks, DP), f32), ((B * H, num_chunks, DP), f32),
-         ((B, H, Sq, DP), torch.int8), ((B, H, Sq), f32), ((B, H, Sq), f32),
-         ((B, H, Sk_pad, DP), torch.int8), ((B, H, Sk_pad), f32),
-         ((B, H, DP, Sk_pad), fmt.dtype), ((B, H, DP), f32)), dev, one_buffer)
-    _launch_kv_stats(k, v, had, ksum, vmax, tokens_per_chunk)
-    consts = dict(D=D, DP=DP, BLOCK_S=QUANT_BLOCK_S,
-                  NUM_CHUNKS_P2=triton.next_power_of_2(num_chunks), UPCAST=INTERPRET,
-                  num_warps=launch.num_warps)
-    if Sq > 0:
-        q_tiles = triton.cdiv(Sq, QUANT_BLOCK_S)
-        grid = (_programs_per_head(B * H, q_tiles, launch.programs_per_sm, dev), B * H)
-        _launch(kernels.quantize_q_kernel, grid,
-                q, had, ksum, q8, q_scale, lse_corr,
-                q.stride(0), q.stride(1), q.stride(2),
-                H, Sq, Sk, num_chunks, scale * LOG2E / DP, scale / DP,
-                num_stages=launch.q_stages, **(consts | dict(num_warps=launch.q_num_warps)))
+    # The statistics' keys: every key, or past STATS_SAMPLE keys a strided sample (the K mean
+    # and V's scale from it, V with headroom and v_repair_kernel where a key exceeds it)
+    stride, count = stats_rows(Sk, STATS_SAMPLE if stats_sample is None else stats_sample)
+    sampled = stride > 1
+    if sampled:
+        tokens_per_chunk, num_chunks = _sample_chunks(count)
+    else:
+        tokens_per_chunk, num_chunks = _stats_chunks(B, Sk, H, DP)
     # One K scale per k_block keys: tiles of k_block keys (the last may reach past Sk_pad, a
     # multiple of 64; the kernel masks its stores), over proportionally more warps and
     # proportionally fewer programs per SM (the same elements a thread and threads per SM as
@@ -399,14 +410,45 @@ def _quantize(q, k, v, had, scale, vt_pv_order=False, fp8_format="e4m3fn", k_blo
                 else launch.num_warps * kv_block // QUANT_BLOCK_S)
     kv_per_sm = max(1, launch.programs_per_sm * QUANT_BLOCK_S // kv_block)
     kv_tiles = triton.cdiv(Sk_pad, kv_block)
-    grid = (_programs_per_head(B * H, kv_tiles, kv_per_sm, dev), B * H)
-    _launch(kernels.quantize_kv_kernel, grid,
-            k, v, had, ksum, vmax, k8, k_scale, vt8, v_scale,
+    kv_grid = (_programs_per_head(B * H, kv_tiles, kv_per_sm, dev), B * H)
+    f32 = torch.float32
+    specs = [((B * H, num_chunks, DP), f32), ((B * H, num_chunks, DP), f32),
+             ((B, H, Sq, DP), torch.int8), ((B, H, Sq), f32), ((B, H, Sq), f32),
+             ((B, H, Sk_pad, DP), torch.int8), ((B, H, Sk_pad), f32),
+             ((B, H, DP, Sk_pad), fmt.dtype), ((B, H, DP), f32)]
+    if sampled:  # the K/V programs' exact V amaxes, for v_repair_kernel
+        specs.append(((B * H, kv_grid[0], DP), f32))
+    ksum, vmax, q8, q_scale, lse_corr, k8, k_scale, vt8, v_scale, *vpart = _empty_tensors(
+        tuple(specs), dev, one_buffer)
+    vpart = vpart[0] if sampled else vmax  # (unread by the K/V kernel without the sample)
+    _launch_kv_stats(k, v, had, ksum, vmax, tokens_per_chunk, stride, count)
+    consts = dict(D=D, DP=DP, BLOCK_S=QUANT_BLOCK_S,
+                  NUM_CHUNKS_P2=triton.next_power_of_2(num_chunks), UPCAST=INTERPRET,
+                  num_warps=launch.num_warps)
+    if Sq > 0:
+        q_tiles = triton.cdiv(Sq, QUANT_BLOCK_S)
+        grid = (_programs_per_head(B * H, q_tiles, launch.programs_per_sm, dev), B * H)
+        _launch(kernels.quantize_q_kernel, grid,
+                q, had, ksum, q8, q_scale, lse_corr,
+                q.stride(0), q.stride(1), q.stride(2),
+                H, Sq, count, num_chunks, scale * LOG2E / DP, scale / DP,
+                num_stages=launch.q_stages, **(consts | dict(num_warps=launch.q_num_warps)))
+    headroom = dict(V_HEADROOM=SCHEME.v_headroom) if sampled else {}
+    kv_consts = consts | dict(BLOCK_S=kv_block, K_BLOCK=k_block, num_warps=kv_warps)
+    _launch(kernels.quantize_kv_kernel, kv_grid,
+            k, v, had, ksum, vmax, k8, k_scale, vt8, v_scale, vpart,
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
-            H, Sk, Sk_pad, num_chunks,
+            H, Sk, Sk_pad, num_chunks, count,
             VT_PV_ORDER=vt_pv_order, num_stages=launch.kv_stages, V_STAGES=launch.v_stages,
-            **(consts | dict(BLOCK_S=kv_block, K_BLOCK=k_block, num_warps=kv_warps)))
+            **kv_consts, **headroom)
+    if sampled:
+        _launch(kernels.v_repair_kernel, kv_grid,
+                v, vmax, vpart, vt8, v_scale,
+                v.stride(0), v.stride(1), v.stride(2),
+                H, Sk, Sk_pad, num_chunks, kv_grid[0],
+                NUM_PARTS_P2=triton.next_power_of_2(kv_grid[0]), VT_PV_ORDER=vt_pv_order,
+                V_STAGES=launch.v_stages, **kv_consts, **headroom)
     return q8, q_scale, k8, k_scale, vt8, v_scale, lse_corr
 
 
@@ -434,12 +476,15 @@ def _attention(q8, q_scale, k8, k_scale, vt8, v_scale, lse_corr, seqlen_k, head_
 def fp8_quantize_triton(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, had: torch.Tensor, scale: float,
     vt_pv_order: bool = False, fp8_format: str = "e4m3fn", k_block: int = 1,
+    stats_sample: int = -1,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
            torch.Tensor]:
     """The quantization pass (see :class:`QuantizedQKV` for the outputs' layouts;
     ``vt_pv_order``: V^T in the P.V key order; ``fp8_format``: the name of V^T's format;
-    ``k_block``: keys per K scale, 1 or 128)."""
-    return _quantize(q, k, v, had, scale, vt_pv_order, fp8_format, k_block)
+    ``k_block``: keys per K scale, 1 or 128; ``stats_sample``: the scheme's, -1 for
+    ``STATS_SAMPLE``)."""
+    return _quantize(q, k, v, had, scale, vt_pv_order, fp8_format, k_block,
+                     stats_sample=None if stats_sample < 0 else stats_sample)
 
 
 @triton_op("xdit_ops::fp8_attention_fwd_triton", mutates_args=())
@@ -467,8 +512,8 @@ def _on_device(device: torch.device):
 
 def quantize_qkv_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         scale: float | None = None, vt_pv_order: bool = False,
-                        fp8_format: Fp8Format | str | None = None, k_block: int = 1
-                        ) -> QuantizedQKV:
+                        fp8_format: Fp8Format | str | None = None, k_block: int = 1,
+                        stats_sample: int | None = None) -> QuantizedQKV:
     """The quantization pass in Triton, returning :class:`QuantizedQKV` (BSHD inputs).
 
     ``vt_pv_order``: write V^T with its keys in the P.V key order (the sm90ws kernel's input,
@@ -479,12 +524,15 @@ def quantize_qkv_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     ``k_block``: keys sharing one K scale, 1 (per key, the op's scheme) or 128 (one scale per
     128-key tile from key 0: the scheme with ``k_block=128``, ``XDIT_OPS_FP8_K_SCALE=tile``;
     still written per key, equal within a tile and zero past Sk).
+    ``stats_sample``: the statistics' sample (the scheme's ``stats_sample``; 0: every key);
+    None: ``STATS_SAMPLE``, the op's scheme's.
     """
-    return _quantize_qkv(q, k, v, scale, vt_pv_order, fp8_format, k_block, direct=False)
+    return _quantize_qkv(q, k, v, scale, vt_pv_order, fp8_format, k_block, direct=False,
+                         stats_sample=stats_sample)
 
 
-def _quantize_qkv(q, k, v, scale, vt_pv_order, fp8_format, k_block, direct: bool
-                  ) -> QuantizedQKV:
+def _quantize_qkv(q, k, v, scale, vt_pv_order, fp8_format, k_block, direct: bool,
+                  stats_sample: int | None = None) -> QuantizedQKV:
     """:func:`quantize_qkv_triton`; ``direct``: run the pass as plain Python (its outputs carved
     from one buffer), not through the ``triton_op`` (``xdit_ops::fp8_quantize_triton``, whose
     dispatch costs host time and whose outputs may not alias): for callers that are already an
@@ -504,9 +552,11 @@ def _quantize_qkv(q, k, v, scale, vt_pv_order, fp8_format, k_block, direct: bool
     had = cached_hadamard(padded_head_dim(D), q.dtype, q.device)
     with _on_device(q.device):
         if direct or INTERPRET:
-            t = _quantize(q, k, v, had, scale, vt_pv_order, name, k_block, one_buffer=direct)
+            t = _quantize(q, k, v, had, scale, vt_pv_order, name, k_block, one_buffer=direct,
+                          stats_sample=stats_sample)
         else:
-            t = fp8_quantize_triton(q, k, v, had, scale, vt_pv_order, name, k_block)
+            t = fp8_quantize_triton(q, k, v, had, scale, vt_pv_order, name, k_block,
+                                    -1 if stats_sample is None else stats_sample)
     return QuantizedQKV(*t, seqlen_k=k.shape[1], head_dim=D, vt_pv_order=vt_pv_order)
 
 
@@ -533,11 +583,13 @@ def attention_quantized_triton(qq: QuantizedQKV, out_dtype: torch.dtype,
 
 def fp8_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          scale: float | None, return_lse: bool,
-                         fp8_format: Fp8Format | str | None = None, k_block: int = 1
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
+                         fp8_format: Fp8Format | str | None = None, k_block: int = 1,
+                         stats_sample: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantization pass + attention kernel: out [B, Sq, H, D] in q.dtype, lse [B, H, Sq]
-    (``fp8_format`` and ``k_block`` as :func:`quantize_qkv_triton` takes them)."""
-    qq = quantize_qkv_triton(q, k, v, scale, fp8_format=fp8_format, k_block=k_block)
+    (``fp8_format``, ``k_block`` and ``stats_sample`` as :func:`quantize_qkv_triton` takes
+    them)."""
+    qq = quantize_qkv_triton(q, k, v, scale, fp8_format=fp8_format, k_block=k_block,
+                             stats_sample=stats_sample)
     return attention_quantized_triton(qq, q.dtype, return_lse)
 
 
@@ -619,10 +671,10 @@ def quantize_tokens_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 H, S, S, 1, scale * LOG2E / DP, scale / DP,
                 num_stages=launch.q_stages, **(consts | dict(num_warps=launch.q_num_warps)))
         _launch(kernels.quantize_kv_kernel, grid,
-                k, v, had, k_mean, v_amax, k8, k_scale, vt8, v_scale,
+                k, v, had, k_mean, v_amax, k8, k_scale, vt8, v_scale, v_scale,
                 k.stride(0), k.stride(1), k.stride(2),
                 v.stride(0), v.stride(1), v.stride(2),
-                H, S, S_pad, 1,
+                H, S, S_pad, 1, S,
                 num_stages=launch.kv_stages, V_STAGES=launch.v_stages, **consts)
     scales[2] = k_scale[:, :, :S]
     return q8, k8[:, :, :S], vt8.view(torch.uint8)[:, :, :DV, :S], scales

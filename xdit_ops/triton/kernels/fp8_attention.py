@@ -12,6 +12,9 @@ the same fp32 order, so the CPU emulation is their oracle:
   and write it transposed (keys contiguous: the K-major B operand of the FP8 P.V).
   With ``STATS_GIVEN`` they take the K mean and V amax as given (reduced across ranks:
   usp_attention's FP8 wire) instead of reducing ``kv_stats_kernel``'s partials.
+* ``v_repair_kernel``: where the statistics were a strided sample's (the scheme's
+  ``stats_sample``) and a key exceeded V's sampled scale, V of that (batch, head) again with
+  its exact amax.
 * ``attn_fwd_kernel``: INT8 Q K^T (exact int32), online softmax in fp32 base 2 over key
   tiles of BLOCK_N keys (the scheme's ``block_n``, 64, unless a config says otherwise), P =
   exp2(s - m + P_SHIFT) cast to e4m3, P.V on the FP8 tensor cores from a zero accumulator per tile,
@@ -62,12 +65,14 @@ def kv_stats_kernel(
     K, V, HAD, KSUM, VMAX,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
-    H, Sk, tokens_per_chunk,
+    H, Sk, tokens_per_chunk, row_stride,
     D: tl.constexpr, DP: tl.constexpr, BLOCK_S: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """Grid (B * H, NUM_CHUNKS). KSUM/VMAX: [B * H, NUM_CHUNKS, DP] fp32: per chunk of
     tokens_per_chunk keys (a multiple of BLOCK_S), the sum of the rotated K over its keys and
-    the amax of |V| per channel.
+    the amax of |V| per channel. The keys are rows ``0, row_stride, 2 row_stride, ...`` of K
+    and V, Sk of them (row_stride 1: every key; more: the scheme's strided sample,
+    ``stats_rows``).
 
     Each thread accumulates its own elements of the [BLOCK_S, DP] tiles across the chunk (K in
     fp32 in the rotation's tensor-core layout, V's amax in V's dtype: |v| and max are exact),
@@ -95,12 +100,14 @@ def kv_stats_kernel(
         rows = s0 + offs_s
         row_ok = (rows < stop)[:, None]
         ok = row_ok & d_ok[None, :]
-        k = tl.load(k_base + rows[:, None] * stride_ks + offs_d[None, :], mask=ok, other=0.0)
+        k = tl.load(k_base + (rows * row_stride)[:, None] * stride_ks + offs_d[None, :], mask=ok,
+                    other=0.0)
         # The select (a no-op: masked rows rotate to zeros) keeps Triton from folding the add
         # into the wgmma's accumulator: the sum stays an fp32 add, rounded to nearest, not the
         # tensor core's accumulation.
         kacc += tl.where(row_ok, _rotate(k, had, UPCAST), 0.0)
-        v = tl.load(v_base + rows[:, None] * stride_vs + offs_d[None, :], mask=ok, other=0.0)
+        v = tl.load(v_base + (rows * row_stride)[:, None] * stride_vs + offs_d[None, :], mask=ok,
+                    other=0.0)
         vacc = tl.maximum(vacc, tl.abs(v)).to(V.dtype.element_ty)
     out = (bh * num_chunks + chunk) * DP + offs_d
     tl.store(KSUM + out, tl.sum(kacc, axis=0))
@@ -189,10 +196,11 @@ def _load_k_mean(KSUM, bh, Sk, num_chunks, DP: tl.constexpr, NUM_CHUNKS_P2: tl.c
 
 @triton.jit
 def _load_v_amax(VMAX, bh, num_chunks, DP: tl.constexpr, NUM_CHUNKS_P2: tl.constexpr,
-                 STATS_GIVEN: tl.constexpr):
+                 STATS_GIVEN: tl.constexpr, V_HEADROOM: tl.constexpr = 1.0):
     """The V amax per channel of one (batch, head): the kv_stats partials (VMAX [B * H,
-    num_chunks, DP]) reduced, zeros made 1, or, with STATS_GIVEN, read as it is (VMAX [B * H,
-    DP], without zeros)."""
+    num_chunks, DP]) reduced, times V_HEADROOM (a power of two: exact; not 1 where the
+    partials are a strided sample's), zeros made 1, or, with STATS_GIVEN, read as it is (VMAX
+    [B * H, DP], without zeros)."""
     offs_d = tl.arange(0, DP)
     if STATS_GIVEN:
         v_amax = tl.load(VMAX + bh * DP + offs_d)
@@ -201,6 +209,8 @@ def _load_v_amax(VMAX, bh, num_chunks, DP: tl.constexpr, NUM_CHUNKS_P2: tl.const
         c_ok = (offs_c < num_chunks)[:, None]
         part = (bh * num_chunks + offs_c[:, None]) * DP + offs_d[None, :]
         v_amax = tl.max(tl.load(VMAX + part, mask=c_ok, other=0.0), axis=0)
+        if V_HEADROOM != 1.0:
+            v_amax = v_amax * V_HEADROOM
         v_amax = tl.where(v_amax > 0, v_amax, 1.0)
     return v_amax
 
@@ -257,14 +267,47 @@ def quantize_q_kernel(
 
 
 @triton.jit
+def _v_tiles(v_base, vt_base, stride_vs, pid, nprog, num_tiles, Sk, Sk_pad, v_mul,
+             D: tl.constexpr, DP: tl.constexpr, BLOCK_S: tl.constexpr,
+             VT_PV_ORDER: tl.constexpr, K_BLOCK: tl.constexpr, V_STAGES: tl.constexpr,
+             FP8_DTYPE: tl.constexpr, FP8_MAX: tl.constexpr, TRACK: tl.constexpr):
+    """V's key tiles pid, pid + nprog, ... of one (batch, head) to FP8 (``v * v_mul`` per
+    channel), stored transposed at ``vt_base`` ([DP, Sk_pad], keys contiguous; the tile's
+    keys in the P.V key order with VT_PV_ORDER). Returns, with TRACK, the running max of |V|
+    per element over the tiles ([BLOCK_S, DP] in V's dtype: exact), else zeros."""
+    offs_d = tl.arange(0, DP)
+    offs_s = tl.arange(0, BLOCK_S)
+    d_ok = offs_d < D
+    vacc = tl.zeros([BLOCK_S, DP], dtype=v_base.dtype.element_ty)
+    for t in tl.range(pid, num_tiles, nprog, num_stages=V_STAGES):
+        rows = t * BLOCK_S + offs_s
+        ld_ok = (rows < Sk)[:, None] & d_ok[None, :]
+        v = tl.load(v_base + rows[:, None] * stride_vs + offs_d[None, :], mask=ld_ok, other=0.0)
+        if TRACK:
+            vacc = tl.maximum(vacc, tl.abs(v)).to(v_base.dtype.element_ty)
+        vq = _to_fp8(v.to(tl.float32) * v_mul[None, :], FP8_DTYPE, FP8_MAX)
+        if VT_PV_ORDER:
+            # Row (key) bits (b4 b3 b2 b1 b0) = (jj1 jj0 l1 l0 b) -> (jj1 l1 l0 jj0 b): the tile's
+            # rows permuted in registers, so the store stays contiguous along keys.
+            vq = tl.reshape(vq, [BLOCK_S // 32, 2, 2, 4, 2, DP])
+            vq = tl.reshape(tl.permute(vq, [0, 1, 3, 2, 4, 5]), [BLOCK_S, DP])
+        if K_BLOCK == 1:
+            tl.store(vt_base + offs_d[None, :] * Sk_pad + rows[:, None], vq)
+        else:
+            tl.store(vt_base + offs_d[None, :] * Sk_pad + rows[:, None], vq,
+                     mask=(rows < Sk_pad)[:, None])
+    return vacc
+
+
+@triton.jit
 def quantize_kv_kernel(
-    K, V, HAD, KSUM, VMAX, K8, KSCALE, VT8, VSCALE,
+    K, V, HAD, KSUM, VMAX, K8, KSCALE, VT8, VSCALE, VPART,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
-    H, Sk, Sk_pad, num_chunks,
+    H, Sk, Sk_pad, num_chunks, mean_n,
     D: tl.constexpr, DP: tl.constexpr, BLOCK_S: tl.constexpr, NUM_CHUNKS_P2: tl.constexpr,
     UPCAST: tl.constexpr, VT_PV_ORDER: tl.constexpr = False, STATS_GIVEN: tl.constexpr = False,
-    K_BLOCK: tl.constexpr = 1, V_STAGES: tl.constexpr = 3,
+    K_BLOCK: tl.constexpr = 1, V_STAGES: tl.constexpr = 3, V_HEADROOM: tl.constexpr = 1.0,
 ):
     """Grid (P, B * H): program p quantizes the key tiles p, p + P, ... of one (batch, head).
     V: FP8 (VT8's format, scaled to its max) per channel, stored transposed (keys contiguous); K:
@@ -286,6 +329,11 @@ def quantize_kv_kernel(
     to the keys below Sk_pad).
     V_STAGES: software-pipelining depth of the V loop (V is quantized in a loop of its own,
     before K's; the launch's num_stages sets K's).
+    mean_n: the keys the K sums of KSUM are over (Sk, or the strided sample's count).
+    V_HEADROOM: not 1 where the VMAX partials are a strided sample's (the scheme's
+    ``stats_sample``): V is scaled to V_HEADROOM times their amax, and each program writes the
+    exact amax of |V| over its keys to VPART [B * H, P, DP] (P: the grid's programs per head)
+    for :func:`v_repair_kernel`, which requantizes a (batch, head) where a key exceeded it.
     """
     tl.static_assert(K_BLOCK == 1 or K_BLOCK == BLOCK_S)
     FP8_DTYPE: tl.constexpr = VT8.dtype.element_ty
@@ -301,29 +349,18 @@ def quantize_kv_kernel(
     # whose DRAM latency every tile waits out (with one program per SM, the K_BLOCK = 128 launch,
     # nothing else runs then). Alone, with num_stages, its loads are cp.async V_STAGES - 1 tiles
     # ahead. The K mean and the Hadamard matrix are read after it (not live across it).
-    v_amax = _load_v_amax(VMAX, bh, num_chunks, DP, NUM_CHUNKS_P2, STATS_GIVEN)
-    v_mul = _div(FP8_MAX, v_amax)
+    v_amax = _load_v_amax(VMAX, bh, num_chunks, DP, NUM_CHUNKS_P2, STATS_GIVEN, V_HEADROOM)
     if pid == 0:
         tl.store(VSCALE + bh * DP + offs_d, _div(v_amax, FP8_MAX))
     v_base = V + b * stride_vb + h * stride_vh
-    vt_base = VT8 + bh * DP * Sk_pad
-    for t in tl.range(pid, num_tiles, tl.num_programs(0), num_stages=V_STAGES):
-        rows = t * BLOCK_S + offs_s
-        ld_ok = (rows < Sk)[:, None] & d_ok[None, :]
-        v = tl.load(v_base + rows[:, None] * stride_vs + offs_d[None, :], mask=ld_ok, other=0.0)
-        vq = _to_fp8(v.to(tl.float32) * v_mul[None, :], FP8_DTYPE, FP8_MAX)
-        if VT_PV_ORDER:
-            # Row (key) bits (b4 b3 b2 b1 b0) = (jj1 jj0 l1 l0 b) -> (jj1 l1 l0 jj0 b): the tile's
-            # rows permuted in registers, so the store stays contiguous along keys.
-            vq = tl.reshape(vq, [BLOCK_S // 32, 2, 2, 4, 2, DP])
-            vq = tl.reshape(tl.permute(vq, [0, 1, 3, 2, 4, 5]), [BLOCK_S, DP])
-        if K_BLOCK == 1:
-            tl.store(vt_base + offs_d[None, :] * Sk_pad + rows[:, None], vq)
-        else:
-            tl.store(vt_base + offs_d[None, :] * Sk_pad + rows[:, None], vq,
-                     mask=(rows < Sk_pad)[:, None])
+    vacc = _v_tiles(v_base, VT8 + bh * DP * Sk_pad, stride_vs, pid, tl.num_programs(0),
+                    num_tiles, Sk, Sk_pad, _div(FP8_MAX, v_amax), D, DP, BLOCK_S, VT_PV_ORDER,
+                    K_BLOCK, V_STAGES, FP8_DTYPE, FP8_MAX, V_HEADROOM != 1.0)
+    if V_HEADROOM != 1.0:
+        tl.store(VPART + (bh * tl.num_programs(0) + pid) * DP + offs_d,
+                 tl.max(vacc, axis=0).to(tl.float32))
     had = _load_had(HAD, DP)
-    k_mean = _load_k_mean(KSUM, bh, Sk, num_chunks, DP, NUM_CHUNKS_P2, STATS_GIVEN)
+    k_mean = _load_k_mean(KSUM, bh, mean_n, num_chunks, DP, NUM_CHUNKS_P2, STATS_GIVEN)
     k_base = K + b * stride_kb + h * stride_kh
     k8_base = K8 + bh * Sk_pad * DP
     key_base = bh * Sk_pad
@@ -348,6 +385,43 @@ def quantize_kv_kernel(
             tl.store(k8_base + rows[:, None] * DP + offs_d[None, :], codes, mask=st_ok[:, None])
             tl.store(KSCALE + key_base + rows,
                      tl.where(k_ok, _round_k_scale(_div(tile_amax, 127.0)), 0.0), mask=st_ok)
+
+
+@triton.jit
+def v_repair_kernel(
+    V, VMAX, VPART, VT8, VSCALE,
+    stride_vb, stride_vs, stride_vh,
+    H, Sk, Sk_pad, num_chunks, num_parts,
+    D: tl.constexpr, DP: tl.constexpr, BLOCK_S: tl.constexpr, NUM_CHUNKS_P2: tl.constexpr,
+    NUM_PARTS_P2: tl.constexpr, UPCAST: tl.constexpr = False, VT_PV_ORDER: tl.constexpr = False,
+    K_BLOCK: tl.constexpr = 1, V_STAGES: tl.constexpr = 3, V_HEADROOM: tl.constexpr = 4.0,
+):
+    """Grid (P, B * H), after quantize_kv_kernel with V_HEADROOM (V scaled to V_HEADROOM
+    times a strided sample's amax, VMAX's partials): where some key of a (batch, head)
+    exceeded that scale in some channel (VPART: the K/V programs' exact amaxes, [B * H,
+    num_parts, DP]), V of that (batch, head) is quantized again with its exact amax per
+    channel over all keys and its scales rewritten; elsewhere nothing (each program reads
+    ~(num_chunks + num_parts) x DP floats and ends). So no V value is ever clipped, and the
+    result is :func:`~xdit_ops.reference.fp8_attention.quantize_qkv_ref`'s. (UPCAST: unused,
+    the launcher's constants of the K/V kernel.)"""
+    FP8_DTYPE: tl.constexpr = VT8.dtype.element_ty
+    FP8_MAX: tl.constexpr = E4M3FNUZ_MAX if FP8_DTYPE == tl.float8e4b8 else E4M3FN_MAX
+    pid = tl.program_id(0)
+    bh, b, h = _this_head(H)
+    offs_d = tl.arange(0, DP)
+    used = _load_v_amax(VMAX, bh, num_chunks, DP, NUM_CHUNKS_P2, False, V_HEADROOM)
+    offs_p = tl.arange(0, NUM_PARTS_P2)
+    parts = tl.load(VPART + (bh * num_parts + offs_p[:, None]) * DP + offs_d[None, :],
+                    mask=(offs_p < num_parts)[:, None], other=0.0)
+    exact = tl.max(parts, axis=0)
+    if tl.max((exact > used).to(tl.int32), axis=0) > 0:
+        v_amax = tl.where(exact > 0, exact, 1.0)
+        if pid == 0:
+            tl.store(VSCALE + bh * DP + offs_d, _div(v_amax, FP8_MAX))
+        _v_tiles(V + b * stride_vb + h * stride_vh, VT8 + bh * DP * Sk_pad, stride_vs, pid,
+                 tl.num_programs(0), tl.cdiv(Sk_pad, BLOCK_S), Sk, Sk_pad,
+                 _div(FP8_MAX, v_amax), D, DP, BLOCK_S, VT_PV_ORDER, K_BLOCK, V_STAGES,
+                 FP8_DTYPE, FP8_MAX, False)
 
 
 @triton.jit
