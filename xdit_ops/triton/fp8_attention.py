@@ -77,6 +77,10 @@ class QuantLaunch(NamedTuple):
     kv_tile_warps : warps of quantize_kv_kernel with one K scale per 128-key tile (k_block
         128); 0: num_warps scaled with the tile (as many elements a thread as with 64 keys).
     q_warps, stats_warps : warps of quantize_q_kernel and kv_stats_kernel; 0: num_warps.
+    kv_split : quantize_kv_kernel as two launches, V's tiles (``v_warps`` warps, ``v_per_sm``
+        programs per SM) then K's (``k_warps``, ``k_per_sm``); 0: the fused launch's.
+    v_track : how the K/V kernel carries V's exact amax with the sampled statistics (1: in
+        V's dtype, 2: in fp32).
     """
 
     num_warps: int
@@ -88,6 +92,12 @@ class QuantLaunch(NamedTuple):
     kv_tile_warps: int = 0
     q_warps: int = 0
     stats_warps: int = 0
+    kv_split: bool = False
+    v_warps: int = 0
+    v_per_sm: int = 0
+    k_warps: int = 0
+    k_per_sm: int = 0
+    v_track: int = 1
 
     @property
     def q_num_warps(self) -> int:
@@ -411,13 +421,22 @@ def _quantize(q, k, v, had, scale, vt_pv_order=False, fp8_format="e4m3fn", k_blo
     kv_per_sm = max(1, launch.programs_per_sm * QUANT_BLOCK_S // kv_block)
     kv_tiles = triton.cdiv(Sk_pad, kv_block)
     kv_grid = (_programs_per_head(B * H, kv_tiles, kv_per_sm, dev), B * H)
+    if launch.kv_split:  # V's launch (its grid: the repair's too), then K's
+        v_grid = (_programs_per_head(B * H, kv_tiles, launch.v_per_sm or kv_per_sm, dev),
+                  B * H)
+        k_grid = (_programs_per_head(B * H, kv_tiles, launch.k_per_sm or kv_per_sm, dev),
+                  B * H)
+        parts = [(v_grid, 1, launch.v_warps or kv_warps), (k_grid, 2, launch.k_warps or kv_warps)]
+    else:
+        parts = [(kv_grid, 0, kv_warps)]
+    v_grid = parts[0][0]
     f32 = torch.float32
     specs = [((B * H, num_chunks, DP), f32), ((B * H, num_chunks, DP), f32),
              ((B, H, Sq, DP), torch.int8), ((B, H, Sq), f32), ((B, H, Sq), f32),
              ((B, H, Sk_pad, DP), torch.int8), ((B, H, Sk_pad), f32),
              ((B, H, DP, Sk_pad), fmt.dtype), ((B, H, DP), f32)]
     if sampled:  # the K/V programs' exact V amaxes, for v_repair_kernel
-        specs.append(((B * H, kv_grid[0], DP), f32))
+        specs.append(((B * H, v_grid[0], DP), f32))
     ksum, vmax, q8, q_scale, lse_corr, k8, k_scale, vt8, v_scale, *vpart = _empty_tensors(
         tuple(specs), dev, one_buffer)
     vpart = vpart[0] if sampled else vmax  # (unread by the K/V kernel without the sample)
@@ -433,22 +452,25 @@ def _quantize(q, k, v, had, scale, vt_pv_order=False, fp8_format="e4m3fn", k_blo
                 q.stride(0), q.stride(1), q.stride(2),
                 H, Sq, count, num_chunks, scale * LOG2E / DP, scale / DP,
                 num_stages=launch.q_stages, **(consts | dict(num_warps=launch.q_num_warps)))
-    headroom = dict(V_HEADROOM=SCHEME.v_headroom) if sampled else {}
-    kv_consts = consts | dict(BLOCK_S=kv_block, K_BLOCK=k_block, num_warps=kv_warps)
-    _launch(kernels.quantize_kv_kernel, kv_grid,
-            k, v, had, ksum, vmax, k8, k_scale, vt8, v_scale, vpart,
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            H, Sk, Sk_pad, num_chunks, count,
-            VT_PV_ORDER=vt_pv_order, num_stages=launch.kv_stages, V_STAGES=launch.v_stages,
-            **kv_consts, **headroom)
+    headroom = dict(V_HEADROOM=SCHEME.v_headroom, V_TRACK=launch.v_track) if sampled else {}
+    kv_consts = consts | dict(BLOCK_S=kv_block, K_BLOCK=k_block)
+    for grid, part, warps in parts:
+        _launch(kernels.quantize_kv_kernel, grid,
+                k, v, had, ksum, vmax, k8, k_scale, vt8, v_scale, vpart,
+                k.stride(0), k.stride(1), k.stride(2),
+                v.stride(0), v.stride(1), v.stride(2),
+                H, Sk, Sk_pad, num_chunks, count,
+                VT_PV_ORDER=vt_pv_order, num_stages=launch.kv_stages, V_STAGES=launch.v_stages,
+                **(kv_consts | dict(num_warps=warps)), **headroom,
+                **(dict(PART=part) if part else {}))
     if sampled:
-        _launch(kernels.v_repair_kernel, kv_grid,
+        headroom.pop("V_TRACK")
+        _launch(kernels.v_repair_kernel, v_grid,
                 v, vmax, vpart, vt8, v_scale,
                 v.stride(0), v.stride(1), v.stride(2),
-                H, Sk, Sk_pad, num_chunks, kv_grid[0],
-                NUM_PARTS_P2=triton.next_power_of_2(kv_grid[0]), VT_PV_ORDER=vt_pv_order,
-                V_STAGES=launch.v_stages, **kv_consts, **headroom)
+                H, Sk, Sk_pad, num_chunks, v_grid[0],
+                NUM_PARTS_P2=triton.next_power_of_2(v_grid[0]), VT_PV_ORDER=vt_pv_order,
+                V_STAGES=launch.v_stages, **(kv_consts | dict(num_warps=kv_warps)), **headroom)
     return q8, q_scale, k8, k_scale, vt8, v_scale, lse_corr
 
 
