@@ -133,6 +133,9 @@ STATS_MAX_CHUNKS = 32
 # the chunking fixes the K sum's order, so this keeps the quantized K (its last bits) the same
 # on every GPU.
 STATS_GRID_SMS = 132
+# v_repair_kernel's programs per (batch, head): its check costs a launch of this many x B x H
+# programs every call; its requantization (rare) runs on them.
+REPAIR_PROGRAMS = 1
 # Past this many keys the pass's statistics are a strided sample's (the scheme's
 # stats_sample; a module constant so that a test can shrink it with the emulation's).
 STATS_SAMPLE = SCHEME.stats_sample
@@ -464,8 +467,10 @@ def _quantize(q, k, v, had, scale, vt_pv_order=False, fp8_format="e4m3fn", k_blo
                 **(kv_consts | dict(num_warps=warps)), **headroom,
                 **(dict(PART=part) if part else {}))
     if sampled:
+        # one program per (batch, head): where nothing is to repair (the usual case) a program
+        # reads the partials and ends; where something is, it requantizes its head's V alone
         headroom.pop("V_TRACK")
-        _launch(kernels.v_repair_kernel, v_grid,
+        _launch(kernels.v_repair_kernel, (REPAIR_PROGRAMS, B * H),
                 v, vmax, vpart, vt8, v_scale,
                 v.stride(0), v.stride(1), v.stride(2),
                 H, Sk, Sk_pad, num_chunks, v_grid[0],
