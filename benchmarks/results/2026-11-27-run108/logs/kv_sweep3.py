@@ -1,7 +1,8 @@
 """Session 20, run 108 (run 107's kv_sweep2.py with other configurations): the pass's K/V work
 with the sampled statistics as two launches (V's tiles, then K's), V's launch at several warps /
 programs per SM / V-loop stages with K's at 8 warps x 2 (run 107's best), and K's at several
-with V's at 8 x 1; main (fused) for reference; v_repair_kernel on one program per head. The pass as the sm90ws op runs it (V^T in the P.V key order,
+with V's at 8 x 1; main (fused) for reference; v_repair_kernel on one program per head.
+The pass as the sm90ws op runs it (V^T in the P.V key order,
 one K scale per 128-key tile); torch.profiler over 10 calls, each kernel's median GPU time;
 outputs compared with main's config bit for bit.
 Usage: python kv_sweep2.py OUT_DIR B,S,H,D [...]"""
@@ -26,7 +27,8 @@ for name, cfg in [("v8x1s3_k8x2s3", {}), ("v8x1s4", dict(v_stages=4)), ("v8x1s2"
                   ("v4x3s3", dict(v_warps=4, v_per_sm=3)), ("v8x2s3", dict(v_per_sm=2)),
                   ("k8x2s4", dict(kv_stages=4)), ("k8x2s2", dict(kv_stages=2)),
                   ("k4x2s3", dict(k_warps=4)), ("k4x3s3", dict(k_warps=4, k_per_sm=3)),
-                  ("k8x1s4", dict(k_per_sm=1, kv_stages=4)), ("k16x1s3", dict(k_warps=16, k_per_sm=1))]:
+                  ("k8x1s4", dict(k_per_sm=1, kv_stages=4)),
+                  ("k16x1s3", dict(k_warps=16, k_per_sm=1))]:
     CONFIGS[name] = SPLIT | cfg
 res = {}
 for B, S, H, D in (tuple(int(x) for x in s.split(",")) for s in sys.argv[2:]):
