@@ -1663,6 +1663,35 @@ def test_triton_quantize_kv_tile_k_scale_compiles_for_sm90a(DP, headroom, tmp_pa
     assert regs * 32 * warps * (launch.programs_per_sm // 2) <= 65536, regs
 
 
+@pytest.mark.parametrize("headroom", [1.0, 4.0])
+def test_triton_quantize_kv_split_compiles_for_sm90a(headroom, tmp_path):
+    """Where the pass's K/V work is two launches (``QuantLaunch.kv_split``, padded head dim
+    128): V's (PART 1) and K's (PART 2) kernels as the launcher runs them, one K scale per
+    128-key tile, V^T in the P.V key order: no spills, registers within their programs per SM,
+    V's without the rotation's wgmma, K's without the e4m3 conversion."""
+    from xdit_ops.triton import fp8_attention as launcher
+    from xdit_ops.triton.kernels import fp8_attention as kernels
+
+    launch = launcher.QUANT_LAUNCH[128]
+    assert launch.kv_split
+    names, types, aligned = _QUANT_SIGNATURES["quantize_kv_kernel"]
+    for part, warps, per_sm, stages in [
+            (1, launch.v_warps, launch.v_per_sm, launch.kv_stages),
+            (2, launch.k_warps, launch.k_per_sm, launch.k_stages or launch.kv_stages)]:
+        const = {"D": 128, "DP": 128, "UPCAST": False, "BLOCK_S": 128, "NUM_CHUNKS_P2": 16,
+                 "VT_PV_ORDER": True, "K_BLOCK": 128, "V_STAGES": launch.v_stages,
+                 "V_HEADROOM": headroom, "PART": part}
+        sig = dict(zip(names, types, strict=True)) | dict.fromkeys(const, "constexpr")
+        k = _compile_sm90(kernels.quantize_kv_kernel, sig, const, num_warps=warps,
+                          num_stages=stages, aligned=aligned)
+        ptx = k.asm["ptx"]
+        assert ("wgmma.mma_async" in ptx) == (part == 2), part
+        assert ("cvt.rn.satfinite.e4m3x2.f32" in ptx) == (part == 1), part
+        regs, spills = _ptxas_usage(ptx, tmp_path)
+        assert spills == 0, (part, spills)
+        assert regs * 32 * warps * per_sm <= 65536, (part, regs)
+
+
 def test_sm90ws_ktile_op_fake():
     """The tile variant's op exists on a CPU-only install (schema + fake); the tile variant is
     sm90ws'; an unknown K-scale setting is an error naming the op and the value."""

@@ -78,7 +78,8 @@ class QuantLaunch(NamedTuple):
         128); 0: num_warps scaled with the tile (as many elements a thread as with 64 keys).
     q_warps, stats_warps : warps of quantize_q_kernel and kv_stats_kernel; 0: num_warps.
     kv_split : quantize_kv_kernel as two launches, V's tiles (``v_warps`` warps, ``v_per_sm``
-        programs per SM) then K's (``k_warps``, ``k_per_sm``); 0: the fused launch's.
+        programs per SM) then K's (``k_warps``, ``k_per_sm``, ``k_stages`` K-loop stages); 0:
+        the fused launch's.
     v_track : how the K/V kernel carries V's exact amax with the sampled statistics (1: in
         V's dtype, 2: in fp32).
     """
@@ -97,6 +98,7 @@ class QuantLaunch(NamedTuple):
     v_per_sm: int = 0
     k_warps: int = 0
     k_per_sm: int = 0
+    k_stages: int = 0
     v_track: int = 1
 
     @property
@@ -122,8 +124,13 @@ QUANT_LAUNCH: dict[int, QuantLaunch] = {
     # (1,16896,24,128), 191.4 against 210.2 at (1,32760,40,128); the LSE correction's sum is
     # another order); stats_warps=4 at 3 stages (run 97, the same bits: 73.4 against 76.3 us,
     # 221.8 against 231.1).
+    # kv_split (runs 107-108, H100, sampled statistics, the same bits): V's tiles on 8 warps x
+    # 1 program per SM, then K's on 8 x 1 with 4 K-loop stages: 71 + 77.5 us against the
+    # fused kernel's 154 at (1,16896,24,128), 207.5 + 227 against 469 at (1,32760,40,128),
+    # 28.1 + 28.3 against 56.2 at (1,4608,24,128) (K's at 8 x 2 with 3 stages: 76, 225, 33).
     128: QuantLaunch(num_warps=8, programs_per_sm=2, stats_stages=3, q_stages=3, kv_stages=3,
-                     kv_tile_warps=8, q_warps=4, stats_warps=4),
+                     kv_tile_warps=8, q_warps=4, stats_warps=4, kv_split=True, v_warps=8,
+                     v_per_sm=1, k_warps=8, k_per_sm=1, k_stages=4),
 }
 STATS_BLOCK_S = 64
 # At most this many key chunks per (batch, head) in kv_stats_kernel: the quantization kernels
@@ -429,9 +436,10 @@ def _quantize(q, k, v, had, scale, vt_pv_order=False, fp8_format="e4m3fn", k_blo
                   B * H)
         k_grid = (_programs_per_head(B * H, kv_tiles, launch.k_per_sm or kv_per_sm, dev),
                   B * H)
-        parts = [(v_grid, 1, launch.v_warps or kv_warps), (k_grid, 2, launch.k_warps or kv_warps)]
+        parts = [(v_grid, 1, launch.v_warps or kv_warps, launch.kv_stages),
+                 (k_grid, 2, launch.k_warps or kv_warps, launch.k_stages or launch.kv_stages)]
     else:
-        parts = [(kv_grid, 0, kv_warps)]
+        parts = [(kv_grid, 0, kv_warps, launch.kv_stages)]
     v_grid = parts[0][0]
     f32 = torch.float32
     specs = [((B * H, num_chunks, DP), f32), ((B * H, num_chunks, DP), f32),
@@ -457,13 +465,13 @@ def _quantize(q, k, v, had, scale, vt_pv_order=False, fp8_format="e4m3fn", k_blo
                 num_stages=launch.q_stages, **(consts | dict(num_warps=launch.q_num_warps)))
     headroom = dict(V_HEADROOM=SCHEME.v_headroom, V_TRACK=launch.v_track) if sampled else {}
     kv_consts = consts | dict(BLOCK_S=kv_block, K_BLOCK=k_block)
-    for grid, part, warps in parts:
+    for grid, part, warps, stages in parts:
         _launch(kernels.quantize_kv_kernel, grid,
                 k, v, had, ksum, vmax, k8, k_scale, vt8, v_scale, vpart,
                 k.stride(0), k.stride(1), k.stride(2),
                 v.stride(0), v.stride(1), v.stride(2),
                 H, Sk, Sk_pad, num_chunks, count,
-                VT_PV_ORDER=vt_pv_order, num_stages=launch.kv_stages, V_STAGES=launch.v_stages,
+                VT_PV_ORDER=vt_pv_order, num_stages=stages, V_STAGES=launch.v_stages,
                 **(kv_consts | dict(num_warps=warps)), **headroom,
                 **(dict(PART=part) if part else {}))
     if sampled:
