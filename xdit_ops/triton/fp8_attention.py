@@ -320,12 +320,19 @@ def _stats_chunks(B: int, S: int, H: int, DP: int) -> tuple[int, int]:
     return tokens_per_chunk, triton.cdiv(max(S, 1), tokens_per_chunk)
 
 
+# Tiles of 64 sampled keys per kv_stats_kernel program with the sampled statistics: a ~1024-key
+# sample is 16 tiles a head, 4 programs (at 24 heads 96 programs, one wave; 16 programs a head,
+# run 109, took 13.2 us at (1,16896,24,128), two waves of latency-bound programs that each read
+# the 32 KB Hadamard matrix).
+STATS_SAMPLE_TILES = 4
+
+
 def _sample_chunks(count: int) -> tuple[int, int]:
     """(tokens per chunk, chunks) of kv_stats_kernel over a strided sample of ``count`` keys
-    (the scheme's ``stats_sample``: at most ~1024): one 64-key tile a program, at most
-    STATS_MAX_CHUNKS chunks (a fixed chunking: the same K sums on every GPU)."""
+    (the scheme's ``stats_sample``: at most ~1024): STATS_SAMPLE_TILES 64-key tiles a program,
+    at most STATS_MAX_CHUNKS chunks (a fixed chunking: the same K sums on every GPU)."""
     tiles = triton.cdiv(max(count, 1), STATS_BLOCK_S)
-    chunks = max(1, min(STATS_MAX_CHUNKS, tiles))
+    chunks = max(1, min(STATS_MAX_CHUNKS, triton.cdiv(tiles, STATS_SAMPLE_TILES)))
     tokens_per_chunk = triton.cdiv(tiles, chunks) * STATS_BLOCK_S
     return tokens_per_chunk, triton.cdiv(max(count, 1), tokens_per_chunk)
 
@@ -470,11 +477,13 @@ def _quantize(q, k, v, had, scale, vt_pv_order=False, fp8_format="e4m3fn", k_blo
                 k, v, had, ksum, vmax, k8, k_scale, vt8, v_scale, vpart,
                 k.stride(0), k.stride(1), k.stride(2),
                 v.stride(0), v.stride(1), v.stride(2),
-                H, Sk, Sk_pad, num_chunks, count,
+                H, Sk, Sk_pad, num_chunks, count, v_grid[0],
                 VT_PV_ORDER=vt_pv_order, num_stages=stages, V_STAGES=launch.v_stages,
                 **(kv_consts | dict(num_warps=warps)), **headroom,
-                **(dict(PART=part) if part else {}))
-    if sampled:
+                **(dict(PART=part) if part else {}),
+                **(dict(NUM_PARTS_P2=triton.next_power_of_2(v_grid[0]))
+                   if part == 2 and sampled else {}))
+    if sampled and not launch.kv_split:  # (split: the K launch did the repair's work)
         # one program per (batch, head): where nothing is to repair (the usual case) a program
         # reads the partials and ends; where something is, it requantizes its head's V alone
         headroom.pop("V_TRACK")
@@ -709,7 +718,7 @@ def quantize_tokens_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 k, v, had, k_mean, v_amax, k8, k_scale, vt8, v_scale, v_scale,
                 k.stride(0), k.stride(1), k.stride(2),
                 v.stride(0), v.stride(1), v.stride(2),
-                H, S, S_pad, 1, S,
+                H, S, S_pad, 1, S, 1,
                 num_stages=launch.kv_stages, V_STAGES=launch.v_stages, **consts)
     scales[2] = k_scale[:, :, :S]
     return q8, k8[:, :, :S], vt8.view(torch.uint8)[:, :, :DV, :S], scales

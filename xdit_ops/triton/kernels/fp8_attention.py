@@ -311,11 +311,11 @@ def quantize_kv_kernel(
     K, V, HAD, KSUM, VMAX, K8, KSCALE, VT8, VSCALE, VPART,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
-    H, Sk, Sk_pad, num_chunks, mean_n,
+    H, Sk, Sk_pad, num_chunks, mean_n, num_parts,
     D: tl.constexpr, DP: tl.constexpr, BLOCK_S: tl.constexpr, NUM_CHUNKS_P2: tl.constexpr,
     UPCAST: tl.constexpr, VT_PV_ORDER: tl.constexpr = False, STATS_GIVEN: tl.constexpr = False,
     K_BLOCK: tl.constexpr = 1, V_STAGES: tl.constexpr = 3, V_HEADROOM: tl.constexpr = 1.0,
-    PART: tl.constexpr = 0, V_TRACK: tl.constexpr = 1,
+    PART: tl.constexpr = 0, V_TRACK: tl.constexpr = 1, NUM_PARTS_P2: tl.constexpr = 0,
 ):
     """Grid (P, B * H): program p quantizes the key tiles p, p + P, ... of one (batch, head).
     V: FP8 (VT8's format, scaled to its max) per channel, stored transposed (keys contiguous); K:
@@ -343,7 +343,10 @@ def quantize_kv_kernel(
     exact amax of |V| over its keys to VPART [B * H, P, DP] (P: the grid's programs per head)
     for :func:`v_repair_kernel`, which requantizes a (batch, head) where a key exceeded it
     (V_TRACK: that amax carried in V's dtype, 1, or in fp32, 2).
-    PART: 0 both V and K, 1 V only, 2 K only (the pass's K/V work as two launches).
+    PART: 0 both V and K, 1 V only, 2 K only (the pass's K/V work as two launches). With
+    PART 2 and V_HEADROOM the K launch first does :func:`v_repair_kernel`'s work for its
+    (batch, head) (``num_parts``: the V launch's programs per head, VPART's rows;
+    NUM_PARTS_P2 its next power of two): one launch less.
     """
     tl.static_assert(K_BLOCK == 1 or K_BLOCK == BLOCK_S)
     FP8_DTYPE: tl.constexpr = VT8.dtype.element_ty
@@ -373,6 +376,11 @@ def quantize_kv_kernel(
                      tl.max(vacc, axis=0).to(tl.float32))
     if PART == 1:
         return
+    if PART == 2 and V_HEADROOM != 1.0:
+        _v_repair(V + b * stride_vb + h * stride_vh, VMAX, VPART, VT8, VSCALE, stride_vs, bh,
+                  pid, tl.num_programs(0), Sk, Sk_pad, num_chunks, num_parts, D, DP, BLOCK_S,
+                  NUM_CHUNKS_P2, NUM_PARTS_P2, VT_PV_ORDER, K_BLOCK, 1, V_HEADROOM, FP8_DTYPE,
+                  FP8_MAX)
     had = _load_had(HAD, DP)
     k_mean = _load_k_mean(KSUM, bh, mean_n, num_chunks, DP, NUM_CHUNKS_P2, STATS_GIVEN)
     k_base = K + b * stride_kb + h * stride_kh
@@ -422,6 +430,22 @@ def v_repair_kernel(
     FP8_MAX: tl.constexpr = E4M3FNUZ_MAX if FP8_DTYPE == tl.float8e4b8 else E4M3FN_MAX
     pid = tl.program_id(0)
     bh, b, h = _this_head(H)
+    _v_repair(V + b * stride_vb + h * stride_vh, VMAX, VPART, VT8, VSCALE, stride_vs, bh, pid,
+              tl.num_programs(0), Sk, Sk_pad, num_chunks, num_parts, D, DP, BLOCK_S,
+              NUM_CHUNKS_P2, NUM_PARTS_P2, VT_PV_ORDER, K_BLOCK, V_STAGES, V_HEADROOM, FP8_DTYPE,
+              FP8_MAX)
+
+
+@triton.jit
+def _v_repair(v_base, VMAX, VPART, VT8, VSCALE, stride_vs, bh, pid, nprog, Sk, Sk_pad,
+              num_chunks, num_parts, D: tl.constexpr, DP: tl.constexpr, BLOCK_S: tl.constexpr,
+              NUM_CHUNKS_P2: tl.constexpr, NUM_PARTS_P2: tl.constexpr,
+              VT_PV_ORDER: tl.constexpr, K_BLOCK: tl.constexpr, V_STAGES: tl.constexpr,
+              V_HEADROOM: tl.constexpr, FP8_DTYPE: tl.constexpr, FP8_MAX: tl.constexpr):
+    """v_repair_kernel's work for one (batch, head) on program ``pid`` of ``nprog``: the
+    sampled scale (VMAX's partials x V_HEADROOM) against the exact amax (VPART's num_parts
+    partials); where a channel's exact amax exceeds it, V's tiles pid, pid + nprog, ... again
+    with the exact amax, and (program 0) its scales."""
     offs_d = tl.arange(0, DP)
     used = _load_v_amax(VMAX, bh, num_chunks, DP, NUM_CHUNKS_P2, False, V_HEADROOM)
     offs_p = tl.arange(0, NUM_PARTS_P2)
@@ -432,10 +456,9 @@ def v_repair_kernel(
         v_amax = tl.where(exact > 0, exact, 1.0)
         if pid == 0:
             tl.store(VSCALE + bh * DP + offs_d, _div(v_amax, FP8_MAX))
-        _v_tiles(V + b * stride_vb + h * stride_vh, VT8 + bh * DP * Sk_pad, stride_vs, pid,
-                 tl.num_programs(0), tl.cdiv(Sk_pad, BLOCK_S), Sk, Sk_pad,
-                 _div(FP8_MAX, v_amax), D, DP, BLOCK_S, VT_PV_ORDER, K_BLOCK, V_STAGES,
-                 FP8_DTYPE, FP8_MAX, 0)
+        _v_tiles(v_base, VT8 + bh * DP * Sk_pad, stride_vs, pid, nprog,
+                 tl.cdiv(Sk_pad, BLOCK_S), Sk, Sk_pad, _div(FP8_MAX, v_amax), D, DP, BLOCK_S,
+                 VT_PV_ORDER, K_BLOCK, V_STAGES, FP8_DTYPE, FP8_MAX, 0)
 
 
 @triton.jit
