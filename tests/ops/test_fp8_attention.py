@@ -623,9 +623,9 @@ _SAMPLED_CHECK = textwrap.dedent("""
             assert far.float().mean() < 1e-4 and (a[far] == 2 * wvt[far]).all()
         # the repaired head's codes are the exact-scale quantization, not clipped at 448
         assert vt8.float()[0, 1].abs().max() == 448
-        # the same bits with the K/V work as two launches (V's then K's), or V's amax in fp32
+        # the same bits with the K/V work as two launches (V's then K's) or as one
         base = launcher.QUANT_LAUNCH[padded_head_dim(D)]
-        for variant in (dict(kv_split=True, v_per_sm=2, k_per_sm=1), dict(v_track=2)):
+        for variant in (dict(kv_split=True, v_per_sm=2, k_per_sm=1), dict(kv_split=False)):
             launcher.QUANT_LAUNCH[padded_head_dim(D)] = base._replace(**variant)
             other = launcher._quantize(q, k, v, had, 0.125, vt_pv_order=pv, k_block=k_block)
             launcher.QUANT_LAUNCH[padded_head_dim(D)] = base

@@ -80,8 +80,6 @@ class QuantLaunch(NamedTuple):
     kv_split : quantize_kv_kernel as two launches, V's tiles (``v_warps`` warps, ``v_per_sm``
         programs per SM) then K's (``k_warps``, ``k_per_sm``, ``k_stages`` K-loop stages); 0:
         the fused launch's.
-    v_track : how the K/V kernel carries V's exact amax with the sampled statistics (1: in
-        V's dtype, 2: in fp32).
     """
 
     num_warps: int
@@ -99,7 +97,6 @@ class QuantLaunch(NamedTuple):
     k_warps: int = 0
     k_per_sm: int = 0
     k_stages: int = 0
-    v_track: int = 1
 
     @property
     def q_num_warps(self) -> int:
@@ -470,7 +467,7 @@ def _quantize(q, k, v, had, scale, vt_pv_order=False, fp8_format="e4m3fn", k_blo
                 q.stride(0), q.stride(1), q.stride(2),
                 H, Sq, count, num_chunks, scale * LOG2E / DP, scale / DP,
                 num_stages=launch.q_stages, **(consts | dict(num_warps=launch.q_num_warps)))
-    headroom = dict(V_HEADROOM=SCHEME.v_headroom, V_TRACK=launch.v_track) if sampled else {}
+    headroom = dict(V_HEADROOM=SCHEME.v_headroom) if sampled else {}
     kv_consts = consts | dict(BLOCK_S=kv_block, K_BLOCK=k_block)
     for grid, part, warps, stages in parts:
         _launch(kernels.quantize_kv_kernel, grid,
@@ -486,7 +483,6 @@ def _quantize(q, k, v, had, scale, vt_pv_order=False, fp8_format="e4m3fn", k_blo
     if sampled and not launch.kv_split:  # (split: the K launch did the repair's work)
         # one program per (batch, head): where nothing is to repair (the usual case) a program
         # reads the partials and ends; where something is, it requantizes its head's V alone
-        headroom.pop("V_TRACK")
         _launch(kernels.v_repair_kernel, (REPAIR_PROGRAMS, B * H),
                 v, vmax, vpart, vt8, v_scale,
                 v.stride(0), v.stride(1), v.stride(2),

@@ -273,25 +273,20 @@ def _v_tiles(v_base, vt_base, stride_vs, pid, nprog, num_tiles, Sk, Sk_pad, v_mu
              FP8_DTYPE: tl.constexpr, FP8_MAX: tl.constexpr, TRACK: tl.constexpr):
     """V's key tiles pid, pid + nprog, ... of one (batch, head) to FP8 (``v * v_mul`` per
     channel), stored transposed at ``vt_base`` ([DP, Sk_pad], keys contiguous; the tile's
-    keys in the P.V key order with VT_PV_ORDER). Returns the running max of |V| per element
-    over the tiles ([BLOCK_S, DP], exact) with TRACK 1 (in V's dtype) or 2 (in fp32), else
-    zeros."""
+    keys in the P.V key order with VT_PV_ORDER). Returns, with TRACK, the running max of |V|
+    per element over the tiles ([BLOCK_S, DP] in V's dtype: exact; in fp32 it was no faster,
+    run 107), else zeros."""
     offs_d = tl.arange(0, DP)
     offs_s = tl.arange(0, BLOCK_S)
     d_ok = offs_d < D
-    if TRACK == 2:
-        vacc = tl.zeros([BLOCK_S, DP], dtype=tl.float32)
-    else:
-        vacc = tl.zeros([BLOCK_S, DP], dtype=v_base.dtype.element_ty)
+    vacc = tl.zeros([BLOCK_S, DP], dtype=v_base.dtype.element_ty)
     for t in tl.range(pid, num_tiles, nprog, num_stages=V_STAGES):
         rows = t * BLOCK_S + offs_s
         ld_ok = (rows < Sk)[:, None] & d_ok[None, :]
         v = tl.load(v_base + rows[:, None] * stride_vs + offs_d[None, :], mask=ld_ok, other=0.0)
         vf = v.to(tl.float32)
-        if TRACK == 1:
+        if TRACK:
             vacc = tl.maximum(vacc, tl.abs(v)).to(v_base.dtype.element_ty)
-        elif TRACK == 2:
-            vacc = tl.maximum(vacc, tl.abs(vf))
         vq = _to_fp8(vf * v_mul[None, :], FP8_DTYPE, FP8_MAX)
         if VT_PV_ORDER:
             # Row (key) bits (b4 b3 b2 b1 b0) = (jj1 jj0 l1 l0 b) -> (jj1 l1 l0 jj0 b): the tile's
@@ -315,7 +310,7 @@ def quantize_kv_kernel(
     D: tl.constexpr, DP: tl.constexpr, BLOCK_S: tl.constexpr, NUM_CHUNKS_P2: tl.constexpr,
     UPCAST: tl.constexpr, VT_PV_ORDER: tl.constexpr = False, STATS_GIVEN: tl.constexpr = False,
     K_BLOCK: tl.constexpr = 1, V_STAGES: tl.constexpr = 3, V_HEADROOM: tl.constexpr = 1.0,
-    PART: tl.constexpr = 0, V_TRACK: tl.constexpr = 1, NUM_PARTS_P2: tl.constexpr = 0,
+    PART: tl.constexpr = 0, NUM_PARTS_P2: tl.constexpr = 0,
 ):
     """Grid (P, B * H): program p quantizes the key tiles p, p + P, ... of one (batch, head).
     V: FP8 (VT8's format, scaled to its max) per channel, stored transposed (keys contiguous); K:
@@ -341,8 +336,7 @@ def quantize_kv_kernel(
     V_HEADROOM: not 1 where the VMAX partials are a strided sample's (the scheme's
     ``stats_sample``): V is scaled to V_HEADROOM times their amax, and each program writes the
     exact amax of |V| over its keys to VPART [B * H, P, DP] (P: the grid's programs per head)
-    for :func:`v_repair_kernel`, which requantizes a (batch, head) where a key exceeded it
-    (V_TRACK: that amax carried in V's dtype, 1, or in fp32, 2).
+    for :func:`v_repair_kernel`, which requantizes a (batch, head) where a key exceeded it.
     PART: 0 both V and K, 1 V only, 2 K only (the pass's K/V work as two launches). With
     PART 2 and V_HEADROOM the K launch first does :func:`v_repair_kernel`'s work for its
     (batch, head) (``num_parts``: the V launch's programs per head, VPART's rows;
@@ -370,7 +364,7 @@ def quantize_kv_kernel(
         vacc = _v_tiles(v_base, VT8 + bh * DP * Sk_pad, stride_vs, pid, tl.num_programs(0),
                         num_tiles, Sk, Sk_pad, _div(FP8_MAX, v_amax), D, DP, BLOCK_S,
                         VT_PV_ORDER, K_BLOCK, V_STAGES, FP8_DTYPE, FP8_MAX,
-                        V_TRACK if V_HEADROOM != 1.0 else 0)
+                        V_HEADROOM != 1.0)
         if V_HEADROOM != 1.0:
             tl.store(VPART + (bh * tl.num_programs(0) + pid) * DP + offs_d,
                      tl.max(vacc, axis=0).to(tl.float32))
@@ -458,7 +452,7 @@ def _v_repair(v_base, VMAX, VPART, VT8, VSCALE, stride_vs, bh, pid, nprog, Sk, S
             tl.store(VSCALE + bh * DP + offs_d, _div(v_amax, FP8_MAX))
         _v_tiles(v_base, VT8 + bh * DP * Sk_pad, stride_vs, pid, nprog,
                  tl.cdiv(Sk_pad, BLOCK_S), Sk, Sk_pad, _div(FP8_MAX, v_amax), D, DP, BLOCK_S,
-                 VT_PV_ORDER, K_BLOCK, V_STAGES, FP8_DTYPE, FP8_MAX, 0)
+                 VT_PV_ORDER, K_BLOCK, V_STAGES, FP8_DTYPE, FP8_MAX, False)
 
 
 @triton.jit
