@@ -167,26 +167,29 @@ def sm90_kernel_loaded(impl: str = "sm90", k_scale: str = "token") -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"xdit_ops::{name}", "CUDA")
 
 
+def _setting(env: str, allowed: tuple[str, ...], setting: str | None) -> str:
+    """``setting``, or the environment variable ``env`` (its default: ``allowed[0]``), checked
+    against ``allowed``: anything else is a ValueError naming the op, the variable and the
+    value."""
+    if setting is None:
+        setting = os.environ.get(env, allowed[0])
+    if setting not in allowed:
+        raise ValueError(f"{OP}: {env}={setting!r} is not one of {allowed}")
+    return setting
+
+
 def k_scale_setting(setting: str | None = None) -> str:
     """``XDIT_OPS_FP8_K_SCALE`` (read per call; ``setting`` overrides it): ``auto`` (default:
     :func:`resolve_k_scale` decides), ``token`` (one K scale per key) or ``tile`` (one per
     128-key tile); anything else is an error naming the op, the variable and the value."""
-    if setting is None:
-        setting = os.environ.get(K_SCALE_ENV, "auto")
-    if setting not in K_SCALE_SETTINGS:
-        raise ValueError(f"{OP}: {K_SCALE_ENV}={setting!r} is not one of {K_SCALE_SETTINGS}")
-    return setting
+    return _setting(K_SCALE_ENV, K_SCALE_SETTINGS, setting)
 
 
 def stats_setting(setting: str | None = None) -> str:
     """``XDIT_OPS_FP8_STATS`` (read per call; ``setting`` overrides it): ``sample`` (default:
     the scheme's strided sample past ``SCHEME.stats_sample`` keys) or ``exact`` (every key);
     anything else is an error naming the op, the variable and the value."""
-    if setting is None:
-        setting = os.environ.get(STATS_ENV, "sample")
-    if setting not in STATS_SETTINGS:
-        raise ValueError(f"{OP}: {STATS_ENV}={setting!r} is not one of {STATS_SETTINGS}")
-    return setting
+    return _setting(STATS_ENV, STATS_SETTINGS, setting)
 
 
 def stats_sample(setting: str | None = None) -> int:
@@ -232,11 +235,7 @@ def consumers_setting(setting: str | None = None) -> str:
     """``XDIT_OPS_FP8_SM90_CONSUMERS`` (read per call; ``setting`` overrides it): ``auto``
     (default), ``2`` or ``3``; anything else is an error naming the op, the variable and the
     value."""
-    if setting is None:
-        setting = os.environ.get(CONSUMERS_ENV, "auto")
-    if setting not in CONSUMERS_SETTINGS:
-        raise ValueError(f"{OP}: {CONSUMERS_ENV}={setting!r} is not one of {CONSUMERS_SETTINGS}")
-    return setting
+    return _setting(CONSUMERS_ENV, CONSUMERS_SETTINGS, setting)
 
 
 def resolve_consumers(impl: str, head_dim: int, k_scale: str, setting: str | None = None
