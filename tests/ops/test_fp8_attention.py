@@ -757,6 +757,59 @@ def test_triton_quantize_matches_emulation_gpu(B, Sq, Sk, H, D, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("B,S,H,D,dtype,k_block,pv", [
+    (1, 5000, 3, 128, torch.bfloat16, 128, True),   # split K/V launches: repair in K's launch
+    (2, 3000, 2, 64, torch.float16, 128, True),     # fused K/V launch, then v_repair_kernel
+    (1, 2100, 2, 128, torch.bfloat16, 1, False),    # per-key K scales, key order
+])
+def test_sampled_stats_repair_gpu(B, S, H, D, dtype, k_block, pv):
+    """The sampled statistics on the GPU where a key exceeds V's sampled scale: that (batch,
+    head) requantized with its exact amax (no value clipped), the others at 4x the sample's,
+    as the emulation says; and the op's output on such inputs as accurate as with
+    XDIT_OPS_FP8_STATS=exact."""
+    import os
+
+    import xdit_ops
+    from xdit_ops.reference.fp8_attention import stats_rows
+    from xdit_ops.triton.fp8_attention import quantize_qkv_triton
+
+    q, k, v = dit_like_qkv(B, S, H, D, seed=11, dtype=dtype, device="cuda")
+    stride, _ = stats_rows(S, SCHEME.stats_sample)
+    assert stride > 1
+    v[0, stride + 1, 1, 3] = 300 * v[0, ::stride, 1, 3].abs().amax()  # unsampled key
+    got = quantize_qkv_triton(q, k, v, vt_pv_order=pv, k_block=k_block)
+    want = quantize_qkv_ref(q, k, v, scheme=replace(SCHEME, k_block=k_block))
+    if pv:
+        want = in_pv_order(want)
+    vf = v.float().transpose(1, 2)
+    exact = vf.abs().amax(2)
+    samp = vf[:, :, ::stride].abs().amax(2) * SCHEME.v_headroom
+    scale = got.v_scale[..., :D] * 448
+    torch.testing.assert_close(scale[0, 1], exact[0, 1], rtol=1e-6, atol=0)  # repaired
+    others = torch.ones(B, H, dtype=torch.bool, device="cuda")
+    others[0, 1] = False
+    torch.testing.assert_close(scale[others], samp[others], rtol=1e-6, atol=0)
+    torch.testing.assert_close(got.v_scale, want.v_scale, rtol=1e-6, atol=0)
+    a, b = got.vt.float(), want.vt.float()
+    assert a[0, 1].abs().max() == 448  # the spike's code: the exact scale's max, not clipped
+    assert ((a - b).abs() <= b.abs() / 8 + 2.0 ** -9).all()
+    assert (a != b).float().mean() < 1e-3
+    for name in ("q", "k"):
+        assert (getattr(got, name).int() - getattr(want, name).int()).abs().max() <= 1, name
+    ref = attention_ref(q.float(), k.float(), v.float())[0]
+    sampled = xdit_ops.fp8_attention(q, k, v)
+    os.environ["XDIT_OPS_FP8_STATS"] = "exact"
+    try:
+        exact_out = xdit_ops.fp8_attention(q, k, v)
+    finally:
+        del os.environ["XDIT_OPS_FP8_STATS"]
+    m_s = attention_error_metrics(sampled, ref)
+    m_e = attention_error_metrics(exact_out, ref)
+    assert m_s["cos_min"] >= COS_WORST_MIN and m_s["rel_l1"] <= REL_L1_MAX, m_s
+    assert m_s["rel_l1"] <= 1.1 * m_e["rel_l1"], (m_s, m_e)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("B,Sq,Sk,H,D,dtype", [
     (1, 4097, 4097, 2, 128, torch.bfloat16),
     (2, 1000, 1531, 3, 64, torch.float16),

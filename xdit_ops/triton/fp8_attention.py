@@ -77,9 +77,10 @@ class QuantLaunch(NamedTuple):
     kv_tile_warps : warps of quantize_kv_kernel with one K scale per 128-key tile (k_block
         128); 0: num_warps scaled with the tile (as many elements a thread as with 64 keys).
     q_warps, stats_warps : warps of quantize_q_kernel and kv_stats_kernel; 0: num_warps.
-    kv_split : quantize_kv_kernel as two launches, V's tiles (``v_warps`` warps, ``v_per_sm``
-        programs per SM) then K's (``k_warps``, ``k_per_sm``, ``k_stages`` K-loop stages); 0:
-        the fused launch's.
+    kv_split : quantize_kv_kernel as two launches with one K scale per 128-key tile (the
+        configuration runs 107-108 measured; per-key scales keep one launch), V's tiles
+        (``v_warps`` warps, ``v_per_sm`` programs per SM) then K's (``k_warps``, ``k_per_sm``,
+        ``k_stages`` K-loop stages); 0: the fused launch's.
     """
 
     num_warps: int
@@ -435,7 +436,8 @@ def _quantize(q, k, v, had, scale, vt_pv_order=False, fp8_format="e4m3fn", k_blo
     kv_per_sm = max(1, launch.programs_per_sm * QUANT_BLOCK_S // kv_block)
     kv_tiles = triton.cdiv(Sk_pad, kv_block)
     kv_grid = (_programs_per_head(B * H, kv_tiles, kv_per_sm, dev), B * H)
-    if launch.kv_split:  # V's launch (its grid: the repair's too), then K's
+    split = launch.kv_split and kv_block == 128  # (measured with 128-key tiles only)
+    if split:  # V's launch (its grid: the repair's too), then K's
         v_grid = (_programs_per_head(B * H, kv_tiles, launch.v_per_sm or kv_per_sm, dev),
                   B * H)
         k_grid = (_programs_per_head(B * H, kv_tiles, launch.k_per_sm or kv_per_sm, dev),
@@ -480,7 +482,7 @@ def _quantize(q, k, v, had, scale, vt_pv_order=False, fp8_format="e4m3fn", k_blo
                 **(dict(PART=part) if part else {}),
                 **(dict(NUM_PARTS_P2=triton.next_power_of_2(v_grid[0]))
                    if part == 2 and sampled else {}))
-    if sampled and not launch.kv_split:  # (split: the K launch did the repair's work)
+    if sampled and not split:  # (split: the K launch did the repair's work)
         # one program per (batch, head): where nothing is to repair (the usual case) a program
         # reads the partials and ends; where something is, it requantizes its head's V alone
         _launch(kernels.v_repair_kernel, (REPAIR_PROGRAMS, B * H),
