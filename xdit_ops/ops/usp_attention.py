@@ -1350,9 +1350,10 @@ def _lengths_digest(shard_lengths) -> list[int]:
 _SWITCH_NAMES = ("XDIT_OPS_USP_CHECK", "XDIT_OPS_USP_CHUNKS", "XDIT_OPS_USP_RING",
                  "XDIT_OPS_USP_ULYSSES", WIRE_ENV, FORMAT_ENV, PUSH_KERNEL_ENV,
                  "XDIT_OPS_MERGE_IMPL", "XDIT_OPS_USP_GRAPH", HOST_ENV, BATCH_ENV,
-                 "XDIT_OPS_FP8_IMPL", "XDIT_OPS_FP8_K_SCALE", "XDIT_OPS_FP8_SM90_CONSUMERS")
+                 "XDIT_OPS_FP8_IMPL", "XDIT_OPS_FP8_K_SCALE", "XDIT_OPS_FP8_SM90_CONSUMERS",
+                 "XDIT_OPS_FP8_STATS")
 # os.environ's own store (encoded keys and values; os.environ's item assignment and deletion
-# update it in place): 14 lookups there take ~1 us, against ~7 us through os.environ.get.
+# update it in place): 15 lookups there take ~1 us, against ~7 us through os.environ.get.
 _ENV_DATA = getattr(os.environ, "_data", None)
 try:
     _SWITCH_KEYS = tuple(os.environ.encodekey(n) for n in _SWITCH_NAMES)
@@ -1373,7 +1374,8 @@ def _switches(grouped: bool) -> tuple:
     ``XDIT_OPS_MERGE_IMPL``, ``XDIT_OPS_USP_GRAPH``, and the switches a call's body uses, which
     a call graph freezes (the plan holds the first two, ``host_lists`` and ``batched``; the FP8
     op reads the others per call): ``XDIT_OPS_USP_HOST``, ``XDIT_OPS_MEMOPS_BATCH``,
-    ``XDIT_OPS_FP8_IMPL``, ``XDIT_OPS_FP8_K_SCALE``, ``XDIT_OPS_FP8_SM90_CONSUMERS``), None
+    ``XDIT_OPS_FP8_IMPL``, ``XDIT_OPS_FP8_K_SCALE``, ``XDIT_OPS_FP8_SM90_CONSUMERS``,
+    ``XDIT_OPS_FP8_STATS``), None
     where unset: part of the plan key, so a switch changed between calls takes effect on the
     next call (and is validated by the new plan: the native launchers that read the push kernel
     and merge switches are called directly, past their Python checks), and what the plan is
