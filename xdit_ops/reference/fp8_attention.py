@@ -34,7 +34,8 @@ The scheme (``SCHEME``, SageAttention2-grade; see docs/fp8_attention.md for why 
   ``stats_sample`` keys ``amax_c`` is ``v_headroom`` (4) times the sample's amax, unless some
   key of the (batch, head) exceeds that in some channel: then every channel of that (batch,
   head) takes its exact amax over all keys (the pass's repair step). No value is ever clipped;
-  the headroom leaves e4m3's relative precision unchanged above ``amax / (4 * 2^15)``.
+  the headroom leaves e4m3's relative precision unchanged above ``amax / 7168`` (the smallest
+  normal, 2^-6, at 448 / (4 amax) a unit; without headroom ``amax / 28672``).
 * Online softmax over key tiles of ``block_n`` = 64 keys in fp32, base 2. P is computed as
   ``exp2(s - m_running + p_shift)`` (p_shift 8 for e4m3fn: in (0, 256]; 7 for e4m3fnuz: in
   (0, 128], the same codes halved) and cast to e4m3; its fp32 value goes into the row sum (the
