@@ -126,6 +126,10 @@ STATS_ENV = "XDIT_OPS_FP8_STATS"
 STATS_SETTINGS = ("sample", "exact")
 CONSUMERS_ENV = "XDIT_OPS_FP8_SM90_CONSUMERS"
 CONSUMERS_SETTINGS = ("auto", "2", "3")
+# Every setting that decides what the op computes and launches (read per call): whatever keeps
+# its launches (the fast path's key below, usp_attention's plan key: its call graphs hold the
+# op) keys on these.
+FP8_SETTING_ENVS = (IMPL_ENV, FORMAT_ENV, K_SCALE_ENV, CONSUMERS_ENV, STATS_ENV)
 SM90WS_KTILE_C3_HEAD_DIMS = (64,)
 
 lib.define(
@@ -518,7 +522,7 @@ def _fp8_attention_cpu(q, k, v, scale=None, return_lse=False):
 # the key's parts decide. XDIT_OPS_FP8_FAST_PATH=0 turns it off (read per call).
 FAST_PATH_ENV = "XDIT_OPS_FP8_FAST_PATH"
 # Every setting the CUDA op reads: part of the key, so a changed setting is a new key.
-_KEY_SETTINGS = (IMPL_ENV, FORMAT_ENV, K_SCALE_ENV, CONSUMERS_ENV, STATS_ENV, FAST_PATH_ENV)
+_KEY_SETTINGS = (*FP8_SETTING_ENVS, FAST_PATH_ENV)
 # Keys kept (shapes of a serving process are few; past this many, start again).
 FAST_PATH_MAX_KEYS = 256
 _FAST: dict[tuple, tuple] = {}

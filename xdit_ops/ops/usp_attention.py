@@ -51,7 +51,12 @@ from xdit_ops.ops.attention import (
     check_inputs,
     resolve_backend,
 )
-from xdit_ops.ops.fp8_attention import FORMAT_ENV, FORMAT_SETTINGS, resolve_format
+from xdit_ops.ops.fp8_attention import (
+    FORMAT_ENV,
+    FORMAT_SETTINGS,
+    FP8_SETTING_ENVS,
+    resolve_format,
+)
 from xdit_ops.ops.merge_attention_states import MAX_PARTIALS, _check_merge_impl
 from xdit_ops.ops.stream_memops import (
     BATCH_ENV,
@@ -1350,8 +1355,9 @@ def _lengths_digest(shard_lengths) -> list[int]:
 _SWITCH_NAMES = ("XDIT_OPS_USP_CHECK", "XDIT_OPS_USP_CHUNKS", "XDIT_OPS_USP_RING",
                  "XDIT_OPS_USP_ULYSSES", WIRE_ENV, FORMAT_ENV, PUSH_KERNEL_ENV,
                  "XDIT_OPS_MERGE_IMPL", "XDIT_OPS_USP_GRAPH", HOST_ENV, BATCH_ENV,
-                 "XDIT_OPS_FP8_IMPL", "XDIT_OPS_FP8_K_SCALE", "XDIT_OPS_FP8_SM90_CONSUMERS",
-                 "XDIT_OPS_FP8_STATS")
+                 # the FP8 op's other settings (its format is above): a call graph holds its
+                 # launches ("XDIT_OPS_FP8_IMPL", "_K_SCALE", "_SM90_CONSUMERS", "_STATS")
+                 *(n for n in FP8_SETTING_ENVS if n != FORMAT_ENV))
 # os.environ's own store (encoded keys and values; os.environ's item assignment and deletion
 # update it in place): 15 lookups there take ~1 us, against ~7 us through os.environ.get.
 _ENV_DATA = getattr(os.environ, "_data", None)

@@ -302,19 +302,21 @@ def _programs_per_head(num_heads: int, num_tiles: int, per_sm: int,
     return programs_per_head(num_heads, max(num_tiles, 1), per_sm * _num_sms(device))
 
 
-def _stats_tokens_per_chunk(num_heads: int, seqlen_k: int, per_sm: int) -> int:
-    """Keys per program of kv_stats_kernel (whole 64-key tiles): one wave of ``per_sm``
-    programs per SM on a STATS_GRID_SMS-SM GPU, at most STATS_MAX_CHUNKS chunks per (batch,
-    head); in the interpreter, two chunks (several tiles each where the keys allow)."""
-    tiles = triton.cdiv(max(seqlen_k, 1), STATS_BLOCK_S)
-    chunks = 2 if INTERPRET else per_sm * STATS_GRID_SMS // num_heads
+def _stats_chunks(B: int, S: int, H: int, DP: int, sampled: bool = False) -> tuple[int, int]:
+    """(tokens per chunk, chunks) of kv_stats_kernel over S keys of [B, *, H, *] at padded head
+    dim DP, in whole 64-key tiles, at most STATS_MAX_CHUNKS chunks per (batch, head) (a fixed
+    chunking: the same K sums on every GPU): for every key, one wave of the programs per SM on a
+    STATS_GRID_SMS-SM GPU (in the interpreter two chunks); for a strided sample of S keys
+    (``sampled``), STATS_SAMPLE_TILES tiles a program."""
+    tiles = triton.cdiv(max(S, 1), STATS_BLOCK_S)
+    if sampled:
+        chunks = triton.cdiv(tiles, STATS_SAMPLE_TILES)
+    elif INTERPRET:
+        chunks = 2
+    else:
+        chunks = QUANT_LAUNCH[DP].programs_per_sm * STATS_GRID_SMS // (B * H)
     chunks = max(1, min(STATS_MAX_CHUNKS, tiles, chunks))
-    return triton.cdiv(tiles, chunks) * STATS_BLOCK_S
-
-
-def _stats_chunks(B: int, S: int, H: int, DP: int) -> tuple[int, int]:
-    """(tokens per chunk, chunks) of kv_stats_kernel over [B, S, H, *] at padded head dim DP."""
-    tokens_per_chunk = _stats_tokens_per_chunk(B * H, S, QUANT_LAUNCH[DP].programs_per_sm)
+    tokens_per_chunk = triton.cdiv(tiles, chunks) * STATS_BLOCK_S
     return tokens_per_chunk, triton.cdiv(max(S, 1), tokens_per_chunk)
 
 
@@ -323,16 +325,6 @@ def _stats_chunks(B: int, S: int, H: int, DP: int) -> tuple[int, int]:
 # run 109, took 13.2 us at (1,16896,24,128), two waves of latency-bound programs that each read
 # the 32 KB Hadamard matrix).
 STATS_SAMPLE_TILES = 4
-
-
-def _sample_chunks(count: int) -> tuple[int, int]:
-    """(tokens per chunk, chunks) of kv_stats_kernel over a strided sample of ``count`` keys
-    (the scheme's ``stats_sample``: at most ~1024): STATS_SAMPLE_TILES 64-key tiles a program,
-    at most STATS_MAX_CHUNKS chunks (a fixed chunking: the same K sums on every GPU)."""
-    tiles = triton.cdiv(max(count, 1), STATS_BLOCK_S)
-    chunks = max(1, min(STATS_MAX_CHUNKS, triton.cdiv(tiles, STATS_SAMPLE_TILES)))
-    tokens_per_chunk = triton.cdiv(tiles, chunks) * STATS_BLOCK_S
-    return tokens_per_chunk, triton.cdiv(max(count, 1), tokens_per_chunk)
 
 
 def _launch_kv_stats(k, v, had, ksum, vmax, tokens_per_chunk: int, stride: int = 1,
@@ -420,10 +412,7 @@ def _quantize(q, k, v, had, scale, vt_pv_order=False, fp8_format="e4m3fn", k_blo
     # and V's scale from it, V with headroom and v_repair_kernel where a key exceeds it)
     stride, count = stats_rows(Sk, STATS_SAMPLE if stats_sample is None else stats_sample)
     sampled = stride > 1
-    if sampled:
-        tokens_per_chunk, num_chunks = _sample_chunks(count)
-    else:
-        tokens_per_chunk, num_chunks = _stats_chunks(B, Sk, H, DP)
+    tokens_per_chunk, num_chunks = _stats_chunks(B, count, H, DP, sampled)
     # One K scale per k_block keys: tiles of k_block keys (the last may reach past Sk_pad, a
     # multiple of 64; the kernel masks its stores), over proportionally more warps and
     # proportionally fewer programs per SM (the same elements a thread and threads per SM as
